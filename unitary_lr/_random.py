@@ -1,0 +1,53 @@
+"""Seeded random draws (floor 2).
+
+The Array API standard has no random number generator. Draws are made on the
+host with NumPy in float64, rounded to the target precision there and moved to
+the target device: the same seed gives the same numbers on every backend and
+device, which is what keeps the replicas of a distributed job in sync. A step
+draws O(n k) numbers, so the transfer is negligible.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from ._xp import dtype_name, is_complex
+
+__all__ = ["as_generator", "standard_normal"]
+
+
+def as_generator(rng) -> np.random.Generator:
+    """``rng`` as a NumPy Generator: None (fresh entropy), an int seed, or a
+    Generator (used, and advanced, as is)."""
+    if rng is None:
+        return np.random.default_rng()
+    if isinstance(rng, np.random.Generator):
+        return rng
+    if isinstance(rng, numbers.Integral) and not isinstance(rng, bool):
+        if rng < 0:
+            raise ValueError(f"rng seed must be >= 0, got {rng!r}")
+        return np.random.default_rng(int(rng))
+    raise TypeError(
+        f"rng must be None, an int seed or a numpy.random.Generator, "
+        f"got {type(rng).__name__}: {rng!r}"
+    )
+
+
+def standard_normal(xp, shape, *, dtype, device, rng):
+    """Standard Gaussian array of ``shape`` in namespace ``xp``.
+
+    Complex dtypes get circular complex Gaussians, (x + i y)/sqrt(2) with x, y
+    independent real Gaussians, so E|z|^2 = 1.
+    """
+    gen = as_generator(rng)
+    shape = tuple(shape)
+    name = dtype_name(xp, dtype)
+    if is_complex(xp, dtype):
+        parts = gen.standard_normal((2, *shape))
+        host = (parts[0] + 1j * parts[1]) * np.sqrt(0.5)
+    else:
+        host = gen.standard_normal(shape)
+    # Round on the host: a device without float64 never sees a float64 array.
+    return xp.asarray(host.astype(name), dtype=dtype, device=device)

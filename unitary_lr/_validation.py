@@ -1,0 +1,165 @@
+"""Input checks shared by the public functions (floor 2).
+
+Every check raises before any work is done, names the argument and shows the
+offending value. TypeError: wrong type, dtype or mixed namespaces; ValueError:
+shapes and values.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+
+from ._xp import (
+    FLOAT_DTYPE_NAMES,
+    array_namespace,
+    broadcast_shapes,
+    device,
+    dtype_name,
+    is_array_api_obj,
+)
+
+
+def _describe(x) -> str:
+    text = repr(x)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def namespace_of(**arrays):
+    """Array namespace shared by the named arrays.
+
+    Raises TypeError when an argument is not an array or when the arrays come
+    from different libraries, ValueError when they live on different devices.
+    """
+    namespaces = {}
+    for name, x in arrays.items():
+        if not is_array_api_obj(x) or isinstance(x, (bool, int, float, complex)):
+            raise TypeError(
+                f"{name} must be an array (NumPy, CuPy, PyTorch, JAX or any Array API "
+                f"library), got {type(x).__name__}: {_describe(x)}"
+            )
+        namespaces[name] = array_namespace(x)
+    first_name, xp = next(iter(namespaces.items()))
+    for name, other in namespaces.items():
+        if other is not xp:
+            raise TypeError(
+                f"{first_name} is a {type(arrays[first_name]).__module__}."
+                f"{type(arrays[first_name]).__name__} but {name} is a "
+                f"{type(arrays[name]).__module__}.{type(arrays[name]).__name__}; "
+                "pass arrays from one library"
+            )
+    first_device = device(arrays[first_name])
+    for name, x in arrays.items():
+        if device(x) != first_device:
+            raise ValueError(
+                f"{first_name} is on device {first_device!r} but {name} is on device "
+                f"{device(x)!r}; move them to one device"
+            )
+    return xp
+
+
+def check_float_dtype(xp, name, x):
+    """x must have one of the four supported floating dtypes; returns its name."""
+    found = dtype_name(xp, x.dtype)
+    if found is None:
+        raise TypeError(
+            f"{name} has dtype {x.dtype}; expected one of {', '.join(FLOAT_DTYPE_NAMES)}"
+        )
+    return found
+
+
+def check_matrix(name, x, *, square=False):
+    """x must have shape (..., m, n), square when asked."""
+    shape = tuple(x.shape)
+    if len(shape) < 2:
+        raise ValueError(f"{name} must have shape (..., m, n), got shape {shape}")
+    if square and shape[-1] != shape[-2]:
+        raise ValueError(f"{name} must be square, shape (..., n, n), got shape {shape}")
+    if min(shape[-2:]) < 1:
+        raise ValueError(f"{name} must not be empty, got shape {shape}")
+
+
+def check_batch_compatible(**arrays):
+    """The leading (batch) axes of the named arrays must broadcast together;
+    returns the broadcast batch shape."""
+    try:
+        return broadcast_shapes(*(tuple(x.shape[:-2]) for x in arrays.values()))
+    except ValueError:
+        pretty = ", ".join(f"{k} {tuple(v.shape)}" for k, v in arrays.items())
+        raise ValueError(f"batch axes (all but the last two) do not broadcast: {pretty}") from None
+
+
+def check_factor_pair(a_name, a, b_name, b, n, n_from):
+    """a and b must be (..., n, k) with the same k; n comes from argument n_from."""
+    for name, x in ((a_name, a), (b_name, b)):
+        check_matrix(name, x)
+        if x.shape[-2] != n:
+            raise ValueError(
+                f"{name} must have shape (..., {n}, k) to match {n_from}, "
+                f"got shape {tuple(x.shape)}"
+            )
+    if a.shape[-1] != b.shape[-1]:
+        raise ValueError(
+            f"{a_name} and {b_name} must have the same number of columns k, got shapes "
+            f"{tuple(a.shape)} and {tuple(b.shape)}"
+        )
+
+
+def report_nonfinite(xp, name, x, *, source=None):
+    """Raise ValueError describing the NaN/Inf entries of x (the error path only)."""
+    bad = ~xp.isfinite(x)
+    count = int(xp.sum(xp.astype(bad, xp.int32)))
+    where = f" (detected in {source})" if source else ""
+    raise ValueError(
+        f"{name} contains NaN or Inf{where}: {count} non-finite entr"
+        f"{'y' if count == 1 else 'ies'} in an array of shape {tuple(x.shape)}"
+    )
+
+
+def check_finite(xp, name, x):
+    """x must be free of NaN and Inf; a single reduction over x."""
+    if not bool(xp.all(xp.isfinite(x))):
+        report_nonfinite(xp, name, x)
+
+
+def check_real_scalar(name, value, *, positive=False):
+    """A finite real number (Python, NumPy or 0-d array scalar), > 0 when
+    ``positive``; returns it as a float."""
+    if isinstance(value, (bool, complex)) or not (
+        isinstance(value, numbers.Real) or getattr(value, "shape", None) == ()
+    ):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}: {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"{name} must be a real number, got {type(value).__name__}: {value!r}"
+        ) from None
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if positive and number <= 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    return number
+
+
+def check_int(name, value, *, minimum=None, maximum=None, maximum_reason=""):
+    """An integer in [minimum, maximum]; returns it as int."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer, got bool: {value!r}")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}: {value!r}") from None
+    if minimum is not None and number < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    if maximum is not None and number > maximum:
+        raise ValueError(f"{name} must be <= {maximum}{maximum_reason}, got {value!r}")
+    return number
+
+
+def check_choice(name, value, choices):
+    if not isinstance(value, str) or value not in choices:
+        options = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{name} must be one of {options}, got {value!r}")
+    return value

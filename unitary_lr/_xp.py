@@ -1,0 +1,117 @@
+"""Array API glue shared by every kernel (floor 1).
+
+Everything here is written against the Python Array API standard; the only
+library used by name is ``array_api_compat``, which maps NumPy, CuPy, PyTorch
+and JAX onto the standard.
+"""
+
+from __future__ import annotations
+
+from array_api_compat import array_namespace, device, is_array_api_obj
+
+__all__ = [
+    "array_namespace",
+    "broadcast_shapes",
+    "complex_dtype",
+    "core_dtype",
+    "device",
+    "dtype_name",
+    "eye",
+    "is_array_api_obj",
+    "is_complex",
+    "mH",
+    "real_dtype",
+    "supports_float64",
+]
+
+FLOAT_DTYPE_NAMES = ("float32", "float64", "complex64", "complex128")
+
+_REAL_OF = {"complex64": "float32", "complex128": "float64"}
+_COMPLEX_OF = {"float32": "complex64", "float64": "complex128"}
+_WIDE_OF = {"float32": "float64", "complex64": "complex128"}
+
+# (namespace id, device repr) -> bool. Asking a namespace which dtypes a device
+# supports is cheap but not free; a step asks it every time.
+_FLOAT64_SUPPORT: dict[tuple[int, str], bool] = {}
+
+
+def dtype_name(xp, dtype) -> str | None:
+    """Name of a supported floating dtype of ``xp`` (``"float32"`` ...), or None."""
+    for name in FLOAT_DTYPE_NAMES:
+        if dtype == getattr(xp, name):
+            return name
+    return None
+
+
+def is_complex(xp, dtype) -> bool:
+    return xp.isdtype(dtype, "complex floating")
+
+
+def real_dtype(xp, dtype):
+    """float32 for complex64, float64 for complex128, the dtype itself if real."""
+    name = dtype_name(xp, dtype)
+    return getattr(xp, _REAL_OF.get(name, name))
+
+
+def complex_dtype(xp, dtype):
+    """complex64 for float32, complex128 for float64, the dtype itself if complex."""
+    name = dtype_name(xp, dtype)
+    return getattr(xp, _COMPLEX_OF.get(name, name))
+
+
+def supports_float64(xp, dev) -> bool:
+    """Whether arrays of dtype float64 can live on device ``dev`` of ``xp``.
+
+    False for array_api_strict's ``no_float64`` device and for JAX without x64.
+    """
+    key = (id(xp), repr(dev))
+    cached = _FLOAT64_SUPPORT.get(key)
+    if cached is None:
+        try:
+            names = xp.__array_namespace_info__().dtypes(device=dev, kind="real floating")
+            cached = "float64" in names
+        except Exception:  # a namespace without a usable inspection API: just try
+            try:
+                probe = xp.zeros((1,), dtype=xp.float64, device=dev)
+                cached = probe.dtype == xp.float64
+            except Exception:
+                cached = False
+        _FLOAT64_SUPPORT[key] = cached
+    return cached
+
+
+def core_dtype(xp, dtype, dev):
+    """The dtype for the small (r x r) cores: the 64-bit dtype of the same kind
+    where the device has it, else ``dtype`` itself."""
+    if not supports_float64(xp, dev):
+        return dtype
+    name = dtype_name(xp, dtype)
+    return getattr(xp, _WIDE_OF.get(name, name))
+
+
+def mH(xp, x):
+    """Conjugate transpose of the last two axes (a view where the backend allows;
+    no conjugation pass for real input)."""
+    xt = xp.matrix_transpose(x)
+    return xp.conj(xt) if is_complex(xp, x.dtype) else xt
+
+
+def eye(xp, n: int, *, like):
+    """Identity of size n with the dtype and device of ``like``."""
+    return xp.eye(n, dtype=like.dtype, device=device(like))
+
+
+def broadcast_shapes(*shapes):
+    """Broadcast shape of the given shapes (the standard's rules); ValueError if
+    they do not broadcast."""
+    ndim = max((len(s) for s in shapes), default=0)
+    result = []
+    for axis in range(-ndim, 0):
+        size = 1
+        for shape in shapes:
+            if len(shape) >= -axis and shape[axis] != 1:
+                if size not in (1, shape[axis]):
+                    raise ValueError(f"shapes {shapes} do not broadcast")
+                size = shape[axis]
+        result.append(size)
+    return tuple(result)
