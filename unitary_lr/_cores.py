@@ -10,6 +10,8 @@ cancellation and a huge or singular one does not produce NaN.
 
 from __future__ import annotations
 
+import math
+
 from ._xp import broadcast_shapes, complex_dtype, eye, is_complex, mH
 
 __all__ = ["basis_of_columns", "expm_skew_minus_identity", "polar_minus_identity"]
@@ -46,10 +48,26 @@ def expm_skew_minus_identity(xp, K, t):
     ctype = complex_dtype(xp, K.dtype)
     Kc = xp.astype(K, ctype) if K.dtype != ctype else K
     lam, V = xp.linalg.eigh(Kc * (1j * t))
-    half = xp.sin(lam / 2)
-    phase = xp.astype(-2 * half * half, ctype) + xp.astype(-xp.sin(lam), ctype) * 1j
-    D = (V * phase[..., None, :]) @ mH(xp, V)
-    return D if is_complex(xp, K.dtype) else xp.real(D)
+    # Reduce to [-pi, pi]: exact for |lam| < pi, and for huge steps it keeps
+    # sin(lam) and sin(lam / 2) consistent (so |exp(-i lam)| = 1 to rounding)
+    # in math libraries whose argument reduction is loose for large arguments.
+    angle = lam - (2 * math.pi) * xp.round(lam / (2 * math.pi))
+    # Eigenvalues at the eigensolver's rounding level (matrix_rank's criterion)
+    # are zero in exact arithmetic: K of odd size or of lower rank. Their noise
+    # angle, eps t |K|, would otherwise rotate W's untouched directions.
+    noise = lam.shape[-1] * xp.finfo(lam.dtype).eps * xp.max(xp.abs(lam), axis=-1, keepdims=True)
+    angle = xp.where(xp.abs(lam) <= noise, xp.zeros_like(angle), angle)
+    half = xp.sin(angle / 2)
+    phase = xp.astype(-2 * half * half, ctype) + xp.astype(-xp.sin(angle), ctype) * 1j
+    if is_complex(xp, K.dtype):
+        return (V * phase[..., None, :]) @ mH(xp, V)
+    # Real K: the eigenpairs come as (lam, v) and (-lam, conj(v)), and together
+    # they contribute 2 Re(phi v v^H), a rotation of the real plane spanned by
+    # Re v and Im v. Taking the lam > 0 member twice, instead of both members,
+    # keeps every plane's rotation orthogonal to rounding even when a computed
+    # pair disagrees in its last bits, which a huge t |K| would amplify.
+    weight = xp.astype(2 * xp.astype(lam > 0, lam.dtype), ctype)
+    return xp.real((V * (weight * phase)[..., None, :]) @ mH(xp, V))
 
 
 def polar_minus_identity(xp, B):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple
 
 from ._random import as_generator, standard_normal
@@ -113,12 +114,17 @@ def sketch_svd(xp, matmul, rmatmul, *, shape, dtype, device, rank, oversample, p
                on_nonfinite):
     """Randomized SVD of the linear operator A of ``shape`` (..., m, n) given by
     ``matmul(X) = A @ X`` and ``rmatmul(Y) = A^H @ Y``, computed in ``dtype`` on
-    ``device``. ``on_nonfinite()`` raises when the sketch shows NaN or Inf."""
+    ``device``. ``on_nonfinite()`` raises when the sketch shows NaN or Inf (None:
+the caller has checked the operator already)."""
     *batch, m, n = shape
     width = min(rank + oversample, m, n)
     omega = standard_normal(xp, (*batch, n, width), dtype=dtype, device=device, rng=rng)
-    Y = matmul(omega)
-    if not bool(xp.all(xp.isfinite(Y))):
+    with warnings.catch_warnings():
+        # NaN/Inf in A is reported below as a ValueError naming the argument;
+        # the library's own "invalid value in matmul" warning would only repeat it.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        Y = matmul(omega)
+    if on_nonfinite is not None and not bool(xp.all(xp.isfinite(Y))):
         on_nonfinite()
     Q, _ = xp.linalg.qr(Y, mode="reduced")
     for _ in range(power_iters):

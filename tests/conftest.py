@@ -1,0 +1,162 @@
+"""Backend x dtype test matrix.
+
+Every test that takes the ``backend`` fixture runs on: NumPy; array_api_strict
+on a non-default device (an array created on the default device cannot be
+combined with it, so a forgotten ``device=`` fails); array_api_strict's
+``no_float64`` device (32-bit dtypes only: it proves the float32 fallback of
+the small cores); PyTorch on the CPU; JAX on the CPU with x64 (immutable
+arrays: any in-place write fails); CuPy where a GPU is present. Libraries that
+are not installed are skipped with the reason.
+
+Random inputs come from ``rng``, seeded from UNITARY_LR_TEST_SEED (default 0)
+and the test's id, so a failure is reproducible and other seeds are one
+environment variable away.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+
+try:  # x64 must be switched on before JAX creates any array
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+except ImportError:  # pragma: no cover - JAX is in the test extra
+    jax = None
+
+DTYPES = ("float32", "float64", "complex64", "complex128")
+BACKENDS = ("numpy", "array_api_strict", "array_api_strict:no_float64", "torch", "jax", "cupy")
+BASE_SEED = int(os.environ.get("UNITARY_LR_TEST_SEED", "0"))
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One column of the test matrix: how to make and read back its arrays."""
+
+    name: str
+    xp: Any  # the library's own namespace (numpy, torch, jax.numpy, ...)
+    device: Any
+    has_float64: bool
+    _asarray: Callable[[np.ndarray], Any]
+    _to_numpy: Callable[[Any], np.ndarray]
+
+    def asarray(self, x, dtype=None):
+        """A NumPy array (or number) as this backend's array on its device."""
+        x = np.asarray(x)
+        if dtype is not None:
+            x = x.astype(dtype)
+        return self._asarray(x)
+
+    def to_numpy(self, x) -> np.ndarray:
+        return np.asarray(self._to_numpy(x))
+
+    def dtype(self, name):
+        return getattr(self.xp, name)
+
+    def __repr__(self):
+        return self.name
+
+
+def _numpy():
+    return Backend("numpy", np, "cpu", True, lambda x: x, lambda x: x)
+
+
+def _strict(device_name):
+    import array_api_strict as xs
+
+    device = xs.Device(device_name)
+    return Backend(
+        f"array_api_strict:{device_name}",
+        xs,
+        device,
+        device_name != "no_float64",
+        lambda x: xs.asarray(x, device=device),
+        lambda x: np.asarray(x.to_device(xs.Device("CPU_DEVICE"))),
+    )
+
+
+def _torch():
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed")
+    return Backend(
+        "torch",
+        torch,
+        torch.device("cpu"),
+        True,
+        lambda x: torch.asarray(x),
+        lambda x: x.detach().resolve_conj().cpu().numpy(),
+    )
+
+
+def _jax():
+    if jax is None:
+        pytest.skip("JAX is not installed")
+    import jax.numpy as jnp
+
+    return Backend("jax", jnp, jax.devices("cpu")[0], True, jnp.asarray, np.asarray)
+
+
+def _cupy():
+    cupy = pytest.importorskip("cupy", reason="CuPy is not installed")
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as error:  # pragma: no cover - needs a GPU machine
+        pytest.skip(f"CuPy has no usable GPU: {error}")
+    if count == 0:  # pragma: no cover
+        pytest.skip("CuPy sees no GPU")
+    return Backend(  # pragma: no cover
+        "cupy", cupy, cupy.cuda.Device(0), True, cupy.asarray, lambda x: x.get()
+    )
+
+
+_MAKERS = {
+    "numpy": _numpy,
+    "array_api_strict": lambda: _strict("device1"),
+    "array_api_strict:no_float64": lambda: _strict("no_float64"),
+    "torch": _torch,
+    "jax": _jax,
+    "cupy": _cupy,
+}
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> Backend:
+    return _MAKERS[request.param]()
+
+
+@pytest.fixture(params=DTYPES)
+def dtype(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+    return np.random.default_rng([BASE_SEED, zlib.crc32(request.node.nodeid.encode())])
+
+
+def pytest_report_header(config):
+    return f"unitary_lr test seed: UNITARY_LR_TEST_SEED={BASE_SEED}"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Drop the (no_float64 device, 64-bit dtype) pairs: they do not exist, so
+    they are not collected at all rather than reported as skips."""
+    keep, drop = [], []
+    for item in items:
+        params = getattr(item, "callspec", None)
+        params = params.params if params else {}
+        if params.get("backend") == "array_api_strict:no_float64" and params.get("dtype") in (
+            "float64",
+            "complex128",
+        ):
+            drop.append(item)
+        else:
+            keep.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep

@@ -1,0 +1,207 @@
+import numpy as np
+import pytest
+import scipy.linalg
+from _helpers import assert_same_kind, haar, is_complex, mH, random_matrix, tol, unitarity
+
+import unitary_lr as ul
+
+N = 16  # one size across the suite keeps JAX's per-shape compilation cheap
+
+
+def reference_polar(M):
+    """scipy.linalg.polar in complex128/float64, batched by a loop."""
+    wide = M.astype(np.complex128 if np.iscomplexobj(M) else np.float64)
+    flat = wide.reshape(-1, *wide.shape[-2:])
+    return np.stack([scipy.linalg.polar(m)[0] for m in flat]).reshape(wide.shape)
+
+
+def assert_is_polar_factor(P, M, dtype, scale=1.0):
+    """P is unitary and P^H M is Hermitian positive semidefinite: the defining
+    property of a polar factor, which holds for every choice when M is singular."""
+    assert np.all(unitarity(P) <= tol(dtype, 2))
+    H = mH(P.astype(np.complex128)) @ M.astype(np.complex128)
+    np.testing.assert_allclose(H, mH(H), atol=tol(dtype, 10) * scale)
+    assert np.all(np.linalg.eigvalsh((H + mH(H)) / 2) >= -tol(dtype, 10) * scale)
+
+
+# ------------------------------------------------------------ project_unitary
+
+
+@pytest.mark.parametrize("batch", [(), (3,)])
+def test_project_unitary_svd_matches_scipy(backend, dtype, rng, batch):
+    A = random_matrix(rng, (*batch, N, N), dtype)
+    P = ul.project_unitary(backend.asarray(A))
+    assert_same_kind(backend, P, backend.asarray(A))
+    np.testing.assert_allclose(backend.to_numpy(P), reference_polar(A), atol=tol(dtype, 10))
+
+
+@pytest.mark.parametrize("batch", [(), (3,)])
+def test_newton_schulz_agrees_with_svd(backend, dtype, rng, batch):
+    # well conditioned: a unitary matrix times a positive definite factor in [0.5, 2]
+    U = haar(rng, N, dtype, batch)
+    V = haar(rng, N, dtype, batch)
+    A = ((U * np.linspace(0.5, 2.0, N)) @ mH(V)).astype(dtype)
+    P = ul.project_unitary(backend.asarray(A), method="newton_schulz")
+    assert_same_kind(backend, P, backend.asarray(A))
+    P = backend.to_numpy(P)
+    # the issue's contract is 1e-6 in float64; the iteration reaches rounding level
+    np.testing.assert_allclose(P, reference_polar(A), atol=1e-6 if dtype in ("float64", "complex128") else 1e-4)
+    np.testing.assert_allclose(P, U @ mH(V), atol=tol(dtype, 10))
+
+
+def test_newton_schulz_repairs_drifted_matrix_quickly(rng):
+    W = haar(rng, N, "complex128")
+    drifted = W + 1e-6 * random_matrix(rng, (N, N), "complex128")
+    P = ul.project_unitary(drifted, method="newton_schulz", max_iter=3)
+    np.testing.assert_allclose(P, reference_polar(drifted), atol=1e-14)
+
+
+def test_newton_schulz_reports_failure(backend, rng):
+    A = random_matrix(rng, (N, N), "float32")
+    A[:, 0] = 0  # exactly singular: that column of the iterate stays 0
+    with pytest.raises(ul.ConvergenceError, match=r"did not converge in 60 iterations: .* use method='svd'"):
+        ul.project_unitary(backend.asarray(A), method="newton_schulz")
+    with pytest.raises(ul.ConvergenceError, match="did not converge in 60 iterations"):
+        ul.project_unitary(backend.asarray(np.zeros((4, 4), np.float32)), method="newton_schulz")
+    # and it is a ValueError, like numpy.linalg.LinAlgError
+    assert issubclass(ul.ConvergenceError, ValueError)
+
+
+def test_project_unitary_svd_handles_singular_input(rng):
+    A = random_matrix(rng, (N, N), "complex128")
+    A[:, :3] = 0
+    assert_is_polar_factor(ul.project_unitary(A), A, "complex128", scale=np.abs(A).max())
+
+
+def test_project_unitary_errors(backend, rng):
+    A = random_matrix(rng, (N, N), "float32")
+    with pytest.raises(ValueError, match=r"A must be square, shape \(..., n, n\), got shape \(16, 15\)"):
+        ul.project_unitary(backend.asarray(A[:, :-1]))
+    with pytest.raises(ValueError, match=r"method must be one of 'svd', 'newton_schulz', got 'qr'"):
+        ul.project_unitary(backend.asarray(A), method="qr")
+    A[3, 3] = np.nan
+    with pytest.raises(ValueError, match=r"A contains NaN or Inf: 1 non-finite entry"):
+        ul.project_unitary(backend.asarray(A))
+
+
+# ---------------------------------------------------- project_unitary_lowrank
+
+
+@pytest.mark.parametrize("k", [1, 2, 8])
+@pytest.mark.parametrize("batch", [(), (3,)])
+def test_lowrank_polar_matches_scipy(backend, dtype, rng, k, batch):
+    W = haar(rng, N, dtype, batch)
+    a = random_matrix(rng, (*batch, N, k), dtype)
+    b = random_matrix(rng, (*batch, N, k), dtype)
+    args = [backend.asarray(x) for x in (W, a, b)]
+    before = [backend.to_numpy(x).copy() for x in args]
+    P = ul.project_unitary_lowrank(*args)
+    assert_same_kind(backend, P, args[0])
+    assert tuple(P.shape) == (*batch, N, N)
+    for x, old in zip(args, before):  # inputs untouched
+        np.testing.assert_array_equal(backend.to_numpy(x), old)
+    P = backend.to_numpy(P)
+    np.testing.assert_allclose(P, reference_polar(W + a @ mH(b)), atol=tol(dtype, 10))
+    assert np.all(unitarity(P) <= tol(dtype, 1))
+
+
+def test_lowrank_polar_broadcasts_batch_axes(backend, rng):
+    W = haar(rng, N, "complex128" if backend.has_float64 else "complex64")
+    dtype = W.dtype.name
+    a = random_matrix(rng, (2, 1, N, 2), dtype)
+    b = random_matrix(rng, (3, N, 2), dtype)
+    P = backend.to_numpy(ul.project_unitary_lowrank(*(backend.asarray(x) for x in (W, a, b))))
+    assert P.shape == (2, 3, N, N)
+    np.testing.assert_allclose(P, reference_polar(W + a @ mH(b)), atol=tol(dtype, 10))
+
+
+def test_lowrank_polar_of_singular_update(backend, dtype, rng):
+    """a = -W b (b^H b)^-1 makes (W + a b^H) b = 0: M is singular, its polar
+    factor is not unique, and any unitary choice with P^H M >= 0 is right."""
+    W = haar(rng, N, dtype)
+    b = random_matrix(rng, (N, 2), dtype)
+    a = (-W @ b @ np.linalg.inv(mH(b) @ b)).astype(dtype)
+    P = backend.to_numpy(ul.project_unitary_lowrank(*(backend.asarray(x) for x in (W, a, b))))
+    assert np.all(np.isfinite(P))
+    assert_is_polar_factor(P, W + a @ mH(b), dtype, scale=4.0)
+
+
+def test_lowrank_polar_zero_update_returns_w_exactly(backend, dtype, rng):
+    W = haar(rng, N, dtype)
+    b = random_matrix(rng, (N, 3), dtype)
+    zero = np.zeros((N, 3), dtype)
+    for a, bb in ((zero, b), (b, zero), (zero, zero)):
+        P = backend.to_numpy(ul.project_unitary_lowrank(*(backend.asarray(x) for x in (W, a, bb))))
+        np.testing.assert_array_equal(P, W)
+
+
+def test_lowrank_polar_rank_deficient_factors(backend, dtype, rng):
+    W = haar(rng, N, dtype)
+    a = random_matrix(rng, (N, 1), dtype)
+    b = random_matrix(rng, (N, 1), dtype)
+    a3, b3 = np.concatenate([a, 2 * a, 0 * a], axis=1), np.concatenate([b, b, b], axis=1)
+    P = backend.to_numpy(ul.project_unitary_lowrank(*(backend.asarray(x) for x in (W, a3, b3))))
+    np.testing.assert_allclose(P, reference_polar(W + 3 * a @ mH(b)), atol=tol(dtype, 10))
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1e3, 1e8])
+def test_lowrank_polar_large_updates(backend, dtype, rng, scale):
+    W = haar(rng, N, dtype)
+    a = (scale * random_matrix(rng, (N, 2), dtype)).astype(dtype)
+    b = random_matrix(rng, (N, 2), dtype)
+    P = backend.to_numpy(ul.project_unitary_lowrank(*(backend.asarray(x) for x in (W, a, b))))
+    assert np.all(np.isfinite(P))
+    # unitary to rounding whatever the size of the update ...
+    assert np.all(unitarity(P) <= tol(dtype, 1))
+    # ... and the polar factor of W + a b^H up to a backward error of rounding
+    # relative to ||W + a b^H||, which is all that forming M (as the SciPy
+    # reference must) can resolve.
+    wide = np.complex128 if is_complex(dtype) else np.float64
+    M = W.astype(wide) + a.astype(wide) @ mH(b.astype(wide))
+    size = np.linalg.norm(M, 2)
+    assert_is_polar_factor(P, M, dtype, scale=size)
+    np.testing.assert_allclose(P, reference_polar(M), atol=tol(dtype, 10) * size)
+
+
+def test_lowrank_polar_tiny_update_not_lost(rng):
+    """For ||a b^H|| = 1e-9 the step P - W matches its first-order expansion
+    W (E - E^H)/2, E = W^H a b^H, to ~1e-9 relative: nothing is lost to
+    cancellation in the small core."""
+    W = haar(rng, N, "complex128")
+    a = 1e-9 * random_matrix(rng, (N, 2), "complex128")
+    b = random_matrix(rng, (N, 2), "complex128")
+    step = ul.project_unitary_lowrank(W, a, b) - W
+    E = mH(W) @ a @ mH(b)
+    first_order = W @ (E - mH(E)) / 2
+    assert np.linalg.norm(step - first_order) <= 1e-6 * np.linalg.norm(first_order)
+
+
+def test_lowrank_polar_promotes_dtypes(rng):
+    W = haar(rng, N, "float32")
+    a = random_matrix(rng, (N, 1), "float64")
+    b = random_matrix(rng, (N, 1), "float32")
+    P = ul.project_unitary_lowrank(W, a, b)
+    assert P.dtype == np.float64
+    P = ul.project_unitary_lowrank(W, a.astype(np.complex64), b)
+    assert P.dtype == np.complex64
+
+
+def test_lowrank_polar_errors(backend, rng):
+    W = haar(rng, N, "float32")
+    a = random_matrix(rng, (N, 2), "float32")
+    args = [backend.asarray(x) for x in (W, a, a)]
+    with pytest.raises(ValueError, match=r"W must be square, shape \(..., n, n\), got shape \(16, 2\)"):
+        ul.project_unitary_lowrank(args[1], args[1], args[2])
+    with pytest.raises(ValueError, match=r"b must have shape \(..., 16, k\) to match W of shape \(16, 16\), got shape \(15, 2\)"):
+        ul.project_unitary_lowrank(args[0], args[1], backend.asarray(a[:-1]))
+    with pytest.raises(ValueError, match=r"a and b must have the same number of columns k, got shapes \(16, 2\) and \(16, 1\)"):
+        ul.project_unitary_lowrank(args[0], args[1], backend.asarray(a[:, :1]))
+    with pytest.raises(ValueError, match=r"batch axes .* do not broadcast: W \(2, 16, 16\), a \(3, 16, 2\)"):
+        ul.project_unitary_lowrank(backend.asarray(np.stack([W, W])), backend.asarray(np.stack([a] * 3)), backend.asarray(np.stack([a] * 3)))
+    bad = a.copy()
+    bad[0, 0] = np.inf
+    with pytest.raises(ValueError, match=r"a contains NaN or Inf: 1 non-finite entry in an array of shape \(16, 2\)"):
+        ul.project_unitary_lowrank(args[0], backend.asarray(bad), args[2])
+    if backend.name != "numpy":
+        with pytest.raises(TypeError, match=r"W is a .* but b is a numpy.ndarray; pass arrays from one library"):
+            ul.project_unitary_lowrank(args[0], args[1], a)

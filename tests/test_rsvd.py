@@ -1,0 +1,137 @@
+import numpy as np
+import pytest
+from _helpers import assert_same_kind, is_complex, mH, random_matrix, tol
+
+import unitary_lr as ul
+
+
+def low_rank(rng, m, n, k, dtype, batch=()):
+    return (random_matrix(rng, (*batch, m, k), dtype) @ random_matrix(rng, (*batch, k, n), dtype)).astype(dtype)
+
+
+@pytest.mark.parametrize("k", [1, 2, 8])
+@pytest.mark.parametrize("batch", [(), (3,)])
+def test_recovers_exactly_low_rank_matrix(backend, dtype, rng, k, batch):
+    A = low_rank(rng, 30, 24, k, dtype, batch)
+    U, S, Vh = ul.randomized_svd(backend.asarray(A), k, rng=rng)
+    for x, shape in ((U, (*batch, 30, k)), (S, (*batch, k)), (Vh, (*batch, k, 24))):
+        assert tuple(x.shape) == shape
+    assert_same_kind(backend, U, backend.asarray(A))
+    assert_same_kind(backend, S, backend.asarray(A), dtype={"complex64": "float32", "complex128": "float64"}.get(dtype, dtype))
+    U, S, Vh = (backend.to_numpy(x).astype(np.complex128) for x in (U, S, Vh))
+    reference = np.linalg.svd(A.astype(np.complex128), compute_uv=False)[..., :k]
+    scale = reference[..., :1]
+    np.testing.assert_allclose(S.real, reference, atol=float(tol(dtype, 10)) * scale.max())
+    np.testing.assert_allclose((U * S[..., None, :]) @ Vh, A, atol=tol(dtype, 10) * scale.max())
+    np.testing.assert_allclose(mH(U) @ U, np.broadcast_to(np.eye(k), (*batch, k, k)), atol=tol(dtype))
+    np.testing.assert_allclose(Vh @ mH(Vh), np.broadcast_to(np.eye(k), (*batch, k, k)), atol=tol(dtype))
+    assert np.all(np.diff(S.real, axis=-1) <= tol(dtype) * scale)
+
+
+@pytest.mark.parametrize("k", [1, 2, 8])
+def test_decaying_spectrum_within_1_1_of_optimal(backend, dtype, rng, k):
+    """Halko et al.'s bound in practice: with the default oversampling and power
+    iterations the rank-k error is within 1.1x of the best possible."""
+    m, n = 60, 50
+    s = 0.6 ** np.arange(n)
+    U0 = np.linalg.qr(random_matrix(rng, (m, n), "complex128" if is_complex(dtype) else "float64"))[0]
+    V0 = np.linalg.qr(random_matrix(rng, (n, n), "complex128" if is_complex(dtype) else "float64"))[0]
+    A = ((U0 * s) @ mH(V0)).astype(dtype)
+    s = np.linalg.svd(A.astype(np.complex128), compute_uv=False)
+    U, S, Vh = (backend.to_numpy(x) for x in ul.randomized_svd(backend.asarray(A), k, rng=rng))
+    residual = A.astype(np.complex128) - (U * S) @ Vh
+    floor = 50 * np.sqrt(m) * eps_of(dtype)  # below this the comparison is rounding
+    assert np.linalg.norm(residual, 2) <= 1.1 * s[k] + floor
+    assert np.linalg.norm(residual) <= 1.1 * np.sqrt(np.sum(s[k:] ** 2)) + floor
+
+
+def eps_of(dtype):
+    return np.finfo(np.dtype(dtype)).eps
+
+
+def test_complex_input_is_not_treated_as_real(rng):
+    """A complex matrix whose real and imaginary parts have different ranges:
+    a sketch that drops the imaginary part (or conjugates the wrong factor)
+    gets the singular values wrong."""
+    n = 40
+    A = np.outer(random_matrix(rng, n, "complex128"), random_matrix(rng, n, "complex128"))
+    A += 1j * np.outer(rng.standard_normal(n), rng.standard_normal(n))
+    U, S, Vh = ul.randomized_svd(A, 2, rng=rng)
+    np.testing.assert_allclose(S, np.linalg.svd(A, compute_uv=False)[:2], rtol=1e-12)
+    np.testing.assert_allclose((U * S) @ Vh, A, atol=1e-12 * np.abs(A).max())
+
+
+def test_same_seed_same_answer_on_every_backend(backend, dtype, rng):
+    """The Gaussian test matrix is drawn on the host: the truncated SVD of a
+    full-rank matrix (which depends on the draw) agrees with NumPy's."""
+    A = random_matrix(rng, (2, 20, 16), dtype)
+    here = ul.randomized_svd(backend.asarray(A), 3, oversample=1, power_iters=0, rng=7)
+    there = ul.randomized_svd(A, 3, oversample=1, power_iters=0, rng=7)
+    approx_here = (backend.to_numpy(here.U) * backend.to_numpy(here.S)[..., None, :]) @ backend.to_numpy(here.Vh)
+    approx_there = (there.U * there.S[..., None, :]) @ there.Vh
+    np.testing.assert_allclose(approx_here, approx_there, atol=tol(dtype, 10))
+    other_seed = ul.randomized_svd(A, 3, oversample=1, power_iters=0, rng=8)
+    assert not np.allclose((other_seed.U * other_seed.S[..., None, :]) @ other_seed.Vh, approx_there)
+
+
+def test_zero_and_rank_deficient_matrices_give_no_nan(backend, dtype, rng):
+    A = np.zeros((12, 9), dtype)
+    U, S, Vh = (backend.to_numpy(x) for x in ul.randomized_svd(backend.asarray(A), 4, rng=rng))
+    assert np.all(S == 0) and np.all(np.isfinite(U)) and np.all(np.isfinite(Vh))
+    np.testing.assert_allclose(mH(U) @ U, np.eye(4), atol=tol(dtype))
+    B = low_rank(rng, 12, 9, 1, dtype)
+    U, S, Vh = (backend.to_numpy(x) for x in ul.randomized_svd(backend.asarray(B), 4, rng=rng))
+    assert np.all(np.isfinite(U)) and np.all(S[1:] <= tol(dtype) * S[0])
+    np.testing.assert_allclose((U * S) @ Vh, B, atol=tol(dtype, 10) * S[0])
+
+
+def test_full_rank_request_is_exact(rng):
+    A = random_matrix(rng, (7, 5), "float64")
+    U, S, Vh = ul.randomized_svd(A, 5, oversample=0, power_iters=0, rng=rng)
+    np.testing.assert_allclose((U * S) @ Vh, A, atol=1e-13)
+
+
+def test_rng_reproducible_and_generator_advances(rng):
+    A = random_matrix(rng, (15, 15), "float64")
+    first = ul.randomized_svd(A, 2, oversample=0, power_iters=0, rng=3)
+    again = ul.randomized_svd(A, 2, oversample=0, power_iters=0, rng=3)
+    np.testing.assert_array_equal(first.S, again.S)
+    gen = np.random.default_rng(3)
+    one = ul.randomized_svd(A, 2, oversample=0, power_iters=0, rng=gen)
+    two = ul.randomized_svd(A, 2, oversample=0, power_iters=0, rng=gen)
+    np.testing.assert_array_equal(one.S, first.S)
+    assert not np.array_equal(one.S, two.S)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"rank": 0}, ValueError, r"rank must be >= 1, got 0"),
+        ({"rank": 7}, ValueError, r"rank must be <= 6 = min\(m, n\) for A of shape \(6, 9\), got 7"),
+        ({"rank": 2.5}, TypeError, r"rank must be an integer, got float: 2.5"),
+        ({"rank": True}, TypeError, r"rank must be an integer, got bool"),
+        ({"rank": 2, "oversample": -1}, ValueError, r"oversample must be >= 0, got -1"),
+        ({"rank": 2, "power_iters": -2}, ValueError, r"power_iters must be >= 0, got -2"),
+        ({"rank": 2, "rng": "seed"}, TypeError, r"rng must be None, an int seed or a numpy.random.Generator"),
+        ({"rank": 2, "rng": -5}, ValueError, r"rng seed must be >= 0, got -5"),
+    ],
+)
+def test_bad_arguments(rng, kwargs, error, match):
+    A = random_matrix(rng, (6, 9), "float64")
+    with pytest.raises(error, match=match):
+        ul.randomized_svd(A, **kwargs)
+
+
+def test_bad_arrays(backend, rng):
+    A = random_matrix(rng, (6, 9), "float32")
+    with pytest.raises(ValueError, match=r"A must have shape \(..., m, n\), got shape \(9,\)"):
+        ul.randomized_svd(backend.asarray(A[0]), 1)
+    with pytest.raises(TypeError, match=r"A has dtype .*int.*; expected one of float32, float64"):
+        ul.randomized_svd(backend.asarray(np.ones((4, 4), dtype=np.int32)), 1)
+    with pytest.raises(TypeError, match=r"A must be an array .* got list"):
+        ul.randomized_svd([[1.0, 2.0]], 1)
+    bad = A.copy()
+    bad[2, 3] = np.nan
+    bad[4, 0] = np.inf
+    with pytest.raises(ValueError, match=r"A contains NaN or Inf: 2 non-finite entries in an array of shape \(6, 9\)"):
+        ul.randomized_svd(backend.asarray(bad), 2, rng=0)

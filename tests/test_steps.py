@@ -1,0 +1,256 @@
+import numpy as np
+import pytest
+import scipy.linalg
+from _helpers import assert_same_kind, haar, is_complex, mH, random_matrix, tol, unitarity
+
+import unitary_lr as ul
+
+N = 16
+
+
+def loop(f, *arrays):
+    """Apply a dense SciPy reference matrix by matrix over broadcast batch axes."""
+    arrays = np.broadcast_arrays(*(x.astype(np.complex128) for x in arrays))
+    shape = arrays[0].shape
+    flat = [x.reshape(-1, *shape[-2:]) for x in arrays]
+    return np.stack([f(*xs) for xs in zip(*flat)]).reshape(shape)
+
+
+def reference_tangent(W, G, lr):
+    """projUNN-T, the paper's Eq. 7: W expm(-lr/2 (W^H G - G^H W))."""
+    return loop(lambda w, g: w @ scipy.linalg.expm(-lr / 2 * (mH(w) @ g - mH(g) @ w)), W, G)
+
+
+def reference_direct(W, G, lr):
+    """projUNN-D, Eq. 3: polar(W - lr G)."""
+    return loop(lambda w, g: scipy.linalg.polar(w - lr * g)[0], W, G)
+
+
+REFERENCES = {"tangent": reference_tangent, "direct": reference_direct}
+
+
+def low_rank(rng, k, dtype, batch=()):
+    a = random_matrix(rng, (*batch, N, k), dtype)
+    b = random_matrix(rng, (*batch, N, k), dtype)
+    return a, b, (a @ mH(b)).astype(dtype)
+
+
+@pytest.mark.parametrize("variant", ["tangent", "direct"])
+@pytest.mark.parametrize("k", [1, 2, 8])
+@pytest.mark.parametrize("batch", [(), (3,)])
+def test_step_matches_dense_reference_for_rank_k_gradient(backend, dtype, rng, variant, k, batch):
+    """A gradient of rank <= k is sketched exactly, so the step equals the dense
+    SciPy formula."""
+    W = haar(rng, N, dtype, batch)
+    _, _, G = low_rank(rng, k, dtype, batch)
+    lr = 0.05
+    args = [backend.asarray(x) for x in (W, G)]
+    before = [backend.to_numpy(x).copy() for x in args]
+    V = ul.projunn_step(*args, lr=lr, rank=k, variant=variant, rng=rng)
+    assert_same_kind(backend, V, args[0])
+    for x, old in zip(args, before):
+        np.testing.assert_array_equal(backend.to_numpy(x), old)
+    V = backend.to_numpy(V)
+    np.testing.assert_allclose(V, REFERENCES[variant](W, G, lr), atol=tol(dtype, 30))
+    assert np.all(unitarity(V) <= tol(dtype, 1))
+
+
+@pytest.mark.parametrize("variant", ["tangent", "direct"])
+def test_factor_gradient_with_few_columns_is_used_exactly(backend, dtype, rng, variant):
+    W = haar(rng, N, dtype)
+    a, b, G = low_rank(rng, 3, dtype)
+    V = ul.projunn_step(backend.asarray(W), (backend.asarray(a), backend.asarray(b)), lr=0.1, rank=3, variant=variant)
+    np.testing.assert_allclose(backend.to_numpy(V), REFERENCES[variant](W, G, 0.1), atol=tol(dtype, 30))
+
+
+@pytest.mark.parametrize("variant", ["tangent", "direct"])
+def test_factor_gradient_is_sketched_like_the_dense_one(backend, dtype, rng, variant):
+    """G = a b^H with more columns than the rank: the sketch runs on the factors
+    and, with the same seed, gives the step of the dense G."""
+    W = haar(rng, N, dtype, (2,))
+    a, b, G = low_rank(rng, 6, dtype, (2,))
+    kwargs = dict(lr=0.1, rank=2, variant=variant, rng=5)
+    from_factors = ul.projunn_step(backend.asarray(W), (backend.asarray(a), backend.asarray(b)), **kwargs)
+    dense = ul.projunn_step(W, G, **kwargs)
+    np.testing.assert_allclose(backend.to_numpy(from_factors), dense, atol=tol(dtype, 30))
+
+
+def test_variants_agree_to_first_order(rng):
+    """Both steps are W - lr * tangent_project(W, G_k) + O(lr^2)."""
+    W = haar(rng, N, "complex128")
+    _, _, G = low_rank(rng, 2, "complex128")
+    first_order = -np.asarray(ul.tangent_project(W, G))
+    for lr in (1e-3, 1e-4):
+        for variant in ("tangent", "direct"):
+            step = ul.projunn_step(W, G, lr=lr, rank=2, variant=variant, rng=0) - W
+            assert np.linalg.norm(step / lr - first_order) <= 10 * lr * np.linalg.norm(G) ** 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["tangent", "direct"])
+def test_thousand_float64_steps_stay_unitary(backend, variant):
+    """The issue's target: ||W^H W - I||_F / sqrt(n) < 1e-12 after 1,000
+    consecutive float64 steps with full-rank gradients, no re-projection."""
+    if not backend.has_float64:
+        pytest.skip("the 1,000-step target is stated for float64")
+    rng = np.random.default_rng(11)
+    dtype = "complex128" if variant == "tangent" else "float64"
+    W = backend.asarray(haar(rng, N, dtype))
+    gradients = random_matrix(rng, (1000, N, N), dtype)
+    for G in gradients:
+        W = ul.projunn_step(W, backend.asarray(G), lr=0.05, rank=2, variant=variant, rng=rng)
+    assert unitarity(backend.to_numpy(W)) < 1e-12
+
+
+@pytest.mark.parametrize("variant", ["tangent", "direct"])
+def test_zero_gradient_returns_w_unchanged(backend, dtype, rng, variant):
+    W = haar(rng, N, dtype, (2,))
+    zero = np.zeros((2, N, N), dtype)
+    V = ul.projunn_step(backend.asarray(W), backend.asarray(zero), lr=0.1, rank=2, variant=variant, rng=rng)
+    np.testing.assert_array_equal(backend.to_numpy(V), W)
+    factors = (backend.asarray(zero[..., :5]), backend.asarray(zero[..., :5]))
+    V = ul.projunn_step(backend.asarray(W), factors, lr=0.1, rank=2, variant=variant, rng=rng)
+    np.testing.assert_array_equal(backend.to_numpy(V), W)
+
+
+@pytest.mark.parametrize("variant", ["tangent", "direct"])
+def test_gradient_of_lower_rank_than_requested(backend, dtype, rng, variant):
+    W = haar(rng, N, dtype)
+    _, _, G = low_rank(rng, 1, dtype)
+    V = backend.to_numpy(ul.projunn_step(backend.asarray(W), backend.asarray(G), lr=0.1, rank=4, variant=variant, rng=rng))
+    assert np.all(np.isfinite(V))
+    np.testing.assert_allclose(V, REFERENCES[variant](W, G, 0.1), atol=tol(dtype, 30))
+
+
+@pytest.mark.parametrize("variant", ["tangent", "direct"])
+@pytest.mark.parametrize("lr", [1e3, 1e9])
+def test_huge_steps_stay_unitary(backend, dtype, rng, variant, lr):
+    W = haar(rng, N, dtype)
+    G = random_matrix(rng, (N, N), dtype)
+    V = backend.to_numpy(ul.projunn_step(backend.asarray(W), backend.asarray(G), lr=lr, rank=2, variant=variant, rng=rng))
+    assert np.all(np.isfinite(V))
+    assert unitarity(V) <= tol(dtype, 1)
+
+
+@pytest.mark.parametrize("variant", ["tangent", "direct"])
+def test_same_seed_same_step_on_every_backend(backend, dtype, rng, variant):
+    """Replicas of a distributed job rely on this: the sketch depends on the
+    random draw (G is full rank), and the draw is the same everywhere."""
+    W = haar(rng, N, dtype)
+    G = random_matrix(rng, (N, N), dtype)
+    here = ul.projunn_step(backend.asarray(W), backend.asarray(G), lr=0.2, rank=2, variant=variant, rng=42)
+    there = ul.projunn_step(W, G, lr=0.2, rank=2, variant=variant, rng=42)
+    np.testing.assert_allclose(backend.to_numpy(here), there, atol=tol(dtype, 10))
+    elsewhere = ul.projunn_step(W, G, lr=0.2, rank=2, variant=variant, rng=43)
+    assert not np.allclose(elsewhere, there, atol=tol(dtype, 100))
+
+
+def test_gradient_dtype_is_cast_to_w(rng):
+    W = haar(rng, N, "complex64")
+    G = random_matrix(rng, (N, N), "complex128")
+    assert ul.projunn_step(W, G, lr=0.1).dtype == np.complex64
+    assert ul.projunn_step(W, G.real.astype(np.float32), lr=0.1).dtype == np.complex64
+
+
+def test_loss_decreases_on_a_least_squares_problem(rng):
+    """A step along -G lowers a real loss of a complex W: the sign and the
+    conjugation of the gradient convention (PyTorch's .grad) are right."""
+    U = haar(rng, N, "complex128")
+    W = haar(rng, N, "complex128")
+    X = random_matrix(rng, (N, 64), "complex128")
+
+    def loss(W):
+        return np.linalg.norm(W @ X - U @ X) ** 2
+
+    for variant in ("tangent", "direct"):
+        V = W
+        for _ in range(50):
+            G = 2 * (V @ X - U @ X) @ mH(X)  # dL/dRe W + i dL/dIm W
+            V = ul.projunn_step(V, G, lr=1e-3, rank=4, variant=variant, rng=rng)
+        assert loss(V) < 0.2 * loss(W)
+
+
+# ------------------------------------------------------------------- errors
+
+
+def test_step_errors(backend, rng):
+    W = haar(rng, N, "float32")
+    G = random_matrix(rng, (N, N), "float32")
+    W_, G_ = backend.asarray(W), backend.asarray(G)
+    cases = [
+        (dict(lr=0.0), ValueError, r"lr must be > 0, got 0.0"),
+        (dict(lr=-1e-3), ValueError, r"lr must be > 0, got -0.001"),
+        (dict(lr=float("inf")), ValueError, r"lr must be finite, got inf"),
+        (dict(lr="0.1"), TypeError, r"lr must be a real number, got str: '0.1'"),
+        (dict(lr=0.1, rank=0), ValueError, r"rank must be >= 1, got 0"),
+        (dict(lr=0.1, rank=17), ValueError, r"rank must be <= 16 = n for W of shape \(16, 16\), got 17"),
+        (dict(lr=0.1, variant="cayley"), ValueError, r"variant must be one of 'tangent', 'direct', got 'cayley'"),
+        (dict(lr=0.1, oversample=-1), ValueError, r"oversample must be >= 0, got -1"),
+        (dict(lr=0.1, rng=1.5), TypeError, r"rng must be None, an int seed or a numpy.random.Generator, got float"),
+    ]
+    for kwargs, error, match in cases:
+        with pytest.raises(error, match=match):
+            ul.projunn_step(W_, G_, **kwargs)
+    with pytest.raises(TypeError, match=r"lr"):
+        ul.projunn_step(W_, G_)  # lr is required
+
+
+def test_step_bad_arrays(backend, rng):
+    W = haar(rng, N, "float32")
+    G = random_matrix(rng, (N, N), "float32")
+    W_, G_ = backend.asarray(W), backend.asarray(G)
+    with pytest.raises(ValueError, match=r"W must be square, shape \(..., n, n\), got shape \(16, 8\)"):
+        ul.projunn_step(backend.asarray(W[:, :8]), G_, lr=0.1)
+    with pytest.raises(ValueError, match=r"G must have shape \(..., 16, 16\) to match W of shape \(16, 16\), got shape \(16, 8\)"):
+        ul.projunn_step(W_, backend.asarray(G[:, :8]), lr=0.1)
+    with pytest.raises(TypeError, match=r"G as factors must be a pair \(a, b\) meaning a @ b\^H, got 3 items"):
+        ul.projunn_step(W_, (G_, G_, G_), lr=0.1)
+    with pytest.raises(ValueError, match=r"G\[0\] and G\[1\] must have the same number of columns k"):
+        ul.projunn_step(W_, (G_, backend.asarray(G[:, :3])), lr=0.1)
+    with pytest.raises(TypeError, match=r"G has complex dtype .*complex64.* but W is real .*float32.*; a real \(orthogonal\) W takes a real gradient"):
+        ul.projunn_step(W_, backend.asarray(G.astype(np.complex64)), lr=0.1)
+    for position in ((0, 0), (7, 11)):
+        bad = G.copy()
+        bad[position] = np.nan
+        bad_ = backend.asarray(bad)
+        with pytest.raises(ValueError, match=r"G contains NaN or Inf \(detected in its sketch G @ Omega\): 1 non-finite entry"):
+            ul.projunn_step(W_, bad_, lr=0.1, rng=0)
+        np.testing.assert_array_equal(backend.to_numpy(bad_), bad)  # nothing changed
+    np.testing.assert_array_equal(backend.to_numpy(W_), W)
+    inf_factor = G[:, :4].copy()
+    inf_factor[3, 2] = -np.inf
+    with pytest.raises(ValueError, match=r"G\[1\] contains NaN or Inf: 1 non-finite entry in an array of shape \(16, 4\)"):
+        ul.projunn_step(W_, (backend.asarray(G[:, :4]), backend.asarray(inf_factor)), lr=0.1)
+    if backend.name != "numpy":
+        with pytest.raises(TypeError, match=r"W is a .* but G is a numpy.ndarray; pass arrays from one library"):
+            ul.projunn_step(W_, G, lr=0.1)
+
+
+# ---------------------------------------------------------- tangent_project
+
+
+def test_tangent_project(backend, dtype, rng):
+    W = haar(rng, N, dtype, (2,))
+    G = random_matrix(rng, (2, N, N), dtype)
+    T = ul.tangent_project(backend.asarray(W), backend.asarray(G))
+    assert_same_kind(backend, T, backend.asarray(W))
+    T = backend.to_numpy(T).astype(np.complex128)
+    W64, G64 = W.astype(np.complex128), G.astype(np.complex128)
+    A = mH(W64) @ T
+    np.testing.assert_allclose(A, -mH(A), atol=tol(dtype, 10))  # T = W A, A skew-Hermitian
+    np.testing.assert_allclose(T, W64 @ (mH(W64) @ G64 - mH(G64) @ W64) / 2, atol=tol(dtype, 10))
+    # orthogonal projection: the residual is orthogonal to every tangent vector
+    residual = G64 - T
+    assert np.all(np.abs(np.real(np.trace(mH(T) @ residual, axis1=-2, axis2=-1))) <= tol(dtype, 30) * N)
+    again = backend.to_numpy(ul.tangent_project(backend.asarray(W), backend.asarray(T.astype(dtype) if is_complex(dtype) else T.real.astype(dtype))))
+    np.testing.assert_allclose(again, T, atol=tol(dtype, 30))
+
+
+def test_tangent_project_errors(rng):
+    W = haar(rng, N, "float64")
+    with pytest.raises(ValueError, match=r"G must have shape \(..., 16, 16\) to match W of shape \(16, 16\), got shape \(16, 15\)"):
+        ul.tangent_project(W, W[:, :-1])
+    bad = W.copy()
+    bad[0, 0] = np.inf
+    with pytest.raises(ValueError, match="G contains NaN or Inf"):
+        ul.tangent_project(W, bad)
