@@ -55,9 +55,9 @@ def projunn_step(
     ----------
     W : array, shape (..., n, n)
         Unitary (complex) or orthogonal (real) matrices; leading axes are a batch.
-    G : array of shape (..., n, n), or pair (a, b) of arrays of shape (..., n, m)
+    G : array of shape (..., n, n), or tuple (a, b) of arrays of shape (..., n, m)
         The Euclidean gradient, as PyTorch stores it in ``.grad`` (for complex W,
-        ``dL/dRe W + i dL/dIm W``; -G is the steepest-descent direction). A pair
+        ``dL/dRe W + i dL/dIm W``; -G is the steepest-descent direction). A tuple
         means ``G = a @ b^H`` (a linear layer's ``delta x^H``): the sketch runs on
         the factors and no n x n gradient is formed; when ``m <= rank`` the
         factors are used as they are, without a sketch.
@@ -115,7 +115,7 @@ def projunn_step(
     >>> bool(unitarity_error(W) < 1e-13)
     True
     """
-    factored = isinstance(G, (tuple, list))
+    factored = isinstance(G, tuple)
     if factored:
         if len(G) != 2:
             raise TypeError(f"G as factors must be a pair (a, b) meaning a @ b^H, got {len(G)} items")

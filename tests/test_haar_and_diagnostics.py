@@ -1,0 +1,98 @@
+import numpy as np
+import pytest
+from _helpers import is_complex, mH, tol, unitarity
+
+import unitary_lr as ul
+
+N = 16
+
+
+@pytest.mark.parametrize("batch", [(), (2, 3)])
+def test_random_unitary_is_unitary_on_the_device(backend, dtype, batch):
+    W = ul.random_unitary(N, dtype=dtype, batch_shape=batch, rng=1, xp=backend.xp, device=backend.device)
+    assert tuple(W.shape) == (*batch, N, N)
+    assert W.dtype == backend.dtype(dtype)
+    import array_api_compat
+
+    assert array_api_compat.device(W) == backend.device
+    assert np.all(unitarity(backend.to_numpy(W)) <= tol(dtype, 1))
+    # accepts the namespace's dtype object as well as its name
+    same = ul.random_unitary(N, dtype=backend.dtype(dtype), batch_shape=batch, rng=1, xp=backend.xp, device=backend.device)
+    np.testing.assert_array_equal(backend.to_numpy(same), backend.to_numpy(W))
+
+
+def test_random_unitary_same_seed_same_matrix_everywhere(backend, dtype):
+    here = ul.random_unitary(N, dtype=dtype, rng=9, xp=backend.xp, device=backend.device)
+    there = ul.random_unitary(N, dtype=dtype, rng=9)
+    np.testing.assert_allclose(backend.to_numpy(here), there, atol=tol(dtype, 10))
+    assert not np.allclose(ul.random_unitary(N, dtype=dtype, rng=10), there)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "complex128"])
+def test_random_unitary_has_haar_moments(dtype):
+    """For Haar measure on U(n) or O(n): E tr W = 0 and E |tr W|^2 = 1, and each
+    entry has E |W_ij|^2 = 1/n. A QR without the phase correction fails the first
+    (its diagonal is biased by the sign convention of R)."""
+    n, samples = 4, 20000
+    W = ul.random_unitary(n, dtype=dtype, batch_shape=(samples,), rng=123)
+    trace = np.trace(W, axis1=-2, axis2=-1)
+    se = 1 / np.sqrt(samples)
+    assert abs(np.mean(trace)) < 5 * se
+    assert abs(np.mean(np.abs(trace) ** 2) - 1) < 5 * np.sqrt(2) * se * 2
+    np.testing.assert_allclose(np.mean(np.abs(W) ** 2, axis=0), np.full((n, n), 1 / n), atol=5 * se)
+    if is_complex(dtype):  # phases uniform: E W_ij^2 = 0 for U(n), not for O(n)
+        assert np.abs(np.mean(W[:, 0, 0] ** 2)) < 5 * se
+    Q = np.linalg.qr(np.random.default_rng(0).standard_normal((samples, n, n)))[0]
+    assert abs(np.mean(np.trace(Q, axis1=-2, axis2=-1))) > 10 * se  # the test can fail
+
+
+def test_random_unitary_errors():
+    with pytest.raises(ValueError, match=r"n must be >= 1, got 0"):
+        ul.random_unitary(0, dtype="float64")
+    with pytest.raises(TypeError, match=r"n must be an integer, got float: 3.0"):
+        ul.random_unitary(3.0, dtype="float64")
+    with pytest.raises(TypeError, match=r"dtype must be one of float32, float64, complex64, complex128 .* got 'float16'"):
+        ul.random_unitary(3, dtype="float16")
+    with pytest.raises(TypeError, match=r"dtype must be one of .* got <class 'numpy.int64'>"):
+        ul.random_unitary(3, dtype=np.int64)
+    with pytest.raises(TypeError, match=r"batch_shape must be a tuple of ints, got 5"):
+        ul.random_unitary(3, dtype="float64", batch_shape=5)
+    with pytest.raises(ValueError, match=r"batch_shape must not have negative sizes, got \(-1,\)"):
+        ul.random_unitary(3, dtype="float64", batch_shape=(-1,))
+    with pytest.raises(TypeError, match=r"xp must be an array namespace such as numpy or torch, got 'numpy'"):
+        ul.random_unitary(3, dtype="float64", xp="numpy")
+    import array_api_strict as xs
+
+    with pytest.raises(TypeError, match=r"dtype float64 is not available on device .*no_float64"):
+        ul.random_unitary(3, dtype="float64", xp=xs, device=xs.Device("no_float64"))
+
+
+# ---------------------------------------------------------- unitarity_error
+
+
+def test_unitarity_error_matches_numpy(backend, dtype, rng):
+    W = ul.random_unitary(N, dtype=dtype, batch_shape=(3,), rng=rng)
+    W = W + (1e-3 * np.arange(3))[:, None, None].astype(W.dtype) * rng.standard_normal((3, N, N)).astype(W.dtype)
+    e = ul.unitarity_error(backend.asarray(W))
+    assert tuple(e.shape) == (3,)
+    wide = "float64" if backend.has_float64 else "float32"
+    assert e.dtype == backend.dtype(wide)  # reported in float64 where the device has it
+    np.testing.assert_allclose(backend.to_numpy(e), unitarity(W), rtol=1e-3, atol=tol(dtype, 1))
+    assert backend.to_numpy(e)[0] < tol(dtype, 1) < backend.to_numpy(e)[1]
+
+
+def test_unitarity_error_values():
+    assert float(ul.unitarity_error(np.eye(5))) == 0.0
+    P = np.eye(4)[[2, 0, 3, 1]]
+    assert float(ul.unitarity_error(P)) == 0.0
+    np.testing.assert_allclose(float(ul.unitarity_error(2 * np.eye(4))), 3.0)  # ||3 I||_F / 2
+    np.testing.assert_allclose(float(ul.unitarity_error(np.zeros((9, 9), np.complex64))), 1.0)
+    with pytest.raises(ValueError, match=r"W must be square"):
+        ul.unitarity_error(np.ones((3, 4)))
+
+
+def test_unitarity_error_of_float32_is_measured_above_float32_rounding(rng):
+    W = ul.random_unitary(64, dtype="float64", rng=rng)
+    drift = (W + 1e-9 * rng.standard_normal((64, 64))).astype(np.float32)
+    reference = unitarity(drift.astype(np.float64))
+    np.testing.assert_allclose(float(ul.unitarity_error(drift)), reference, rtol=1e-10)

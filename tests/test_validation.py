@@ -1,0 +1,86 @@
+"""The checks every public array function shares: argument types, dtypes,
+namespaces and devices, with messages that name the argument."""
+
+import numpy as np
+import pytest
+
+import unitary_lr as ul
+
+N = 6
+W = np.eye(N)
+a = np.ones((N, 2))
+
+# (function, positional arrays, keyword options, names of the array arguments)
+CALLS = [
+    (ul.randomized_svd, (W,), {"rank": 1}, ("A",)),
+    (ul.project_unitary, (W,), {}, ("A",)),
+    (ul.project_unitary_lowrank, (W, a, a), {}, ("W", "a", "b")),
+    (ul.exp_transport, (W, a, a), {}, ("W", "a", "b")),
+    (ul.tangent_project, (W, W), {}, ("W", "G")),
+    (ul.projunn_step, (W, W), {"lr": 0.1}, ("W", "G")),
+    (ul.unitarity_error, (W,), {}, ("W",)),
+]
+IDS = [call[0].__name__ for call in CALLS]
+MULTI = [call for call in CALLS if len(call[3]) > 1]  # calls with several arrays to mix
+MULTI_IDS = [call[0].__name__ for call in MULTI]
+
+
+@pytest.mark.parametrize(("function", "arrays", "options", "names"), CALLS, ids=IDS)
+def test_non_arrays_are_type_errors_naming_the_argument(function, arrays, options, names):
+    for i, name in enumerate(names):
+        bad = list(arrays)
+        bad[i] = [[1.0, 0.0], [0.0, 1.0]]
+        with pytest.raises(TypeError, match=rf"^{name} must be an array .* got list: \[\[1.0, 0.0\], \[0.0, 1.0\]\]"):
+            function(*bad, **options)
+        bad[i] = 3.0
+        with pytest.raises(TypeError, match=rf"^{name} must be an array"):
+            function(*bad, **options)
+
+
+@pytest.mark.parametrize(("function", "arrays", "options", "names"), CALLS, ids=IDS)
+@pytest.mark.parametrize("dtype", [np.int64, np.float16, np.bool_])
+def test_unsupported_dtypes_are_type_errors(function, arrays, options, names, dtype):
+    for i, name in enumerate(names):
+        bad = list(arrays)
+        bad[i] = bad[i].astype(dtype)
+        with pytest.raises(TypeError, match=rf"^{name} has dtype {np.dtype(dtype).name}; expected one of float32, float64, complex64, complex128"):
+            function(*bad, **options)
+
+
+@pytest.mark.parametrize(("function", "arrays", "options", "names"), MULTI, ids=MULTI_IDS)
+def test_mixed_libraries_are_type_errors(function, arrays, options, names):
+    torch = pytest.importorskip("torch")
+    bad = list(arrays)
+    bad[-1] = torch.asarray(bad[-1])
+    with pytest.raises(TypeError, match=rf"^{names[0]} is a numpy.ndarray but {names[-1]} is a torch.Tensor; pass arrays from one library"):
+        function(*bad, **options)
+
+
+@pytest.mark.parametrize(("function", "arrays", "options", "names"), MULTI, ids=MULTI_IDS)
+def test_arrays_on_different_devices_are_value_errors(function, arrays, options, names):
+    import array_api_strict as xs
+
+    bad = [xs.asarray(x, device=xs.Device("device1")) for x in arrays]
+    bad[-1] = xs.asarray(arrays[-1], device=xs.Device("device2"))
+    with pytest.raises(ValueError, match=rf"^{names[0]} is on device .*device1.* but {names[-1]} is on device .*device2.*; move them to one device"):
+        function(*bad, **options)
+
+
+@pytest.mark.parametrize(("function", "arrays", "options", "names"), CALLS, ids=IDS)
+def test_vectors_are_value_errors(function, arrays, options, names):
+    for i, name in enumerate(names):
+        bad = list(arrays)
+        bad[i] = np.ones(N)
+        with pytest.raises(ValueError, match=rf"^{name} must .*shape .* got shape \(6,\)"):
+            function(*bad, **options)
+
+
+def test_positional_only_arrays_and_keyword_only_options():
+    with pytest.raises(TypeError):
+        ul.projunn_step(W=W, G=W, lr=0.1)
+    with pytest.raises(TypeError):
+        ul.projunn_step(W, W, 0.1)
+    with pytest.raises(TypeError):
+        ul.exp_transport(W, a, a, 0.5)
+    with pytest.raises(TypeError):
+        ul.randomized_svd(W, 1, 10)
