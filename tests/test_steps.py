@@ -88,18 +88,19 @@ def test_variants_agree_to_first_order(rng):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["tangent", "direct"])
-def test_thousand_float64_steps_stay_unitary(backend, variant):
+def test_thousand_steps_stay_unitary(backend, variant):
     """The issue's target: ||W^H W - I||_F / sqrt(n) < 1e-12 after 1,000
-    consecutive float64 steps with full-rank gradients, no re-projection."""
-    if not backend.has_float64:
-        pytest.skip("the 1,000-step target is stated for float64")
+    consecutive float64 steps with full-rank gradients, no re-projection. A
+    device without float64 runs the same in 32 bits, where rounding drifts as
+    a random walk, ~sqrt(steps) * eps (measured 1.4e-6)."""
     rng = np.random.default_rng(11)
-    dtype = "complex128" if variant == "tangent" else "float64"
+    complex_dtype, real_dtype, bound = ("complex128", "float64", 1e-12) if backend.has_float64 else ("complex64", "float32", 2e-5)
+    dtype = complex_dtype if variant == "tangent" else real_dtype
     W = backend.asarray(haar(rng, N, dtype))
     gradients = random_matrix(rng, (1000, N, N), dtype)
     for G in gradients:
         W = ul.projunn_step(W, backend.asarray(G), lr=0.05, rank=2, variant=variant, rng=rng)
-    assert unitarity(backend.to_numpy(W)) < 1e-12
+    assert unitarity(backend.to_numpy(W)) < bound
 
 
 @pytest.mark.parametrize("variant", ["tangent", "direct"])

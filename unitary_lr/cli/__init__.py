@@ -1,0 +1,43 @@
+"""The ``unitary-lr`` command (floor 7): experiments and tools on top of the library.
+
+Each subcommand lives in its own module with ``add_parser(subparsers)`` and
+``run(args) -> int``; errors a user can fix are reported as one line, with no
+traceback, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .._backends import BackendError
+from . import toy
+from ._output import CommandError
+
+SUBCOMMANDS = (toy,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="unitary-lr",
+        description="Low-rank unitary training (projUNN): experiments and tools.",
+    )
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in SUBCOMMANDS:
+        module.add_parser(commands)
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.argv = argv  # recorded with the results
+    try:
+        return args.run(args)
+    except (CommandError, BackendError) as error:
+        print(f"unitary-lr {args.command}: error: {error}", file=sys.stderr)
+        return 2

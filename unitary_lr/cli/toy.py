@@ -1,0 +1,159 @@
+"""``unitary-lr toy``: the projUNN paper's first experiment.
+
+Learn a Haar-random unitary U from Gaussian pairs (x, U x) with the mean
+squared error ``L(W) = ||W X - U X||_F^2 / (B n)`` over a batch X of B
+columns. The gradient (PyTorch's convention) is ``G = a b^H`` with
+``a = 2 (W X - U X) / (B n)`` and ``b = X``: rank <= B, analytic, and passed to
+``projunn_step`` as factors, so no n x n gradient is formed and no autodiff is
+needed; the whole run is plain Array API code on the chosen backend.
+
+The curve recorded is the expected loss over fresh x, ``||W - U||_F^2 / n``,
+which starts near 2 for a random W. Every rank sees the same data stream.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .. import projunn_step, random_unitary, unitarity_error
+from .._backends import BACKEND_NAMES, load_backend
+from .._random import standard_normal
+from .._xp import FLOAT_DTYPE_NAMES, mH
+from ._output import CommandError, environment, format_table, plot_curves, progress, require_modules, write_json
+
+
+def add_parser(commands):
+    parser = commands.add_parser(
+        "toy",
+        help="learn a random unitary from pairs (x, Ux) with rank-k projUNN steps",
+        description=__doc__.split("\n\n")[1].replace("\n", " "),
+    )
+    parser.add_argument("--n", type=int, default=128, help="matrix size (default: 128)")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 4, 16], metavar="K",
+                        help="ranks k of the updates to compare (default: 1 4 16)")
+    parser.add_argument("--batch", type=int, default=32, help="pairs per step (default: 32)")
+    parser.add_argument("--steps", type=int, default=300, help="steps per rank (default: 300)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="learning rate (default: batch / 2, the fastest stable rate for this loss)")
+    parser.add_argument("--variant", choices=("tangent", "direct"), default="tangent",
+                        help="projUNN-T (tangent) or projUNN-D (direct) (default: tangent)")
+    parser.add_argument("--dtype", choices=FLOAT_DTYPE_NAMES, default="complex128",
+                        help="real dtypes learn an orthogonal matrix (default: complex128)")
+    parser.add_argument("--backend", choices=BACKEND_NAMES, default="numpy", help="array library (default: numpy)")
+    parser.add_argument("--device", default=None, help="device of the backend, e.g. cuda:0 (default: its default)")
+    parser.add_argument("--dense-gradient", action="store_true",
+                        help="form the n x n gradient and sketch it, instead of passing its factors")
+    parser.add_argument("--seed", type=int, default=0, help="seed of U, the initial W, the data and the sketches")
+    parser.add_argument("--out", default="unitary-lr-toy",
+                        help="path prefix of the .json and .png outputs (default: unitary-lr-toy)")
+    parser.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(run=run)
+
+
+def _validate(args):
+    if args.n < 2:
+        raise CommandError(f"--n must be >= 2, got {args.n}")
+    if args.batch < 1:
+        raise CommandError(f"--batch must be >= 1, got {args.batch}")
+    if args.steps < 1:
+        raise CommandError(f"--steps must be >= 1, got {args.steps}")
+    bad = [k for k in args.ranks if not 1 <= k <= args.n]
+    if bad:
+        raise CommandError(f"--ranks must lie in [1, n = {args.n}], got {bad[0]}")
+    if args.seed < 0:
+        raise CommandError(f"--seed must be >= 0, got {args.seed}")
+    lr = args.batch / 2 if args.lr is None else args.lr
+    if not (math.isfinite(lr) and lr > 0):
+        raise CommandError(f"--lr must be finite and > 0, got {args.lr}")
+    return lr
+
+
+def run(args) -> int:
+    lr = _validate(args)
+    require_modules(("matplotlib",) * (not args.no_plot) + ("tqdm",) * (not args.no_progress))
+    backend = load_backend(args.backend, device=args.device, float64=args.dtype in ("float64", "complex128"))
+    xp, device = backend.xp, backend.device
+    try:
+        U = random_unitary(args.n, dtype=args.dtype, rng=np.random.default_rng([args.seed, 0]), xp=xp, device=device)
+    except TypeError as error:  # e.g. complex128 on a device without float64
+        raise CommandError(str(error)) from None
+    W0 = random_unitary(args.n, dtype=args.dtype, rng=np.random.default_rng([args.seed, 1]), xp=xp, device=device)
+    scale = 2.0 / (args.batch * args.n)
+
+    def expected_loss(W):
+        D = W - U
+        return float(xp.sum(xp.real(D * xp.conj(D)))) / args.n
+
+    results, interrupted = [], False
+    bar = progress(len(args.ranks) * args.steps, description="toy", enabled=not args.no_progress)
+    try:
+        for k in args.ranks:
+            data = np.random.default_rng([args.seed, 2])  # the same pairs for every rank
+            sketches = np.random.default_rng([args.seed, 3, k])
+            W, losses, seconds = W0, [expected_loss(W0)], 0.0
+            results.append({"rank": k, "loss": losses})
+            for _ in range(args.steps):
+                X = standard_normal(xp, (args.n, args.batch), dtype=W.dtype, device=device, rng=data)
+                a = (W @ X - U @ X) * scale
+                G = a @ mH(xp, X) if args.dense_gradient else (a, X)
+                backend.synchronize()
+                start = time.perf_counter()
+                W = projunn_step(W, G, lr=lr, rank=k, variant=args.variant, rng=sketches)
+                backend.synchronize()
+                seconds += time.perf_counter() - start
+                losses.append(expected_loss(W))
+                bar.update(1)
+                bar.set_postfix_str(f"k={k} loss={losses[-1]:.2e}", refresh=False)
+            results[-1].update(
+                final_loss=losses[-1],
+                unitarity_error=float(unitarity_error(W)),
+                ms_per_step=1e3 * seconds / args.steps,
+            )
+    except KeyboardInterrupt:
+        interrupted = True
+        if results and "final_loss" not in results[-1]:
+            results[-1].update(final_loss=results[-1]["loss"][-1], unitarity_error=float(unitarity_error(W)),
+                               ms_per_step=float("nan"))
+    finally:
+        bar.close()
+
+    print(format_table(
+        ("rank k", "final loss", "unitarity error", "ms/step"),
+        [(r["rank"], f"{r['final_loss']:.3e}", f"{r['unitarity_error']:.1e}", f"{r['ms_per_step']:.3f}") for r in results],
+    ))
+    out = Path(args.out)
+    record = {
+        "command": "unitary-lr " + " ".join(args.argv),
+        "experiment": "toy",
+        "settings": {"n": args.n, "batch": args.batch, "steps": args.steps, "lr": lr, "variant": args.variant,
+                     "dtype": args.dtype, "backend": args.backend, "device": str(device),
+                     "dense_gradient": args.dense_gradient, "seed": args.seed},
+        "interrupted": interrupted,
+        "results": results,
+        "environment": environment(),
+    }
+    json_path = out.with_name(out.name + ".json")
+    write_json(json_path, record)
+    written = [str(json_path)]
+    if not args.no_plot:
+        png_path = out.with_name(out.name + ".png")
+        plot_curves(
+            png_path,
+            {f"k = {r['rank']}": (np.arange(len(r["loss"])), np.maximum(r["loss"], 1e-300)) for r in results},
+            title=f"Learning a Haar-random {args.n} x {args.n} unitary\n"
+            f"projUNN-{args.variant[0].upper()}, batch {args.batch}, {args.dtype}, {args.backend}",
+            xlabel="step",
+            ylabel="expected loss ||W - U||_F^2 / n",
+        )
+        written.append(str(png_path))
+    print("wrote " + ", ".join(written))
+    if interrupted:
+        print("interrupted: the outputs hold the steps done so far", file=sys.stderr)
+        return 130
+    return 0
