@@ -46,7 +46,7 @@ def expm_skew_minus_identity(xp, K, t):
     accuracy for tiny lam. Real K gives a real result.
     """
     ctype = complex_dtype(xp, K.dtype)
-    Kc = xp.astype(K, ctype) if K.dtype != ctype else K
+    Kc = xp.astype(K, ctype, copy=False)
     lam, V = xp.linalg.eigh(Kc * (1j * t))
     # Reduce to [-pi, pi]: exact for |lam| < pi, and for huge steps it keeps
     # sin(lam) and sin(lam / 2) consistent (so |exp(-i lam)| = 1 to rounding)

@@ -49,6 +49,6 @@ def unitarity_error(W, /):
     check_float_dtype(xp, "W", W)
     check_matrix("W", W, square=True)
     core = core_dtype(xp, W.dtype, device(W))
-    Wc = xp.astype(W, core) if W.dtype != core else W
+    Wc = xp.astype(W, core, copy=False)
     n = W.shape[-1]
     return xp.linalg.matrix_norm(mH(xp, Wc) @ Wc - eye(xp, n, like=Wc)) / math.sqrt(n)

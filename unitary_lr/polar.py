@@ -7,14 +7,13 @@ import math
 
 from ._cores import basis_of_columns, polar_minus_identity
 from ._validation import (
-    check_batch_compatible,
     check_choice,
-    check_factor_pair,
     check_finite,
     check_float_dtype,
     check_int,
     check_matrix,
     namespace_of,
+    unitary_and_factors,
 )
 from ._xp import core_dtype, device, eye, mH, real_dtype
 
@@ -171,16 +170,7 @@ def project_unitary_lowrank(W, a, b, /):
     >>> bool(np.allclose(V, polar(W + a @ b.T)[0]))
     True
     """
-    xp = namespace_of(W=W, a=a, b=b)
-    for name, x in (("W", W), ("a", a), ("b", b)):
-        check_float_dtype(xp, name, x)
-    check_matrix("W", W, square=True)
-    check_factor_pair("a", a, "b", b, W.shape[-1], f"W of shape {tuple(W.shape)}")
-    check_batch_compatible(W=W, a=a, b=b)
-    check_finite(xp, "a", a)
-    check_finite(xp, "b", b)
-    dtype = xp.result_type(W, a, b)
-    W, a, b = (xp.astype(x, dtype) if x.dtype != dtype else x for x in (W, a, b))
+    xp, W, a, b = unitary_and_factors(W, a, b)
     return polar_lowrank_unchecked(xp, W, a, b)
 
 
@@ -190,8 +180,8 @@ def polar_lowrank_unchecked(xp, W, a, b):
     c = mH(xp, mH(xp, a) @ W)
     Q, Rb, Rc = basis_of_columns(xp, b, c)
     core = core_dtype(xp, W.dtype, device(W))
-    Rb, Rc = xp.astype(Rb, core), xp.astype(Rc, core)
-    D = xp.astype(polar_minus_identity(xp, Rc @ mH(xp, Rb)), W.dtype)
+    Rb, Rc = xp.astype(Rb, core, copy=False), xp.astype(Rc, core, copy=False)
+    D = xp.astype(polar_minus_identity(xp, Rc @ mH(xp, Rb)), W.dtype, copy=False)
     out = ((W @ Q) @ D) @ mH(xp, Q)
     out += W
     return out

@@ -154,7 +154,7 @@ def projunn_step(
         check_finite(xp, "G[0]", a)
         check_finite(xp, "G[1]", b)
         dtype = xp.result_type(a, b)
-        a, b = (xp.astype(x, dtype) if x.dtype != dtype else x for x in (a, b))
+        a, b = (xp.astype(x, dtype, copy=False) for x in (a, b))
         if a.shape[-1] > rank:
             a, b = _rank_k_factors(
                 xp,
@@ -181,7 +181,7 @@ def projunn_step(
             rng=gen,
             on_nonfinite=lambda: report_nonfinite(xp, "G", G, source="its sketch G @ Omega"),
         )
-    a, b = (xp.astype(x, W.dtype) if x.dtype != W.dtype else x for x in (a, b))
+    a, b = (xp.astype(x, W.dtype, copy=False) for x in (a, b))
     if variant == "tangent":
         return transport_unchecked(xp, W, a, W @ b, -lr / 2)
     return polar_lowrank_unchecked(xp, W, -lr * a, b)

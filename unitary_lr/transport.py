@@ -3,15 +3,7 @@
 from __future__ import annotations
 
 from ._cores import basis_of_columns, expm_skew_minus_identity
-from ._validation import (
-    check_batch_compatible,
-    check_factor_pair,
-    check_finite,
-    check_float_dtype,
-    check_matrix,
-    check_real_scalar,
-    namespace_of,
-)
+from ._validation import check_real_scalar, unitary_and_factors
 from ._xp import core_dtype, device, mH
 
 __all__ = ["exp_transport"]
@@ -67,28 +59,18 @@ def exp_transport(W, a, b, /, *, t=1.0):
     >>> bool(unitarity_error(V) < 1e-14)
     True
     """
-    xp = namespace_of(W=W, a=a, b=b)
-    for name, x in (("W", W), ("a", a), ("b", b)):
-        check_float_dtype(xp, name, x)
-    check_matrix("W", W, square=True)
-    check_factor_pair("a", a, "b", b, W.shape[-1], f"W of shape {tuple(W.shape)}")
-    check_batch_compatible(W=W, a=a, b=b)
-    t = check_real_scalar("t", t)
-    check_finite(xp, "a", a)
-    check_finite(xp, "b", b)
-    dtype = xp.result_type(W, a, b)
-    W, a, b = (xp.astype(x, dtype) if x.dtype != dtype else x for x in (W, a, b))
-    return transport_unchecked(xp, W, a, b, t)
+    xp, W, a, b = unitary_and_factors(W, a, b)
+    return transport_unchecked(xp, W, a, b, check_real_scalar("t", t))
 
 
 def transport_unchecked(xp, W, a, b, t):
     """exp_transport for validated arrays of one dtype (the step's hot path)."""
     Q, Ra, Rb = basis_of_columns(xp, a, b)
     core = core_dtype(xp, W.dtype, device(W))
-    Ra, Rb = xp.astype(Ra, core), xp.astype(Rb, core)
+    Ra, Rb = xp.astype(Ra, core, copy=False), xp.astype(Rb, core, copy=False)
     P = Ra @ mH(xp, Rb)
     D = expm_skew_minus_identity(xp, P - mH(xp, P), t)
-    D = xp.astype(D, W.dtype)
+    D = xp.astype(D, W.dtype, copy=False)
     # Q^H W as (W^H Q)^H would conjugate all of W; this conjugates only Q.
     out = (Q @ D) @ (mH(xp, Q) @ W)
     out += W
