@@ -6,7 +6,7 @@ functions take and return NumPy, CuPy, PyTorch, JAX or array_api_strict arrays
 and keep them on their device.
 """
 
-from .diagnostics import unitarity_error
+from .diagnostics import unitarity_error, unitarity_estimate
 from .haar import random_unitary
 from .polar import ConvergenceError, project_unitary, project_unitary_lowrank
 from .rsvd import SVDResult, randomized_svd
@@ -26,4 +26,5 @@ __all__ = [
     "randomized_svd",
     "tangent_project",
     "unitarity_error",
+    "unitarity_estimate",
 ]

@@ -15,7 +15,7 @@ import numpy as np
 
 from ._xp import dtype_name, is_complex
 
-__all__ = ["as_generator", "standard_normal"]
+__all__ = ["as_generator", "generator_from_state", "generator_state", "standard_normal"]
 
 
 def as_generator(rng) -> np.random.Generator:
@@ -51,3 +51,23 @@ def standard_normal(xp, shape, *, dtype, device, rng):
         host = gen.standard_normal(shape)
     # Round on the host: a device without float64 never sees a float64 array.
     return xp.asarray(host.astype(name), dtype=dtype, device=device)
+
+
+def generator_state(gen: np.random.Generator) -> dict:
+    """The state of a PCG64 generator as a dict of Python ints: it survives
+    pickling, ``torch.save`` and ``torch.optim.Optimizer.load_state_dict`` (which
+    mangles strings nested in optimizer state)."""
+    state = gen.bit_generator.state
+    if state["bit_generator"] != "PCG64":
+        raise TypeError(f"only PCG64 generators can be saved, got {state['bit_generator']}")
+    return {"state": state["state"]["state"], "inc": state["state"]["inc"],
+            "has_uint32": state["has_uint32"], "uinteger": state["uinteger"]}
+
+
+def generator_from_state(state: dict) -> np.random.Generator:
+    """The generator saved by :func:`generator_state`."""
+    bit_generator = np.random.PCG64()
+    bit_generator.state = {"bit_generator": "PCG64",
+                           "state": {"state": int(state["state"]), "inc": int(state["inc"])},
+                           "has_uint32": int(state["has_uint32"]), "uinteger": int(state["uinteger"])}
+    return np.random.Generator(bit_generator)

@@ -1,0 +1,159 @@
+"""The framework-free optimizer (unitary_lr.optim) on every backend."""
+
+import numpy as np
+import pytest
+from _helpers import haar, random_matrix, tol, unitarity
+
+import unitary_lr as ul
+from unitary_lr.optim import ProjUNN, make_rule
+
+N = 16
+BASES = [
+    ("sgd", {"momentum": 0.9, "nesterov": True}),
+    ("rmsprop", {"alpha": 0.9, "centered": True, "momentum": 0.5}),
+    ("adam", {"betas": (0.8, 0.99)}),
+]
+
+
+@pytest.mark.parametrize(("base", "hyper"), BASES, ids=[b for b, _ in BASES])
+@pytest.mark.parametrize("variant", ["tangent", "direct"])
+def test_unitary_parameter_stays_unitary(backend, dtype, rng, base, hyper, variant):
+    W = backend.asarray(haar(rng, N, dtype, (2,)))
+    opt = ProjUNN(1e-2, base=base, rank=2, variant=variant, seed=0, **hyper)
+    for G in random_matrix(rng, (30, 2, N, N), dtype):
+        W = opt.step(W, backend.asarray(G))
+    assert W.dtype == backend.dtype(dtype)
+    bound = 1e-12 if dtype in ("float64", "complex128") else ul.diagnostics.default_drift_tolerance(dtype)
+    assert np.all(unitarity(backend.to_numpy(W)) < bound)
+    assert opt.steps == 30
+
+
+@pytest.mark.parametrize(("base", "hyper"), [*BASES, ("rmsprop", {"weight_decay": 0.1}), ("sgd", {"dampening": 0.3, "momentum": 0.5})])
+def test_plain_parameters_update_like_torch_optim(base, hyper, rng):
+    """unitary=False is the base rule itself: compared with torch.optim (an
+    independent implementation) on NumPy arrays."""
+    torch = pytest.importorskip("torch")
+    W = rng.standard_normal((5, 7))
+    reference = torch.nn.Parameter(torch.asarray(W.copy()))
+    torch_opt = {"sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop, "adam": torch.optim.Adam}[base]([reference], lr=0.01, **hyper)
+    opt = ProjUNN(0.01, base=base, unitary=False, **hyper)
+    for G in rng.standard_normal((25, 5, 7)):
+        W = opt.step(W, G)
+        reference.grad = torch.asarray(G)
+        torch_opt.step()
+    np.testing.assert_allclose(W, reference.detach().numpy(), rtol=1e-13, atol=1e-15)
+
+
+def test_resume_from_state_dict_repeats_the_uninterrupted_run(backend, rng):
+    dtype = "complex128" if backend.has_float64 else "complex64"
+    W0 = backend.asarray(haar(rng, N, dtype))
+    gradients = [backend.asarray(G) for G in random_matrix(rng, (12, N, N), dtype)]
+    straight = ProjUNN(1e-2, base="adam", rank=3, seed=5)
+    W = W0
+    for G in gradients:
+        W = straight.step(W, G)
+    first = ProjUNN(1e-2, base="adam", rank=3, seed=5)
+    V = W0
+    for G in gradients[:5]:
+        V = first.step(V, G)
+    saved = first.state_dict()
+    first.step(V, gradients[5])  # the saved state must not move with the live one
+    resumed = ProjUNN(1e-2, base="adam", rank=3, seed=99)
+    resumed.load_state_dict(saved)
+    for G in gradients[5:]:
+        V = resumed.step(V, G)
+    np.testing.assert_array_equal(backend.to_numpy(V), backend.to_numpy(W))
+
+
+def test_factor_gradient_goes_straight_to_the_step(rng):
+    """With a stateless rule the pair (a, b) is not formed into an n x n matrix,
+    and the step equals the one for the dense a b^H with the same seed."""
+    W = haar(rng, N, "complex128")
+    a, b = random_matrix(rng, (2, N, 6), "complex128")
+    from_factors = ProjUNN(0.1, base="sgd", rank=2, seed=3).step(W, (a, b))
+    dense = ProjUNN(0.1, base="sgd", rank=2, seed=3).step(W, a @ b.conj().T)
+    np.testing.assert_allclose(from_factors, dense, atol=1e-13)
+    with_state = ProjUNN(0.1, base="rmsprop", rank=2, seed=3)
+    assert with_state.step(W, (a, b)).shape == (N, N)  # formed: the rule keeps dense moments
+    assert with_state.state["square_avg"].shape == (N, N)
+
+
+def test_complex_second_moment_is_the_modulus():
+    """|g|^2, not g^2 (whose phase would make the moment complex and the step wrong)."""
+    import array_api_compat
+
+    g = np.array([[3 + 4j, 1j]])
+    xp = array_api_compat.array_namespace(g)
+    rule = make_rule("rmsprop", alpha=0.0, eps=0.0)
+    direction, state = rule.direction(xp, g, g, rule.init(xp, g))
+    np.testing.assert_allclose(state["square_avg"], [[25.0, 1.0]])
+    assert state["square_avg"].dtype == np.float64
+    np.testing.assert_allclose(direction, g / np.abs(g))
+
+
+def test_drift_control_reprojects(rng):
+    """A W that has drifted off the group is brought back at the next check;
+    the default thresholds do not fire on healthy float64 training."""
+    W = haar(rng, N, "float64") + 1e-6 * rng.standard_normal((N, N))
+    opt = ProjUNN(1e-3, base="sgd", rank=1, drift_check_every=2, seed=0)
+    G = rng.standard_normal((N, N))
+    W = opt.step(W, G)
+    assert unitarity(W) > 1e-7 and opt.reprojections == 0  # step 1: no check
+    W = opt.step(W, G)
+    assert unitarity(W) < 1e-14 and opt.reprojections == 1
+    for _ in range(20):
+        W = opt.step(W, G)
+    assert opt.reprojections == 1
+
+
+@pytest.mark.slow
+def test_float32_training_stays_within_the_drift_tolerance(rng):
+    """Rounding drift in float32 grows like sqrt(steps) * eps; drift control keeps
+    it under the tolerance (a tight one here, so that it has to act)."""
+    W = haar(rng, 48, "float32")
+    tolerance = 1e-6
+    opt = ProjUNN(1e-2, base="sgd", rank=2, drift_tol=tolerance, drift_check_every=25, seed=0)
+    worst = 0.0
+    for step in range(3000):
+        W = opt.step(W, rng.standard_normal((48, 48)).astype(np.float32))
+        if step % 25 == 24:
+            worst = max(worst, float(unitarity(W)))
+    assert opt.reprojections > 0
+    assert worst < 3 * tolerance  # the estimate is within a factor ~2 of the truth
+
+
+def test_errors_leave_everything_unchanged(rng):
+    W = haar(rng, N, "float64")
+    opt = ProjUNN(1e-2, base="adam", rank=2, seed=0)
+    W1 = opt.step(W, rng.standard_normal((N, N)))
+    before = {k: (v.copy() if hasattr(v, "copy") else v) for k, v in opt.state.items()}
+    bad = rng.standard_normal((N, N))
+    bad[1, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        opt.step(W1, bad)
+    assert opt.steps == 1
+    for key, value in before.items():
+        np.testing.assert_array_equal(opt.state[key], value)
+    with pytest.raises(ValueError, match=r"G must have the shape of W \(16, 16\), got \(16, 15\)"):
+        opt.step(W1, bad[:, :-1])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"lr": -1e-3}, ValueError, r"lr must be >= 0, got -0.001"),
+        ({"lr": 1e-3, "base": "adagrad"}, ValueError, r"base must be one of 'sgd', 'rmsprop', 'adam', got 'adagrad'"),
+        ({"lr": 1e-3, "base": "adam", "momentum": 0.9}, TypeError, r"base='adam' takes the hyper-parameters betas, eps, weight_decay; got 'momentum'"),
+        ({"lr": 1e-3, "base": "sgd", "nesterov": True}, ValueError, r"nesterov needs momentum > 0 and dampening = 0"),
+        ({"lr": 1e-3, "base": "adam", "betas": (0.9, 1.0)}, ValueError, r"betas must be two numbers in \[0, 1\), got \(0.9, 1.0\)"),
+        ({"lr": 1e-3, "base": "rmsprop", "alpha": 1.5}, ValueError, r"alpha must be in \[0, 1\), got 1.5"),
+        ({"lr": 1e-3, "base": "rmsprop", "eps": -1.0}, ValueError, r"eps must be a finite number >= 0, got -1.0"),
+        ({"lr": 1e-3, "variant": "cayley"}, ValueError, r"variant must be one of 'tangent', 'direct', got 'cayley'"),
+        ({"lr": 1e-3, "drift_tol": 0.0}, ValueError, r"drift_tol must be > 0 or None, got 0.0"),
+        ({"lr": 1e-3, "reproject": "qr"}, ValueError, r"reproject must be one of 'svd', 'newton_schulz', got 'qr'"),
+        ({"lr": 1e-3, "unitary": "yes"}, TypeError, r"unitary must be True or False, got 'yes'"),
+    ],
+)
+def test_bad_settings(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ProjUNN(**kwargs)

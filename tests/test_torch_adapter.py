@@ -1,0 +1,299 @@
+"""unitary_lr.torch: the ProjUNN optimizer and the unitary layers."""
+
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="PyTorch is not installed")
+
+import unitary_lr as ul  # noqa: E402
+from unitary_lr.torch import ModReLU, ProjUNN, UnitaryRNN, is_unitary, unitary_parameter  # noqa: E402
+
+REFERENCE = {"sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop, "adam": torch.optim.Adam}
+SETTINGS = [
+    ("sgd", {"momentum": 0.9, "nesterov": True, "weight_decay": 1e-2}),
+    ("rmsprop", {"alpha": 0.9, "centered": True, "momentum": 0.3, "weight_decay": 1e-2}),
+    ("adam", {"betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 1e-2}),
+]
+
+
+def error(W):
+    W = W.detach().to(torch.complex128)
+    n = W.shape[-1]
+    return float((torch.linalg.matrix_norm(W.mH @ W - torch.eye(n, dtype=W.dtype)) / math.sqrt(n)).max())
+
+
+def seeded(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize(("base", "hyper"), SETTINGS, ids=[s[0] for s in SETTINGS])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_mixed_model_unitary_stays_unitary_and_others_match_torch_optim(base, hyper, dtype):
+    """One optimizer for a whole model: the unitary matrix stays unitary and the
+    other parameters (real and complex) move exactly as torch.optim moves them."""
+    W = unitary_parameter(12, dtype=dtype, batch_shape=(2,), generator=seeded())
+    V = torch.nn.Parameter(torch.randn(12, 5, dtype=dtype, generator=seeded(1)))
+    c = torch.nn.Parameter(torch.randn(12, dtype=torch.float64, generator=seeded(2)))
+    V_ref, c_ref = (torch.nn.Parameter(p.detach().clone()) for p in (V, c))
+    opt = ProjUNN([W, V, c], lr=1e-2, base=base, rank=2, seed=0, **hyper)
+    assert [g["unitary"] for g in opt.param_groups] == [False, True]
+    reference = REFERENCE[base]([V_ref, c_ref], lr=1e-2, **hyper)
+    data = seeded(3)
+
+    def loss(W, V, c):
+        return (W @ V @ x).abs().square().sum() + ((c - x.real.mean()) ** 2).sum()
+
+    # Fresh data every step: with a constant gradient centered RMSprop's
+    # sqrt(v - g_avg^2) cancels, and rounding differences would dominate.
+    for _ in range(40):
+        x = torch.randn(5, 7, dtype=dtype, generator=data)
+        opt.zero_grad()
+        reference.zero_grad()
+        loss(W.detach().clone(), V_ref, c_ref).backward()  # both at the same W
+        loss(W, V, c).backward()
+        opt.step()
+        reference.step()
+    assert error(W) < 1e-12
+    torch.testing.assert_close(V.detach(), V_ref.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(c.detach(), c_ref.detach(), rtol=1e-12, atol=1e-14)
+
+
+def test_unitary_step_is_the_core_projunn_step():
+    """A plain SGD step of a unitary parameter is projunn_step on the gradient,
+    with the parameter's own random stream [seed, group, index]."""
+    W = unitary_parameter(10, dtype=torch.complex128, generator=seeded())
+    W0 = W.detach().clone()
+    opt = ProjUNN([{"params": [W], "unitary": True}], lr=0.05, base="sgd", rank=3, variant="direct", seed=7)
+    (W.real ** 2).sum().backward()
+    grad = W.grad.clone()
+    opt.step()
+    expected = ul.projunn_step(W0, grad, lr=0.05, rank=3, variant="direct", rng=np.random.default_rng([7, 0, 0]))
+    torch.testing.assert_close(W.detach(), expected, rtol=0, atol=1e-15)
+
+
+def test_per_group_settings():
+    """lr, rank, variant and base are per group (the reference code applied one
+    group's settings to all)."""
+    A = unitary_parameter(12, dtype=torch.float64, generator=seeded(1))
+    B = unitary_parameter(12, dtype=torch.float64, generator=seeded(2))
+    A0, B0 = A.detach().clone(), B.detach().clone()
+    opt = ProjUNN([{"params": [A], "rank": 1, "lr": 0.1, "variant": "tangent"},
+                   {"params": [B], "rank": 4, "lr": 0.01, "base": "sgd", "variant": "direct"}],
+                  lr=1.0, base="rmsprop", seed=3)
+    G = torch.randn(12, 12, dtype=torch.float64, generator=seeded(4))
+    A.grad, B.grad = G.clone(), G.clone()
+    opt.step()
+    # the generator of the update A0 -> A has rank 2 * 1, that of B0 -> B rank <= 2 * 4
+    rank_A = torch.linalg.matrix_rank(A.detach() @ A0.T - torch.eye(12), atol=1e-10)
+    rank_B = torch.linalg.matrix_rank(B.detach() @ B0.T - torch.eye(12), atol=1e-10)
+    assert rank_A == 2 and 2 < rank_B <= 8
+    expected_B = ul.projunn_step(B0, G, lr=0.01, rank=4, variant="direct", rng=np.random.default_rng([3, 1, 0]))
+    torch.testing.assert_close(B.detach(), expected_B, rtol=0, atol=1e-14)
+    assert "square_avg" in opt.state[A] and "square_avg" not in opt.state[B]
+
+
+def test_float32_unitary_parameter_within_drift_tolerance():
+    W = unitary_parameter(32, dtype=torch.float32, generator=seeded())
+    opt = ProjUNN([W], lr=1e-2, base="adam", rank=2, seed=0)
+    g = seeded(1)
+    for _ in range(200):
+        W.grad = torch.randn(32, 32, generator=g)
+        opt.step()
+    assert error(W) < ul.diagnostics.default_drift_tolerance("float32")
+
+
+def test_closure_and_skipped_parameters():
+    W = unitary_parameter(6, dtype=torch.float64, generator=seeded())
+    unused = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = ProjUNN([{"params": [W], "unitary": True}, {"params": [unused]}], lr=0.1, seed=0)
+
+    returned = []
+
+    def closure():
+        opt.zero_grad()
+        loss = W.sum() ** 2
+        loss.backward()
+        returned.append(loss)
+        return loss
+
+    before = W.detach().clone()
+    loss = opt.step(closure)
+    assert loss is returned[0] and len(returned) == 1  # evaluated once, before the step
+    assert not torch.equal(W.detach(), before)
+    assert unused.grad is None and torch.equal(unused.detach(), torch.ones(3, dtype=torch.float64))
+    assert unused not in opt.state
+
+
+def test_state_dict_resume_repeats_the_uninterrupted_run(tmp_path):
+    def build():
+        rnn = UnitaryRNN(3, 10, complex=True, dtype=torch.float64, generator=seeded(0))
+        return rnn, ProjUNN(rnn.parameters(), lr=1e-2, base="adam", rank=2, seed=11)
+
+    def train(rnn, opt, steps, start):
+        for step in range(start, start + steps):
+            x = torch.randn(6, 4, 3, dtype=torch.float64, generator=seeded(100 + step))
+            opt.zero_grad()
+            rnn(x)[0].abs().mean().backward()
+            opt.step()
+
+    rnn, opt = build()
+    train(rnn, opt, 10, 0)
+    straight = {k: v.clone() for k, v in rnn.state_dict().items()}
+    rnn, opt = build()
+    train(rnn, opt, 4, 0)
+    torch.save({"model": rnn.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "checkpoint.pt")
+    rnn, opt = build()
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    rnn.load_state_dict(checkpoint["model"])
+    opt.load_state_dict(checkpoint["optimizer"])
+    train(rnn, opt, 6, 4)
+    for key, value in rnn.state_dict().items():
+        assert torch.equal(value, straight[key]), key
+
+
+def test_bad_parameters_and_settings():
+    square = unitary_parameter(4, dtype=torch.float64)
+    rect = torch.nn.Parameter(torch.zeros(4, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"unitary parameter param_groups\[0\]\['params'\]\[0\] must be a square matrix .* got shape \(4, 3\)"):
+        ProjUNN([{"params": [rect], "unitary": True}])
+    model = torch.nn.Linear(3, 4)
+    with pytest.raises(ValueError, match=r"unitary parameter weight must be a square matrix .* got shape \(4, 3\)"):
+        ProjUNN([{"params": list(model.named_parameters())[:1] and [model.weight], "param_names": ["weight"], "unitary": True}])
+    with pytest.raises(ValueError, match=r"rank 5 exceeds the size n = 4 of unitary parameter"):
+        ProjUNN([square], rank=5)
+    with pytest.raises(ValueError, match=r"ProjUNN: lr must be a finite number >= 0, got -0.1"):
+        ProjUNN([square], lr=-0.1)
+    with pytest.raises(ValueError, match=r"ProjUNN: base must be one of 'sgd', 'rmsprop', 'adam', got 'lion'"):
+        ProjUNN([square], base="lion")
+    with pytest.raises(ValueError, match=r"param group 1: variant must be one of 'tangent', 'direct', got 'cayley'"):
+        ProjUNN([{"params": [rect]}, {"params": [square], "variant": "cayley"}])
+    with pytest.raises(ValueError, match=r"param group 0 mixes unitary parameters .* with others"):
+        ProjUNN([{"params": [square, rect]}])
+    with pytest.raises(TypeError, match=r"unitary parameter .* has dtype torch.float16"):
+        ProjUNN([{"params": [torch.nn.Parameter(torch.eye(3, dtype=torch.float16))], "unitary": True}])
+
+
+def test_nan_gradient_changes_nothing():
+    W = unitary_parameter(6, dtype=torch.float64, generator=seeded())
+    b = torch.nn.Parameter(torch.ones(6, dtype=torch.float64))
+    opt = ProjUNN(list(zip(["W", "b"], [W, b])), lr=0.1, base="adam", seed=0)
+    W.grad, b.grad = torch.ones(6, 6, dtype=torch.float64), torch.ones(6, dtype=torch.float64)
+    opt.step()
+    saved_W, saved_b = W.detach().clone(), b.detach().clone()
+    saved_state = {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[b].items()}
+    W.grad = torch.ones(6, 6, dtype=torch.float64)
+    b.grad = torch.tensor([1.0, 2, 3, float("inf"), 5, 6], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"the gradient of b \(shape \(6,\)\) contains NaN or Inf; no parameter was changed"):
+        opt.step()
+    assert torch.equal(W.detach(), saved_W) and torch.equal(b.detach(), saved_b)
+    for key, value in saved_state.items():
+        assert torch.equal(torch.as_tensor(opt.state[b][key]), torch.as_tensor(value))
+
+
+# ------------------------------------------------------------------- layers
+
+
+def test_unitary_parameter_inits():
+    for dtype in (torch.float32, torch.float64, torch.complex64, torch.complex128):
+        for init in ("haar", "identity", "henaff"):
+            W = unitary_parameter(7, init=init, dtype=dtype, batch_shape=(2,), generator=seeded())
+            assert isinstance(W, torch.nn.Parameter) and is_unitary(W) and W.dtype == dtype
+            assert tuple(W.shape) == (2, 7, 7)
+            assert error(W) < (1e-6 if dtype in (torch.float32, torch.complex64) else 1e-14)
+    assert torch.equal(unitary_parameter(3, init="identity").detach(), torch.eye(3))
+    henaff = unitary_parameter(5, init="henaff", dtype=torch.float64, generator=seeded()).detach()
+    assert torch.all(henaff[4, :4] == 0) and henaff[4, 4] == 1  # 2 x 2 blocks, then a 1
+    assert torch.all(henaff[0, 2:] == 0) and torch.all(henaff[2:, 0] == 0)
+    with pytest.raises(ValueError, match=r"init must be one of 'haar', 'identity', 'henaff', got 'random'"):
+        unitary_parameter(3, init="random")
+    with pytest.raises(ValueError, match=r"a unitary parameter must be \(..., n, n\), got shape \(2, 3\)"):
+        unitary_parameter(torch.zeros(2, 3))
+
+
+def test_modrelu_matches_its_formula_and_is_safe_at_zero():
+    act = ModReLU(4, dtype=torch.float64)
+    with torch.no_grad():
+        act.bias.copy_(torch.tensor([-0.5, 0.2, 0.0, -2.0]))
+    z = torch.tensor([[1 + 1j, -3j, 0j, 0.5]], dtype=torch.complex128, requires_grad=True)
+    out = act(z)
+    expected = [(1 + 1j) / math.sqrt(2) * (math.sqrt(2) - 0.5), -3j / 3 * 3.2, 0, 0]
+    torch.testing.assert_close(out.detach(), torch.tensor([expected], dtype=torch.complex128))
+    out.abs().sum().backward()
+    assert torch.all(torch.isfinite(z.grad)) and torch.all(torch.isfinite(act.bias.grad))
+    real = act(torch.tensor([[-2.0, 1.0, 0.0, 3.0]], dtype=torch.float64))
+    torch.testing.assert_close(real, torch.tensor([[-1.5, 1.2, 0.0, 1.0]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("complex_", [False, True])
+@pytest.mark.parametrize("nonlinearity", ["modrelu", "relu", "tanh"])
+def test_rnn_matches_a_hand_written_loop(complex_, nonlinearity):
+    rnn = UnitaryRNN(3, 8, complex=complex_, nonlinearity=nonlinearity, dtype=torch.float64, generator=seeded())
+    if rnn.bias is not None:
+        with torch.no_grad():
+            rnn.bias.normal_(generator=seeded(5))
+    x = torch.randn(11, 2, 3, dtype=torch.float64, generator=seeded(1))
+    h0 = torch.randn(2, 8, dtype=rnn.weight_hh.dtype, generator=seeded(2))
+    out, h = rnn(x, h0)
+    activation = {"relu": torch.relu, "tanh": torch.tanh}.get(nonlinearity)
+    state = h0
+    for t in range(11):
+        pre = rnn.weight_hh @ state.T + rnn.weight_ih @ x[t].T.to(rnn.weight_ih.dtype)
+        pre = pre.T + (rnn.bias if rnn.bias is not None else 0)
+        if nonlinearity == "modrelu":
+            state = rnn.activation(pre)
+        elif complex_:
+            state = torch.complex(activation(pre.real), activation(pre.imag))
+        else:
+            state = activation(pre)
+        torch.testing.assert_close(out[t], state)
+    torch.testing.assert_close(h, state)
+    batch_first, _ = UnitaryRNN(3, 8, complex=complex_, nonlinearity=nonlinearity, dtype=torch.float64,
+                                batch_first=True, generator=seeded())(x.transpose(0, 1), h0)
+    if rnn.bias is None:
+        torch.testing.assert_close(batch_first.transpose(0, 1), out)
+    single, last = rnn(x[:, 0], h0[0])
+    torch.testing.assert_close(single, out[:, 0])
+
+
+def test_rnn_bad_input():
+    rnn = UnitaryRNN(3, 8)
+    with pytest.raises(ValueError, match=r"input must be \(T, B, 3\), .* got shape \(5, 2, 4\)"):
+        rnn(torch.zeros(5, 2, 4))
+    with pytest.raises(ValueError, match=r"h0 must have shape \(2, 8\), got \(3, 8\)"):
+        rnn(torch.zeros(5, 2, 3), torch.zeros(3, 8))
+    with pytest.raises(ValueError, match=r"nonlinearity must be 'modrelu', 'relu' or 'tanh', got 'gelu'"):
+        UnitaryRNN(3, 8, nonlinearity="gelu")
+    with pytest.raises(TypeError, match=r"dtype must be torch.float32 or torch.float64 .* got torch.complex64"):
+        UnitaryRNN(3, 8, dtype=torch.complex64)
+
+
+@pytest.mark.slow
+def test_rnn_learns_the_copy_task_below_the_memoryless_baseline():
+    """Copy task with delay T = 20: K = 10 symbols of 8, recalled after a marker.
+    The memoryless baseline is K log(8) / (T + 2K) = 0.52 nats per step."""
+    T, K, batch = 20, 10, 64
+    torch.manual_seed(0)
+    rnn = UnitaryRNN(10, 64, batch_first=True, init="henaff", generator=seeded())
+    readout = torch.nn.Linear(64, 9)
+    opt = ProjUNN([{"params": [rnn.weight_hh], "unitary": True, "lr": 2e-3 / 32},
+                   {"params": [rnn.weight_ih, *rnn.activation.parameters(), *readout.parameters()]}],
+                  lr=2e-3, base="rmsprop", rank=1, seed=0)
+    data = seeded(1)
+    losses = []
+    for _ in range(150):
+        symbols = torch.randint(1, 9, (batch, K), generator=data)
+        x = torch.zeros(batch, T + 2 * K, dtype=torch.long)
+        x[:, :K], x[:, T + K - 1] = symbols, 9
+        y = torch.zeros(batch, T + 2 * K, dtype=torch.long)
+        y[:, T + K:] = symbols
+        out, _ = rnn(torch.nn.functional.one_hot(x, 10).float())
+        loss = torch.nn.functional.cross_entropy(readout(out).reshape(-1, 9), y.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    baseline = K * math.log(8) / (T + 2 * K)
+    assert np.mean(losses[-10:]) < 0.3 * baseline
+    assert error(rnn.weight_hh) < ul.diagnostics.default_drift_tolerance("float32")

@@ -1,0 +1,381 @@
+"""Framework-free projUNN optimizer (floor 5).
+
+The pieces every adapter shares:
+
+* base rules (:class:`SGD`, :class:`RMSprop`, :class:`Adam`) that turn a
+  gradient into a Euclidean step direction D, the plain update being
+  ``W - lr * D``. They follow ``torch.optim``'s definitions (the projUNN
+  reference is a PyTorch code) and are pure functions of arrays: no in-place
+  writes, so the same code serves PyTorch tensors, JAX arrays and NumPy arrays;
+* :func:`unitary_update`: for a unitary parameter, D is sketched to rank k and
+  applied with a projUNN step, and every ``drift_check_every`` steps a cheap
+  estimate of ``||W^H W - I||`` triggers a dense re-projection;
+* :class:`ProjUNN`: an optimizer object for NumPy/CuPy (or any Array API)
+  training loops, ``W = opt.step(W, G)``.
+
+The torch and optax adapters are thin shells over these.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+
+from ._random import as_generator, generator_from_state, generator_state
+from ._validation import check_choice, check_int, check_real_scalar, namespace_of
+from ._xp import complex_dtype, dtype_name, is_complex, mH
+from .diagnostics import default_drift_tolerance, unitarity_estimate
+from .polar import project_unitary
+from .steps import STEP_OVERSAMPLE, STEP_POWER_ITERS, VARIANTS, projunn_step
+
+__all__ = ["SGD", "Adam", "ProjUNN", "RMSprop", "make_rule", "unitary_update"]
+
+# How the second moment of a complex gradient is formed. "modulus": |g|^2 per
+# entry, a real state; invariant to the phase of each entry, and what a unitary
+# parameter gets. "components": torch.optim's treatment of a complex parameter
+# as a pair of real ones, (Re g)^2 + i (Im g)^2 in a complex state; what the
+# torch adapter gives ordinary complex parameters, to match torch.optim exactly.
+COMPLEX_MODES = ("modulus", "components")
+
+
+def _complex(xp, re, im):
+    ctype = complex_dtype(xp, re.dtype)
+    return xp.astype(re, ctype) + xp.astype(im, ctype) * 1j
+
+
+def _componentwise(xp, x, mode):
+    return mode == "components" and is_complex(xp, x.dtype)
+
+
+def _square(xp, g, mode):
+    if not is_complex(xp, g.dtype):
+        return g * g
+    if mode == "modulus":
+        return xp.real(g * xp.conj(g))
+    re, im = xp.real(g), xp.imag(g)
+    return _complex(xp, re * re, im * im)
+
+
+def _second_moment_zeros(xp, param, mode):
+    if is_complex(xp, param.dtype) and mode == "modulus":
+        return xp.zeros_like(xp.real(param))
+    return xp.zeros_like(param)
+
+
+def _root_plus(xp, v, scale, eps, mode):
+    """sqrt(v) / scale + eps, per component for a "components" complex state."""
+    if _componentwise(xp, v, mode):
+        return _complex(xp, xp.sqrt(xp.real(v)) / scale + eps, xp.sqrt(xp.imag(v)) / scale + eps)
+    return xp.sqrt(v) / scale + eps
+
+
+def _divide(xp, g, denominator, mode):
+    if _componentwise(xp, denominator, mode):
+        return _complex(xp, xp.real(g) / xp.real(denominator), xp.imag(g) / xp.imag(denominator))
+    return g / denominator
+
+
+def _decayed(grad, param, weight_decay, apply):
+    return grad + weight_decay * param if apply and weight_decay != 0 else grad
+
+
+@dataclass(frozen=True)
+class SGD:
+    """Stochastic gradient descent with momentum, as ``torch.optim.SGD``."""
+
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+
+    def __post_init__(self):
+        _non_negative(self, "momentum", "dampening", "weight_decay")
+        if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
+            raise ValueError(
+                f"nesterov needs momentum > 0 and dampening = 0, got momentum={self.momentum!r}, "
+                f"dampening={self.dampening!r}"
+            )
+
+    @property
+    def stateless(self):
+        return self.momentum == 0
+
+    def init(self, xp, param, mode="modulus"):
+        return {}
+
+    def direction(self, xp, grad, param, state, *, mode="modulus", weight_decay=True):
+        """(D, new state): the plain update is ``param - lr * D``."""
+        g = _decayed(grad, param, self.weight_decay, weight_decay)
+        if self.momentum == 0:
+            return g, state
+        buffer = state.get("momentum_buffer")
+        # the first buffer is a copy: a gradient zeroed in place must not reset it
+        buffer = xp.asarray(g, copy=True) if buffer is None else self.momentum * buffer + (1 - self.dampening) * g
+        d = g + self.momentum * buffer if self.nesterov else buffer
+        return d, {**state, "momentum_buffer": buffer}
+
+
+@dataclass(frozen=True)
+class RMSprop:
+    """RMSprop, as ``torch.optim.RMSprop`` (eps added after the square root)."""
+
+    alpha: float = 0.99
+    eps: float = 1e-8
+    centered: bool = False
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+    def __post_init__(self):
+        _non_negative(self, "eps", "momentum", "weight_decay")
+        if not 0 <= self.alpha < 1:
+            raise ValueError(f"alpha must be in [0, 1), got {self.alpha!r}")
+
+    stateless = False
+
+    def init(self, xp, param, mode="modulus"):
+        state = {"square_avg": _second_moment_zeros(xp, param, mode)}
+        if self.centered:
+            state["grad_avg"] = xp.zeros_like(param)
+        if self.momentum > 0:
+            state["momentum_buffer"] = xp.zeros_like(param)
+        return state
+
+    def direction(self, xp, grad, param, state, *, mode="modulus", weight_decay=True):
+        g = _decayed(grad, param, self.weight_decay, weight_decay)
+        square_avg = self.alpha * state["square_avg"] + (1 - self.alpha) * _square(xp, g, mode)
+        new = {**state, "square_avg": square_avg}
+        if self.centered:
+            grad_avg = state["grad_avg"] + (1 - self.alpha) * (g - state["grad_avg"])
+            new["grad_avg"] = grad_avg
+            denominator = _root_plus(xp, square_avg - _square(xp, grad_avg, mode), 1.0, self.eps, mode)
+        else:
+            denominator = _root_plus(xp, square_avg, 1.0, self.eps, mode)
+        d = _divide(xp, g, denominator, mode)
+        if self.momentum > 0:
+            d = self.momentum * state["momentum_buffer"] + d
+            new["momentum_buffer"] = d
+        return d, new
+
+
+@dataclass(frozen=True)
+class Adam:
+    """Adam with L2 weight decay, as ``torch.optim.Adam``."""
+
+    betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+    def __post_init__(self):
+        _non_negative(self, "eps", "weight_decay")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+
+    stateless = False
+
+    def init(self, xp, param, mode="modulus"):
+        return {"step": 0, "exp_avg": xp.zeros_like(param), "exp_avg_sq": _second_moment_zeros(xp, param, mode)}
+
+    def direction(self, xp, grad, param, state, *, mode="modulus", weight_decay=True):
+        beta1, beta2 = self.betas
+        g = _decayed(grad, param, self.weight_decay, weight_decay)
+        step = state["step"] + 1
+        exp_avg = state["exp_avg"] + (1 - beta1) * (g - state["exp_avg"])
+        exp_avg_sq = beta2 * state["exp_avg_sq"] + (1 - beta2) * _square(xp, g, mode)
+        denominator = _root_plus(xp, exp_avg_sq, math.sqrt(1 - beta2**step), self.eps, mode)
+        d = _divide(xp, exp_avg, denominator, mode) / (1 - beta1**step)
+        return d, {**state, "step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+
+
+def _non_negative(rule, *names):
+    for name in names:
+        value = getattr(rule, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+RULES = {"sgd": SGD, "rmsprop": RMSprop, "adam": Adam}
+
+
+def make_rule(base, **hyperparameters):
+    """The base rule named ``base`` ("sgd", "rmsprop" or "adam") with its
+    hyper-parameters; unknown names are a TypeError that lists the valid ones."""
+    check_choice("base", base, tuple(RULES))
+    rule = RULES[base]
+    valid = {f.name for f in fields(rule)}
+    unknown = sorted(set(hyperparameters) - valid)
+    if unknown:
+        raise TypeError(
+            f"base={base!r} takes the hyper-parameters {', '.join(sorted(valid))}; got {', '.join(map(repr, unknown))}"
+        )
+    if "betas" in hyperparameters:
+        hyperparameters["betas"] = tuple(hyperparameters["betas"])
+    return rule(**hyperparameters)
+
+
+def rule_options(base, options):
+    """The entries of ``options`` (for example a torch param group) that the
+    rule named ``base`` takes."""
+    valid = {f.name for f in fields(RULES[base])}
+    return {key: value for key, value in options.items() if key in valid}
+
+
+def unitary_update(
+    xp,
+    W,
+    direction,
+    *,
+    lr,
+    rank,
+    variant,
+    rng,
+    step,
+    oversample=STEP_OVERSAMPLE,
+    power_iters=STEP_POWER_ITERS,
+    drift_tol=None,
+    drift_check_every=50,
+    reproject="svd",
+):
+    """One projUNN step of a unitary parameter along ``-lr * direction``, with
+    drift control.
+
+    ``direction`` is a dense (..., n, n) array or a pair (a, b) meaning a b^H.
+    ``rank`` is capped at n. Every ``drift_check_every`` steps (0: never)
+    :func:`unitarity_estimate` measures the drift from the group and, above
+    ``drift_tol`` (None: :func:`default_drift_tolerance` of W's dtype), W is
+    re-projected with :func:`project_unitary` (``reproject`` = "svd" or
+    "newton_schulz"). Returns ``(new W, re-projected?)``.
+    """
+    if lr == 0:
+        return W, False
+    W = projunn_step(
+        W, direction, lr=lr, rank=min(rank, W.shape[-1]), variant=variant,
+        oversample=oversample, power_iters=power_iters, rng=rng,
+    )
+    if drift_check_every and step % drift_check_every == 0:
+        tolerance = default_drift_tolerance(dtype_name(xp, W.dtype)) if drift_tol is None else drift_tol
+        if float(xp.max(unitarity_estimate(W, rng=rng))) > tolerance:
+            return project_unitary(W, method=reproject), True
+    return W, False
+
+
+class ProjUNN:
+    r"""projUNN optimizer for training loops written with NumPy, CuPy or any
+    Array API library: ``W = opt.step(W, G)``.
+
+    Parameters
+    ----------
+    lr : float
+        Learning rate, >= 0.
+    base : {"rmsprop", "adam", "sgd"}, optional
+        The rule that turns gradients into a Euclidean step (preconditioned, as
+        in the projUNN paper), with ``torch.optim``'s definitions.
+    unitary : bool, optional
+        True: W is kept unitary (orthogonal if real) with projUNN steps.
+        False: the plain base-rule update ``W - lr * D`` (any shape).
+    rank, variant, oversample, power_iters
+        Options of :func:`unitary_lr.projunn_step`.
+    drift_tol : float or None, optional
+        Re-projection threshold for ``||W^H W - I||_F / sqrt(n)``; None: 1e-5
+        for 32-bit dtypes, 1e-12 for 64-bit ones.
+    drift_check_every : int, optional
+        Estimate the drift every this many steps (0: never).
+    reproject : {"svd", "newton_schulz"}, optional
+        Dense polar factor used to re-project.
+    seed : None or int, optional
+        Seed of the sketches' random stream (fresh entropy when None). The
+        stream is part of ``state_dict()``, so a resumed run repeats the steps
+        of an uninterrupted one.
+    **hyperparameters
+        Of the base rule: ``momentum, dampening, nesterov, weight_decay`` (sgd),
+        ``alpha, eps, centered, momentum, weight_decay`` (rmsprop),
+        ``betas, eps, weight_decay`` (adam). Weight decay does not apply to a
+        unitary W: the group is invariant to scaling.
+
+    Notes
+    -----
+    ``G`` may be a pair ``(a, b)`` meaning ``a @ b^H``. With a stateless rule
+    (SGD without momentum) the pair goes to the step as it is and no n x n
+    gradient is formed; a rule with state needs the dense gradient and forms it.
+    The second moment of a complex gradient is ``|g|^2`` per entry.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from unitary_lr import random_unitary, unitarity_error
+    >>> from unitary_lr.optim import ProjUNN
+    >>> W = random_unitary(32, dtype="complex128", rng=0)
+    >>> opt = ProjUNN(1e-2, base="adam", rank=2, seed=0)
+    >>> G = np.random.default_rng(1).standard_normal((32, 32)) + 0j
+    >>> for _ in range(10):
+    ...     W = opt.step(W, G)
+    >>> bool(unitarity_error(W) < 1e-13), opt.state_dict()["steps"]
+    (True, 10)
+    """
+
+    def __init__(self, lr, *, base="rmsprop", unitary=True, rank=1, variant="tangent",
+                 oversample=STEP_OVERSAMPLE, power_iters=STEP_POWER_ITERS, drift_tol=None,
+                 drift_check_every=50, reproject="svd", seed=None, **hyperparameters):
+        self.lr = check_real_scalar("lr", lr)
+        if self.lr < 0:
+            raise ValueError(f"lr must be >= 0, got {lr!r}")
+        self.rule = make_rule(base, **hyperparameters)
+        self.base = base
+        if not isinstance(unitary, bool):
+            raise TypeError(f"unitary must be True or False, got {unitary!r}")
+        self.unitary = unitary
+        self.rank = check_int("rank", rank, minimum=1)
+        self.variant = check_choice("variant", variant, VARIANTS)
+        self.oversample = check_int("oversample", oversample, minimum=0)
+        self.power_iters = check_int("power_iters", power_iters, minimum=0)
+        if drift_tol is not None and check_real_scalar("drift_tol", drift_tol) <= 0:
+            raise ValueError(f"drift_tol must be > 0 or None, got {drift_tol!r}")
+        self.drift_tol = drift_tol
+        self.drift_check_every = check_int("drift_check_every", drift_check_every, minimum=0)
+        self.reproject = check_choice("reproject", reproject, ("svd", "newton_schulz"))
+        self._rng = as_generator(None if seed is None else check_int("seed", seed, minimum=0))
+        self.steps = 0
+        self.reprojections = 0
+        self.state = None  # the base rule's arrays, made at the first step
+
+    def step(self, W, G, /):
+        """Return the updated W for gradient G (an array, or a pair (a, b) meaning
+        a b^H); W is not modified."""
+        factored = isinstance(G, tuple)
+        arrays = {"W": W, "G[0]": G[0], "G[1]": G[1]} if factored and len(G) == 2 else {"W": W, "G": G}
+        xp = namespace_of(**arrays)
+        if factored and not (self.unitary and self.rule.stateless):
+            G = G[0] @ mH(xp, G[1])  # the rule's state is dense: form the gradient
+            factored = False
+        if not factored and tuple(G.shape) != tuple(W.shape):
+            raise ValueError(f"G must have the shape of W {tuple(W.shape)}, got {tuple(G.shape)}")
+        if self.state is None:
+            self.state = self.rule.init(xp, W)
+        if factored:
+            direction, state = G, self.state
+        else:
+            direction, state = self.rule.direction(xp, G, W, self.state, weight_decay=not self.unitary)
+        if self.unitary:
+            new_W, reprojected = unitary_update(
+                xp, W, direction, lr=self.lr, rank=self.rank, variant=self.variant, rng=self._rng,
+                step=self.steps + 1, oversample=self.oversample, power_iters=self.power_iters,
+                drift_tol=self.drift_tol, drift_check_every=self.drift_check_every, reproject=self.reproject,
+            )
+            self.reprojections += reprojected
+        else:
+            new_W = W - self.lr * direction
+        # commit only once the step has succeeded: a bad gradient changes nothing
+        self.state, self.steps = state, self.steps + 1
+        return new_W
+
+    def state_dict(self):
+        """Everything a resumed run needs: the rule's arrays (as they are), the
+        step count and the state of the sketches' random stream."""
+        return {"steps": self.steps, "reprojections": self.reprojections, "state": self.state,
+                "rng": generator_state(self._rng)}
+
+    def load_state_dict(self, state_dict):
+        self._rng = generator_from_state(state_dict["rng"])
+        self.steps = int(state_dict["steps"])
+        self.reprojections = int(state_dict.get("reprojections", 0))
+        self.state = state_dict["state"]

@@ -1,0 +1,233 @@
+"""Unitary layers for PyTorch (floor 6): ``unitary_parameter``, ``ModReLU`` and
+``UnitaryRNN``."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..haar import random_unitary
+from .optimizer import mark_unitary
+
+__all__ = ["INITS", "ModReLU", "UnitaryRNN", "unitary_parameter"]
+
+INITS = ("haar", "identity", "henaff")
+_COMPLEX_OF = {torch.float32: torch.complex64, torch.float64: torch.complex128}
+
+
+def _seed(generator):
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64, generator=generator))
+
+
+def _henaff(n, *, dtype, device, generator):
+    """Block-diagonal 2 x 2 rotations with angles uniform in [-pi, pi] (Henaff,
+    Szlam and LeCun, 2016); a trailing 1 for odd n."""
+    angles = (torch.rand(n // 2, dtype=torch.float64, generator=generator) * 2 - 1) * math.pi
+    W = torch.eye(n, dtype=torch.float64)
+    index = torch.arange(0, 2 * (n // 2), 2)
+    W[index, index] = torch.cos(angles)
+    W[index + 1, index + 1] = torch.cos(angles)
+    W[index, index + 1] = -torch.sin(angles)
+    W[index + 1, index] = torch.sin(angles)
+    return W.to(dtype=dtype, device=device)
+
+
+def unitary_parameter(n_or_tensor, *, init="haar", batch_shape=(), dtype=None, device=None, generator=None):
+    r"""A ``torch.nn.Parameter`` marked unitary, so that :class:`ProjUNN` puts it
+    in a unitary group by itself.
+
+    Parameters
+    ----------
+    n_or_tensor : int or torch.Tensor
+        The size n of a new (..., n, n) parameter, or a tensor holding the
+        initial value (square matrices; used as it is).
+    init : {"haar", "identity", "henaff"}, optional
+        Initial value of a new parameter: Haar-random unitary (orthogonal if
+        real), the identity, or Henaff's block rotations with random angles.
+    batch_shape : tuple of int, optional
+        Leading axes of a new parameter (independent matrices).
+    dtype : torch.dtype, optional
+        float32/float64 (orthogonal) or complex64/complex128 (unitary);
+        torch's default dtype when omitted.
+    device : optional
+    generator : torch.Generator, optional
+        Source of the random initial values.
+
+    Returns
+    -------
+    torch.nn.Parameter
+
+    Raises
+    ------
+    ValueError
+        Unknown ``init``, n < 1, a tensor that is not (..., n, n).
+    TypeError
+        A dtype other than the four supported ones.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from unitary_lr.torch import unitary_parameter, is_unitary
+    >>> W = unitary_parameter(4, init="henaff", dtype=torch.float64)
+    >>> is_unitary(W), tuple(W.shape)
+    (True, (4, 4))
+    """
+    if isinstance(n_or_tensor, torch.Tensor):
+        shape = tuple(n_or_tensor.shape)
+        if len(shape) < 2 or shape[-1] != shape[-2]:
+            raise ValueError(f"a unitary parameter must be (..., n, n), got shape {shape}")
+        return mark_unitary(nn.Parameter(n_or_tensor.detach().clone()))
+    n = n_or_tensor
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    if init not in INITS:
+        raise ValueError(f"init must be one of {', '.join(map(repr, INITS))}, got {init!r}")
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    if dtype not in (torch.float32, torch.float64, torch.complex64, torch.complex128):
+        raise TypeError(f"dtype must be float32, float64, complex64 or complex128, got {dtype}")
+    device = torch.device("cpu") if device is None else torch.device(device)
+    batch_shape = tuple(batch_shape)
+    if init == "haar":
+        name = str(dtype).removeprefix("torch.")
+        value = random_unitary(n, dtype=name, batch_shape=batch_shape, rng=_seed(generator), xp=torch, device=device)
+    elif init == "identity":
+        value = torch.eye(n, dtype=dtype, device=device).expand(*batch_shape, n, n).clone()
+    else:
+        blocks = [_henaff(n, dtype=dtype, device=device, generator=generator) for _ in range(math.prod(batch_shape))]
+        value = torch.stack(blocks).reshape(*batch_shape, n, n)
+    return mark_unitary(nn.Parameter(value))
+
+
+class ModReLU(nn.Module):
+    r"""``modReLU(z) = z / |z| * relu(|z| + b)`` (Arjovsky, Shah and Bengio, 2016),
+    real or complex, with a learnable real bias b per feature; 0 at z = 0.
+
+    Parameters
+    ----------
+    features : int
+    dtype : real torch.dtype of the bias, optional
+    device : optional
+    generator : torch.Generator, optional
+        Source of the initial bias, uniform in [-0.01, 0.01].
+    """
+
+    def __init__(self, features, *, dtype=None, device=None, generator=None):
+        super().__init__()
+        bias = torch.empty(features, dtype=dtype, device=device).uniform_(-0.01, 0.01, generator=generator)
+        self.bias = nn.Parameter(bias)
+
+    def forward(self, z):
+        magnitude = torch.abs(z)
+        nonzero = magnitude > 0
+        # the inner where keeps z / |z| finite at z = 0, forward and backward
+        phase = z / torch.where(nonzero, magnitude, torch.ones_like(magnitude))
+        return torch.where(nonzero, phase * torch.relu(magnitude + self.bias), torch.zeros_like(z))
+
+
+class UnitaryRNN(nn.Module):
+    r"""Recurrent layer ``h_t = f(W h_{t-1} + V x_t + c)`` with a unitary
+    (complex) or orthogonal (real) recurrent matrix W.
+
+    Parameters
+    ----------
+    input_size, hidden_size : int
+    complex : bool, optional
+        Complex hidden state and unitary W (else real and orthogonal).
+    nonlinearity : {"modrelu", "relu", "tanh"}, optional
+        f; "relu" and "tanh" act on real and imaginary parts separately for a
+        complex state. modReLU has its own bias, the others use c.
+    init : {"henaff", "identity", "haar"}, optional
+        Initial W (see :func:`unitary_parameter`).
+    batch_first : bool, optional
+        Input and output as (batch, time, features) instead of (time, batch, features).
+    bias : bool, optional
+        Whether f's argument has a learnable bias c (relu/tanh) or modReLU a
+        learnable bias.
+    dtype : torch.float32 or torch.float64, optional
+        Real precision; a complex layer uses the matching complex dtype.
+    device : optional
+    generator : torch.Generator, optional
+        Source of the random initial values.
+
+    Notes
+    -----
+    ``forward(x, h0=None)`` takes (T, B, input_size) (or (B, T, ...) with
+    ``batch_first``, or (T, input_size) unbatched) and returns
+    ``(outputs, h_T)``: all hidden states (same layout) and the last one. The
+    input projection ``V x_t + c`` of all steps is one matrix product; the loop
+    then costs one fused ``addmm`` and the nonlinearity per step. The real and
+    complex dtypes of the input are cast to the layer's dtype.
+    ``weight_hh`` is marked unitary: give the module's parameters to
+    :class:`ProjUNN` and it is trained with projUNN steps.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from unitary_lr.torch import UnitaryRNN
+    >>> rnn = UnitaryRNN(3, 16, complex=True, generator=torch.Generator().manual_seed(0))
+    >>> out, h = rnn(torch.randn(20, 4, 3))
+    >>> tuple(out.shape), out.dtype
+    ((20, 4, 16), torch.complex64)
+    """
+
+    def __init__(self, input_size, hidden_size, *, complex=False, nonlinearity="modrelu", init="henaff",
+                 batch_first=False, bias=True, dtype=None, device=None, generator=None):
+        super().__init__()
+        for name, value in (("input_size", input_size), ("hidden_size", hidden_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if nonlinearity not in ("modrelu", "relu", "tanh"):
+            raise ValueError(f"nonlinearity must be 'modrelu', 'relu' or 'tanh', got {nonlinearity!r}")
+        real_dtype = torch.get_default_dtype() if dtype is None else dtype
+        if real_dtype not in _COMPLEX_OF:
+            raise TypeError(f"dtype must be torch.float32 or torch.float64 (the real precision), got {real_dtype}")
+        self.input_size, self.hidden_size = input_size, hidden_size
+        self.complex, self.nonlinearity, self.batch_first = complex, nonlinearity, batch_first
+        state_dtype = _COMPLEX_OF[real_dtype] if complex else real_dtype
+        self.weight_hh = unitary_parameter(hidden_size, init=init, dtype=state_dtype, device=device, generator=generator)
+        bound = 1 / math.sqrt(input_size)
+        weight_ih = torch.empty(hidden_size, input_size, dtype=real_dtype, device=device).uniform_(-bound, bound, generator=generator)
+        if complex:
+            imaginary = torch.empty_like(weight_ih).uniform_(-bound, bound, generator=generator)
+            weight_ih = torch.complex(weight_ih, imaginary) / math.sqrt(2)
+        self.weight_ih = nn.Parameter(weight_ih)
+        if nonlinearity == "modrelu":
+            self.activation = ModReLU(hidden_size, dtype=real_dtype, device=device, generator=generator)
+            if not bias:
+                self.activation.bias.requires_grad_(False).zero_()
+            self.bias = None
+        else:
+            self.activation = torch.relu if nonlinearity == "relu" else torch.tanh
+            self.bias = nn.Parameter(torch.zeros(hidden_size, dtype=state_dtype, device=device)) if bias else None
+            if complex:
+                function = self.activation
+                self.activation = lambda z: torch.complex(function(z.real), function(z.imag))
+
+    def forward(self, input, h0=None):
+        unbatched = input.dim() == 2
+        if input.dim() not in (2, 3) or input.shape[-1] != self.input_size:
+            raise ValueError(f"input must be (T, B, {self.input_size}), (B, T, {self.input_size}) with "
+                             f"batch_first, or (T, {self.input_size}); got shape {tuple(input.shape)}")
+        x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if self.batch_first else input)
+        x = x.to(self.weight_ih.dtype)
+        steps, batch = x.shape[0], x.shape[1]
+        projected = x @ self.weight_ih.T  # every step's input projection in one product
+        if self.bias is not None:
+            projected = projected + self.bias
+        if h0 is None:
+            h = torch.zeros(batch, self.hidden_size, dtype=self.weight_hh.dtype, device=x.device)
+        else:
+            h = (h0.unsqueeze(0) if unbatched else h0).to(self.weight_hh.dtype)
+            if tuple(h.shape) != (batch, self.hidden_size):
+                raise ValueError(f"h0 must have shape ({batch}, {self.hidden_size}), got {tuple(h0.shape)}")
+        recurrent = self.weight_hh.T
+        outputs = []
+        for t in range(steps):
+            h = self.activation(torch.addmm(projected[t], h, recurrent))
+            outputs.append(h)
+        output = torch.stack(outputs)
+        if unbatched:
+            return output.squeeze(1), h.squeeze(0)
+        return (output.transpose(0, 1) if self.batch_first else output), h

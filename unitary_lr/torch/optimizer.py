@@ -1,0 +1,256 @@
+"""``unitary_lr.torch.ProjUNN``: a ``torch.optim.Optimizer`` (floor 6).
+
+A thin shell over :mod:`unitary_lr.optim`: torch tensors go straight through
+array-api-compat to the same rules and kernels every backend uses, so GPU
+tensors stay on the GPU and nothing is copied to the host but the O(n k)
+random draws of the sketches.
+"""
+
+from __future__ import annotations
+
+import math
+
+import array_api_compat
+import numpy as np
+import torch
+
+from .._random import generator_from_state, generator_state
+from ..optim import RULES, make_rule, rule_options, unitary_update
+from ..steps import STEP_OVERSAMPLE, STEP_POWER_ITERS, VARIANTS
+
+__all__ = ["ProjUNN", "is_unitary", "mark_unitary"]
+
+_MARK = "_unitary_lr_unitary"
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.complex64, torch.complex128)
+
+
+def mark_unitary(param: torch.Tensor) -> torch.Tensor:
+    """Mark ``param`` as unitary: :class:`ProjUNN` puts it in a unitary group
+    when it receives parameters without explicit groups. Returns ``param``."""
+    setattr(param, _MARK, True)
+    return param
+
+
+def is_unitary(param: torch.Tensor) -> bool:
+    """Whether ``param`` was marked with :func:`mark_unitary` (or made by
+    :func:`unitary_parameter`)."""
+    return bool(getattr(param, _MARK, False))
+
+
+class ProjUNN(torch.optim.Optimizer):
+    r"""projUNN optimizer: unitary (orthogonal) matrices by rank-k projUNN steps,
+    every other parameter by the plain base rule, in one optimizer.
+
+    Parameters
+    ----------
+    params : iterable
+        Parameters, named parameters, or parameter groups (dicts). Given
+        parameters without groups, those marked unitary (see
+        :func:`unitary_parameter`, :func:`mark_unitary`) form a group with
+        ``unitary=True`` and the rest a plain group. In explicit groups set
+        ``"unitary": True``; by default a group is unitary when all its
+        parameters are marked.
+    lr : float, optional
+        Learning rate, >= 0 (per group).
+    base : {"rmsprop", "adam", "sgd"}, optional
+        The rule that forms the Euclidean step: ``torch.optim.RMSprop``,
+        ``Adam`` or ``SGD``, with their hyper-parameters below (per group). For
+        a unitary parameter the step (preconditioned, as in the paper) is
+        sketched to rank ``rank`` and applied with projUNN-T or projUNN-D.
+    rank : int, optional
+        Rank k of the unitary updates (per group).
+    variant : {"tangent", "direct"}, optional
+        projUNN-T or projUNN-D (per group).
+    momentum, dampening, nesterov, weight_decay, alpha, eps, centered, betas
+        Base-rule hyper-parameters, as in ``torch.optim`` (per group). Weight
+        decay does not apply to unitary parameters (the group is invariant to
+        scaling).
+    oversample, power_iters : int, optional
+        Sketch settings (see :func:`unitary_lr.projunn_step`).
+    drift_tol : float or None, optional
+        Re-projection threshold for ``||W^H W - I||_F / sqrt(n)`` (None: 1e-5
+        for 32-bit dtypes, 1e-12 for 64-bit ones).
+    drift_check_every : int, optional
+        Estimate the drift every this many steps of a parameter (0: never).
+    reproject : {"svd", "newton_schulz"}, optional
+        Dense polar factor used to re-project.
+    seed : int or None, optional
+        Seed of the sketches' random streams, one stream per parameter. None
+        draws it from torch's global generator, so replicas that call
+        ``torch.manual_seed`` alike (as a DistributedDataParallel job does) draw
+        the same sketches and stay identical.
+
+    Notes
+    -----
+    Unitary parameters are square matrices or batches of them, (..., n, n),
+    real (orthogonal) or complex (unitary), float32/float64/complex64/complex128.
+    The second moment of a complex unitary parameter's gradient is ``|g|^2`` per
+    entry; other complex parameters are treated as ``torch.optim`` treats them,
+    as pairs of reals. Every gradient is checked for NaN and Inf before any
+    parameter changes. ``state_dict()`` holds the random streams, so a resumed
+    run repeats the steps of an uninterrupted one.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from unitary_lr.torch import ProjUNN, unitary_parameter
+    >>> W = unitary_parameter(8, dtype=torch.complex128, generator=torch.Generator().manual_seed(0))
+    >>> opt = ProjUNN([W], lr=1e-2, base="adam", rank=2, seed=0)
+    >>> loss = (W.real.sum() - 1) ** 2
+    >>> loss.backward()
+    >>> opt.step()
+    >>> err = torch.linalg.matrix_norm(W.detach().mH @ W.detach() - torch.eye(8)) / 8 ** 0.5
+    >>> bool(err < 1e-13)
+    True
+    """
+
+    def __init__(self, params, lr=1e-3, *, base="rmsprop", rank=1, variant="tangent", unitary=None,
+                 momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, alpha=0.99, eps=1e-8,
+                 centered=False, betas=(0.9, 0.999), oversample=STEP_OVERSAMPLE, power_iters=STEP_POWER_ITERS,
+                 drift_tol=None, drift_check_every=50, reproject="svd", seed=None):
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+        defaults = dict(
+            lr=lr, base=base, rank=rank, variant=variant, unitary=unitary, momentum=momentum, dampening=dampening,
+            nesterov=nesterov, weight_decay=weight_decay, alpha=alpha, eps=eps, centered=centered, betas=betas,
+            oversample=oversample, power_iters=power_iters, drift_tol=drift_tol, drift_check_every=drift_check_every,
+            reproject=reproject, seed=seed,
+        )
+        _check_options(defaults, where="ProjUNN")
+        super().__init__(_split_by_mark(params), defaults)
+
+    def add_param_group(self, param_group):
+        group = {**self.defaults, **param_group}
+        params = group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        index = len(self.param_groups)
+        names = group.get("param_names")
+        if params and isinstance(params[0], tuple):  # named parameters
+            names, params = [n for n, _ in params], [p for _, p in params]
+        names = names or [f"param_groups[{index}]['params'][{i}]" for i in range(len(params))]
+        _check_options(group, where=f"param group {index}")
+        unitary = group["unitary"]
+        if unitary is None:
+            marked = [is_unitary(p) for p in params]
+            if any(marked) and not all(marked):
+                mixed = [n for n, m in zip(names, marked) if m]
+                raise ValueError(
+                    f"param group {index} mixes unitary parameters ({', '.join(mixed)}) with others; "
+                    "put them in separate groups or set 'unitary' for the group"
+                )
+            unitary = bool(params) and all(marked)
+        if unitary:
+            for name, p in zip(names, params):
+                _check_unitary_parameter(name, p, group["rank"])
+        param_group = {**param_group, "unitary": unitary}
+        super().add_param_group(param_group)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One step for every parameter with a gradient; returns the closure's loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # All gradients are checked before any parameter or state changes.
+        for index, group in enumerate(self.param_groups):
+            names = group.get("param_names")
+            for i, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                name = names[i] if names else f"param_groups[{index}]['params'][{i}]"
+                if p.grad.is_sparse:
+                    raise ValueError(f"ProjUNN does not support sparse gradients ({name})")
+                if not bool(torch.isfinite(p.grad).all()):
+                    raise ValueError(
+                        f"the gradient of {name} (shape {tuple(p.shape)}) contains NaN or Inf; "
+                        "no parameter was changed"
+                    )
+        for index, group in enumerate(self.param_groups):
+            rule = make_rule(group["base"], **rule_options(group["base"], group))
+            unitary = group["unitary"]
+            mode = "modulus" if unitary else "components"
+            for i, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                xp = array_api_compat.array_namespace(p)
+                state = self.state[p]
+                if not state:
+                    state.update(rule.init(xp, p.detach(), mode))
+                    if unitary:
+                        state["projunn_steps"] = 0
+                        state["sketch_rng"] = generator_state(np.random.default_rng([group["seed"], index, i]))
+                direction, new_state = rule.direction(xp, p.grad, p.detach(), dict(state), mode=mode,
+                                                      weight_decay=not unitary)
+                if unitary:
+                    rng = generator_from_state(new_state["sketch_rng"])
+                    steps = new_state["projunn_steps"] + 1
+                    new_p, reprojected = unitary_update(
+                        xp, p.detach(), direction, lr=group["lr"], rank=group["rank"], variant=group["variant"],
+                        rng=rng, step=steps, oversample=group["oversample"], power_iters=group["power_iters"],
+                        drift_tol=group["drift_tol"], drift_check_every=group["drift_check_every"],
+                        reproject=group["reproject"],
+                    )
+                    p.copy_(new_p)
+                    new_state.update(projunn_steps=steps, sketch_rng=generator_state(rng),
+                                     reprojections=new_state.get("reprojections", 0) + reprojected)
+                else:
+                    p.add_(direction, alpha=-group["lr"])
+                state.update(new_state)
+        return loss
+
+
+def _split_by_mark(params):
+    """Parameters given without groups: the marked ones in a unitary group."""
+    if isinstance(params, torch.Tensor):
+        raise TypeError(f"params must be an iterable of tensors or of dicts, got a {type(params).__name__}")
+    params = list(params)
+    if not params or isinstance(params[0], dict):
+        return params
+    named = isinstance(params[0], tuple)
+    tensors = [p[1] if named else p for p in params]
+    marked = [is_unitary(p) for p in tensors]
+    if all(marked) or not any(marked):
+        return params
+    groups = []
+    for flag in (False, True):
+        members = [p for p, m in zip(params, marked) if m == flag]
+        groups.append({"params": members, "unitary": flag})
+    return groups
+
+
+def _check_options(group, *, where):
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor):
+        lr = float(lr)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+        raise ValueError(f"{where}: lr must be a finite number >= 0, got {group['lr']!r}")
+    if group["base"] not in RULES:
+        raise ValueError(f"{where}: base must be one of {', '.join(map(repr, RULES))}, got {group['base']!r}")
+    make_rule(group["base"], **rule_options(group["base"], group))  # validates the hyper-parameters
+    if group["variant"] not in VARIANTS:
+        raise ValueError(f"{where}: variant must be one of {', '.join(map(repr, VARIANTS))}, got {group['variant']!r}")
+    for name, minimum in (("rank", 1), ("oversample", 0), ("power_iters", 0), ("drift_check_every", 0)):
+        value = group[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{where}: {name} must be an integer >= {minimum}, got {value!r}")
+    if group["reproject"] not in ("svd", "newton_schulz"):
+        raise ValueError(f"{where}: reproject must be 'svd' or 'newton_schulz', got {group['reproject']!r}")
+    tol = group["drift_tol"]
+    if tol is not None and not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
+        raise ValueError(f"{where}: drift_tol must be a finite number > 0 or None, got {tol!r}")
+    if group["unitary"] not in (None, True, False):
+        raise ValueError(f"{where}: unitary must be True, False or None, got {group['unitary']!r}")
+
+
+def _check_unitary_parameter(name, p, rank):
+    shape = tuple(p.shape)
+    if not isinstance(p, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(p).__name__}")
+    if p.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"unitary parameter {name} has dtype {p.dtype}; expected float32, float64, complex64 or complex128")
+    if len(shape) < 2 or shape[-1] != shape[-2]:
+        raise ValueError(f"unitary parameter {name} must be a square matrix or a batch of them, (..., n, n), "
+                         f"got shape {shape}")
+    if rank > shape[-1]:
+        raise ValueError(f"rank {rank} exceeds the size n = {shape[-1]} of unitary parameter {name} (shape {shape})")
