@@ -95,16 +95,16 @@ def test_toy_n_below_two_and_unknown_flags(capsys):
 
 def test_interrupt_keeps_partial_curve(tmp_path, monkeypatch):
     """Ctrl-C during a run writes what was done and exits 130."""
-    real_step = toy_module.projunn_step
+    real_step = toy_module.ProjUNN.step
     calls = {"n": 0}
 
-    def step_then_interrupt(*args, **kwargs):
+    def step_then_interrupt(self, W, G):
         calls["n"] += 1
         if calls["n"] > 5:
             raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
+        return real_step(self, W, G)
 
-    monkeypatch.setattr(toy_module, "projunn_step", step_then_interrupt)
+    monkeypatch.setattr(toy_module.ProjUNN, "step", step_then_interrupt)
     assert main([*SMALL, "--ranks", "2", "--no-plot", "--out", str(tmp_path / "cut")]) == 130
     record = read(tmp_path / "cut")
     assert record["interrupted"] is True

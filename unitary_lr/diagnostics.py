@@ -114,6 +114,11 @@ def unitarity_estimate(W, /, *, probes=4, rng=None):
     probes = check_int("probes", probes, minimum=1)
     n = W.shape[-1]
     Z = standard_normal(xp, (*W.shape[:-2], n, probes), dtype=W.dtype, device=device(W), rng=as_generator(rng))
+    return estimate_unchecked(xp, W, Z)
+
+
+def estimate_unchecked(xp, W, Z):
+    """unitarity_estimate with the probes Z (..., n, p) given; traceable."""
     # W^H (W Z) as ((W Z)^H W)^H: conjugates the thin W Z, never W.
     residual = mH(xp, mH(xp, W @ Z) @ W) - Z
-    return xp.linalg.matrix_norm(residual) / math.sqrt(probes * n)
+    return xp.linalg.matrix_norm(residual) / math.sqrt(Z.shape[-1] * Z.shape[-2])

@@ -84,9 +84,14 @@ def project_unitary(A, /, *, method="svd", max_iter=60):
     max_iter = check_int("max_iter", max_iter, minimum=1)
     check_finite(xp, "A", A)
     if method == "svd":
-        U, _, Vh = xp.linalg.svd(A, full_matrices=False)
-        return U @ Vh
+        return polar_unchecked(xp, A)
     return _newton_schulz(xp, A, max_iter)
+
+
+def polar_unchecked(xp, A):
+    """The polar factor ``U V^H`` from ``svd(A)``; traceable."""
+    U, _, Vh = xp.linalg.svd(A, full_matrices=False)
+    return U @ Vh
 
 
 def _newton_schulz(xp, A, max_iter):

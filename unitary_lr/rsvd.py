@@ -93,32 +93,31 @@ def randomized_svd(A, /, rank, *, oversample=10, power_iters=2, rng=None):
     )
     oversample = check_int("oversample", oversample, minimum=0)
     power_iters = check_int("power_iters", power_iters, minimum=0)
-    gen = as_generator(rng)
+    omega = standard_normal(xp, (*A.shape[:-2], n, sketch_width(rank, oversample, m, n)), dtype=A.dtype,
+                            device=device(A), rng=as_generator(rng))
     return sketch_svd(
         xp,
         lambda X: A @ X,
         # A^H Y as (Y^H A)^H: conjugates the thin Y, never A.
         lambda Y: mH(xp, mH(xp, Y) @ A),
-        shape=tuple(A.shape),
-        dtype=A.dtype,
-        device=device(A),
+        omega,
         rank=rank,
-        oversample=oversample,
         power_iters=power_iters,
-        rng=gen,
         on_nonfinite=lambda: report_nonfinite(xp, "A", A),
     )
 
 
-def sketch_svd(xp, matmul, rmatmul, *, shape, dtype, device, rank, oversample, power_iters, rng,
-               on_nonfinite):
-    """Randomized SVD of the linear operator A of ``shape`` (..., m, n) given by
-    ``matmul(X) = A @ X`` and ``rmatmul(Y) = A^H @ Y``, computed in ``dtype`` on
-    ``device``. ``on_nonfinite()`` raises when the sketch shows NaN or Inf (None:
-the caller has checked the operator already)."""
-    *batch, m, n = shape
-    width = min(rank + oversample, m, n)
-    omega = standard_normal(xp, (*batch, n, width), dtype=dtype, device=device, rng=rng)
+def sketch_width(rank, oversample, m, n):
+    """Columns of the Gaussian test matrix: rank + oversample, at most min(m, n)."""
+    return min(rank + oversample, m, n)
+
+
+def sketch_svd(xp, matmul, rmatmul, omega, *, rank, power_iters, on_nonfinite=None):
+    """Randomized SVD of the linear operator A given by ``matmul(X) = A @ X`` and
+    ``rmatmul(Y) = A^H @ Y``, from the Gaussian test matrix ``omega`` (..., n, l).
+    ``on_nonfinite()`` raises when the sketch ``A omega`` shows NaN or Inf (None:
+    no check, as under ``jax.jit``, or the caller has checked the operator).
+    Free of Python branches on array values, so it can be traced."""
     with warnings.catch_warnings():
         # NaN/Inf in A is reported below as a ValueError naming the argument;
         # the library's own "invalid value in matmul" warning would only repeat it.

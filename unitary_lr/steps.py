@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._random import as_generator
+from ._random import as_generator, standard_normal
 from ._validation import (
     check_batch_compatible,
     check_choice,
@@ -17,7 +17,7 @@ from ._validation import (
 )
 from ._xp import broadcast_shapes, device, is_complex, mH
 from .polar import polar_lowrank_unchecked
-from .rsvd import sketch_svd
+from .rsvd import sketch_svd, sketch_width
 from .transport import transport_unchecked
 
 __all__ = ["STEP_OVERSAMPLE", "STEP_POWER_ITERS", "projunn_step", "tangent_project"]
@@ -153,45 +153,53 @@ def projunn_step(
     if factored:
         check_finite(xp, "G[0]", a)
         check_finite(xp, "G[1]", b)
-        dtype = xp.result_type(a, b)
-        a, b = (xp.astype(x, dtype, copy=False) for x in (a, b))
-        if a.shape[-1] > rank:
-            a, b = _rank_k_factors(
-                xp,
-                lambda X: a @ (mH(xp, b) @ X),
-                lambda Y: b @ (mH(xp, a) @ Y),
-                shape=(*broadcast_shapes(a.shape[:-2], b.shape[:-2]), n, n),
-                like=a,
-                rank=rank,
-                oversample=oversample,
-                power_iters=power_iters,
-                rng=gen,
-                on_nonfinite=None,  # the factors were checked above
-            )
+        G = (xp.astype(a, xp.result_type(a, b), copy=False), xp.astype(b, xp.result_type(a, b), copy=False))
+    nonfinite = None if factored else (lambda: report_nonfinite(xp, "G", G, source="its sketch G @ Omega"))
+    shape = sketch_shape(G, rank, oversample)
+    omega = None if shape is None else standard_normal(xp, shape, dtype=_dtype(G), device=device(W), rng=gen)
+    return step_unchecked(xp, W, G, omega, lr=lr, rank=rank, variant=variant, power_iters=power_iters,
+                          on_nonfinite=nonfinite)
+
+
+def _dtype(G):
+    return G[0].dtype if isinstance(G, tuple) else G.dtype
+
+
+def sketch_shape(G, rank, oversample):
+    """Shape of the Gaussian test matrix for gradient G (an array or a pair of
+    factors), or None when G is factors with at most ``rank`` columns, which
+    the step uses as they are."""
+    if isinstance(G, tuple):
+        a, b = G
+        if a.shape[-1] <= rank:
+            return None
+        batch, n = broadcast_shapes(tuple(a.shape[:-2]), tuple(b.shape[:-2])), a.shape[-2]
     else:
-        a, b = _rank_k_factors(
-            xp,
-            lambda X: G @ X,
-            lambda Y: mH(xp, mH(xp, Y) @ G),
-            shape=tuple(G.shape),
-            like=G,
-            rank=rank,
-            oversample=oversample,
-            power_iters=power_iters,
-            rng=gen,
-            on_nonfinite=lambda: report_nonfinite(xp, "G", G, source="its sketch G @ Omega"),
-        )
-    a, b = (xp.astype(x, W.dtype, copy=False) for x in (a, b))
+        batch, n = tuple(G.shape[:-2]), G.shape[-1]
+    return (*batch, n, sketch_width(rank, oversample, n, n))
+
+
+def step_unchecked(xp, W, G, omega, *, lr, rank, variant, power_iters, on_nonfinite=None):
+    """projunn_step for validated input, with the Gaussian test matrix ``omega``
+    given (None: G is factors used as they are; see :func:`sketch_shape`).
+
+    No Python branch depends on array values (``on_nonfinite=None``), so this
+    traces under ``jax.jit`` with a traced ``lr``; adapters that draw ``omega``
+    with their framework's own generator use it directly.
+    """
+    if omega is not None:
+        if isinstance(G, tuple):
+            a, b = G
+            matmul, rmatmul = (lambda X: a @ (mH(xp, b) @ X)), (lambda Y: b @ (mH(xp, a) @ Y))
+        else:
+            matmul, rmatmul = (lambda X: G @ X), (lambda Y: mH(xp, mH(xp, Y) @ G))
+        U, S, Vh = sketch_svd(xp, matmul, rmatmul, omega, rank=rank, power_iters=power_iters,
+                              on_nonfinite=on_nonfinite)
+        G = (U * xp.astype(S, U.dtype)[..., None, :], mH(xp, Vh))
+    a, b = (xp.astype(x, W.dtype, copy=False) for x in G)
     if variant == "tangent":
         return transport_unchecked(xp, W, a, W @ b, -lr / 2)
     return polar_lowrank_unchecked(xp, W, -lr * a, b)
-
-
-def _rank_k_factors(xp, matmul, rmatmul, *, like, **sketch_options):
-    """Factors (U S, V) of the operator's rank-k sketch, G_k = (U S) V^H, in
-    the dtype and on the device of ``like``."""
-    U, S, Vh = sketch_svd(xp, matmul, rmatmul, dtype=like.dtype, device=device(like), **sketch_options)
-    return U * xp.astype(S, U.dtype)[..., None, :], mH(xp, Vh)
 
 
 def tangent_project(W, G, /):

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import projunn_step, random_unitary, unitarity_error
+from .. import random_unitary, unitarity_error
+from ..optim import ProjUNN
 from .._backends import BACKEND_NAMES, load_backend
 from .._random import standard_normal
 from .._xp import FLOAT_DTYPE_NAMES, mH
@@ -39,9 +40,13 @@ def add_parser(commands):
     parser.add_argument("--batch", type=int, default=32, help="pairs per step (default: 32)")
     parser.add_argument("--steps", type=int, default=300, help="steps per rank (default: 300)")
     parser.add_argument("--lr", type=float, default=None,
-                        help="learning rate (default: batch / 2, the fastest stable rate for this loss)")
+                        help="learning rate (default: batch / 2 for sgd, the fastest stable rate for this "
+                             "loss; 0.01 for rmsprop, 0.02 for adam)")
     parser.add_argument("--variant", choices=("tangent", "direct"), default="tangent",
                         help="projUNN-T (tangent) or projUNN-D (direct) (default: tangent)")
+    parser.add_argument("--base", choices=("sgd", "rmsprop", "adam"), default="sgd",
+                        help="base rule of the optimizer; sgd passes the gradient's factors straight to "
+                             "the step, the others keep dense moments (default: sgd)")
     parser.add_argument("--dtype", choices=FLOAT_DTYPE_NAMES, default="complex128",
                         help="real dtypes learn an orthogonal matrix (default: complex128)")
     parser.add_argument("--backend", choices=BACKEND_NAMES, default="numpy", help="array library (default: numpy)")
@@ -68,7 +73,8 @@ def _validate(args):
         raise CommandError(f"--ranks must lie in [1, n = {args.n}], got {bad[0]}")
     if args.seed < 0:
         raise CommandError(f"--seed must be >= 0, got {args.seed}")
-    lr = args.batch / 2 if args.lr is None else args.lr
+    default = {"sgd": args.batch / 2, "rmsprop": 0.01, "adam": 0.02}[args.base]
+    lr = default if args.lr is None else args.lr
     if not (math.isfinite(lr) and lr > 0):
         raise CommandError(f"--lr must be finite and > 0, got {args.lr}")
     return lr
@@ -95,7 +101,7 @@ def run(args) -> int:
     try:
         for k in args.ranks:
             data = np.random.default_rng([args.seed, 2])  # the same pairs for every rank
-            sketches = np.random.default_rng([args.seed, 3, k])
+            optimizer = ProjUNN(lr, base=args.base, rank=k, variant=args.variant, seed=args.seed + k)
             W, losses, seconds = W0, [expected_loss(W0)], 0.0
             results.append({"rank": k, "loss": losses})
             for _ in range(args.steps):
@@ -104,7 +110,7 @@ def run(args) -> int:
                 G = a @ mH(xp, X) if args.dense_gradient else (a, X)
                 backend.synchronize()
                 start = time.perf_counter()
-                W = projunn_step(W, G, lr=lr, rank=k, variant=args.variant, rng=sketches)
+                W = optimizer.step(W, G)
                 backend.synchronize()
                 seconds += time.perf_counter() - start
                 losses.append(expected_loss(W))
@@ -132,6 +138,7 @@ def run(args) -> int:
         "command": "unitary-lr " + " ".join(args.argv),
         "experiment": "toy",
         "settings": {"n": args.n, "batch": args.batch, "steps": args.steps, "lr": lr, "variant": args.variant,
+                     "base": args.base,
                      "dtype": args.dtype, "backend": args.backend, "device": str(device),
                      "dense_gradient": args.dense_gradient, "seed": args.seed},
         "interrupted": interrupted,
