@@ -8,13 +8,14 @@ traceback, and exit status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .._backends import BackendError
-from . import toy
+from . import bench, toy
 from ._output import CommandError
 
-SUBCOMMANDS = (toy,)
+SUBCOMMANDS = (toy, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,3 +42,7 @@ def main(argv=None) -> int:
     except (CommandError, BackendError) as error:
         print(f"unitary-lr {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader went away (``unitary-lr toy | head``): not an error of ours
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps Python's exit flush quiet
+        return 141

@@ -1,0 +1,303 @@
+"""``unitary-lr bench`` and the asv suite in asv_benchmarks/.
+
+Nothing here asserts on speed: the machines are shared and noisy. The tests
+check that the command measures what it says (every method and size, ratios
+that follow from the times, accurate steps, slopes, a plot), that bad flags
+are one-line errors, and that every asv benchmark still runs (asv itself is
+not needed: the methods are called directly, as asv would).
+"""
+
+import importlib
+import importlib.util
+import inspect
+import itertools
+import json
+import math
+import pkgutil
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from unitary_lr.cli import bench as bench_module
+from unitary_lr.cli import main
+
+SMALL = ["bench", "--sizes", "32", "64", "--ranks", "1", "--repeat", "2", "--no-progress"]
+STEPS_AND_DENSE = ("floor", "projUNN-T", "projUNN-D", "dense SVD polar", "dense expm step")
+
+
+def have(module):
+    return importlib.util.find_spec(module) is not None
+
+
+def run_json(tmp_path, *arguments):
+    path = tmp_path / "bench.json"
+    assert main([*SMALL, *arguments, "--json", str(path)]) == 0
+    return json.loads(path.read_text())
+
+
+def check_record(record, *, sizes, methods, unitarity_tol):
+    """Every method at every size, consistent ratios and slopes, accurate steps."""
+    rows = record["results"]
+    assert {(r["method"], r["n"]) for r in rows} == {(m, n) for m in methods for n in sizes}
+    floor = {r["n"]: r["median_s"] for r in rows if r["method"] == "floor"}
+    dense = {n: min(r["median_s"] for r in rows if r["kind"] == "dense" and r["n"] == n)
+             for n in sizes if any(r["kind"] == "dense" and r["n"] == n for r in rows)}
+    for r in rows:
+        assert len(r["times_s"]) == record["settings"]["repeat"] and min(r["times_s"]) > 0
+        assert r["median_s"] == statistics.median(r["times_s"])
+        assert r["ratio_to_floor"] == pytest.approx(r["median_s"] / floor[r["n"]], rel=1e-12)
+        if r["n"] in dense:
+            assert r["speedup_over_dense"] == pytest.approx(dense[r["n"]] / r["median_s"], rel=1e-12)
+        else:
+            assert r["speedup_over_dense"] is None
+        if r["kind"] in ("step", "dense"):
+            assert r["unitarity_error"] < unitarity_tol, r
+        else:
+            assert r["unitarity_error"] is None
+        if r["kind"] == "rsvd":
+            # a rank-1 sketch with 10 extra columns and 2 power iterations is
+            # close to optimal on the 1/j spectrum; 1 is the optimum itself
+            assert 1 - 1e-6 < r["relative_error"] < 1.5, r
+        else:
+            assert r["relative_error"] is None
+        assert (r["k"] is None) == (r["kind"] not in ("step", "rsvd"))
+    slopes = {(s["method"], s["k"]): s for s in record["slopes"]}
+    assert set(slopes) == {(r["method"], r["k"]) for r in rows}
+    for s in slopes.values():
+        times = [r["median_s"] for n in s["sizes"] for r in rows
+                 if (r["method"], r["k"], r["n"]) == (s["method"], s["k"], n)]
+        expected = math.log(times[-1] / times[0]) / math.log(s["sizes"][-1] / s["sizes"][0])
+        assert s["slope"] == pytest.approx(expected, rel=1e-9, abs=1e-12)  # two sizes: the line through both
+
+
+def test_bench_table_json_and_plot(tmp_path, capsys):
+    json_path, png_path = tmp_path / "out" / "bench.json", tmp_path / "out" / "bench.png"
+    assert main([*SMALL, "--json", str(json_path), "--plot", str(png_path)]) == 0
+    printed = capsys.readouterr().out
+    for heading in ("method", "time [ms]", "x floor", "speed-up vs dense", "unitarity error", "error / optimal",
+                    "slope of log time vs log n"):
+        assert heading in printed
+    methods = [*STEPS_AND_DENSE, "unitary_lr randomized_svd"] + ["sklearn randomized_svd"] * have("sklearn")
+    for method in methods:
+        assert printed.count(f"{method}  32  ") == 1 and printed.count(f"{method}  64  ") == 1
+    assert "note: torch.svd_lowrank skipped: it takes torch tensors (--backend torch)" in printed
+    assert f"wrote {json_path}, {png_path}" in printed
+
+    record = json.loads(json_path.read_text())
+    assert record["command"] == "unitary-lr " + " ".join([*SMALL, "--json", str(json_path), "--plot", str(png_path)])
+    assert record["experiment"] == "bench" and record["interrupted"] is False
+    assert record["settings"]["sizes"] == [32, 64] and record["settings"]["dtype"] == "float64"
+    assert record["environment"]["numpy"] == np.__version__ and "platform" in record["environment"]
+    check_record(record, sizes=[32, 64], methods=methods, unitarity_tol=1e-12)
+
+    png = png_path.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_bench_on_every_backend(backend, tmp_path):
+    options = {"numpy": [], "torch": ["--backend", "torch"], "jax": ["--backend", "jax"],
+               "cupy": ["--backend", "cupy"],
+               "array_api_strict:device1": ["--backend", "array_api_strict", "--device", "device1"],
+               "array_api_strict:no_float64": ["--backend", "array_api_strict", "--device", "no_float64"]}[backend.name]
+    dtype = "complex128" if backend.has_float64 else "complex64"
+    record = run_json(tmp_path, *options, "--dtype", dtype, "--sizes", "16", "32", "--repeat", "1")
+    strict = backend.name.startswith("array_api_strict")
+    methods = [m for m in STEPS_AND_DENSE if not (strict and m == "dense expm step")]
+    methods += ["unitary_lr randomized_svd"] + ["torch.svd_lowrank"] * (backend.name == "torch")
+    check_record(record, sizes=[16, 32], methods=methods, unitarity_tol=1e-12 if backend.has_float64 else 1e-5)
+    if strict:
+        assert "dense expm step skipped: array_api_strict has no matrix exponential" in record["notes"]
+
+
+def test_bench_sklearn_is_skipped_with_a_note_for_complex_input(tmp_path):
+    record = run_json(tmp_path, "--dtype", "complex128", "--sizes", "16", "32", "--repeat", "1")
+    assert "sklearn randomized_svd skipped: it rejects complex input" in record["notes"]
+    assert not any(r["method"] == "sklearn randomized_svd" for r in record["results"])
+
+
+def test_bench_dense_steps_above_the_limit_are_skipped_with_a_note(tmp_path, capsys):
+    record = run_json(tmp_path, "--sizes", "16", "32", "--dense-max", "16", "--repeat", "1")
+    assert {r["n"] for r in record["results"] if r["kind"] == "dense"} == {16}
+    assert "dense steps skipped for n > 16 (--dense-max): n = 32" in record["notes"]
+    assert "note: dense steps skipped for n > 16 (--dense-max): n = 32" in capsys.readouterr().out
+    assert next(r for r in record["results"] if r["method"] == "projUNN-T" and r["n"] == 32)["speedup_over_dense"] is None
+
+
+def test_bench_interrupt_keeps_the_complete_sizes(tmp_path, monkeypatch):
+    real_step, calls = bench_module.projunn_step, {"n": 0}
+
+    def step_then_interrupt(*args, **kwargs):
+        calls["n"] += 1
+        if kwargs["rank"] == 1 and args[0].shape[0] == 32 and calls["n"] > 8:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(bench_module, "projunn_step", step_then_interrupt)
+    path = tmp_path / "cut.json"
+    assert main([*SMALL, "--sizes", "16", "32", "--json", str(path)]) == 130
+    record = json.loads(path.read_text())
+    assert record["interrupted"] is True
+    assert {r["n"] for r in record["results"]} == {16}
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--sizes", "1", "8"], "--sizes must be >= 2, got 1"),
+        (["--ranks", "0"], "--ranks must lie in [1, smallest size = 32], got 0"),
+        (["--ranks", "33"], "--ranks must lie in [1, smallest size = 32], got 33"),
+        (["--repeat", "0"], "--repeat must be >= 1, got 0"),
+        (["--dense-max", "-1"], "--dense-max must be >= 0, got -1"),
+        (["--oversample", "-2"], "--oversample must be >= 0, got -2"),
+        (["--power-iters", "-1"], "--power-iters must be >= 0, got -1"),
+        (["--seed", "-1"], "--seed must be >= 0, got -1"),
+        (["--threads", "0"], "--threads must be >= 1, got 0"),
+        (["--plot", "."], "--plot must be a file path, got the directory '.'"),
+        (["--backend", "torch", "--device", "nowhere:3"], "device 'nowhere:3' is not available to torch here"),
+        (["--backend", "array_api_strict", "--device", "no_float64"],
+         "dtype float64 is not available on device"),
+    ],
+)
+def test_bench_bad_flags_are_one_line_errors(tmp_path, capsys, arguments, message):
+    path = tmp_path / "x.json"
+    assert main([*SMALL, *arguments, "--json", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("unitary-lr bench: error: ") and message in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not path.exists()
+
+
+@pytest.mark.skipif(not have("threadpoolctl"), reason="threadpoolctl is not installed")
+def test_bench_threads_are_limited_during_the_run_and_restored(tmp_path):
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    record = run_json(tmp_path, "--backend", "torch", "--threads", "1", "--sizes", "16", "32", "--repeat", "1")
+    assert record["settings"]["threads"] == 1
+    assert record["environment"]["thread_pools"] and all(p["num_threads"] == 1
+                                                         for p in record["environment"]["thread_pools"])
+    assert torch.get_num_threads() == before
+
+
+def test_bench_threads_without_threadpoolctl_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "threadpoolctl", None)  # import threadpoolctl raises ImportError
+    assert main([*SMALL, "--threads", "1", "--json", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err
+    assert err == "unitary-lr bench: error: --threads needs threadpoolctl: pip install threadpoolctl\n"
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_bench_json_path_that_is_a_directory(tmp_path, capsys):
+    assert main([*SMALL, "--json", str(tmp_path)]) == 2
+    assert f"--json must be a file path, got the directory '{tmp_path}'" in capsys.readouterr().err
+
+
+def test_bench_bad_choices_are_argparse_errors(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--dtype", "float16"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --dtype: invalid choice: 'float16'" in err and "Traceback" not in err
+
+
+# --- the asv suite -----------------------------------------------------------------------------
+
+SUITE = Path(__file__).resolve().parents[1] / "asv_benchmarks" / "benchmarks"
+PREFIXES = ("time_", "peakmem_", "track_")
+
+
+@pytest.fixture(scope="module")
+def suite():
+    """The benchmark modules, imported as asv imports them: as a package (under
+    a name of our own, so that no other ``benchmarks`` package is shadowed)."""
+    name = "unitary_lr_asv_suite"
+    spec = importlib.util.spec_from_file_location(name, SUITE / "__init__.py", submodule_search_locations=[str(SUITE)])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[name] = package
+    spec.loader.exec_module(package)
+    try:
+        yield [importlib.import_module(f"{name}.{info.name}") for info in pkgutil.iter_modules([str(SUITE)])]
+    finally:
+        for module in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+            del sys.modules[module]
+
+
+def benchmark_classes(modules):
+    for module in modules:
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            if cls.__module__ == module.__name__ and any(n.startswith(PREFIXES) for n in dir(cls)):
+                yield cls
+
+
+def smallest_cases(cls):
+    """Parameter tuples: numpy, the smallest n and k, every dtype and variant."""
+    choices = []
+    for name, values in zip(cls.param_names, cls.params):
+        if name == "backend":
+            choices.append(["numpy"])
+        elif name in ("n", "k"):
+            choices.append([min(values)])
+        else:
+            choices.append(list(values))
+    return list(itertools.product(*choices))
+
+
+def test_asv_suite_covers_every_kernel_and_both_steps(suite):
+    classes = {cls.__name__: cls for cls in benchmark_classes(suite)}
+    assert {"RandomizedSVD", "ProjectUnitary", "ProjectUnitaryLowrank", "ExpTransport", "UnitarityError",
+            "ProjunnStep", "StepExtraMemory", "StepAccuracy"} <= set(classes)
+    for cls in classes.values():
+        assert len(cls.params) == len(cls.param_names)
+        grid = dict(zip(cls.param_names, cls.params))
+        assert grid["n"] == [256, 1024, 4096] and grid["backend"] == ["numpy", "torch", "jax", "cupy"]
+        assert grid["dtype"] == ["float32", "float64", "complex64", "complex128"]
+        if "k" in grid:
+            assert grid["k"] == [1, 8]
+    assert classes["ProjunnStep"].params[classes["ProjunnStep"].param_names.index("variant")] == ["tangent", "direct"]
+    assert hasattr(classes["ProjunnStep"], "peakmem_step")
+    assert hasattr(classes["ProjectUnitary"], "time_svd") and hasattr(classes["ProjectUnitary"], "time_newton_schulz")
+
+
+def test_asv_benchmarks_run_once_on_numpy(suite):
+    """setup and every time_/peakmem_/track_ method, once, at the smallest size."""
+    ran = 0
+    for cls in benchmark_classes(suite):
+        for params in smallest_cases(cls):
+            instance = cls()
+            instance.setup(*params)
+            for name in sorted(dir(cls)):
+                if not name.startswith(PREFIXES):
+                    continue
+                value = getattr(instance, name)(*params)
+                ran += 1
+                if name.startswith("track_"):
+                    assert isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, (cls, name, value)
+                    case = dict(zip(cls.param_names, params))
+                    if name == "track_relative_error":
+                        assert 1 - 1e-4 < value < 1.5
+                    if name == "track_unitarity_after_100_steps":
+                        assert value < (1e-4 if case["dtype"] in ("float32", "complex64") else 1e-12)
+                    if name == "track_extra_memory":
+                        # O(n k): no n x n temporary beyond the output
+                        itemsize = np.dtype(case["dtype"]).itemsize
+                        assert 0 < value < case["n"] ** 2 * itemsize / 4
+    assert ran > 50
+
+
+def test_asv_benchmarks_skip_by_raising_not_implemented(suite):
+    """Missing backends and dense kernels at n = 4096 on a CPU are skipped (asv's
+    NotImplementedError from setup), quickly and before any data is built."""
+    for cls in benchmark_classes(suite):
+        grid = dict(zip(cls.param_names, cls.params))
+        case = {name: values[0] for name, values in grid.items()}
+        if not have("cupy"):
+            with pytest.raises(NotImplementedError, match="cupy|NumPy"):
+                cls().setup(*{**case, "backend": "cupy"}.values())
+        if cls.__name__ in ("ProjectUnitary", "UnitarityError", "StepAccuracy"):
+            with pytest.raises(NotImplementedError, match="n = 4096 > 1024"):
+                cls().setup(*{**case, "n": 4096}.values())
+        if cls.__name__ == "StepExtraMemory":
+            with pytest.raises(NotImplementedError, match="NumPy"):
+                cls().setup(*{**case, "backend": "torch"}.values())

@@ -1,0 +1,466 @@
+"""``unitary-lr bench``: projUNN steps side by side with the floor and the dense steps.
+
+Times, in one run on this machine and backend, a projUNN-T and a projUNN-D
+step on a dense n x n gradient against: the floor, one pass over G (``G @ x``)
+plus one rank-2 update ``W + u v^H``, which is what any O(n^2) step must at
+least cost; the dense O(n^3) steps people use today, the SVD polar step
+``polar(W - lr G)`` and the Riemannian step ``W expm(-lr/2 (W^H G - G^H W))``;
+and, for the randomized SVD, scikit-learn's and PyTorch's at the same
+oversampling and power iterations, with their error next to the time.
+
+Every time is the median of ``--repeat`` runs, waiting for the device before
+the clock stops. At each n every method first runs once untimed (first-call
+costs: JIT, allocator, lazy initialisation; its result gives the accuracy
+columns), then the timed runs go round the methods in turn, so that a change
+in the load of a shared machine hits all of them alike. The gradient has N(0, 1/n) entries
+(``||G||_2 ~ 2``) and the learning rate is 0.1; W is a dense unitary matrix
+built in O(n^2) from Householder reflections (for a Gaussian G, the cost and
+accuracy of every method do not depend on which unitary W is). The randomized
+SVDs decompose an n x n matrix with singular values 1/j, whose optimal rank-k
+error is known exactly. The backend-specific calls (SciPy, torch.linalg,
+scikit-learn, torch.svd_lowrank) live only in this module: a tool, not
+algorithm code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import functools
+import importlib
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .. import _benchdata as data
+from .. import projunn_step, randomized_svd, unitarity_error
+from .._backends import BACKEND_NAMES, load_backend
+from .._xp import FLOAT_DTYPE_NAMES, array_namespace, mH
+from ..steps import STEP_OVERSAMPLE, STEP_POWER_ITERS
+from ._output import CommandError, environment, format_table, progress, require_modules, write_json
+
+LEARNING_RATE = 0.1
+
+FLOOR = "floor"
+TANGENT = "projUNN-T"
+DIRECT = "projUNN-D"
+DENSE_SVD = "dense SVD polar"
+DENSE_EXPM = "dense expm step"
+RSVD = "unitary_lr randomized_svd"
+RSVD_SKLEARN = "sklearn randomized_svd"
+RSVD_TORCH = "torch.svd_lowrank"
+
+# method -> kind; the kind says which columns apply and whether k matters
+KINDS = {
+    FLOOR: "floor",
+    TANGENT: "step",
+    DIRECT: "step",
+    DENSE_SVD: "dense",
+    DENSE_EXPM: "dense",
+    RSVD: "rsvd",
+    RSVD_SKLEARN: "rsvd",
+    RSVD_TORCH: "rsvd",
+}
+RANKED = ("step", "rsvd")
+
+
+def add_parser(commands):
+    parser = commands.add_parser(
+        "bench",
+        help="time projUNN steps against the floor, the dense steps and other randomized SVDs",
+        description=__doc__.split("\n\n")[1].replace("\n", " "),
+    )
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096], metavar="N",
+                        help="matrix sizes n (default: 256 512 1024 2048 4096)")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1], metavar="K",
+                        help="ranks k of the steps and of the randomized SVDs (default: 1)")
+    parser.add_argument("--dtype", choices=FLOAT_DTYPE_NAMES, default="float64", help="(default: float64)")
+    parser.add_argument("--backend", choices=BACKEND_NAMES, default="numpy", help="array library (default: numpy)")
+    parser.add_argument("--device", default=None, help="device of the backend, e.g. cuda:0 (default: its default)")
+    parser.add_argument("--repeat", type=int, default=5,
+                        help="timed runs per method and size; the table shows their median (default: 5)")
+    parser.add_argument("--dense-max", type=int, default=2048, metavar="N",
+                        help="largest n for the dense O(n^3) steps, skipped above it (default: 2048)")
+    parser.add_argument("--oversample", type=int, default=10,
+                        help="oversampling of the three randomized SVDs (default: 10)")
+    parser.add_argument("--power-iters", type=int, default=2,
+                        help="power iterations of the three randomized SVDs (default: 2)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="limit the BLAS/OpenMP threads (NumPy, SciPy, scikit-learn; torch's too) to N "
+                             "during the run; 1 gives steadier ratios on a shared machine. Needs threadpoolctl "
+                             "(default: the libraries' own)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the matrices and the sketches (default: 0)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="write the results, settings and machine as JSON")
+    parser.add_argument("--plot", default=None, metavar="PATH",
+                        help="write a log-log PNG plot of time against n with the fitted slopes")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(run=run)
+
+
+def _validate(args):
+    bad = [n for n in args.sizes if n < 2]
+    if bad:
+        raise CommandError(f"--sizes must be >= 2, got {bad[0]}")
+    sizes = sorted(set(args.sizes))
+    bad = [k for k in args.ranks if not 1 <= k <= sizes[0]]
+    if bad:
+        raise CommandError(f"--ranks must lie in [1, smallest size = {sizes[0]}], got {bad[0]}")
+    for flag, value, minimum in (("--repeat", args.repeat, 1), ("--dense-max", args.dense_max, 0),
+                                 ("--oversample", args.oversample, 0), ("--power-iters", args.power_iters, 0),
+                                 ("--seed", args.seed, 0), ("--threads", args.threads, 1)):
+        if value is not None and value < minimum:
+            raise CommandError(f"{flag} must be >= {minimum}, got {value}")
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path is not None and Path(path).is_dir():
+            raise CommandError(f"{flag} must be a file path, got the directory {path!r}")
+    return sizes, sorted(set(args.ranks))
+
+
+# --- the methods ------------------------------------------------------------------------------
+
+def _expm_for(backend):
+    """(expm function, None) for the backend, or (None, why not)."""
+    candidates = {
+        "numpy": ("scipy.linalg", "expm", "scipy"),
+        "torch": ("torch.linalg", "matrix_exp", "torch"),
+        "jax": ("jax.scipy.linalg", "expm", "jax"),
+        "cupy": ("cupyx.scipy.linalg", "expm", "cupy"),
+    }
+    if backend.name not in candidates:
+        return None, f"{DENSE_EXPM} skipped: {backend.name} has no matrix exponential"
+    module, name, package = candidates[backend.name]
+    try:
+        return getattr(importlib.import_module(module), name), None
+    except (ImportError, AttributeError):
+        return None, f"{DENSE_EXPM} skipped: {module}.{name} is not available (pip install {package})"
+
+
+def _other_rsvds(backend, dtype, notes):
+    """{method: function(A, k, oversample, power_iters, seed) -> (U, S, Vh)} for the
+    randomized SVDs of other libraries that can run on this backend."""
+    found = {}
+    if backend.name != "numpy":
+        notes.append(f"{RSVD_SKLEARN} skipped: it takes NumPy arrays (--backend numpy)")
+    elif dtype.startswith("complex"):
+        notes.append(f"{RSVD_SKLEARN} skipped: it rejects complex input")
+    else:
+        try:
+            from sklearn.utils.extmath import randomized_svd as sklearn_rsvd
+        except ImportError:
+            notes.append(f"{RSVD_SKLEARN} skipped: scikit-learn is not installed (pip install scikit-learn)")
+        else:
+            def run_sklearn(A, k, oversample, power_iters, seed):
+                # QR after every product, as unitary_lr does: the same accuracy
+                # (its default for 2 power iterations is no normalisation at all)
+                return sklearn_rsvd(A, k, n_oversamples=oversample, n_iter=power_iters,
+                                    power_iteration_normalizer="QR", random_state=seed)
+
+            found[RSVD_SKLEARN] = run_sklearn
+    if backend.name == "torch":
+        torch = importlib.import_module("torch")
+
+        def run_torch(A, k, oversample, power_iters, seed):
+            torch.manual_seed(seed)
+            U, S, V = torch.svd_lowrank(A, q=min(k + oversample, *A.shape), niter=power_iters)
+            return U, S, V.mH
+
+        found[RSVD_TORCH] = run_torch
+    else:
+        notes.append(f"{RSVD_TORCH} skipped: it takes torch tensors (--backend torch)")
+    return found
+
+
+def _thread_limits(threads, backend):
+    """Limit the thread pools to ``threads`` until ``.close()``; no-op for None.
+
+    Multithreaded BLAS on a machine whose cores are busy with other work makes
+    every call wait for its slowest thread: times then vary tenfold from run
+    to run. One thread per process is slower but steady.
+    """
+    stack = contextlib.ExitStack()
+    if threads is None:
+        return stack
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        raise CommandError("--threads needs threadpoolctl: pip install threadpoolctl") from None
+    stack.enter_context(threadpool_limits(limits=threads))
+    if backend.name == "torch":  # its intra-op pool is its own; give it back as it was
+        torch = importlib.import_module("torch")
+        stack.callback(torch.set_num_threads, torch.get_num_threads())
+        torch.set_num_threads(threads)
+    return stack
+
+
+def _thread_pools():
+    """The BLAS/OpenMP pools the run uses (threadpoolctl's view), or None
+    when threadpoolctl is not installed."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return None
+    return [{key: pool.get(key) for key in ("user_api", "internal_api", "version", "num_threads")}
+            for pool in threadpool_info()]
+
+
+def _wait(backend, result):
+    """Block until ``result`` (an array or a tuple of arrays) is computed."""
+    if backend.name == "jax":  # asynchronous dispatch, on the CPU too
+        for x in result if isinstance(result, tuple) else (result,):
+            x.block_until_ready()
+    else:
+        backend.synchronize()
+
+
+def _rsvd_error(U, S, Vh, A, optimal):
+    """||A - U diag(S) Vh||_F over the optimal rank-k error."""
+    xp = array_namespace(A)
+    residual = A - (U * xp.astype(S, U.dtype)[None, :]) @ Vh
+    return float(xp.linalg.matrix_norm(residual)) / optimal
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+def run(args) -> int:
+    sizes, ranks = _validate(args)
+    require_modules(("matplotlib",) * (args.plot is not None) + ("tqdm",) * (not args.no_progress))
+    backend = load_backend(args.backend, device=args.device, float64=args.dtype in ("float64", "complex128"))
+    xp, device = backend.xp, backend.device
+    if args.dtype not in xp.__array_namespace_info__().dtypes(device=device):
+        raise CommandError(f"dtype {args.dtype} is not available on device {device!r} of {args.backend}")
+    dtype, complex_ = getattr(xp, args.dtype), args.dtype.startswith("complex")
+    notes = []
+    expm, why_not = _expm_for(backend)
+    if why_not:
+        notes.append(why_not)
+    others = _other_rsvds(backend, args.dtype, notes)
+    dense = [DENSE_SVD] + [DENSE_EXPM] * (expm is not None)
+    too_big = [n for n in sizes if n > args.dense_max]
+    if too_big and dense:
+        notes.append(f"dense steps skipped for n > {args.dense_max} (--dense-max): n = "
+                     + ", ".join(map(str, too_big)))
+    cases_per_n = {n: 1 + 2 * len(ranks) + len(dense) * (n <= args.dense_max) + (1 + len(others)) * len(ranks)
+                   for n in sizes}
+
+    def on_device(host):
+        return xp.asarray(host.astype(args.dtype), dtype=dtype, device=device)
+
+    def unitarity(W):
+        return {"unitarity_error": float(unitarity_error(W))}
+
+    def cases(n):
+        """[(method, k, call, check)] at size n: every method on the same data."""
+        rng = np.random.default_rng([args.seed, n])
+        W = on_device(data.unitary(rng, n, complex_))
+        G = on_device(data.gaussian(rng, (n, n), complex_, scale=n**-0.5))
+        x, u, v = (on_device(data.gaussian(rng, shape, complex_)) for shape in ((n,), (n, 2), (n, 2)))
+        A = on_device(data.known_spectrum(rng, n, complex_))
+        found = [(FLOOR, None, lambda: (G @ x, W + u @ mH(xp, v)), None)]
+        for k in ranks:
+            for method, variant in ((TANGENT, "tangent"), (DIRECT, "direct")):
+                sketches = np.random.default_rng([args.seed, n, k, 1])
+                found.append((method, k, functools.partial(projunn_step, W, G, lr=LEARNING_RATE, rank=k,
+                                                           variant=variant, rng=sketches), unitarity))
+        if n <= args.dense_max:
+            def svd_polar():
+                U, _, Vh = xp.linalg.svd(W - LEARNING_RATE * G, full_matrices=False)
+                return U @ Vh
+
+            found.append((DENSE_SVD, None, svd_polar, unitarity))
+            if expm is not None:
+                def expm_step():
+                    S = mH(xp, W) @ G  # W^H G - G^H W = S - S^H: one O(n^3) product, not two
+                    return W @ expm((-LEARNING_RATE / 2) * (S - mH(xp, S)))
+
+                found.append((DENSE_EXPM, None, expm_step, unitarity))
+        for k in ranks:
+            optimal = data.optimal_error(n, k)
+
+            def error(result, optimal=optimal, k=k):
+                U, S, Vh = result
+                return {"relative_error": _rsvd_error(U[:, :k], S[:k], Vh[:k, :], A, optimal)}
+
+            sketches = np.random.default_rng([args.seed, n, k, 2])
+            found.append((RSVD, k, lambda k=k, sketches=sketches: tuple(randomized_svd(
+                A, k, oversample=args.oversample, power_iters=args.power_iters, rng=sketches)), error))
+            for method, function in others.items():
+                found.append((method, k, functools.partial(function, A, k, args.oversample, args.power_iters,
+                                                           args.seed), error))
+        return found
+
+    rows, interrupted = [], False
+    limits = _thread_limits(args.threads, backend)
+    pools = _thread_pools()
+    bar = progress(sum(cases_per_n.values()) * (1 + args.repeat), description="bench",
+                   enabled=not args.no_progress)
+    try:
+        for n in sizes:
+            todo, done = cases(n), []
+            for method, k, call, check in todo:
+                # The untimed warm-up run; its result is checked, then dropped
+                # so that only one n x n result is alive at a time.
+                bar.set_postfix_str(f"n={n} {_label(method, k)}", refresh=True)
+                result = call()
+                _wait(backend, result)
+                done.append({"method": method, "kind": KINDS[method], "n": n, "k": k, "median_s": None,
+                             "times_s": [], "ratio_to_floor": None, "speedup_over_dense": None,
+                             "unitarity_error": None, "relative_error": None, **(check(result) if check else {})})
+                del result
+                bar.update(1)
+            # Interleaved rounds, every method once per round: a change in the
+            # load of a shared machine hits all methods alike, so their ratios
+            # hold better than if each method were timed in one block.
+            for _ in range(args.repeat):
+                for (method, k, call, _check), row in zip(todo, done):
+                    bar.set_postfix_str(f"n={n} {_label(method, k)}", refresh=False)
+                    start = time.perf_counter()
+                    _wait(backend, call())
+                    row["times_s"].append(time.perf_counter() - start)
+                    bar.update(1)
+            for row in done:
+                row["median_s"] = statistics.median(row["times_s"])
+            rows.extend(done)
+            del todo, done
+    except KeyboardInterrupt:  # keep the sizes that are complete
+        interrupted = True
+    finally:
+        bar.close()
+        limits.close()
+
+    _add_ratios(rows)
+    slopes = _slopes(rows)
+    _print(rows, slopes, notes)
+    record = {
+        "command": "unitary-lr " + " ".join(args.argv),
+        "experiment": "bench",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "settings": {
+            "sizes": sizes, "ranks": ranks, "dtype": args.dtype, "backend": args.backend, "device": str(device),
+            "repeat": args.repeat, "dense_max": args.dense_max, "lr": LEARNING_RATE,
+            "gradient": "N(0, 1/n) entries", "step_oversample": STEP_OVERSAMPLE,
+            "step_power_iters": STEP_POWER_ITERS, "rsvd_oversample": args.oversample,
+            "rsvd_power_iters": args.power_iters, "rsvd_spectrum": "1/j", "threads": args.threads,
+            "seed": args.seed,
+        },
+        "interrupted": interrupted,
+        "results": rows,
+        "slopes": slopes,
+        "notes": notes,
+        "environment": {**environment(), **_versions(args.backend, expm, others), "thread_pools": pools},
+    }
+    written = []
+    if args.json is not None:
+        write_json(Path(args.json), record)
+        written.append(args.json)
+    if args.plot is not None and rows:
+        _plot(Path(args.plot), rows, slopes, title=f"unitary-lr bench: {args.dtype}, {args.backend} ({device})")
+        written.append(args.plot)
+    if written:
+        print("wrote " + ", ".join(written))
+    if interrupted:
+        print("interrupted: the table and outputs hold the sizes done so far", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _add_ratios(rows):
+    """Ratio to the floor and speed-up over the fastest dense step, per n."""
+    floor = {r["n"]: r["median_s"] for r in rows if r["kind"] == "floor"}
+    dense = {}
+    for r in rows:
+        if r["kind"] == "dense":
+            dense[r["n"]] = min(dense.get(r["n"], math.inf), r["median_s"])
+    for r in rows:
+        if r["n"] in floor:
+            r["ratio_to_floor"] = r["median_s"] / floor[r["n"]]
+        if r["n"] in dense:
+            r["speedup_over_dense"] = dense[r["n"]] / r["median_s"]
+
+
+def _series(rows):
+    """(method, k) -> (sizes, median seconds), in the order the methods first ran."""
+    series = {}
+    for r in rows:
+        sizes, times = series.setdefault((r["method"], r["k"]), ([], []))
+        sizes.append(r["n"])
+        times.append(r["median_s"])
+    return series
+
+
+def _slopes(rows):
+    """Least-squares slope of log(time) against log(n) of each method (and k)."""
+    slopes = []
+    for (method, k), (sizes, times) in _series(rows).items():
+        slope = float(np.polyfit(np.log(sizes), np.log(times), 1)[0]) if len(sizes) >= 2 else None
+        slopes.append({"method": method, "k": k, "slope": slope, "sizes": sizes})
+    return slopes
+
+
+def _label(method, k):
+    return method if k is None else f"{method} k={k}"
+
+
+def _print(rows, slopes, notes):
+    def number(value, digits=3):
+        return "-" if value is None else f"{value:.{digits}g}"
+
+    print(format_table(
+        ("method", "n", "k", "time [ms]", "x floor", "speed-up vs dense", "unitarity error", "error / optimal"),
+        [(r["method"], r["n"], "-" if r["k"] is None else r["k"], f"{1e3 * r['median_s']:.4g}",
+          number(r["ratio_to_floor"]), number(r["speedup_over_dense"]),
+          "-" if r["unitarity_error"] is None else f"{r['unitarity_error']:.1e}",
+          number(r["relative_error"], 5)) for r in rows],
+    ))
+    fitted = [s for s in slopes if s["slope"] is not None]
+    if fitted:
+        print()
+        print(format_table(("method", "slope of log time vs log n", "sizes"),
+                           [(_label(s["method"], s["k"]), f"{s['slope']:.2f}",
+                             f"{s['sizes'][0]}..{s['sizes'][-1]}") for s in fitted]))
+    notes = ["speed-up vs dense: the fastest dense step at the same n over this time",
+             "error / optimal: ||A - U S V^H||_F / ||A - A_k||_F for singular values 1/j (1 is optimal)",
+             *notes]
+    print()
+    for note in notes:
+        print(f"note: {note}")
+
+
+def _versions(backend_name, expm, others):
+    """Versions of the libraries this run timed, beyond ``environment()``'s."""
+    versions = {}
+    for module in dict.fromkeys(
+        [backend_name] + ["scipy"] * (expm is not None and backend_name == "numpy")
+        + ["sklearn"] * (RSVD_SKLEARN in others)
+    ):
+        versions[module] = getattr(importlib.import_module(module), "__version__", None)
+    return versions
+
+
+def _plot(path, rows, slopes, *, title):
+    """Log-log time against n, one line per method and k, slope in the legend."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display
+    from matplotlib.ticker import NullLocator
+
+    slope_of = {(s["method"], s["k"]): s["slope"] for s in slopes}
+    styles = {"floor": {"color": "black", "linestyle": "-", "linewidth": 2}, "step": {"linestyle": "-"},
+              "dense": {"linestyle": "--"}, "rsvd": {"linestyle": ":"}}
+    figure = Figure(figsize=(9.6, 4.8), layout="constrained")
+    axes = figure.subplots()
+    for (method, k), (sizes, times) in _series(rows).items():
+        slope = slope_of[(method, k)]
+        label = _label(method, k) + ("" if slope is None else f": slope {slope:.2f}")
+        axes.plot(sizes, 1e3 * np.asarray(times), marker="o", label=label, **styles[KINDS[method]])
+    axes.set_xscale("log")
+    axes.set_yscale("log")
+    sizes = sorted({r["n"] for r in rows})
+    axes.set_xticks(sizes, labels=[str(n) for n in sizes])
+    axes.xaxis.set_minor_locator(NullLocator())
+    axes.set(title=title, xlabel="n", ylabel="median time [ms]")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
