@@ -212,7 +212,7 @@ class UnitaryRNN(nn.Module):
                              f"batch_first, or (T, {self.input_size}); got shape {tuple(input.shape)}")
         x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if self.batch_first else input)
         x = x.to(self.weight_ih.dtype)
-        steps, batch = x.shape[0], x.shape[1]
+        batch = x.shape[1]
         projected = x @ self.weight_ih.T  # every step's input projection in one product
         if self.bias is not None:
             projected = projected + self.bias
@@ -224,8 +224,10 @@ class UnitaryRNN(nn.Module):
                 raise ValueError(f"h0 must have shape ({batch}, {self.hidden_size}), got {tuple(h0.shape)}")
         recurrent = self.weight_hh.T
         outputs = []
-        for t in range(steps):
-            h = self.activation(torch.addmm(projected[t], h, recurrent))
+        # unbind, not projected[t]: the backward of T separate indexings would
+        # allocate T gradients of the whole sequence, O(T^2); unbind's is one stack.
+        for u in projected.unbind(0):
+            h = self.activation(torch.addmm(u, h, recurrent))
             outputs.append(h)
         output = torch.stack(outputs)
         if unbatched:
