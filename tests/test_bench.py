@@ -237,8 +237,12 @@ def smallest_cases(cls):
     for name, values in zip(cls.param_names, cls.params):
         if name == "backend":
             choices.append(["numpy"])
+        elif name == "base":
+            choices.append(values[:1])
         elif name in ("n", "k", "T"):
             choices.append([min(values)])
+        elif name in ("oversample", "power_iters", "gradient"):  # the sketch study: one case
+            choices.append(values[:1])
         else:
             choices.append(list(values))
     return list(itertools.product(*choices))
@@ -248,11 +252,11 @@ def test_asv_suite_covers_every_kernel_and_both_steps(suite):
     classes = {cls.__name__: cls for cls in benchmark_classes(suite)}
     assert {"RandomizedSVD", "ProjectUnitary", "ProjectUnitaryLowrank", "ExpTransport", "UnitarityError",
             "ProjunnStep", "StepExtraMemory", "StepAccuracy"} <= set(classes)
-    assert "RNNForwardBackward" in classes
+    assert {"RNNForwardBackward", "SketchChoice"} <= set(classes)
     for cls in classes.values():
         assert len(cls.params) == len(cls.param_names)
         grid = dict(zip(cls.param_names, cls.params))
-        if "n" not in grid:  # the layer benchmarks have a grid of their own
+        if "n" not in grid or "backend" not in grid:  # layer and torch-only benchmarks: grids of their own
             continue
         assert grid["n"] == [256, 1024, 4096] and grid["backend"] == ["numpy", "torch", "jax", "cupy"]
         assert grid["dtype"] == ["float32", "float64", "complex64", "complex128"]
@@ -278,6 +282,8 @@ def test_asv_benchmarks_run_once_on_numpy(suite):
                 if name.startswith("track_"):
                     assert isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, (cls, name, value)
                     case = dict(zip(cls.param_names, params))
+                    if name == "track_captured_energy":
+                        assert 0.3 < value <= 1 + 1e-9
                     if name == "track_relative_error":
                         assert 1 - 1e-4 < value < 1.5
                     if name == "track_unitarity_after_100_steps":

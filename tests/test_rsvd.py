@@ -133,5 +133,8 @@ def test_bad_arrays(backend, rng):
     bad = A.copy()
     bad[2, 3] = np.nan
     bad[4, 0] = np.inf
-    with pytest.raises(ValueError, match=r"A contains NaN or Inf: 2 non-finite entries in an array of shape \(6, 9\)"):
+    with pytest.raises(ValueError, match=r"A contains NaN or Inf \(detected in its sketch\): 2 non-finite entries in an array of shape \(6, 9\)"):
         ul.randomized_svd(backend.asarray(bad), 2, rng=0)
+    huge = np.full((6, 9), np.finfo(np.float32).max / 2, dtype=np.float32)
+    with pytest.raises(ValueError, match=r"A is too large for its dtype: its sketch overflows \(largest \|entry\| 1.7e\+38"):
+        ul.randomized_svd(backend.asarray(huge), 2, rng=0)

@@ -297,3 +297,21 @@ def test_rnn_learns_the_copy_task_below_the_memoryless_baseline():
     baseline = K * math.log(8) / (T + 2 * K)
     assert np.mean(losses[-10:]) < 0.3 * baseline
     assert error(rnn.weight_hh) < ul.diagnostics.default_drift_tolerance("float32")
+
+
+def test_huge_finite_gradient_is_not_mistaken_for_inf():
+    """The NaN/Inf check sums the gradient first; a sum that overflows must fall
+    back to the exact test, not reject a finite gradient."""
+    b = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    opt = ProjUNN([b], lr=1e-320, base="sgd", seed=0)
+    b.grad = torch.full((3,), 1e308, dtype=torch.float64)  # the sum overflows, the entries are finite
+    opt.step()
+    assert torch.all(torch.isfinite(b)) and torch.all(b < 0)
+
+
+def test_gradient_too_large_to_sketch_is_reported_as_such():
+    W = unitary_parameter(4, dtype=torch.float64, generator=seeded())
+    opt = ProjUNN([W], lr=1e-3, base="sgd", seed=0)
+    W.grad = torch.full((4, 4), 1e308, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"G is too large for its dtype: its sketch overflows \(largest \|entry\| 1e\+308"):
+        opt.step()

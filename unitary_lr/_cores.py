@@ -14,7 +14,7 @@ import math
 
 from ._xp import broadcast_shapes, complex_dtype, eye, is_complex, mH
 
-__all__ = ["basis_of_columns", "expm_skew_minus_identity", "polar_minus_identity"]
+__all__ = ["add_lowrank", "basis_of_columns", "expm_skew_minus_identity", "polar_minus_identity"]
 
 # ||B||_F <= _SMALL keeps sigma(I + B) in [1/2, 3/2]; there the Gram formula of
 # polar_minus_identity is both cancellation-free and well conditioned.
@@ -92,3 +92,15 @@ def polar_minus_identity(xp, B):
     large = U @ Vh - identity
     is_small = xp.linalg.matrix_norm(B) <= _SMALL
     return xp.where(is_small[..., None, None], small, large)
+
+
+def add_lowrank(xp, W, L, Rh):
+    """W + L @ Rh for thin L (..., n, r) and Rh (..., r, m), as a new array.
+
+    Every low-rank kernel ends in such an update. One n x m temporary, the
+    result itself, is written, then W is added into it in place (an array of
+    our own); an optimizer that owns W can apply L and Rh in place instead.
+    """
+    out = L @ Rh
+    out += W
+    return out

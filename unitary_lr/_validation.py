@@ -125,6 +125,12 @@ def report_nonfinite(xp, name, x, *, source=None):
     """Raise ValueError describing the NaN/Inf entries of x (the error path only)."""
     bad = ~xp.isfinite(x)
     count = int(xp.sum(xp.astype(bad, xp.int32)))
+    if count == 0 and source:
+        largest = float(xp.max(xp.abs(x)))
+        raise ValueError(
+            f"{name} is too large for its dtype: {source} overflows (largest |entry| {largest:.3g} in an "
+            f"array of shape {tuple(x.shape)}); scale the gradient (or the loss) down"
+        )
     where = f" (detected in {source})" if source else ""
     raise ValueError(
         f"{name} contains NaN or Inf{where}: {count} non-finite entr"

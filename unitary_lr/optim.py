@@ -27,7 +27,7 @@ from ._validation import check_choice, check_int, check_real_scalar, namespace_o
 from ._xp import complex_dtype, dtype_name, is_complex, mH
 from .diagnostics import default_drift_tolerance, unitarity_estimate
 from .polar import project_unitary
-from .steps import STEP_OVERSAMPLE, STEP_POWER_ITERS, VARIANTS, projunn_step
+from .steps import STEP_OVERSAMPLE, STEP_POWER_ITERS, VARIANTS, projunn_step, projunn_update
 
 __all__ = ["SGD", "Adam", "ProjUNN", "RMSprop", "make_rule", "unitary_update"]
 
@@ -235,6 +235,7 @@ def unitary_update(
     drift_tol=None,
     drift_check_every=50,
     reproject="svd",
+    add_in_place=None,
 ):
     """One projUNN step of a unitary parameter along ``-lr * direction``, with
     drift control.
@@ -244,14 +245,19 @@ def unitary_update(
     :func:`unitarity_estimate` measures the drift from the group and, above
     ``drift_tol`` (None: :func:`default_drift_tolerance` of W's dtype), W is
     re-projected with :func:`project_unitary` (``reproject`` = "svd" or
-    "newton_schulz"). Returns ``(new W, re-projected?)``.
+    "newton_schulz"). ``add_in_place(L, Rh)``, when given, must add ``L @ Rh``
+    to W in place (an optimizer that owns W's memory): the step then writes no
+    new n x n array. Returns ``(new W, re-projected?)``; the new W is W itself
+    when it was updated in place and not re-projected.
     """
     if lr == 0:
         return W, False
-    W = projunn_step(
-        W, direction, lr=lr, rank=min(rank, W.shape[-1]), variant=variant,
-        oversample=oversample, power_iters=power_iters, rng=rng,
-    )
+    options = dict(lr=lr, rank=min(rank, W.shape[-1]), variant=variant, oversample=oversample,
+                   power_iters=power_iters, rng=rng)
+    if add_in_place is None:
+        W = projunn_step(W, direction, **options)
+    else:
+        add_in_place(*projunn_update(W, direction, **options))
     if drift_check_every and step % drift_check_every == 0:
         tolerance = default_drift_tolerance(dtype_name(xp, W.dtype)) if drift_tol is None else drift_tol
         if float(xp.max(unitarity_estimate(W, rng=rng))) > tolerance:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from ._cores import basis_of_columns, polar_minus_identity
+from ._cores import add_lowrank, basis_of_columns, polar_minus_identity
 from ._validation import (
     check_choice,
     check_finite,
@@ -181,12 +181,16 @@ def project_unitary_lowrank(W, a, b, /):
 
 def polar_lowrank_unchecked(xp, W, a, b):
     """project_unitary_lowrank for validated arrays of one dtype (the step's hot path)."""
+    return add_lowrank(xp, W, *polar_lowrank_factors(xp, W, a, b))
+
+
+def polar_lowrank_factors(xp, W, a, b):
+    """(L, Rh) with ``polar(W + a b^H) = W + L @ Rh``: L = (W Q)(polar(I + B) - I)
+    and Rh = Q^H."""
     # W^H a as (a^H W)^H: conjugates a, not W.
     c = mH(xp, mH(xp, a) @ W)
     Q, Rb, Rc = basis_of_columns(xp, b, c)
     core = core_dtype(xp, W.dtype, device(W))
     Rb, Rc = xp.astype(Rb, core, copy=False), xp.astype(Rc, core, copy=False)
     D = xp.astype(polar_minus_identity(xp, Rc @ mH(xp, Rb)), W.dtype, copy=False)
-    out = ((W @ Q) @ D) @ mH(xp, Q)
-    out += W
-    return out
+    return (W @ Q) @ D, mH(xp, Q)

@@ -103,7 +103,7 @@ def randomized_svd(A, /, rank, *, oversample=10, power_iters=2, rng=None):
         omega,
         rank=rank,
         power_iters=power_iters,
-        on_nonfinite=lambda: report_nonfinite(xp, "A", A),
+        on_nonfinite=lambda: report_nonfinite(xp, "A", A, source="its sketch"),
     )
 
 
@@ -131,7 +131,10 @@ def sketch_svd(xp, matmul, rmatmul, omega, *, rank, power_iters, on_nonfinite=No
         Q, _ = xp.linalg.qr(matmul(Q), mode="reduced")
     # B = Q^H A is (l, n); decompose its transpose B^H = A^H Q = U_b S V_b^H,
     # so that A ~ Q B = (Q V_b) S U_b^H.
-    Ub, S, Vbh = xp.linalg.svd(rmatmul(Q), full_matrices=False)
+    Bh = rmatmul(Q)
+    if on_nonfinite is not None and not bool(xp.all(xp.isfinite(Bh))):
+        on_nonfinite()  # finite A whose products overflow (entries near the dtype's maximum)
+    Ub, S, Vbh = xp.linalg.svd(Bh, full_matrices=False)
     U = Q @ mH(xp, Vbh[..., :rank, :])
     Vh = mH(xp, Ub[..., :, :rank])
     return SVDResult(U, S[..., :rank], Vh)

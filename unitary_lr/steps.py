@@ -15,15 +15,16 @@ from ._validation import (
     namespace_of,
     report_nonfinite,
 )
-from ._xp import broadcast_shapes, device, is_complex, mH
-from .polar import polar_lowrank_unchecked
+from ._cores import add_lowrank
+from ._xp import array_namespace, broadcast_shapes, device, is_complex, mH
+from .polar import polar_lowrank_factors
 from .rsvd import sketch_svd, sketch_width
-from .transport import transport_unchecked
+from .transport import transport_factors
 
-__all__ = ["STEP_OVERSAMPLE", "STEP_POWER_ITERS", "projunn_step", "tangent_project"]
+__all__ = ["STEP_OVERSAMPLE", "STEP_POWER_ITERS", "projunn_step", "projunn_update", "tangent_project"]
 
 # Sketch defaults of a step, chosen by measurement (float64, NumPy, 2-core CPU;
-# the command and table are in the closing note of the core issue). Captured
+# asv_benchmarks/benchmarks/sketch.py, SketchChoice, reproduces it). Captured
 # energy ||G_k||^2 / ||G_k,opt||^2 measures first-order progress per step:
 #   p=0 q=0 (the reference's "LSI"): 0.50-0.65 of optimal, 1.00x time
 #   p=0 q=1:                         0.70-0.98 of optimal, 1.13-1.20x time
@@ -115,6 +116,30 @@ def projunn_step(
     >>> bool(unitarity_error(W) < 1e-13)
     True
     """
+    L, Rh = projunn_update(W, G, lr=lr, rank=rank, variant=variant, oversample=oversample,
+                           power_iters=power_iters, rng=rng)
+    return add_lowrank(array_namespace(W), W, L, Rh)
+
+
+def projunn_update(
+    W,
+    G,
+    /,
+    *,
+    lr,
+    rank=1,
+    variant="tangent",
+    oversample=STEP_OVERSAMPLE,
+    power_iters=STEP_POWER_ITERS,
+    rng=None,
+):
+    """:func:`projunn_step` as thin factors: ``projunn_step(W, G) == W + L @ Rh``.
+
+    Same parameters, checks and random draws as :func:`projunn_step`; returns
+    ``(L, Rh)`` of shapes (..., n, r) and (..., r, n), r <= 2 * rank. For code
+    that owns W's memory and applies the update in place (the torch adapter
+    uses ``W.addmm_(L, Rh)``), which saves the new n x n array and a pass.
+    """
     factored = isinstance(G, tuple)
     if factored:
         if len(G) != 2:
@@ -154,11 +179,11 @@ def projunn_step(
         check_finite(xp, "G[0]", a)
         check_finite(xp, "G[1]", b)
         G = (xp.astype(a, xp.result_type(a, b), copy=False), xp.astype(b, xp.result_type(a, b), copy=False))
-    nonfinite = None if factored else (lambda: report_nonfinite(xp, "G", G, source="its sketch G @ Omega"))
+    nonfinite = None if factored else (lambda: report_nonfinite(xp, "G", G, source="its sketch"))
     shape = sketch_shape(G, rank, oversample)
     omega = None if shape is None else standard_normal(xp, shape, dtype=_dtype(G), device=device(W), rng=gen)
-    return step_unchecked(xp, W, G, omega, lr=lr, rank=rank, variant=variant, power_iters=power_iters,
-                          on_nonfinite=nonfinite)
+    return step_factors_unchecked(xp, W, G, omega, lr=lr, rank=rank, variant=variant, power_iters=power_iters,
+                                  on_nonfinite=nonfinite)
 
 
 def _dtype(G):
@@ -187,6 +212,12 @@ def step_unchecked(xp, W, G, omega, *, lr, rank, variant, power_iters, on_nonfin
     traces under ``jax.jit`` with a traced ``lr``; adapters that draw ``omega``
     with their framework's own generator use it directly.
     """
+    return add_lowrank(xp, W, *step_factors_unchecked(xp, W, G, omega, lr=lr, rank=rank, variant=variant,
+                                                      power_iters=power_iters, on_nonfinite=on_nonfinite))
+
+
+def step_factors_unchecked(xp, W, G, omega, *, lr, rank, variant, power_iters, on_nonfinite=None):
+    """:func:`step_unchecked` as factors (L, Rh): the new W is W + L @ Rh."""
     if omega is not None:
         if isinstance(G, tuple):
             a, b = G
@@ -198,8 +229,8 @@ def step_unchecked(xp, W, G, omega, *, lr, rank, variant, power_iters, on_nonfin
         G = (U * xp.astype(S, U.dtype)[..., None, :], mH(xp, Vh))
     a, b = (xp.astype(x, W.dtype, copy=False) for x in G)
     if variant == "tangent":
-        return transport_unchecked(xp, W, a, W @ b, -lr / 2)
-    return polar_lowrank_unchecked(xp, W, -lr * a, b)
+        return transport_factors(xp, W, a, W @ b, -lr / 2)
+    return polar_lowrank_factors(xp, W, -lr * a, b)
 
 
 def tangent_project(W, G, /):

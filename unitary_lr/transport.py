@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._cores import basis_of_columns, expm_skew_minus_identity
+from ._cores import add_lowrank, basis_of_columns, expm_skew_minus_identity
 from ._validation import check_real_scalar, unitary_and_factors
 from ._xp import core_dtype, device, mH
 
@@ -65,6 +65,12 @@ def exp_transport(W, a, b, /, *, t=1.0):
 
 def transport_unchecked(xp, W, a, b, t):
     """exp_transport for validated arrays of one dtype (the step's hot path)."""
+    return add_lowrank(xp, W, *transport_factors(xp, W, a, b, t))
+
+
+def transport_factors(xp, W, a, b, t):
+    """(L, Rh) with ``expm(t (a b^H - b a^H)) W = W + L @ Rh``: L = Q (expm(t K) - I)
+    and Rh = Q^H W, of r = rank [a, b] <= 2k columns and rows."""
     Q, Ra, Rb = basis_of_columns(xp, a, b)
     core = core_dtype(xp, W.dtype, device(W))
     Ra, Rb = xp.astype(Ra, core, copy=False), xp.astype(Rb, core, copy=False)
@@ -72,6 +78,4 @@ def transport_unchecked(xp, W, a, b, t):
     D = expm_skew_minus_identity(xp, P - mH(xp, P), t)
     D = xp.astype(D, W.dtype, copy=False)
     # Q^H W as (W^H Q)^H would conjugate all of W; this conjugates only Q.
-    out = (Q @ D) @ (mH(xp, Q) @ W)
-    out += W
-    return out
+    return Q @ D, mH(xp, Q) @ W

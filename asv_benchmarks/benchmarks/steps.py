@@ -111,3 +111,31 @@ class StepAccuracy:
         return float(unitarity_error(W))
 
     track_unitarity_after_100_steps.unit = "||W^H W - I||_F / sqrt(n)"
+
+
+class TorchOptimizerStep:
+    """``unitary_lr.torch.ProjUNN.step()`` for one unitary parameter: the
+    gradient check, the base rule, the sketch and the projUNN step applied in
+    place (``addmm_``), without drift checks. Compare with ProjunnStep on torch,
+    which returns a new matrix."""
+
+    params = (SIZES, ["float32", "float64", "complex64", "complex128"], VARIANTS, ["sgd", "adam"])
+    param_names = ("n", "dtype", "variant", "base")
+    timeout = TIMEOUT
+
+    def setup(self, n, dtype, variant, base):
+        backend = load("torch", dtype)
+        import torch
+
+        from unitary_lr.torch import ProjUNN, unitary_parameter
+
+        self.backend = backend
+        W, G = _step_data(backend, n, dtype)
+        self.W = unitary_parameter(W)
+        self.W.grad = G
+        self.opt = ProjUNN([self.W], lr=LEARNING_RATE, base=base, variant=variant, seed=0, drift_check_every=0)
+        self.torch = torch
+
+    def time_step(self, n, dtype, variant, base):
+        self.opt.step()
+        block(self.backend, self.W.detach())
