@@ -86,38 +86,34 @@ class ProjectUnitary:
         block(self.backend, project_unitary(self.A, method="newton_schulz"))
 
 
-class ProjectUnitaryLowrank:
-    """``project_unitary_lowrank(W, a, b)``: the projUNN-D core, O(k n^2)."""
+class _UnitaryAndFactors:
+    """Inputs of the two step kernels: a unitary W and thin factors a, b of the
+    size of a step's update (``a_scale`` times a rank-k matrix of norm ~ 1)."""
 
     params = (SIZES, RANKS, DTYPES, BACKENDS)
     param_names = ("n", "k", "dtype", "backend")
     timeout = TIMEOUT
+    a_scale = 1.0
 
     def setup(self, n, k, dtype, backend):
         self.backend = load(backend, dtype)
         rng = np.random.default_rng(0)
         self.W = to_device(self.backend, host_unitary(rng, n, dtype), dtype)
-        # a b^H of the size of a step's update: lr times a rank-k gradient of norm ~ 1
-        self.a = to_device(self.backend, host_gaussian(rng, (n, k), dtype, scale=-LEARNING_RATE / n**0.5), dtype)
+        self.a = to_device(self.backend, host_gaussian(rng, (n, k), dtype, scale=self.a_scale / n**0.5), dtype)
         self.b = to_device(self.backend, host_gaussian(rng, (n, k), dtype, scale=n**-0.5), dtype)
+
+
+class ProjectUnitaryLowrank(_UnitaryAndFactors):
+    """``project_unitary_lowrank(W, a, b)``: the projUNN-D core, O(k n^2)."""
+
+    a_scale = -LEARNING_RATE  # W - lr G_k
 
     def time_project_unitary_lowrank(self, n, k, dtype, backend):
         block(self.backend, project_unitary_lowrank(self.W, self.a, self.b))
 
 
-class ExpTransport:
+class ExpTransport(_UnitaryAndFactors):
     """``exp_transport(W, a, b, t)``: the projUNN-T core, O(k n^2)."""
-
-    params = (SIZES, RANKS, DTYPES, BACKENDS)
-    param_names = ("n", "k", "dtype", "backend")
-    timeout = TIMEOUT
-
-    def setup(self, n, k, dtype, backend):
-        self.backend = load(backend, dtype)
-        rng = np.random.default_rng(0)
-        self.W = to_device(self.backend, host_unitary(rng, n, dtype), dtype)
-        self.a = to_device(self.backend, host_gaussian(rng, (n, k), dtype, scale=n**-0.5), dtype)
-        self.b = to_device(self.backend, host_gaussian(rng, (n, k), dtype, scale=n**-0.5), dtype)
 
     def time_exp_transport(self, n, k, dtype, backend):
         block(self.backend, exp_transport(self.W, self.a, self.b, t=-LEARNING_RATE / 2))
