@@ -90,6 +90,14 @@ def projunn(learning_rate, *, unitary, base="rmsprop", rank=1, variant="tangent"
     TypeError
         Hyper-parameters the base optimizer does not take; unsupported dtypes.
 
+    Notes
+    -----
+    The preconditioner is optax's: ``optax.rmsprop`` puts ``eps`` inside the
+    square root by default, ``torch.optim.RMSprop`` outside, so the same
+    ``base`` gives a slightly different step than the torch adapter. The
+    second moment of a complex gradient is ``|g|^2`` in both. Drift control
+    costs two passes over W every ``drift_check_every`` steps.
+
     Examples
     --------
     >>> import jax, jax.numpy as jnp, optax

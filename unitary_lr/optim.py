@@ -298,6 +298,15 @@ class ProjUNN:
         ``betas, eps, weight_decay`` (adam). Weight decay does not apply to a
         unitary W: the group is invariant to scaling.
 
+    Raises
+    ------
+    ValueError
+        A negative lr, an unknown base, variant or reproject, out-of-range
+        hyper-parameters (e.g. ``betas`` outside [0, 1)); at a step, G not of
+        W's shape or with NaN/Inf (the optimizer's state is then unchanged).
+    TypeError
+        Hyper-parameters the base rule does not take; non-array W or G.
+
     Notes
     -----
     ``G`` may be a pair ``(a, b)`` meaning ``a @ b^H``. With a stateless rule

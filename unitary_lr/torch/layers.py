@@ -66,6 +66,12 @@ def unitary_parameter(n_or_tensor, *, init="haar", batch_shape=(), dtype=None, d
     TypeError
         A dtype other than the four supported ones.
 
+    Notes
+    -----
+    The mark is a Python attribute of the parameter; it survives ``deepcopy``
+    and pickling. ``ProjUNN(model.parameters())`` splits marked and other
+    parameters into two groups by itself.
+
     Examples
     --------
     >>> import torch
@@ -150,6 +156,14 @@ class UnitaryRNN(nn.Module):
     device : optional
     generator : torch.Generator, optional
         Source of the random initial values.
+
+    Raises
+    ------
+    ValueError
+        Sizes < 1, an unknown nonlinearity or init; at ``forward``, an input
+        or ``h0`` of the wrong shape.
+    TypeError
+        A ``dtype`` other than torch.float32 or torch.float64.
 
     Notes
     -----

@@ -81,6 +81,17 @@ class ProjUNN(torch.optim.Optimizer):
         ``torch.manual_seed`` alike (as a DistributedDataParallel job does) draw
         the same sketches and stay identical.
 
+    Raises
+    ------
+    ValueError
+        A negative or non-finite lr, an unknown base, variant or reproject, a
+        unitary parameter that is not (..., n, n) or smaller than ``rank``, a
+        group mixing marked and unmarked parameters; at ``step()``, a gradient
+        with NaN or Inf (named, with its shape; nothing is changed).
+    TypeError
+        A unitary parameter of a dtype other than float32/64, complex64/128;
+        hyper-parameters the base rule does not take.
+
     Notes
     -----
     Unitary parameters are square matrices or batches of them, (..., n, n),
