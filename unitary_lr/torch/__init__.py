@@ -13,7 +13,8 @@ try:
 except ImportError as error:  # pragma: no cover - torch is in the test extra
     raise ImportError("unitary_lr.torch needs PyTorch: pip install torch") from error
 
+from .conv import FourierConv2d
 from .layers import INITS, ModReLU, UnitaryRNN, unitary_parameter
 from .optimizer import ProjUNN, is_unitary, mark_unitary
 
-__all__ = ["INITS", "ModReLU", "ProjUNN", "UnitaryRNN", "is_unitary", "mark_unitary", "unitary_parameter"]
+__all__ = ["INITS", "FourierConv2d", "ModReLU", "ProjUNN", "UnitaryRNN", "is_unitary", "mark_unitary", "unitary_parameter"]

@@ -1,0 +1,163 @@
+"""``FourierConv2d``: full-width orthogonal (real) or unitary (complex)
+convolutions in the Fourier domain (floor 6).
+
+A circular convolution with c input and c output channels is diagonal in the
+2-D Fourier basis: one c x c matrix U_f per spatial frequency f. It is
+orthogonal (unitary) exactly when every U_f is unitary (Trockman and Kolter,
+2021). The matrices are the layer's parameters, trained with batched projUNN
+updates: all frequencies in one (F, c, c) parameter, one call per step.
+
+For real input and output the spectrum is Hermitian, X(-f) = conj(X(f)), and
+the operator maps real images to real images exactly when U(-f) = conj(U(f)).
+Only one matrix of each pair (f, -f) is a parameter; its partner is derived
+by conjugation, so the constraint holds after every update by construction,
+not just at initialisation. The self-conjugate frequencies (f = -f: the
+corners (0, 0), (0, w/2), (h/2, 0), (h/2, w/2) that exist) get real
+orthogonal matrices, a second batched parameter.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .layers import unitary_parameter
+
+__all__ = ["FourierConv2d"]
+
+_COMPLEX_OF = {torch.float32: torch.complex64, torch.float64: torch.complex128}
+
+
+def _half_spectrum_sources(h, w):
+    """For each frequency (i, j) of the rfft2 grid (h x (w//2 + 1)), where its
+    matrix comes from: ("free", index), ("mirror", index of the free partner)
+    or ("real", index)."""
+    width = w // 2 + 1
+    free, real, sources = [], [], {}
+    for i in range(h):
+        for j in range(width):
+            mirrored_column = j == 0 or (w % 2 == 0 and j == w // 2)
+            partner = (-i) % h
+            if not mirrored_column:
+                sources[i, j] = ("free", len(free))
+                free.append((i, j))
+            elif partner == i:
+                sources[i, j] = ("real", len(real))
+                real.append((i, j))
+            elif i < partner:
+                sources[i, j] = ("free", len(free))
+                free.append((i, j))
+    for i in range(h):
+        for j in range(width):
+            if (i, j) not in sources:
+                sources[i, j] = ("mirror", sources[(-i) % h, j][1])
+    return free, real, sources
+
+
+class FourierConv2d(nn.Module):
+    r"""Orthogonal (real) or unitary (complex) 2-D circular convolution with
+    c input and c output channels, one unitary c x c matrix per frequency.
+
+    Parameters
+    ----------
+    channels : int
+        c, the number of input and output channels.
+    size : tuple of int
+        (h, w), the spatial size of the images (the convolution is circular
+        over it: a full-width kernel).
+    complex : bool, optional
+        Complex images and a unitary operator (else real images and an
+        orthogonal operator).
+    init : {"identity", "haar"}, optional
+        Every U_f the identity (the layer starts as the identity map) or
+        Haar-random.
+    dtype : torch.float32 or torch.float64, optional
+        Real precision.
+    device : optional
+    generator : torch.Generator, optional
+
+    Raises
+    ------
+    ValueError
+        channels < 1, a size that is not two integers >= 1, an unknown init;
+        at ``forward``, an input that is not (B, c, h, w).
+    TypeError
+        A dtype other than torch.float32 or torch.float64.
+
+    Notes
+    -----
+    ``forward(x)`` computes ``X = fft2(x)`` (``rfft2`` for the real layer, with
+    the orthonormal scaling), ``Y_f = U_f X_f`` for every frequency, and the
+    inverse transform: O(B c h w (log(h w) + c)). By Parseval,
+    ``||forward(x)|| = ||x||`` to rounding for every x. The parameters are
+    ``weight`` ((F, c, c) complex, marked unitary) and, for the real layer,
+    ``weight_real`` ((S, c, c) real orthogonal, S <= 4): give them to
+    :class:`ProjUNN` and each is updated with one batched projUNN call.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from unitary_lr.torch import FourierConv2d
+    >>> conv = FourierConv2d(3, (8, 8), init="haar", dtype=torch.float64,
+    ...                      generator=torch.Generator().manual_seed(0))
+    >>> x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    >>> y = conv(x)
+    >>> y.dtype, bool(torch.isclose(y.norm(), x.norm()))
+    (torch.float64, True)
+    """
+
+    def __init__(self, channels, size, *, complex=False, init="identity", dtype=None, device=None,
+                 generator=None):
+        super().__init__()
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"channels must be an integer >= 1, got {channels!r}")
+        if (not isinstance(size, (tuple, list)) or len(size) != 2
+                or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in size)):
+            raise ValueError(f"size must be two integers (h, w) >= 1, got {size!r}")
+        if init not in ("identity", "haar"):
+            raise ValueError(f"init must be 'identity' or 'haar', got {init!r}")
+        real_dtype = torch.get_default_dtype() if dtype is None else dtype
+        if real_dtype not in _COMPLEX_OF:
+            raise TypeError(f"dtype must be torch.float32 or torch.float64 (the real precision), got {real_dtype}")
+        self.channels, self.size, self.complex = channels, tuple(size), complex
+        h, w = self.size
+        options = dict(init=init, device=device, generator=generator)
+        if complex:
+            self.weight = unitary_parameter(channels, batch_shape=(h * w,), dtype=_COMPLEX_OF[real_dtype], **options)
+            self.weight_real = None
+            self.register_buffer("_gather", None, persistent=False)
+            return
+        free, real, sources = _half_spectrum_sources(h, w)
+        self.weight = unitary_parameter(channels, batch_shape=(len(free),), dtype=_COMPLEX_OF[real_dtype], **options)
+        self.weight_real = unitary_parameter(channels, batch_shape=(len(real),), dtype=real_dtype, **options)
+        # Index into the bank [weight, conj(weight), weight_real] for every
+        # frequency of the rfft2 grid, in row-major order.
+        offsets = {"free": 0, "mirror": len(free), "real": 2 * len(free)}
+        index = [offsets[kind] + k for kind, k in (sources[i, j] for i in range(h) for j in range(w // 2 + 1))]
+        self.register_buffer("_gather", torch.tensor(index, device=device), persistent=False)
+
+    def matrices(self):
+        """The c x c matrix of every frequency of the transform's grid: (h, w, c, c)
+        for the complex layer, (h, w // 2 + 1, c, c) for the real one."""
+        h, w = self.size
+        c = self.channels
+        if self.complex:
+            return self.weight.reshape(h, w, c, c)
+        bank = torch.cat([self.weight, self.weight.conj(), self.weight_real.to(self.weight.dtype)])
+        return bank.index_select(0, self._gather).reshape(h, w // 2 + 1, c, c)
+
+    def forward(self, x):
+        h, w = self.size
+        if x.dim() != 4 or tuple(x.shape[1:]) != (self.channels, h, w):
+            raise ValueError(f"input must be (B, {self.channels}, {h}, {w}), got shape {tuple(x.shape)}")
+        U = self.matrices()
+        if self.complex:
+            X = torch.fft.fft2(x.to(self.weight.dtype), norm="ortho")
+            return torch.fft.ifft2(torch.einsum("ijab,nbij->naij", U, X), norm="ortho")
+        X = torch.fft.rfft2(x.to(self.weight_real.dtype), norm="ortho")
+        return torch.fft.irfft2(torch.einsum("ijab,nbij->naij", U, X), s=(h, w), norm="ortho")
+
+    def extra_repr(self):
+        kind = "unitary" if self.complex else "orthogonal"
+        return f"{self.channels}, size={self.size}, {kind}"
+
