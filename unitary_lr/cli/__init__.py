@@ -12,10 +12,10 @@ import os
 import sys
 
 from .._backends import BackendError
-from . import bench, toy
+from . import bench, conv, sequence, toy
 from ._output import CommandError
 
-SUBCOMMANDS = (toy, bench)
+SUBCOMMANDS = (toy, sequence, conv, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

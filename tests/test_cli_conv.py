@@ -1,0 +1,54 @@
+"""``unitary-lr conv``."""
+
+import json
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="PyTorch is not installed")
+
+from unitary_lr.cli import conv, main  # noqa: E402
+
+
+def test_gratings_are_oriented_by_class():
+    images, labels = conv.gratings(torch, 400, 16, 0.0, torch.Generator().manual_seed(0))
+    assert tuple(images.shape) == (400, 1, 16, 16) and set(labels.tolist()) == {0, 1, 2, 3}
+    # without noise, the orientation of the image's energy in the Fourier plane gives its class
+    spectrum = torch.fft.fft2(images[:, 0].double()).abs()
+    spectrum[:, 0, 0] = 0
+    flat = spectrum.reshape(400, -1).argmax(dim=1)
+    i, j = flat // 16, flat % 16
+    i, j = torch.where(i > 8, i - 16, i), torch.where(j > 8, j - 16, j)
+    angle = torch.remainder(torch.atan2(i.double(), j.double()), math.pi)
+    predicted = torch.round(angle / (math.pi / 4)).long() % 4
+    assert float((predicted == labels).double().mean()) > 0.9
+
+
+@pytest.mark.slow
+def test_quick_run_trains_and_stays_orthogonal(tmp_path, capsys):
+    out = tmp_path / "conv"
+    assert main(["conv", "--quick", "--threads", "1", "--no-progress", "--out", str(out)]) == 0
+    record = json.loads(out.with_name("conv.json").read_text())
+    orthogonal, unconstrained = record["results"]
+    assert orthogonal["run"] == "orthogonal" and unconstrained["run"] == "unconstrained"
+    assert orthogonal["final_test_accuracy"] > 0.7  # chance is 0.25
+    assert orthogonal["unitarity_error"] < 1e-5  # float32: ||conv x|| = ||x||
+    assert unconstrained["unitarity_error"] > 1e-3  # the same layer, free to leave the group
+    assert out.with_name("conv.png").read_bytes()[:4] == b"\x89PNG"
+    assert "test accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--channels", "7"], "--channels must be even (MaxMin sorts channel pairs), got 7"),
+        (["--depth", "0"], "--depth must be >= 1, got 0"),
+        (["--rank", "9"], "--rank must lie in [1, channels = 8], got 9"),
+        (["--lr", "-1"], "--lr must be finite and > 0, got -1.0"),
+        (["--device", "cuda:5"], "device 'cuda:5' is not available to torch here"),
+    ],
+)
+def test_bad_settings(tmp_path, capsys, arguments, message):
+    assert main(["conv", *arguments, "--steps", "1", "--no-progress", "--no-plot", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1

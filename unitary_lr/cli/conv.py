@@ -1,0 +1,242 @@
+"""``unitary-lr conv``: a deep stack of orthogonal convolutions, with and
+without the constraint.
+
+Images are generated, not downloaded: noisy sinusoidal gratings whose class
+is their orientation (0, 45, 90 or 135 degrees), with random frequency, phase
+and contrast. The network lifts the image to c channels, applies ``depth``
+blocks of FourierConv2d and a MaxMin activation (which sorts channel pairs:
+it preserves norms and gradient norms), pools and reads out a class. With the
+convolutions kept orthogonal by projUNN every block preserves the norm of
+signals and gradients, however deep the stack; trained without the constraint
+(the same parameters, the same Adam) the stack's gain is free to grow or shrink
+with depth. The plot shows both runs' training loss, test accuracy and the
+norm of the gradient reaching the first layer.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ._output import CommandError, environment, format_table, progress, require_modules, write_json
+
+CLASSES = 4
+
+
+def add_parser(commands):
+    parser = commands.add_parser("conv", help="a deep orthogonal CNN on generated images, with and without the constraint",
+                                 description=__doc__.split("\n\n")[1].replace("\n", " "))
+    parser.add_argument("--depth", type=int, default=32, help="FourierConv2d blocks (default: 32)")
+    parser.add_argument("--channels", type=int, default=8, help="channels c, even (default: 8)")
+    parser.add_argument("--size", type=int, default=8, help="images are size x size (default: 8)")
+    parser.add_argument("--steps", type=int, default=200, help="training steps per run (default: 200)")
+    parser.add_argument("--batch", type=int, default=64, help="(default: 64)")
+    parser.add_argument("--lr", type=float, default=1e-2, help="Adam's learning rate (default: 1e-2)")
+    parser.add_argument("--rank", type=int, default=1, help="rank k of the projUNN updates (default: 1)")
+    parser.add_argument("--variant", choices=("tangent", "direct"), default="direct", help="(default: direct)")
+    parser.add_argument("--noise", type=float, default=1.0, help="standard deviation of the pixel noise (default: 1)")
+    parser.add_argument("--runs", nargs="+", choices=("orthogonal", "unconstrained"),
+                        default=["orthogonal", "unconstrained"], help="(default: both)")
+    parser.add_argument("--quick", action="store_true", help="depth 8, 8 x 8 images, 150 steps")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    parser.add_argument("--out", default="unitary-lr-conv", help="path prefix of the .json and .png outputs")
+    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(run=run)
+
+
+def _validate(args):
+    if args.quick:
+        args.depth, args.size, args.steps = 8, 8, 150
+    for flag, value, minimum in (("--depth", args.depth, 1), ("--channels", args.channels, 2), ("--size", args.size, 4),
+                                 ("--steps", args.steps, 1), ("--batch", args.batch, 1), ("--seed", args.seed, 0)):
+        if value < minimum:
+            raise CommandError(f"{flag} must be >= {minimum}, got {value}")
+    if args.channels % 2:
+        raise CommandError(f"--channels must be even (MaxMin sorts channel pairs), got {args.channels}")
+    if not 1 <= args.rank <= args.channels:
+        raise CommandError(f"--rank must lie in [1, channels = {args.channels}], got {args.rank}")
+    for flag, value in (("--lr", args.lr), ("--noise", args.noise)):
+        if not (math.isfinite(value) and value >= 0) or (flag == "--lr" and value == 0):
+            raise CommandError(f"{flag} must be finite and {'> 0' if flag == '--lr' else '>= 0'}, got {value}")
+
+
+def gratings(torch, count, size, noise, generator):
+    """(count, 1, size, size) images and their orientation classes in 0..3."""
+    labels = torch.randint(0, CLASSES, (count,), generator=generator)
+    angle = labels.double() * math.pi / CLASSES
+    frequency = 2 * math.pi * (0.15 + 0.2 * torch.rand(count, generator=generator, dtype=torch.float64))
+    phase = 2 * math.pi * torch.rand(count, generator=generator, dtype=torch.float64)
+    contrast = 0.5 + torch.rand(count, generator=generator, dtype=torch.float64)
+    grid = torch.arange(size, dtype=torch.float64)
+    y, x = torch.meshgrid(grid, grid, indexing="ij")
+    along = x[None] * torch.cos(angle)[:, None, None] + y[None] * torch.sin(angle)[:, None, None]
+    images = contrast[:, None, None] * torch.cos(frequency[:, None, None] * along + phase[:, None, None])
+    images = images + noise * torch.randn(count, size, size, generator=generator, dtype=torch.float64)
+    return images[:, None].float(), labels
+
+
+def _network(torch, args, device):
+    from ..torch import FourierConv2d
+
+    class MaxMin(torch.nn.Module):
+        def forward(self, x):
+            a, b = x.chunk(2, dim=1)
+            return torch.cat([torch.maximum(a, b), torch.minimum(a, b)], dim=1)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            generator = torch.Generator().manual_seed(args.seed)
+            self.blocks = torch.nn.ModuleList(
+                FourierConv2d(args.channels, (args.size, args.size), init="haar", device=device, generator=generator)
+                for _ in range(args.depth)
+            )
+            self.activation = MaxMin()
+            self.readout = torch.nn.Linear(args.channels, CLASSES, device=device)
+
+        def forward(self, images):
+            x = torch.nn.functional.pad(images, (0, 0, 0, 0, 0, args.channels - 1))  # lift to c channels
+            for block in self.blocks:
+                x = self.activation(block(x))
+            return self.readout(x.mean(dim=(2, 3)) * args.size)  # pooled, scale-free in the size
+
+    return Net()
+
+
+def _first_layer_gradient(net):
+    grads = [p.grad for p in net.blocks[0].parameters() if p.grad is not None]
+    return float(sum(float(g.abs().square().sum()) for g in grads) ** 0.5)
+
+
+def run(args) -> int:
+    _validate(args)
+    require_modules(("matplotlib",) * (not args.no_plot) + ("tqdm",) * (not args.no_progress))
+    try:
+        import torch
+    except ImportError:
+        raise CommandError("PyTorch is not installed: pip install 'unitary-lr[torch]'") from None
+    from .._backends import load_backend
+    from ..torch import ProjUNN
+
+    device = load_backend("torch", device=args.device).device
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CommandError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    test_x, test_y = gratings(torch, 1000, args.size, args.noise, torch.Generator().manual_seed(args.seed + 1))
+    test_x, test_y = test_x.to(device), test_y.to(device)
+    bar = progress(len(args.runs) * args.steps, description="conv", enabled=not args.no_progress)
+    results, interrupted = [], False
+    try:
+        for kind in dict.fromkeys(args.runs):
+            torch.manual_seed(args.seed)
+            net = _network(torch, args, device)
+            # the same parameters and the same Adam; only the constraint differs
+            groups = net.parameters() if kind == "orthogonal" else [{"params": list(net.parameters()), "unitary": False}]
+            optimizer = ProjUNN(groups, lr=args.lr, base="adam", rank=args.rank, variant=args.variant, seed=args.seed)
+            data = torch.Generator().manual_seed(args.seed + 2)
+            record = {"run": kind, "train_loss": [], "first_layer_gradient": [], "test_steps": [], "test_accuracy": []}
+            results.append(record)
+            start = time.perf_counter()
+            for step in range(1, args.steps + 1):
+                x, y = gratings(torch, args.batch, args.size, args.noise, data)
+                loss = torch.nn.functional.cross_entropy(net(x.to(device)), y.to(device))
+                optimizer.zero_grad()
+                loss.backward()
+                record["first_layer_gradient"].append(_first_layer_gradient(net))
+                if not math.isfinite(loss.item()) or not math.isfinite(record["first_layer_gradient"][-1]):
+                    record["train_loss"].append(loss.item())
+                    record["diverged_at"] = step
+                    break
+                try:
+                    optimizer.step()
+                except ValueError:  # a NaN/Inf gradient: the unconstrained run has blown up
+                    record["train_loss"].append(loss.item())
+                    record["diverged_at"] = step
+                    break
+                record["train_loss"].append(loss.item())
+                if step % max(args.steps // 10, 1) == 0 or step == args.steps:
+                    with torch.no_grad():
+                        accuracy = (net(test_x).argmax(dim=1) == test_y).float().mean().item()
+                    record["test_steps"].append(step)
+                    record["test_accuracy"].append(accuracy)
+                bar.update(1)
+                bar.set_postfix_str(f"{kind} loss {loss.item():.3f}", refresh=False)
+            record["seconds"] = time.perf_counter() - start
+            record["final_test_accuracy"] = record["test_accuracy"][-1] if record["test_accuracy"] else None
+            record["unitarity_error"] = _operator_error(torch, net)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        bar.close()
+    return _report(args, results, interrupted)
+
+
+def _operator_error(torch, net):
+    """How far the first block is from an isometry: | ||conv(x)|| / ||x|| - 1 | on random x."""
+    block = net.blocks[0]
+    with torch.no_grad():
+        x = torch.randn(8, block.channels, *block.size, generator=torch.Generator().manual_seed(0)).to(block.weight.device)
+        ratio = torch.linalg.vector_norm(block(x), dim=(1, 2, 3)) / torch.linalg.vector_norm(x, dim=(1, 2, 3))
+    return float((ratio - 1).abs().max())
+
+
+def _report(args, results, interrupted):
+    rows = [(r["run"], len(r["train_loss"]), f"{r['train_loss'][-1]:.4g}" if r["train_loss"] else "-",
+             "-" if r.get("final_test_accuracy") is None else f"{r['final_test_accuracy']:.3f}",
+             r.get("diverged_at", "-"), f"{r.get('unitarity_error', float('nan')):.1e}") for r in results]
+    print(format_table(("run", "steps", "last loss", "test accuracy", "diverged at", "| ||conv x||/||x|| - 1 |"), rows))
+    out = Path(args.out)
+    record = {
+        "command": "unitary-lr " + " ".join(args.argv),
+        "experiment": "conv",
+        "settings": {"depth": args.depth, "channels": args.channels, "size": args.size, "steps": args.steps,
+                     "batch": args.batch, "lr": args.lr, "rank": args.rank, "variant": args.variant,
+                     "noise": args.noise, "seed": args.seed, "quick": args.quick},
+        "status": "interrupted" if interrupted else "done",
+        "results": results,
+        "environment": environment(),
+    }
+    json_path = out.with_name(out.name + ".json")
+    write_json(json_path, record)
+    written = [str(json_path)]
+    if not args.no_plot and results:
+        png_path = out.with_name(out.name + ".png")
+        _plot(png_path, results, title=f"{args.depth} FourierConv2d blocks, {args.channels} channels, "
+                                       f"{args.size} x {args.size} images")
+        written.append(str(png_path))
+    print("wrote " + ", ".join(written))
+    if interrupted:
+        print("interrupted: the outputs hold the steps done so far", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _plot(path, results, *, title):
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(11, 3.6), layout="constrained")
+    loss_axes, accuracy_axes, gradient_axes = figure.subplots(1, 3)
+    for r in results:
+        steps = np.arange(1, len(r["train_loss"]) + 1)
+        loss_axes.plot(steps, r["train_loss"], label=r["run"], linewidth=1)
+        accuracy_axes.plot(r["test_steps"], r["test_accuracy"], marker="o", markersize=3, label=r["run"])
+        gradient_axes.plot(np.arange(1, len(r["first_layer_gradient"]) + 1), r["first_layer_gradient"],
+                           label=r["run"], linewidth=1)
+    loss_axes.set(title="training loss", xlabel="step", yscale="log")
+    accuracy_axes.set(title="test accuracy", xlabel="step", ylim=(0, 1.02))
+    accuracy_axes.axhline(1 / CLASSES, color="black", linestyle="--", linewidth=1, label="chance")
+    gradient_axes.set(title="gradient norm at the first block", xlabel="step", yscale="log")
+    for axes in (loss_axes, accuracy_axes, gradient_axes):
+        axes.grid(True, which="both", alpha=0.3)
+        axes.legend(fontsize="small")
+    figure.suptitle(title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
