@@ -93,3 +93,31 @@ def plot_curves(path: Path, curves: dict, *, title: str, xlabel: str, ylabel: st
     axes.legend()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
+
+
+def torch_session(args):
+    """(torch, device) for the PyTorch experiments: a clear error if PyTorch is
+    missing, the device from ``--device`` (one-line error if it is not there),
+    and ``--threads`` applied."""
+    try:
+        import torch
+    except ImportError:
+        raise CommandError("PyTorch is not installed: pip install 'unitary-lr[torch]'") from None
+    from .._backends import load_backend
+
+    device = load_backend("torch", device=args.device).device
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CommandError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    return torch, device
+
+
+def finish(written, interrupted) -> int:
+    """Say what was written; exit status 130 after Ctrl-C (the outputs hold
+    what was done), else 0."""
+    print("wrote " + ", ".join(map(str, written)))
+    if interrupted:
+        print("interrupted: the outputs hold the steps done so far", file=sys.stderr)
+        return 130
+    return 0

@@ -16,13 +16,21 @@ norm of the gradient reaching the first layer.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from ._output import CommandError, environment, format_table, progress, require_modules, write_json
+from ._output import (
+    CommandError,
+    environment,
+    finish,
+    format_table,
+    progress,
+    require_modules,
+    torch_session,
+    write_json,
+)
 
 CLASSES = 4
 
@@ -118,18 +126,9 @@ def _first_layer_gradient(net):
 def run(args) -> int:
     _validate(args)
     require_modules(("matplotlib",) * (not args.no_plot) + ("tqdm",) * (not args.no_progress))
-    try:
-        import torch
-    except ImportError:
-        raise CommandError("PyTorch is not installed: pip install 'unitary-lr[torch]'") from None
-    from .._backends import load_backend
+    torch, device = torch_session(args)
     from ..torch import ProjUNN
 
-    device = load_backend("torch", device=args.device).device
-    if args.threads is not None:
-        if args.threads < 1:
-            raise CommandError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
     test_x, test_y = gratings(torch, 1000, args.size, args.noise, torch.Generator().manual_seed(args.seed + 1))
     test_x, test_y = test_x.to(device), test_y.to(device)
     bar = progress(len(args.runs) * args.steps, description="conv", enabled=not args.no_progress)
@@ -212,11 +211,7 @@ def _report(args, results, interrupted):
         _plot(png_path, results, title=f"{args.depth} FourierConv2d blocks, {args.channels} channels, "
                                        f"{args.size} x {args.size} images")
         written.append(str(png_path))
-    print("wrote " + ", ".join(written))
-    if interrupted:
-        print("interrupted: the outputs hold the steps done so far", file=sys.stderr)
-        return 130
-    return 0
+    return finish(written, interrupted)
 
 
 def _plot(path, results, *, title):

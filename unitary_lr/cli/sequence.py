@@ -20,13 +20,21 @@ run one after the other on the same data and share one plot.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from ._output import CommandError, environment, format_table, progress, require_modules, write_json
+from ._output import (
+    CommandError,
+    environment,
+    finish,
+    format_table,
+    progress,
+    require_modules,
+    torch_session,
+    write_json,
+)
 
 # The paper's settings (design notes, section 1; Kiani et al. 2022, section 5).
 TASKS = {
@@ -202,17 +210,7 @@ def _optimizer(run, net, args):
 def run(args) -> int:
     T, hidden, steps = _settings(args)
     require_modules(("matplotlib",) * (not args.no_plot) + ("tqdm",) * (not args.no_progress))
-    try:
-        import torch
-    except ImportError:
-        raise CommandError("PyTorch is not installed: pip install 'unitary-lr[torch]'") from None
-    from .._backends import load_backend
-
-    device = load_backend("torch", device=args.device).device
-    if args.threads is not None:
-        if args.threads < 1:
-            raise CommandError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    torch, device = torch_session(args)
     task = CopyTask(T) if args.task == "copy" else AddingTask(T)
     runs = _runs(args)
     test = task.batch(torch, 1000 if args.task == "adding" else 256, torch.Generator().manual_seed(args.seed + 1), device)
@@ -286,11 +284,7 @@ def _report(args, task, results, interrupted, settings):
         png_path = out.with_name(out.name + ".png")
         _plot(png_path, task, results, title=f"{args.task} task, T = {settings['T']}, hidden {settings['hidden']}")
         written.append(str(png_path))
-    print("wrote " + ", ".join(written))
-    if interrupted:
-        print("interrupted: the outputs hold the steps done so far", file=sys.stderr)
-        return 130
-    return 0
+    return finish(written, interrupted)
 
 
 def _write_json(args, task, results, status, settings):

@@ -14,7 +14,6 @@ which starts near 2 for a random W. Every rank sees the same data stream.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -25,7 +24,16 @@ from ..optim import ProjUNN
 from .._backends import BACKEND_NAMES, load_backend
 from .._random import standard_normal
 from .._xp import FLOAT_DTYPE_NAMES, mH
-from ._output import CommandError, environment, format_table, plot_curves, progress, require_modules, write_json
+from ._output import (
+    CommandError,
+    environment,
+    finish,
+    format_table,
+    plot_curves,
+    progress,
+    require_modules,
+    write_json,
+)
 
 
 def add_parser(commands):
@@ -159,8 +167,4 @@ def run(args) -> int:
             ylabel="expected loss ||W - U||_F^2 / n",
         )
         written.append(str(png_path))
-    print("wrote " + ", ".join(written))
-    if interrupted:
-        print("interrupted: the outputs hold the steps done so far", file=sys.stderr)
-        return 130
-    return 0
+    return finish(written, interrupted)
