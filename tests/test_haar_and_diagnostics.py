@@ -96,3 +96,21 @@ def test_unitarity_error_of_float32_is_measured_above_float32_rounding(rng):
     drift = (W + 1e-9 * rng.standard_normal((64, 64))).astype(np.float32)
     reference = unitarity(drift.astype(np.float64))
     np.testing.assert_allclose(float(ul.unitarity_error(drift)), reference, rtol=1e-10)
+
+
+def test_unitarity_estimate_tracks_the_exact_error(backend, dtype, rng):
+    """Hutchinson's estimate with 4 probes: within a factor ~2 of the exact
+    value, for drift well above the dtype's rounding."""
+    n = 48
+    W = ul.random_unitary(n, dtype=dtype, batch_shape=(3,), rng=rng)
+    scale = 1e-3 if dtype in ("float32", "complex64") else 1e-8
+    drift = (scale * np.array([1.0, 3.0, 10.0]))[:, None, None] * rng.standard_normal((3, n, n))
+    W = (W + drift).astype(W.dtype)
+    estimate = ul.unitarity_estimate(backend.asarray(W), rng=rng)
+    assert tuple(estimate.shape) == (3,)
+    ratio = backend.to_numpy(estimate) / unitarity(W)
+    assert np.all((ratio > 0.4) & (ratio < 2.5)), ratio
+    with pytest.raises(ValueError, match=r"probes must be >= 1, got 0"):
+        ul.unitarity_estimate(backend.asarray(W), probes=0)
+    with pytest.raises(ValueError, match=r"W must be square"):
+        ul.unitarity_estimate(backend.asarray(W[..., :-1]))
