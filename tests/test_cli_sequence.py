@@ -113,3 +113,24 @@ def test_interrupt_keeps_the_partial_curve(tmp_path, monkeypatch):
     record = read(out)
     assert record["status"] == "interrupted" and len(record["results"][0]["train_loss"]) == 5
     assert record["results"][0]["test_steps"] == [4]
+
+
+def test_sigterm_stops_a_run_like_ctrl_c(tmp_path):
+    """A job scheduler's SIGTERM writes the partial results, as Ctrl-C does."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "term"
+    process = subprocess.Popen([sys.executable, "-m", "unitary_lr", "copy", "--T", "50", "--hidden", "16",
+                                "--steps", "100000", "--eval-every", "5", "--no-progress", "--no-plot",
+                                "--threads", "1", "--out", str(out)])
+    json_path = out.with_name("term.json")
+    deadline = time.time() + 120
+    while not json_path.exists() and time.time() < deadline:
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 130
+    record = json.loads(json_path.read_text())
+    assert record["status"] == "interrupted" and record["results"][0]["train_loss"]

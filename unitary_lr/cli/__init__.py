@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from .._backends import BackendError
@@ -37,6 +38,9 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = argv  # recorded with the results
+    # SIGTERM (a job scheduler, kill) stops a run like Ctrl-C: the partial
+    # results are written and the exit status is 130.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return args.run(args)
     except (CommandError, BackendError) as error:
@@ -46,3 +50,9 @@ def main(argv=None) -> int:
         # the reader went away (``unitary-lr toy | head``): not an error of ours
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps Python's exit flush quiet
         return 141
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
