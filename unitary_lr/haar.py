@@ -37,7 +37,7 @@ def random_unitary(n, *, dtype, batch_shape=(), rng=None, xp=None, device=None):
 
     Returns
     -------
-    array, shape (*batch_shape, n, n)
+    array of shape ``(*batch_shape, n, n)``
 
     Raises
     ------
