@@ -82,7 +82,23 @@ def _decayed(grad, param, weight_decay, apply):
 
 @dataclass(frozen=True)
 class SGD:
-    """Stochastic gradient descent with momentum, as ``torch.optim.SGD``."""
+    """Stochastic gradient descent with momentum, as ``torch.optim.SGD``.
+
+    A pure function of arrays: ``direction(xp, grad, param, state)`` returns the
+    step direction D (the plain update is ``param - lr * D``) and a new state;
+    nothing is written in place.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from array_api_compat import array_namespace
+    >>> from unitary_lr.optim import SGD
+    >>> rule = SGD(momentum=0.9)
+    >>> g = np.array([1.0, -2.0])
+    >>> d, state = rule.direction(array_namespace(g), g, np.zeros(2), rule.init(array_namespace(g), g))
+    >>> d.tolist(), state["momentum_buffer"].tolist()
+    ([1.0, -2.0], [1.0, -2.0])
+    """
 
     momentum: float = 0.0
     dampening: float = 0.0
@@ -118,7 +134,23 @@ class SGD:
 
 @dataclass(frozen=True)
 class RMSprop:
-    """RMSprop, as ``torch.optim.RMSprop`` (eps added after the square root)."""
+    """RMSprop, as ``torch.optim.RMSprop`` (eps added after the square root).
+
+    A pure function of arrays: ``direction(xp, grad, param, state)`` returns the
+    step direction D (the plain update is ``param - lr * D``) and a new state;
+    nothing is written in place.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from array_api_compat import array_namespace
+    >>> from unitary_lr.optim import RMSprop
+    >>> rule = RMSprop(alpha=0.0, eps=0.0)
+    >>> g = np.array([3.0, -0.5])
+    >>> d, state = rule.direction(array_namespace(g), g, np.zeros(2), rule.init(array_namespace(g), g))
+    >>> d.tolist()
+    [1.0, -1.0]
+    """
 
     alpha: float = 0.99
     eps: float = 1e-8
@@ -160,7 +192,23 @@ class RMSprop:
 
 @dataclass(frozen=True)
 class Adam:
-    """Adam with L2 weight decay, as ``torch.optim.Adam``."""
+    """Adam with L2 weight decay, as ``torch.optim.Adam``.
+
+    A pure function of arrays: ``direction(xp, grad, param, state)`` returns the
+    step direction D (the plain update is ``param - lr * D``) and a new state;
+    nothing is written in place.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from array_api_compat import array_namespace
+    >>> from unitary_lr.optim import Adam
+    >>> rule = Adam()
+    >>> g = np.array([0.3, -4.0])
+    >>> d, state = rule.direction(array_namespace(g), g, np.zeros(2), rule.init(array_namespace(g), g))
+    >>> d.round(6).tolist(), state["step"]
+    ([1.0, -1.0], 1)
+    """
 
     betas: tuple = (0.9, 0.999)
     eps: float = 1e-8

@@ -22,7 +22,18 @@ __all__ = ["ConvergenceError", "project_unitary", "project_unitary_lowrank"]
 
 class ConvergenceError(ValueError):
     """An iteration did not converge for this input (like numpy's LinAlgError,
-    a ValueError: the input is singular or too ill-conditioned for the method)."""
+    a ValueError: the input is singular or too ill-conditioned for the method).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from unitary_lr import ConvergenceError, project_unitary
+    >>> try:
+    ...     project_unitary(np.zeros((3, 3)), method="newton_schulz")
+    ... except ConvergenceError as error:
+    ...     print("did not converge" in str(error))
+    True
+    """
 
 
 def project_unitary(A, /, *, method="svd", max_iter=60):

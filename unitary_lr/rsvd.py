@@ -19,7 +19,16 @@ __all__ = ["SVDResult", "randomized_svd"]
 
 
 class SVDResult(NamedTuple):
-    """Truncated SVD ``A ~ U @ diag(S) @ Vh``, as returned by ``randomized_svd``."""
+    """Truncated SVD ``A ~ U @ diag(S) @ Vh``, as returned by ``randomized_svd``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from unitary_lr import randomized_svd
+    >>> result = randomized_svd(np.diag([3.0, 2.0, 1.0]), 2, rng=0)
+    >>> result.S.round(12).tolist(), result.U.shape, result.Vh.shape
+    ([3.0, 2.0], (3, 2), (2, 3))
+    """
 
     U: Any
     """Left singular vectors, shape (..., m, rank), orthonormal columns."""

@@ -117,6 +117,16 @@ class ModReLU(nn.Module):
     device : optional
     generator : torch.Generator, optional
         Source of the initial bias, uniform in [-0.01, 0.01].
+
+    Examples
+    --------
+    >>> import torch
+    >>> from unitary_lr.torch import ModReLU
+    >>> act = ModReLU(2)
+    >>> with torch.no_grad():
+    ...     _ = act.bias.copy_(torch.tensor([-1.0, 0.5]))
+    >>> act(torch.tensor([[3 + 4j, 0.1j]]))
+    tensor([[2.4000+3.2000j, 0.0000+0.6000j]], grad_fn=<WhereBackward0>)
     """
 
     def __init__(self, features, *, dtype=None, device=None, generator=None):
