@@ -49,6 +49,28 @@ def test_adding_data_and_baseline():
     assert float(((y - 1) ** 2).mean()) == pytest.approx(task.baseline, rel=0.15)
 
 
+def test_cosine_schedule_decays_every_groups_lr(tmp_path, monkeypatch):
+    """--lr-schedule cosine: the lr of both groups follows the cosine, keeping
+    the unitary group's ratio, and falls to 0 over the run."""
+    from unitary_lr.torch import ProjUNN
+
+    seen = []
+    step = ProjUNN.step
+
+    def recording_step(self, closure=None):
+        seen.append([g["lr"] for g in self.param_groups])
+        return step(self, closure)
+
+    monkeypatch.setattr(ProjUNN, "step", recording_step)
+    out = tmp_path / "cosine"
+    assert main(["adding", *TINY, "--lr", "0.01", "--unitary-lr-ratio", "4", "--lr-schedule", "cosine",
+                 "--no-plot", "--out", str(out)]) == 0
+    assert read(out)["settings"]["lr_schedule"] == "cosine"
+    expected = [0.01 * (1 + math.cos(math.pi * t / 12)) / 2 for t in range(12)]
+    assert [lrs[0] for lrs in seen] == pytest.approx(expected, abs=1e-15)
+    assert [lrs[1] for lrs in seen] == pytest.approx([lr / 4 for lr in expected], abs=1e-15)
+
+
 def test_copy_data():
     task = sequence.CopyTask(5)
     x, y = task.batch(torch, 4, torch.Generator().manual_seed(0), "cpu")

@@ -73,6 +73,33 @@ def test_unitary_step_is_the_core_projunn_step():
     torch.testing.assert_close(W.detach(), expected, rtol=0, atol=1e-15)
 
 
+
+def test_torch_lr_scheduler_drives_every_group():
+    """torch.optim.lr_scheduler works on ProjUNN: each group's lr is scaled,
+    so the unitary group keeps its ratio, and each unitary step is the core
+    step at the scheduled lr. At lr 0 the parameters do not move at all."""
+    W = unitary_parameter(10, dtype=torch.complex128, generator=seeded())
+    V = torch.nn.Parameter(torch.randn(10, dtype=torch.float64, generator=seeded(1)))
+    opt = ProjUNN([{"params": [V]}, {"params": [W], "unitary": True, "lr": 0.1 / 32}],
+                  lr=0.1, base="sgd", rank=2, seed=7)
+    factors = [1.0, 0.5, 0.0, 0.0]
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: factors[epoch])
+    rng = np.random.default_rng([7, 1, 0])  # the stream of group 1, parameter 0
+    expected, data = W.detach().clone(), seeded(2)
+    for factor in factors[:3]:
+        assert [g["lr"] for g in opt.param_groups] == [0.1 * factor, 0.1 / 32 * factor]
+        G = torch.randn(10, 10, dtype=torch.complex128, generator=data)
+        W_before, V_before = W.detach().clone(), V.detach().clone()
+        W.grad, V.grad = G, torch.ones(10, dtype=torch.float64)
+        opt.step()
+        schedule.step()
+        if factor:
+            expected = ul.projunn_step(expected, G, lr=0.1 / 32 * factor, rank=2, rng=rng)
+        torch.testing.assert_close(W.detach(), expected, rtol=0, atol=1e-14)
+        torch.testing.assert_close(V.detach(), V_before - 0.1 * factor, rtol=0, atol=1e-15)
+    assert torch.equal(W.detach(), W_before) and torch.equal(V.detach(), V_before)  # lr 0: bit for bit
+    assert error(W) < 1e-13
+
 def test_per_group_settings():
     """lr, rank, variant and base are per group (the reference code applied one
     group's settings to all)."""

@@ -69,6 +69,9 @@ def add_parser(commands):
                             help=f"(default: rmsprop; --quick: {quick.get('optimizer', 'rmsprop')})")
         parser.add_argument("--lr", type=float, default=None,
                             help=f"(default: {settings['lr']}; --quick: {quick.get('lr', settings['lr'])})")
+        parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                            help="constant (the paper's) or cosine decay to 0 over the steps; the unitary "
+                                 "group's lr follows, keeping its ratio (default: constant)")
         parser.add_argument("--unitary-lr-ratio", type=float, default=32.0,
                             help="the unitary matrix's lr is lr divided by this (default: 32)")
         parser.add_argument("--complex", action="store_true", help="complex hidden state and unitary W (else orthogonal)")
@@ -222,6 +225,8 @@ def run(args) -> int:
             torch.manual_seed(args.seed)
             net = _model(torch, spec, task, hidden, args, device)
             optimizer = _optimizer(spec, net, args)
+            schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+                        if args.lr_schedule == "cosine" else None)
             data = torch.Generator().manual_seed(args.seed + 2)  # the same batches for every run
             record = {**spec, "label": _label(spec), "train_loss": [], "test_steps": [], "test_loss": []}
             results.append(record)
@@ -232,6 +237,8 @@ def run(args) -> int:
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
+                if schedule is not None:
+                    schedule.step()
                 value = loss.item()
                 record["train_loss"].append(value)
                 running = value if running is None else 0.95 * running + 0.05 * value
@@ -294,6 +301,7 @@ def _write_json(args, task, results, status, settings):
         "command": "unitary-lr " + " ".join(args.argv),
         "experiment": args.task,
         "settings": {**settings, "batch": args.batch, "optimizer": args.optimizer, "lr": args.lr,
+                     "lr_schedule": args.lr_schedule,
                      "unitary_lr_ratio": args.unitary_lr_ratio, "complex": args.complex, "init": args.init,
                      "K": K if args.task == "copy" else None, "seed": args.seed, "quick": args.quick},
         "baseline": task.baseline,
