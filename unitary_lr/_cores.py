@@ -1,53 +1,169 @@
-"""The small r x r cores of the low-rank kernels (floor 3, private).
+"""The small r x r cores of the low-rank kernels, and where they run (floor 3, private).
 
-The kernels reduce every n x n question to an r x r one (r <= 2k) in an
-orthonormal basis of the update's span. These cores cost nothing next to the
-O(k n^2) passes over W, so they run in float64/complex128 where the device has
-it (see ``_xp.core_dtype``), use only ``eigh`` and ``svd`` (never a general
-eigensolver), and are written so that a tiny update is not lost to
-cancellation and a huge or singular one does not produce NaN.
+The kernels reduce every n x n question to an r x r one (r <= 2k, or 2k + 2p
+with oversampling) in the span of a few thin panels. The cores are written
+once against the Array API and run in one of two places:
+
+* :class:`HostCores` (eager calls): every small matrix of a step goes to the
+  host in one transfer, is factored there in float64/complex128 with NumPy,
+  and the results come back in one transfer. On a GPU this replaces a dozen
+  tiny device LAPACK calls (each a launch or a synchronisation) by one round
+  trip, and gives float64 cores on devices without float64. The host sees the
+  small Gram matrices, so the NaN/Inf and unitarity checks cost nothing.
+* :class:`DeviceCores` (traced calls: ``jax.jit``, ``torch.compile``, CUDA
+  graphs): the same functions on the device, in float64 where it has it, with
+  no host transfer and no Python branch on array values.
+
+Every core is written so that a tiny update is not lost to cancellation and a
+huge or singular one gives no NaN.
 """
 
 from __future__ import annotations
 
 import math
 
-from ._xp import broadcast_shapes, complex_dtype, eye, is_complex, mH
+import array_api_compat.numpy as host_xp
 
-__all__ = ["add_lowrank", "basis_of_columns", "expm_skew_minus_identity", "polar_minus_identity"]
+from ._host import from_host, to_host
+from ._xp import complex_dtype, core_dtype, device, eye, is_complex, mH, real_dtype
+
+__all__ = [
+    "DeviceCores",
+    "HostCores",
+    "add_lowrank",
+    "expm_skew_minus_identity",
+    "gram_basis",
+    "make_cores",
+    "polar_minus_identity",
+]
 
 # ||B||_F <= _SMALL keeps sigma(I + B) in [1/2, 3/2]; there the Gram formula of
 # polar_minus_identity is both cancellation-free and well conditioned.
 _SMALL = 0.5
 
 
-def basis_of_columns(xp, left, right):
-    """Orthonormal basis Q (..., n, r) of span[left, right] and the coordinates
-    R = Q^H [left, right] (..., r, kl + kr), split back into the two blocks.
+class HostCores:
+    """Small work on the host, in float64/complex128; one transfer each way."""
 
-    Householder QR: Q is orthonormal to rounding even when the columns are
-    dependent or zero (then Q carries harmless extra directions, and the block
-    of R of a zero column is exactly zero).
+    traced = False
+    xp = host_xp
+    eps = float(host_xp.finfo(host_xp.float64).eps)
+
+    def __init__(self, xp, like):
+        self._xp, self.dtype, self.device = xp, like.dtype, device(like)
+
+    def gather(self, *arrays):
+        """The small device arrays (one dtype) as NumPy float64/complex128 arrays,
+        moved in one transfer."""
+        xp = self._xp
+        flat = arrays[0] if len(arrays) == 1 else xp.concat([xp.reshape(a, (-1,)) for a in arrays])
+        host = to_host(xp, flat)
+        wide = host_xp.complex128 if host_xp.isdtype(host.dtype, "complex floating") else host_xp.float64
+        host = host.astype(wide, copy=False)
+        if len(arrays) == 1:
+            return (host,)
+        out, start = [], 0
+        for a in arrays:
+            size = math.prod(a.shape)
+            out.append(host[start:start + size].reshape(tuple(a.shape)))
+            start += size
+        return tuple(out)
+
+    def scatter(self, *arrays):
+        """Host results as device arrays of the kernel's dtype, in one transfer."""
+        xp = self._xp
+        name = _host_name(xp, self.dtype)
+        flat = host_xp.concat([host_xp.reshape(host_xp.asarray(a), (-1,)) for a in arrays]).astype(name)
+        flat = from_host(xp, flat, dtype=self.dtype, device=self.device)
+        out, start = [], 0
+        for a in arrays:
+            size = math.prod(a.shape)
+            out.append(xp.reshape(flat[start:start + size], tuple(a.shape)))
+            start += size
+        return tuple(out)
+
+
+class DeviceCores:
+    """Small work on the device (traced programs): no transfer, no value branch."""
+
+    traced = True
+
+    def __init__(self, xp, like):
+        self.xp, self.dtype = xp, like.dtype
+        self._core = core_dtype(xp, like.dtype, device(like))
+        self.eps = float(xp.finfo(real_dtype(xp, self._core)).eps)
+
+    def gather(self, *arrays):
+        return tuple(self.xp.astype(a, self._core, copy=False) for a in arrays)
+
+    def scatter(self, *arrays):
+        return tuple(self.xp.astype(a, self.dtype, copy=False) for a in arrays)
+
+
+def _host_name(xp, dtype):
+    for name in ("float32", "float64", "complex64", "complex128"):
+        if dtype == getattr(xp, name):
+            return name
+    raise TypeError(f"unsupported dtype {dtype}")
+
+
+def make_cores(xp, like, traced):
+    """Where the small work of a kernel on ``like`` runs: on the host when the
+    call is eager, on the device when it is traced."""
+    return DeviceCores(xp, like) if traced else HostCores(xp, like)
+
+
+def gram_basis(xp, C, tol):
+    """A basis of the span of a panel P (..., n, m) from its Gram C = P^H P.
+
+    Returns (T, R): Q = P T has orthonormal columns, or exactly zero ones for
+    the directions dropped as numerically null, and P = Q R on the kept ones.
+    The columns are equilibrated first (Jacobi scaling), so columns of very
+    different lengths cost no accuracy; a direction is dropped when its
+    eigenvalue in the scaled Gram is at most ``tol`` times the largest (and a
+    zero panel keeps none). Shapes do not depend on values: traceable.
     """
-    batch = broadcast_shapes(left.shape[:-2], right.shape[:-2])
-    left = xp.broadcast_to(left, (*batch, *left.shape[-2:]))
-    right = xp.broadcast_to(right, (*batch, *right.shape[-2:]))
-    Q, R = xp.linalg.qr(xp.concat([left, right], axis=-1), mode="reduced")
-    k = left.shape[-1]
-    return Q, R[..., :k], R[..., k:]
+    d = xp.real(xp.linalg.diagonal(C))
+    positive = d > 0
+    root_d = xp.sqrt(xp.where(positive, d, xp.ones_like(d)))
+    scale = xp.where(positive, 1 / root_d, xp.zeros_like(d))
+    root_d = xp.where(positive, root_d, xp.zeros_like(d))
+    Cs = C * xp.astype(scale[..., :, None] * scale[..., None, :], C.dtype)
+    lam, V = xp.linalg.eigh(Cs)
+    top = xp.max(lam, axis=-1, keepdims=True)
+    keep = (lam > tol * top) & (top > 0)
+    safe = xp.where(keep, lam, xp.ones_like(lam))
+    inverse_root = xp.where(keep, 1 / xp.sqrt(safe), xp.zeros_like(lam))
+    root = xp.where(keep, xp.sqrt(safe), xp.zeros_like(lam))
+    T = V * xp.astype(scale[..., :, None] * inverse_root[..., None, :], V.dtype)
+    R = mH(xp, V) * xp.astype(root[..., :, None] * root_d[..., None, :], V.dtype)
+    return T, R
+
+
+def drop_tolerance(n, eps, core_eps):
+    """Relative eigenvalue below which a direction of an n-row panel of
+    precision ``eps``, whose Gram is factored in precision ``core_eps``, is
+    rounding: the panel's columns carry errors of about eps sqrt(n) of their
+    length, and eigh resolves eigenvalues only to about core_eps times the
+    largest."""
+    return max(max(n, 64) * (8 * eps) ** 2, 64 * core_eps)
 
 
 def expm_skew_minus_identity(xp, K, t):
-    """expm(t K) - I for skew-Hermitian K (..., r, r).
+    """expm(t K) - I for skew-Hermitian K (..., r, r); t a number or a 0-d array.
 
     With i t K = V diag(lam) V^H (Hermitian eigendecomposition),
     expm(t K) - I = V diag(exp(-i lam) - 1) V^H, and
     exp(-i lam) - 1 = -2 sin^2(lam / 2) - i sin(lam) keeps full relative
-    accuracy for tiny lam. Real K gives a real result.
+    accuracy for tiny lam. Real K gives a real result built from exact plane
+    rotations (see below).
     """
     ctype = complex_dtype(xp, K.dtype)
     Kc = xp.astype(K, ctype, copy=False)
-    lam, V = xp.linalg.eigh(Kc * (1j * t))
+    if isinstance(t, (int, float)):
+        lam, V = xp.linalg.eigh(Kc * (1j * t))
+    else:  # a 0-d array (a traced learning rate)
+        lam, V = xp.linalg.eigh(Kc * (xp.astype(t, ctype) * 1j))
     # Reduce to [-pi, pi]: exact for |lam| < pi, and for huge steps it keeps
     # sin(lam) and sin(lam / 2) consistent (so |exp(-i lam)| = 1 to rounding)
     # in math libraries whose argument reduction is loose for large arguments.
@@ -58,40 +174,72 @@ def expm_skew_minus_identity(xp, K, t):
     noise = lam.shape[-1] * xp.finfo(lam.dtype).eps * xp.max(xp.abs(lam), axis=-1, keepdims=True)
     angle = xp.where(xp.abs(lam) <= noise, xp.zeros_like(angle), angle)
     half = xp.sin(angle / 2)
-    phase = xp.astype(-2 * half * half, ctype) + xp.astype(-xp.sin(angle), ctype) * 1j
+    cos_minus_one = -2 * half * half
+    sine = xp.sin(angle)
     if is_complex(xp, K.dtype):
+        phase = xp.astype(cos_minus_one, ctype) - xp.astype(sine, ctype) * 1j
         return (V * phase[..., None, :]) @ mH(xp, V)
-    # Real K: the eigenpairs come as (lam, v) and (-lam, conj(v)), and together
-    # they contribute 2 Re(phi v v^H), a rotation of the real plane spanned by
-    # Re v and Im v. Taking the lam > 0 member twice, instead of both members,
-    # keeps every plane's rotation orthogonal to rounding even when a computed
-    # pair disagrees in its last bits, which a huge t |K| would amplify.
-    weight = xp.astype(2 * xp.astype(lam > 0, lam.dtype), ctype)
-    return xp.real((V * (weight * phase)[..., None, :]) @ mH(xp, V))
+    # Real K: the eigenvectors of lam > 0, v = x + i y, each span an invariant
+    # plane {x, y} that K rotates by lam. Re-orthonormalising x and y within
+    # their plane and applying the rotation there gives an orthogonal result to
+    # rounding for every t, where rebuilding it from the complex formula would
+    # amplify the last-bit disagreement of a computed (lam, -lam) pair by t |K|.
+    positive = xp.astype(lam > noise, lam.dtype)
+    x, y = xp.real(V), xp.imag(V)
+    x = x / _column_norm(xp, x)
+    y = y - x * xp.sum(x * y, axis=-2, keepdims=True)
+    y = y / _column_norm(xp, y)
+    a = positive * cos_minus_one
+    b = -positive * sine
+    xa, ya = x * a[..., None, :], y * a[..., None, :]
+    xb, yb = x * b[..., None, :], y * b[..., None, :]
+    return xa @ mH(xp, x) + ya @ mH(xp, y) + xb @ mH(xp, y) - yb @ mH(xp, x)
 
 
-def polar_minus_identity(xp, B):
+def _column_norm(xp, x):
+    norm = xp.sqrt(xp.sum(x * x, axis=-2, keepdims=True))
+    return xp.where(norm > 0, norm, xp.ones_like(norm))
+
+
+def polar_minus_identity(xp, B, *, traced=True):
     """polar(I + B) - I for square B (..., r, r): the unitary factor of I + B,
     minus the identity.
 
     Small B: with H = B + B^H + B^H B = (I + B)^H (I + B) - I = Y diag(mu) Y^H,
     (I + H)^(-1/2) - I = Y diag(-mu / (sqrt(1+mu) (1 + sqrt(1+mu)))) Y^H =: S and
     polar(I + B) - I = B + S + B S, free of cancellation, and exactly 0 for B = 0.
-    Otherwise: U V^H - I from the SVD of I + B, which is well defined for huge B
-    and picks a unitary polar factor when I + B is singular.
+    Otherwise: U V^H - I from the SVD of I + B, scaled so that no finite B
+    overflows, which is well defined for huge B and picks a unitary polar
+    factor when I + B is singular. ``traced=False`` computes only the branch
+    each matrix takes (host cores); traced code computes both and selects.
     """
     identity = eye(xp, B.shape[-1], like=B)
+    norm = xp.linalg.matrix_norm(B)
+    is_small = norm <= _SMALL
+    if not traced and B.ndim == 2:
+        return _polar_small(xp, B) if bool(is_small) else _polar_large(xp, B, norm, identity)
+    zero = xp.zeros_like(B)
+    small = _polar_small(xp, xp.where(is_small[..., None, None], B, zero))
+    large = _polar_large(xp, xp.where(is_small[..., None, None], zero, B), norm, identity)
+    return xp.where(is_small[..., None, None], small, large)
+
+
+def _polar_small(xp, B):
     Bh = mH(xp, B)
     mu, Y = xp.linalg.eigh(B + Bh + Bh @ B)
-    # The clip only guards entries of the batch that take the SVD branch.
     root = xp.sqrt(1 + xp.clip(mu, min=-0.75))
     shrink = -mu / (root * (1 + root))
-    S = (Y * shrink[..., None, :]) @ mH(xp, Y)
-    small = B + S + B @ S
-    U, _, Vh = xp.linalg.svd(identity + B, full_matrices=False)
-    large = U @ Vh - identity
-    is_small = xp.linalg.matrix_norm(B) <= _SMALL
-    return xp.where(is_small[..., None, None], small, large)
+    S = (Y * xp.astype(shrink, Y.dtype)[..., None, :]) @ mH(xp, Y)
+    return B + S + B @ S
+
+
+def _polar_large(xp, B, norm, identity):
+    # polar(c M) = polar(M) for c > 0: divide by ||B|| (>= 1/2 here) so that
+    # I + B is formed without overflow however large B is.
+    scale = xp.where(norm > 1, norm, xp.ones_like(norm))
+    scaled = identity / xp.astype(scale, B.dtype)[..., None, None] + B / xp.astype(scale, B.dtype)[..., None, None]
+    U, _, Vh = xp.linalg.svd(scaled, full_matrices=False)
+    return U @ Vh - identity
 
 
 def add_lowrank(xp, W, L, Rh):

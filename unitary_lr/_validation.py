@@ -106,17 +106,20 @@ def check_factor_pair(a_name, a, b_name, b, n, n_from):
         )
 
 
-def unitary_and_factors(W, a, b):
+def unitary_and_factors(W, a, b, *, check_values=True):
     """The checks of the kernels f(W, a, b): W (..., n, n), a and b (..., n, k),
-    finite a and b. Returns (xp, W, a, b), the arrays promoted to one dtype."""
+    finite a and b (``check_values=False``: the kernel checks them for free
+    on its small Gram matrices). Returns (xp, W, a, b), the arrays promoted to
+    one dtype."""
     xp = namespace_of(W=W, a=a, b=b)
     for name, x in (("W", W), ("a", a), ("b", b)):
         check_float_dtype(xp, name, x)
     check_matrix("W", W, square=True)
     check_factor_pair("a", a, "b", b, W.shape[-1], f"W of shape {tuple(W.shape)}")
     check_batch_compatible(W=W, a=a, b=b)
-    check_finite(xp, "a", a)
-    check_finite(xp, "b", b)
+    if check_values:
+        check_finite(xp, "a", a)
+        check_finite(xp, "b", b)
     dtype = xp.result_type(W, a, b)
     return (xp, *(xp.astype(x, dtype, copy=False) for x in (W, a, b)))
 

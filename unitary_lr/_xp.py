@@ -10,6 +10,7 @@ from __future__ import annotations
 from array_api_compat import array_namespace, device, is_array_api_obj
 
 __all__ = [
+    "adjoint_matmul",
     "array_namespace",
     "broadcast_shapes",
     "complex_dtype",
@@ -94,6 +95,23 @@ def mH(xp, x):
     no conjugation pass for real input)."""
     xt = xp.matrix_transpose(x)
     return xp.conj(xt) if is_complex(xp, x.dtype) else xt
+
+
+def adjoint_matmul(xp, A, B):
+    """``A^H @ B`` for a large A and a thin B, without a conjugated copy of A.
+
+    PyTorch conjugates lazily and its matmul reads a conjugated, transposed
+    operand in place (BLAS's conjugate-transpose mode), so ``A.mH @ B`` is one
+    product. Other libraries conjugate eagerly, where ``(B^H A)^H`` conjugates
+    only the thin B and the thin result.
+    """
+    if is_complex(xp, A.dtype) and _lazy_conjugation(xp):
+        return mH(xp, A) @ B
+    return mH(xp, mH(xp, B) @ A)
+
+
+def _lazy_conjugation(xp) -> bool:
+    return "torch" in getattr(xp, "__name__", "")
 
 
 def eye(xp, n: int, *, like):

@@ -27,9 +27,10 @@ from ._validation import check_choice, check_int, check_real_scalar, namespace_o
 from ._xp import complex_dtype, dtype_name, is_complex, mH
 from .diagnostics import default_drift_tolerance, unitarity_estimate
 from .polar import project_unitary
-from .steps import STEP_OVERSAMPLE, STEP_POWER_ITERS, VARIANTS, projunn_step, projunn_update
+from ._cores import add_lowrank
+from .steps import STEP_OVERSAMPLE, STEP_POWER_ITERS, VARIANTS, projunn_update
 
-__all__ = ["SGD", "Adam", "ProjUNN", "RMSprop", "make_rule", "unitary_update"]
+__all__ = ["SGD", "Adam", "ProjUNN", "RMSprop", "control_drift", "make_rule", "unitary_factors", "unitary_update"]
 
 # How the second moment of a complex gradient is formed. "modulus": |g|^2 per
 # entry, a real state; invariant to the phase of each entry, and what a unitary
@@ -300,12 +301,28 @@ def unitary_update(
     """
     if lr == 0:
         return W, False
-    options = dict(lr=lr, rank=min(rank, W.shape[-1]), variant=variant, oversample=oversample,
-                   power_iters=power_iters, rng=rng)
+    factors = unitary_factors(W, direction, lr=lr, rank=rank, variant=variant, rng=rng, oversample=oversample,
+                              power_iters=power_iters)
     if add_in_place is None:
-        W = projunn_step(W, direction, **options)
+        W = add_lowrank(xp, W, *factors)
     else:
-        add_in_place(*projunn_update(W, direction, **options))
+        add_in_place(*factors)
+    return control_drift(xp, W, step=step, rng=rng, drift_tol=drift_tol, drift_check_every=drift_check_every,
+                         reproject=reproject)
+
+
+def unitary_factors(W, direction, *, lr, rank, variant, rng, oversample=STEP_OVERSAMPLE,
+                    power_iters=STEP_POWER_ITERS):
+    """The projUNN step of W along ``-lr * direction`` as thin factors (L, Rh):
+    the new W is ``W + L @ Rh``. Nothing is changed; errors (NaN/Inf in the
+    direction or in W, a W that is not unitary) are raised here."""
+    return projunn_update(W, direction, lr=lr, rank=min(rank, W.shape[-1]), variant=variant,
+                          oversample=oversample, power_iters=power_iters, rng=rng)
+
+
+def control_drift(xp, W, *, step, rng, drift_tol=None, drift_check_every=50, reproject="svd"):
+    """Every ``drift_check_every`` steps, re-project W when a probe estimate of
+    its drift from the group is above ``drift_tol``. Returns (W, re-projected?)."""
     if drift_check_every and step % drift_check_every == 0:
         tolerance = default_drift_tolerance(dtype_name(xp, W.dtype)) if drift_tol is None else drift_tol
         if float(xp.max(unitarity_estimate(W, rng=rng))) > tolerance:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import math
 
-from ._cores import add_lowrank, basis_of_columns, polar_minus_identity
+from ._cores import add_lowrank, make_cores
+from ._flow import checked, lowrank_right_update
+from ._host import is_traced
 from ._validation import (
     check_choice,
     check_finite,
@@ -15,7 +17,7 @@ from ._validation import (
     namespace_of,
     unitary_and_factors,
 )
-from ._xp import core_dtype, device, eye, mH, real_dtype
+from ._xp import eye, mH, real_dtype
 
 __all__ = ["ConvergenceError", "project_unitary", "project_unitary_lowrank"]
 
@@ -186,22 +188,14 @@ def project_unitary_lowrank(W, a, b, /):
     >>> bool(np.allclose(V, polar(W + a @ b.T)[0]))
     True
     """
-    xp, W, a, b = unitary_and_factors(W, a, b)
-    return polar_lowrank_unchecked(xp, W, a, b)
+    xp, W, a, b = unitary_and_factors(W, a, b, check_values=False)
+    traced = any(is_traced(x) for x in (W, a, b))
+    return checked(lambda: polar_lowrank_unchecked(xp, W, a, b, traced=traced), xp, {"W": W, "a": a, "b": b})
 
 
-def polar_lowrank_unchecked(xp, W, a, b):
-    """project_unitary_lowrank for validated arrays of one dtype (the step's hot path)."""
-    return add_lowrank(xp, W, *polar_lowrank_factors(xp, W, a, b))
-
-
-def polar_lowrank_factors(xp, W, a, b):
-    """(L, Rh) with ``polar(W + a b^H) = W + L @ Rh``: L = (W Q)(polar(I + B) - I)
-    and Rh = Q^H."""
-    # W^H a as (a^H W)^H: conjugates a, not W.
-    c = mH(xp, mH(xp, a) @ W)
-    Q, Rb, Rc = basis_of_columns(xp, b, c)
-    core = core_dtype(xp, W.dtype, device(W))
-    Rb, Rc = xp.astype(Rb, core, copy=False), xp.astype(Rc, core, copy=False)
-    D = xp.astype(polar_minus_identity(xp, Rc @ mH(xp, Rb)), W.dtype, copy=False)
-    return (W @ Q) @ D, mH(xp, Q)
+def polar_lowrank_unchecked(xp, W, a, b, *, traced=True):
+    """project_unitary_lowrank for validated arrays of one dtype:
+    ``polar(W + a b^H) = polar(W - (-1) a b^H)``, a direct step of size 1."""
+    L, Rh = lowrank_right_update(xp, W, a, b, lr=-1.0, variant="direct", rank=a.shape[-1],
+                                 cores=make_cores(xp, W, traced), sketched=False, names=("a", "b"))
+    return add_lowrank(xp, W, L, Rh)

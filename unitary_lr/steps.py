@@ -7,19 +7,18 @@ from ._validation import (
     check_batch_compatible,
     check_choice,
     check_factor_pair,
-    check_finite,
     check_float_dtype,
     check_int,
     check_matrix,
     check_real_scalar,
     namespace_of,
-    report_nonfinite,
+    check_finite,
 )
-from ._cores import add_lowrank
+from ._cores import add_lowrank, make_cores
+from ._flow import checked, lowrank_right_update, sketch_panels
+from ._host import is_traced
 from ._xp import array_namespace, broadcast_shapes, device, is_complex, mH
-from .polar import polar_lowrank_factors
-from .rsvd import sketch_svd, sketch_width
-from .transport import transport_factors
+from .rsvd import sketch_width
 
 __all__ = ["STEP_OVERSAMPLE", "STEP_POWER_ITERS", "projunn_step", "projunn_update", "tangent_project"]
 
@@ -176,14 +175,15 @@ def projunn_update(
     gen = as_generator(rng)
 
     if factored:
-        check_finite(xp, "G[0]", a)
-        check_finite(xp, "G[1]", b)
         G = (xp.astype(a, xp.result_type(a, b), copy=False), xp.astype(b, xp.result_type(a, b), copy=False))
-    nonfinite = None if factored else (lambda: report_nonfinite(xp, "G", G, source="its sketch"))
     shape = sketch_shape(G, rank, oversample)
     omega = None if shape is None else standard_normal(xp, shape, dtype=_dtype(G), device=device(W), rng=gen)
-    return step_factors_unchecked(xp, W, G, omega, lr=lr, rank=rank, variant=variant, power_iters=power_iters,
-                                  on_nonfinite=nonfinite)
+    traced = is_traced(W) or any(is_traced(x) for x in gradients.values())
+    return checked(
+        lambda: step_factors_unchecked(xp, W, G, omega, lr=lr, rank=rank, variant=variant,
+                                       power_iters=power_iters, traced=traced),
+        xp, {"W": W, **gradients}, sketched=() if factored else ("G",),
+    )
 
 
 def _dtype(G):
@@ -204,33 +204,36 @@ def sketch_shape(G, rank, oversample):
     return (*batch, n, sketch_width(rank, oversample, n, n))
 
 
-def step_unchecked(xp, W, G, omega, *, lr, rank, variant, power_iters, on_nonfinite=None):
+def step_unchecked(xp, W, G, omega, *, lr, rank, variant, power_iters, traced=True):
     """projunn_step for validated input, with the Gaussian test matrix ``omega``
     given (None: G is factors used as they are; see :func:`sketch_shape`).
 
-    No Python branch depends on array values (``on_nonfinite=None``), so this
-    traces under ``jax.jit`` with a traced ``lr``; adapters that draw ``omega``
-    with their framework's own generator use it directly.
+    ``traced=True`` keeps the small work on the device, with no Python branch
+    on array values and no check, so this traces under ``jax.jit`` and
+    ``torch.compile`` with a traced ``lr``; adapters that draw ``omega`` with
+    their framework's own generator use it directly.
     """
     return add_lowrank(xp, W, *step_factors_unchecked(xp, W, G, omega, lr=lr, rank=rank, variant=variant,
-                                                      power_iters=power_iters, on_nonfinite=on_nonfinite))
+                                                      power_iters=power_iters, traced=traced))
 
 
-def step_factors_unchecked(xp, W, G, omega, *, lr, rank, variant, power_iters, on_nonfinite=None):
-    """:func:`step_unchecked` as factors (L, Rh): the new W is W + L @ Rh."""
-    if omega is not None:
-        if isinstance(G, tuple):
-            a, b = G
-            matmul, rmatmul = (lambda X: a @ (mH(xp, b) @ X)), (lambda Y: b @ (mH(xp, a) @ Y))
-        else:
-            matmul, rmatmul = (lambda X: G @ X), (lambda Y: mH(xp, mH(xp, Y) @ G))
-        U, S, Vh = sketch_svd(xp, matmul, rmatmul, omega, rank=rank, power_iters=power_iters,
-                              on_nonfinite=on_nonfinite)
-        G = (U * xp.astype(S, U.dtype)[..., None, :], mH(xp, Vh))
-    a, b = (xp.astype(x, W.dtype, copy=False) for x in G)
-    if variant == "tangent":
-        return transport_factors(xp, W, a, W @ b, -lr / 2)
-    return polar_lowrank_factors(xp, W, -lr * a, b)
+def step_factors_unchecked(xp, W, G, omega, *, lr, rank, variant, power_iters, traced=True):
+    """:func:`step_unchecked` as factors (L, Rh): the new W is W + L @ Rh.
+
+    Eager calls (``traced=False``) check, for free, the small Gram matrices
+    of the step: NaN/Inf in G or W, and W's unitarity (``_flow.checked``
+    turns their findings into the public errors).
+    """
+    cores = make_cores(xp, W, traced)
+    if omega is None:
+        Y, Z = G
+        names, sketched = ("G[0]", "G[1]"), False
+    else:
+        Y, Z = sketch_panels(xp, G, omega, power_iters, cores)
+        names, sketched = (("G[0]", "G[1]") if isinstance(G, tuple) else ("G", "G")), True
+    Y, Z = (xp.astype(x, W.dtype, copy=False) for x in (Y, Z))
+    return lowrank_right_update(xp, W, Y, Z, lr=lr, variant=variant, rank=rank,
+                                cores=cores, sketched=sketched, names=names)
 
 
 def tangent_project(W, G, /):

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from ._cores import add_lowrank, basis_of_columns, expm_skew_minus_identity
+from ._cores import add_lowrank, make_cores
+from ._flow import checked, transport_update
+from ._host import is_traced
 from ._validation import check_real_scalar, unitary_and_factors
-from ._xp import core_dtype, device, mH
 
 __all__ = ["exp_transport"]
 
@@ -59,23 +60,12 @@ def exp_transport(W, a, b, /, *, t=1.0):
     >>> bool(unitarity_error(V) < 1e-14)
     True
     """
-    xp, W, a, b = unitary_and_factors(W, a, b)
-    return transport_unchecked(xp, W, a, b, check_real_scalar("t", t))
+    xp, W, a, b = unitary_and_factors(W, a, b, check_values=False)
+    t = check_real_scalar("t", t)
+    traced = any(is_traced(x) for x in (W, a, b))
+    return checked(lambda: transport_unchecked(xp, W, a, b, t, traced=traced), xp, {"W": W, "a": a, "b": b})
 
 
-def transport_unchecked(xp, W, a, b, t):
-    """exp_transport for validated arrays of one dtype (the step's hot path)."""
-    return add_lowrank(xp, W, *transport_factors(xp, W, a, b, t))
-
-
-def transport_factors(xp, W, a, b, t):
-    """(L, Rh) with ``expm(t (a b^H - b a^H)) W = W + L @ Rh``: L = Q (expm(t K) - I)
-    and Rh = Q^H W, of r = rank [a, b] <= 2k columns and rows."""
-    Q, Ra, Rb = basis_of_columns(xp, a, b)
-    core = core_dtype(xp, W.dtype, device(W))
-    Ra, Rb = xp.astype(Ra, core, copy=False), xp.astype(Rb, core, copy=False)
-    P = Ra @ mH(xp, Rb)
-    D = expm_skew_minus_identity(xp, P - mH(xp, P), t)
-    D = xp.astype(D, W.dtype, copy=False)
-    # Q^H W as (W^H Q)^H would conjugate all of W; this conjugates only Q.
-    return Q @ D, mH(xp, Q) @ W
+def transport_unchecked(xp, W, a, b, t, *, traced=True):
+    """exp_transport for validated arrays of one dtype."""
+    return add_lowrank(xp, W, *transport_update(xp, W, a, b, t=t, cores=make_cores(xp, W, traced)))

@@ -8,7 +8,6 @@ random draws of the sketches.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import array_api_compat
@@ -16,7 +15,7 @@ import numpy as np
 import torch
 
 from .._random import generator_from_state, generator_state
-from ..optim import RULES, make_rule, rule_options, unitary_update
+from ..optim import RULES, control_drift, make_rule, rule_options, unitary_factors
 from ..steps import STEP_OVERSAMPLE, STEP_POWER_ITERS, VARIANTS
 
 __all__ = ["ProjUNN", "is_unitary", "mark_unitary"]
@@ -182,20 +181,19 @@ class ProjUNN(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # All gradients are checked before any parameter or state changes.
+        # Every update is computed and checked before any parameter or state
+        # changes: a step that fails for one parameter changes none.
+        plain_grads = []
         for index, group in enumerate(self.param_groups):
-            names = group.get("param_names")
             for i, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
-                name = names[i] if names else f"param_groups[{index}]['params'][{i}]"
                 if p.grad.is_sparse:
-                    raise ValueError(f"ProjUNN does not support sparse gradients ({name})")
-                if not _all_finite(p.grad):
-                    raise ValueError(
-                        f"the gradient of {name} (shape {tuple(p.shape)}) contains NaN or Inf; "
-                        "no parameter was changed"
-                    )
+                    raise ValueError(f"ProjUNN does not support sparse gradients ({_name(group, index, i)})")
+                if not group["unitary"]:
+                    plain_grads.append((_name(group, index, i), p))
+        _check_plain_gradients(plain_grads)
+        pending = []
         for index, group in enumerate(self.param_groups):
             rule = make_rule(group["base"], **rule_options(group["base"], group))
             unitary = group["unitary"]
@@ -204,31 +202,67 @@ class ProjUNN(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 xp = array_api_compat.array_namespace(p)
-                state = self.state[p]
+                state = dict(self.state[p])
                 if not state:
                     state.update(rule.init(xp, p.detach(), mode))
                     if unitary:
                         state["projunn_steps"] = 0
                         state["sketch_rng"] = generator_state(np.random.default_rng([group["seed"], index, i]))
-                direction, new_state = rule.direction(xp, p.grad, p.detach(), dict(state), mode=mode,
+                direction, new_state = rule.direction(xp, p.grad, p.detach(), state, mode=mode,
                                                       weight_decay=not unitary)
-                if unitary:
-                    rng = generator_from_state(new_state["sketch_rng"])
-                    steps = new_state["projunn_steps"] + 1
-                    new_p, reprojected = unitary_update(
-                        xp, p.detach(), direction, lr=group["lr"], rank=group["rank"], variant=group["variant"],
-                        rng=rng, step=steps, oversample=group["oversample"], power_iters=group["power_iters"],
-                        drift_tol=group["drift_tol"], drift_check_every=group["drift_check_every"],
-                        reproject=group["reproject"], add_in_place=functools.partial(_add_in_place, p),
-                    )
-                    if reprojected:
-                        p.copy_(new_p)
-                    new_state.update(projunn_steps=steps, sketch_rng=generator_state(rng),
-                                     reprojections=new_state.get("reprojections", 0) + reprojected)
-                else:
-                    p.add_(direction, alpha=-group["lr"])
-                state.update(new_state)
+                if not unitary:
+                    pending.append((p, group, new_state, direction, None))
+                    continue
+                rng = generator_from_state(new_state["sketch_rng"])
+                factors = None
+                if group["lr"] != 0:
+                    try:
+                        factors = unitary_factors(p.detach(), direction, lr=group["lr"], rank=group["rank"],
+                                                  variant=group["variant"], rng=rng, oversample=group["oversample"],
+                                                  power_iters=group["power_iters"])
+                    except ValueError as error:
+                        raise ValueError(f"{_name(group, index, i)} (shape {tuple(p.shape)}): {error}; "
+                                         "no parameter was changed") from None
+                pending.append((p, group, new_state, factors, rng))
+        for p, group, new_state, update, rng in pending:
+            if rng is None:
+                p.add_(update, alpha=-group["lr"])
+                self.state[p].update(new_state)
+                continue
+            if update is not None:
+                _add_in_place(p, *update)
+            steps = new_state["projunn_steps"] + 1
+            xp = array_api_compat.array_namespace(p)
+            new_p, reprojected = control_drift(xp, p.detach(), step=steps, rng=rng, drift_tol=group["drift_tol"],
+                                               drift_check_every=group["drift_check_every"],
+                                               reproject=group["reproject"])
+            if reprojected:
+                p.copy_(new_p)
+            new_state.update(projunn_steps=steps, sketch_rng=generator_state(rng),
+                             reprojections=new_state.get("reprojections", 0) + reprojected)
+            self.state[p].update(new_state)
         return loss
+
+
+def _name(group, index, i):
+    names = group.get("param_names")
+    return names[i] if names else f"param_groups[{index}]['params'][{i}]"
+
+
+def _check_plain_gradients(named):
+    """NaN/Inf in the gradients of plain parameters, with one host sync for all
+    of them (a sum is non-finite exactly when an entry is, or when it
+    overflows; only then is the exact elementwise test paid)."""
+    if not named:
+        return
+    sums = torch.stack([p.grad.sum().to(torch.complex128 if p.grad.is_complex() else torch.float64)
+                        for _, p in named])
+    if bool(torch.isfinite(sums).all()):
+        return
+    for name, p in named:
+        if not _all_finite(p.grad):
+            raise ValueError(f"the gradient of {name} (shape {tuple(p.shape)}) contains NaN or Inf; "
+                             "no parameter was changed")
 
 
 def _all_finite(tensor):

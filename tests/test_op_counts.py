@@ -1,0 +1,108 @@
+"""Launch-lean steps, counted: a projUNN step is a few large operations plus
+one host round trip for all of its small matrices.
+
+On a GPU every aten operation is at least one kernel launch and every read of a
+device value on the host is a stream synchronisation; both cost more than the
+O(k n^2) work of a step at moderate n. CI has no GPU, so the budgets are
+asserted on the CPU, where the same operations are dispatched: the count of
+non-view aten operations (a ``TorchDispatchMode`` sees each one), the
+device-to-host transfers of the small matrices (``_host.transfers``) and the
+scalar reads (``aten._local_scalar_dense``: ``bool(t)``, ``float(t)``, ``t.item()``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+import unitary_lr as ul  # noqa: E402
+from unitary_lr import _host  # noqa: E402
+
+STEP_OPS = 30
+OPTIMIZER_OPS = 45
+
+
+class OpCounter(TorchDispatchMode):
+    """Records every aten operation that is not a view (views launch nothing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func.namespace == "aten":
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def scalar_reads(self):
+        return sum("_local_scalar_dense" in op for op in self.ops)
+
+
+def counted(run):
+    """(result, operations, host transfers) of one call of ``run``."""
+    before = _host.transfers.count
+    with OpCounter() as counter:
+        result = run()
+    return result, counter, _host.transfers.count - before
+
+
+@pytest.mark.parametrize("dtype", ["float32", "complex64"])
+@pytest.mark.parametrize("variant", ["tangent", "direct"])
+@pytest.mark.parametrize("factored", [False, True])
+def test_eager_step_is_a_few_operations_and_one_transfer(dtype, variant, factored):
+    n = 128
+    rng = np.random.default_rng(0)
+    W = torch.as_tensor(ul.random_unitary(n, dtype=dtype, rng=rng))
+    if factored:
+        G = tuple(torch.as_tensor(rng.standard_normal((n, 1)).astype(dtype)) for _ in range(2))
+    else:
+        G = torch.as_tensor(rng.standard_normal((n, n)).astype(dtype))
+    V, counter, transfers = counted(lambda: ul.projunn_step(W, G, lr=0.1, rank=1, variant=variant, rng=1))
+    assert len(counter.ops) <= STEP_OPS, counter.ops
+    assert transfers == 1
+    assert counter.scalar_reads == 0, counter.ops
+    assert float(ul.unitarity_error(V)) < 1e-5
+
+
+def test_the_counter_sees_a_dense_step():
+    """The budget is meaningful: the dense O(n^3) step is counted too (its SVD
+    and the reads of its error checks)."""
+    W = torch.as_tensor(ul.random_unitary(16, dtype="float64", rng=0))
+    _, counter, _ = counted(lambda: ul.project_unitary(W + 0.1))
+    assert any("svd" in op for op in counter.ops)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex64])
+def test_optimizer_step_is_lean(dtype):
+    """``ProjUNN(base="rmsprop").step()`` on one unitary parameter: the base
+    rule's elementwise work plus the step, one host transfer, no scalar read
+    (the gradient's NaN/Inf check reads the small Gram matrices on the host)."""
+    from unitary_lr.torch import ProjUNN, unitary_parameter
+
+    W = unitary_parameter(128, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    opt = ProjUNN([W], lr=1e-3, base="rmsprop", seed=0)
+    W.grad = torch.randn(128, 128, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    opt.step()
+    _, counter, transfers = counted(opt.step)
+    assert len(counter.ops) <= OPTIMIZER_OPS, counter.ops
+    assert transfers + counter.scalar_reads <= 1, counter.ops
+
+
+def test_nan_gradient_is_caught_by_the_transfer_and_changes_nothing():
+    from unitary_lr.torch import ProjUNN, unitary_parameter
+
+    W = unitary_parameter(32, dtype=torch.float32, generator=torch.Generator().manual_seed(0))
+    b = torch.nn.Parameter(torch.zeros(4))
+    opt = ProjUNN([{"params": [b]}, {"params": [W], "unitary": True}], lr=1e-2, seed=0)
+    b.grad = torch.ones(4)
+    W.grad = torch.randn(32, 32)
+    W.grad[3, 4] = float("nan")
+    before_W, before_b = W.detach().clone(), b.detach().clone()
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[0\].*contains NaN or Inf.*no parameter was changed"):
+        opt.step()
+    assert torch.equal(W.detach(), before_W) and torch.equal(b.detach(), before_b)
+    assert not opt.state[b] and not opt.state[W]

@@ -1,0 +1,318 @@
+"""The data flow of a low-rank step (floor 3, private).
+
+A step is a handful of large operations, the passes over G and W and one
+rank-r update of W, plus r x r work done once, together, where it is cheapest
+(see ``_cores``):
+
+1. on the device, thin panels: the sketch ``Y`` of G's range and ``Z = G^H Y``
+   (or the given factors), ``c = W^H Y``, ``W [Z, c]``, and one Gram matrix of
+   all of them, in float64 where the device has it;
+2. the small work: an orthonormal basis of span[Z, c] from its Gram
+   (equilibrated eigendecomposition, rank-deficient directions dropped), the
+   truncation of the sketch to rank k, the exp or polar core; in eager calls
+   on the host (one transfer each way), where the Gram also shows NaN/Inf in
+   the inputs and how far W is from unitary, at no extra pass;
+3. on the device, ``L = (W Q) D`` and ``Rh = Q^H``: the new W is ``W + L @ Rh``.
+
+No ``linalg.qr`` or ``svd`` of an n x r panel, no Python branch on device
+values, and in eager calls exactly one device-to-host transfer.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from ._cores import drop_tolerance, expm_skew_minus_identity, gram_basis, polar_minus_identity
+from ._xp import adjoint_matmul, core_dtype, device, mH, real_dtype
+
+__all__ = ["checked", "lowrank_right_update", "sketch_panels", "transport_update"]
+
+# Unitarity of W as the step sees it: the largest relative change of |W x|^2
+# over the step's panel. Far above any drift the optimizers let through
+# (their re-projection threshold is 1e-5 / 1e-12 in ||W^H W - I||_F / sqrt(n))
+# and far below a matrix that is not unitary at all (0.5 Q: 0.75).
+UNITARITY_TOLERANCE = {"32": 1e-2, "64": 1e-6}
+
+class StepInputError(ArithmeticError):
+    """Raised by the checks of the small Gram matrices; the public functions
+    add the argument's name."""
+
+
+def _eps(xp, dtype):
+    return float(xp.finfo(real_dtype(xp, dtype)).eps)
+
+
+def _normalized(xp, Y):
+    """Y scaled so that its largest entry is 1 (0 stays 0): a power iteration
+    then never overflows, and a scale does not change the span."""
+    top = xp.linalg.vector_norm(Y, axis=(-2, -1), keepdims=True, ord=float("inf"))
+    return Y / (top + xp.finfo(real_dtype(xp, Y.dtype)).smallest_normal)
+
+
+def sketch_panels(xp, G, omega, power_iters, cores):
+    """(Y, Z) with ``Z = G^H Y`` and Y spanning ``(G G^H)^q G omega``: the
+    sketch ``G ~ Y (Y^H Y)^+ Z^H``. G is an array or factors (a, b) = a b^H.
+
+    Between the passes the panel is orthonormalised (Halko et al.'s stable
+    power iteration) by :func:`orthonormal_columns`; a one-column panel only
+    needs rescaling, which costs no transfer. The last panel is not: the step's
+    own Gram matrix takes care of it.
+    """
+    if isinstance(G, tuple):
+        a, b = G
+        matmul, rmatmul = (lambda X: a @ (mH(xp, b) @ X)), (lambda Y: b @ (mH(xp, a) @ Y))
+    else:
+        matmul, rmatmul = (lambda X: G @ X), (lambda Y: adjoint_matmul(xp, G, Y))
+    Y = matmul(omega)
+    for _ in range(power_iters):
+        Y = matmul(orthonormal_columns(xp, rmatmul(orthonormal_columns(xp, Y, cores)), cores))
+    Y = _normalized(xp, Y)
+    return Y, rmatmul(Y)
+
+
+def orthonormal_columns(xp, Y, cores):
+    """A panel with orthonormal columns (or zero ones for dropped directions)
+    spanning the columns of Y: a rescaling for one column; otherwise the
+    basis of Y's Gram (one transfer in eager calls) and Newton-Schulz steps."""
+    if Y.shape[-1] == 1:
+        return _normalized(xp, Y)
+    eps = _eps(xp, Y.dtype)
+    (C,) = cores.gather(_gram(xp, [Y], core_dtype(xp, Y.dtype, device(Y))))
+    sxp = cores.xp
+    if cores.traced:
+        steps = _TRACED_REORTHONORMALIZE
+    else:
+        if not bool(sxp.all(sxp.isfinite(C))):
+            raise StepInputError("G")
+        steps = _reorthonormalize_steps(sxp, C, eps, drop_tolerance(Y.shape[-2], eps, cores.eps))
+    T, _ = gram_basis(sxp, C, drop_tolerance(Y.shape[-2], eps, cores.eps))
+    (T,) = cores.scatter(T)
+    Q = Y @ T
+    for _ in range(steps):
+        Q = Q @ _newton_schulz_factor(xp, Q)
+    return Q
+
+
+def _newton_schulz_factor(xp, Q):
+    gram = mH(xp, Q) @ Q
+    identity = xp.eye(Q.shape[-1], dtype=Q.dtype, device=device(Q))
+    return 1.5 * identity - 0.5 * gram
+
+
+def _gram(xp, panels, core):
+    F = xp.concat(panels, axis=-1)
+    F = xp.astype(F, core, copy=False)
+    return mH(xp, F) @ F
+
+
+def _blocks(C, sizes):
+    """The diagonal and off-diagonal blocks of a Gram of concatenated panels."""
+    edges = [0]
+    for size in sizes:
+        edges.append(edges[-1] + size)
+    return lambda i, j: C[..., edges[i]:edges[i + 1], edges[j]:edges[j + 1]]
+
+
+def _check_finite(sxp, gram, name):
+    if not bool(sxp.all(sxp.isfinite(gram))):
+        raise StepInputError(name)
+
+
+def checked(run, xp, arrays, *, sketched=()):
+    """``run()``, with the small-Gram checks' findings turned into the public
+    errors: a ValueError naming the argument (and counting its NaN/Inf
+    entries, on this error path only). ``arrays``: name -> array;
+    ``sketched``: names whose NaN/Inf was seen through their sketch."""
+    try:
+        with warnings.catch_warnings():
+            # NaN/Inf and overflow are reported below as a ValueError naming the
+            # argument; NumPy's "invalid value" warnings would only repeat it.
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return run()
+    except StepInputError as error:
+        from ._validation import report_nonfinite
+
+        name = str(error)
+        # the input named by the check first, then the others: a NaN in one
+        # factor shows in the products of both
+        for other in sorted(arrays, key=lambda key: key != name):
+            if other not in sketched and not bool(xp.all(xp.isfinite(arrays[other]))):
+                report_nonfinite(xp, other, arrays[other])
+        if name in sketched:
+            report_nonfinite(xp, name, arrays[name], source="its sketch")
+        raise ValueError(f"{error} is too large for its dtype: its products overflow") from None
+
+
+def _unitarity_deviation(sxp, C, CW):
+    """max |x^H (W^H W - I) x| / |x|^2 over the panel's columns and pairs,
+    from the Grams C = P^H P and CW = (W P)^H (W P)."""
+    d = sxp.real(sxp.linalg.diagonal(C))
+    scale = sxp.where(d > 0, 1 / sxp.sqrt(sxp.where(d > 0, d, 1.0)), 0.0)
+    E = (CW - C) * (scale[..., :, None] * scale[..., None, :])
+    return float(sxp.max(sxp.abs(E))) if E.size else 0.0
+
+
+class UnitarityError(ValueError):
+    """W was measured not to be unitary by a kernel's own products."""
+
+    def __init__(self, deviation, tolerance):
+        self.deviation, self.tolerance = deviation, tolerance
+        super().__init__(
+            f"W is not unitary (orthogonal): |W x|^2 differs from |x|^2 by up to {deviation:.3g} of |x|^2 "
+            f"on the directions this step uses (tolerance {tolerance:g}); the low-rank kernels need "
+            "W^H W = I. Start from a unitary matrix (random_unitary, or project_unitary(W) for the "
+            "closest one)"
+        )
+
+
+def _check_unitary(sxp, C, CW, precision):
+    deviation = _unitarity_deviation(sxp, C, CW)
+    tolerance = UNITARITY_TOLERANCE[precision]
+    if not deviation <= tolerance:
+        raise UnitarityError(deviation, tolerance)
+
+
+def _precision(xp, dtype):
+    return "64" if _eps(xp, dtype) < 1e-10 else "32"
+
+
+def _apply_right(xp, W, P, T, D, reorthonormalize):
+    """(L, Rh) = ((W Q) D, Q^H) with Q = P T: the new W is ``W (I + Q D Q^H)``.
+
+    Q is formed before the pass over W, so W Q is W times exactly this Q and
+    the update is unitary to rounding whenever Q has orthonormal columns. When
+    the panel P was ill-conditioned, Q = P T carries errors of about eps
+    cond(P); each Newton-Schulz step ``Q <- Q (3 I - Q^H Q) / 2`` squares them,
+    with matmuls only (no factorisation, no transfer).
+    """
+    Q = P @ T
+    for _ in range(reorthonormalize):
+        Q = Q @ _newton_schulz_factor(xp, Q)
+    return (W @ Q) @ D, mH(xp, Q)
+
+
+# Newton-Schulz steps of a traced call, which cannot look at the conditioning.
+_TRACED_REORTHONORMALIZE = 2
+
+
+def _reorthonormalize_steps(sxp, C, eps, tol):
+    """How many Newton-Schulz steps bring Q = P T to orthonormal columns at the
+    device's rounding level, from the equilibrated Gram C of P (host side)."""
+    d = sxp.real(sxp.linalg.diagonal(C))
+    scale = sxp.where(d > 0, 1 / sxp.sqrt(sxp.where(d > 0, d, 1.0)), 0.0)
+    lam = sxp.linalg.eigvalsh(C * (scale[..., :, None] * scale[..., None, :]))
+    top = sxp.max(lam, axis=-1, keepdims=True)
+    kept = sxp.where(lam > tol * top, lam, sxp.inf)
+    ratio = float(sxp.max(top[..., 0] / sxp.min(kept, axis=-1))) if lam.size else 1.0
+    error, steps = eps * (ratio * C.shape[-1]) ** 0.5, 0
+    while error > 16 * eps and steps < 4:
+        error, steps = max(error * error, eps), steps + 1
+    return steps
+
+
+def lowrank_right_update(xp, W, Y, Z, *, lr, variant, rank, cores, sketched, names):
+    """(L, Rh) such that the new W is ``W + L @ Rh``, the step of W along
+    ``-lr G_k`` with ``G_k = Y Pi Z^H``.
+
+    ``sketched``: Y and Z come from :func:`sketch_panels` and ``Pi`` is the
+    pseudo-inverse of ``Y^H Y`` truncated to the top ``rank`` singular
+    directions of the sketch; otherwise G = Y Z^H exactly (``Pi = I``).
+    ``variant`` "tangent": ``W expm(-lr/2 (W^H G_k - G_k^H W))``; "direct":
+    ``polar(W - lr G_k)``. Both are ``W (I + Q D Q^H)`` with Q an orthonormal
+    basis of span[Z, W^H Y], so W's own departure from unitarity is never
+    amplified. ``names`` = (name of Y's source, of Z's source) for errors.
+    Passes over W: ``W^H Y``, ``W Q`` and the update.
+    """
+    n, l = W.shape[-1], Y.shape[-1]
+    batch = _batch(W, Y, Z)
+    Y, Z = xp.broadcast_to(Y, (*batch, *Y.shape[-2:])), xp.broadcast_to(Z, (*batch, *Z.shape[-2:]))
+    c = adjoint_matmul(xp, W, Y)
+    core = core_dtype(xp, W.dtype, device(W))
+    (C,) = cores.gather(_gram(xp, [Y, Z, c], core))
+    sxp = cores.xp
+    block = _blocks(C, (l, l, l))
+    CP = C[..., l:, l:]
+    eps = _eps(xp, W.dtype)
+    tol = drop_tolerance(n, eps, cores.eps)
+    if cores.traced:
+        steps = _TRACED_REORTHONORMALIZE
+    else:
+        _check_finite(sxp, block(0, 0), names[0])
+        _check_finite(sxp, block(1, 1), names[1])
+        _check_finite(sxp, C, "W")
+        # |W^H y|^2 against |y|^2: W W^H = I exactly when W^H W = I
+        _check_unitary(sxp, block(0, 0), block(2, 2), _precision(xp, W.dtype))
+        steps = _reorthonormalize_steps(sxp, CP, eps, tol)
+    T, D = _right_core(sxp, block(0, 0), CP, lr=lr, variant=variant, rank=rank, l=l,
+                       sketched=sketched, tol=tol, traced=cores.traced)
+    T, D = cores.scatter(T, D)
+    return _apply_right(xp, W, xp.concat([Z, c], axis=-1), T, D, steps)
+
+
+def _right_core(sxp, Cy, CP, *, lr, variant, rank, l, sketched, tol, traced):
+    """(T, D): the basis Q = P T of span P and the core D in Q's coordinates."""
+    if sketched:
+        Ty, _ = gram_basis(sxp, Cy, tol)
+        if rank < l:
+            Cz = CP[..., :l, :l]
+            _, Ub = sxp.linalg.eigh(mH(sxp, Ty) @ Cz @ Ty)
+            U = Ty @ Ub[..., -rank:]
+            Pi = U @ mH(sxp, U)
+        else:
+            Pi = Ty @ mH(sxp, Ty)
+    else:
+        Pi = sxp.broadcast_to(sxp.eye(l, dtype=CP.dtype), (*CP.shape[:-2], l, l))
+    zero = sxp.zeros_like(Pi)
+    # W^H G_k = c Pi Z^H = [Z, c] A0 [Z, c]^H
+    A0 = sxp.concat([sxp.concat([zero, zero], axis=-1), sxp.concat([Pi, zero], axis=-1)], axis=-2)
+    T, R = gram_basis(sxp, CP, tol)
+    A = R @ A0 @ mH(sxp, R)
+    if variant == "tangent":
+        D = expm_skew_minus_identity(sxp, A - mH(sxp, A), -lr / 2)
+    else:
+        D = polar_minus_identity(sxp, -lr * A, traced=traced)
+    return T, D
+
+
+def transport_update(xp, W, a, b, *, t, cores):
+    """(L, Rh) with ``expm(t (a b^H - b a^H)) W = W + L @ Rh``.
+
+    In W's frame the generator is ``W^H X W = P K0 P^H`` with the panel
+    ``P = W^H [a, b]`` and ``K0 = [[0, I], [-I, 0]]``; with Q = P T an
+    orthonormal basis of span P and P = Q R, the result is
+    ``W (I + Q (expm(t K) - I) Q^H)``, ``K = R K0 R^H``. Passes over W:
+    ``[a, b]^H W``, ``W Q`` and the update; the Gram of the first panel shows
+    NaN/Inf and W's unitarity for free.
+    """
+    n, k = W.shape[-1], a.shape[-1]
+    batch = _batch(W, a, b)
+    a, b = xp.broadcast_to(a, (*batch, *a.shape[-2:])), xp.broadcast_to(b, (*batch, *b.shape[-2:]))
+    P = xp.concat([a, b], axis=-1)
+    WhP = adjoint_matmul(xp, W, P)
+    core = core_dtype(xp, W.dtype, device(W))
+    (C,) = cores.gather(_gram(xp, [P, WhP], core))
+    sxp = cores.xp
+    CP, CW = C[..., :2 * k, :2 * k], C[..., 2 * k:, 2 * k:]
+    eps = _eps(xp, W.dtype)
+    tol = drop_tolerance(n, eps, cores.eps)
+    if cores.traced:
+        steps = _TRACED_REORTHONORMALIZE
+    else:
+        _check_finite(sxp, C[..., :k, :k], "a")
+        _check_finite(sxp, CP, "b")
+        _check_finite(sxp, C, "W")
+        _check_unitary(sxp, CP, CW, _precision(xp, W.dtype))
+        steps = _reorthonormalize_steps(sxp, CW, eps, tol)
+    T, R = gram_basis(sxp, CW, tol)
+    identity = sxp.broadcast_to(sxp.eye(k, dtype=C.dtype), (*C.shape[:-2], k, k))
+    zero = sxp.zeros_like(identity)
+    K0 = sxp.concat([sxp.concat([zero, identity], axis=-1), sxp.concat([-identity, zero], axis=-1)], axis=-2)
+    D = expm_skew_minus_identity(sxp, R @ K0 @ mH(sxp, R), t)
+    T, D = cores.scatter(T, D)
+    return _apply_right(xp, W, WhP, T, D, steps)
+
+
+def _batch(*arrays):
+    from ._xp import broadcast_shapes
+
+    return broadcast_shapes(*(tuple(x.shape[:-2]) for x in arrays))
