@@ -386,6 +386,9 @@ def smallest_cases(cls):
             choices.append([min(values)])
         elif name in ("oversample", "power_iters", "gradient"):  # the sketch study: one case
             choices.append(values[:1])
+        elif name == "method" and cls.__name__ == "PeerSteps":  # the peers that are installed
+            packages = {peer.method: peer.package for peer in _peers.PEERS}
+            choices.append([m for m in values if have(packages.get(m, "unitary_lr"))])
         else:
             choices.append(list(values))
     return list(itertools.product(*choices))
@@ -395,11 +398,11 @@ def test_asv_suite_covers_every_kernel_and_both_steps(suite):
     classes = {cls.__name__: cls for cls in benchmark_classes(suite)}
     assert {"RandomizedSVD", "ProjectUnitary", "ProjectUnitaryLowrank", "ExpTransport", "UnitarityError",
             "ProjunnStep", "StepExtraMemory", "StepAccuracy"} <= set(classes)
-    assert {"RNNForwardBackward", "SketchChoice"} <= set(classes)
+    assert {"RNNForwardBackward", "SketchChoice", "StepLayout", "PeerSteps"} <= set(classes)
     for cls in classes.values():
         assert len(cls.params) == len(cls.param_names)
         grid = dict(zip(cls.param_names, cls.params))
-        if "n" not in grid or "backend" not in grid:  # layer and torch-only benchmarks: grids of their own
+        if "n" not in grid or "backend" not in grid or cls.__name__ == "StepLayout":  # grids of their own
             continue
         assert grid["n"] == [256, 1024, 4096] and grid["backend"] == ["numpy", "torch", "jax", "cupy"]
         assert grid["dtype"] == ["float32", "float64", "complex64", "complex128"]
@@ -408,8 +411,14 @@ def test_asv_suite_covers_every_kernel_and_both_steps(suite):
     assert classes["ProjunnStep"].params[classes["ProjunnStep"].param_names.index("variant")] == ["tangent", "direct"]
     assert hasattr(classes["ProjunnStep"], "peakmem_step")
     assert hasattr(classes["ProjectUnitary"], "time_svd") and hasattr(classes["ProjectUnitary"], "time_newton_schulz")
+    layout = dict(zip(classes["StepLayout"].param_names, classes["StepLayout"].params))
+    assert layout == {"n": [2048], "dtype": ["float64"], "variant": ["tangent", "direct"],
+                      "backend": ["numpy", "torch"], "layout": ["row-major", "column-major"]}
+    peers = dict(zip(classes["PeerSteps"].param_names, classes["PeerSteps"].params))
+    assert peers["method"] == ["projUNN-T k=1"] + [peer.method for peer in _peers.PEERS]
 
 
+@GEOOPT_IMPORT
 def test_asv_benchmarks_run_once_on_numpy(suite):
     """setup and every time_/peakmem_/track_ method, once, at the smallest size."""
     ran = 0
@@ -455,3 +464,27 @@ def test_asv_benchmarks_skip_by_raising_not_implemented(suite):
         if cls.__name__ == "StepExtraMemory":
             with pytest.raises(NotImplementedError, match="NumPy"):
                 cls().setup(*{**case, "backend": "torch"}.values())
+
+
+def test_asv_peers_are_skipped_when_not_installed(suite, monkeypatch):
+    peers = next(cls for cls in benchmark_classes(suite) if cls.__name__ == "PeerSteps")
+    for package in ("geoopt", "geotorch"):
+        monkeypatch.setitem(sys.modules, package, None)
+        for peer in _peers.PEERS:
+            if peer.package == package:
+                with pytest.raises(NotImplementedError, match=rf"{package} is not installed \(pip install"):
+                    peers().setup(256, "float64", peer.method)
+
+
+def test_asv_layout_case_holds_the_same_w_column_major(suite):
+    pytest.importorskip("torch")
+    layout = next(module for module in suite if module.__name__.endswith(".layout"))
+    for backend in ("numpy", "torch"):
+        case = layout.StepLayout()
+        case.setup(2048, "float64", "tangent", backend, "column-major")
+        W = np.asarray(case.W) if backend == "numpy" else case.W.cpu().numpy()
+        assert W.flags.f_contiguous and not W.flags.c_contiguous
+        row = layout.StepLayout()
+        row.setup(2048, "float64", "tangent", backend, "row-major")
+        assert (np.asarray(row.W) if backend == "numpy" else row.W.cpu().numpy()).flags.c_contiguous
+        assert np.array_equal(W, np.asarray(row.W) if backend == "numpy" else row.W.cpu().numpy())
