@@ -236,10 +236,12 @@ def peers_run(request, tmp_path_factory):
     Module scope, so no capsys: stdout is captured by hand."""
     pytest.importorskip("torch")
     path = tmp_path_factory.mktemp("peers") / "peers.json"
+    plot = path.with_suffix(".png")
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         assert main([*SMALL, "--backend", "torch", "--peers", "--dtype", request.param, "--sizes", "16", "32",
-                     "--repeat", "1", "--json", str(path)]) == 0
+                     "--repeat", "1", "--json", str(path), "--plot", str(plot)]) == 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # a line style for every kind of row
     return json.loads(path.read_text()), printed.getvalue()
 
 

@@ -512,6 +512,7 @@ def _versions(backend_name, expm, others):
 
 def _plot(path, rows, slopes, *, title):
     """Log-log time against n, one line per method and k, slope in the legend."""
+    import matplotlib
     from matplotlib.figure import Figure  # no pyplot: no global state, no display
     from matplotlib.ticker import NullLocator
 
@@ -521,6 +522,8 @@ def _plot(path, rows, slopes, *, title):
               "optimizer": {"linestyle": (0, (5, 1, 1, 1, 1, 1))}}
     figure = Figure(figsize=(9.6, 4.8), layout="constrained")
     axes = figure.subplots()
+    if len(_series(rows)) > 10:  # with the peers: more lines than the default cycle has colours
+        axes.set_prop_cycle(color=matplotlib.colormaps["tab20"].colors)
     for (method, k), (sizes, times) in _series(rows).items():
         slope = slope_of[(method, k)]
         label = _label(method, k) + ("" if slope is None else f": slope {slope:.2f}")
