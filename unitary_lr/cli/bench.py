@@ -46,11 +46,11 @@ from pathlib import Path
 import numpy as np
 
 from .. import _benchdata as data
-from . import _peers
 from .. import projunn_step, randomized_svd, unitarity_error
 from .._backends import BACKEND_NAMES, load_backend
 from .._xp import FLOAT_DTYPE_NAMES, array_namespace, mH
 from ..steps import STEP_OVERSAMPLE, STEP_POWER_ITERS
+from . import _peers
 from ._output import CommandError, environment, format_table, progress, require_modules, write_json
 
 LEARNING_RATE = 0.1
