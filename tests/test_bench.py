@@ -7,8 +7,10 @@ are one-line errors, and that every asv benchmark still runs (asv itself is
 not needed: the methods are called directly, as asv would).
 """
 
+import contextlib
 import importlib
 import importlib.util
+import io
 import inspect
 import itertools
 import json
@@ -21,11 +23,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from unitary_lr import projunn_step, unitarity_error
+from unitary_lr.cli import _peers
 from unitary_lr.cli import bench as bench_module
 from unitary_lr.cli import main
 
 SMALL = ["bench", "--sizes", "32", "64", "--ranks", "1", "--repeat", "2", "--no-progress"]
 STEPS_AND_DENSE = ("floor", "projUNN-T", "projUNN-D", "dense SVD polar", "dense expm step")
+OPTIMIZERS = ("torch.optim.RMSprop", "ProjUNN(base='rmsprop')")  # every torch run
 
 
 def have(module):
@@ -43,6 +48,9 @@ def check_record(record, *, sizes, methods, unitarity_tol):
     rows = record["results"]
     assert {(r["method"], r["n"]) for r in rows} == {(m, n) for m in methods for n in sizes}
     floor = {r["n"]: r["median_s"] for r in rows if r["method"] == "floor"}
+    k_min = min((r["k"] for r in rows if r["method"] == "projUNN-T"), default=None)
+    tangent = {r["n"]: r["median_s"] for r in rows if r["method"] == "projUNN-T" and r["k"] == k_min}
+    rmsprop = {r["n"]: r["median_s"] for r in rows if r["method"] == "torch.optim.RMSprop"}
     dense = {n: min(r["median_s"] for r in rows if r["kind"] == "dense" and r["n"] == n)
              for n in sizes if any(r["kind"] == "dense" and r["n"] == n for r in rows)}
     for r in rows:
@@ -53,17 +61,25 @@ def check_record(record, *, sizes, methods, unitarity_tol):
             assert r["speedup_over_dense"] == pytest.approx(dense[r["n"]] / r["median_s"], rel=1e-12)
         else:
             assert r["speedup_over_dense"] is None
-        if r["kind"] in ("step", "dense"):
-            assert r["unitarity_error"] < unitarity_tol, r
+        if r["kind"] in ("step", "dense", "peer") or r["method"] == "ProjUNN(base='rmsprop')":
+            assert math.isfinite(r["median_s"]) and r["unitarity_error"] < unitarity_tol, r
         else:
             assert r["unitarity_error"] is None
+        if r["kind"] == "peer":
+            assert r["ratio_to_projunn_t"] == pytest.approx(r["median_s"] / tangent[r["n"]], rel=1e-12)
+        else:
+            assert r["ratio_to_projunn_t"] is None
+        if r["method"] == "ProjUNN(base='rmsprop')":
+            assert r["ratio_to_rmsprop"] == pytest.approx(r["median_s"] / rmsprop[r["n"]], rel=1e-12)
+        else:
+            assert r["ratio_to_rmsprop"] is None
         if r["kind"] == "rsvd":
             # a rank-1 sketch with 10 extra columns and 2 power iterations is
             # close to optimal on the 1/j spectrum; 1 is the optimum itself
             assert 1 - 1e-6 < r["relative_error"] < 1.5, r
         else:
             assert r["relative_error"] is None
-        assert (r["k"] is None) == (r["kind"] not in ("step", "rsvd"))
+        assert (r["k"] is None) == (r["kind"] not in ("step", "rsvd") and r["method"] != "ProjUNN(base='rmsprop')")
     slopes = {(s["method"], s["k"]): s for s in record["slopes"]}
     assert set(slopes) == {(r["method"], r["k"]) for r in rows}
     for s in slopes.values():
@@ -106,7 +122,7 @@ def test_bench_on_every_backend(backend, tmp_path):
     record = run_json(tmp_path, *options, "--dtype", dtype, "--sizes", "16", "32", "--repeat", "1")
     strict = backend.name.startswith("array_api_strict")
     methods = [m for m in STEPS_AND_DENSE if not (strict and m == "dense expm step")]
-    methods += ["unitary_lr randomized_svd"] + ["torch.svd_lowrank"] * (backend.name == "torch")
+    methods += ["unitary_lr randomized_svd"] + ["torch.svd_lowrank", *OPTIMIZERS] * (backend.name == "torch")
     check_record(record, sizes=[16, 32], methods=methods, unitarity_tol=1e-12 if backend.has_float64 else 1e-5)
     if strict:
         assert "dense expm step skipped: array_api_strict has no matrix exponential" in record["notes"]
@@ -156,6 +172,7 @@ def test_bench_interrupt_keeps_the_complete_sizes(tmp_path, monkeypatch):
         (["--seed", "-1"], "--seed must be >= 0, got -1"),
         (["--threads", "0"], "--threads must be >= 1, got 0"),
         (["--plot", "."], "--plot must be a file path, got the directory '.'"),
+        (["--peers"], "--peers times torch optimizers: add --backend torch (got --backend numpy)"),
         (["--backend", "torch", "--device", "nowhere:3"], "device 'nowhere:3' is not available to torch here"),
         (["--backend", "array_api_strict", "--device", "no_float64"],
          "dtype float64 is not available on device"),
@@ -202,6 +219,134 @@ def test_bench_bad_choices_are_argparse_errors(capsys):
     assert "argument --dtype: invalid choice: 'float16'" in err and "Traceback" not in err
 
 
+# --- bench --peers and the torch optimizers ----------------------------------------------------
+
+PEER_PACKAGES = ("geoopt", "geotorch", "torch")
+# geoopt 0.5 compiles helpers with torch.jit.script on import, deprecated in recent torch
+GEOOPT_IMPORT = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+
+
+def peer_methods(package):
+    return [peer.method for peer in _peers.PEERS if peer.package == package]
+
+
+@pytest.fixture(scope="module", params=["float32", "float64"])
+def peers_run(request, tmp_path_factory):
+    """One ``bench --peers`` run per dtype on tiny matrices: (record, printed).
+    Module scope, so no capsys: stdout is captured by hand."""
+    pytest.importorskip("torch")
+    path = tmp_path_factory.mktemp("peers") / "peers.json"
+    plot = path.with_suffix(".png")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main([*SMALL, "--backend", "torch", "--peers", "--dtype", request.param, "--sizes", "16", "32",
+                     "--repeat", "1", "--json", str(path), "--plot", str(plot)]) == 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # a line style for every kind of row
+    return json.loads(path.read_text()), printed.getvalue()
+
+
+@GEOOPT_IMPORT
+@pytest.mark.parametrize("package", PEER_PACKAGES)
+def test_bench_peers_times_each_installed_peer(peers_run, package):
+    pytest.importorskip(package)
+    record, printed = peers_run
+    rows = record["results"]
+    for method in peer_methods(package):
+        timed = [r for r in rows if r["method"] == method]
+        assert [r["n"] for r in timed] == [16, 32] and all(r["kind"] == "peer" for r in timed)
+        for r in timed:  # the one dense check after the timed steps, float32 included
+            assert 0 < r["median_s"] < math.inf and r["unitarity_error"] < 1e-5, r
+            assert r["ratio_to_projunn_t"] > 0
+        assert printed.count(f"{method}  16  ") == 1
+    if package != "torch":
+        assert record["environment"][package] == importlib.import_module(package).__version__
+
+
+@GEOOPT_IMPORT
+def test_bench_peers_record_table_and_rmsprop_ratio(peers_run):
+    record, printed = peers_run
+    installed = [p for p in PEER_PACKAGES if have(p)]
+    methods = [*STEPS_AND_DENSE, "unitary_lr randomized_svd", "torch.svd_lowrank", *OPTIMIZERS,
+               *(m for p in installed for m in peer_methods(p))]
+    check_record(record, sizes=[16, 32], methods=methods, unitarity_tol=1e-5)
+    assert record["settings"]["peers"] is True and record["settings"]["peer_ratio_rank"] == 1
+    assert "x projUNN-T" in printed
+    assert "note: x projUNN-T: the peer's step time over the projUNN-T step's (k = 1) at the same n" in printed
+    ratio_table = printed.split("ProjUNN / RMSprop")[1]
+    for n in (16, 32):
+        r = next(r for r in record["results"] if r["method"] == "ProjUNN(base='rmsprop')" and r["n"] == n)
+        assert f"{n}  1  " in ratio_table and f"{r['ratio_to_rmsprop']:.3g}" in ratio_table
+
+
+def test_bench_missing_peers_are_reported_not_installed(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("torch")
+    for package in ("geoopt", "geotorch"):
+        monkeypatch.setitem(sys.modules, package, None)  # import raises ImportError
+    record = run_json(tmp_path, "--backend", "torch", "--peers", "--sizes", "16", "32", "--repeat", "1")
+    printed = capsys.readouterr().out
+    for package in ("geoopt", "geotorch"):
+        note = f"{package} is not installed (pip install {package}): not timed: " + ", ".join(peer_methods(package))
+        assert note in record["notes"] and f"note: {note}" in printed
+        assert not any(r["method"] in peer_methods(package) for r in record["results"])
+    methods = [*STEPS_AND_DENSE, "unitary_lr randomized_svd", "torch.svd_lowrank", *OPTIMIZERS,
+               *peer_methods("torch")]
+    check_record(record, sizes=[16, 32], methods=methods, unitarity_tol=1e-12)
+
+
+@GEOOPT_IMPORT
+def test_bench_peers_complex_skips_the_real_only_peers(tmp_path):
+    pytest.importorskip("torch")
+    record = run_json(tmp_path, "--backend", "torch", "--peers", "--dtype", "complex64", "--sizes", "16", "32",
+                      "--repeat", "1", "--dense-max", "16")
+    for package in ("geoopt", "geotorch"):
+        for method in peer_methods(package):
+            assert not any(r["method"] == method for r in record["results"])
+            if have(package):
+                assert f"{method} skipped: {package} takes real matrices only" in record["notes"]
+    assert "dense steps and peers skipped for n > 16 (--dense-max): n = 32" in record["notes"]
+    methods = [*STEPS_AND_DENSE, "unitary_lr randomized_svd", "torch.svd_lowrank", *OPTIMIZERS,
+               *peer_methods("torch")]
+    rows = record["results"]
+    assert {(r["method"], r["n"]) for r in rows} == ({(m, n) for m in methods for n in (16, 32)}
+                                                      - {(m, 32) for m in methods if bench_module.KINDS[m] in
+                                                         ("dense", "peer")})
+    assert all(r["unitarity_error"] < 1e-5 for r in rows if r["kind"] == "peer")
+
+
+@GEOOPT_IMPORT
+@pytest.mark.parametrize("method", [peer.method for peer in _peers.PEERS] + list(OPTIMIZERS))
+def test_peer_steps_descend_the_linear_loss(method):
+    """Every peer and optimizer gets the bench's W and G as its own users would
+    give them: one small step lowers the loss Re<G, W> whose gradient is G, and
+    stays on the group. geoopt's EuclideanStiefel step agrees with projUNN-T to
+    first order (the same W, G and learning rate mean the same step)."""
+    torch = pytest.importorskip("torch")
+    peer = next((p for p in _peers.PEERS if p.method == method), None)
+    if peer is not None:
+        pytest.importorskip(peer.package)
+    rng = np.random.default_rng(0)
+    n, lr = 8, 1e-4
+    W = torch.linalg.qr(torch.as_tensor(rng.standard_normal((n, n))))[0]
+    G = torch.as_tensor(np.outer(rng.standard_normal(n), rng.standard_normal(n)))  # rank 1: the T step is exact
+    G_before = G.clone()
+    if peer is not None:
+        stepper = peer.build(W, G, lr)
+    elif method == "torch.optim.RMSprop":
+        stepper = _peers.rmsprop(W, G, lr)
+    else:
+        stepper = _peers.projunn_rmsprop(W, G, lr, rank=1, seed=0)
+    assert torch.equal(stepper.point(), W)
+    stepper.step()
+    after = stepper.point()
+    assert torch.equal(G, G_before)  # the shared gradient is left alone
+    assert torch.sum(G * after) < torch.sum(G * W)
+    if method != "torch.optim.RMSprop":
+        assert float(unitarity_error(after)) < 1e-12
+    if method == _peers.GEOOPT_EUCLIDEAN_SGD:
+        tangent = projunn_step(W, G, lr=lr, rank=1, variant="tangent", rng=0)
+        assert float(torch.linalg.matrix_norm(after - tangent)) < 1e-3 * float(torch.linalg.matrix_norm(tangent - W))
+
+
 # --- the asv suite -----------------------------------------------------------------------------
 
 SUITE = Path(__file__).resolve().parents[1] / "asv_benchmarks" / "benchmarks"
@@ -243,6 +388,9 @@ def smallest_cases(cls):
             choices.append([min(values)])
         elif name in ("oversample", "power_iters", "gradient"):  # the sketch study: one case
             choices.append(values[:1])
+        elif name == "method" and cls.__name__ == "PeerSteps":  # the peers that are installed
+            packages = {peer.method: peer.package for peer in _peers.PEERS}
+            choices.append([m for m in values if have(packages.get(m, "unitary_lr"))])
         else:
             choices.append(list(values))
     return list(itertools.product(*choices))
@@ -252,11 +400,11 @@ def test_asv_suite_covers_every_kernel_and_both_steps(suite):
     classes = {cls.__name__: cls for cls in benchmark_classes(suite)}
     assert {"RandomizedSVD", "ProjectUnitary", "ProjectUnitaryLowrank", "ExpTransport", "UnitarityError",
             "ProjunnStep", "StepExtraMemory", "StepAccuracy"} <= set(classes)
-    assert {"RNNForwardBackward", "SketchChoice"} <= set(classes)
+    assert {"RNNForwardBackward", "SketchChoice", "StepLayout", "PeerSteps"} <= set(classes)
     for cls in classes.values():
         assert len(cls.params) == len(cls.param_names)
         grid = dict(zip(cls.param_names, cls.params))
-        if "n" not in grid or "backend" not in grid:  # layer and torch-only benchmarks: grids of their own
+        if "n" not in grid or "backend" not in grid or cls.__name__ == "StepLayout":  # grids of their own
             continue
         assert grid["n"] == [256, 1024, 4096] and grid["backend"] == ["numpy", "torch", "jax", "cupy"]
         assert grid["dtype"] == ["float32", "float64", "complex64", "complex128"]
@@ -265,8 +413,14 @@ def test_asv_suite_covers_every_kernel_and_both_steps(suite):
     assert classes["ProjunnStep"].params[classes["ProjunnStep"].param_names.index("variant")] == ["tangent", "direct"]
     assert hasattr(classes["ProjunnStep"], "peakmem_step")
     assert hasattr(classes["ProjectUnitary"], "time_svd") and hasattr(classes["ProjectUnitary"], "time_newton_schulz")
+    layout = dict(zip(classes["StepLayout"].param_names, classes["StepLayout"].params))
+    assert layout == {"n": [2048], "dtype": ["float64"], "variant": ["tangent", "direct"],
+                      "backend": ["numpy", "torch"], "layout": ["row-major", "column-major"]}
+    peers = dict(zip(classes["PeerSteps"].param_names, classes["PeerSteps"].params))
+    assert peers["method"] == ["projUNN-T k=1"] + [peer.method for peer in _peers.PEERS]
 
 
+@GEOOPT_IMPORT
 def test_asv_benchmarks_run_once_on_numpy(suite):
     """setup and every time_/peakmem_/track_ method, once, at the smallest size."""
     ran = 0
@@ -312,3 +466,27 @@ def test_asv_benchmarks_skip_by_raising_not_implemented(suite):
         if cls.__name__ == "StepExtraMemory":
             with pytest.raises(NotImplementedError, match="NumPy"):
                 cls().setup(*{**case, "backend": "torch"}.values())
+
+
+def test_asv_peers_are_skipped_when_not_installed(suite, monkeypatch):
+    peers = next(cls for cls in benchmark_classes(suite) if cls.__name__ == "PeerSteps")
+    for package in ("geoopt", "geotorch"):
+        monkeypatch.setitem(sys.modules, package, None)
+        for peer in _peers.PEERS:
+            if peer.package == package:
+                with pytest.raises(NotImplementedError, match=rf"{package} is not installed \(pip install"):
+                    peers().setup(256, "float64", peer.method)
+
+
+def test_asv_layout_case_holds_the_same_w_column_major(suite):
+    pytest.importorskip("torch")
+    layout = next(module for module in suite if module.__name__.endswith(".layout"))
+    for backend in ("numpy", "torch"):
+        case = layout.StepLayout()
+        case.setup(2048, "float64", "tangent", backend, "column-major")
+        W = np.asarray(case.W) if backend == "numpy" else case.W.cpu().numpy()
+        assert W.flags.f_contiguous and not W.flags.c_contiguous
+        row = layout.StepLayout()
+        row.setup(2048, "float64", "tangent", backend, "row-major")
+        assert (np.asarray(row.W) if backend == "numpy" else row.W.cpu().numpy()).flags.c_contiguous
+        assert np.array_equal(W, np.asarray(row.W) if backend == "numpy" else row.W.cpu().numpy())

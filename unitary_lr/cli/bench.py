@@ -20,6 +20,15 @@ SVDs decompose an n x n matrix with singular values 1/j, whose optimal rank-k
 error is known exactly. The backend-specific calls (SciPy, torch.linalg,
 scikit-learn, torch.svd_lowrank) live only in this module: a tool, not
 algorithm code.
+
+With ``--peers`` (torch backend) the table also holds the O(n^3) steps users
+take today with other libraries (geoopt, geotorch, torch's orthogonal
+parametrization; see ``_peers``), each where it is installed, with its time
+over the projUNN-T step's. On the torch backend, the bench always times a plain
+``torch.optim.RMSprop`` step and ``unitary_lr.torch.ProjUNN(base="rmsprop")``
+on the same n x n matrix, and prints their ratio. These optimizers change
+their parameter in place: each timed step starts where the previous one ended,
+as in training, and the unitarity error is checked once, after the timed steps.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ from .. import projunn_step, randomized_svd, unitarity_error
 from .._backends import BACKEND_NAMES, load_backend
 from .._xp import FLOAT_DTYPE_NAMES, array_namespace, mH
 from ..steps import STEP_OVERSAMPLE, STEP_POWER_ITERS
+from . import _peers
 from ._output import CommandError, environment, format_table, progress, require_modules, write_json
 
 LEARNING_RATE = 0.1
@@ -64,8 +74,12 @@ KINDS = {
     RSVD: "rsvd",
     RSVD_SKLEARN: "rsvd",
     RSVD_TORCH: "rsvd",
+    **{peer.method: "peer" for peer in _peers.PEERS},
+    _peers.RMSPROP: "optimizer",
+    _peers.PROJUNN_RMSPROP: "optimizer",
 }
 RANKED = ("step", "rsvd")
+STATEFUL = ("peer", "optimizer")
 
 
 def add_parser(commands):
@@ -93,6 +107,9 @@ def add_parser(commands):
                         help="limit the BLAS/OpenMP threads (NumPy, SciPy, scikit-learn; torch's too) to N "
                              "during the run; 1 gives steadier ratios on a shared machine. Needs threadpoolctl "
                              "(default: the libraries' own)")
+    parser.add_argument("--peers", action="store_true",
+                        help="also time the O(n^3) steps of geoopt, geotorch and torch's orthogonal "
+                             "parametrization, where installed, up to --dense-max (needs --backend torch)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the matrices and the sketches (default: 0)")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the results, settings and machine as JSON")
     parser.add_argument("--plot", default=None, metavar="PATH",
@@ -114,6 +131,8 @@ def _validate(args):
                                  ("--seed", args.seed, 0), ("--threads", args.threads, 1)):
         if value is not None and value < minimum:
             raise CommandError(f"{flag} must be >= {minimum}, got {value}")
+    if args.peers and args.backend != "torch":
+        raise CommandError(f"--peers times torch optimizers: add --backend torch (got --backend {args.backend})")
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
         if path is not None and Path(path).is_dir():
             raise CommandError(f"{flag} must be a file path, got the directory {path!r}")
@@ -238,12 +257,16 @@ def run(args) -> int:
     if why_not:
         notes.append(why_not)
     others = _other_rsvds(backend, args.dtype, notes)
+    peers, peer_notes = _peers.available_peers(complex_) if args.peers else ([], [])
+    notes.extend(peer_notes)
+    optimizers = backend.name == "torch"  # RMSprop and ProjUNN(base="rmsprop")
     dense = [DENSE_SVD] + [DENSE_EXPM] * (expm is not None)
     too_big = [n for n in sizes if n > args.dense_max]
     if too_big and dense:
-        notes.append(f"dense steps skipped for n > {args.dense_max} (--dense-max): n = "
+        notes.append(f"dense steps {'and peers ' * bool(peers)}skipped for n > {args.dense_max} (--dense-max): n = "
                      + ", ".join(map(str, too_big)))
-    cases_per_n = {n: 1 + 2 * len(ranks) + len(dense) * (n <= args.dense_max) + (1 + len(others)) * len(ranks)
+    cases_per_n = {n: 1 + 2 * len(ranks) + (len(dense) + len(peers)) * (n <= args.dense_max)
+                   + (1 + len(others)) * len(ranks) + (1 + len(ranks)) * optimizers
                    for n in sizes}
 
     def on_device(host):
@@ -252,31 +275,38 @@ def run(args) -> int:
     def unitarity(W):
         return {"unitarity_error": float(unitarity_error(W))}
 
+    def stateful(method, k, stepper, checked):
+        """A case whose call steps a parameter in place, checked once after timing."""
+        final = (lambda: unitarity(stepper.point())) if checked else None
+        return method, k, stepper.step, None, final
+
     def cases(n):
-        """[(method, k, call, check)] at size n: every method on the same data."""
+        """[(method, k, call, check, final)] at size n: every method on the same data.
+        ``check`` takes the untimed first result, ``final()`` runs after timing."""
         rng = np.random.default_rng([args.seed, n])
         W = on_device(data.unitary(rng, n, complex_))
         G = on_device(data.gaussian(rng, (n, n), complex_, scale=n**-0.5))
         x, u, v = (on_device(data.gaussian(rng, shape, complex_)) for shape in ((n,), (n, 2), (n, 2)))
         A = on_device(data.known_spectrum(rng, n, complex_))
-        found = [(FLOOR, None, lambda: (G @ x, W + u @ mH(xp, v)), None)]
+        found = [(FLOOR, None, lambda: (G @ x, W + u @ mH(xp, v)), None, None)]
         for k in ranks:
             for method, variant in ((TANGENT, "tangent"), (DIRECT, "direct")):
                 sketches = np.random.default_rng([args.seed, n, k, 1])
                 found.append((method, k, functools.partial(projunn_step, W, G, lr=LEARNING_RATE, rank=k,
-                                                           variant=variant, rng=sketches), unitarity))
+                                                           variant=variant, rng=sketches), unitarity, None))
         if n <= args.dense_max:
             def svd_polar():
                 U, _, Vh = xp.linalg.svd(W - LEARNING_RATE * G, full_matrices=False)
                 return U @ Vh
 
-            found.append((DENSE_SVD, None, svd_polar, unitarity))
+            found.append((DENSE_SVD, None, svd_polar, unitarity, None))
             if expm is not None:
                 def expm_step():
                     S = mH(xp, W) @ G  # W^H G - G^H W = S - S^H: one O(n^3) product, not two
                     return W @ expm((-LEARNING_RATE / 2) * (S - mH(xp, S)))
 
-                found.append((DENSE_EXPM, None, expm_step, unitarity))
+                found.append((DENSE_EXPM, None, expm_step, unitarity, None))
+            found.extend(stateful(peer.method, None, peer.build(W, G, LEARNING_RATE), True) for peer in peers)
         for k in ranks:
             optimal = data.optimal_error(n, k)
 
@@ -286,10 +316,14 @@ def run(args) -> int:
 
             sketches = np.random.default_rng([args.seed, n, k, 2])
             found.append((RSVD, k, lambda k=k, sketches=sketches: tuple(randomized_svd(
-                A, k, oversample=args.oversample, power_iters=args.power_iters, rng=sketches)), error))
+                A, k, oversample=args.oversample, power_iters=args.power_iters, rng=sketches)), error, None))
             for method, function in others.items():
                 found.append((method, k, functools.partial(function, A, k, args.oversample, args.power_iters,
-                                                           args.seed), error))
+                                                           args.seed), error, None))
+        if optimizers:
+            found.append(stateful(_peers.RMSPROP, None, _peers.rmsprop(W, G, LEARNING_RATE), False))
+            found.extend(stateful(_peers.PROJUNN_RMSPROP, k, _peers.projunn_rmsprop(
+                W, G, LEARNING_RATE, rank=k, seed=args.seed), True) for k in ranks)
         return found
 
     rows, interrupted = [], False
@@ -300,7 +334,7 @@ def run(args) -> int:
     try:
         for n in sizes:
             todo, done = cases(n), []
-            for method, k, call, check in todo:
+            for method, k, call, check, _final in todo:
                 # The untimed warm-up run; its result is checked, then dropped
                 # so that only one n x n result is alive at a time.
                 bar.set_postfix_str(f"n={n} {_label(method, k)}", refresh=True)
@@ -308,6 +342,7 @@ def run(args) -> int:
                 _wait(backend, result)
                 done.append({"method": method, "kind": KINDS[method], "n": n, "k": k, "median_s": None,
                              "times_s": [], "ratio_to_floor": None, "speedup_over_dense": None,
+                             "ratio_to_projunn_t": None, "ratio_to_rmsprop": None,
                              "unitarity_error": None, "relative_error": None, **(check(result) if check else {})})
                 del result
                 bar.update(1)
@@ -315,14 +350,16 @@ def run(args) -> int:
             # load of a shared machine hits all methods alike, so their ratios
             # hold better than if each method were timed in one block.
             for _ in range(args.repeat):
-                for (method, k, call, _check), row in zip(todo, done):
+                for (method, k, call, _check, _final), row in zip(todo, done):
                     bar.set_postfix_str(f"n={n} {_label(method, k)}", refresh=False)
                     start = time.perf_counter()
                     _wait(backend, call())
                     row["times_s"].append(time.perf_counter() - start)
                     bar.update(1)
-            for row in done:
+            for (*_, final), row in zip(todo, done):
                 row["median_s"] = statistics.median(row["times_s"])
+                if final is not None:  # stateful: one dense check of where the timed steps ended
+                    row.update(final())
             rows.extend(done)
             del todo, done
     except KeyboardInterrupt:  # keep the sizes that are complete
@@ -333,7 +370,7 @@ def run(args) -> int:
 
     _add_ratios(rows)
     slopes = _slopes(rows)
-    _print(rows, slopes, notes)
+    _print(rows, slopes, notes, projunn_t_rank=ranks[0])
     record = {
         "command": "unitary-lr " + " ".join(args.argv),
         "experiment": "bench",
@@ -344,13 +381,14 @@ def run(args) -> int:
             "gradient": "N(0, 1/n) entries", "step_oversample": STEP_OVERSAMPLE,
             "step_power_iters": STEP_POWER_ITERS, "rsvd_oversample": args.oversample,
             "rsvd_power_iters": args.power_iters, "rsvd_spectrum": "1/j", "threads": args.threads,
-            "seed": args.seed,
+            "seed": args.seed, "peers": args.peers, "peer_ratio_rank": ranks[0],
         },
         "interrupted": interrupted,
         "results": rows,
         "slopes": slopes,
         "notes": notes,
-        "environment": {**environment(), **_versions(args.backend, expm, others), "thread_pools": pools},
+        "environment": {**environment(), **_versions(args.backend, expm, others),
+                        **_peers.versions(peer.package for peer in peers), "thread_pools": pools},
     }
     written = []
     if args.json is not None:
@@ -368,8 +406,13 @@ def run(args) -> int:
 
 
 def _add_ratios(rows):
-    """Ratio to the floor and speed-up over the fastest dense step, per n."""
+    """Ratio to the floor and speed-up over the fastest dense step, per n; a
+    peer's time over projUNN-T's at the smallest k; ProjUNN(base="rmsprop")'s
+    time over torch.optim.RMSprop's."""
     floor = {r["n"]: r["median_s"] for r in rows if r["kind"] == "floor"}
+    ranks = [r["k"] for r in rows if r["method"] == TANGENT]
+    tangent = {r["n"]: r["median_s"] for r in rows if r["method"] == TANGENT and r["k"] == min(ranks, default=None)}
+    rmsprop = {r["n"]: r["median_s"] for r in rows if r["method"] == _peers.RMSPROP}
     dense = {}
     for r in rows:
         if r["kind"] == "dense":
@@ -379,6 +422,10 @@ def _add_ratios(rows):
             r["ratio_to_floor"] = r["median_s"] / floor[r["n"]]
         if r["n"] in dense:
             r["speedup_over_dense"] = dense[r["n"]] / r["median_s"]
+        if r["kind"] == "peer" and r["n"] in tangent:
+            r["ratio_to_projunn_t"] = r["median_s"] / tangent[r["n"]]
+        if r["method"] == _peers.PROJUNN_RMSPROP and r["n"] in rmsprop:
+            r["ratio_to_rmsprop"] = r["median_s"] / rmsprop[r["n"]]
 
 
 def _series(rows):
@@ -404,17 +451,22 @@ def _label(method, k):
     return method if k is None else f"{method} k={k}"
 
 
-def _print(rows, slopes, notes):
-    def number(value, digits=3):
-        return "-" if value is None else f"{value:.{digits}g}"
+def _number(value, digits=3):
+    return "-" if value is None else f"{value:.{digits}g}"
 
+
+def _print(rows, slopes, notes, *, projunn_t_rank):
+    peers = any(r["kind"] == "peer" for r in rows)
     print(format_table(
-        ("method", "n", "k", "time [ms]", "x floor", "speed-up vs dense", "unitarity error", "error / optimal"),
+        ("method", "n", "k", "time [ms]", "x floor", "speed-up vs dense") + ("x projUNN-T",) * peers
+        + ("unitarity error", "error / optimal"),
         [(r["method"], r["n"], "-" if r["k"] is None else r["k"], f"{1e3 * r['median_s']:.4g}",
-          number(r["ratio_to_floor"]), number(r["speedup_over_dense"]),
-          "-" if r["unitarity_error"] is None else f"{r['unitarity_error']:.1e}",
-          number(r["relative_error"], 5)) for r in rows],
+          _number(r["ratio_to_floor"]), _number(r["speedup_over_dense"]))
+         + (_number(r["ratio_to_projunn_t"]),) * peers
+         + ("-" if r["unitarity_error"] is None else f"{r['unitarity_error']:.1e}",
+            _number(r["relative_error"], 5)) for r in rows],
     ))
+    _print_rmsprop_ratios(rows)
     fitted = [s for s in slopes if s["slope"] is not None]
     if fitted:
         print()
@@ -423,10 +475,28 @@ def _print(rows, slopes, notes):
                              f"{s['sizes'][0]}..{s['sizes'][-1]}") for s in fitted]))
     notes = ["speed-up vs dense: the fastest dense step at the same n over this time",
              "error / optimal: ||A - U S V^H||_F / ||A - A_k||_F for singular values 1/j (1 is optimal)",
+             *[f"x projUNN-T: the peer's step time over the projUNN-T step's (k = {projunn_t_rank}) at the same n"]
+             * peers,
+             *["peers and optimizers step their parameter in place: each timed step starts where the last "
+               "ended; unitarity error after the timed steps"] * any(r["kind"] in STATEFUL for r in rows),
              *notes]
     print()
     for note in notes:
         print(f"note: {note}")
+
+
+def _print_rmsprop_ratios(rows):
+    """ProjUNN(base="rmsprop") against torch.optim.RMSprop, one line per n and k."""
+    paired = [r for r in rows if r["ratio_to_rmsprop"] is not None]
+    if not paired:
+        return
+    rmsprop = {r["n"]: r["median_s"] for r in rows if r["method"] == _peers.RMSPROP}
+    print()
+    print(format_table(
+        ("n", "k", f"{_peers.PROJUNN_RMSPROP} [ms]", f"{_peers.RMSPROP} [ms]", "ProjUNN / RMSprop"),
+        [(r["n"], r["k"], f"{1e3 * r['median_s']:.4g}", f"{1e3 * rmsprop[r['n']]:.4g}",
+          _number(r["ratio_to_rmsprop"])) for r in paired],
+    ))
 
 
 def _versions(backend_name, expm, others):
@@ -442,14 +512,18 @@ def _versions(backend_name, expm, others):
 
 def _plot(path, rows, slopes, *, title):
     """Log-log time against n, one line per method and k, slope in the legend."""
+    import matplotlib
     from matplotlib.figure import Figure  # no pyplot: no global state, no display
     from matplotlib.ticker import NullLocator
 
     slope_of = {(s["method"], s["k"]): s["slope"] for s in slopes}
     styles = {"floor": {"color": "black", "linestyle": "-", "linewidth": 2}, "step": {"linestyle": "-"},
-              "dense": {"linestyle": "--"}, "rsvd": {"linestyle": ":"}}
+              "dense": {"linestyle": "--"}, "rsvd": {"linestyle": ":"}, "peer": {"linestyle": "-."},
+              "optimizer": {"linestyle": (0, (5, 1, 1, 1, 1, 1))}}
     figure = Figure(figsize=(9.6, 4.8), layout="constrained")
     axes = figure.subplots()
+    if len(_series(rows)) > 10:  # with the peers: more lines than the default cycle has colours
+        axes.set_prop_cycle(color=matplotlib.colormaps["tab20"].colors)
     for (method, k), (sizes, times) in _series(rows).items():
         slope = slope_of[(method, k)]
         label = _label(method, k) + ("" if slope is None else f": slope {slope:.2f}")
