@@ -218,6 +218,13 @@ def polar_minus_identity(xp, B, *, traced=True):
     is_small = norm <= _SMALL
     if not traced and B.ndim == 2:
         return _polar_small(xp, B) if bool(is_small) else _polar_large(xp, B, norm, identity)
+    if not is_complex(xp, B.dtype):
+        # The polar factor of a real matrix is real; computed in complex
+        # arithmetic here because torch.compile's inductor (2.13) mis-compiles a
+        # graph holding both real branches (two real LAPACK calls on related
+        # buffers gave a wrong D, never a non-unitary one). The cores are r x r.
+        result = polar_minus_identity(xp, xp.astype(B, complex_dtype(xp, B.dtype)), traced=True)
+        return xp.real(result)
     zero = xp.zeros_like(B)
     small = _polar_small(xp, xp.where(is_small[..., None, None], B, zero))
     large = _polar_large(xp, xp.where(is_small[..., None, None], zero, B), norm, identity)

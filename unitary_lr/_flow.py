@@ -28,14 +28,12 @@ from ._xp import adjoint_matmul, core_dtype, device, mH, real_dtype
 __all__ = ["checked", "lowrank_right_update", "sketch_panels", "transport_update"]
 
 # Unitarity of W as the step sees it: the largest relative change of |W x|^2
-# over the step's panel. Far above any drift the optimizers let through
-# (their re-projection threshold is 1e-5 / 1e-12 in ||W^H W - I||_F / sqrt(n))
-# and far below a matrix that is not unitary at all (0.5 Q: 0.75).
-UNITARITY_TOLERANCE = {"32": 1e-2, "64": 1e-6}
-
-class StepInputError(ArithmeticError):
-    """Raised by the checks of the small Gram matrices; the public functions
-    add the argument's name."""
+# over the step's panel. The check is for matrices that are not unitary at all
+# (0.5 Q: 0.75; a Kaiming-uniform init: about 1), not for drift: W's drift is
+# never amplified by a step (it is multiplied by a unitary matrix), and the
+# optimizers' drift control, with thresholds a user may set up to this value,
+# re-projects a drifted W.
+UNITARITY_TOLERANCE = 1e-2
 
 
 def _eps(xp, dtype):
@@ -165,15 +163,10 @@ class UnitarityError(ValueError):
         )
 
 
-def _check_unitary(sxp, C, CW, precision):
+def _check_unitary(sxp, C, CW):
     deviation = _unitarity_deviation(sxp, C, CW)
-    tolerance = UNITARITY_TOLERANCE[precision]
-    if not deviation <= tolerance:
-        raise UnitarityError(deviation, tolerance)
-
-
-def _precision(xp, dtype):
-    return "64" if _eps(xp, dtype) < 1e-10 else "32"
+    if not deviation <= UNITARITY_TOLERANCE:
+        raise UnitarityError(deviation, UNITARITY_TOLERANCE)
 
 
 def _apply_right(xp, W, P, T, D, reorthonormalize):
@@ -241,7 +234,7 @@ def lowrank_right_update(xp, W, Y, Z, *, lr, variant, rank, cores, sketched, nam
         _check_finite(sxp, block(1, 1), names[1])
         _check_finite(sxp, C, "W")
         # |W^H y|^2 against |y|^2: W W^H = I exactly when W^H W = I
-        _check_unitary(sxp, block(0, 0), block(2, 2), _precision(xp, W.dtype))
+        _check_unitary(sxp, block(0, 0), block(2, 2))
         steps = _reorthonormalize_steps(sxp, CP, eps, tol)
     T, D = _right_core(sxp, block(0, 0), CP, lr=lr, variant=variant, rank=rank, l=l,
                        sketched=sketched, tol=tol, traced=cores.traced)
@@ -301,7 +294,7 @@ def transport_update(xp, W, a, b, *, t, cores):
         _check_finite(sxp, C[..., :k, :k], "a")
         _check_finite(sxp, CP, "b")
         _check_finite(sxp, C, "W")
-        _check_unitary(sxp, CP, CW, _precision(xp, W.dtype))
+        _check_unitary(sxp, CP, CW)
         steps = _reorthonormalize_steps(sxp, CW, eps, tol)
     T, R = gram_basis(sxp, CW, tol)
     identity = sxp.broadcast_to(sxp.eye(k, dtype=C.dtype), (*C.shape[:-2], k, k))

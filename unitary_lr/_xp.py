@@ -122,7 +122,7 @@ def eye(xp, n: int, *, like):
 def broadcast_shapes(*shapes):
     """Broadcast shape of the given shapes (the standard's rules); ValueError if
     they do not broadcast."""
-    ndim = max((len(s) for s in shapes), default=0)
+    ndim = max([0, *(len(s) for s in shapes)])
     result = []
     for axis in range(-ndim, 0):
         size = 1
