@@ -70,15 +70,22 @@ def householder_apply(V, X, /, *, side="left", check_finite=True):
     ``-2 T_{i-1} U_{i-1}^H u_i``, so the new column of ``T^{-1}`` is
     ``U_{i-1}^H u_i`` over the diagonal entry 1/2. A zero column gets the
     diagonal entry 1 instead; its row and column of ``T^{-1}`` are otherwise
-    zero, so it drops out of the product. T is inverted by recursive 2 x 2
-    blocking (``[[A, B], [0, C]]^{-1} = [[A^{-1}, -A^{-1} B C^{-1}], [0,
-    C^{-1}]]``, log2(j) rounds of matrix products, no branch on values), in
-    float64 where the device has it. Then ``P X = X - U (T (U^H X))``.
+    zero, so it drops out of the product. T is inverted with matrix products
+    only, no branch on values, in float64 where the device has it: by back
+    substitution done for all rows at once (j - 1 products, for j <= 16) or by
+    recursive 2 x 2 blocking, ``[[A, B], [0, C]]^{-1} = [[A^{-1}, -A^{-1} B
+    C^{-1}], [0, C^{-1}]]`` (log2(j) rounds). Then
+    ``P X = X - V S (T (S (V^H X)))`` with ``S = diag(1 / |v_i|)`` applied to the
+    j x m products, never to V or X.
 
-    Cost: O(n j^2 + j^3 log j) for U^H U and T, and O(j n m) for the three
-    products with X; O((n + m) j) memory beyond the output. The scaling makes
-    any nonzero column usable whatever its size; the function is
-    differentiable (torch autograd, ``jax.grad``) away from zero columns.
+    Cost: O(n j^2) for the Gram matrix ``V^H V``, O(j^4) (j <= 16) or
+    O(j^3 log j) for T, and O(j n m) for the two products with X; O((n + m) j)
+    memory beyond the output. The Gram matrix is formed in float64 where the
+    device has it, so the squared length of any float32 column is
+    representable; without float64 (and for float64 input) column lengths must
+    stay within the square root of the dtype's range. The function is
+    differentiable (torch autograd, ``jax.grad``) away from zero columns, where
+    its gradient is finite.
 
     Examples
     --------
@@ -159,18 +166,21 @@ def householder_product(V, /):
     check_matrix("V", V)
     if not _all_finite(xp, V):
         report_nonfinite(xp, "V", V)
-    U = _unit_columns(xp, V)
-    n = V.shape[-2]
-    return xp.eye(n, dtype=V.dtype, device=device(V)) - (U @ wy_factor(xp, U)) @ mH(xp, U)
+    scale, minus_T = wy_factors(xp, V)
+    U = V * scale[..., None, :]
+    return xp.eye(V.shape[-2], dtype=V.dtype, device=device(V)) + (U @ minus_T) @ mH(xp, U)
 
 
 def apply_unchecked(xp, V, X, side):
     """householder_apply for validated V and X of one dtype; traceable."""
-    U = _unit_columns(xp, V)
-    T = wy_factor(xp, U)
+    scale, minus_T = wy_factors(xp, V)
+    # The column scaling acts on the j x m products, never on V or X: the only
+    # passes over X's size are the two products and the sum.
     if side == "left":
-        return X - U @ (T @ (mH(xp, U) @ X))
-    return X - ((X @ U) @ T) @ mH(xp, U)
+        Y = (mH(xp, V) @ X) * scale[..., :, None]
+        return X + V @ ((minus_T @ Y) * scale[..., :, None])
+    Y = (X @ V) * scale[..., None, :]
+    return X + ((Y @ minus_T) * scale[..., None, :]) @ mH(xp, V)
 
 
 def _all_finite(xp, x):
@@ -182,43 +192,61 @@ def _all_finite(xp, x):
         return True
 
 
-def _unit_columns(xp, V):
-    """V with each nonzero column scaled to unit length; zero columns stay zero.
+def wy_factors(xp, V):
+    """``(s, -T)``, s (..., j) and T (..., j, j) upper triangular, with
+    ``H(v_1) ... H(v_j) = I - U T U^H`` for the unit columns ``U = V diag(s)``
+    (s = 1 / |v_i|, and 1 for a zero column); see householder_apply's Notes.
 
-    Dividing by the largest entry first keeps |v|^2 clear of overflow and
-    underflow. Both divisors are replaced by 1 on zero columns *before* the
-    sqrt, so that autograd sees no 0/0 or sqrt'(0) there either.
+    Only the Gram matrix V^H V touches V: the columns are normalised in it, on
+    the j x j side, in float64 where the device has it (|v|^2 of any float32
+    column is then representable). Negating the small T rather than the
+    product spares autograd a pass over X's size.
     """
-    largest = xp.max(xp.abs(V), axis=-2, keepdims=True)
-    zero = largest == 0
-    ones = xp.ones_like(largest)
-    W = V / xp.astype(xp.where(zero, ones, largest), V.dtype)
-    if is_complex(xp, V.dtype):
-        square = xp.real(W) ** 2 + xp.imag(W) ** 2
-    else:
-        square = W * W
-    norm = xp.sqrt(xp.where(zero, ones, xp.sum(square, axis=-2, keepdims=True)))
-    return W / xp.astype(norm, V.dtype)
-
-
-def wy_factor(xp, U):
-    """T (..., j, j), upper triangular, with ``I - U T U^H = H(u_1) ... H(u_j)``
-    for U of unit or zero columns (see householder_apply's Notes)."""
-    j = U.shape[-1]
-    core = core_dtype(xp, U.dtype, device(U))
-    gram = xp.astype(mH(xp, U) @ U, core)
-    diagonal = xp.linalg.diagonal(gram)
+    core = core_dtype(xp, V.dtype, device(V))
+    wide = xp.astype(V, core, copy=False)
+    gram = mH(xp, wide) @ wide
+    squares = xp.linalg.diagonal(gram)
+    if is_complex(xp, core):
+        squares = xp.real(squares)
+    zero = squares == 0
+    # The where comes before the sqrt, so that autograd meets no sqrt'(0).
+    scale = 1 / xp.sqrt(xp.where(zero, xp.ones_like(squares), squares))
+    gram = gram * xp.astype(scale[..., :, None] * scale[..., None, :], core)
     # A zero column: any nonzero pivot works, as its off-diagonal entries are 0.
-    pivots = xp.where(diagonal == 0, xp.ones_like(diagonal), diagonal / 2)
-    strict = xp.triu(gram, k=1)
-    T = xp.eye(j, dtype=core, device=device(U)) / pivots[..., None, :]
-    # T is block diagonal with inverted blocks of size `size`; each round joins
-    # neighbouring blocks (2p, 2p + 1) with their off-diagonal block B.
-    block = xp.arange(j, device=device(U))
+    pivots = xp.where(zero, xp.ones_like(squares), squares * scale * scale / 2)
+    T = _invert_triangular(xp, xp.triu(gram, k=1), xp.astype(pivots, core))
+    return xp.astype(scale, V.dtype), xp.astype(-T, V.dtype)
+
+
+# Up to this size T comes from back substitution (j - 1 products of j x j
+# matrices), beyond it from recursive doubling (log2(j) rounds of a few ops):
+# fewer operations either way, which is what a small T costs in eager mode.
+_SUBSTITUTION_MAX = 16
+
+
+def _invert_triangular(xp, strict, pivots):
+    """The inverse of ``strict + diag(pivots)`` (strict: strictly upper
+    triangular, ..., j x j); matrix products only, no branch on values."""
+    j = strict.shape[-1]
+    inverse_pivots = xp.eye(j, dtype=strict.dtype, device=device(strict)) / pivots[..., None, :]
+    if j <= _SUBSTITUTION_MAX:
+        # Row-oriented back substitution for all rows at once: row i of
+        # T = D^-1 (I - strict T) depends only on rows > i, so after j - 1
+        # rounds every row holds its substitution value.
+        scaled = strict / pivots[..., :, None]
+        T = inverse_pivots
+        for _ in range(j - 1):
+            T = inverse_pivots - scaled @ T
+        return T
+    # T is block diagonal, its blocks (of `size`) the inverses of those of
+    # T^{-1}; each round joins the blocks (2p, 2p + 1) through the part of
+    # `strict` between them: [[A, B], [0, C]]^-1 = [[A^-1, -A^-1 B C^-1], [0, C^-1]].
+    T = inverse_pivots
+    position = xp.arange(j, device=device(strict))
     size = 1
     while size < j:
-        index = block // size
-        coupling = ((index % 2) == 0)[:, None] & (index[None, :] == index[:, None] + 1)
-        T = T - T @ (strict * xp.astype(coupling, core)) @ T
+        index = position // size
+        coupling = (index[:, None] + 1 == index[None, :]) & (index[:, None] % 2 == 0)
+        T = T - T @ (strict * xp.astype(coupling, strict.dtype)) @ T
         size *= 2
-    return xp.astype(T, U.dtype)
+    return T

@@ -54,7 +54,7 @@ def _unit_columns(rows, columns, *, dtype, device, generator):
 
 class HouseholderAdapter(nn.Module):
     r"""A frozen ``nn.Linear`` plus a trainable Householder update
-    ``Delta W = H_U E_out diag(sigma) E_in^T H_V`` (HTA).
+    ``Delta W = H_U[:, :p] diag(sigma) H_V[:, :p]^H`` (HTA).
 
     Parameters
     ----------
@@ -90,11 +90,16 @@ class HouseholderAdapter(nn.Module):
     Notes
     -----
     The adapted layer computes ``y = x W0^T + b + x Delta W^T`` with
-    ``Delta W = H_U E_out diag(sigma) E_in^T H_V`` (n_out x n_in), where
-    ``H(w) = I - 2 w w^H / (w^H w)`` and ``E_out``, ``E_in`` hold the first p unit
-    vectors of their sizes: Delta W maps x to ``H_U [sigma * (H_V x)[:p]; 0]``.
-    Its rank is the number of nonzero entries of sigma, so each layer picks
-    its own rank with ``(n_out + n_in) j + p`` parameters. With sigma = 0 at
+
+    ``Delta W = H_U[:, :p] diag(sigma) H_V[:, :p]^H = H_U E_out diag(sigma) E_in^T H_V^H``
+
+    (n_out x n_in), where ``H(w) = I - 2 w w^H / (w^H w)``, ``E_out`` and ``E_in``
+    hold the first p unit vectors of their sizes, and ``^H`` is the conjugate
+    transpose (``H_V^H = H(v_j) ... H(v_1)``; for j = 1 it is ``H_V`` itself). So
+    Delta W has the form of an SVD: orthonormal columns of ``H_U`` and ``H_V``
+    around the diagonal sigma, and its rank is the number of nonzero entries
+    of sigma; each layer picks its own rank with ``(n_out + n_in) j + p``
+    parameters. With sigma = 0 at
     start the layer computes exactly what ``linear`` does; the random
     reflectors make the gradient of sigma nonzero from the first step.
 
@@ -152,13 +157,16 @@ class HouseholderAdapter(nn.Module):
     def delta(self, x):
         """``x Delta W^T`` for x of shape (..., n_in), without forming Delta W."""
         n_out, p = self.out_features, self.sigma.shape[0]
-        columns = x.reshape(-1, self.in_features).mT  # (n_in, B): Delta W acts on columns
-        rotated = householder_apply(self.reflectors_in, columns, check_finite=False)
-        scaled = self.sigma[:, None] * rotated[:p]
+        rows = x.reshape(-1, self.in_features)
+        # Rows times Delta W^T = conj(H_V)[:, :p] diag(sigma) H_U[:, :p]^T: conj(H(v)) =
+        # H(conj v), and H_U^T is the product of the conj(u_i) in reverse order.
+        rotated = householder_apply(self.reflectors_in.conj(), rows, side="right", check_finite=False)
+        scaled = rotated[:, :p] * self.sigma
         if n_out > p:
-            scaled = torch.cat([scaled, scaled.new_zeros(n_out - p, scaled.shape[1])])
-        out = householder_apply(self.reflectors_out, scaled, check_finite=False)
-        return out.mT.reshape(*x.shape[:-1], n_out)
+            scaled = torch.cat([scaled, scaled.new_zeros(scaled.shape[0], n_out - p)], dim=1)
+        reversed_out = self.reflectors_out.flip(-1).conj()
+        out = householder_apply(reversed_out, scaled, side="right", check_finite=False)
+        return out.reshape(*x.shape[:-1], n_out)
 
     def forward(self, x):
         out = self.base(x)
@@ -167,13 +175,13 @@ class HouseholderAdapter(nn.Module):
     @torch.no_grad()
     def delta_weight(self):
         """Delta W (n_out x n_in) as a dense matrix, computed in 64-bit precision
-        (O(j n_out n_in)); for merging and inspection, not for training."""
+        in O(j n_out n_in); for merging and inspection, not for training."""
         wide = torch.promote_types(self.sigma.dtype, torch.float64)
         n_out, n_in, p = self.out_features, self.in_features, self.sigma.shape[0]
-        rows = torch.eye(p, n_in, dtype=wide, device=self.sigma.device)  # E_in^T
-        rows = householder_apply(self.reflectors_in.to(wide), rows, side="right", check_finite=False)
-        rows = self.sigma.to(wide)[:, None] * rows
-        padded = torch.cat([rows, rows.new_zeros(n_out - p, n_in)])
+        columns = torch.eye(n_in, p, dtype=wide, device=self.sigma.device)  # E_in
+        columns = householder_apply(self.reflectors_in.to(wide), columns, check_finite=False)  # H_V E_in
+        rows = self.sigma.to(wide)[:, None] * columns.mH
+        padded = torch.cat([rows, rows.new_zeros(n_out - p, n_in)])  # E_out diag(sigma) E_in^T H_V^H
         return householder_apply(self.reflectors_out.to(wide), padded, check_finite=False)
 
     @torch.no_grad()
