@@ -41,6 +41,12 @@ def _check_linear(linear):
                         "complex64 or complex128")
 
 
+def _conj(x):
+    # A physical conjugate: a lazy conj() would leave the parameter's .grad a
+    # conjugate view, which optimizers such as Adam (view_as_real) reject.
+    return x.conj_physical() if x.is_complex() else x
+
+
 def _unit_columns(rows, columns, *, dtype, device, generator):
     """Gaussian columns scaled to unit length (circular complex for complex dtypes)."""
     if dtype.is_complex:
@@ -160,11 +166,11 @@ class HouseholderAdapter(nn.Module):
         rows = x.reshape(-1, self.in_features)
         # Rows times Delta W^T = conj(H_V)[:, :p] diag(sigma) H_U[:, :p]^T: conj(H(v)) =
         # H(conj v), and H_U^T is the product of the conj(u_i) in reverse order.
-        rotated = householder_apply(self.reflectors_in.conj(), rows, side="right", check_finite=False)
+        rotated = householder_apply(_conj(self.reflectors_in), rows, side="right", check_finite=False)
         scaled = rotated[:, :p] * self.sigma
         if n_out > p:
             scaled = torch.cat([scaled, scaled.new_zeros(scaled.shape[0], n_out - p)], dim=1)
-        reversed_out = self.reflectors_out.flip(-1).conj()
+        reversed_out = _conj(self.reflectors_out.flip(-1))
         out = householder_apply(reversed_out, scaled, side="right", check_finite=False)
         return out.reshape(*x.shape[:-1], n_out)
 
@@ -285,7 +291,7 @@ def add_householder_adapters(model, *, target_modules=None, reflectors=1, freeze
     for parent_name, parent in model.named_modules(remove_duplicate=False):
         if isinstance(parent, HouseholderAdapter):
             continue
-        for child_name, child in parent.named_children():
+        for child_name, child in parent._modules.items():  # named_children() hides repeats
             name = f"{parent_name}.{child_name}" if parent_name else child_name
             if type(child) is nn.Linear and id(child) not in inside and matches(name):
                 targets.append((parent, child_name, child))
