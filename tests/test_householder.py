@@ -96,6 +96,31 @@ def test_nearly_parallel_reflectors(rng):
     assert unitarity(P) <= tol("complex128", 1)
 
 
+def test_nearly_parallel_reflectors_by_blocks(rng):
+    """The same beyond 16 reflectors, where T comes from recursive doubling."""
+    v = random_matrix(rng, (N, 1), "float64")
+    V = v + 1e-8 * random_matrix(rng, (N, 40), "float64")
+    P = ul.householder_product(V)
+    np.testing.assert_allclose(P, reference_product(V).real, atol=1e-11, rtol=0)
+    assert unitarity(P) <= tol("float64", 1)
+
+
+def test_mixed_dtypes_promote(rng):
+    V = random_matrix(rng, (N, 2), "float32")
+    X = random_matrix(rng, (N, M), "complex128")
+    Y = ul.householder_apply(V, X)
+    assert Y.dtype == np.complex128
+    np.testing.assert_allclose(Y, reference_apply(V, X, "left"), atol=tol("float32", 2))
+
+
+def test_check_finite_false_skips_the_check(rng):
+    V = random_matrix(rng, (N, 2), "float64")
+    X = np.full((N, M), np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # NumPy's own warning for NaN in matmul
+        assert np.all(np.isnan(ul.householder_apply(V, X, check_finite=False)))
+
+
 def test_errors(backend, rng):
     V = backend.asarray(random_matrix(rng, (N, 2), "float32"))
     X = backend.asarray(random_matrix(rng, (N, M), "float32"))
@@ -150,10 +175,11 @@ def test_torch_gradient_with_a_zero_column_is_finite():
 
 
 @pytest.mark.parametrize("dtype", ["float64", "complex128"])
-def test_jax_grad_and_jit_match_the_dense_formula(dtype, rng):
+@pytest.mark.parametrize("j", [3, 20])
+def test_jax_grad_and_jit_match_the_dense_formula(dtype, j, rng):
     jax = pytest.importorskip("jax")
     jnp = jax.numpy
-    V = jnp.asarray(random_matrix(rng, (N, 3), dtype))
+    V = jnp.asarray(random_matrix(rng, (N, j), dtype))
     X = jnp.asarray(random_matrix(rng, (N, M), dtype))
     C = jnp.asarray(random_matrix(rng, (N, M), dtype))
 

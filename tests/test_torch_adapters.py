@@ -157,6 +157,20 @@ def test_training_changes_only_the_adapter_and_reduces_the_loss(dtype):
             assert not torch.equal(p, adapter[name]), name
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_gradients_match_finite_differences(dtype):
+    adapted = HouseholderAdapter(linear(5, 4, dtype=dtype), reflectors=2, generator=generator(13))
+    randomize_sigma(adapted)
+    x = torch.randn(3, 5, dtype=dtype, requires_grad=True)
+    names = ("reflectors_out", "reflectors_in", "sigma")
+    params = [getattr(adapted, name).detach().clone().requires_grad_() for name in names]
+
+    def forward(x, *params):
+        return torch.func.functional_call(adapted, dict(zip(names, params)), (x,))
+
+    assert torch.autograd.gradcheck(forward, (x, *params))
+
+
 def test_bad_inputs_raise_and_change_nothing():
     layer = linear(6, 4)
     before = snapshot(layer)

@@ -229,7 +229,11 @@ def _matcher(target_modules):
         except re.error as error:
             raise ValueError(f"target_modules is not a valid regular expression: {target_modules!r} ({error})") from None
         return lambda name: pattern.fullmatch(name) is not None
-    suffixes = list(target_modules) if not isinstance(target_modules, (bytes, dict)) else None
+    try:
+        suffixes = list(target_modules)
+    except TypeError:
+        raise TypeError(f"target_modules must be a regex string, a list of names or None, got "
+                        f"{type(target_modules).__name__}: {target_modules!r}") from None
     if not suffixes or not all(isinstance(s, str) and s for s in suffixes):
         raise ValueError(f"target_modules must be a regex string or a non-empty list of names, got {target_modules!r}")
     return lambda name: any(name == s or name.endswith("." + s) for s in suffixes)
