@@ -199,8 +199,8 @@ def wy_factors(xp, V):
 
     Only the Gram matrix V^H V touches V: the columns are normalised in it, on
     the j x j side, in float64 where the device has it (|v|^2 of any float32
-    column is then representable). Negating the small T rather than the
-    product spares autograd a pass over X's size.
+    column is then representable). -T rather than T: negating the small
+    factor spares autograd a negation of a gradient of X's size.
     """
     core = core_dtype(xp, V.dtype, device(V))
     wide = xp.astype(V, core, copy=False)
@@ -209,13 +209,16 @@ def wy_factors(xp, V):
     if is_complex(xp, core):
         squares = xp.real(squares)
     zero = squares == 0
+    ones = xp.ones_like(squares)
     # The where comes before the sqrt, so that autograd meets no sqrt'(0).
-    scale = 1 / xp.sqrt(xp.where(zero, xp.ones_like(squares), squares))
-    gram = gram * xp.astype(scale[..., :, None] * scale[..., None, :], core)
-    # A zero column: any nonzero pivot works, as its off-diagonal entries are 0.
-    pivots = xp.where(zero, xp.ones_like(squares), squares * scale * scale / 2)
-    T = _invert_triangular(xp, xp.triu(gram, k=1), xp.astype(pivots, core))
-    return xp.astype(scale, V.dtype), xp.astype(-T, V.dtype)
+    scale = 1 / xp.sqrt(xp.where(zero, ones, squares))
+    unit_gram = gram * xp.astype(scale[..., :, None] * scale[..., None, :], core, copy=False)
+    # 1 / pivot: the pivot is 1/2 for a unit column, and any nonzero value (1)
+    # for a zero column, whose off-diagonal entries are 0. Constants: the
+    # gradient needs no path through them.
+    inverse_pivots = xp.astype(xp.where(zero, ones, 2 * ones), core, copy=False)
+    minus_T = _minus_inverse_triangular(xp, xp.triu(unit_gram, k=1), inverse_pivots)
+    return xp.astype(scale, V.dtype, copy=False), xp.astype(minus_T, V.dtype, copy=False)
 
 
 # Up to this size T comes from back substitution (j - 1 products of j x j
@@ -224,29 +227,30 @@ def wy_factors(xp, V):
 _SUBSTITUTION_MAX = 16
 
 
-def _invert_triangular(xp, strict, pivots):
-    """The inverse of ``strict + diag(pivots)`` (strict: strictly upper
-    triangular, ..., j x j); matrix products only, no branch on values."""
+def _minus_inverse_triangular(xp, strict, inverse_pivots):
+    """``-(strict + D)^{-1}`` with D = diag(1 / inverse_pivots) and strict
+    strictly upper triangular (..., j x j); matrix products only, no branch on
+    values."""
     j = strict.shape[-1]
-    inverse_pivots = xp.eye(j, dtype=strict.dtype, device=device(strict)) / pivots[..., None, :]
+    minus_D_inv = xp.eye(j, dtype=strict.dtype, device=device(strict)) * -inverse_pivots[..., None, :]
+    S = minus_D_inv
     if j <= _SUBSTITUTION_MAX:
         # Row-oriented back substitution for all rows at once: row i of
-        # T = D^-1 (I - strict T) depends only on rows > i, so after j - 1
-        # rounds every row holds its substitution value.
-        scaled = strict / pivots[..., :, None]
-        T = inverse_pivots
+        # S = -D^-1 - D^-1 strict S depends only on rows > i of S, so after
+        # j - 1 rounds every row holds its substitution value.
+        coupling = strict * -inverse_pivots[..., :, None]
         for _ in range(j - 1):
-            T = inverse_pivots - scaled @ T
-        return T
-    # T is block diagonal, its blocks (of `size`) the inverses of those of
-    # T^{-1}; each round joins the blocks (2p, 2p + 1) through the part of
-    # `strict` between them: [[A, B], [0, C]]^-1 = [[A^-1, -A^-1 B C^-1], [0, C^-1]].
-    T = inverse_pivots
+            S = minus_D_inv + coupling @ S
+        return S
+    # S is block diagonal, its blocks (of `size`) minus the inverses of those
+    # of strict + D; each round joins the blocks (2p, 2p + 1) through the part
+    # of `strict` between them: [[A, B], [0, C]]^-1 = [[A^-1, -A^-1 B C^-1], [0, C^-1]],
+    # which for S = -T reads S <- S + S B S.
     position = xp.arange(j, device=device(strict))
     size = 1
     while size < j:
         index = position // size
-        coupling = (index[:, None] + 1 == index[None, :]) & (index[:, None] % 2 == 0)
-        T = T - T @ (strict * xp.astype(coupling, strict.dtype)) @ T
+        between = (index[:, None] + 1 == index[None, :]) & (index[:, None] % 2 == 0)
+        S = S + S @ (strict * xp.astype(between, strict.dtype)) @ S
         size *= 2
-    return T
+    return S
