@@ -3,6 +3,8 @@ import warnings
 import numpy as np
 import pytest
 from _helpers import assert_same_kind, mH, random_matrix, tol, unitarity
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import unitary_lr as ul
 
@@ -74,6 +76,22 @@ def test_zero_columns_are_identity_reflectors(backend, dtype, rng):
     assert np.all(np.isfinite(Y))
     np.testing.assert_allclose(Y, cast_back(reference_apply(V[:, [1, 3]], X, "left"), dtype), atol=tol(dtype, 3))
     np.testing.assert_array_equal(P, np.eye(N))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(1, 10), j=st.integers(1, 24), dtype=st.sampled_from(["float32", "complex128"]),
+       zeros=st.integers(0, 2**24 - 1), log_scale=st.floats(-12, 12), seed=st.integers(0, 2**32 - 1))
+def test_random_shapes_scales_and_zero_columns(n, j, dtype, zeros, log_scale, seed):
+    """Any n, j (also j > n, both substitution and doubling), column sizes over
+    24 decades and any set of zero columns: the dense product, unitary."""
+    rng = np.random.default_rng(seed)
+    V = random_matrix(rng, (n, j), dtype) * np.asarray(10.0**log_scale, dtype=dtype)
+    V[:, [i for i in range(j) if zeros >> i & 1]] = 0
+    X = random_matrix(rng, (n, 3), dtype)
+    Y = ul.householder_apply(V, X)
+    P = ul.householder_product(V)
+    np.testing.assert_allclose(Y, cast_back(reference_apply(V, X, "left"), dtype), atol=tol(dtype, j), rtol=0)
+    assert unitarity(P) <= tol(dtype, 1)
 
 
 def test_column_scale_does_not_matter(rng):
