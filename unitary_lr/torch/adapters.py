@@ -114,7 +114,9 @@ class HouseholderAdapter(nn.Module):
     for a batch of B rows, plus O((n_out + n_in) j^2) for the WY factors, and
     never an n_out x n_in matrix. :meth:`merge` folds Delta W into the frozen
     weight for inference (the forward is then the plain layer, and no gradient
-    reaches the adapter); :meth:`unmerge` takes it out again.
+    reaches the adapter); :meth:`unmerge` takes it out again. The merged state
+    is not part of ``state_dict()``: save unmerged models, or the adapters
+    alone with :func:`adapter_state_dict`.
 
     Examples
     --------
