@@ -84,8 +84,8 @@ def householder_apply(V, X, /, *, side="left", check_finite=True):
     device has it, so the squared length of any float32 column is
     representable; without float64 (and for float64 input) column lengths must
     stay within the square root of the dtype's range. The function is
-    differentiable (torch autograd, ``jax.grad``) away from zero columns, where
-    its gradient is finite.
+    differentiable (torch autograd, ``jax.grad``) away from zero columns; at
+    a zero column, where it is not, the gradient computed is finite (zero).
 
     Examples
     --------
