@@ -217,3 +217,15 @@ def test_jax_grad_and_jit_match_the_dense_formula(dtype, j, rng):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-12, rtol=0)
     np.testing.assert_allclose(np.asarray(jax.jit(ul.householder_apply)(V, X)),
                                reference_apply(np.asarray(V), np.asarray(X), "left"), atol=1e-13)
+
+
+def test_jax_gradient_with_a_zero_column_is_finite(rng):
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    V = jnp.asarray(random_matrix(rng, (6, 3), "complex128")).at[:, 1].set(0)
+    X = jnp.ones((6, 2), dtype=jnp.complex128)
+    # Both arrays are traced: the shared device check reads None for a tracer.
+    gradient = jax.grad(lambda V, X: jnp.sum(jnp.abs(ul.householder_apply(V, X)) ** 2 * jnp.arange(6.0)[:, None]),
+                        argnums=(0, 1))(V, X)[0]
+    assert np.all(np.isfinite(np.asarray(gradient)))
+    np.testing.assert_array_equal(np.asarray(gradient)[:, 1], 0)
