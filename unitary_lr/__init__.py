@@ -8,6 +8,7 @@ and keep them on their device.
 
 from .diagnostics import unitarity_error, unitarity_estimate
 from .haar import random_unitary
+from .householder import householder_apply, householder_product
 from .polar import ConvergenceError, project_unitary, project_unitary_lowrank
 from .rsvd import SVDResult, randomized_svd
 from .steps import projunn_step, tangent_project
@@ -19,6 +20,8 @@ __all__ = [
     "ConvergenceError",
     "SVDResult",
     "exp_transport",
+    "householder_apply",
+    "householder_product",
     "project_unitary",
     "project_unitary_lowrank",
     "projunn_step",

@@ -13,8 +13,29 @@ try:
 except ImportError as error:  # pragma: no cover - torch is in the test extra
     raise ImportError("unitary_lr.torch needs PyTorch: pip install torch") from error
 
+from .adapters import (
+    HouseholderAdapter,
+    adapter_state_dict,
+    add_householder_adapters,
+    load_adapter_state_dict,
+    trainable_parameters,
+)
 from .conv import FourierConv2d
 from .layers import INITS, ModReLU, UnitaryRNN, unitary_parameter
 from .optimizer import ProjUNN, is_unitary, mark_unitary
 
-__all__ = ["INITS", "FourierConv2d", "ModReLU", "ProjUNN", "UnitaryRNN", "is_unitary", "mark_unitary", "unitary_parameter"]
+__all__ = [
+    "INITS",
+    "FourierConv2d",
+    "HouseholderAdapter",
+    "ModReLU",
+    "ProjUNN",
+    "UnitaryRNN",
+    "adapter_state_dict",
+    "add_householder_adapters",
+    "is_unitary",
+    "load_adapter_state_dict",
+    "mark_unitary",
+    "trainable_parameters",
+    "unitary_parameter",
+]

@@ -1,0 +1,296 @@
+import copy
+import re
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+from unitary_lr.torch import (  # noqa: E402
+    HouseholderAdapter,
+    adapter_state_dict,
+    add_householder_adapters,
+    load_adapter_state_dict,
+    trainable_parameters,
+)
+
+SHAPES = [(6, 6), (5, 9), (9, 5)]  # (out_features, in_features)
+
+
+def generator(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def linear(n_in, n_out, dtype=torch.float64, bias=True, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(n_in, n_out, bias=bias, dtype=dtype)
+
+
+def dense_reflections(V):
+    """H(v_1) ... H(v_j) in complex128, one dense reflector after another."""
+    V = np.asarray(V, dtype=np.complex128)
+    P = np.eye(V.shape[0], dtype=np.complex128)
+    for v in V.T:
+        v = v[:, None]
+        P = P @ (np.eye(len(v)) - 2 * (v @ v.conj().T) / (v.conj().T @ v))
+    return P
+
+
+def reference_delta(adapter):
+    """Delta W = H_U[:, :p] diag(sigma) H_V[:, :p]^H from the parameters, in complex128."""
+    U, V, sigma = (p.detach().resolve_conj().numpy() for p in (adapter.reflectors_out, adapter.reflectors_in,
+                                                               adapter.sigma))
+    p = len(sigma)
+    return dense_reflections(U)[:, :p] @ np.diag(sigma) @ dense_reflections(V)[:, :p].conj().T
+
+
+def randomize_sigma(adapter, seed=1):
+    with torch.no_grad():
+        adapter.sigma.copy_(torch.randn(adapter.sigma.shape, dtype=adapter.sigma.dtype, generator=generator(seed)))
+
+
+def snapshot(model):
+    return {name: (p.detach().clone(), p.requires_grad) for name, p in model.named_parameters()}
+
+
+def assert_unchanged(model, before):
+    after = snapshot(model)
+    assert after.keys() == before.keys()
+    for name, (value, flag) in before.items():
+        assert torch.equal(after[name][0], value), name
+        assert after[name][1] == flag, name
+
+
+@pytest.mark.parametrize(("n_out", "n_in"), SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex64])
+def test_identity_at_init(n_out, n_in, bias, dtype):
+    layer = linear(n_in, n_out, dtype=dtype, bias=bias)
+    original = copy.deepcopy(layer)
+    adapted = HouseholderAdapter(layer, reflectors=2, generator=generator(0))
+    x = torch.randn(2, 3, n_in, dtype=dtype)
+    assert torch.equal(adapted(x), original(x))
+    assert not any(p.requires_grad for p in layer.parameters())
+    assert torch.all(adapted.sigma == 0)
+    for reflectors in (adapted.reflectors_out, adapted.reflectors_in):
+        assert reflectors.requires_grad
+        torch.testing.assert_close(torch.linalg.vector_norm(reflectors, dim=0).real.double(),
+                                   torch.ones(2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(("n_out", "n_in"), SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+@pytest.mark.parametrize("reflectors", [1, 3, 5])
+def test_delta_matches_dense_reference(n_out, n_in, dtype, reflectors):
+    adapted = HouseholderAdapter(linear(n_in, n_out, dtype=dtype), reflectors=reflectors, generator=generator(2))
+    randomize_sigma(adapted)
+    expected = reference_delta(adapted)
+    if not dtype.is_complex:
+        expected = expected.real
+    np.testing.assert_allclose(adapted.delta_weight().numpy(), expected, atol=1e-13, rtol=0)
+    x = torch.randn(4, n_in, dtype=dtype)
+    out = (adapted(x) - adapted.base(x)).detach().numpy()
+    np.testing.assert_allclose(out, x.numpy() @ expected.T, atol=1e-13, rtol=0)
+
+
+def test_delta_float32_against_float64_reference():
+    adapted = HouseholderAdapter(linear(20, 12, dtype=torch.float32), reflectors=4, generator=generator(3))
+    randomize_sigma(adapted)
+    x = torch.randn(7, 20)
+    out = (adapted(x) - adapted.base(x)).detach().numpy()
+    np.testing.assert_allclose(out, x.double().numpy() @ reference_delta(adapted).real.T, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex64])
+def test_merge_unmerge_round_trip(dtype):
+    adapted = HouseholderAdapter(linear(9, 5, dtype=dtype), reflectors=3, generator=generator(4))
+    randomize_sigma(adapted)
+    weight = adapted.base.weight.detach().clone()
+    x = torch.randn(6, 9, dtype=dtype)
+    expected = adapted(x).detach()
+    assert adapted.merge() is adapted and adapted.merged
+    merged_weight = adapted.base.weight.detach().clone()
+    delta = reference_delta(adapted)
+    delta = torch.from_numpy(delta if dtype.is_complex else delta.real).to(dtype)
+    torch.testing.assert_close(merged_weight, weight + delta)
+    torch.testing.assert_close(adapted(x), expected)
+    torch.testing.assert_close(adapted(x), adapted.base(x))  # the plain layer: Delta W is in the weight
+    with pytest.raises(ValueError, match=r"already merged \(merged=True\)"):
+        adapted.merge()
+    assert torch.equal(adapted.base.weight, merged_weight) and adapted.merged
+    assert adapted.unmerge() is adapted and not adapted.merged
+    torch.testing.assert_close(adapted.base.weight, weight, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match=r"not merged \(merged=False\)"):
+        adapted.unmerge()
+    torch.testing.assert_close(adapted(x), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex64])
+def test_training_changes_only_the_adapter_and_reduces_the_loss(dtype):
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(12, 16, dtype=dtype), nn.Tanh() if not dtype.is_complex else nn.Identity(),
+                          nn.Linear(16, 4, dtype=dtype))
+    teacher = copy.deepcopy(model)
+    with torch.no_grad():  # a rank-1 change: within reach of one reflector a side
+        a, b = torch.randn(16, 1, dtype=dtype), torch.randn(1, 12, dtype=dtype)
+        teacher[0].weight.add_(0.3 * a @ b)
+    add_householder_adapters(model, target_modules=["0"], reflectors=1, generator=generator(6))
+    frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
+    adapter = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    assert set(adapter) == {"0.reflectors_out", "0.reflectors_in", "0.sigma"}
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    x = torch.randn(64, 12, dtype=dtype, generator=generator(7))
+    target = teacher(x).detach()
+    losses = []
+    for _ in range(40):
+        optimizer.zero_grad()
+        loss = (model(x) - target).abs().square().mean()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    for name, p in model.named_parameters():
+        if name in frozen:
+            assert torch.equal(p, frozen[name]) and p.grad is None, name
+        else:
+            assert not torch.equal(p, adapter[name]), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_gradients_match_finite_differences(dtype):
+    adapted = HouseholderAdapter(linear(5, 4, dtype=dtype), reflectors=2, generator=generator(13))
+    randomize_sigma(adapted)
+    x = torch.randn(3, 5, dtype=dtype, requires_grad=True)
+    names = ("reflectors_out", "reflectors_in", "sigma")
+    params = [getattr(adapted, name).detach().clone().requires_grad_() for name in names]
+
+    def forward(x, *params):
+        return torch.func.functional_call(adapted, dict(zip(names, params)), (x,))
+
+    assert torch.autograd.gradcheck(forward, (x, *params))
+
+
+def test_bad_inputs_raise_and_change_nothing():
+    layer = linear(6, 4)
+    before = snapshot(layer)
+    with pytest.raises(TypeError, match=r"linear must be a torch.nn.Linear, got Conv1d"):
+        HouseholderAdapter(nn.Conv1d(2, 2, 3))
+    for bad in (0, -1, 5):
+        with pytest.raises(ValueError, match=rf"reflectors must be between 1 and 4 = min\(out_features, "
+                                             rf"in_features\) of Linear\(.*\), got {bad}"):
+            HouseholderAdapter(layer, reflectors=bad)
+    with pytest.raises(TypeError, match=r"reflectors must be an integer, got float: 1.0"):
+        HouseholderAdapter(layer, reflectors=1.0)
+    assert_unchanged(layer, before)
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"reflectors must be between 1 and 2 .* got 3"):
+        add_householder_adapters(model, reflectors=3)  # fits layer 0, not layer 2
+    with pytest.raises(ValueError, match=r"no torch.nn.Linear of the model matches target_modules=\['q'\]"):
+        add_householder_adapters(model, target_modules=["q"])
+    with pytest.raises(ValueError, match=r"target_modules is not a valid regular expression"):
+        add_householder_adapters(model, target_modules="(")
+    assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear]
+    assert_unchanged(model, before)
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.norm = nn.LayerNorm(8)
+
+    def forward(self, x):
+        return self.norm(self.q(x) + self.k(x) * self.v(x))
+
+
+def model_of_blocks():
+    torch.manual_seed(8)
+    return nn.Sequential(Block(), Block(), nn.Linear(8, 3))
+
+
+@pytest.mark.parametrize(("target_modules", "wrapped"), [
+    (["q", "v"], {"0.q", "0.v", "1.q", "1.v"}),
+    (r"1\.(q|k)", {"1.q", "1.k"}),
+    (None, {"0.q", "0.k", "0.v", "1.q", "1.k", "1.v", "2"}),
+])
+def test_add_adapters_by_name(target_modules, wrapped):
+    model = model_of_blocks()
+    x = torch.randn(5, 8)
+    expected = model(x)
+    assert add_householder_adapters(model, target_modules=target_modules, reflectors=2) is model
+    found = {name for name, m in model.named_modules() if isinstance(m, HouseholderAdapter)}
+    assert found == wrapped
+    assert torch.equal(model(x), expected)
+    per_adapter = {"2": 8 * 2 + 3 * 2 + 3}
+    trainable = sum(per_adapter.get(name, 8 * 2 * 2 + 8) for name in wrapped)
+    total = sum(p.numel() for p in model_of_blocks().parameters()) + trainable
+    assert trainable_parameters(model) == (trainable, total)
+
+
+def test_a_second_call_wraps_no_layer_twice():
+    model = add_householder_adapters(model_of_blocks(), target_modules=["q"])
+    add_householder_adapters(model)
+    found = {name for name, m in model.named_modules() if isinstance(m, HouseholderAdapter)}
+    assert found == {"0.q", "0.k", "0.v", "1.q", "1.k", "1.v", "2"}
+    assert all(type(m.base) is nn.Linear for m in model.modules() if isinstance(m, HouseholderAdapter))
+    with pytest.raises(ValueError, match=r"no torch.nn.Linear of the model matches target_modules=None"):
+        add_householder_adapters(model)
+
+
+def test_shared_layer_gets_one_adapter():
+    shared = nn.Linear(4, 4)
+    model = nn.ModuleDict({"a": shared, "b": shared})
+    add_householder_adapters(model, reflectors=1)
+    assert model["a"] is model["b"] and isinstance(model["a"], HouseholderAdapter)
+    assert trainable_parameters(model) == (4 + 4 + 4, 20 + 12)
+
+
+def test_freeze_base_false_leaves_other_parameters_trainable():
+    model = model_of_blocks()
+    add_householder_adapters(model, target_modules=["q"], freeze_base=False)
+    assert model[0].norm.weight.requires_grad and model[2].weight.requires_grad
+    assert not model[0].q.base.weight.requires_grad
+
+
+def test_adapter_state_dict_round_trip():
+    model = add_householder_adapters(model_of_blocks(), target_modules=["q", "v"], reflectors=2,
+                                     generator=generator(9))
+    for module in model.modules():
+        if isinstance(module, HouseholderAdapter):
+            randomize_sigma(module, seed=10)
+    state = adapter_state_dict(model)
+    assert set(state) == {f"{b}.{l}.{p}" for b in "01" for l in "qv" for p in ("reflectors_out", "reflectors_in",
+                                                                              "sigma")}
+    fresh = add_householder_adapters(model_of_blocks(), target_modules=["q", "v"], reflectors=2,
+                                     generator=generator(11))
+    x = torch.randn(3, 8)
+    assert not torch.allclose(fresh(x), model(x))
+    load_adapter_state_dict(fresh, state)
+    assert torch.equal(fresh(x), model(x))
+    torch.save(state, buffer := __import__("io").BytesIO())
+    buffer.seek(0)
+    assert all(torch.equal(a, b) for a, b in zip(torch.load(buffer).values(), state.values()))
+
+
+def test_load_adapter_state_dict_errors_change_nothing():
+    model = add_householder_adapters(model_of_blocks(), target_modules=["q"], reflectors=2)
+    state = adapter_state_dict(model)
+    before = snapshot(model)
+    missing = {k: v for k, v in state.items() if k != "0.q.sigma"}
+    with pytest.raises(ValueError, match=re.escape("missing keys ['0.q.sigma'], unexpected keys []")):
+        load_adapter_state_dict(model, {k: v + 1 for k, v in missing.items()})
+    wrong = {k: (v[:1] if k == "1.q.sigma" else v + 1) for k, v in state.items()}
+    with pytest.raises(ValueError, match=r"entry '1.q.sigma' has shape \(1,\), the model's has shape \(8,\)"):
+        load_adapter_state_dict(model, wrong)
+    assert_unchanged(model, before)
+    model[1].q.merge()
+    with pytest.raises(ValueError, match=r"unmerge\(\) the adapters \['1.q'\] before loading"):
+        load_adapter_state_dict(model, state)
+
+
+def test_generator_makes_initialisation_reproducible():
+    a, b = (HouseholderAdapter(linear(7, 5), reflectors=3, generator=generator(12)) for _ in range(2))
+    assert torch.equal(a.reflectors_out, b.reflectors_out) and torch.equal(a.reflectors_in, b.reflectors_in)

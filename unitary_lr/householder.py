@@ -1,0 +1,256 @@
+"""Products of Householder reflectors in compact WY form (floor 3)."""
+
+from __future__ import annotations
+
+from ._validation import (
+    check_batch_compatible,
+    check_choice,
+    check_float_dtype,
+    check_matrix,
+    namespace_of,
+    report_nonfinite,
+)
+from ._xp import core_dtype, device, is_complex, mH
+
+__all__ = ["householder_apply", "householder_product"]
+
+SIDES = ("left", "right")
+
+
+def householder_apply(V, X, /, *, side="left", check_finite=True):
+    r"""Apply the product of the Householder reflectors in the columns of V to X.
+
+    ``P = H(v_1) H(v_2) ... H(v_j)`` with ``H(v) = I - 2 v v^H / (v^H v)``;
+    ``side="left"`` returns ``P @ X``, ``side="right"`` returns ``X @ P``. P is
+    never formed: the cost is O(j n m), not O(n^2 m).
+
+    Parameters
+    ----------
+    V : array, shape (..., n, j)
+        The reflector vectors, one per column, of any nonzero length (only
+        their directions matter). A zero column is the identity reflector.
+    X : array, shape (..., n, m) for ``side="left"``, (..., m, n) for ``side="right"``
+        The matrices to transform. Batch axes broadcast against those of V.
+    side : {"left", "right"}, optional
+        Which side of X the product multiplies.
+    check_finite : bool, optional
+        Check V and X for NaN and Inf (one reduction over each, and a read of
+        the result on the host). Under ``jax.jit``, where values cannot be
+        read, the check is skipped by itself; pass False to skip it elsewhere
+        (a training loop's hot path).
+
+    Returns
+    -------
+    array
+        ``P @ X`` or ``X @ P``, of the broadcast batch shape, in the namespace
+        and on the device of the inputs, with dtype ``result_type(V, X)``.
+
+    Raises
+    ------
+    TypeError
+        Arguments that are not arrays, arrays from different libraries, or
+        dtypes other than float32, float64, complex64, complex128.
+    ValueError
+        Shapes that do not match (V's n against the matching axis of X), batch
+        axes that do not broadcast, an unknown ``side``, NaN or Inf in V or X.
+
+    See Also
+    --------
+    householder_product : the n x n matrix P itself.
+
+    Notes
+    -----
+    Compact WY form (Schreiber and Van Loan, 1989): with the columns scaled to
+    unit length, ``U = V diag(1 / |v_i|)``, the product is ``P = I - U T U^H``
+    with T upper triangular (j x j) and
+
+    .. math:: T^{-1} = \operatorname{triu}(U^H U, 1) + \tfrac12 \operatorname{diag}(U^H U),
+
+    which follows from ``P_i = P_{i-1} H(u_i)``: the new column of T is
+    ``-2 T_{i-1} U_{i-1}^H u_i``, so the new column of ``T^{-1}`` is
+    ``U_{i-1}^H u_i`` over the diagonal entry 1/2. A zero column gets the
+    diagonal entry 1 instead; its row and column of ``T^{-1}`` are otherwise
+    zero, so it drops out of the product. T is inverted with matrix products
+    only, no branch on values, in float64 where the device has it: by back
+    substitution done for all rows at once (j - 1 products, for j <= 16) or by
+    recursive 2 x 2 blocking, ``[[A, B], [0, C]]^{-1} = [[A^{-1}, -A^{-1} B
+    C^{-1}], [0, C^{-1}]]`` (log2(j) rounds). Then
+    ``P X = X - V S (T (S (V^H X)))`` with ``S = diag(1 / |v_i|)`` applied to the
+    j x m products, never to V or X.
+
+    Cost: O(n j^2) for the Gram matrix ``V^H V``, O(j^4) (j <= 16) or
+    O(j^3 log j) for T, and O(j n m) for the two products with X; O((n + m) j)
+    memory beyond the output. The Gram matrix is formed in float64 where the
+    device has it, so the squared length of any float32 column is
+    representable; without float64 (and for float64 input) column lengths must
+    stay within the square root of the dtype's range. The function is
+    differentiable (torch autograd, ``jax.grad``) away from zero columns; at
+    a zero column, where it is not, the gradient computed is finite (zero).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from unitary_lr import householder_apply
+    >>> v = np.array([[1.0], [1.0]])          # reflects across the line x + y = 0
+    >>> householder_apply(v, np.eye(2)).round(12).tolist()
+    [[0.0, -1.0], [-1.0, 0.0]]
+    >>> V = np.random.default_rng(0).standard_normal((5, 3))
+    >>> X = np.ones((4, 5))
+    >>> householder_apply(V, X, side="right").shape
+    (4, 5)
+    """
+    xp = namespace_of(V=V, X=X)
+    for name, x in (("V", V), ("X", X)):
+        check_float_dtype(xp, name, x)
+        check_matrix(name, x)
+    side = check_choice("side", side, SIDES)
+    n = V.shape[-2]
+    axis, expected = (-2, f"(..., {n}, m)") if side == "left" else (-1, f"(..., m, {n})")
+    if X.shape[axis] != n:
+        raise ValueError(
+            f"X must have shape {expected} to match V of shape {tuple(V.shape)} with "
+            f"side={side!r}, got shape {tuple(X.shape)}"
+        )
+    check_batch_compatible(V=V, X=X)
+    if check_finite:
+        for name, x in (("V", V), ("X", X)):
+            if not _all_finite(xp, x):
+                report_nonfinite(xp, name, x)
+    dtype = xp.result_type(V, X)
+    V, X = xp.astype(V, dtype, copy=False), xp.astype(X, dtype, copy=False)
+    return apply_unchecked(xp, V, X, side)
+
+
+def householder_product(V, /):
+    r"""The product of the Householder reflectors in the columns of V, as an
+    n x n matrix: ``P = H(v_1) H(v_2) ... H(v_j)``.
+
+    Parameters
+    ----------
+    V : array, shape (..., n, j)
+        The reflector vectors, one per column; a zero column is the identity.
+
+    Returns
+    -------
+    array, shape (..., n, n)
+        P, unitary (orthogonal if real) to rounding, with the dtype, namespace
+        and device of V.
+
+    Raises
+    ------
+    TypeError
+        V is not an array of a supported floating dtype.
+    ValueError
+        V is not (..., n, j) with n, j >= 1, or contains NaN or Inf.
+
+    See Also
+    --------
+    householder_apply : P applied to a matrix without forming P.
+
+    Notes
+    -----
+    ``P = I - U T U^H`` in compact WY form (see :func:`householder_apply`).
+    Cost: O(j n^2) for the dense output. To multiply P with a matrix, use
+    :func:`householder_apply`, which costs O(j n m) instead of O(n^2 (j + m)).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from unitary_lr import householder_product
+    >>> P = householder_product(np.array([[1.0, 0.0], [0.0, 1.0]]))
+    >>> P.tolist()                            # two reflections: a rotation by pi
+    [[-1.0, 0.0], [0.0, -1.0]]
+    """
+    xp = namespace_of(V=V)
+    check_float_dtype(xp, "V", V)
+    check_matrix("V", V)
+    if not _all_finite(xp, V):
+        report_nonfinite(xp, "V", V)
+    scale, minus_T = wy_factors(xp, V)
+    U = V * scale[..., None, :]
+    return xp.eye(V.shape[-2], dtype=V.dtype, device=device(V)) + (U @ minus_T) @ mH(xp, U)
+
+
+def apply_unchecked(xp, V, X, side):
+    """householder_apply for validated V and X of one dtype; traceable."""
+    scale, minus_T = wy_factors(xp, V)
+    # The column scaling acts on the j x m products, never on V or X: the only
+    # passes over X's size are the two products and the sum.
+    if side == "left":
+        Y = (mH(xp, V) @ X) * scale[..., :, None]
+        return X + V @ ((minus_T @ Y) * scale[..., :, None])
+    Y = (X @ V) * scale[..., None, :]
+    return X + ((Y @ minus_T) * scale[..., None, :]) @ mH(xp, V)
+
+
+def _all_finite(xp, x):
+    """Whether x is free of NaN and Inf; True when its values cannot be read
+    (a tracer under jax.jit raises TypeError on bool())."""
+    try:
+        return bool(xp.all(xp.isfinite(x)))
+    except TypeError:
+        return True
+
+
+def wy_factors(xp, V):
+    """``(s, -T)``, s (..., j) and T (..., j, j) upper triangular, with
+    ``H(v_1) ... H(v_j) = I - U T U^H`` for the unit columns ``U = V diag(s)``
+    (s = 1 / |v_i|, and 1 for a zero column); see householder_apply's Notes.
+
+    Only the Gram matrix V^H V touches V: the columns are normalised in it, on
+    the j x j side, in float64 where the device has it (|v|^2 of any float32
+    column is then representable). -T rather than T: negating the small
+    factor spares autograd a negation of a gradient of X's size.
+    """
+    core = core_dtype(xp, V.dtype, device(V))
+    wide = xp.astype(V, core, copy=False)
+    gram = mH(xp, wide) @ wide
+    squares = xp.linalg.diagonal(gram)
+    if is_complex(xp, core):
+        squares = xp.real(squares)
+    zero = squares == 0
+    ones = xp.ones_like(squares)
+    # The where comes before the sqrt, so that autograd meets no sqrt'(0).
+    scale = 1 / xp.sqrt(xp.where(zero, ones, squares))
+    unit_gram = gram * xp.astype(scale[..., :, None] * scale[..., None, :], core, copy=False)
+    # 1 / pivot: the pivot is 1/2 for a unit column, and any nonzero value (1)
+    # for a zero column, whose off-diagonal entries are 0. Constants: the
+    # gradient needs no path through them.
+    inverse_pivots = xp.astype(xp.where(zero, ones, 2 * ones), core, copy=False)
+    minus_T = _minus_inverse_triangular(xp, xp.triu(unit_gram, k=1), inverse_pivots)
+    return xp.astype(scale, V.dtype, copy=False), xp.astype(minus_T, V.dtype, copy=False)
+
+
+# Up to this size T comes from back substitution (j - 1 products of j x j
+# matrices), beyond it from recursive doubling (log2(j) rounds of a few ops):
+# fewer operations either way, which is what a small T costs in eager mode.
+_SUBSTITUTION_MAX = 16
+
+
+def _minus_inverse_triangular(xp, strict, inverse_pivots):
+    """``-(strict + D)^{-1}`` with D = diag(1 / inverse_pivots) and strict
+    strictly upper triangular (..., j x j); matrix products only, no branch on
+    values."""
+    j = strict.shape[-1]
+    minus_D_inv = xp.eye(j, dtype=strict.dtype, device=device(strict)) * -inverse_pivots[..., None, :]
+    S = minus_D_inv
+    if j <= _SUBSTITUTION_MAX:
+        # Row-oriented back substitution for all rows at once: row i of
+        # S = -D^-1 - D^-1 strict S depends only on rows > i of S, so after
+        # j - 1 rounds every row holds its substitution value.
+        coupling = strict * -inverse_pivots[..., :, None]
+        for _ in range(j - 1):
+            S = minus_D_inv + coupling @ S
+        return S
+    # S is block diagonal, its blocks (of `size`) minus the inverses of those
+    # of strict + D; each round joins the blocks (2p, 2p + 1) through the part
+    # of `strict` between them: [[A, B], [0, C]]^-1 = [[A^-1, -A^-1 B C^-1], [0, C^-1]],
+    # which for S = -T reads S <- S + S B S.
+    position = xp.arange(j, device=device(strict))
+    size = 1
+    while size < j:
+        index = position // size
+        between = (index[:, None] + 1 == index[None, :]) & (index[:, None] % 2 == 0)
+        S = S + S @ (strict * xp.astype(between, strict.dtype)) @ S
+        size *= 2
+    return S

@@ -1,0 +1,391 @@
+"""Householder transformation adaptation (HTA) of frozen linear layers (floor 6):
+:class:`HouseholderAdapter` and PEFT-style helpers to add, count, save and load
+adapters."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from ..householder import householder_apply
+
+__all__ = [
+    "HouseholderAdapter",
+    "adapter_state_dict",
+    "add_householder_adapters",
+    "load_adapter_state_dict",
+    "trainable_parameters",
+]
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.complex64, torch.complex128)
+
+
+def _check_reflectors(reflectors, linear):
+    limit = min(linear.out_features, linear.in_features)
+    if isinstance(reflectors, bool) or not isinstance(reflectors, int):
+        raise TypeError(f"reflectors must be an integer, got {type(reflectors).__name__}: {reflectors!r}")
+    if not 1 <= reflectors <= limit:
+        raise ValueError(
+            f"reflectors must be between 1 and {limit} = min(out_features, in_features) of {linear}, "
+            f"got {reflectors!r}"
+        )
+
+
+def _check_linear(linear):
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}: {linear!r}"[:200])
+    if linear.weight.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"linear's weight has dtype {linear.weight.dtype}; expected float32, float64, "
+                        "complex64 or complex128")
+
+
+def _conj(x):
+    # A physical conjugate: a lazy conj() would leave the parameter's .grad a
+    # conjugate view, which optimizers such as Adam (view_as_real) reject.
+    return x.conj_physical() if x.is_complex() else x
+
+
+def _unit_columns(rows, columns, *, dtype, device, generator):
+    """Gaussian columns scaled to unit length (circular complex for complex dtypes)."""
+    if dtype.is_complex:
+        real = torch.randn(2, rows, columns, dtype=torch.float64, generator=generator)
+        x = torch.complex(real[0], real[1])
+    else:
+        x = torch.randn(rows, columns, dtype=torch.float64, generator=generator)
+    x = x / torch.linalg.vector_norm(x, dim=0, keepdim=True)
+    return x.to(dtype=dtype, device=device)
+
+
+class HouseholderAdapter(nn.Module):
+    r"""A frozen ``nn.Linear`` plus a trainable Householder update
+    ``Delta W = H_U[:, :p] diag(sigma) H_V[:, :p]^H`` (HTA).
+
+    Parameters
+    ----------
+    linear : torch.nn.Linear
+        The layer to adapt, of any shape, real or complex. Its parameters are
+        frozen (``requires_grad=False``) and kept as ``self.base``.
+    reflectors : int, optional
+        Number j of Householder vectors on each side, ``1 <= j <= min(n_out,
+        n_in)``.
+    generator : torch.Generator, optional
+        Source of the random initial reflector vectors.
+
+    Attributes
+    ----------
+    base : torch.nn.Linear
+        The frozen layer.
+    reflectors_out : torch.nn.Parameter, shape (n_out, j)
+        The vectors ``u_1 ... u_j`` of ``H_U = H(u_1) ... H(u_j)`` (n_out x n_out).
+    reflectors_in : torch.nn.Parameter, shape (n_in, j)
+        The vectors ``v_1 ... v_j`` of ``H_V = H(v_1) ... H(v_j)`` (n_in x n_in).
+    sigma : torch.nn.Parameter, shape (p,), p = min(n_out, n_in)
+        The diagonal, zero at start; of the weight's dtype (complex for a
+        complex layer).
+
+    Raises
+    ------
+    TypeError
+        ``linear`` is not an ``nn.Linear`` (or has an unsupported dtype);
+        ``reflectors`` is not an integer.
+    ValueError
+        ``reflectors`` outside ``[1, min(n_out, n_in)]``.
+
+    Notes
+    -----
+    The adapted layer computes ``y = x W0^T + b + x Delta W^T`` with
+
+    ``Delta W = H_U[:, :p] diag(sigma) H_V[:, :p]^H = H_U E_out diag(sigma) E_in^T H_V^H``
+
+    (n_out x n_in), where ``H(w) = I - 2 w w^H / (w^H w)``, ``E_out`` and ``E_in``
+    hold the first p unit vectors of their sizes, and ``^H`` is the conjugate
+    transpose (``H_V^H = H(v_j) ... H(v_1)``; for j = 1 it is ``H_V`` itself). So
+    Delta W has the form of an SVD: orthonormal columns of ``H_U`` and ``H_V``
+    around the diagonal sigma, and its rank is the number of nonzero entries
+    of sigma; each layer picks its own rank with ``(n_out + n_in) j + p``
+    parameters. With sigma = 0 at
+    start the layer computes exactly what ``linear`` does; the random
+    reflectors make the gradient of sigma nonzero from the first step.
+
+    The forward pass applies ``H_V``, sigma and ``H_U`` to the batch with
+    :func:`unitary_lr.householder_apply` (compact WY form): O(B (n_out + n_in) j)
+    for a batch of B rows, plus O((n_out + n_in) j^2) for the WY factors, and
+    never an n_out x n_in matrix. :meth:`merge` folds Delta W into the frozen
+    weight for inference (the forward is then the plain layer, and no gradient
+    reaches the adapter); :meth:`unmerge` takes it out again. The merged state
+    is not part of ``state_dict()``: save unmerged models, or the adapters
+    alone with :func:`adapter_state_dict`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from unitary_lr.torch import HouseholderAdapter
+    >>> layer = torch.nn.Linear(6, 4)
+    >>> adapted = HouseholderAdapter(layer, reflectors=2, generator=torch.Generator().manual_seed(0))
+    >>> x = torch.randn(3, 6)
+    >>> bool(torch.equal(adapted(x), layer(x)))      # sigma = 0: the layer as it was
+    True
+    >>> [name for name, p in adapted.named_parameters() if p.requires_grad]
+    ['reflectors_out', 'reflectors_in', 'sigma']
+    """
+
+    def __init__(self, linear, *, reflectors=1, generator=None):
+        super().__init__()
+        _check_linear(linear)
+        _check_reflectors(reflectors, linear)
+        weight = linear.weight
+        for parameter in linear.parameters():
+            parameter.requires_grad_(False)
+        self.base = linear
+        options = {"dtype": weight.dtype, "device": weight.device, "generator": generator}
+        self.reflectors_out = nn.Parameter(_unit_columns(linear.out_features, reflectors, **options))
+        self.reflectors_in = nn.Parameter(_unit_columns(linear.in_features, reflectors, **options))
+        p = min(linear.out_features, linear.in_features)
+        self.sigma = nn.Parameter(torch.zeros(p, dtype=weight.dtype, device=weight.device))
+        self._merged = False
+
+    @property
+    def merged(self):
+        """Whether Delta W is folded into ``base.weight``."""
+        return self._merged
+
+    @property
+    def in_features(self):
+        return self.base.in_features
+
+    @property
+    def out_features(self):
+        return self.base.out_features
+
+    def extra_repr(self):
+        return f"reflectors={self.reflectors_out.shape[-1]}, merged={self._merged}"
+
+    def delta(self, x):
+        """``x Delta W^T`` for x of shape (..., n_in), without forming Delta W."""
+        n_out, p = self.out_features, self.sigma.shape[0]
+        rows = x.reshape(-1, self.in_features)
+        # Rows times Delta W^T = conj(H_V)[:, :p] diag(sigma) H_U[:, :p]^T: conj(H(v)) =
+        # H(conj v), and H_U^T is the product of the conj(u_i) in reverse order.
+        rotated = householder_apply(_conj(self.reflectors_in), rows, side="right", check_finite=False)
+        scaled = rotated[:, :p] * self.sigma
+        if n_out > p:
+            scaled = torch.cat([scaled, scaled.new_zeros(scaled.shape[0], n_out - p)], dim=1)
+        reversed_out = _conj(self.reflectors_out.flip(-1))
+        out = householder_apply(reversed_out, scaled, side="right", check_finite=False)
+        return out.reshape(*x.shape[:-1], n_out)
+
+    def forward(self, x):
+        out = self.base(x)
+        return out if self._merged else out + self.delta(x)
+
+    @torch.no_grad()
+    def delta_weight(self):
+        """Delta W (n_out x n_in) as a dense matrix, computed in 64-bit precision
+        in O(j n_out n_in); for merging and inspection, not for training."""
+        wide = torch.promote_types(self.sigma.dtype, torch.float64)
+        n_out, n_in, p = self.out_features, self.in_features, self.sigma.shape[0]
+        columns = torch.eye(n_in, p, dtype=wide, device=self.sigma.device)  # E_in
+        columns = householder_apply(self.reflectors_in.to(wide), columns, check_finite=False)  # H_V E_in
+        rows = self.sigma.to(wide)[:, None] * columns.mH
+        padded = torch.cat([rows, rows.new_zeros(n_out - p, n_in)])  # E_out diag(sigma) E_in^T H_V^H
+        return householder_apply(self.reflectors_out.to(wide), padded, check_finite=False)
+
+    @torch.no_grad()
+    def merge(self):
+        """Fold Delta W into ``base.weight`` (for inference); returns self.
+
+        Raises ValueError, changing nothing, when the adapter is already merged.
+        """
+        if self._merged:
+            raise ValueError("the adapter is already merged (merged=True); unmerge() it first")
+        weight = self.base.weight
+        weight.add_(self.delta_weight().to(weight.dtype))
+        self._merged = True
+        return self
+
+    @torch.no_grad()
+    def unmerge(self):
+        """Take Delta W out of ``base.weight`` again (to the weight's rounding);
+        returns self.
+
+        Raises ValueError, changing nothing, when the adapter is not merged.
+        """
+        if not self._merged:
+            raise ValueError("the adapter is not merged (merged=False); there is nothing to unmerge")
+        weight = self.base.weight
+        weight.sub_(self.delta_weight().to(weight.dtype))
+        self._merged = False
+        return self
+
+
+def _matcher(target_modules):
+    """name -> bool, PEFT's rule: a string is a regex matched against the whole
+    qualified name; a list holds names that match the name or its last parts."""
+    if target_modules is None:
+        return lambda name: True
+    if isinstance(target_modules, str):
+        try:
+            pattern = re.compile(target_modules)
+        except re.error as error:
+            raise ValueError(f"target_modules is not a valid regular expression: {target_modules!r} ({error})") from None
+        return lambda name: pattern.fullmatch(name) is not None
+    try:
+        suffixes = list(target_modules)
+    except TypeError:
+        raise TypeError(f"target_modules must be a regex string, a list of names or None, got "
+                        f"{type(target_modules).__name__}: {target_modules!r}") from None
+    if not suffixes or not all(isinstance(s, str) and s for s in suffixes):
+        raise ValueError(f"target_modules must be a regex string or a non-empty list of names, got {target_modules!r}")
+    return lambda name: any(name == s or name.endswith("." + s) for s in suffixes)
+
+
+def _adapter_bases(model):
+    return {id(module.base) for module in model.modules() if isinstance(module, HouseholderAdapter)}
+
+
+def add_householder_adapters(model, *, target_modules=None, reflectors=1, freeze_base=True, generator=None):
+    """Wrap every ``nn.Linear`` of ``model`` whose qualified name matches
+    ``target_modules`` in a :class:`HouseholderAdapter`, in place.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    target_modules : str, list of str or None, optional
+        A regular expression matched against the whole qualified name
+        (``"layers\\.\\d+\\.attn\\.(q|v)"``), or names matched against the
+        qualified name or its last dotted parts (``["q", "v"]`` matches
+        ``layers.0.attn.q``), as PEFT's ``target_modules``. None: every
+        ``nn.Linear``. Layers already inside an adapter are never wrapped again.
+    reflectors : int, optional
+        Householder vectors per side of every adapter.
+    freeze_base : bool, optional
+        Freeze every parameter that is not an adapter's (as PEFT does), so
+        that only the adapters train. False leaves the others as they are
+        (the wrapped layers are frozen either way).
+    generator : torch.Generator, optional
+        Source of the initial reflectors, used layer after layer.
+
+    Returns
+    -------
+    torch.nn.Module
+        ``model`` itself, modified.
+
+    Raises
+    ------
+    ValueError
+        No ``nn.Linear`` matches; ``reflectors`` too large for a matched layer;
+        a malformed ``target_modules``. Nothing is changed then.
+    TypeError
+        ``model`` is not an ``nn.Module``; ``reflectors`` is not an integer.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from unitary_lr.torch import add_householder_adapters, trainable_parameters
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> model = add_householder_adapters(model, target_modules=["0"], reflectors=2)
+    >>> type(model[0]).__name__, trainable_parameters(model)
+    ('HouseholderAdapter', (40, 130))
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    matches = _matcher(target_modules)
+    inside = _adapter_bases(model)
+    targets = []  # (parent, attribute, linear): every reference, shared layers included
+    for parent_name, parent in model.named_modules(remove_duplicate=False):
+        if isinstance(parent, HouseholderAdapter):
+            continue
+        for child_name, child in parent._modules.items():  # named_children() hides repeats
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
+            if type(child) is nn.Linear and id(child) not in inside and matches(name):
+                targets.append((parent, child_name, child))
+    if not targets:
+        raise ValueError(f"no torch.nn.Linear of the model matches target_modules={target_modules!r}")
+    for _, _, linear in targets:  # every check before the first change
+        _check_linear(linear)
+        _check_reflectors(reflectors, linear)
+    adapters = {}
+    for parent, child_name, linear in targets:
+        if id(linear) not in adapters:
+            adapters[id(linear)] = HouseholderAdapter(linear, reflectors=reflectors, generator=generator)
+        setattr(parent, child_name, adapters[id(linear)])
+    if freeze_base:
+        own = {id(p) for p in _adapter_parameters(model).values()}
+        for parameter in model.parameters():
+            if id(parameter) not in own:
+                parameter.requires_grad_(False)
+    return model
+
+
+def trainable_parameters(model):
+    """``(trainable, total)``: numbers of parameter entries of ``model`` that
+    require a gradient, and of all (shared parameters counted once).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from unitary_lr.torch import trainable_parameters
+    >>> trainable_parameters(torch.nn.Linear(3, 2))
+    (8, 8)
+    """
+    parameters = list(model.parameters())
+    return sum(p.numel() for p in parameters if p.requires_grad), sum(p.numel() for p in parameters)
+
+
+def _adapter_parameters(model):
+    """{qualified name: parameter} of every adapter's own parameters."""
+    result = {}
+    for name, module in model.named_modules():
+        if isinstance(module, HouseholderAdapter):
+            prefix = f"{name}." if name else ""
+            for attribute in ("reflectors_out", "reflectors_in", "sigma"):
+                result[prefix + attribute] = getattr(module, attribute)
+    return result
+
+
+def adapter_state_dict(model):
+    """The adapters' parameters only, ``{qualified name: tensor}`` (detached
+    copies), for saving a fine-tuning run without the frozen model.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from unitary_lr.torch import HouseholderAdapter, adapter_state_dict
+    >>> model = torch.nn.Sequential(HouseholderAdapter(torch.nn.Linear(4, 3)))
+    >>> {name: tuple(t.shape) for name, t in adapter_state_dict(model).items()}
+    {'0.reflectors_out': (3, 1), '0.reflectors_in': (4, 1), '0.sigma': (3,)}
+    """
+    return {name: p.detach().clone() for name, p in _adapter_parameters(model).items()}
+
+
+@torch.no_grad()
+def load_adapter_state_dict(model, state_dict):
+    """Load adapter parameters saved by :func:`adapter_state_dict` into ``model``.
+
+    The keys must be exactly the model's adapter parameters, with their
+    shapes; nothing is loaded unless all match.
+
+    Raises
+    ------
+    ValueError
+        Missing or unexpected keys, a shape mismatch, or a merged adapter
+        (whose folded weight would no longer match); the model is unchanged.
+    """
+    own = _adapter_parameters(model)
+    missing, unexpected = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"adapter state dict does not match the model: missing keys {missing}, "
+                         f"unexpected keys {unexpected}")
+    for name, parameter in own.items():
+        value = state_dict[name]
+        if not isinstance(value, torch.Tensor) or value.shape != parameter.shape:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"adapter state dict entry {name!r} has shape {shape}, "
+                             f"the model's has shape {tuple(parameter.shape)}")
+    merged = [name for name, m in model.named_modules() if isinstance(m, HouseholderAdapter) and m.merged]
+    if merged:
+        raise ValueError(f"unmerge() the adapters {merged} before loading adapter parameters (merged=True)")
+    for name, parameter in own.items():
+        parameter.copy_(state_dict[name])
