@@ -49,12 +49,15 @@ def namespace_of(**arrays):
                 f"{type(arrays[name]).__module__}.{type(arrays[name]).__name__}; "
                 "pass arrays from one library"
             )
-    first_device = device(arrays[first_name])
+    # A traced JAX array has no device (None): it cannot be told apart, and
+    # the trace itself puts every array on one device.
+    devices = {name: device(x) for name, x in arrays.items()}
+    first_device = next((d for d in devices.values() if d is not None), None)
     for name, x in arrays.items():
-        if device(x) != first_device:
+        if devices[name] is not None and devices[name] != first_device:
             raise ValueError(
                 f"{first_name} is on device {first_device!r} but {name} is on device "
-                f"{device(x)!r}; move them to one device"
+                f"{devices[name]!r}; move them to one device"
             )
     return xp
 

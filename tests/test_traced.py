@@ -1,0 +1,91 @@
+"""The traced path: a projUNN step inside ``torch.compile(fullgraph=True)`` and
+``jax.jit`` keeps its small work on the device, with no host transfer, no
+callback and no Python branch on array values, and gives the eager step."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+import unitary_lr as ul
+from unitary_lr import _host
+from unitary_lr._random import standard_normal
+
+torch = pytest.importorskip("torch")
+
+
+def _eager_and_omega(xp_module, W, G, *, variant, seed):
+    import array_api_compat
+
+    xp = array_api_compat.array_namespace(W)
+    omega = standard_normal(xp, (W.shape[-1], 1), dtype=W.dtype, device=W.device, rng=seed)
+    eager = ul.projunn_step(W, G, lr=0.1, rank=1, variant=variant, rng=seed)
+    return xp, omega, eager
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "complex64"])
+@pytest.mark.parametrize("variant", ["tangent", "direct"])
+def test_torch_compile_fullgraph_gives_the_eager_step(dtype, variant):
+    from unitary_lr.steps import step_unchecked
+
+    rng = np.random.default_rng(0)
+    W = torch.as_tensor(ul.random_unitary(48, dtype=dtype, rng=rng))
+    G = torch.as_tensor(rng.standard_normal((48, 48)).astype(dtype))
+    xp, omega, eager = _eager_and_omega(torch, W, G, variant=variant, seed=5)
+
+    def step(W, G, omega, lr):
+        return step_unchecked(xp, W, G, omega, lr=lr, rank=1, variant=variant, power_iters=1, traced=True)
+
+    torch._dynamo.reset()
+    before = _host.transfers.count
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.compile's own notes and deprecations
+        compiled = torch.compile(step, fullgraph=True)
+        V = compiled(W, G, omega, torch.tensor(0.1, dtype=W.real.dtype))
+    assert _host.transfers.count == before
+    tolerance = 1e-5 if dtype in ("float32", "complex64") else 1e-12
+    np.testing.assert_allclose(V.numpy(), eager.numpy(), atol=tolerance)
+    assert float(ul.unitarity_error(V)) < 10 * tolerance
+
+
+def test_device_cores_make_no_transfer_and_no_scalar_read():
+    """The traced cores on eager tensors: the same step, nothing read on the host."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from unitary_lr.steps import step_unchecked
+
+    class Reads(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Reads.count += "_local_scalar_dense" in str(func)
+            return func(*args, **(kwargs or {}))
+
+    rng = np.random.default_rng(1)
+    W = torch.as_tensor(ul.random_unitary(32, dtype="complex128", rng=rng))
+    G = torch.as_tensor(rng.standard_normal((32, 32)) + 1j * rng.standard_normal((32, 32)))
+    xp, omega, eager = _eager_and_omega(torch, W, G, variant="direct", seed=2)
+    before = _host.transfers.count
+    with Reads():
+        V = step_unchecked(xp, W, G, omega, lr=0.1, rank=1, variant="direct", power_iters=1, traced=True)
+    assert Reads.count == 0 and _host.transfers.count == before
+    np.testing.assert_allclose(V.numpy(), eager.numpy(), atol=1e-12)
+
+
+def test_jitted_optax_update_has_no_callback():
+    jax = pytest.importorskip("jax")
+    optax = pytest.importorskip("optax")
+    import jax.numpy as jnp
+
+    from unitary_lr.optax import projunn
+
+    params = {"W": ul.random_unitary(16, dtype="float64", xp=jnp, rng=0), "b": jnp.zeros(16)}
+    opt = projunn(1e-2, unitary={"W": True, "b": False}, rank=2, variant="direct")
+    state = opt.init(params)
+    grads = {"W": jnp.ones((16, 16)), "b": jnp.ones(16)}
+    jaxpr = str(jax.make_jaxpr(opt.update)(grads, state, params))
+    assert "callback" not in jaxpr and "eigh" in jaxpr
+    updates, _ = jax.jit(opt.update)(grads, state, params)
+    W = optax.apply_updates(params, updates)["W"]
+    assert float(ul.unitarity_error(W)) < 1e-13
