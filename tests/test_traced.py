@@ -11,7 +11,7 @@ import pytest
 
 import unitary_lr as ul
 from unitary_lr import _host
-from unitary_lr._random import standard_normal
+from unitary_lr.steps import sketch_matrix
 
 torch = pytest.importorskip("torch")
 
@@ -20,7 +20,7 @@ def _eager_and_omega(xp_module, W, G, *, variant, seed):
     import array_api_compat
 
     xp = array_api_compat.array_namespace(W)
-    omega = standard_normal(xp, (W.shape[-1], 1), dtype=W.dtype, device=W.device, rng=seed)
+    omega = sketch_matrix(xp, (W.shape[-1], 1), dtype=W.dtype, device=W.device, rng=seed)
     eager = ul.projunn_step(W, G, lr=0.1, rank=1, variant=variant, rng=seed)
     return xp, omega, eager
 

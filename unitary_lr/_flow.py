@@ -23,7 +23,7 @@ from __future__ import annotations
 import warnings
 
 from ._cores import drop_tolerance, expm_skew_minus_identity, gram_basis, polar_minus_identity
-from ._xp import adjoint_matmul, core_dtype, device, mH, real_dtype
+from ._xp import adjoint_matmul, core_dtype, device, mH, panel_times_small, real_dtype
 
 __all__ = ["checked", "lowrank_right_update", "sketch_panels", "transport_update"]
 
@@ -34,6 +34,12 @@ __all__ = ["checked", "lowrank_right_update", "sketch_panels", "transport_update
 # optimizers' drift control, with thresholds a user may set up to this value,
 # re-projects a drifted W.
 UNITARITY_TOLERANCE = 1e-2
+
+
+class StepInputError(ArithmeticError):
+    """Raised by the checks of the small Gram matrices with the name of the
+    input whose products are not finite; :func:`checked` turns it into the
+    public ValueError."""
 
 
 def _eps(xp, dtype):
@@ -85,9 +91,9 @@ def orthonormal_columns(xp, Y, cores):
         steps = _reorthonormalize_steps(sxp, C, eps, drop_tolerance(Y.shape[-2], eps, cores.eps))
     T, _ = gram_basis(sxp, C, drop_tolerance(Y.shape[-2], eps, cores.eps))
     (T,) = cores.scatter(T)
-    Q = Y @ T
+    Q = panel_times_small(xp, Y, T)
     for _ in range(steps):
-        Q = Q @ _newton_schulz_factor(xp, Q)
+        Q = panel_times_small(xp, Q, _newton_schulz_factor(xp, Q))
     return Q
 
 
@@ -178,9 +184,9 @@ def _apply_right(xp, W, P, T, D, reorthonormalize):
     cond(P); each Newton-Schulz step ``Q <- Q (3 I - Q^H Q) / 2`` squares them,
     with matmuls only (no factorisation, no transfer).
     """
-    Q = P @ T
+    Q = panel_times_small(xp, P, T)
     for _ in range(reorthonormalize):
-        Q = Q @ _newton_schulz_factor(xp, Q)
+        Q = panel_times_small(xp, Q, _newton_schulz_factor(xp, Q))
     return (W @ Q) @ D, mH(xp, Q)
 
 

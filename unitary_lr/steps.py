@@ -177,7 +177,7 @@ def projunn_update(
     if factored:
         G = (xp.astype(a, xp.result_type(a, b), copy=False), xp.astype(b, xp.result_type(a, b), copy=False))
     shape = sketch_shape(G, rank, oversample)
-    omega = None if shape is None else standard_normal(xp, shape, dtype=_dtype(G), device=device(W), rng=gen)
+    omega = None if shape is None else sketch_matrix(xp, shape, dtype=_dtype(G), device=device(W), rng=gen)
     traced = is_traced(W) or any(is_traced(x) for x in gradients.values())
     return checked(
         lambda: step_factors_unchecked(xp, W, G, omega, lr=lr, rank=rank, variant=variant,
@@ -188,6 +188,13 @@ def projunn_update(
 
 def _dtype(G):
     return G[0].dtype if isinstance(G, tuple) else G.dtype
+
+
+def sketch_matrix(xp, shape, *, dtype, device, rng):
+    """The Gaussian test matrix of ``shape`` (..., n, l), laid out column by
+    column (see ``_xp.panel_times_small``): drawn as its (..., l, n) transpose."""
+    *batch, n, l = shape
+    return xp.matrix_transpose(standard_normal(xp, (*batch, l, n), dtype=dtype, device=device, rng=rng))
 
 
 def sketch_shape(G, rank, oversample):

@@ -16,6 +16,7 @@ import torch
 
 from .._random import generator_from_state, generator_state
 from ..optim import RULES, control_drift, make_rule, rule_options, unitary_factors
+from ._fused import fused_direction
 from ..steps import STEP_OVERSAMPLE, STEP_POWER_ITERS, VARIANTS
 
 __all__ = ["ProjUNN", "is_unitary", "mark_unitary"]
@@ -208,8 +209,9 @@ class ProjUNN(torch.optim.Optimizer):
                     if unitary:
                         state["projunn_steps"] = 0
                         state["sketch_rng"] = generator_state(np.random.default_rng([group["seed"], index, i]))
-                direction, new_state = rule.direction(xp, p.grad, p.detach(), state, mode=mode,
-                                                      weight_decay=not unitary)
+                fused = fused_direction(rule, p.grad, p.detach(), state, mode=mode, weight_decay=not unitary)
+                direction, new_state = fused if fused is not None else rule.direction(
+                    xp, p.grad, p.detach(), state, mode=mode, weight_decay=not unitary)
                 if not unitary:
                     pending.append((p, group, new_state, direction, None))
                     continue
