@@ -49,8 +49,32 @@ def _eps(xp, dtype):
 def _normalized(xp, Y):
     """Y scaled so that its largest entry is 1 (0 stays 0): a power iteration
     then never overflows, and a scale does not change the span."""
+    return _scaled(xp, Y)[0]
+
+
+def _scaled(xp, Y):
+    """(Y / s, s) with s (..., 1, 1) about Y's largest entry."""
     top = xp.linalg.vector_norm(Y, axis=(-2, -1), keepdims=True, ord=float("inf"))
-    return Y / (top + xp.finfo(real_dtype(xp, Y.dtype)).smallest_normal)
+    top = top + xp.finfo(real_dtype(xp, Y.dtype)).smallest_normal
+    return Y / top, top
+
+
+# Scales of the factors beyond this are clamped: a step (or a generator) that
+# large has lost every digit of its direction to rounding anyway, and the
+# polar and exp cores then give the same unitary result.
+_HUGE = 1e150
+
+
+def _clamped(sxp, s):
+    s = sxp.real(s)
+    return sxp.where(s > _HUGE, sxp.full_like(s, _HUGE), s)
+
+
+def _needs_scaling(xp, dtype, cores):
+    """Whether thin panels of ``dtype`` must be rescaled before their Gram:
+    only when the small work runs in the panels' own precision, whose range
+    cannot hold their squares (a float32 panel's Gram in float64 always can)."""
+    return cores.eps >= _eps(xp, dtype) / 2
 
 
 def sketch_panels(xp, G, omega, power_iters, cores):
@@ -225,9 +249,18 @@ def lowrank_right_update(xp, W, Y, Z, *, lr, variant, rank, cores, sketched, nam
     n, l = W.shape[-1], Y.shape[-1]
     batch = _batch(W, Y, Z)
     Y, Z = xp.broadcast_to(Y, (*batch, *Y.shape[-2:])), xp.broadcast_to(Z, (*batch, *Z.shape[-2:]))
-    c = adjoint_matmul(xp, W, Y)
     core = core_dtype(xp, W.dtype, device(W))
-    (C,) = cores.gather(_gram(xp, [Y, Z, c], core))
+    if _needs_scaling(xp, W.dtype, cores):
+        one = xp.ones((*batch, 1, 1), dtype=real_dtype(xp, W.dtype), device=device(W))
+        Y, sy = (Y, one) if sketched else _scaled(xp, Y)
+        Z, sz = _scaled(xp, Z)
+        c = adjoint_matmul(xp, W, Y)
+        C, sy, sz = cores.gather(_gram(xp, [Y, Z, c], core), *(xp.astype(x, core) for x in (sy, sz)))
+        scale = _clamped(cores.xp, sy) * _clamped(cores.xp, sz)
+    else:
+        c = adjoint_matmul(xp, W, Y)
+        (C,) = cores.gather(_gram(xp, [Y, Z, c], core))
+        scale = 1.0
     sxp = cores.xp
     block = _blocks(C, (l, l, l))
     CP = C[..., l:, l:]
@@ -243,13 +276,14 @@ def lowrank_right_update(xp, W, Y, Z, *, lr, variant, rank, cores, sketched, nam
         _check_unitary(sxp, block(0, 0), block(2, 2))
         steps = _reorthonormalize_steps(sxp, CP, eps, tol)
     T, D = _right_core(sxp, block(0, 0), CP, lr=lr, variant=variant, rank=rank, l=l,
-                       sketched=sketched, tol=tol, traced=cores.traced)
+                       sketched=sketched, tol=tol, traced=cores.traced, scale=scale)
     T, D = cores.scatter(T, D)
     return _apply_right(xp, W, xp.concat([Z, c], axis=-1), T, D, steps)
 
 
-def _right_core(sxp, Cy, CP, *, lr, variant, rank, l, sketched, tol, traced):
-    """(T, D): the basis Q = P T of span P and the core D in Q's coordinates."""
+def _right_core(sxp, Cy, CP, *, lr, variant, rank, l, sketched, tol, traced, scale=1.0):
+    """(T, D): the basis Q = P T of span P and the core D in Q's coordinates,
+    for ``G_k = scale * Y Pi Z^H``."""
     if sketched:
         Ty, _ = gram_basis(sxp, Cy, tol)
         if rank < l:
@@ -261,6 +295,7 @@ def _right_core(sxp, Cy, CP, *, lr, variant, rank, l, sketched, tol, traced):
             Pi = Ty @ mH(sxp, Ty)
     else:
         Pi = sxp.broadcast_to(sxp.eye(l, dtype=CP.dtype), (*CP.shape[:-2], l, l))
+    Pi = Pi * scale
     zero = sxp.zeros_like(Pi)
     # W^H G_k = c Pi Z^H = [Z, c] A0 [Z, c]^H
     A0 = sxp.concat([sxp.concat([zero, zero], axis=-1), sxp.concat([Pi, zero], axis=-1)], axis=-2)
@@ -286,10 +321,17 @@ def transport_update(xp, W, a, b, *, t, cores):
     n, k = W.shape[-1], a.shape[-1]
     batch = _batch(W, a, b)
     a, b = xp.broadcast_to(a, (*batch, *a.shape[-2:])), xp.broadcast_to(b, (*batch, *b.shape[-2:]))
-    P = xp.concat([a, b], axis=-1)
-    WhP = adjoint_matmul(xp, W, P)
     core = core_dtype(xp, W.dtype, device(W))
-    (C,) = cores.gather(_gram(xp, [P, WhP], core))
+    if _needs_scaling(xp, W.dtype, cores):
+        (a, sa), (b, sb) = _scaled(xp, a), _scaled(xp, b)
+        P = xp.concat([a, b], axis=-1)
+        WhP = adjoint_matmul(xp, W, P)
+        C, sa, sb = cores.gather(_gram(xp, [P, WhP], core), *(xp.astype(x, core) for x in (sa, sb)))
+        t = t * _clamped(cores.xp, sa) * _clamped(cores.xp, sb)
+    else:
+        P = xp.concat([a, b], axis=-1)
+        WhP = adjoint_matmul(xp, W, P)
+        (C,) = cores.gather(_gram(xp, [P, WhP], core))
     sxp = cores.xp
     CP, CW = C[..., :2 * k, :2 * k], C[..., 2 * k:, 2 * k:]
     eps = _eps(xp, W.dtype)
