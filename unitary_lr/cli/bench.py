@@ -41,7 +41,7 @@ from .. import projunn_step, randomized_svd, unitarity_error
 from .._backends import BACKEND_NAMES, load_backend
 from .._xp import FLOAT_DTYPE_NAMES, array_namespace, mH
 from ..steps import STEP_OVERSAMPLE, STEP_POWER_ITERS
-from ._output import CommandError, environment, format_table, progress, require_modules, write_json
+from ._output import CommandError, environment, format_table, output_path, progress, require_modules, write_json
 
 LEARNING_RATE = 0.1
 
@@ -115,8 +115,8 @@ def _validate(args):
         if value is not None and value < minimum:
             raise CommandError(f"{flag} must be >= {minimum}, got {value}")
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
-        if path is not None and Path(path).is_dir():
-            raise CommandError(f"{flag} must be a file path, got the directory {path!r}")
+        if path is not None:
+            output_path(flag, path)  # the shared check: before the run, one line, exit 2
     return sizes, sorted(set(args.ranks))
 
 
