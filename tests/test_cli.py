@@ -256,9 +256,14 @@ def test_every_experiment_has_threads_one_by_default(command):
     """One thread unless asked: measured on a busy 2-core machine, torch's
     default (2 threads) made copy --quick take 2x as long."""
     from unitary_lr.cli import build_parser
+    from unitary_lr.cli._output import resolve_threads
 
-    assert build_parser().parse_args([command]).threads == 1
-    assert build_parser().parse_args([command, "--threads", "2"]).threads == 2
+    args = build_parser().parse_args([command])
+    resolve_threads(args)
+    assert args.threads == 1 and not args.threads_given
+    args = build_parser().parse_args([command, "--threads", "2"])
+    resolve_threads(args)
+    assert args.threads == 2 and args.threads_given
 
 
 def test_toy_threads_apply_before_the_run_and_are_restored(tmp_path, monkeypatch):
@@ -290,3 +295,13 @@ def test_missing_modules_name_a_command_pip_can_run(tmp_path, capsys, monkeypatc
     assert main(["copy", "--steps", "1", "--no-plot", "--no-progress", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "PyTorch is not installed: pip install torch" in err and err.count("\n") == 1
+
+
+def test_threads_without_threadpoolctl(tmp_path, capsys, monkeypatch):
+    """Without threadpoolctl NumPy's BLAS cannot be limited: an explicit
+    --threads says so; the default does not stop the run."""
+    monkeypatch.setitem(sys.modules, "threadpoolctl", None)
+    assert main([*SMALL, "--steps", "1", "--ranks", "1", "--no-plot", "--out", str(tmp_path / "t")]) == 0
+    assert main([*SMALL, "--steps", "1", "--ranks", "1", "--no-plot", "--threads", "1",
+                 "--out", str(tmp_path / "t")]) == 2
+    assert "--threads needs threadpoolctl for NumPy's BLAS: pip install threadpoolctl" in capsys.readouterr().err

@@ -235,35 +235,38 @@ def torch_session(args):
 
 def add_threads_option(parser):
     # One thread by default: on a machine whose cores are busy with other work,
-    # threads wait for each other. Measured on a busy 2-core machine, torch's
-    # default of 2 threads took 1.5-2.2x as long as 1 (README, "Try it").
+    # threads wait for each other. Measured on a busy 2-core machine, 2 threads
+    # (torch's and OpenBLAS's default there) took 1.3-11x as long as 1 (README, "Try it").
     parser.add_argument(
-        "--threads", type=int, default=1, metavar="N",
+        "--threads", type=int, default=None, metavar="N",
         help="CPU threads of torch and of the BLAS libraries; more help only on idle cores (default: 1)",
     )
 
 
-def check_threads(threads):
-    if threads is not None and threads < 1:
-        raise CommandError(f"--threads must be >= 1, got {threads}")
+def resolve_threads(args):
+    """Check ``--threads`` and fill its default, 1; ``args.threads_given`` says
+    whether the user asked (then a limit that cannot be applied is an error)."""
+    args.threads_given = args.threads is not None
+    if args.threads_given and args.threads < 1:
+        raise CommandError(f"--threads must be >= 1, got {args.threads}")
+    if not args.threads_given:
+        args.threads = 1
 
 
-def thread_limits(threads, *, torch=False):
+def thread_limits(threads, *, torch=False, required=True):
     """Apply ``--threads`` before any work, until ``.close()``: torch's intra-op
-    pool (when ``torch`` is true, or torch is already imported) and, through
-    threadpoolctl where it is installed, the BLAS/OpenMP pools of NumPy and
-    SciPy. Restored on close, so that a run inside a Python session leaves the
-    session as it was. Without threadpoolctl only torch's pool can be limited:
-    a CommandError says so when nothing else would apply the option."""
+    pool (when ``torch`` is true: the run uses torch) and, through
+    threadpoolctl (the cli extra installs it), the BLAS/OpenMP pools of NumPy
+    and SciPy. Restored on close, so that a run inside a Python session leaves
+    the session as it was. Without threadpoolctl only torch's pool can be
+    limited: if nothing would apply a ``required`` limit, a CommandError says so;
+    the default, 1 thread, is then left unapplied rather than stopping the run."""
     stack = contextlib.ExitStack()
-    if threads is None:
-        return stack
-    check_threads(threads)
-    uses_torch = torch or "torch" in sys.modules
+    uses_torch = torch
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:
-        if not uses_torch:
+        if required and not uses_torch:
             raise CommandError("--threads needs threadpoolctl for NumPy's BLAS: pip install threadpoolctl") from None
     else:
         stack.enter_context(threadpool_limits(limits=threads))

@@ -24,13 +24,13 @@ from ._output import (
     CommandError,
     InterruptGuard,
     add_threads_option,
-    check_threads,
     environment,
     finish,
     format_table,
     output_path,
     progress,
     require_modules,
+    resolve_threads,
     save_figure,
     thread_limits,
     torch_session,
@@ -86,7 +86,7 @@ def _validate(args):
     for flag, value in (("--lr", args.lr), ("--noise", args.noise)):
         if not (math.isfinite(value) and value >= 0) or (flag == "--lr" and value == 0):
             raise CommandError(f"{flag} must be finite and {'> 0' if flag == '--lr' else '>= 0'}, got {value}")
-    check_threads(args.threads)
+    resolve_threads(args)
     # checked before the run, whose results an unwritable path would lose
     args.json_path = output_path("--out", args.out, suffix=".json")
     args.png_path = None if args.no_plot else output_path("--out", args.out, suffix=".png")
@@ -143,7 +143,7 @@ def _first_layer_gradient(net):
 def run(args) -> int:
     _validate(args)
     require_modules(("matplotlib",) * (not args.no_plot) + ("tqdm",) * (not args.no_progress))
-    with thread_limits(args.threads, torch=True):
+    with thread_limits(args.threads, torch=True, required=args.threads_given):
         return _run(args)
 
 

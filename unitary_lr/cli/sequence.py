@@ -28,13 +28,13 @@ from ._output import (
     CommandError,
     InterruptGuard,
     add_threads_option,
-    check_threads,
     environment,
     finish,
     format_table,
     output_path,
     progress,
     require_modules,
+    resolve_threads,
     save_figure,
     thread_limits,
     torch_session,
@@ -114,7 +114,7 @@ def _settings(args):
     for flag, value in (("--lr", args.lr), ("--unitary-lr-ratio", args.unitary_lr_ratio)):
         if not (math.isfinite(value) and value > 0):
             raise CommandError(f"{flag} must be finite and > 0, got {value}")
-    check_threads(args.threads)
+    resolve_threads(args)
     # checked before the run, whose results an unwritable path would lose
     args.json_path = output_path("--out", args.out, suffix=".json")
     args.png_path = None if args.no_plot else output_path("--out", args.out, suffix=".png")
@@ -222,7 +222,7 @@ def _optimizer(run, net, args):
 def run(args) -> int:
     T, hidden, steps = _settings(args)
     require_modules(("matplotlib",) * (not args.no_plot) + ("tqdm",) * (not args.no_progress))
-    with thread_limits(args.threads, torch=True):
+    with thread_limits(args.threads, torch=True, required=args.threads_given):
         return _run(args, T, hidden, steps)
 
 

@@ -27,7 +27,6 @@ from ._output import (
     CommandError,
     InterruptGuard,
     add_threads_option,
-    check_threads,
     environment,
     finish,
     format_table,
@@ -35,6 +34,7 @@ from ._output import (
     plot_curves,
     progress,
     require_modules,
+    resolve_threads,
     thread_limits,
     write_json,
 )
@@ -90,7 +90,7 @@ def _validate(args):
     lr = default if args.lr is None else args.lr
     if not (math.isfinite(lr) and lr > 0):
         raise CommandError(f"--lr must be finite and > 0, got {args.lr}")
-    check_threads(args.threads)
+    resolve_threads(args)
     # the outputs are checked before the run, which they would otherwise lose
     json_path = output_path("--out", args.out, suffix=".json")
     png_path = None if args.no_plot else output_path("--out", args.out, suffix=".png")
@@ -100,7 +100,7 @@ def _validate(args):
 def run(args) -> int:
     lr, json_path, png_path = _validate(args)
     require_modules(("matplotlib",) * (not args.no_plot) + ("tqdm",) * (not args.no_progress))
-    with thread_limits(args.threads, torch=args.backend == "torch"):
+    with thread_limits(args.threads, torch=args.backend == "torch", required=args.threads_given):
         return _run(args, lr, json_path, png_path)
 
 
