@@ -94,7 +94,9 @@ def output_path(flag, path, *, suffix=""):
         raise CommandError(f"{flag} must be a file path, got the directory {text!r}")
     target = Path(text + suffix)
     if target.is_dir():
-        raise CommandError(f"{flag}: cannot write {str(target)!r}: a folder of that name exists")
+        if suffix:  # the prefix names no folder, but the file it makes is one
+            raise CommandError(f"{flag}: cannot write {str(target)!r}: a folder of that name exists")
+        raise CommandError(f"{flag} must be a file path, got the directory {text!r}")
     parent = target.parent
     ancestor = parent
     while not ancestor.exists() and ancestor != ancestor.parent:
