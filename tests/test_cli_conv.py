@@ -52,3 +52,38 @@ def test_bad_settings(tmp_path, capsys, arguments, message):
     assert main(["conv", *arguments, "--steps", "1", "--no-progress", "--no-plot", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_quick_fills_only_what_is_not_given(tmp_path):
+    """--quick must not override an explicit --steps, --depth or --size."""
+    from unitary_lr.cli import build_parser
+
+    def settings(*arguments):
+        args = build_parser().parse_args(["conv", *arguments, "--out", str(tmp_path / "x")])
+        conv._validate(args)
+        return args.depth, args.size, args.steps
+
+    assert settings() == (32, 8, 200)
+    assert settings("--quick") == (8, 8, 150)
+    assert settings("--quick", "--steps", "3", "--depth", "2", "--size", "6") == (2, 6, 3)
+    assert settings("--quick", "--size", "12") == (8, 12, 150)
+
+
+def test_conv_interrupted_at_any_moment_leaves_whole_results(tmp_path):
+    from _interrupts import moments, run_with_interrupt
+
+    def reject(constant):
+        raise ValueError(constant)
+
+    out = tmp_path / "conv"
+    argv = ["conv", "--depth", "2", "--channels", "2", "--rank", "1", "--size", "4", "--steps", "3", "--batch", "4",
+            "--no-progress", "--no-plot", "--out", str(out)]
+    for at in moments(main, argv, conv._run, 20):
+        out.with_name("conv.json").unlink(missing_ok=True)
+        status, _ = run_with_interrupt(main, argv, conv._run, at)
+        assert status == 130, at
+        record = json.loads(out.with_name("conv.json").read_text(), parse_constant=reject)
+        assert record["status"] == "interrupted", at
+        for r in record["results"]:
+            assert len(r["train_loss"]) == len(r["first_layer_gradient"]), (at, r)
+            assert len(r["test_steps"]) == len(r["test_accuracy"]), (at, r)

@@ -83,7 +83,7 @@ def test_copy_data():
 
 @pytest.mark.slow
 def test_quick_copy_gets_below_a_tenth_of_its_baseline(tmp_path):
-    """The issue's target for --quick (T = 100): a tenth of the memoryless baseline."""
+    """--quick (T = 100) must get below a tenth of the memoryless baseline."""
     out = tmp_path / "quick"
     assert main(["copy", "--quick", "--threads", "1", "--no-progress", "--no-plot", "--out", str(out)]) == 0
     record = read(out)
@@ -156,3 +156,104 @@ def test_sigterm_stops_a_run_like_ctrl_c(tmp_path):
     assert process.wait(timeout=60) == 130
     record = json.loads(json_path.read_text())
     assert record["status"] == "interrupted" and record["results"][0]["train_loss"]
+
+
+def strict_json(path):
+    def reject(constant):
+        raise ValueError(f"{path} holds {constant}, which is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=reject)
+
+
+@pytest.mark.parametrize("task", ["copy", "adding"])
+def test_interrupt_during_an_evaluation(tmp_path, monkeypatch, task):
+    """Ctrl-C while the test set is evaluated: exit 130, a plot, and a JSON
+    whose test steps and losses pair up (not a ValueError traceback)."""
+    cls = sequence.CopyTask if task == "copy" else sequence.AddingTask
+    real_loss, evaluations = cls.loss, {"n": 0}
+
+    def loss(self, torch_, outputs, y):
+        if not torch.is_grad_enabled():  # the test set, under no_grad
+            evaluations["n"] += 1
+            if evaluations["n"] == 2:
+                raise KeyboardInterrupt
+        return real_loss(self, torch_, outputs, y)
+
+    monkeypatch.setattr(cls, "loss", loss)
+    out = tmp_path / "cut"
+    assert main([task, *TINY, "--out", str(out)]) == 130
+    record = strict_json(out.with_name("cut.json"))
+    assert record["status"] == "interrupted"
+    result = record["results"][0]
+    assert result["test_steps"] == [4] and len(result["test_loss"]) == 1
+    assert result["final_test_loss"] == result["test_loss"][0] and result["steps_done"] == 8
+    assert out.with_name("cut.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_copy_interrupted_at_any_moment_leaves_whole_results(tmp_path):
+    from _interrupts import moments, run_with_interrupt
+
+    out = tmp_path / "copy"
+    argv = ["copy", "--T", "3", "--hidden", "4", "--steps", "4", "--batch", "4", "--eval-every", "2",
+            "--models", "unitary", "rnn", "--no-progress", "--no-plot", "--out", str(out)]
+    for at in moments(main, argv, sequence._run, 25):
+        out.with_name("copy.json").unlink(missing_ok=True)
+        status, _ = run_with_interrupt(main, argv, sequence._run, at)
+        assert status == 130, at
+        record = strict_json(out.with_name("copy.json"))
+        assert record["status"] == "interrupted", at
+        for r in record["results"]:
+            assert len(r["train_loss"]) == r["steps_done"], (at, r)
+            assert len(r["test_steps"]) == len(r["test_loss"]) and set(r["test_steps"]) <= {2, 4}, (at, r)
+            assert r["final_test_loss"] == (r["test_loss"][-1] if r["test_loss"] else None), (at, r)
+
+
+def test_a_second_ctrl_c_does_not_cut_the_outputs(tmp_path, monkeypatch):
+    """Ctrl-C while the results are written (a second one, or one just as the
+    run ends) is noted: the outputs are completed, and the exit status is 130."""
+    import os
+    import signal
+
+    real_plot = sequence._plot
+
+    def plot_interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_plot(*args, **kwargs)
+
+    monkeypatch.setattr(sequence, "_plot", plot_interrupted)
+    out = tmp_path / "late"
+    try:
+        status = main(["adding", *TINY, "--out", str(out)])
+    except KeyboardInterrupt:
+        pytest.fail("the Ctrl-C during the plot cut the outputs")
+    assert status == 130
+    assert strict_json(out.with_name("late.json"))["results"][0]["steps_done"] == 12
+    assert out.with_name("late.png").read_bytes()[:4] == b"\x89PNG"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
+
+
+def test_threads_apply_before_the_run_and_are_restored(tmp_path, monkeypatch):
+    before, seen = torch.get_num_threads(), []
+    real = sequence.torch_session
+
+    def first_work(args):
+        seen.append(torch.get_num_threads())
+        return real(args)
+
+    monkeypatch.setattr(sequence, "torch_session", first_work)
+    for threads in ("1", "3"):
+        assert main(["adding", *TINY, "--no-plot", "--threads", threads, "--out", str(tmp_path / "t")]) == 0
+    assert main(["adding", *TINY, "--no-plot", "--out", str(tmp_path / "t")]) == 0  # the default: 1
+    assert seen == [1, 3, 1] and torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("task", ["copy", "adding"])
+def test_quick_fills_only_what_is_not_given(tmp_path, task):
+    from unitary_lr.cli import build_parser
+
+    quick = sequence.TASKS[task]["quick"]
+    parse = build_parser().parse_args
+    args = parse([task, "--quick", "--T", "7", "--lr", "0.5", "--out", str(tmp_path / "x")])
+    assert sequence._settings(args) == (7, quick["hidden"], quick["steps"]) and args.lr == 0.5
+    args = parse([task, "--quick", "--hidden", "9", "--steps", "3", "--optimizer", "sgd", "--out", str(tmp_path / "x")])
+    assert sequence._settings(args) == (quick["T"], 9, 3) and args.optimizer == "sgd"

@@ -25,3 +25,86 @@ def test_docs_code_runs(page, index, code, tmp_path, monkeypatch):
             pytest.importorskip(module)
     monkeypatch.chdir(tmp_path)  # a block that writes files writes them here
     exec(compile(code, f"{page.name} block {index}", "exec"), {"__name__": "__docs__"})
+
+
+ROOT = DOCS.parent
+# Words of the project's own planning that mean nothing to a reader.
+INTERNAL = re.compile(r"\bfloor \d|design notes|\bthe issue\b|issue's target|\bsection 2\b", re.I)
+
+
+def _public_texts():
+    """(where, text) for what a user reads: the README, the docs' pages, the
+    docstrings of the documented API and the command's --help."""
+    import inspect
+
+    yield "README.md", (ROOT / "README.md").read_text()
+    for page in sorted(DOCS.rglob("*.md")):
+        if "_build" not in page.parts:
+            yield page.relative_to(ROOT).as_posix(), page.read_text()
+    import importlib
+
+    current = "unitary_lr"
+    for line in (DOCS / "api.md").read_text().splitlines():
+        directive = re.match(r"\.\. currentmodule:: (\S+)", line)
+        if directive:
+            current = directive.group(1)
+            continue
+        entry = re.fullmatch(r"   ([A-Za-z_][\w.]*)", line)
+        if not entry:
+            continue
+        module_name, _, attribute = f"{current}.{entry.group(1)}".rpartition(".")
+        if module_name.split(".")[1:2] in (["torch"], ["optax"]):
+            pytest.importorskip(module_name.split(".")[1])
+        obj = getattr(importlib.import_module(module_name), attribute)
+        name = f"{module_name}.{attribute}"
+        yield f"docstring of {name}", inspect.getdoc(obj) or ""
+        for member_name, member in vars(obj).items() if inspect.isclass(obj) else ():
+            if callable(member) and (member_name == "__init__" or not member_name.startswith("_")):
+                yield f"docstring of {name}.{member_name}", inspect.getdoc(member) or ""
+    from unitary_lr.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    for command, subparser in commands.choices.items():
+        yield f"unitary-lr {command} --help", subparser.format_help()
+
+
+def test_public_text_has_no_internal_vocabulary():
+    found = [f"{where}: {match.group(0)!r}" for where, text in _public_texts() for match in INTERNAL.finditer(text)]
+    assert not found, found
+
+
+def _conf():
+    pytest.importorskip("sphinx")
+    namespace = {"__file__": str(DOCS / "conf.py")}
+    try:
+        exec(compile((DOCS / "conf.py").read_text(), "docs/conf.py", "exec"), namespace)
+    except RuntimeError as error:  # the docs extra is not installed in this environment
+        pytest.skip(str(error))
+    return namespace
+
+
+def test_docs_serve_mathjax_themselves():
+    """Formulas render offline: MathJax comes from the site's own _static, not a CDN."""
+    conf = _conf()
+    path = conf["mathjax_path"]
+    assert "://" not in path and not path.startswith("//"), path
+    assert any((Path(static) / path).is_file() for static in conf["html_static_path"]), conf["html_static_path"]
+
+
+def test_docs_check_every_reference():
+    conf = _conf()
+    assert conf["nitpicky"] is True
+    # only names outside the project (no inventory offline) or named in prose
+    for _, target in conf.get("nitpick_ignore", []):
+        assert not target.startswith("unitary_lr"), target
+
+
+def test_class_pages_list_only_their_own_members():
+    """The torch layers' pages must not list the ~55 members they inherit from
+    nn.Module: the autosummary class template leaves inherited members out."""
+    template = (DOCS / "_templates" / "autosummary" / "class.rst").read_text()
+    assert "inherited_members" in template
+    conf = _conf()
+    assert "_templates" in conf["templates_path"]
+    assert conf["autodoc_default_options"].get("inherited-members") is False

@@ -59,6 +59,10 @@ def test_random_unitary_errors():
         ul.random_unitary(3, dtype="float64", batch_shape=5)
     with pytest.raises(ValueError, match=r"batch_shape must not have negative sizes, got \(-1,\)"):
         ul.random_unitary(3, dtype="float64", batch_shape=(-1,))
+    with pytest.raises(TypeError, match=r"batch_shape must be a tuple of ints, got \(2.0,\)"):
+        ul.random_unitary(3, dtype="float64", batch_shape=(2.0,))
+    with pytest.raises(TypeError, match=r"batch_shape must be a tuple of ints, got \(True,\)"):
+        ul.random_unitary(3, dtype="float64", batch_shape=(True,))
     with pytest.raises(TypeError, match=r"xp must be an array namespace such as numpy or torch, got 'numpy'"):
         ul.random_unitary(3, dtype="float64", xp="numpy")
     import array_api_strict as xs
@@ -114,3 +118,12 @@ def test_unitarity_estimate_tracks_the_exact_error(backend, dtype, rng):
         ul.unitarity_estimate(backend.asarray(W), probes=0)
     with pytest.raises(ValueError, match=r"W must be square"):
         ul.unitarity_estimate(backend.asarray(W[..., :-1]))
+
+
+def test_numpy_integer_sizes_are_sizes():
+    """n and batch_shape take NumPy integers alike (a size from a .shape or a
+    NumPy computation): the same draws as with Python ints."""
+    W = ul.random_unitary(np.int64(3), dtype="float64", batch_shape=(np.int64(2), np.int32(1)), rng=5)
+    assert W.shape == (2, 1, 3, 3)
+    np.testing.assert_array_equal(W, ul.random_unitary(3, dtype="float64", batch_shape=(2, 1), rng=5))
+    assert ul.random_unitary(2, dtype="float64", batch_shape=np.array([2]), rng=0).shape == (2, 2, 2)

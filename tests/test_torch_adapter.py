@@ -172,7 +172,7 @@ def test_state_dict_resume_repeats_the_uninterrupted_run(tmp_path):
     train(rnn, opt, 4, 0)
     torch.save({"model": rnn.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "checkpoint.pt")
     rnn, opt = build()
-    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # no pickled code needed
     rnn.load_state_dict(checkpoint["model"])
     opt.load_state_dict(checkpoint["optimizer"])
     train(rnn, opt, 6, 4)
@@ -342,3 +342,19 @@ def test_gradient_too_large_to_sketch_is_reported_as_such():
     W.grad = torch.full((4, 4), 1e308, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"G is too large for its dtype: its sketch overflows \(largest \|entry\| 1e\+308"):
         opt.step()
+
+
+def test_layers_show_their_sizes_and_document_forward():
+    """print(model) tells the layers apart, and forward has its own
+    documentation, not nn.Module's placeholder."""
+    import inspect
+
+    from unitary_lr.torch import FourierConv2d, ModReLU
+
+    text = repr(UnitaryRNN(3, 16, complex=True, nonlinearity="tanh", batch_first=True))
+    assert text.startswith("UnitaryRNN(3, 16, complex, unitary, nonlinearity='tanh', batch_first=True")
+    assert "5, 7, real, orthogonal, nonlinearity='modrelu'" in repr(UnitaryRNN(5, 7))  # with a submodule
+    assert "ModReLU(16)" in repr(UnitaryRNN(3, 16, complex=True)) and repr(ModReLU(4)) == "ModReLU(4)"
+    for layer in (UnitaryRNN, ModReLU, FourierConv2d):
+        doc = inspect.getdoc(layer.forward)
+        assert "Returns" in doc and "Define the computation" not in doc, layer

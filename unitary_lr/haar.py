@@ -1,6 +1,8 @@
-"""Haar-random unitary and orthogonal matrices (floor 3)."""
+"""Haar-random unitary and orthogonal matrices."""
 
 from __future__ import annotations
+
+import operator
 
 import numpy as np
 
@@ -63,11 +65,16 @@ def random_unitary(n, *, dtype, batch_shape=(), rng=None, xp=None, device=None):
     True
     """
     n = check_int("n", n, minimum=1)
-    if isinstance(batch_shape, int) or not all(
-        isinstance(s, int) and not isinstance(s, bool) for s in tuple(batch_shape)
-    ):
+    # Sizes are accepted as n is: any integer type (NumPy's np.int64 from a
+    # .shape or an arithmetic result too), through operator.index; bool and
+    # floats are not sizes.
+    try:
+        sizes = tuple(batch_shape)
+    except TypeError:
+        sizes = None
+    if sizes is None or not all(_is_integer(s) for s in sizes):
         raise TypeError(f"batch_shape must be a tuple of ints, got {batch_shape!r}")
-    batch_shape = tuple(batch_shape)
+    batch_shape = tuple(operator.index(s) for s in sizes)
     if any(s < 0 for s in batch_shape):
         raise ValueError(f"batch_shape must not have negative sizes, got {batch_shape!r}")
     try:
@@ -94,3 +101,13 @@ def random_unitary(n, *, dtype, batch_shape=(), rng=None, xp=None, device=None):
     phase = xp.where(nonzero, d / xp.where(nonzero, magnitude, xp.ones_like(d)), xp.ones_like(d))
     return Q * phase[..., None, :]
 
+
+
+def _is_integer(value):
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True

@@ -1,4 +1,4 @@
-"""The ``unitary-lr`` command (floor 7): experiments and tools on top of the library.
+"""The ``unitary-lr`` command: experiments and tools on top of the library.
 
 Each subcommand lives in its own module with ``add_parser(subparsers)`` and
 ``run(args) -> int``; errors a user can fix are reported as one line, with no
@@ -46,6 +46,12 @@ def main(argv=None) -> int:
     except (CommandError, BackendError) as error:
         print(f"unitary-lr {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C outside a run's own handling (before its loop, or between
+        # the loop and the outputs): nothing half-written is left, as every
+        # output is replaced atomically; say so in one line, not a traceback
+        print(f"unitary-lr {args.command}: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         # the reader went away (``unitary-lr toy | head``): not an error of ours
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps Python's exit flush quiet

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import os
 import platform
+import signal
 import sys
+import tempfile
+import threading
 from pathlib import Path
 
 
@@ -21,8 +27,9 @@ def require_modules(modules):
         except ImportError:
             missing.append(module)
     if missing:
+        # the package's own extras are not on any index: name what pip can install
         raise CommandError(
-            f"{' and '.join(missing)} not installed: pip install 'unitary-lr[cli]' "
+            f"{' and '.join(missing)} not installed: pip install {' '.join(missing)} "
             "(or pass --no-plot / --no-progress)"
         )
 
@@ -73,9 +80,129 @@ def environment() -> dict:
     }
 
 
-def write_json(path: Path, data: dict) -> None:
+def output_path(flag, path, *, suffix=""):
+    """The file ``path + suffix`` that ``flag`` asks for, checked before any work:
+    a run must not end in a traceback that loses its results because its output
+    cannot be written. Creates the missing parent folders (the run would create
+    them anyway) and raises a one-line CommandError naming the option and the
+    path when the file cannot be written there."""
+    text = os.fspath(path)
+    if not text.strip():
+        raise CommandError(f"{flag} must name a file, got {text!r}")
+    # a name ending in a separator, ".", ".." or the root names a folder, not a file
+    if text.endswith(("/", os.sep)) or Path(text).name in ("", ".", ".."):
+        raise CommandError(f"{flag} must be a file path, got the directory {text!r}")
+    target = Path(text + suffix)
+    if target.is_dir():
+        if suffix:  # the prefix names no folder, but the file it makes is one
+            raise CommandError(f"{flag}: cannot write {str(target)!r}: a folder of that name exists")
+        raise CommandError(f"{flag} must be a file path, got the directory {text!r}")
+    parent = target.parent
+    ancestor = parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if ancestor.exists() and not ancestor.is_dir():
+        raise CommandError(f"{flag}: cannot write {str(target)!r}: {str(ancestor)!r} is a file, not a folder")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        # a real write, not os.access: root, read-only file systems and
+        # special folders (/proc) answer access() wrongly
+        probe = tempfile.NamedTemporaryFile(dir=parent, prefix=f".{target.name}.", suffix=".probe", delete=False)
+        probe.close()
+        os.unlink(probe.name)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise CommandError(f"{flag}: cannot write {str(target)!r}: {reason}") from None
+    return target
+
+
+def _strict_json(value):
+    """``value`` with every NaN and infinity replaced by None: JSON has no such
+    numbers, and strict parsers (jq, JavaScript, Go) reject Python's NaN."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(item) for item in value]
+    return value
+
+
+def _replace_atomically(path: Path, write) -> None:
+    """Call ``write(file)`` on a temporary file next to ``path``, then rename it
+    over ``path``: a reader, a kill or a Ctrl-C at any moment sees either the
+    old file or the new one, never half of one. (Same folder: a rename across
+    file systems is not atomic.)"""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            write(file)
+        os.chmod(temporary, 0o644)  # mkstemp's 0600 would hide the results from other users
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write ``data`` as strict JSON (NaN and infinities become null), atomically."""
+    text = json.dumps(_strict_json(data), indent=2, allow_nan=False) + "\n"
+    _replace_atomically(Path(path), lambda file: file.write(text.encode()))
+
+
+def save_figure(figure, path: Path, **options) -> None:
+    """``figure.savefig`` to ``path`` as PNG, atomically (see write_json)."""
+    _replace_atomically(Path(path), lambda file: figure.savefig(file, format="png", **options))
+
+
+class InterruptGuard:
+    """Ctrl-C and SIGTERM during a run: the first one stops the run (it raises
+    KeyboardInterrupt, which the run catches); from then on, and from
+    ``defer()`` on (called where the run's work ends), they are noted in
+    ``received`` instead, so that no second signal cuts the writing of the
+    results. Use as a context manager around the whole run; the previous
+    handlers come back at its end. (Signal handlers can only be set from the
+    main thread; elsewhere it only records ``defer()``.)"""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received = []
+        self._deferred = False
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for number in self.SIGNALS:
+                self._previous[number] = signal.getsignal(number)
+                signal.signal(number, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self._deferred:
+            self.received.append(signum)
+            return
+        self._deferred = True  # before raising: a second signal must not cut the handling of the first
+        raise KeyboardInterrupt
+
+    def defer(self):
+        self._deferred = True
+
+    def status(self, status):
+        """The exit status once the outputs are written: 130 if a signal came
+        while they were (the run itself may have finished)."""
+        if self.received and status == 0:
+            print("interrupted: the outputs were completed first", file=sys.stderr)
+            return 130
+        return status
+
+    def __exit__(self, *exc_info):
+        for number, handler in self._previous.items():
+            # None: a handler not set from Python; the default is the closest
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+        return False
 
 
 def plot_curves(path: Path, curves: dict, *, title: str, xlabel: str, ylabel: str, logy: bool = True) -> None:
@@ -91,26 +218,68 @@ def plot_curves(path: Path, curves: dict, *, title: str, xlabel: str, ylabel: st
     axes.set(title=title, xlabel=xlabel, ylabel=ylabel)
     axes.grid(True, which="both", alpha=0.3)
     axes.legend()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    save_figure(figure, path, dpi=120)
 
 
 def torch_session(args):
     """(torch, device) for the PyTorch experiments: a clear error if PyTorch is
-    missing, the device from ``--device`` (one-line error if it is not there),
-    and ``--threads`` applied."""
+    missing, and the device from ``--device`` (one-line error if it is not
+    there). ``--threads`` is applied earlier, by thread_limits."""
     try:
-        import torch
+        import torch  # noqa: F401 - a clear error now rather than deep in the run
     except ImportError:
-        raise CommandError("PyTorch is not installed: pip install 'unitary-lr[torch]'") from None
+        raise CommandError("PyTorch is not installed: pip install torch") from None
     from .._backends import load_backend
 
     device = load_backend("torch", device=args.device).device
-    if args.threads is not None:
-        if args.threads < 1:
-            raise CommandError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
     return torch, device
+
+
+def add_threads_option(parser):
+    # One thread by default: on a machine whose cores are busy with other work,
+    # threads wait for each other. Measured on a busy 2-core machine, 2 threads
+    # (torch's and OpenBLAS's default there) took 1.3-11x as long as 1 (README, "Try it").
+    parser.add_argument(
+        "--threads", type=int, default=None, metavar="N",
+        help="CPU threads of torch and of the BLAS libraries; more help only on idle cores (default: 1)",
+    )
+
+
+def resolve_threads(args):
+    """Check ``--threads`` and fill its default, 1; ``args.threads_given`` says
+    whether the user asked (then a limit that cannot be applied is an error)."""
+    args.threads_given = args.threads is not None
+    if args.threads_given and args.threads < 1:
+        raise CommandError(f"--threads must be >= 1, got {args.threads}")
+    if not args.threads_given:
+        args.threads = 1
+
+
+def thread_limits(threads, *, torch=False, required=True):
+    """Apply ``--threads`` before any work, until ``.close()``: torch's intra-op
+    pool (when ``torch`` is true: the run uses torch) and, through
+    threadpoolctl (the cli extra installs it), the BLAS/OpenMP pools of NumPy
+    and SciPy. Restored on close, so that a run inside a Python session leaves
+    the session as it was. Without threadpoolctl only torch's pool can be
+    limited: if nothing would apply a ``required`` limit, a CommandError says so;
+    the default, 1 thread, is then left unapplied rather than stopping the run."""
+    stack = contextlib.ExitStack()
+    uses_torch = torch
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        if required and not uses_torch:
+            raise CommandError("--threads needs threadpoolctl for NumPy's BLAS: pip install threadpoolctl") from None
+    else:
+        stack.enter_context(threadpool_limits(limits=threads))
+    if uses_torch:
+        try:
+            import torch as torch_module
+        except ImportError:  # torch_session says so, in one line
+            return stack
+        stack.callback(torch_module.set_num_threads, torch_module.get_num_threads())
+        torch_module.set_num_threads(threads)
+    return stack
 
 
 def finish(written, interrupted) -> int:

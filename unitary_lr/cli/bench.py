@@ -51,7 +51,7 @@ from .._backends import BACKEND_NAMES, load_backend
 from .._xp import FLOAT_DTYPE_NAMES, array_namespace, mH
 from ..steps import STEP_OVERSAMPLE, STEP_POWER_ITERS
 from . import _peers
-from ._output import CommandError, environment, format_table, progress, require_modules, write_json
+from ._output import CommandError, environment, format_table, output_path, progress, require_modules, write_json
 
 LEARNING_RATE = 0.1
 
@@ -134,8 +134,8 @@ def _validate(args):
     if args.peers and args.backend != "torch":
         raise CommandError(f"--peers times torch optimizers: add --backend torch (got --backend {args.backend})")
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
-        if path is not None and Path(path).is_dir():
-            raise CommandError(f"{flag} must be a file path, got the directory {path!r}")
+        if path is not None:
+            output_path(flag, path)  # the shared check: before the run, one line, exit 2
     return sizes, sorted(set(args.ranks))
 
 

@@ -17,31 +17,42 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 
 from ._output import (
     CommandError,
+    InterruptGuard,
+    add_threads_option,
     environment,
     finish,
     format_table,
+    output_path,
     progress,
     require_modules,
+    resolve_threads,
+    save_figure,
+    thread_limits,
     torch_session,
     write_json,
 )
 
 CLASSES = 4
+# --quick fills only the sizes the command line leaves out
+DEFAULTS = {"depth": 32, "size": 8, "steps": 200}
+QUICK = {"depth": 8, "size": 8, "steps": 150}
 
 
 def add_parser(commands):
     parser = commands.add_parser("conv", help="a deep orthogonal CNN on generated images, with and without the constraint",
                                  description=__doc__.split("\n\n")[1].replace("\n", " "))
-    parser.add_argument("--depth", type=int, default=32, help="FourierConv2d blocks (default: 32)")
+    parser.add_argument("--depth", type=int, default=None,
+                        help=f"FourierConv2d blocks (default: {DEFAULTS['depth']}; --quick: {QUICK['depth']})")
     parser.add_argument("--channels", type=int, default=8, help="channels c, even (default: 8)")
-    parser.add_argument("--size", type=int, default=8, help="images are size x size (default: 8)")
-    parser.add_argument("--steps", type=int, default=200, help="training steps per run (default: 200)")
+    parser.add_argument("--size", type=int, default=None,
+                        help=f"images are size x size (default: {DEFAULTS['size']}; --quick: {QUICK['size']})")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"training steps per run (default: {DEFAULTS['steps']}; --quick: {QUICK['steps']})")
     parser.add_argument("--batch", type=int, default=64, help="(default: 64)")
     parser.add_argument("--lr", type=float, default=1e-2, help="Adam's learning rate (default: 1e-2)")
     parser.add_argument("--rank", type=int, default=1, help="rank k of the projUNN updates (default: 1)")
@@ -49,10 +60,11 @@ def add_parser(commands):
     parser.add_argument("--noise", type=float, default=1.0, help="standard deviation of the pixel noise (default: 1)")
     parser.add_argument("--runs", nargs="+", choices=("orthogonal", "unconstrained"),
                         default=["orthogonal", "unconstrained"], help="(default: both)")
-    parser.add_argument("--quick", action="store_true", help="depth 8, 8 x 8 images, 150 steps")
+    parser.add_argument("--quick", action="store_true",
+                        help="depth 8, 8 x 8 images, 150 steps, where --depth, --size, --steps do not say otherwise")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    add_threads_option(parser)
     parser.add_argument("--out", default="unitary-lr-conv", help="path prefix of the .json and .png outputs")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
@@ -60,8 +72,9 @@ def add_parser(commands):
 
 
 def _validate(args):
-    if args.quick:
-        args.depth, args.size, args.steps = 8, 8, 150
+    for name, value in (QUICK if args.quick else DEFAULTS).items():
+        if getattr(args, name) is None:  # an explicit value always wins over --quick
+            setattr(args, name, value)
     for flag, value, minimum in (("--depth", args.depth, 1), ("--channels", args.channels, 2), ("--size", args.size, 4),
                                  ("--steps", args.steps, 1), ("--batch", args.batch, 1), ("--seed", args.seed, 0)):
         if value < minimum:
@@ -73,6 +86,10 @@ def _validate(args):
     for flag, value in (("--lr", args.lr), ("--noise", args.noise)):
         if not (math.isfinite(value) and value >= 0) or (flag == "--lr" and value == 0):
             raise CommandError(f"{flag} must be finite and {'> 0' if flag == '--lr' else '>= 0'}, got {value}")
+    resolve_threads(args)
+    # checked before the run, whose results an unwritable path would lose
+    args.json_path = output_path("--out", args.out, suffix=".json")
+    args.png_path = None if args.no_plot else output_path("--out", args.out, suffix=".png")
 
 
 def gratings(torch, count, size, noise, generator):
@@ -126,56 +143,81 @@ def _first_layer_gradient(net):
 def run(args) -> int:
     _validate(args)
     require_modules(("matplotlib",) * (not args.no_plot) + ("tqdm",) * (not args.no_progress))
-    torch, device = torch_session(args)
-    from ..torch import ProjUNN
+    with thread_limits(args.threads, torch=True, required=args.threads_given):
+        return _run(args)
 
-    test_x, test_y = gratings(torch, 1000, args.size, args.noise, torch.Generator().manual_seed(args.seed + 1))
-    test_x, test_y = test_x.to(device), test_y.to(device)
-    bar = progress(len(args.runs) * args.steps, description="conv", enabled=not args.no_progress)
-    results, interrupted = [], False
-    try:
-        for kind in dict.fromkeys(args.runs):
-            torch.manual_seed(args.seed)
-            net = _network(torch, args, device)
-            # the same parameters and the same Adam; only the constraint differs
-            groups = net.parameters() if kind == "orthogonal" else [{"params": list(net.parameters()), "unitary": False}]
-            optimizer = ProjUNN(groups, lr=args.lr, base="adam", rank=args.rank, variant=args.variant, seed=args.seed)
-            data = torch.Generator().manual_seed(args.seed + 2)
-            record = {"run": kind, "train_loss": [], "first_layer_gradient": [], "test_steps": [], "test_accuracy": []}
-            results.append(record)
-            start = time.perf_counter()
-            for step in range(1, args.steps + 1):
-                x, y = gratings(torch, args.batch, args.size, args.noise, data)
-                loss = torch.nn.functional.cross_entropy(net(x.to(device)), y.to(device))
-                optimizer.zero_grad()
-                loss.backward()
-                record["first_layer_gradient"].append(_first_layer_gradient(net))
-                if not math.isfinite(loss.item()) or not math.isfinite(record["first_layer_gradient"][-1]):
+
+def _run(args) -> int:
+    results, interrupted, bar = [], False, None
+    with InterruptGuard() as guard:
+        try:
+            torch, device = torch_session(args)
+            from ..torch import ProjUNN
+
+            bar = progress(len(args.runs) * args.steps, description="conv", enabled=not args.no_progress)
+            test_x, test_y = gratings(torch, 1000, args.size, args.noise, torch.Generator().manual_seed(args.seed + 1))
+            test_x, test_y = test_x.to(device), test_y.to(device)
+            for kind in dict.fromkeys(args.runs):
+                torch.manual_seed(args.seed)
+                net = _network(torch, args, device)
+                # the same parameters and the same Adam; only the constraint differs
+                groups = (net.parameters() if kind == "orthogonal"
+                          else [{"params": list(net.parameters()), "unitary": False}])
+                optimizer = ProjUNN(groups, lr=args.lr, base="adam", rank=args.rank, variant=args.variant,
+                                    seed=args.seed)
+                data = torch.Generator().manual_seed(args.seed + 2)
+                record = {"run": kind, "train_loss": [], "first_layer_gradient": [], "test_steps": [],
+                          "test_accuracy": []}
+                results.append(record)
+                start = time.perf_counter()
+                for step in range(1, args.steps + 1):
+                    x, y = gratings(torch, args.batch, args.size, args.noise, data)
+                    loss = torch.nn.functional.cross_entropy(net(x.to(device)), y.to(device))
+                    optimizer.zero_grad()
+                    loss.backward()
+                    gradient = _first_layer_gradient(net)
+                    if not math.isfinite(loss.item()) or not math.isfinite(gradient):
+                        record["first_layer_gradient"].append(gradient)
+                        record["train_loss"].append(loss.item())
+                        record["diverged_at"] = step
+                        break
+                    try:
+                        optimizer.step()
+                    except ValueError:  # a NaN/Inf gradient: the unconstrained run has blown up
+                        record["first_layer_gradient"].append(gradient)
+                        record["train_loss"].append(loss.item())
+                        record["diverged_at"] = step
+                        break
+                    record["first_layer_gradient"].append(gradient)
                     record["train_loss"].append(loss.item())
-                    record["diverged_at"] = step
-                    break
-                try:
-                    optimizer.step()
-                except ValueError:  # a NaN/Inf gradient: the unconstrained run has blown up
-                    record["train_loss"].append(loss.item())
-                    record["diverged_at"] = step
-                    break
-                record["train_loss"].append(loss.item())
-                if step % max(args.steps // 10, 1) == 0 or step == args.steps:
-                    with torch.no_grad():
-                        accuracy = (net(test_x).argmax(dim=1) == test_y).float().mean().item()
-                    record["test_steps"].append(step)
-                    record["test_accuracy"].append(accuracy)
-                bar.update(1)
-                bar.set_postfix_str(f"{kind} loss {loss.item():.3f}", refresh=False)
-            record["seconds"] = time.perf_counter() - start
-            record["final_test_accuracy"] = record["test_accuracy"][-1] if record["test_accuracy"] else None
-            record["unitarity_error"] = _operator_error(torch, net)
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        bar.close()
-    return _report(args, results, interrupted)
+                    if step % max(args.steps // 10, 1) == 0 or step == args.steps:
+                        with torch.no_grad():
+                            accuracy = (net(test_x).argmax(dim=1) == test_y).float().mean().item()
+                        record["test_steps"].append(step)
+                        record["test_accuracy"].append(accuracy)
+                    bar.update(1)
+                    bar.set_postfix_str(f"{kind} loss {loss.item():.3f}", refresh=False)
+                record["seconds"] = time.perf_counter() - start
+                record["final_test_accuracy"] = record["test_accuracy"][-1] if record["test_accuracy"] else None
+                record["unitarity_error"] = _operator_error(torch, net)
+            guard.defer()  # the work is done: from here on a signal must not cut the outputs
+        except KeyboardInterrupt:
+            interrupted = True
+            guard.defer()
+        if bar is not None:
+            bar.close()
+        if interrupted and results:
+            _close_interrupted(results[-1])
+        return guard.status(_report(args, results, interrupted))
+
+
+def _close_interrupted(record):
+    """Cut the interrupted run's paired lists to the length they share: an
+    interrupt can land between the two appends of a pair."""
+    for first, second in (("train_loss", "first_layer_gradient"), ("test_steps", "test_accuracy")):
+        done = min(len(record[first]), len(record[second]))
+        del record[first][done:], record[second][done:]
+    record.setdefault("final_test_accuracy", record["test_accuracy"][-1] if record["test_accuracy"] else None)
 
 
 def _operator_error(torch, net):
@@ -190,24 +232,23 @@ def _operator_error(torch, net):
 def _report(args, results, interrupted):
     rows = [(r["run"], len(r["train_loss"]), f"{r['train_loss'][-1]:.4g}" if r["train_loss"] else "-",
              "-" if r.get("final_test_accuracy") is None else f"{r['final_test_accuracy']:.3f}",
-             r.get("diverged_at", "-"), f"{r.get('unitarity_error', float('nan')):.1e}") for r in results]
+             r.get("diverged_at", "-"),
+             f"{r['unitarity_error']:.1e}" if r.get("unitarity_error") is not None else "-") for r in results]
     print(format_table(("run", "steps", "last loss", "test accuracy", "diverged at", "| ||conv x||/||x|| - 1 |"), rows))
-    out = Path(args.out)
     record = {
         "command": "unitary-lr " + " ".join(args.argv),
         "experiment": "conv",
         "settings": {"depth": args.depth, "channels": args.channels, "size": args.size, "steps": args.steps,
                      "batch": args.batch, "lr": args.lr, "rank": args.rank, "variant": args.variant,
-                     "noise": args.noise, "seed": args.seed, "quick": args.quick},
+                     "noise": args.noise, "seed": args.seed, "quick": args.quick, "threads": args.threads},
         "status": "interrupted" if interrupted else "done",
         "results": results,
         "environment": environment(),
     }
-    json_path = out.with_name(out.name + ".json")
-    write_json(json_path, record)
-    written = [str(json_path)]
-    if not args.no_plot and results:
-        png_path = out.with_name(out.name + ".png")
+    write_json(args.json_path, record)
+    written = [str(args.json_path)]
+    if args.png_path is not None and any(r["train_loss"] for r in results):
+        png_path = args.png_path
         _plot(png_path, results, title=f"{args.depth} FourierConv2d blocks, {args.channels} channels, "
                                        f"{args.size} x {args.size} images")
         written.append(str(png_path))
@@ -233,5 +274,4 @@ def _plot(path, results, *, title):
         axes.grid(True, which="both", alpha=0.3)
         axes.legend(fontsize="small")
     figure.suptitle(title)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
+    save_figure(figure, path, dpi=110)

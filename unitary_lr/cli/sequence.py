@@ -21,22 +21,27 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 
 from ._output import (
     CommandError,
+    InterruptGuard,
+    add_threads_option,
     environment,
     finish,
     format_table,
+    output_path,
     progress,
     require_modules,
+    resolve_threads,
+    save_figure,
+    thread_limits,
     torch_session,
     write_json,
 )
 
-# The paper's settings (design notes, section 1; Kiani et al. 2022, section 5).
+# The paper's settings (Kiani et al. 2022, section 5).
 TASKS = {
     "copy": dict(T=1000, hidden=190, batch=128, lr=7e-4, init="henaff", nonlinearity="modrelu", steps=4000,
                  quick=dict(T=100, hidden=128, steps=600)),
@@ -81,7 +86,7 @@ def add_parser(commands):
         parser.add_argument("--quick", action="store_true", help="a small version that runs in minutes on a CPU")
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 ... (default: cpu)")
-        parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+        add_threads_option(parser)
         parser.add_argument("--out", default=f"unitary-lr-{task}", help="path prefix of the .json and .png outputs")
         parser.add_argument("--no-plot", action="store_true")
         parser.add_argument("--no-progress", action="store_true")
@@ -109,6 +114,10 @@ def _settings(args):
     for flag, value in (("--lr", args.lr), ("--unitary-lr-ratio", args.unitary_lr_ratio)):
         if not (math.isfinite(value) and value > 0):
             raise CommandError(f"{flag} must be finite and > 0, got {value}")
+    resolve_threads(args)
+    # checked before the run, whose results an unwritable path would lose
+    args.json_path = output_path("--out", args.out, suffix=".json")
+    args.png_path = None if args.no_plot else output_path("--out", args.out, suffix=".png")
     return T, hidden, steps
 
 
@@ -213,57 +222,77 @@ def _optimizer(run, net, args):
 def run(args) -> int:
     T, hidden, steps = _settings(args)
     require_modules(("matplotlib",) * (not args.no_plot) + ("tqdm",) * (not args.no_progress))
-    torch, device = torch_session(args)
+    with thread_limits(args.threads, torch=True, required=args.threads_given):
+        return _run(args, T, hidden, steps)
+
+
+def _run(args, T, hidden, steps) -> int:
+    results, interrupted, bar = [], False, None
     task = CopyTask(T) if args.task == "copy" else AddingTask(T)
-    runs = _runs(args)
-    test = task.batch(torch, 1000 if args.task == "adding" else 256, torch.Generator().manual_seed(args.seed + 1), device)
-    settings = dict(T=T, hidden=hidden, steps=steps, device=str(device))
-    bar = progress(len(runs) * steps, description=args.task, enabled=not args.no_progress)
-    results, interrupted = [], False
-    try:
-        for spec in runs:
-            torch.manual_seed(args.seed)
-            net = _model(torch, spec, task, hidden, args, device)
-            optimizer = _optimizer(spec, net, args)
-            schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-                        if args.lr_schedule == "cosine" else None)
-            data = torch.Generator().manual_seed(args.seed + 2)  # the same batches for every run
-            record = {**spec, "label": _label(spec), "train_loss": [], "test_steps": [], "test_loss": []}
-            results.append(record)
-            start, running = time.perf_counter(), None
-            for step in range(1, steps + 1):
-                x, y = task.batch(torch, args.batch, data, device)
-                loss = task.loss(torch, net(x), y)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                if schedule is not None:
-                    schedule.step()
-                value = loss.item()
-                record["train_loss"].append(value)
-                running = value if running is None else 0.95 * running + 0.05 * value
-                if step % args.eval_every == 0 or step == steps:
-                    with torch.no_grad():
+    settings = dict(T=T, hidden=hidden, steps=steps, device=args.device, threads=args.threads)
+    with InterruptGuard() as guard:
+        try:
+            torch, device = torch_session(args)
+            settings["device"] = str(device)
+            runs = _runs(args)
+            bar = progress(len(runs) * steps, description=args.task, enabled=not args.no_progress)
+            test = task.batch(torch, 1000 if args.task == "adding" else 256,
+                              torch.Generator().manual_seed(args.seed + 1), device)
+            for spec in runs:
+                torch.manual_seed(args.seed)
+                net = _model(torch, spec, task, hidden, args, device)
+                optimizer = _optimizer(spec, net, args)
+                schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+                            if args.lr_schedule == "cosine" else None)
+                data = torch.Generator().manual_seed(args.seed + 2)  # the same batches for every run
+                record = {**spec, "label": _label(spec), "train_loss": [], "test_steps": [], "test_loss": [],
+                          "steps_done": 0}
+                results.append(record)
+                start, running = time.perf_counter(), None
+                for step in range(1, steps + 1):
+                    x, y = task.batch(torch, args.batch, data, device)
+                    loss = task.loss(torch, net(x), y)
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+                    if schedule is not None:
+                        schedule.step()
+                    value = loss.item()
+                    record["train_loss"].append(value)
+                    record["steps_done"] = step
+                    record["seconds"] = time.perf_counter() - start
+                    running = value if running is None else 0.95 * running + 0.05 * value
+                    if step % args.eval_every == 0 or step == steps:
+                        with torch.no_grad():
+                            test_loss = task.loss(torch, net(test[0]), test[1]).item()
+                        # the step is recorded with its loss, never before it is known
                         record["test_steps"].append(step)
-                        record["test_loss"].append(task.loss(torch, net(test[0]), test[1]).item())
-                    record["seconds"], record["steps_done"] = time.perf_counter() - start, step
-                    # long runs: what is done so far survives even a hard kill
-                    _write_json(args, task, results, "running", settings)
-                bar.update(1)
-                bar.set_postfix_str(f"{record['label']} loss {running:.4f} (baseline {task.baseline:.4f})",
-                                    refresh=False)
-                record["seconds"] = time.perf_counter() - start
-                record["steps_done"] = step
-            record["final_test_loss"] = record["test_loss"][-1]
-            record.update(_unitarity(torch, net))
-    except KeyboardInterrupt:
-        interrupted = True
-        if results:
-            record = results[-1]
-            record.setdefault("final_test_loss", record["test_loss"][-1] if record["test_loss"] else None)
-    finally:
-        bar.close()
-    return _report(args, task, results, interrupted, settings)
+                        record["test_loss"].append(test_loss)
+                        # long runs: what is done so far survives even a hard kill
+                        _write_json(args, task, results, "running", settings)
+                    bar.update(1)
+                    bar.set_postfix_str(f"{record['label']} loss {running:.4f} (baseline {task.baseline:.4f})",
+                                        refresh=False)
+                record["final_test_loss"] = record["test_loss"][-1]
+                record.update(_unitarity(torch, net))
+            guard.defer()  # the work is done: from here on a signal must not cut the outputs
+        except KeyboardInterrupt:
+            interrupted = True
+            guard.defer()
+        if bar is not None:
+            bar.close()
+        if interrupted and results:
+            _close_interrupted(results[-1])
+        return guard.status(_report(args, task, results, interrupted, settings))
+
+
+def _close_interrupted(record):
+    """Make the interrupted run's record whole: an interrupt can land between
+    any two lines of the loop, so the lists are cut to the steps finished."""
+    del record["train_loss"][record["steps_done"]:]
+    done = min(len(record["test_steps"]), len(record["test_loss"]))
+    del record["test_steps"][done:], record["test_loss"][done:]
+    record.setdefault("final_test_loss", record["test_loss"][-1] if record["test_loss"] else None)
 
 
 def _unitarity(torch, net):
@@ -286,17 +315,14 @@ def _report(args, task, results, interrupted, settings):
     print(format_table(("run", "steps", f"test {task.metric}", "seconds", "unitarity error"), rows))
     print(f"memoryless baseline: {task.baseline:.4f}")
     written = [str(_write_json(args, task, results, "interrupted" if interrupted else "done", settings))]
-    if not args.no_plot and results:
-        out = Path(args.out)
-        png_path = out.with_name(out.name + ".png")
-        _plot(png_path, task, results, title=f"{args.task} task, T = {settings['T']}, hidden {settings['hidden']}")
-        written.append(str(png_path))
+    if args.png_path is not None and any(r["train_loss"] for r in results):
+        _plot(args.png_path, task, results, title=f"{args.task} task, T = {settings['T']}, hidden {settings['hidden']}")
+        written.append(str(args.png_path))
     return finish(written, interrupted)
 
 
 def _write_json(args, task, results, status, settings):
     """The record so far; ``status`` is "running", "done" or "interrupted"."""
-    out = Path(args.out)
     record = {
         "command": "unitary-lr " + " ".join(args.argv),
         "experiment": args.task,
@@ -309,9 +335,8 @@ def _write_json(args, task, results, status, settings):
         "results": results,
         "environment": environment(),
     }
-    path = out.with_name(out.name + ".json")
-    write_json(path, record)
-    return path
+    write_json(args.json_path, record)
+    return args.json_path
 
 
 def _number(value, digits=4):
@@ -336,5 +361,4 @@ def _plot(path, task, results, *, title):
     axes.set(title=title, xlabel="step", ylabel=task.metric)
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(fontsize="small")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    save_figure(figure, path, dpi=120)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -26,12 +25,17 @@ from .._random import standard_normal
 from .._xp import FLOAT_DTYPE_NAMES, mH
 from ._output import (
     CommandError,
+    InterruptGuard,
+    add_threads_option,
     environment,
     finish,
     format_table,
+    output_path,
     plot_curves,
     progress,
     require_modules,
+    resolve_threads,
+    thread_limits,
     write_json,
 )
 
@@ -62,6 +66,7 @@ def add_parser(commands):
     parser.add_argument("--dense-gradient", action="store_true",
                         help="form the n x n gradient and sketch it, instead of passing its factors")
     parser.add_argument("--seed", type=int, default=0, help="seed of U, the initial W, the data and the sketches")
+    add_threads_option(parser)
     parser.add_argument("--out", default="unitary-lr-toy",
                         help="path prefix of the .json and .png outputs (default: unitary-lr-toy)")
     parser.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
@@ -85,79 +90,103 @@ def _validate(args):
     lr = default if args.lr is None else args.lr
     if not (math.isfinite(lr) and lr > 0):
         raise CommandError(f"--lr must be finite and > 0, got {args.lr}")
-    return lr
+    resolve_threads(args)
+    # the outputs are checked before the run, which they would otherwise lose
+    json_path = output_path("--out", args.out, suffix=".json")
+    png_path = None if args.no_plot else output_path("--out", args.out, suffix=".png")
+    return lr, json_path, png_path
 
 
 def run(args) -> int:
-    lr = _validate(args)
+    lr, json_path, png_path = _validate(args)
     require_modules(("matplotlib",) * (not args.no_plot) + ("tqdm",) * (not args.no_progress))
-    backend = load_backend(args.backend, device=args.device, float64=args.dtype in ("float64", "complex128"))
-    xp, device = backend.xp, backend.device
-    try:
-        U = random_unitary(args.n, dtype=args.dtype, rng=np.random.default_rng([args.seed, 0]), xp=xp, device=device)
-    except TypeError as error:  # e.g. complex128 on a device without float64
-        raise CommandError(str(error)) from None
-    W0 = random_unitary(args.n, dtype=args.dtype, rng=np.random.default_rng([args.seed, 1]), xp=xp, device=device)
-    scale = 2.0 / (args.batch * args.n)
+    with thread_limits(args.threads, torch=args.backend == "torch", required=args.threads_given):
+        return _run(args, lr, json_path, png_path)
 
-    def expected_loss(W):
-        D = W - U
-        return float(xp.sum(xp.real(D * xp.conj(D)))) / args.n
 
-    results, interrupted = [], False
-    bar = progress(len(args.ranks) * args.steps, description="toy", enabled=not args.no_progress)
-    try:
-        for k in args.ranks:
-            data = np.random.default_rng([args.seed, 2])  # the same pairs for every rank
-            optimizer = ProjUNN(lr, base=args.base, rank=k, variant=args.variant, seed=args.seed + k)
-            W, losses, seconds = W0, [expected_loss(W0)], 0.0
-            results.append({"rank": k, "loss": losses})
-            for _ in range(args.steps):
-                X = standard_normal(xp, (args.n, args.batch), dtype=W.dtype, device=device, rng=data)
-                a = (W @ X - U @ X) * scale
-                G = a @ mH(xp, X) if args.dense_gradient else (a, X)
-                backend.synchronize()
-                start = time.perf_counter()
-                W = optimizer.step(W, G)
-                backend.synchronize()
-                seconds += time.perf_counter() - start
-                losses.append(expected_loss(W))
-                bar.update(1)
-                bar.set_postfix_str(f"k={k} loss={losses[-1]:.2e}", refresh=False)
-            results[-1].update(
-                final_loss=losses[-1],
-                unitarity_error=float(unitarity_error(W)),
-                ms_per_step=1e3 * seconds / args.steps,
-            )
-    except KeyboardInterrupt:
-        interrupted = True
-        if results and "final_loss" not in results[-1]:
-            results[-1].update(final_loss=results[-1]["loss"][-1], unitarity_error=float(unitarity_error(W)),
-                               ms_per_step=float("nan"))
-    finally:
-        bar.close()
+def _run(args, lr, json_path, png_path) -> int:
+    results, interrupted, bar, device, W = [], False, None, args.device, None
+    with InterruptGuard() as guard:
+        try:
+            backend = load_backend(args.backend, device=args.device, float64=args.dtype in ("float64", "complex128"))
+            xp, device = backend.xp, backend.device
+            try:
+                U = random_unitary(args.n, dtype=args.dtype, rng=np.random.default_rng([args.seed, 0]), xp=xp,
+                                   device=device)
+            except TypeError as error:  # e.g. complex128 on a device without float64
+                raise CommandError(str(error)) from None
+            W0 = random_unitary(args.n, dtype=args.dtype, rng=np.random.default_rng([args.seed, 1]), xp=xp,
+                                device=device)
+            scale = 2.0 / (args.batch * args.n)
 
+            def expected_loss(W):
+                D = W - U
+                return float(xp.sum(xp.real(D * xp.conj(D)))) / args.n
+
+            bar = progress(len(args.ranks) * args.steps, description="toy", enabled=not args.no_progress)
+            for k in args.ranks:
+                data = np.random.default_rng([args.seed, 2])  # the same pairs for every rank
+                optimizer = ProjUNN(lr, base=args.base, rank=k, variant=args.variant, seed=args.seed + k)
+                W, losses, seconds = W0, [expected_loss(W0)], 0.0
+                result = {"rank": k, "loss": losses, "steps_done": 0}
+                results.append(result)
+                for _ in range(args.steps):
+                    X = standard_normal(xp, (args.n, args.batch), dtype=W.dtype, device=device, rng=data)
+                    a = (W @ X - U @ X) * scale
+                    G = a @ mH(xp, X) if args.dense_gradient else (a, X)
+                    backend.synchronize()
+                    start = time.perf_counter()
+                    W_next = optimizer.step(W, G)
+                    backend.synchronize()
+                    seconds += time.perf_counter() - start
+                    loss = expected_loss(W_next)
+                    # W, its loss and the step count move together: an interrupt
+                    # between two of these lines leaves the previous, whole step
+                    W, result["steps_done"] = W_next, result["steps_done"] + 1
+                    losses.append(loss)
+                    result["ms_per_step"] = 1e3 * seconds / result["steps_done"]
+                    bar.update(1)
+                    bar.set_postfix_str(f"k={k} loss={losses[-1]:.2e}", refresh=False)
+                result.update(final_loss=losses[-1], unitarity_error=float(unitarity_error(W)))
+            guard.defer()  # the work is done: from here on a signal must not cut the outputs
+        except KeyboardInterrupt:
+            interrupted = True
+            guard.defer()
+        if bar is not None:
+            bar.close()
+        if interrupted and results and "final_loss" not in results[-1]:
+            _close_interrupted(results[-1], W, unitarity_error)
+        return guard.status(_report(args, lr, device, results, interrupted, json_path, png_path))
+
+
+def _close_interrupted(result, W, unitarity_error):
+    """The interrupted rank's record, made whole from the steps it finished."""
+    del result["loss"][result["steps_done"] + 1:]  # a loss appended without its step count
+    result.setdefault("ms_per_step", None)  # no step finished: no time to report
+    result["final_loss"] = result["loss"][-1]
+    result["unitarity_error"] = float(unitarity_error(W))
+
+
+def _report(args, lr, device, results, interrupted, json_path, png_path):
     print(format_table(
-        ("rank k", "final loss", "unitarity error", "ms/step"),
-        [(r["rank"], f"{r['final_loss']:.3e}", f"{r['unitarity_error']:.1e}", f"{r['ms_per_step']:.3f}") for r in results],
+        ("rank k", "steps", "final loss", "unitarity error", "ms/step"),
+        [(r["rank"], r["steps_done"], f"{r['final_loss']:.3e}", f"{r['unitarity_error']:.1e}",
+          "-" if r["ms_per_step"] is None else f"{r['ms_per_step']:.3f}") for r in results],
     ))
-    out = Path(args.out)
     record = {
         "command": "unitary-lr " + " ".join(args.argv),
         "experiment": "toy",
         "settings": {"n": args.n, "batch": args.batch, "steps": args.steps, "lr": lr, "variant": args.variant,
                      "base": args.base,
                      "dtype": args.dtype, "backend": args.backend, "device": str(device),
-                     "dense_gradient": args.dense_gradient, "seed": args.seed},
+                     "dense_gradient": args.dense_gradient, "seed": args.seed, "threads": args.threads},
         "interrupted": interrupted,
         "results": results,
         "environment": environment(),
     }
-    json_path = out.with_name(out.name + ".json")
     write_json(json_path, record)
     written = [str(json_path)]
-    if not args.no_plot:
-        png_path = out.with_name(out.name + ".png")
+    if png_path is not None and results:
         plot_curves(
             png_path,
             {f"k = {r['rank']}": (np.arange(len(r["loss"])), np.maximum(r["loss"], 1e-300)) for r in results},

@@ -1,4 +1,4 @@
-"""PyTorch adapter (floor 6): the :class:`ProjUNN` optimizer and unitary layers.
+"""PyTorch adapter: the :class:`ProjUNN` optimizer and unitary layers.
 
 >>> import torch
 >>> from unitary_lr.torch import ProjUNN, UnitaryRNN

@@ -1,5 +1,5 @@
 """``FourierConv2d``: full-width orthogonal (real) or unitary (complex)
-convolutions in the Fourier domain (floor 6).
+convolutions in the Fourier domain.
 
 A circular convolution with c input and c output channels is diagonal in the
 2-D Fourier basis: one c x c matrix U_f per spatial frequency f. It is
@@ -147,6 +147,25 @@ class FourierConv2d(nn.Module):
         return bank.index_select(0, self._gather).reshape(h, w // 2 + 1, c, c)
 
     def forward(self, x):
+        """Convolve a batch of images.
+
+        Parameters
+        ----------
+        x : torch.Tensor, shape (B, channels, h, w)
+            Real images (complex ones for a complex layer); cast to the
+            layer's dtype.
+
+        Returns
+        -------
+        torch.Tensor, shape (B, channels, h, w)
+            Real for a real layer, complex for a complex one; with the same
+            norm as ``x`` per image, to rounding.
+
+        Raises
+        ------
+        ValueError
+            ``x`` of the wrong shape.
+        """
         h, w = self.size
         if x.dim() != 4 or tuple(x.shape[1:]) != (self.channels, h, w):
             raise ValueError(f"input must be (B, {self.channels}, {h}, {w}), got shape {tuple(x.shape)}")

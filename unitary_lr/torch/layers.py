@@ -1,4 +1,4 @@
-"""Unitary layers for PyTorch (floor 6): ``unitary_parameter``, ``ModReLU`` and
+"""Unitary layers for PyTorch: ``unitary_parameter``, ``ModReLU`` and
 ``UnitaryRNN``."""
 
 from __future__ import annotations
@@ -135,11 +135,26 @@ class ModReLU(nn.Module):
         self.bias = nn.Parameter(bias)
 
     def forward(self, z):
+        """Apply modReLU elementwise.
+
+        Parameters
+        ----------
+        z : torch.Tensor, shape (..., features)
+            Real or complex.
+
+        Returns
+        -------
+        torch.Tensor
+            Same shape and dtype as ``z``.
+        """
         magnitude = torch.abs(z)
         nonzero = magnitude > 0
         # the inner where keeps z / |z| finite at z = 0, forward and backward
         phase = z / torch.where(nonzero, magnitude, torch.ones_like(magnitude))
         return torch.where(nonzero, phase * torch.relu(magnitude + self.bias), torch.zeros_like(z))
+
+    def extra_repr(self):
+        return f"{self.bias.shape[0]}"
 
 
 class UnitaryRNN(nn.Module):
@@ -230,6 +245,47 @@ class UnitaryRNN(nn.Module):
                 self.activation = lambda z: torch.complex(function(z.real), function(z.imag))
 
     def forward(self, input, h0=None):
+        """Run the recurrence over a whole sequence.
+
+        Parameters
+        ----------
+        input : torch.Tensor
+            Shape (T, B, input_size), (B, T, input_size) with
+            ``batch_first``, or (T, input_size) unbatched. Real or complex; it
+            is cast to the layer's dtype.
+        h0 : torch.Tensor, optional
+            Initial hidden state, shape (B, hidden_size) ((hidden_size,)
+            unbatched); zeros when omitted.
+
+        Returns
+        -------
+        outputs : torch.Tensor
+            Every hidden state h_1 ... h_T, in the layout of ``input`` with
+            hidden_size features.
+        h_T : torch.Tensor
+            The last hidden state, shape (B, hidden_size) ((hidden_size,)
+            unbatched).
+
+        Raises
+        ------
+        ValueError
+            ``input`` or ``h0`` of the wrong shape.
+
+        Notes
+        -----
+        The input projection of all T steps is one matrix product; the loop
+        then costs one ``addmm`` (O(B hidden_size^2)) and the nonlinearity per
+        step.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from unitary_lr.torch import UnitaryRNN
+        >>> rnn = UnitaryRNN(3, 8, batch_first=True, generator=torch.Generator().manual_seed(0))
+        >>> outputs, h = rnn(torch.randn(5, 20, 3))
+        >>> tuple(outputs.shape), tuple(h.shape)
+        ((5, 20, 8), (5, 8))
+        """
         unbatched = input.dim() == 2
         if input.dim() not in (2, 3) or input.shape[-1] != self.input_size:
             raise ValueError(f"input must be (T, B, {self.input_size}), (B, T, {self.input_size}) with "
@@ -257,3 +313,9 @@ class UnitaryRNN(nn.Module):
         if unbatched:
             return output.squeeze(1), h.squeeze(0)
         return (output.transpose(0, 1) if self.batch_first else output), h
+
+    def extra_repr(self):
+        # what print(model) shows: the sizes and the choices that change the maths
+        kind = "complex, unitary" if self.complex else "real, orthogonal"
+        return (f"{self.input_size}, {self.hidden_size}, {kind}, nonlinearity={self.nonlinearity!r}, "
+                f"batch_first={self.batch_first}")
