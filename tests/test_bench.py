@@ -400,11 +400,12 @@ def test_asv_suite_covers_every_kernel_and_both_steps(suite):
     classes = {cls.__name__: cls for cls in benchmark_classes(suite)}
     assert {"RandomizedSVD", "ProjectUnitary", "ProjectUnitaryLowrank", "ExpTransport", "UnitarityError",
             "ProjunnStep", "StepExtraMemory", "StepAccuracy"} <= set(classes)
-    assert {"RNNForwardBackward", "SketchChoice", "StepLayout", "PeerSteps"} <= set(classes)
+    assert {"RNNForwardBackward", "SketchChoice", "StepLayout", "PeerSteps", "HouseholderApply",
+            "AdapterForwardBackward"} <= set(classes)
     for cls in classes.values():
         assert len(cls.params) == len(cls.param_names)
         grid = dict(zip(cls.param_names, cls.params))
-        if "n" not in grid or "backend" not in grid or cls.__name__ == "StepLayout":  # grids of their own
+        if "n" not in grid or "backend" not in grid or cls.__name__ in ("StepLayout", "HouseholderApply"):  # grids of their own
             continue
         assert grid["n"] == [256, 1024, 4096] and grid["backend"] == ["numpy", "torch", "jax", "cupy"]
         assert grid["dtype"] == ["float32", "float64", "complex64", "complex128"]

@@ -15,8 +15,6 @@ None for the others, and the optimizer falls back to the generic rule.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..optim import SGD, Adam, RMSprop
@@ -64,7 +62,8 @@ def _adam(rule, grad, state):
     step = state["step"] + 1
     exp_avg = torch.lerp(state["exp_avg"], grad, 1 - beta1)
     exp_avg_sq = _add_square(torch.mul(state["exp_avg_sq"], beta2), grad, 1 - beta2)
-    denominator = torch.sqrt(exp_avg_sq).div_(math.sqrt(1 - beta2**step)).add_(rule.eps)
+    # a tensor step (capturable groups) stays on the device: no math.sqrt
+    denominator = torch.sqrt(exp_avg_sq).div_((1 - beta2**step) ** 0.5).add_(rule.eps)
     denominator.mul_(1 - beta1**step)
     if exp_avg.is_complex():
         direction = exp_avg / denominator

@@ -177,6 +177,16 @@ class HouseholderAdapter(nn.Module):
         return out.reshape(*x.shape[:-1], n_out)
 
     def forward(self, x):
+        """The frozen layer's output plus ``x @ Delta_W.T``, as ``nn.Linear`` applies a weight (nothing is added once merged).
+
+        Parameters
+        ----------
+        x : torch.Tensor, shape (..., in_features)
+
+        Returns
+        -------
+        torch.Tensor, shape (..., out_features)
+        """
         out = self.base(x)
         return out if self._merged else out + self.delta(x)
 

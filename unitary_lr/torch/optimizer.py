@@ -17,6 +17,7 @@ import torch
 from .._random import generator_from_state, generator_state
 from ..optim import RULES, control_drift, make_rule, rule_options, unitary_factors
 from ._fused import fused_direction
+from ..steps import sketch_shape, step_factors_unchecked
 from ..steps import STEP_OVERSAMPLE, STEP_POWER_ITERS, VARIANTS
 
 __all__ = ["ProjUNN", "is_unitary", "mark_unitary"]
@@ -98,6 +99,20 @@ class ProjUNN(torch.optim.Optimizer):
         draws it from torch's global generator, so replicas that call
         ``torch.manual_seed`` alike (as a DistributedDataParallel job does) draw
         the same sketches and stay identical.
+    capturable : bool, optional
+        A step that reads nothing on the host, for ``torch.compile`` and CUDA
+        graphs (as ``torch.optim.Adam(capturable=True)``; per group). The
+        sketches come from torch's global generator on the parameter's device
+        (``seed`` is not used: seed with ``torch.manual_seed``), the small
+        cores run on the device, ``lr`` may be a tensor, and the counters
+        (Adam's step, ``skipped_steps``) are tensors. Nothing can be raised
+        from the device: a non-finite update (NaN/Inf in a unitary
+        parameter's gradient) is skipped, the parameter and its state keep
+        their values and ``state[p]["skipped_steps"]`` counts it; plain
+        parameters are not checked, as in ``torch.optim``. Drift control
+        reads a number on the host, so it is not run automatically: call
+        :meth:`check_drift` every few dozen steps, outside the compiled or
+        captured region.
 
     Raises
     ------
@@ -137,14 +152,14 @@ class ProjUNN(torch.optim.Optimizer):
     def __init__(self, params, lr=1e-3, *, base="rmsprop", rank=1, variant="tangent", unitary=None,
                  momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, alpha=0.99, eps=1e-8,
                  centered=False, betas=(0.9, 0.999), oversample=STEP_OVERSAMPLE, power_iters=STEP_POWER_ITERS,
-                 drift_tol=None, drift_check_every=50, reproject="svd", seed=None):
+                 drift_tol=None, drift_check_every=50, reproject="svd", seed=None, capturable=False):
         if seed is None:
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
         defaults = dict(
             lr=lr, base=base, rank=rank, variant=variant, unitary=unitary, momentum=momentum, dampening=dampening,
             nesterov=nesterov, weight_decay=weight_decay, alpha=alpha, eps=eps, centered=centered, betas=betas,
             oversample=oversample, power_iters=power_iters, drift_tol=drift_tol, drift_check_every=drift_check_every,
-            reproject=reproject, seed=seed,
+            reproject=reproject, seed=seed, capturable=capturable,
         )
         _check_options(defaults, where="ProjUNN")
         super().__init__(_split_by_mark(params), defaults)
@@ -176,6 +191,30 @@ class ProjUNN(torch.optim.Optimizer):
         super().add_param_group(param_group)
 
     @torch.no_grad()
+    def check_drift(self):
+        """Re-project every unitary parameter whose estimated drift from the
+        group is above its group's ``drift_tol``; returns how many were.
+
+        What ``step()`` does by itself every ``drift_check_every`` steps, for
+        capturable groups (which cannot read the estimate on the host inside a
+        compiled or captured step). One host read per parameter.
+        """
+        count = 0
+        for index, group in enumerate(self.param_groups):
+            if not group["unitary"]:
+                continue
+            for i, p in enumerate(group["params"]):
+                xp = array_api_compat.array_namespace(p)
+                rng = np.random.default_rng([group["seed"], index, i, int(self.state[p].get("reprojections", 0))])
+                new_p, reprojected = control_drift(xp, p.detach(), step=1, rng=rng, drift_tol=group["drift_tol"],
+                                                   drift_check_every=1, reproject=group["reproject"])
+                if reprojected:
+                    p.copy_(new_p)
+                    self.state[p]["reprojections"] = self.state[p].get("reprojections", 0) + 1
+                    count += 1
+        return count
+
+    @torch.no_grad()
     def step(self, closure=None):
         """One step for every parameter with a gradient; returns the closure's loss."""
         loss = None
@@ -192,8 +231,8 @@ class ProjUNN(torch.optim.Optimizer):
                 if p.grad.is_sparse:
                     raise ValueError(f"ProjUNN does not support sparse gradients ({_name(group, index, i)})")
                 if not group["unitary"]:
-                    plain_grads.append((_name(group, index, i), p))
-        _check_plain_gradients(plain_grads)
+                    plain_grads.append((_name(group, index, i), p, group))
+        _check_plain_gradients([(name, p) for name, p, group in plain_grads if not group["capturable"]])
         pending = []
         for index, group in enumerate(self.param_groups):
             rule = make_rule(group["base"], **rule_options(group["base"], group))
@@ -206,7 +245,9 @@ class ProjUNN(torch.optim.Optimizer):
                 state = dict(self.state[p])
                 if not state:
                     state.update(rule.init(xp, p.detach(), mode))
-                    if unitary:
+                    if group["capturable"]:
+                        state.update(_capturable_counters(state, p))
+                    elif unitary:
                         state["projunn_steps"] = 0
                         state["sketch_rng"] = generator_state(np.random.default_rng([group["seed"], index, i]))
                 fused = fused_direction(rule, p.grad, p.detach(), state, mode=mode, weight_decay=not unitary)
@@ -214,6 +255,10 @@ class ProjUNN(torch.optim.Optimizer):
                     xp, p.grad, p.detach(), state, mode=mode, weight_decay=not unitary)
                 if not unitary:
                     pending.append((p, group, new_state, direction, None))
+                    continue
+                if group["capturable"]:
+                    factors, new_state = _capturable_step(xp, p, direction, state, new_state, group)
+                    pending.append((p, group, new_state, factors, _CAPTURED))
                     continue
                 rng = generator_from_state(new_state["sketch_rng"])
                 factors = None
@@ -228,7 +273,14 @@ class ProjUNN(torch.optim.Optimizer):
                 pending.append((p, group, new_state, factors, rng))
         for p, group, new_state, update, rng in pending:
             if rng is None:
-                p.add_(update, alpha=-group["lr"])
+                if isinstance(group["lr"], torch.Tensor):
+                    p.sub_(update * group["lr"])
+                else:
+                    p.add_(update, alpha=-group["lr"])
+                self.state[p].update(new_state)
+                continue
+            if rng is _CAPTURED:
+                _add_in_place(p, *update)
                 self.state[p].update(new_state)
                 continue
             if update is not None:
@@ -244,6 +296,46 @@ class ProjUNN(torch.optim.Optimizer):
                              reprojections=new_state.get("reprojections", 0) + reprojected)
             self.state[p].update(new_state)
         return loss
+
+
+_CAPTURED = object()  # marks a capturable update in the list of pending ones
+
+
+def _capturable_counters(state, p):
+    """Device-side counters of a capturable parameter: a Python number in the
+    state would be a constant to torch.compile (a recompilation per step)."""
+    counters = {"skipped_steps": torch.zeros((), dtype=torch.int64, device=p.device)}
+    if "step" in state:
+        counters["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+    return counters
+
+
+def _capturable_step(xp, p, direction, state, new_state, group):
+    """The unitary update of a capturable group, with nothing read on the host:
+    the sketch from torch's generator on the parameter's device, the small
+    cores on the device. A non-finite update (NaN/Inf in the gradient) is
+    skipped: the parameter and the rule's state keep their values and
+    ``state["skipped_steps"]`` counts it."""
+    W = p.detach()
+    shape = sketch_shape(direction, min(group["rank"], W.shape[-1]), group["oversample"])
+    omega = None
+    if shape is not None:
+        *batch, n, l = shape
+        omega = torch.randn((*batch, l, n), dtype=direction.dtype, device=W.device).mT
+    L, Rh = step_factors_unchecked(xp, W, direction, omega, lr=group["lr"], rank=min(group["rank"], W.shape[-1]),
+                                   variant=group["variant"], power_iters=group["power_iters"], traced=True)
+    finite = torch.isfinite(L).all() & torch.isfinite(Rh).all()
+    L = torch.where(finite, L, torch.zeros_like(L))
+    Rh = torch.where(finite, Rh, torch.zeros_like(Rh))
+    kept = {}
+    for key, value in new_state.items():
+        old = state.get(key)
+        if isinstance(value, torch.Tensor) and isinstance(old, torch.Tensor) and key != "skipped_steps":
+            kept[key] = torch.where(finite, value, old)
+        else:
+            kept[key] = value
+    kept["skipped_steps"] = state["skipped_steps"] + (~finite).to(torch.int64)
+    return (L, Rh), kept
 
 
 def _name(group, index, i):
@@ -325,6 +417,8 @@ def _check_options(group, *, where):
     tol = group["drift_tol"]
     if tol is not None and not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
         raise ValueError(f"{where}: drift_tol must be a finite number > 0 or None, got {tol!r}")
+    if not isinstance(group["capturable"], bool):
+        raise ValueError(f"{where}: capturable must be True or False, got {group['capturable']!r}")
     if group["unitary"] not in (None, True, False):
         raise ValueError(f"{where}: unitary must be True, False or None, got {group['unitary']!r}")
 

@@ -1,0 +1,116 @@
+"""``ProjUNN(capturable=True)``: a step that reads nothing on the host, so that
+it can be compiled with ``torch.compile`` or captured in a CUDA graph."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import unitary_lr as ul  # noqa: E402
+from unitary_lr import _host  # noqa: E402
+from unitary_lr.torch import ProjUNN, mark_unitary, unitary_parameter  # noqa: E402
+
+
+def _model(seed=0, dtype=torch.float32):
+    W = unitary_parameter(32, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+    b = torch.nn.Parameter(torch.zeros(32, dtype=W.real.dtype))
+    return W, b
+
+
+def _loss(W, b, x):
+    y = x.to(W.dtype) @ W
+    return ((y.real if y.is_complex() else y) + b).sin().pow(2).mean()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex64])
+@pytest.mark.parametrize("base", ["rmsprop", "adam"])
+def test_capturable_step_reads_nothing_on_the_host(dtype, base):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reads(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Reads.count += "_local_scalar_dense" in str(func)
+            return func(*args, **(kwargs or {}))
+
+    W, b = _model(dtype=dtype)
+    opt = ProjUNN([W, b], lr=torch.tensor(1e-2), base=base, capturable=True)
+    x = torch.randn(8, 32, generator=torch.Generator().manual_seed(1))
+    for _ in range(3):
+        opt.zero_grad()
+        _loss(W, b, x).backward()
+        before = _host.transfers.count
+        with Reads():
+            opt.step()
+        assert Reads.count == 0 and _host.transfers.count == before
+    assert float(ul.unitarity_error(W.detach())) < 1e-5
+    assert int(opt.state[W]["skipped_steps"]) == 0
+
+
+@pytest.mark.parametrize("variant", ["tangent", "direct"])
+def test_compiled_capturable_step_equals_the_eager_one(variant):
+    import torch._inductor.config as inductor_config
+
+    W1, b1 = _model()
+    W2, b2 = (torch.nn.Parameter(p.detach().clone()) for p in (W1, b1))
+    mark_unitary(W2)
+    eager = ProjUNN([W1, b1], lr=1e-2, base="adam", variant=variant, capturable=True)
+    compiled_opt = ProjUNN([W2, b2], lr=1e-2, base="adam", variant=variant, capturable=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.compile's own deprecation notes
+        compiled = torch.compile(compiled_opt.step)
+    x = torch.randn(8, 32, generator=torch.Generator().manual_seed(1))
+    previous = inductor_config.fallback_random
+    inductor_config.fallback_random = True  # the compiled sketch draws eager's numbers
+    try:
+        for step in range(3):
+            for W, b, opt in ((W1, b1, eager), (W2, b2, compiled_opt)):
+                opt.zero_grad()
+                _loss(W, b, x).backward()
+            torch.manual_seed(step)
+            eager.step()
+            torch.manual_seed(step)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.compile's own notes
+                compiled()
+    finally:
+        inductor_config.fallback_random = previous
+    assert torch.allclose(W1.detach(), W2.detach(), atol=1e-5)
+    assert torch.allclose(b1.detach(), b2.detach(), atol=1e-5)
+    assert float(ul.unitarity_error(W2.detach())) < 1e-5
+
+
+def test_non_finite_update_is_skipped_and_counted():
+    W, b = _model()
+    opt = ProjUNN([W, b], lr=1e-2, base="rmsprop", capturable=True)
+    x = torch.randn(8, 32, generator=torch.Generator().manual_seed(1))
+    _loss(W, b, x).backward()
+    opt.step()
+    state = {key: value.clone() for key, value in opt.state[W].items()}
+    before = W.detach().clone()
+    W.grad[2, 3] = float("nan")
+    opt.step()
+    assert torch.equal(W.detach(), before)
+    assert torch.equal(opt.state[W]["square_avg"], state["square_avg"])
+    assert int(opt.state[W]["skipped_steps"]) == 1
+
+
+def test_check_drift_reprojects_a_drifted_parameter():
+    W, b = _model(dtype=torch.float64)
+    opt = ProjUNN([W, b], lr=1e-2, capturable=True, drift_tol=1e-10)
+    with torch.no_grad():
+        W.add_(1e-6 * torch.randn(32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2)))
+    assert float(ul.unitarity_error(W.detach())) > 1e-7
+    assert opt.check_drift() == 1
+    assert float(ul.unitarity_error(W.detach())) < 1e-14
+    assert opt.check_drift() == 0
+
+
+def test_capturable_must_be_a_bool():
+    W, _ = _model()
+    with pytest.raises(ValueError, match=r"capturable must be True or False, got 'yes'"):
+        ProjUNN([W], capturable="yes")
