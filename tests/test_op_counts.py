@@ -106,3 +106,27 @@ def test_nan_gradient_is_caught_by_the_transfer_and_changes_nothing():
         opt.step()
     assert torch.equal(W.detach(), before_W) and torch.equal(b.detach(), before_b)
     assert not opt.state[b] and not opt.state[W]
+
+
+@pytest.mark.parametrize("variant", ["tangent", "direct"])
+def test_column_major_w_costs_no_extra_operation(variant):
+    """A transposed layout (a LAPACK result, ``W.mT.contiguous().mT``) takes the
+    same operations, no copy of W, and gives the same step."""
+    rng = np.random.default_rng(3)
+    W = torch.as_tensor(ul.random_unitary(96, dtype="float64", rng=rng)).contiguous()
+    G = torch.as_tensor(rng.standard_normal((96, 96)))
+    W_columns = W.mT.contiguous().mT
+    assert W_columns.stride() == (1, 96)
+    V, rows, _ = counted(lambda: ul.projunn_step(W, G, lr=0.1, variant=variant, rng=2))
+    V_columns, columns, _ = counted(lambda: ul.projunn_step(W_columns, G, lr=0.1, variant=variant, rng=2))
+    assert len(columns.ops) == len(rows.ops)
+    assert not any(op.startswith(("aten.clone", "aten.contiguous", "aten._to_copy")) for op in columns.ops
+                   if op not in rows.ops)
+    torch.testing.assert_close(V_columns, V, rtol=0, atol=1e-14)
+
+
+def test_unitary_parameters_are_row_major():
+    from unitary_lr.torch import unitary_parameter
+
+    assert unitary_parameter(8, dtype=torch.float32).is_contiguous()
+    assert unitary_parameter(8, batch_shape=(2,), dtype=torch.complex64).is_contiguous()

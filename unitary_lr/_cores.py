@@ -25,7 +25,7 @@ import math
 import array_api_compat.numpy as host_xp
 
 from ._host import from_host, to_host
-from ._xp import complex_dtype, core_dtype, device, eye, is_complex, mH, real_dtype
+from ._xp import complex_dtype, core_dtype, device, eye, is_column_major, is_complex, mH, real_dtype
 
 __all__ = [
     "DeviceCores",
@@ -256,6 +256,10 @@ def add_lowrank(xp, W, L, Rh):
     result itself, is written, then W is added into it in place (an array of
     our own); an optimizer that owns W can apply L and Rh in place instead.
     """
-    out = L @ Rh
+    if is_column_major(W):
+        # the result in W's layout, so that adding W is a pass in one order
+        out = xp.matrix_transpose(xp.matrix_transpose(Rh) @ xp.matrix_transpose(L))
+    else:
+        out = L @ Rh
     out += W
     return out

@@ -23,7 +23,7 @@ from __future__ import annotations
 import warnings
 
 from ._cores import drop_tolerance, expm_skew_minus_identity, gram_basis, polar_minus_identity
-from ._xp import adjoint_matmul, core_dtype, device, mH, panel_times_small, real_dtype
+from ._xp import adjoint_matmul, core_dtype, device, matmul_panel, mH, panel_times_small, real_dtype
 
 __all__ = ["checked", "lowrank_right_update", "sketch_panels", "transport_update"]
 
@@ -90,7 +90,7 @@ def sketch_panels(xp, G, omega, power_iters, cores):
         a, b = G
         matmul, rmatmul = (lambda X: a @ (mH(xp, b) @ X)), (lambda Y: b @ (mH(xp, a) @ Y))
     else:
-        matmul, rmatmul = (lambda X: G @ X), (lambda Y: adjoint_matmul(xp, G, Y))
+        matmul, rmatmul = (lambda X: matmul_panel(xp, G, X)), (lambda Y: adjoint_matmul(xp, G, Y))
     Y = matmul(omega)
     for _ in range(power_iters):
         Y = matmul(orthonormal_columns(xp, rmatmul(orthonormal_columns(xp, Y, cores)), cores))
@@ -211,7 +211,7 @@ def _apply_right(xp, W, P, T, D, reorthonormalize):
     Q = panel_times_small(xp, P, T)
     for _ in range(reorthonormalize):
         Q = panel_times_small(xp, Q, _newton_schulz_factor(xp, Q))
-    return (W @ Q) @ D, mH(xp, Q)
+    return matmul_panel(xp, W, Q) @ D, mH(xp, Q)
 
 
 # Newton-Schulz steps of a traced call, which cannot look at the conditioning.

@@ -122,8 +122,9 @@ def householder_apply(V, X, /, *, side="left", check_finite=True):
 
 
 def householder_product(V, /):
-    r"""The product ``P = H(v_1) H(v_2) ... H(v_j)`` of the Householder
-    reflectors in the columns of V, as an n x n matrix.
+    r"""The product of the Householder reflectors in the columns of V, as an n x n matrix.
+
+    ``P = H(v_1) H(v_2) ... H(v_j)`` with ``H(v) = I - 2 v v^H / (v^H v)``.
 
     Parameters
     ----------

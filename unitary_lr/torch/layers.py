@@ -103,7 +103,9 @@ def unitary_parameter(n_or_tensor, *, init="haar", batch_shape=(), dtype=None, d
     else:
         blocks = [_henaff(n, dtype=dtype, device=device, generator=generator) for _ in range(math.prod(batch_shape))]
         value = torch.stack(blocks).reshape(*batch_shape, n, n)
-    return mark_unitary(nn.Parameter(value))
+    # row-major, as every freshly made torch tensor (the QR behind a Haar
+    # sample returns it column by column)
+    return mark_unitary(nn.Parameter(value.contiguous()))
 
 
 class ModReLU(nn.Module):
