@@ -22,7 +22,13 @@ from __future__ import annotations
 
 import math
 
-import array_api_compat.numpy as host_xp
+import array_api_compat.numpy
+import numpy
+
+# The host cores' namespace: NumPy itself from 2.1 on, where it implements
+# the standard (its calls are a third cheaper than through the compat layer,
+# and a step makes about a hundred of them); the compat layer before.
+host_xp = numpy if tuple(int(part) for part in numpy.__version__.split(".")[:2]) >= (2, 1) else array_api_compat.numpy
 
 from ._host import from_host, to_host
 from ._xp import complex_dtype, core_dtype, device, eye, is_column_major, is_complex, mH, real_dtype
@@ -116,8 +122,10 @@ def make_cores(xp, like, traced):
 def gram_basis(xp, C, tol):
     """A basis of the span of a panel P (..., n, m) from its Gram C = P^H P.
 
-    Returns (T, R): Q = P T has orthonormal columns, or exactly zero ones for
-    the directions dropped as numerically null, and P = Q R on the kept ones.
+    Returns (T, R, spread): Q = P T has orthonormal columns, or exactly zero
+    ones for the directions dropped as numerically null, and P = Q R on the
+    kept ones; ``spread`` (...) is the largest over the smallest kept
+    eigenvalue, which bounds how far the computed Q = P T is from orthonormal.
     The columns are equilibrated first (Jacobi scaling), so columns of very
     different lengths cost no accuracy; a direction is dropped when its
     eigenvalue in the scaled Gram is at most ``tol`` times the largest (and a
@@ -137,7 +145,10 @@ def gram_basis(xp, C, tol):
     root = xp.where(keep, xp.sqrt(safe), xp.zeros_like(lam))
     T = V * xp.astype(scale[..., :, None] * inverse_root[..., None, :], V.dtype)
     R = mH(xp, V) * xp.astype(root[..., :, None] * root_d[..., None, :], V.dtype)
-    return T, R
+    smallest = xp.min(xp.where(keep, lam, top), axis=-1)
+    spread = xp.where(smallest > 0, top[..., 0] / xp.where(smallest > 0, smallest, xp.ones_like(smallest)),
+                      xp.ones_like(smallest))
+    return T, R, spread
 
 
 def drop_tolerance(n, eps, core_eps):

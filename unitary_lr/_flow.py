@@ -112,8 +112,9 @@ def orthonormal_columns(xp, Y, cores):
     else:
         if not bool(sxp.all(sxp.isfinite(C))):
             raise StepInputError("G")
-        steps = _reorthonormalize_steps(sxp, C, eps, drop_tolerance(Y.shape[-2], eps, cores.eps))
-    T, _ = gram_basis(sxp, C, drop_tolerance(Y.shape[-2], eps, cores.eps))
+    T, _, spread = gram_basis(sxp, C, drop_tolerance(Y.shape[-2], eps, cores.eps))
+    if not cores.traced:
+        steps = _reorthonormalize_steps(sxp, spread, C.shape[-1], eps)
     (T,) = cores.scatter(T)
     Q = panel_times_small(xp, Y, T)
     for _ in range(steps):
@@ -218,16 +219,11 @@ def _apply_right(xp, W, P, T, D, reorthonormalize):
 _TRACED_REORTHONORMALIZE = 2
 
 
-def _reorthonormalize_steps(sxp, C, eps, tol):
+def _reorthonormalize_steps(sxp, spread, m, eps):
     """How many Newton-Schulz steps bring Q = P T to orthonormal columns at the
-    device's rounding level, from the equilibrated Gram C of P (host side)."""
-    d = sxp.real(sxp.linalg.diagonal(C))
-    scale = sxp.where(d > 0, 1 / sxp.sqrt(sxp.where(d > 0, d, 1.0)), 0.0)
-    lam = sxp.linalg.eigvalsh(C * (scale[..., :, None] * scale[..., None, :]))
-    top = sxp.max(lam, axis=-1, keepdims=True)
-    kept = sxp.where(lam > tol * top, lam, sxp.inf)
-    ratio = float(sxp.max(top[..., 0] / sxp.min(kept, axis=-1))) if lam.size else 1.0
-    error, steps = eps * (ratio * C.shape[-1]) ** 0.5, 0
+    device's rounding level; ``spread`` from :func:`gram_basis` (host side)."""
+    ratio = float(sxp.max(spread)) if spread.size else 1.0
+    error, steps = eps * (ratio * m) ** 0.5, 0
     while error > 16 * eps and steps < 4:
         error, steps = max(error * error, eps), steps + 1
     return steps
@@ -274,18 +270,20 @@ def lowrank_right_update(xp, W, Y, Z, *, lr, variant, rank, cores, sketched, nam
         _check_finite(sxp, C, "W")
         # |W^H y|^2 against |y|^2: W W^H = I exactly when W^H W = I
         _check_unitary(sxp, block(0, 0), block(2, 2))
-        steps = _reorthonormalize_steps(sxp, CP, eps, tol)
-    T, D = _right_core(sxp, block(0, 0), CP, lr=lr, variant=variant, rank=rank, l=l,
-                       sketched=sketched, tol=tol, traced=cores.traced, scale=scale)
+    T, D, spread = _right_core(sxp, block(0, 0), CP, lr=lr, variant=variant, rank=rank, l=l,
+                               sketched=sketched, tol=tol, traced=cores.traced, scale=scale)
+    if not cores.traced:
+        steps = _reorthonormalize_steps(sxp, spread, CP.shape[-1], eps)
     T, D = cores.scatter(T, D)
     return _apply_right(xp, W, xp.concat([Z, c], axis=-1), T, D, steps)
 
 
 def _right_core(sxp, Cy, CP, *, lr, variant, rank, l, sketched, tol, traced, scale=1.0):
-    """(T, D): the basis Q = P T of span P and the core D in Q's coordinates,
-    for ``G_k = scale * Y Pi Z^H``."""
+    """(T, D, spread): the basis Q = P T of span P, the core D in Q's
+    coordinates, for ``G_k = scale * Y Pi Z^H``, and the basis' spread (see
+    :func:`gram_basis`)."""
     if sketched:
-        Ty, _ = gram_basis(sxp, Cy, tol)
+        Ty, _, _ = gram_basis(sxp, Cy, tol)
         if rank < l:
             Cz = CP[..., :l, :l]
             _, Ub = sxp.linalg.eigh(mH(sxp, Ty) @ Cz @ Ty)
@@ -299,13 +297,13 @@ def _right_core(sxp, Cy, CP, *, lr, variant, rank, l, sketched, tol, traced, sca
     zero = sxp.zeros_like(Pi)
     # W^H G_k = c Pi Z^H = [Z, c] A0 [Z, c]^H
     A0 = sxp.concat([sxp.concat([zero, zero], axis=-1), sxp.concat([Pi, zero], axis=-1)], axis=-2)
-    T, R = gram_basis(sxp, CP, tol)
+    T, R, spread = gram_basis(sxp, CP, tol)
     A = R @ A0 @ mH(sxp, R)
     if variant == "tangent":
         D = expm_skew_minus_identity(sxp, A - mH(sxp, A), -lr / 2)
     else:
         D = polar_minus_identity(sxp, -lr * A, traced=traced)
-    return T, D
+    return T, D, spread
 
 
 def transport_update(xp, W, a, b, *, t, cores):
@@ -343,8 +341,9 @@ def transport_update(xp, W, a, b, *, t, cores):
         _check_finite(sxp, CP, "b")
         _check_finite(sxp, C, "W")
         _check_unitary(sxp, CP, CW)
-        steps = _reorthonormalize_steps(sxp, CW, eps, tol)
-    T, R = gram_basis(sxp, CW, tol)
+    T, R, spread = gram_basis(sxp, CW, tol)
+    if not cores.traced:
+        steps = _reorthonormalize_steps(sxp, spread, CW.shape[-1], eps)
     identity = sxp.broadcast_to(sxp.eye(k, dtype=C.dtype), (*C.shape[:-2], k, k))
     zero = sxp.zeros_like(identity)
     K0 = sxp.concat([sxp.concat([zero, identity], axis=-1), sxp.concat([-identity, zero], axis=-1)], axis=-2)

@@ -142,7 +142,10 @@ def is_column_major(x) -> bool:
     Other libraries answer False."""
     if x.ndim < 2 or x.shape[-1] == 1 or x.shape[-2] == 1:
         return False
-    strides = x.stride() if callable(getattr(x, "stride", None)) else getattr(x, "strides", None)
+    if type(x).__module__.startswith("torch"):
+        strides = x.stride()
+    else:
+        strides = getattr(x, "strides", None)
     if not strides or len(strides) != x.ndim:
         return False
     return abs(strides[-2]) < abs(strides[-1])
