@@ -302,3 +302,21 @@ def test_compile_option_parses(tmp_path):
     assert parse(["copy", "--out", "x"]).compile is None
     assert parse(["copy", "--compile", "--quick"]).compile == "auto"
     assert parse(["adding", "--compile", "reduce-overhead"]).compile == "reduce-overhead"
+
+
+def test_cuda_only_calls_are_made_only_for_cuda():
+    """No GPU here: the CUDA-only calls are checked on a stand-in for torch."""
+    from types import SimpleNamespace
+
+    from unitary_lr.cli._compile import mark_step_begin, synchronize
+
+    calls = []
+    fake = SimpleNamespace(cuda=SimpleNamespace(synchronize=lambda device: calls.append(("sync", device))),
+                           compiler=SimpleNamespace(cudagraph_mark_step_begin=lambda: calls.append("step")))
+    synchronize(fake, torch.device("cpu"))
+    mark_step_begin(fake, "default")
+    mark_step_begin(fake, None)
+    assert calls == []
+    synchronize(fake, torch.device("cuda", 1))
+    mark_step_begin(fake, "reduce-overhead")
+    assert calls == [("sync", torch.device("cuda", 1)), "step"]
