@@ -87,3 +87,23 @@ def test_conv_interrupted_at_any_moment_leaves_whole_results(tmp_path):
         for r in record["results"]:
             assert len(r["train_loss"]) == len(r["first_layer_gradient"]), (at, r)
             assert len(r["test_steps"]) == len(r["test_accuracy"]), (at, r)
+
+
+# torch's inductor imports a deprecated torch.jit helper of its own, and notes
+# that it leaves complex operators (the Fourier-domain product) to eager kernels
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:Torchinductor does not support code generation for complex:UserWarning")
+def test_compile_gives_the_eager_losses(tmp_path):
+    argv = ["conv", "--depth", "2", "--channels", "4", "--size", "4", "--steps", "3", "--batch", "4",
+            "--runs", "orthogonal", "--no-progress", "--no-plot"]
+    records = []
+    for flags in ([], ["--compile"]):
+        out = tmp_path / f"conv{len(flags)}"
+        assert main([*argv, *flags, "--out", str(out)]) == 0
+        records.append(json.loads(out.with_name(out.name + ".json").read_text()))
+    eager, compiled = (record["results"][0] for record in records)
+    assert records[1]["settings"]["compile"] == "default" and records[0]["settings"]["compile"] is None
+    assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-5)
+    assert compiled["first_layer_gradient"] == pytest.approx(eager["first_layer_gradient"], rel=1e-4)
+    assert compiled["test_accuracy"] == eager["test_accuracy"]
+    assert compiled["first_step_seconds"] > compiled["median_step_seconds"] > 0

@@ -257,3 +257,66 @@ def test_quick_fills_only_what_is_not_given(tmp_path, task):
     assert sequence._settings(args) == (7, quick["hidden"], quick["steps"]) and args.lr == 0.5
     args = parse([task, "--quick", "--hidden", "9", "--steps", "3", "--optimizer", "sgd", "--out", str(tmp_path / "x")])
     assert sequence._settings(args) == (quick["T"], 9, 3) and args.optimizer == "sgd"
+
+
+# torch's inductor imports a deprecated torch.jit helper of its own: not ours to fix
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("task", ["copy", "adding"])
+def test_compile_gives_the_eager_losses(tmp_path, task):
+    """--compile captures forward, loss and backward; the optimizer stays eager.
+    Same seed, same data: the same losses to float32 rounding (the compiled
+    kernels fuse and reorder sums, so not bit for bit)."""
+    tiny = ["--T", "2", "--hidden", "6", "--steps", "4", "--batch", "4", "--eval-every", "2",
+            "--no-progress", "--no-plot"]
+    records = []
+    for flags in ([], ["--compile"]):
+        out = tmp_path / f"{task}{len(flags)}"
+        assert main([task, *tiny, *flags, "--out", str(out)]) == 0
+        records.append(read(out))
+    eager, compiled = records
+    assert eager["settings"]["compile"] is None and compiled["settings"]["compile"] == "default"  # on the CPU
+    e, c = eager["results"][0], compiled["results"][0]
+    assert len(c["train_loss"]) == 4 and c["test_steps"] == [2, 4]
+    assert c["train_loss"] == pytest.approx(e["train_loss"], rel=1e-5)
+    assert c["test_loss"] == pytest.approx(e["test_loss"], rel=1e-5)
+    assert c["unitarity_error"] < 1e-5
+    for r in (e, c):  # the first step (compile time) apart from the later steps' median
+        assert r["first_step_seconds"] > 0 and r["median_step_seconds"] > 0
+    assert c["first_step_seconds"] > c["median_step_seconds"]
+
+
+def test_compile_mode_follows_the_device():
+    from unitary_lr.cli._compile import compile_mode
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert compile_mode(None, cuda) is None
+    assert compile_mode("auto", cpu) == "default"
+    assert compile_mode("auto", cuda) == "reduce-overhead"  # CUDA graphs: the loop is launch-bound there
+    assert compile_mode("default", cuda) == "default"
+
+
+def test_compile_option_parses(tmp_path):
+    from unitary_lr.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["copy", "--out", "x"]).compile is None
+    assert parse(["copy", "--compile", "--quick"]).compile == "auto"
+    assert parse(["adding", "--compile", "reduce-overhead"]).compile == "reduce-overhead"
+
+
+def test_cuda_only_calls_are_made_only_for_cuda():
+    """No GPU here: the CUDA-only calls are checked on a stand-in for torch."""
+    from types import SimpleNamespace
+
+    from unitary_lr.cli._compile import mark_step_begin, synchronize
+
+    calls = []
+    fake = SimpleNamespace(cuda=SimpleNamespace(synchronize=lambda device: calls.append(("sync", device))),
+                           compiler=SimpleNamespace(cudagraph_mark_step_begin=lambda: calls.append("step")))
+    synchronize(fake, torch.device("cpu"))
+    mark_step_begin(fake, "default")
+    mark_step_begin(fake, None)
+    assert calls == []
+    synchronize(fake, torch.device("cuda", 1))
+    mark_step_begin(fake, "reduce-overhead")
+    assert calls == [("sync", torch.device("cuda", 1)), "step"]

@@ -36,6 +36,15 @@ from ._output import (
     torch_session,
     write_json,
 )
+from ._compile import (
+    add_compile_option,
+    compile_mode,
+    format_step_timing,
+    loss_function,
+    mark_step_begin,
+    step_timing,
+    synchronize,
+)
 
 CLASSES = 4
 # --quick fills only the sizes the command line leaves out
@@ -65,6 +74,7 @@ def add_parser(commands):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     add_threads_option(parser)
+    add_compile_option(parser)
     parser.add_argument("--out", default="unitary-lr-conv", help="path prefix of the .json and .png outputs")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
@@ -149,11 +159,13 @@ def run(args) -> int:
 
 def _run(args) -> int:
     results, interrupted, bar = [], False, None
+    args.compile_mode = None  # known once the device is: the report needs it even if that fails
     with InterruptGuard() as guard:
         try:
             torch, device = torch_session(args)
             from ..torch import ProjUNN
 
+            mode = args.compile_mode = compile_mode(args.compile, device)
             bar = progress(len(args.runs) * args.steps, description="conv", enabled=not args.no_progress)
             test_x, test_y = gratings(torch, 1000, args.size, args.noise, torch.Generator().manual_seed(args.seed + 1))
             test_x, test_y = test_x.to(device), test_y.to(device)
@@ -165,15 +177,21 @@ def _run(args) -> int:
                           else [{"params": list(net.parameters()), "unitary": False}])
                 optimizer = ProjUNN(groups, lr=args.lr, base="adam", rank=args.rank, variant=args.variant,
                                     seed=args.seed)
+                compute_loss = loss_function(
+                    torch, lambda x, y, net=net: torch.nn.functional.cross_entropy(net(x), y), mode=mode)
                 data = torch.Generator().manual_seed(args.seed + 2)
                 record = {"run": kind, "train_loss": [], "first_layer_gradient": [], "test_steps": [],
                           "test_accuracy": []}
                 results.append(record)
-                start = time.perf_counter()
+                start, step_seconds = time.perf_counter(), []
                 for step in range(1, args.steps + 1):
+                    began = time.perf_counter()
                     x, y = gratings(torch, args.batch, args.size, args.noise, data)
-                    loss = torch.nn.functional.cross_entropy(net(x.to(device)), y.to(device))
+                    # gradients go before the forward: under CUDA graphs the
+                    # replay may overwrite the memory of the last step's ones
                     optimizer.zero_grad()
+                    mark_step_begin(torch, mode)
+                    loss = compute_loss(x.to(device), y.to(device))
                     loss.backward()
                     gradient = _first_layer_gradient(net)
                     if not math.isfinite(loss.item()) or not math.isfinite(gradient):
@@ -188,8 +206,11 @@ def _run(args) -> int:
                         record["train_loss"].append(loss.item())
                         record["diverged_at"] = step
                         break
+                    value = loss.item()
+                    synchronize(torch, device)
+                    step_seconds.append(time.perf_counter() - began)
                     record["first_layer_gradient"].append(gradient)
-                    record["train_loss"].append(loss.item())
+                    record["train_loss"].append(value)
                     if step % max(args.steps // 10, 1) == 0 or step == args.steps:
                         with torch.no_grad():
                             accuracy = (net(test_x).argmax(dim=1) == test_y).float().mean().item()
@@ -198,6 +219,7 @@ def _run(args) -> int:
                     bar.update(1)
                     bar.set_postfix_str(f"{kind} loss {loss.item():.3f}", refresh=False)
                 record["seconds"] = time.perf_counter() - start
+                record.update(step_timing(step_seconds))
                 record["final_test_accuracy"] = record["test_accuracy"][-1] if record["test_accuracy"] else None
                 record["unitarity_error"] = _operator_error(torch, net)
             guard.defer()  # the work is done: from here on a signal must not cut the outputs
@@ -233,14 +255,19 @@ def _report(args, results, interrupted):
     rows = [(r["run"], len(r["train_loss"]), f"{r['train_loss'][-1]:.4g}" if r["train_loss"] else "-",
              "-" if r.get("final_test_accuracy") is None else f"{r['final_test_accuracy']:.3f}",
              r.get("diverged_at", "-"),
-             f"{r['unitarity_error']:.1e}" if r.get("unitarity_error") is not None else "-") for r in results]
-    print(format_table(("run", "steps", "last loss", "test accuracy", "diverged at", "| ||conv x||/||x|| - 1 |"), rows))
+             f"{r['unitarity_error']:.1e}" if r.get("unitarity_error") is not None else "-",
+             *format_step_timing(r)) for r in results]
+    print(format_table(("run", "steps", "last loss", "test accuracy", "diverged at", "| ||conv x||/||x|| - 1 |",
+                        "first step s", "later steps ms"), rows))
+    if args.compile_mode is not None:
+        print(f"--compile ({args.compile_mode}): the first step holds the compile time; later steps: their median")
     record = {
         "command": "unitary-lr " + " ".join(args.argv),
         "experiment": "conv",
         "settings": {"depth": args.depth, "channels": args.channels, "size": args.size, "steps": args.steps,
                      "batch": args.batch, "lr": args.lr, "rank": args.rank, "variant": args.variant,
-                     "noise": args.noise, "seed": args.seed, "quick": args.quick, "threads": args.threads},
+                     "noise": args.noise, "seed": args.seed, "quick": args.quick, "threads": args.threads,
+                     "compile": args.compile_mode},
         "status": "interrupted" if interrupted else "done",
         "results": results,
         "environment": environment(),

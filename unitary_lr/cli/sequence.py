@@ -40,6 +40,15 @@ from ._output import (
     torch_session,
     write_json,
 )
+from ._compile import (
+    add_compile_option,
+    compile_mode,
+    format_step_timing,
+    loss_function,
+    mark_step_begin,
+    step_timing,
+    synchronize,
+)
 
 # The paper's settings (Kiani et al. 2022, section 5).
 TASKS = {
@@ -87,6 +96,7 @@ def add_parser(commands):
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 ... (default: cpu)")
         add_threads_option(parser)
+        add_compile_option(parser)
         parser.add_argument("--out", default=f"unitary-lr-{task}", help="path prefix of the .json and .png outputs")
         parser.add_argument("--no-plot", action="store_true")
         parser.add_argument("--no-progress", action="store_true")
@@ -229,11 +239,12 @@ def run(args) -> int:
 def _run(args, T, hidden, steps) -> int:
     results, interrupted, bar = [], False, None
     task = CopyTask(T) if args.task == "copy" else AddingTask(T)
-    settings = dict(T=T, hidden=hidden, steps=steps, device=args.device, threads=args.threads)
+    settings = dict(T=T, hidden=hidden, steps=steps, device=args.device, threads=args.threads, compile=None)
     with InterruptGuard() as guard:
         try:
             torch, device = torch_session(args)
             settings["device"] = str(device)
+            mode = settings["compile"] = compile_mode(args.compile, device)
             runs = _runs(args)
             bar = progress(len(runs) * steps, description=args.task, enabled=not args.no_progress)
             test = task.batch(torch, 1000 if args.task == "adding" else 256,
@@ -242,22 +253,29 @@ def _run(args, T, hidden, steps) -> int:
                 torch.manual_seed(args.seed)
                 net = _model(torch, spec, task, hidden, args, device)
                 optimizer = _optimizer(spec, net, args)
+                compute_loss = loss_function(torch, lambda x, y, net=net: task.loss(torch, net(x), y), mode=mode)
                 schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
                             if args.lr_schedule == "cosine" else None)
                 data = torch.Generator().manual_seed(args.seed + 2)  # the same batches for every run
                 record = {**spec, "label": _label(spec), "train_loss": [], "test_steps": [], "test_loss": [],
                           "steps_done": 0}
                 results.append(record)
-                start, running = time.perf_counter(), None
+                start, running, step_seconds = time.perf_counter(), None, []
                 for step in range(1, steps + 1):
+                    began = time.perf_counter()
                     x, y = task.batch(torch, args.batch, data, device)
-                    loss = task.loss(torch, net(x), y)
+                    # gradients go before the forward: under CUDA graphs the
+                    # replay may overwrite the memory of the last step's ones
                     optimizer.zero_grad()
+                    mark_step_begin(torch, mode)
+                    loss = compute_loss(x, y)
                     loss.backward()
                     optimizer.step()
                     if schedule is not None:
                         schedule.step()
                     value = loss.item()
+                    synchronize(torch, device)
+                    step_seconds.append(time.perf_counter() - began)
                     record["train_loss"].append(value)
                     record["steps_done"] = step
                     record["seconds"] = time.perf_counter() - start
@@ -268,6 +286,7 @@ def _run(args, T, hidden, steps) -> int:
                         # the step is recorded with its loss, never before it is known
                         record["test_steps"].append(step)
                         record["test_loss"].append(test_loss)
+                        record.update(step_timing(step_seconds))
                         # long runs: what is done so far survives even a hard kill
                         _write_json(args, task, results, "running", settings)
                     bar.update(1)
@@ -310,9 +329,13 @@ def _error(torch, W):
 
 def _report(args, task, results, interrupted, settings):
     rows = [(r["label"], r.get("steps_done", 0), _number(r.get("final_test_loss")),
-             f"{r['seconds']:.0f}" if "seconds" in r else "-",
+             f"{r['seconds']:.0f}" if "seconds" in r else "-", *format_step_timing(r),
              _number(r.get("unitarity_error"), 1)) for r in results]
-    print(format_table(("run", "steps", f"test {task.metric}", "seconds", "unitarity error"), rows))
+    print(format_table(("run", "steps", f"test {task.metric}", "seconds", "first step s", "later steps ms",
+                        "unitarity error"), rows))
+    if settings["compile"] is not None:
+        print(f"--compile ({settings['compile']}): the first step holds the compile time; "
+              "later steps: their median")
     print(f"memoryless baseline: {task.baseline:.4f}")
     written = [str(_write_json(args, task, results, "interrupted" if interrupted else "done", settings))]
     if args.png_path is not None and any(r["train_loss"] for r in results):
