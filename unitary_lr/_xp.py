@@ -114,12 +114,18 @@ def adjoint_matmul(xp, A, B):
 
 
 def matmul_panel(xp, A, P):
-    """``A @ P`` for a large A (..., n, n) and a thin panel P (..., n, r), as
-    ``(P^T A^T)^T``: a thin row panel times a matrix, the product every BLAS
-    runs at memory speed whatever A's layout (PyTorch's CPU matmul was 50x
-    slower on a column-major A times an n x 2 panel), and the result comes
-    out column by column, the layout the next product wants."""
-    return xp.matrix_transpose(xp.matrix_transpose(P) @ xp.matrix_transpose(A))
+    """``A @ P`` for a large A (..., n, n) and a thin panel P (..., n, r).
+
+    PyTorch's CPU matmul runs a column-major A times an n x 2 panel 50x slower
+    than it should; as ``(P^T A^T)^T``, a thin row panel times a matrix, it
+    runs at memory speed whatever A's layout, and the result comes out column
+    by column, the layout the next product wants. NumPy's BLAS takes either
+    layout through its transpose flags, and XLA would copy A to transpose it,
+    so elsewhere the product is written as it is.
+    """
+    if _is_torch(xp):
+        return xp.matrix_transpose(xp.matrix_transpose(P) @ xp.matrix_transpose(A))
+    return A @ P
 
 
 def panel_times_small(xp, P, T):
@@ -151,8 +157,11 @@ def is_column_major(x) -> bool:
     return abs(strides[-2]) < abs(strides[-1])
 
 
-def _lazy_conjugation(xp) -> bool:
+def _is_torch(xp) -> bool:
     return "torch" in getattr(xp, "__name__", "")
+
+
+_lazy_conjugation = _is_torch  # PyTorch conjugates by a flag, read by its matmul
 
 
 def eye(xp, n: int, *, like):
