@@ -233,8 +233,10 @@ def _train(torch, model, x, y, *, epochs, batch, lr, seed, bar):
 
 
 def _accuracy(torch, model, x, y):
-    with torch.no_grad():
-        return float((model(x).argmax(dim=1) == y).float().mean())
+    # no `with torch.no_grad()`: an interrupt can land between the with
+    # statement's __enter__ and its body, which leaves gradients off for the
+    # rest of the process; a small graph, dropped at once, costs nothing here
+    return float((model(x).detach().argmax(dim=1) == y).float().mean())
 
 
 def _trainable(model):
@@ -244,6 +246,10 @@ def _trainable(model):
 def run(args) -> int:
     _validate(args)
     require_modules(("matplotlib",) * (not args.no_plot) + ("tqdm",) * (not args.no_progress))
+    try:
+        import torch  # noqa: F401 - a clear error now rather than in the run
+    except ImportError:
+        raise CommandError("PyTorch is not installed: pip install torch") from None
     for method, reason in args.skipped.items():
         print(f"unitary-lr adapt: skipping {method}: {reason}", file=sys.stderr)
     with thread_limits(args.threads, torch=True, required=args.threads_given):
@@ -257,10 +263,8 @@ def _run(args) -> int:
     pretrained_records, interrupted, bar = [], False, None
     with InterruptGuard() as guard:
         try:
-            try:
-                import torch
-            except ImportError:
-                raise CommandError("PyTorch is not installed: pip install torch") from None
+            import torch  # run() checked that it is there
+
             train_x, train_y, test_x, test_y, shifted_train_x, shifted_test_x = digits(args.shift)
             adapting = sum(method != "none" for method, _, _ in variants)
             bar = progress(len(args.seeds) * (args.pretrain_epochs + adapting * args.epochs), description="adapt",
