@@ -140,7 +140,7 @@ class HTALayer(BaseTunerLayer):
     adapter_layer_names = ("hta_reflectors_out", "hta_reflectors_in", "hta_sigma")
     other_param_names = ("hta_r",)
 
-    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+    def __init__(self, base_layer, **kwargs) -> None:
         self.base_layer = base_layer
         self.hta_r = {}
         self.hta_reflectors_out = nn.ParameterDict({})
@@ -220,6 +220,8 @@ class HTALinear(nn.Module, HTALayer):
                 base.weight.data = base.weight.data - self.get_delta_weight(name)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The base layer's output plus every active adapter's ``x Delta W^T``
+        (the base layer alone when the adapters are disabled or merged)."""
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -239,7 +241,7 @@ class HTALinear(nn.Module, HTALayer):
 
 class HTAModel(BaseTuner):
     """The PEFT tuner that wraps the targeted ``nn.Linear`` layers of a model
-    in :class:`HTALinear`; made by ``peft.get_peft_model(model, HTAConfig(...))``."""
+    in :class:`~unitary_lr.peft.HTALinear`; made by ``peft.get_peft_model(model, HTAConfig(...))``."""
 
     prefix: str = PREFIX
     tuner_layer_cls = HTALayer
