@@ -69,5 +69,10 @@ nitpick_ignore = [
     # a helper of unitary_lr.diagnostics that unitarity_estimate's docstring names;
     # its value for each dtype is stated there
     ("py:func", "default_drift_tolerance"),
+    # PEFT's, in the signature of unitary_lr.peft.HTAConfig (a dataclass that
+    # inherits PEFT's fields); PEFT has no inventory offline either
+    ("py:class", "peft.config.PeftConfig"),
+    ("py:class", "PeftType"),
+    ("py:class", "TaskType"),
 ]
 html_theme_options = {"navigation_with_keys": False, "show_toc_level": 2}

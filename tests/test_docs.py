@@ -20,7 +20,7 @@ def test_the_docs_have_code():
 @pytest.mark.parametrize(("page", "index", "code"), BLOCKS,
                          ids=[f"{page.relative_to(DOCS).as_posix()}#{index}" for page, index, _ in BLOCKS])
 def test_docs_code_runs(page, index, code, tmp_path, monkeypatch):
-    for module in ("torch", "jax", "optax"):
+    for module in ("torch", "jax", "optax", "peft"):
         if re.search(rf"^\s*(import|from) {module}\b|unitary_lr\.{module}\b", code, flags=re.M):
             pytest.importorskip(module)
     monkeypatch.chdir(tmp_path)  # a block that writes files writes them here
@@ -53,7 +53,7 @@ def _public_texts():
         if not entry:
             continue
         module_name, _, attribute = f"{current}.{entry.group(1)}".rpartition(".")
-        if module_name.split(".")[1:2] in (["torch"], ["optax"]):
+        if module_name.split(".")[1:2] in (["torch"], ["optax"], ["peft"]):
             pytest.importorskip(module_name.split(".")[1])
         obj = getattr(importlib.import_module(module_name), attribute)
         name = f"{module_name}.{attribute}"

@@ -13,10 +13,10 @@ import signal
 import sys
 
 from .._backends import BackendError
-from . import bench, conv, sequence, toy
+from . import adapt, bench, conv, sequence, toy
 from ._output import CommandError
 
-SUBCOMMANDS = (toy, sequence, conv, bench)
+SUBCOMMANDS = (toy, sequence, conv, adapt, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

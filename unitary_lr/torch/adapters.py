@@ -58,6 +58,36 @@ def _unit_columns(rows, columns, *, dtype, device, generator):
     return x.to(dtype=dtype, device=device)
 
 
+# The update's two computations, shared by HouseholderAdapter and the PEFT
+# tuner layer of unitary_lr.peft (whose parameters live in per-adapter dicts).
+def householder_delta(x, reflectors_out, reflectors_in, sigma):
+    """``x Delta W^T`` for x of shape (..., n_in), with Delta W as in
+    HouseholderAdapter, in O(B (n_out + n_in) j) and without forming Delta W."""
+    n_out, n_in, p = reflectors_out.shape[0], reflectors_in.shape[0], sigma.shape[0]
+    rows = x.reshape(-1, n_in)
+    # Rows times Delta W^T = conj(H_V)[:, :p] diag(sigma) H_U[:, :p]^T: conj(H(v)) =
+    # H(conj v), and H_U^T is the product of the conj(u_i) in reverse order.
+    rotated = householder_apply(_conj(reflectors_in), rows, side="right", check_finite=False)
+    scaled = rotated[:, :p] * sigma
+    if n_out > p:
+        scaled = torch.cat([scaled, scaled.new_zeros(scaled.shape[0], n_out - p)], dim=1)
+    out = householder_apply(_conj(reflectors_out.flip(-1)), scaled, side="right", check_finite=False)
+    return out.reshape(*x.shape[:-1], n_out)
+
+
+@torch.no_grad()
+def householder_delta_weight(reflectors_out, reflectors_in, sigma, in_features):
+    """Delta W (n_out x n_in) as a dense matrix, in 64-bit precision (float64 or
+    complex128), in O(j n_out n_in)."""
+    wide = torch.promote_types(sigma.dtype, torch.float64)
+    n_out, p = reflectors_out.shape[0], sigma.shape[0]
+    columns = torch.eye(in_features, p, dtype=wide, device=sigma.device)  # E_in
+    columns = householder_apply(reflectors_in.to(wide), columns, check_finite=False)  # H_V E_in
+    rows = sigma.to(wide)[:, None] * columns.mH
+    padded = torch.cat([rows, rows.new_zeros(n_out - p, in_features)])  # E_out diag(sigma) E_in^T H_V^H
+    return householder_apply(reflectors_out.to(wide), padded, check_finite=False)
+
+
 class HouseholderAdapter(nn.Module):
     r"""A frozen ``nn.Linear`` plus a trainable Householder update
     ``Delta W = H_U[:, :p] diag(sigma) H_V[:, :p]^H`` (HTA).
@@ -164,17 +194,7 @@ class HouseholderAdapter(nn.Module):
 
     def delta(self, x):
         """``x Delta W^T`` for x of shape (..., n_in), without forming Delta W."""
-        n_out, p = self.out_features, self.sigma.shape[0]
-        rows = x.reshape(-1, self.in_features)
-        # Rows times Delta W^T = conj(H_V)[:, :p] diag(sigma) H_U[:, :p]^T: conj(H(v)) =
-        # H(conj v), and H_U^T is the product of the conj(u_i) in reverse order.
-        rotated = householder_apply(_conj(self.reflectors_in), rows, side="right", check_finite=False)
-        scaled = rotated[:, :p] * self.sigma
-        if n_out > p:
-            scaled = torch.cat([scaled, scaled.new_zeros(scaled.shape[0], n_out - p)], dim=1)
-        reversed_out = _conj(self.reflectors_out.flip(-1))
-        out = householder_apply(reversed_out, scaled, side="right", check_finite=False)
-        return out.reshape(*x.shape[:-1], n_out)
+        return householder_delta(x, self.reflectors_out, self.reflectors_in, self.sigma)
 
     def forward(self, x):
         """The frozen layer's output plus ``x @ Delta_W.T``, as ``nn.Linear`` applies a weight (nothing is added once merged).
@@ -194,13 +214,7 @@ class HouseholderAdapter(nn.Module):
     def delta_weight(self):
         """Delta W (n_out x n_in) as a dense matrix, computed in 64-bit precision
         in O(j n_out n_in); for merging and inspection, not for training."""
-        wide = torch.promote_types(self.sigma.dtype, torch.float64)
-        n_out, n_in, p = self.out_features, self.in_features, self.sigma.shape[0]
-        columns = torch.eye(n_in, p, dtype=wide, device=self.sigma.device)  # E_in
-        columns = householder_apply(self.reflectors_in.to(wide), columns, check_finite=False)  # H_V E_in
-        rows = self.sigma.to(wide)[:, None] * columns.mH
-        padded = torch.cat([rows, rows.new_zeros(n_out - p, n_in)])  # E_out diag(sigma) E_in^T H_V^H
-        return householder_apply(self.reflectors_out.to(wide), padded, check_finite=False)
+        return householder_delta_weight(self.reflectors_out, self.reflectors_in, self.sigma, self.in_features)
 
     @torch.no_grad()
     def merge(self):

@@ -1,0 +1,161 @@
+"""``unitary-lr adapt``."""
+
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="PyTorch is not installed")
+pytest.importorskip("sklearn", reason="scikit-learn is not installed")
+
+from unitary_lr._peft_support import peft_problem  # noqa: E402
+from unitary_lr.cli import adapt, build_parser, main  # noqa: E402
+
+
+def _reject(constant):
+    raise ValueError(f"not strict JSON: {constant}")
+
+
+def test_digits_and_their_shifts():
+    train_x, train_y, test_x, test_y, shifted_train, shifted_test = adapt.digits("rotate")
+    assert train_x.shape == (1198, 64) and test_x.shape == (599, 64) and train_x.dtype == torch.float32
+    assert float(train_x.min()) == 0.0 and float(train_x.max()) == 1.0
+    assert set(train_y.tolist()) == set(range(10)) and train_y.shape == (1198,) and test_y.shape == (599,)
+    # a quarter turn of every 8 x 8 image: the same pixels, moved
+    rotated = torch.rot90(train_x.reshape(-1, 8, 8), k=1, dims=(1, 2)).reshape(-1, 64)
+    assert torch.equal(shifted_train, rotated)
+    *_, permuted_train, _ = adapt.digits("permute")
+    assert torch.equal(permuted_train.sort(dim=1).values, train_x.sort(dim=1).values)
+    assert not torch.equal(permuted_train, train_x)
+
+
+def test_lora_starts_as_the_layer():
+    linear = torch.nn.Linear(6, 4)
+    lora = adapt._LoRA.module(torch, linear, 2, torch.Generator().manual_seed(0))
+    x = torch.randn(3, 6)
+    assert torch.equal(lora(x), linear(x))
+    assert adapt._trainable(lora) == 2 * (6 + 4)
+
+
+def test_quick_run(tmp_path, capsys):
+    out = tmp_path / "adapt"
+    assert main(["adapt", "--quick", "--threads", "1", "--no-progress", "--out", str(out)]) == 0
+    record = json.loads(out.with_name("adapt.json").read_text(), parse_constant=_reject)
+    assert record["status"] == "done" and record["experiment"] == "adapt"
+    assert record["settings"]["seeds"] == [0] and record["settings"]["epochs"] == adapt.QUICK["epochs"]
+    results = {r["label"]: r for r in record["results"]}
+    expected = {"none", "full", "LoRA r=1", "LoRA r=4", "HTA j=1", "HTA j=4"}
+    if peft_problem() is None:
+        expected |= {"HRA r=2", "HRA r=8", "OFT block 4", "OFT block 8"}
+        assert record["skipped"] == []
+    else:
+        assert {s["method"] for s in record["skipped"]} == {"hra", "oft"}
+    assert set(results) == expected
+    for r in results.values():
+        assert r["seeds"] == [0] and len(r["accuracy"]) == 1
+        assert all(0 <= a <= 1 for a in r["accuracy"] + r["original_task_accuracy"])
+        assert isinstance(r["trainable_parameters"], int)
+    hidden = record["settings"]["hidden"]
+    assert results["none"]["trainable_parameters"] == 0
+    assert results["full"]["trainable_parameters"] == 64 * hidden + hidden * hidden + hidden * 10 + 2 * hidden + 10
+    # HTA: (n_out + n_in) j + min(n_out, n_in) per layer
+    assert results["HTA j=1"]["trainable_parameters"] == (hidden + 64) + 64 + 2 * hidden + hidden + (10 + hidden) + 10
+    assert results["LoRA r=4"]["trainable_parameters"] == 4 * ((hidden + 64) + 2 * hidden + (10 + hidden))
+    # the shift is real: the pre-trained network does well on its task and badly on the rotated one
+    pretrained = record["pretrained"][0]
+    assert pretrained["accuracy"] > 0.85 and pretrained["shifted_accuracy"] < 0.4
+    baseline = results["none"]["mean_accuracy"]
+    assert baseline == pytest.approx(pretrained["shifted_accuracy"])
+    for label in ("HTA j=1", "HTA j=4"):
+        assert results[label]["mean_accuracy"] > baseline + 0.3, label
+    assert out.with_name("adapt.png").read_bytes()[:4] == b"\x89PNG"
+    printed = capsys.readouterr().out
+    assert "shifted accuracy" in printed and "HTA j=4" in printed
+
+
+def test_methods_and_sizes_choose_the_runs(tmp_path):
+    out = tmp_path / "few"
+    argv = ["adapt", "--methods", "none", "hta", "--reflectors", "2", "--pretrain-epochs", "2", "--epochs", "1",
+            "--seeds", "3", "4", "--hidden", "16", "--no-progress", "--no-plot", "--out", str(out)]
+    assert main(argv) == 0
+    record = json.loads(out.with_name("few.json").read_text())
+    assert [r["label"] for r in record["results"]] == ["none", "HTA j=2"]
+    assert record["results"][1]["seeds"] == [3, 4] and len(record["results"][1]["accuracy"]) == 2
+    assert record["results"][1]["std_accuracy"] >= 0
+    assert not out.with_name("few.png").exists()
+
+
+def test_quick_fills_only_what_is_not_given(tmp_path):
+    def settings(*arguments):
+        args = build_parser().parse_args(["adapt", *arguments, "--methods", "hta", "--out", str(tmp_path / "x")])
+        adapt._validate(args)
+        return args.pretrain_epochs, args.epochs, args.seeds
+
+    assert settings() == (40, 30, [0, 1, 2])
+    assert settings("--quick") == (15, 8, [0])
+    assert settings("--quick", "--epochs", "3", "--seeds", "5", "5", "6") == (15, 3, [5, 6])
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+        (["--hidden", "0"], "--hidden must be >= 1, got 0"),
+        (["--seeds", "-1"], "--seeds must be >= 0, got -1"),
+        (["--reflectors", "11"], "--reflectors must lie in [1, 10], got 11"),
+        (["--lora-ranks", "0"], "--lora-ranks must lie in [1, 10], got 0"),
+        (["--hra-ranks", "3"], "--hra-ranks must be even (HRA's initialization pairs its reflections), got 3"),
+        (["--oft-block-sizes", "5"], "--oft-block-sizes must be >= 2 and divide 64 and --hidden = 64, got 5"),
+        (["--threads", "0"], "--threads must be >= 1, got 0"),
+        (["--out", str("{tmp}/")], "--out must be a file path, got the directory"),
+    ],
+)
+def test_bad_options_are_one_line_errors(tmp_path, capsys, arguments, message):
+    arguments = [a.replace("{tmp}", str(tmp_path)) for a in arguments]
+    argv = ["adapt", "--no-progress", "--no-plot", *arguments]
+    if "--out" not in arguments:
+        argv += ["--out", str(tmp_path / "x")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("unitary-lr adapt: error: ") and message in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_unknown_method_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["adapt", "--methods", "prompt-tuning"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'prompt-tuning'" in capsys.readouterr().err
+
+
+def test_peft_methods_without_peft(tmp_path, capsys, monkeypatch):
+    """Asked for by name, HRA and OFT without a usable PEFT are an error; by
+    default they are skipped, with the reason on stderr and in the JSON."""
+    from unitary_lr import _peft_support
+
+    monkeypatch.setattr(_peft_support, "peft_problem", lambda: "PEFT is not installed: pip install 'unitary-lr[peft]'")
+    assert main(["adapt", "--methods", "hta", "oft", "--no-progress", "--no-plot", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "error: --methods oft needs PEFT: PEFT is not installed" in err and err.count("\n") == 1
+    args = build_parser().parse_args(["adapt", "--out", str(tmp_path / "y")])
+    adapt._validate(args)
+    assert "hra" not in args.methods and "oft" not in args.methods and set(args.skipped) == {"hra", "oft"}
+
+
+def test_interrupted_at_any_moment_leaves_whole_results(tmp_path):
+    from _interrupts import moments, run_with_interrupt
+
+    out = tmp_path / "adapt"
+    argv = ["adapt", "--methods", "none", "lora", "hta", "--lora-ranks", "1", "--reflectors", "1", "--hidden", "8",
+            "--pretrain-epochs", "1", "--epochs", "1", "--seeds", "0", "1", "--no-progress", "--no-plot",
+            "--out", str(out)]
+    for at in moments(main, argv, adapt._run, 12):
+        out.with_name("adapt.json").unlink(missing_ok=True)
+        status, _ = run_with_interrupt(main, argv, adapt._run, at)
+        assert status == 130, at
+        assert torch.is_grad_enabled(), at  # nothing of the run's state is left behind
+        record = json.loads(out.with_name("adapt.json").read_text(), parse_constant=_reject)
+        assert record["status"] == "interrupted", at
+        for r in record["results"]:
+            lengths = {len(r[key]) for key in ("seeds", "accuracy", "original_task_accuracy", "seconds")}
+            assert len(lengths) == 1, (at, r)

@@ -1,0 +1,224 @@
+"""``unitary_lr.peft``: HTA as a PEFT method, on tiny models (nothing is downloaded)."""
+
+import copy
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="PyTorch is not installed")
+from unitary_lr._peft_support import check_peft_version, peft_problem  # noqa: E402
+from unitary_lr.torch import HouseholderAdapter  # noqa: E402
+
+PROBLEM = peft_problem()  # PEFT missing, or a release unitary_lr.peft refuses
+if PROBLEM is None:
+    import peft
+
+    from unitary_lr.peft import HTAConfig, HTALinear
+needs_peft = pytest.mark.skipif(PROBLEM is not None, reason=str(PROBLEM))
+
+
+class Net(torch.nn.Module):
+    """Named layers in a layer list, as PEFT's layers_to_transform expects."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.ModuleDict({"q": torch.nn.Linear(12, 12), "v": torch.nn.Linear(12, 12)})
+                                          for _ in range(3))
+        self.head = torch.nn.Linear(12, 3)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.tanh(layer["v"](torch.tanh(layer["q"](x))))
+        return self.head(x)
+
+
+@pytest.fixture
+def base():
+    torch.manual_seed(0)
+    return Net()
+
+
+@pytest.fixture
+def x():
+    return torch.randn(16, 12, generator=torch.Generator().manual_seed(1))
+
+
+def _adapted(base, **options):
+    options.setdefault("target_modules", ["q", "v"])
+    return peft.get_peft_model(copy.deepcopy(base), HTAConfig(**options))
+
+
+def _train(model, x, steps=20):
+    target = torch.randn(x.shape[0], 3, generator=torch.Generator().manual_seed(2))
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    for _ in range(steps):
+        loss = (model(x) - target).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return loss.item()
+
+
+@needs_peft
+def test_starts_as_the_base_model_and_counts_parameters(base, x, capsys):
+    model = _adapted(base, r=2)
+    assert torch.equal(model(x), base(x))  # sigma = 0
+    trainable, total = model.get_nb_trainable_parameters()
+    per_layer = (12 + 12) * 2 + 12
+    assert trainable == 6 * per_layer
+    assert total == sum(p.numel() for p in base.parameters()) + trainable
+    model.print_trainable_parameters()
+    assert f"trainable params: {trainable:,}" in capsys.readouterr().out
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all(n.rsplit(".", 2)[-2].startswith("hta_") for n in names), names
+    assert sum(isinstance(m, HTALinear) for m in model.modules()) == 6
+
+
+@needs_peft
+def test_the_update_is_householder_adapters(base, x):
+    """The same reflectors and sigma give HouseholderAdapter's output."""
+    model = _adapted(base, r=3, target_modules=["head"], init_weights=False)
+    layer = model.base_model.model.head
+    reference = HouseholderAdapter(copy.deepcopy(base.head), reflectors=3)
+    with torch.no_grad():
+        reference.reflectors_out.copy_(layer.hta_reflectors_out["default"])
+        reference.reflectors_in.copy_(layer.hta_reflectors_in["default"])
+        reference.sigma.copy_(layer.hta_sigma["default"])
+    features = torch.randn(5, 12)
+    torch.testing.assert_close(layer(features), reference(features))
+    assert not torch.equal(layer(features), base.head(features))  # init_weights=False: not the identity
+
+
+@needs_peft
+def test_training_changes_only_hta_parameters(base, x):
+    model = _adapted(base, r=2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    first = (model(x) - torch.randn(16, 3, generator=torch.Generator().manual_seed(2))).square().mean().item()
+    last = _train(model, x)
+    assert last < first
+    for name, parameter in model.named_parameters():
+        changed = not torch.equal(parameter, before[name])
+        assert changed == ("hta_" in name), name
+    assert not any("hta_" in n for n, p in model.named_parameters() if not p.requires_grad)
+
+
+@needs_peft
+def test_save_and_load_round_trip(base, x, tmp_path):
+    model = _adapted(base, r=2)
+    _train(model, x)
+    model.eval()
+    expected = model(x)
+    model.save_pretrained(tmp_path)
+    config = (tmp_path / "adapter_config.json").read_text()
+    assert '"peft_type": "HTA"' in config
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    assert torch.equal(loaded(x), expected)
+    assert isinstance(loaded.peft_config["default"], HTAConfig)
+    assert loaded.peft_config["default"].r == 2
+
+
+@needs_peft
+def test_merge_and_unload_gives_plain_linear_layers(base, x):
+    model = _adapted(base, r=2)
+    _train(model, x)
+    expected = model(x).detach()
+    merged = model.merge_and_unload()
+    linears = [m for m in merged.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 7 and all(type(m) is torch.nn.Linear for m in linears)
+    assert not any("hta_" in n for n, _ in merged.named_parameters())
+    torch.testing.assert_close(merged(x), expected, rtol=1e-5, atol=1e-5)  # float32 rounding of W0 + Delta W
+
+
+@needs_peft
+def test_merge_unmerge_and_disable_adapter(base, x):
+    model = _adapted(base, r=2)
+    _train(model, x)
+    adapted = model(x).detach()
+    with model.disable_adapter():
+        assert torch.equal(model(x), base(x))
+    assert torch.equal(model(x), adapted)
+    model.merge_adapter()
+    torch.testing.assert_close(model(x), adapted, rtol=1e-5, atol=1e-5)
+    model.unmerge_adapter()
+    torch.testing.assert_close(model(x), adapted, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.base_model.model.layers[0]["q"].base_layer.weight, base.layers[0]["q"].weight,
+                               rtol=0, atol=1e-6)
+
+
+@needs_peft
+def test_several_adapters(base, x):
+    model = _adapted(base, r=1)
+    model.add_adapter("other", HTAConfig(r=3, target_modules=["v"], init_weights=False))
+    # a new adapter is not active, so not trainable, until it is selected
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".other" in n)
+    assert torch.equal(model(x), base(x))  # "default" is active, sigma = 0
+    model.set_adapter("other")
+    assert not torch.equal(model(x), base(x))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(".other") for n in trainable)
+    assert model.base_model.model.layers[0]["v"].hta_reflectors_in["other"].shape == (12, 3)
+    model.set_adapter("default")
+    model.delete_adapter("other")
+    assert not any(".other" in n for n, _ in model.named_parameters())
+
+
+@needs_peft
+def test_exclude_modules_layers_to_transform_and_modules_to_save(base, x, tmp_path):
+    model = _adapted(base, exclude_modules=["layers.1.q"], modules_to_save=["head"])
+    inner = model.base_model.model
+    assert not isinstance(inner.layers[1]["q"], HTALinear) and isinstance(inner.layers[1]["v"], HTALinear)
+    assert any(p.requires_grad for n, p in model.named_parameters() if "head" in n)
+    only = _adapted(base, layers_to_transform=[2], layers_pattern="layers")
+    adapted = [n for n, m in only.named_modules() if isinstance(m, HTALinear)]
+    assert adapted == ["base_model.model.layers.2.q", "base_model.model.layers.2.v"]
+    regex = _adapted(base, target_modules=r"layers\.0\.(q|v)")
+    assert sum(isinstance(m, HTALinear) for m in regex.modules()) == 2
+
+
+@needs_peft
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"r": 0}, ValueError, "HTAConfig.r must be >= 1 (reflections per side), got 0"),
+        ({"r": 2.5}, TypeError, "HTAConfig.r must be an integer, got float: 2.5"),
+        ({"r": True}, TypeError, "HTAConfig.r must be an integer, got bool: True"),
+        ({"init_weights": "yes"}, TypeError, "HTAConfig.init_weights must be a bool, got str: 'yes'"),
+        ({"target_modules": "q", "layers_to_transform": [1]}, ValueError, "layers_to_transform and layers_pattern"),
+    ],
+)
+def test_bad_config(options, error, message):
+    with pytest.raises(error, match=None) as info:
+        HTAConfig(**{"target_modules": ["q"], **options})
+    assert message in str(info.value)
+
+
+@needs_peft
+def test_bad_targets(base):
+    with pytest.raises(ValueError, match=r"HTAConfig.r must be between 1 and 3 = min\(out_features, in_features\) "
+                                         r"of layer 'head' \(3 x 12\), got 4"):
+        _adapted(base, r=4, target_modules=["head"])
+    with pytest.raises(ValueError, match="HTAConfig needs target_modules"):
+        _adapted(base, target_modules=None)
+    with pytest.raises(TypeError, match="HTA adapts torch.nn.Linear layers only; target_modules matched 'layers.0'"):
+        _adapted(base, target_modules=["layers.0"])
+
+
+def test_version_guard():
+    """Runs without PEFT: the check reads versions, not PEFT itself."""
+    check_peft_version("0.21.2")
+    check_peft_version("0.21.3.dev0")
+    for version in ("0.13.2", "0.22.0", "1.0.0", "not a version"):
+        with pytest.raises(ImportError, match=rf"tested with PEFT >= 0.21.0, < 0.22.0; the installed PEFT is "
+                                              rf"'{version}'.*pip install 'peft>=0.21.0,<0.22.0'"):
+            check_peft_version(version)
+
+
+def test_missing_or_untested_peft_is_named(monkeypatch):
+    import importlib.metadata
+
+    def absent(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", absent)
+    assert peft_problem() == "PEFT is not installed: pip install 'unitary-lr[peft]'"
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.30.0")
+    assert "the installed PEFT is '0.30.0'" in peft_problem()

@@ -1,0 +1,382 @@
+"""``unitary-lr adapt``: fine-tuning a pre-trained network to a shifted task
+with Householder adapters (HTA), LoRA, full fine-tuning and PEFT's HRA and OFT.
+
+Nothing is downloaded: an MLP is pre-trained on scikit-learn's handwritten
+digits (8 x 8 images, shipped with scikit-learn), then adapted to the same
+digits rotated by 90 degrees (or with their pixels permuted). Every method
+adapts the same three linear layers of the same pre-trained network, with
+everything else frozen; the table and the plot give each method's test
+accuracy on the shifted task against its number of trainable parameters,
+over several seeds (one pre-training per seed).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+import time
+
+from ._output import (
+    CommandError,
+    InterruptGuard,
+    add_threads_option,
+    environment,
+    finish,
+    format_table,
+    output_path,
+    progress,
+    require_modules,
+    resolve_threads,
+    save_figure,
+    thread_limits,
+    write_json,
+)
+
+METHODS = ("none", "full", "lora", "hta", "hra", "oft")
+PEFT_METHODS = ("hra", "oft")
+# Adam's learning rate per method: each method's best of {0.003, 0.01, 0.03,
+# 0.1} (full: {0.001, 0.003, 0.01}) for the smaller size, seed 0, default
+# settings (rotate, 40 + 30 epochs), so that no method is compared at a step
+# size that suits another. Full fine-tuning moves every weight and needs the
+# smallest step; LoRA r=4 diverges at 0.1.
+LEARNING_RATES = {"full": 1e-2, "lora": 3e-2, "hta": 1e-1, "hra": 1e-1, "oft": 3e-2}
+# --quick fills only what the command line leaves out
+DEFAULTS = {"pretrain_epochs": 40, "epochs": 30, "seeds": [0, 1, 2]}
+QUICK = {"pretrain_epochs": 15, "epochs": 8, "seeds": [0]}
+LAYERS = ["0", "2", "4"]  # the MLP's nn.Linear layers, by their names in the nn.Sequential
+
+
+def add_parser(commands):
+    paragraphs = __doc__.split("\n\n")
+    parser = commands.add_parser("adapt", help="fine-tune a pre-trained MLP to a shifted task: HTA, LoRA, full, HRA, OFT",
+                                 description=" ".join(p.replace("\n", " ") for p in paragraphs[1:2]))
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=None, metavar="METHOD",
+                        help=f"among {', '.join(METHODS)} ('none': the pre-trained network as it is); "
+                             "hra and oft need PEFT (default: all; hra and oft are skipped, with a note, without PEFT)")
+    parser.add_argument("--shift", choices=("rotate", "permute"), default="rotate",
+                        help="the new task: the images rotated by 90 degrees, or their pixels permuted (default: rotate)")
+    parser.add_argument("--hidden", type=int, default=64, help="width of the MLP's two hidden layers (default: 64)")
+    parser.add_argument("--reflectors", type=int, nargs="+", default=[1, 4],
+                        help="HTA: Householder reflections per side, one run each (default: 1 4)")
+    parser.add_argument("--lora-ranks", type=int, nargs="+", default=[1, 4], help="LoRA ranks (default: 1 4)")
+    parser.add_argument("--hra-ranks", type=int, nargs="+", default=[2, 8],
+                        help="PEFT HRA: reflections r, even (default: 2 8)")
+    parser.add_argument("--oft-block-sizes", type=int, nargs="+", default=[4, 8],
+                        help="PEFT OFT: sizes of the rotation blocks, dividing --hidden and 64 (default: 4 8)")
+    parser.add_argument("--pretrain-epochs", type=int, default=None,
+                        help=f"(default: {DEFAULTS['pretrain_epochs']}; --quick: {QUICK['pretrain_epochs']})")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help=f"epochs of adaptation (default: {DEFAULTS['epochs']}; --quick: {QUICK['epochs']})")
+    parser.add_argument("--batch", type=int, default=64, help="(default: 64)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="one pre-training and one adaptation per method for each (default: 0 1 2; --quick: 0)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"{QUICK['pretrain_epochs']} + {QUICK['epochs']} epochs and seed 0, where --pretrain-epochs, "
+                             "--epochs, --seeds do not say otherwise")
+    add_threads_option(parser)
+    parser.add_argument("--out", default="unitary-lr-adapt", help="path prefix of the .json and .png outputs")
+    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(run=run)
+
+
+def _validate(args):
+    for name, value in (QUICK if args.quick else DEFAULTS).items():
+        if getattr(args, name) is None:  # an explicit value always wins over --quick
+            setattr(args, name, value)
+    for flag, value, minimum in (("--hidden", args.hidden, 1), ("--pretrain-epochs", args.pretrain_epochs, 0),
+                                 ("--epochs", args.epochs, 1), ("--batch", args.batch, 1)):
+        if value < minimum:
+            raise CommandError(f"{flag} must be >= {minimum}, got {value}")
+    for seed in args.seeds:
+        if seed < 0:
+            raise CommandError(f"--seeds must be >= 0, got {seed}")
+    args.seeds = list(dict.fromkeys(args.seeds))
+    smallest = min(args.hidden, 10)  # min(n_out, n_in) of the output layer
+    for flag, values, upper in (("--reflectors", args.reflectors, smallest), ("--lora-ranks", args.lora_ranks, smallest),
+                                ("--hra-ranks", args.hra_ranks, min(args.hidden, 64))):
+        for value in values:
+            if not 1 <= value <= upper:
+                raise CommandError(f"{flag} must lie in [1, {upper}], got {value}")
+    for value in args.hra_ranks:
+        if value % 2:
+            raise CommandError(f"--hra-ranks must be even (HRA's initialization pairs its reflections), got {value}")
+    for value in args.oft_block_sizes:
+        if value < 2 or 64 % value or args.hidden % value:
+            raise CommandError(f"--oft-block-sizes must be >= 2 and divide 64 and --hidden = {args.hidden}, got {value}")
+    explicit = args.methods is not None
+    args.methods = list(dict.fromkeys(args.methods or METHODS))
+    args.skipped = {}
+    wanted_peft = [m for m in args.methods if m in PEFT_METHODS]
+    if wanted_peft:
+        from .._peft_support import peft_problem
+
+        problem = peft_problem()
+        if problem is not None:
+            if explicit:
+                raise CommandError(f"--methods {' '.join(wanted_peft)} needs PEFT: {problem}")
+            args.skipped = {m: problem for m in wanted_peft}
+            args.methods = [m for m in args.methods if m not in PEFT_METHODS]
+    resolve_threads(args)
+    # checked before the run, whose results an unwritable path would lose
+    args.json_path = output_path("--out", args.out, suffix=".json")
+    args.png_path = None if args.no_plot else output_path("--out", args.out, suffix=".png")
+
+
+def _variants(args):
+    """(method, size, label) of every adaptation run, in order."""
+    sizes = {"none": [None], "full": [None], "lora": args.lora_ranks, "hta": args.reflectors,
+             "hra": args.hra_ranks, "oft": args.oft_block_sizes}
+    names = {"lora": "LoRA r={}", "hta": "HTA j={}", "hra": "HRA r={}", "oft": "OFT block {}"}
+    return [(method, size, names[method].format(size) if size is not None else method)
+            for method in args.methods for size in dict.fromkeys(sizes[method])]
+
+
+def digits(shift, seed=0):
+    """(train_x, train_y, test_x, test_y, shifted_train_x, shifted_test_x) as
+    float32/int64 tensors: scikit-learn's 1797 digits scaled to [0, 1], a fixed
+    2/3 : 1/3 split, and the same images under ``shift``."""
+    import numpy as np
+    import torch
+
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise CommandError("scikit-learn is not installed (its digits are the data): pip install scikit-learn") from None
+    data = load_digits()
+    images = data.images.astype(np.float32) / 16.0
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(images))
+    images, labels = images[order], data.target[order]
+    if shift == "rotate":
+        shifted = np.rot90(images, k=1, axes=(1, 2))
+    else:  # one fixed permutation of the 64 pixels
+        shifted = images.reshape(-1, 64)[:, rng.permutation(64)]
+    split = 2 * len(images) // 3
+    flat = torch.from_numpy(np.ascontiguousarray(images.reshape(-1, 64)))
+    moved = torch.from_numpy(np.ascontiguousarray(shifted.reshape(-1, 64)))
+    target = torch.from_numpy(labels.astype(np.int64))
+    return flat[:split], target[:split], flat[split:], target[split:], moved[:split], moved[split:]
+
+
+def _mlp(torch, hidden):
+    nn = torch.nn
+    return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+
+
+class _LoRA:
+    """LoRA (Hu et al. 2021) on a frozen nn.Linear: ``y = x W0^T + b + x A^T B^T``,
+    A (r x n_in) random, B (n_out x r) zero so the layer starts as it was:
+    r (n_in + n_out) parameters. Built by ``module(torch, linear, rank, generator)``."""
+
+    @staticmethod
+    def module(torch, linear, rank, generator):
+        class LoRALinear(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.base = linear.requires_grad_(False)
+                scale = 1 / math.sqrt(linear.in_features)
+                self.lora_A = torch.nn.Parameter(scale * torch.randn(rank, linear.in_features, generator=generator))
+                self.lora_B = torch.nn.Parameter(torch.zeros(linear.out_features, rank))
+
+            def forward(self, x):
+                return self.base(x) + (x @ self.lora_A.T) @ self.lora_B.T
+
+        return LoRALinear()
+
+
+def _adapted(torch, pretrained, method, size, seed):
+    """A deep copy of ``pretrained`` with ``method``'s adapters on its three
+    linear layers, everything else frozen."""
+    import copy
+
+    model = copy.deepcopy(pretrained)
+    generator = torch.Generator().manual_seed(10_000 + seed)
+    if method == "full":
+        return model
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    if method == "none":
+        return model
+    if method == "lora":
+        for name in LAYERS:
+            model[int(name)] = _LoRA.module(torch, model[int(name)], size, generator)
+        return model
+    if method == "hta":
+        from ..torch import add_householder_adapters
+
+        return add_householder_adapters(model, target_modules=LAYERS, reflectors=size, generator=generator)
+    import peft
+
+    torch.manual_seed(10_000 + seed)  # PEFT draws its initial weights from torch's global generator
+    config = (peft.HRAConfig(r=size, target_modules=LAYERS) if method == "hra"
+              else peft.OFTConfig(r=0, oft_block_size=size, target_modules=LAYERS))
+    return peft.get_peft_model(model, config)
+
+
+def _train(torch, model, x, y, *, epochs, batch, lr, seed, bar):
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    if not parameters:
+        return
+    optimizer = torch.optim.Adam(parameters, lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=generator)
+        for start in range(0, len(x), batch):
+            rows = order[start:start + batch]
+            loss = torch.nn.functional.cross_entropy(model(x[rows]), y[rows])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        bar.update(1)
+
+
+def _accuracy(torch, model, x, y):
+    # no `with torch.no_grad()`: an interrupt can land between the with
+    # statement's __enter__ and its body, which leaves gradients off for the
+    # rest of the process; a small graph, dropped at once, costs nothing here
+    return float((model(x).detach().argmax(dim=1) == y).float().mean())
+
+
+def _trainable(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def run(args) -> int:
+    _validate(args)
+    require_modules(("matplotlib",) * (not args.no_plot) + ("tqdm",) * (not args.no_progress))
+    try:
+        import torch  # noqa: F401 - a clear error now rather than in the run
+    except ImportError:
+        raise CommandError("PyTorch is not installed: pip install torch") from None
+    for method, reason in args.skipped.items():
+        print(f"unitary-lr adapt: skipping {method}: {reason}", file=sys.stderr)
+    with thread_limits(args.threads, torch=True, required=args.threads_given):
+        return _run(args)
+
+
+def _run(args) -> int:
+    variants = _variants(args)
+    results = [{"method": method, "size": size, "label": label, "trainable_parameters": None, "seeds": [],
+                "accuracy": [], "original_task_accuracy": [], "seconds": []} for method, size, label in variants]
+    pretrained_records, interrupted, bar = [], False, None
+    with InterruptGuard() as guard:
+        try:
+            import torch  # run() checked that it is there
+
+            train_x, train_y, test_x, test_y, shifted_train_x, shifted_test_x = digits(args.shift)
+            adapting = sum(method != "none" for method, _, _ in variants)
+            bar = progress(len(args.seeds) * (args.pretrain_epochs + adapting * args.epochs), description="adapt",
+                           enabled=not args.no_progress)
+            bar.unit = "epoch"  # tqdm reads it at each refresh; the silent stand-in ignores it
+            for seed in args.seeds:
+                torch.manual_seed(seed)
+                pretrained = _mlp(torch, args.hidden)
+                _train(torch, pretrained, train_x, train_y, epochs=args.pretrain_epochs, batch=args.batch, lr=1e-2,
+                       seed=seed, bar=bar)
+                pretrained_records.append({"seed": seed, "accuracy": _accuracy(torch, pretrained, test_x, test_y),
+                                           "shifted_accuracy": _accuracy(torch, pretrained, shifted_test_x, test_y)})
+                for record, (method, size, label) in zip(results, variants):
+                    start = time.perf_counter()
+                    model = _adapted(torch, pretrained, method, size, seed)
+                    trainable = _trainable(model)
+                    _train(torch, model, shifted_train_x, train_y, epochs=args.epochs, batch=args.batch,
+                           lr=LEARNING_RATES.get(method, 0.0), seed=seed, bar=bar)
+                    model.eval()
+                    accuracy = _accuracy(torch, model, shifted_test_x, test_y)
+                    original = _accuracy(torch, model, test_x, test_y)
+                    # one append per list, together: an interrupt between them is cut back in _close
+                    record["trainable_parameters"] = trainable
+                    record["seeds"].append(seed)
+                    record["accuracy"].append(accuracy)
+                    record["original_task_accuracy"].append(original)
+                    record["seconds"].append(time.perf_counter() - start)
+                    bar.set_postfix_str(f"seed {seed} {label} {accuracy:.3f}", refresh=False)
+            guard.defer()  # the work is done: from here on a signal must not cut the outputs
+        except KeyboardInterrupt:
+            interrupted = True
+            guard.defer()
+        if bar is not None:
+            bar.close()
+        _close(results)
+        return guard.status(_report(args, results, pretrained_records, interrupted))
+
+
+def _close(results):
+    """Cut every record's per-seed lists to the length they share (an
+    interrupt can land between two appends) and add the summaries."""
+    keys = ("seeds", "accuracy", "original_task_accuracy", "seconds")
+    for record in results:
+        done = min(len(record[key]) for key in keys)
+        for key in keys:
+            del record[key][done:]
+        values = record["accuracy"]
+        record["mean_accuracy"] = statistics.fmean(values) if values else None
+        record["std_accuracy"] = statistics.stdev(values) if len(values) > 1 else (0.0 if values else None)
+
+
+def _report(args, results, pretrained, interrupted):
+    def cell(value, digits=3):
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    rows = []
+    for r in results:
+        original = statistics.fmean(r["original_task_accuracy"]) if r["original_task_accuracy"] else None
+        rows.append((r["label"], "-" if r["trainable_parameters"] is None else r["trainable_parameters"],
+                     len(r["accuracy"]), cell(r["mean_accuracy"]), cell(r["std_accuracy"]), cell(original)))
+    print(format_table(("method", "trainable", "seeds", "shifted accuracy", "std", "original task"), rows))
+    versions = {}
+    for module in ("torch", "sklearn", "peft"):
+        loaded = sys.modules.get(module)
+        if loaded is not None:
+            versions[module] = getattr(loaded, "__version__", None)
+    record = {
+        "command": "unitary-lr " + " ".join(args.argv),
+        "experiment": "adapt",
+        "settings": {"methods": args.methods, "shift": args.shift, "hidden": args.hidden,
+                     "reflectors": args.reflectors, "lora_ranks": args.lora_ranks, "hra_ranks": args.hra_ranks,
+                     "oft_block_sizes": args.oft_block_sizes, "pretrain_epochs": args.pretrain_epochs,
+                     "epochs": args.epochs, "batch": args.batch, "seeds": args.seeds, "learning_rates": LEARNING_RATES,
+                     "quick": args.quick, "threads": args.threads},
+        "status": "interrupted" if interrupted else "done",
+        "skipped": [{"method": method, "reason": reason} for method, reason in args.skipped.items()],
+        "pretrained": pretrained,
+        "results": results,
+        "environment": {**environment(), **versions},
+    }
+    write_json(args.json_path, record)
+    written = [str(args.json_path)]
+    if args.png_path is not None and any(r["accuracy"] for r in results):
+        _plot(args.png_path, results, title=f"digits, {args.hidden}-wide MLP, adapted to the "
+                                            f"{'rotated' if args.shift == 'rotate' else 'pixel-permuted'} images")
+        written.append(str(args.png_path))
+    return finish(written, interrupted)
+
+
+def _plot(path, results, *, title):
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.8, 4.4), layout="constrained")
+    axes = figure.subplots()
+    markers = {"full": "s", "lora": "o", "hta": "D", "hra": "^", "oft": "v"}
+    for method in dict.fromkeys(r["method"] for r in results):
+        points = [r for r in results if r["method"] == method and r["accuracy"]]
+        if not points:
+            continue
+        if method == "none":
+            axes.axhline(points[0]["mean_accuracy"], color="black", linestyle="--", linewidth=1,
+                         label="pre-trained, not adapted")
+            continue
+        axes.errorbar([r["trainable_parameters"] for r in points], [r["mean_accuracy"] for r in points],
+                      yerr=[r["std_accuracy"] for r in points], marker=markers.get(method, "o"), capsize=3,
+                      label=method if method in ("full",) else {"lora": "LoRA", "hta": "HTA", "hra": "HRA (PEFT)",
+                                                                   "oft": "OFT (PEFT)"}[method])
+        for r in points:
+            axes.annotate(r["label"].split(" ", 1)[-1] if method != "full" else "", (r["trainable_parameters"],
+                          r["mean_accuracy"]), textcoords="offset points", xytext=(4, -10), fontsize="x-small")
+    axes.set(title=title, xlabel="trainable parameters", ylabel="test accuracy on the new task", xscale="log",
+             ylim=(0, 1.02))
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize="small")
+    save_figure(figure, path, dpi=120)

@@ -1,0 +1,284 @@
+"""Householder transformation adaptation (HTA) as a PEFT method (optional:
+``pip install "unitary-lr[peft]"``).
+
+Importing this module registers the method ``"HTA"`` with the installed PEFT,
+so that ``peft.get_peft_model(model, HTAConfig(...))``,
+``PeftModel.from_pretrained``, ``merge_and_unload``, ``disable_adapter`` and
+several named adapters work as with PEFT's own methods. The adapter parameters
+are named ``hta_reflectors_out``, ``hta_reflectors_in`` and ``hta_sigma``.
+
+PEFT offers no public way for another package to add a method (its
+``register_peft_method`` accepts only the names of its own closed ``PeftType``
+enumeration), so this module fills PEFT's method tables with the string type
+``"HTA"`` itself. That relies on PEFT's internals; the import checks that the
+installed PEFT is a version this was tested with and refuses others with an
+ImportError that says which versions work.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from ._peft_support import TESTED_PEFT_VERSIONS, check_peft_version
+from .torch.adapters import _unit_columns, householder_delta, householder_delta_weight
+
+PEFT_TYPE = "HTA"
+PREFIX = "hta_"
+
+__all__ = ["HTAConfig", "HTALayer", "HTALinear", "HTAModel", "PEFT_TYPE", "TESTED_PEFT_VERSIONS", "check_peft_version"]
+
+try:
+    import peft
+except ImportError as error:
+    raise ImportError(f"unitary_lr.peft needs PEFT: pip install 'unitary-lr[peft]' ({error})") from None
+
+check_peft_version(peft.__version__)
+
+from peft.config import PeftConfig  # noqa: E402 - only once the version is known to be one that has them
+from peft.mapping import (  # noqa: E402
+    PEFT_TYPE_TO_CONFIG_MAPPING,
+    PEFT_TYPE_TO_PREFIX_MAPPING,
+    PEFT_TYPE_TO_TUNER_MAPPING,
+)
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge  # noqa: E402
+
+
+@dataclass
+class HTAConfig(PeftConfig):
+    """The settings of HTA adapters, with PEFT's option names.
+
+    Parameters
+    ----------
+    r : int, optional
+        Householder reflections j on each side of every adapted layer,
+        ``1 <= r <= min(out_features, in_features)``; each layer gets
+        ``(out_features + in_features) r + min(out_features, in_features)``
+        parameters.
+    target_modules : list of str or str
+        The ``nn.Linear`` layers to adapt: names matched against the qualified
+        name or its last dotted parts (``["q", "v"]``), or a regular
+        expression for the whole name, as in PEFT's other methods. Required
+        (models from outside ``transformers`` have no default).
+    exclude_modules : list of str or str, optional
+        Layers to leave out, matched the same way.
+    init_weights : bool, optional
+        True: sigma = 0, so the adapted model starts as the base model. False:
+        a small random sigma (for tests of merging and saving).
+    layers_to_transform : int or list of int, optional
+        Only the layers of these indices in the model's layer list (with
+        ``layers_pattern``, as in PEFT).
+    layers_pattern : str or list of str, optional
+        The name of the layer list (``"layers"``, ``"h"``).
+    modules_to_save : list of str, optional
+        Other modules to train and save with the adapters (a new classifier
+        head).
+
+    Raises
+    ------
+    TypeError
+        ``r`` is not an integer, ``init_weights`` not a bool.
+    ValueError
+        ``r < 1``; a regular expression ``target_modules`` together with
+        ``layers_to_transform`` or ``layers_pattern``.
+
+    Examples
+    --------
+    >>> import peft, torch
+    >>> from unitary_lr.peft import HTAConfig
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> adapted = peft.get_peft_model(model, HTAConfig(r=2, target_modules=["0"]))
+    >>> adapted.print_trainable_parameters()
+    trainable params: 40 || all params: 130 || trainable%: 30.7692
+    """
+
+    r: int = field(default=1, metadata={"help": "Householder reflections on each side of every adapted layer"})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "names or a regular expression of the nn.Linear layers to adapt"})
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "names or a regular expression of layers to leave out"})
+    init_weights: bool = field(default=True, metadata={"help": "sigma = 0 at start (the base model's outputs)"})
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "indices of the layers to adapt in the layer list"})
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "name of the layer list, with layers_to_transform"})
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "other modules to train and save with the adapters"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = PEFT_TYPE
+        if isinstance(self.r, bool) or not isinstance(self.r, int):
+            raise TypeError(f"HTAConfig.r must be an integer, got {type(self.r).__name__}: {self.r!r}")
+        if self.r < 1:
+            raise ValueError(f"HTAConfig.r must be >= 1 (reflections per side), got {self.r}")
+        if not isinstance(self.init_weights, bool):
+            raise TypeError(f"HTAConfig.init_weights must be a bool, got {type(self.init_weights).__name__}: "
+                            f"{self.init_weights!r}")
+        # PEFT's matching expects sets for name lists (and writes them back as lists)
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                setattr(self, name, set(value))
+        if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern):
+            raise ValueError(f"HTAConfig: layers_to_transform and layers_pattern need target_modules as a list of "
+                             f"names, not the regular expression {self.target_modules!r}")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError(f"HTAConfig: layers_pattern={self.layers_pattern!r} needs layers_to_transform")
+
+
+class HTALayer(BaseTunerLayer):
+    """The HTA adapters of one wrapped layer, one entry per adapter name in
+    each of ``hta_reflectors_out`` (n_out x r), ``hta_reflectors_in``
+    (n_in x r) and ``hta_sigma`` (min(n_out, n_in)); the update is
+    :class:`unitary_lr.torch.HouseholderAdapter`'s."""
+
+    adapter_layer_names = ("hta_reflectors_out", "hta_reflectors_in", "hta_sigma")
+    other_param_names = ("hta_r",)
+
+    def __init__(self, base_layer, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.hta_r = {}
+        self.hta_reflectors_out = nn.ParameterDict({})
+        self.hta_reflectors_in = nn.ParameterDict({})
+        self.hta_sigma = nn.ParameterDict({})
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.kwargs = kwargs
+        base = self.get_base_layer()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"HTA adapts torch.nn.Linear layers only, got {type(base).__name__}: {base!r}"[:200])
+        self.in_features, self.out_features = base.in_features, base.out_features
+
+    def update_layer(self, adapter_name, r, *, init_weights=True, inference_mode=False, name=None):
+        """Add the adapter ``adapter_name`` with ``r`` reflections a side."""
+        limit = min(self.in_features, self.out_features)
+        if not 1 <= r <= limit:
+            where = f"layer {name!r}" if name else "the layer"
+            raise ValueError(f"HTAConfig.r must be between 1 and {limit} = min(out_features, in_features) of {where} "
+                             f"({self.out_features} x {self.in_features}), got {r}")
+        weight = self.get_base_layer().weight
+        options = {"dtype": weight.dtype, "device": weight.device, "generator": None}  # torch's global generator
+        self.hta_r[adapter_name] = r
+        self.hta_reflectors_out[adapter_name] = nn.Parameter(_unit_columns(self.out_features, r, **options))
+        self.hta_reflectors_in[adapter_name] = nn.Parameter(_unit_columns(self.in_features, r, **options))
+        sigma = torch.zeros(limit, dtype=weight.dtype, device=weight.device)
+        if not init_weights:
+            # not the identity at start: what tests of merging and saving need
+            sigma = 0.1 * torch.randn(limit, dtype=weight.dtype, device=weight.device)
+        self.hta_sigma[adapter_name] = nn.Parameter(sigma)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def _factors(self, adapter_name):
+        return (self.hta_reflectors_out[adapter_name], self.hta_reflectors_in[adapter_name],
+                self.hta_sigma[adapter_name])
+
+    def get_delta_weight(self, adapter_name):
+        """Delta W of ``adapter_name`` (n_out x n_in), computed in 64-bit
+        precision and returned in the weight's dtype."""
+        delta = householder_delta_weight(*self._factors(adapter_name), self.in_features)
+        return delta.to(self.get_base_layer().weight.dtype)
+
+
+class HTALinear(nn.Module, HTALayer):
+    """An ``nn.Linear`` with HTA adapters, as PEFT wraps it
+    (``base_layer`` holds the frozen layer)."""
+
+    def __init__(self, base_layer, adapter_name, *, r=1, init_weights=True, inference_mode=False, name=None,
+                 **kwargs) -> None:
+        super().__init__()
+        HTALayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, init_weights=init_weights, inference_mode=inference_mode, name=name)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Fold the active adapters (or ``adapter_names``) into the base weight;
+        ``safe_merge`` checks the merged weight for NaN/Inf before changing it."""
+        base = self.get_base_layer()
+        for name in check_adapters_to_merge(self, adapter_names):
+            if name not in self.hta_sigma:
+                continue
+            merged = base.weight.data + self.get_delta_weight(name)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"merging the HTA adapter {name!r} gives NaN or Inf weights; nothing was merged")
+            base.weight.data = merged
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Take the merged adapters out of the base weight (to its rounding)."""
+        if not self.merged:
+            warnings.warn("no HTA adapter is merged; nothing to unmerge", stacklevel=2)
+            return
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name in self.hta_sigma:
+                base.weight.data = base.weight.data - self.get_delta_weight(name)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The base layer's output plus every active adapter's ``x Delta W^T``
+        (the base layer alone when the adapters are disabled or merged)."""
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        out = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return out
+        for name in self.active_adapters:
+            if name in self.hta_sigma:
+                reflectors_out, reflectors_in, sigma = self._factors(name)
+                out = out + householder_delta(x.to(sigma.dtype), reflectors_out, reflectors_in, sigma).to(out.dtype)
+        return out
+
+    def __repr__(self) -> str:
+        return "hta." + super().__repr__()
+
+
+class HTAModel(BaseTuner):
+    """The PEFT tuner that wraps the targeted ``nn.Linear`` layers of a model
+    in :class:`~unitary_lr.peft.HTALinear`; made by ``peft.get_peft_model(model, HTAConfig(...))``."""
+
+    prefix: str = PREFIX
+    tuner_layer_cls = HTALayer
+    target_module_mapping: dict = {}  # no defaults for transformers architectures: target_modules is required
+
+    def _prepare_adapter_config(self, peft_config, model_config):
+        if peft_config.target_modules is None:
+            raise ValueError("HTAConfig needs target_modules: the names or a regular expression of the "
+                             "nn.Linear layers to adapt (target_modules=None)")
+        return peft_config
+
+    def _create_and_replace(self, hta_config, adapter_name, target, target_name, parent, current_key,
+                            **optional_kwargs):
+        options = {"r": hta_config.r, "init_weights": hta_config.init_weights,
+                   "inference_mode": hta_config.inference_mode, "name": current_key}
+        if isinstance(target, HTALayer):
+            target.update_layer(adapter_name, **options)
+            return
+        if not isinstance(target, nn.Linear):
+            raise TypeError(f"HTA adapts torch.nn.Linear layers only; target_modules matched {current_key!r}, "
+                            f"a {type(target).__name__}")
+        new_module = HTALinear(target, adapter_name, **options)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)  # a second adapter is not trainable until set_adapter selects it
+        self._replace_module(parent, target_name, new_module, target)
+
+
+def _register():
+    """Enter HTA in PEFT's method tables (see the module's docstring)."""
+    for table, entry in ((PEFT_TYPE_TO_CONFIG_MAPPING, HTAConfig), (PEFT_TYPE_TO_TUNER_MAPPING, HTAModel),
+                         (PEFT_TYPE_TO_PREFIX_MAPPING, PREFIX)):
+        present = table.get(PEFT_TYPE)
+        # a re-import (importlib.reload) replaces our own entry; anything else is someone else's HTA
+        if present is not None and getattr(present, "__module__", __name__) != __name__ and present != PREFIX:
+            raise ImportError(f"PEFT already has a method {PEFT_TYPE!r} ({present!r}); unitary_lr.peft cannot "
+                              "register its own")
+        table[PEFT_TYPE] = entry
+
+
+_register()
