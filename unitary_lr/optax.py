@@ -40,7 +40,7 @@ _PROBES = 4
 class ProjUNNState(NamedTuple):
     """State of :func:`projunn`: the step count, the seed's key, the state of
     the optax base optimizer and the number of updates skipped for NaN/Inf
-    gradients (``optax.apply_if_finite``'s ``notfinite_count``)."""
+    gradients (as ``notfinite_count`` of ``optax.apply_if_finite``)."""
 
     count: Any
     key: Any

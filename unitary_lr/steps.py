@@ -88,8 +88,8 @@ def projunn_step(
         Non-array W or G, mixed libraries, unsupported dtypes, a complex
         gradient for a real W, G a tuple of the wrong length; a call under
         ``jax.jit`` (the sketch is drawn on the host: use
-        :func:`unitary_lr.optax.projunn`, or :func:`step_unchecked` with the
-        sketch given).
+        :func:`unitary_lr.optax.projunn`, or ``unitary_lr.steps.step_unchecked``
+        with the sketch given).
     ValueError
         Non-square W, G not matching W, ``rank`` outside ``[1, n]``, a
         non-positive or non-finite ``lr``, unknown ``variant``, NaN or Inf in G
