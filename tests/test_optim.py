@@ -257,3 +257,22 @@ def test_a_second_matrix_without_its_own_key_is_refused(rng):
     with pytest.raises(TypeError, match=r"key must be hashable"):
         opt.step(W, rng.standard_normal((4, 6)), key=["W"])
     assert opt.steps == 1
+
+
+@pytest.mark.parametrize("unitary", [False, True])
+def test_a_gradient_whose_square_overflows_the_moments_is_refused(rng, unitary):
+    """|g|^2 beyond float32: the moments used to become Inf for good (every
+    later step then moved W by 0) with only NumPy's RuntimeWarning."""
+    W = haar(rng, N, "float32")
+    opt = ProjUNN(1e-2, base="rmsprop", unitary=unitary, seed=0)
+    W = opt.step(W, random_matrix(rng, (N, N), "float32"))
+    snapshot = _snapshot(opt)
+    G = random_matrix(rng, (N, N), "float32") * np.float32(1e30)
+    with pytest.raises(ValueError, match=r"^G is too large for the rmsprop rule's moments in float32 \(overflow "
+                                         r"encountered in .*; largest \|entry\| [0-9.e+]+\); scale the gradient"):
+        opt.step(W, G)
+    _assert_state_is(opt, snapshot)
+    zero_eps = ProjUNN(1e-2, base="rmsprop", unitary=unitary, eps=0.0)
+    with pytest.raises(ValueError, match=r"^G makes the rmsprop rule's step non-finite in float32 .* use eps > 0"):
+        zero_eps.step(W, np.zeros_like(W))
+    assert zero_eps.state is None

@@ -513,10 +513,14 @@ class ProjUNN:
             except RuntimeWarning as warning:
                 cause = warning
         check_finite(xp, "G", G)
-        raise ValueError(
-            f"G is too large for the {self.base} rule's moments in {dtype_name(xp, G.dtype)} ({cause}; largest "
-            f"|entry| {float(xp.max(xp.abs(G))):.3g}); scale the gradient (or the loss) down"
-        )
+        dtype = dtype_name(xp, G.dtype)
+        if "overflow" in str(cause):
+            raise ValueError(
+                f"G is too large for the {self.base} rule's moments in {dtype} ({cause}; largest |entry| "
+                f"{float(xp.max(xp.abs(G))):.3g}); scale the gradient (or the loss) down"
+            )
+        hint = "; with eps=0 an entry of G that is 0 divides 0 by 0: use eps > 0" if getattr(self.rule, "eps", 1) == 0 else ""
+        raise ValueError(f"G makes the {self.base} rule's step non-finite in {dtype} ({cause}){hint}")
 
     @property
     def state(self):
