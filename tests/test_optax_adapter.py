@@ -196,3 +196,16 @@ def test_nonfinite_gradient_is_skipped_under_jit(bad_leaf, bad):
         np.testing.assert_array_equal(a, b)
     new_W = optax.apply_updates(params, clean_after_skip)["W"]
     assert np.all(np.isfinite(np.asarray(new_W))) and unitarity(new_W) < 1e-12
+
+
+@pytest.mark.xfail(strict=True, raises=RuntimeWarning,
+                   reason="unitary_lr/_flow.py _clamped compares a 32-bit traced scale with 1e150, which JAX without "
+                          "x64 casts to float32 with 'overflow encountered in cast' (also fails the optax.projunn "
+                          "doctest run on its own); reported, _flow.py is not this branch's to edit")
+def test_32_bit_update_without_x64_leaks_no_warning():
+    with jax.enable_x64(False):
+        params = {"W": ul.random_unitary(8, dtype="complex64", xp=jnp, rng=0)}
+        opt = projunn(1e-2, unitary={"W": True}, rank=2)
+        grads = {"W": jnp.ones((8, 8), dtype=jnp.complex64)}
+        updates, _ = jax.jit(opt.update)(grads, opt.init(params), params)
+        assert np.all(np.isfinite(np.asarray(updates["W"])))
