@@ -162,3 +162,62 @@ def test_errors():
         opt.update({"W": jnp.eye(3)}, state)
     with pytest.raises(TypeError, match=r"unitary leaf \['W'\] has dtype int32"):
         projunn(1e-2, unitary={"W": True}).init({"W": jnp.eye(3, dtype=jnp.int32)})
+
+
+@pytest.mark.parametrize("bad_leaf", ["W", "bias"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nonfinite_gradient_is_skipped_under_jit(bad_leaf, bad):
+    """As optax.apply_if_finite: a NaN/Inf gradient (in any leaf) used to turn
+    W and the moments into NaN; now the update is zero, the state is unchanged
+    but for the count of skipped updates, and the next clean update is the one
+    an uninterrupted run makes."""
+    params, loss, mask = params_and_loss("complex128")
+    opt = projunn(1e-2, unitary=mask, base="adam", rank=2, seed=1)
+    update = jax.jit(opt.update)
+    state = opt.init(params)
+    grads = jax.grad(loss)(params)
+    updates, state = update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    grads = jax.grad(loss)(params)
+    if bad_leaf == "W":
+        poisoned = {**grads, "W": grads["W"].at[1, 2, 3].set(bad)}
+    else:
+        poisoned = {**grads, "dense": {**grads["dense"], "bias": grads["dense"]["bias"].at[0].set(bad)}}
+    skipped_updates, skipped_state = update(poisoned, state, params)
+    for leaf in jax.tree.leaves(skipped_updates):
+        np.testing.assert_array_equal(leaf, np.zeros_like(leaf))
+    assert int(skipped_state.notfinite_count) == 1 and int(state.notfinite_count) == 0
+    for after, before in zip(jax.tree.leaves(skipped_state._replace(notfinite_count=0)),
+                             jax.tree.leaves(state._replace(notfinite_count=0))):
+        np.testing.assert_array_equal(after, before)
+    clean_after_skip, _ = update(grads, skipped_state, params)
+    clean, _ = update(grads, state, params)
+    for a, b in zip(jax.tree.leaves(clean_after_skip), jax.tree.leaves(clean)):
+        np.testing.assert_array_equal(a, b)
+    new_W = optax.apply_updates(params, clean_after_skip)["W"]
+    assert np.all(np.isfinite(np.asarray(new_W))) and unitarity(new_W) < 1e-12
+
+
+SCRIPT_32_BIT = """
+import jax, jax.numpy as jnp
+import unitary_lr as ul
+from unitary_lr.optax import projunn
+params = {"W": ul.random_unitary(8, dtype="complex64", xp=jnp, rng=0)}
+opt = projunn(1e-2, unitary={"W": True}, rank=2)
+updates, _ = jax.jit(opt.update)({"W": jnp.ones((8, 8), dtype=jnp.complex64)}, opt.init(params), params)
+assert bool(jnp.all(jnp.isfinite(updates["W"])))
+"""
+
+
+@pytest.mark.xfail(strict=True, reason="unitary_lr/_flow.py _clamped compares a 32-bit traced scale with 1e150, "
+                                       "which JAX without x64 casts to float32 with 'overflow encountered in cast' "
+                                       "(the optax.projunn doctest run on its own fails the same way, on main too); "
+                                       "reported, _flow.py is not this branch's to edit")
+def test_32_bit_update_without_x64_leaks_no_warning():
+    """In a fresh process (this one has x64 on): JAX's defaults, warnings as errors."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-W", "error", "-c", SCRIPT_32_BIT], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -157,3 +157,122 @@ def test_errors_leave_everything_unchanged(rng):
 def test_bad_settings(kwargs, error, match):
     with pytest.raises(error, match=match):
         ProjUNN(**kwargs)
+
+
+def _snapshot(opt):
+    return {key: (np.array(value, copy=True) if hasattr(value, "shape") else value) for key, value in opt.state.items()}
+
+
+def _assert_state_is(opt, snapshot):
+    for key, value in snapshot.items():
+        np.testing.assert_array_equal(opt.state[key], value)
+
+
+@pytest.mark.parametrize("base", ["adam", "rmsprop"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_plain_update_refuses_a_nonfinite_gradient_and_keeps_its_state(rng, base, bad):
+    """unitary=False: NaN/Inf used to go into the moments (and W) silently."""
+    W = rng.standard_normal((5, 7))
+    opt = ProjUNN(1e-2, base=base, unitary=False)
+    W = opt.step(W, rng.standard_normal((5, 7)))
+    snapshot = _snapshot(opt)
+    G = rng.standard_normal((5, 7))
+    G[3, 1] = bad
+    with pytest.raises(ValueError, match=r"^G contains NaN or Inf: 1 non-finite entry in an array of shape \(5, 7\)"):
+        opt.step(W, G)
+    assert opt.steps == 1
+    _assert_state_is(opt, snapshot)
+    W_bad = W.copy()
+    W_bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"^W contains NaN or Inf"):
+        opt.step(W_bad, rng.standard_normal((5, 7)))
+    _assert_state_is(opt, snapshot)
+
+
+def test_lr_zero_refuses_a_nan_gradient_and_later_steps_work(rng):
+    """lr = 0 skips the projUNN step; the NaN used to poison the moments and
+    every later step then failed."""
+    W = haar(rng, N, "float64")
+    opt = ProjUNN(0.0, base="adam", rank=2, seed=0)
+    G = rng.standard_normal((N, N))
+    G[0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"^G contains NaN or Inf: 1 non-finite entry"):
+        opt.step(W, G)
+    assert opt.state is None and opt.steps == 0
+    opt.lr = 1e-2
+    V = opt.step(W, rng.standard_normal((N, N)))
+    assert np.all(np.isfinite(opt.state["exp_avg"])) and unitarity(V) < 1e-13
+
+
+@pytest.mark.parametrize("base", ["adam", "sgd"])
+def test_a_rejected_step_leaves_the_random_stream_where_it_was(rng, base):
+    """Skipping a bad batch gives the run that never saw it, bit for bit: the
+    failed step used to advance the sketches' stream."""
+    W0 = haar(rng, N, "complex128")
+    good = random_matrix(rng, (3, N, N), "complex128")
+    bad_G = good[1].copy()
+    bad_G[2, 2] = np.nan
+    not_unitary = 0.5 * W0
+    straight, skipping = (ProjUNN(1e-2, base=base, rank=2, seed=7) for _ in range(2))
+    W = V = W0
+    for G in good:
+        W = straight.step(W, G)
+    for i, G in enumerate(good):
+        if i == 1:
+            with pytest.raises(ValueError, match=r"^G contains NaN or Inf"):
+                skipping.step(V, bad_G)
+            with pytest.raises(ValueError, match=r"^W is not unitary"):
+                skipping.step(not_unitary, G)
+        V = skipping.step(V, G)
+    np.testing.assert_array_equal(V, W)
+    assert skipping.state_dict()["rng"] == straight.state_dict()["rng"] and skipping.steps == 3
+
+
+def test_each_key_has_its_own_moments(rng):
+    """One optimizer for two matrices used to share (and mix) one set of Adam
+    moments, or fail with a raw broadcasting error for different shapes."""
+    W1, W2 = rng.standard_normal((4, 6)), rng.standard_normal((3, 3))
+    G1, G2 = rng.standard_normal((5, 4, 6)), rng.standard_normal((5, 3, 3))
+    shared = ProjUNN(1e-2, base="adam", unitary=False)
+    alone1, alone2 = ProjUNN(1e-2, base="adam", unitary=False), ProjUNN(1e-2, base="adam", unitary=False)
+    V1, V2 = W1, W2
+    for g1, g2 in zip(G1, G2):
+        W1, W2 = shared.step(W1, g1, key="W1"), shared.step(W2, g2, key="W2")
+        V1, V2 = alone1.step(V1, g1), alone2.step(V2, g2)
+    np.testing.assert_array_equal(W1, V1)
+    np.testing.assert_array_equal(W2, V2)
+    assert shared.steps == 10 and shared.state is None
+    restored = ProjUNN(1e-2, base="adam", unitary=False)
+    restored.load_state_dict(shared.state_dict())
+    np.testing.assert_array_equal(restored.step(W1, G1[0], key="W1"), alone1.step(V1, G1[0]))
+
+
+def test_a_second_matrix_without_its_own_key_is_refused(rng):
+    opt = ProjUNN(1e-2, base="adam", unitary=False)
+    W = opt.step(rng.standard_normal((4, 6)), rng.standard_normal((4, 6)))
+    with pytest.raises(ValueError, match=r"W has shape \(3, 3\) and dtype float64, but the optimizer's state under "
+                                         r"key=None belongs to a W of shape \(4, 6\) and dtype float64; give each "
+                                         r"matrix its own key: opt.step\(W, G, key=name\)"):
+        opt.step(rng.standard_normal((3, 3)), rng.standard_normal((3, 3)))
+    with pytest.raises(TypeError, match=r"key must be hashable"):
+        opt.step(W, rng.standard_normal((4, 6)), key=["W"])
+    assert opt.steps == 1
+
+
+@pytest.mark.parametrize("unitary", [False, True])
+def test_a_gradient_whose_square_overflows_the_moments_is_refused(rng, unitary):
+    """|g|^2 beyond float32: the moments used to become Inf for good (every
+    later step then moved W by 0) with only NumPy's RuntimeWarning."""
+    W = haar(rng, N, "float32")
+    opt = ProjUNN(1e-2, base="rmsprop", unitary=unitary, seed=0)
+    W = opt.step(W, random_matrix(rng, (N, N), "float32"))
+    snapshot = _snapshot(opt)
+    G = random_matrix(rng, (N, N), "float32") * np.float32(1e30)
+    with pytest.raises(ValueError, match=r"^G is too large for the rmsprop rule's moments in float32 \(overflow "
+                                         r"encountered in .*; largest \|entry\| [0-9.e+]+\); scale the gradient"):
+        opt.step(W, G)
+    _assert_state_is(opt, snapshot)
+    zero_eps = ProjUNN(1e-2, base="rmsprop", unitary=unitary, eps=0.0)
+    with pytest.raises(ValueError, match=r"^G makes the rmsprop rule's step non-finite in float32 .* use eps > 0"):
+        zero_eps.step(W, np.zeros_like(W))
+    assert zero_eps.state is None

@@ -138,3 +138,23 @@ def test_bad_arrays(backend, rng):
     huge = np.full((6, 9), np.finfo(np.float32).max / 2, dtype=np.float32)
     with pytest.raises(ValueError, match=r"A is too large for its dtype: its sketch overflows \(largest \|entry\| 1.7e\+38"):
         ul.randomized_svd(backend.asarray(huge), 2, rng=0)
+
+
+@pytest.mark.parametrize("batch", [(), (2,)])
+def test_same_seed_gives_the_same_factors_on_every_backend(backend, dtype, rng, batch):
+    """The factors themselves, not only their product: each backend's LAPACK
+    picks its own signs (torch and NumPy used to disagree on 49 of 50 columns),
+    so the phases are made canonical: the largest |entry| of each column of U
+    is real and positive."""
+    m, n, k = 70, 50, 6
+    real = "complex128" if is_complex(dtype) else "float64"
+    U0 = np.linalg.qr(random_matrix(rng, (*batch, m, n), real))[0]
+    V0 = np.linalg.qr(random_matrix(rng, (*batch, n, n), real))[0]
+    A = ((U0 * 0.7 ** np.arange(n)) @ mH(V0)).astype(dtype)  # well separated: unique vectors
+    reference = ul.randomized_svd(A, k, rng=11)
+    result = ul.randomized_svd(backend.asarray(A), k, rng=11)
+    U = backend.to_numpy(result.U)
+    for got, want in zip((backend.to_numpy(x) for x in result), reference):
+        np.testing.assert_allclose(got, want, atol=tol(dtype, 30))
+    top = np.take_along_axis(U, np.argmax(np.abs(U), axis=-2)[..., None, :], axis=-2)
+    assert np.all(top.real > 0) and np.all(np.abs(top.imag) <= tol(dtype) * np.abs(top))

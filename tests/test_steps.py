@@ -255,3 +255,77 @@ def test_tangent_project_errors(rng):
     bad[0, 0] = np.inf
     with pytest.raises(ValueError, match="G contains NaN or Inf"):
         ul.tangent_project(W, bad)
+
+
+# lr and the gradient's scale, lr * |G| up to ~1e305 (float64) and ~1e36
+# (float32): each step gives a unitary result or a ValueError naming G (its
+# products overflow the dtype), never NaN or a non-unitary W, and leaks no
+# RuntimeWarning (pytest turns warnings into errors).
+HUGE_STEPS = {"float64": [(1e300, 1e5), (1e150, 1e100), (1.0, 1e300)], "float32": [(1e30, 1e5), (1e10, 1e25), (1.0, 1e36)]}
+# Measured on JAX (CPU, x64 on): float32/complex64 gradients of ~1e36 give a
+# finite W that is off the group by 0.05-0.23 (direct, and tangent with
+# factors); every other backend is unitary to rounding. The cause is in the
+# kernels' scaling (_flow.py / _cores.py), which this branch does not edit:
+# the case is an expected failure there until it is fixed.
+KNOWN_OFF_GROUP = {("jax", "float32", 1e36), ("jax", "complex64", 1e36)}
+
+
+@pytest.mark.parametrize("variant", ["tangent", "direct"])
+@pytest.mark.parametrize("factored", [False, True], ids=["dense", "factors"])
+def test_huge_lr_times_g_is_unitary_on_every_backend(backend, dtype, rng, variant, factored):
+    real = "float64" if dtype in ("float64", "complex128") else "float32"
+    W = backend.asarray(haar(rng, N, dtype, (2,)))
+    G = random_matrix(rng, (N, N), dtype)
+    a, b = random_matrix(rng, (2, N, 3), dtype)
+    for lr, scale in HUGE_STEPS[real]:
+        gradient = (backend.asarray(a * scale), backend.asarray(b)) if factored else backend.asarray(G * scale)
+        try:
+            V = backend.to_numpy(ul.projunn_step(W, gradient, lr=lr, rank=2, variant=variant, rng=0))
+        except ValueError as error:
+            assert str(error).startswith(("G is too large", "G[0] is too large", "G[1] is too large")), error
+            continue
+        assert np.all(np.isfinite(V)), (lr, scale)
+        if (backend.name, dtype, scale) in KNOWN_OFF_GROUP and not np.all(unitarity(V) < tol(dtype)):
+            pytest.xfail(f"known: JAX 32-bit gradient of {scale:g} gives a W off the group by {unitarity(V).max():.2g}")
+        assert np.all(unitarity(V) < tol(dtype)), (lr, scale, unitarity(V))
+
+
+@pytest.mark.xfail(strict=True, raises=(AssertionError, np.linalg.LinAlgError),
+                   reason="lr * |G| beyond the dtype's range: the scale of the small cores (unitary_lr/_flow.py) "
+                          "overflows to NaN or a LinAlgError; reported, _flow.py is not this branch's to edit")
+@pytest.mark.parametrize("variant", ["tangent", "direct"])
+@pytest.mark.parametrize("factored", [False, True], ids=["dense", "factors"])
+def test_lr_times_g_beyond_the_dtype_range_is_unitary_or_a_clear_error(rng, variant, factored):
+    W = haar(rng, N, "float64")
+    gradient = tuple(random_matrix(rng, (2, N, 3), "float64") * 1e5) if factored else random_matrix(rng, (N, N), "float64")
+    try:
+        V = ul.projunn_step(W, gradient, lr=1e300 if factored else 1e308, rank=2, variant=variant, rng=0)
+    except ValueError as error:
+        assert "G" in str(error)
+        return
+    assert np.all(np.isfinite(V)) and unitarity(V) < tol("float64")
+
+
+def test_under_jax_jit_a_clear_type_error_names_the_traced_path(rng):
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    W = jnp.asarray(haar(rng, N, "float64"))
+    G = jnp.asarray(random_matrix(rng, (N, N), "float64"))
+    match = (r"is a JAX tracer: projunn_step does not run under jax.jit .* unitary_lr.optax.projunn, "
+             r"or unitary_lr.steps.step_unchecked\(xp, W, G, omega, ...\)")
+    with pytest.raises(TypeError, match="^W " + match):
+        jax.jit(lambda W, G: ul.projunn_step(W, G, lr=0.1, rng=0))(W, G)
+    with pytest.raises(TypeError, match="^lr " + match):
+        jax.jit(lambda lr: ul.projunn_step(W, G, lr=lr, rng=0))(0.1)
+    with pytest.raises(TypeError, match=r"^G\[0\] " + match):
+        jax.jit(lambda a: ul.projunn_step(W, (a, G[:, :2]), lr=0.1, rng=0))(G[:, :2])
+    # the way it names works under jit, with the sketch drawn by jax.random
+    from unitary_lr.steps import sketch_shape, step_unchecked
+
+    def step(W, G, key):
+        omega = jax.random.normal(key, sketch_shape(G, 1, 0), dtype=G.dtype)
+        return step_unchecked(jnp, W, G, omega, lr=0.1, rank=1, variant="tangent", power_iters=1)
+
+    V = jax.jit(step)(W, G, jax.random.PRNGKey(0))
+    assert unitarity(np.asarray(V)) < 1e-13

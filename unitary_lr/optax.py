@@ -38,12 +38,14 @@ _PROBES = 4
 
 
 class ProjUNNState(NamedTuple):
-    """State of :func:`projunn`: the step count, the seed's key and the state of
-    the optax base optimizer."""
+    """State of :func:`projunn`: the step count, the seed's key, the state of
+    the optax base optimizer and the number of updates skipped for NaN/Inf
+    gradients (as ``notfinite_count`` of ``optax.apply_if_finite``)."""
 
     count: Any
     key: Any
     base: Any
+    notfinite_count: Any = 0
 
 
 def projunn(learning_rate, *, unitary, base="rmsprop", rank=1, variant="tangent",
@@ -148,11 +150,27 @@ def projunn(learning_rate, *, unitary, base="rmsprop", rank=1, variant="tangent"
             if flag:
                 _check_leaf(path, leaf, rank)
         return ProjUNNState(count=jnp.zeros([], jnp.int32), key=jax.random.PRNGKey(seed),
-                            base=preconditioner.init(params))
+                            base=preconditioner.init(params), notfinite_count=jnp.zeros([], jnp.int32))
 
     def update(updates, state, params=None):
         if params is None:
             raise ValueError("projunn needs the parameters: opt.update(grads, state, params)")
+        leaves = jax.tree.leaves(updates)
+        finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in leaves])) if leaves else jnp.asarray(True)
+        # The step runs on zeros in place of non-finite gradients so that no
+        # NaN reaches the small eigen- and SVD cores, then its result is
+        # dropped by the selection below (apply_if_finite's semantics).
+        safe = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), updates)
+        new_updates, new_state = _finite_update(safe, state, params)
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        new_updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
+        skipped = jnp.asarray(state.notfinite_count, jnp.int32) + jnp.where(finite, 0, 1).astype(jnp.int32)
+        return new_updates, ProjUNNState(
+            count=keep(new_state.count, state.count), key=state.key,
+            base=jax.tree.map(keep, new_state.base, state.base), notfinite_count=skipped,
+        )
+
+    def _finite_update(updates, state, params):
         mask = mask_of(params)
         negative_directions, base_state = preconditioner.update(updates, state.base, params)
         lr = schedule(state.count)
@@ -171,7 +189,8 @@ def projunn(learning_rate, *, unitary, base="rmsprop", rank=1, variant="tangent"
             direction = -jnp.conj(minus_d) if jnp.iscomplexobj(minus_d) else -minus_d
             new_W = _unitary_step(W, direction, key, lr, step)
             new_updates.append(new_W - W)
-        return treedef.unflatten(new_updates), ProjUNNState(count=step, key=state.key, base=base_state)
+        return treedef.unflatten(new_updates), ProjUNNState(count=step, key=state.key, base=base_state,
+                                                            notfinite_count=state.notfinite_count)
 
     # The branches of lax.cond are defined once, here: JAX caches their traces
     # by identity, so an eager (un-jitted) update does not re-trace every step.

@@ -19,11 +19,12 @@ The torch and optax adapters are thin shells over these.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, fields
 
 
 from ._random import as_generator, generator_from_state, generator_state
-from ._validation import check_choice, check_int, check_real_scalar, namespace_of
+from ._validation import check_choice, check_finite, check_int, check_real_scalar, namespace_of
 from ._xp import complex_dtype, dtype_name, is_complex, mH
 from .diagnostics import default_drift_tolerance, unitarity_estimate
 from .polar import project_unitary
@@ -367,10 +368,14 @@ class ProjUNN:
     ------
     ValueError
         A negative lr, an unknown base, variant or reproject, out-of-range
-        hyper-parameters (e.g. ``betas`` outside [0, 1)); at a step, G not of
-        W's shape or with NaN/Inf (the optimizer's state is then unchanged).
+        hyper-parameters (e.g. ``betas`` outside [0, 1)); at a step: G not of
+        W's shape, NaN/Inf in G (or in W with ``unitary=False``), a W that is
+        not unitary (``unitary=True``), a W of another shape or dtype than
+        the one its ``key``'s state was made for. On any error at a step the
+        optimizer is unchanged: moments, step counts and the random stream.
     TypeError
-        Hyper-parameters the base rule does not take; non-array W or G.
+        Hyper-parameters the base rule does not take; non-array W or G; an
+        unhashable ``key``.
 
     Notes
     -----
@@ -378,6 +383,12 @@ class ProjUNN:
     (SGD without momentum) the pair goes to the step as it is and no n x n
     gradient is formed; a rule with state needs the dense gradient and forms it.
     The second moment of a complex gradient is ``|g|^2`` per entry.
+
+    One optimizer can train several matrices: ``opt.step(W, G, key=name)``
+    keeps moments and a step count per key. The optimizer cannot tell two
+    matrices of one shape apart (each step returns a new array), so matrices
+    that share a key share their moments; a W of another shape or dtype under
+    a key already used is refused with a ValueError.
 
     Examples
     --------
@@ -414,48 +425,127 @@ class ProjUNN:
         self.drift_check_every = check_int("drift_check_every", drift_check_every, minimum=0)
         self.reproject = check_choice("reproject", reproject, ("svd", "newton_schulz"))
         self._rng = as_generator(None if seed is None else check_int("seed", seed, minimum=0))
-        self.steps = 0
+        self.steps = 0  # successful steps, all matrices together
         self.reprojections = 0
-        self.state = None  # the base rule's arrays, made at the first step
+        # per matrix key: the rule's arrays (made at its first step), its step
+        # count (drift checks) and the shape and dtype they were made for
+        self._slots = {}
 
-    def step(self, W, G, /):
+    def step(self, W, G, /, *, key=None):
         """Return the updated W for gradient G (an array, or a pair (a, b) meaning
-        a b^H); W is not modified."""
+        a b^H); W is not modified.
+
+        ``key`` (any hashable, default None) names the matrix: each key has its
+        own base-rule state (moments) and step count, so one optimizer can train
+        several matrices, ``W1 = opt.step(W1, G1, key="W1")``. A W whose shape or
+        dtype differs from the one a key's state was made for is a ValueError
+        (a second matrix needs its own key). On any error nothing changes: the
+        state, the step counts and the sketches' random stream are as before.
+        """
+        # Every error below, raised before or during the step, leaves the
+        # optimizer as it was, the random stream included: a run that skips a
+        # bad batch then repeats one that never saw it.
+        saved_rng = self._rng.bit_generator.state
+        try:
+            return self._step(W, G, key)
+        except BaseException:
+            self._rng.bit_generator.state = saved_rng
+            raise
+
+    def _step(self, W, G, key):
+        try:
+            hash(key)
+        except TypeError:
+            raise TypeError(f"key must be hashable (a name for the matrix), got {type(key).__name__}: {key!r}") from None
         factored = isinstance(G, tuple)
         arrays = {"W": W, "G[0]": G[0], "G[1]": G[1]} if factored and len(G) == 2 else {"W": W, "G": G}
         xp = namespace_of(**arrays)
+        # Where no projUNN kernel looks at the gradient (a plain update, or
+        # lr = 0 which skips the step) its NaN/Inf would go straight into the
+        # rule's moments: checked here, one reduction per array.
+        if not self.unitary or self.lr == 0:
+            for name, x in arrays.items():
+                if name != "W" or not self.unitary:
+                    check_finite(xp, name, x)
         if factored and not (self.unitary and self.rule.stateless):
             G = G[0] @ mH(xp, G[1])  # the rule's state is dense: form the gradient
             factored = False
         if not factored and tuple(G.shape) != tuple(W.shape):
             raise ValueError(f"G must have the shape of W {tuple(W.shape)}, got {tuple(G.shape)}")
-        if self.state is None:
-            self.state = self.rule.init(xp, W)
+        slot = self._slots.get(key)
+        signature = (tuple(W.shape), dtype_name(xp, W.dtype))
+        if slot is not None and not self.rule.stateless and slot["signature"] not in (None, signature):
+            shape, dtype = slot["signature"]
+            raise ValueError(
+                f"W has shape {signature[0]} and dtype {signature[1]}, but the optimizer's state under "
+                f"key={key!r} belongs to a W of shape {shape} and dtype {dtype}; give each matrix its own "
+                "key: opt.step(W, G, key=name)"
+            )
+        if slot is None:
+            slot = {"signature": signature, "steps": 0, "state": self.rule.init(xp, W)}
         if factored:
-            direction, state = G, self.state
+            direction, state = G, slot["state"]
         else:
-            direction, state = self.rule.direction(xp, G, W, self.state, weight_decay=not self.unitary)
+            direction, state = self._direction(xp, G, W, slot["state"])
+        reprojected = False
         if self.unitary:
             new_W, reprojected = unitary_update(
                 xp, W, direction, lr=self.lr, rank=self.rank, variant=self.variant, rng=self._rng,
-                step=self.steps + 1, oversample=self.oversample, power_iters=self.power_iters,
+                step=slot["steps"] + 1, oversample=self.oversample, power_iters=self.power_iters,
                 drift_tol=self.drift_tol, drift_check_every=self.drift_check_every, reproject=self.reproject,
             )
-            self.reprojections += reprojected
         else:
             new_W = W - self.lr * direction
         # commit only once the step has succeeded: a bad gradient changes nothing
-        self.state, self.steps = state, self.steps + 1
+        self._slots[key] = {"signature": signature, "steps": slot["steps"] + 1, "state": state}
+        self.steps += 1
+        self.reprojections += reprojected
         return new_W
 
+    def _direction(self, xp, G, W, state):
+        """The rule's (direction, new state). NumPy warns when a NaN/Inf or an
+        overflow meets the rule's arithmetic: turned into the error naming G
+        (otherwise the kernel names a NaN/Inf G from its sketch, for free)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            try:
+                return self.rule.direction(xp, G, W, state, weight_decay=not self.unitary)
+            except RuntimeWarning as warning:
+                cause = warning
+        check_finite(xp, "G", G)
+        dtype = dtype_name(xp, G.dtype)
+        if "overflow" in str(cause):
+            raise ValueError(
+                f"G is too large for the {self.base} rule's moments in {dtype} ({cause}; largest |entry| "
+                f"{float(xp.max(xp.abs(G))):.3g}); scale the gradient (or the loss) down"
+            )
+        hint = "; with eps=0 an entry of G that is 0 divides 0 by 0: use eps > 0" if getattr(self.rule, "eps", 1) == 0 else ""
+        raise ValueError(f"G makes the {self.base} rule's step non-finite in {dtype} ({cause}){hint}")
+
+    @property
+    def state(self):
+        """The base rule's arrays of the matrix stepped without a key (None
+        before its first step)."""
+        slot = self._slots.get(None)
+        return None if slot is None else slot["state"]
+
     def state_dict(self):
-        """Everything a resumed run needs: the rule's arrays (as they are), the
-        step count and the state of the sketches' random stream."""
+        """Everything a resumed run needs: the rule's arrays of each matrix (as
+        they are), the step counts and the state of the sketches' random
+        stream. ``"state"`` is the arrays of the matrix stepped without a key."""
         return {"steps": self.steps, "reprojections": self.reprojections, "state": self.state,
+                "matrices": {key: dict(slot) for key, slot in self._slots.items()},
                 "rng": generator_state(self._rng)}
 
     def load_state_dict(self, state_dict):
         self._rng = generator_from_state(state_dict["rng"])
         self.steps = int(state_dict["steps"])
         self.reprojections = int(state_dict.get("reprojections", 0))
-        self.state = state_dict["state"]
+        if "matrices" in state_dict:
+            self._slots = {key: dict(slot) for key, slot in state_dict["matrices"].items()}
+        elif state_dict.get("state") is not None:
+            # a state saved before per-matrix keys: one matrix, under key None;
+            # its shape is not known, so the first step takes it as it comes
+            self._slots = {None: {"signature": None, "steps": self.steps, "state": state_dict["state"]}}
+        else:
+            self._slots = {}

@@ -13,7 +13,7 @@ from ._validation import (
     namespace_of,
     report_nonfinite,
 )
-from ._xp import device, mH
+from ._xp import device, is_complex, mH
 
 __all__ = ["SVDResult", "randomized_svd"]
 
@@ -78,7 +78,10 @@ def randomized_svd(A, /, rank, *, oversample=10, power_iters=2, rng=None):
     Halko, Martinsson and Tropp (2011), Algorithms 4.4 and 5.1: ``Y = A Omega``
     with a Gaussian ``Omega`` (complex Gaussian for complex A), ``power_iters``
     rounds of ``Y <- A (A^H Y)`` with a QR after each product, ``Q = qr(Y)``,
-    then the SVD of the small ``B = Q^H A`` and ``U = Q U_B``. Cost:
+    then the SVD of the small ``B = Q^H A`` and ``U = Q U_B``. Each singular
+    pair's phase is made canonical (the largest-magnitude entry of each column
+    of U real and positive, Vh's row rotated to match), so the same seed gives
+    the same factors on every backend, not only the same product. Cost:
     ``(2 + 2 power_iters)`` passes over A, O(m n l) flops with
     ``l = rank + oversample``, and O((m + n) l) memory. The NaN/Inf check looks
     at the sketch ``A Omega``, not at A, so it costs no extra pass.
@@ -146,4 +149,30 @@ def sketch_svd(xp, matmul, rmatmul, omega, *, rank, power_iters, on_nonfinite=No
     Ub, S, Vbh = xp.linalg.svd(Bh, full_matrices=False)
     U = Q @ mH(xp, Vbh[..., :rank, :])
     Vh = mH(xp, Ub[..., :, :rank])
+    U, Vh = canonical_phases(xp, U, Vh)
     return SVDResult(U, S[..., :rank], Vh)
+
+
+def canonical_phases(xp, U, Vh):
+    """(U, Vh) with each singular pair's free phase fixed: the largest-magnitude
+    entry of each column of U made real and positive, the row of Vh rotated by
+    the same phase, so ``U diag(S) Vh`` is unchanged.
+
+    Each backend's LAPACK picks its own signs (torch and NumPy disagreed on 49
+    of 50 columns for one seed); after this the factors, not only their
+    product, agree across backends for the same seed. Thin panels only, no
+    pass over A, and no Python branch on array values (traceable). A zero
+    column keeps its phase.
+    """
+    m = U.shape[-2]
+    top = xp.argmax(xp.abs(U), axis=-2, keepdims=True)  # (..., 1, k), the first of ties
+    rows = xp.reshape(xp.arange(m, dtype=top.dtype, device=device(U)), (m, 1))
+    u = xp.sum(xp.where(rows == top, U, xp.zeros_like(U)), axis=-2)  # (..., k)
+    size = xp.abs(u)
+    if is_complex(xp, U.dtype):
+        # u / |u|, and 1 for u = 0 (the division is guarded, not branched on)
+        phase = xp.where(size > 0, u / xp.astype(xp.where(size > 0, size, xp.ones_like(size)), U.dtype),
+                         xp.ones_like(u))
+        return U * xp.conj(phase)[..., None, :], Vh * phase[..., :, None]
+    sign = xp.where(u < 0, -xp.ones_like(u), xp.ones_like(u))
+    return U * sign[..., None, :], Vh * sign[..., :, None]

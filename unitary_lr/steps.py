@@ -86,10 +86,15 @@ def projunn_step(
     ------
     TypeError
         Non-array W or G, mixed libraries, unsupported dtypes, a complex
-        gradient for a real W, G a tuple of the wrong length.
+        gradient for a real W, G a tuple of the wrong length; a call under
+        ``jax.jit`` (the sketch is drawn on the host: use
+        :func:`unitary_lr.optax.projunn`, or ``unitary_lr.steps.step_unchecked``
+        with the sketch given).
     ValueError
         Non-square W, G not matching W, ``rank`` outside ``[1, n]``, a
-        non-positive or non-finite ``lr``, unknown ``variant``, NaN or Inf in G.
+        non-positive or non-finite ``lr``, unknown ``variant``, NaN or Inf in G
+        or W, a W that is not unitary (relative deviation above 1e-2 on the
+        step's directions), a G whose products overflow its dtype.
 
     Notes
     -----
@@ -149,6 +154,7 @@ def projunn_update(
     else:
         xp = namespace_of(W=W, G=G)
         gradients = {"G": G}
+    _refuse_jax_trace({"W": W, **gradients, "lr": lr})
     check_float_dtype(xp, "W", W)
     for name, x in gradients.items():
         check_float_dtype(xp, name, x)
@@ -184,6 +190,24 @@ def projunn_update(
                                        power_iters=power_iters, traced=traced),
         xp, {"W": W, **gradients}, sketched=() if factored else ("G",),
     )
+
+
+def _refuse_jax_trace(arguments):
+    """A clear TypeError for a call inside ``jax.jit`` (or grad, vmap, ...).
+
+    The sketch is drawn on the host from a NumPy generator: a trace would run
+    that draw once and freeze it into the compiled program, so every jitted
+    step would reuse one sketch (and a traced ``lr`` cannot be checked at
+    all). The traced ways to step are named in the message."""
+    for name, value in arguments.items():
+        if type(value).__module__.partition(".")[0] in ("jax", "jaxlib") and is_traced(value):
+            raise TypeError(
+                f"{name} is a JAX tracer: projunn_step does not run under jax.jit or other JAX "
+                "transformations, because it draws its sketch on the host from a NumPy generator, which a "
+                "trace would freeze into one constant sketch. Under jit use the optax transformation "
+                "unitary_lr.optax.projunn, or unitary_lr.steps.step_unchecked(xp, W, G, omega, ...) with "
+                "the sketch omega drawn from jax.random (its shape: unitary_lr.steps.sketch_shape)"
+            )
 
 
 def _dtype(G):
