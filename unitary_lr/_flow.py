@@ -66,8 +66,13 @@ _HUGE = 1e150
 
 
 def _clamped(sxp, s):
+    """s (real part) clamped to +-_HUGE, or to the dtype's largest value when
+    that is smaller (a 32-bit scale on a device without float64)."""
     s = sxp.real(s)
-    return sxp.where(s > _HUGE, sxp.full_like(s, _HUGE), s)
+    if isinstance(s, (int, float)):
+        return max(-_HUGE, min(_HUGE, s))
+    bound = min(_HUGE, float(sxp.finfo(s.dtype).max) / 4)
+    return sxp.where(s > bound, sxp.full_like(s, bound), sxp.where(s < -bound, sxp.full_like(s, -bound), s))
 
 
 def _needs_scaling(xp, dtype, cores):
@@ -105,6 +110,7 @@ def orthonormal_columns(xp, Y, cores):
     if Y.shape[-1] == 1:
         return _normalized(xp, Y)
     eps = _eps(xp, Y.dtype)
+    Y = _normalized(xp, Y)  # its Gram then never overflows
     (C,) = cores.gather(_gram(xp, [Y], core_dtype(xp, Y.dtype, device(Y))))
     sxp = cores.xp
     if cores.traced:
@@ -200,7 +206,23 @@ def _check_unitary(sxp, C, CW):
         raise UnitarityError(deviation, UNITARITY_TOLERANCE)
 
 
-def _apply_right(xp, W, P, T, D, reorthonormalize):
+def _balance(sxp, C, T, traced):
+    """(T', column scales or None) with ``P T = (P diag(s)) T'``: powers of two
+    that bring the panel's columns (lengths from the diagonal of its Gram C)
+    near 1, so that neither P's columns nor T's entries leave the range where
+    a device keeps full precision (XLA's CPU matmul flushes subnormal float32
+    numbers to zero: T = 1e-39 for columns of length 1e39 vanished). Exact: a
+    power of two only moves exponents. None when no column needs it (eager
+    calls, decided on the host); traced calls always scale."""
+    d = sxp.real(sxp.linalg.diagonal(C))
+    exponent = sxp.round(sxp.log2(sxp.sqrt(sxp.where(d > 0, d, sxp.ones_like(d)))))
+    if not traced and not bool(sxp.any(sxp.abs(exponent) > 40)):
+        return T, None
+    scale = 2.0 ** -exponent
+    return T * sxp.astype(2.0 ** exponent, T.dtype)[..., :, None], sxp.astype(scale, T.dtype)
+
+
+def _apply_right(xp, W, P, T, D, reorthonormalize, column_scale=None):
     """(L, Rh) = ((W Q) D, Q^H) with Q = P T: the new W is ``W (I + Q D Q^H)``.
 
     Q is formed before the pass over W, so W Q is W times exactly this Q and
@@ -209,6 +231,8 @@ def _apply_right(xp, W, P, T, D, reorthonormalize):
     cond(P); each Newton-Schulz step ``Q <- Q (3 I - Q^H Q) / 2`` squares them,
     with matmuls only (no factorisation, no transfer).
     """
+    if column_scale is not None:
+        P = P * column_scale[..., None, :]
     Q = panel_times_small(xp, P, T)
     for _ in range(reorthonormalize):
         Q = panel_times_small(xp, Q, _newton_schulz_factor(xp, Q))
@@ -274,8 +298,12 @@ def lowrank_right_update(xp, W, Y, Z, *, lr, variant, rank, cores, sketched, nam
                                sketched=sketched, tol=tol, traced=cores.traced, scale=scale)
     if not cores.traced:
         steps = _reorthonormalize_steps(sxp, spread, CP.shape[-1], eps)
-    T, D = cores.scatter(T, D)
-    return _apply_right(xp, W, xp.concat([Z, c], axis=-1), T, D, steps)
+    T, column_scale = _balance(sxp, CP, T, cores.traced)
+    if column_scale is None:
+        T, D = cores.scatter(T, D)
+    else:
+        T, D, column_scale = cores.scatter(T, D, column_scale)
+    return _apply_right(xp, W, xp.concat([Z, c], axis=-1), T, D, steps, column_scale)
 
 
 def _right_core(sxp, Cy, CP, *, lr, variant, rank, l, sketched, tol, traced, scale=1.0):
@@ -293,16 +321,18 @@ def _right_core(sxp, Cy, CP, *, lr, variant, rank, l, sketched, tol, traced, sca
             Pi = Ty @ mH(sxp, Ty)
     else:
         Pi = sxp.broadcast_to(sxp.eye(l, dtype=CP.dtype), (*CP.shape[:-2], l, l))
-    Pi = Pi * scale
     zero = sxp.zeros_like(Pi)
     # W^H G_k = c Pi Z^H = [Z, c] A0 [Z, c]^H
     A0 = sxp.concat([sxp.concat([zero, zero], axis=-1), sxp.concat([Pi, zero], axis=-1)], axis=-2)
     T, R, spread = gram_basis(sxp, CP, tol)
     A = R @ A0 @ mH(sxp, R)
+    # the step's size lr * scale, clamped where it exceeds any meaningful step
+    # (the polar and exp cores are then saturated) instead of overflowing
+    size = _clamped(sxp, _clamped(sxp, lr) * scale) if isinstance(lr, (int, float)) else lr * scale
     if variant == "tangent":
-        D = expm_skew_minus_identity(sxp, A - mH(sxp, A), -lr / 2)
+        D = expm_skew_minus_identity(sxp, A - mH(sxp, A), -size / 2)
     else:
-        D = polar_minus_identity(sxp, -lr * A, traced=traced)
+        D = polar_minus_identity(sxp, -size * A, traced=traced)
     return T, D, spread
 
 
@@ -325,7 +355,8 @@ def transport_update(xp, W, a, b, *, t, cores):
         P = xp.concat([a, b], axis=-1)
         WhP = adjoint_matmul(xp, W, P)
         C, sa, sb = cores.gather(_gram(xp, [P, WhP], core), *(xp.astype(x, core) for x in (sa, sb)))
-        t = t * _clamped(cores.xp, sa) * _clamped(cores.xp, sb)
+        sxp = cores.xp
+        t = _clamped(sxp, _clamped(sxp, _clamped(sxp, t) * _clamped(sxp, sa)) * _clamped(sxp, sb))
     else:
         P = xp.concat([a, b], axis=-1)
         WhP = adjoint_matmul(xp, W, P)
@@ -348,8 +379,12 @@ def transport_update(xp, W, a, b, *, t, cores):
     zero = sxp.zeros_like(identity)
     K0 = sxp.concat([sxp.concat([zero, identity], axis=-1), sxp.concat([-identity, zero], axis=-1)], axis=-2)
     D = expm_skew_minus_identity(sxp, R @ K0 @ mH(sxp, R), t)
-    T, D = cores.scatter(T, D)
-    return _apply_right(xp, W, WhP, T, D, steps)
+    T, column_scale = _balance(sxp, CW, T, cores.traced)
+    if column_scale is None:
+        T, D = cores.scatter(T, D)
+    else:
+        T, D, column_scale = cores.scatter(T, D, column_scale)
+    return _apply_right(xp, W, WhP, T, D, steps, column_scale)
 
 
 def _batch(*arrays):
