@@ -68,9 +68,9 @@ _HUGE = 1e150
 def _clamped(sxp, s):
     """s (real part) clamped to +-_HUGE, or to the dtype's largest value when
     that is smaller (a 32-bit scale on a device without float64)."""
-    s = sxp.real(s)
     if isinstance(s, (int, float)):
         return max(-_HUGE, min(_HUGE, s))
+    s = sxp.real(s)
     bound = min(_HUGE, float(sxp.finfo(s.dtype).max) / 4)
     return sxp.where(s > bound, sxp.full_like(s, bound), sxp.where(s < -bound, sxp.full_like(s, -bound), s))
 

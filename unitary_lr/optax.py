@@ -29,7 +29,7 @@ except ImportError as error:  # pragma: no cover - jax and optax are in the test
 
 from .diagnostics import default_drift_tolerance, estimate_unchecked
 from .polar import polar_unchecked
-from .steps import STEP_OVERSAMPLE, STEP_POWER_ITERS, VARIANTS, sketch_shape, step_unchecked
+from .steps import STEP_OVERSAMPLE, STEP_POWER_ITERS, VARIANTS, sketch_shape, step_factors_unchecked
 
 __all__ = ["ProjUNNState", "projunn"]
 
@@ -187,33 +187,35 @@ def projunn(learning_rate, *, unitary, base="rmsprop", rank=1, variant="tangent"
             key = jax.random.fold_in(step_key, index)
             # torch's convention is conj(JAX's); the preconditioner commutes with conj
             direction = -jnp.conj(minus_d) if jnp.iscomplexobj(minus_d) else -minus_d
-            new_W = _unitary_step(W, direction, key, lr, step)
-            new_updates.append(new_W - W)
+            new_updates.append(_unitary_update(W, direction, key, lr, step))
         return treedef.unflatten(new_updates), ProjUNNState(count=step, key=state.key, base=base_state,
                                                             notfinite_count=state.notfinite_count)
 
     # The branches of lax.cond are defined once, here: JAX caches their traces
     # by identity, so an eager (un-jitted) update does not re-trace every step.
-    def keep(W, *_):
-        return W
+    def keep(update, *_):
+        return update
 
-    def reproject(W):
-        return polar_unchecked(jnp, W)
+    def reproject(W, update):
+        return polar_unchecked(jnp, W + update) - W
 
-    def check(W, probe_key):
+    def check(update, W, probe_key):
         tolerance = default_drift_tolerance(jnp.dtype(W.dtype).name) if drift_tol is None else drift_tol
         probes = jax.random.normal(probe_key, (*W.shape[:-2], W.shape[-1], _PROBES), dtype=W.dtype)
-        drifted = jnp.max(estimate_unchecked(jnp, W, probes)) > tolerance
-        return jax.lax.cond(drifted, reproject, keep, W)
+        drifted = jnp.max(estimate_unchecked(jnp, W + update, probes)) > tolerance
+        return jax.lax.cond(drifted, reproject, lambda W, update: update, W, update)
 
-    def _unitary_step(W, direction, key, lr, step):
+    def _unitary_update(W, direction, key, lr, step):
+        """The update ``W_new - W`` of a unitary leaf, as the thin product the
+        step makes (no new W formed and subtracted again: two passes saved)."""
         sketch_key, probe_key = jax.random.split(key)
         omega = jax.random.normal(sketch_key, sketch_shape(direction, rank, oversample), dtype=direction.dtype)
-        W_new = step_unchecked(jnp, W, direction, omega, lr=lr, rank=rank, variant=variant,
-                               power_iters=power_iters)
+        L, Rh = step_factors_unchecked(jnp, W, direction, omega, lr=lr, rank=rank, variant=variant,
+                                       power_iters=power_iters, traced=True)
+        update = L @ Rh
         if not drift_check_every:
-            return W_new
-        return jax.lax.cond(step % drift_check_every == 0, check, keep, W_new, probe_key)
+            return update
+        return jax.lax.cond(step % drift_check_every == 0, check, keep, update, W, probe_key)
 
     return optax.GradientTransformation(init, update)
 
