@@ -105,3 +105,19 @@ def test_slightly_drifted_w_is_accepted_and_not_made_worse(rng):
     before = orthogonality(W)
     V = ul.projunn_step(W, rng.standard_normal((32, 32)), lr=0.1, rank=2, rng=0)
     assert orthogonality(V) < 1.5 * before
+
+
+def test_a_step_on_a_torch_parameter_returns_plain_values():
+    """``projunn_step(param, param.grad)`` gives new values for W, not a tensor
+    tracked by autograd (whose graph would grow step after step)."""
+    torch = pytest.importorskip("torch")
+    from unitary_lr.torch import unitary_parameter
+
+    W = unitary_parameter(8, dtype=torch.float64)
+    (W.sum() ** 2).backward()
+    for call in (lambda: ul.projunn_step(W, W.grad, lr=0.1, rng=0),
+                 lambda: ul.projunn_step(W, (W.grad[:, :2], W.grad[:, 2:4]), lr=0.1, rng=0),
+                 lambda: ul.exp_transport(W, W.grad[:, :1], W.grad[:, 1:2], t=0.1),
+                 lambda: ul.project_unitary_lowrank(W, W.grad[:, :1], W.grad[:, 1:2])):
+        V = call()
+        assert not V.requires_grad and V.grad_fn is None

@@ -12,6 +12,7 @@ import numbers
 import operator
 
 from ._xp import (
+    untracked,
     FLOAT_DTYPE_NAMES,
     array_namespace,
     broadcast_shapes,
@@ -124,7 +125,7 @@ def unitary_and_factors(W, a, b, *, check_values=True):
         check_finite(xp, "a", a)
         check_finite(xp, "b", b)
     dtype = xp.result_type(W, a, b)
-    return (xp, *(xp.astype(x, dtype, copy=False) for x in (W, a, b)))
+    return (xp, *(xp.astype(untracked(x), dtype, copy=False) for x in (W, a, b)))
 
 
 def report_nonfinite(xp, name, x, *, source=None):

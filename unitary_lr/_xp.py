@@ -10,6 +10,7 @@ from __future__ import annotations
 from array_api_compat import array_namespace, device, is_array_api_obj
 
 __all__ = [
+    "untracked",
     "adjoint_matmul",
     "matmul_panel",
     "is_column_major",
@@ -98,6 +99,14 @@ def mH(xp, x):
     no conjugation pass for real input)."""
     xt = xp.matrix_transpose(x)
     return xp.conj(xt) if is_complex(xp, x.dtype) else xt
+
+
+def untracked(x):
+    """x without autograd history (a torch ``nn.Parameter`` or a tensor that
+    requires grad: its ``detach()``, a view); other arrays as they are. A
+    step's result is new values for W, not a function of W to differentiate,
+    and a tracked result would grow the autograd graph step after step."""
+    return x.detach() if getattr(x, "requires_grad", False) else x
 
 
 def adjoint_matmul(xp, A, B):

@@ -17,7 +17,7 @@ from ._validation import (
 from ._cores import add_lowrank, make_cores
 from ._flow import checked, lowrank_right_update, sketch_panels
 from ._host import is_traced
-from ._xp import array_namespace, broadcast_shapes, device, is_complex, mH
+from ._xp import untracked, array_namespace, broadcast_shapes, device, is_complex, mH
 from .rsvd import sketch_width
 
 __all__ = ["STEP_OVERSAMPLE", "STEP_POWER_ITERS", "projunn_step", "projunn_update", "tangent_project"]
@@ -122,7 +122,7 @@ def projunn_step(
     """
     L, Rh = projunn_update(W, G, lr=lr, rank=rank, variant=variant, oversample=oversample,
                            power_iters=power_iters, rng=rng)
-    return add_lowrank(array_namespace(W), W, L, Rh)
+    return add_lowrank(array_namespace(W), untracked(W), L, Rh)
 
 
 def projunn_update(
@@ -150,10 +150,13 @@ def projunn_update(
             raise TypeError(f"G as factors must be a pair (a, b) meaning a @ b^H, got {len(G)} items")
         a, b = G
         xp = namespace_of(W=W, **{"G[0]": a, "G[1]": b})
+        a, b = untracked(a), untracked(b)
         gradients = {"G[0]": a, "G[1]": b}
     else:
         xp = namespace_of(W=W, G=G)
+        G = untracked(G)
         gradients = {"G": G}
+    W = untracked(W)
     _refuse_jax_trace({"W": W, **gradients, "lr": lr})
     check_float_dtype(xp, "W", W)
     for name, x in gradients.items():
