@@ -1,4 +1,4 @@
-"""How far a matrix is from the unitary group (floor 4)."""
+"""How far a matrix is from the unitary group."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Products of Householder reflectors in compact WY form (floor 3)."""
+"""Products of Householder reflectors in compact WY form."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``unitary_lr.optax.projunn``: an optax ``GradientTransformation`` (floor 6).
+"""``unitary_lr.optax.projunn``: an optax ``GradientTransformation``.
 
 Leaves chosen by a mask are kept unitary (orthogonal if real) with projUNN
 steps; every other leaf is updated by the matching optax optimizer itself,
@@ -11,7 +11,7 @@ step count and the leaf's position, so a jitted run is reproducible and a
 state restored from a checkpoint continues the same stream.
 
 JAX's ``grad`` of a real loss of a complex array is the complex conjugate of
-PyTorch's ``.grad`` (design notes, section 2). The unitary leaves conjugate it
+PyTorch's ``.grad`` (see "Complex gradients" in the docs). The unitary leaves conjugate it
 before the projUNN step; the other leaves are left to optax's own convention.
 """
 

@@ -1,4 +1,4 @@
-"""Framework-free projUNN optimizer (floor 5).
+"""Framework-free projUNN optimizer.
 
 The pieces every adapter shares:
 

@@ -1,5 +1,5 @@
 """Closest unitary (orthogonal) matrices: dense polar factor and the low-rank
-update of a unitary matrix (floor 3)."""
+update of a unitary matrix."""
 
 from __future__ import annotations
 

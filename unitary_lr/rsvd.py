@@ -1,4 +1,4 @@
-"""Randomized truncated SVD (floor 3)."""
+"""Randomized truncated SVD."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""projUNN steps and the tangent-space projection (floor 4)."""
+"""projUNN steps and the tangent-space projection."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Exponential transport along a low-rank skew-Hermitian direction (floor 3)."""
+"""Exponential transport along a low-rank skew-Hermitian direction."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Householder transformation adaptation (HTA) of frozen linear layers (floor 6):
+"""Householder transformation adaptation (HTA) of frozen linear layers:
 :class:`HouseholderAdapter` and PEFT-style helpers to add, count, save and load
 adapters."""
 

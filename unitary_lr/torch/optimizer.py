@@ -1,4 +1,4 @@
-"""``unitary_lr.torch.ProjUNN``: a ``torch.optim.Optimizer`` (floor 6).
+"""``unitary_lr.torch.ProjUNN``: a ``torch.optim.Optimizer``.
 
 A thin shell over :mod:`unitary_lr.optim`: torch tensors go straight through
 array-api-compat to the same rules and kernels every backend uses, so GPU
