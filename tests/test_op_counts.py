@@ -130,3 +130,21 @@ def test_unitary_parameters_are_row_major():
 
     assert unitary_parameter(8, dtype=torch.float32).is_contiguous()
     assert unitary_parameter(8, batch_shape=(2,), dtype=torch.complex64).is_contiguous()
+
+
+def test_a_step_that_fails_for_a_later_parameter_changes_no_earlier_one():
+    """Every update is computed and checked before any is applied: here the
+    second unitary parameter's finite but huge gradient overflows its sketch,
+    after the first parameter's update was computed (it used to be applied)."""
+    from unitary_lr.torch import ProjUNN, unitary_parameter
+
+    W1 = unitary_parameter(16, dtype=torch.float32, generator=torch.Generator().manual_seed(0))
+    W2 = unitary_parameter(16, dtype=torch.float32, generator=torch.Generator().manual_seed(1))
+    opt = ProjUNN([W1, W2], lr=1e-2, base="sgd", seed=0)
+    W1.grad = torch.randn(16, 16, generator=torch.Generator().manual_seed(2))
+    W2.grad = torch.full((16, 16), 3e38)
+    before = W1.detach().clone(), W2.detach().clone()
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[1\].*too large.*no parameter was changed"):
+        opt.step()
+    assert torch.equal(W1.detach(), before[0]) and torch.equal(W2.detach(), before[1])
+    assert not opt.state[W1] and not opt.state[W2]
