@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from _helpers import is_complex, mH, tol, unitarity
+from _helpers import is_complex, tol, unitarity
 
 import unitary_lr as ul
 

@@ -125,6 +125,11 @@ def test_the_same_on_torch(case):
     assert np.all(np.isfinite(V))
     if case["fault"] == "none":
         assert np.all(unitarity(V) < tol(case["dtype"], 4)), unitarity(V)
+        if case["g_exp"] is None or case["lr"] * 10.0 ** case["g_exp"] <= 10:
+            # the same seed draws the same sketch: the same step to rounding
+            # (a larger step turns by many radians, where a last-bit difference
+            # of the two libraries' products moves the angle visibly)
+            np.testing.assert_allclose(V, expected, atol=tol(case["dtype"], 100))
 
 
 @st.composite

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from _helpers import haar, random_matrix, tol, unitarity
+from _helpers import haar, random_matrix, unitarity
 
 import unitary_lr as ul
 from unitary_lr.optim import ProjUNN, make_rule
