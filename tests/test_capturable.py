@@ -51,6 +51,7 @@ def test_capturable_step_reads_nothing_on_the_host(dtype, base):
     assert int(opt.state[W]["skipped_steps"]) == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["tangent", "direct"])
 def test_compiled_capturable_step_equals_the_eager_one(variant):
     import torch._inductor.config as inductor_config

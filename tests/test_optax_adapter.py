@@ -64,6 +64,7 @@ def test_unitary_leaves_stay_unitary_and_others_match_optax(base, hyper, dtype):
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.slow
 def test_same_minimiser_as_torch():
     """The convention check the design notes ask for: minimise the real loss
     ||W - U||_F^2 of a complex unitary W in PyTorch (grad = dL/dRe + i dL/dIm)
@@ -106,6 +107,7 @@ def test_schedule_callable_mask_and_float32():
     assert int(state.count) == 60
 
 
+@pytest.mark.slow
 def test_eager_and_jit_agree_and_state_restores():
     params, loss, mask = params_and_loss("complex128")
     opt = projunn(1e-2, unitary=mask, base="adam", rank=2, seed=3)
