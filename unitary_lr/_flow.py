@@ -270,17 +270,18 @@ def lowrank_right_update(xp, W, Y, Z, *, lr, variant, rank, cores, sketched, nam
     batch = _batch(W, Y, Z)
     Y, Z = xp.broadcast_to(Y, (*batch, *Y.shape[-2:])), xp.broadcast_to(Z, (*batch, *Z.shape[-2:]))
     core = core_dtype(xp, W.dtype, device(W))
+    scales = []  # of the factors, carried into the core (a sketch's Y is already scaled)
     if _needs_scaling(xp, W.dtype, cores):
-        one = xp.ones((*batch, 1, 1), dtype=real_dtype(xp, W.dtype), device=device(W))
-        Y, sy = (Y, one) if sketched else _scaled(xp, Y)
+        if not sketched:
+            Y, sy = _scaled(xp, Y)
+            scales.append(sy)
         Z, sz = _scaled(xp, Z)
-        c = adjoint_matmul(xp, W, Y)
-        C, sy, sz = cores.gather(_gram(xp, [Y, Z, c], core), *(xp.astype(x, core) for x in (sy, sz)))
-        scale = _clamped(cores.xp, sy) * _clamped(cores.xp, sz)
-    else:
-        c = adjoint_matmul(xp, W, Y)
-        (C,) = cores.gather(_gram(xp, [Y, Z, c], core))
-        scale = 1.0
+        scales.append(sz)
+    c = adjoint_matmul(xp, W, Y)
+    C, *scales = cores.gather(_gram(xp, [Y, Z, c], core), *(xp.astype(x, core) for x in scales))
+    scale = 1.0
+    for factor in scales:
+        scale = scale * _clamped(cores.xp, factor)
     sxp = cores.xp
     block = _blocks(C, (l, l, l))
     CP = C[..., l:, l:]
@@ -350,18 +351,16 @@ def transport_update(xp, W, a, b, *, t, cores):
     batch = _batch(W, a, b)
     a, b = xp.broadcast_to(a, (*batch, *a.shape[-2:])), xp.broadcast_to(b, (*batch, *b.shape[-2:]))
     core = core_dtype(xp, W.dtype, device(W))
+    scales = []  # of a and b, carried into t
     if _needs_scaling(xp, W.dtype, cores):
         (a, sa), (b, sb) = _scaled(xp, a), _scaled(xp, b)
-        P = xp.concat([a, b], axis=-1)
-        WhP = adjoint_matmul(xp, W, P)
-        C, sa, sb = cores.gather(_gram(xp, [P, WhP], core), *(xp.astype(x, core) for x in (sa, sb)))
-        sxp = cores.xp
-        t = _clamped(sxp, _clamped(sxp, _clamped(sxp, t) * _clamped(sxp, sa)) * _clamped(sxp, sb))
-    else:
-        P = xp.concat([a, b], axis=-1)
-        WhP = adjoint_matmul(xp, W, P)
-        (C,) = cores.gather(_gram(xp, [P, WhP], core))
+        scales = [sa, sb]
+    P = xp.concat([a, b], axis=-1)
+    WhP = adjoint_matmul(xp, W, P)
+    C, *scales = cores.gather(_gram(xp, [P, WhP], core), *(xp.astype(x, core) for x in scales))
     sxp = cores.xp
+    for factor in scales:
+        t = _clamped(sxp, _clamped(sxp, t) * _clamped(sxp, factor))
     CP, CW = C[..., :2 * k, :2 * k], C[..., 2 * k:, 2 * k:]
     eps = _eps(xp, W.dtype)
     tol = drop_tolerance(n, eps, cores.eps)
