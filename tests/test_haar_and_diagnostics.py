@@ -91,8 +91,12 @@ def test_unitarity_error_values():
     assert float(ul.unitarity_error(P)) == 0.0
     np.testing.assert_allclose(float(ul.unitarity_error(2 * np.eye(4))), 3.0)  # ||3 I||_F / 2
     np.testing.assert_allclose(float(ul.unitarity_error(np.zeros((9, 9), np.complex64))), 1.0)
-    with pytest.raises(ValueError, match=r"W must be square"):
-        ul.unitarity_error(np.ones((3, 4)))
+    # rectangular: orthonormal columns (tall) or rows (wide) are measured
+    np.testing.assert_allclose(float(ul.unitarity_error(np.eye(5)[:, :3])), 0.0)
+    np.testing.assert_allclose(float(ul.unitarity_error(np.ones((3, 4)))), np.sqrt(41))  # ||4 J - I||_F / sqrt(3)
+    np.testing.assert_allclose(float(ul.unitarity_error(np.ones((4, 3)))), np.sqrt(41))
+    with pytest.raises(ValueError, match=r"W must have shape \(..., m, n\), got shape \(3,\)"):
+        ul.unitarity_error(np.ones(3))
 
 
 def test_unitarity_error_of_float32_is_measured_above_float32_rounding(rng):
@@ -116,8 +120,8 @@ def test_unitarity_estimate_tracks_the_exact_error(backend, dtype, rng):
     assert np.all((ratio > 0.4) & (ratio < 2.5)), ratio
     with pytest.raises(ValueError, match=r"probes must be >= 1, got 0"):
         ul.unitarity_estimate(backend.asarray(W), probes=0)
-    with pytest.raises(ValueError, match=r"W must be square"):
-        ul.unitarity_estimate(backend.asarray(W[..., :-1]))
+    with pytest.raises(ValueError, match=r"W must have shape \(..., m, n\)"):
+        ul.unitarity_estimate(backend.asarray(W[0, 0]))
 
 
 def test_numpy_integer_sizes_are_sizes():

@@ -148,7 +148,7 @@ def test_errors_leave_everything_unchanged(rng):
         ({"lr": 1e-3, "base": "adam", "betas": (0.9, 1.0)}, ValueError, r"betas must be two numbers in \[0, 1\), got \(0.9, 1.0\)"),
         ({"lr": 1e-3, "base": "rmsprop", "alpha": 1.5}, ValueError, r"alpha must be in \[0, 1\), got 1.5"),
         ({"lr": 1e-3, "base": "rmsprop", "eps": -1.0}, ValueError, r"eps must be a finite number >= 0, got -1.0"),
-        ({"lr": 1e-3, "variant": "cayley"}, ValueError, r"variant must be one of 'tangent', 'direct', got 'cayley'"),
+        ({"lr": 1e-3, "variant": "geodesic"}, ValueError, r"variant must be one of 'tangent', 'direct', 'cayley', got 'geodesic'"),
         ({"lr": 1e-3, "drift_tol": 0.0}, ValueError, r"drift_tol must be > 0 or None, got 0.0"),
         ({"lr": 1e-3, "reproject": "qr"}, ValueError, r"reproject must be one of 'svd', 'newton_schulz', got 'qr'"),
         ({"lr": 1e-3, "unitary": "yes"}, TypeError, r"unitary must be True or False, got 'yes'"),

@@ -184,8 +184,8 @@ def test_step_errors(backend, rng):
         (dict(lr=float("inf")), ValueError, r"lr must be finite, got inf"),
         (dict(lr="0.1"), TypeError, r"lr must be a real number, got str: '0.1'"),
         (dict(lr=0.1, rank=0), ValueError, r"rank must be >= 1, got 0"),
-        (dict(lr=0.1, rank=17), ValueError, r"rank must be <= 16 = n for W of shape \(16, 16\), got 17"),
-        (dict(lr=0.1, variant="cayley"), ValueError, r"variant must be one of 'tangent', 'direct', got 'cayley'"),
+        (dict(lr=0.1, rank=17), ValueError, r"rank must be <= 16 = min\(n, m\) for W of shape \(16, 16\), got 17"),
+        (dict(lr=0.1, variant="geodesic"), ValueError, r"variant must be one of 'tangent', 'direct', 'cayley', got 'geodesic'"),
         (dict(lr=0.1, oversample=-1), ValueError, r"oversample must be >= 0, got -1"),
         (dict(lr=0.1, rng=1.5), TypeError, r"rng must be None, an int seed or a numpy.random.Generator, got float"),
     ]
@@ -200,7 +200,7 @@ def test_step_bad_arrays(backend, rng):
     W = haar(rng, N, "float32")
     G = random_matrix(rng, (N, N), "float32")
     W_, G_ = backend.asarray(W), backend.asarray(G)
-    with pytest.raises(ValueError, match=r"W must be square, shape \(..., n, n\), got shape \(16, 8\)"):
+    with pytest.raises(ValueError, match=r"G must have shape \(..., 16, 8\) to match W of shape \(16, 8\), got shape \(16, 16\)"):
         ul.projunn_step(backend.asarray(W[:, :8]), G_, lr=0.1)
     with pytest.raises(ValueError, match=r"G must have shape \(..., 16, 16\) to match W of shape \(16, 16\), got shape \(16, 8\)"):
         ul.projunn_step(W_, backend.asarray(G[:, :8]), lr=0.1)

@@ -194,8 +194,8 @@ def test_bad_parameters_and_settings():
         ProjUNN([square], lr=-0.1)
     with pytest.raises(ValueError, match=r"ProjUNN: base must be one of 'sgd', 'rmsprop', 'adam', got 'lion'"):
         ProjUNN([square], base="lion")
-    with pytest.raises(ValueError, match=r"param group 1: variant must be one of 'tangent', 'direct', got 'cayley'"):
-        ProjUNN([{"params": [rect]}, {"params": [square], "variant": "cayley"}])
+    with pytest.raises(ValueError, match=r"param group 1: variant must be one of 'tangent', 'direct', 'cayley', got 'geodesic'"):
+        ProjUNN([{"params": [rect]}, {"params": [square], "variant": "geodesic"}])
     with pytest.raises(ValueError, match=r"param group 0 mixes unitary parameters .* with others"):
         ProjUNN([{"params": [square, rect]}])
     with pytest.raises(TypeError, match=r"unitary parameter .* has dtype torch.float16"):

@@ -12,13 +12,14 @@ from .householder import householder_apply, householder_product
 from .polar import ConvergenceError, project_unitary, project_unitary_lowrank
 from .rsvd import SVDResult, randomized_svd
 from .steps import projunn_step, tangent_project
-from .transport import exp_transport
+from .transport import cayley_transport, exp_transport
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "ConvergenceError",
     "SVDResult",
+    "cayley_transport",
     "exp_transport",
     "householder_apply",
     "householder_product",

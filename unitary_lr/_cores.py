@@ -160,14 +160,19 @@ def drop_tolerance(n, eps, core_eps):
     return max(max(n, 64) * (8 * eps) ** 2, 64 * core_eps)
 
 
-def expm_skew_minus_identity(xp, K, t):
+def expm_skew_minus_identity(xp, K, t, *, cayley=False):
     """expm(t K) - I for skew-Hermitian K (..., r, r); t a number or a 0-d array.
+    ``cayley=True``: the Cayley map ``(I - t/2 K)^(-1) (I + t/2 K) - I`` instead.
 
     With i t K = V diag(lam) V^H (Hermitian eigendecomposition),
     expm(t K) - I = V diag(exp(-i lam) - 1) V^H, and
     exp(-i lam) - 1 = -2 sin^2(lam / 2) - i sin(lam) keeps full relative
-    accuracy for tiny lam. Real K gives a real result built from exact plane
-    rotations (see below).
+    accuracy for tiny lam. The Cayley map has the same eigenvectors and the
+    eigenvalues ``(1 - i lam/2) / (1 + i lam/2) = exp(-2 i atan(lam / 2))``: the
+    same formula with the angle ``2 atan(lam / 2)``, which needs no solve, is
+    unitary to rounding for every t and tends to a reflection (angle pi) as t
+    grows, where ``I - t/2 K`` is singular in floating point. Real K gives a
+    real result built from exact plane rotations (see below).
     """
     ctype = complex_dtype(xp, K.dtype)
     Kc = xp.astype(K, ctype, copy=False)
@@ -175,10 +180,13 @@ def expm_skew_minus_identity(xp, K, t):
         lam, V = xp.linalg.eigh(Kc * (1j * t))
     else:  # a 0-d array (a traced learning rate)
         lam, V = xp.linalg.eigh(Kc * (xp.astype(t, ctype) * 1j))
-    # Reduce to [-pi, pi]: exact for |lam| < pi, and for huge steps it keeps
-    # sin(lam) and sin(lam / 2) consistent (so |exp(-i lam)| = 1 to rounding)
-    # in math libraries whose argument reduction is loose for large arguments.
-    angle = lam - (2 * math.pi) * xp.round(lam / (2 * math.pi))
+    if cayley:
+        angle = 2 * xp.atan(lam / 2)
+    else:
+        # Reduce to [-pi, pi]: exact for |lam| < pi, and for huge steps it keeps
+        # sin(lam) and sin(lam / 2) consistent (so |exp(-i lam)| = 1 to rounding)
+        # in math libraries whose argument reduction is loose for large arguments.
+        angle = lam - (2 * math.pi) * xp.round(lam / (2 * math.pi))
     # Eigenvalues at the eigensolver's rounding level (matrix_rank's criterion)
     # are zero in exact arithmetic: K of odd size or of lower rank. Their noise
     # angle, eps t |K|, would otherwise rotate W's untouched directions.
@@ -212,52 +220,81 @@ def _column_norm(xp, x):
     return xp.where(norm > 0, norm, xp.ones_like(norm))
 
 
-def polar_minus_identity(xp, B, *, traced=True):
+def polar_minus_identity(xp, B, *, bottom=None, traced=True):
     """polar(I + B) - I for square B (..., r, r): the unitary factor of I + B,
-    minus the identity.
+    minus the identity. With ``bottom`` E (..., j, r): the polar factor X of
+    the stacked (r + j) x r matrix ``[I + B; E]`` (orthonormal columns),
+    returned as the pair ``(X_top - I, X_bottom)``.
 
-    Small B: with H = B + B^H + B^H B = (I + B)^H (I + B) - I = Y diag(mu) Y^H,
+    Small B (and E): with H = B + B^H + B^H B + E^H E = M^H M - I = Y diag(mu) Y^H,
     (I + H)^(-1/2) - I = Y diag(-mu / (sqrt(1+mu) (1 + sqrt(1+mu)))) Y^H =: S and
-    polar(I + B) - I = B + S + B S, free of cancellation, and exactly 0 for B = 0.
-    Otherwise: U V^H - I from the SVD of I + B, scaled so that no finite B
-    overflows, which is well defined for huge B and picks a unitary polar
-    factor when I + B is singular. ``traced=False`` computes only the branch
-    each matrix takes (host cores); traced code computes both and selects.
+    X_top - I = B + S + B S, X_bottom = E (I + S), free of cancellation, and
+    exactly (0, 0) for B = 0, E = 0.
+    Otherwise: U V^H from the thin SVD of M, scaled so that no finite B
+    overflows, which is well defined for huge B and picks one polar factor
+    when M is rank-deficient. ``traced=False`` computes only the branch each
+    matrix takes (host cores); traced code computes both and selects.
     """
-    identity = eye(xp, B.shape[-1], like=B)
-    norm = xp.linalg.matrix_norm(B)
+    r = B.shape[-1]
+    identity = eye(xp, r, like=B)
+    stacked = B if bottom is None else xp.concat([B, bottom], axis=-2)
+    norm = xp.linalg.matrix_norm(stacked)
     is_small = norm <= _SMALL
     if not traced and B.ndim == 2:
-        return _polar_small(xp, B) if bool(is_small) else _polar_large(xp, B, norm, identity)
+        if bool(is_small):
+            return _polar_small(xp, B, bottom)
+        return _polar_large(xp, stacked, norm, identity, bottom is not None)
     if not is_complex(xp, B.dtype):
         # The polar factor of a real matrix is real; computed in complex
         # arithmetic here because torch.compile's inductor (2.13) mis-compiles a
         # graph holding both real branches (two real LAPACK calls on related
         # buffers gave a wrong D, never a non-unitary one). The cores are r x r.
-        result = polar_minus_identity(xp, xp.astype(B, complex_dtype(xp, B.dtype)), traced=True)
-        return xp.real(result)
-    zero = xp.zeros_like(B)
-    small = _polar_small(xp, xp.where(is_small[..., None, None], B, zero))
-    large = _polar_large(xp, xp.where(is_small[..., None, None], zero, B), norm, identity)
-    return xp.where(is_small[..., None, None], small, large)
+        ctype = complex_dtype(xp, B.dtype)
+        result = polar_minus_identity(xp, xp.astype(B, ctype),
+                                      bottom=None if bottom is None else xp.astype(bottom, ctype), traced=True)
+        return xp.real(result) if bottom is None else tuple(xp.real(x) for x in result)
+    select = is_small[..., None, None]
+    zero = xp.zeros_like(stacked)
+    small = _polar_small(xp, *_split(xp, xp.where(select, stacked, zero), r, bottom is not None))
+    large = _polar_large(xp, xp.where(select, zero, stacked), norm, identity, bottom is not None)
+    if bottom is None:
+        return xp.where(select, small, large)
+    return tuple(xp.where(select, s, g) for s, g in zip(small, large))
 
 
-def _polar_small(xp, B):
+def _split(xp, stacked, r, has_bottom):
+    return (stacked[..., :r, :], stacked[..., r:, :]) if has_bottom else (stacked, None)
+
+
+def _polar_small(xp, B, E=None):
     Bh = mH(xp, B)
-    mu, Y = xp.linalg.eigh(B + Bh + Bh @ B)
+    H = B + Bh + Bh @ B
+    if E is not None:
+        H = H + mH(xp, E) @ E
+    mu, Y = xp.linalg.eigh(H)
     root = xp.sqrt(1 + xp.clip(mu, min=-0.75))
     shrink = -mu / (root * (1 + root))
     S = (Y * xp.astype(shrink, Y.dtype)[..., None, :]) @ mH(xp, Y)
-    return B + S + B @ S
+    top = B + S + B @ S
+    return top if E is None else (top, E + E @ S)
 
 
-def _polar_large(xp, B, norm, identity):
+def _polar_large(xp, stacked, norm, identity, has_bottom):
     # polar(c M) = polar(M) for c > 0: divide by ||B|| (>= 1/2 here) so that
     # I + B is formed without overflow however large B is.
-    scale = xp.where(norm > 1, norm, xp.ones_like(norm))
-    scaled = identity / xp.astype(scale, B.dtype)[..., None, None] + B / xp.astype(scale, B.dtype)[..., None, None]
+    r = identity.shape[-1]
+    scale = xp.astype(xp.where(norm > 1, norm, xp.ones_like(norm)), stacked.dtype)[..., None, None]
+    scaled = stacked / scale
+    if has_bottom:
+        pad = xp.zeros((*stacked.shape[:-2], stacked.shape[-2] - r, r), dtype=stacked.dtype, device=device(stacked))
+        scaled = scaled + xp.concat([xp.broadcast_to(identity, (*stacked.shape[:-2], r, r)), pad], axis=-2) / scale
+    else:
+        scaled = scaled + identity / scale
     U, _, Vh = xp.linalg.svd(scaled, full_matrices=False)
-    return U @ Vh - identity
+    X = U @ Vh
+    if not has_bottom:
+        return X - identity
+    return X[..., :r, :] - identity, X[..., r:, :]
 
 
 def add_lowrank(xp, W, L, Rh):

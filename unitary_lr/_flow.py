@@ -25,7 +25,7 @@ import warnings
 from ._cores import drop_tolerance, expm_skew_minus_identity, gram_basis, polar_minus_identity
 from ._xp import adjoint_matmul, core_dtype, device, matmul_panel, mH, panel_times_small, real_dtype
 
-__all__ = ["checked", "lowrank_right_update", "sketch_panels", "transport_update"]
+__all__ = ["checked", "lowrank_right_update", "lowrank_update", "sketch_panels", "stiefel_update", "transport_update"]
 
 # Unitarity of W as the step sees it: the largest relative change of |W x|^2
 # over the step's panel. The check is for matrices that are not unitary at all
@@ -254,100 +254,239 @@ def _reorthonormalize_steps(sxp, spread, m, eps):
 
 
 def lowrank_right_update(xp, W, Y, Z, *, lr, variant, rank, cores, sketched, names):
-    """(L, Rh) such that the new W is ``W + L @ Rh``, the step of W along
+    """(L, Rh) such that the new square W is ``W + L @ Rh``, the step of W along
     ``-lr G_k`` with ``G_k = Y Pi Z^H``.
 
     ``sketched``: Y and Z come from :func:`sketch_panels` and ``Pi`` is the
     pseudo-inverse of ``Y^H Y`` truncated to the top ``rank`` singular
     directions of the sketch; otherwise G = Y Z^H exactly (``Pi = I``).
-    ``variant`` "tangent": ``W expm(-lr/2 (W^H G_k - G_k^H W))``; "direct":
-    ``polar(W - lr G_k)``. Both are ``W (I + Q D Q^H)`` with Q an orthonormal
-    basis of span[Z, W^H Y], so W's own departure from unitarity is never
-    amplified. ``names`` = (name of Y's source, of Z's source) for errors.
-    Passes over W: ``W^H Y``, ``W Q`` and the update.
+    ``variant`` "tangent": ``W expm(-lr/2 (W^H G_k - G_k^H W))``; "cayley":
+    the Cayley map of the same generator; "direct": ``polar(W - lr G_k)``.
+    All are ``W (I + Q D Q^H)`` with Q an orthonormal basis of span[Z, W^H Y],
+    so W's own departure from unitarity is never amplified. ``names`` = (name
+    of Y's source, of Z's source) for errors. Passes over W: ``W^H Y``,
+    ``W Q`` and the update.
     """
     n, l = W.shape[-1], Y.shape[-1]
-    batch = _batch(W, Y, Z)
-    Y, Z = xp.broadcast_to(Y, (*batch, *Y.shape[-2:])), xp.broadcast_to(Z, (*batch, *Z.shape[-2:]))
-    core = core_dtype(xp, W.dtype, device(W))
-    scales = []  # of the factors, carried into the core (a sketch's Y is already scaled)
-    if _needs_scaling(xp, W.dtype, cores):
-        if not sketched:
-            Y, sy = _scaled(xp, Y)
-            scales.append(sy)
-        Z, sz = _scaled(xp, Z)
-        scales.append(sz)
+    Y, Z, core, scale_panels = _prepare(xp, W, Y, Z, cores, sketched)
     c = adjoint_matmul(xp, W, Y)
-    C, *scales = cores.gather(_gram(xp, [Y, Z, c], core), *(xp.astype(x, core) for x in scales))
-    scale = 1.0
-    for factor in scales:
-        scale = scale * _clamped(cores.xp, factor)
+    C, *scales = cores.gather(_gram(xp, [Y, Z, c], core), *scale_panels)
     sxp = cores.xp
     block = _blocks(C, (l, l, l))
     CP = C[..., l:, l:]
     eps = _eps(xp, W.dtype)
     tol = drop_tolerance(n, eps, cores.eps)
-    if cores.traced:
-        steps = _TRACED_REORTHONORMALIZE
-    else:
+    if not cores.traced:
         _check_finite(sxp, block(0, 0), names[0])
         _check_finite(sxp, block(1, 1), names[1])
         _check_finite(sxp, C, "W")
         # |W^H y|^2 against |y|^2: W W^H = I exactly when W^H W = I
         _check_unitary(sxp, block(0, 0), block(2, 2))
     T, D, spread = _right_core(sxp, block(0, 0), CP, lr=lr, variant=variant, rank=rank, l=l,
-                               sketched=sketched, tol=tol, traced=cores.traced, scale=scale)
-    if not cores.traced:
-        steps = _reorthonormalize_steps(sxp, spread, CP.shape[-1], eps)
-    T, column_scale = _balance(sxp, CP, T, cores.traced)
-    if column_scale is None:
-        T, D = cores.scatter(T, D)
-    else:
-        T, D, column_scale = cores.scatter(T, D, column_scale)
+                               sketched=sketched, tol=tol, traced=cores.traced, scale=_product(sxp, scales))
+    steps = _TRACED_REORTHONORMALIZE if cores.traced else _reorthonormalize_steps(sxp, spread, CP.shape[-1], eps)
+    T, D, column_scale = _scatter(sxp, cores, CP, T, D)
     return _apply_right(xp, W, xp.concat([Z, c], axis=-1), T, D, steps, column_scale)
+
+
+def _sketch_projector(sxp, Cy, Cz, *, rank, l, sketched, tol):
+    """Pi (..., l, l) with ``G_k = Y Pi Z^H``: for a sketch, the pseudo-inverse
+    of ``Y^H Y`` truncated to the top ``rank`` singular directions of
+    ``Y (Y^H Y)^+ Z^H`` (Grams Cy = Y^H Y, Cz = Z^H Z); otherwise I."""
+    if not sketched:
+        return sxp.broadcast_to(sxp.eye(l, dtype=Cy.dtype), (*Cy.shape[:-2], l, l))
+    Ty, _, _ = gram_basis(sxp, Cy, tol)
+    if rank >= l:
+        return Ty @ mH(sxp, Ty)
+    _, Ub = sxp.linalg.eigh(mH(sxp, Ty) @ Cz @ Ty)
+    U = Ty @ Ub[..., -rank:]
+    return U @ mH(sxp, U)
+
+
+def _step_size(sxp, lr, scale):
+    """The step's size lr * scale, clamped where it exceeds any meaningful step
+    (the polar, exp and Cayley cores are then saturated) instead of overflowing."""
+    return _clamped(sxp, _clamped(sxp, lr) * scale) if isinstance(lr, (int, float)) else lr * scale
+
+
+def _skew_core(sxp, K, size, variant):
+    """The tangent or Cayley step's ``f(K) - I`` for the skew-Hermitian
+    ``K = W^H G_k - G_k^H W`` (in a basis): ``expm(-size/2 K)`` and
+    ``(I + size/2 K)^(-1) (I - size/2 K)``."""
+    if variant == "cayley":
+        return expm_skew_minus_identity(sxp, K, -size, cayley=True)
+    return expm_skew_minus_identity(sxp, K, -size / 2)
 
 
 def _right_core(sxp, Cy, CP, *, lr, variant, rank, l, sketched, tol, traced, scale=1.0):
     """(T, D, spread): the basis Q = P T of span P, the core D in Q's
     coordinates, for ``G_k = scale * Y Pi Z^H``, and the basis' spread (see
     :func:`gram_basis`)."""
-    if sketched:
-        Ty, _, _ = gram_basis(sxp, Cy, tol)
-        if rank < l:
-            Cz = CP[..., :l, :l]
-            _, Ub = sxp.linalg.eigh(mH(sxp, Ty) @ Cz @ Ty)
-            U = Ty @ Ub[..., -rank:]
-            Pi = U @ mH(sxp, U)
-        else:
-            Pi = Ty @ mH(sxp, Ty)
-    else:
-        Pi = sxp.broadcast_to(sxp.eye(l, dtype=CP.dtype), (*CP.shape[:-2], l, l))
+    Pi = _sketch_projector(sxp, Cy, CP[..., :l, :l], rank=rank, l=l, sketched=sketched, tol=tol)
     zero = sxp.zeros_like(Pi)
     # W^H G_k = c Pi Z^H = [Z, c] A0 [Z, c]^H
     A0 = sxp.concat([sxp.concat([zero, zero], axis=-1), sxp.concat([Pi, zero], axis=-1)], axis=-2)
     T, R, spread = gram_basis(sxp, CP, tol)
     A = R @ A0 @ mH(sxp, R)
-    # the step's size lr * scale, clamped where it exceeds any meaningful step
-    # (the polar and exp cores are then saturated) instead of overflowing
-    size = _clamped(sxp, _clamped(sxp, lr) * scale) if isinstance(lr, (int, float)) else lr * scale
-    if variant == "tangent":
-        D = expm_skew_minus_identity(sxp, A - mH(sxp, A), -size / 2)
-    else:
+    size = _step_size(sxp, lr, scale)
+    if variant == "direct":
         D = polar_minus_identity(sxp, -size * A, traced=traced)
+    else:
+        D = _skew_core(sxp, A - mH(sxp, A), size, variant)
     return T, D, spread
 
 
-def transport_update(xp, W, a, b, *, t, cores):
-    """(L, Rh) with ``expm(t (a b^H - b a^H)) W = W + L @ Rh``.
+def lowrank_update(xp, W, Y, Z, *, lr, variant, rank, cores, sketched, names):
+    """:func:`lowrank_right_update` for W of shape (..., n, m), n >= m: the
+    square case in W's frame, a tall W (orthonormal columns) by
+    :func:`stiefel_update`. Wide matrices are handled by the callers through
+    the conjugate transpose."""
+    update = lowrank_right_update if W.shape[-1] == W.shape[-2] else stiefel_update
+    return update(xp, W, Y, Z, lr=lr, variant=variant, rank=rank, cores=cores, sketched=sketched, names=names)
 
-    In W's frame the generator is ``W^H X W = P K0 P^H`` with the panel
-    ``P = W^H [a, b]`` and ``K0 = [[0, I], [-I, 0]]``; with Q = P T an
-    orthonormal basis of span P and P = Q R, the result is
-    ``W (I + Q (expm(t K) - I) Q^H)``, ``K = R K0 R^H``. Passes over W:
-    ``[a, b]^H W``, ``W Q`` and the update; the Gram of the first panel shows
-    NaN/Inf and W's unitarity for free.
+
+def stiefel_update(xp, W, Y, Z, *, lr, variant, rank, cores, sketched, names):
+    """(L, Rh) with the new W = ``W + L @ Rh`` for a tall W (..., n, m), n > m,
+    with orthonormal columns, Y (..., n, l) and Z (..., m, l), ``G_k = Y Pi Z^H``
+    as in :func:`lowrank_right_update`.
+
+    "tangent" and "cayley" act from the left: ``f(A) W`` with the n x n
+    skew-Hermitian ``A = G_k W^H - W G_k^H = P K0 P^H``, P = [Y, W Z],
+    ``K0 = [[0, Pi], [-Pi, 0]]``; with P = Q R, ``f(A) W = W + Q (f(K) - I) Q^H W``,
+    K = R K0 R^H. Passes over W: ``W Z``, ``Q^H W`` and the update.
+
+    "direct" acts from the right, with the part of Y outside W's range:
+    ``M = W - s Y Pi Z^H``, c = W^H Y, ``a_perp = Y - W c``; with [Z, c] = Q R,
+    ``M Q = [W Q, N] [I + B; R_a E]`` (N = a_perp T_a orthonormal, a_perp = N R_a)
+    and ``polar(M) = W + (W Q (X_top - I) + N X_bottom) Q^H`` from the polar
+    factor X of the small stacked matrix. Passes over W: ``W^H Y``, ``W c``,
+    ``W Q`` and the update.
     """
-    n, k = W.shape[-1], a.shape[-1]
+    if variant == "direct":
+        return _stiefel_direct(xp, W, Y, Z, lr=lr, rank=rank, cores=cores, sketched=sketched, names=names)
+    n, l = W.shape[-2], Y.shape[-1]
+    Y, Z, core, scale_panels = _prepare(xp, W, Y, Z, cores, sketched)
+    e = matmul_panel(xp, W, Z)
+    Cn, Cz, *scales = cores.gather(_gram(xp, [Y, e], core), _gram(xp, [Z], core), *scale_panels)
+    sxp = cores.xp
+    eps = _eps(xp, W.dtype)
+    tol = drop_tolerance(n, eps, cores.eps)
+    Cy, Ce = Cn[..., :l, :l], Cn[..., l:, l:]
+    if not cores.traced:
+        _check_finite(sxp, Cy, names[0])
+        _check_finite(sxp, Cz, names[1])
+        _check_finite(sxp, Cn, "W")
+        # |W z|^2 against |z|^2: W^H W = I
+        _check_unitary(sxp, Cz, Ce)
+    Pi = _sketch_projector(sxp, Cy, Cz, rank=rank, l=l, sketched=sketched, tol=tol)
+    zero = sxp.zeros_like(Pi)
+    K0 = sxp.concat([sxp.concat([zero, Pi], axis=-1), sxp.concat([-Pi, zero], axis=-1)], axis=-2)
+    T, R, spread = gram_basis(sxp, Cn, tol)
+    D = _skew_core(sxp, R @ K0 @ mH(sxp, R), _step_size(sxp, lr, _product(sxp, scales)), variant)
+    steps = _TRACED_REORTHONORMALIZE if cores.traced else _reorthonormalize_steps(sxp, spread, Cn.shape[-1], eps)
+    return _apply_left(xp, W, xp.concat([Y, e], axis=-1), *_scatter(sxp, cores, Cn, T, D), steps)
+
+
+def _stiefel_direct(xp, W, Y, Z, *, lr, rank, cores, sketched, names):
+    n, l = W.shape[-2], Y.shape[-1]
+    Y, Z, core, scale_panels = _prepare(xp, W, Y, Z, cores, sketched)
+    c = adjoint_matmul(xp, W, Y)
+    Wc = matmul_panel(xp, W, c)
+    a_perp = Y - Wc
+    Cm, Cn, *scales = cores.gather(_gram(xp, [Z, c], core), _gram(xp, [Y, a_perp, Wc], core), *scale_panels)
+    sxp = cores.xp
+    eps = _eps(xp, W.dtype)
+    tol = drop_tolerance(n, eps, cores.eps)
+    block = _blocks(Cn, (l, l, l))
+    Cy = block(0, 0)
+    if not cores.traced:
+        _check_finite(sxp, Cy, names[0])
+        _check_finite(sxp, Cm[..., :l, :l], names[1])
+        _check_finite(sxp, Cn, "W")
+        _check_finite(sxp, Cm, "W")
+        # |W c|^2 against |c|^2: W^H W = I
+        _check_unitary(sxp, Cm[..., l:, l:], block(2, 2))
+    Pi = _sketch_projector(sxp, Cy, Cm[..., :l, :l], rank=rank, l=l, sketched=sketched, tol=tol)
+    zero = sxp.zeros_like(Pi)
+    A0 = sxp.concat([sxp.concat([zero, zero], axis=-1), sxp.concat([Pi, zero], axis=-1)], axis=-2)
+    T, R, spread = gram_basis(sxp, Cm, tol)
+    size = _step_size(sxp, lr, _product(sxp, scales))
+    B = -size * (R @ A0 @ mH(sxp, R))
+    E = -size * (Pi @ mH(sxp, R[..., :, :l]))
+    # a column of Y inside W's range to rounding has no a_perp part: its
+    # computed a_perp (about eps sqrt(m) |y|) is cancellation noise; dropping
+    # it keeps N orthogonal to W's range (keeping it would cost only an error
+    # of that size)
+    Ca = block(1, 1)
+    da, dy = sxp.real(sxp.linalg.diagonal(Ca)), sxp.real(sxp.linalg.diagonal(Cy))
+    keep = sxp.astype(da > (64 * eps * eps * max(W.shape[-1], 64)) * dy, Ca.dtype)
+    Ta, Ra, _ = gram_basis(sxp, Ca * (keep[..., :, None] * keep[..., None, :]), tol)
+    D, X_bottom = polar_minus_identity(sxp, B, bottom=Ra @ E, traced=cores.traced)
+    steps = _TRACED_REORTHONORMALIZE if cores.traced else _reorthonormalize_steps(sxp, spread, Cm.shape[-1], eps)
+    DN = Ta @ X_bottom  # a_perp's coefficients
+    T, D, DN = (cores.scatter(T, D, DN))
+    L, Rh = _apply_right(xp, W, xp.concat([Z, c], axis=-1), T, D, steps)
+    return L + panel_times_small(xp, a_perp, DN), Rh
+
+
+def _prepare(xp, W, Y, Z, cores, sketched):
+    """Y and Z broadcast to the common batch, rescaled where the cores need it
+    (see :func:`_needs_scaling`), in W's dtype; the core dtype and the scales
+    to gather (their product multiplies the step)."""
+    batch = _batch(W, Y, Z)
+    Y, Z = xp.broadcast_to(Y, (*batch, *Y.shape[-2:])), xp.broadcast_to(Z, (*batch, *Z.shape[-2:]))
+    core = core_dtype(xp, W.dtype, device(W))
+    scales = []
+    if _needs_scaling(xp, W.dtype, cores):
+        if not sketched:
+            Y, sy = _scaled(xp, Y)
+            scales.append(sy)
+        Z, sz = _scaled(xp, Z)
+        scales.append(sz)
+    return Y, Z, core, [xp.astype(x, core) for x in scales]
+
+
+def _product(sxp, scales):
+    scale = 1.0
+    for factor in scales:
+        scale = scale * _clamped(sxp, factor)
+    return scale
+
+
+def _scatter(sxp, cores, C, T, D):
+    """(T, D, column scale or None) on the device, in one transfer; the panel
+    columns balanced (see :func:`_balance`) where needed."""
+    T, column_scale = _balance(sxp, C, T, cores.traced)
+    if column_scale is None:
+        return (*cores.scatter(T, D), None)
+    return cores.scatter(T, D, column_scale)
+
+
+def _apply_left(xp, W, P, T, D, column_scale, reorthonormalize):
+    """(L, Rh) = (Q D, Q^H W) with Q = P T: the new W is ``(I + Q D Q^H) W``,
+    unitary to rounding whenever Q has orthonormal columns."""
+    if column_scale is not None:
+        P = P * column_scale[..., None, :]
+    Q = panel_times_small(xp, P, T)
+    for _ in range(reorthonormalize):
+        Q = panel_times_small(xp, Q, _newton_schulz_factor(xp, Q))
+    return panel_times_small(xp, Q, D), mH(xp, adjoint_matmul(xp, W, Q))
+
+
+def transport_update(xp, W, a, b, *, t, cores, cayley=False):
+    """(L, Rh) with ``f(t (a b^H - b a^H)) W = W + L @ Rh``, f = expm, or the
+    Cayley map ``f(X) = (I - X/2)^(-1) (I + X/2)`` when ``cayley``.
+
+    Square W: in W's frame the generator is ``W^H X W = P K0 P^H`` with the
+    panel ``P = W^H [a, b]`` and ``K0 = [[0, I], [-I, 0]]``; with Q = P T an
+    orthonormal basis of span P and P = Q R, the result is
+    ``W (I + Q (f(t K) - I) Q^H)``, ``K = R K0 R^H``. Passes over W:
+    ``[a, b]^H W``, ``W Q`` and the update; the Gram of the first panel shows
+    NaN/Inf and W's unitarity for free. Non-square W (..., n, m): from the
+    left, ``(I + Q (f(t K) - I) Q^H) W`` with P = [a, b] itself, exact for any W;
+    passes: ``Q^H W`` and the update.
+    """
+    n, k = W.shape[-2], a.shape[-1]
     batch = _batch(W, a, b)
     a, b = xp.broadcast_to(a, (*batch, *a.shape[-2:])), xp.broadcast_to(b, (*batch, *b.shape[-2:]))
     core = core_dtype(xp, W.dtype, device(W))
@@ -356,34 +495,32 @@ def transport_update(xp, W, a, b, *, t, cores):
         (a, sa), (b, sb) = _scaled(xp, a), _scaled(xp, b)
         scales = [sa, sb]
     P = xp.concat([a, b], axis=-1)
-    WhP = adjoint_matmul(xp, W, P)
-    C, *scales = cores.gather(_gram(xp, [P, WhP], core), *(xp.astype(x, core) for x in scales))
+    square = W.shape[-1] == n
+    panels = [P, adjoint_matmul(xp, W, P)] if square else [P]
+    C, *scales = cores.gather(_gram(xp, panels, core), *(xp.astype(x, core) for x in scales))
     sxp = cores.xp
     for factor in scales:
         t = _clamped(sxp, _clamped(sxp, t) * _clamped(sxp, factor))
-    CP, CW = C[..., :2 * k, :2 * k], C[..., 2 * k:, 2 * k:]
+    CP = C[..., :2 * k, :2 * k]
+    CW = C[..., 2 * k:, 2 * k:] if square else CP
     eps = _eps(xp, W.dtype)
     tol = drop_tolerance(n, eps, cores.eps)
-    if cores.traced:
-        steps = _TRACED_REORTHONORMALIZE
-    else:
+    if not cores.traced:
         _check_finite(sxp, C[..., :k, :k], "a")
         _check_finite(sxp, CP, "b")
-        _check_finite(sxp, C, "W")
-        _check_unitary(sxp, CP, CW)
+        if square:
+            _check_finite(sxp, C, "W")
+            _check_unitary(sxp, CP, CW)
     T, R, spread = gram_basis(sxp, CW, tol)
-    if not cores.traced:
-        steps = _reorthonormalize_steps(sxp, spread, CW.shape[-1], eps)
+    steps = _TRACED_REORTHONORMALIZE if cores.traced else _reorthonormalize_steps(sxp, spread, CW.shape[-1], eps)
     identity = sxp.broadcast_to(sxp.eye(k, dtype=C.dtype), (*C.shape[:-2], k, k))
     zero = sxp.zeros_like(identity)
     K0 = sxp.concat([sxp.concat([zero, identity], axis=-1), sxp.concat([-identity, zero], axis=-1)], axis=-2)
-    D = expm_skew_minus_identity(sxp, R @ K0 @ mH(sxp, R), t)
-    T, column_scale = _balance(sxp, CW, T, cores.traced)
-    if column_scale is None:
-        T, D = cores.scatter(T, D)
-    else:
-        T, D, column_scale = cores.scatter(T, D, column_scale)
-    return _apply_right(xp, W, WhP, T, D, steps, column_scale)
+    D = expm_skew_minus_identity(sxp, R @ K0 @ mH(sxp, R), t, cayley=cayley)
+    T, D, column_scale = _scatter(sxp, cores, CW, T, D)
+    if square:
+        return _apply_right(xp, W, panels[1], T, D, steps, column_scale)
+    return _apply_left(xp, W, P, T, D, column_scale, steps)
 
 
 def _batch(*arrays):

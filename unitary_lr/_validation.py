@@ -94,13 +94,14 @@ def check_batch_compatible(**arrays):
         raise ValueError(f"batch axes (all but the last two) do not broadcast: {pretty}") from None
 
 
-def check_factor_pair(a_name, a, b_name, b, n, n_from):
-    """a and b must be (..., n, k) with the same k; n comes from argument n_from."""
-    for name, x in ((a_name, a), (b_name, b)):
+def check_factor_pair(a_name, a, b_name, b, n, n_from, *, b_rows=None):
+    """a (..., n, k) and b (..., b_rows, k) (b_rows = n unless given) with the
+    same k; n and b_rows come from argument n_from."""
+    for name, x, rows in ((a_name, a, n), (b_name, b, n if b_rows is None else b_rows)):
         check_matrix(name, x)
-        if x.shape[-2] != n:
+        if x.shape[-2] != rows:
             raise ValueError(
-                f"{name} must have shape (..., {n}, k) to match {n_from}, "
+                f"{name} must have shape (..., {rows}, k) to match {n_from}, "
                 f"got shape {tuple(x.shape)}"
             )
     if a.shape[-1] != b.shape[-1]:
@@ -110,16 +111,18 @@ def check_factor_pair(a_name, a, b_name, b, n, n_from):
         )
 
 
-def unitary_and_factors(W, a, b, *, check_values=True):
-    """The checks of the kernels f(W, a, b): W (..., n, n), a and b (..., n, k),
-    finite a and b (``check_values=False``: the kernel checks them for free
-    on its small Gram matrices). Returns (xp, W, a, b), the arrays promoted to
-    one dtype."""
+def unitary_and_factors(W, a, b, *, check_values=True, b_side="rows"):
+    """The checks of the kernels f(W, a, b): W (..., n, m), a (..., n, k) and b
+    (..., n, k) (``b_side="rows"``, a generator acting from the left) or
+    (..., m, k) (``b_side="columns"``, the update a b^H of W); finite a and b
+    (``check_values=False``: the kernel checks them for free on its small Gram
+    matrices). Returns (xp, W, a, b), the arrays promoted to one dtype."""
     xp = namespace_of(W=W, a=a, b=b)
     for name, x in (("W", W), ("a", a), ("b", b)):
         check_float_dtype(xp, name, x)
-    check_matrix("W", W, square=True)
-    check_factor_pair("a", a, "b", b, W.shape[-1], f"W of shape {tuple(W.shape)}")
+    check_matrix("W", W)
+    check_factor_pair("a", a, "b", b, W.shape[-2], f"W of shape {tuple(W.shape)}",
+                      b_rows=W.shape[-1] if b_side == "columns" else None)
     check_batch_compatible(W=W, a=a, b=b)
     if check_values:
         check_finite(xp, "a", a)

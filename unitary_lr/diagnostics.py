@@ -23,11 +23,13 @@ def default_drift_tolerance(dtype_name_: str) -> float:
 
 
 def unitarity_error(W, /):
-    r"""``||W^H W - I||_F / sqrt(n)`` for each matrix of a batch.
+    r"""``||W^H W - I||_F / sqrt(m)`` for each matrix of a batch.
 
     Parameters
     ----------
-    W : array, shape (..., n, n)
+    W : array, shape (..., n, m)
+        For n < m (orthonormal rows are what a wide matrix can have) the
+        error is ``||W W^H - I||_F / sqrt(n)``.
 
     Returns
     -------
@@ -41,11 +43,11 @@ def unitarity_error(W, /):
     TypeError
         W is not an array of a supported floating dtype.
     ValueError
-        W is not square.
+        W is not a matrix.
 
     Notes
     -----
-    Dense, O(n^3): a diagnostic. For an error e per entry of W^H W the value is
+    Dense, O(n m min(n, m)): a diagnostic. For an error e per entry of W^H W the value is
     about e * sqrt(n), and it is 0 exactly for a permutation matrix.
 
     Examples
@@ -59,19 +61,22 @@ def unitarity_error(W, /):
     """
     xp = namespace_of(W=W)
     check_float_dtype(xp, "W", W)
-    check_matrix("W", W, square=True)
+    check_matrix("W", W)
     core = core_dtype(xp, W.dtype, device(W))
     Wc = xp.astype(W, core, copy=False)
-    n = W.shape[-1]
-    return xp.linalg.matrix_norm(mH(xp, Wc) @ Wc - eye(xp, n, like=Wc)) / math.sqrt(n)
+    if W.shape[-2] < W.shape[-1]:
+        Wc = mH(xp, Wc)
+    m = Wc.shape[-1]
+    return xp.linalg.matrix_norm(mH(xp, Wc) @ Wc - eye(xp, m, like=Wc)) / math.sqrt(m)
 
 
 def unitarity_estimate(W, /, *, probes=4, rng=None):
-    r"""Cheap estimate of ``||W^H W - I||_F / sqrt(n)``: O(p n^2) instead of O(n^3).
+    r"""Cheap estimate of ``||W^H W - I||_F / sqrt(m)``: O(p n m) instead of O(n m^2).
 
     Parameters
     ----------
-    W : array, shape (..., n, n)
+    W : array, shape (..., n, m)
+        For n < m, ``||W W^H - I||_F / sqrt(n)`` is estimated (orthonormal rows).
     probes : int, optional
         Number p of random probe vectors.
     rng : None, int or numpy.random.Generator, optional
@@ -87,7 +92,7 @@ def unitarity_estimate(W, /, *, probes=4, rng=None):
     TypeError
         W is not an array of a supported floating dtype.
     ValueError
-        W is not square; probes < 1.
+        W is not a matrix; probes < 1.
 
     Notes
     -----
@@ -110,15 +115,19 @@ def unitarity_estimate(W, /, *, probes=4, rng=None):
     """
     xp = namespace_of(W=W)
     check_float_dtype(xp, "W", W)
-    check_matrix("W", W, square=True)
+    check_matrix("W", W)
     probes = check_int("probes", probes, minimum=1)
-    n = W.shape[-1]
-    Z = standard_normal(xp, (*W.shape[:-2], n, probes), dtype=W.dtype, device=device(W), rng=as_generator(rng))
+    m = min(W.shape[-2:])
+    Z = standard_normal(xp, (*W.shape[:-2], m, probes), dtype=W.dtype, device=device(W), rng=as_generator(rng))
     return estimate_unchecked(xp, W, Z)
 
 
 def estimate_unchecked(xp, W, Z):
-    """unitarity_estimate with the probes Z (..., n, p) given; traceable."""
+    """unitarity_estimate with the probes Z (..., min(n, m), p) given; traceable."""
+    if W.shape[-2] < W.shape[-1]:
+        # orthonormal rows: W (W^H Z) - Z, conjugating the thin panels only
+        residual = W @ mH(xp, mH(xp, Z) @ W) - Z
+        return xp.linalg.matrix_norm(residual) / math.sqrt(Z.shape[-1] * Z.shape[-2])
     # W^H (W Z) as ((W Z)^H W)^H: conjugates the thin W Z, never W.
     residual = mH(xp, mH(xp, W @ Z) @ W) - Z
     return xp.linalg.matrix_norm(residual) / math.sqrt(Z.shape[-1] * Z.shape[-2])

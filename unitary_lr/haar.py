@@ -8,19 +8,24 @@ import numpy as np
 
 from ._random import as_generator, standard_normal
 from ._validation import check_int
-from ._xp import FLOAT_DTYPE_NAMES, array_namespace, dtype_name, supports_float64
+from ._xp import FLOAT_DTYPE_NAMES, array_namespace, dtype_name, mH, supports_float64
 
 __all__ = ["random_unitary"]
 
 
-def random_unitary(n, *, dtype, batch_shape=(), rng=None, xp=None, device=None):
+def random_unitary(n, m=None, /, *, dtype, batch_shape=(), rng=None, xp=None, device=None):
     r"""Draw unitary (complex dtype) or orthogonal (real dtype) matrices from
     the Haar measure.
 
     Parameters
     ----------
     n : int
-        Matrix size, ``n >= 1``.
+        Number of rows, ``n >= 1``.
+    m : int, optional
+        Number of columns, ``m >= 1``; ``n`` when omitted (square). For
+        ``m < n`` the columns are orthonormal: the first m columns of a Haar
+        unitary, Haar distributed on the Stiefel manifold; for ``m > n`` the
+        rows are (the conjugate transpose of an m x n draw).
     dtype : dtype or str
         A dtype of ``xp`` or its name: ``"float32"``, ``"float64"``,
         ``"complex64"`` or ``"complex128"``. Real dtypes give orthogonal
@@ -39,7 +44,7 @@ def random_unitary(n, *, dtype, batch_shape=(), rng=None, xp=None, device=None):
 
     Returns
     -------
-    array of shape ``(*batch_shape, n, n)``
+    array of shape ``(*batch_shape, n, m)``
 
     Raises
     ------
@@ -47,13 +52,15 @@ def random_unitary(n, *, dtype, batch_shape=(), rng=None, xp=None, device=None):
         dtype is not one of the four supported floating dtypes of ``xp``, or
         is 64-bit on a device without float64.
     ValueError
-        n < 1 or a negative batch size.
+        n < 1, m < 1 or a negative batch size.
 
     Notes
     -----
     The Q factor of a Gaussian matrix ``Z = Q R`` with the phases of diag(R)
     moved into Q (``Q diag(R_ii / |R_ii|)``) is Haar distributed (Mezzadri,
-    2007). The QR runs on the target device; O(n^3).
+    2007); for m < n the same holds for the reduced QR of an n x m Gaussian
+    matrix. The QR runs on the target device; O(n m min(n, m)). A square draw
+    takes the same numbers whether m is omitted or given.
 
     Examples
     --------
@@ -63,8 +70,12 @@ def random_unitary(n, *, dtype, batch_shape=(), rng=None, xp=None, device=None):
     (3, 8, 8)
     >>> bool((unitarity_error(W) < 1e-14).all())
     True
+    >>> V = random_unitary(8, 3, dtype="float64", rng=0)  # V^T V = I_3
+    >>> V.shape, bool(unitarity_error(V) < 1e-14)
+    ((8, 3), True)
     """
     n = check_int("n", n, minimum=1)
+    m = n if m is None else check_int("m", m, minimum=1)
     # Sizes are accepted as n is: any integer type (NumPy's np.int64 from a
     # .shape or an arithmetic result too), through operator.index; bool and
     # floats are not sizes.
@@ -92,14 +103,16 @@ def random_unitary(n, *, dtype, batch_shape=(), rng=None, xp=None, device=None):
         device = xp.__array_namespace_info__().default_device()
     if dtype_name(xp, dtype) in ("float64", "complex128") and not supports_float64(xp, device):
         raise TypeError(f"dtype {dtype_name(xp, dtype)} is not available on device {device!r}")
-    Z = standard_normal(xp, (*batch_shape, n, n), dtype=dtype, device=device, rng=as_generator(rng))
+    rows, columns = max(n, m), min(n, m)
+    Z = standard_normal(xp, (*batch_shape, rows, columns), dtype=dtype, device=device, rng=as_generator(rng))
     Q, R = xp.linalg.qr(Z, mode="reduced")
     d = xp.linalg.diagonal(R)
     magnitude = xp.astype(xp.abs(d), d.dtype)
     nonzero = magnitude != 0
     # |R_ii| > 0 with probability one; the guard keeps an exact zero harmless.
     phase = xp.where(nonzero, d / xp.where(nonzero, magnitude, xp.ones_like(d)), xp.ones_like(d))
-    return Q * phase[..., None, :]
+    Q = Q * phase[..., None, :]
+    return Q if n >= m else mH(xp, Q)
 
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 from ._cores import add_lowrank, make_cores
-from ._flow import checked, lowrank_right_update
+from ._flow import checked, lowrank_update
 from ._host import is_traced
 from ._validation import (
     check_choice,
@@ -43,8 +43,10 @@ def project_unitary(A, /, *, method="svd", max_iter=60):
 
     Parameters
     ----------
-    A : array, shape (..., n, n)
-        Square matrices; leading axes are a batch.
+    A : array, shape (..., n, m)
+        Matrices; leading axes are a batch. For n != m the result has
+        orthonormal columns (n > m) or rows (n < m): the closest point of the
+        Stiefel manifold.
     method : {"svd", "newton_schulz"}, optional
         ``"svd"``: ``U @ Vh`` from ``svd(A)``; works for every A, including
         singular A (then one of the unitary polar factors). ``"newton_schulz"``:
@@ -56,7 +58,7 @@ def project_unitary(A, /, *, method="svd", max_iter=60):
 
     Returns
     -------
-    array, shape (..., n, n)
+    array, shape (..., n, m)
         The polar factor, same namespace, dtype and device as A.
 
     Raises
@@ -64,7 +66,7 @@ def project_unitary(A, /, *, method="svd", max_iter=60):
     TypeError
         A is not an array of a supported floating dtype.
     ValueError
-        A is not square or contains NaN or Inf; unknown method.
+        A is not a matrix or contains NaN or Inf; unknown method.
     ConvergenceError
         ``"newton_schulz"`` did not converge within ``max_iter`` iterations
         (A singular or too ill-conditioned); ``"svd"`` never raises it.
@@ -72,8 +74,8 @@ def project_unitary(A, /, *, method="svd", max_iter=60):
     Notes
     -----
     For ``A = U diag(s) V^H`` the polar factor ``U V^H`` minimises ``||A - Q||_F``
-    over unitary Q (Higham, *Functions of Matrices*, ch. 8). Both methods cost
-    O(n^3). Newton-Schulz starts from ``A / s`` where ``s^2`` is the largest
+    over Q with orthonormal columns (rows) (Higham, *Functions of Matrices*,
+    ch. 8). Both methods cost O(n m min(n, m)). Newton-Schulz starts from ``A / s`` where ``s^2`` is the largest
     absolute row sum of ``A^H A``, an upper bound on ``||A||_2^2`` that is tight
     for nearly unitary A, so re-projecting a drifted W takes a few iterations.
     It stops once ``||X^H X - I||_F / sqrt(n) <= sqrt(eps)`` and then takes one
@@ -92,12 +94,14 @@ def project_unitary(A, /, *, method="svd", max_iter=60):
     """
     xp = namespace_of(A=A)
     check_float_dtype(xp, "A", A)
-    check_matrix("A", A, square=True)
+    check_matrix("A", A)
     check_choice("method", method, ("svd", "newton_schulz"))
     max_iter = check_int("max_iter", max_iter, minimum=1)
     check_finite(xp, "A", A)
     if method == "svd":
         return polar_unchecked(xp, A)
+    if A.shape[-2] < A.shape[-1]:
+        return mH(xp, _newton_schulz(xp, mH(xp, A), max_iter))
     return _newton_schulz(xp, A, max_iter)
 
 
@@ -108,6 +112,7 @@ def polar_unchecked(xp, A):
 
 
 def _newton_schulz(xp, A, max_iter):
+    """For tall or square A: X <- X (3 I - X^H X) / 2 on the m x m side."""
     n = A.shape[-1]
     identity = eye(xp, n, like=A)
     gram = mH(xp, A) @ A
@@ -135,22 +140,24 @@ def _newton_schulz(xp, A, max_iter):
 
 
 def project_unitary_lowrank(W, a, b, /):
-    r"""Polar factor of ``W + a b^H`` for unitary W, in O(k n^2).
+    r"""Polar factor of ``W + a b^H`` for unitary W, in O(k n m).
 
     Parameters
     ----------
-    W : array, shape (..., n, n)
-        Unitary (complex) or orthogonal (real) matrices.
-    a, b : arrays, shape (..., n, k)
+    W : array, shape (..., n, m)
+        Unitary (complex) or orthogonal (real) matrices; for n > m, matrices
+        with orthonormal columns, for n < m with orthonormal rows.
+    a : array, shape (..., n, k)
+    b : array, shape (..., m, k)
         Factors of the update; any size, rank-deficient or zero. Batch axes
         broadcast against those of W.
 
     Returns
     -------
-    array, shape (..., n, n)
-        The closest unitary matrix to ``W + a b^H`` (one of them if it is
-        singular), in the namespace and on the device of W, with dtype
-        ``result_type(W, a, b)``.
+    array, shape (..., n, m)
+        The closest unitary matrix (with orthonormal columns or rows) to
+        ``W + a b^H`` (one of them if it is rank-deficient), in the namespace
+        and on the device of W, with dtype ``result_type(W, a, b)``.
 
     Raises
     ------
@@ -158,8 +165,8 @@ def project_unitary_lowrank(W, a, b, /):
         Arguments that are not arrays, arrays from different libraries, or
         unsupported dtypes.
     ValueError
-        Non-square W, a and b of different shapes or not matching W, batch
-        axes that do not broadcast, NaN or Inf in a or b.
+        a or b not matching W, batch axes that do not broadcast, NaN or Inf
+        in a or b, a W that is not unitary (its orthonormal columns or rows).
 
     Notes
     -----
@@ -177,6 +184,12 @@ def project_unitary_lowrank(W, a, b, /):
     beyond the output. W must be unitary: the identity
     ``polar(W M) = W polar(M)`` is what makes the cost O(k n^2).
 
+    A tall W (n > m, orthonormal columns) adds the part of a outside W's range,
+    ``a_perp = a - W c`` with an orthonormal basis N: then
+    ``(W + a b^H) Q = [W Q, N] [I + B; R_a E]`` and the polar factor of that
+    small stacked matrix gives the result, at one more pass over W (``W c``).
+    A wide W is handled through ``polar(W + a b^H)^H = polar(W^H + b a^H)``.
+
     Examples
     --------
     >>> import numpy as np
@@ -188,7 +201,7 @@ def project_unitary_lowrank(W, a, b, /):
     >>> bool(np.allclose(V, polar(W + a @ b.T)[0]))
     True
     """
-    xp, W, a, b = unitary_and_factors(W, a, b, check_values=False)
+    xp, W, a, b = unitary_and_factors(W, a, b, check_values=False, b_side="columns")
     traced = any(is_traced(x) for x in (W, a, b))
     return checked(lambda: polar_lowrank_unchecked(xp, W, a, b, traced=traced), xp, {"W": W, "a": a, "b": b})
 
@@ -196,6 +209,10 @@ def project_unitary_lowrank(W, a, b, /):
 def polar_lowrank_unchecked(xp, W, a, b, *, traced=True):
     """project_unitary_lowrank for validated arrays of one dtype:
     ``polar(W + a b^H) = polar(W - (-1) a b^H)``, a direct step of size 1."""
-    L, Rh = lowrank_right_update(xp, W, a, b, lr=-1.0, variant="direct", rank=a.shape[-1],
-                                 cores=make_cores(xp, W, traced), sketched=False, names=("a", "b"))
+    wide = W.shape[-2] < W.shape[-1]
+    V, Y, Z, names = (mH(xp, W), b, a, ("b", "a")) if wide else (W, a, b, ("a", "b"))
+    L, Rh = lowrank_update(xp, V, Y, Z, lr=-1.0, variant="direct", rank=a.shape[-1],
+                           cores=make_cores(xp, W, traced), sketched=False, names=names)
+    if wide:
+        L, Rh = mH(xp, Rh), mH(xp, L)
     return add_lowrank(xp, W, L, Rh)

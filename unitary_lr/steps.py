@@ -15,7 +15,7 @@ from ._validation import (
     check_finite,
 )
 from ._cores import add_lowrank, make_cores
-from ._flow import checked, lowrank_right_update, sketch_panels
+from ._flow import checked, lowrank_update, sketch_panels
 from ._host import is_traced
 from ._xp import untracked, array_namespace, broadcast_shapes, device, is_complex, mH
 from .rsvd import sketch_width
@@ -34,7 +34,9 @@ __all__ = ["STEP_OVERSAMPLE", "STEP_POWER_ITERS", "projunn_step", "projunn_updat
 STEP_OVERSAMPLE = 0
 STEP_POWER_ITERS = 1
 
-VARIANTS = ("tangent", "direct")
+# The step variants (the registry the adapters, the CLI and the benchmarks
+# read): name -> what the kernels compute, see lowrank_right_update.
+VARIANTS = ("tangent", "direct", "cayley")
 
 
 def projunn_step(
@@ -166,18 +168,18 @@ def projunn_update(
                 f"{name} has complex dtype {x.dtype} but W is real ({W.dtype}); a real "
                 "(orthogonal) W takes a real gradient"
             )
-    check_matrix("W", W, square=True)
-    n = W.shape[-1]
+    check_matrix("W", W)
+    n, m = W.shape[-2], W.shape[-1]
     where = f"W of shape {tuple(W.shape)}"
     if factored:
-        check_factor_pair("G[0]", a, "G[1]", b, n, where)
+        check_factor_pair("G[0]", a, "G[1]", b, n, where, b_rows=m)
     else:
         check_matrix("G", G)
-        if tuple(G.shape[-2:]) != (n, n):
-            raise ValueError(f"G must have shape (..., {n}, {n}) to match {where}, got shape {tuple(G.shape)}")
+        if tuple(G.shape[-2:]) != (n, m):
+            raise ValueError(f"G must have shape (..., {n}, {m}) to match {where}, got shape {tuple(G.shape)}")
     check_batch_compatible(W=W, **gradients)
     lr = check_real_scalar("lr", lr, positive=True)
-    rank = check_int("rank", rank, minimum=1, maximum=n, maximum_reason=f" = n for {where}")
+    rank = check_int("rank", rank, minimum=1, maximum=min(n, m), maximum_reason=f" = min(n, m) for {where}")
     check_choice("variant", variant, VARIANTS)
     oversample = check_int("oversample", oversample, minimum=0)
     power_iters = check_int("power_iters", power_iters, minimum=0)
@@ -225,17 +227,19 @@ def sketch_matrix(xp, shape, *, dtype, device, rng):
 
 
 def sketch_shape(G, rank, oversample):
-    """Shape of the Gaussian test matrix for gradient G (an array or a pair of
-    factors), or None when G is factors with at most ``rank`` columns, which
-    the step uses as they are."""
+    """Shape of the Gaussian test matrix for gradient G (an array of shape
+    (..., n, m) or factors (a, b) of shapes (..., n, j), (..., m, j)), or None
+    when G is factors with at most ``rank`` columns, which the step uses as
+    they are. The sketch runs on the smaller side: it has min(n, m) rows
+    (a wide G is sketched through its conjugate transpose)."""
     if isinstance(G, tuple):
         a, b = G
         if a.shape[-1] <= rank:
             return None
-        batch, n = broadcast_shapes(tuple(a.shape[:-2]), tuple(b.shape[:-2])), a.shape[-2]
+        batch, (n, m) = broadcast_shapes(tuple(a.shape[:-2]), tuple(b.shape[:-2])), (a.shape[-2], b.shape[-2])
     else:
-        batch, n = tuple(G.shape[:-2]), G.shape[-1]
-    return (*batch, n, sketch_width(rank, oversample, n, n))
+        batch, (n, m) = tuple(G.shape[:-2]), tuple(G.shape[-2:])
+    return (*batch, min(n, m), sketch_width(rank, oversample, n, m))
 
 
 def step_unchecked(xp, W, G, omega, *, lr, rank, variant, power_iters, traced=True):
@@ -258,6 +262,13 @@ def step_factors_unchecked(xp, W, G, omega, *, lr, rank, variant, power_iters, t
     of the step: NaN/Inf in G or W, and W's unitarity (``_flow.checked``
     turns their findings into the public errors).
     """
+    if W.shape[-2] < W.shape[-1]:
+        # a wide W has orthonormal rows: step its conjugate transpose (a tall
+        # matrix with orthonormal columns) along G^H, and transpose back
+        G = (G[1], G[0]) if isinstance(G, tuple) else mH(xp, G)
+        L, Rh = step_factors_unchecked(xp, mH(xp, W), G, omega, lr=lr, rank=rank, variant=variant,
+                                       power_iters=power_iters, traced=traced)
+        return mH(xp, Rh), mH(xp, L)
     cores = make_cores(xp, W, traced)
     if omega is None:
         Y, Z = G
@@ -266,40 +277,48 @@ def step_factors_unchecked(xp, W, G, omega, *, lr, rank, variant, power_iters, t
         Y, Z = sketch_panels(xp, G, omega, power_iters, cores)
         names, sketched = (("G[0]", "G[1]") if isinstance(G, tuple) else ("G", "G")), True
     Y, Z = (xp.astype(x, W.dtype, copy=False) for x in (Y, Z))
-    return lowrank_right_update(xp, W, Y, Z, lr=lr, variant=variant, rank=rank,
-                                cores=cores, sketched=sketched, names=names)
+    return lowrank_update(xp, W, Y, Z, lr=lr, variant=variant, rank=rank,
+                          cores=cores, sketched=sketched, names=names)
 
 
 def tangent_project(W, G, /):
-    r"""Project a Euclidean gradient onto the tangent space of the unitary group at W.
+    r"""Project a Euclidean gradient onto the tangent space at W of the unitary
+    group, or of the Stiefel manifold for rectangular W.
 
     Parameters
     ----------
-    W : array, shape (..., n, n)
-        Unitary (complex) or orthogonal (real) matrices.
-    G : array, shape (..., n, n)
+    W : array, shape (..., n, m)
+        Unitary (complex) or orthogonal (real) matrices; for n > m, matrices
+        with orthonormal columns (``W^H W = I_m``), for n < m with orthonormal
+        rows (``W W^H = I_n``).
+    G : array, shape (..., n, m)
         Euclidean gradient (PyTorch's ``.grad`` convention); batch axes
         broadcast with W.
 
     Returns
     -------
-    array, shape (..., n, n)
-        ``W skew(W^H G) = (G - W G^H W) / 2``, the Riemannian gradient for the
-        metric the group inherits from ``Re tr(X^H Y)``, with dtype
-        ``result_type(W, G)``.
+    array, shape (..., n, m)
+        ``G - W sym(W^H G)`` with ``sym(X) = (X + X^H) / 2`` (n >= m; for n < m
+        ``G - sym(G W^H) W``): the Riemannian gradient for the metric inherited
+        from ``Re tr(X^H Y)``, with dtype ``result_type(W, G)``. For square W
+        it is ``W skew(W^H G) = (G - W G^H W) / 2``.
 
     Raises
     ------
     TypeError
         Non-array arguments, mixed libraries, unsupported dtypes.
     ValueError
-        Non-square W, G of another shape, NaN or Inf in G.
+        G of another shape than W, NaN or Inf in G.
 
     Notes
     -----
-    The tangent space at W is ``{W A : A^H = -A}``; the orthogonal projection of
-    G onto it is ``W (W^H G - G^H W) / 2``. Dense, O(n^3): meant for users and
-    tests, not for the training hot path (``projunn_step`` never forms it).
+    The tangent space at W (n >= m) is ``{Z : W^H Z + Z^H W = 0}`` and the
+    orthogonal projection onto it is ``G - W (W^H G + G^H W) / 2`` (Edelman,
+    Arias, Smith 1998, section 2.2.1). The step variants move along the
+    canonical metric's gradient ``A W``, ``A = G W^H - W G^H``, which agrees
+    with twice this projection on W's range and with it on the complement
+    (see the mathematics page). Dense, O(n m^2): meant for users and tests,
+    not for the training hot path (``projunn_step`` never forms it).
 
     Examples
     --------
@@ -310,15 +329,23 @@ def tangent_project(W, G, /):
     >>> A = W.T @ tangent_project(W, G)
     >>> bool(np.allclose(A, -A.T))
     True
+    >>> V = random_unitary(6, 2, dtype="float64", rng=2)  # orthonormal columns
+    >>> Z = tangent_project(V, np.ones((6, 2)))
+    >>> bool(np.allclose(V.T @ Z + Z.T @ V, 0))
+    True
     """
     xp = namespace_of(W=W, G=G)
     check_float_dtype(xp, "W", W)
     check_float_dtype(xp, "G", G)
-    check_matrix("W", W, square=True)
+    check_matrix("W", W)
     check_matrix("G", G)
     if tuple(G.shape[-2:]) != tuple(W.shape[-2:]):
-        raise ValueError(f"G must have shape (..., {W.shape[-1]}, {W.shape[-1]}) to match W of "
+        raise ValueError(f"G must have shape (..., {W.shape[-2]}, {W.shape[-1]}) to match W of "
                          f"shape {tuple(W.shape)}, got shape {tuple(G.shape)}")
     check_batch_compatible(W=W, G=G)
     check_finite(xp, "G", G)
-    return (G - W @ mH(xp, G) @ W) / 2
+    if W.shape[-2] < W.shape[-1]:
+        S = G @ mH(xp, W)
+        return G - (S + mH(xp, S)) @ W / 2
+    S = mH(xp, W) @ G
+    return G - W @ (S + mH(xp, S)) / 2
