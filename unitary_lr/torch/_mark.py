@@ -75,7 +75,7 @@ def _rebuild_unitary_parameter(data, requires_grad, state):
 torch.serialization.add_safe_globals([_rebuild_unitary_parameter, UnitaryParameter])
 
 
-def unitary_tolerance(dtype: torch.dtype) -> float:
+def unitary_tolerance(dtype):
     """The largest unitarity error (``||W^H W - I||_F / sqrt(n)``) that
     :func:`mark_unitary` accepts for matrices of ``dtype``.
 
