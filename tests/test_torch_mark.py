@@ -15,8 +15,8 @@ import scipy.linalg
 
 torch = pytest.importorskip("torch", reason="PyTorch is not installed")
 
-from unitary_lr import unitarity_error  # noqa: E402
-from unitary_lr.torch import (  # noqa: E402
+from unitary_lr import unitarity_error
+from unitary_lr.torch import (
     ProjUNN,
     UnitaryParameter,
     UnitaryRNN,
