@@ -261,10 +261,10 @@ def test_rnn_matches_a_hand_written_loop(complex_, nonlinearity):
         with torch.no_grad():
             rnn.bias.normal_(generator=seeded(5))
     x = torch.randn(11, 2, 3, dtype=torch.float64, generator=seeded(1))
-    h0 = torch.randn(2, 8, dtype=rnn.weight_hh.dtype, generator=seeded(2))
+    h0 = torch.randn(1, 2, 8, dtype=rnn.weight_hh.dtype, generator=seeded(2))
     out, h = rnn(x, h0)
     activation = {"relu": torch.relu, "tanh": torch.tanh}.get(nonlinearity)
-    state = h0
+    state = h0[0]
     for t in range(11):
         pre = rnn.weight_hh @ state.T + rnn.weight_ih @ x[t].T.to(rnn.weight_ih.dtype)
         pre = pre.T + (rnn.bias if rnn.bias is not None else 0)
@@ -275,25 +275,105 @@ def test_rnn_matches_a_hand_written_loop(complex_, nonlinearity):
         else:
             state = activation(pre)
         torch.testing.assert_close(out[t], state)
-    torch.testing.assert_close(h, state)
+    torch.testing.assert_close(h, state.unsqueeze(0))
     batch_first, _ = UnitaryRNN(3, 8, complex=complex_, nonlinearity=nonlinearity, dtype=torch.float64,
                                 batch_first=True, generator=seeded())(x.transpose(0, 1), h0)
     if rnn.bias is None:
         torch.testing.assert_close(batch_first.transpose(0, 1), out)
-    single, last = rnn(x[:, 0], h0[0])
+    single, last = rnn(x[:, 0], h0[:, 0])
     torch.testing.assert_close(single, out[:, 0])
+    torch.testing.assert_close(last, h[:, 0])
 
 
 def test_rnn_bad_input():
     rnn = UnitaryRNN(3, 8)
     with pytest.raises(ValueError, match=r"input must be \(T, B, 3\), .* got shape \(5, 2, 4\)"):
         rnn(torch.zeros(5, 2, 4))
-    with pytest.raises(ValueError, match=r"h0 must have shape \(2, 8\), got \(3, 8\)"):
+    with pytest.raises(ValueError, match=r"h0 must have shape \(1, 2, 8\), \(num_layers, B, hidden_size\); got \(3, 8\)"):
         rnn(torch.zeros(5, 2, 3), torch.zeros(3, 8))
+    with pytest.raises(ValueError, match=r"h0 must have shape \(1, 8\), \(num_layers, hidden_size\) for an unbatched "
+                                         r"input; got \(2, 8\)"):
+        rnn(torch.zeros(5, 3), torch.zeros(2, 8))
+    with pytest.raises(ValueError, match=r"num_layers must be an integer >= 1, got 0"):
+        UnitaryRNN(3, 8, 0)
     with pytest.raises(ValueError, match=r"nonlinearity must be 'modrelu', 'relu' or 'tanh', got 'gelu'"):
         UnitaryRNN(3, 8, nonlinearity="gelu")
     with pytest.raises(TypeError, match=r"dtype must be torch.float32 or torch.float64 .* got torch.complex64"):
         UnitaryRNN(3, 8, dtype=torch.complex64)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("num_layers", [1, 3])
+def test_rnn_shapes_follow_torch_nn_rnn(batch_first, num_layers):
+    ours = UnitaryRNN(3, 8, num_layers, batch_first=batch_first, nonlinearity="tanh", dtype=torch.float64)
+    theirs = torch.nn.RNN(3, 8, num_layers, batch_first=batch_first, dtype=torch.float64)
+    x = torch.randn(*((2, 5) if batch_first else (5, 2)), 3, dtype=torch.float64)
+    h0 = torch.randn(num_layers, 2, 8, dtype=torch.float64)
+    for args in ((x,), (x, h0), (x[0] if batch_first else x[:, 0],), (x[0] if batch_first else x[:, 0], h0[:, 0])):
+        (out, h), (expected_out, expected_h) = ours(*args), theirs(*args)
+        assert out.shape == expected_out.shape and h.shape == expected_h.shape, args[0].shape
+    assert [is_unitary(p) for p in ours.parameters()].count(True) == num_layers
+    assert all(is_unitary(getattr(ours, name)) for name in ["weight_hh"] + [f"weight_hh_l{i}" for i in range(1, num_layers)])
+
+
+@pytest.mark.parametrize("complex_", [False, True])
+@pytest.mark.parametrize("nonlinearity", ["modrelu", "tanh"])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_two_layers_equal_two_stacked_single_layers_with_the_same_weights(complex_, nonlinearity, batch_first):
+    options = {"complex": complex_, "nonlinearity": nonlinearity, "batch_first": batch_first, "dtype": torch.float64}
+    deep = UnitaryRNN(3, 6, 2, generator=seeded(1), **options)
+    first = UnitaryRNN(3, 6, generator=seeded(9), **options)
+    second = UnitaryRNN(6, 6, generator=seeded(8), **options)
+    # the same seed gives layer 0 the values of a single-layer UnitaryRNN
+    torch.testing.assert_close(deep.weight_hh, UnitaryRNN(3, 6, generator=seeded(1), **options).weight_hh, rtol=0, atol=0)
+    layer1 = {name.replace("_l1", ""): p for name, p in deep.named_parameters() if "_l1" in name}
+    with torch.no_grad():
+        first.load_state_dict({k: v for k, v in deep.state_dict().items() if "_l1" not in k})
+        second.load_state_dict(layer1)
+        if deep.bias is not None:
+            deep.bias.normal_(generator=seeded(3))
+            deep.bias_l1.normal_(generator=seeded(4))
+            first.bias.copy_(deep.bias)
+            second.bias.copy_(deep.bias_l1)
+    x = torch.randn(4, 7, 3, dtype=torch.float64, generator=seeded(5))
+    h0 = torch.randn(2, 4 if batch_first else 7, 6, dtype=deep.weight_hh.dtype, generator=seeded(6))
+    out, h = deep(x, h0)
+    middle, h_first = first(x, h0[:1])
+    expected, h_second = second(middle, h0[1:])
+    torch.testing.assert_close(out, expected, rtol=1e-13, atol=1e-14)
+    torch.testing.assert_close(h, torch.cat([h_first, h_second]), rtol=1e-13, atol=1e-14)
+    # unbatched: the first sequence of the batch
+    single, h_single = deep(x[0] if batch_first else x[:, 0], h0[:, 0])
+    torch.testing.assert_close(single, out[0] if batch_first else out[:, 0], rtol=1e-13, atol=1e-14)
+    torch.testing.assert_close(h_single, h[:, 0], rtol=1e-13, atol=1e-14)
+
+
+def test_rnn_former_h0_shape_still_works_with_a_future_warning():
+    rnn = UnitaryRNN(3, 5, dtype=torch.float64, generator=seeded())
+    x = torch.randn(4, 2, 3, dtype=torch.float64, generator=seeded(1))
+    h0 = torch.randn(2, 5, dtype=torch.float64, generator=seeded(2))
+    with pytest.warns(FutureWarning, match=r"h0 of shape \(2, 5\) is deprecated; .* shape \(1, 2, 5\)"):
+        out, h = rnn(x, h0)
+    expected_out, expected_h = rnn(x, h0.unsqueeze(0))
+    assert torch.equal(out, expected_out) and torch.equal(h, expected_h) and h.shape == (1, 2, 5)
+    with pytest.warns(FutureWarning, match=r"h0 of shape \(5,\) is deprecated"):
+        rnn(x[:, 0], h0[0])
+    with pytest.raises(ValueError, match=r"h0 must have shape \(2, 2, 5\)"):
+        UnitaryRNN(3, 5, 2)(x.float(), h0.float())  # no former shape with two layers
+
+
+def test_multi_layer_rnn_trains_with_projunn_and_keeps_every_recurrent_matrix_unitary():
+    rnn = UnitaryRNN(3, 8, 2, complex=True, dtype=torch.float64, generator=seeded())
+    opt = ProjUNN(rnn.parameters(), lr=1e-2, base="adam", seed=0)
+    assert [len(g["params"]) for g in opt.param_groups if g["unitary"]] == [2]
+    x = torch.randn(6, 4, 3, dtype=torch.float64, generator=seeded(1))
+    before = rnn.weight_hh_l1.detach().clone()
+    for _ in range(5):
+        opt.zero_grad()
+        rnn(x)[0].abs().pow(2).mean().backward()
+        opt.step()
+    assert not torch.equal(before, rnn.weight_hh_l1.detach())
+    assert error(rnn.weight_hh) < 1e-12 and error(rnn.weight_hh_l1) < 1e-12
 
 
 @pytest.mark.slow

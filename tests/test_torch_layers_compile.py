@@ -26,7 +26,7 @@ def test_unitary_rnn_compiles_as_one_graph_forward_and_backward(complex_, nonlin
     rnn = UnitaryRNN(3, 6, complex=complex_, nonlinearity=nonlinearity, batch_first=True, dtype=torch.float64,
                      generator=generator)
     x = torch.randn(4, 7, 3, dtype=torch.float64, generator=generator)
-    h0 = torch.randn(4, 6, dtype=rnn.weight_hh.dtype, generator=generator) if with_h0 else None
+    h0 = torch.randn(1, 4, 6, dtype=rnn.weight_hh.dtype, generator=generator) if with_h0 else None
 
     eager = _loss(rnn, x, h0)
     eager_grads = torch.autograd.grad(eager, list(rnn.parameters()))

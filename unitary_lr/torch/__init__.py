@@ -13,6 +13,7 @@ try:
 except ImportError as error:  # pragma: no cover - torch is in the test extra
     raise ImportError("unitary_lr.torch needs PyTorch: pip install torch") from error
 
+from ._mark import UnitaryParameter, is_unitary, mark_unitary, unitary_tolerance
 from .adapters import (
     HouseholderAdapter,
     adapter_state_dict,
@@ -20,9 +21,11 @@ from .adapters import (
     load_adapter_state_dict,
     trainable_parameters,
 )
+from .constraints import orthogonal
 from .conv import FourierConv2d
 from .layers import INITS, ModReLU, UnitaryRNN, unitary_parameter
-from .optimizer import ProjUNN, is_unitary, mark_unitary
+from .optimizer import ProjUNN
+from .retraction import projunn_retraction
 
 __all__ = [
     "INITS",
@@ -30,12 +33,16 @@ __all__ = [
     "HouseholderAdapter",
     "ModReLU",
     "ProjUNN",
+    "UnitaryParameter",
     "UnitaryRNN",
     "adapter_state_dict",
     "add_householder_adapters",
     "is_unitary",
     "load_adapter_state_dict",
     "mark_unitary",
+    "orthogonal",
+    "projunn_retraction",
     "trainable_parameters",
     "unitary_parameter",
+    "unitary_tolerance",
 ]

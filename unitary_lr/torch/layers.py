@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 
 import torch
 from torch import nn
 
 from ..haar import random_unitary
-from .optimizer import mark_unitary
+from ._mark import _check_and_mark, _set_mark
 
 __all__ = ["INITS", "ModReLU", "UnitaryRNN", "unitary_parameter"]
 
@@ -34,7 +36,8 @@ def _henaff(n, *, dtype, device, generator):
     return W.to(dtype=dtype, device=device)
 
 
-def unitary_parameter(n_or_tensor, *, init="haar", batch_shape=(), dtype=None, device=None, generator=None):
+def unitary_parameter(n_or_tensor, *, init="haar", batch_shape=(), dtype=None, device=None, generator=None,
+                      project=False):
     r"""A ``torch.nn.Parameter`` marked unitary, so that :class:`ProjUNN` puts it
     in a unitary group by itself.
 
@@ -42,7 +45,8 @@ def unitary_parameter(n_or_tensor, *, init="haar", batch_shape=(), dtype=None, d
     ----------
     n_or_tensor : int or torch.Tensor
         The size n of a new (..., n, n) parameter, or a tensor holding the
-        initial value (square matrices; used as it is).
+        initial value (square matrices, unitary to within
+        :func:`unitary_tolerance` of its dtype; copied).
     init : {"haar", "identity", "henaff"}, optional
         Initial value of a new parameter: Haar-random unitary (orthogonal if
         real), the identity, or Henaff's block rotations with random angles.
@@ -54,23 +58,31 @@ def unitary_parameter(n_or_tensor, *, init="haar", batch_shape=(), dtype=None, d
     device : optional
     generator : torch.Generator, optional
         Source of the random initial values.
+    project : bool, optional
+        Where a tensor is given: use its closest unitary matrix (its polar
+        factor, :func:`unitary_lr.project_unitary`) instead of refusing a
+        tensor that is not unitary.
 
     Returns
     -------
-    torch.nn.Parameter
+    UnitaryParameter
+        A ``torch.nn.Parameter`` marked unitary (see :func:`mark_unitary`).
 
     Raises
     ------
     ValueError
-        Unknown ``init``, n < 1, a tensor that is not (..., n, n).
+        Unknown ``init``, n < 1, a tensor that is not (..., n, n), or one whose
+        unitarity error is above the tolerance of its dtype (without
+        ``project=True``; the message gives the error).
     TypeError
         A dtype other than the four supported ones.
 
     Notes
     -----
-    The mark is a Python attribute of the parameter; it survives ``deepcopy``
-    and pickling. ``ProjUNN(model.parameters())`` splits marked and other
-    parameters into two groups by itself.
+    The mark survives ``deepcopy``, pickling, ``torch.save`` of a module,
+    ``module.to(...)`` and ``load_state_dict(..., assign=True)`` (see
+    :func:`mark_unitary`). ``ProjUNN(model.parameters())`` splits marked and
+    other parameters into two groups by itself.
 
     Examples
     --------
@@ -84,7 +96,9 @@ def unitary_parameter(n_or_tensor, *, init="haar", batch_shape=(), dtype=None, d
         shape = tuple(n_or_tensor.shape)
         if len(shape) < 2 or shape[-1] != shape[-2]:
             raise ValueError(f"a unitary parameter must be (..., n, n), got shape {shape}")
-        return mark_unitary(nn.Parameter(n_or_tensor.detach().clone()))
+        param = nn.Parameter(n_or_tensor.detach().clone())
+        _check_and_mark(param, project=project, what="n_or_tensor")
+        return param
     n = n_or_tensor
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an integer >= 1, got {n!r}")
@@ -105,7 +119,9 @@ def unitary_parameter(n_or_tensor, *, init="haar", batch_shape=(), dtype=None, d
         value = torch.stack(blocks).reshape(*batch_shape, n, n)
     # row-major, as every freshly made torch tensor (the QR behind a Haar
     # sample returns it column by column)
-    return mark_unitary(nn.Parameter(value.contiguous()))
+    param = nn.Parameter(value.contiguous())
+    _set_mark(param)  # unitary by construction: no O(n^3) check
+    return param
 
 
 class ModReLU(nn.Module):
@@ -160,21 +176,27 @@ class ModReLU(nn.Module):
 
 
 class UnitaryRNN(nn.Module):
-    r"""Recurrent layer ``h_t = f(W h_{t-1} + V x_t + c)`` with a unitary
-    (complex) or orthogonal (real) recurrent matrix W.
+    r"""Recurrent layers ``h_t = f(W h_{t-1} + V x_t + c)`` with a unitary
+    (complex) or orthogonal (real) recurrent matrix W per layer: the shapes of
+    ``torch.nn.RNN``.
 
     Parameters
     ----------
     input_size, hidden_size : int
+    num_layers : int, optional
+        Stacked layers: layer l > 0 takes the hidden states of layer l - 1 as
+        its input sequence.
     complex : bool, optional
         Complex hidden state and unitary W (else real and orthogonal).
     nonlinearity : {"modrelu", "relu", "tanh"}, optional
         f; "relu" and "tanh" act on real and imaginary parts separately for a
         complex state. modReLU has its own bias, the others use c.
     init : {"henaff", "identity", "haar"}, optional
-        Initial W (see :func:`unitary_parameter`).
+        Initial W of every layer (see :func:`unitary_parameter`).
     batch_first : bool, optional
-        Input and output as (batch, time, features) instead of (time, batch, features).
+        Input and output as (batch, time, features) instead of (time, batch,
+        features); ``h0`` and ``h_n`` are (num_layers, batch, hidden_size)
+        either way, as in ``torch.nn.RNN``.
     bias : bool, optional
         Whether f's argument has a learnable bias c (relu/tanh) or modReLU a
         learnable bias.
@@ -196,27 +218,35 @@ class UnitaryRNN(nn.Module):
     -----
     ``forward(x, h0=None)`` takes (T, B, input_size) (or (B, T, ...) with
     ``batch_first``, or (T, input_size) unbatched) and returns
-    ``(outputs, h_T)``: all hidden states (same layout) and the last one. The
-    input projection ``V x_t + c`` of all steps is one matrix product; the loop
-    then costs one fused ``addmm`` and the nonlinearity per step. The real and
-    complex dtypes of the input are cast to the layer's dtype.
-    ``weight_hh`` is marked unitary: give the module's parameters to
-    :class:`ProjUNN` and it is trained with projUNN steps.
+    ``(outputs, h_n)``: the last layer's hidden states (same layout) and every
+    layer's last one, (num_layers, B, hidden_size) ((num_layers, hidden_size)
+    unbatched). Per layer, the input projection ``V x_t + c`` of all steps is
+    one matrix product; the loop then costs one fused ``addmm`` and the
+    nonlinearity per step. The real and complex dtypes of the input are cast
+    to the layer's dtype.
+
+    Layer 0's parameters are ``weight_hh``, ``weight_ih``, ``bias`` (relu,
+    tanh) or ``activation.bias`` (modReLU), the names of a single-layer
+    ``UnitaryRNN``, whose checkpoints therefore load; layer l > 0 adds
+    ``weight_hh_l{l}``, ``weight_ih_l{l}`` (hidden_size x hidden_size, of the
+    state's dtype) and ``bias_l{l}`` or ``activation_l{l}.bias``. Every
+    ``weight_hh*`` is marked unitary: give the module's parameters to
+    :class:`ProjUNN` and they are trained with projUNN steps.
 
     Examples
     --------
     >>> import torch
     >>> from unitary_lr.torch import UnitaryRNN
-    >>> rnn = UnitaryRNN(3, 16, complex=True, generator=torch.Generator().manual_seed(0))
+    >>> rnn = UnitaryRNN(3, 16, num_layers=2, complex=True, generator=torch.Generator().manual_seed(0))
     >>> out, h = rnn(torch.randn(20, 4, 3))
-    >>> tuple(out.shape), out.dtype
-    ((20, 4, 16), torch.complex64)
+    >>> tuple(out.shape), tuple(h.shape), out.dtype
+    ((20, 4, 16), (2, 4, 16), torch.complex64)
     """
 
-    def __init__(self, input_size, hidden_size, *, complex=False, nonlinearity="modrelu", init="henaff",
-                 batch_first=False, bias=True, dtype=None, device=None, generator=None):
+    def __init__(self, input_size, hidden_size, num_layers=1, *, complex=False, nonlinearity="modrelu",
+                 init="henaff", batch_first=False, bias=True, dtype=None, device=None, generator=None):
         super().__init__()
-        for name, value in (("input_size", input_size), ("hidden_size", hidden_size)):
+        for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if nonlinearity not in ("modrelu", "relu", "tanh"):
@@ -224,30 +254,43 @@ class UnitaryRNN(nn.Module):
         real_dtype = torch.get_default_dtype() if dtype is None else dtype
         if real_dtype not in _COMPLEX_OF:
             raise TypeError(f"dtype must be torch.float32 or torch.float64 (the real precision), got {real_dtype}")
-        self.input_size, self.hidden_size = input_size, hidden_size
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.complex, self.nonlinearity, self.batch_first = complex, nonlinearity, batch_first
         state_dtype = _COMPLEX_OF[real_dtype] if complex else real_dtype
+        options = {"dtype": real_dtype, "device": device, "generator": generator}
+        # layer 0 first, in the order of a single-layer UnitaryRNN: the same
+        # seed gives it the same initial values
         self.weight_hh = unitary_parameter(hidden_size, init=init, dtype=state_dtype, device=device, generator=generator)
-        bound = 1 / math.sqrt(input_size)
-        weight_ih = torch.empty(hidden_size, input_size, dtype=real_dtype, device=device).uniform_(-bound, bound, generator=generator)
-        if complex:
-            imaginary = torch.empty_like(weight_ih).uniform_(-bound, bound, generator=generator)
-            weight_ih = torch.complex(weight_ih, imaginary) / math.sqrt(2)
-        self.weight_ih = nn.Parameter(weight_ih)
+        self.weight_ih = nn.Parameter(_input_weight(hidden_size, input_size, complex=complex, **options))
         if nonlinearity == "modrelu":
-            self.activation = ModReLU(hidden_size, dtype=real_dtype, device=device, generator=generator)
-            if not bias:
-                self.activation.bias.requires_grad_(False).zero_()
+            self.activation = _modrelu(hidden_size, bias=bias, **options)
             self.bias = None
         else:
-            self.activation = torch.relu if nonlinearity == "relu" else torch.tanh
+            function = torch.relu if nonlinearity == "relu" else torch.tanh
+            self.activation = _split_complex(function) if complex else function
             self.bias = nn.Parameter(torch.zeros(hidden_size, dtype=state_dtype, device=device)) if bias else None
-            if complex:
-                function = self.activation
-                self.activation = lambda z: torch.complex(function(z.real), function(z.imag))
+        for layer in range(1, num_layers):
+            W = unitary_parameter(hidden_size, init=init, dtype=state_dtype, device=device, generator=generator)
+            self.register_parameter(f"weight_hh_l{layer}", W)
+            # the input of layer l > 0 is a hidden state: of the state's dtype
+            V = _input_weight(hidden_size, hidden_size, complex=complex, **options)
+            self.register_parameter(f"weight_ih_l{layer}", nn.Parameter(V))
+            if nonlinearity == "modrelu":
+                self.add_module(f"activation_l{layer}", _modrelu(hidden_size, bias=bias, **options))
+            else:
+                c = nn.Parameter(torch.zeros(hidden_size, dtype=state_dtype, device=device)) if bias else None
+                self.register_parameter(f"bias_l{layer}", c)
+
+    def _layer(self, layer):
+        """(weight_hh, weight_ih, bias, activation) of one layer."""
+        if layer == 0:
+            return self.weight_hh, self.weight_ih, self.bias, self.activation
+        activation = getattr(self, f"activation_l{layer}") if self.nonlinearity == "modrelu" else self.activation
+        bias = None if self.nonlinearity == "modrelu" else getattr(self, f"bias_l{layer}")
+        return getattr(self, f"weight_hh_l{layer}"), getattr(self, f"weight_ih_l{layer}"), bias, activation
 
     def forward(self, input, h0=None):
-        """Run the recurrence over a whole sequence.
+        """Run the recurrence over a whole sequence, layer after layer.
 
         Parameters
         ----------
@@ -256,17 +299,20 @@ class UnitaryRNN(nn.Module):
             ``batch_first``, or (T, input_size) unbatched. Real or complex; it
             is cast to the layer's dtype.
         h0 : torch.Tensor, optional
-            Initial hidden state, shape (B, hidden_size) ((hidden_size,)
-            unbatched); zeros when omitted.
+            Initial hidden state of every layer, shape (num_layers, B,
+            hidden_size) ((num_layers, hidden_size) unbatched), as
+            ``torch.nn.RNN`` takes it; zeros when omitted. With one layer, the
+            former shape (B, hidden_size) ((hidden_size,) unbatched) is still
+            accepted, with a FutureWarning.
 
         Returns
         -------
         outputs : torch.Tensor
-            Every hidden state h_1 ... h_T, in the layout of ``input`` with
-            hidden_size features.
-        h_T : torch.Tensor
-            The last hidden state, shape (B, hidden_size) ((hidden_size,)
-            unbatched).
+            The last layer's hidden states h_1 ... h_T, in the layout of
+            ``input`` with hidden_size features.
+        h_n : torch.Tensor
+            Every layer's last hidden state, shape (num_layers, B,
+            hidden_size) ((num_layers, hidden_size) unbatched).
 
         Raises
         ------
@@ -275,9 +321,9 @@ class UnitaryRNN(nn.Module):
 
         Notes
         -----
-        The input projection of all T steps is one matrix product; the loop
-        then costs one ``addmm`` (O(B hidden_size^2)) and the nonlinearity per
-        step.
+        Per layer, the input projection of all T steps is one matrix product;
+        the loop then costs one ``addmm`` (O(B hidden_size^2)) and the
+        nonlinearity per step.
 
         Examples
         --------
@@ -286,38 +332,85 @@ class UnitaryRNN(nn.Module):
         >>> rnn = UnitaryRNN(3, 8, batch_first=True, generator=torch.Generator().manual_seed(0))
         >>> outputs, h = rnn(torch.randn(5, 20, 3))
         >>> tuple(outputs.shape), tuple(h.shape)
-        ((5, 20, 8), (5, 8))
+        ((5, 20, 8), (1, 5, 8))
         """
         unbatched = input.dim() == 2
         if input.dim() not in (2, 3) or input.shape[-1] != self.input_size:
             raise ValueError(f"input must be (T, B, {self.input_size}), (B, T, {self.input_size}) with "
                              f"batch_first, or (T, {self.input_size}); got shape {tuple(input.shape)}")
         x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if self.batch_first else input)
-        x = x.to(self.weight_ih.dtype)
         batch = x.shape[1]
-        projected = x @ self.weight_ih.T  # every step's input projection in one product
-        if self.bias is not None:
-            projected = projected + self.bias
-        if h0 is None:
-            h = torch.zeros(batch, self.hidden_size, dtype=self.weight_hh.dtype, device=x.device)
-        else:
-            h = (h0.unsqueeze(0) if unbatched else h0).to(self.weight_hh.dtype)
-            if tuple(h.shape) != (batch, self.hidden_size):
-                raise ValueError(f"h0 must have shape ({batch}, {self.hidden_size}), got {tuple(h0.shape)}")
-        recurrent = self.weight_hh.T
-        outputs = []
-        # unbind, not projected[t]: the backward of T separate indexings would
-        # allocate T gradients of the whole sequence, O(T^2); unbind's is one stack.
-        for u in projected.unbind(0):
-            h = self.activation(torch.addmm(u, h, recurrent))
-            outputs.append(h)
-        output = torch.stack(outputs)
+        h0 = self._initial_state(h0, batch, unbatched, x.device)
+        last = []
+        for layer in range(self.num_layers):
+            weight_hh, weight_ih, bias, activation = self._layer(layer)
+            projected = x.to(weight_ih.dtype) @ weight_ih.T  # every step's input projection in one product
+            if bias is not None:
+                projected = projected + bias
+            h = h0[layer]
+            recurrent = weight_hh.T
+            outputs = []
+            # unbind, not projected[t]: the backward of T separate indexings would
+            # allocate T gradients of the whole sequence, O(T^2); unbind's is one stack.
+            for u in projected.unbind(0):
+                h = activation(torch.addmm(u, h, recurrent))
+                outputs.append(h)
+            x = torch.stack(outputs)
+            last.append(h)
+        h_n = torch.stack(last)
         if unbatched:
-            return output.squeeze(1), h.squeeze(0)
-        return (output.transpose(0, 1) if self.batch_first else output), h
+            return x.squeeze(1), h_n.squeeze(1)
+        return (x.transpose(0, 1) if self.batch_first else x), h_n
+
+    def _initial_state(self, h0, batch, unbatched, device):
+        """h0 as (num_layers, B, hidden_size), zeros when None."""
+        layers, hidden, dtype = self.num_layers, self.hidden_size, self.weight_hh.dtype
+        if h0 is None:
+            return torch.zeros(layers, batch, hidden, dtype=dtype, device=device)
+        expected = (layers, hidden) if unbatched else (layers, batch, hidden)
+        former = (hidden,) if unbatched else (batch, hidden)
+        shape = tuple(h0.shape)
+        if layers == 1 and shape == former:
+            warnings.warn(f"UnitaryRNN: h0 of shape {former} is deprecated; pass it as torch.nn.RNN takes it, "
+                          f"shape {expected} (h0.unsqueeze(0)); h_n has that shape already", FutureWarning,
+                          stacklevel=3)
+            h0 = h0.unsqueeze(0)
+        elif shape != expected:
+            layout = "(num_layers, hidden_size) for an unbatched input" if unbatched else "(num_layers, B, hidden_size)"
+            raise ValueError(f"h0 must have shape {expected}, {layout}; got {shape}")
+        return (h0.unsqueeze(1) if unbatched else h0).to(dtype)
 
     def extra_repr(self):
         # what print(model) shows: the sizes and the choices that change the maths
         kind = "complex, unitary" if self.complex else "real, orthogonal"
-        return (f"{self.input_size}, {self.hidden_size}, {kind}, nonlinearity={self.nonlinearity!r}, "
+        layers = f", num_layers={self.num_layers}" if self.num_layers > 1 else ""
+        return (f"{self.input_size}, {self.hidden_size}{layers}, {kind}, nonlinearity={self.nonlinearity!r}, "
                 f"batch_first={self.batch_first}")
+
+
+def _input_weight(rows, columns, *, complex, dtype, device, generator):
+    """V, uniform in [-1/sqrt(columns), 1/sqrt(columns)] as torch.nn.RNN's; a
+    complex V has real and imaginary parts of that law, divided by sqrt(2)."""
+    bound = 1 / math.sqrt(columns)
+    V = torch.empty(rows, columns, dtype=dtype, device=device).uniform_(-bound, bound, generator=generator)
+    if complex:
+        imaginary = torch.empty_like(V).uniform_(-bound, bound, generator=generator)
+        V = torch.complex(V, imaginary) / math.sqrt(2)
+    return V
+
+
+def _modrelu(features, *, bias, dtype, device, generator):
+    activation = ModReLU(features, dtype=dtype, device=device, generator=generator)
+    if not bias:
+        activation.bias.requires_grad_(False).zero_()
+    return activation
+
+
+def _split_complex(function):
+    """A real activation applied to the real and imaginary parts separately; a
+    partial of a module-level function, so that the layer pickles."""
+    return functools.partial(_apply_to_parts, function)
+
+
+def _apply_to_parts(function, z):
+    return torch.complex(function(z.real), function(z.imag))

@@ -17,44 +17,13 @@ import torch
 from .._random import generator_from_state, generator_state
 from ..optim import RULES, control_drift, make_rule, rule_options, unitary_factors
 from ._fused import fused_direction
+from ._mark import is_unitary
 from ..steps import sketch_shape, step_factors_unchecked
 from ..steps import STEP_OVERSAMPLE, STEP_POWER_ITERS, VARIANTS
 
-__all__ = ["ProjUNN", "is_unitary", "mark_unitary"]
+__all__ = ["ProjUNN"]
 
-_MARK = "_unitary_lr_unitary"
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.complex64, torch.complex128)
-
-
-def mark_unitary(param: torch.Tensor) -> torch.Tensor:
-    """Mark ``param`` as unitary: :class:`ProjUNN` puts it in a unitary group
-    when it receives parameters without explicit groups. Returns ``param``.
-
-    Examples
-    --------
-    >>> import torch
-    >>> from unitary_lr.torch import ProjUNN, mark_unitary
-    >>> W = mark_unitary(torch.nn.Parameter(torch.eye(3)))
-    >>> b = torch.nn.Parameter(torch.zeros(3))
-    >>> [group["unitary"] for group in ProjUNN([W, b]).param_groups]
-    [False, True]
-    """
-    setattr(param, _MARK, True)
-    return param
-
-
-def is_unitary(param: torch.Tensor) -> bool:
-    """Whether ``param`` was marked with :func:`mark_unitary` (or made by
-    :func:`unitary_parameter`).
-
-    Examples
-    --------
-    >>> import torch
-    >>> from unitary_lr.torch import UnitaryRNN, is_unitary
-    >>> [name for name, p in UnitaryRNN(2, 4).named_parameters() if is_unitary(p)]
-    ['weight_hh']
-    """
-    return bool(getattr(param, _MARK, False))
 
 
 class ProjUNN(torch.optim.Optimizer):

@@ -1,0 +1,411 @@
+"""The unitary mark (survives copies, reloads and conversions; refuses a matrix
+that is not unitary), ``orthogonal(module, name)`` and projUNN as a retraction
+after torch.optim optimizers."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import pickle
+
+import numpy as np
+import pytest
+import scipy.linalg
+
+torch = pytest.importorskip("torch", reason="PyTorch is not installed")
+
+from unitary_lr import unitarity_error
+from unitary_lr.torch import (
+    ProjUNN,
+    UnitaryParameter,
+    UnitaryRNN,
+    is_unitary,
+    mark_unitary,
+    orthogonal,
+    projunn_retraction,
+    unitary_parameter,
+    unitary_tolerance,
+)
+
+DTYPES = [torch.float32, torch.float64, torch.complex64, torch.complex128]
+
+
+def seeded(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def error(W):
+    return float(torch.max(unitarity_error(W.detach())))
+
+
+def rounding(dtype):
+    return 1e-5 if dtype in (torch.float32, torch.complex64) else 1e-12
+
+
+def polar_reference(A):
+    """Closest unitary matrix, in float64/complex128 with SciPy."""
+    A = A.detach().numpy().astype(np.complex128 if np.iscomplexobj(A.detach().numpy()) else np.float64)
+    return scipy.linalg.polar(A)[0]
+
+
+# --------------------------------------------------------------- the mark
+
+
+class Net(torch.nn.Module):
+    def __init__(self, dtype=torch.float64):
+        super().__init__()
+        self.rnn = UnitaryRNN(3, 6, complex=dtype.is_complex, dtype=torch.float64, generator=seeded())
+        self.linear = orthogonal(torch.nn.Linear(6, 6, dtype=torch.float64), init="haar", generator=seeded(1))
+
+    def forward(self, x):
+        out = self.rnn(x)[0]
+        return self.linear(out.real if out.is_complex() else out)
+
+
+def _deepcopy(model):
+    return copy.deepcopy(model)
+
+
+def _pickle(model):
+    return pickle.loads(pickle.dumps(model))
+
+
+def _torch_save(model):
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+def _assign(model):
+    state = copy.deepcopy(model.state_dict())  # plain tensors, no mark
+    twin = Net()
+    twin.load_state_dict(state, assign=True)
+    assert torch.equal(twin.rnn.weight_hh.detach(), model.rnn.weight_hh.detach())
+    return twin
+
+
+def _to_float32(model):
+    model.to(torch.float32)
+    return model
+
+
+def _double(model):
+    return model.float().double()
+
+
+@pytest.mark.parametrize("operation", [_deepcopy, _pickle, _torch_save, _assign, _to_float32, _double])
+def test_mark_survives_copies_reloads_and_conversions_and_the_copy_trains_as_unitary(operation):
+    model = Net()
+    marked = {name for name, p in model.named_parameters() if is_unitary(p)}
+    assert marked == {"rnn.weight_hh", "linear.weight"}
+    twin = operation(model)
+    assert {name for name, p in twin.named_parameters() if is_unitary(p)} == marked
+    opt = ProjUNN(twin.parameters(), lr=1e-2, base="adam", seed=0)
+    unitary_groups = [g for g in opt.param_groups if g["unitary"]]
+    assert len(unitary_groups) == 1 and len(unitary_groups[0]["params"]) == 2
+    dtype = twin.rnn.weight_hh.dtype
+    x = torch.randn(5, 4, 3, dtype=dtype, generator=seeded(2))
+    before = twin.linear.weight.detach().clone()
+    for _ in range(5):
+        opt.zero_grad()
+        twin(x).pow(2).sum().backward()
+        opt.step()
+    assert not torch.equal(before, twin.linear.weight.detach())  # it was trained
+    # after float() and double(), a float64 matrix holds float32 rounding
+    tolerance = 1e-6 if operation is _double else rounding(dtype)
+    for p in unitary_groups[0]["params"]:
+        assert error(p) < tolerance
+
+
+def test_a_deep_copied_parameter_keeps_its_class_and_a_pickled_one_too():
+    W = unitary_parameter(4, dtype=torch.complex128, generator=seeded())
+    for twin in (copy.deepcopy(W), pickle.loads(pickle.dumps(W))):
+        assert type(twin) is UnitaryParameter and is_unitary(twin) and twin is not W
+        assert isinstance(twin, torch.nn.Parameter) and twin.requires_grad
+        assert torch.equal(twin.detach(), W.detach())
+    buffer = io.BytesIO()
+    torch.save({"W": W}, buffer)
+    buffer.seek(0)
+    assert is_unitary(torch.load(buffer, weights_only=True)["W"])  # a safe global
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_matrix_that_is_not_unitary_is_refused_and_left_as_it_is(dtype):
+    linear = torch.nn.Linear(5, 5, dtype=torch.float64)  # Kaiming-uniform: far from orthogonal
+    value = linear.weight.detach().to(dtype) if not dtype.is_complex else torch.complex(
+        linear.weight.detach(), linear.weight.detach().flip(0)).to(dtype)
+    p = torch.nn.Parameter(value.clone())
+    expected = error(p)
+    assert expected > 0.1
+    with pytest.raises(ValueError, match=rf"param \(shape \(5, 5\), {str(dtype)[6:]}\) is not unitary: its unitarity "
+                                         rf"error .* is {expected:.3g}, above the tolerance .*project=True"):
+        mark_unitary(p)
+    assert type(p) is torch.nn.Parameter and not is_unitary(p) and torch.equal(p.detach(), value)
+    with pytest.raises(ValueError, match=r"n_or_tensor .* is not unitary"):
+        unitary_parameter(value)
+    # project=True: the polar factor, compared with SciPy's in float64
+    assert mark_unitary(p, project=True) is p and is_unitary(p)
+    np.testing.assert_allclose(p.detach().numpy(), polar_reference(value), atol=100 * rounding(dtype))
+    q = unitary_parameter(value, project=True)
+    np.testing.assert_allclose(q.detach().numpy(), polar_reference(value), atol=100 * rounding(dtype))
+
+
+def test_tolerance_by_dtype_accepts_rounding_and_refuses_just_above():
+    for dtype in DTYPES:
+        tolerance = unitary_tolerance(dtype)
+        n = 8
+        # W = (1 + s) I has error sqrt(n) |(1 + s)^2 - 1| / sqrt(n) ~ 2 s
+        for scale, accepted in ((0.25 * tolerance, True), (2 * tolerance, False)):
+            p = torch.nn.Parameter(torch.eye(n, dtype=torch.float64).mul(1 + scale).to(dtype))
+            if accepted:
+                mark_unitary(p)
+            else:
+                with pytest.raises(ValueError, match="is not unitary"):
+                    mark_unitary(p)
+    # a float64 matrix made in float32 is off by ~1e-7: refused in float64
+    W = unitary_parameter(32, dtype=torch.float32, init="haar", generator=seeded()).detach().double()
+    with pytest.raises(ValueError, match="is not unitary"):
+        mark_unitary(torch.nn.Parameter(W))
+    with pytest.raises(TypeError, match=r"dtype must be float32, float64, complex64 or complex128, got torch.float16"):
+        unitary_tolerance(torch.float16)
+
+
+def test_bad_marks():
+    with pytest.raises(TypeError, match=r"param must be a torch.Tensor, got ndarray"):
+        mark_unitary(np.eye(3))
+    with pytest.raises(TypeError, match=r"param has dtype torch.float16"):
+        mark_unitary(torch.nn.Parameter(torch.eye(3, dtype=torch.float16)))
+    with pytest.raises(ValueError, match=r"param must be a matrix or a batch of matrices, got shape \(3,\)"):
+        mark_unitary(torch.nn.Parameter(torch.ones(3)))
+    nan = torch.eye(3, dtype=torch.float64)
+    nan[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"is not unitary: its unitarity error .* is nan"):
+        mark_unitary(torch.nn.Parameter(nan))
+    with pytest.raises(ValueError, match=r"param \(shape \(3, 3\)\) cannot be projected: .*NaN"):
+        mark_unitary(torch.nn.Parameter(nan.clone()), project=True)
+    with pytest.raises(TypeError, match=r"project must be True or False, got 1"):
+        mark_unitary(torch.nn.Parameter(torch.eye(3)), project=1)
+
+
+def test_a_batched_mark_reports_the_largest_error():
+    value = torch.eye(4, dtype=torch.complex128).repeat(3, 1, 1)
+    value[1] *= 1.5
+    with pytest.raises(ValueError, match=r"shape \(3, 4, 4\), complex128\) is not unitary: .* is 1.25"):
+        mark_unitary(torch.nn.Parameter(value))
+
+
+def test_a_replacement_of_a_marked_parameter_is_checked_and_marked():
+    rnn = UnitaryRNN(2, 4, dtype=torch.float64, generator=seeded())
+    W = rnn.weight_hh
+    rnn.weight_hh = torch.nn.Parameter(torch.eye(4, dtype=torch.float64))
+    assert rnn.weight_hh is not W and is_unitary(rnn.weight_hh)
+    with pytest.raises(ValueError, match=r"UnitaryRNN.weight_hh \(marked unitary; its replacement\) .* is not unitary"
+                                         r".*delete it first \(del module.weight_hh\)"):
+        rnn.weight_hh = torch.nn.Parameter(2 * torch.eye(4, dtype=torch.float64))
+    assert torch.equal(rnn.weight_hh.detach(), torch.eye(4, dtype=torch.float64))
+    del rnn.weight_hh
+    rnn.weight_hh = torch.nn.Parameter(2 * torch.eye(4, dtype=torch.float64))  # explicitly a plain one
+    assert not is_unitary(rnn.weight_hh)
+
+
+# ------------------------------------------------------------- orthogonal
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_orthogonal_closest_is_the_polar_factor_of_the_weight(dtype):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(6, 6, dtype=dtype)
+    W = layer.weight
+    before = W.detach().clone()
+    assert orthogonal(layer) is layer and layer.weight is W and is_unitary(W)
+    np.testing.assert_allclose(W.detach().numpy(), polar_reference(before), atol=100 * rounding(dtype))
+    assert error(W) < rounding(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_orthogonal_haar_is_unitary_and_seeded(dtype):
+    layers = [orthogonal(torch.nn.Linear(5, 5, dtype=dtype), init="haar", generator=seeded(3)) for _ in range(2)]
+    assert torch.equal(layers[0].weight.detach(), layers[1].weight.detach())
+    assert error(layers[0].weight) < rounding(dtype) and is_unitary(layers[0].weight)
+    batched = torch.nn.Module()
+    batched.weight = torch.nn.Parameter(torch.zeros(3, 4, 4, dtype=dtype))
+    orthogonal(batched, init="haar", generator=seeded())
+    assert error(batched.weight) < rounding(dtype)
+    assert not torch.equal(batched.weight[0].detach(), batched.weight[1].detach())
+
+
+def test_orthogonal_bad_arguments_change_nothing():
+    layer = torch.nn.Linear(3, 3)
+    before = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"name must be one of the parameters of the Linear \('weight', 'bias'\), "
+                                         r"got 'kernel'"):
+        orthogonal(layer, "kernel")
+    with pytest.raises(ValueError, match=r"Linear.bias must be a matrix or a batch of matrices, got shape \(3,\)"):
+        orthogonal(layer, "bias")
+    with pytest.raises(ValueError, match=r"init must be one of 'closest', 'haar', got 'identity'"):
+        orthogonal(layer, init="identity")
+    with pytest.raises(TypeError, match=r"module must be a torch.nn.Module, got Parameter"):
+        orthogonal(layer.weight)
+    assert torch.equal(layer.weight.detach(), before) and not is_unitary(layer.weight)
+
+
+# -------------------------------------------------------------- retraction
+
+
+def _model(dtype, seed=0):
+    layer = torch.nn.Linear(8, 8, bias=False, dtype=dtype)
+    return orthogonal(layer, init="haar", generator=seeded(seed))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+@pytest.mark.parametrize("optimizer", ["SGD", "AdamW"])
+def test_direct_retraction_of_a_rank_one_update_is_the_dense_polar_factor(dtype, optimizer):
+    """A loss Re(u^H W v) has the rank-1 gradient u v^H; SGD's update is
+    -lr u v^H and AdamW's first (eps = 0) is -lr sign(u v^H), also rank 1. The
+    retraction must give polar(W_old + Delta), Delta from the unretracted optimizer."""
+    generator = seeded(7)
+    u = torch.randn(8, dtype=dtype, generator=generator)
+    v = torch.randn(8, dtype=dtype, generator=generator)
+    if dtype.is_complex and optimizer == "AdamW":
+        pytest.skip("AdamW takes a complex parameter as pairs of reals: its update is not rank 1")
+    options = {"lr": 0.3, "weight_decay": 0.0} | ({"eps": 0.0} if optimizer == "AdamW" else {})
+    retracted, plain = _model(dtype), _model(dtype)
+    opts = [getattr(torch.optim, optimizer)(m.parameters(), **options) for m in (retracted, plain)]
+    projunn_retraction(opts[0], rank=1, variant="direct", seed=0)
+    W_old = plain.weight.detach().clone()
+    for model, opt in zip((retracted, plain), opts):
+        opt.zero_grad()
+        (u.conj() @ model.weight @ v).real.backward()
+        opt.step()
+    delta = plain.weight.detach() - W_old
+    assert torch.linalg.matrix_rank(delta).item() == 1
+    np.testing.assert_allclose(retracted.weight.detach().numpy(), polar_reference(W_old + delta), atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_tangent_retraction_of_a_rank_one_update_is_the_dense_geodesic(dtype):
+    generator = seeded(8)
+    u = torch.randn(8, dtype=dtype, generator=generator)
+    v = torch.randn(8, dtype=dtype, generator=generator)
+    model = _model(dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    projunn_retraction(opt, rank=1, variant="tangent", seed=0)
+    W = model.weight.detach().numpy().copy()
+    opt.zero_grad()
+    (u.conj() @ model.weight @ v).real.backward()
+    G = -(-0.2 * model.weight.grad.numpy())  # -Delta, Delta = -lr grad
+    opt.step()
+    expected = scipy.linalg.expm(-0.5 * (G @ W.conj().T - W @ G.conj().T)) @ W
+    np.testing.assert_allclose(model.weight.detach().numpy(), expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex64, torch.float64])
+@pytest.mark.parametrize("variant", ["tangent", "direct"])
+def test_retraction_keeps_unitarity_over_many_steps(dtype, variant):
+    model = _model(dtype)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    retraction = projunn_retraction(opt, rank=2, variant=variant, seed=0, drift_check_every=10)
+    x = torch.randn(16, 8, dtype=dtype, generator=seeded(1))
+    target = torch.randn(16, 8, dtype=dtype, generator=seeded(2))
+    for _ in range(120):
+        opt.zero_grad()
+        (model(x) - target).abs().pow(2).sum().backward()
+        opt.step()
+        assert error(model.weight) < (2e-5 if dtype in (torch.float32, torch.complex64) else 1e-12)
+    assert retraction.state[model.weight]["steps"] == 120
+
+
+def test_retraction_trains_an_orthogonal_regression_with_sgd_momentum_and_adamw():
+    generator = seeded(4)
+    n = 16
+    Q = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=generator))[0]
+    x = torch.randn(64, n, dtype=torch.float64, generator=generator)
+    y = x @ Q.T
+    for make in (lambda p: torch.optim.SGD(p, lr=0.3, momentum=0.9),
+                 lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.0)):
+        model = orthogonal(torch.nn.Linear(n, n, bias=False, dtype=torch.float64), init="haar", generator=seeded(5))
+        opt = make(model.parameters())
+        projunn_retraction(opt, rank=4, seed=0)
+        losses = []
+        for _ in range(150):
+            opt.zero_grad()
+            loss = (model(x) - y).pow(2).mean()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        assert losses[-1] < 0.1 * losses[0], (type(opt).__name__, losses[0], losses[-1])
+        assert error(model.weight) < 1e-12
+
+
+def test_retraction_leaves_plain_parameters_to_the_optimizer_and_can_be_removed():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(orthogonal(torch.nn.Linear(6, 6, dtype=torch.float64)),
+                                torch.nn.Linear(6, 2, dtype=torch.float64))
+    twin = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    twin_opt = torch.optim.SGD(twin.parameters(), lr=0.1)
+    retraction = projunn_retraction(opt, seed=0)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    for m, o in ((model, opt), (twin, twin_opt)):
+        o.zero_grad()
+        m(x).sum().backward()
+        o.step()
+    assert torch.equal(model[1].weight, twin[1].weight)  # plain: the optimizer's own step
+    assert not torch.equal(model[0].weight, twin[0].weight) and error(model[0].weight) < 1e-12
+    assert error(twin[0].weight) > 1e-3  # what the retraction prevented
+    retraction.remove()
+    W = model[0].weight.detach().clone()
+    opt.zero_grad()
+    model(x).sum().backward()
+    opt.step()
+    torch.testing.assert_close(model[0].weight.detach(), W - 0.1 * model[0].weight.grad)
+
+
+def test_retraction_with_a_closure_and_a_parameter_without_gradient():
+    a, b = _model(torch.float64, 0), _model(torch.float64, 1)
+    opt = torch.optim.SGD([*a.parameters(), *b.parameters()], lr=0.1)
+    projunn_retraction(opt, seed=0)
+    B = b.weight.detach().clone()
+    x = torch.randn(3, 8, dtype=torch.float64)
+
+    def closure():
+        opt.zero_grad()
+        loss = a(x).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert error(a.weight) < 1e-12 and torch.equal(b.weight.detach(), B)
+
+
+def test_retraction_warns_about_weight_decay_and_refuses_bad_options():
+    model = _model(torch.float32)
+    with pytest.warns(UserWarning, match=r"param group 0 of the AdamW holds unitary parameters and has "
+                                         r"weight_decay=0.01: decay is meaningless"):
+        projunn_retraction(torch.optim.AdamW(model.parameters()), seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for option, value, message in (("rank", 0, "rank must be an integer >= 1, got 0"),
+                                   ("rank", 2.0, "rank must be an integer >= 1, got 2.0"),
+                                   ("rank", 9, r"rank 9 exceeds the size of a retracted parameter \(shape \(8, 8\)\)"),
+                                   ("variant", "exact", "variant must be one of 'tangent', 'direct', got 'exact'"),
+                                   ("drift_tol", math.inf, "drift_tol must be a finite number > 0 or None, got inf"),
+                                   ("reproject", "qr", "reproject must be 'svd' or 'newton_schulz', got 'qr'")):
+        with pytest.raises(ValueError, match=message):
+            projunn_retraction(opt, **{option: value})
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer, got list"):
+        projunn_retraction([model.weight])
+
+
+def test_retraction_restores_every_parameter_on_a_non_finite_update():
+    a, b = _model(torch.float64, 0), _model(torch.float64, 1)
+    opt = torch.optim.SGD([*a.parameters(), *b.parameters()], lr=0.1)
+    projunn_retraction(opt, seed=0)
+    A, B = a.weight.detach().clone(), b.weight.detach().clone()
+    a.weight.grad = torch.ones(8, 8, dtype=torch.float64)
+    b.weight.grad = torch.full((8, 8), float("nan"), dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"retracted parameter 1 \(shape \(8, 8\)\) by the SGD: .*restored"):
+        opt.step()
+    assert torch.equal(a.weight.detach(), A) and torch.equal(b.weight.detach(), B)

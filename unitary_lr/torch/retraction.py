@@ -1,0 +1,214 @@
+"""projUNN as a retraction after any ``torch.optim`` optimizer: the optimizer
+forms the update with its own rule (AdamW, Lion, a schedule ...), projUNN puts
+the result back on the unitary group."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import array_api_compat
+import numpy as np
+import torch
+
+from ..optim import control_drift
+from ..steps import STEP_OVERSAMPLE, STEP_POWER_ITERS, VARIANTS, projunn_step
+from ._mark import is_unitary
+
+__all__ = ["ProjUNNRetraction", "projunn_retraction"]
+
+
+def projunn_retraction(optimizer, *, rank=1, variant="tangent", params=None, oversample=STEP_OVERSAMPLE,
+                       power_iters=STEP_POWER_ITERS, drift_tol=None, drift_check_every=50, reproject="svd",
+                       seed=None):
+    r"""Keep the unitary parameters of any ``torch.optim`` optimizer unitary:
+    after each ``optimizer.step()``, the optimizer's update of each of them is
+    replaced by the projUNN step along it.
+
+    Parameters
+    ----------
+    optimizer : torch.optim.Optimizer
+        Any optimizer (``AdamW``, ``SGD``, a third-party one); its step hooks
+        are used.
+    rank : int, optional
+        Rank k of the projUNN steps.
+    variant : {"tangent", "direct"}, optional
+        projUNN-T or projUNN-D.
+    params : iterable of torch.Tensor, optional
+        The parameters to keep unitary; by default every parameter of the
+        optimizer's groups marked unitary (:func:`mark_unitary`,
+        :func:`orthogonal`, :func:`unitary_parameter`), looked up at each step,
+        so groups added later are covered.
+    oversample, power_iters : int, optional
+        Sketch settings (see :func:`unitary_lr.projunn_step`).
+    drift_tol : float or None, optional
+        Re-projection threshold for ``||W^H W - I||_F / sqrt(n)`` (None: 1e-5
+        for 32-bit dtypes, 1e-12 for 64-bit ones).
+    drift_check_every : int, optional
+        Estimate the drift every this many steps of a parameter (0: never).
+    reproject : {"svd", "newton_schulz"}, optional
+        Dense polar factor used to re-project.
+    seed : int or None, optional
+        Seed of the sketches' random streams (one per parameter); None draws
+        it from torch's global generator.
+
+    Returns
+    -------
+    ProjUNNRetraction
+        Holds the hooks; ``.remove()`` detaches them.
+
+    Raises
+    ------
+    TypeError
+        ``optimizer`` not a ``torch.optim.Optimizer``; a parameter of another
+        dtype than float32/64, complex64/128.
+    ValueError
+        A bad option (named, with its value); a parameter that is not a
+        matrix, or smaller than ``rank``. At ``step()``, NaN or Inf in an
+        update: every retracted parameter gets its value from before the step
+        back (the optimizer's own state has moved) and the error names it.
+
+    Warns
+    -----
+    UserWarning
+        A group that holds a retracted parameter has ``weight_decay`` != 0.
+        Decay on a unitary matrix is meaningless: the group has no scale to
+        shrink, and the decay term ``-lr wd W`` is a full-rank part of the
+        update that the rank-k sketch then has to approximate along with the
+        gradient's. Put the unitary parameters in a group with
+        ``weight_decay=0`` (``torch.optim.AdamW`` defaults to 0.01).
+
+    Notes
+    -----
+    Before the step, each parameter's value W is kept (one copy, O(n^2)
+    memory); after it, the optimizer has moved W to W + Delta with its own
+    rule, and the parameter becomes ``projunn_step(W, -Delta, lr=1)``: Delta
+    plays the part of ``-lr G``. With ``variant="direct"`` and a Delta of rank
+    <= k this is exactly ``polar(W + Delta)``, the closest unitary matrix to
+    the optimizer's result; ``"tangent"`` moves along the geodesic of Delta's
+    tangent part. A parameter that the step did not change is left as it is.
+    Cost per step and parameter: the projUNN step, O(k n^2), plus two passes
+    over W. The optimizer's state (moments) stays Euclidean, as in
+    :class:`ProjUNN`, whose preconditioned steps it reproduces for
+    ``Adam``/``RMSprop`` up to the sketch.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from unitary_lr import unitarity_error
+    >>> from unitary_lr.torch import orthogonal, projunn_retraction
+    >>> layer = orthogonal(torch.nn.Linear(8, 8, bias=False, dtype=torch.float64))
+    >>> opt = torch.optim.AdamW(layer.parameters(), lr=1e-2, weight_decay=0.0)
+    >>> retraction = projunn_retraction(opt, rank=2, seed=0)
+    >>> for _ in range(5):
+    ...     opt.zero_grad()
+    ...     layer(torch.ones(3, 8, dtype=torch.float64)).sum().backward()
+    ...     opt.step()
+    >>> bool(unitarity_error(layer.weight.detach()) < 1e-13)
+    True
+    """
+    return ProjUNNRetraction(optimizer, rank=rank, variant=variant, params=params, oversample=oversample,
+                             power_iters=power_iters, drift_tol=drift_tol, drift_check_every=drift_check_every,
+                             reproject=reproject, seed=seed)
+
+
+class ProjUNNRetraction:
+    """The hooks that :func:`projunn_retraction` registers, and the per-parameter
+    state (sketch streams, step and re-projection counts) in ``state``."""
+
+    def __init__(self, optimizer, *, rank, variant, params, oversample, power_iters, drift_tol, drift_check_every,
+                 reproject, seed):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        for name, value, minimum in (("rank", rank, 1), ("oversample", oversample, 0),
+                                     ("power_iters", power_iters, 0), ("drift_check_every", drift_check_every, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {', '.join(map(repr, VARIANTS))}, got {variant!r}")
+        if reproject not in ("svd", "newton_schulz"):
+            raise ValueError(f"reproject must be 'svd' or 'newton_schulz', got {reproject!r}")
+        if drift_tol is not None and not (isinstance(drift_tol, (int, float)) and not isinstance(drift_tol, bool)
+                                          and math.isfinite(drift_tol) and drift_tol > 0):
+            raise ValueError(f"drift_tol must be a finite number > 0 or None, got {drift_tol!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ValueError(f"seed must be an integer >= 0 or None, got {seed!r}")
+        self.options = {"rank": rank, "variant": variant, "oversample": oversample, "power_iters": power_iters}
+        self.drift = {"drift_tol": drift_tol, "drift_check_every": drift_check_every, "reproject": reproject}
+        self.seed = int(torch.randint(0, 2**62, (), dtype=torch.int64)) if seed is None else seed
+        self.params = None if params is None else list(params)
+        self.optimizer = optimizer
+        self.state = {}  # parameter -> {"rng", "steps", "reprojections"}
+        self._saved = []
+        for p, _ in self._targets():
+            self._check(p)
+        self._warn_weight_decay()
+        self._handles = [optimizer.register_step_pre_hook(self._before),
+                         optimizer.register_step_post_hook(self._after)]
+
+    def remove(self):
+        """Detach the hooks: later steps are the optimizer's own."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _targets(self):
+        """(parameter, group) of every retracted parameter, in group order."""
+        chosen = None if self.params is None else {id(p) for p in self.params}
+        return [(p, group) for group in self.optimizer.param_groups for p in group["params"]
+                if (is_unitary(p) if chosen is None else id(p) in chosen)]
+
+    def _check(self, p):
+        if p.dtype not in (torch.float32, torch.float64, torch.complex64, torch.complex128):
+            raise TypeError(f"a retracted parameter has dtype {p.dtype} (shape {tuple(p.shape)}); "
+                            "expected float32, float64, complex64 or complex128")
+        if p.dim() < 2:
+            raise ValueError(f"a retracted parameter must be a matrix or a batch of them, got shape {tuple(p.shape)}")
+        if self.options["rank"] > min(p.shape[-2:]):
+            raise ValueError(f"rank {self.options['rank']} exceeds the size of a retracted parameter "
+                             f"(shape {tuple(p.shape)})")
+
+    def _warn_weight_decay(self):
+        decayed = {id(group): group for p, group in self._targets() if group.get("weight_decay", 0)}
+        for group in decayed.values():
+            index = self.optimizer.param_groups.index(group)
+            warnings.warn(
+                f"param group {index} of the {type(self.optimizer).__name__} holds unitary parameters and has "
+                f"weight_decay={group['weight_decay']!r}: decay is meaningless on a unitary matrix and pollutes "
+                "the rank-k update; put the unitary parameters in a group with weight_decay=0",
+                UserWarning, stacklevel=4)
+
+    @torch.no_grad()
+    def _before(self, optimizer, args, kwargs):
+        # all of them, not only those with a gradient: a closure given to
+        # step() computes the gradients after this hook
+        self._saved = [(p, p.detach().clone()) for p, _ in self._targets()]
+
+    @torch.no_grad()
+    def _after(self, optimizer, args, kwargs):
+        saved, self._saved = self._saved, []
+        pending = []
+        for index, (p, W) in enumerate(saved):
+            delta = p.detach() - W
+            if not bool(torch.any(delta != 0)):
+                continue
+            state = self.state.get(p)
+            if state is None:
+                self._check(p)
+                state = self.state[p] = {"rng": np.random.default_rng([self.seed, len(self.state)]),
+                                         "steps": 0, "reprojections": 0}
+            try:
+                new = projunn_step(W, -delta, lr=1.0, rng=state["rng"], **self.options)
+            except ValueError as error:
+                for q, old in saved:  # every retracted parameter as before the step
+                    q.copy_(old)
+                raise ValueError(f"the update of retracted parameter {index} (shape {tuple(p.shape)}) by the "
+                                 f"{type(optimizer).__name__}: {error}; the retracted parameters were "
+                                 "restored (the optimizer's state has moved)") from None
+            pending.append((p, new, state))
+        for p, new, state in pending:
+            state["steps"] += 1
+            xp = array_api_compat.array_namespace(new)
+            new, reprojected = control_drift(xp, new, step=state["steps"], rng=state["rng"], **self.drift)
+            state["reprojections"] += int(reprojected)
+            p.copy_(new)
