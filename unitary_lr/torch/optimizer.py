@@ -255,8 +255,8 @@ class ProjUNN(torch.optim.Optimizer):
                 if p.grad.is_sparse:
                     raise ValueError(f"ProjUNN does not support sparse gradients ({_name(group, index, i)})")
                 if not group["unitary"]:
-                    plain_grads.append((_name(group, index, i), p, group))
-        _check_plain_gradients([(name, p) for name, p, group in plain_grads if not group["capturable"]])
+                    plain_grads.append((p, group, index, i))
+        _check_plain_gradients([entry for entry in plain_grads if not entry[1]["capturable"]])
         pending = []
         for index, group in enumerate(self.param_groups):
             if _torch_optim_group(group):
@@ -380,19 +380,27 @@ def _name(group, index, i):
     return names[i] if names else f"param_groups[{index}]['params'][{i}]"
 
 
-def _check_plain_gradients(named):
-    """NaN/Inf in the gradients of plain parameters, with one host sync for all
-    of them (a sum is non-finite exactly when an entry is, or when it
-    overflows; only then is the exact elementwise test paid)."""
-    if not named:
+def _check_plain_gradients(entries):
+    """NaN/Inf in the gradients of plain parameters, ``(p, group, index, i)``
+    entries (a name is made only for the error), with one host read per
+    device. A sum is non-finite exactly when
+    an entry is, or when it overflows: only then is the exact elementwise test
+    paid. The sums are stacked as they come, in the gradient's own dtype: a
+    conversion per gradient cost as much as the sums on a model of many small
+    parameters, where this check is the only work torch.optim does not do."""
+    if not entries:
         return
-    sums = torch.stack([p.grad.sum().to(torch.complex128 if p.grad.is_complex() else torch.float64)
-                        for _, p in named])
-    if bool(torch.isfinite(sums).all()):
+    sums = {}
+    for p, *_ in entries:
+        sums.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad.sum())
+    finite = {}
+    for (device, _), group in sums.items():
+        finite.setdefault(device, []).append(torch.isfinite(torch.stack(group)).all())
+    if all(bool(torch.stack(flags).all()) for flags in finite.values()):
         return
-    for name, p in named:
+    for p, group, index, i in entries:
         if not _all_finite(p.grad):
-            raise ValueError(f"the gradient of {name} (shape {tuple(p.shape)}) contains NaN or Inf; "
+            raise ValueError(f"the gradient of {_name(group, index, i)} (shape {tuple(p.shape)}) contains NaN or Inf; "
                              "no parameter was changed")
 
 
