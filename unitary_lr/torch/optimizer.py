@@ -91,7 +91,9 @@ class ProjUNN(torch.optim.Optimizer):
         added). The paper's recurrent recipe, a unitary matrix trained 32
         times slower than the rest, is ``ProjUNN(model.parameters(), lr=1e-3,
         unitary_lr_scale=1 / 32)``. The group then holds that ``lr``, so an
-        ``lr_scheduler`` scales both groups and keeps their ratio.
+        ``lr_scheduler`` scales both groups and keeps their ratio (a tensor
+        ``lr`` gives the group a new tensor: update both, or use 1 and set the
+        groups' lr yourself).
     momentum, dampening, nesterov, weight_decay, alpha, eps, centered, betas
         Base-rule hyper-parameters, as in ``torch.optim`` (per group). Weight
         decay does not apply to unitary parameters (the group is invariant to
