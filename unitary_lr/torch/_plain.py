@@ -98,10 +98,12 @@ def _adam(state, group):
 _STEPS = {"sgd": _sgd, "rmsprop": _rmsprop, "adam": _adam}
 
 
+@torch.no_grad()
 def plain_step(state, group):
     """Step every parameter of the plain ``group`` that has a gradient, in
     place, as ``torch.optim`` does for the group's ``base`` rule; ``state`` is
-    the optimizer's per-parameter state (written in place too).
+    the optimizer's per-parameter state (written in place too). No autograd
+    graph records it.
 
     Examples
     --------

@@ -164,6 +164,13 @@ class ProjUNN(torch.optim.Optimizer):
     >>> err = torch.linalg.matrix_norm(W.detach().mH @ W.detach() - torch.eye(8)) / 8 ** 0.5
     >>> bool(err < 1e-13)
     True
+
+    A whole model, its unitary weight at a learning rate 32 times smaller:
+
+    >>> from unitary_lr.torch import UnitaryRNN
+    >>> rnn = UnitaryRNN(4, 8)
+    >>> [group["lr"] for group in ProjUNN(rnn.parameters(), lr=1e-3, unitary_lr_scale=1 / 32).param_groups]
+    [0.001, 3.125e-05]
     """
 
     def __init__(self, params, lr=1e-3, *, base="rmsprop", rank=1, variant="tangent", unitary=None,
