@@ -18,6 +18,7 @@ from .._random import generator_from_state, generator_state
 from ..optim import RULES, control_drift, make_rule, rule_options, unitary_factors
 from ._fused import fused_direction
 from ._mark import is_unitary
+from ._plain import plain_step
 from ..steps import sketch_shape, step_factors_unchecked
 from ..steps import STEP_OVERSAMPLE, STEP_POWER_ITERS, VARIANTS
 
@@ -38,7 +39,10 @@ class ProjUNN(torch.optim.Optimizer):
         :func:`unitary_parameter`, :func:`mark_unitary`) form a group with
         ``unitary=True`` and the rest a plain group. In explicit groups set
         ``"unitary": True``; by default a group is unitary when all its
-        parameters are marked.
+        parameters are marked. Plain groups are stepped by ``torch.optim``'s
+        own implementation of the base rule (its functional form, foreach where
+        torch uses it), with its state keys: the same updates and the same
+        speed as ``torch.optim.RMSprop`` / ``Adam`` / ``SGD``.
     lr : float, optional
         Learning rate, >= 0 (per group).
     base : {"rmsprop", "adam", "sgd"}, optional
@@ -50,10 +54,22 @@ class ProjUNN(torch.optim.Optimizer):
         Rank k of the unitary updates (per group).
     variant : {"tangent", "direct"}, optional
         projUNN-T or projUNN-D (per group).
+    unitary_lr_scale : float, optional
+        The learning rate of a unitary group that sets no ``lr`` of its own is
+        ``lr * unitary_lr_scale`` (> 0; per group, read when the group is
+        added). The paper's recurrent recipe, a unitary matrix trained 32
+        times slower than the rest, is ``ProjUNN(model.parameters(), lr=1e-3,
+        unitary_lr_scale=1 / 32)``. The group then holds that ``lr``, so an
+        ``lr_scheduler`` scales both groups and keeps their ratio (a tensor
+        ``lr`` gives the group a new tensor: update both, or use 1 and set the
+        groups' lr yourself).
     momentum, dampening, nesterov, weight_decay, alpha, eps, centered, betas
         Base-rule hyper-parameters, as in ``torch.optim`` (per group). Weight
         decay does not apply to unitary parameters (the group is invariant to
         scaling).
+    foreach : bool or None, optional
+        For plain groups, as in ``torch.optim``: one kernel per operation for
+        all the group's parameters (None: torch's choice, foreach on CUDA).
     oversample, power_iters : int, optional
         Sketch settings (see :func:`unitary_lr.projunn_step`).
     drift_tol : float or None, optional
@@ -88,7 +104,8 @@ class ProjUNN(torch.optim.Optimizer):
     ValueError
         A negative or non-finite lr, an unknown base, variant or reproject, a
         unitary parameter that is not (..., n, n) or smaller than ``rank``, a
-        group mixing marked and unmarked parameters; at ``step()``, a gradient
+        group mixing marked and unmarked parameters, a unitary group that sets
+        both ``lr`` and ``unitary_lr_scale``; at ``step()``, a gradient
         with NaN or Inf (named, with its shape; nothing is changed).
     TypeError
         A unitary parameter of a dtype other than float32/64, complex64/128;
@@ -116,19 +133,28 @@ class ProjUNN(torch.optim.Optimizer):
     >>> err = torch.linalg.matrix_norm(W.detach().mH @ W.detach() - torch.eye(8)) / 8 ** 0.5
     >>> bool(err < 1e-13)
     True
+
+    A whole model, its unitary weight at a learning rate 32 times smaller:
+
+    >>> from unitary_lr.torch import UnitaryRNN
+    >>> rnn = UnitaryRNN(4, 8)
+    >>> [group["lr"] for group in ProjUNN(rnn.parameters(), lr=1e-3, unitary_lr_scale=1 / 32).param_groups]
+    [0.001, 3.125e-05]
     """
 
     def __init__(self, params, lr=1e-3, *, base="rmsprop", rank=1, variant="tangent", unitary=None,
-                 momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, alpha=0.99, eps=1e-8,
-                 centered=False, betas=(0.9, 0.999), oversample=STEP_OVERSAMPLE, power_iters=STEP_POWER_ITERS,
-                 drift_tol=None, drift_check_every=50, reproject="svd", seed=None, capturable=False):
+                 unitary_lr_scale=1.0, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
+                 alpha=0.99, eps=1e-8, centered=False, betas=(0.9, 0.999), oversample=STEP_OVERSAMPLE,
+                 power_iters=STEP_POWER_ITERS, drift_tol=None, drift_check_every=50, reproject="svd", seed=None,
+                 capturable=False, foreach=None):
         if seed is None:
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
         defaults = dict(
             lr=lr, base=base, rank=rank, variant=variant, unitary=unitary, momentum=momentum, dampening=dampening,
             nesterov=nesterov, weight_decay=weight_decay, alpha=alpha, eps=eps, centered=centered, betas=betas,
             oversample=oversample, power_iters=power_iters, drift_tol=drift_tol, drift_check_every=drift_check_every,
-            reproject=reproject, seed=seed, capturable=capturable,
+            reproject=reproject, seed=seed, capturable=capturable, unitary_lr_scale=unitary_lr_scale,
+            foreach=foreach,
         )
         _check_options(defaults, where="ProjUNN")
         super().__init__(_split_by_mark(params), defaults)
@@ -157,6 +183,13 @@ class ProjUNN(torch.optim.Optimizer):
             for name, p in zip(names, params):
                 _check_unitary_parameter(name, p, group["rank"])
         param_group = {**param_group, "unitary": unitary}
+        if unitary and "lr" in param_group and "unitary_lr_scale" in param_group:
+            raise ValueError(f"param group {index} sets both lr ({param_group['lr']!r}) and unitary_lr_scale "
+                             f"({param_group['unitary_lr_scale']!r}); set one of them")
+        # A scale of 1 leaves the group on the shared default lr (a tensor lr
+        # of a capturable optimizer stays the one tensor a schedule updates).
+        if unitary and "lr" not in param_group and group["unitary_lr_scale"] != 1:
+            param_group["lr"] = self.defaults["lr"] * group["unitary_lr_scale"]
         super().add_param_group(param_group)
 
     @torch.no_grad()
@@ -200,10 +233,12 @@ class ProjUNN(torch.optim.Optimizer):
                 if p.grad.is_sparse:
                     raise ValueError(f"ProjUNN does not support sparse gradients ({_name(group, index, i)})")
                 if not group["unitary"]:
-                    plain_grads.append((_name(group, index, i), p, group))
-        _check_plain_gradients([(name, p) for name, p, group in plain_grads if not group["capturable"]])
+                    plain_grads.append((p, group, index, i))
+        _check_plain_gradients([entry for entry in plain_grads if not entry[1]["capturable"]])
         pending = []
         for index, group in enumerate(self.param_groups):
+            if _torch_optim_group(group):
+                continue  # stepped by torch.optim's own code below, once nothing can fail
             rule = make_rule(group["base"], **rule_options(group["base"], group))
             unitary = group["unitary"]
             mode = "modulus" if unitary else "components"
@@ -240,6 +275,9 @@ class ProjUNN(torch.optim.Optimizer):
                         raise ValueError(f"{_name(group, index, i)} (shape {tuple(p.shape)}): {error}; "
                                          "no parameter was changed") from None
                 pending.append((p, group, new_state, factors, rng))
+        for group in self.param_groups:
+            if _torch_optim_group(group):
+                plain_step(self.state, group)
         for p, group, new_state, update, rng in pending:
             if rng is None:
                 if isinstance(group["lr"], torch.Tensor):
@@ -268,6 +306,14 @@ class ProjUNN(torch.optim.Optimizer):
 
 
 _CAPTURED = object()  # marks a capturable update in the list of pending ones
+
+
+def _torch_optim_group(group):
+    """Whether torch.optim's own implementation steps the group: a plain one
+    that is not capturable. A capturable plain group keeps the rules of
+    unitary_lr.optim, which read nothing on the host on any device (torch.optim
+    refuses ``capturable=True`` on the CPU)."""
+    return not group["unitary"] and not group["capturable"]
 
 
 def _capturable_counters(state, p):
@@ -312,19 +358,27 @@ def _name(group, index, i):
     return names[i] if names else f"param_groups[{index}]['params'][{i}]"
 
 
-def _check_plain_gradients(named):
-    """NaN/Inf in the gradients of plain parameters, with one host sync for all
-    of them (a sum is non-finite exactly when an entry is, or when it
-    overflows; only then is the exact elementwise test paid)."""
-    if not named:
+def _check_plain_gradients(entries):
+    """NaN/Inf in the gradients of plain parameters, ``(p, group, index, i)``
+    entries (a name is made only for the error), with one host read per
+    device. A sum is non-finite exactly when
+    an entry is, or when it overflows: only then is the exact elementwise test
+    paid. The sums are stacked as they come, in the gradient's own dtype: a
+    conversion per gradient cost as much as the sums on a model of many small
+    parameters, where this check is the only work torch.optim does not do."""
+    if not entries:
         return
-    sums = torch.stack([p.grad.sum().to(torch.complex128 if p.grad.is_complex() else torch.float64)
-                        for _, p in named])
-    if bool(torch.isfinite(sums).all()):
+    sums = {}
+    for p, *_ in entries:
+        sums.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad.sum())
+    finite = {}
+    for (device, _), group in sums.items():
+        finite.setdefault(device, []).append(torch.isfinite(torch.stack(group)).all())
+    if all(bool(torch.stack(flags).all()) for flags in finite.values()):
         return
-    for name, p in named:
+    for p, group, index, i in entries:
         if not _all_finite(p.grad):
-            raise ValueError(f"the gradient of {name} (shape {tuple(p.shape)}) contains NaN or Inf; "
+            raise ValueError(f"the gradient of {_name(group, index, i)} (shape {tuple(p.shape)}) contains NaN or Inf; "
                              "no parameter was changed")
 
 
@@ -390,6 +444,14 @@ def _check_options(group, *, where):
         raise ValueError(f"{where}: capturable must be True or False, got {group['capturable']!r}")
     if group["unitary"] not in (None, True, False):
         raise ValueError(f"{where}: unitary must be True, False or None, got {group['unitary']!r}")
+    scale = group.get("unitary_lr_scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"{where}: unitary_lr_scale must be a finite number > 0, got {scale!r}")
+    if group.get("foreach") not in (None, True, False):
+        raise ValueError(f"{where}: foreach must be True, False or None, got {group['foreach']!r}")
+    if group.get("foreach") and isinstance(group["lr"], torch.Tensor) and not group["capturable"]:
+        # torch.optim's foreach kernels would refuse it at the first step
+        raise ValueError(f"{where}: foreach=True needs a number lr or capturable=True, got lr={group['lr']!r}")
 
 
 def _check_unitary_parameter(name, p, rank):
