@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from unitary_lr import projunn_step, unitarity_error
+from unitary_lr.optim import RULES
 from unitary_lr.steps import VARIANTS
 from unitary_lr.cli import _peers
 from unitary_lr.cli import bench as bench_module
@@ -450,11 +451,15 @@ def test_asv_suite_covers_every_kernel_and_both_steps(suite):
         assert grid["dtype"] == ["float32", "float64", "complex64", "complex128"]
         if "k" in grid:
             assert grid["k"] == [1, 8]
-    assert classes["ProjunnStep"].params[classes["ProjunnStep"].param_names.index("variant")] == ["tangent", "direct"]
+    # the registries' names: a variant or base rule registered in the library is benchmarked too
+    assert classes["ProjunnStep"].params[classes["ProjunnStep"].param_names.index("variant")] == list(VARIANTS)
+    assert {"tangent", "direct"} <= set(VARIANTS)
+    torch_step = dict(zip(classes["TorchOptimizerStep"].param_names, classes["TorchOptimizerStep"].params))
+    assert torch_step["variant"] == list(VARIANTS) and torch_step["base"] == list(RULES)
     assert hasattr(classes["ProjunnStep"], "peakmem_step")
     assert hasattr(classes["ProjectUnitary"], "time_svd") and hasattr(classes["ProjectUnitary"], "time_newton_schulz")
     layout = dict(zip(classes["StepLayout"].param_names, classes["StepLayout"].params))
-    assert layout == {"n": [2048], "dtype": ["float64"], "variant": ["tangent", "direct"],
+    assert layout == {"n": [2048], "dtype": ["float64"], "variant": list(VARIANTS),
                       "backend": ["numpy", "torch"], "layout": ["row-major", "column-major"]}
     peers = dict(zip(classes["PeerSteps"].param_names, classes["PeerSteps"].params))
     assert peers["method"] == ["projUNN-T k=1"] + [peer.method for peer in _peers.PEERS]
