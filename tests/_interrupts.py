@@ -1,8 +1,9 @@
 """Ctrl-C at any moment of a ``unitary-lr`` run, for the CLI tests.
 
 A trace function counts the lines that the run executes in the command's own
-code (its ``_run`` and every helper of ``unitary_lr.cli`` it calls), from the
-first line of its ``try`` to ``guard.defer()``, where its work ends and the
+code (the work that ``unitary_lr.cli._session.execute`` runs for every
+subcommand, and every helper of ``unitary_lr.cli`` it calls), from the first
+line of execute's ``try`` to ``guard.defer()``, where the work ends and the
 outputs begin; a run is then repeated with a KeyboardInterrupt raised at the
 k-th of those lines, for k spread over the whole run. That is where a real
 Ctrl-C can land: after ``defer()`` the InterruptGuard only notes signals.

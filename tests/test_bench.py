@@ -24,12 +24,15 @@ import numpy as np
 import pytest
 
 from unitary_lr import projunn_step, unitarity_error
+from unitary_lr.optim import RULES
+from unitary_lr.steps import VARIANTS
 from unitary_lr.cli import _peers
 from unitary_lr.cli import bench as bench_module
 from unitary_lr.cli import main
 
 SMALL = ["bench", "--sizes", "32", "64", "--ranks", "1", "--repeat", "2", "--no-progress"]
-STEPS_AND_DENSE = ("floor", "projUNN-T", "projUNN-D", "dense SVD polar", "dense expm step")
+# one step per registered variant (test_bench_times_every_registered_variant checks the names)
+STEPS_AND_DENSE = ("floor", *bench_module.STEPS, "dense SVD polar", "dense expm step")
 OPTIMIZERS = ("torch.optim.RMSprop", "ProjUNN(base='rmsprop')")  # every torch run
 
 
@@ -134,6 +137,42 @@ def test_bench_sklearn_is_skipped_with_a_note_for_complex_input(tmp_path):
     assert not any(r["method"] == "sklearn randomized_svd" for r in record["results"])
 
 
+def test_bench_times_every_registered_variant(tmp_path):
+    """One projUNN step per entry of unitary_lr.steps.VARIANTS, named as in the paper
+    where it has a name there, each timed at every size and rank and kept unitary."""
+    assert bench_module.STEPS["projUNN-T"] == "tangent" and bench_module.STEPS["projUNN-D"] == "direct"
+    assert sorted(bench_module.STEPS.values()) == sorted(VARIANTS)
+    record = run_json(tmp_path, "--sizes", "16", "--ranks", "1", "2", "--repeat", "1")
+    steps = [r for r in record["results"] if r["kind"] == "step"]
+    assert sorted((r["method"], r["k"]) for r in steps) == sorted((m, k) for m in bench_module.STEPS for k in (1, 2))
+    assert all(r["unitarity_error"] < 1e-12 for r in steps)
+
+
+def test_bench_interrupted_at_any_moment_leaves_whole_results(tmp_path):
+    """Ctrl-C at any line of the work: exit 130, and strict JSON holding the
+    sizes that were complete, every row timed --repeat times."""
+    from _interrupts import moments, run_with_interrupt
+
+    from unitary_lr.cli._session import execute  # every subcommand's work runs in it
+
+    path = tmp_path / "cut.json"
+    argv = ["bench", "--sizes", "4", "8", "--repeat", "1", "--no-progress", "--json", str(path)]
+    assert main(argv) == 0
+    whole = {n: sorted((r["method"], r["k"]) for r in json.loads(path.read_text())["results"] if r["n"] == n)
+             for n in (4, 8)}
+    for at in moments(main, argv, execute, 15):
+        path.unlink(missing_ok=True)
+        status, _ = run_with_interrupt(main, argv, execute, at)
+        assert status == 130, at
+        record = json.loads(path.read_text(), parse_constant=lambda constant: pytest.fail(constant))
+        assert record["interrupted"] is True
+        sizes = sorted({r["n"] for r in record["results"]})
+        assert sizes in ([], [4], [4, 8]), (at, sizes)  # the sizes in order, each kept whole or not at all
+        for n in sizes:
+            assert sorted((r["method"], r["k"]) for r in record["results"] if r["n"] == n) == whole[n], (at, n)
+        assert all(len(r["times_s"]) == 1 and r["median_s"] == r["times_s"][0] for r in record["results"]), at
+
+
 def test_bench_dense_steps_above_the_limit_are_skipped_with_a_note(tmp_path, capsys):
     record = run_json(tmp_path, "--sizes", "16", "32", "--dense-max", "16", "--repeat", "1")
     assert {r["n"] for r in record["results"] if r["kind"] == "dense"} == {16}
@@ -202,7 +241,8 @@ def test_bench_threads_without_threadpoolctl_is_a_one_line_error(tmp_path, capsy
     monkeypatch.setitem(sys.modules, "threadpoolctl", None)  # import threadpoolctl raises ImportError
     assert main([*SMALL, "--threads", "1", "--json", str(tmp_path / "x.json")]) == 2
     err = capsys.readouterr().err
-    assert err == "unitary-lr bench: error: --threads needs threadpoolctl: pip install threadpoolctl\n"
+    # the message every subcommand gives (one helper applies --threads for all of them)
+    assert err == "unitary-lr bench: error: --threads needs threadpoolctl for NumPy's BLAS: pip install threadpoolctl\n"
     assert not (tmp_path / "x.json").exists()
 
 
@@ -411,11 +451,15 @@ def test_asv_suite_covers_every_kernel_and_both_steps(suite):
         assert grid["dtype"] == ["float32", "float64", "complex64", "complex128"]
         if "k" in grid:
             assert grid["k"] == [1, 8]
-    assert classes["ProjunnStep"].params[classes["ProjunnStep"].param_names.index("variant")] == ["tangent", "direct"]
+    # the registries' names: a variant or base rule registered in the library is benchmarked too
+    assert classes["ProjunnStep"].params[classes["ProjunnStep"].param_names.index("variant")] == list(VARIANTS)
+    assert {"tangent", "direct"} <= set(VARIANTS)
+    torch_step = dict(zip(classes["TorchOptimizerStep"].param_names, classes["TorchOptimizerStep"].params))
+    assert torch_step["variant"] == list(VARIANTS) and torch_step["base"] == list(RULES)
     assert hasattr(classes["ProjunnStep"], "peakmem_step")
     assert hasattr(classes["ProjectUnitary"], "time_svd") and hasattr(classes["ProjectUnitary"], "time_newton_schulz")
     layout = dict(zip(classes["StepLayout"].param_names, classes["StepLayout"].params))
-    assert layout == {"n": [2048], "dtype": ["float64"], "variant": ["tangent", "direct"],
+    assert layout == {"n": [2048], "dtype": ["float64"], "variant": list(VARIANTS),
                       "backend": ["numpy", "torch"], "layout": ["row-major", "column-major"]}
     peers = dict(zip(classes["PeerSteps"].param_names, classes["PeerSteps"].params))
     assert peers["method"] == ["projUNN-T k=1"] + [peer.method for peer in _peers.PEERS]

@@ -240,11 +240,13 @@ def test_toy_interrupted_at_any_moment_leaves_whole_results(tmp_path):
     their step counts, and the plot when there is a curve."""
     from _interrupts import moments, run_with_interrupt
 
+    from unitary_lr.cli._session import execute  # every subcommand's work runs in it
+
     out = tmp_path / "toy"
     argv = [*SMALL, "--n", "6", "--steps", "3", "--ranks", "1", "2", "--no-plot", "--out", str(out)]
-    for at in moments(main, argv, toy_module._run, 25):
+    for at in moments(main, argv, execute, 25):
         out.with_name("toy.json").unlink(missing_ok=True)
-        status, _ = run_with_interrupt(main, argv, toy_module._run, at)
+        status, _ = run_with_interrupt(main, argv, execute, at)
         assert status == 130, at
         record = strict_json(out.with_name("toy.json"))
         assert record["interrupted"] is True
@@ -307,3 +309,82 @@ def test_threads_without_threadpoolctl(tmp_path, capsys, monkeypatch):
     assert main([*SMALL, "--steps", "1", "--ranks", "1", "--no-plot", "--threads", "1",
                  "--out", str(tmp_path / "t")]) == 2
     assert "--threads needs threadpoolctl for NumPy's BLAS: pip install threadpoolctl" in capsys.readouterr().err
+
+
+# --- the parsers: shared flags, help, and the registries as choices ----------------------------
+
+def _subparsers():
+    from unitary_lr.cli import build_parser
+
+    parser = build_parser()
+    action = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    return parser, action.choices
+
+
+def test_every_help_works_and_lists_each_flag_once(capsys):
+    """unitary-lr --help and every subcommand's --help: exit 0, every flag the
+    parser knows is in the text, none twice (a parent and the subcommand
+    defining the same flag would be an argparse error or a second entry)."""
+    import re
+
+    _, commands = _subparsers()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    top = capsys.readouterr().out
+    assert all(name in top for name in commands)
+    for name, subparser in commands.items():
+        with pytest.raises(SystemExit) as exit_info:
+            main([name, "--help"])
+        assert exit_info.value.code == 0, name
+        text = capsys.readouterr().out
+        assert text.startswith(f"usage: unitary-lr {name} "), name
+        flags = [s for a in subparser._actions for s in a.option_strings if s.startswith("--") and s != "--help"]
+        assert len(flags) == len(set(flags)), name
+        listed = re.findall(r"^  (--[A-Za-z0-9-]+)", text, flags=re.MULTILINE)
+        assert sorted(listed) == sorted(flags), name
+        assert "--no-progress" in flags  # every subcommand reports progress through the same helper
+        if name != "bench":
+            assert {"--out", "--no-plot", "--threads"} <= set(flags), name
+            assert "how it runs and what it writes:" in text, name
+
+
+def test_variant_and_base_rule_choices_are_the_registries():
+    from unitary_lr.optim import RULES
+    from unitary_lr.steps import VARIANTS
+
+    _, commands = _subparsers()
+    choices = {(name, s): tuple(a.choices) for name, p in commands.items() for a in p._actions
+               for s in a.option_strings if s in ("--variant", "--variants", "--base", "--optimizer")}
+    assert choices == {
+        ("toy", "--variant"): tuple(VARIANTS), ("toy", "--base"): tuple(RULES),
+        ("copy", "--variants"): tuple(VARIANTS), ("copy", "--optimizer"): tuple(RULES),
+        ("adding", "--variants"): tuple(VARIANTS), ("adding", "--optimizer"): tuple(RULES),
+        ("conv", "--variant"): tuple(VARIANTS),
+    }
+
+
+def test_a_registered_base_rule_is_a_choice_with_no_change_to_the_cli(tmp_path, capsys, monkeypatch):
+    """A rule added to unitary_lr.optim.RULES (a real one: SGD with Nesterov
+    momentum) is a choice of --base; toy has no measured learning rate for it,
+    so it asks for --lr, and with one it learns."""
+    from dataclasses import dataclass
+
+    from unitary_lr import optim
+
+    @dataclass(frozen=True)
+    class NesterovSGD(optim.SGD):
+        momentum: float = 0.5
+        nesterov: bool = True
+
+    monkeypatch.setitem(optim.RULES, "nesterov", NesterovSGD)
+    out = tmp_path / "nesterov"
+    common = [*SMALL, "--ranks", "4", "--dtype", "float64", "--base", "nesterov", "--no-plot", "--out", str(out)]
+    assert main(common) == 2
+    err = capsys.readouterr().err
+    assert err == "unitary-lr toy: error: --base nesterov has no measured default learning rate here: give --lr\n"
+    assert main([*common, "--lr", "2"]) == 0
+    record = read(out)
+    assert record["settings"]["base"] == "nesterov"
+    loss = record["results"][0]["loss"]
+    assert loss[-1] < 0.5 * loss[0] and record["results"][0]["unitarity_error"] < 1e-12

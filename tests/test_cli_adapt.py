@@ -145,13 +145,15 @@ def test_peft_methods_without_peft(tmp_path, capsys, monkeypatch):
 def test_interrupted_at_any_moment_leaves_whole_results(tmp_path):
     from _interrupts import moments, run_with_interrupt
 
+    from unitary_lr.cli._session import execute  # every subcommand's work runs in it
+
     out = tmp_path / "adapt"
     argv = ["adapt", "--methods", "none", "lora", "hta", "--lora-ranks", "1", "--reflectors", "1", "--hidden", "8",
             "--pretrain-epochs", "1", "--epochs", "1", "--seeds", "0", "1", "--no-progress", "--no-plot",
             "--out", str(out)]
-    for at in moments(main, argv, adapt._run, 12):
+    for at in moments(main, argv, execute, 12):
         out.with_name("adapt.json").unlink(missing_ok=True)
-        status, _ = run_with_interrupt(main, argv, adapt._run, at)
+        status, _ = run_with_interrupt(main, argv, execute, at)
         assert status == 130, at
         assert torch.is_grad_enabled(), at  # nothing of the run's state is left behind
         record = json.loads(out.with_name("adapt.json").read_text(), parse_constant=_reject)

@@ -72,15 +72,17 @@ def test_quick_fills_only_what_is_not_given(tmp_path):
 def test_conv_interrupted_at_any_moment_leaves_whole_results(tmp_path):
     from _interrupts import moments, run_with_interrupt
 
+    from unitary_lr.cli._session import execute  # every subcommand's work runs in it
+
     def reject(constant):
         raise ValueError(constant)
 
     out = tmp_path / "conv"
     argv = ["conv", "--depth", "2", "--channels", "2", "--rank", "1", "--size", "4", "--steps", "3", "--batch", "4",
             "--no-progress", "--no-plot", "--out", str(out)]
-    for at in moments(main, argv, conv._run, 20):
+    for at in moments(main, argv, execute, 20):
         out.with_name("conv.json").unlink(missing_ok=True)
-        status, _ = run_with_interrupt(main, argv, conv._run, at)
+        status, _ = run_with_interrupt(main, argv, execute, at)
         assert status == 130, at
         record = json.loads(out.with_name("conv.json").read_text(), parse_constant=reject)
         assert record["status"] == "interrupted", at

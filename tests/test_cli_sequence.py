@@ -193,12 +193,14 @@ def test_interrupt_during_an_evaluation(tmp_path, monkeypatch, task):
 def test_copy_interrupted_at_any_moment_leaves_whole_results(tmp_path):
     from _interrupts import moments, run_with_interrupt
 
+    from unitary_lr.cli._session import execute  # every subcommand's work runs in it
+
     out = tmp_path / "copy"
     argv = ["copy", "--T", "3", "--hidden", "4", "--steps", "4", "--batch", "4", "--eval-every", "2",
             "--models", "unitary", "rnn", "--no-progress", "--no-plot", "--out", str(out)]
-    for at in moments(main, argv, sequence._run, 25):
+    for at in moments(main, argv, execute, 25):
         out.with_name("copy.json").unlink(missing_ok=True)
-        status, _ = run_with_interrupt(main, argv, sequence._run, at)
+        status, _ = run_with_interrupt(main, argv, execute, at)
         assert status == 130, at
         record = strict_json(out.with_name("copy.json"))
         assert record["status"] == "interrupted", at

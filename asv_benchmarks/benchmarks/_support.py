@@ -24,12 +24,16 @@ from __future__ import annotations
 
 from unitary_lr import _benchdata as data
 from unitary_lr._backends import BackendError, load_backend
+from unitary_lr.optim import RULES
+from unitary_lr.steps import VARIANTS as STEP_VARIANTS
 
 SIZES = [256, 1024, 4096]
 RANKS = [1, 8]
 DTYPES = ["float32", "float64", "complex64", "complex128"]
 BACKENDS = ["numpy", "torch", "jax", "cupy"]
-VARIANTS = ["tangent", "direct"]
+# The registries: a step variant or base rule registered in the library is benchmarked with no change here.
+VARIANTS = list(STEP_VARIANTS)
+BASES = list(RULES)
 
 # Largest n for the dense O(n^3) kernels on a CPU: an SVD of a 4096 x 4096
 # complex128 matrix takes minutes on a few cores; on a GPU it takes seconds.

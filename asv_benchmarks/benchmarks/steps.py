@@ -16,6 +16,7 @@ from unitary_lr import projunn_step, unitarity_error
 
 from ._support import (
     BACKENDS,
+    BASES,
     DTYPES,
     LEARNING_RATE,
     RANKS,
@@ -119,7 +120,7 @@ class TorchOptimizerStep:
     place (``addmm_``), without drift checks. Compare with ProjunnStep on torch,
     which returns a new matrix."""
 
-    params = (SIZES, ["float32", "float64", "complex64", "complex128"], VARIANTS, ["sgd", "adam"])
+    params = (SIZES, ["float32", "float64", "complex64", "complex128"], VARIANTS, BASES)
     param_names = ("n", "dtype", "variant", "base")
     timeout = TIMEOUT
 

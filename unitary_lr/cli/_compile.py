@@ -14,17 +14,22 @@ from __future__ import annotations
 
 import statistics
 
+from ._options import run_group
+
 COMPILE_MODES = ("auto", "default", "reduce-overhead")
 
 
-def add_compile_option(parser):
-    parser.add_argument(
+def compile_options():
+    """--compile [MODE], as a parent parser (see ``_options``)."""
+    parser, group = run_group()
+    group.add_argument(
         "--compile", nargs="?", const="auto", default=None, choices=COMPILE_MODES, metavar="MODE",
         help="capture the model's forward and loss, and their backward, with torch.compile; the optimizer "
              "step stays eager. The first steps pay the compile time (recorded apart from the later steps' "
              "median); it pays off on a GPU, where the recurrent loop is launch-bound. MODE: auto (the "
              "default: reduce-overhead, i.e. CUDA graphs, on CUDA, default elsewhere), default, reduce-overhead",
     )
+    return parser
 
 
 def compile_mode(requested, device):

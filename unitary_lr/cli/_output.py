@@ -34,16 +34,19 @@ def require_modules(modules):
         )
 
 
-def progress(total, *, description, enabled):
+def progress(total, *, description, enabled, unit="step"):
     """A tqdm progress bar on stderr, or a silent stand-in."""
     if not enabled:
-        return _Silent()
+        return Silent()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=description, unit="step", file=sys.stderr, dynamic_ncols=True)
+    return tqdm(total=total, desc=description, unit=unit, file=sys.stderr, dynamic_ncols=True)
 
 
-class _Silent:
+class Silent:
+    """The progress bar of a run with --no-progress, and of one whose work
+    stopped before its bar was made: it does nothing."""
+
     def update(self, n=1):
         pass
 
@@ -114,6 +117,45 @@ def output_path(flag, path, *, suffix=""):
         reason = error.strerror or str(error)
         raise CommandError(f"{flag}: cannot write {str(target)!r}: {reason}") from None
     return target
+
+
+def check_run_options(args):
+    """The run flags of an experiment, checked before any work: ``--threads``
+    (see resolve_threads) and the ``--out`` files (see prefix_outputs)."""
+    resolve_threads(args)
+    prefix_outputs(args)
+
+
+def prefix_outputs(args):
+    """``--out PREFIX``: PREFIX.json, and PREFIX.png unless ``--no-plot``, as
+    ``args.json_path`` and ``args.png_path`` (None: no plot), checked before
+    the run, whose results an unwritable path would lose."""
+    args.json_path = output_path("--out", args.out, suffix=".json")
+    args.png_path = None if args.no_plot else output_path("--out", args.out, suffix=".png")
+
+
+def write_outputs(args, record, *, plot=None) -> list:
+    """An experiment's outputs: ``record`` as ``args.json_path`` and, when
+    there is a plot (``plot(path)`` draws it; None: nothing to draw) and
+    ``--no-plot`` is not given, the plot as ``args.png_path``; the paths
+    written, in that order."""
+    write_json(args.json_path, record)
+    written = [args.json_path]
+    if plot is not None and args.png_path is not None:
+        plot(args.png_path)
+        written.append(args.png_path)
+    return written
+
+
+def run_record(args, experiment, fields, *, versions=None) -> dict:
+    """The JSON record of a run: the command line, the experiment, ``fields``
+    and the environment (with ``versions`` of the libraries it used)."""
+    return {
+        "command": "unitary-lr " + " ".join(args.argv),
+        "experiment": experiment,
+        **fields,
+        "environment": {**environment(), **(versions or {})},
+    }
 
 
 def _strict_json(value):
@@ -235,16 +277,6 @@ def torch_session(args):
     return torch, device
 
 
-def add_threads_option(parser):
-    # One thread by default: on a machine whose cores are busy with other work,
-    # threads wait for each other. Measured on a busy 2-core machine, 2 threads
-    # (torch's and OpenBLAS's default there) took 1.3-11x as long as 1 (README, "Try it").
-    parser.add_argument(
-        "--threads", type=int, default=None, metavar="N",
-        help="CPU threads of torch and of the BLAS libraries; more help only on idle cores (default: 1)",
-    )
-
-
 def resolve_threads(args):
     """Check ``--threads`` and fill its default, 1; ``args.threads_given`` says
     whether the user asked (then a limit that cannot be applied is an error)."""
@@ -256,7 +288,7 @@ def resolve_threads(args):
 
 
 def thread_limits(threads, *, torch=False, required=True):
-    """Apply ``--threads`` before any work, until ``.close()``: torch's intra-op
+    """Apply ``--threads`` before any work, until ``.close()`` (None: no limit): torch's intra-op
     pool (when ``torch`` is true: the run uses torch) and, through
     threadpoolctl (the cli extra installs it), the BLAS/OpenMP pools of NumPy
     and SciPy. Restored on close, so that a run inside a Python session leaves
@@ -264,6 +296,8 @@ def thread_limits(threads, *, torch=False, required=True):
     limited: if nothing would apply a ``required`` limit, a CommandError says so;
     the default, 1 thread, is then left unapplied rather than stopping the run."""
     stack = contextlib.ExitStack()
+    if threads is None:  # the libraries' own pools (the bench's default)
+        return stack
     uses_torch = torch
     try:
         from threadpoolctl import threadpool_limits
@@ -280,13 +314,3 @@ def thread_limits(threads, *, torch=False, required=True):
         stack.callback(torch_module.set_num_threads, torch_module.get_num_threads())
         torch_module.set_num_threads(threads)
     return stack
-
-
-def finish(written, interrupted) -> int:
-    """Say what was written; exit status 130 after Ctrl-C (the outputs hold
-    what was done), else 0."""
-    print("wrote " + ", ".join(map(str, written)))
-    if interrupted:
-        print("interrupted: the outputs hold the steps done so far", file=sys.stderr)
-        return 130
-    return 0

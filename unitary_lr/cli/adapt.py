@@ -16,22 +16,11 @@ import math
 import statistics
 import sys
 import time
+from types import SimpleNamespace
 
-from ._output import (
-    CommandError,
-    InterruptGuard,
-    add_threads_option,
-    environment,
-    finish,
-    format_table,
-    output_path,
-    progress,
-    require_modules,
-    resolve_threads,
-    save_figure,
-    thread_limits,
-    write_json,
-)
+from . import _options, _output
+from ._output import CommandError
+from ._session import execute
 
 METHODS = ("none", "full", "lora", "hta", "hra", "oft")
 PEFT_METHODS = ("hra", "oft")
@@ -48,9 +37,13 @@ LAYERS = ["0", "2", "4"]  # the MLP's nn.Linear layers, by their names in the nn
 
 
 def add_parser(commands):
-    paragraphs = __doc__.split("\n\n")
+    parents = [
+        _options.quick_options(f"{QUICK['pretrain_epochs']} + {QUICK['epochs']} epochs and seed 0, where "
+                               "--pretrain-epochs, --epochs, --seeds do not say otherwise"),
+        _options.experiment_run_options("adapt"),
+    ]
     parser = commands.add_parser("adapt", help="fine-tune a pre-trained MLP to a shifted task: HTA, LoRA, full, HRA, OFT",
-                                 description=" ".join(p.replace("\n", " ") for p in paragraphs[1:2]))
+                                 description=_options.paragraph(__doc__, 1), parents=parents)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=None, metavar="METHOD",
                         help=f"among {', '.join(METHODS)} ('none': the pre-trained network as it is); "
                              "hra and oft need PEFT (default: all; hra and oft are skipped, with a note, without PEFT)")
@@ -71,13 +64,6 @@ def add_parser(commands):
     parser.add_argument("--batch", type=int, default=64, help="(default: 64)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="one pre-training and one adaptation per method for each (default: 0 1 2; --quick: 0)")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"{QUICK['pretrain_epochs']} + {QUICK['epochs']} epochs and seed 0, where --pretrain-epochs, "
-                             "--epochs, --seeds do not say otherwise")
-    add_threads_option(parser)
-    parser.add_argument("--out", default="unitary-lr-adapt", help="path prefix of the .json and .png outputs")
-    parser.add_argument("--no-plot", action="store_true")
-    parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(run=run)
 
 
@@ -118,10 +104,7 @@ def _validate(args):
                 raise CommandError(f"--methods {' '.join(wanted_peft)} needs PEFT: {problem}")
             args.skipped = {m: problem for m in wanted_peft}
             args.methods = [m for m in args.methods if m not in PEFT_METHODS]
-    resolve_threads(args)
-    # checked before the run, whose results an unwritable path would lose
-    args.json_path = output_path("--out", args.out, suffix=".json")
-    args.png_path = None if args.no_plot else output_path("--out", args.out, suffix=".png")
+    _output.check_run_options(args)
 
 
 def _variants(args):
@@ -245,62 +228,51 @@ def _trainable(model):
 
 def run(args) -> int:
     _validate(args)
-    require_modules(("matplotlib",) * (not args.no_plot) + ("tqdm",) * (not args.no_progress))
     try:
         import torch  # noqa: F401 - a clear error now rather than in the run
     except ImportError:
         raise CommandError("PyTorch is not installed: pip install torch") from None
     for method, reason in args.skipped.items():
         print(f"unitary-lr adapt: skipping {method}: {reason}", file=sys.stderr)
-    with thread_limits(args.threads, torch=True, required=args.threads_given):
-        return _run(args)
-
-
-def _run(args) -> int:
     variants = _variants(args)
-    results = [{"method": method, "size": size, "label": label, "trainable_parameters": None, "seeds": [],
-                "accuracy": [], "original_task_accuracy": [], "seconds": []} for method, size, label in variants]
-    pretrained_records, interrupted, bar = [], False, None
-    with InterruptGuard() as guard:
-        try:
-            import torch  # run() checked that it is there
+    # what the work leaves for the report, however far it got
+    state = SimpleNamespace(pretrained=[], results=[
+        {"method": method, "size": size, "label": label, "trainable_parameters": None, "seeds": [], "accuracy": [],
+         "original_task_accuracy": [], "seconds": []} for method, size, label in variants])
+    return execute(args, lambda session: _adapt_all(args, variants, state, session),
+                   lambda session: _report(args, state.results, state.pretrained, session.interrupted),
+                   description="adapt", plot=args.png_path is not None, torch=True)
 
-            train_x, train_y, test_x, test_y, shifted_train_x, shifted_test_x = digits(args.shift)
-            adapting = sum(method != "none" for method, _, _ in variants)
-            bar = progress(len(args.seeds) * (args.pretrain_epochs + adapting * args.epochs), description="adapt",
-                           enabled=not args.no_progress)
-            bar.unit = "epoch"  # tqdm reads it at each refresh; the silent stand-in ignores it
-            for seed in args.seeds:
-                torch.manual_seed(seed)
-                pretrained = _mlp(torch, args.hidden)
-                _train(torch, pretrained, train_x, train_y, epochs=args.pretrain_epochs, batch=args.batch, lr=1e-2,
-                       seed=seed, bar=bar)
-                pretrained_records.append({"seed": seed, "accuracy": _accuracy(torch, pretrained, test_x, test_y),
-                                           "shifted_accuracy": _accuracy(torch, pretrained, shifted_test_x, test_y)})
-                for record, (method, size, label) in zip(results, variants):
-                    start = time.perf_counter()
-                    model = _adapted(torch, pretrained, method, size, seed)
-                    trainable = _trainable(model)
-                    _train(torch, model, shifted_train_x, train_y, epochs=args.epochs, batch=args.batch,
-                           lr=LEARNING_RATES.get(method, 0.0), seed=seed, bar=bar)
-                    model.eval()
-                    accuracy = _accuracy(torch, model, shifted_test_x, test_y)
-                    original = _accuracy(torch, model, test_x, test_y)
-                    # one append per list, together: an interrupt between them is cut back in _close
-                    record["trainable_parameters"] = trainable
-                    record["seeds"].append(seed)
-                    record["accuracy"].append(accuracy)
-                    record["original_task_accuracy"].append(original)
-                    record["seconds"].append(time.perf_counter() - start)
-                    bar.set_postfix_str(f"seed {seed} {label} {accuracy:.3f}", refresh=False)
-            guard.defer()  # the work is done: from here on a signal must not cut the outputs
-        except KeyboardInterrupt:
-            interrupted = True
-            guard.defer()
-        if bar is not None:
-            bar.close()
-        _close(results)
-        return guard.status(_report(args, results, pretrained_records, interrupted))
+
+def _adapt_all(args, variants, state, session):
+    import torch  # run() checked that it is there
+
+    train_x, train_y, test_x, test_y, shifted_train_x, shifted_test_x = digits(args.shift)
+    adapting = sum(method != "none" for method, _, _ in variants)
+    bar = session.progress(len(args.seeds) * (args.pretrain_epochs + adapting * args.epochs), unit="epoch")
+    for seed in args.seeds:
+        torch.manual_seed(seed)
+        pretrained = _mlp(torch, args.hidden)
+        _train(torch, pretrained, train_x, train_y, epochs=args.pretrain_epochs, batch=args.batch, lr=1e-2,
+               seed=seed, bar=bar)
+        state.pretrained.append({"seed": seed, "accuracy": _accuracy(torch, pretrained, test_x, test_y),
+                                   "shifted_accuracy": _accuracy(torch, pretrained, shifted_test_x, test_y)})
+        for record, (method, size, label) in zip(state.results, variants):
+            start = time.perf_counter()
+            model = _adapted(torch, pretrained, method, size, seed)
+            trainable = _trainable(model)
+            _train(torch, model, shifted_train_x, train_y, epochs=args.epochs, batch=args.batch,
+                   lr=LEARNING_RATES.get(method, 0.0), seed=seed, bar=bar)
+            model.eval()
+            accuracy = _accuracy(torch, model, shifted_test_x, test_y)
+            original = _accuracy(torch, model, test_x, test_y)
+            # one append per list, together: an interrupt between them is cut back in _close
+            record["trainable_parameters"] = trainable
+            record["seeds"].append(seed)
+            record["accuracy"].append(accuracy)
+            record["original_task_accuracy"].append(original)
+            record["seconds"].append(time.perf_counter() - start)
+            bar.set_postfix_str(f"seed {seed} {label} {accuracy:.3f}", refresh=False)
 
 
 def _close(results):
@@ -317,6 +289,8 @@ def _close(results):
 
 
 def _report(args, results, pretrained, interrupted):
+    _close(results)
+
     def cell(value, digits=3):
         return "-" if value is None else f"{value:.{digits}f}"
 
@@ -325,15 +299,13 @@ def _report(args, results, pretrained, interrupted):
         original = statistics.fmean(r["original_task_accuracy"]) if r["original_task_accuracy"] else None
         rows.append((r["label"], "-" if r["trainable_parameters"] is None else r["trainable_parameters"],
                      len(r["accuracy"]), cell(r["mean_accuracy"]), cell(r["std_accuracy"]), cell(original)))
-    print(format_table(("method", "trainable", "seeds", "shifted accuracy", "std", "original task"), rows))
+    print(_output.format_table(("method", "trainable", "seeds", "shifted accuracy", "std", "original task"), rows))
     versions = {}
     for module in ("torch", "sklearn", "peft"):
         loaded = sys.modules.get(module)
         if loaded is not None:
             versions[module] = getattr(loaded, "__version__", None)
-    record = {
-        "command": "unitary-lr " + " ".join(args.argv),
-        "experiment": "adapt",
+    record = _output.run_record(args, "adapt", {
         "settings": {"methods": args.methods, "shift": args.shift, "hidden": args.hidden,
                      "reflectors": args.reflectors, "lora_ranks": args.lora_ranks, "hra_ranks": args.hra_ranks,
                      "oft_block_sizes": args.oft_block_sizes, "pretrain_epochs": args.pretrain_epochs,
@@ -343,15 +315,11 @@ def _report(args, results, pretrained, interrupted):
         "skipped": [{"method": method, "reason": reason} for method, reason in args.skipped.items()],
         "pretrained": pretrained,
         "results": results,
-        "environment": {**environment(), **versions},
-    }
-    write_json(args.json_path, record)
-    written = [str(args.json_path)]
-    if args.png_path is not None and any(r["accuracy"] for r in results):
-        _plot(args.png_path, results, title=f"digits, {args.hidden}-wide MLP, adapted to the "
-                                            f"{'rotated' if args.shift == 'rotate' else 'pixel-permuted'} images")
-        written.append(str(args.png_path))
-    return finish(written, interrupted)
+    }, versions=versions)
+    title = (f"digits, {args.hidden}-wide MLP, adapted to the "
+             f"{'rotated' if args.shift == 'rotate' else 'pixel-permuted'} images")
+    return _output.write_outputs(args, record, plot=(lambda path: _plot(path, results, title=title))
+                         if any(r["accuracy"] for r in results) else None)
 
 
 def _plot(path, results, *, title):
@@ -379,4 +347,4 @@ def _plot(path, results, *, title):
              ylim=(0, 1.02))
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(fontsize="small")
-    save_figure(figure, path, dpi=120)
+    _output.save_figure(figure, path, dpi=120)

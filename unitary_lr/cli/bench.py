@@ -33,31 +33,35 @@ as in training, and the unitarity error is checked once, after the timed steps.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import functools
 import importlib
 import math
 import statistics
-import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
 from .. import _benchdata as data
 from .. import projunn_step, randomized_svd, unitarity_error
-from .._backends import BACKEND_NAMES, load_backend
-from .._xp import FLOAT_DTYPE_NAMES, array_namespace, mH
+from .._backends import load_backend
+from .._xp import array_namespace, mH
 from ..steps import STEP_OVERSAMPLE, STEP_POWER_ITERS
-from . import _peers
-from ._output import CommandError, environment, format_table, output_path, progress, require_modules, write_json
+from . import _options, _peers
+from ._options import variant_label, variant_names
+from ._output import CommandError, format_table, output_path, run_record, write_json
+from ._session import execute
 
 LEARNING_RATE = 0.1
 
 FLOOR = "floor"
-TANGENT = "projUNN-T"
-DIRECT = "projUNN-D"
+# one projUNN step per registered variant, named as in the paper (projUNN-T, projUNN-D)
+STEPS = {variant_label(variant): variant for variant in variant_names()}
+TANGENT = variant_label("tangent")  # the step the peers are compared with
 DENSE_SVD = "dense SVD polar"
 DENSE_EXPM = "dense expm step"
 RSVD = "unitary_lr randomized_svd"
@@ -67,8 +71,7 @@ RSVD_TORCH = "torch.svd_lowrank"
 # method -> kind; the kind says which columns apply and whether k matters
 KINDS = {
     FLOOR: "floor",
-    TANGENT: "step",
-    DIRECT: "step",
+    **{method: "step" for method in STEPS},
     DENSE_SVD: "dense",
     DENSE_EXPM: "dense",
     RSVD: "rsvd",
@@ -83,18 +86,18 @@ STATEFUL = ("peer", "optimizer")
 
 
 def add_parser(commands):
-    parser = commands.add_parser(
-        "bench",
-        help="time projUNN steps against the floor, the dense steps and other randomized SVDs",
-        description=__doc__.split("\n\n")[1].replace("\n", " "),
-    )
+    parents = [
+        _options.ranks_options(default=[1], what="the steps and of the randomized SVDs"),
+        _options.array_options(dtype="float64"),
+        _options.threads_options(experiment=False),
+        _options.seed_options("the matrices and the sketches"),
+        _options.progress_options(),
+    ]
+    parser = commands.add_parser("bench", help="time projUNN steps against the floor, the dense steps and other "
+                                               "randomized SVDs",
+                                 description=_options.paragraph(__doc__, 1), parents=parents)
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096], metavar="N",
                         help="matrix sizes n (default: 256 512 1024 2048 4096)")
-    parser.add_argument("--ranks", type=int, nargs="+", default=[1], metavar="K",
-                        help="ranks k of the steps and of the randomized SVDs (default: 1)")
-    parser.add_argument("--dtype", choices=FLOAT_DTYPE_NAMES, default="float64", help="(default: float64)")
-    parser.add_argument("--backend", choices=BACKEND_NAMES, default="numpy", help="array library (default: numpy)")
-    parser.add_argument("--device", default=None, help="device of the backend, e.g. cuda:0 (default: its default)")
     parser.add_argument("--repeat", type=int, default=5,
                         help="timed runs per method and size; the table shows their median (default: 5)")
     parser.add_argument("--dense-max", type=int, default=2048, metavar="N",
@@ -103,18 +106,12 @@ def add_parser(commands):
                         help="oversampling of the three randomized SVDs (default: 10)")
     parser.add_argument("--power-iters", type=int, default=2,
                         help="power iterations of the three randomized SVDs (default: 2)")
-    parser.add_argument("--threads", type=int, default=None, metavar="N",
-                        help="limit the BLAS/OpenMP threads (NumPy, SciPy, scikit-learn; torch's too) to N "
-                             "during the run; 1 gives steadier ratios on a shared machine. Needs threadpoolctl "
-                             "(default: the libraries' own)")
     parser.add_argument("--peers", action="store_true",
                         help="also time the O(n^3) steps of geoopt, geotorch and torch's orthogonal "
                              "parametrization, where installed, up to --dense-max (needs --backend torch)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the matrices and the sketches (default: 0)")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the results, settings and machine as JSON")
     parser.add_argument("--plot", default=None, metavar="PATH",
                         help="write a log-log PNG plot of time against n with the fitted slopes")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
 
 
@@ -133,6 +130,7 @@ def _validate(args):
             raise CommandError(f"{flag} must be >= {minimum}, got {value}")
     if args.peers and args.backend != "torch":
         raise CommandError(f"--peers times torch optimizers: add --backend torch (got --backend {args.backend})")
+    args.threads_given = args.threads is not None  # unless given, the libraries' own pools
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
         if path is not None:
             output_path(flag, path)  # the shared check: before the run, one line, exit 2
@@ -193,28 +191,6 @@ def _other_rsvds(backend, dtype, notes):
     return found
 
 
-def _thread_limits(threads, backend):
-    """Limit the thread pools to ``threads`` until ``.close()``; no-op for None.
-
-    Multithreaded BLAS on a machine whose cores are busy with other work makes
-    every call wait for its slowest thread: times then vary tenfold from run
-    to run. One thread per process is slower but steady.
-    """
-    stack = contextlib.ExitStack()
-    if threads is None:
-        return stack
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        raise CommandError("--threads needs threadpoolctl: pip install threadpoolctl") from None
-    stack.enter_context(threadpool_limits(limits=threads))
-    if backend.name == "torch":  # its intra-op pool is its own; give it back as it was
-        torch = importlib.import_module("torch")
-        stack.callback(torch.set_num_threads, torch.get_num_threads())
-        torch.set_num_threads(threads)
-    return stack
-
-
 def _thread_pools():
     """The BLAS/OpenMP pools the run uses (threadpoolctl's view), or None
     when threadpoolctl is not installed."""
@@ -246,12 +222,22 @@ def _rsvd_error(U, S, Vh, A, optimal):
 
 def run(args) -> int:
     sizes, ranks = _validate(args)
-    require_modules(("matplotlib",) * (args.plot is not None) + ("tqdm",) * (not args.no_progress))
+    setup = _setup(args, sizes, ranks)
+    # what the work leaves for the report, however far it got: the sizes done
+    state = SimpleNamespace(rows=[], pools=None)
+    return execute(args, lambda session: _time_all(args, setup, state, session),
+                   lambda session: _report(args, setup, state, session.interrupted),
+                   description="bench", plot=args.plot is not None, torch=setup.backend.name == "torch",
+                   unfinished="the table and outputs hold the sizes done so far")
+
+
+def _setup(args, sizes, ranks):
+    """The backend and the methods that can run on it, with notes on the others."""
     backend = load_backend(args.backend, device=args.device, float64=args.dtype in ("float64", "complex128"))
     xp, device = backend.xp, backend.device
     if args.dtype not in xp.__array_namespace_info__().dtypes(device=device):
         raise CommandError(f"dtype {args.dtype} is not available on device {device!r} of {args.backend}")
-    dtype, complex_ = getattr(xp, args.dtype), args.dtype.startswith("complex")
+    complex_ = args.dtype.startswith("complex")
     notes = []
     expm, why_not = _expm_for(backend)
     if why_not:
@@ -259,150 +245,188 @@ def run(args) -> int:
     others = _other_rsvds(backend, args.dtype, notes)
     peers, peer_notes = _peers.available_peers(complex_) if args.peers else ([], [])
     notes.extend(peer_notes)
-    optimizers = backend.name == "torch"  # RMSprop and ProjUNN(base="rmsprop")
     dense = [DENSE_SVD] + [DENSE_EXPM] * (expm is not None)
     too_big = [n for n in sizes if n > args.dense_max]
     if too_big and dense:
         notes.append(f"dense steps {'and peers ' * bool(peers)}skipped for n > {args.dense_max} (--dense-max): n = "
                      + ", ".join(map(str, too_big)))
-    cases_per_n = {n: 1 + 2 * len(ranks) + (len(dense) + len(peers)) * (n <= args.dense_max)
-                   + (1 + len(others)) * len(ranks) + (1 + len(ranks)) * optimizers
-                   for n in sizes}
+    return SimpleNamespace(sizes=sizes, ranks=ranks, backend=backend, xp=xp, device=device, dtype=getattr(xp, args.dtype),
+                           complex_=complex_, notes=notes, expm=expm, others=others, peers=peers, dense=dense,
+                           optimizers=backend.name == "torch")  # RMSprop and ProjUNN(base="rmsprop")
+
+
+def _case_count(args, setup, n):
+    """How many cases ``_cases`` builds at size n (for the progress bar)."""
+    ranks = len(setup.ranks)
+    return (1 + len(STEPS) * ranks + (len(setup.dense) + len(setup.peers)) * (n <= args.dense_max)
+            + (1 + len(setup.others)) * ranks + (1 + ranks) * setup.optimizers)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One timed method at one size: ``call()`` runs it; ``check(result)``
+    measures the untimed first result, ``final()`` the state after timing
+    (for the methods that step a parameter in place)."""
+
+    method: str
+    k: int | None
+    call: Callable
+    check: Callable | None = None
+    final: Callable | None = None
+
+
+def _unitarity(W):
+    return {"unitarity_error": float(unitarity_error(W))}
+
+
+def _stateful(method, k, stepper, checked):
+    """A case whose call steps a parameter in place, checked once after timing."""
+    return Case(method, k, stepper.step, final=(lambda: _unitarity(stepper.point())) if checked else None)
+
+
+def _cases(args, setup, n):
+    """Every method at size n, on the same data."""
+    xp = setup.xp
+    rng = np.random.default_rng([args.seed, n])
 
     def on_device(host):
-        return xp.asarray(host.astype(args.dtype), dtype=dtype, device=device)
+        return xp.asarray(host.astype(args.dtype), dtype=setup.dtype, device=setup.device)
 
-    def unitarity(W):
-        return {"unitarity_error": float(unitarity_error(W))}
+    W = on_device(data.unitary(rng, n, setup.complex_))
+    G = on_device(data.gaussian(rng, (n, n), setup.complex_, scale=n**-0.5))
+    x, u, v = (on_device(data.gaussian(rng, shape, setup.complex_)) for shape in ((n,), (n, 2), (n, 2)))
+    A = on_device(data.known_spectrum(rng, n, setup.complex_))
+    found = [Case(FLOOR, None, lambda: (G @ x, W + u @ mH(xp, v)))]
+    found += _step_cases(args, setup, n, W, G)
+    if n <= args.dense_max:
+        found += _dense_cases(setup, W, G)
+        found += [_stateful(peer.method, None, peer.build(W, G, LEARNING_RATE), True) for peer in setup.peers]
+    found += _rsvd_cases(args, setup, n, A)
+    if setup.optimizers:
+        found.append(_stateful(_peers.RMSPROP, None, _peers.rmsprop(W, G, LEARNING_RATE), False))
+        found += [_stateful(_peers.PROJUNN_RMSPROP, k, _peers.projunn_rmsprop(
+            W, G, LEARNING_RATE, rank=k, seed=args.seed), True) for k in setup.ranks]
+    return found
 
-    def stateful(method, k, stepper, checked):
-        """A case whose call steps a parameter in place, checked once after timing."""
-        final = (lambda: unitarity(stepper.point())) if checked else None
-        return method, k, stepper.step, None, final
 
-    def cases(n):
-        """[(method, k, call, check, final)] at size n: every method on the same data.
-        ``check`` takes the untimed first result, ``final()`` runs after timing."""
-        rng = np.random.default_rng([args.seed, n])
-        W = on_device(data.unitary(rng, n, complex_))
-        G = on_device(data.gaussian(rng, (n, n), complex_, scale=n**-0.5))
-        x, u, v = (on_device(data.gaussian(rng, shape, complex_)) for shape in ((n,), (n, 2), (n, 2)))
-        A = on_device(data.known_spectrum(rng, n, complex_))
-        found = [(FLOOR, None, lambda: (G @ x, W + u @ mH(xp, v)), None, None)]
-        for k in ranks:
-            for method, variant in ((TANGENT, "tangent"), (DIRECT, "direct")):
-                sketches = np.random.default_rng([args.seed, n, k, 1])
-                found.append((method, k, functools.partial(projunn_step, W, G, lr=LEARNING_RATE, rank=k,
-                                                           variant=variant, rng=sketches), unitarity, None))
-        if n <= args.dense_max:
-            def svd_polar():
-                U, _, Vh = xp.linalg.svd(W - LEARNING_RATE * G, full_matrices=False)
-                return U @ Vh
+def _step_cases(args, setup, n, W, G):
+    """A projUNN step of every registered variant, at every rank."""
+    found = []
+    for k in setup.ranks:
+        for method, variant in STEPS.items():
+            sketches = np.random.default_rng([args.seed, n, k, 1])
+            found.append(Case(method, k, functools.partial(projunn_step, W, G, lr=LEARNING_RATE, rank=k,
+                                                           variant=variant, rng=sketches), _unitarity))
+    return found
 
-            found.append((DENSE_SVD, None, svd_polar, unitarity, None))
-            if expm is not None:
-                def expm_step():
-                    S = mH(xp, W) @ G  # W^H G - G^H W = S - S^H: one O(n^3) product, not two
-                    return W @ expm((-LEARNING_RATE / 2) * (S - mH(xp, S)))
 
-                found.append((DENSE_EXPM, None, expm_step, unitarity, None))
-            found.extend(stateful(peer.method, None, peer.build(W, G, LEARNING_RATE), True) for peer in peers)
-        for k in ranks:
-            optimal = data.optimal_error(n, k)
+def _dense_cases(setup, W, G):
+    """The O(n^3) steps: the SVD polar step and, where the backend has expm, the Riemannian step."""
+    xp, expm = setup.xp, setup.expm
 
-            def error(result, optimal=optimal, k=k):
-                U, S, Vh = result
-                return {"relative_error": _rsvd_error(U[:, :k], S[:k], Vh[:k, :], A, optimal)}
+    def svd_polar():
+        U, _, Vh = xp.linalg.svd(W - LEARNING_RATE * G, full_matrices=False)
+        return U @ Vh
 
-            sketches = np.random.default_rng([args.seed, n, k, 2])
-            found.append((RSVD, k, lambda k=k, sketches=sketches: tuple(randomized_svd(
-                A, k, oversample=args.oversample, power_iters=args.power_iters, rng=sketches)), error, None))
-            for method, function in others.items():
-                found.append((method, k, functools.partial(function, A, k, args.oversample, args.power_iters,
-                                                           args.seed), error, None))
-        if optimizers:
-            found.append(stateful(_peers.RMSPROP, None, _peers.rmsprop(W, G, LEARNING_RATE), False))
-            found.extend(stateful(_peers.PROJUNN_RMSPROP, k, _peers.projunn_rmsprop(
-                W, G, LEARNING_RATE, rank=k, seed=args.seed), True) for k in ranks)
-        return found
+    def expm_step():
+        S = mH(xp, W) @ G  # W^H G - G^H W = S - S^H: one O(n^3) product, not two
+        return W @ expm((-LEARNING_RATE / 2) * (S - mH(xp, S)))
 
-    rows, interrupted = [], False
-    limits = _thread_limits(args.threads, backend)
-    pools = _thread_pools()
-    bar = progress(sum(cases_per_n.values()) * (1 + args.repeat), description="bench",
-                   enabled=not args.no_progress)
-    try:
-        for n in sizes:
-            todo, done = cases(n), []
-            for method, k, call, check, _final in todo:
-                # The untimed warm-up run; its result is checked, then dropped
-                # so that only one n x n result is alive at a time.
-                bar.set_postfix_str(f"n={n} {_label(method, k)}", refresh=True)
-                result = call()
-                _wait(backend, result)
-                done.append({"method": method, "kind": KINDS[method], "n": n, "k": k, "median_s": None,
-                             "times_s": [], "ratio_to_floor": None, "speedup_over_dense": None,
-                             "ratio_to_projunn_t": None, "ratio_to_rmsprop": None,
-                             "unitarity_error": None, "relative_error": None, **(check(result) if check else {})})
-                del result
-                bar.update(1)
-            # Interleaved rounds, every method once per round: a change in the
-            # load of a shared machine hits all methods alike, so their ratios
-            # hold better than if each method were timed in one block.
-            for _ in range(args.repeat):
-                for (method, k, call, _check, _final), row in zip(todo, done):
-                    bar.set_postfix_str(f"n={n} {_label(method, k)}", refresh=False)
-                    start = time.perf_counter()
-                    _wait(backend, call())
-                    row["times_s"].append(time.perf_counter() - start)
-                    bar.update(1)
-            for (*_, final), row in zip(todo, done):
-                row["median_s"] = statistics.median(row["times_s"])
-                if final is not None:  # stateful: one dense check of where the timed steps ended
-                    row.update(final())
-            rows.extend(done)
-            del todo, done
-    except KeyboardInterrupt:  # keep the sizes that are complete
-        interrupted = True
-    finally:
-        bar.close()
-        limits.close()
+    return [Case(DENSE_SVD, None, svd_polar, _unitarity)] + [Case(DENSE_EXPM, None, expm_step, _unitarity)] * (
+        expm is not None)
 
+
+def _rsvd_cases(args, setup, n, A):
+    """unitary_lr's randomized SVD and the other libraries', with their error over the optimal one."""
+    found = []
+    for k in setup.ranks:
+        optimal = data.optimal_error(n, k)
+
+        def error(result, optimal=optimal, k=k):
+            U, S, Vh = result
+            return {"relative_error": _rsvd_error(U[:, :k], S[:k], Vh[:k, :], A, optimal)}
+
+        sketches = np.random.default_rng([args.seed, n, k, 2])
+        found.append(Case(RSVD, k, lambda k=k, sketches=sketches: tuple(randomized_svd(
+            A, k, oversample=args.oversample, power_iters=args.power_iters, rng=sketches)), error))
+        for method, function in setup.others.items():
+            found.append(Case(method, k, functools.partial(function, A, k, args.oversample, args.power_iters,
+                                                           args.seed), error))
+    return found
+
+
+def _time_all(args, setup, state, session):
+    """Every size in turn; a size's rows join ``state.rows`` once it is complete."""
+    state.pools = _thread_pools()  # as limited by --threads
+    bar = session.progress(sum(_case_count(args, setup, n) for n in setup.sizes) * (1 + args.repeat))
+    for n in setup.sizes:
+        state.rows.extend(_time_size(args, setup, n, bar))
+
+
+def _time_size(args, setup, n, bar):
+    """The rows of size n: each case's warm-up run, then ``--repeat`` interleaved rounds."""
+    backend, todo, done = setup.backend, _cases(args, setup, n), []
+    for case in todo:
+        # The untimed warm-up run; its result is checked, then dropped
+        # so that only one n x n result is alive at a time.
+        bar.set_postfix_str(f"n={n} {_label(case.method, case.k)}", refresh=True)
+        result = case.call()
+        _wait(backend, result)
+        done.append({"method": case.method, "kind": KINDS[case.method], "n": n, "k": case.k, "median_s": None,
+                     "times_s": [], "ratio_to_floor": None, "speedup_over_dense": None,
+                     "ratio_to_projunn_t": None, "ratio_to_rmsprop": None,
+                     "unitarity_error": None, "relative_error": None,
+                     **(case.check(result) if case.check else {})})
+        del result
+        bar.update(1)
+    # Interleaved rounds, every method once per round: a change in the
+    # load of a shared machine hits all methods alike, so their ratios
+    # hold better than if each method were timed in one block.
+    for _ in range(args.repeat):
+        for case, row in zip(todo, done):
+            bar.set_postfix_str(f"n={n} {_label(case.method, case.k)}", refresh=False)
+            start = time.perf_counter()
+            _wait(backend, case.call())
+            row["times_s"].append(time.perf_counter() - start)
+            bar.update(1)
+    for case, row in zip(todo, done):
+        row["median_s"] = statistics.median(row["times_s"])
+        if case.final is not None:  # stateful: one dense check of where the timed steps ended
+            row.update(case.final())
+    return done
+
+
+def _report(args, setup, state, interrupted):
+    """The table, the JSON and the plot, of the sizes done; the paths written."""
+    rows = state.rows
     _add_ratios(rows)
     slopes = _slopes(rows)
-    _print(rows, slopes, notes, projunn_t_rank=ranks[0])
-    record = {
-        "command": "unitary-lr " + " ".join(args.argv),
-        "experiment": "bench",
+    _print(rows, slopes, setup.notes, projunn_t_rank=setup.ranks[0])
+    record = run_record(args, "bench", {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "settings": {
-            "sizes": sizes, "ranks": ranks, "dtype": args.dtype, "backend": args.backend, "device": str(device),
-            "repeat": args.repeat, "dense_max": args.dense_max, "lr": LEARNING_RATE,
+            "sizes": setup.sizes, "ranks": setup.ranks, "dtype": args.dtype, "backend": args.backend,
+            "device": str(setup.device), "repeat": args.repeat, "dense_max": args.dense_max, "lr": LEARNING_RATE,
             "gradient": "N(0, 1/n) entries", "step_oversample": STEP_OVERSAMPLE,
             "step_power_iters": STEP_POWER_ITERS, "rsvd_oversample": args.oversample,
             "rsvd_power_iters": args.power_iters, "rsvd_spectrum": "1/j", "threads": args.threads,
-            "seed": args.seed, "peers": args.peers, "peer_ratio_rank": ranks[0],
+            "seed": args.seed, "peers": args.peers, "peer_ratio_rank": setup.ranks[0],
         },
         "interrupted": interrupted,
         "results": rows,
         "slopes": slopes,
-        "notes": notes,
-        "environment": {**environment(), **_versions(args.backend, expm, others),
-                        **_peers.versions(peer.package for peer in peers), "thread_pools": pools},
-    }
+        "notes": setup.notes,
+    }, versions={**_versions(args.backend, setup.expm, setup.others),
+                 **_peers.versions(peer.package for peer in setup.peers), "thread_pools": state.pools})
     written = []
     if args.json is not None:
         write_json(Path(args.json), record)
         written.append(args.json)
     if args.plot is not None and rows:
-        _plot(Path(args.plot), rows, slopes, title=f"unitary-lr bench: {args.dtype}, {args.backend} ({device})")
+        _plot(Path(args.plot), rows, slopes,
+              title=f"unitary-lr bench: {args.dtype}, {args.backend} ({setup.device})")
         written.append(args.plot)
-    if written:
-        print("wrote " + ", ".join(written))
-    if interrupted:
-        print("interrupted: the table and outputs hold the sizes done so far", file=sys.stderr)
-        return 130
-    return 0
+    return written
 
 
 def _add_ratios(rows):

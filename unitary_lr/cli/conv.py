@@ -17,34 +17,13 @@ from __future__ import annotations
 
 import math
 import time
+from types import SimpleNamespace
 
 import numpy as np
 
-from ._output import (
-    CommandError,
-    InterruptGuard,
-    add_threads_option,
-    environment,
-    finish,
-    format_table,
-    output_path,
-    progress,
-    require_modules,
-    resolve_threads,
-    save_figure,
-    thread_limits,
-    torch_session,
-    write_json,
-)
-from ._compile import (
-    add_compile_option,
-    compile_mode,
-    format_step_timing,
-    loss_function,
-    mark_step_begin,
-    step_timing,
-    synchronize,
-)
+from . import _compile, _options, _output
+from ._output import CommandError, torch_session
+from ._session import execute
 
 CLASSES = 4
 # --quick fills only the sizes the command line leaves out
@@ -53,8 +32,17 @@ QUICK = {"depth": 8, "size": 8, "steps": 150}
 
 
 def add_parser(commands):
+    parents = [
+        _options.variant_options(default="direct"),
+        _options.quick_options(f"depth {QUICK['depth']}, {QUICK['size']} x {QUICK['size']} images, {QUICK['steps']} "
+                               "steps, where --depth, --size, --steps do not say otherwise"),
+        _options.seed_options("the networks, the data and the sketches"),
+        _options.torch_device_options(),
+        _compile.compile_options(),
+        _options.experiment_run_options("conv"),
+    ]
     parser = commands.add_parser("conv", help="a deep orthogonal CNN on generated images, with and without the constraint",
-                                 description=__doc__.split("\n\n")[1].replace("\n", " "))
+                                 description=_options.paragraph(__doc__, 1), parents=parents)
     parser.add_argument("--depth", type=int, default=None,
                         help=f"FourierConv2d blocks (default: {DEFAULTS['depth']}; --quick: {QUICK['depth']})")
     parser.add_argument("--channels", type=int, default=8, help="channels c, even (default: 8)")
@@ -65,19 +53,9 @@ def add_parser(commands):
     parser.add_argument("--batch", type=int, default=64, help="(default: 64)")
     parser.add_argument("--lr", type=float, default=1e-2, help="Adam's learning rate (default: 1e-2)")
     parser.add_argument("--rank", type=int, default=1, help="rank k of the projUNN updates (default: 1)")
-    parser.add_argument("--variant", choices=("tangent", "direct"), default="direct", help="(default: direct)")
     parser.add_argument("--noise", type=float, default=1.0, help="standard deviation of the pixel noise (default: 1)")
     parser.add_argument("--runs", nargs="+", choices=("orthogonal", "unconstrained"),
                         default=["orthogonal", "unconstrained"], help="(default: both)")
-    parser.add_argument("--quick", action="store_true",
-                        help="depth 8, 8 x 8 images, 150 steps, where --depth, --size, --steps do not say otherwise")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
-    add_threads_option(parser)
-    add_compile_option(parser)
-    parser.add_argument("--out", default="unitary-lr-conv", help="path prefix of the .json and .png outputs")
-    parser.add_argument("--no-plot", action="store_true")
-    parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(run=run)
 
 
@@ -96,10 +74,7 @@ def _validate(args):
     for flag, value in (("--lr", args.lr), ("--noise", args.noise)):
         if not (math.isfinite(value) and value >= 0) or (flag == "--lr" and value == 0):
             raise CommandError(f"{flag} must be finite and {'> 0' if flag == '--lr' else '>= 0'}, got {value}")
-    resolve_threads(args)
-    # checked before the run, whose results an unwritable path would lose
-    args.json_path = output_path("--out", args.out, suffix=".json")
-    args.png_path = None if args.no_plot else output_path("--out", args.out, suffix=".png")
+    _output.check_run_options(args)
 
 
 def gratings(torch, count, size, noise, generator):
@@ -152,85 +127,75 @@ def _first_layer_gradient(net):
 
 def run(args) -> int:
     _validate(args)
-    require_modules(("matplotlib",) * (not args.no_plot) + ("tqdm",) * (not args.no_progress))
-    with thread_limits(args.threads, torch=True, required=args.threads_given):
-        return _run(args)
+    # what the work leaves for the report, however far it got; the compile
+    # mode is known once the device is, and the report needs it even if that fails
+    state = SimpleNamespace(results=[], compile_mode=None)
+    return execute(args, lambda session: _train(args, state, session),
+                   lambda session: _report(args, state.results, state.compile_mode, session.interrupted),
+                   description="conv", plot=args.png_path is not None, torch=True)
 
 
-def _run(args) -> int:
-    results, interrupted, bar = [], False, None
-    args.compile_mode = None  # known once the device is: the report needs it even if that fails
-    with InterruptGuard() as guard:
-        try:
-            torch, device = torch_session(args)
-            from ..torch import ProjUNN
+def _train(args, state, session):
+    torch, device = torch_session(args)
+    from ..torch import ProjUNN
 
-            mode = args.compile_mode = compile_mode(args.compile, device)
-            bar = progress(len(args.runs) * args.steps, description="conv", enabled=not args.no_progress)
-            test_x, test_y = gratings(torch, 1000, args.size, args.noise, torch.Generator().manual_seed(args.seed + 1))
-            test_x, test_y = test_x.to(device), test_y.to(device)
-            for kind in dict.fromkeys(args.runs):
-                torch.manual_seed(args.seed)
-                net = _network(torch, args, device)
-                # the same parameters and the same Adam; only the constraint differs
-                groups = (net.parameters() if kind == "orthogonal"
-                          else [{"params": list(net.parameters()), "unitary": False}])
-                optimizer = ProjUNN(groups, lr=args.lr, base="adam", rank=args.rank, variant=args.variant,
-                                    seed=args.seed)
-                compute_loss = loss_function(
-                    torch, lambda x, y, net=net: torch.nn.functional.cross_entropy(net(x), y), mode=mode)
-                data = torch.Generator().manual_seed(args.seed + 2)
-                record = {"run": kind, "train_loss": [], "first_layer_gradient": [], "test_steps": [],
-                          "test_accuracy": []}
-                results.append(record)
-                start, step_seconds = time.perf_counter(), []
-                for step in range(1, args.steps + 1):
-                    began = time.perf_counter()
-                    x, y = gratings(torch, args.batch, args.size, args.noise, data)
-                    # gradients go before the forward: under CUDA graphs the
-                    # replay may overwrite the memory of the last step's ones
-                    optimizer.zero_grad()
-                    mark_step_begin(torch, mode)
-                    loss = compute_loss(x.to(device), y.to(device))
-                    loss.backward()
-                    gradient = _first_layer_gradient(net)
-                    if not math.isfinite(loss.item()) or not math.isfinite(gradient):
-                        record["first_layer_gradient"].append(gradient)
-                        record["train_loss"].append(loss.item())
-                        record["diverged_at"] = step
-                        break
-                    try:
-                        optimizer.step()
-                    except ValueError:  # a NaN/Inf gradient: the unconstrained run has blown up
-                        record["first_layer_gradient"].append(gradient)
-                        record["train_loss"].append(loss.item())
-                        record["diverged_at"] = step
-                        break
-                    value = loss.item()
-                    synchronize(torch, device)
-                    step_seconds.append(time.perf_counter() - began)
-                    record["first_layer_gradient"].append(gradient)
-                    record["train_loss"].append(value)
-                    if step % max(args.steps // 10, 1) == 0 or step == args.steps:
-                        with torch.no_grad():
-                            accuracy = (net(test_x).argmax(dim=1) == test_y).float().mean().item()
-                        record["test_steps"].append(step)
-                        record["test_accuracy"].append(accuracy)
-                    bar.update(1)
-                    bar.set_postfix_str(f"{kind} loss {loss.item():.3f}", refresh=False)
-                record["seconds"] = time.perf_counter() - start
-                record.update(step_timing(step_seconds))
-                record["final_test_accuracy"] = record["test_accuracy"][-1] if record["test_accuracy"] else None
-                record["unitarity_error"] = _operator_error(torch, net)
-            guard.defer()  # the work is done: from here on a signal must not cut the outputs
-        except KeyboardInterrupt:
-            interrupted = True
-            guard.defer()
-        if bar is not None:
-            bar.close()
-        if interrupted and results:
-            _close_interrupted(results[-1])
-        return guard.status(_report(args, results, interrupted))
+    mode = state.compile_mode = _compile.compile_mode(args.compile, device)
+    bar = session.progress(len(args.runs) * args.steps)
+    test_x, test_y = gratings(torch, 1000, args.size, args.noise, torch.Generator().manual_seed(args.seed + 1))
+    test_x, test_y = test_x.to(device), test_y.to(device)
+    for kind in dict.fromkeys(args.runs):
+        torch.manual_seed(args.seed)
+        net = _network(torch, args, device)
+        # the same parameters and the same Adam; only the constraint differs
+        groups = (net.parameters() if kind == "orthogonal"
+                  else [{"params": list(net.parameters()), "unitary": False}])
+        optimizer = ProjUNN(groups, lr=args.lr, base="adam", rank=args.rank, variant=args.variant,
+                            seed=args.seed)
+        compute_loss = _compile.loss_function(
+            torch, lambda x, y, net=net: torch.nn.functional.cross_entropy(net(x), y), mode=mode)
+        data = torch.Generator().manual_seed(args.seed + 2)
+        record = {"run": kind, "train_loss": [], "first_layer_gradient": [], "test_steps": [],
+                  "test_accuracy": []}
+        state.results.append(record)
+        start, step_seconds = time.perf_counter(), []
+        for step in range(1, args.steps + 1):
+            began = time.perf_counter()
+            x, y = gratings(torch, args.batch, args.size, args.noise, data)
+            # gradients go before the forward: under CUDA graphs the
+            # replay may overwrite the memory of the last step's ones
+            optimizer.zero_grad()
+            _compile.mark_step_begin(torch, mode)
+            loss = compute_loss(x.to(device), y.to(device))
+            loss.backward()
+            gradient = _first_layer_gradient(net)
+            if not math.isfinite(loss.item()) or not math.isfinite(gradient):
+                record["first_layer_gradient"].append(gradient)
+                record["train_loss"].append(loss.item())
+                record["diverged_at"] = step
+                break
+            try:
+                optimizer.step()
+            except ValueError:  # a NaN/Inf gradient: the unconstrained run has blown up
+                record["first_layer_gradient"].append(gradient)
+                record["train_loss"].append(loss.item())
+                record["diverged_at"] = step
+                break
+            value = loss.item()
+            _compile.synchronize(torch, device)
+            step_seconds.append(time.perf_counter() - began)
+            record["first_layer_gradient"].append(gradient)
+            record["train_loss"].append(value)
+            if step % max(args.steps // 10, 1) == 0 or step == args.steps:
+                with torch.no_grad():
+                    accuracy = (net(test_x).argmax(dim=1) == test_y).float().mean().item()
+                record["test_steps"].append(step)
+                record["test_accuracy"].append(accuracy)
+            bar.update(1)
+            bar.set_postfix_str(f"{kind} loss {loss.item():.3f}", refresh=False)
+        record["seconds"] = time.perf_counter() - start
+        record.update(_compile.step_timing(step_seconds))
+        record["final_test_accuracy"] = record["test_accuracy"][-1] if record["test_accuracy"] else None
+        record["unitarity_error"] = _operator_error(torch, net)
 
 
 def _close_interrupted(record):
@@ -251,35 +216,29 @@ def _operator_error(torch, net):
     return float((ratio - 1).abs().max())
 
 
-def _report(args, results, interrupted):
+def _report(args, results, mode, interrupted):
+    if interrupted and results:
+        _close_interrupted(results[-1])
     rows = [(r["run"], len(r["train_loss"]), f"{r['train_loss'][-1]:.4g}" if r["train_loss"] else "-",
              "-" if r.get("final_test_accuracy") is None else f"{r['final_test_accuracy']:.3f}",
              r.get("diverged_at", "-"),
              f"{r['unitarity_error']:.1e}" if r.get("unitarity_error") is not None else "-",
-             *format_step_timing(r)) for r in results]
-    print(format_table(("run", "steps", "last loss", "test accuracy", "diverged at", "| ||conv x||/||x|| - 1 |",
+             *_compile.format_step_timing(r)) for r in results]
+    print(_output.format_table(("run", "steps", "last loss", "test accuracy", "diverged at", "| ||conv x||/||x|| - 1 |",
                         "first step s", "later steps ms"), rows))
-    if args.compile_mode is not None:
-        print(f"--compile ({args.compile_mode}): the first step holds the compile time; later steps: their median")
-    record = {
-        "command": "unitary-lr " + " ".join(args.argv),
-        "experiment": "conv",
+    if mode is not None:
+        print(f"--compile ({mode}): the first step holds the compile time; later steps: their median")
+    record = _output.run_record(args, "conv", {
         "settings": {"depth": args.depth, "channels": args.channels, "size": args.size, "steps": args.steps,
                      "batch": args.batch, "lr": args.lr, "rank": args.rank, "variant": args.variant,
                      "noise": args.noise, "seed": args.seed, "quick": args.quick, "threads": args.threads,
-                     "compile": args.compile_mode},
+                     "compile": mode},
         "status": "interrupted" if interrupted else "done",
         "results": results,
-        "environment": environment(),
-    }
-    write_json(args.json_path, record)
-    written = [str(args.json_path)]
-    if args.png_path is not None and any(r["train_loss"] for r in results):
-        png_path = args.png_path
-        _plot(png_path, results, title=f"{args.depth} FourierConv2d blocks, {args.channels} channels, "
-                                       f"{args.size} x {args.size} images")
-        written.append(str(png_path))
-    return finish(written, interrupted)
+    })
+    title = f"{args.depth} FourierConv2d blocks, {args.channels} channels, {args.size} x {args.size} images"
+    return _output.write_outputs(args, record, plot=(lambda path: _plot(path, results, title=title))
+                         if any(r["train_loss"] for r in results) else None)
 
 
 def _plot(path, results, *, title):
@@ -301,4 +260,4 @@ def _plot(path, results, *, title):
         axes.grid(True, which="both", alpha=0.3)
         axes.legend(fontsize="small")
     figure.suptitle(title)
-    save_figure(figure, path, dpi=110)
+    _output.save_figure(figure, path, dpi=110)

@@ -21,34 +21,13 @@ from __future__ import annotations
 
 import math
 import time
+from types import SimpleNamespace
 
 import numpy as np
 
-from ._output import (
-    CommandError,
-    InterruptGuard,
-    add_threads_option,
-    environment,
-    finish,
-    format_table,
-    output_path,
-    progress,
-    require_modules,
-    resolve_threads,
-    save_figure,
-    thread_limits,
-    torch_session,
-    write_json,
-)
-from ._compile import (
-    add_compile_option,
-    compile_mode,
-    format_step_timing,
-    loss_function,
-    mark_step_begin,
-    step_timing,
-    synchronize,
-)
+from . import _compile, _options, _output
+from ._output import CommandError, torch_session
+from ._session import execute
 
 # The paper's settings (Kiani et al. 2022, section 5).
 TASKS = {
@@ -63,24 +42,31 @@ SYMBOLS, K = 8, 10
 
 def add_parser(commands):
     for task, settings in TASKS.items():
-        doc = __doc__.split("\n\n")[1 if task == "copy" else 2].replace("\n", " ")
-        parser = commands.add_parser(task, help=doc.split(":")[0] + " task from the projUNN paper", description=doc)
+        doc = _options.paragraph(__doc__, 1 if task == "copy" else 2)
+        quick = settings["quick"]
+        parents = [
+            _options.ranks_options(default=[1], what="the unitary updates to compare"),
+            _options.variant_options(default="tangent", several=True),
+            _options.base_rule_options(
+                "--optimizer", default=None,
+                help=f"base rule, one of %(choices)s (default: rmsprop; --quick: {quick.get('optimizer', 'rmsprop')})"),
+            _options.quick_options("a small version that runs in minutes on a CPU"),
+            _options.seed_options("the model, the data and the sketches"),
+            _options.torch_device_options(),
+            _compile.compile_options(),
+            _options.experiment_run_options(task),
+        ]
+        parser = commands.add_parser(task, help=doc.split(":")[0] + " task from the projUNN paper", description=doc,
+                                     parents=parents)
         parser.add_argument("--T", type=int, default=None,
-                            help=f"sequence length / delay (default: {settings['T']}; --quick: {settings['quick']['T']})")
+                            help=f"sequence length / delay (default: {settings['T']}; --quick: {quick['T']})")
         parser.add_argument("--hidden", type=int, default=None,
-                            help=f"hidden size (default: {settings['hidden']}; --quick: {settings['quick']['hidden']})")
+                            help=f"hidden size (default: {settings['hidden']}; --quick: {quick['hidden']})")
         parser.add_argument("--steps", type=int, default=None,
-                            help=f"training steps (default: {settings['steps']}; --quick: {settings['quick']['steps']})")
+                            help=f"training steps (default: {settings['steps']}; --quick: {quick['steps']})")
         parser.add_argument("--batch", type=int, default=settings["batch"], help=f"(default: {settings['batch']})")
-        parser.add_argument("--ranks", type=int, nargs="+", default=[1], metavar="K",
-                            help="ranks k of the unitary updates to compare (default: 1)")
-        parser.add_argument("--variants", nargs="+", choices=("tangent", "direct"), default=["tangent"],
-                            help="projUNN variants to compare (default: tangent)")
         parser.add_argument("--models", nargs="+", choices=("unitary", "rnn", "lstm"), default=["unitary"],
                             help="unitary: UnitaryRNN with projUNN; rnn, lstm: unconstrained baselines (default: unitary)")
-        quick = settings["quick"]
-        parser.add_argument("--optimizer", choices=("rmsprop", "adam", "sgd"), default=None,
-                            help=f"(default: rmsprop; --quick: {quick.get('optimizer', 'rmsprop')})")
         parser.add_argument("--lr", type=float, default=None,
                             help=f"(default: {settings['lr']}; --quick: {quick.get('lr', settings['lr'])})")
         parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
@@ -92,14 +78,6 @@ def add_parser(commands):
         parser.add_argument("--init", choices=("henaff", "identity", "haar"), default=settings["init"],
                             help=f"(default: {settings['init']})")
         parser.add_argument("--eval-every", type=int, default=100, help="steps between test-set evaluations (default: 100)")
-        parser.add_argument("--quick", action="store_true", help="a small version that runs in minutes on a CPU")
-        parser.add_argument("--seed", type=int, default=0)
-        parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 ... (default: cpu)")
-        add_threads_option(parser)
-        add_compile_option(parser)
-        parser.add_argument("--out", default=f"unitary-lr-{task}", help="path prefix of the .json and .png outputs")
-        parser.add_argument("--no-plot", action="store_true")
-        parser.add_argument("--no-progress", action="store_true")
         parser.set_defaults(run=run, task=task)
 
 
@@ -124,10 +102,7 @@ def _settings(args):
     for flag, value in (("--lr", args.lr), ("--unitary-lr-ratio", args.unitary_lr_ratio)):
         if not (math.isfinite(value) and value > 0):
             raise CommandError(f"{flag} must be finite and > 0, got {value}")
-    resolve_threads(args)
-    # checked before the run, whose results an unwritable path would lose
-    args.json_path = output_path("--out", args.out, suffix=".json")
-    args.png_path = None if args.no_plot else output_path("--out", args.out, suffix=".png")
+    _output.check_run_options(args)
     return T, hidden, steps
 
 
@@ -144,7 +119,7 @@ def _runs(args):
 def _label(run):
     if run["model"] != "unitary":
         return run["model"].upper()
-    return f"projUNN-{run['variant'][0].upper()}, k = {run['rank']}"
+    return f"{_options.variant_label(run['variant'])}, k = {run['rank']}"
 
 
 class CopyTask:
@@ -231,78 +206,69 @@ def _optimizer(run, net, args):
 
 def run(args) -> int:
     T, hidden, steps = _settings(args)
-    require_modules(("matplotlib",) * (not args.no_plot) + ("tqdm",) * (not args.no_progress))
-    with thread_limits(args.threads, torch=True, required=args.threads_given):
-        return _run(args, T, hidden, steps)
+    # what the work leaves for the report, however far it got
+    state = SimpleNamespace(task=CopyTask(T) if args.task == "copy" else AddingTask(T), results=[],
+                            settings={"T": T, "hidden": hidden, "steps": steps, "device": args.device,
+                                      "threads": args.threads, "compile": None})
+    return execute(args, lambda session: _train(args, hidden, steps, state, session),
+                   lambda session: _report(args, state, session.interrupted),
+                   description=args.task, plot=args.png_path is not None, torch=True)
 
 
-def _run(args, T, hidden, steps) -> int:
-    results, interrupted, bar = [], False, None
-    task = CopyTask(T) if args.task == "copy" else AddingTask(T)
-    settings = dict(T=T, hidden=hidden, steps=steps, device=args.device, threads=args.threads, compile=None)
-    with InterruptGuard() as guard:
-        try:
-            torch, device = torch_session(args)
-            settings["device"] = str(device)
-            mode = settings["compile"] = compile_mode(args.compile, device)
-            runs = _runs(args)
-            bar = progress(len(runs) * steps, description=args.task, enabled=not args.no_progress)
-            test = task.batch(torch, 1000 if args.task == "adding" else 256,
-                              torch.Generator().manual_seed(args.seed + 1), device)
-            for spec in runs:
-                torch.manual_seed(args.seed)
-                net = _model(torch, spec, task, hidden, args, device)
-                optimizer = _optimizer(spec, net, args)
-                compute_loss = loss_function(torch, lambda x, y, net=net: task.loss(torch, net(x), y), mode=mode)
-                schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-                            if args.lr_schedule == "cosine" else None)
-                data = torch.Generator().manual_seed(args.seed + 2)  # the same batches for every run
-                record = {**spec, "label": _label(spec), "train_loss": [], "test_steps": [], "test_loss": [],
-                          "steps_done": 0}
-                results.append(record)
-                start, running, step_seconds = time.perf_counter(), None, []
-                for step in range(1, steps + 1):
-                    began = time.perf_counter()
-                    x, y = task.batch(torch, args.batch, data, device)
-                    # gradients go before the forward: under CUDA graphs the
-                    # replay may overwrite the memory of the last step's ones
-                    optimizer.zero_grad()
-                    mark_step_begin(torch, mode)
-                    loss = compute_loss(x, y)
-                    loss.backward()
-                    optimizer.step()
-                    if schedule is not None:
-                        schedule.step()
-                    value = loss.item()
-                    synchronize(torch, device)
-                    step_seconds.append(time.perf_counter() - began)
-                    record["train_loss"].append(value)
-                    record["steps_done"] = step
-                    record["seconds"] = time.perf_counter() - start
-                    running = value if running is None else 0.95 * running + 0.05 * value
-                    if step % args.eval_every == 0 or step == steps:
-                        with torch.no_grad():
-                            test_loss = task.loss(torch, net(test[0]), test[1]).item()
-                        # the step is recorded with its loss, never before it is known
-                        record["test_steps"].append(step)
-                        record["test_loss"].append(test_loss)
-                        record.update(step_timing(step_seconds))
-                        # long runs: what is done so far survives even a hard kill
-                        _write_json(args, task, results, "running", settings)
-                    bar.update(1)
-                    bar.set_postfix_str(f"{record['label']} loss {running:.4f} (baseline {task.baseline:.4f})",
-                                        refresh=False)
-                record["final_test_loss"] = record["test_loss"][-1]
-                record.update(_unitarity(torch, net))
-            guard.defer()  # the work is done: from here on a signal must not cut the outputs
-        except KeyboardInterrupt:
-            interrupted = True
-            guard.defer()
-        if bar is not None:
-            bar.close()
-        if interrupted and results:
-            _close_interrupted(results[-1])
-        return guard.status(_report(args, task, results, interrupted, settings))
+def _train(args, hidden, steps, state, session):
+    task, results, settings = state.task, state.results, state.settings
+    torch, device = torch_session(args)
+    settings["device"] = str(device)
+    mode = settings["compile"] = _compile.compile_mode(args.compile, device)
+    runs = _runs(args)
+    bar = session.progress(len(runs) * steps)
+    test = task.batch(torch, 1000 if args.task == "adding" else 256,
+                      torch.Generator().manual_seed(args.seed + 1), device)
+    for spec in runs:
+        torch.manual_seed(args.seed)
+        net = _model(torch, spec, task, hidden, args, device)
+        optimizer = _optimizer(spec, net, args)
+        compute_loss = _compile.loss_function(torch, lambda x, y, net=net: task.loss(torch, net(x), y), mode=mode)
+        schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+                    if args.lr_schedule == "cosine" else None)
+        data = torch.Generator().manual_seed(args.seed + 2)  # the same batches for every run
+        record = {**spec, "label": _label(spec), "train_loss": [], "test_steps": [], "test_loss": [],
+                  "steps_done": 0}
+        results.append(record)
+        start, running, step_seconds = time.perf_counter(), None, []
+        for step in range(1, steps + 1):
+            began = time.perf_counter()
+            x, y = task.batch(torch, args.batch, data, device)
+            # gradients go before the forward: under CUDA graphs the
+            # replay may overwrite the memory of the last step's ones
+            optimizer.zero_grad()
+            _compile.mark_step_begin(torch, mode)
+            loss = compute_loss(x, y)
+            loss.backward()
+            optimizer.step()
+            if schedule is not None:
+                schedule.step()
+            value = loss.item()
+            _compile.synchronize(torch, device)
+            step_seconds.append(time.perf_counter() - began)
+            record["train_loss"].append(value)
+            record["steps_done"] = step
+            record["seconds"] = time.perf_counter() - start
+            running = value if running is None else 0.95 * running + 0.05 * value
+            if step % args.eval_every == 0 or step == steps:
+                with torch.no_grad():
+                    test_loss = task.loss(torch, net(test[0]), test[1]).item()
+                # the step is recorded with its loss, never before it is known
+                record["test_steps"].append(step)
+                record["test_loss"].append(test_loss)
+                record.update(_compile.step_timing(step_seconds))
+                # long runs: what is done so far survives even a hard kill
+                _output.write_json(args.json_path, _record(args, task, results, "running", settings))
+            bar.update(1)
+            bar.set_postfix_str(f"{record['label']} loss {running:.4f} (baseline {task.baseline:.4f})",
+                                refresh=False)
+        record["final_test_loss"] = record["test_loss"][-1]
+        record.update(_unitarity(torch, net))
 
 
 def _close_interrupted(record):
@@ -327,28 +293,28 @@ def _error(torch, W):
     return torch.linalg.matrix_norm(W.mH @ W - torch.eye(n, dtype=W.dtype, device=W.device)) / math.sqrt(n)
 
 
-def _report(args, task, results, interrupted, settings):
+def _report(args, state, interrupted):
+    task, results, settings = state.task, state.results, state.settings
+    if interrupted and results:
+        _close_interrupted(results[-1])
     rows = [(r["label"], r.get("steps_done", 0), _number(r.get("final_test_loss")),
-             f"{r['seconds']:.0f}" if "seconds" in r else "-", *format_step_timing(r),
+             f"{r['seconds']:.0f}" if "seconds" in r else "-", *_compile.format_step_timing(r),
              _number(r.get("unitarity_error"), 1)) for r in results]
-    print(format_table(("run", "steps", f"test {task.metric}", "seconds", "first step s", "later steps ms",
+    print(_output.format_table(("run", "steps", f"test {task.metric}", "seconds", "first step s", "later steps ms",
                         "unitarity error"), rows))
     if settings["compile"] is not None:
         print(f"--compile ({settings['compile']}): the first step holds the compile time; "
               "later steps: their median")
     print(f"memoryless baseline: {task.baseline:.4f}")
-    written = [str(_write_json(args, task, results, "interrupted" if interrupted else "done", settings))]
-    if args.png_path is not None and any(r["train_loss"] for r in results):
-        _plot(args.png_path, task, results, title=f"{args.task} task, T = {settings['T']}, hidden {settings['hidden']}")
-        written.append(str(args.png_path))
-    return finish(written, interrupted)
+    title = f"{args.task} task, T = {settings['T']}, hidden {settings['hidden']}"
+    return _output.write_outputs(args, _record(args, task, results, "interrupted" if interrupted else "done", settings),
+                         plot=(lambda path: _plot(path, task, results, title=title))
+                         if any(r["train_loss"] for r in results) else None)
 
 
-def _write_json(args, task, results, status, settings):
+def _record(args, task, results, status, settings):
     """The record so far; ``status`` is "running", "done" or "interrupted"."""
-    record = {
-        "command": "unitary-lr " + " ".join(args.argv),
-        "experiment": args.task,
+    return _output.run_record(args, args.task, {
         "settings": {**settings, "batch": args.batch, "optimizer": args.optimizer, "lr": args.lr,
                      "lr_schedule": args.lr_schedule,
                      "unitary_lr_ratio": args.unitary_lr_ratio, "complex": args.complex, "init": args.init,
@@ -356,10 +322,7 @@ def _write_json(args, task, results, status, settings):
         "baseline": task.baseline,
         "status": status,
         "results": results,
-        "environment": environment(),
-    }
-    write_json(args.json_path, record)
-    return args.json_path
+    })
 
 
 def _number(value, digits=4):
@@ -384,4 +347,4 @@ def _plot(path, task, results, *, title):
     axes.set(title=title, xlabel="step", ylabel=task.metric)
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(fontsize="small")
-    save_figure(figure, path, dpi=120)
+    _output.save_figure(figure, path, dpi=120)

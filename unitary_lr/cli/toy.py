@@ -15,62 +15,47 @@ from __future__ import annotations
 
 import math
 import time
+from types import SimpleNamespace
 
 import numpy as np
 
 from .. import random_unitary, unitarity_error
-from ..optim import ProjUNN
-from .._backends import BACKEND_NAMES, load_backend
+from .._backends import load_backend
 from .._random import standard_normal
-from .._xp import FLOAT_DTYPE_NAMES, mH
-from ._output import (
-    CommandError,
-    InterruptGuard,
-    add_threads_option,
-    environment,
-    finish,
-    format_table,
-    output_path,
-    plot_curves,
-    progress,
-    require_modules,
-    resolve_threads,
-    thread_limits,
-    write_json,
-)
+from .._xp import mH
+from ..optim import ProjUNN
+from . import _options, _output
+from ._output import CommandError
+from ._session import execute
+
+# The default learning rate of each base rule, for this loss: sgd's is the
+# fastest stable rate (it grows with the batch); the others were measured. A
+# rule registered later has none until measured: it needs --lr.
+DEFAULT_LR = {"sgd": lambda batch: batch / 2, "rmsprop": lambda batch: 0.01, "adam": lambda batch: 0.02}
 
 
 def add_parser(commands):
-    parser = commands.add_parser(
-        "toy",
-        help="learn a random unitary from pairs (x, Ux) with rank-k projUNN steps",
-        description=__doc__.split("\n\n")[1].replace("\n", " "),
-    )
+    parents = [
+        _options.ranks_options(default=[1, 4, 16], what="the updates to compare"),
+        _options.variant_options(default="tangent"),
+        _options.base_rule_options(
+            "--base", default="sgd",
+            help="base rule of the optimizer, one of %(choices)s; sgd passes the gradient's factors straight "
+                 "to the step, the others keep dense moments (default: %(default)s)"),
+        _options.array_options(dtype="complex128", dtype_help="real dtypes learn an orthogonal matrix "),
+        _options.seed_options("U, the initial W, the data and the sketches"),
+        _options.experiment_run_options("toy"),
+    ]
+    parser = commands.add_parser("toy", help="learn a random unitary from pairs (x, Ux) with rank-k projUNN steps",
+                                 description=_options.paragraph(__doc__, 1), parents=parents)
     parser.add_argument("--n", type=int, default=128, help="matrix size (default: 128)")
-    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 4, 16], metavar="K",
-                        help="ranks k of the updates to compare (default: 1 4 16)")
     parser.add_argument("--batch", type=int, default=32, help="pairs per step (default: 32)")
     parser.add_argument("--steps", type=int, default=300, help="steps per rank (default: 300)")
     parser.add_argument("--lr", type=float, default=None,
                         help="learning rate (default: batch / 2 for sgd, the fastest stable rate for this "
                              "loss; 0.01 for rmsprop, 0.02 for adam)")
-    parser.add_argument("--variant", choices=("tangent", "direct"), default="tangent",
-                        help="projUNN-T (tangent) or projUNN-D (direct) (default: tangent)")
-    parser.add_argument("--base", choices=("sgd", "rmsprop", "adam"), default="sgd",
-                        help="base rule of the optimizer; sgd passes the gradient's factors straight to "
-                             "the step, the others keep dense moments (default: sgd)")
-    parser.add_argument("--dtype", choices=FLOAT_DTYPE_NAMES, default="complex128",
-                        help="real dtypes learn an orthogonal matrix (default: complex128)")
-    parser.add_argument("--backend", choices=BACKEND_NAMES, default="numpy", help="array library (default: numpy)")
-    parser.add_argument("--device", default=None, help="device of the backend, e.g. cuda:0 (default: its default)")
     parser.add_argument("--dense-gradient", action="store_true",
                         help="form the n x n gradient and sketch it, instead of passing its factors")
-    parser.add_argument("--seed", type=int, default=0, help="seed of U, the initial W, the data and the sketches")
-    add_threads_option(parser)
-    parser.add_argument("--out", default="unitary-lr-toy",
-                        help="path prefix of the .json and .png outputs (default: unitary-lr-toy)")
-    parser.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
 
 
@@ -86,77 +71,67 @@ def _validate(args):
         raise CommandError(f"--ranks must lie in [1, n = {args.n}], got {bad[0]}")
     if args.seed < 0:
         raise CommandError(f"--seed must be >= 0, got {args.seed}")
-    default = {"sgd": args.batch / 2, "rmsprop": 0.01, "adam": 0.02}[args.base]
-    lr = default if args.lr is None else args.lr
+    if args.lr is None and args.base not in DEFAULT_LR:
+        raise CommandError(f"--base {args.base} has no measured default learning rate here: give --lr")
+    lr = DEFAULT_LR[args.base](args.batch) if args.lr is None else args.lr
     if not (math.isfinite(lr) and lr > 0):
         raise CommandError(f"--lr must be finite and > 0, got {args.lr}")
-    resolve_threads(args)
-    # the outputs are checked before the run, which they would otherwise lose
-    json_path = output_path("--out", args.out, suffix=".json")
-    png_path = None if args.no_plot else output_path("--out", args.out, suffix=".png")
-    return lr, json_path, png_path
+    _output.check_run_options(args)
+    return lr
 
 
 def run(args) -> int:
-    lr, json_path, png_path = _validate(args)
-    require_modules(("matplotlib",) * (not args.no_plot) + ("tqdm",) * (not args.no_progress))
-    with thread_limits(args.threads, torch=args.backend == "torch", required=args.threads_given):
-        return _run(args, lr, json_path, png_path)
+    lr = _validate(args)
+    # what the work leaves for the report, however far it got
+    state = SimpleNamespace(results=[], device=args.device, W=None)
+    return execute(args, lambda session: _train(args, lr, state, session),
+                   lambda session: _report(args, lr, state, session.interrupted),
+                   description="toy", plot=args.png_path is not None, torch=args.backend == "torch")
 
 
-def _run(args, lr, json_path, png_path) -> int:
-    results, interrupted, bar, device, W = [], False, None, args.device, None
-    with InterruptGuard() as guard:
-        try:
-            backend = load_backend(args.backend, device=args.device, float64=args.dtype in ("float64", "complex128"))
-            xp, device = backend.xp, backend.device
-            try:
-                U = random_unitary(args.n, dtype=args.dtype, rng=np.random.default_rng([args.seed, 0]), xp=xp,
-                                   device=device)
-            except TypeError as error:  # e.g. complex128 on a device without float64
-                raise CommandError(str(error)) from None
-            W0 = random_unitary(args.n, dtype=args.dtype, rng=np.random.default_rng([args.seed, 1]), xp=xp,
-                                device=device)
-            scale = 2.0 / (args.batch * args.n)
+def _train(args, lr, state, session):
+    backend = load_backend(args.backend, device=args.device, float64=args.dtype in ("float64", "complex128"))
+    xp, device = backend.xp, backend.device
+    state.device = device
+    try:
+        U = random_unitary(args.n, dtype=args.dtype, rng=np.random.default_rng([args.seed, 0]), xp=xp,
+                           device=device)
+    except TypeError as error:  # e.g. complex128 on a device without float64
+        raise CommandError(str(error)) from None
+    W0 = random_unitary(args.n, dtype=args.dtype, rng=np.random.default_rng([args.seed, 1]), xp=xp,
+                        device=device)
+    scale = 2.0 / (args.batch * args.n)
 
-            def expected_loss(W):
-                D = W - U
-                return float(xp.sum(xp.real(D * xp.conj(D)))) / args.n
+    def expected_loss(W):
+        D = W - U
+        return float(xp.sum(xp.real(D * xp.conj(D)))) / args.n
 
-            bar = progress(len(args.ranks) * args.steps, description="toy", enabled=not args.no_progress)
-            for k in args.ranks:
-                data = np.random.default_rng([args.seed, 2])  # the same pairs for every rank
-                optimizer = ProjUNN(lr, base=args.base, rank=k, variant=args.variant, seed=args.seed + k)
-                W, losses, seconds = W0, [expected_loss(W0)], 0.0
-                result = {"rank": k, "loss": losses, "steps_done": 0}
-                results.append(result)
-                for _ in range(args.steps):
-                    X = standard_normal(xp, (args.n, args.batch), dtype=W.dtype, device=device, rng=data)
-                    a = (W @ X - U @ X) * scale
-                    G = a @ mH(xp, X) if args.dense_gradient else (a, X)
-                    backend.synchronize()
-                    start = time.perf_counter()
-                    W_next = optimizer.step(W, G)
-                    backend.synchronize()
-                    seconds += time.perf_counter() - start
-                    loss = expected_loss(W_next)
-                    # W, its loss and the step count move together: an interrupt
-                    # between two of these lines leaves the previous, whole step
-                    W, result["steps_done"] = W_next, result["steps_done"] + 1
-                    losses.append(loss)
-                    result["ms_per_step"] = 1e3 * seconds / result["steps_done"]
-                    bar.update(1)
-                    bar.set_postfix_str(f"k={k} loss={losses[-1]:.2e}", refresh=False)
-                result.update(final_loss=losses[-1], unitarity_error=float(unitarity_error(W)))
-            guard.defer()  # the work is done: from here on a signal must not cut the outputs
-        except KeyboardInterrupt:
-            interrupted = True
-            guard.defer()
-        if bar is not None:
-            bar.close()
-        if interrupted and results and "final_loss" not in results[-1]:
-            _close_interrupted(results[-1], W, unitarity_error)
-        return guard.status(_report(args, lr, device, results, interrupted, json_path, png_path))
+    bar = session.progress(len(args.ranks) * args.steps)
+    for k in args.ranks:
+        data = np.random.default_rng([args.seed, 2])  # the same pairs for every rank
+        optimizer = ProjUNN(lr, base=args.base, rank=k, variant=args.variant, seed=args.seed + k)
+        state.W, losses, seconds = W0, [expected_loss(W0)], 0.0
+        result = {"rank": k, "loss": losses, "steps_done": 0}
+        state.results.append(result)
+        for _ in range(args.steps):
+            W = state.W
+            X = standard_normal(xp, (args.n, args.batch), dtype=W.dtype, device=device, rng=data)
+            a = (W @ X - U @ X) * scale
+            G = a @ mH(xp, X) if args.dense_gradient else (a, X)
+            backend.synchronize()
+            start = time.perf_counter()
+            W_next = optimizer.step(W, G)
+            backend.synchronize()
+            seconds += time.perf_counter() - start
+            loss = expected_loss(W_next)
+            # W, its loss and the step count move together: an interrupt
+            # between two of these lines leaves the previous, whole step
+            state.W, result["steps_done"] = W_next, result["steps_done"] + 1
+            losses.append(loss)
+            result["ms_per_step"] = 1e3 * seconds / result["steps_done"]
+            bar.update(1)
+            bar.set_postfix_str(f"k={k} loss={losses[-1]:.2e}", refresh=False)
+        result.update(final_loss=losses[-1], unitarity_error=float(unitarity_error(state.W)))
 
 
 def _close_interrupted(result, W, unitarity_error):
@@ -167,33 +142,32 @@ def _close_interrupted(result, W, unitarity_error):
     result["unitarity_error"] = float(unitarity_error(W))
 
 
-def _report(args, lr, device, results, interrupted, json_path, png_path):
-    print(format_table(
+def _report(args, lr, state, interrupted):
+    results = state.results
+    if interrupted and results and "final_loss" not in results[-1]:
+        _close_interrupted(results[-1], state.W, unitarity_error)
+    print(_output.format_table(
         ("rank k", "steps", "final loss", "unitarity error", "ms/step"),
         [(r["rank"], r["steps_done"], f"{r['final_loss']:.3e}", f"{r['unitarity_error']:.1e}",
           "-" if r["ms_per_step"] is None else f"{r['ms_per_step']:.3f}") for r in results],
     ))
-    record = {
-        "command": "unitary-lr " + " ".join(args.argv),
-        "experiment": "toy",
+    record = _output.run_record(args, "toy", {
         "settings": {"n": args.n, "batch": args.batch, "steps": args.steps, "lr": lr, "variant": args.variant,
                      "base": args.base,
-                     "dtype": args.dtype, "backend": args.backend, "device": str(device),
+                     "dtype": args.dtype, "backend": args.backend, "device": str(state.device),
                      "dense_gradient": args.dense_gradient, "seed": args.seed, "threads": args.threads},
         "interrupted": interrupted,
         "results": results,
-        "environment": environment(),
-    }
-    write_json(json_path, record)
-    written = [str(json_path)]
-    if png_path is not None and results:
-        plot_curves(
-            png_path,
+    })
+
+    def plot(path):
+        _output.plot_curves(
+            path,
             {f"k = {r['rank']}": (np.arange(len(r["loss"])), np.maximum(r["loss"], 1e-300)) for r in results},
             title=f"Learning a Haar-random {args.n} x {args.n} unitary\n"
-            f"projUNN-{args.variant[0].upper()}, batch {args.batch}, {args.dtype}, {args.backend}",
+            f"{_options.variant_label(args.variant)}, batch {args.batch}, {args.dtype}, {args.backend}",
             xlabel="step",
             ylabel="expected loss ||W - U||_F^2 / n",
         )
-        written.append(str(png_path))
-    return finish(written, interrupted)
+
+    return _output.write_outputs(args, record, plot=plot if results else None)
