@@ -314,7 +314,7 @@ def projunn(learning_rate, *, unitary, base="rmsprop", rank=1, variant="tangent"
     """
     if base not in _BASES:
         raise ValueError(f"base must be one of {', '.join(map(repr, _BASES))}, got {base!r}")
-    _check_learning_rate(learning_rate)
+    learning_rate = _checked_learning_rate(learning_rate)
     if set(hyperparameters) == {"hyperparameters"} and isinstance(hyperparameters["hyperparameters"], dict):
         # optax.inject_hyperparams binds the arguments with inspect.Signature,
         # which gathers the var-keyword ones into one dict named after the
@@ -361,24 +361,32 @@ def projunn(learning_rate, *, unitary, base="rmsprop", rank=1, variant="tangent"
     return optax.GradientTransformation(init, update)
 
 
-def _check_learning_rate(learning_rate):
+def _checked_learning_rate(learning_rate):
     """A schedule, a finite number > 0, or a real scalar array (a traced one
-    is taken as it is: its value is not known before the step runs)."""
+    is taken as it is: its value is not known before the step runs).
+
+    ``optax.inject_hyperparams`` casts every number to the parameters'
+    widest dtype, which is complex when a leaf is: a complex scalar array with
+    a zero imaginary part stands for its real part, which is returned."""
     if callable(learning_rate):
-        return
+        return learning_rate
     if isinstance(learning_rate, (jax.Array, np.ndarray, np.generic)):
         dtype = jnp.dtype(learning_rate.dtype)
-        if learning_rate.ndim != 0 or not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+        if learning_rate.ndim != 0 or not any(jnp.issubdtype(dtype, kind) for kind in
+                                              (jnp.floating, jnp.integer, jnp.complexfloating)):
             raise TypeError(f"learning_rate as an array must be a real scalar, got {learning_rate!r}")
         if isinstance(learning_rate, jax.core.Tracer):
-            return
-        value = float(learning_rate)
+            return jnp.real(learning_rate)
+        if jnp.issubdtype(dtype, jnp.complexfloating) and complex(learning_rate).imag != 0:
+            raise TypeError(f"learning_rate as an array must be a real scalar, got {learning_rate!r}")
+        value = complex(learning_rate).real
     elif isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)):
         raise TypeError(f"learning_rate must be a number, a real scalar array or a schedule, got {learning_rate!r}")
     else:
         value = learning_rate
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"learning_rate must be a finite number > 0 or a schedule, got {learning_rate!r}")
+    return jnp.real(learning_rate) if jnp.iscomplexobj(learning_rate) else learning_rate
 
 
 def _check_step_options(*, rank, variant, oversample, power_iters, drift_tol, drift_check_every, seed):
