@@ -254,7 +254,7 @@ def projunn(learning_rate, *, unitary, base="rmsprop", rank=1, variant="tangent"
     learning_rate : float, scalar array or optax schedule
         Learning rate (> 0), or a function of the step count. An array may be
         traced: ``optax.inject_hyperparams(projunn, static_args=STATIC_ARGS)``
-        injects it (see :data:`STATIC_ARGS`).
+        injects it (see ``unitary_lr.optax.STATIC_ARGS``).
     unitary : pytree of bool, or callable
         Which leaves are unitary: a pytree of booleans with the structure of
         the parameters, or a function of the parameters returning one. Unitary
