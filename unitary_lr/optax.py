@@ -1,24 +1,36 @@
-"""``unitary_lr.optax.projunn``: an optax ``GradientTransformation``.
+"""``unitary_lr.optax``: projUNN as optax ``GradientTransformation`` s.
 
-Leaves chosen by a mask are kept unitary (orthogonal if real) with projUNN
-steps; every other leaf is updated by the matching optax optimizer itself,
-``optax.sgd``, ``optax.rmsprop`` or ``optax.adam``, unchanged. The unitary
-leaves take the same optax preconditioner's output as their Euclidean step.
+Two entry points:
 
-The update is traceable: ``jax.jit`` it as any optax update. The sketches'
+- :func:`projunn_retraction`, the optax way: a transformation placed **last**
+  in a chain. Each leaf chosen by a mask is unitary (orthogonal if real); the
+  update the chain made for it (already preconditioned and scaled by the
+  learning rate) is taken as the Euclidean step and replaced by the projUNN
+  step along it, so that ``optax.apply_updates`` lands on the group. Every
+  other leaf's update passes through untouched.
+- :func:`projunn`, the convenience chain built from it: the optax optimizer
+  named ``base`` (``optax.sgd``, ``optax.rmsprop`` or ``optax.adam``, with the
+  learning rate), then the retraction, with a skip of non-finite gradients.
+
+Both are traceable: ``jax.jit`` them as any optax update. The sketches'
 Gaussian test matrices come from ``jax.random`` keys folded from ``seed``, the
 step count and the leaf's position, so a jitted run is reproducible and a
 state restored from a checkpoint continues the same stream.
 
 JAX's ``grad`` of a real loss of a complex array is the complex conjugate of
-PyTorch's ``.grad`` (see "Complex gradients" in the docs). The unitary leaves conjugate it
-before the projUNN step; the other leaves are left to optax's own convention.
+PyTorch's ``.grad`` (see "Complex gradients" in the docs). :func:`projunn`
+conjugates the unitary leaves' updates before the retraction; the other leaves
+are left to optax's own convention. :func:`projunn_retraction` takes an update
+as what it is in optax, a displacement added to the parameters, and conjugates
+nothing: a chain for complex leaves conjugates JAX's gradients first.
 """
 
 from __future__ import annotations
 
 import math
 from typing import Any, NamedTuple
+
+import numpy as np
 
 try:
     import jax
@@ -29,23 +41,201 @@ except ImportError as error:  # pragma: no cover - jax and optax are in the test
 
 from .diagnostics import default_drift_tolerance, estimate_unchecked
 from .polar import polar_unchecked
-from .steps import STEP_OVERSAMPLE, STEP_POWER_ITERS, VARIANTS, sketch_shape, step_factors_unchecked
+from .steps import (
+    STEP_OVERSAMPLE,
+    STEP_POWER_ITERS,
+    VARIANTS,
+    sketch_shape,
+    step_factors_unchecked,
+)
 
-__all__ = ["ProjUNNState", "projunn"]
+__all__ = ["STATIC_ARGS", "ProjUNNState", "RetractionState", "projunn", "projunn_retraction"]
 
 _BASES = {"sgd": optax.sgd, "rmsprop": optax.rmsprop, "adam": optax.adam}
 _PROBES = 4
 
+#: The arguments of :func:`projunn` that fix the shapes and the structure of
+#: the computation. ``optax.inject_hyperparams`` turns every number it is given
+#: (defaults included) into a traced array, which a sketch's shape cannot be:
+#: pass ``static_args=STATIC_ARGS`` to inject the learning rate.
+STATIC_ARGS = ("unitary", "base", "rank", "variant", "oversample", "power_iters", "drift_tol",
+               "drift_check_every", "seed")
+
+
+class RetractionState(NamedTuple):
+    """State of :func:`projunn_retraction`: the number of updates it made and
+    the seed's ``jax.random`` key."""
+
+    count: Any
+    key: Any
+
 
 class ProjUNNState(NamedTuple):
-    """State of :func:`projunn`: the step count, the seed's key, the state of
-    the optax base optimizer and the number of updates skipped for NaN/Inf
-    gradients (as ``notfinite_count`` of ``optax.apply_if_finite``)."""
+    """State of :func:`projunn`: the step count and the seed's key (the
+    retraction's state), the state of the optax base optimizer and the number
+    of updates skipped for NaN/Inf gradients (as ``notfinite_count`` of
+    ``optax.apply_if_finite``)."""
 
     count: Any
     key: Any
     base: Any
     notfinite_count: Any = 0
+
+
+def projunn_retraction(*, unitary, rank=1, variant="tangent", oversample=STEP_OVERSAMPLE,
+                       power_iters=STEP_POWER_ITERS, drift_tol=None, drift_check_every=50, seed=0):
+    r"""The last transformation of an optax chain: turns the update of each
+    unitary leaf into a projUNN step along it.
+
+    The chain before it computes a Euclidean update ``U`` (gradient clipping,
+    a preconditioner, the learning rate, ...). For a unitary leaf W the
+    retraction returns ``u`` such that ``W + u`` is the projUNN step of W along
+    the rank-``rank`` sketch ``U_k`` of U: that is :func:`unitary_lr.projunn_step`
+    with ``-lr * G`` replaced by ``U``. The update of every other leaf passes
+    through unchanged.
+
+    Parameters
+    ----------
+    unitary : pytree of bool, or callable
+        Which leaves are unitary: a pytree of booleans with the structure of
+        the parameters, or a function of the parameters returning one. Unitary
+        leaves are (..., n, n) float32/float64/complex64/complex128 arrays.
+    rank : int, optional
+        Rank k of the sketch of the update, ``1 <= rank <= n``.
+    variant : {"tangent", "direct"}, optional
+        ``"tangent"`` (projUNN-T): ``W_new = W expm((W^H U_k - U_k^H W) / 2)``;
+        ``"direct"`` (projUNN-D): ``W_new = polar(W + U_k)``.
+    oversample, power_iters : int, optional
+        Sketch settings, as in :func:`unitary_lr.projunn_step`.
+    drift_tol, drift_check_every
+        Drift control, as in :class:`unitary_lr.optim.ProjUNN`: every
+        ``drift_check_every`` updates (0: never) a probe estimate of
+        ``||W^H W - I||_F / sqrt(n)`` for the new W above ``drift_tol`` (None:
+        1e-5 for 32-bit, 1e-12 for 64-bit leaves) re-projects it with a dense
+        SVD, inside a ``jax.lax.cond`` so that it costs nothing when it is not
+        needed.
+    seed : int, optional
+        Seed of the sketches' ``jax.random`` keys.
+
+    Returns
+    -------
+    optax.GradientTransformation
+        ``update(updates, state, params)`` needs ``params``. For a unitary leaf
+        the update is the thin product ``W_new - W`` the step makes, so
+        ``optax.apply_updates`` lands on the new unitary matrix up to one
+        rounding. A unitary leaf's update that holds NaN or Inf is returned
+        as it is (wrap the chain in ``optax.apply_if_finite`` to skip it).
+
+    Raises
+    ------
+    ValueError
+        Unknown variant, bad integer options, a unitary leaf that is not
+        (..., n, n) or smaller than ``rank``, an update whose shape is not its
+        leaf's, update without params, a mask without the parameters' structure.
+    TypeError
+        Unsupported dtypes; a complex update for a real leaf.
+
+    Notes
+    -----
+    **The retraction must be the last transformation of the chain.** Its
+    output for a unitary leaf is exact only as it is: anything after it
+    (``optax.scale``, weight decay, an EMA of updates, a second learning rate)
+    moves W off the group, by about the size of the change per step, and
+    nothing tells you (the drift control repairs it only every
+    ``drift_check_every`` steps). Put every such transformation before it; wrap
+    the whole chain (``optax.MultiSteps``, ``optax.apply_if_finite``,
+    ``optax.inject_hyperparams``), never the retraction alone.
+
+    The sign is optax's: an update is added to the parameters, so a descent
+    chain ends with ``optax.scale_by_learning_rate(lr)`` (a negative scale).
+    JAX's gradient of a real loss of a complex leaf is the conjugate of the
+    descent direction's negative: conjugate the gradients of complex unitary
+    leaves before the chain (``jax.tree.map(jnp.conj, grads)``), as for any
+    optax optimizer of complex parameters. :func:`projunn` does this for you.
+
+    Cost per unitary leaf: one projUNN step, O(k n^2), on the device with no
+    host transfer (the sketch is drawn from ``jax.random``).
+
+    Examples
+    --------
+    >>> import jax, jax.numpy as jnp, optax
+    >>> from unitary_lr import random_unitary, unitarity_error
+    >>> from unitary_lr.optax import projunn_retraction
+    >>> params = {"W": random_unitary(8, dtype="float32", xp=jnp, rng=0), "b": jnp.zeros(8)}
+    >>> opt = optax.chain(optax.clip_by_global_norm(1.0), optax.scale_by_adam(),
+    ...                   optax.scale_by_learning_rate(1e-2),
+    ...                   projunn_retraction(unitary={"W": True, "b": False}, rank=2))
+    >>> state = opt.init(params)
+    >>> loss = lambda p: jnp.sum((p["W"] @ jnp.ones(8) - 1.0) ** 2) + jnp.sum(p["b"] ** 2)
+    >>> updates, state = jax.jit(opt.update)(jax.grad(loss)(params), state, params)
+    >>> params = optax.apply_updates(params, updates)
+    >>> bool(unitarity_error(params["W"]) < 1e-5)
+    True
+    """
+    _check_step_options(rank=rank, variant=variant, oversample=oversample, power_iters=power_iters,
+                        drift_tol=drift_tol, drift_check_every=drift_check_every, seed=seed)
+
+    def init(params):
+        for path, flag, leaf in _masked_leaves(unitary, params):
+            if flag:
+                _check_leaf(path, leaf, rank)
+        return RetractionState(count=jnp.zeros([], jnp.int32), key=jax.random.PRNGKey(seed))
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("projunn_retraction needs the parameters: opt.update(updates, state, params)")
+        masked = _masked_leaves(unitary, params)
+        treedef = jax.tree.structure(_mask_of(unitary, params))
+        try:
+            flat_updates = treedef.flatten_up_to(updates)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"updates must have the tree structure of the parameters: {error}") from None
+        step_key = jax.random.fold_in(state.key, state.count)
+        step = state.count + 1
+        new_updates = []
+        for index, ((path, flag, W), U) in enumerate(zip(masked, flat_updates)):
+            if not flag:
+                new_updates.append(U)
+                continue
+            _check_update(path, W, U)
+            new_updates.append(_unitary_update(W, U, jax.random.fold_in(step_key, index), step))
+        return treedef.unflatten(new_updates), RetractionState(count=step, key=state.key)
+
+    # The branches of lax.cond are defined once, here: JAX caches their traces
+    # by identity, so an eager (un-jitted) update does not re-trace every step.
+    def keep(update, *_):
+        return update
+
+    def reproject(W, update):
+        return polar_unchecked(jnp, W + update) - W
+
+    def check(update, W, probe_key):
+        tolerance = default_drift_tolerance(jnp.dtype(W.dtype).name) if drift_tol is None else drift_tol
+        probes = jax.random.normal(probe_key, (*W.shape[:-2], W.shape[-1], _PROBES), dtype=W.dtype)
+        drifted = jnp.max(estimate_unchecked(jnp, W + update, probes)) > tolerance
+        return jax.lax.cond(drifted, reproject, lambda W, update: update, W, update)
+
+    def _unitary_update(W, U, key, step):
+        """``W_new - W`` as the thin product the step makes (no new W formed
+        and subtracted again: two passes saved)."""
+        U = U.astype(W.dtype)
+        finite = jnp.all(jnp.isfinite(U))
+        # Zeros in place of a non-finite update keep NaN out of the small
+        # eigen- and SVD cores; the update itself is handed back below.
+        safe = jnp.where(finite, U, jnp.zeros_like(U))
+        sketch_key, probe_key = jax.random.split(key)
+        # projunn_step moves along -lr G: G = -U with lr = 1 moves along U,
+        # and a static lr keeps the kernels' clamping of huge steps.
+        G = -safe
+        omega = jax.random.normal(sketch_key, sketch_shape(G, rank, oversample), dtype=G.dtype)
+        L, Rh = step_factors_unchecked(jnp, W, G, omega, lr=1.0, rank=rank, variant=variant,
+                                       power_iters=power_iters, traced=True)
+        update = L @ Rh
+        if drift_check_every:
+            update = jax.lax.cond(step % drift_check_every == 0, check, keep, update, W, probe_key)
+        return jnp.where(finite, update, U)
+
+    return optax.GradientTransformation(init, update)
 
 
 def projunn(learning_rate, *, unitary, base="rmsprop", rank=1, variant="tangent",
@@ -54,10 +244,17 @@ def projunn(learning_rate, *, unitary, base="rmsprop", rank=1, variant="tangent"
     r"""projUNN for optax: unitary leaves by rank-k projUNN steps, the rest by
     the optax optimizer named ``base``.
 
+    The convenience chain ``optax.{base}(learning_rate, **hyperparameters)``,
+    then the conjugation of the unitary leaves' updates (JAX's gradient
+    convention, see Notes), then :func:`projunn_retraction`, with the whole
+    update skipped when a gradient holds NaN or Inf.
+
     Parameters
     ----------
-    learning_rate : float or optax schedule
-        Learning rate (> 0), or a function of the step count.
+    learning_rate : float, scalar array or optax schedule
+        Learning rate (> 0), or a function of the step count. An array may be
+        traced: ``optax.inject_hyperparams(projunn, static_args=STATIC_ARGS)``
+        injects it (see ``unitary_lr.optax.STATIC_ARGS``).
     unitary : pytree of bool, or callable
         Which leaves are unitary: a pytree of booleans with the structure of
         the parameters, or a function of the parameters returning one. Unitary
@@ -68,21 +265,16 @@ def projunn(learning_rate, *, unitary, base="rmsprop", rank=1, variant="tangent"
         ``b1``, ``b2``, ``nesterov``, ...).
     rank, variant, oversample, power_iters
         As in :func:`unitary_lr.projunn_step`.
-    drift_tol, drift_check_every
-        Drift control, as in :class:`unitary_lr.optim.ProjUNN`: every
-        ``drift_check_every`` steps (0: never) a probe estimate of
-        ``||W^H W - I||_F / sqrt(n)`` above ``drift_tol`` (None: 1e-5 for 32-bit,
-        1e-12 for 64-bit leaves) re-projects the leaf with a dense SVD, inside a
-        ``jax.lax.cond`` so that it costs nothing when it is not needed.
-    seed : int, optional
-        Seed of the sketches' ``jax.random`` keys.
+    drift_tol, drift_check_every, seed
+        As in :func:`projunn_retraction`.
 
     Returns
     -------
     optax.GradientTransformation
         ``update(grads, state, params)`` needs ``params``. For a unitary leaf the
         update is ``W_new - W``, so ``optax.apply_updates`` lands on the new
-        unitary matrix up to one rounding.
+        unitary matrix up to one rounding. It must be the last transformation
+        applied to the updates (see :func:`projunn_retraction`).
 
     Raises
     ------
@@ -90,15 +282,20 @@ def projunn(learning_rate, *, unitary, base="rmsprop", rank=1, variant="tangent"
         Unknown base or variant, a non-positive learning rate, a unitary leaf
         that is not (..., n, n) or smaller than ``rank``, update without params.
     TypeError
-        Hyper-parameters the base optimizer does not take; unsupported dtypes.
+        Hyper-parameters the base optimizer does not take; unsupported dtypes;
+        an integer option given as an array (``optax.inject_hyperparams``
+        without ``static_args=STATIC_ARGS``).
 
     Notes
     -----
     The preconditioner is optax's: ``optax.rmsprop`` puts ``eps`` inside the
     square root by default, ``torch.optim.RMSprop`` outside, so the same
     ``base`` gives a slightly different step than the torch adapter. The
-    second moment of a complex gradient is ``|g|^2`` in both. Drift control
-    costs two passes over W every ``drift_check_every`` steps.
+    second moment of a complex gradient is ``|g|^2`` in both, so conjugating
+    the preconditioner's output equals preconditioning the conjugated gradient.
+    A NaN/Inf in any gradient skips the whole update (zero updates, state
+    unchanged but for ``notfinite_count``), as ``optax.apply_if_finite`` does.
+    Drift control costs two passes over W every ``drift_check_every`` steps.
 
     Examples
     --------
@@ -117,113 +314,114 @@ def projunn(learning_rate, *, unitary, base="rmsprop", rank=1, variant="tangent"
     """
     if base not in _BASES:
         raise ValueError(f"base must be one of {', '.join(map(repr, _BASES))}, got {base!r}")
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {', '.join(map(repr, VARIANTS))}, got {variant!r}")
-    if not callable(learning_rate):
-        if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not (
-            math.isfinite(learning_rate) and learning_rate > 0
-        ):
-            raise ValueError(f"learning_rate must be a finite number > 0 or a schedule, got {learning_rate!r}")
-    for name, value, minimum in (("rank", rank, 1), ("oversample", oversample, 0),
-                                 ("power_iters", power_iters, 0), ("drift_check_every", drift_check_every, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    if drift_tol is not None and not (isinstance(drift_tol, (int, float)) and drift_tol > 0):
-        raise ValueError(f"drift_tol must be a number > 0 or None, got {drift_tol!r}")
+    learning_rate = _checked_learning_rate(learning_rate)
+    if set(hyperparameters) == {"hyperparameters"} and isinstance(hyperparameters["hyperparameters"], dict):
+        # optax.inject_hyperparams binds the arguments with inspect.Signature,
+        # which gathers the var-keyword ones into one dict named after the
+        # parameter, and passes that dict back by its name.
+        hyperparameters = hyperparameters["hyperparameters"]
+    retraction = projunn_retraction(unitary=unitary, rank=rank, variant=variant, oversample=oversample,
+                                    power_iters=power_iters, drift_tol=drift_tol,
+                                    drift_check_every=drift_check_every, seed=seed)
     try:
-        # learning rate 1: the output is minus the preconditioned direction
-        preconditioner = _BASES[base](1.0, **hyperparameters)
+        preconditioner = _BASES[base](learning_rate, **hyperparameters)
     except TypeError as error:
         raise TypeError(f"optax.{base} does not take these hyper-parameters: {error}") from None
-    schedule = learning_rate if callable(learning_rate) else (lambda count: learning_rate)
-
-    def mask_of(params):
-        mask = unitary(params) if callable(unitary) else unitary
-        try:
-            return jax.tree.map(lambda flag, _: bool(flag), mask, params)
-        except ValueError as error:
-            raise ValueError(f"unitary must have the tree structure of the parameters: {error}") from None
 
     def init(params):
-        mask = mask_of(params)
-        for path, (flag, leaf) in _leaves_with_paths(mask, params):
-            if flag:
-                _check_leaf(path, leaf, rank)
-        return ProjUNNState(count=jnp.zeros([], jnp.int32), key=jax.random.PRNGKey(seed),
+        retraction_state = retraction.init(params)
+        return ProjUNNState(count=retraction_state.count, key=retraction_state.key,
                             base=preconditioner.init(params), notfinite_count=jnp.zeros([], jnp.int32))
 
-    def update(updates, state, params=None):
+    def update(grads, state, params=None):
         if params is None:
             raise ValueError("projunn needs the parameters: opt.update(grads, state, params)")
-        leaves = jax.tree.leaves(updates)
+        leaves = jax.tree.leaves(grads)
         finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in leaves])) if leaves else jnp.asarray(True)
         # The step runs on zeros in place of non-finite gradients so that no
-        # NaN reaches the small eigen- and SVD cores, then its result is
-        # dropped by the selection below (apply_if_finite's semantics).
-        safe = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), updates)
-        new_updates, new_state = _finite_update(safe, state, params)
-        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        # NaN reaches the preconditioner's moments or the step's small cores,
+        # then its result is dropped by the selection below (apply_if_finite's
+        # semantics, without a lax.cond: both costs are one step anyway).
+        safe = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
+        directions, base_state = preconditioner.update(safe, state.base, params)
+        mask = _mask_of(unitary, params)
+        # torch's convention is conj(JAX's); the preconditioner commutes with conj
+        directions = jax.tree.map(lambda flag, u: jnp.conj(u) if flag and jnp.iscomplexobj(u) else u,
+                                  mask, directions)
+        new_updates, retraction_state = retraction.update(directions, RetractionState(state.count, state.key),
+                                                          params)
+        keep = lambda new, old: jnp.where(finite, new, old)
         new_updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
         skipped = jnp.asarray(state.notfinite_count, jnp.int32) + jnp.where(finite, 0, 1).astype(jnp.int32)
         return new_updates, ProjUNNState(
-            count=keep(new_state.count, state.count), key=state.key,
-            base=jax.tree.map(keep, new_state.base, state.base), notfinite_count=skipped,
+            count=keep(retraction_state.count, state.count), key=state.key,
+            base=jax.tree.map(keep, base_state, state.base), notfinite_count=skipped,
         )
-
-    def _finite_update(updates, state, params):
-        mask = mask_of(params)
-        negative_directions, base_state = preconditioner.update(updates, state.base, params)
-        lr = schedule(state.count)
-        step_key = jax.random.fold_in(state.key, state.count)
-        step = state.count + 1
-        flat_mask, treedef = jax.tree.flatten(mask)
-        flat_params = treedef.flatten_up_to(params)
-        flat_directions = treedef.flatten_up_to(negative_directions)
-        new_updates = []
-        for index, (flag, W, minus_d) in enumerate(zip(flat_mask, flat_params, flat_directions)):
-            if not flag:
-                new_updates.append(jax.tree.map(lambda x: lr * x, minus_d))
-                continue
-            key = jax.random.fold_in(step_key, index)
-            # torch's convention is conj(JAX's); the preconditioner commutes with conj
-            direction = -jnp.conj(minus_d) if jnp.iscomplexobj(minus_d) else -minus_d
-            new_updates.append(_unitary_update(W, direction, key, lr, step))
-        return treedef.unflatten(new_updates), ProjUNNState(count=step, key=state.key, base=base_state,
-                                                            notfinite_count=state.notfinite_count)
-
-    # The branches of lax.cond are defined once, here: JAX caches their traces
-    # by identity, so an eager (un-jitted) update does not re-trace every step.
-    def keep(update, *_):
-        return update
-
-    def reproject(W, update):
-        return polar_unchecked(jnp, W + update) - W
-
-    def check(update, W, probe_key):
-        tolerance = default_drift_tolerance(jnp.dtype(W.dtype).name) if drift_tol is None else drift_tol
-        probes = jax.random.normal(probe_key, (*W.shape[:-2], W.shape[-1], _PROBES), dtype=W.dtype)
-        drifted = jnp.max(estimate_unchecked(jnp, W + update, probes)) > tolerance
-        return jax.lax.cond(drifted, reproject, lambda W, update: update, W, update)
-
-    def _unitary_update(W, direction, key, lr, step):
-        """The update ``W_new - W`` of a unitary leaf, as the thin product the
-        step makes (no new W formed and subtracted again: two passes saved)."""
-        sketch_key, probe_key = jax.random.split(key)
-        omega = jax.random.normal(sketch_key, sketch_shape(direction, rank, oversample), dtype=direction.dtype)
-        L, Rh = step_factors_unchecked(jnp, W, direction, omega, lr=lr, rank=rank, variant=variant,
-                                       power_iters=power_iters, traced=True)
-        update = L @ Rh
-        if not drift_check_every:
-            return update
-        return jax.lax.cond(step % drift_check_every == 0, check, keep, update, W, probe_key)
 
     return optax.GradientTransformation(init, update)
 
 
-def _leaves_with_paths(mask, params):
-    flat_mask = jax.tree_util.tree_flatten_with_path(mask)[0]
-    flat_params = jax.tree.leaves(params)
-    return [(jax.tree_util.keystr(path), (flag, leaf)) for (path, flag), leaf in zip(flat_mask, flat_params)]
+def _checked_learning_rate(learning_rate):
+    """A schedule, a finite number > 0, or a real scalar array (a traced one
+    is taken as it is: its value is not known before the step runs).
+
+    ``optax.inject_hyperparams`` casts every number to the parameters'
+    widest dtype, which is complex when a leaf is: a complex scalar array with
+    a zero imaginary part stands for its real part, which is returned."""
+    if callable(learning_rate):
+        return learning_rate
+    if isinstance(learning_rate, (jax.Array, np.ndarray, np.generic)):
+        dtype = jnp.dtype(learning_rate.dtype)
+        if learning_rate.ndim != 0 or not any(jnp.issubdtype(dtype, kind) for kind in
+                                              (jnp.floating, jnp.integer, jnp.complexfloating)):
+            raise TypeError(f"learning_rate as an array must be a real scalar, got {learning_rate!r}")
+        if isinstance(learning_rate, jax.core.Tracer):
+            return jnp.real(learning_rate)
+        if jnp.issubdtype(dtype, jnp.complexfloating) and complex(learning_rate).imag != 0:
+            raise TypeError(f"learning_rate as an array must be a real scalar, got {learning_rate!r}")
+        value = complex(learning_rate).real
+    elif isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)):
+        raise TypeError(f"learning_rate must be a number, a real scalar array or a schedule, got {learning_rate!r}")
+    else:
+        value = learning_rate
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"learning_rate must be a finite number > 0 or a schedule, got {learning_rate!r}")
+    return jnp.real(learning_rate) if jnp.iscomplexobj(learning_rate) else learning_rate
+
+
+def _check_step_options(*, rank, variant, oversample, power_iters, drift_tol, drift_check_every, seed):
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {', '.join(map(repr, VARIANTS))}, got {variant!r}")
+    for name, value, minimum in (("rank", rank, 1), ("oversample", oversample, 0), ("power_iters", power_iters, 0),
+                                 ("drift_check_every", drift_check_every, 0), ("seed", seed, 0)):
+        if isinstance(value, (jax.Array, np.ndarray)):
+            raise TypeError(
+                f"{name} must be a Python int, got an array {value!r}: it fixes the shapes of the step. "
+                "With optax.inject_hyperparams pass static_args=unitary_lr.optax.STATIC_ARGS"
+            )
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if drift_tol is not None and (isinstance(drift_tol, bool) or not isinstance(drift_tol, (int, float))
+                                  or not (math.isfinite(drift_tol) and drift_tol > 0)):
+        raise ValueError(f"drift_tol must be a finite number > 0 or None, got {drift_tol!r}")
+
+
+def _mask_of(unitary, params):
+    mask = unitary(params) if callable(unitary) else unitary
+    try:
+        return jax.tree.map(lambda flag, _: bool(flag), mask, params)
+    except ValueError as error:
+        raise ValueError(f"unitary must have the tree structure of the parameters: {error}") from None
+
+
+def _masked_leaves(unitary, params):
+    """(path, flag, leaf) for each leaf of the mask, in its flattening order
+    (a leaf of the mask may stand for a subtree of the parameters, which the
+    mask then marks as a whole)."""
+    mask = _mask_of(unitary, params)
+    flat_mask, _ = jax.tree_util.tree_flatten_with_path(mask)
+    flat_params = jax.tree.structure(mask).flatten_up_to(params)
+    return [(jax.tree_util.keystr(path), flag, leaf) for (path, flag), leaf in zip(flat_mask, flat_params)]
 
 
 def _check_leaf(path, leaf, rank):
@@ -231,7 +429,18 @@ def _check_leaf(path, leaf, rank):
     name = jnp.dtype(leaf.dtype).name
     if name not in ("float32", "float64", "complex64", "complex128"):
         raise TypeError(f"unitary leaf {path} has dtype {name}; expected float32, float64, complex64 or complex128")
+    # The kernels take square matrices today; rectangular n x m ones (m <= n,
+    # orthonormal columns) are coming, and only this check will change.
     if len(shape) < 2 or shape[-1] != shape[-2]:
         raise ValueError(f"unitary leaf {path} must be a square matrix or a batch of them, (..., n, n), got shape {shape}")
     if rank > shape[-1]:
         raise ValueError(f"rank {rank} exceeds the size n = {shape[-1]} of unitary leaf {path} (shape {shape})")
+
+
+def _check_update(path, W, U):
+    """Shapes and dtypes are static under jit: these checks cost nothing."""
+    if tuple(U.shape) != tuple(W.shape):
+        raise ValueError(f"the update of unitary leaf {path} has shape {tuple(U.shape)}, the leaf {tuple(W.shape)}")
+    if jnp.iscomplexobj(U) and not jnp.iscomplexobj(W):
+        raise TypeError(f"the update of unitary leaf {path} is complex ({jnp.dtype(U.dtype).name}) but the leaf "
+                        f"is real ({jnp.dtype(W.dtype).name}); a real (orthogonal) leaf takes a real update")
