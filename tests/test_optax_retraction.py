@@ -284,7 +284,7 @@ def test_errors_name_the_argument_and_value():
     params = {"W": jnp.eye(4), "b": jnp.zeros(3)}
     mask = {"W": True, "b": False}
     for kwargs, error, match in [
-        ({"variant": "cayley?"}, ValueError, r"variant must be one of 'tangent', 'direct', got 'cayley\?'"),
+        ({"variant": "cayley?"}, ValueError, r"variant must be one of 'tangent', 'direct', 'cayley', got 'cayley\?'"),
         ({"rank": 0}, ValueError, r"rank must be an integer >= 1, got 0"),
         ({"rank": 2.0}, ValueError, r"rank must be an integer >= 1, got 2.0"),
         ({"drift_tol": float("inf")}, ValueError, r"drift_tol must be a finite number > 0 or None, got inf"),
@@ -294,7 +294,7 @@ def test_errors_name_the_argument_and_value():
         with pytest.raises(error, match=match):
             projunn_retraction(unitary=mask, **kwargs)
     opt = projunn_retraction(unitary=mask)
-    with pytest.raises(ValueError, match=r"rank 5 exceeds the size n = 4 of unitary leaf \['W'\]"):
+    with pytest.raises(ValueError, match=r"rank 5 exceeds min\(n, m\) = 4 of unitary leaf \['W'\]"):
         projunn_retraction(unitary=mask, rank=5).init(params)
     state = opt.init(params)
     with pytest.raises(ValueError, match=r"projunn_retraction needs the parameters: opt.update\(updates, state, "

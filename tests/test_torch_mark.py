@@ -389,7 +389,7 @@ def test_retraction_warns_about_weight_decay_and_refuses_bad_options():
     for option, value, message in (("rank", 0, "rank must be an integer >= 1, got 0"),
                                    ("rank", 2.0, "rank must be an integer >= 1, got 2.0"),
                                    ("rank", 9, r"rank 9 exceeds the size of a retracted parameter \(shape \(8, 8\)\)"),
-                                   ("variant", "exact", "variant must be one of 'tangent', 'direct', got 'exact'"),
+                                   ("variant", "exact", "variant must be one of 'tangent', 'direct', 'cayley', got 'exact'"),
                                    ("drift_tol", math.inf, "drift_tol must be a finite number > 0 or None, got inf"),
                                    ("reproject", "qr", "reproject must be 'svd' or 'newton_schulz', got 'qr'")):
         with pytest.raises(ValueError, match=message):

@@ -99,9 +99,9 @@ def projunn_retraction(*, unitary, rank=1, variant="tangent", oversample=STEP_OV
     unitary : pytree of bool, or callable
         Which leaves are unitary: a pytree of booleans with the structure of
         the parameters, or a function of the parameters returning one. Unitary
-        leaves are (..., n, n) float32/float64/complex64/complex128 arrays.
+        leaves are (..., n, m) float32/float64/complex64/complex128 arrays.
     rank : int, optional
-        Rank k of the sketch of the update, ``1 <= rank <= n``.
+        Rank k of the sketch of the update, ``1 <= rank <= min(n, m)``.
     variant : {"tangent", "direct"}, optional
         ``"tangent"`` (projUNN-T): ``W_new = W expm((W^H U_k - U_k^H W) / 2)``;
         ``"direct"`` (projUNN-D): ``W_new = polar(W + U_k)``.
@@ -130,7 +130,7 @@ def projunn_retraction(*, unitary, rank=1, variant="tangent", oversample=STEP_OV
     ------
     ValueError
         Unknown variant, bad integer options, a unitary leaf that is not
-        (..., n, n) or smaller than ``rank``, an update whose shape is not its
+        a matrix (..., n, m) with ``min(n, m) >= rank``, an update whose shape is not its
         leaf's, update without params, a mask without the parameters' structure.
     TypeError
         Unsupported dtypes; a complex update for a real leaf.
@@ -211,7 +211,7 @@ def projunn_retraction(*, unitary, rank=1, variant="tangent", oversample=STEP_OV
 
     def check(update, W, probe_key):
         tolerance = default_drift_tolerance(jnp.dtype(W.dtype).name) if drift_tol is None else drift_tol
-        probes = jax.random.normal(probe_key, (*W.shape[:-2], W.shape[-1], _PROBES), dtype=W.dtype)
+        probes = jax.random.normal(probe_key, (*W.shape[:-2], min(W.shape[-2:]), _PROBES), dtype=W.dtype)
         drifted = jnp.max(estimate_unchecked(jnp, W + update, probes)) > tolerance
         return jax.lax.cond(drifted, reproject, lambda W, update: update, W, update)
 
@@ -258,7 +258,7 @@ def projunn(learning_rate, *, unitary, base="rmsprop", rank=1, variant="tangent"
     unitary : pytree of bool, or callable
         Which leaves are unitary: a pytree of booleans with the structure of
         the parameters, or a function of the parameters returning one. Unitary
-        leaves are (..., n, n) float32/float64/complex64/complex128 arrays.
+        leaves are (..., n, m) float32/float64/complex64/complex128 arrays.
     base : {"rmsprop", "adam", "sgd"}, optional
         ``optax.rmsprop``, ``optax.adam`` or ``optax.sgd``; ``**hyperparameters``
         are passed to it by name (``decay``, ``eps``, ``centered``, ``momentum``,
@@ -280,7 +280,7 @@ def projunn(learning_rate, *, unitary, base="rmsprop", rank=1, variant="tangent"
     ------
     ValueError
         Unknown base or variant, a non-positive learning rate, a unitary leaf
-        that is not (..., n, n) or smaller than ``rank``, update without params.
+        that is not a matrix (..., n, m) with ``min(n, m) >= rank``, update without params.
     TypeError
         Hyper-parameters the base optimizer does not take; unsupported dtypes;
         an integer option given as an array (``optax.inject_hyperparams``
@@ -429,12 +429,11 @@ def _check_leaf(path, leaf, rank):
     name = jnp.dtype(leaf.dtype).name
     if name not in ("float32", "float64", "complex64", "complex128"):
         raise TypeError(f"unitary leaf {path} has dtype {name}; expected float32, float64, complex64 or complex128")
-    # The kernels take square matrices today; rectangular n x m ones (m <= n,
-    # orthonormal columns) are coming, and only this check will change.
-    if len(shape) < 2 or shape[-1] != shape[-2]:
-        raise ValueError(f"unitary leaf {path} must be a square matrix or a batch of them, (..., n, n), got shape {shape}")
-    if rank > shape[-1]:
-        raise ValueError(f"rank {rank} exceeds the size n = {shape[-1]} of unitary leaf {path} (shape {shape})")
+    # n x m with orthonormal columns (n > m) or rows (n < m), or square
+    if len(shape) < 2:
+        raise ValueError(f"unitary leaf {path} must be a matrix or a batch of them, (..., n, m), got shape {shape}")
+    if rank > min(shape[-2:]):
+        raise ValueError(f"rank {rank} exceeds min(n, m) = {min(shape[-2:])} of unitary leaf {path} (shape {shape})")
 
 
 def _check_update(path, W, U):

@@ -290,8 +290,8 @@ def unitary_update(
     """One projUNN step of a unitary parameter along ``-lr * direction``, with
     drift control.
 
-    ``direction`` is a dense (..., n, n) array or a pair (a, b) meaning a b^H.
-    ``rank`` is capped at n. Every ``drift_check_every`` steps (0: never)
+    ``direction`` is a dense (..., n, m) array or a pair (a, b) meaning a b^H.
+    ``rank`` is capped at min(n, m). Every ``drift_check_every`` steps (0: never)
     :func:`unitarity_estimate` measures the drift from the group and, above
     ``drift_tol`` (None: :func:`default_drift_tolerance` of W's dtype), W is
     re-projected with :func:`project_unitary` (``reproject`` = "svd" or
@@ -317,7 +317,7 @@ def unitary_factors(W, direction, *, lr, rank, variant, rng, oversample=STEP_OVE
     """The projUNN step of W along ``-lr * direction`` as thin factors (L, Rh):
     the new W is ``W + L @ Rh``. Nothing is changed; errors (NaN/Inf in the
     direction or in W, a W that is not unitary) are raised here."""
-    return projunn_update(W, direction, lr=lr, rank=min(rank, W.shape[-1]), variant=variant,
+    return projunn_update(W, direction, lr=lr, rank=min(rank, *W.shape[-2:]), variant=variant,
                           oversample=oversample, power_iters=power_iters, rng=rng)
 
 
