@@ -16,6 +16,7 @@ import torch
 
 from .._random import generator_from_state, generator_state
 from ..optim import RULES, control_drift, make_rule, rule_options, unitary_factors
+from ..options import ProjUNNOptions
 from ._fused import fused_direction
 from ._mark import is_unitary
 from ._plain import plain_step
@@ -433,17 +434,11 @@ def _check_options(group, *, where):
     if group["base"] not in RULES:
         raise ValueError(f"{where}: base must be one of {', '.join(map(repr, RULES))}, got {group['base']!r}")
     make_rule(group["base"], **rule_options(group["base"], group))  # validates the hyper-parameters
-    if group["variant"] not in VARIANTS:
-        raise ValueError(f"{where}: variant must be one of {', '.join(map(repr, VARIANTS))}, got {group['variant']!r}")
-    for name, minimum in (("rank", 1), ("oversample", 0), ("power_iters", 0), ("drift_check_every", 0)):
-        value = group[name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{where}: {name} must be an integer >= {minimum}, got {value!r}")
-    if group["reproject"] not in ("svd", "newton_schulz"):
-        raise ValueError(f"{where}: reproject must be 'svd' or 'newton_schulz', got {group['reproject']!r}")
-    tol = group["drift_tol"]
-    if tol is not None and not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
-        raise ValueError(f"{where}: drift_tol must be a finite number > 0 or None, got {tol!r}")
+    try:
+        # the options every front end shares, checked by one object
+        ProjUNNOptions.from_kwargs(group)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"{where}: {error}") from None
     if not isinstance(group["capturable"], bool):
         raise ValueError(f"{where}: capturable must be True or False, got {group['capturable']!r}")
     if group["unitary"] not in (None, True, False):
