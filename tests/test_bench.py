@@ -10,8 +10,8 @@ not needed: the methods are called directly, as asv would).
 import contextlib
 import importlib
 import importlib.util
-import io
 import inspect
+import io
 import itertools
 import json
 import math
@@ -24,11 +24,10 @@ import numpy as np
 import pytest
 
 from unitary_lr import projunn_step, unitarity_error
+from unitary_lr.cli import _peers, main
+from unitary_lr.cli import bench as bench_module
 from unitary_lr.optim import RULES
 from unitary_lr.steps import VARIANTS
-from unitary_lr.cli import _peers
-from unitary_lr.cli import bench as bench_module
-from unitary_lr.cli import main
 
 SMALL = ["bench", "--sizes", "32", "64", "--ranks", "1", "--repeat", "2", "--no-progress"]
 # one step per registered variant (test_bench_times_every_registered_variant checks the names)
@@ -545,7 +544,7 @@ def smallest_cases(cls):
 def test_asv_suite_covers_every_kernel_and_both_steps(suite):
     classes = {cls.__name__: cls for cls in benchmark_classes(suite)}
     assert {"RandomizedSVD", "ProjectUnitary", "ProjectUnitaryLowrank", "ExpTransport", "UnitarityError",
-            "ProjunnStep", "StepExtraMemory", "StepAccuracy"} <= set(classes)
+            "ProjunnStep", "StepExtraMemory", "StepAccuracy", "RectangularStep", "DenseCayleyStep"} <= set(classes)
     assert {"RNNForwardBackward", "SketchChoice", "StepLayout", "PeerSteps", "HouseholderApply",
             "AdapterForwardBackward"} <= set(classes)
     for cls in classes.values():
@@ -559,7 +558,9 @@ def test_asv_suite_covers_every_kernel_and_both_steps(suite):
             assert grid["k"] == [1, 8]
     # the registries' names: a variant or base rule registered in the library is benchmarked too
     assert classes["ProjunnStep"].params[classes["ProjunnStep"].param_names.index("variant")] == list(VARIANTS)
-    assert {"tangent", "direct"} <= set(VARIANTS)
+    assert {"tangent", "direct", "cayley"} <= set(VARIANTS)
+    rectangular = dict(zip(classes["RectangularStep"].param_names, classes["RectangularStep"].params))
+    assert rectangular["variant"] == list(VARIANTS) and rectangular["m"] == ["n/16", "n/4"]  # 4096 x 256, x 1024
     torch_step = dict(zip(classes["TorchOptimizerStep"].param_names, classes["TorchOptimizerStep"].params))
     assert torch_step["variant"] == list(VARIANTS) and torch_step["base"] == list(RULES)
     assert hasattr(classes["ProjunnStep"], "peakmem_step")
@@ -611,7 +612,7 @@ def test_asv_benchmarks_skip_by_raising_not_implemented(suite):
         if not have("cupy"):
             with pytest.raises(NotImplementedError, match="cupy|NumPy"):
                 cls().setup(*{**case, "backend": "cupy"}.values())
-        if cls.__name__ in ("ProjectUnitary", "UnitarityError", "StepAccuracy"):
+        if cls.__name__ in ("ProjectUnitary", "UnitarityError", "StepAccuracy", "DenseCayleyStep"):
             with pytest.raises(NotImplementedError, match="n = 4096 > 1024"):
                 cls().setup(*{**case, "n": 4096}.values())
         if cls.__name__ == "StepExtraMemory":
@@ -627,6 +628,25 @@ def test_asv_peers_are_skipped_when_not_installed(suite, monkeypatch):
             if peer.package == package:
                 with pytest.raises(NotImplementedError, match=rf"{package} is not installed \(pip install"):
                     peers().setup(256, "float64", peer.method)
+
+
+def test_asv_rectangular_and_dense_cayley_cases(suite):
+    """RectangularStep holds an n x m W with orthonormal columns and an n x m G;
+    DenseCayleyStep's step is SciPy's Cayley map and keeps W orthogonal."""
+    steps = next(module for module in suite if module.__name__.endswith(".steps"))
+    case = steps.RectangularStep()
+    case.setup(256, "n/4", 1, "complex128", "cayley", "numpy")
+    W = np.asarray(case.W)
+    assert W.shape == (256, 64) and np.asarray(case.G).shape == (256, 64)
+    assert np.linalg.norm(W.conj().T @ W - np.eye(64)) < 1e-13
+    dense = steps.DenseCayleyStep()
+    dense.setup(256, "float64", "numpy")
+    W, G = np.asarray(dense.W), np.asarray(dense.G)
+    step = np.asarray(dense.cayley())
+    assert float(unitarity_error(step)) < 1e-14
+    reference = dense_cayley_reference(W, G, steps.LEARNING_RATE)
+    assert np.linalg.norm(step - reference) < 1e-12 * np.linalg.norm(reference)
+    dense.time_step(256, "float64", "numpy")
 
 
 def test_asv_layout_case_holds_the_same_w_column_major(suite):
