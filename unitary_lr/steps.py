@@ -314,7 +314,7 @@ def tangent_project(W, G, /):
     -----
     The tangent space at W (n >= m) is ``{Z : W^H Z + Z^H W = 0}`` and the
     orthogonal projection onto it is ``G - W (W^H G + G^H W) / 2`` (Edelman,
-    Arias, Smith 1998, section 2.2.1). The step variants move along the
+    Arias, Smith 1998, Sect. 2.2.1). The step variants move along the
     canonical metric's gradient ``A W``, ``A = G W^H - W G^H``, which agrees
     with twice this projection on W's range and with it on the complement
     (see the mathematics page). Dense, O(n m^2): meant for users and tests,
