@@ -57,14 +57,14 @@ class ProjUNNOptions:
         Rank k of the sketch of each update, ``>= 1`` (capped at min(n, m) of
         each matrix).
     variant : str
-        A name of :data:`unitary_lr.steps.VARIANTS`: ``"tangent"``
+        A name of ``unitary_lr.steps.VARIANTS``: ``"tangent"``
         (projUNN-T), ``"direct"`` (projUNN-D) or ``"cayley"``.
     oversample, power_iters : int
         The sketch's settings, ``>= 0`` (see :func:`unitary_lr.projunn_step`).
     drift_tol : float or None
         Re-projection threshold for ``||W^H W - I||_F / sqrt(m)``, in
-        ``(0, 1e-2]``; None: :func:`unitary_lr.diagnostics.default_drift_tolerance`
-        of W's dtype (1e-5 for 32-bit, 1e-12 for 64-bit dtypes).
+        ``(0, 1e-2]``; None: the default of W's dtype (1e-5 for 32-bit, 1e-12
+        for 64-bit dtypes).
     drift_check_every : int
         Estimate the drift every this many steps, ``>= 0`` (0: never).
     reproject : {"svd", "newton_schulz"}
