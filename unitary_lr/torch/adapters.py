@@ -22,14 +22,16 @@ __all__ = [
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.complex64, torch.complex128)
 
 
-def _check_reflectors(reflectors, linear):
+def _check_size(name, value, linear):
+    """``reflectors`` of a HouseholderAdapter, ``rank`` of an SVDAdapter: an
+    integer in [1, min(n_out, n_in)]."""
     limit = min(linear.out_features, linear.in_features)
-    if isinstance(reflectors, bool) or not isinstance(reflectors, int):
-        raise TypeError(f"reflectors must be an integer, got {type(reflectors).__name__}: {reflectors!r}")
-    if not 1 <= reflectors <= limit:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}: {value!r}")
+    if not 1 <= value <= limit:
         raise ValueError(
-            f"reflectors must be between 1 and {limit} = min(out_features, in_features) of {linear}, "
-            f"got {reflectors!r}"
+            f"{name} must be between 1 and {limit} = min(out_features, in_features) of {linear}, "
+            f"got {value!r}"
         )
 
 
@@ -88,7 +90,74 @@ def householder_delta_weight(reflectors_out, reflectors_in, sigma, in_features):
     return householder_apply(reflectors_out.to(wide), padded, check_finite=False)
 
 
-class HouseholderAdapter(nn.Module):
+class _LinearAdapter(nn.Module):
+    """What the adapters share: the frozen ``nn.Linear`` kept as ``base``, the
+    forward pass ``base(x) + delta(x)``, and merging ``delta_weight()`` into the
+    frozen weight. Each adapter defines ``delta`` and ``delta_weight``."""
+
+    def __init__(self, linear):
+        super().__init__()
+        for parameter in linear.parameters():
+            parameter.requires_grad_(False)
+        self.base = linear
+        self._merged = False
+
+    @property
+    def merged(self):
+        """Whether Delta W is folded into ``base.weight``."""
+        return self._merged
+
+    @property
+    def in_features(self):
+        return self.base.in_features
+
+    @property
+    def out_features(self):
+        return self.base.out_features
+
+    def forward(self, x):
+        """The frozen layer's output plus ``x @ Delta_W.T``, as ``nn.Linear`` applies a weight (nothing is added once merged).
+
+        Parameters
+        ----------
+        x : torch.Tensor, shape (..., in_features)
+
+        Returns
+        -------
+        torch.Tensor, shape (..., out_features)
+        """
+        out = self.base(x)
+        return out if self._merged else out + self.delta(x)
+
+    @torch.no_grad()
+    def merge(self):
+        """Fold Delta W into ``base.weight`` (for inference); returns self.
+
+        Raises ValueError, changing nothing, when the adapter is already merged.
+        """
+        if self._merged:
+            raise ValueError("the adapter is already merged (merged=True); unmerge() it first")
+        weight = self.base.weight
+        weight.add_(self.delta_weight().to(weight.dtype))
+        self._merged = True
+        return self
+
+    @torch.no_grad()
+    def unmerge(self):
+        """Take Delta W out of ``base.weight`` again (to the weight's rounding);
+        returns self.
+
+        Raises ValueError, changing nothing, when the adapter is not merged.
+        """
+        if not self._merged:
+            raise ValueError("the adapter is not merged (merged=False); there is nothing to unmerge")
+        weight = self.base.weight
+        weight.sub_(self.delta_weight().to(weight.dtype))
+        self._merged = False
+        return self
+
+
+class HouseholderAdapter(_LinearAdapter):
     r"""A frozen ``nn.Linear`` plus a trainable Householder update
     ``Delta W = H_U[:, :p] diag(sigma) H_V[:, :p]^H`` (HTA).
 
@@ -161,33 +230,21 @@ class HouseholderAdapter(nn.Module):
     ['reflectors_out', 'reflectors_in', 'sigma']
     """
 
+    # Named in the class's own body because the documentation lists a class's
+    # own members only (the torch classes would otherwise list all of nn.Module's).
+    merged, in_features, out_features = _LinearAdapter.merged, _LinearAdapter.in_features, _LinearAdapter.out_features
+    forward, merge, unmerge = _LinearAdapter.forward, _LinearAdapter.merge, _LinearAdapter.unmerge
+
     def __init__(self, linear, *, reflectors=1, generator=None):
-        super().__init__()
         _check_linear(linear)
-        _check_reflectors(reflectors, linear)
+        _check_size("reflectors", reflectors, linear)
+        super().__init__(linear)
         weight = linear.weight
-        for parameter in linear.parameters():
-            parameter.requires_grad_(False)
-        self.base = linear
         options = {"dtype": weight.dtype, "device": weight.device, "generator": generator}
         self.reflectors_out = nn.Parameter(_unit_columns(linear.out_features, reflectors, **options))
         self.reflectors_in = nn.Parameter(_unit_columns(linear.in_features, reflectors, **options))
         p = min(linear.out_features, linear.in_features)
         self.sigma = nn.Parameter(torch.zeros(p, dtype=weight.dtype, device=weight.device))
-        self._merged = False
-
-    @property
-    def merged(self):
-        """Whether Delta W is folded into ``base.weight``."""
-        return self._merged
-
-    @property
-    def in_features(self):
-        return self.base.in_features
-
-    @property
-    def out_features(self):
-        return self.base.out_features
 
     def extra_repr(self):
         return f"reflectors={self.reflectors_out.shape[-1]}, merged={self._merged}"
@@ -196,52 +253,12 @@ class HouseholderAdapter(nn.Module):
         """``x Delta W^T`` for x of shape (..., n_in), without forming Delta W."""
         return householder_delta(x, self.reflectors_out, self.reflectors_in, self.sigma)
 
-    def forward(self, x):
-        """The frozen layer's output plus ``x @ Delta_W.T``, as ``nn.Linear`` applies a weight (nothing is added once merged).
-
-        Parameters
-        ----------
-        x : torch.Tensor, shape (..., in_features)
-
-        Returns
-        -------
-        torch.Tensor, shape (..., out_features)
-        """
-        out = self.base(x)
-        return out if self._merged else out + self.delta(x)
-
     @torch.no_grad()
     def delta_weight(self):
         """Delta W (n_out x n_in) as a dense matrix, computed in 64-bit precision
         in O(j n_out n_in); for merging and inspection, not for training."""
         return householder_delta_weight(self.reflectors_out, self.reflectors_in, self.sigma, self.in_features)
 
-    @torch.no_grad()
-    def merge(self):
-        """Fold Delta W into ``base.weight`` (for inference); returns self.
-
-        Raises ValueError, changing nothing, when the adapter is already merged.
-        """
-        if self._merged:
-            raise ValueError("the adapter is already merged (merged=True); unmerge() it first")
-        weight = self.base.weight
-        weight.add_(self.delta_weight().to(weight.dtype))
-        self._merged = True
-        return self
-
-    @torch.no_grad()
-    def unmerge(self):
-        """Take Delta W out of ``base.weight`` again (to the weight's rounding);
-        returns self.
-
-        Raises ValueError, changing nothing, when the adapter is not merged.
-        """
-        if not self._merged:
-            raise ValueError("the adapter is not merged (merged=False); there is nothing to unmerge")
-        weight = self.base.weight
-        weight.sub_(self.delta_weight().to(weight.dtype))
-        self._merged = False
-        return self
 
 
 def _matcher(target_modules):
@@ -329,7 +346,7 @@ def add_householder_adapters(model, *, target_modules=None, reflectors=1, freeze
         raise ValueError(f"no torch.nn.Linear of the model matches target_modules={target_modules!r}")
     for _, _, linear in targets:  # every check before the first change
         _check_linear(linear)
-        _check_reflectors(reflectors, linear)
+        _check_size("reflectors", reflectors, linear)
     adapters = {}
     for parent, child_name, linear in targets:
         if id(linear) not in adapters:
