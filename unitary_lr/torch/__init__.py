@@ -16,8 +16,10 @@ except ImportError as error:  # pragma: no cover - torch is in the test extra
 from ._mark import UnitaryParameter, is_unitary, mark_unitary, unitary_tolerance
 from .adapters import (
     HouseholderAdapter,
+    SVDAdapter,
     adapter_state_dict,
     add_householder_adapters,
+    add_svd_adapters,
     load_adapter_state_dict,
     trainable_parameters,
 )
@@ -33,10 +35,12 @@ __all__ = [
     "HouseholderAdapter",
     "ModReLU",
     "ProjUNN",
+    "SVDAdapter",
     "UnitaryParameter",
     "UnitaryRNN",
     "adapter_state_dict",
     "add_householder_adapters",
+    "add_svd_adapters",
     "is_unitary",
     "load_adapter_state_dict",
     "mark_unitary",

@@ -1,20 +1,27 @@
-"""Householder transformation adaptation (HTA) of frozen linear layers:
-:class:`HouseholderAdapter` and PEFT-style helpers to add, count, save and load
+"""Adapters of frozen linear layers: Householder transformation adaptation
+(:class:`HouseholderAdapter`), an SVD adapter with exactly orthonormal factors
+(:class:`SVDAdapter`), and PEFT-style helpers to add, count, save and load
 adapters."""
 
 from __future__ import annotations
 
 import re
 
+import numpy as np
 import torch
 from torch import nn
 
+from ..diagnostics import unitarity_error
+from ..haar import random_unitary
 from ..householder import householder_apply
+from ._mark import is_unitary, mark_unitary, unitary_tolerance
 
 __all__ = [
     "HouseholderAdapter",
+    "SVDAdapter",
     "adapter_state_dict",
     "add_householder_adapters",
+    "add_svd_adapters",
     "load_adapter_state_dict",
     "trainable_parameters",
 ]
@@ -22,14 +29,16 @@ __all__ = [
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.complex64, torch.complex128)
 
 
-def _check_reflectors(reflectors, linear):
+def _check_size(name, value, linear):
+    """``reflectors`` of a HouseholderAdapter, ``rank`` of an SVDAdapter: an
+    integer in [1, min(n_out, n_in)]."""
     limit = min(linear.out_features, linear.in_features)
-    if isinstance(reflectors, bool) or not isinstance(reflectors, int):
-        raise TypeError(f"reflectors must be an integer, got {type(reflectors).__name__}: {reflectors!r}")
-    if not 1 <= reflectors <= limit:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}: {value!r}")
+    if not 1 <= value <= limit:
         raise ValueError(
-            f"reflectors must be between 1 and {limit} = min(out_features, in_features) of {linear}, "
-            f"got {reflectors!r}"
+            f"{name} must be between 1 and {limit} = min(out_features, in_features) of {linear}, "
+            f"got {value!r}"
         )
 
 
@@ -88,7 +97,74 @@ def householder_delta_weight(reflectors_out, reflectors_in, sigma, in_features):
     return householder_apply(reflectors_out.to(wide), padded, check_finite=False)
 
 
-class HouseholderAdapter(nn.Module):
+class _LinearAdapter(nn.Module):
+    """What the adapters share: the frozen ``nn.Linear`` kept as ``base``, the
+    forward pass ``base(x) + delta(x)``, and merging ``delta_weight()`` into the
+    frozen weight. Each adapter defines ``delta`` and ``delta_weight``."""
+
+    def __init__(self, linear):
+        super().__init__()
+        for parameter in linear.parameters():
+            parameter.requires_grad_(False)
+        self.base = linear
+        self._merged = False
+
+    @property
+    def merged(self):
+        """Whether Delta W is folded into ``base.weight``."""
+        return self._merged
+
+    @property
+    def in_features(self):
+        return self.base.in_features
+
+    @property
+    def out_features(self):
+        return self.base.out_features
+
+    def forward(self, x):
+        """The frozen layer's output plus ``x @ Delta_W.T``, as ``nn.Linear`` applies a weight (nothing is added once merged).
+
+        Parameters
+        ----------
+        x : torch.Tensor, shape (..., in_features)
+
+        Returns
+        -------
+        torch.Tensor, shape (..., out_features)
+        """
+        out = self.base(x)
+        return out if self._merged else out + self.delta(x)
+
+    @torch.no_grad()
+    def merge(self):
+        """Fold Delta W into ``base.weight`` (for inference); returns self.
+
+        Raises ValueError, changing nothing, when the adapter is already merged.
+        """
+        if self._merged:
+            raise ValueError("the adapter is already merged (merged=True); unmerge() it first")
+        weight = self.base.weight
+        weight.add_(self.delta_weight().to(weight.dtype))
+        self._merged = True
+        return self
+
+    @torch.no_grad()
+    def unmerge(self):
+        """Take Delta W out of ``base.weight`` again (to the weight's rounding);
+        returns self.
+
+        Raises ValueError, changing nothing, when the adapter is not merged.
+        """
+        if not self._merged:
+            raise ValueError("the adapter is not merged (merged=False); there is nothing to unmerge")
+        weight = self.base.weight
+        weight.sub_(self.delta_weight().to(weight.dtype))
+        self._merged = False
+        return self
+
+
+class HouseholderAdapter(_LinearAdapter):
     r"""A frozen ``nn.Linear`` plus a trainable Householder update
     ``Delta W = H_U[:, :p] diag(sigma) H_V[:, :p]^H`` (HTA).
 
@@ -161,33 +237,21 @@ class HouseholderAdapter(nn.Module):
     ['reflectors_out', 'reflectors_in', 'sigma']
     """
 
+    # Named in the class's own body because the documentation lists a class's
+    # own members only (the torch classes would otherwise list all of nn.Module's).
+    merged, in_features, out_features = _LinearAdapter.merged, _LinearAdapter.in_features, _LinearAdapter.out_features
+    forward, merge, unmerge = _LinearAdapter.forward, _LinearAdapter.merge, _LinearAdapter.unmerge
+
     def __init__(self, linear, *, reflectors=1, generator=None):
-        super().__init__()
         _check_linear(linear)
-        _check_reflectors(reflectors, linear)
+        _check_size("reflectors", reflectors, linear)
+        super().__init__(linear)
         weight = linear.weight
-        for parameter in linear.parameters():
-            parameter.requires_grad_(False)
-        self.base = linear
         options = {"dtype": weight.dtype, "device": weight.device, "generator": generator}
         self.reflectors_out = nn.Parameter(_unit_columns(linear.out_features, reflectors, **options))
         self.reflectors_in = nn.Parameter(_unit_columns(linear.in_features, reflectors, **options))
         p = min(linear.out_features, linear.in_features)
         self.sigma = nn.Parameter(torch.zeros(p, dtype=weight.dtype, device=weight.device))
-        self._merged = False
-
-    @property
-    def merged(self):
-        """Whether Delta W is folded into ``base.weight``."""
-        return self._merged
-
-    @property
-    def in_features(self):
-        return self.base.in_features
-
-    @property
-    def out_features(self):
-        return self.base.out_features
 
     def extra_repr(self):
         return f"reflectors={self.reflectors_out.shape[-1]}, merged={self._merged}"
@@ -196,52 +260,151 @@ class HouseholderAdapter(nn.Module):
         """``x Delta W^T`` for x of shape (..., n_in), without forming Delta W."""
         return householder_delta(x, self.reflectors_out, self.reflectors_in, self.sigma)
 
-    def forward(self, x):
-        """The frozen layer's output plus ``x @ Delta_W.T``, as ``nn.Linear`` applies a weight (nothing is added once merged).
-
-        Parameters
-        ----------
-        x : torch.Tensor, shape (..., in_features)
-
-        Returns
-        -------
-        torch.Tensor, shape (..., out_features)
-        """
-        out = self.base(x)
-        return out if self._merged else out + self.delta(x)
-
     @torch.no_grad()
     def delta_weight(self):
         """Delta W (n_out x n_in) as a dense matrix, computed in 64-bit precision
         in O(j n_out n_in); for merging and inspection, not for training."""
         return householder_delta_weight(self.reflectors_out, self.reflectors_in, self.sigma, self.in_features)
 
+
+
+def _haar_columns(sizes, columns, *, dtype, device, generator):
+    """For each n of ``sizes`` an n x ``columns`` matrix with orthonormal columns,
+    Haar distributed on the Stiefel manifold.
+
+    One seed is taken from ``generator`` (the global torch RNG when None, as
+    for nn.Linear's weights); the draws are made in 64-bit precision and
+    rounded to ``dtype``, so layers of different precisions get the same
+    factors to rounding.
+    """
+    rng = np.random.default_rng(int(torch.randint(0, 2**62, (), generator=generator)))
+    wide = torch.complex128 if dtype.is_complex else torch.float64
+    return [random_unitary(n, columns, dtype=wide, rng=rng, xp=torch, device="cpu").to(dtype=dtype, device=device)
+            for n in sizes]
+
+
+class SVDAdapter(_LinearAdapter):
+    r"""A frozen ``nn.Linear`` plus a trainable update ``Delta W = U diag(s) V^H``
+    whose factors U and V have exactly orthonormal columns.
+
+    Parameters
+    ----------
+    linear : torch.nn.Linear
+        The layer to adapt, of any shape, real or complex. Its parameters are
+        frozen (``requires_grad=False``) and kept as ``self.base``.
+    rank : int
+        Number r of columns of U and V, ``1 <= r <= min(n_out, n_in)``.
+    generator : torch.Generator, optional
+        Source of the random initial U and V; the global torch RNG when
+        omitted (so ``torch.manual_seed`` makes them reproducible, as it does
+        ``nn.Linear``'s weights).
+
+    Attributes
+    ----------
+    base : torch.nn.Linear
+        The frozen layer.
+    U : UnitaryParameter, shape (n_out, r)
+        Orthonormal columns (``U^H U = I_r``), marked unitary.
+    V : UnitaryParameter, shape (n_in, r)
+        Orthonormal columns (``V^H V = I_r``), marked unitary.
+    s : torch.nn.Parameter, shape (r,)
+        The diagonal, zero at start; of the weight's dtype (complex for a
+        complex layer).
+
+    Raises
+    ------
+    TypeError
+        ``linear`` is not an ``nn.Linear`` (or has an unsupported dtype);
+        ``rank`` is not an integer.
+    ValueError
+        ``rank`` outside ``[1, min(n_out, n_in)]``.
+
+    Notes
+    -----
+    The adapted layer computes ``y = x W0^T + b + x Delta W^T`` with
+
+    ``Delta W = U diag(s) V^H``   (n_out x n_in, rank at most r).
+
+    U and V are marked unitary (:func:`mark_unitary`), so
+    ``ProjUNN(model.parameters())`` puts them in its unitary group and trains
+    them with projUNN steps on the Stiefel manifold ``{U : U^H U = I_r}``:
+    their columns stay orthonormal to rounding at every step, while s (and
+    any other trainable parameter) gets the optimizer's plain rule. Delta W
+    is then an exact SVD of the update: its singular values are ``|s_i|``
+    (the sign or phase of ``s_i`` belongs to column i of U), and setting
+    ``s_i`` to zero removes exactly one singular direction, so pruning s sets
+    each layer's rank. This is what AdaLoRA approximates with a penalty,
+    done exactly: AdaLoRA's factors P, Q are pushed towards orthogonality by
+    a term ``||P^T P - I||_F^2 + ||Q Q^T - I||_F^2`` in the loss and are only
+    near it, so its diagonal is only near the singular values of its update.
+    A plain optimizer (``torch.optim.Adam``) moves U and V off the manifold
+    at its first step; use :class:`ProjUNN` (or another Stiefel optimizer).
+
+    U and V start Haar distributed on the Stiefel manifold
+    (:func:`unitary_lr.random_unitary`, drawn in 64-bit precision and rounded
+    to the weight's dtype) and s starts at zero, so the layer computes
+    exactly what ``linear`` does. At s = 0 only s has a gradient,
+    ``diag(U^H G V)`` for the weight's gradient G; U and V start moving once
+    s has.
+
+    The forward pass applies the factors to the batch,
+    ``x Delta W^T = ((x conj(V)) * s) U^T``: O(B r (n_out + n_in)) for a batch
+    of B rows, with ``(n_out + n_in) r + r`` parameters, and never an
+    n_out x n_in matrix. :meth:`merge` folds Delta W into the frozen weight
+    for inference and :meth:`unmerge` takes it out again, as for
+    :class:`HouseholderAdapter`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from unitary_lr import unitarity_error
+    >>> from unitary_lr.torch import ProjUNN, SVDAdapter
+    >>> _ = torch.manual_seed(0)
+    >>> layer = torch.nn.Linear(6, 4)
+    >>> adapted = SVDAdapter(layer, rank=2)
+    >>> x, target = torch.randn(16, 6), torch.randn(16, 4)
+    >>> bool(torch.equal(adapted(x), layer(x)))      # s = 0: the layer as it was
+    True
+    >>> opt = ProjUNN(adapted.parameters(), lr=1e-2)  # U, V in the unitary group
+    >>> for step in range(20):
+    ...     opt.zero_grad()
+    ...     ((adapted(x) - target) ** 2).mean().backward()
+    ...     opt.step()
+    >>> bool(adapted.s.abs().min() > 0), float(unitarity_error(adapted.U.detach())) < 1e-6
+    (True, True)
+    """
+
+    # Named in the class's own body because the documentation lists a class's
+    # own members only (the torch classes would otherwise list all of nn.Module's).
+    merged, in_features, out_features = _LinearAdapter.merged, _LinearAdapter.in_features, _LinearAdapter.out_features
+    forward, merge, unmerge = _LinearAdapter.forward, _LinearAdapter.merge, _LinearAdapter.unmerge
+
+    def __init__(self, linear, *, rank, generator=None):
+        _check_linear(linear)
+        _check_size("rank", rank, linear)
+        super().__init__(linear)
+        weight = linear.weight
+        U, V = _haar_columns((linear.out_features, linear.in_features), rank, dtype=weight.dtype,
+                             device=weight.device, generator=generator)
+        self.U = mark_unitary(nn.Parameter(U))
+        self.V = mark_unitary(nn.Parameter(V))
+        self.s = nn.Parameter(torch.zeros(rank, dtype=weight.dtype, device=weight.device))
+
+    def extra_repr(self):
+        return f"rank={self.s.shape[0]}, merged={self._merged}"
+
+    def delta(self, x):
+        """``x Delta W^T = ((x conj(V)) * s) U^T`` for x of shape (..., n_in), in
+        O(B r (n_out + n_in)), without forming Delta W."""
+        return ((x @ _conj(self.V)) * self.s) @ self.U.mT
+
     @torch.no_grad()
-    def merge(self):
-        """Fold Delta W into ``base.weight`` (for inference); returns self.
-
-        Raises ValueError, changing nothing, when the adapter is already merged.
-        """
-        if self._merged:
-            raise ValueError("the adapter is already merged (merged=True); unmerge() it first")
-        weight = self.base.weight
-        weight.add_(self.delta_weight().to(weight.dtype))
-        self._merged = True
-        return self
-
-    @torch.no_grad()
-    def unmerge(self):
-        """Take Delta W out of ``base.weight`` again (to the weight's rounding);
-        returns self.
-
-        Raises ValueError, changing nothing, when the adapter is not merged.
-        """
-        if not self._merged:
-            raise ValueError("the adapter is not merged (merged=False); there is nothing to unmerge")
-        weight = self.base.weight
-        weight.sub_(self.delta_weight().to(weight.dtype))
-        self._merged = False
-        return self
+    def delta_weight(self):
+        """Delta W = U diag(s) V^H (n_out x n_in) as a dense matrix, computed in
+        64-bit precision in O(r n_out n_in); for merging and inspection, not
+        for training."""
+        wide = torch.promote_types(self.s.dtype, torch.float64)
+        return (self.U.to(wide) * self.s.to(wide)) @ self.V.to(wide).mH
 
 
 def _matcher(target_modules):
@@ -266,7 +429,7 @@ def _matcher(target_modules):
 
 
 def _adapter_bases(model):
-    return {id(module.base) for module in model.modules() if isinstance(module, HouseholderAdapter)}
+    return {id(module.base) for module in model.modules() if isinstance(module, _LinearAdapter)}
 
 
 def add_householder_adapters(model, *, target_modules=None, reflectors=1, freeze_base=True, generator=None):
@@ -313,13 +476,71 @@ def add_householder_adapters(model, *, target_modules=None, reflectors=1, freeze
     >>> type(model[0]).__name__, trainable_parameters(model)
     ('HouseholderAdapter', (40, 130))
     """
+    return _add_adapters(model, HouseholderAdapter, target_modules=target_modules, freeze_base=freeze_base,
+                         generator=generator, reflectors=reflectors)
+
+
+def add_svd_adapters(model, *, target_modules=None, rank, freeze_base=True, generator=None):
+    """Wrap every ``nn.Linear`` of ``model`` whose qualified name matches
+    ``target_modules`` in an :class:`SVDAdapter`, in place.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    target_modules : str, list of str or None, optional
+        Which layers, as for :func:`add_householder_adapters`: a regular
+        expression for the whole qualified name, or names matched against
+        the qualified name or its last dotted parts; None: every
+        ``nn.Linear``. Layers already inside an adapter are never wrapped again.
+    rank : int
+        Columns of U and V of every adapter, at most ``min(n_out, n_in)`` of
+        each matched layer.
+    freeze_base : bool, optional
+        Freeze every parameter that is not an adapter's (as PEFT does), so
+        that only the adapters train. False leaves the others as they are
+        (the wrapped layers are frozen either way).
+    generator : torch.Generator, optional
+        Source of the initial U and V, used layer after layer.
+
+    Returns
+    -------
+    torch.nn.Module
+        ``model`` itself, modified.
+
+    Raises
+    ------
+    ValueError
+        No ``nn.Linear`` matches; ``rank`` too large for a matched layer;
+        a malformed ``target_modules``. Nothing is changed then.
+    TypeError
+        ``model`` is not an ``nn.Module``; ``rank`` is not an integer.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from unitary_lr.torch import ProjUNN, add_svd_adapters, trainable_parameters
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> model = add_svd_adapters(model, target_modules=["0"], rank=2)
+    >>> type(model[0]).__name__, trainable_parameters(model)       # (8 + 8) * 2 + 2
+    ('SVDAdapter', (34, 124))
+    >>> opt = ProjUNN(model.parameters(), lr=1e-3)               # U and V: projUNN steps
+    >>> [len(group["params"]) for group in opt.param_groups if group["unitary"]]
+    [2]
+    """
+    return _add_adapters(model, SVDAdapter, target_modules=target_modules, freeze_base=freeze_base,
+                         generator=generator, rank=rank)
+
+
+def _add_adapters(model, adapter, *, target_modules, freeze_base, generator, **size):
+    """Wrap the matching layers in ``adapter(linear, **size, generator=generator)``:
+    ``size`` is the one size argument of the adapter (``reflectors=j``, ``rank=r``)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     matches = _matcher(target_modules)
     inside = _adapter_bases(model)
     targets = []  # (parent, attribute, linear): every reference, shared layers included
     for parent_name, parent in model.named_modules(remove_duplicate=False):
-        if isinstance(parent, HouseholderAdapter):
+        if isinstance(parent, _LinearAdapter):
             continue
         for child_name, child in parent._modules.items():  # named_children() hides repeats
             name = f"{parent_name}.{child_name}" if parent_name else child_name
@@ -329,11 +550,12 @@ def add_householder_adapters(model, *, target_modules=None, reflectors=1, freeze
         raise ValueError(f"no torch.nn.Linear of the model matches target_modules={target_modules!r}")
     for _, _, linear in targets:  # every check before the first change
         _check_linear(linear)
-        _check_reflectors(reflectors, linear)
+        for name, value in size.items():
+            _check_size(name, value, linear)
     adapters = {}
     for parent, child_name, linear in targets:
         if id(linear) not in adapters:
-            adapters[id(linear)] = HouseholderAdapter(linear, reflectors=reflectors, generator=generator)
+            adapters[id(linear)] = adapter(linear, **size, generator=generator)
         setattr(parent, child_name, adapters[id(linear)])
     if freeze_base:
         own = {id(p) for p in _adapter_parameters(model).values()}
@@ -359,13 +581,14 @@ def trainable_parameters(model):
 
 
 def _adapter_parameters(model):
-    """{qualified name: parameter} of every adapter's own parameters."""
+    """{qualified name: parameter} of every adapter's own parameters (those it
+    holds itself, not its frozen layer's)."""
     result = {}
     for name, module in model.named_modules():
-        if isinstance(module, HouseholderAdapter):
+        if isinstance(module, _LinearAdapter):
             prefix = f"{name}." if name else ""
-            for attribute in ("reflectors_out", "reflectors_in", "sigma"):
-                result[prefix + attribute] = getattr(module, attribute)
+            for attribute, parameter in module.named_parameters(recurse=False):
+                result[prefix + attribute] = parameter
     return result
 
 
@@ -394,8 +617,10 @@ def load_adapter_state_dict(model, state_dict):
     Raises
     ------
     ValueError
-        Missing or unexpected keys, a shape mismatch, or a merged adapter
-        (whose folded weight would no longer match); the model is unchanged.
+        Missing or unexpected keys, a shape mismatch, a matrix that must be
+        orthonormal (an :class:`SVDAdapter`'s U or V) and is not, or a merged
+        adapter (whose folded weight would no longer match); the model is
+        unchanged.
     """
     own = _adapter_parameters(model)
     missing, unexpected = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
@@ -408,7 +633,17 @@ def load_adapter_state_dict(model, state_dict):
             shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise ValueError(f"adapter state dict entry {name!r} has shape {shape}, "
                              f"the model's has shape {tuple(parameter.shape)}")
-    merged = [name for name, m in model.named_modules() if isinstance(m, HouseholderAdapter) and m.merged]
+    for name, parameter in own.items():
+        # An SVDAdapter's U and V must stay orthonormal: the optimizer keeps them
+        # so but never checks them.
+        if is_unitary(parameter):
+            value = state_dict[name].detach().to(parameter.dtype)
+            error, tolerance = float(unitarity_error(value)), unitary_tolerance(parameter.dtype)
+            if not error <= tolerance:  # NaN fails too
+                raise ValueError(f"adapter state dict entry {name!r} must have orthonormal columns: its unitarity "
+                                 f"error ||W^H W - I||_F / sqrt(m) is {error:.3g}, above the tolerance "
+                                 f"{tolerance:g} of {str(parameter.dtype).removeprefix('torch.')}")
+    merged = [name for name, m in model.named_modules() if isinstance(m, _LinearAdapter) and m.merged]
     if merged:
         raise ValueError(f"unmerge() the adapters {merged} before loading adapter parameters (merged=True)")
     for name, parameter in own.items():
