@@ -24,6 +24,7 @@ from .adapters import (
 from .constraints import orthogonal
 from .conv import FourierConv2d
 from .layers import INITS, ModReLU, UnitaryRNN, unitary_parameter
+from .linear import OrthogonalLinear
 from .optimizer import ProjUNN
 from .retraction import projunn_retraction
 
@@ -32,6 +33,7 @@ __all__ = [
     "FourierConv2d",
     "HouseholderAdapter",
     "ModReLU",
+    "OrthogonalLinear",
     "ProjUNN",
     "UnitaryParameter",
     "UnitaryRNN",
