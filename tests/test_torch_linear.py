@@ -11,8 +11,8 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="PyTorch is not installed")
 
-from unitary_lr import projunn_step  # noqa: E402
-from unitary_lr.torch import (  # noqa: E402
+from unitary_lr import projunn_step
+from unitary_lr.torch import (
     OrthogonalLinear,
     ProjUNN,
     is_unitary,

@@ -141,7 +141,7 @@ class FourierConv2d(nn.Module):
         self.in_channels, self.out_channels = channels, out_channels
         h, w = self.size
         shape = (out_channels, channels)  # U_f maps the c input channels to the d output ones
-        options = dict(init=init, device=device, generator=generator)
+        options = {"init": init, "device": device, "generator": generator}
         if complex:
             self.weight = unitary_parameter(*shape, batch_shape=(h * w,), dtype=_COMPLEX_OF[real_dtype], **options)
             self.weight_real = None
