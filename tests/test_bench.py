@@ -10,8 +10,8 @@ not needed: the methods are called directly, as asv would).
 import contextlib
 import importlib
 import importlib.util
-import io
 import inspect
+import io
 import itertools
 import json
 import math
@@ -24,15 +24,14 @@ import numpy as np
 import pytest
 
 from unitary_lr import projunn_step, unitarity_error
+from unitary_lr.cli import _peers, main
+from unitary_lr.cli import bench as bench_module
 from unitary_lr.optim import RULES
 from unitary_lr.steps import VARIANTS
-from unitary_lr.cli import _peers
-from unitary_lr.cli import bench as bench_module
-from unitary_lr.cli import main
 
 SMALL = ["bench", "--sizes", "32", "64", "--ranks", "1", "--repeat", "2", "--no-progress"]
 # one step per registered variant (test_bench_times_every_registered_variant checks the names)
-STEPS_AND_DENSE = ("floor", *bench_module.STEPS, "dense SVD polar", "dense expm step")
+STEPS_AND_DENSE = ("floor", *bench_module.STEPS, "dense SVD polar", "dense expm step", "dense Cayley step")
 OPTIMIZERS = ("torch.optim.RMSprop", "ProjUNN(base='rmsprop')")  # every torch run
 
 
@@ -148,6 +147,74 @@ def test_bench_times_every_registered_variant(tmp_path):
     assert all(r["unitarity_error"] < 1e-12 for r in steps)
 
 
+def dense_cayley_reference(W, G, lr):
+    """(I + lr/2 A)^-1 (I - lr/2 A) W, A = G W^H - W G^H, by SciPy in float64/complex128."""
+    scipy_linalg = pytest.importorskip("scipy.linalg")
+    A = G @ W.conj().T - W @ G.conj().T
+    eye = np.eye(W.shape[0])
+    return scipy_linalg.solve(eye + lr / 2 * A, (eye - lr / 2 * A) @ W)
+
+
+@pytest.mark.parametrize("complex_", [False, True])
+@pytest.mark.parametrize("shape", [(12, 12), (12, 5)])
+def test_bench_dense_cayley_step_is_the_cayley_map(complex_, shape):
+    """The bench's dense baseline is the full-capacity uRNN step: SciPy's solve
+    of the Cayley map, with orthonormal columns kept; for a rank-1 gradient the
+    low-rank Cayley step (an exact sketch) is the same step."""
+    rng = np.random.default_rng(3)
+    n, m = shape
+    W = np.linalg.qr(rng.standard_normal((n, m)) + 1j * complex_ * rng.standard_normal((n, m)))[0]
+    G = np.outer(rng.standard_normal(n) + 1j * complex_ * rng.standard_normal(n), rng.standard_normal(m))
+    step = bench_module._dense_cayley(np, "cpu", W, G)()
+    reference = dense_cayley_reference(W, G, bench_module.LEARNING_RATE)
+    assert np.linalg.norm(step - reference) < 1e-13 * np.linalg.norm(reference)
+    assert float(unitarity_error(step)) < 1e-14 and np.linalg.norm(step - W) > 1e-3
+    lowrank = projunn_step(W, G, lr=bench_module.LEARNING_RATE, rank=1, variant="cayley", rng=0)
+    assert np.linalg.norm(lowrank - reference) < 1e-12 * np.linalg.norm(reference)
+
+
+def test_bench_columns_time_every_variant_on_n_by_m_matrices(tmp_path, capsys):
+    """--columns: at every n, each m < n gets the floor, every registered variant
+    at every rank and the dense Cayley step on an n x m matrix with orthonormal
+    columns, with ratios per shape and to the same variant's square step;
+    m >= n is left out with a note."""
+    record = run_json(tmp_path, "--sizes", "16", "32", "--columns", "8", "24", "40", "--ranks", "1", "2",
+                      "--repeat", "2")
+    printed = capsys.readouterr().out
+    rows = record["results"]
+    assert record["settings"]["columns"] == [8, 24, 40]
+    rectangular = [r for r in rows if r["m"] != r["n"]]
+    expected = {(m, n, k) for n, m in ((16, 8), (32, 8), (32, 24)) for m, k in
+                [(m, None)] * 2 + [(m, k) for k in (1, 2)]}
+    assert {(r["m"], r["n"], r["k"]) for r in rectangular} == expected
+    assert sorted((r["method"], r["k"]) for r in rectangular if (r["n"], r["m"]) == (32, 24)) == sorted(
+        [("floor", None), ("dense Cayley step", None)] + [(method, k) for method in bench_module.STEPS for k in (1, 2)])
+    assert "projUNN-C" in bench_module.STEPS and bench_module.STEPS["projUNN-C"] == "cayley"
+    assert all(r["m"] == r["n"] for r in rows if r["kind"] not in ("floor", "step", "dense"))
+    square = {(r["method"], r["k"], r["n"]): r["median_s"] for r in rows if r["m"] == r["n"]}
+    for r in rectangular:
+        assert len(r["times_s"]) == 2 and r["median_s"] == statistics.median(r["times_s"])
+        floor = next(f["median_s"] for f in rows if f["kind"] == "floor" and (f["n"], f["m"]) == (r["n"], r["m"]))
+        assert r["ratio_to_floor"] == pytest.approx(r["median_s"] / floor, rel=1e-12)
+        if r["kind"] == "step":
+            assert r["unitarity_error"] < 1e-12
+            assert r["ratio_to_square"] == pytest.approx(r["median_s"] / square[(r["method"], r["k"], r["n"])],
+                                                         rel=1e-12)
+            dense = next(d["median_s"] for d in rectangular
+                         if d["kind"] == "dense" and (d["n"], d["m"]) == (r["n"], r["m"]))
+            assert r["speedup_over_dense"] == pytest.approx(dense / r["median_s"], rel=1e-12)
+        else:
+            assert r["ratio_to_square"] is None
+        if r["kind"] == "dense":
+            assert r["unitarity_error"] < 1e-12
+    assert all(r["ratio_to_square"] is None for r in rows if r["m"] == r["n"])
+    slopes = {(s["method"], s["k"], s["m"]): s for s in record["slopes"]}
+    assert slopes[("projUNN-C", 2, 8)]["sizes"] == [16, 32] and slopes[("projUNN-C", 2, 24)]["slope"] is None
+    assert slopes[("projUNN-C", 2, None)]["sizes"] == [16, 32]
+    assert "--columns m >= n is the square case or a wide matrix: not timed: m = 40" in record["notes"]
+    assert "x square" in printed and "projUNN-C k=2 m=8" in printed
+
+
 def test_bench_interrupted_at_any_moment_leaves_whole_results(tmp_path):
     """Ctrl-C at any line of the work: exit 130, and strict JSON holding the
     sizes that were complete, every row timed --repeat times."""
@@ -204,6 +271,8 @@ def test_bench_interrupt_keeps_the_complete_sizes(tmp_path, monkeypatch):
         (["--sizes", "1", "8"], "--sizes must be >= 2, got 1"),
         (["--ranks", "0"], "--ranks must lie in [1, smallest size = 32], got 0"),
         (["--ranks", "33"], "--ranks must lie in [1, smallest size = 32], got 33"),
+        (["--columns", "0"], "--columns must be >= 1, got 0"),
+        (["--columns", "8", "--ranks", "9"], "--ranks must lie in [1, smallest size = 8], got 9"),
         (["--repeat", "0"], "--repeat must be >= 1, got 0"),
         (["--dense-max", "-1"], "--dense-max must be >= 0, got -1"),
         (["--oversample", "-2"], "--oversample must be >= 0, got -2"),
@@ -354,6 +423,42 @@ def test_bench_peers_complex_skips_the_real_only_peers(tmp_path):
 
 
 @GEOOPT_IMPORT
+def test_bench_columns_peers_time_geoopt_euclidean_stiefel_on_n_by_m(tmp_path):
+    """With --peers, geoopt's QR-retraction step is the peer at every n x m
+    shape, whatever --dense-max says (it is O(n m^2)), next to projUNN-T on the
+    same matrix; the peers that work on an n x n embedding are not."""
+    pytest.importorskip("torch")
+    pytest.importorskip("geoopt")
+    record = run_json(tmp_path, "--backend", "torch", "--peers", "--sizes", "16", "32", "--columns", "8",
+                      "--dense-max", "16", "--repeat", "1")
+    rows = record["results"]
+    peers = [r for r in rows if r["kind"] == "peer" and r["m"] != r["n"]]
+    assert [(r["method"], r["n"], r["m"]) for r in peers] == [(_peers.GEOOPT_EUCLIDEAN_SGD, n, 8) for n in (16, 32)]
+    for r in peers:
+        tangent = next(t["median_s"] for t in rows if t["method"] == "projUNN-T" and (t["n"], t["m"]) == (r["n"], 8))
+        assert r["ratio_to_projunn_t"] == pytest.approx(r["median_s"] / tangent, rel=1e-12)
+        assert r["unitarity_error"] < 1e-12
+    assert not any(r["kind"] == "dense" and r["n"] == 32 for r in rows)
+
+
+@GEOOPT_IMPORT
+def test_stiefel_peer_descends_and_keeps_orthonormal_columns():
+    """geoopt's EuclideanStiefel step, built from the bench's n x m W and G,
+    lowers Re<G, W> and keeps W^H W = I (float64)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("geoopt")
+    rng = np.random.default_rng(2)
+    W = torch.linalg.qr(torch.as_tensor(rng.standard_normal((10, 4))))[0]
+    G = torch.as_tensor(rng.standard_normal((10, 4)))
+    (peer,) = [p for p in _peers.PEERS if p.method in _peers.STIEFEL_PEERS]
+    stepper = peer.build(W, G, 1e-3)
+    stepper.step()
+    after = stepper.point()
+    assert after.shape == (10, 4) and torch.sum(G * after) < torch.sum(G * W)
+    assert float(torch.linalg.matrix_norm(after.mT @ after - torch.eye(4, dtype=after.dtype))) < 1e-12
+
+
+@GEOOPT_IMPORT
 @pytest.mark.parametrize("method", [peer.method for peer in _peers.PEERS] + list(OPTIMIZERS))
 def test_peer_steps_descend_the_linear_loss(method):
     """Every peer and optimizer gets the bench's W and G as its own users would
@@ -439,7 +544,7 @@ def smallest_cases(cls):
 def test_asv_suite_covers_every_kernel_and_both_steps(suite):
     classes = {cls.__name__: cls for cls in benchmark_classes(suite)}
     assert {"RandomizedSVD", "ProjectUnitary", "ProjectUnitaryLowrank", "ExpTransport", "UnitarityError",
-            "ProjunnStep", "StepExtraMemory", "StepAccuracy"} <= set(classes)
+            "ProjunnStep", "StepExtraMemory", "StepAccuracy", "RectangularStep", "DenseCayleyStep"} <= set(classes)
     assert {"RNNForwardBackward", "SketchChoice", "StepLayout", "PeerSteps", "HouseholderApply",
             "AdapterForwardBackward"} <= set(classes)
     for cls in classes.values():
@@ -453,7 +558,9 @@ def test_asv_suite_covers_every_kernel_and_both_steps(suite):
             assert grid["k"] == [1, 8]
     # the registries' names: a variant or base rule registered in the library is benchmarked too
     assert classes["ProjunnStep"].params[classes["ProjunnStep"].param_names.index("variant")] == list(VARIANTS)
-    assert {"tangent", "direct"} <= set(VARIANTS)
+    assert {"tangent", "direct", "cayley"} <= set(VARIANTS)
+    rectangular = dict(zip(classes["RectangularStep"].param_names, classes["RectangularStep"].params))
+    assert rectangular["variant"] == list(VARIANTS) and rectangular["m"] == ["n/16", "n/4"]  # 4096 x 256, x 1024
     torch_step = dict(zip(classes["TorchOptimizerStep"].param_names, classes["TorchOptimizerStep"].params))
     assert torch_step["variant"] == list(VARIANTS) and torch_step["base"] == list(RULES)
     assert hasattr(classes["ProjunnStep"], "peakmem_step")
@@ -505,7 +612,7 @@ def test_asv_benchmarks_skip_by_raising_not_implemented(suite):
         if not have("cupy"):
             with pytest.raises(NotImplementedError, match="cupy|NumPy"):
                 cls().setup(*{**case, "backend": "cupy"}.values())
-        if cls.__name__ in ("ProjectUnitary", "UnitarityError", "StepAccuracy"):
+        if cls.__name__ in ("ProjectUnitary", "UnitarityError", "StepAccuracy", "DenseCayleyStep"):
             with pytest.raises(NotImplementedError, match="n = 4096 > 1024"):
                 cls().setup(*{**case, "n": 4096}.values())
         if cls.__name__ == "StepExtraMemory":
@@ -521,6 +628,25 @@ def test_asv_peers_are_skipped_when_not_installed(suite, monkeypatch):
             if peer.package == package:
                 with pytest.raises(NotImplementedError, match=rf"{package} is not installed \(pip install"):
                     peers().setup(256, "float64", peer.method)
+
+
+def test_asv_rectangular_and_dense_cayley_cases(suite):
+    """RectangularStep holds an n x m W with orthonormal columns and an n x m G;
+    DenseCayleyStep's step is SciPy's Cayley map and keeps W orthogonal."""
+    steps = next(module for module in suite if module.__name__.endswith(".steps"))
+    case = steps.RectangularStep()
+    case.setup(256, "n/4", 1, "complex128", "cayley", "numpy")
+    W = np.asarray(case.W)
+    assert W.shape == (256, 64) and np.asarray(case.G).shape == (256, 64)
+    assert np.linalg.norm(W.conj().T @ W - np.eye(64)) < 1e-13
+    dense = steps.DenseCayleyStep()
+    dense.setup(256, "float64", "numpy")
+    W, G = np.asarray(dense.W), np.asarray(dense.G)
+    step = np.asarray(dense.cayley())
+    assert float(unitarity_error(step)) < 1e-14
+    reference = dense_cayley_reference(W, G, steps.LEARNING_RATE)
+    assert np.linalg.norm(step - reference) < 1e-12 * np.linalg.norm(reference)
+    dense.time_step(256, "float64", "numpy")
 
 
 def test_asv_layout_case_holds_the_same_w_column_major(suite):

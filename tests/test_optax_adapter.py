@@ -146,10 +146,12 @@ def test_drift_control_reprojects_under_jit():
 
 def test_errors():
     params = {"W": jnp.zeros((4, 3)), "b": jnp.zeros(3)}
-    with pytest.raises(ValueError, match=r"unitary leaf \['W'\] must be a square matrix .* got shape \(4, 3\)"):
-        projunn(1e-2, unitary={"W": True, "b": False}).init(params)
-    with pytest.raises(ValueError, match=r"rank 5 exceeds the size n = 4 of unitary leaf \['W'\]"):
+    with pytest.raises(ValueError, match=r"unitary leaf \['b'\] must be a matrix .* got shape \(3,\)"):
+        projunn(1e-2, unitary={"W": True, "b": True}).init(params)
+    with pytest.raises(ValueError, match=r"rank 5 exceeds min\(n, m\) = 4 of unitary leaf \['W'\]"):
         projunn(1e-2, unitary={"W": True}, rank=5).init({"W": jnp.eye(4)})
+    with pytest.raises(ValueError, match=r"rank 4 exceeds min\(n, m\) = 3 of unitary leaf \['W'\]"):
+        projunn(1e-2, unitary={"W": True}, rank=4).init({"W": params["W"]})
     with pytest.raises(ValueError, match=r"base must be one of 'sgd', 'rmsprop', 'adam', got 'lamb'"):
         projunn(1e-2, unitary={}, base="lamb")
     with pytest.raises(ValueError, match=r"learning_rate must be a finite number > 0 or a schedule, got -0.1"):

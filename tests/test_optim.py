@@ -149,7 +149,7 @@ def test_errors_leave_everything_unchanged(rng):
         ({"lr": 1e-3, "base": "rmsprop", "alpha": 1.5}, ValueError, r"alpha must be in \[0, 1\), got 1.5"),
         ({"lr": 1e-3, "base": "rmsprop", "eps": -1.0}, ValueError, r"eps must be a finite number >= 0, got -1.0"),
         ({"lr": 1e-3, "variant": "geodesic"}, ValueError, r"variant must be one of 'tangent', 'direct', 'cayley', got 'geodesic'"),
-        ({"lr": 1e-3, "drift_tol": 0.0}, ValueError, r"drift_tol must be > 0 or None, got 0.0"),
+        ({"lr": 1e-3, "drift_tol": 0.0}, ValueError, r"drift_tol must be a number in \(0, 0.01\] or None, got 0.0"),
         ({"lr": 1e-3, "reproject": "qr"}, ValueError, r"reproject must be one of 'svd', 'newton_schulz', got 'qr'"),
         ({"lr": 1e-3, "unitary": "yes"}, TypeError, r"unitary must be True or False, got 'yes'"),
     ],

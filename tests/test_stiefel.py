@@ -278,3 +278,65 @@ def test_float32_steps_use_float64_cores(rng):
     for variant in ul.steps.VARIANTS:
         V = ul.projunn_step(W, G, lr=0.5, rank=4, variant=variant, rng=0)
         assert orthonormality(V) < 30 * eps("float32"), variant
+
+
+# ------------------------------------------------ the front ends, rectangular
+
+
+@pytest.mark.parametrize("shape", [(N, 4), (4, N), (N, N)])
+@pytest.mark.parametrize("dtype_", ["float64", "complex128"])
+@pytest.mark.parametrize("variant", ["tangent", "direct", "cayley"])
+def test_the_three_front_ends_take_the_reference_step(rng, shape, dtype_, variant):
+    """A rank-1 gradient is sketched exactly: with SGD (direction = G), the
+    torch optimizer, optax and the framework-free optimizer all take the dense
+    reference step, on square, tall and wide matrices."""
+    torch = pytest.importorskip("torch")
+    from unitary_lr.optim import ProjUNN as ArrayProjUNN
+    from unitary_lr.torch import ProjUNN as TorchProjUNN, mark_unitary
+
+    W = stiefel(rng, *shape, dtype_)
+    G = wide(random_matrix(rng, (shape[0], 1), dtype_)) @ mH(wide(random_matrix(rng, (shape[1], 1), dtype_)))
+    expected = reference_step(W, G, 0.1, variant)
+
+    p = torch.nn.Parameter(torch.from_numpy(W.copy()))
+    mark_unitary(p)
+    opt = TorchProjUNN([p], lr=0.1, base="sgd", rank=1, variant=variant, seed=0)
+    p.grad = torch.from_numpy(G.copy())
+    opt.step()
+    np.testing.assert_allclose(p.detach().numpy(), expected, atol=1e-13)
+
+    V = ArrayProjUNN(lr=0.1, base="sgd", rank=1, variant=variant, seed=0).step(W, G)
+    np.testing.assert_allclose(V, expected, atol=1e-13)
+
+    jax = pytest.importorskip("jax")
+    pytest.importorskip("optax")
+    import optax
+
+    from unitary_lr.optax import projunn
+
+    params = {"W": jax.numpy.asarray(W)}
+    transform = projunn(0.1, unitary={"W": True}, base="sgd", rank=1, variant=variant)
+    # JAX's gradient of a real loss of a complex W is the conjugate of torch's
+    updates, _ = jax.jit(transform.update)({"W": jax.numpy.asarray(np.conj(G))}, transform.init(params), params)
+    np.testing.assert_allclose(np.asarray(optax.apply_updates(params, updates)["W"]), expected, atol=1e-13)
+
+
+@pytest.mark.parametrize("capturable", [False, True])
+@pytest.mark.parametrize("shape", [(2, N, 4), (2, 4, N)])
+def test_torch_optimizer_batched_rectangular(rng, capturable, shape):
+    """A batch of rectangular unitary parameters, updated in place (one batched
+    product), eager or capturable (the sketch drawn on the device)."""
+    torch = pytest.importorskip("torch")
+    from unitary_lr.torch import ProjUNN, mark_unitary
+
+    W = stiefel(rng, *shape[1:], "complex128", (shape[0],))
+    x = random_matrix(rng, (shape[0], shape[1], 1), "complex128")
+    y = random_matrix(rng, (shape[0], shape[2], 1), "complex128")
+    G = x @ mH(y)
+    p = torch.nn.Parameter(torch.from_numpy(W.copy()))
+    mark_unitary(p)
+    opt = ProjUNN([p], lr=0.2, base="sgd", rank=1, variant="cayley", capturable=capturable, seed=0)
+    p.grad = torch.from_numpy(G)
+    opt.step()
+    np.testing.assert_allclose(p.detach().numpy(), reference_step(W, G, 0.2, "cayley"), atol=1e-13)
+    assert np.all(orthonormality(p.detach().numpy()) < 1e-14)

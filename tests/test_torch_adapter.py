@@ -183,13 +183,16 @@ def test_state_dict_resume_repeats_the_uninterrupted_run(tmp_path):
 def test_bad_parameters_and_settings():
     square = unitary_parameter(4, dtype=torch.float64)
     rect = torch.nn.Parameter(torch.zeros(4, 3, dtype=torch.float64))
-    with pytest.raises(ValueError, match=r"unitary parameter param_groups\[0\]\['params'\]\[0\] must be a square matrix .* got shape \(4, 3\)"):
-        ProjUNN([{"params": [rect], "unitary": True}])
+    vector = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"unitary parameter param_groups\[0\]\['params'\]\[0\] must be a matrix .* got shape \(4,\)"):
+        ProjUNN([{"params": [vector], "unitary": True}])
     model = torch.nn.Linear(3, 4)
-    with pytest.raises(ValueError, match=r"unitary parameter weight must be a square matrix .* got shape \(4, 3\)"):
-        ProjUNN([{"params": list(model.named_parameters())[:1] and [model.weight], "param_names": ["weight"], "unitary": True}])
-    with pytest.raises(ValueError, match=r"rank 5 exceeds the size n = 4 of unitary parameter"):
+    with pytest.raises(ValueError, match=r"unitary parameter bias must be a matrix .* got shape \(4,\)"):
+        ProjUNN([{"params": [model.bias], "param_names": ["bias"], "unitary": True}])
+    with pytest.raises(ValueError, match=r"rank 5 exceeds min\(n, m\) = 4 of unitary parameter"):
         ProjUNN([square], rank=5)
+    with pytest.raises(ValueError, match=r"rank 4 exceeds min\(n, m\) = 3 of unitary parameter .* \(shape \(4, 3\)\)"):
+        ProjUNN([{"params": [rect], "unitary": True}], rank=4)
     with pytest.raises(ValueError, match=r"ProjUNN: lr must be a finite number >= 0, got -0.1"):
         ProjUNN([square], lr=-0.1)
     with pytest.raises(ValueError, match=r"ProjUNN: base must be one of 'sgd', 'rmsprop', 'adam', got 'lion'"):

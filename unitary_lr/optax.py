@@ -39,8 +39,7 @@ try:
 except ImportError as error:  # pragma: no cover - jax and optax are in the test extra
     raise ImportError("unitary_lr.optax needs JAX and optax: pip install jax optax") from error
 
-from .diagnostics import default_drift_tolerance, estimate_unchecked
-from .polar import polar_unchecked
+from .options import DRIFT_CHECK_EVERY, DriftControl, ProjUNNOptions
 from .steps import (
     STEP_OVERSAMPLE,
     STEP_POWER_ITERS,
@@ -59,7 +58,7 @@ _PROBES = 4
 #: (defaults included) into a traced array, which a sketch's shape cannot be:
 #: pass ``static_args=STATIC_ARGS`` to inject the learning rate.
 STATIC_ARGS = ("unitary", "base", "rank", "variant", "oversample", "power_iters", "drift_tol",
-               "drift_check_every", "seed")
+               "drift_check_every", "reproject", "seed")
 
 
 class RetractionState(NamedTuple):
@@ -83,7 +82,8 @@ class ProjUNNState(NamedTuple):
 
 
 def projunn_retraction(*, unitary, rank=1, variant="tangent", oversample=STEP_OVERSAMPLE,
-                       power_iters=STEP_POWER_ITERS, drift_tol=None, drift_check_every=50, seed=0):
+                       power_iters=STEP_POWER_ITERS, drift_tol=None, drift_check_every=DRIFT_CHECK_EVERY,
+                       reproject="svd", seed=0):
     r"""The last transformation of an optax chain: turns the update of each
     unitary leaf into a projUNN step along it.
 
@@ -99,21 +99,24 @@ def projunn_retraction(*, unitary, rank=1, variant="tangent", oversample=STEP_OV
     unitary : pytree of bool, or callable
         Which leaves are unitary: a pytree of booleans with the structure of
         the parameters, or a function of the parameters returning one. Unitary
-        leaves are (..., n, n) float32/float64/complex64/complex128 arrays.
+        leaves are (..., n, m) float32/float64/complex64/complex128 arrays.
     rank : int, optional
-        Rank k of the sketch of the update, ``1 <= rank <= n``.
-    variant : {"tangent", "direct"}, optional
+        Rank k of the sketch of the update, ``1 <= rank <= min(n, m)``.
+    variant : {"tangent", "direct", "cayley"}, optional
         ``"tangent"`` (projUNN-T): ``W_new = W expm((W^H U_k - U_k^H W) / 2)``;
-        ``"direct"`` (projUNN-D): ``W_new = polar(W + U_k)``.
+        ``"direct"`` (projUNN-D): ``W_new = polar(W + U_k)``; ``"cayley"``: the
+        Cayley map of the tangent step's generator.
     oversample, power_iters : int, optional
         Sketch settings, as in :func:`unitary_lr.projunn_step`.
     drift_tol, drift_check_every
         Drift control, as in :class:`unitary_lr.optim.ProjUNN`: every
         ``drift_check_every`` updates (0: never) a probe estimate of
         ``||W^H W - I||_F / sqrt(n)`` for the new W above ``drift_tol`` (None:
-        1e-5 for 32-bit, 1e-12 for 64-bit leaves) re-projects it with a dense
-        SVD, inside a ``jax.lax.cond`` so that it costs nothing when it is not
-        needed.
+        1e-5 for 32-bit, 1e-12 for 64-bit leaves) re-projects it, inside a
+        ``jax.lax.cond`` so that it costs nothing when it is not needed.
+    reproject : {"svd", "newton_schulz"}, optional
+        The dense re-projection: the SVD's polar factor, or five Newton-Schulz
+        steps (matmuls only; enough for any drift below ``drift_tol``).
     seed : int, optional
         Seed of the sketches' ``jax.random`` keys.
 
@@ -130,7 +133,7 @@ def projunn_retraction(*, unitary, rank=1, variant="tangent", oversample=STEP_OV
     ------
     ValueError
         Unknown variant, bad integer options, a unitary leaf that is not
-        (..., n, n) or smaller than ``rank``, an update whose shape is not its
+        a matrix (..., n, m) with ``min(n, m) >= rank``, an update whose shape is not its
         leaf's, update without params, a mask without the parameters' structure.
     TypeError
         Unsupported dtypes; a complex update for a real leaf.
@@ -172,14 +175,15 @@ def projunn_retraction(*, unitary, rank=1, variant="tangent", oversample=STEP_OV
     >>> bool(unitarity_error(params["W"]) < 1e-5)
     True
     """
-    _check_step_options(rank=rank, variant=variant, oversample=oversample, power_iters=power_iters,
-                        drift_tol=drift_tol, drift_check_every=drift_check_every, seed=seed)
+    options = _step_options(rank=rank, variant=variant, oversample=oversample, power_iters=power_iters,
+                            drift_tol=drift_tol, drift_check_every=drift_check_every, reproject=reproject, seed=seed)
+    drift = DriftControl(options, jnp, cond=jax.lax.cond)
 
     def init(params):
         for path, flag, leaf in _masked_leaves(unitary, params):
             if flag:
                 _check_leaf(path, leaf, rank)
-        return RetractionState(count=jnp.zeros([], jnp.int32), key=jax.random.PRNGKey(seed))
+        return RetractionState(count=jnp.zeros([], jnp.int32), key=jax.random.PRNGKey(0 if options.seed is None else options.seed))
 
     def update(updates, state, params=None):
         if params is None:
@@ -206,14 +210,9 @@ def projunn_retraction(*, unitary, rank=1, variant="tangent", oversample=STEP_OV
     def keep(update, *_):
         return update
 
-    def reproject(W, update):
-        return polar_unchecked(jnp, W + update) - W
-
     def check(update, W, probe_key):
-        tolerance = default_drift_tolerance(jnp.dtype(W.dtype).name) if drift_tol is None else drift_tol
-        probes = jax.random.normal(probe_key, (*W.shape[:-2], W.shape[-1], _PROBES), dtype=W.dtype)
-        drifted = jnp.max(estimate_unchecked(jnp, W + update, probes)) > tolerance
-        return jax.lax.cond(drifted, reproject, lambda W, update: update, W, update)
+        probes = jax.random.normal(probe_key, (*W.shape[:-2], min(W.shape[-2:]), _PROBES), dtype=W.dtype)
+        return drift.apply_to_update(W, update, probes)
 
     def _unitary_update(W, U, key, step):
         """``W_new - W`` as the thin product the step makes (no new W formed
@@ -231,8 +230,8 @@ def projunn_retraction(*, unitary, rank=1, variant="tangent", oversample=STEP_OV
         L, Rh = step_factors_unchecked(jnp, W, G, omega, lr=1.0, rank=rank, variant=variant,
                                        power_iters=power_iters, traced=True)
         update = L @ Rh
-        if drift_check_every:
-            update = jax.lax.cond(step % drift_check_every == 0, check, keep, update, W, probe_key)
+        if options.drift_check_every:
+            update = jax.lax.cond(drift.due(step), check, keep, update, W, probe_key)
         return jnp.where(finite, update, U)
 
     return optax.GradientTransformation(init, update)
@@ -240,7 +239,7 @@ def projunn_retraction(*, unitary, rank=1, variant="tangent", oversample=STEP_OV
 
 def projunn(learning_rate, *, unitary, base="rmsprop", rank=1, variant="tangent",
             oversample=STEP_OVERSAMPLE, power_iters=STEP_POWER_ITERS, drift_tol=None,
-            drift_check_every=50, seed=0, **hyperparameters):
+            drift_check_every=DRIFT_CHECK_EVERY, reproject="svd", seed=0, **hyperparameters):
     r"""projUNN for optax: unitary leaves by rank-k projUNN steps, the rest by
     the optax optimizer named ``base``.
 
@@ -258,7 +257,7 @@ def projunn(learning_rate, *, unitary, base="rmsprop", rank=1, variant="tangent"
     unitary : pytree of bool, or callable
         Which leaves are unitary: a pytree of booleans with the structure of
         the parameters, or a function of the parameters returning one. Unitary
-        leaves are (..., n, n) float32/float64/complex64/complex128 arrays.
+        leaves are (..., n, m) float32/float64/complex64/complex128 arrays.
     base : {"rmsprop", "adam", "sgd"}, optional
         ``optax.rmsprop``, ``optax.adam`` or ``optax.sgd``; ``**hyperparameters``
         are passed to it by name (``decay``, ``eps``, ``centered``, ``momentum``,
@@ -280,7 +279,7 @@ def projunn(learning_rate, *, unitary, base="rmsprop", rank=1, variant="tangent"
     ------
     ValueError
         Unknown base or variant, a non-positive learning rate, a unitary leaf
-        that is not (..., n, n) or smaller than ``rank``, update without params.
+        that is not a matrix (..., n, m) with ``min(n, m) >= rank``, update without params.
     TypeError
         Hyper-parameters the base optimizer does not take; unsupported dtypes;
         an integer option given as an array (``optax.inject_hyperparams``
@@ -322,7 +321,7 @@ def projunn(learning_rate, *, unitary, base="rmsprop", rank=1, variant="tangent"
         hyperparameters = hyperparameters["hyperparameters"]
     retraction = projunn_retraction(unitary=unitary, rank=rank, variant=variant, oversample=oversample,
                                     power_iters=power_iters, drift_tol=drift_tol,
-                                    drift_check_every=drift_check_every, seed=seed)
+                                    drift_check_every=drift_check_every, reproject=reproject, seed=seed)
     try:
         preconditioner = _BASES[base](learning_rate, **hyperparameters)
     except TypeError as error:
@@ -389,21 +388,16 @@ def _checked_learning_rate(learning_rate):
     return jnp.real(learning_rate) if jnp.iscomplexobj(learning_rate) else learning_rate
 
 
-def _check_step_options(*, rank, variant, oversample, power_iters, drift_tol, drift_check_every, seed):
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {', '.join(map(repr, VARIANTS))}, got {variant!r}")
-    for name, value, minimum in (("rank", rank, 1), ("oversample", oversample, 0), ("power_iters", power_iters, 0),
-                                 ("drift_check_every", drift_check_every, 0), ("seed", seed, 0)):
+def _step_options(**options):
+    """The shared :class:`ProjUNNOptions`, after a clear error for an array
+    where a number fixes the shapes (what optax.inject_hyperparams passes)."""
+    for name, value in options.items():
         if isinstance(value, (jax.Array, np.ndarray)):
             raise TypeError(
-                f"{name} must be a Python int, got an array {value!r}: it fixes the shapes of the step. "
+                f"{name} must be a Python number, got an array {value!r}: it fixes the shapes of the step. "
                 "With optax.inject_hyperparams pass static_args=unitary_lr.optax.STATIC_ARGS"
             )
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    if drift_tol is not None and (isinstance(drift_tol, bool) or not isinstance(drift_tol, (int, float))
-                                  or not (math.isfinite(drift_tol) and drift_tol > 0)):
-        raise ValueError(f"drift_tol must be a finite number > 0 or None, got {drift_tol!r}")
+    return ProjUNNOptions(**options)
 
 
 def _mask_of(unitary, params):
@@ -429,12 +423,11 @@ def _check_leaf(path, leaf, rank):
     name = jnp.dtype(leaf.dtype).name
     if name not in ("float32", "float64", "complex64", "complex128"):
         raise TypeError(f"unitary leaf {path} has dtype {name}; expected float32, float64, complex64 or complex128")
-    # The kernels take square matrices today; rectangular n x m ones (m <= n,
-    # orthonormal columns) are coming, and only this check will change.
-    if len(shape) < 2 or shape[-1] != shape[-2]:
-        raise ValueError(f"unitary leaf {path} must be a square matrix or a batch of them, (..., n, n), got shape {shape}")
-    if rank > shape[-1]:
-        raise ValueError(f"rank {rank} exceeds the size n = {shape[-1]} of unitary leaf {path} (shape {shape})")
+    # n x m with orthonormal columns (n > m) or rows (n < m), or square
+    if len(shape) < 2:
+        raise ValueError(f"unitary leaf {path} must be a matrix or a batch of them, (..., n, m), got shape {shape}")
+    if rank > min(shape[-2:]):
+        raise ValueError(f"rank {rank} exceeds min(n, m) = {min(shape[-2:])} of unitary leaf {path} (shape {shape})")
 
 
 def _check_update(path, W, U):

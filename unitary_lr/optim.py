@@ -23,12 +23,13 @@ import warnings
 from dataclasses import dataclass, fields
 
 
-from ._random import as_generator, generator_from_state, generator_state
+from ._random import as_generator, generator_from_state, generator_state, standard_normal
 from ._validation import check_choice, check_finite, check_int, check_real_scalar, namespace_of
-from ._xp import complex_dtype, dtype_name, is_complex, mH
+from ._xp import complex_dtype, device, dtype_name, is_complex, mH
 from .diagnostics import default_drift_tolerance, unitarity_estimate
 from .polar import project_unitary
 from ._cores import add_lowrank
+from .options import DriftControl, ProjUNNOptions
 from .steps import STEP_OVERSAMPLE, STEP_POWER_ITERS, VARIANTS, projunn_update
 
 __all__ = ["SGD", "Adam", "ProjUNN", "RMSprop", "control_drift", "make_rule", "unitary_factors", "unitary_update"]
@@ -290,8 +291,8 @@ def unitary_update(
     """One projUNN step of a unitary parameter along ``-lr * direction``, with
     drift control.
 
-    ``direction`` is a dense (..., n, n) array or a pair (a, b) meaning a b^H.
-    ``rank`` is capped at n. Every ``drift_check_every`` steps (0: never)
+    ``direction`` is a dense (..., n, m) array or a pair (a, b) meaning a b^H.
+    ``rank`` is capped at min(n, m). Every ``drift_check_every`` steps (0: never)
     :func:`unitarity_estimate` measures the drift from the group and, above
     ``drift_tol`` (None: :func:`default_drift_tolerance` of W's dtype), W is
     re-projected with :func:`project_unitary` (``reproject`` = "svd" or
@@ -317,18 +318,24 @@ def unitary_factors(W, direction, *, lr, rank, variant, rng, oversample=STEP_OVE
     """The projUNN step of W along ``-lr * direction`` as thin factors (L, Rh):
     the new W is ``W + L @ Rh``. Nothing is changed; errors (NaN/Inf in the
     direction or in W, a W that is not unitary) are raised here."""
-    return projunn_update(W, direction, lr=lr, rank=min(rank, W.shape[-1]), variant=variant,
+    return projunn_update(W, direction, lr=lr, rank=min(rank, *W.shape[-2:]), variant=variant,
                           oversample=oversample, power_iters=power_iters, rng=rng)
+
+
+# Probe vectors of a drift estimate (unitarity_estimate's default).
+_PROBES = 4
 
 
 def control_drift(xp, W, *, step, rng, drift_tol=None, drift_check_every=50, reproject="svd"):
     """Every ``drift_check_every`` steps, re-project W when a probe estimate of
     its drift from the group is above ``drift_tol``. Returns (W, re-projected?)."""
-    if drift_check_every and step % drift_check_every == 0:
-        tolerance = default_drift_tolerance(dtype_name(xp, W.dtype)) if drift_tol is None else drift_tol
-        if float(xp.max(unitarity_estimate(W, rng=rng))) > tolerance:
-            return project_unitary(W, method=reproject), True
-    return W, False
+    policy = DriftControl(ProjUNNOptions(drift_tol=drift_tol, drift_check_every=drift_check_every,
+                                         reproject=reproject), xp)
+    if not policy.due(step):
+        return W, False
+    probes = standard_normal(xp, (*W.shape[:-2], min(W.shape[-2:]), _PROBES), dtype=W.dtype, device=device(W),
+                             rng=rng)
+    return policy.apply(W, probes)
 
 
 class ProjUNN:
@@ -415,16 +422,13 @@ class ProjUNN:
         if not isinstance(unitary, bool):
             raise TypeError(f"unitary must be True or False, got {unitary!r}")
         self.unitary = unitary
-        self.rank = check_int("rank", rank, minimum=1)
-        self.variant = check_choice("variant", variant, VARIANTS)
-        self.oversample = check_int("oversample", oversample, minimum=0)
-        self.power_iters = check_int("power_iters", power_iters, minimum=0)
-        if drift_tol is not None and check_real_scalar("drift_tol", drift_tol) <= 0:
-            raise ValueError(f"drift_tol must be > 0 or None, got {drift_tol!r}")
-        self.drift_tol = drift_tol
-        self.drift_check_every = check_int("drift_check_every", drift_check_every, minimum=0)
-        self.reproject = check_choice("reproject", reproject, ("svd", "newton_schulz"))
-        self._rng = as_generator(None if seed is None else check_int("seed", seed, minimum=0))
+        self.options = ProjUNNOptions(rank=rank, variant=variant, oversample=oversample, power_iters=power_iters,
+                                      drift_tol=drift_tol, drift_check_every=drift_check_every,
+                                      reproject=reproject, seed=seed)
+        for name, value in self.options.as_dict().items():
+            if name != "seed":
+                setattr(self, name, value)
+        self._rng = as_generator(self.options.seed)
         self.steps = 0  # successful steps, all matrices together
         self.reprojections = 0
         # per matrix key: the rule's arrays (made at its first step), its step

@@ -1,8 +1,11 @@
-"""projUNN steps, both variants: time, peak memory, and accuracy.
+"""projUNN steps, every registered variant: time, peak memory, and accuracy.
 
 ``ProjunnStep`` times one ``projunn_step(W, G)`` on a dense n x n gradient
 with the step's default sketch, and records the process's peak resident
-memory (``peakmem_``). ``StepExtraMemory`` measures what the issue's target is
+memory (``peakmem_``). ``RectangularStep`` times the same step on an n x m W
+with orthonormal columns (m = n/16 and n/4: 4096 x 256 and 4096 x 1024), and
+``DenseCayleyStep`` the O(n^3) Cayley step of full-capacity unitary RNNs that
+the low-rank ``variant="cayley"`` replaces. ``StepExtraMemory`` measures what the issue's target is
 about, the memory a step allocates beyond W, G and its output, with
 ``tracemalloc`` (which sees NumPy's allocations: NumPy only).
 ``StepAccuracy`` tracks how far W drifts from the group in 100 steps.
@@ -30,6 +33,9 @@ from ._support import (
     skip_dense_on_cpu,
     to_device,
 )
+
+# the widths of RectangularStep, as fractions of n (asv parameters must be plain values)
+COLUMNS = {"n/16": 16, "n/4": 4}
 
 
 def _step_data(backend, n, dtype):
@@ -61,6 +67,55 @@ class ProjunnStep:
         # included): compare it across n and k, and against 3 n^2 itemsize.
         W = projunn_step(self.W, self.G, lr=LEARNING_RATE, rank=k, variant=variant, rng=self.rng)
         block(self.backend, W)
+
+
+class RectangularStep:
+    """One projUNN step on an n x m W with orthonormal columns and an n x m
+    gradient, O(k n m): compare with ProjunnStep at the same n."""
+
+    params = (SIZES, list(COLUMNS), RANKS, DTYPES, VARIANTS, BACKENDS)
+    param_names = ("n", "m", "k", "dtype", "variant", "backend")
+    timeout = TIMEOUT
+
+    def setup(self, n, m, k, dtype, variant, backend):
+        self.backend = load(backend, dtype)
+        rng = np.random.default_rng(0)
+        columns = n // COLUMNS[m]
+        # the first m columns of a dense unitary: orthonormal columns, built in O(n^2)
+        self.W = to_device(self.backend, host_unitary(rng, n, dtype)[:, :columns], dtype)
+        self.G = to_device(self.backend, host_gaussian(rng, (n, columns), dtype, scale=n**-0.5), dtype)
+        self.rng = np.random.default_rng(1)
+
+    def time_step(self, n, m, k, dtype, variant, backend):
+        W = projunn_step(self.W, self.G, lr=LEARNING_RATE, rank=k, variant=variant, rng=self.rng)
+        block(self.backend, W)
+
+
+class DenseCayleyStep:
+    """The Cayley step as published (Wisdom et al. 2016), O(n^3):
+    ``solve(I + lr/2 A, (I - lr/2 A) W)`` with A = G W^H - W G^H, in the
+    backend's own linalg; the baseline of ``projunn_step(variant="cayley")``."""
+
+    params = (SIZES, DTYPES, BACKENDS)
+    param_names = ("n", "dtype", "backend")
+    timeout = TIMEOUT
+
+    def setup(self, n, dtype, backend):
+        self.backend = load(backend, dtype)
+        skip_dense_on_cpu(self.backend, n, "the dense Cayley step")
+        self.W, self.G = _step_data(self.backend, n, dtype)
+        xp = self.backend.xp
+        self.eye = xp.eye(n, dtype=self.W.dtype, device=self.backend.device)
+
+    def cayley(self):
+        """The step's result (not a benchmark: no asv prefix)."""
+        xp = self.backend.xp
+        S = self.G @ xp.conj(xp.matrix_transpose(self.W))  # A = S - S^H: one O(n^3) product, not two
+        A = (LEARNING_RATE / 2) * (S - xp.conj(xp.matrix_transpose(S)))
+        return xp.linalg.solve(self.eye + A, self.W - A @ self.W)
+
+    def time_step(self, n, dtype, backend):
+        block(self.backend, self.cayley())
 
 
 class StepExtraMemory:

@@ -13,6 +13,11 @@ library's users pay it, built on torch tensors of the bench's own W and G:
   whose gradient with respect to the weight is G, and a ``torch.optim.SGD``
   step.
 
+geoopt's ``EuclideanStiefel`` steps take an n x m matrix with orthonormal
+columns as it is (a QR of the n x m point, O(n m^2)); the other peers work on
+an n x n matrix whatever m is. So ``bench --columns`` times the SGD one on n x m
+matrices (``STIEFEL_PEERS``), the peer the issue's rectangular targets name.
+
 Next to them, on every torch device, a plain ``torch.optim.RMSprop`` step on
 an n x n parameter and ``unitary_lr.torch.ProjUNN(base="rmsprop")`` on the same
 matrix marked unitary: the price of keeping W unitary inside a training loop.
@@ -27,8 +32,8 @@ This is a benchmarking tool, not algorithm code: the only module besides
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 GEOOPT_CANONICAL_SGD = "geoopt Stiefel + RiemannianSGD"
 GEOOPT_CANONICAL_ADAM = "geoopt Stiefel + RiemannianAdam"
@@ -37,6 +42,8 @@ GEOOPT_EUCLIDEAN_ADAM = "geoopt EuclideanStiefel + RiemannianAdam"
 GEOTORCH_ORTHOGONAL = "geotorch orthogonal + SGD"
 TORCH_MATRIX_EXP = "torch orthogonal matrix_exp + SGD"
 TORCH_CAYLEY = "torch orthogonal cayley + SGD"
+# the peers that ``bench --columns`` also times on n x m matrices
+STIEFEL_PEERS = (GEOOPT_EUCLIDEAN_SGD,)
 RMSPROP = "torch.optim.RMSprop"
 PROJUNN_RMSPROP = "ProjUNN(base='rmsprop')"
 

@@ -5,8 +5,18 @@ step on a dense n x n gradient against: the floor, one pass over G (``G @ x``)
 plus one rank-2 update ``W + u v^H``, which is what any O(n^2) step must at
 least cost; the dense O(n^3) steps people use today, the SVD polar step
 ``polar(W - lr G)`` and the Riemannian step ``W expm(-lr/2 (W^H G - G^H W))``;
-and, for the randomized SVD, scikit-learn's and PyTorch's at the same
-oversampling and power iterations, with their error next to the time.
+the dense Cayley step of full-capacity unitary RNNs, an n x n solve
+``(I + lr/2 A)^-1 (I - lr/2 A) W`` with ``A = G W^H - W G^H``; and, for the
+randomized SVD, scikit-learn's and PyTorch's at the same oversampling and power
+iterations, with their error next to the time.
+
+With ``--columns M ...`` the bench also times, at every n of ``--sizes`` and
+every m < n, the floor, every projUNN variant and the dense Cayley step on an
+n x m matrix with orthonormal columns (``random_unitary(n, m)``) and an n x m
+gradient, with each step's time over the same variant's square step at the
+same n; with ``--peers``, geoopt's ``EuclideanStiefel`` QR-retraction step is
+the peer at those shapes (the only peer that does not work on an n x n
+embedding: O(n m^2), so not limited by ``--dense-max``).
 
 Every time is the median of ``--repeat`` runs, waiting for the device before
 the clock stops. At each n every method first runs once untimed (first-call
@@ -47,7 +57,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from .. import _benchdata as data
-from .. import projunn_step, randomized_svd, unitarity_error
+from .. import projunn_step, random_unitary, randomized_svd, unitarity_error
 from .._backends import load_backend
 from .._xp import array_namespace, mH
 from ..steps import STEP_OVERSAMPLE, STEP_POWER_ITERS
@@ -64,6 +74,7 @@ STEPS = {variant_label(variant): variant for variant in variant_names()}
 TANGENT = variant_label("tangent")  # the step the peers are compared with
 DENSE_SVD = "dense SVD polar"
 DENSE_EXPM = "dense expm step"
+DENSE_CAYLEY = "dense Cayley step"
 RSVD = "unitary_lr randomized_svd"
 RSVD_SKLEARN = "sklearn randomized_svd"
 RSVD_TORCH = "torch.svd_lowrank"
@@ -74,6 +85,7 @@ KINDS = {
     **{method: "step" for method in STEPS},
     DENSE_SVD: "dense",
     DENSE_EXPM: "dense",
+    DENSE_CAYLEY: "dense",
     RSVD: "rsvd",
     RSVD_SKLEARN: "rsvd",
     RSVD_TORCH: "rsvd",
@@ -98,6 +110,10 @@ def add_parser(commands):
                                  description=_options.paragraph(__doc__, 1), parents=parents)
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096], metavar="N",
                         help="matrix sizes n (default: 256 512 1024 2048 4096)")
+    parser.add_argument("--columns", type=int, nargs="+", default=[], metavar="M",
+                        help="also time the steps on n x m matrices with orthonormal columns, for every n of "
+                             "--sizes and every m < n; with --peers, geoopt's EuclideanStiefel step too "
+                             "(default: square only)")
     parser.add_argument("--repeat", type=int, default=5,
                         help="timed runs per method and size; the table shows their median (default: 5)")
     parser.add_argument("--dense-max", type=int, default=2048, metavar="N",
@@ -120,9 +136,14 @@ def _validate(args):
     if bad:
         raise CommandError(f"--sizes must be >= 2, got {bad[0]}")
     sizes = sorted(set(args.sizes))
-    bad = [k for k in args.ranks if not 1 <= k <= sizes[0]]
+    bad = [m for m in args.columns if m < 1]
     if bad:
-        raise CommandError(f"--ranks must lie in [1, smallest size = {sizes[0]}], got {bad[0]}")
+        raise CommandError(f"--columns must be >= 1, got {bad[0]}")
+    # a rank-k step needs k <= min(n, m): the smallest matrix dimension timed
+    smallest = min([sizes[0]] + [m for m in args.columns if m < sizes[-1]])
+    bad = [k for k in args.ranks if not 1 <= k <= smallest]
+    if bad:
+        raise CommandError(f"--ranks must lie in [1, smallest size = {smallest}], got {bad[0]}")
     for flag, value, minimum in (("--repeat", args.repeat, 1), ("--dense-max", args.dense_max, 0),
                                  ("--oversample", args.oversample, 0), ("--power-iters", args.power_iters, 0),
                                  ("--seed", args.seed, 0), ("--threads", args.threads, 1)):
@@ -245,43 +266,54 @@ def _setup(args, sizes, ranks):
     others = _other_rsvds(backend, args.dtype, notes)
     peers, peer_notes = _peers.available_peers(complex_) if args.peers else ([], [])
     notes.extend(peer_notes)
-    dense = [DENSE_SVD] + [DENSE_EXPM] * (expm is not None)
+    dense = [DENSE_SVD] + [DENSE_EXPM] * (expm is not None) + [DENSE_CAYLEY]
     too_big = [n for n in sizes if n > args.dense_max]
     if too_big and dense:
         notes.append(f"dense steps {'and peers ' * bool(peers)}skipped for n > {args.dense_max} (--dense-max): n = "
                      + ", ".join(map(str, too_big)))
+    columns = sorted(set(args.columns))
+    unused = [m for m in columns if m >= sizes[-1]]
+    if unused:
+        notes.append(f"--columns m >= n is the square case or a wide matrix: not timed: m = {', '.join(map(str, unused))}")
     return SimpleNamespace(sizes=sizes, ranks=ranks, backend=backend, xp=xp, device=device, dtype=getattr(xp, args.dtype),
                            complex_=complex_, notes=notes, expm=expm, others=others, peers=peers, dense=dense,
+                           columns=columns,
+                           # geoopt's QR retraction steps the n x m matrix itself; the other peers an n x n one
+                           stiefel_peers=[peer for peer in peers if peer.method in _peers.STIEFEL_PEERS],
                            optimizers=backend.name == "torch")  # RMSprop and ProjUNN(base="rmsprop")
 
 
 def _case_count(args, setup, n):
     """How many cases ``_cases`` builds at size n (for the progress bar)."""
     ranks = len(setup.ranks)
-    return (1 + len(STEPS) * ranks + (len(setup.dense) + len(setup.peers)) * (n <= args.dense_max)
-            + (1 + len(setup.others)) * ranks + (1 + ranks) * setup.optimizers)
+    square = (1 + len(STEPS) * ranks + (len(setup.dense) + len(setup.peers)) * (n <= args.dense_max)
+              + (1 + len(setup.others)) * ranks + (1 + ranks) * setup.optimizers)
+    rectangular = 1 + len(STEPS) * ranks + (n <= args.dense_max) + len(setup.stiefel_peers)
+    return square + rectangular * sum(m < n for m in setup.columns)
 
 
 @dataclass(frozen=True)
 class Case:
     """One timed method at one size: ``call()`` runs it; ``check(result)``
     measures the untimed first result, ``final()`` the state after timing
-    (for the methods that step a parameter in place)."""
+    (for the methods that step a parameter in place). ``m`` is the number of
+    columns of an n x m case, None for n x n."""
 
     method: str
     k: int | None
     call: Callable
     check: Callable | None = None
     final: Callable | None = None
+    m: int | None = None
 
 
 def _unitarity(W):
     return {"unitarity_error": float(unitarity_error(W))}
 
 
-def _stateful(method, k, stepper, checked):
+def _stateful(method, k, stepper, checked, m=None):
     """A case whose call steps a parameter in place, checked once after timing."""
-    return Case(method, k, stepper.step, final=(lambda: _unitarity(stepper.point())) if checked else None)
+    return Case(method, k, stepper.step, final=(lambda: _unitarity(stepper.point())) if checked else None, m=m)
 
 
 def _cases(args, setup, n):
@@ -306,22 +338,58 @@ def _cases(args, setup, n):
         found.append(_stateful(_peers.RMSPROP, None, _peers.rmsprop(W, G, LEARNING_RATE), False))
         found += [_stateful(_peers.PROJUNN_RMSPROP, k, _peers.projunn_rmsprop(
             W, G, LEARNING_RATE, rank=k, seed=args.seed), True) for k in setup.ranks]
+    for m in setup.columns:
+        if m < n:
+            found += _rectangular_cases(args, setup, n, m, on_device)
     return found
 
 
-def _step_cases(args, setup, n, W, G):
+def _rectangular_cases(args, setup, n, m, on_device):
+    """The floor, every variant, the dense Cayley step and the Stiefel peers on
+    an n x m matrix with orthonormal columns and an n x m gradient."""
+    xp = setup.xp
+    rng = np.random.default_rng([args.seed, n, m])
+    # Haar on the Stiefel manifold: a QR of an n x m Gaussian, O(n m^2), seconds at 4096 x 1024
+    W = random_unitary(n, m, dtype=args.dtype, rng=rng, xp=xp, device=setup.device)
+    G = on_device(data.gaussian(rng, (n, m), setup.complex_, scale=n**-0.5))
+    x, u, v = (on_device(data.gaussian(rng, shape, setup.complex_)) for shape in ((m,), (n, 2), (m, 2)))
+    found = [Case(FLOOR, None, lambda: (G @ x, W + u @ mH(xp, v)), m=m)]
+    found += _step_cases(args, setup, n, W, G, m=m)
+    if n <= args.dense_max:
+        found.append(Case(DENSE_CAYLEY, None, _dense_cayley(xp, setup.device, W, G), _unitarity, m=m))
+    found += [_stateful(peer.method, None, peer.build(W, G, LEARNING_RATE), True, m=m) for peer in setup.stiefel_peers]
+    return found
+
+
+def _step_cases(args, setup, n, W, G, m=None):
     """A projUNN step of every registered variant, at every rank."""
     found = []
     for k in setup.ranks:
         for method, variant in STEPS.items():
-            sketches = np.random.default_rng([args.seed, n, k, 1])
+            sketches = np.random.default_rng([args.seed, n, k, 1] + [m] * (m is not None))
             found.append(Case(method, k, functools.partial(projunn_step, W, G, lr=LEARNING_RATE, rank=k,
-                                                           variant=variant, rng=sketches), _unitarity))
+                                                           variant=variant, rng=sketches), _unitarity, m=m))
     return found
 
 
+def _dense_cayley(xp, device, W, G):
+    """The full-capacity uRNN step (Wisdom et al. 2016) as published, O(n^3):
+    ``solve(I + lr/2 A, (I - lr/2 A) W)``, A = G W^H - W G^H (n x n), in the
+    backend's own linalg."""
+    n = W.shape[-2]
+
+    def step():
+        S = G @ mH(xp, W)  # A = S - S^H: one O(n^2 m) product, not two
+        A = (LEARNING_RATE / 2) * (S - mH(xp, S))
+        eye = xp.eye(n, dtype=W.dtype, device=device)
+        return xp.linalg.solve(eye + A, W - A @ W)
+
+    return step
+
+
 def _dense_cases(setup, W, G):
-    """The O(n^3) steps: the SVD polar step and, where the backend has expm, the Riemannian step."""
+    """The O(n^3) steps: the SVD polar step, the Cayley step and, where the
+    backend has expm, the Riemannian step."""
     xp, expm = setup.xp, setup.expm
 
     def svd_polar():
@@ -333,7 +401,7 @@ def _dense_cases(setup, W, G):
         return W @ expm((-LEARNING_RATE / 2) * (S - mH(xp, S)))
 
     return [Case(DENSE_SVD, None, svd_polar, _unitarity)] + [Case(DENSE_EXPM, None, expm_step, _unitarity)] * (
-        expm is not None)
+        expm is not None) + [Case(DENSE_CAYLEY, None, _dense_cayley(xp, setup.device, W, G), _unitarity)]
 
 
 def _rsvd_cases(args, setup, n, A):
@@ -369,12 +437,13 @@ def _time_size(args, setup, n, bar):
     for case in todo:
         # The untimed warm-up run; its result is checked, then dropped
         # so that only one n x n result is alive at a time.
-        bar.set_postfix_str(f"n={n} {_label(case.method, case.k)}", refresh=True)
+        bar.set_postfix_str(f"n={n} {_label(case.method, case.k, case.m)}", refresh=True)
         result = case.call()
         _wait(backend, result)
-        done.append({"method": case.method, "kind": KINDS[case.method], "n": n, "k": case.k, "median_s": None,
+        done.append({"method": case.method, "kind": KINDS[case.method], "n": n,
+                     "m": n if case.m is None else case.m, "k": case.k, "median_s": None,
                      "times_s": [], "ratio_to_floor": None, "speedup_over_dense": None,
-                     "ratio_to_projunn_t": None, "ratio_to_rmsprop": None,
+                     "ratio_to_projunn_t": None, "ratio_to_rmsprop": None, "ratio_to_square": None,
                      "unitarity_error": None, "relative_error": None,
                      **(case.check(result) if case.check else {})})
         del result
@@ -384,7 +453,7 @@ def _time_size(args, setup, n, bar):
     # hold better than if each method were timed in one block.
     for _ in range(args.repeat):
         for case, row in zip(todo, done):
-            bar.set_postfix_str(f"n={n} {_label(case.method, case.k)}", refresh=False)
+            bar.set_postfix_str(f"n={n} {_label(case.method, case.k, case.m)}", refresh=False)
             start = time.perf_counter()
             _wait(backend, case.call())
             row["times_s"].append(time.perf_counter() - start)
@@ -405,7 +474,8 @@ def _report(args, setup, state, interrupted):
     record = run_record(args, "bench", {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "settings": {
-            "sizes": setup.sizes, "ranks": setup.ranks, "dtype": args.dtype, "backend": args.backend,
+            "sizes": setup.sizes, "columns": setup.columns, "ranks": setup.ranks, "dtype": args.dtype,
+            "backend": args.backend,
             "device": str(setup.device), "repeat": args.repeat, "dense_max": args.dense_max, "lr": LEARNING_RATE,
             "gradient": "N(0, 1/n) entries", "step_oversample": STEP_OVERSAMPLE,
             "step_power_iters": STEP_POWER_ITERS, "rsvd_oversample": args.oversample,
@@ -430,49 +500,62 @@ def _report(args, setup, state, interrupted):
 
 
 def _add_ratios(rows):
-    """Ratio to the floor and speed-up over the fastest dense step, per n; a
-    peer's time over projUNN-T's at the smallest k; ProjUNN(base="rmsprop")'s
-    time over torch.optim.RMSprop's."""
-    floor = {r["n"]: r["median_s"] for r in rows if r["kind"] == "floor"}
+    """Ratio to the floor and speed-up over the fastest dense step, per shape
+    (n, m); a peer's time over projUNN-T's at the smallest k and the same
+    shape; ProjUNN(base="rmsprop")'s time over torch.optim.RMSprop's; an
+    n x m step's time over the same variant's n x n step (same k)."""
+    def shape(r):
+        return r["n"], r["m"]
+
+    floor = {shape(r): r["median_s"] for r in rows if r["kind"] == "floor"}
     ranks = [r["k"] for r in rows if r["method"] == TANGENT]
-    tangent = {r["n"]: r["median_s"] for r in rows if r["method"] == TANGENT and r["k"] == min(ranks, default=None)}
+    tangent = {shape(r): r["median_s"] for r in rows if r["method"] == TANGENT and r["k"] == min(ranks, default=None)}
     rmsprop = {r["n"]: r["median_s"] for r in rows if r["method"] == _peers.RMSPROP}
+    square = {(r["method"], r["k"], r["n"]): r["median_s"] for r in rows if r["kind"] == "step" and r["m"] == r["n"]}
     dense = {}
     for r in rows:
         if r["kind"] == "dense":
-            dense[r["n"]] = min(dense.get(r["n"], math.inf), r["median_s"])
+            dense[shape(r)] = min(dense.get(shape(r), math.inf), r["median_s"])
     for r in rows:
-        if r["n"] in floor:
-            r["ratio_to_floor"] = r["median_s"] / floor[r["n"]]
-        if r["n"] in dense:
-            r["speedup_over_dense"] = dense[r["n"]] / r["median_s"]
-        if r["kind"] == "peer" and r["n"] in tangent:
-            r["ratio_to_projunn_t"] = r["median_s"] / tangent[r["n"]]
+        if shape(r) in floor:
+            r["ratio_to_floor"] = r["median_s"] / floor[shape(r)]
+        if shape(r) in dense:
+            r["speedup_over_dense"] = dense[shape(r)] / r["median_s"]
+        if r["kind"] == "peer" and shape(r) in tangent:
+            r["ratio_to_projunn_t"] = r["median_s"] / tangent[shape(r)]
         if r["method"] == _peers.PROJUNN_RMSPROP and r["n"] in rmsprop:
             r["ratio_to_rmsprop"] = r["median_s"] / rmsprop[r["n"]]
+        if r["kind"] == "step" and r["m"] != r["n"] and (r["method"], r["k"], r["n"]) in square:
+            r["ratio_to_square"] = r["median_s"] / square[(r["method"], r["k"], r["n"])]
+
+
+def _columns(r):
+    """A row's number of columns m, None for an n x n matrix."""
+    return None if r["m"] == r["n"] else r["m"]
 
 
 def _series(rows):
-    """(method, k) -> (sizes, median seconds), in the order the methods first ran."""
+    """(method, k, m) -> (sizes, median seconds), in the order the methods first
+    ran; m is None for n x n matrices."""
     series = {}
     for r in rows:
-        sizes, times = series.setdefault((r["method"], r["k"]), ([], []))
+        sizes, times = series.setdefault((r["method"], r["k"], _columns(r)), ([], []))
         sizes.append(r["n"])
         times.append(r["median_s"])
     return series
 
 
 def _slopes(rows):
-    """Least-squares slope of log(time) against log(n) of each method (and k)."""
+    """Least-squares slope of log(time) against log(n) of each method (and k, and m)."""
     slopes = []
-    for (method, k), (sizes, times) in _series(rows).items():
+    for (method, k, m), (sizes, times) in _series(rows).items():
         slope = float(np.polyfit(np.log(sizes), np.log(times), 1)[0]) if len(sizes) >= 2 else None
-        slopes.append({"method": method, "k": k, "slope": slope, "sizes": sizes})
+        slopes.append({"method": method, "k": k, "m": m, "slope": slope, "sizes": sizes})
     return slopes
 
 
-def _label(method, k):
-    return method if k is None else f"{method} k={k}"
+def _label(method, k, m=None):
+    return method + ("" if k is None else f" k={k}") + ("" if m is None else f" m={m}")
 
 
 def _number(value, digits=3):
@@ -481,11 +564,14 @@ def _number(value, digits=3):
 
 def _print(rows, slopes, notes, *, projunn_t_rank):
     peers = any(r["kind"] == "peer" for r in rows)
+    rectangular = any(r["m"] != r["n"] for r in rows)  # the m and x square columns only then
     print(format_table(
-        ("method", "n", "k", "time [ms]", "x floor", "speed-up vs dense") + ("x projUNN-T",) * peers
-        + ("unitarity error", "error / optimal"),
-        [(r["method"], r["n"], "-" if r["k"] is None else r["k"], f"{1e3 * r['median_s']:.4g}",
-          _number(r["ratio_to_floor"]), _number(r["speedup_over_dense"]))
+        ("method", "n") + ("m",) * rectangular + ("k", "time [ms]", "x floor", "speed-up vs dense")
+        + ("x square",) * rectangular + ("x projUNN-T",) * peers + ("unitarity error", "error / optimal"),
+        [(r["method"], r["n"]) + (r["m"],) * rectangular
+         + ("-" if r["k"] is None else r["k"], f"{1e3 * r['median_s']:.4g}",
+            _number(r["ratio_to_floor"]), _number(r["speedup_over_dense"]))
+         + (_number(r["ratio_to_square"]),) * rectangular
          + (_number(r["ratio_to_projunn_t"]),) * peers
          + ("-" if r["unitarity_error"] is None else f"{r['unitarity_error']:.1e}",
             _number(r["relative_error"], 5)) for r in rows],
@@ -495,14 +581,16 @@ def _print(rows, slopes, notes, *, projunn_t_rank):
     if fitted:
         print()
         print(format_table(("method", "slope of log time vs log n", "sizes"),
-                           [(_label(s["method"], s["k"]), f"{s['slope']:.2f}",
+                           [(_label(s["method"], s["k"], s["m"]), f"{s['slope']:.2f}",
                              f"{s['sizes'][0]}..{s['sizes'][-1]}") for s in fitted]))
-    notes = ["speed-up vs dense: the fastest dense step at the same n over this time",
+    notes = ["speed-up vs dense: the fastest dense step at the same n (and m) over this time",
+             *["x square: an n x m step's time over the same variant's n x n step at the same n and k"]
+             * rectangular,
              "error / optimal: ||A - U S V^H||_F / ||A - A_k||_F for singular values 1/j (1 is optimal)",
-             *[f"x projUNN-T: the peer's step time over the projUNN-T step's (k = {projunn_t_rank}) at the same n"]
-             * peers,
-             *["peers and optimizers step their parameter in place: each timed step starts where the last "
-               "ended; unitarity error after the timed steps"] * any(r["kind"] in STATEFUL for r in rows),
+             *[(f"x projUNN-T: the peer's step time over the projUNN-T step's (k = {projunn_t_rank}) at the "
+                "same n (and m)")] * peers,
+             *[("peers and optimizers step their parameter in place: each timed step starts where the last "
+                "ended; unitarity error after the timed steps")] * any(r["kind"] in STATEFUL for r in rows),
              *notes]
     print()
     for note in notes:
@@ -540,7 +628,7 @@ def _plot(path, rows, slopes, *, title):
     from matplotlib.figure import Figure  # no pyplot: no global state, no display
     from matplotlib.ticker import NullLocator
 
-    slope_of = {(s["method"], s["k"]): s["slope"] for s in slopes}
+    slope_of = {(s["method"], s["k"], s["m"]): s["slope"] for s in slopes}
     styles = {"floor": {"color": "black", "linestyle": "-", "linewidth": 2}, "step": {"linestyle": "-"},
               "dense": {"linestyle": "--"}, "rsvd": {"linestyle": ":"}, "peer": {"linestyle": "-."},
               "optimizer": {"linestyle": (0, (5, 1, 1, 1, 1, 1))}}
@@ -548,9 +636,9 @@ def _plot(path, rows, slopes, *, title):
     axes = figure.subplots()
     if len(_series(rows)) > 10:  # with the peers: more lines than the default cycle has colours
         axes.set_prop_cycle(color=matplotlib.colormaps["tab20"].colors)
-    for (method, k), (sizes, times) in _series(rows).items():
-        slope = slope_of[(method, k)]
-        label = _label(method, k) + ("" if slope is None else f": slope {slope:.2f}")
+    for (method, k, m), (sizes, times) in _series(rows).items():
+        slope = slope_of[(method, k, m)]
+        label = _label(method, k, m) + ("" if slope is None else f": slope {slope:.2f}")
         axes.plot(sizes, 1e3 * np.asarray(times), marker="o", label=label, **styles[KINDS[method]])
     axes.set_xscale("log")
     axes.set_yscale("log")

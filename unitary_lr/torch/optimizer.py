@@ -16,6 +16,7 @@ import torch
 
 from .._random import generator_from_state, generator_state
 from ..optim import RULES, control_drift, make_rule, rule_options, unitary_factors
+from ..options import ProjUNNOptions
 from ._fused import fused_direction
 from ._mark import is_unitary
 from ._plain import plain_step
@@ -103,7 +104,8 @@ class ProjUNN(torch.optim.Optimizer):
     ------
     ValueError
         A negative or non-finite lr, an unknown base, variant or reproject, a
-        unitary parameter that is not (..., n, n) or smaller than ``rank``, a
+        unitary parameter that is not a matrix (..., n, m) with
+        ``min(n, m) >= rank``, a
         group mixing marked and unmarked parameters, a unitary group that sets
         both ``lr`` and ``unitary_lr_scale``; at ``step()``, a gradient
         with NaN or Inf (named, with its shape; nothing is changed).
@@ -113,8 +115,10 @@ class ProjUNN(torch.optim.Optimizer):
 
     Notes
     -----
-    Unitary parameters are square matrices or batches of them, (..., n, n),
-    real (orthogonal) or complex (unitary), float32/float64/complex64/complex128.
+    Unitary parameters are matrices or batches of them, (..., n, m), real
+    (orthogonal) or complex (unitary), float32/float64/complex64/complex128:
+    square, or with orthonormal columns (n > m) or rows (n < m), as
+    :class:`OrthogonalLinear`'s weight.
     The second moment of a complex unitary parameter's gradient is ``|g|^2`` per
     entry; other complex parameters are treated as ``torch.optim`` treats them,
     as pairs of reals. Every gradient is checked for NaN and Inf before any
@@ -332,12 +336,13 @@ def _capturable_step(xp, p, direction, state, new_state, group):
     skipped: the parameter and the rule's state keep their values and
     ``state["skipped_steps"]`` counts it."""
     W = p.detach()
-    shape = sketch_shape(direction, min(group["rank"], W.shape[-1]), group["oversample"])
+    rank = min(group["rank"], *W.shape[-2:])
+    shape = sketch_shape(direction, rank, group["oversample"])
     omega = None
     if shape is not None:
         *batch, n, l = shape
         omega = torch.randn((*batch, l, n), dtype=direction.dtype, device=W.device).mT
-    L, Rh = step_factors_unchecked(xp, W, direction, omega, lr=group["lr"], rank=min(group["rank"], W.shape[-1]),
+    L, Rh = step_factors_unchecked(xp, W, direction, omega, lr=group["lr"], rank=rank,
                                    variant=group["variant"], power_iters=group["power_iters"], traced=True)
     finite = torch.isfinite(L).all() & torch.isfinite(Rh).all()
     L = torch.where(finite, L, torch.zeros_like(L))
@@ -394,9 +399,9 @@ def _add_in_place(p, L, Rh):
     if p.dim() == 2:
         p.addmm_(L, Rh)
     elif p.is_contiguous():
-        n, r = p.shape[-1], L.shape[-1]
-        p.view(-1, n, n).baddbmm_(L.expand(*p.shape[:-1], r).reshape(-1, n, r),
-                                  Rh.expand(*p.shape[:-2], r, n).reshape(-1, r, n))
+        (n, m), r = p.shape[-2:], L.shape[-1]
+        p.view(-1, n, m).baddbmm_(L.expand(*p.shape[:-1], r).reshape(-1, n, r),
+                                  Rh.expand(*p.shape[:-2], r, m).reshape(-1, r, m))
     else:
         p.add_(L @ Rh)
 
@@ -429,17 +434,11 @@ def _check_options(group, *, where):
     if group["base"] not in RULES:
         raise ValueError(f"{where}: base must be one of {', '.join(map(repr, RULES))}, got {group['base']!r}")
     make_rule(group["base"], **rule_options(group["base"], group))  # validates the hyper-parameters
-    if group["variant"] not in VARIANTS:
-        raise ValueError(f"{where}: variant must be one of {', '.join(map(repr, VARIANTS))}, got {group['variant']!r}")
-    for name, minimum in (("rank", 1), ("oversample", 0), ("power_iters", 0), ("drift_check_every", 0)):
-        value = group[name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{where}: {name} must be an integer >= {minimum}, got {value!r}")
-    if group["reproject"] not in ("svd", "newton_schulz"):
-        raise ValueError(f"{where}: reproject must be 'svd' or 'newton_schulz', got {group['reproject']!r}")
-    tol = group["drift_tol"]
-    if tol is not None and not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
-        raise ValueError(f"{where}: drift_tol must be a finite number > 0 or None, got {tol!r}")
+    try:
+        # the options every front end shares, checked by one object
+        ProjUNNOptions.from_kwargs(group)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"{where}: {error}") from None
     if not isinstance(group["capturable"], bool):
         raise ValueError(f"{where}: capturable must be True or False, got {group['capturable']!r}")
     if group["unitary"] not in (None, True, False):
@@ -460,8 +459,9 @@ def _check_unitary_parameter(name, p, rank):
         raise TypeError(f"{name} must be a tensor, got {type(p).__name__}")
     if p.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"unitary parameter {name} has dtype {p.dtype}; expected float32, float64, complex64 or complex128")
-    if len(shape) < 2 or shape[-1] != shape[-2]:
-        raise ValueError(f"unitary parameter {name} must be a square matrix or a batch of them, (..., n, n), "
+    if len(shape) < 2:
+        raise ValueError(f"unitary parameter {name} must be a matrix or a batch of them, (..., n, m), "
                          f"got shape {shape}")
-    if rank > shape[-1]:
-        raise ValueError(f"rank {rank} exceeds the size n = {shape[-1]} of unitary parameter {name} (shape {shape})")
+    if rank > min(shape[-2:]):
+        raise ValueError(f"rank {rank} exceeds min(n, m) = {min(shape[-2:])} of unitary parameter {name} "
+                         f"(shape {shape})")

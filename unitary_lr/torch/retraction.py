@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..optim import control_drift
+from ..options import ProjUNNOptions
 from ..steps import STEP_OVERSAMPLE, STEP_POWER_ITERS, VARIANTS, projunn_step
 from ._mark import is_unitary
 
@@ -120,19 +121,9 @@ class ProjUNNRetraction:
                  reproject, seed):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        for name, value, minimum in (("rank", rank, 1), ("oversample", oversample, 0),
-                                     ("power_iters", power_iters, 0), ("drift_check_every", drift_check_every, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-        if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {', '.join(map(repr, VARIANTS))}, got {variant!r}")
-        if reproject not in ("svd", "newton_schulz"):
-            raise ValueError(f"reproject must be 'svd' or 'newton_schulz', got {reproject!r}")
-        if drift_tol is not None and not (isinstance(drift_tol, (int, float)) and not isinstance(drift_tol, bool)
-                                          and math.isfinite(drift_tol) and drift_tol > 0):
-            raise ValueError(f"drift_tol must be a finite number > 0 or None, got {drift_tol!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise ValueError(f"seed must be an integer >= 0 or None, got {seed!r}")
+        options = ProjUNNOptions(rank=rank, variant=variant, oversample=oversample, power_iters=power_iters,
+                                 drift_tol=drift_tol, drift_check_every=drift_check_every, reproject=reproject,
+                                 seed=seed)
         self.options = {"rank": rank, "variant": variant, "oversample": oversample, "power_iters": power_iters}
         self.drift = {"drift_tol": drift_tol, "drift_check_every": drift_check_every, "reproject": reproject}
         self.seed = int(torch.randint(0, 2**62, (), dtype=torch.int64)) if seed is None else seed
