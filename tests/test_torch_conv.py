@@ -128,8 +128,7 @@ CHANNELS = [(2, 3), (3, 2), (1, 3), (3, 1)]  # (in, out)
 
 def stepped(conv, steps=4, seed=0):
     """A few projUNN kernel steps on the weights of a random loss, so that
-    every U_f has moved (ProjUNN's rectangular groups are the optimizer's
-    part of issue 13; the kernel is what it calls)."""
+    every U_f has moved (the kernel directly; ``trained`` goes through ProjUNN)."""
     from unitary_lr import projunn_step
 
     g = torch.Generator().manual_seed(seed)
@@ -225,8 +224,6 @@ def test_rectangular_layout_identity_init_and_repr():
         FourierConv2d(2, (4, 4), out_channels=3)(torch.zeros(1, 3, 4, 4))
 
 
-@pytest.mark.xfail(strict=False, raises=ValueError,
-                   reason="unitary_lr.torch.ProjUNN does not accept rectangular unitary groups yet (issue 13, item 3)")
 def test_rectangular_layer_trained_with_projunn_stays_an_isometry():
     conv = trained(FourierConv2d(2, (4, 5), out_channels=3, init="haar", dtype=torch.float64,
                                  generator=torch.Generator().manual_seed(6)))
