@@ -238,8 +238,11 @@ def test_unitary_parameter_inits():
     assert torch.all(henaff[0, 2:] == 0) and torch.all(henaff[2:, 0] == 0)
     with pytest.raises(ValueError, match=r"init must be one of 'haar', 'identity', 'henaff', got 'random'"):
         unitary_parameter(3, init="random")
-    with pytest.raises(ValueError, match=r"a unitary parameter must be \(..., n, n\), got shape \(2, 3\)"):
+    # any matrix shape is accepted (issue 13); zeros are not orthonormal rows
+    with pytest.raises(ValueError, match=r"n_or_tensor \(shape \(2, 3\), float32\) is not unitary"):
         unitary_parameter(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"n_or_tensor must be a matrix or a batch of matrices, got shape \(3,\)"):
+        unitary_parameter(torch.zeros(3))
 
 
 def test_modrelu_matches_its_formula_and_is_safe_at_zero():

@@ -18,7 +18,7 @@ def trained(conv, steps=6, seed=0):
     dtype = torch.complex128 if conv.complex else torch.float64
     for _ in range(steps):
         x = torch.randn(3, conv.channels, h, w, dtype=dtype, generator=g)
-        target = torch.randn(3, conv.channels, h, w, dtype=dtype, generator=g)
+        target = torch.randn(3, conv.out_channels, h, w, dtype=dtype, generator=g)
         loss = (conv(x) - target).abs().square().sum()
         opt.zero_grad()
         loss.backward()
@@ -119,3 +119,113 @@ def test_bad_arguments():
         FourierConv2d(2, (4, 4), dtype=torch.complex64)
     with pytest.raises(ValueError, match=r"input must be \(B, 2, 4, 4\), got shape \(1, 3, 4, 4\)"):
         FourierConv2d(2, (4, 4))(torch.zeros(1, 3, 4, 4))
+
+
+# ------------------------------------------- different input and output channels
+
+CHANNELS = [(2, 3), (3, 2), (1, 3), (3, 1)]  # (in, out)
+
+
+def stepped(conv, steps=4, seed=0):
+    """A few projUNN kernel steps on the weights of a random loss, so that
+    every U_f has moved (the kernel directly; ``trained`` goes through ProjUNN)."""
+    from unitary_lr import projunn_step
+
+    g = torch.Generator().manual_seed(seed)
+    h, w = conv.size
+    dtype = torch.complex128 if conv.complex else torch.float64
+    for step in range(steps):
+        x = torch.randn(3, conv.in_channels, h, w, dtype=dtype, generator=g)
+        target = torch.randn(3, conv.out_channels, h, w, dtype=dtype, generator=g)
+        conv.zero_grad()
+        (conv(x) - target).abs().square().sum().backward()
+        with torch.no_grad():
+            for p in conv.parameters():
+                p.copy_(projunn_step(p.detach(), p.grad, lr=0.1, rank=1, variant="tangent", rng=step))
+    return conv
+
+
+def dense_reference(conv):
+    """The operator as a dense (d h w) x (c h w) matrix from explicit DFT
+    matrices in NumPy: M[a p, b q] = sum_f conj(D[f, p]) U_f[a, b] D[f, q],
+    with the full spectrum U(-f) = conj(U(f)) for the real layer."""
+    h, w = conv.size
+    d, c = conv.out_channels, conv.in_channels
+    U = conv.matrices().detach().numpy()
+    if not conv.complex:
+        full = np.empty((h, w, d, c), dtype=np.complex128)
+        for i in range(h):
+            for j in range(w):
+                full[i, j] = U[i, j] if j <= w // 2 else np.conj(U[(-i) % h, (-j) % w])
+        U = full
+
+    def dft(n):
+        k = np.arange(n)
+        return np.exp(-2j * np.pi * np.outer(k, k) / n) / np.sqrt(n)
+
+    D = np.kron(dft(h), dft(w))  # orthonormal 2-D DFT on row-major (h, w) images
+    M = np.einsum("fp,fab,fq->apbq", D.conj(), U.reshape(h * w, d, c), D)
+    return M.reshape(d * h * w, c * h * w)
+
+
+def rectangular_operator(conv):
+    h, w = conv.size
+    n = conv.in_channels * h * w
+    dtype = torch.complex128 if conv.complex else torch.float64
+    basis = torch.eye(n, dtype=dtype).reshape(n, conv.in_channels, h, w)
+    with torch.no_grad():
+        return conv(basis).reshape(n, -1).T
+
+
+@pytest.mark.parametrize("channels", CHANNELS)
+@pytest.mark.parametrize("size", [(4, 5), (3, 4), (1, 2)])
+@pytest.mark.parametrize("complex_", [False, True])
+def test_rectangular_layer_matches_a_dense_dft_reference_and_is_an_isometry(channels, size, complex_):
+    c, d = channels
+    conv = stepped(FourierConv2d(c, size, out_channels=d, complex=complex_, init="haar", dtype=torch.float64,
+                                 generator=torch.Generator().manual_seed(5)))
+    h, w = size
+    assert tuple(conv.weight.shape[1:]) == (d, c)
+    M = rectangular_operator(conv)
+    assert tuple(M.shape) == (d * h * w, c * h * w)
+    assert M.dtype == (torch.complex128 if complex_ else torch.float64)  # a real layer maps reals to reals
+    reference = dense_reference(conv)
+    if not complex_:
+        assert np.abs(reference.imag).max() < 1e-14
+    np.testing.assert_allclose(M.numpy(), reference if complex_ else reference.real, atol=1e-13)
+    # orthonormal columns per frequency: an isometry for d >= c, else a co-isometry
+    gram = M.mH @ M if d >= c else M @ M.mH
+    assert float((gram - torch.eye(gram.shape[0], dtype=gram.dtype)).abs().max()) < 1e-13
+    if d >= c:
+        x = torch.randn(4, c, h, w, dtype=M.dtype)
+        norms = torch.linalg.vector_norm
+        torch.testing.assert_close(norms(conv(x).detach(), dim=(1, 2, 3)), norms(x, dim=(1, 2, 3)),
+                                   rtol=1e-13, atol=0)
+
+
+def test_rectangular_layout_identity_init_and_repr():
+    conv = FourierConv2d(2, (6, 8), out_channels=3, dtype=torch.float64)
+    assert (conv.in_channels, conv.out_channels, conv.channels) == (2, 3, 2)
+    assert tuple(conv.weight.shape) == (22, 3, 2) and tuple(conv.weight_real.shape) == (4, 3, 2)
+    assert tuple(conv.matrices().shape) == (6, 5, 3, 2)
+    x = torch.randn(2, 2, 6, 8, dtype=torch.float64)
+    y = conv(x)
+    # the identity init embeds the input channels and pads with zero channels
+    atol = 50 * torch.finfo(torch.float64).eps * float(x.abs().max())
+    torch.testing.assert_close(y[:, :2], x, rtol=0, atol=atol)
+    torch.testing.assert_close(y[:, 2], torch.zeros_like(y[:, 2]), rtol=0, atol=atol)
+    narrow = FourierConv2d(3, (4, 4), out_channels=1, complex=True, dtype=torch.float32)
+    assert tuple(narrow(torch.randn(2, 3, 4, 4)).shape) == (2, 1, 4, 4)
+    assert repr(narrow) == "FourierConv2d(3, size=(4, 4), out_channels=1, unitary)"
+    assert repr(FourierConv2d(3, (4, 4), out_channels=3)) == "FourierConv2d(3, size=(4, 4), orthogonal)"
+    with pytest.raises(ValueError, match=r"out_channels must be an integer >= 1, got 0"):
+        FourierConv2d(2, (4, 4), out_channels=0)
+    with pytest.raises(ValueError, match=r"input must be \(B, 2, 4, 4\), got shape \(1, 3, 4, 4\)"):
+        FourierConv2d(2, (4, 4), out_channels=3)(torch.zeros(1, 3, 4, 4))
+
+
+def test_rectangular_layer_trained_with_projunn_stays_an_isometry():
+    conv = trained(FourierConv2d(2, (4, 5), out_channels=3, init="haar", dtype=torch.float64,
+                                 generator=torch.Generator().manual_seed(6)))
+    M = rectangular_operator(conv)
+    assert float((M.mH @ M - torch.eye(M.shape[1], dtype=M.dtype)).abs().max()) < 1e-13

@@ -26,6 +26,7 @@ from .adapters import (
 from .constraints import orthogonal
 from .conv import FourierConv2d
 from .layers import INITS, ModReLU, UnitaryRNN, unitary_parameter
+from .linear import OrthogonalLinear
 from .optimizer import ProjUNN
 from .retraction import projunn_retraction
 
@@ -34,6 +35,7 @@ __all__ = [
     "FourierConv2d",
     "HouseholderAdapter",
     "ModReLU",
+    "OrthogonalLinear",
     "ProjUNN",
     "SVDAdapter",
     "UnitaryParameter",

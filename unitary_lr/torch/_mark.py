@@ -34,7 +34,8 @@ __all__ = ["UnitaryParameter", "is_unitary", "mark_unitary", "unitary_tolerance"
 
 _MARK = "_unitary_lr_unitary"  # the attribute marks of earlier versions and of plain tensors
 
-# Largest ||W^H W - I||_F / sqrt(n) accepted as "unitary" when a matrix is
+# Largest ||W^H W - I||_F / sqrt(m) (W n x m, m <= n; a wide W through W^H)
+# accepted as "unitary" when a matrix is
 # marked. A matrix built in the dtype (a Haar sample, a polar factor) is off by
 # rounding only: measured up to n = 2048, <= 8e-7 in float32/complex64 and
 # ~1e-15 in float64/complex128. The optimizers let a trained matrix drift up to
@@ -76,7 +77,8 @@ torch.serialization.add_safe_globals([_rebuild_unitary_parameter, UnitaryParamet
 
 
 def unitary_tolerance(dtype):
-    """The largest unitarity error (``||W^H W - I||_F / sqrt(n)``) that
+    """The largest unitarity error (``||W^H W - I_m||_F / sqrt(m)`` for an n x m
+    matrix, m <= n; ``||W W^H - I_n||_F / sqrt(n)`` for a wide one) that
     :func:`mark_unitary` accepts for matrices of ``dtype``.
 
     Parameters
@@ -116,9 +118,10 @@ def mark_unitary(param: torch.Tensor, /, *, project: bool = False) -> torch.Tens
     Parameters
     ----------
     param : torch.Tensor
-        A ``torch.nn.Parameter`` (or a tensor) of shape (..., n, n), float32,
+        A ``torch.nn.Parameter`` (or a tensor) of shape (..., n, m), float32,
         float64, complex64 or complex128, unitary to within
-        :func:`unitary_tolerance` of its dtype.
+        :func:`unitary_tolerance` of its dtype: for m < n orthonormal columns
+        (``W^H W = I_m``), for m > n orthonormal rows.
     project : bool, optional
         Replace the value, in place, by its closest unitary matrix (the polar
         factor, :func:`unitary_lr.project_unitary`) before marking it, instead
@@ -135,7 +138,7 @@ def mark_unitary(param: torch.Tensor, /, *, project: bool = False) -> torch.Tens
     TypeError
         ``param`` not a tensor, or of another dtype.
     ValueError
-        A matrix whose unitarity error ``||W^H W - I||_F / sqrt(n)`` (the
+        A matrix whose unitarity error ``||W^H W - I||_F / sqrt(m)`` (the
         largest over a batch) is above the tolerance of its dtype, without
         ``project=True``; NaN or Inf; a shape that is not a matrix. Nothing is
         changed.
@@ -213,7 +216,7 @@ def _check_and_mark(param, *, project, what):
         if not error <= tolerance:  # NaN fails too
             raise ValueError(
                 f"{what} (shape {tuple(param.shape)}, {str(param.dtype).removeprefix('torch.')}) is not unitary: "
-                f"its unitarity error ||W^H W - I||_F / sqrt(n) is {error:.3g}, above the tolerance "
+                f"its unitarity error ||W^H W - I||_F / sqrt(m) is {error:.3g}, above the tolerance "
                 f"{tolerance:g} of its dtype; pass project=True to replace it by its closest unitary matrix"
             )
     _set_mark(param)

@@ -23,7 +23,10 @@ def orthogonal(module, name="weight", *, init="closest", generator=None):
     ----------
     module : torch.nn.Module
     name : str, optional
-        The name of one of the module's own parameters, (..., n, n).
+        The name of one of the module's own parameters, (..., n, m): square
+        matrices become unitary, n x m ones get orthonormal columns (m < n)
+        or rows (m > n), as ``torch.nn.Linear(m, n)``'s weight in
+        :class:`OrthogonalLinear`.
     init : {"closest", "haar"}, optional
         ``"closest"``: the closest unitary matrix to the current value, its
         polar factor (:func:`unitary_lr.project_unitary`), so a trained layer

@@ -1,11 +1,13 @@
 """``FourierConv2d``: full-width orthogonal (real) or unitary (complex)
 convolutions in the Fourier domain.
 
-A circular convolution with c input and c output channels is diagonal in the
-2-D Fourier basis: one c x c matrix U_f per spatial frequency f. It is
+A circular convolution with c input and d output channels is diagonal in the
+2-D Fourier basis: one d x c matrix U_f per spatial frequency f. It is
 orthogonal (unitary) exactly when every U_f is unitary (Trockman and Kolter,
-2021). The matrices are the layer's parameters, trained with batched projUNN
-updates: all frequencies in one (F, c, c) parameter, one call per step.
+2021); for d != c it is an isometry (d > c) or a co-isometry (d < c) exactly
+when every U_f has orthonormal columns (rows). The matrices are the layer's
+parameters, trained with batched projUNN updates: all frequencies in one
+(F, d, c) parameter, one call per step.
 
 For real input and output the spectrum is Hermitian, X(-f) = conj(X(f)), and
 the operator maps real images to real images exactly when U(-f) = conj(U(f)).
@@ -56,21 +58,27 @@ def _half_spectrum_sources(h, w):
 
 class FourierConv2d(nn.Module):
     r"""Orthogonal (real) or unitary (complex) 2-D circular convolution with
-    c input and c output channels, one unitary c x c matrix per frequency.
+    c input and d output channels, one d x c matrix with orthonormal columns
+    (d >= c) or rows (d < c) per frequency.
 
     Parameters
     ----------
     channels : int
-        c, the number of input and output channels.
+        c, the number of input channels (and of output channels unless
+        ``out_channels`` is given).
     size : tuple of int
         (h, w), the spatial size of the images (the convolution is circular
         over it: a full-width kernel).
+    out_channels : int, optional
+        d, the number of output channels; ``channels`` when omitted (a
+        square, orthogonal operator).
     complex : bool, optional
         Complex images and a unitary operator (else real images and an
         orthogonal operator).
     init : {"identity", "haar"}, optional
-        Every U_f the identity (the layer starts as the identity map) or
-        Haar-random.
+        Every U_f the identity (the first d columns or c rows of I for
+        d != c: the layer starts as the identity map, zero-padded or truncated
+        over channels) or Haar-random.
     dtype : torch.float32 or torch.float64, optional
         Real precision.
     device : optional
@@ -79,8 +87,8 @@ class FourierConv2d(nn.Module):
     Raises
     ------
     ValueError
-        channels < 1, a size that is not two integers >= 1, an unknown init;
-        at ``forward``, an input that is not (B, c, h, w).
+        channels or out_channels < 1, a size that is not two integers >= 1,
+        an unknown init; at ``forward``, an input that is not (B, c, h, w).
     TypeError
         A dtype other than torch.float32 or torch.float64.
 
@@ -88,11 +96,13 @@ class FourierConv2d(nn.Module):
     -----
     ``forward(x)`` computes ``X = fft2(x)`` (``rfft2`` for the real layer, with
     the orthonormal scaling), ``Y_f = U_f X_f`` for every frequency, and the
-    inverse transform: O(B c h w (log(h w) + c)). By Parseval,
-    ``||forward(x)|| = ||x||`` to rounding for every x. The parameters are
-    ``weight`` ((F, c, c) complex, marked unitary) and, for the real layer,
-    ``weight_real`` ((S, c, c) real orthogonal, S <= 4): give them to
-    :class:`ProjUNN` and each is updated with one batched projUNN call.
+    inverse transform: O(B h w ((c + d) log(h w) + c d)). By Parseval,
+    ``||forward(x)|| = ||x||`` to rounding for every x when d >= c; for
+    d < c the operator's adjoint preserves norms instead. The parameters are
+    ``weight`` ((F, d, c) complex, marked unitary) and, for the real layer,
+    ``weight_real`` ((S, d, c) real, orthonormal columns or rows, S <= 4):
+    give them to :class:`ProjUNN` and each is updated with one batched
+    projUNN call.
 
     Examples
     --------
@@ -104,13 +114,21 @@ class FourierConv2d(nn.Module):
     >>> y = conv(x)
     >>> y.dtype, bool(torch.isclose(y.norm(), x.norm()))
     (torch.float64, True)
+    >>> wider = FourierConv2d(3, (8, 8), out_channels=5, init="haar", dtype=torch.float64)
+    >>> z = wider(x)
+    >>> tuple(z.shape), bool(torch.isclose(z.norm(), x.norm()))
+    ((2, 5, 8, 8), True)
     """
 
-    def __init__(self, channels, size, *, complex=False, init="identity", dtype=None, device=None,
-                 generator=None):
+    def __init__(self, channels, size, *, out_channels=None, complex=False, init="identity", dtype=None,
+                 device=None, generator=None):
         super().__init__()
         if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
             raise ValueError(f"channels must be an integer >= 1, got {channels!r}")
+        if out_channels is None:
+            out_channels = channels
+        elif isinstance(out_channels, bool) or not isinstance(out_channels, int) or out_channels < 1:
+            raise ValueError(f"out_channels must be an integer >= 1, got {out_channels!r}")
         if (not isinstance(size, (tuple, list)) or len(size) != 2
                 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in size)):
             raise ValueError(f"size must be two integers (h, w) >= 1, got {size!r}")
@@ -120,16 +138,18 @@ class FourierConv2d(nn.Module):
         if real_dtype not in _COMPLEX_OF:
             raise TypeError(f"dtype must be torch.float32 or torch.float64 (the real precision), got {real_dtype}")
         self.channels, self.size, self.complex = channels, tuple(size), complex
+        self.in_channels, self.out_channels = channels, out_channels
         h, w = self.size
-        options = dict(init=init, device=device, generator=generator)
+        shape = (out_channels, channels)  # U_f maps the c input channels to the d output ones
+        options = {"init": init, "device": device, "generator": generator}
         if complex:
-            self.weight = unitary_parameter(channels, batch_shape=(h * w,), dtype=_COMPLEX_OF[real_dtype], **options)
+            self.weight = unitary_parameter(*shape, batch_shape=(h * w,), dtype=_COMPLEX_OF[real_dtype], **options)
             self.weight_real = None
             self.register_buffer("_gather", None, persistent=False)
             return
         free, real, sources = _half_spectrum_sources(h, w)
-        self.weight = unitary_parameter(channels, batch_shape=(len(free),), dtype=_COMPLEX_OF[real_dtype], **options)
-        self.weight_real = unitary_parameter(channels, batch_shape=(len(real),), dtype=real_dtype, **options)
+        self.weight = unitary_parameter(*shape, batch_shape=(len(free),), dtype=_COMPLEX_OF[real_dtype], **options)
+        self.weight_real = unitary_parameter(*shape, batch_shape=(len(real),), dtype=real_dtype, **options)
         # Index into the bank [weight, conj(weight), weight_real] for every
         # frequency of the rfft2 grid, in row-major order.
         offsets = {"free": 0, "mirror": len(free), "real": 2 * len(free)}
@@ -137,14 +157,14 @@ class FourierConv2d(nn.Module):
         self.register_buffer("_gather", torch.tensor(index, device=device), persistent=False)
 
     def matrices(self):
-        """The c x c matrix of every frequency of the transform's grid: (h, w, c, c)
-        for the complex layer, (h, w // 2 + 1, c, c) for the real one."""
+        """The d x c matrix of every frequency of the transform's grid: (h, w, d, c)
+        for the complex layer, (h, w // 2 + 1, d, c) for the real one."""
         h, w = self.size
-        c = self.channels
+        d, c = self.out_channels, self.in_channels
         if self.complex:
-            return self.weight.reshape(h, w, c, c)
+            return self.weight.reshape(h, w, d, c)
         bank = torch.cat([self.weight, self.weight.conj(), self.weight_real.to(self.weight.dtype)])
-        return bank.index_select(0, self._gather).reshape(h, w // 2 + 1, c, c)
+        return bank.index_select(0, self._gather).reshape(h, w // 2 + 1, d, c)
 
     def forward(self, x):
         """Convolve a batch of images.
@@ -157,9 +177,10 @@ class FourierConv2d(nn.Module):
 
         Returns
         -------
-        torch.Tensor, shape (B, channels, h, w)
+        torch.Tensor, shape (B, out_channels, h, w)
             Real for a real layer, complex for a complex one; with the same
-            norm as ``x`` per image, to rounding.
+            norm as ``x`` per image, to rounding, when out_channels >=
+            channels.
 
         Raises
         ------
@@ -178,5 +199,6 @@ class FourierConv2d(nn.Module):
 
     def extra_repr(self):
         kind = "unitary" if self.complex else "orthogonal"
-        return f"{self.channels}, size={self.size}, {kind}"
+        out = f", out_channels={self.out_channels}" if self.out_channels != self.in_channels else ""
+        return f"{self.channels}, size={self.size}{out}, {kind}"
 

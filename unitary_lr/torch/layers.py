@@ -36,20 +36,27 @@ def _henaff(n, *, dtype, device, generator):
     return W.to(dtype=dtype, device=device)
 
 
-def unitary_parameter(n_or_tensor, *, init="haar", batch_shape=(), dtype=None, device=None, generator=None,
-                      project=False):
+def unitary_parameter(n_or_tensor, m=None, /, *, init="haar", batch_shape=(), dtype=None, device=None,
+                      generator=None, project=False):
     r"""A ``torch.nn.Parameter`` marked unitary, so that :class:`ProjUNN` puts it
     in a unitary group by itself.
 
     Parameters
     ----------
     n_or_tensor : int or torch.Tensor
-        The size n of a new (..., n, n) parameter, or a tensor holding the
-        initial value (square matrices, unitary to within
-        :func:`unitary_tolerance` of its dtype; copied).
+        The number of rows n of a new (..., n, m) parameter, or a tensor
+        holding the initial value (matrices of any shape (..., n, m), unitary
+        to within :func:`unitary_tolerance` of its dtype; copied).
+    m : int, optional
+        The number of columns of a new parameter; n when omitted (square).
+        For m < n the columns are orthonormal (``W^H W = I_m``), for m > n the
+        rows (``W W^H = I_n``). Only with a size, not with a tensor.
     init : {"haar", "identity", "henaff"}, optional
         Initial value of a new parameter: Haar-random unitary (orthogonal if
-        real), the identity, or Henaff's block rotations with random angles.
+        real; for m != n the first m columns, or n rows, of a Haar unitary),
+        the identity (the first m columns, or n rows, of I), or Henaff's block
+        rotations with random angles (square only: they are a recurrent
+        matrix's init).
     batch_shape : tuple of int, optional
         Leading axes of a new parameter (independent matrices).
     dtype : torch.dtype, optional
@@ -60,8 +67,9 @@ def unitary_parameter(n_or_tensor, *, init="haar", batch_shape=(), dtype=None, d
         Source of the random initial values.
     project : bool, optional
         Where a tensor is given: use its closest unitary matrix (its polar
-        factor, :func:`unitary_lr.project_unitary`) instead of refusing a
-        tensor that is not unitary.
+        factor, :func:`unitary_lr.project_unitary`; orthonormal columns or
+        rows for a rectangular one) instead of refusing a tensor that is not
+        unitary.
 
     Returns
     -------
@@ -71,9 +79,10 @@ def unitary_parameter(n_or_tensor, *, init="haar", batch_shape=(), dtype=None, d
     Raises
     ------
     ValueError
-        Unknown ``init``, n < 1, a tensor that is not (..., n, n), or one whose
-        unitarity error is above the tolerance of its dtype (without
-        ``project=True``; the message gives the error).
+        Unknown ``init``, ``"henaff"`` with m != n, n < 1 or m < 1, a tensor
+        that is not a matrix, one whose unitarity error is above the tolerance
+        of its dtype (without ``project=True``; the message gives the error),
+        or a tensor given together with m.
     TypeError
         A dtype other than the four supported ones.
 
@@ -82,7 +91,9 @@ def unitary_parameter(n_or_tensor, *, init="haar", batch_shape=(), dtype=None, d
     The mark survives ``deepcopy``, pickling, ``torch.save`` of a module,
     ``module.to(...)`` and ``load_state_dict(..., assign=True)`` (see
     :func:`mark_unitary`). ``ProjUNN(model.parameters())`` splits marked and
-    other parameters into two groups by itself.
+    other parameters into two groups by itself. A Haar draw costs one QR,
+    O(n m min(n, m)); square draws take the same numbers whether m is given
+    or not.
 
     Examples
     --------
@@ -91,19 +102,29 @@ def unitary_parameter(n_or_tensor, *, init="haar", batch_shape=(), dtype=None, d
     >>> W = unitary_parameter(4, init="henaff", dtype=torch.float64)
     >>> is_unitary(W), tuple(W.shape)
     (True, (4, 4))
+    >>> V = unitary_parameter(5, 2, dtype=torch.float64)   # V^T V = I_2
+    >>> tuple(V.shape), bool(torch.allclose(V.T @ V, torch.eye(2, dtype=torch.float64)))
+    ((5, 2), True)
     """
     if isinstance(n_or_tensor, torch.Tensor):
-        shape = tuple(n_or_tensor.shape)
-        if len(shape) < 2 or shape[-1] != shape[-2]:
-            raise ValueError(f"a unitary parameter must be (..., n, n), got shape {shape}")
+        if m is not None:
+            raise ValueError(f"m is the number of columns of a new parameter; with a tensor (shape "
+                             f"{tuple(n_or_tensor.shape)}) it must be omitted, got m={m!r}")
         param = nn.Parameter(n_or_tensor.detach().clone())
         _check_and_mark(param, project=project, what="n_or_tensor")
         return param
     n = n_or_tensor
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    if m is None:
+        m = n
+    elif isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise ValueError(f"m must be an integer >= 1, got {m!r}")
     if init not in INITS:
         raise ValueError(f"init must be one of {', '.join(map(repr, INITS))}, got {init!r}")
+    if init == "henaff" and m != n:
+        raise ValueError(f"init 'henaff' (block rotations of a recurrent matrix) needs a square matrix, got "
+                         f"n={n}, m={m}; use 'haar' or 'identity' for a rectangular one")
     dtype = torch.get_default_dtype() if dtype is None else dtype
     if dtype not in (torch.float32, torch.float64, torch.complex64, torch.complex128):
         raise TypeError(f"dtype must be float32, float64, complex64 or complex128, got {dtype}")
@@ -111,14 +132,16 @@ def unitary_parameter(n_or_tensor, *, init="haar", batch_shape=(), dtype=None, d
     batch_shape = tuple(batch_shape)
     if init == "haar":
         name = str(dtype).removeprefix("torch.")
-        value = random_unitary(n, dtype=name, batch_shape=batch_shape, rng=_seed(generator), xp=torch, device=device)
+        value = random_unitary(n, m, dtype=name, batch_shape=batch_shape, rng=_seed(generator), xp=torch,
+                               device=device)
     elif init == "identity":
-        value = torch.eye(n, dtype=dtype, device=device).expand(*batch_shape, n, n).clone()
+        # eye(n, m) has orthonormal columns (m <= n) or rows (m > n)
+        value = torch.eye(n, m, dtype=dtype, device=device).expand(*batch_shape, n, m).clone()
     else:
         blocks = [_henaff(n, dtype=dtype, device=device, generator=generator) for _ in range(math.prod(batch_shape))]
         value = torch.stack(blocks).reshape(*batch_shape, n, n)
     # row-major, as every freshly made torch tensor (the QR behind a Haar
-    # sample returns it column by column)
+    # sample returns it column by column; a wide one is a transposed view)
     param = nn.Parameter(value.contiguous())
     _set_mark(param)  # unitary by construction: no O(n^3) check
     return param
