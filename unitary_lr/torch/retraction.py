@@ -11,14 +11,14 @@ import array_api_compat
 import numpy as np
 import torch
 
-from ..optim import control_drift
+from ..optim import DEFAULT_VARIANT, control_drift, step_rank
 from ..steps import STEP_OVERSAMPLE, STEP_POWER_ITERS, VARIANTS, projunn_step
 from ._mark import is_unitary
 
 __all__ = ["ProjUNNRetraction", "projunn_retraction"]
 
 
-def projunn_retraction(optimizer, *, rank=1, variant="tangent", params=None, oversample=STEP_OVERSAMPLE,
+def projunn_retraction(optimizer, *, rank=None, variant=DEFAULT_VARIANT, params=None, oversample=STEP_OVERSAMPLE,
                        power_iters=STEP_POWER_ITERS, drift_tol=None, drift_check_every=50, reproject="svd",
                        seed=None):
     r"""Keep the unitary parameters of any ``torch.optim`` optimizer unitary:
@@ -30,8 +30,10 @@ def projunn_retraction(optimizer, *, rank=1, variant="tangent", params=None, ove
     optimizer : torch.optim.Optimizer
         Any optimizer (``AdamW``, ``SGD``, a third-party one); its step hooks
         are used.
-    rank : int, optional
-        Rank k of the projUNN steps.
+    rank : int or None, optional
+        Rank k of the projUNN steps, ``1 <= rank <= min(n, m)``. None: 8
+        (:data:`unitary_lr.optim.DEFAULT_RANK`), capped at ``min(n, m)`` of
+        each parameter.
     variant : {"tangent", "direct"}, optional
         projUNN-T or projUNN-D.
     params : iterable of torch.Tensor, optional
@@ -122,6 +124,8 @@ class ProjUNNRetraction:
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         for name, value, minimum in (("rank", rank, 1), ("oversample", oversample, 0),
                                      ("power_iters", power_iters, 0), ("drift_check_every", drift_check_every, 0)):
+            if name == "rank" and value is None:
+                continue  # the default: DEFAULT_RANK capped at each parameter's min(n, m)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
         if variant not in VARIANTS:
@@ -164,7 +168,7 @@ class ProjUNNRetraction:
                             "expected float32, float64, complex64 or complex128")
         if p.dim() < 2:
             raise ValueError(f"a retracted parameter must be a matrix or a batch of them, got shape {tuple(p.shape)}")
-        if self.options["rank"] > min(p.shape[-2:]):
+        if self.options["rank"] is not None and self.options["rank"] > min(p.shape[-2:]):
             raise ValueError(f"rank {self.options['rank']} exceeds the size of a retracted parameter "
                              f"(shape {tuple(p.shape)})")
 
@@ -198,7 +202,8 @@ class ProjUNNRetraction:
                 state = self.state[p] = {"rng": np.random.default_rng([self.seed, len(self.state)]),
                                          "steps": 0, "reprojections": 0}
             try:
-                new = projunn_step(W, -delta, lr=1.0, rng=state["rng"], **self.options)
+                new = projunn_step(W, -delta, lr=1.0, rng=state["rng"],
+                                   **{**self.options, "rank": step_rank(self.options["rank"], W.shape)})
             except ValueError as error:
                 for q, old in saved:  # every retracted parameter as before the step
                     q.copy_(old)
