@@ -257,8 +257,8 @@ def projunn(learning_rate=DEFAULT_LR, *, unitary, base=DEFAULT_BASE, rank=None, 
     ----------
     learning_rate : float, scalar array or optax schedule, optional
         Learning rate (> 0), or a function of the step count (default 1e-2,
-        :data:`unitary_lr.optim.DEFAULT_LR`, the same in every front end). An array may be
-        traced: ``optax.inject_hyperparams(projunn, static_args=STATIC_ARGS)``
+        :data:`unitary_lr.optim.DEFAULT_LR`, the same in every front end). An
+        array may be traced: ``optax.inject_hyperparams(projunn, static_args=STATIC_ARGS)``
         injects it (see ``unitary_lr.optax.STATIC_ARGS``).
     unitary : pytree of bool, or callable
         Which leaves are unitary: a pytree of booleans with the structure of

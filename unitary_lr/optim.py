@@ -35,16 +35,16 @@ __all__ = ["DEFAULT_BASE", "DEFAULT_LR", "DEFAULT_RANK", "DEFAULT_VARIANT", "SGD
            "control_drift", "make_rule", "step_rank", "unitary_factors", "unitary_update"]
 
 # The defaults of the three front ends (unitary_lr.optim.ProjUNN,
-# unitary_lr.torch.ProjUNN, unitary_lr.optax.projunn), written once here.
-# Chosen by measurement, see docs/choosing-lr-and-rank.md and
-# docs/scripts/orthogonal_regression.py: on an orthogonal nn.Linear regression
-# (n = 64, 256, 512, real and complex) rank 8 at lr 1e-2 reaches a loss
-# 1e-3 to 1e-8 times that of torch's orthogonal parametrization with Adam's
-# defaults, where rank 1 at lr 1e-3 (the former defaults) barely moved. lr
-# 1e-2 is also torch.optim.RMSprop's own default, which the plain parameters
-# get; rank 8 costs about twice a rank-1 step at n = 256 (the sketch is a
-# thin panel either way), and the paper's recurrent recipes set their rank
-# and lr explicitly.
+# unitary_lr.torch.ProjUNN, unitary_lr.optax.projunn), written once here and
+# chosen by measurement (docs/choosing-lr-and-rank.md, measured with
+# docs/scripts/orthogonal_regression.py): on an orthogonal nn.Linear
+# regression, 200 steps, rank 8 at lr 1e-2 ends at 0.17x (n = 512) down to
+# 3e-8x (n = 64) the loss of torch's orthogonal parametrization with Adam's
+# defaults, real and complex, where rank 1 at lr 1e-3 (the former defaults)
+# barely moved. lr 1e-2 is also torch.optim.RMSprop's own default, which the
+# plain parameters get. A rank-8 step costs about twice a rank-1 step on a CPU
+# at n = 256, and three host transfers instead of one on a GPU. The paper's
+# recurrent recipes set their rank and lr themselves.
 #: Learning rate of every front end when none is given.
 DEFAULT_LR = 1e-2
 #: Rank of the unitary updates when none is given (``rank=None``), capped at
@@ -294,7 +294,8 @@ def rule_options(base, options):
 
 def step_rank(rank, shape):
     """The rank of the updates of a matrix of ``shape`` (..., n, m): ``rank``
-    as given, or for ``None`` :data:`DEFAULT_RANK` capped at ``min(n, m)``.
+    as given, or for ``None`` :data:`unitary_lr.optim.DEFAULT_RANK` capped at
+    ``min(n, m)``.
 
     Examples
     --------
@@ -326,10 +327,10 @@ def unitary_update(
     drift control.
 
     ``direction`` is a dense (..., n, m) array or a pair (a, b) meaning a b^H.
-    ``rank`` is capped at min(n, m) (None: :data:`DEFAULT_RANK`, capped).
-    Every ``drift_check_every`` steps (0: never) :func:`unitarity_estimate`
-    measures the drift from the group and, above
-    ``drift_tol`` (None: :func:`default_drift_tolerance` of W's dtype), W is
+    ``rank`` is capped at min(n, m) (None:
+    :data:`unitary_lr.optim.DEFAULT_RANK`, capped). Every
+    ``drift_check_every`` steps (0: never) :func:`unitarity_estimate` measures
+    the drift from the group and, above ``drift_tol`` (None: :func:`default_drift_tolerance` of W's dtype), W is
     re-projected with :func:`project_unitary` (``reproject`` = "svd" or
     "newton_schulz"). ``add_in_place(L, Rh)``, when given, must add ``L @ Rh``
     to W in place (an optimizer that owns W's memory): the step then writes no
@@ -374,16 +375,17 @@ class ProjUNN:
     Parameters
     ----------
     lr : float, optional
-        Learning rate, >= 0 (default :data:`DEFAULT_LR`, 1e-2). The step of a
-        unitary W is ``-lr`` times the base rule's direction, sketched to rank
-        ``rank``: with rmsprop or adam each entry of that direction is about 1
-        in size, whatever n. See "Choosing lr and rank" in the documentation.
+        Learning rate, >= 0 (default 1e-2,
+        :data:`unitary_lr.optim.DEFAULT_LR`). The step of a unitary W is
+        ``-lr`` times the base rule's direction, sketched to rank ``rank``:
+        with rmsprop or adam each entry of that direction is about 1 in size,
+        whatever n. See "Choosing lr and rank" in the documentation.
     base : {"rmsprop", "adam", "sgd"}, optional
         The rule that turns gradients into a Euclidean step (preconditioned, as
         in the projUNN paper), with ``torch.optim``'s definitions.
     rank : int or None, optional
         Rank k of the unitary updates, >= 1 (capped at min(n, m) of W). None:
-        :data:`DEFAULT_RANK` (8), capped at min(n, m).
+        :data:`unitary_lr.optim.DEFAULT_RANK` (8), capped at min(n, m).
     unitary : bool, optional
         True: W is kept unitary (orthogonal if real) with projUNN steps.
         False: the plain base-rule update ``W - lr * D`` (any shape).
