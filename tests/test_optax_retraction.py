@@ -170,8 +170,10 @@ def test_inject_hyperparams_injects_the_learning_rate():
 
 def test_inject_hyperparams_without_static_args_names_the_fix():
     inject = optax.inject_hyperparams(projunn)
-    with pytest.raises(TypeError, match=r"rank must be a Python number, got an array .*static_args=unitary_lr.optax"
-                                        r".STATIC_ARGS"):
+    # the default rank is None, which inject_hyperparams leaves alone: the
+    # first integer option it turns into an array is then oversample
+    with pytest.raises(TypeError, match=r"oversample must be a Python number, got an array .*"
+                                        r"static_args=unitary_lr.optax.STATIC_ARGS"):
         inject(learning_rate=1e-2, unitary={"W": True}).init({"W": jnp.eye(3)})
 
 

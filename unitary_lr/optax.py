@@ -39,6 +39,7 @@ try:
 except ImportError as error:  # pragma: no cover - jax and optax are in the test extra
     raise ImportError("unitary_lr.optax needs JAX and optax: pip install jax optax") from error
 
+from .optim import DEFAULT_BASE, DEFAULT_LR, DEFAULT_VARIANT, step_rank
 from .options import DRIFT_CHECK_EVERY, DriftControl, ProjUNNOptions
 from .steps import (
     STEP_OVERSAMPLE,
@@ -81,7 +82,7 @@ class ProjUNNState(NamedTuple):
     notfinite_count: Any = 0
 
 
-def projunn_retraction(*, unitary, rank=1, variant="tangent", oversample=STEP_OVERSAMPLE,
+def projunn_retraction(*, unitary, rank=None, variant=DEFAULT_VARIANT, oversample=STEP_OVERSAMPLE,
                        power_iters=STEP_POWER_ITERS, drift_tol=None, drift_check_every=DRIFT_CHECK_EVERY,
                        reproject="svd", seed=0):
     r"""The last transformation of an optax chain: turns the update of each
@@ -100,8 +101,10 @@ def projunn_retraction(*, unitary, rank=1, variant="tangent", oversample=STEP_OV
         Which leaves are unitary: a pytree of booleans with the structure of
         the parameters, or a function of the parameters returning one. Unitary
         leaves are (..., n, m) float32/float64/complex64/complex128 arrays.
-    rank : int, optional
-        Rank k of the sketch of the update, ``1 <= rank <= min(n, m)``.
+    rank : int or None, optional
+        Rank k of the sketch of the update, ``1 <= rank <= min(n, m)``. None:
+        8 (:data:`unitary_lr.options.DEFAULT_RANK`), capped at ``min(n, m)`` of
+        each leaf.
     variant : {"tangent", "direct", "cayley"}, optional
         ``"tangent"`` (projUNN-T): ``W_new = W expm((W^H U_k - U_k^H W) / 2)``;
         ``"direct"`` (projUNN-D): ``W_new = polar(W + U_k)``; ``"cayley"``: the
@@ -226,8 +229,9 @@ def projunn_retraction(*, unitary, rank=1, variant="tangent", oversample=STEP_OV
         # projunn_step moves along -lr G: G = -U with lr = 1 moves along U,
         # and a static lr keeps the kernels' clamping of huge steps.
         G = -safe
-        omega = jax.random.normal(sketch_key, sketch_shape(G, rank, oversample), dtype=G.dtype)
-        L, Rh = step_factors_unchecked(jnp, W, G, omega, lr=1.0, rank=rank, variant=variant,
+        leaf_rank = step_rank(rank, W.shape)
+        omega = jax.random.normal(sketch_key, sketch_shape(G, leaf_rank, oversample), dtype=G.dtype)
+        L, Rh = step_factors_unchecked(jnp, W, G, omega, lr=1.0, rank=leaf_rank, variant=variant,
                                        power_iters=power_iters, traced=True)
         update = L @ Rh
         if options.drift_check_every:
@@ -237,7 +241,7 @@ def projunn_retraction(*, unitary, rank=1, variant="tangent", oversample=STEP_OV
     return optax.GradientTransformation(init, update)
 
 
-def projunn(learning_rate, *, unitary, base="rmsprop", rank=1, variant="tangent",
+def projunn(learning_rate=DEFAULT_LR, *, unitary, base=DEFAULT_BASE, rank=None, variant=DEFAULT_VARIANT,
             oversample=STEP_OVERSAMPLE, power_iters=STEP_POWER_ITERS, drift_tol=None,
             drift_check_every=DRIFT_CHECK_EVERY, reproject="svd", seed=0, **hyperparameters):
     r"""projUNN for optax: unitary leaves by rank-k projUNN steps, the rest by
@@ -250,9 +254,10 @@ def projunn(learning_rate, *, unitary, base="rmsprop", rank=1, variant="tangent"
 
     Parameters
     ----------
-    learning_rate : float, scalar array or optax schedule
-        Learning rate (> 0), or a function of the step count. An array may be
-        traced: ``optax.inject_hyperparams(projunn, static_args=STATIC_ARGS)``
+    learning_rate : float, scalar array or optax schedule, optional
+        Learning rate (> 0), or a function of the step count (default 1e-2,
+        :data:`unitary_lr.options.DEFAULT_LR`, the same in every front end). An
+        array may be traced: ``optax.inject_hyperparams(projunn, static_args=STATIC_ARGS)``
         injects it (see ``unitary_lr.optax.STATIC_ARGS``).
     unitary : pytree of bool, or callable
         Which leaves are unitary: a pytree of booleans with the structure of
@@ -262,7 +267,11 @@ def projunn(learning_rate, *, unitary, base="rmsprop", rank=1, variant="tangent"
         ``optax.rmsprop``, ``optax.adam`` or ``optax.sgd``; ``**hyperparameters``
         are passed to it by name (``decay``, ``eps``, ``centered``, ``momentum``,
         ``b1``, ``b2``, ``nesterov``, ...).
-    rank, variant, oversample, power_iters
+    rank : int or None, optional
+        Rank k of the unitary updates, ``1 <= rank <= min(n, m)``. None: 8
+        (:data:`unitary_lr.options.DEFAULT_RANK`), capped at ``min(n, m)`` of
+        each leaf.
+    variant, oversample, power_iters
         As in :func:`unitary_lr.projunn_step`.
     drift_tol, drift_check_every, seed
         As in :func:`projunn_retraction`.
@@ -426,7 +435,7 @@ def _check_leaf(path, leaf, rank):
     # n x m with orthonormal columns (n > m) or rows (n < m), or square
     if len(shape) < 2:
         raise ValueError(f"unitary leaf {path} must be a matrix or a batch of them, (..., n, m), got shape {shape}")
-    if rank > min(shape[-2:]):
+    if rank is not None and rank > min(shape[-2:]):
         raise ValueError(f"rank {rank} exceeds min(n, m) = {min(shape[-2:])} of unitary leaf {path} (shape {shape})")
 
 

@@ -29,10 +29,20 @@ from ._xp import complex_dtype, device, dtype_name, is_complex, mH
 from .diagnostics import default_drift_tolerance, unitarity_estimate
 from .polar import project_unitary
 from ._cores import add_lowrank
-from .options import DriftControl, ProjUNNOptions
+from .options import (  # the defaults live with the options; re-exported here
+    DEFAULT_BASE,
+    DEFAULT_LR,
+    DEFAULT_RANK,
+    DEFAULT_VARIANT,
+    DriftControl,
+    ProjUNNOptions,
+    step_rank,
+)
 from .steps import STEP_OVERSAMPLE, STEP_POWER_ITERS, VARIANTS, projunn_update
 
-__all__ = ["SGD", "Adam", "ProjUNN", "RMSprop", "control_drift", "make_rule", "unitary_factors", "unitary_update"]
+__all__ = ["DEFAULT_BASE", "DEFAULT_LR", "DEFAULT_RANK", "DEFAULT_VARIANT", "SGD", "Adam", "ProjUNN", "RMSprop",
+           "control_drift", "make_rule", "step_rank", "unitary_factors", "unitary_update"]
+
 
 # How the second moment of a complex gradient is formed. "modulus": |g|^2 per
 # entry, a real state; invariant to the phase of each entry, and what a unitary
@@ -292,9 +302,10 @@ def unitary_update(
     drift control.
 
     ``direction`` is a dense (..., n, m) array or a pair (a, b) meaning a b^H.
-    ``rank`` is capped at min(n, m). Every ``drift_check_every`` steps (0: never)
-    :func:`unitarity_estimate` measures the drift from the group and, above
-    ``drift_tol`` (None: :func:`default_drift_tolerance` of W's dtype), W is
+    ``rank`` is capped at min(n, m) (None:
+    :data:`unitary_lr.options.DEFAULT_RANK`, capped). Every
+    ``drift_check_every`` steps (0: never) :func:`unitarity_estimate` measures
+    the drift from the group and, above ``drift_tol`` (None: :func:`default_drift_tolerance` of W's dtype), W is
     re-projected with :func:`project_unitary` (``reproject`` = "svd" or
     "newton_schulz"). ``add_in_place(L, Rh)``, when given, must add ``L @ Rh``
     to W in place (an optimizer that owns W's memory): the step then writes no
@@ -318,7 +329,7 @@ def unitary_factors(W, direction, *, lr, rank, variant, rng, oversample=STEP_OVE
     """The projUNN step of W along ``-lr * direction`` as thin factors (L, Rh):
     the new W is ``W + L @ Rh``. Nothing is changed; errors (NaN/Inf in the
     direction or in W, a W that is not unitary) are raised here."""
-    return projunn_update(W, direction, lr=lr, rank=min(rank, *W.shape[-2:]), variant=variant,
+    return projunn_update(W, direction, lr=lr, rank=min(step_rank(rank, W.shape), *W.shape[-2:]), variant=variant,
                           oversample=oversample, power_iters=power_iters, rng=rng)
 
 
@@ -344,15 +355,22 @@ class ProjUNN:
 
     Parameters
     ----------
-    lr : float
-        Learning rate, >= 0.
+    lr : float, optional
+        Learning rate, >= 0 (default 1e-2,
+        :data:`unitary_lr.options.DEFAULT_LR`). The step of a unitary W is
+        ``-lr`` times the base rule's direction, sketched to rank ``rank``:
+        with rmsprop or adam each entry of that direction is about 1 in size,
+        whatever n. See "Choosing lr and rank" in the documentation.
     base : {"rmsprop", "adam", "sgd"}, optional
         The rule that turns gradients into a Euclidean step (preconditioned, as
         in the projUNN paper), with ``torch.optim``'s definitions.
+    rank : int or None, optional
+        Rank k of the unitary updates, >= 1 (capped at min(n, m) of W). None:
+        :data:`unitary_lr.options.DEFAULT_RANK` (8), capped at min(n, m).
     unitary : bool, optional
         True: W is kept unitary (orthogonal if real) with projUNN steps.
         False: the plain base-rule update ``W - lr * D`` (any shape).
-    rank, variant, oversample, power_iters
+    variant, oversample, power_iters
         Options of :func:`unitary_lr.projunn_step`.
     drift_tol : float or None, optional
         Re-projection threshold for ``||W^H W - I||_F / sqrt(n)``; None: 1e-5
@@ -411,7 +429,7 @@ class ProjUNN:
     (True, 10)
     """
 
-    def __init__(self, lr, *, base="rmsprop", unitary=True, rank=1, variant="tangent",
+    def __init__(self, lr=DEFAULT_LR, *, base=DEFAULT_BASE, unitary=True, rank=None, variant=DEFAULT_VARIANT,
                  oversample=STEP_OVERSAMPLE, power_iters=STEP_POWER_ITERS, drift_tol=None,
                  drift_check_every=50, reproject="svd", seed=None, **hyperparameters):
         self.lr = check_real_scalar("lr", lr)

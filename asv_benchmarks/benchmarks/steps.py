@@ -189,7 +189,9 @@ class TorchOptimizerStep:
         W, G = _step_data(backend, n, dtype)
         self.W = unitary_parameter(W)
         self.W.grad = G
-        self.opt = ProjUNN([self.W], lr=LEARNING_RATE, base=base, variant=variant, seed=0, drift_check_every=0)
+        # rank 1, the optimizer's default before it became 8: the series stays comparable
+        self.opt = ProjUNN([self.W], lr=LEARNING_RATE, base=base, rank=1, variant=variant, seed=0,
+                           drift_check_every=0)
         self.torch = torch
 
     def time_step(self, n, dtype, variant, base):

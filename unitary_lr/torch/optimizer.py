@@ -15,7 +15,17 @@ import numpy as np
 import torch
 
 from .._random import generator_from_state, generator_state
-from ..optim import RULES, control_drift, make_rule, rule_options, unitary_factors
+from ..optim import (
+    DEFAULT_BASE,
+    DEFAULT_LR,
+    DEFAULT_VARIANT,
+    RULES,
+    control_drift,
+    make_rule,
+    rule_options,
+    step_rank,
+    unitary_factors,
+)
 from ..options import ProjUNNOptions
 from ._fused import fused_direction
 from ._mark import is_unitary
@@ -45,14 +55,20 @@ class ProjUNN(torch.optim.Optimizer):
         torch uses it), with its state keys: the same updates and the same
         speed as ``torch.optim.RMSprop`` / ``Adam`` / ``SGD``.
     lr : float, optional
-        Learning rate, >= 0 (per group).
+        Learning rate, >= 0 (per group). The default, 1e-2
+        (:data:`unitary_lr.options.DEFAULT_LR`), is ``torch.optim.RMSprop``'s,
+        and with ``rank=None`` it trains an orthogonal feed-forward layer;
+        recurrent weights want a smaller one (``unitary_lr_scale``). See
+        "Choosing lr and rank" in the documentation.
     base : {"rmsprop", "adam", "sgd"}, optional
         The rule that forms the Euclidean step: ``torch.optim.RMSprop``,
         ``Adam`` or ``SGD``, with their hyper-parameters below (per group). For
         a unitary parameter the step (preconditioned, as in the paper) is
         sketched to rank ``rank`` and applied with projUNN-T or projUNN-D.
-    rank : int, optional
-        Rank k of the unitary updates (per group).
+    rank : int or None, optional
+        Rank k of the unitary updates (per group), ``1 <= rank <= min(n, m)``.
+        None: 8 (:data:`unitary_lr.options.DEFAULT_RANK`), capped at
+        ``min(n, m)`` of each parameter.
     variant : {"tangent", "direct"}, optional
         projUNN-T or projUNN-D (per group).
     unitary_lr_scale : float, optional
@@ -146,7 +162,7 @@ class ProjUNN(torch.optim.Optimizer):
     [0.001, 3.125e-05]
     """
 
-    def __init__(self, params, lr=1e-3, *, base="rmsprop", rank=1, variant="tangent", unitary=None,
+    def __init__(self, params, lr=DEFAULT_LR, *, base=DEFAULT_BASE, rank=None, variant=DEFAULT_VARIANT, unitary=None,
                  unitary_lr_scale=1.0, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
                  alpha=0.99, eps=1e-8, centered=False, betas=(0.9, 0.999), oversample=STEP_OVERSAMPLE,
                  power_iters=STEP_POWER_ITERS, drift_tol=None, drift_check_every=50, reproject="svd", seed=None,
@@ -336,7 +352,12 @@ def _capturable_step(xp, p, direction, state, new_state, group):
     skipped: the parameter and the rule's state keep their values and
     ``state["skipped_steps"]`` counts it."""
     W = p.detach()
-    rank = min(group["rank"], *W.shape[-2:])
+    rank = min(step_rank(group["rank"], W.shape), *W.shape[-2:])
+    # Zeros in place of a non-finite direction keep NaN out of the small
+    # eigen-cores of a rank >= 2 sketch (a CPU eigh raises on NaN, which no
+    # captured step may do); a zero direction gives a zero update, dropped below.
+    finite = torch.isfinite(direction).all()
+    direction = torch.where(finite, direction, torch.zeros_like(direction))
     shape = sketch_shape(direction, rank, group["oversample"])
     omega = None
     if shape is not None:
@@ -344,7 +365,7 @@ def _capturable_step(xp, p, direction, state, new_state, group):
         omega = torch.randn((*batch, l, n), dtype=direction.dtype, device=W.device).mT
     L, Rh = step_factors_unchecked(xp, W, direction, omega, lr=group["lr"], rank=rank,
                                    variant=group["variant"], power_iters=group["power_iters"], traced=True)
-    finite = torch.isfinite(L).all() & torch.isfinite(Rh).all()
+    finite = finite & torch.isfinite(L).all() & torch.isfinite(Rh).all()
     L = torch.where(finite, L, torch.zeros_like(L))
     Rh = torch.where(finite, Rh, torch.zeros_like(Rh))
     kept = {}
@@ -462,6 +483,6 @@ def _check_unitary_parameter(name, p, rank):
     if len(shape) < 2:
         raise ValueError(f"unitary parameter {name} must be a matrix or a batch of them, (..., n, m), "
                          f"got shape {shape}")
-    if rank > min(shape[-2:]):
+    if rank is not None and rank > min(shape[-2:]):
         raise ValueError(f"rank {rank} exceeds min(n, m) = {min(shape[-2:])} of unitary parameter {name} "
                          f"(shape {shape})")

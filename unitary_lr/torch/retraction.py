@@ -11,7 +11,7 @@ import array_api_compat
 import numpy as np
 import torch
 
-from ..optim import control_drift
+from ..optim import DEFAULT_VARIANT, control_drift, step_rank
 from ..options import ProjUNNOptions
 from ..steps import STEP_OVERSAMPLE, STEP_POWER_ITERS, VARIANTS, projunn_step
 from ._mark import is_unitary
@@ -19,7 +19,7 @@ from ._mark import is_unitary
 __all__ = ["ProjUNNRetraction", "projunn_retraction"]
 
 
-def projunn_retraction(optimizer, *, rank=1, variant="tangent", params=None, oversample=STEP_OVERSAMPLE,
+def projunn_retraction(optimizer, *, rank=None, variant=DEFAULT_VARIANT, params=None, oversample=STEP_OVERSAMPLE,
                        power_iters=STEP_POWER_ITERS, drift_tol=None, drift_check_every=50, reproject="svd",
                        seed=None):
     r"""Keep the unitary parameters of any ``torch.optim`` optimizer unitary:
@@ -31,8 +31,10 @@ def projunn_retraction(optimizer, *, rank=1, variant="tangent", params=None, ove
     optimizer : torch.optim.Optimizer
         Any optimizer (``AdamW``, ``SGD``, a third-party one); its step hooks
         are used.
-    rank : int, optional
-        Rank k of the projUNN steps.
+    rank : int or None, optional
+        Rank k of the projUNN steps, ``1 <= rank <= min(n, m)``. None: 8
+        (:data:`unitary_lr.options.DEFAULT_RANK`), capped at ``min(n, m)`` of
+        each parameter.
     variant : {"tangent", "direct"}, optional
         projUNN-T or projUNN-D.
     params : iterable of torch.Tensor, optional
@@ -155,7 +157,7 @@ class ProjUNNRetraction:
                             "expected float32, float64, complex64 or complex128")
         if p.dim() < 2:
             raise ValueError(f"a retracted parameter must be a matrix or a batch of them, got shape {tuple(p.shape)}")
-        if self.options["rank"] > min(p.shape[-2:]):
+        if self.options["rank"] is not None and self.options["rank"] > min(p.shape[-2:]):
             raise ValueError(f"rank {self.options['rank']} exceeds the size of a retracted parameter "
                              f"(shape {tuple(p.shape)})")
 
@@ -189,7 +191,8 @@ class ProjUNNRetraction:
                 state = self.state[p] = {"rng": np.random.default_rng([self.seed, len(self.state)]),
                                          "steps": 0, "reprojections": 0}
             try:
-                new = projunn_step(W, -delta, lr=1.0, rng=state["rng"], **self.options)
+                new = projunn_step(W, -delta, lr=1.0, rng=state["rng"],
+                                   **{**self.options, "rank": step_rank(self.options["rank"], W.shape)})
             except ValueError as error:
                 for q, old in saved:  # every retracted parameter as before the step
                     q.copy_(old)
