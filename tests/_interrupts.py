@@ -70,3 +70,43 @@ def moments(main, argv, run_function, samples):
     status, total = run_with_interrupt(main, argv, run_function, 0)
     assert status == 0 and total > samples, (status, total)
     return sorted({1 + round(i * (total - 1) / (samples - 1)) for i in range(samples)})
+
+
+class _ReturnInjector:
+    """Ctrl-C as ``code`` (a function of any module) returns for the ``at``-th
+    time during the work: the moment just after a context manager's
+    ``__enter__`` has changed global state and before the ``with`` statement
+    has armed its ``__exit__``, which no line of the command itself reaches."""
+
+    def __init__(self, code, at):
+        self.code, self.at, self.count, self.after = code, at, 0, False
+        self.defer_code = _output.InterruptGuard.defer.__code__
+
+    def trace(self, frame, event, arg):
+        if self.after:
+            return None
+        if frame.f_code is self.defer_code:
+            self.after = True  # the work is over; the outputs are the guard's to protect
+            return None
+        return self.on_return if frame.f_code is self.code else None
+
+    def on_return(self, frame, event, arg):
+        if event == "return" and not self.after:
+            self.count += 1
+            if self.count == self.at:
+                self.after = True
+                raise KeyboardInterrupt  # raised by a trace function on "return", it leaves the call
+        return self.on_return
+
+
+def run_with_interrupt_on_return(main, argv, code, at):
+    """main(argv) with Ctrl-C as ``code`` returns for the ``at``-th time (0:
+    none); returns (exit status, how many times it returned during the work)."""
+    injector = _ReturnInjector(code, at)
+    previous = sys.gettrace()
+    sys.settrace(injector.trace)
+    try:
+        status = main(argv)
+    finally:
+        sys.settrace(previous)
+    return status, injector.count

@@ -36,6 +36,44 @@ def test_lora_starts_as_the_layer():
     assert adapt._trainable(lora) == 2 * (6 + 4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_svd_adapters_train_with_projunn_and_stay_orthonormal(dtype):
+    """The SVD runs' optimizer is ProjUNN (U, V in its unitary group, at the
+    scaled rate; s in the plain one), and the unitarity error the command
+    reports is the float64 NumPy value of ||U^T U - I||_F / sqrt(r)."""
+    import numpy as np
+
+    from unitary_lr.torch import ProjUNN, SVDAdapter
+
+    torch.manual_seed(0)
+    pretrained = adapt._mlp(torch, 12).to(dtype)
+    model = adapt._adapted(torch, pretrained, "svd", 3, seed=0)
+    assert [type(model[int(name)]) for name in adapt.LAYERS] == [SVDAdapter] * 3
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = adapt._optimizer(torch, parameters, lr=0.1, seed=0)
+    assert isinstance(optimizer, ProjUNN)
+    unitary = [g for g in optimizer.param_groups if g["unitary"]]
+    assert len(unitary) == 1 and len(unitary[0]["params"]) == 6 and unitary[0]["rank"] == 3
+    assert unitary[0]["lr"] == pytest.approx(0.1 * adapt.SVD_UNITARY_LR_SCALE)
+    initial = [model[int(name)].U.detach().clone() for name in adapt.LAYERS]
+    x, y = torch.randn(32, 64, dtype=dtype), torch.randint(0, 10, (32,))
+    for _ in range(20):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    adapters = [model[int(name)] for name in adapt.LAYERS]
+    assert all(float(a.s.detach().abs().max()) > 0 for a in adapters)  # it trained
+    assert all(float((a.U.detach() - u).abs().max()) > 1e-3 for u, a in zip(initial, adapters))  # U moved
+    reference = max(np.linalg.norm(F.T @ F - np.eye(F.shape[1])) / np.sqrt(F.shape[1])
+                    for a in adapters for F in (a.U.detach().double().numpy(), a.V.detach().double().numpy()))
+    assert adapt._unitarity_error(model) == pytest.approx(reference, rel=1e-6, abs=1e-15)
+    assert reference < (1e-5 if dtype == torch.float32 else 1e-12)
+    # a model without SVD adapters has no such error, and plain Adam as its optimizer
+    assert adapt._unitarity_error(pretrained) is None
+    assert type(adapt._optimizer(torch, list(pretrained.parameters()), lr=0.1, seed=0)) is torch.optim.Adam
+
+
 def test_quick_run(tmp_path, capsys):
     out = tmp_path / "adapt"
     assert main(["adapt", "--quick", "--threads", "1", "--no-progress", "--out", str(out)]) == 0
@@ -43,7 +81,7 @@ def test_quick_run(tmp_path, capsys):
     assert record["status"] == "done" and record["experiment"] == "adapt"
     assert record["settings"]["seeds"] == [0] and record["settings"]["epochs"] == adapt.QUICK["epochs"]
     results = {r["label"]: r for r in record["results"]}
-    expected = {"none", "full", "LoRA r=1", "LoRA r=4", "HTA j=1", "HTA j=4"}
+    expected = {"none", "full", "LoRA r=1", "LoRA r=4", "HTA j=1", "HTA j=4", "SVD r=1", "SVD r=4"}
     if peft_problem() is None:
         expected |= {"HRA r=2", "HRA r=8", "OFT block 4", "OFT block 8"}
         assert record["skipped"] == []
@@ -60,12 +98,19 @@ def test_quick_run(tmp_path, capsys):
     # HTA: (n_out + n_in) j + min(n_out, n_in) per layer
     assert results["HTA j=1"]["trainable_parameters"] == (hidden + 64) + 64 + 2 * hidden + hidden + (10 + hidden) + 10
     assert results["LoRA r=4"]["trainable_parameters"] == 4 * ((hidden + 64) + 2 * hidden + (10 + hidden))
+    # SVD: (n_out + n_in + 1) r per layer, next to LoRA's (n_out + n_in) r
+    for r in (1, 4):
+        assert results[f"SVD r={r}"]["trainable_parameters"] == r * ((hidden + 64 + 1) + (2 * hidden + 1) + (10 + hidden + 1))
+        # trained by ProjUNN: U and V orthonormal to float32 rounding after every epoch's steps
+        assert len(results[f"SVD r={r}"]["unitarity_error"]) == 1
+        assert 0 <= results[f"SVD r={r}"]["unitarity_error"][0] < 1e-5
+    assert all("unitarity_error" not in r for label, r in results.items() if not label.startswith("SVD"))
     # the shift is real: the pre-trained network does well on its task and badly on the rotated one
     pretrained = record["pretrained"][0]
     assert pretrained["accuracy"] > 0.85 and pretrained["shifted_accuracy"] < 0.4
     baseline = results["none"]["mean_accuracy"]
     assert baseline == pytest.approx(pretrained["shifted_accuracy"])
-    for label in ("HTA j=1", "HTA j=4"):
+    for label in ("HTA j=1", "HTA j=4", "SVD r=4"):
         assert results[label]["mean_accuracy"] > baseline + 0.3, label
     assert out.with_name("adapt.png").read_bytes()[:4] == b"\x89PNG"
     printed = capsys.readouterr().out
@@ -103,6 +148,7 @@ def test_quick_fills_only_what_is_not_given(tmp_path):
         (["--seeds", "-1"], "--seeds must be >= 0, got -1"),
         (["--reflectors", "11"], "--reflectors must lie in [1, 10], got 11"),
         (["--lora-ranks", "0"], "--lora-ranks must lie in [1, 10], got 0"),
+        (["--svd-ranks", "11"], "--svd-ranks must lie in [1, 10], got 11"),
         (["--hra-ranks", "3"], "--hra-ranks must be even (HRA's initialization pairs its reflections), got 3"),
         (["--oft-block-sizes", "5"], "--oft-block-sizes must be >= 2 and divide 64 and --hidden = 64, got 5"),
         (["--threads", "0"], "--threads must be >= 1, got 0"),
@@ -148,7 +194,8 @@ def test_interrupted_at_any_moment_leaves_whole_results(tmp_path):
     from unitary_lr.cli._session import execute  # every subcommand's work runs in it
 
     out = tmp_path / "adapt"
-    argv = ["adapt", "--methods", "none", "lora", "hta", "--lora-ranks", "1", "--reflectors", "1", "--hidden", "8",
+    argv = ["adapt", "--methods", "none", "lora", "hta", "svd", "--lora-ranks", "1", "--reflectors", "1",
+            "--svd-ranks", "1", "--hidden", "8",
             "--pretrain-epochs", "1", "--epochs", "1", "--seeds", "0", "1", "--no-progress", "--no-plot",
             "--out", str(out)]
     for at in moments(main, argv, execute, 12):
@@ -159,5 +206,6 @@ def test_interrupted_at_any_moment_leaves_whole_results(tmp_path):
         record = json.loads(out.with_name("adapt.json").read_text(), parse_constant=_reject)
         assert record["status"] == "interrupted", at
         for r in record["results"]:
-            lengths = {len(r[key]) for key in ("seeds", "accuracy", "original_task_accuracy", "seconds")}
+            keys = ("seeds", "accuracy", "original_task_accuracy", "seconds") + ("unitarity_error",) * (r["method"] == "svd")
+            lengths = {len(r[key]) for key in keys}
             assert len(lengths) == 1, (at, r)

@@ -91,6 +91,31 @@ def test_conv_interrupted_at_any_moment_leaves_whole_results(tmp_path):
             assert len(r["test_steps"]) == len(r["test_accuracy"]), (at, r)
 
 
+
+def test_conv_interrupted_inside_no_grad_leaves_gradients_on(tmp_path):
+    """Ctrl-C just after ``torch.no_grad().__enter__`` has switched gradients
+    off, before the ``with`` statement can call ``__exit__``: the run still
+    reports, and gradients are on again once it returns."""
+    from _interrupts import run_with_interrupt_on_return
+
+    enter = torch.autograd.grad_mode.no_grad.__enter__.__code__
+    out = tmp_path / "conv"
+    argv = ["conv", "--depth", "2", "--channels", "2", "--rank", "1", "--size", "4", "--steps", "3", "--batch", "4",
+            "--no-progress", "--no-plot", "--out", str(out)]
+    status, entered = run_with_interrupt_on_return(main, argv, enter, 0)
+    assert status == 0 and entered >= 4, entered  # test accuracy and operator error, for both runs
+    for at in range(1, entered + 1):
+        out.with_name("conv.json").unlink(missing_ok=True)
+        try:
+            status, _ = run_with_interrupt_on_return(main, argv, enter, at)
+            grad_enabled = torch.is_grad_enabled()
+        finally:
+            torch.set_grad_enabled(True)  # a failure here must not spill into the other tests
+        assert status == 130 and grad_enabled, (at, status)
+        record = json.loads(out.with_name("conv.json").read_text())
+        assert record["status"] == "interrupted", at
+
+
 # torch's inductor imports a deprecated torch.jit helper of its own, and notes
 # that it leaves complex operators (the Fourier-domain product) to eager kernels
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")

@@ -64,6 +64,7 @@ def execute(args, work, report, *, description, plot, torch=False,
     """
     require_modules(("matplotlib",) * plot + ("tqdm",) * (not args.no_progress))
     session = Session(description, show_progress=not args.no_progress)
+    restore_grad_mode = _grad_mode_restorer() if torch else None
     with thread_limits(args.threads, torch=torch, required=args.threads_given), \
             InterruptGuard() as guard:
         try:
@@ -72,8 +73,26 @@ def execute(args, work, report, *, description, plot, torch=False,
         except KeyboardInterrupt:
             session.interrupted = True
             guard.defer()
+        if restore_grad_mode is not None:
+            restore_grad_mode()
         session.bar.close()
         return guard.status(_finish(report(session), session.interrupted, unfinished))
+
+
+def _grad_mode_restorer():
+    """A function that puts torch's grad mode back as it is now (None without torch).
+
+    ``with torch.no_grad():`` switches gradients off inside ``__enter__``, in
+    Python; a Ctrl-C that lands after the switch and before ``__enter__``
+    returns skips ``__exit__`` and leaves gradients off for the rest of the
+    process. The work may be cut anywhere, so the mode is put back here, once
+    the guard has deferred signals, for every subcommand that uses torch."""
+    try:
+        import torch
+    except ImportError:  # the subcommand says so, in one line
+        return None
+    enabled = torch.is_grad_enabled()
+    return lambda: torch.set_grad_enabled(enabled)
 
 
 def _finish(written, interrupted, unfinished) -> int:

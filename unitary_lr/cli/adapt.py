@@ -1,5 +1,6 @@
 """``unitary-lr adapt``: fine-tuning a pre-trained network to a shifted task
-with Householder adapters (HTA), LoRA, full fine-tuning and PEFT's HRA and OFT.
+with Householder adapters (HTA), SVD adapters with orthonormal factors, LoRA,
+full fine-tuning and PEFT's HRA and OFT.
 
 Nothing is downloaded: an MLP is pre-trained on scikit-learn's handwritten
 digits (8 x 8 images, shipped with scikit-learn), then adapted to the same
@@ -7,7 +8,9 @@ digits rotated by 90 degrees (or with their pixels permuted). Every method
 adapts the same three linear layers of the same pre-trained network, with
 everything else frozen; the table and the plot give each method's test
 accuracy on the shifted task against its number of trainable parameters,
-over several seeds (one pre-training per seed).
+over several seeds (one pre-training per seed). The SVD adapters are trained
+by ``unitary_lr.torch.ProjUNN``, which keeps their factors U and V orthonormal;
+their unitarity error after training is in the table and the JSON.
 """
 
 from __future__ import annotations
@@ -22,14 +25,18 @@ from . import _options, _output
 from ._output import CommandError
 from ._session import execute
 
-METHODS = ("none", "full", "lora", "hta", "hra", "oft")
+METHODS = ("none", "full", "lora", "hta", "svd", "hra", "oft")
 PEFT_METHODS = ("hra", "oft")
 # Adam's learning rate per method: each method's best of {0.003, 0.01, 0.03,
 # 0.1} (full: {0.001, 0.003, 0.01}) for the smaller size, seed 0, default
 # settings (rotate, 40 + 30 epochs), so that no method is compared at a step
 # size that suits another. Full fine-tuning moves every weight and needs the
-# smallest step; LoRA r=4 diverges at 0.1.
-LEARNING_RATES = {"full": 1e-2, "lora": 3e-2, "hta": 1e-1, "hra": 1e-1, "oft": 3e-2}
+# smallest step; LoRA r=4 diverges at 0.1. The SVD adapter has two rates, s's
+# Adam rate and the projUNN rate of U and V (that times SVD_UNITARY_LR_SCALE),
+# chosen on the grid {0.03, 0.1, 0.3} x {1, 0.3, 0.1}: with one rate for both
+# (scale 1) its best is 0.67 at 0.1, against 0.84 at 0.1 x 0.3.
+LEARNING_RATES = {"full": 1e-2, "lora": 3e-2, "hta": 1e-1, "svd": 1e-1, "hra": 1e-1, "oft": 3e-2}
+SVD_UNITARY_LR_SCALE = 0.3
 # --quick fills only what the command line leaves out
 DEFAULTS = {"pretrain_epochs": 40, "epochs": 30, "seeds": [0, 1, 2]}
 QUICK = {"pretrain_epochs": 15, "epochs": 8, "seeds": [0]}
@@ -42,7 +49,7 @@ def add_parser(commands):
                                "--pretrain-epochs, --epochs, --seeds do not say otherwise"),
         _options.experiment_run_options("adapt"),
     ]
-    parser = commands.add_parser("adapt", help="fine-tune a pre-trained MLP to a shifted task: HTA, LoRA, full, HRA, OFT",
+    parser = commands.add_parser("adapt", help="fine-tune a pre-trained MLP to a shifted task: HTA, SVD, LoRA, full, HRA, OFT",
                                  description=_options.paragraph(__doc__, 1), parents=parents)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=None, metavar="METHOD",
                         help=f"among {', '.join(METHODS)} ('none': the pre-trained network as it is); "
@@ -53,6 +60,9 @@ def add_parser(commands):
     parser.add_argument("--reflectors", type=int, nargs="+", default=[1, 4],
                         help="HTA: Householder reflections per side, one run each (default: 1 4)")
     parser.add_argument("--lora-ranks", type=int, nargs="+", default=[1, 4], help="LoRA ranks (default: 1 4)")
+    parser.add_argument("--svd-ranks", type=int, nargs="+", default=[1, 4],
+                        help="SVD adapter: ranks r, (n_out + n_in + 1) r parameters a layer, about LoRA's "
+                             "r (n_out + n_in) (default: 1 4)")
     parser.add_argument("--hra-ranks", type=int, nargs="+", default=[2, 8],
                         help="PEFT HRA: reflections r, even (default: 2 8)")
     parser.add_argument("--oft-block-sizes", type=int, nargs="+", default=[4, 8],
@@ -81,6 +91,7 @@ def _validate(args):
     args.seeds = list(dict.fromkeys(args.seeds))
     smallest = min(args.hidden, 10)  # min(n_out, n_in) of the output layer
     for flag, values, upper in (("--reflectors", args.reflectors, smallest), ("--lora-ranks", args.lora_ranks, smallest),
+                                ("--svd-ranks", args.svd_ranks, smallest),
                                 ("--hra-ranks", args.hra_ranks, min(args.hidden, 64))):
         for value in values:
             if not 1 <= value <= upper:
@@ -110,8 +121,8 @@ def _validate(args):
 def _variants(args):
     """(method, size, label) of every adaptation run, in order."""
     sizes = {"none": [None], "full": [None], "lora": args.lora_ranks, "hta": args.reflectors,
-             "hra": args.hra_ranks, "oft": args.oft_block_sizes}
-    names = {"lora": "LoRA r={}", "hta": "HTA j={}", "hra": "HRA r={}", "oft": "OFT block {}"}
+             "svd": args.svd_ranks, "hra": args.hra_ranks, "oft": args.oft_block_sizes}
+    names = {"lora": "LoRA r={}", "hta": "HTA j={}", "svd": "SVD r={}", "hra": "HRA r={}", "oft": "OFT block {}"}
     return [(method, size, names[method].format(size) if size is not None else method)
             for method in args.methods for size in dict.fromkeys(sizes[method])]
 
@@ -190,6 +201,10 @@ def _adapted(torch, pretrained, method, size, seed):
         from ..torch import add_householder_adapters
 
         return add_householder_adapters(model, target_modules=LAYERS, reflectors=size, generator=generator)
+    if method == "svd":
+        from ..torch import add_svd_adapters
+
+        return add_svd_adapters(model, target_modules=LAYERS, rank=size, generator=generator)
     import peft
 
     torch.manual_seed(10_000 + seed)  # PEFT draws its initial weights from torch's global generator
@@ -198,11 +213,36 @@ def _adapted(torch, pretrained, method, size, seed):
     return peft.get_peft_model(model, config)
 
 
+def _optimizer(torch, parameters, *, lr, seed):
+    """Adam, or, where some parameters are marked unitary (the SVD adapters'
+    U and V, n x r), ProjUNN with Adam as its base rule: projUNN steps of rank
+    r (the rank of U's and V's gradients) keep those orthonormal, and the
+    others get the same Adam steps as torch.optim's."""
+    from ..torch import ProjUNN, is_unitary
+
+    unitary = [p for p in parameters if is_unitary(p)]
+    if unitary:
+        return ProjUNN(parameters, lr=lr, base="adam", rank=min(p.shape[-1] for p in unitary),
+                       unitary_lr_scale=SVD_UNITARY_LR_SCALE, seed=seed)
+    return torch.optim.Adam(parameters, lr=lr)
+
+
+def _unitarity_error(model):
+    """The largest unitarity error of the SVD adapters' U and V (None without
+    SVD adapters): ``||U^H U - I||_F / sqrt(r)``, in float64."""
+    from .. import unitarity_error
+    from ..torch import SVDAdapter
+
+    errors = [float(unitarity_error(factor.detach())) for module in model.modules() if isinstance(module, SVDAdapter)
+              for factor in (module.U, module.V)]
+    return max(errors) if errors else None
+
+
 def _train(torch, model, x, y, *, epochs, batch, lr, seed, bar):
     parameters = [p for p in model.parameters() if p.requires_grad]
     if not parameters:
         return
-    optimizer = torch.optim.Adam(parameters, lr=lr)
+    optimizer = _optimizer(torch, parameters, lr=lr, seed=seed)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         order = torch.randperm(len(x), generator=generator)
@@ -238,7 +278,8 @@ def run(args) -> int:
     # what the work leaves for the report, however far it got
     state = SimpleNamespace(pretrained=[], results=[
         {"method": method, "size": size, "label": label, "trainable_parameters": None, "seeds": [], "accuracy": [],
-         "original_task_accuracy": [], "seconds": []} for method, size, label in variants])
+         "original_task_accuracy": [], "seconds": [], **({"unitarity_error": []} if method == "svd" else {})}
+        for method, size, label in variants])
     return execute(args, lambda session: _adapt_all(args, variants, state, session),
                    lambda session: _report(args, state.results, state.pretrained, session.interrupted),
                    description="adapt", plot=args.png_path is not None, torch=True)
@@ -266,20 +307,24 @@ def _adapt_all(args, variants, state, session):
             model.eval()
             accuracy = _accuracy(torch, model, shifted_test_x, test_y)
             original = _accuracy(torch, model, test_x, test_y)
+            error = _unitarity_error(model)
             # one append per list, together: an interrupt between them is cut back in _close
             record["trainable_parameters"] = trainable
             record["seeds"].append(seed)
             record["accuracy"].append(accuracy)
             record["original_task_accuracy"].append(original)
             record["seconds"].append(time.perf_counter() - start)
+            if "unitarity_error" in record:
+                record["unitarity_error"].append(error)
             bar.set_postfix_str(f"seed {seed} {label} {accuracy:.3f}", refresh=False)
 
 
 def _close(results):
     """Cut every record's per-seed lists to the length they share (an
     interrupt can land between two appends) and add the summaries."""
-    keys = ("seeds", "accuracy", "original_task_accuracy", "seconds")
     for record in results:
+        keys = [key for key in ("seeds", "accuracy", "original_task_accuracy", "seconds", "unitarity_error")
+                if key in record]
         done = min(len(record[key]) for key in keys)
         for key in keys:
             del record[key][done:]
@@ -297,9 +342,12 @@ def _report(args, results, pretrained, interrupted):
     rows = []
     for r in results:
         original = statistics.fmean(r["original_task_accuracy"]) if r["original_task_accuracy"] else None
+        errors = r.get("unitarity_error")
         rows.append((r["label"], "-" if r["trainable_parameters"] is None else r["trainable_parameters"],
-                     len(r["accuracy"]), cell(r["mean_accuracy"]), cell(r["std_accuracy"]), cell(original)))
-    print(_output.format_table(("method", "trainable", "seeds", "shifted accuracy", "std", "original task"), rows))
+                     len(r["accuracy"]), cell(r["mean_accuracy"]), cell(r["std_accuracy"]), cell(original),
+                     f"{max(errors):.1e}" if errors else "-"))
+    print(_output.format_table(("method", "trainable", "seeds", "shifted accuracy", "std", "original task",
+                                "U, V unitarity error"), rows))
     versions = {}
     for module in ("torch", "sklearn", "peft"):
         loaded = sys.modules.get(module)
@@ -307,9 +355,11 @@ def _report(args, results, pretrained, interrupted):
             versions[module] = getattr(loaded, "__version__", None)
     record = _output.run_record(args, "adapt", {
         "settings": {"methods": args.methods, "shift": args.shift, "hidden": args.hidden,
-                     "reflectors": args.reflectors, "lora_ranks": args.lora_ranks, "hra_ranks": args.hra_ranks,
+                     "reflectors": args.reflectors, "lora_ranks": args.lora_ranks, "svd_ranks": args.svd_ranks,
+                     "hra_ranks": args.hra_ranks,
                      "oft_block_sizes": args.oft_block_sizes, "pretrain_epochs": args.pretrain_epochs,
                      "epochs": args.epochs, "batch": args.batch, "seeds": args.seeds, "learning_rates": LEARNING_RATES,
+                     "svd_unitary_lr_scale": SVD_UNITARY_LR_SCALE,
                      "quick": args.quick, "threads": args.threads},
         "status": "interrupted" if interrupted else "done",
         "skipped": [{"method": method, "reason": reason} for method, reason in args.skipped.items()],
@@ -327,7 +377,7 @@ def _plot(path, results, *, title):
 
     figure = Figure(figsize=(6.8, 4.4), layout="constrained")
     axes = figure.subplots()
-    markers = {"full": "s", "lora": "o", "hta": "D", "hra": "^", "oft": "v"}
+    markers = {"full": "s", "lora": "o", "hta": "D", "svd": "P", "hra": "^", "oft": "v"}
     for method in dict.fromkeys(r["method"] for r in results):
         points = [r for r in results if r["method"] == method and r["accuracy"]]
         if not points:
@@ -338,8 +388,8 @@ def _plot(path, results, *, title):
             continue
         axes.errorbar([r["trainable_parameters"] for r in points], [r["mean_accuracy"] for r in points],
                       yerr=[r["std_accuracy"] for r in points], marker=markers.get(method, "o"), capsize=3,
-                      label=method if method in ("full",) else {"lora": "LoRA", "hta": "HTA", "hra": "HRA (PEFT)",
-                                                                   "oft": "OFT (PEFT)"}[method])
+                      label=method if method in ("full",) else {"lora": "LoRA", "hta": "HTA", "svd": "SVD (ProjUNN)",
+                                                                   "hra": "HRA (PEFT)", "oft": "OFT (PEFT)"}[method])
         for r in points:
             axes.annotate(r["label"].split(" ", 1)[-1] if method != "full" else "", (r["trainable_parameters"],
                           r["mean_accuracy"]), textcoords="offset points", xytext=(4, -10), fontsize="x-small")
