@@ -25,7 +25,7 @@ import warnings
 
 from ._cores import drop_tolerance, expm_skew_minus_identity, gram_basis, polar_minus_identity
 from ._tiny import gram_basis2, polar_small2, skew_core2
-from ._xp import adjoint_matmul, core_dtype, max_abs, device, matmul_panel, mH, panel_times_small, real_dtype
+from ._xp import adjoint_matmul, broadcast_shapes, core_dtype, max_abs, device, matmul_panel, mH, panel_times_small, real_dtype
 
 __all__ = ["checked", "lowrank_right_update", "lowrank_update", "sketch_panels", "stiefel_update", "transport_update"]
 
@@ -331,12 +331,15 @@ def _conj(x):
 def _scatter_tiny(cores, CP, T, D):
     """:func:`_scatter` of 2 x 2 cores given as Python numbers."""
     sxp = cores.xp
-    T = sxp.asarray(T, dtype=CP.dtype)
-    D = D if hasattr(D, "shape") else sxp.asarray(D, dtype=CP.dtype)
     d = [x.real for x in (CP[0, 0].item(), CP[1, 1].item())]
     if max(abs(round(math.log2(math.sqrt(v)))) if v > 0 else 0 for v in d) <= 40:
-        return (*cores.scatter(T, D), None)
-    return _scatter(sxp, cores, CP, T, D)
+        if not hasattr(D, "shape"):
+            # both as one (2, 2, 2) host array: one conversion, one transfer
+            T, D = cores.scatter_stack((T, D))
+            return T, D, None
+        return (*cores.scatter(sxp.asarray(T, dtype=CP.dtype), D), None)
+    D = D if hasattr(D, "shape") else sxp.asarray(D, dtype=CP.dtype)
+    return _scatter(sxp, cores, CP, sxp.asarray(T, dtype=CP.dtype), D)
 
 
 def lowrank_right_update(xp, W, Y, Z, *, lr, variant, rank, cores, sketched, names):
@@ -538,8 +541,7 @@ def _prepare(xp, W, Y, Z, cores, sketched):
     """Y and Z broadcast to the common batch, rescaled where the cores need it
     (see :func:`_needs_scaling`), in W's dtype; the core dtype and the scales
     to gather (their product multiplies the step)."""
-    batch = _batch(W, Y, Z)
-    Y, Z = xp.broadcast_to(Y, (*batch, *Y.shape[-2:])), xp.broadcast_to(Z, (*batch, *Z.shape[-2:]))
+    Y, Z = _broadcast_batch(xp, W, Y, Z)
     core = core_dtype(xp, W.dtype, device(W))
     scales = []
     if _needs_scaling(xp, W.dtype, cores):
@@ -592,8 +594,7 @@ def transport_update(xp, W, a, b, *, t, cores, cayley=False):
     passes: ``Q^H W`` and the update.
     """
     n, k = W.shape[-2], a.shape[-1]
-    batch = _batch(W, a, b)
-    a, b = xp.broadcast_to(a, (*batch, *a.shape[-2:])), xp.broadcast_to(b, (*batch, *b.shape[-2:]))
+    a, b = _broadcast_batch(xp, W, a, b)
     core = core_dtype(xp, W.dtype, device(W))
     scales = []  # of a and b, carried into t
     if _needs_scaling(xp, W.dtype, cores):
@@ -644,7 +645,10 @@ def transport_update(xp, W, a, b, *, t, cores, cayley=False):
     return _apply_left(xp, W, P, T, D, column_scale, steps)
 
 
-def _batch(*arrays):
-    from ._xp import broadcast_shapes
-
-    return broadcast_shapes(*(tuple(x.shape[:-2]) for x in arrays))
+def _broadcast_batch(xp, W, *panels):
+    """The panels broadcast to the common batch of W and the panels (as they
+    are when all are single matrices, the common case: no calls)."""
+    if W.ndim == 2 and all(x.ndim == 2 for x in panels):
+        return panels
+    batch = broadcast_shapes(*(tuple(x.shape[:-2]) for x in (W, *panels)))
+    return tuple(xp.broadcast_to(x, (*batch, *x.shape[-2:])) for x in panels)
