@@ -96,7 +96,7 @@ class HostCores:
         name = _host_name(self._xp, self.dtype)
         host = host_xp.asarray(values, dtype=getattr(host_xp, name))
         flat = from_host(self._xp, host, dtype=self.dtype, device=self.device)
-        return tuple(flat[i] for i in range(host.shape[0]))
+        return tuple(flat[i, ...] for i in range(host.shape[0]))
 
 
 class DeviceCores:
