@@ -89,6 +89,16 @@ class HostCores:
         return tuple(out)
 
 
+    def scatter_stack(self, values):
+        """Nested sequences of Python numbers of one shape (..., r, s) as
+        device arrays of the kernel's dtype, in one transfer: the entries of
+        the first axis, as views of one array."""
+        name = _host_name(self._xp, self.dtype)
+        host = host_xp.asarray(values, dtype=getattr(host_xp, name))
+        flat = from_host(self._xp, host, dtype=self.dtype, device=self.device)
+        return tuple(flat[i, ...] for i in range(host.shape[0]))
+
+
 class DeviceCores:
     """Small work on the device (traced programs): no transfer, no value branch."""
 

@@ -20,10 +20,12 @@ values, and in eager calls exactly one device-to-host transfer.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 from ._cores import drop_tolerance, expm_skew_minus_identity, gram_basis, polar_minus_identity
-from ._xp import adjoint_matmul, core_dtype, device, matmul_panel, mH, panel_times_small, real_dtype
+from ._tiny import gram_basis2, polar_small2, skew_core2
+from ._xp import adjoint_matmul, broadcast_shapes, core_dtype, max_abs, device, matmul_panel, mH, panel_times_small, real_dtype
 
 __all__ = ["checked", "lowrank_right_update", "lowrank_update", "sketch_panels", "stiefel_update", "transport_update"]
 
@@ -54,7 +56,7 @@ def _normalized(xp, Y):
 
 def _scaled(xp, Y):
     """(Y / s, s) with s (..., 1, 1) about Y's largest entry."""
-    top = xp.linalg.vector_norm(Y, axis=(-2, -1), keepdims=True, ord=float("inf"))
+    top = max_abs(xp, Y)
     top = top + xp.finfo(real_dtype(xp, Y.dtype)).smallest_normal
     return Y / top, top
 
@@ -151,6 +153,16 @@ def _blocks(C, sizes):
 def _check_finite(sxp, gram, name):
     if not bool(sxp.all(sxp.isfinite(gram))):
         raise StepInputError(name)
+
+
+def _check_finite_blocks(sxp, gram, *blocks, whole="W"):
+    """One finiteness test of the whole Gram; only when it fails, the blocks
+    (block, name), in order, name the input whose products are not finite."""
+    if bool(sxp.all(sxp.isfinite(gram))):
+        return
+    for block, name in blocks:
+        _check_finite(sxp, block, name)
+    raise StepInputError(whole)
 
 
 def checked(run, xp, arrays, *, sketched=()):
@@ -253,6 +265,83 @@ def _reorthonormalize_steps(sxp, spread, m, eps):
     return steps
 
 
+def _reorthonormalize_steps_tiny(spread, m, eps):
+    """:func:`_reorthonormalize_steps` for one Python float ``spread``."""
+    error, steps = eps * (spread * m) ** 0.5, 0
+    while error > 16 * eps and steps < 4:
+        error, steps = max(error * error, eps), steps + 1
+    return steps
+
+
+def _scalar(x):
+    """A host 1 x 1 (or 0-d) array as a Python number."""
+    return x.reshape(-1)[0].item()
+
+
+def _right_core_tiny(sxp, C, scales, *, lr, variant, sketched, tol, core_eps):
+    """:func:`_check_unitary` and :func:`_right_core` for one matrix and l = 1:
+    C (3 x 3, finite) is the Gram of [Y, Z, c]; (T, D, spread) as nested
+    tuples of Python numbers, from the closed forms of ``_tiny``."""
+    (cy, _, _), (_, cz, g), (_, _, cw) = C.tolist()
+    cy, cz, cw = cy.real, cz.real, cw.real
+    deviation = abs(cw - cy) / cy if cy > 0 else 0.0
+    if not deviation <= UNITARITY_TOLERANCE:
+        raise UnitarityError(deviation, UNITARITY_TOLERANCE)
+    # Pi: 1 / (Y^H Y) for a sketch (truncation to rank 1 of one column is
+    # nothing), 1 for factors; see _sketch_projector
+    Pi = (1 / cy if cy > 0 else 0.0) if sketched else 1.0
+    T, R, spread = gram_basis2(((cz, g), (_conj(g), cw)), tol)
+    size = _step_size(sxp, lr, _product_tiny(sxp, scales))
+    if variant == "direct":
+        # A = R A0 R^H with A0 = [[0, 0], [Pi, 0]]
+        B = tuple(tuple(-size * R[i][1] * Pi * _conj(R[j][0]) for j in range(2)) for i in range(2))
+        D = polar_small2(B)
+        if D is None:
+            D = polar_minus_identity(sxp, sxp.asarray(B, dtype=C.dtype), traced=False)
+        return T, D, spread
+    # A - A^H = R [[0, -Pi], [Pi, 0]] R^H
+    return T, _skew_core_tiny(C, R, -Pi, size, variant, core_eps), spread
+
+
+def _skew_core_tiny(C, R, p, size, variant, core_eps):
+    """:func:`_skew_core` of ``K = R [[0, p], [-p, 0]] R^H`` (p real) in closed form."""
+    K = tuple(tuple(p * (R[i][0] * _conj(R[j][1]) - R[i][1] * _conj(R[j][0])) for j in range(2)) for i in range(2))
+    t = -size if variant == "cayley" else -size / 2
+    return skew_core2(K, t, cayley=variant == "cayley", real=C.dtype.kind != "c", eps=core_eps)
+
+
+def _unitarity_deviation_tiny(C, CW):
+    """:func:`_unitarity_deviation` of two 2 x 2 Grams (nested lists)."""
+    scale = [1 / math.sqrt(C[i][i].real) if C[i][i].real > 0 else 0.0 for i in range(2)]
+    return max(abs(CW[i][j] - C[i][j]) * scale[i] * scale[j] for i in range(2) for j in range(2))
+
+
+def _product_tiny(sxp, scales):
+    """:func:`_product` of host 1 x 1 scales, as a Python float."""
+    scale = 1.0
+    for factor in scales:
+        scale = scale * _clamped(sxp, _scalar(factor).real)
+    return scale
+
+
+def _conj(x):
+    return x.conjugate() if isinstance(x, complex) else x
+
+
+def _scatter_tiny(cores, CP, T, D):
+    """:func:`_scatter` of 2 x 2 cores given as Python numbers."""
+    sxp = cores.xp
+    d = [x.real for x in (CP[0, 0].item(), CP[1, 1].item())]
+    if max(abs(round(math.log2(math.sqrt(v)))) if v > 0 else 0 for v in d) <= 40:
+        if not hasattr(D, "shape"):
+            # both as one (2, 2, 2) host array: one conversion, one transfer
+            T, D = cores.scatter_stack((T, D))
+            return T, D, None
+        return (*cores.scatter(sxp.asarray(T, dtype=CP.dtype), D), None)
+    D = D if hasattr(D, "shape") else sxp.asarray(D, dtype=CP.dtype)
+    return _scatter(sxp, cores, CP, sxp.asarray(T, dtype=CP.dtype), D)
+
+
 def lowrank_right_update(xp, W, Y, Z, *, lr, variant, rank, cores, sketched, names):
     """(L, Rh) such that the new square W is ``W + L @ Rh``, the step of W along
     ``-lr G_k`` with ``G_k = Y Pi Z^H``.
@@ -277,9 +366,14 @@ def lowrank_right_update(xp, W, Y, Z, *, lr, variant, rank, cores, sketched, nam
     eps = _eps(xp, W.dtype)
     tol = drop_tolerance(n, eps, cores.eps)
     if not cores.traced:
-        _check_finite(sxp, block(0, 0), names[0])
-        _check_finite(sxp, block(1, 1), names[1])
-        _check_finite(sxp, C, "W")
+        _check_finite_blocks(sxp, C, (block(0, 0), names[0]), (block(1, 1), names[1]))
+        if l == 1 and C.ndim == 2 and isinstance(lr, (int, float)):
+            # one matrix, one sketch column: 2 x 2 cores in closed form
+            T, D, spread = _right_core_tiny(sxp, C, scales, lr=lr, variant=variant, sketched=sketched,
+                                            tol=tol, core_eps=cores.eps)
+            steps = _reorthonormalize_steps_tiny(spread, 2, eps)
+            T, D, column_scale = _scatter_tiny(cores, C[1:, 1:], T, D)
+            return _apply_right(xp, W, xp.concat([Z, c], axis=-1), T, D, steps, column_scale)
         # |W^H y|^2 against |y|^2: W W^H = I exactly when W^H W = I
         _check_unitary(sxp, block(0, 0), block(2, 2))
     T, D, spread = _right_core(sxp, block(0, 0), CP, lr=lr, variant=variant, rank=rank, l=l,
@@ -373,9 +467,23 @@ def stiefel_update(xp, W, Y, Z, *, lr, variant, rank, cores, sketched, names):
     tol = drop_tolerance(n, eps, cores.eps)
     Cy, Ce = Cn[..., :l, :l], Cn[..., l:, l:]
     if not cores.traced:
-        _check_finite(sxp, Cy, names[0])
-        _check_finite(sxp, Cz, names[1])
-        _check_finite(sxp, Cn, "W")
+        if not bool(sxp.all(sxp.isfinite(Cz))):
+            _check_finite(sxp, Cy, names[0])
+            raise StepInputError(names[1])
+        _check_finite_blocks(sxp, Cn, (Cy, names[0]))
+        if l == 1 and Cn.ndim == 2 and isinstance(lr, (int, float)):
+            # one matrix, one sketch column: 2 x 2 cores in closed form
+            (cy, _), (_, ce) = Cn.tolist()
+            cz = _scalar(Cz).real
+            deviation = abs(ce.real - cz) / cz if cz > 0 else 0.0
+            if not deviation <= UNITARITY_TOLERANCE:
+                raise UnitarityError(deviation, UNITARITY_TOLERANCE)
+            Pi = (1 / cy.real if cy.real > 0 else 0.0) if sketched else 1.0
+            T, R, spread = gram_basis2(Cn.tolist(), tol)
+            size = _step_size(sxp, lr, _product_tiny(sxp, scales))
+            D = _skew_core_tiny(Cn, R, Pi, size, variant, cores.eps)
+            steps = _reorthonormalize_steps_tiny(spread, 2, eps)
+            return _apply_left(xp, W, xp.concat([Y, e], axis=-1), *_scatter_tiny(cores, Cn, T, D), steps)
         # |W z|^2 against |z|^2: W^H W = I
         _check_unitary(sxp, Cz, Ce)
     Pi = _sketch_projector(sxp, Cy, Cz, rank=rank, l=l, sketched=sketched, tol=tol)
@@ -433,8 +541,7 @@ def _prepare(xp, W, Y, Z, cores, sketched):
     """Y and Z broadcast to the common batch, rescaled where the cores need it
     (see :func:`_needs_scaling`), in W's dtype; the core dtype and the scales
     to gather (their product multiplies the step)."""
-    batch = _batch(W, Y, Z)
-    Y, Z = xp.broadcast_to(Y, (*batch, *Y.shape[-2:])), xp.broadcast_to(Z, (*batch, *Z.shape[-2:]))
+    Y, Z = _broadcast_batch(xp, W, Y, Z)
     core = core_dtype(xp, W.dtype, device(W))
     scales = []
     if _needs_scaling(xp, W.dtype, cores):
@@ -487,8 +594,7 @@ def transport_update(xp, W, a, b, *, t, cores, cayley=False):
     passes: ``Q^H W`` and the update.
     """
     n, k = W.shape[-2], a.shape[-1]
-    batch = _batch(W, a, b)
-    a, b = xp.broadcast_to(a, (*batch, *a.shape[-2:])), xp.broadcast_to(b, (*batch, *b.shape[-2:]))
+    a, b = _broadcast_batch(xp, W, a, b)
     core = core_dtype(xp, W.dtype, device(W))
     scales = []  # of a and b, carried into t
     if _needs_scaling(xp, W.dtype, cores):
@@ -500,16 +606,32 @@ def transport_update(xp, W, a, b, *, t, cores, cayley=False):
     C, *scales = cores.gather(_gram(xp, panels, core), *(xp.astype(x, core) for x in scales))
     sxp = cores.xp
     for factor in scales:
+        if not cores.traced and C.ndim == 2:
+            factor = _scalar(factor).real  # t stays a Python number
         t = _clamped(sxp, _clamped(sxp, t) * _clamped(sxp, factor))
     CP = C[..., :2 * k, :2 * k]
     CW = C[..., 2 * k:, 2 * k:] if square else CP
     eps = _eps(xp, W.dtype)
     tol = drop_tolerance(n, eps, cores.eps)
     if not cores.traced:
-        _check_finite(sxp, C[..., :k, :k], "a")
-        _check_finite(sxp, CP, "b")
+        _check_finite_blocks(sxp, C, (C[..., :k, :k], "a"), (CP, "b"))
+        if k == 1 and C.ndim == 2 and isinstance(t, (int, float)):
+            # one matrix, one column each: 2 x 2 cores in closed form
+            if square:
+                full = C.tolist()
+                deviation = _unitarity_deviation_tiny([row[:2] for row in full[:2]], [row[2:] for row in full[2:]])
+                if not deviation <= UNITARITY_TOLERANCE:
+                    raise UnitarityError(deviation, UNITARITY_TOLERANCE)
+            T, R, spread = gram_basis2(CW.tolist(), tol)
+            # K = R [[0, 1], [-1, 0]] R^H, f(t K) with t as given (size -2 t for the tangent
+            # convention of _skew_core_tiny, -t for the Cayley one)
+            D = _skew_core_tiny(CW, R, 1.0, -t if cayley else -2 * t, "cayley" if cayley else "tangent", cores.eps)
+            steps = _reorthonormalize_steps_tiny(spread, 2, eps)
+            T, D, column_scale = _scatter_tiny(cores, CW, T, D)
+            if square:
+                return _apply_right(xp, W, panels[1], T, D, steps, column_scale)
+            return _apply_left(xp, W, P, T, D, column_scale, steps)
         if square:
-            _check_finite(sxp, C, "W")
             _check_unitary(sxp, CP, CW)
     T, R, spread = gram_basis(sxp, CW, tol)
     steps = _TRACED_REORTHONORMALIZE if cores.traced else _reorthonormalize_steps(sxp, spread, CW.shape[-1], eps)
@@ -523,7 +645,10 @@ def transport_update(xp, W, a, b, *, t, cores, cayley=False):
     return _apply_left(xp, W, P, T, D, column_scale, steps)
 
 
-def _batch(*arrays):
-    from ._xp import broadcast_shapes
-
-    return broadcast_shapes(*(tuple(x.shape[:-2]) for x in arrays))
+def _broadcast_batch(xp, W, *panels):
+    """The panels broadcast to the common batch of W and the panels (as they
+    are when all are single matrices, the common case: no calls)."""
+    if W.ndim == 2 and all(x.ndim == 2 for x in panels):
+        return panels
+    batch = broadcast_shapes(*(tuple(x.shape[:-2]) for x in (W, *panels)))
+    return tuple(xp.broadcast_to(x, (*batch, *x.shape[-2:])) for x in panels)

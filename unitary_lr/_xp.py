@@ -13,6 +13,7 @@ __all__ = [
     "untracked",
     "adjoint_matmul",
     "matmul_panel",
+    "max_abs",
     "is_column_major",
     "panel_times_small",
     "array_namespace",
@@ -135,6 +136,17 @@ def matmul_panel(xp, A, P):
     if _is_torch(xp):
         return xp.matrix_transpose(xp.matrix_transpose(P) @ xp.matrix_transpose(A))
     return A @ P
+
+
+def max_abs(xp, Y):
+    """The largest |entry| of each matrix of Y, shape (..., 1, 1).
+
+    One reduction in every library; NumPy's ``vector_norm(ord=inf)`` over two
+    axes costs four times as much Python as its ``abs().max()``, and a step
+    makes four of them (the sketch's rescalings)."""
+    if getattr(xp, "__name__", "") in ("numpy", "array_api_compat.numpy"):
+        return xp.abs(Y).max(axis=(-2, -1), keepdims=True)
+    return xp.linalg.vector_norm(Y, axis=(-2, -1), keepdims=True, ord=float("inf"))
 
 
 def panel_times_small(xp, P, T):

@@ -1,0 +1,191 @@
+"""The closed-form 2 x 2 host cores (unitary_lr._tiny) against float64 NumPy/SciPy
+references, and the rank-1 steps that use them against the general cores (a batch
+of one takes the general path) and against dense SciPy steps."""
+
+import numpy as np
+import pytest
+import scipy.linalg
+
+import unitary_lr as ul
+from unitary_lr import _cores, _tiny
+
+EPS = np.finfo(np.float64).eps
+
+
+def as_array(M):
+    return np.array(M, dtype=np.complex128)
+
+
+def random_hermitian(rng, complex_, scale=1.0):
+    X = rng.standard_normal((2, 2)) + (1j * rng.standard_normal((2, 2)) if complex_ else 0)
+    return scale * (X + X.conj().T) / 2
+
+
+def as_nested(H):
+    return tuple(tuple(x.item() for x in row) for row in H)
+
+
+@pytest.mark.parametrize("complex_", [False, True])
+@pytest.mark.parametrize("case", ["generic", "diagonal", "scalar", "nearly_degenerate", "tiny", "huge"])
+def test_eigh2_matches_numpy(rng, complex_, case):
+    for _ in range(20):
+        H = random_hermitian(rng, complex_)
+        if case == "diagonal":
+            H = np.diag(np.diag(H)).astype(H.dtype)
+        elif case == "scalar":
+            H = 0.7 * np.eye(2, dtype=H.dtype)
+        elif case == "nearly_degenerate":
+            H = np.eye(2, dtype=H.dtype) + 1e-12 * H
+        elif case == "tiny":
+            H = 1e-300 * H
+        elif case == "huge":
+            H = 1e300 * H
+        lam, V = _tiny.eigh2(H[0, 0].real, H[0, 1].item(), H[1, 1].real)
+        V = as_array(V)
+        reference = np.linalg.eigvalsh(H)
+        top = np.max(np.abs(reference))
+        np.testing.assert_allclose(lam, reference, rtol=0, atol=8 * EPS * top)
+        assert lam[0] <= lam[1]
+        np.testing.assert_allclose(V.conj().T @ V, np.eye(2), atol=8 * EPS)
+        np.testing.assert_allclose(V @ np.diag(lam) @ V.conj().T, H, rtol=0, atol=16 * EPS * top)
+
+
+@pytest.mark.parametrize("complex_", [False, True])
+@pytest.mark.parametrize("case", ["generic", "dependent", "one_zero", "zero", "scaled_apart"])
+def test_gram_basis2_matches_gram_basis(rng, complex_, case):
+    tol = _cores.drop_tolerance(64, EPS, EPS)
+    for _ in range(20):
+        P = rng.standard_normal((64, 2)) + (1j * rng.standard_normal((64, 2)) if complex_ else 0)
+        if case == "dependent":
+            P[:, 1] = 3 * P[:, 0]
+        elif case == "one_zero":
+            P[:, 0] = 0
+        elif case == "zero":
+            P[:] = 0
+        elif case == "scaled_apart":
+            P[:, 0] *= 1e-120
+        C = P.conj().T @ P
+        T, R, spread = _tiny.gram_basis2(as_nested(C), tol)
+        T_ref, R_ref, spread_ref = _cores.gram_basis(np, C, tol)
+        Q, Q_ref = P @ as_array(T), P @ T_ref
+        # the same projector onto the kept span, and P = Q R on it
+        np.testing.assert_allclose(Q @ Q.conj().T, Q_ref @ Q_ref.conj().T, atol=1e-12)
+        np.testing.assert_allclose(Q @ as_array(R), Q_ref @ R_ref, atol=1e-12 * max(1.0, np.abs(P).max()))
+        kept = np.linalg.matrix_rank(Q_ref, tol=0.5)
+        np.testing.assert_allclose(Q.conj().T @ Q, np.diag([0.0] * (2 - kept) + [1.0] * kept), atol=1e-12)
+        np.testing.assert_allclose(spread, spread_ref, rtol=1e-10)
+
+
+@pytest.mark.parametrize("complex_", [False, True])
+@pytest.mark.parametrize("cayley", [False, True])
+@pytest.mark.parametrize("t", [1e-9, 0.3, -2.0, 40.0, 1e8])
+def test_skew_core2_matches_dense(rng, complex_, cayley, t):
+    for _ in range(10):
+        X = rng.standard_normal((2, 2)) + (1j * rng.standard_normal((2, 2)) if complex_ else 0)
+        K = X - X.conj().T
+        D = as_array(_tiny.skew_core2(as_nested(K), t, cayley=cayley, real=not complex_, eps=EPS))
+        if abs(t) < 1e-6:
+            # both maps are I + tK + (tK)^2 / 2 + O(t^3): dense references lose the
+            # second-order term to cancellation, the closed forms must not
+            reference = t * K + (t * K) @ (t * K) / 2
+        elif cayley:
+            reference = np.linalg.solve(np.eye(2) - t / 2 * K, np.eye(2) + t / 2 * K) - np.eye(2)
+        else:
+            reference = scipy.linalg.expm(t * K.astype(np.complex128)) - np.eye(2)
+        # relative accuracy of tiny steps (no cancellation), unitarity for every t
+        atol = 64 * EPS * max(1.0, abs(t) * np.abs(K).max()) if abs(t) * np.abs(K).max() < 100 else None
+        if atol is not None:
+            np.testing.assert_allclose(D, reference, rtol=1e-9, atol=atol if abs(t) > 1e-6 else 1e-26)
+        U = np.eye(2) + D
+        np.testing.assert_allclose(U.conj().T @ U, np.eye(2), atol=32 * EPS)
+        if not complex_:
+            assert np.all(D.imag == 0)
+
+
+def test_skew_core2_zero_generator_is_exact():
+    for real in (True, False):
+        D = _tiny.skew_core2(((0.0, 0.0), (0.0, 0.0)), 3.0, cayley=False, real=real, eps=EPS)
+        assert np.all(as_array(D) == 0)
+
+
+@pytest.mark.parametrize("complex_", [False, True])
+@pytest.mark.parametrize("size", [1e-10, 0.1, 0.45])
+def test_polar_small2_matches_scipy(rng, complex_, size):
+    for _ in range(10):
+        B = rng.standard_normal((2, 2)) + (1j * rng.standard_normal((2, 2)) if complex_ else 0)
+        B = size * B / np.linalg.norm(B)
+        D = as_array(_tiny.polar_small2(as_nested(B)))
+        # SciPy's polar(I + B) - I cancels to absolute accuracy eps; the general
+        # core (an eigh of B + B^H + B^H B) keeps relative accuracy, as must this
+        reference = scipy.linalg.polar(np.eye(2) + B)[0] - np.eye(2)
+        np.testing.assert_allclose(D, reference, rtol=1e-8, atol=16 * EPS)
+        general = _cores.polar_minus_identity(np, B.astype(np.complex128 if complex_ else np.float64), traced=False)
+        np.testing.assert_allclose(D, general, rtol=1e-9, atol=16 * EPS * size)
+    assert _tiny.polar_small2(((0.6, 0.0), (0.0, 0.0))) is None
+
+
+@pytest.mark.parametrize("dtype", ["float64", "complex128", "float32"])
+@pytest.mark.parametrize("variant", ["tangent", "direct", "cayley"])
+@pytest.mark.parametrize("shape", [(24, 24), (24, 6), (6, 24)])
+@pytest.mark.parametrize("lr", [1e-3, 0.5, 1e6])
+def test_rank1_step_matches_the_general_cores(rng, dtype, variant, shape, lr):
+    """A 2-D W at rank 1 takes the closed forms; the same W as a batch of one
+    takes the general (eigh-based) cores: same step to rounding."""
+    W = ul.random_unitary(*shape, dtype=dtype, rng=1) if shape[0] >= shape[1] else \
+        ul.random_unitary(shape[1], shape[0], dtype=dtype, rng=1).conj().T
+    G = rng.standard_normal(shape).astype(dtype)
+    tiny = ul.projunn_step(W, G, lr=lr, variant=variant, rng=5)
+    general = ul.projunn_step(W[None], G[None], lr=lr, variant=variant, rng=5)[0]
+    atol = 1e-5 if dtype == "float32" else 1e-12
+    np.testing.assert_allclose(tiny, general, atol=atol)
+    assert ul.unitarity_error(tiny) < (1e-5 if dtype == "float32" else 1e-13)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "complex128"])
+@pytest.mark.parametrize("variant", ["tangent", "direct", "cayley"])
+def test_rank1_factor_step_matches_dense_scipy(rng, dtype, variant):
+    n, lr = 12, 0.7
+    W = ul.random_unitary(n, dtype=dtype, rng=2)
+    a = rng.standard_normal((n, 1)).astype(dtype)
+    b = rng.standard_normal((n, 1)).astype(dtype)
+    new = ul.projunn_step(W, (a, b), lr=lr, variant=variant)
+    G = a @ b.conj().T
+    A = G @ W.conj().T - W @ G.conj().T
+    if variant == "tangent":
+        reference = scipy.linalg.expm(-lr / 2 * A) @ W
+    elif variant == "cayley":
+        reference = np.linalg.solve(np.eye(n) + lr / 2 * A, (np.eye(n) - lr / 2 * A) @ W)
+    else:
+        reference = scipy.linalg.polar(W - lr * G)[0]
+    np.testing.assert_allclose(new, reference, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "complex128"])
+@pytest.mark.parametrize("shape", [(10, 10), (10, 3)])
+@pytest.mark.parametrize("cayley", [False, True])
+def test_rank1_transport_matches_dense_scipy(rng, dtype, shape, cayley):
+    W = ul.random_unitary(*shape, dtype=dtype, rng=3)
+    a = rng.standard_normal((shape[0], 1)).astype(dtype)
+    b = rng.standard_normal((shape[0], 1)).astype(dtype)
+    X = a @ b.conj().T - b @ a.conj().T
+    t = 0.9
+    if cayley:
+        new = ul.cayley_transport(W, a, b, t=t)
+        eye = np.eye(shape[0])
+        reference = np.linalg.solve(eye - t / 2 * X, (eye + t / 2 * X) @ W)
+    else:
+        new = ul.exp_transport(W, a, b, t=t)
+        reference = scipy.linalg.expm(t * X) @ W
+    np.testing.assert_allclose(new, reference, atol=1e-12)
+
+
+def test_rank1_checks_still_name_the_input(rng):
+    W = ul.random_unitary(8, dtype="float64", rng=0)
+    G = rng.standard_normal((8, 8))
+    G[2, 3] = np.nan
+    with pytest.raises(ValueError, match="G"):
+        ul.projunn_step(W, G, lr=0.1, rng=0)
+    with pytest.raises(ValueError, match="not unitary"):
+        ul.projunn_step(0.5 * W, rng.standard_normal((8, 8)), lr=0.1, rng=0)
+    with pytest.raises(ValueError, match="not unitary"):
+        ul.exp_transport(0.5 * W, rng.standard_normal((8, 1)), rng.standard_normal((8, 1)), t=0.1)
