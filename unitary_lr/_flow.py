@@ -124,10 +124,7 @@ def orthonormal_columns(xp, Y, cores):
     if not cores.traced:
         steps = _reorthonormalize_steps(sxp, spread, C.shape[-1], eps)
     (T,) = cores.scatter(T)
-    Q = panel_times_small(xp, Y, T)
-    for _ in range(steps):
-        Q = panel_times_small(xp, Q, _newton_schulz_factor(xp, Q))
-    return Q
+    return _basis(xp, Y, T, steps)
 
 
 def _newton_schulz_factor(xp, Q):
@@ -243,12 +240,19 @@ def _apply_right(xp, W, P, T, D, reorthonormalize, column_scale=None):
     cond(P); each Newton-Schulz step ``Q <- Q (3 I - Q^H Q) / 2`` squares them,
     with matmuls only (no factorisation, no transfer).
     """
+    Q = _basis(xp, P, T, reorthonormalize, column_scale)
+    return matmul_panel(xp, W, Q) @ D, mH(xp, Q)
+
+
+def _basis(xp, P, T, reorthonormalize, column_scale=None):
+    """Q = P T (P's columns scaled first, see :func:`_balance`), then
+    ``reorthonormalize`` Newton-Schulz steps."""
     if column_scale is not None:
         P = P * column_scale[..., None, :]
     Q = panel_times_small(xp, P, T)
     for _ in range(reorthonormalize):
         Q = panel_times_small(xp, Q, _newton_schulz_factor(xp, Q))
-    return matmul_panel(xp, W, Q) @ D, mH(xp, Q)
+    return Q
 
 
 # Newton-Schulz steps of a traced call, which cannot look at the conditioning.
@@ -572,11 +576,7 @@ def _scatter(sxp, cores, C, T, D):
 def _apply_left(xp, W, P, T, D, column_scale, reorthonormalize):
     """(L, Rh) = (Q D, Q^H W) with Q = P T: the new W is ``(I + Q D Q^H) W``,
     unitary to rounding whenever Q has orthonormal columns."""
-    if column_scale is not None:
-        P = P * column_scale[..., None, :]
-    Q = panel_times_small(xp, P, T)
-    for _ in range(reorthonormalize):
-        Q = panel_times_small(xp, Q, _newton_schulz_factor(xp, Q))
+    Q = _basis(xp, P, T, reorthonormalize, column_scale)
     return panel_times_small(xp, Q, D), mH(xp, adjoint_matmul(xp, W, Q))
 
 

@@ -36,6 +36,7 @@ from .options import (  # the defaults live with the options; re-exported here
     DEFAULT_VARIANT,
     DriftControl,
     ProjUNNOptions,
+    drift_check_due,
     step_rank,
 )
 from .steps import STEP_OVERSAMPLE, STEP_POWER_ITERS, VARIANTS, projunn_update
@@ -340,10 +341,11 @@ _PROBES = 4
 def control_drift(xp, W, *, step, rng, drift_tol=None, drift_check_every=50, reproject="svd"):
     """Every ``drift_check_every`` steps, re-project W when a probe estimate of
     its drift from the group is above ``drift_tol``. Returns (W, re-projected?)."""
+    # decided before the policy is made: most steps check nothing
+    if not drift_check_due(step, drift_check_every):
+        return W, False
     policy = DriftControl(ProjUNNOptions(drift_tol=drift_tol, drift_check_every=drift_check_every,
                                          reproject=reproject), xp)
-    if not policy.due(step):
-        return W, False
     probes = standard_normal(xp, (*W.shape[:-2], min(W.shape[-2:]), _PROBES), dtype=W.dtype, device=device(W),
                              rng=rng)
     return policy.apply(W, probes)

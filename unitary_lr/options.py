@@ -218,10 +218,7 @@ class DriftControl:
     def due(self, step):
         """Whether step number ``step`` (1, 2, ...) checks the drift: a bool, or
         a boolean array for a traced step count."""
-        every = self.options.drift_check_every
-        if not every:
-            return False
-        return step % every == 0
+        return drift_check_due(step, self.options.drift_check_every)
 
     def apply(self, W, probes):
         """(W or its re-projection, whether it was re-projected): re-projected
@@ -243,6 +240,14 @@ class DriftControl:
         if self._cond is None:
             return self._update_branches[0](W, update) if bool(drifted) else update
         return self._cond(drifted, *self._update_branches, W, update)
+
+
+def drift_check_due(step, every):
+    """Whether step ``step`` checks the drift when it is checked every
+    ``every`` steps (0: never)."""
+    if not every:
+        return False
+    return step % every == 0
 
 
 def _newton_schulz_fixed(xp, W, steps):
