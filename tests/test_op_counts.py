@@ -153,3 +153,46 @@ def test_a_step_that_fails_for_a_later_parameter_changes_no_earlier_one():
         opt.step()
     assert torch.equal(W1.detach(), before[0]) and torch.equal(W2.detach(), before[1])
     assert not opt.state[W1] and not opt.state[W2]
+
+
+@pytest.mark.parametrize("batch", [(), (3,)])
+@pytest.mark.parametrize("layout", ["rows", "columns"])
+def test_the_update_is_one_fused_product_in_w_layout(batch, layout):
+    """``W + L @ Rh`` is one ``addmm`` (``baddbmm`` for a batch), not a product
+    into a fresh array and a sum, and the new W has W's layout."""
+    rng = np.random.default_rng(4)
+    W = torch.as_tensor(ul.random_unitary(64, batch_shape=batch, dtype="float64", rng=rng))
+    if layout == "columns":
+        W = W.mT.contiguous().mT
+    G = torch.as_tensor(rng.standard_normal((*batch, 64, 64)))
+    V, counter, _ = counted(lambda: ul.projunn_step(W, G, lr=0.1, rng=1))
+    fused = "aten.addmm.default" if not batch else "aten.baddbmm.default"
+    assert counter.ops.count(fused) == 1
+    assert V.stride() == W.stride()
+    torch.testing.assert_close(V, torch.as_tensor(np.asarray(ul.projunn_step(W.numpy(), G.numpy(), lr=0.1, rng=1))),
+                               rtol=0, atol=1e-13)
+
+
+def _adapter_pass_ops(reflectors):
+    """The aten operations of one forward + backward of an HTA layer."""
+    from unitary_lr.torch import HouseholderAdapter
+
+    torch.manual_seed(0)
+    layer = HouseholderAdapter(torch.nn.Linear(96, 80), reflectors=reflectors,
+                               generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        layer.sigma.normal_()
+    x = torch.randn(64, 96)
+    with OpCounter() as counter:
+        layer(x).square().sum().backward()
+    return counter.ops
+
+
+def test_householder_adapter_pass_does_not_grow_with_reflectors():
+    """T's inverse is one triangular solve on PyTorch: 8 reflectors a side take
+    a few more operations than 1, not the 3 (j - 1) products per side of back
+    substitution (forward and backward), and no host sync."""
+    one, eight = _adapter_pass_ops(1), _adapter_pass_ops(8)
+    assert len(eight) <= len(one) + 20, (len(one), len(eight))
+    assert len(eight) <= 160, sorted(eight)
+    assert not any("_local_scalar_dense" in op for op in eight)

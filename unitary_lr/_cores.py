@@ -31,7 +31,7 @@ import numpy
 host_xp = numpy if tuple(int(part) for part in numpy.__version__.split(".")[:2]) >= (2, 1) else array_api_compat.numpy
 
 from ._host import from_host, to_host
-from ._xp import complex_dtype, core_dtype, device, eye, is_column_major, is_complex, mH, real_dtype
+from ._xp import add_product, complex_dtype, core_dtype, device, eye, is_complex, mH, real_dtype
 
 __all__ = [
     "DeviceCores",
@@ -308,16 +308,7 @@ def _polar_large(xp, stacked, norm, identity, has_bottom):
 
 
 def add_lowrank(xp, W, L, Rh):
-    """W + L @ Rh for thin L (..., n, r) and Rh (..., r, m), as a new array.
-
-    Every low-rank kernel ends in such an update. One n x m temporary, the
-    result itself, is written, then W is added into it in place (an array of
-    our own); an optimizer that owns W can apply L and Rh in place instead.
-    """
-    if is_column_major(W):
-        # the result in W's layout, so that adding W is a pass in one order
-        out = xp.matrix_transpose(xp.matrix_transpose(Rh) @ xp.matrix_transpose(L))
-    else:
-        out = L @ Rh
-    out += W
-    return out
+    """W + L @ Rh for thin L (..., n, r) and Rh (..., r, m), as a new array in
+    W's layout (``_xp.add_product``); an optimizer that owns W can apply L and
+    Rh in place instead."""
+    return add_product(xp, W, L, Rh)

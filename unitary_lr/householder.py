@@ -10,7 +10,17 @@ from ._validation import (
     namespace_of,
     report_nonfinite,
 )
-from ._xp import core_dtype, device, is_complex, mH
+from ._xp import (
+    add_product,
+    column_layout,
+    core_dtype,
+    device,
+    eye,
+    is_complex,
+    matmul_panel,
+    mH,
+    upper_triangular_inverse,
+)
 
 __all__ = ["householder_apply", "householder_product"]
 
@@ -68,15 +78,16 @@ def householder_apply(V, X, /, *, side="left", check_finite=True):
 
     which follows from ``P_i = P_{i-1} H(u_i)``: the new column of T is
     ``-2 T_{i-1} U_{i-1}^H u_i``, so the new column of ``T^{-1}`` is
-    ``U_{i-1}^H u_i`` over the diagonal entry 1/2. A zero column gets the
-    diagonal entry 1 instead; its row and column of ``T^{-1}`` are otherwise
-    zero, so it drops out of the product. T is inverted with matrix products
-    only, no branch on values, in float64 where the device has it: by back
-    substitution done for all rows at once (j - 1 products, for j <= 16) or by
-    recursive 2 x 2 blocking, ``[[A, B], [0, C]]^{-1} = [[A^{-1}, -A^{-1} B
-    C^{-1}], [0, C^{-1}]]`` (log2(j) rounds). Then
-    ``P X = X - V S (T (S (V^H X)))`` with ``S = diag(1 / |v_i|)`` applied to the
-    j x m products, never to V or X.
+    ``U_{i-1}^H u_i`` over the diagonal entry 1/2. A zero column (with
+    ``U^H U``'s diagonal entry 0) gets the diagonal entry -1/2 instead; its
+    row and column of ``T^{-1}`` are otherwise zero, so it drops out of the
+    product. T is inverted in float64 where the device has it, by the
+    library's triangular solve where it has one (PyTorch), elsewhere with
+    matrix products only, no branch on values: by back substitution done for
+    all rows at once (j - 1 products, for j <= 16) or by recursive 2 x 2
+    blocking, ``[[A, B], [0, C]]^{-1} = [[A^{-1}, -A^{-1} B C^{-1}], [0,
+    C^{-1}]]`` (log2(j) rounds). Then ``P X = X - U (T (U^H X))``, its sum
+    fused with the last product where the library can (PyTorch's ``addmm``).
 
     Cost: O(n j^2) for the Gram matrix ``V^H V``, O(j^4) (j <= 16) or
     O(j^3 log j) for T, and O(j n m) for the two products with X; O((n + m) j)
@@ -92,7 +103,7 @@ def householder_apply(V, X, /, *, side="left", check_finite=True):
     >>> import numpy as np
     >>> from unitary_lr import householder_apply
     >>> v = np.array([[1.0], [1.0]])          # reflects across the line x + y = 0
-    >>> householder_apply(v, np.eye(2)).round(12).tolist()
+    >>> (householder_apply(v, np.eye(2)).round(12) + 0.0).tolist()  # + 0.0: no -0.0
     [[0.0, -1.0], [-1.0, 0.0]]
     >>> V = np.random.default_rng(0).standard_normal((5, 3))
     >>> X = np.ones((4, 5))
@@ -167,21 +178,17 @@ def householder_product(V, /):
     check_matrix("V", V)
     if not _all_finite(xp, V):
         report_nonfinite(xp, "V", V)
-    scale, minus_T = wy_factors(xp, V)
-    U = V * scale[..., None, :]
-    return xp.eye(V.shape[-2], dtype=V.dtype, device=device(V)) + (U @ minus_T) @ mH(xp, U)
+    U, minus_T = wy_factors(xp, V)
+    return add_product(xp, eye(xp, V.shape[-2], like=V), U @ minus_T, mH(xp, U))
 
 
 def apply_unchecked(xp, V, X, side):
     """householder_apply for validated V and X of one dtype; traceable."""
-    scale, minus_T = wy_factors(xp, V)
-    # The column scaling acts on the j x m products, never on V or X: the only
-    # passes over X's size are the two products and the sum.
+    U, minus_T = wy_factors(xp, V)
+    # The only passes over X's size are the product with U and the fused sum.
     if side == "left":
-        Y = (mH(xp, V) @ X) * scale[..., :, None]
-        return X + V @ ((minus_T @ Y) * scale[..., :, None])
-    Y = (X @ V) * scale[..., None, :]
-    return X + ((Y @ minus_T) * scale[..., None, :]) @ mH(xp, V)
+        return add_product(xp, X, U, minus_T @ (mH(xp, U) @ X))
+    return add_product(xp, X, matmul_panel(xp, X, U) @ minus_T, mH(xp, U))
 
 
 def _all_finite(xp, x):
@@ -194,14 +201,15 @@ def _all_finite(xp, x):
 
 
 def wy_factors(xp, V):
-    """``(s, -T)``, s (..., j) and T (..., j, j) upper triangular, with
-    ``H(v_1) ... H(v_j) = I - U T U^H`` for the unit columns ``U = V diag(s)``
-    (s = 1 / |v_i|, and 1 for a zero column); see householder_apply's Notes.
+    """``(U, -T)``: the unit columns U = V diag(1 / |v_i|) (a zero column
+    stays zero) and T (..., j, j) upper triangular, with ``H(v_1) ... H(v_j) =
+    I - U T U^H``; see householder_apply's Notes. Both in V's dtype, U laid
+    out column by column (``_xp.column_layout``).
 
-    Only the Gram matrix V^H V touches V: the columns are normalised in it, on
-    the j x j side, in float64 where the device has it (|v|^2 of any float32
-    column is then representable). -T rather than T: negating the small
-    factor spares autograd a negation of a gradient of X's size.
+    The lengths come from the Gram matrix V^H V and U is scaled, in float64
+    where the device has it, so that |v|^2 of any float32 column is
+    representable and U's columns are unit to V's rounding. -T rather than T:
+    negating the small factor spares autograd a negation of X's size.
     """
     core = core_dtype(xp, V.dtype, device(V))
     wide = xp.astype(V, core, copy=False)
@@ -209,17 +217,17 @@ def wy_factors(xp, V):
     squares = xp.linalg.diagonal(gram)
     if is_complex(xp, core):
         squares = xp.real(squares)
-    zero = squares == 0
-    ones = xp.ones_like(squares)
     # The where comes before the sqrt, so that autograd meets no sqrt'(0).
-    scale = 1 / xp.sqrt(xp.where(zero, ones, squares))
-    unit_gram = gram * xp.astype(scale[..., :, None] * scale[..., None, :], core, copy=False)
-    # 1 / pivot: the pivot is 1/2 for a unit column, and any nonzero value (1)
-    # for a zero column, whose off-diagonal entries are 0. Constants: the
-    # gradient needs no path through them.
-    inverse_pivots = xp.astype(xp.where(zero, ones, 2 * ones), core, copy=False)
-    minus_T = _minus_inverse_triangular(xp, xp.triu(unit_gram, k=1), inverse_pivots)
-    return xp.astype(scale, V.dtype, copy=False), xp.astype(minus_T, V.dtype, copy=False)
+    scale = 1 / xp.sqrt(xp.where(squares == 0, xp.ones_like(squares), squares))
+    outer = xp.astype(scale[..., :, None] * scale[..., None, :], core, copy=False)
+    # T^-1 = triu(U^H U, 1) + D with pivots 1/2 for unit columns: the diagonal
+    # of U^H U (1) minus 1/2. A zero column's row and column of U^H U are 0,
+    # so its pivot is -1/2, any nonzero value serving: it drops out of the
+    # product with the zero column of U.
+    half = xp.eye(gram.shape[-1], dtype=core, device=device(V)) / 2
+    minus_T = _minus_inverse_triangular(xp, xp.triu(gram * outer) - half)
+    U = column_layout(xp, xp.astype(wide * xp.astype(scale[..., None, :], core, copy=False), V.dtype, copy=False))
+    return U, xp.astype(minus_T, V.dtype, copy=False)
 
 
 # Up to this size T comes from back substitution (j - 1 products of j x j
@@ -228,12 +236,20 @@ def wy_factors(xp, V):
 _SUBSTITUTION_MAX = 16
 
 
-def _minus_inverse_triangular(xp, strict, inverse_pivots):
-    """``-(strict + D)^{-1}`` with D = diag(1 / inverse_pivots) and strict
-    strictly upper triangular (..., j x j); matrix products only, no branch on
-    values."""
-    j = strict.shape[-1]
-    minus_D_inv = xp.eye(j, dtype=strict.dtype, device=device(strict)) * -inverse_pivots[..., None, :]
+def _minus_inverse_triangular(xp, A):
+    """``-A^{-1}`` for A upper triangular (..., j x j) with a nonzero
+    diagonal: one triangular solve where the backend has one, else matrix
+    products only, no branch on values."""
+    j = A.shape[-1]
+    if j == 1:
+        return -1 / A
+    inverse = upper_triangular_inverse(xp, A)
+    if inverse is not None:
+        return -inverse
+    identity = xp.eye(j, dtype=A.dtype, device=device(A))
+    inverse_pivots = 1 / xp.linalg.diagonal(A)
+    minus_D_inv = identity * -inverse_pivots[..., None, :]
+    strict = xp.triu(A, k=1)
     S = minus_D_inv
     if j <= _SUBSTITUTION_MAX:
         # Row-oriented back substitution for all rows at once: row i of

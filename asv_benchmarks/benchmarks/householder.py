@@ -202,12 +202,17 @@ def _report(repeat=21):
     times = {name: [] for name in passes}
     for _ in range(repeat):  # round-robin: a burst of load falls on every adapter alike
         for name, pair in passes.items():
+            # An untimed pass first: a pass that directly follows HRA's (768 x 768
+            # products) costs about 0.8 ms more, whichever adapter it is.
+            _forward_backward(*pair)
             times[name].append(_timed(*pair))
     median = {name: statistics.median(values) for name, values in times.items()}
     print(f"torch {torch.__version__}, one thread, 768 x 768 float32, batch 64, median of {repeat} forward + backward")
     for name, value in median.items():
         print(f"{name:10s} {1e3 * value:9.3f} ms  {value / median['LoRA r=8']:7.2f}x LoRA r=8")
     for j in (1, 8):
+        print(f"HTA j={j} / LoRA r=8: paired ratio "
+              f"{_median_ratio(passes[f'HTA j={j}'], passes['LoRA r=8'], repeat):.2f}x")
         if f"HRA r={j}" in median:
             print(f"HRA r={j} / HTA j={j}: {median[f'HRA r={j}'] / median[f'HTA j={j}']:.1f}x; "
                   f"paired ratio {_median_ratio(passes[f'HRA r={j}'], passes[f'HTA j={j}'], repeat):.1f}x")

@@ -59,7 +59,7 @@ import numpy as np
 from .. import _benchdata as data
 from .. import projunn_step, random_unitary, randomized_svd, unitarity_error
 from .._backends import load_backend
-from .._xp import array_namespace, mH
+from .._xp import add_product, array_namespace, mH
 from ..steps import STEP_OVERSAMPLE, STEP_POWER_ITERS
 from . import _options, _peers
 from ._options import variant_label, variant_names
@@ -328,7 +328,7 @@ def _cases(args, setup, n):
     G = on_device(data.gaussian(rng, (n, n), setup.complex_, scale=n**-0.5))
     x, u, v = (on_device(data.gaussian(rng, shape, setup.complex_)) for shape in ((n,), (n, 2), (n, 2)))
     A = on_device(data.known_spectrum(rng, n, setup.complex_))
-    found = [Case(FLOOR, None, lambda: (G @ x, W + u @ mH(xp, v)))]
+    found = [Case(FLOOR, None, lambda: (G @ x, add_product(xp, W, u, mH(xp, v))))]
     found += _step_cases(args, setup, n, W, G)
     if n <= args.dense_max:
         found += _dense_cases(setup, W, G)
@@ -353,7 +353,7 @@ def _rectangular_cases(args, setup, n, m, on_device):
     W = random_unitary(n, m, dtype=args.dtype, rng=rng, xp=xp, device=setup.device)
     G = on_device(data.gaussian(rng, (n, m), setup.complex_, scale=n**-0.5))
     x, u, v = (on_device(data.gaussian(rng, shape, setup.complex_)) for shape in ((m,), (n, 2), (m, 2)))
-    found = [Case(FLOOR, None, lambda: (G @ x, W + u @ mH(xp, v)), m=m)]
+    found = [Case(FLOOR, None, lambda: (G @ x, add_product(xp, W, u, mH(xp, v))), m=m)]
     found += _step_cases(args, setup, n, W, G, m=m)
     if n <= args.dense_max:
         found.append(Case(DENSE_CAYLEY, None, _dense_cayley(xp, setup.device, W, G), _unitarity, m=m))
