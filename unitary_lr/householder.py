@@ -182,9 +182,11 @@ def householder_product(V, /):
     return add_product(xp, eye(xp, V.shape[-2], like=V), U @ minus_T, mH(xp, U))
 
 
-def apply_unchecked(xp, V, X, side):
-    """householder_apply for validated V and X of one dtype; traceable."""
-    U, minus_T = wy_factors(xp, V)
+def apply_unchecked(xp, V, X, side, factors=None):
+    """householder_apply for validated V and X of one dtype; traceable.
+    ``factors(xp, V)`` gives (U, -T), ``wy_factors`` unless a caller brings
+    its own (the torch adapters' hand-written gradient)."""
+    U, minus_T = (factors or wy_factors)(xp, V)
     # The only passes over X's size are the product with U and the fused sum.
     if side == "left":
         return add_product(xp, X, U, minus_T @ (mH(xp, U) @ X))
@@ -206,28 +208,32 @@ def wy_factors(xp, V):
     I - U T U^H``; see householder_apply's Notes. Both in V's dtype, U laid
     out column by column (``_xp.column_layout``).
 
-    The lengths come from the Gram matrix V^H V and U is scaled, in float64
-    where the device has it, so that |v|^2 of any float32 column is
-    representable and U's columns are unit to V's rounding. -T rather than T:
-    negating the small factor spares autograd a negation of X's size.
+    -T rather than T: negating the small factor spares autograd a negation
+    of X's size.
     """
-    core = core_dtype(xp, V.dtype, device(V))
-    wide = xp.astype(V, core, copy=False)
-    gram = mH(xp, wide) @ wide
+    U, minus_T, _ = wy_core(xp, xp.astype(V, core_dtype(xp, V.dtype, device(V)), copy=False))
+    return (column_layout(xp, xp.astype(U, V.dtype, copy=False)), xp.astype(minus_T, V.dtype, copy=False))
+
+
+def wy_core(xp, V):
+    """``(U, -T, s)`` of ``wy_factors`` for V in its core dtype (float64 where
+    the device has it, so that |v|^2 of any float32 column is representable
+    and U's columns are unit to V's rounding), with s = 1 / |v_i| (1 for a
+    zero column). Only the Gram matrix V^H V gives the lengths."""
+    gram = mH(xp, V) @ V
     squares = xp.linalg.diagonal(gram)
-    if is_complex(xp, core):
+    if is_complex(xp, V.dtype):
         squares = xp.real(squares)
     # The where comes before the sqrt, so that autograd meets no sqrt'(0).
     scale = 1 / xp.sqrt(xp.where(squares == 0, xp.ones_like(squares), squares))
-    outer = xp.astype(scale[..., :, None] * scale[..., None, :], core, copy=False)
+    outer = xp.astype(scale[..., :, None] * scale[..., None, :], V.dtype, copy=False)
     # T^-1 = triu(U^H U, 1) + D with pivots 1/2 for unit columns: the diagonal
     # of U^H U (1) minus 1/2. A zero column's row and column of U^H U are 0,
     # so its pivot is -1/2, any nonzero value serving: it drops out of the
     # product with the zero column of U.
-    half = xp.eye(gram.shape[-1], dtype=core, device=device(V)) / 2
+    half = xp.eye(gram.shape[-1], dtype=V.dtype, device=device(V)) / 2
     minus_T = _minus_inverse_triangular(xp, xp.triu(gram * outer) - half)
-    U = column_layout(xp, xp.astype(wide * xp.astype(scale[..., None, :], core, copy=False), V.dtype, copy=False))
-    return U, xp.astype(minus_T, V.dtype, copy=False)
+    return V * xp.astype(scale[..., None, :], V.dtype, copy=False), minus_T, scale
 
 
 # Up to this size T comes from back substitution (j - 1 products of j x j

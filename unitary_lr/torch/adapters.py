@@ -9,12 +9,14 @@ import re
 
 import numpy as np
 import torch
+from array_api_compat import array_namespace
 from torch import nn
 
 from ..diagnostics import unitarity_error
 from ..haar import random_unitary
-from ..householder import householder_apply
+from ..householder import apply_unchecked, householder_apply
 from ._mark import is_unitary, mark_unitary, unitary_tolerance
+from ._wy import wy_factors
 
 __all__ = [
     "HouseholderAdapter",
@@ -76,12 +78,20 @@ def householder_delta(x, reflectors_out, reflectors_in, sigma):
     rows = x.reshape(-1, n_in)
     # Rows times Delta W^T = conj(H_V)[:, :p] diag(sigma) H_U[:, :p]^T: conj(H(v)) =
     # H(conj v), and H_U^T is the product of the conj(u_i) in reverse order.
-    rotated = householder_apply(_conj(reflectors_in), rows, side="right", check_finite=False)
-    scaled = rotated[:, :p] * sigma
+    rotated = _reflect_rows(rows, _conj(reflectors_in))
+    scaled = (rotated if p == n_in else rotated[:, :p]) * sigma  # a full slice would cost a pass backward
     if n_out > p:
         scaled = torch.cat([scaled, scaled.new_zeros(scaled.shape[0], n_out - p)], dim=1)
-    out = householder_apply(_conj(reflectors_out.flip(-1)), scaled, side="right", check_finite=False)
+    out = _reflect_rows(scaled, _conj(reflectors_out.flip(-1)))
     return out.reshape(*x.shape[:-1], n_out)
+
+
+def _reflect_rows(X, V):
+    """``X @ P`` for the product P of the reflectors in V's columns: the
+    kernel of ``householder_apply(V, X, side="right")`` (its inputs checked
+    when the adapter was built) with the WY factors' hand-written gradient."""
+    dtype = torch.promote_types(X.dtype, V.dtype)
+    return apply_unchecked(array_namespace(X), V.to(dtype), X.to(dtype), "right", factors=wy_factors)
 
 
 @torch.no_grad()
