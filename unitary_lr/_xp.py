@@ -149,10 +149,10 @@ def add_product(xp, W, L, Rh):
     0.23 ms for ``addmm(W, L, Rh)``; 4096 x 4096: 87 ms against 44 ms for
     ``W + L @ Rh``), and ``addmm`` writes W + L Rh in one pass; it is
     differentiable and traceable. Elsewhere the product is written once and
-    W added into it in place (for JAX, a new array that XLA fuses).
+    W added into it in place (JAX makes a new array, which XLA fuses under jit).
     """
     if _is_torch(xp) and W.ndim == L.ndim == Rh.ndim and W.ndim in (2, 3) and \
-            L.shape[:-2] == Rh.shape[:-2] == W.shape[:-2]:
+            L.shape[:-2] == Rh.shape[:-2] == W.shape[:-2] and L.dtype == Rh.dtype == W.dtype:
         torch = sys.modules["torch"]  # loaded: W is one of its tensors
         fused = torch.addmm if W.ndim == 2 else torch.baddbmm
         if is_column_major(W):  # the transposed sum, written in W's layout
