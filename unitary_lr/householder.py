@@ -78,14 +78,13 @@ def householder_apply(V, X, /, *, side="left", check_finite=True):
 
     which follows from ``P_i = P_{i-1} H(u_i)``: the new column of T is
     ``-2 T_{i-1} U_{i-1}^H u_i``, so the new column of ``T^{-1}`` is
-    ``U_{i-1}^H u_i`` over the diagonal entry 1/2. A zero column (with
-    ``U^H U``'s diagonal entry 0) gets the diagonal entry -1/2 instead; its
-    row and column of ``T^{-1}`` are otherwise zero, so it drops out of the
-    product. T is inverted in float64 where the device has it, by the
-    library's triangular solve where it has one (PyTorch), elsewhere with
-    matrix products only, no branch on values: by back substitution done for
-    all rows at once (j - 1 products, for j <= 16) or by recursive 2 x 2
-    blocking, ``[[A, B], [0, C]]^{-1} = [[A^{-1}, -A^{-1} B C^{-1}], [0,
+    ``U_{i-1}^H u_i`` over the diagonal entry 1/2. A zero column gets the
+    diagonal entry -1/2 instead; its row and column of ``T^{-1}`` are
+    otherwise zero, so it drops out of the product. T is inverted in float64
+    where the device has it, by the library's triangular solve where it has
+    one (PyTorch), elsewhere with matrix products only, no branch on values:
+    by back substitution done for all rows at once (j - 1 products, for
+    j <= 16) or by recursive 2 x 2 blocking, ``[[A, B], [0, C]]^{-1} = [[A^{-1}, -A^{-1} B C^{-1}], [0,
     C^{-1}]]`` (log2(j) rounds). Then ``P X = X - U (T (U^H X))``, its sum
     fused with the last product where the library can (PyTorch's ``addmm``).
 
@@ -224,15 +223,19 @@ def wy_core(xp, V):
     squares = xp.linalg.diagonal(gram)
     if is_complex(xp, V.dtype):
         squares = xp.real(squares)
+    zero, ones = squares == 0, xp.ones_like(squares)
     # The where comes before the sqrt, so that autograd meets no sqrt'(0).
-    scale = 1 / xp.sqrt(xp.where(squares == 0, xp.ones_like(squares), squares))
+    scale = 1 / xp.sqrt(xp.where(zero, ones, squares))
     outer = xp.astype(scale[..., :, None] * scale[..., None, :], V.dtype, copy=False)
-    # T^-1 = triu(U^H U, 1) + D with pivots 1/2 for unit columns: the diagonal
-    # of U^H U (1) minus 1/2. A zero column's row and column of U^H U are 0,
-    # so its pivot is -1/2, any nonzero value serving: it drops out of the
-    # product with the zero column of U.
-    half = xp.eye(gram.shape[-1], dtype=V.dtype, device=device(V)) / 2
-    minus_T = _minus_inverse_triangular(xp, xp.triu(gram * outer) - half)
+    # T^-1 = triu(U^H U, 1) + D with the exact pivots 1/2 for unit columns
+    # (not U^H U's computed diagonal, 1 to rounding: with nearly parallel
+    # reflectors T is ill-conditioned and a rounded pivot shows in P). A zero
+    # column's row and column of U^H U are 0, so its pivot is -1/2, any
+    # nonzero value serving: it drops out of the product with the zero
+    # column of U. Constants: the gradient needs no path through them.
+    pivots = xp.astype(xp.where(zero, -ones, ones) / 2, V.dtype, copy=False)
+    D = xp.eye(gram.shape[-1], dtype=V.dtype, device=device(V)) * pivots[..., None, :]
+    minus_T = _minus_inverse_triangular(xp, xp.triu(gram * outer, k=1) + D)
     return V * xp.astype(scale[..., None, :], V.dtype, copy=False), minus_T, scale
 
 

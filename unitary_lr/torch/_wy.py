@@ -12,10 +12,10 @@ pass is its closed-form gradient: a dozen operations on n x j and j x j
 arrays.
 
 The gradient, for U = V diag(s), s_i = 1 / |v_i| (1 for a zero column),
-K = U^H U, A = triu(K) - I/2 and M = -A^{-1} (the factors returned are U and
-M), with torch's convention ``dL = Re tr(g^H dX)``:
+K = U^H U, A = triu(K, 1) + D with constant pivots D and M = -A^{-1} (the
+factors returned are U and M), with torch's convention ``dL = Re tr(g^H dX)``:
 
-    g_A = M^H g_M M^H,       g_K = triu(g_A),
+    g_A = M^H g_M M^H,       g_K = triu(g_A, 1),
     g_U' = g_U + U (g_K + g_K^H),
     g_V = g_U' diag(s) - V diag(s^3 Re(diag(V^H g_U'))),
 
@@ -52,7 +52,7 @@ class _WYFactors(torch.autograd.Function):
         g_U = torch.zeros_like(U) if grad_U is None else grad_U.to(U.dtype)
         if grad_minus_T is not None:
             Mh = M.mH
-            g_K = torch.triu(Mh @ grad_minus_T.to(M.dtype) @ Mh)
+            g_K = torch.triu(Mh @ grad_minus_T.to(M.dtype) @ Mh, diagonal=1)
             g_U = g_U + U @ (g_K + g_K.mH)
         g_s = (V.conj() * g_U).sum(dim=-2)
         if g_s.is_complex():
