@@ -21,6 +21,25 @@ def test_random_unitary_is_unitary_on_the_device(backend, dtype, batch):
     np.testing.assert_array_equal(backend.to_numpy(same), backend.to_numpy(W))
 
 
+@pytest.mark.parametrize("shape", [(N, N), (N, 5), (5, N)])
+@pytest.mark.parametrize("batch", [(), (3,)])
+def test_random_unitary_is_row_major_whatever_its_qr_returns(backend, dtype, shape, batch):
+    """LAPACK's Q is column-major (PyTorch keeps it so; a wide draw is a
+    transposed view everywhere): the draw comes back row by row, with the
+    same values, in every library that has strides."""
+    W = ul.random_unitary(*shape, dtype=dtype, batch_shape=batch, rng=4, xp=backend.xp, device=backend.device)
+    strides = W.stride() if hasattr(W, "stride") and callable(W.stride) else getattr(W, "strides", None)
+    if strides is not None:
+        itemsize = np.dtype(dtype).itemsize
+        expected = tuple(int(np.prod((*batch, *shape)[i + 1:])) for i in range(len(batch) + 2))
+        assert tuple(strides) == (expected if hasattr(W, "stride") and callable(W.stride)
+                                  else tuple(e * itemsize for e in expected))
+    np.testing.assert_allclose(backend.to_numpy(W), ul.random_unitary(*shape, dtype=dtype, batch_shape=batch, rng=4),
+                               atol=tol(dtype, 10))
+    assert np.all(unitarity(backend.to_numpy(W) if shape[0] >= shape[1]
+                            else np.swapaxes(backend.to_numpy(W), -1, -2).conj()) <= tol(dtype, 1))
+
+
 def test_random_unitary_same_seed_same_matrix_everywhere(backend, dtype):
     here = ul.random_unitary(N, dtype=dtype, rng=9, xp=backend.xp, device=backend.device)
     there = ul.random_unitary(N, dtype=dtype, rng=9)

@@ -18,6 +18,7 @@ __all__ = [
     "max_abs",
     "is_column_major",
     "panel_times_small",
+    "row_layout",
     "array_namespace",
     "broadcast_shapes",
     "complex_dtype",
@@ -176,6 +177,21 @@ def column_layout(xp, P):
     if _is_torch(xp) and P.ndim >= 2 and P.shape[-1] > 1 and not is_column_major(P):
         return xp.matrix_transpose(xp.matrix_transpose(P).contiguous())
     return P
+
+
+def row_layout(xp, X):
+    """X stored row by row: a row-major copy where its matrices are stored
+    column by column (a LAPACK result such as ``linalg.qr``'s Q, a transposed
+    view), X itself otherwise. A new parameter starts in the layout that
+    elementwise work (the optimizers' rules, with gradients that autograd
+    writes row by row) and every product of a step run fastest in; PyTorch's
+    CPU ``addmm`` of a rank-2 update is 3-4x slower into a column-major
+    4096 x 256 W than into a row-major one (0.80 against 0.22 ms, float32).
+    Flattening copies in row order in every library that has strides; the
+    others have no layout to change."""
+    if not is_column_major(X):
+        return X
+    return xp.reshape(xp.reshape(X, (-1,)), X.shape)
 
 
 def upper_triangular_inverse(xp, A):

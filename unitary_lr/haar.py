@@ -8,7 +8,7 @@ import numpy as np
 
 from ._random import as_generator, standard_normal
 from ._validation import check_int
-from ._xp import FLOAT_DTYPE_NAMES, array_namespace, dtype_name, mH, supports_float64
+from ._xp import FLOAT_DTYPE_NAMES, array_namespace, dtype_name, mH, row_layout, supports_float64
 
 __all__ = ["random_unitary"]
 
@@ -45,6 +45,8 @@ def random_unitary(n, m=None, /, *, dtype, batch_shape=(), rng=None, xp=None, de
     Returns
     -------
     array of shape ``(*batch_shape, n, m)``
+        Stored row by row (C order) in every library with strides, whatever
+        layout its QR returns.
 
     Raises
     ------
@@ -112,7 +114,7 @@ def random_unitary(n, m=None, /, *, dtype, batch_shape=(), rng=None, xp=None, de
     # |R_ii| > 0 with probability one; the guard keeps an exact zero harmless.
     phase = xp.where(nonzero, d / xp.where(nonzero, magnitude, xp.ones_like(d)), xp.ones_like(d))
     Q = Q * phase[..., None, :]
-    return Q if n >= m else mH(xp, Q)
+    return row_layout(xp, Q if n >= m else mH(xp, Q))
 
 
 
