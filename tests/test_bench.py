@@ -265,6 +265,26 @@ def test_bench_interrupt_keeps_the_complete_sizes(tmp_path, monkeypatch):
     assert {r["n"] for r in record["results"]} == {16}
 
 
+@pytest.mark.parametrize(("primer_max_s", "calls"), [(bench_module.PRIMER_MAX_S, 1 + 2 * 3), (0.0, 1 + 3)])
+def test_bench_primes_each_quick_method_with_a_run_of_its_own(tmp_path, monkeypatch, primer_max_s, calls):
+    """A quick method runs untimed right before each of its timed runs (so that
+    it is timed after itself, not after whatever preceded it in the round);
+    a slow one (warm-up above PRIMER_MAX_S) is not primed. The steps are
+    counted per variant: one warm-up, then one or two runs per round."""
+    real_step, counts = bench_module.projunn_step, {}
+
+    def counted_step(*args, **kwargs):
+        counts[kwargs["variant"]] = counts.get(kwargs["variant"], 0) + 1
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(bench_module, "projunn_step", counted_step)
+    monkeypatch.setattr(bench_module, "PRIMER_MAX_S", primer_max_s)
+    record = run_json(tmp_path, "--sizes", "16", "--repeat", "3", "--dense-max", "0")
+    assert counts == {variant: calls for variant in VARIANTS}
+    assert record["settings"]["primed_below_s"] == primer_max_s
+    assert all(len(r["times_s"]) == 3 for r in record["results"])
+
+
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [

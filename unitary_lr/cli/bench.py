@@ -22,7 +22,13 @@ Every time is the median of ``--repeat`` runs, waiting for the device before
 the clock stops. At each n every method first runs once untimed (first-call
 costs: JIT, allocator, lazy initialisation; its result gives the accuracy
 columns), then the timed runs go round the methods in turn, so that a change
-in the load of a shared machine hits all of them alike. The gradient has N(0, 1/n) entries
+in the load of a shared machine hits all of them alike. A method whose
+warm-up took less than a second runs once more, untimed, right before each
+timed run: it is then timed in the state a loop of itself leaves (caches,
+freed memory), not in whatever the method before it in the round left. Without
+that, a step that costs 2 ms could take 1.9 or 3.6 ms depending only on its
+place in the round (4096 x 256, float32: the Cayley and tangent steps, the
+same work). The gradient has N(0, 1/n) entries
 (``||G||_2 ~ 2``) and the learning rate is 0.1; W is a dense unitary matrix
 built in O(n^2) from Householder reflections (for a Gaussian G, the cost and
 accuracy of every method do not depend on which unitary W is). The randomized
@@ -69,6 +75,10 @@ from ._session import execute
 LEARNING_RATE = 0.1
 
 FLOOR = "floor"
+# Methods whose warm-up run took less than this are primed before each timed
+# run (an untimed run of their own); the slower ones are not, where the
+# primer would double a run of minutes for an effect of a few milliseconds.
+PRIMER_MAX_S = 1.0
 # one projUNN step per registered variant, named as in the paper (projUNN-T, projUNN-D)
 STEPS = {variant_label(variant): variant for variant in variant_names()}
 TANGENT = variant_label("tangent")  # the step the peers are compared with
@@ -433,13 +443,15 @@ def _time_all(args, setup, state, session):
 
 def _time_size(args, setup, n, bar):
     """The rows of size n: each case's warm-up run, then ``--repeat`` interleaved rounds."""
-    backend, todo, done = setup.backend, _cases(args, setup, n), []
+    backend, todo, done, primers = setup.backend, _cases(args, setup, n), [], []
     for case in todo:
         # The untimed warm-up run; its result is checked, then dropped
         # so that only one n x n result is alive at a time.
         bar.set_postfix_str(f"n={n} {_label(case.method, case.k, case.m)}", refresh=True)
+        start = time.perf_counter()
         result = case.call()
         _wait(backend, result)
+        primers.append(time.perf_counter() - start < PRIMER_MAX_S)
         done.append({"method": case.method, "kind": KINDS[case.method], "n": n,
                      "m": n if case.m is None else case.m, "k": case.k, "median_s": None,
                      "times_s": [], "ratio_to_floor": None, "speedup_over_dense": None,
@@ -450,10 +462,13 @@ def _time_size(args, setup, n, bar):
         bar.update(1)
     # Interleaved rounds, every method once per round: a change in the
     # load of a shared machine hits all methods alike, so their ratios
-    # hold better than if each method were timed in one block.
+    # hold better than if each method were timed in one block. The quick
+    # methods are primed by an untimed run of their own (see the docstring).
     for _ in range(args.repeat):
-        for case, row in zip(todo, done):
+        for case, row, primed in zip(todo, done, primers):
             bar.set_postfix_str(f"n={n} {_label(case.method, case.k, case.m)}", refresh=False)
+            if primed:
+                _wait(backend, case.call())
             start = time.perf_counter()
             _wait(backend, case.call())
             row["times_s"].append(time.perf_counter() - start)
@@ -481,6 +496,7 @@ def _report(args, setup, state, interrupted):
             "step_power_iters": STEP_POWER_ITERS, "rsvd_oversample": args.oversample,
             "rsvd_power_iters": args.power_iters, "rsvd_spectrum": "1/j", "threads": args.threads,
             "seed": args.seed, "peers": args.peers, "peer_ratio_rank": setup.ranks[0],
+            "primed_below_s": PRIMER_MAX_S,
         },
         "interrupted": interrupted,
         "results": rows,
