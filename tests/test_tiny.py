@@ -124,6 +124,57 @@ def test_polar_small2_matches_scipy(rng, complex_, size):
     assert _tiny.polar_small2(((0.6, 0.0), (0.0, 0.0))) is None
 
 
+@pytest.mark.parametrize("complex_", [False, True])
+@pytest.mark.parametrize("size", [1e-10, 0.1, 0.45])
+@pytest.mark.parametrize("rows", [1, 2])
+def test_polar_small2_with_rows_below_matches_the_general_core(rng, complex_, size, rows):
+    """The polar factor of the stacked [I + B; E] (the direct step on a tall
+    W): against the general core and against SciPy's polar of the stacked matrix."""
+    for _ in range(10):
+        M = rng.standard_normal((2 + rows, 2)) + (1j * rng.standard_normal((2 + rows, 2)) if complex_ else 0)
+        M = size * M / np.linalg.norm(M)
+        B, E = M[:2], M[2:]
+        top, bottom = (as_array(x) for x in _tiny.polar_small2(as_nested(B), as_nested(E)))
+        general_top, general_bottom = _cores.polar_minus_identity(np, B, bottom=E, traced=False)
+        np.testing.assert_allclose(top, general_top, rtol=1e-9, atol=16 * EPS * size)
+        np.testing.assert_allclose(bottom, general_bottom, rtol=1e-9, atol=16 * EPS * size)
+        X = scipy.linalg.polar(M + np.eye(2 + rows, 2))[0]
+        np.testing.assert_allclose(np.vstack([top + np.eye(2), bottom]), X, atol=64 * EPS)
+        if size > 0.1:  # E changes the top (a second-order effect, seen at this size)
+            assert not np.allclose(as_array(_tiny.polar_small2(as_nested(B))), top, rtol=0, atol=1e-6)
+    assert _tiny.polar_small2(((0.3, 0.0), (0.0, 0.0)), ((0.45, 0.0),)) is None  # ||[B; E]|| > 1/2
+    assert _tiny.polar_small2(((0.3, 0.0), (0.0, 0.0)), ((0.3, 0.0),)) is not None
+
+
+@pytest.mark.parametrize("dtype", ["float64", "complex128", "float32"])
+@pytest.mark.parametrize("gradient", ["inside_range", "zero", "rank_one_outside"])
+def test_rank1_tall_direct_step_edge_cases_match_the_general_cores(rng, dtype, gradient):
+    """The direct step on a tall W in closed form: a gradient whose sketch lies
+    in W's range (a_perp dropped), a zero gradient (W back), a gradient
+    orthogonal to W's range; against the general cores (a batch of one) and
+    the dense polar step."""
+    n, m, lr = 20, 5, 0.3
+    W = ul.random_unitary(n, m, dtype=dtype, rng=6)
+    if gradient == "inside_range":
+        G = W @ rng.standard_normal((m, m)).astype(dtype)
+    elif gradient == "zero":
+        G = np.zeros((n, m), dtype=dtype)
+    else:
+        outside = rng.standard_normal((n, 1)).astype(dtype)
+        outside -= W @ (W.conj().T @ outside)
+        G = outside @ rng.standard_normal((1, m)).astype(dtype)
+    tiny = ul.projunn_step(W, G, lr=lr, variant="direct", rank=1, rng=5)
+    general = ul.projunn_step(W[None], G[None], lr=lr, variant="direct", rank=1, rng=5)[0]
+    atol = 1e-5 if dtype == "float32" else 1e-13
+    np.testing.assert_allclose(tiny, general, atol=atol)
+    assert ul.unitarity_error(tiny) < (1e-5 if dtype == "float32" else 1e-13)
+    if gradient == "zero":
+        np.testing.assert_array_equal(tiny, W)
+    elif gradient == "rank_one_outside" and dtype != "float32":
+        # G has rank 1: the sketch is exact, and the step is the dense polar step
+        np.testing.assert_allclose(tiny, scipy.linalg.polar(W - lr * G)[0], atol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", ["float64", "complex128", "float32"])
 @pytest.mark.parametrize("variant", ["tangent", "direct", "cayley"])
 @pytest.mark.parametrize("shape", [(24, 24), (24, 6), (6, 24)])
@@ -189,3 +240,24 @@ def test_rank1_checks_still_name_the_input(rng):
         ul.projunn_step(0.5 * W, rng.standard_normal((8, 8)), lr=0.1, rng=0)
     with pytest.raises(ValueError, match="not unitary"):
         ul.exp_transport(0.5 * W, rng.standard_normal((8, 1)), rng.standard_normal((8, 1)), t=0.1)
+
+
+@pytest.mark.parametrize("shape", [(20, 5), (20, 20)])
+@pytest.mark.parametrize("variant", ["tangent", "direct", "cayley"])
+def test_rank1_steps_of_one_matrix_make_no_general_core_call(rng, monkeypatch, shape, variant):
+    """The closed forms replace the general cores' eigen-decompositions at rank
+    1 (square and tall W, every variant; the direct step's polar core within
+    its small-B range); the general ones are kept for batches."""
+    from unitary_lr import _flow
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a general core was called")
+
+    W = ul.random_unitary(*shape, dtype="float64", rng=7)
+    G = rng.standard_normal(shape)
+    expected = ul.projunn_step(W, G, lr=0.01, variant=variant, rng=1)
+    for name in ("gram_basis", "polar_minus_identity", "expm_skew_minus_identity"):
+        monkeypatch.setattr(_flow, name, refuse)
+    np.testing.assert_array_equal(ul.projunn_step(W, G, lr=0.01, variant=variant, rng=1), expected)
+    with pytest.raises(AssertionError, match="general core"):
+        ul.projunn_step(W[None], G[None], lr=0.01, variant=variant, rng=1)

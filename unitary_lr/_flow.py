@@ -518,6 +518,11 @@ def _stiefel_direct(xp, W, Y, Z, *, lr, rank, cores, sketched, names):
         _check_finite(sxp, Cm, "W")
         # |W c|^2 against |c|^2: W^H W = I
         _check_unitary(sxp, Cm[..., l:, l:], block(2, 2))
+        if l == 1 and Cn.ndim == 2 and isinstance(lr, (int, float)):
+            # one matrix, one sketch column: the cores in closed form
+            T, D, DN, steps = _stiefel_direct_core_tiny(sxp, Cm, Cn, scales, lr=lr, sketched=sketched, tol=tol,
+                                                        eps=eps, columns=W.shape[-1])
+            return _apply_stiefel_direct(xp, W, Z, c, a_perp, cores.scatter(T, D, DN), steps)
     Pi = _sketch_projector(sxp, Cy, Cm[..., :l, :l], rank=rank, l=l, sketched=sketched, tol=tol)
     zero = sxp.zeros_like(Pi)
     A0 = sxp.concat([sxp.concat([zero, zero], axis=-1), sxp.concat([Pi, zero], axis=-1)], axis=-2)
@@ -531,14 +536,54 @@ def _stiefel_direct(xp, W, Y, Z, *, lr, rank, cores, sketched, names):
     # of that size)
     Ca = block(1, 1)
     da, dy = sxp.real(sxp.linalg.diagonal(Ca)), sxp.real(sxp.linalg.diagonal(Cy))
-    keep = sxp.astype(da > (64 * eps * eps * max(W.shape[-1], 64)) * dy, Ca.dtype)
+    keep = sxp.astype(da > _in_range_threshold(eps, W.shape[-1]) * dy, Ca.dtype)
     Ta, Ra, _ = gram_basis(sxp, Ca * (keep[..., :, None] * keep[..., None, :]), tol)
     D, X_bottom = polar_minus_identity(sxp, B, bottom=Ra @ E, traced=cores.traced)
     steps = _TRACED_REORTHONORMALIZE if cores.traced else _reorthonormalize_steps(sxp, spread, Cm.shape[-1], eps)
     DN = Ta @ X_bottom  # a_perp's coefficients
-    T, D, DN = (cores.scatter(T, D, DN))
+    return _apply_stiefel_direct(xp, W, Z, c, a_perp, cores.scatter(T, D, DN), steps)
+
+
+def _in_range_threshold(eps, m):
+    """|a_perp|^2 / |y|^2 at or below which a column of Y counts as inside
+    W's range (see _stiefel_direct)."""
+    return 64 * eps * eps * max(m, 64)
+
+
+def _apply_stiefel_direct(xp, W, Z, c, a_perp, cores_on_device, steps):
+    """(L, Rh) of the direct step on a tall W from its cores (T, D, DN) on the
+    device: ``W Q D Q^H`` with Q = [Z, c] T, plus a_perp's part ``a_perp DN Q^H``."""
+    T, D, DN = cores_on_device
     L, Rh = _apply_right(xp, W, xp.concat([Z, c], axis=-1), T, D, steps)
     return L + panel_times_small(xp, a_perp, DN), Rh
+
+
+def _stiefel_direct_core_tiny(sxp, Cm, Cn, scales, *, lr, sketched, tol, eps, columns):
+    """The cores of :func:`_stiefel_direct` for one matrix and l = 1, from the
+    closed forms of ``_tiny``: Cm (2 x 2, finite) the Gram of [Z, c], Cn
+    (3 x 3) that of [Y, a_perp, W c]. Returns (T, D, DN, Newton-Schulz steps)
+    with the cores as host arrays (2 x 2, 2 x 2, 1 x 2)."""
+    (cy, _, _), (_, ca, _), _ = Cn.tolist()
+    cy, ca = cy.real, ca.real
+    Pi = (1 / cy if cy > 0 else 0.0) if sketched else 1.0  # see _sketch_projector
+    T, R, spread = gram_basis2(Cm.tolist(), tol)
+    size = _step_size(sxp, lr, _product_tiny(sxp, scales))
+    # B = -size R A0 R^H with A0 = [[0, 0], [Pi, 0]]; E = -size Pi R[:, :1]^H
+    B = tuple(tuple(-size * R[i][1] * Pi * _conj(R[j][0]) for j in range(2)) for i in range(2))
+    # a_perp = N R_a with N = a_perp T_a: 1 x 1 Gram, dropped inside W's range
+    root = math.sqrt(ca) if ca > _in_range_threshold(eps, columns) * cy and ca > 0 else 0.0
+    bottom = (tuple(-size * Pi * root * _conj(R[j][0]) for j in range(2)),)  # R_a E
+    polar = polar_small2(B, bottom)
+    if polar is None:
+        D, X_bottom = polar_minus_identity(sxp, sxp.asarray(B, dtype=Cm.dtype),
+                                           bottom=sxp.asarray(bottom, dtype=Cm.dtype), traced=False)
+        X_bottom = X_bottom.tolist()
+    else:
+        D, X_bottom = polar
+    inverse_root = 1 / root if root > 0 else 0.0
+    DN = tuple(tuple(inverse_root * x for x in row) for row in X_bottom)  # T_a X_bottom
+    T, D, DN = (sxp.asarray(x, dtype=Cm.dtype) for x in (T, D, DN))
+    return T, D, DN, _reorthonormalize_steps_tiny(spread, 2, eps)
 
 
 def _prepare(xp, W, Y, Z, cores, sketched):

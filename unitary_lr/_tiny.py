@@ -121,15 +121,19 @@ def skew_core2(K, t, *, cayley, real, eps):
 _SMALL = 0.5
 
 
-def polar_small2(B):
+def polar_small2(B, bottom=()):
     """``polar(I + B) - I`` of a 2 x 2 B by the small-B formula of
     :func:`._cores.polar_minus_identity`, or None when ``||B||_F`` is beyond
-    its range (the caller then takes the general core's SVD branch)."""
-    if math.sqrt(sum(abs(x) ** 2 for row in B for x in row)) > _SMALL:
+    its range (the caller then takes the general core's SVD branch). With
+    ``bottom``, rows of two entries E stacked under I + B: the polar factor X
+    of ``[I + B; E]`` as the pair ``(X_top - I, X_bottom)``, or None when
+    ``||[B; E]||_F`` is beyond the range."""
+    if math.sqrt(sum(abs(x) ** 2 for row in (*B, *bottom) for x in row)) > _SMALL:
         return None
     Bh = adjoint2(B)
     BhB = mul2(Bh, B)
-    H = tuple(tuple(B[i][j] + Bh[i][j] + BhB[i][j] for j in range(2)) for i in range(2))
+    H = tuple(tuple(B[i][j] + Bh[i][j] + BhB[i][j] + sum(_conj(e[i]) * e[j] for e in bottom) for j in range(2))
+              for i in range(2))
     mu, Y = eigh2(H[0][0].real, H[0][1], H[1][1].real)
     shrink = []
     for value in mu:
@@ -137,4 +141,7 @@ def polar_small2(B):
         shrink.append(-value / (root * (1 + root)))
     S = tuple(tuple(sum(Y[i][j] * shrink[j] * _conj(Y[k][j]) for j in range(2)) for k in range(2)) for i in range(2))
     BS = mul2(B, S)
-    return tuple(tuple(B[i][j] + S[i][j] + BS[i][j] for j in range(2)) for i in range(2))
+    top = tuple(tuple(B[i][j] + S[i][j] + BS[i][j] for j in range(2)) for i in range(2))
+    if not bottom:
+        return top
+    return top, tuple(tuple(e[j] + e[0] * S[0][j] + e[1] * S[1][j] for j in range(2)) for e in bottom)
