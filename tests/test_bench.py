@@ -33,6 +33,9 @@ SMALL = ["bench", "--sizes", "32", "64", "--ranks", "1", "--repeat", "2", "--no-
 # one step per registered variant (test_bench_times_every_registered_variant checks the names)
 STEPS_AND_DENSE = ("floor", *bench_module.STEPS, "dense SVD polar", "dense expm step", "dense Cayley step")
 OPTIMIZERS = ("torch.optim.RMSprop", "ProjUNN(base='rmsprop')")  # every torch run
+JAX_OPTIMIZERS = ("floor (jit)", "optax.rmsprop (jit)", "unitary_lr.optax.projunn (jit)")  # every JAX run
+UNITARY_OPTIMIZERS = {"ProjUNN(base='rmsprop')": "torch.optim.RMSprop",
+                      "unitary_lr.optax.projunn (jit)": "optax.rmsprop (jit)"}
 
 
 def have(module):
@@ -52,7 +55,8 @@ def check_record(record, *, sizes, methods, unitarity_tol):
     floor = {r["n"]: r["median_s"] for r in rows if r["method"] == "floor"}
     k_min = min((r["k"] for r in rows if r["method"] == "projUNN-T"), default=None)
     tangent = {r["n"]: r["median_s"] for r in rows if r["method"] == "projUNN-T" and r["k"] == k_min}
-    rmsprop = {r["n"]: r["median_s"] for r in rows if r["method"] == "torch.optim.RMSprop"}
+    plain = {(r["method"], r["n"]): r["median_s"] for r in rows if r["method"] in UNITARY_OPTIMIZERS.values()}
+    jitted_floor = {r["n"]: r["median_s"] for r in rows if r["method"] == "floor (jit)"}
     dense = {n: min(r["median_s"] for r in rows if r["kind"] == "dense" and r["n"] == n)
              for n in sizes if any(r["kind"] == "dense" and r["n"] == n for r in rows)}
     for r in rows:
@@ -63,7 +67,7 @@ def check_record(record, *, sizes, methods, unitarity_tol):
             assert r["speedup_over_dense"] == pytest.approx(dense[r["n"]] / r["median_s"], rel=1e-12)
         else:
             assert r["speedup_over_dense"] is None
-        if r["kind"] in ("step", "dense", "peer") or r["method"] == "ProjUNN(base='rmsprop')":
+        if r["kind"] in ("step", "dense", "peer") or r["method"] in UNITARY_OPTIMIZERS:
             assert math.isfinite(r["median_s"]) and r["unitarity_error"] < unitarity_tol, r
         else:
             assert r["unitarity_error"] is None
@@ -71,17 +75,22 @@ def check_record(record, *, sizes, methods, unitarity_tol):
             assert r["ratio_to_projunn_t"] == pytest.approx(r["median_s"] / tangent[r["n"]], rel=1e-12)
         else:
             assert r["ratio_to_projunn_t"] is None
-        if r["method"] == "ProjUNN(base='rmsprop')":
-            assert r["ratio_to_rmsprop"] == pytest.approx(r["median_s"] / rmsprop[r["n"]], rel=1e-12)
+        if r["method"] in UNITARY_OPTIMIZERS:
+            counterpart = plain[(UNITARY_OPTIMIZERS[r["method"]], r["n"])]
+            assert r["ratio_to_rmsprop"] == pytest.approx(r["median_s"] / counterpart, rel=1e-12)
         else:
             assert r["ratio_to_rmsprop"] is None
+        if r["method"] == "unitary_lr.optax.projunn (jit)":
+            assert r["ratio_to_jitted_floor"] == pytest.approx(r["median_s"] / jitted_floor[r["n"]], rel=1e-12)
+        else:
+            assert r["ratio_to_jitted_floor"] is None
         if r["kind"] == "rsvd":
             # a rank-1 sketch with 10 extra columns and 2 power iterations is
             # close to optimal on the 1/j spectrum; 1 is the optimum itself
             assert 1 - 1e-6 < r["relative_error"] < 1.5, r
         else:
             assert r["relative_error"] is None
-        assert (r["k"] is None) == (r["kind"] not in ("step", "rsvd") and r["method"] != "ProjUNN(base='rmsprop')")
+        assert (r["k"] is None) == (r["kind"] not in ("step", "rsvd") and r["method"] not in UNITARY_OPTIMIZERS)
     slopes = {(s["method"], s["k"]): s for s in record["slopes"]}
     assert set(slopes) == {(r["method"], r["k"]) for r in rows}
     for s in slopes.values():
@@ -125,9 +134,32 @@ def test_bench_on_every_backend(backend, tmp_path):
     strict = backend.name.startswith("array_api_strict")
     methods = [m for m in STEPS_AND_DENSE if not (strict and m == "dense expm step")]
     methods += ["unitary_lr randomized_svd"] + ["torch.svd_lowrank", *OPTIMIZERS] * (backend.name == "torch")
+    methods += list(JAX_OPTIMIZERS) * (backend.name == "jax")
     check_record(record, sizes=[16, 32], methods=methods, unitarity_tol=1e-12 if backend.has_float64 else 1e-5)
     if strict:
         assert "dense expm step skipped: array_api_strict has no matrix exponential" in record["notes"]
+
+
+def test_bench_on_jax_prints_the_jitted_optax_update_against_rmsprop_and_the_jitted_floor(tmp_path, capsys):
+    """The issue's JAX figure: ``jax.jit(projunn(...).update)`` over
+    ``jax.jit(optax.rmsprop(...).update)`` and over the floor under jit, per n
+    and k; the update lands on a unitary matrix."""
+    pytest.importorskip("jax")
+    pytest.importorskip("optax")
+    record = run_json(tmp_path, "--backend", "jax", "--dtype", "float32", "--sizes", "16", "32", "--ranks", "1", "2",
+                      "--repeat", "1")
+    printed = capsys.readouterr().out
+    table = printed.split("projunn / floor (jit)")[1]
+    for n in (16, 32):
+        for k in (1, 2):
+            r = next(r for r in record["results"] if r["method"] == "unitary_lr.optax.projunn (jit)"
+                     and (r["n"], r["k"]) == (n, k))
+            assert r["unitarity_error"] < 1e-5
+            assert f"{n}  {k}  " in table
+            assert f"{r['ratio_to_rmsprop']:.3g}" in table and f"{r['ratio_to_jitted_floor']:.3g}" in table
+    assert {r["method"] for r in record["results"] if r["kind"] == "jitted floor"} == {"floor (jit)"}
+    assert "note: the jitted optax updates carry their state from one update to the next" in printed
+    assert "step their parameter in place" not in printed
 
 
 def test_bench_sklearn_is_skipped_with_a_note_for_complex_input(tmp_path):

@@ -21,6 +21,10 @@ matrices (``STIEFEL_PEERS``), the peer the issue's rectangular targets name.
 Next to them, on every torch device, a plain ``torch.optim.RMSprop`` step on
 an n x n parameter and ``unitary_lr.torch.ProjUNN(base="rmsprop")`` on the same
 matrix marked unitary: the price of keeping W unitary inside a training loop.
+On JAX, the same pair as jitted optax updates (``optax.rmsprop`` and
+``unitary_lr.optax.projunn(base="rmsprop")``), with the floor under
+``jax.jit`` next to them: the update is what ``jax.jit(opt.update)`` costs,
+the optimizer state carried from one update to the next.
 
 All of these change their parameter in place, so a "stepper" keeps the state:
 ``step()`` takes one step and returns a tensor to wait on, ``point()`` is the
@@ -46,6 +50,13 @@ TORCH_CAYLEY = "torch orthogonal cayley + SGD"
 STIEFEL_PEERS = (GEOOPT_EUCLIDEAN_SGD,)
 RMSPROP = "torch.optim.RMSprop"
 PROJUNN_RMSPROP = "ProjUNN(base='rmsprop')"
+OPTAX_RMSPROP = "optax.rmsprop (jit)"
+OPTAX_PROJUNN = "unitary_lr.optax.projunn (jit)"
+JIT_FLOOR = "floor (jit)"
+OPTAX_METHODS = (OPTAX_RMSPROP, OPTAX_PROJUNN)
+# (unitary optimizer, its plain counterpart, the heading of their ratio) of each library
+OPTIMIZER_PAIRS = ((PROJUNN_RMSPROP, RMSPROP, "ProjUNN / RMSprop"),
+                   (OPTAX_PROJUNN, OPTAX_RMSPROP, "projunn / rmsprop"))
 
 
 @dataclass(frozen=True)
@@ -195,6 +206,45 @@ def projunn_rmsprop(W, G, lr, *, rank, seed):
         return param.detach()
 
     return Stepper(step, param.detach)
+
+
+def jitted_floor(G, x, W, u, v):
+    """The floor as one jitted JAX program: ``G @ x`` and ``W + u v^H`` (XLA
+    fuses the sum into the product's output), to compare jitted updates with."""
+    jax = importlib.import_module("jax")
+    floor = jax.jit(lambda G, x, W, u, v: (G @ x, W + u @ v.conj().T))
+    return lambda: floor(G, x, W, u, v)
+
+
+def optax_rmsprop(W, G, lr):
+    """A jitted ``optax.rmsprop`` update of a parameter holding W."""
+    optax = importlib.import_module("optax")
+    return _optax_stepper(optax.rmsprop(lr), W, G)
+
+
+def optax_projunn(W, G, lr, *, rank, seed):
+    """A jitted ``unitary_lr.optax.projunn(base="rmsprop")`` update, its
+    defaults otherwise (drift checks included), of W marked unitary."""
+    from ..optax import projunn
+
+    return _optax_stepper(projunn(lr, unitary={"W": True}, base="rmsprop", rank=rank, seed=seed), W, G)
+
+
+def _optax_stepper(optimizer, W, G):
+    """``jax.jit(optimizer.update)`` with the gradient G at the point W; each
+    step carries the optimizer state on (the parameter stays W, so that every
+    step does the same work); ``point()`` is where the last update leads."""
+    jax = importlib.import_module("jax")
+    params, grads = {"W": W}, {"W": G}
+    update = jax.jit(optimizer.update)
+    carried = {"state": optimizer.init(params), "update": None}
+
+    def step():
+        updates, carried["state"] = update(grads, carried["state"], params)
+        carried["update"] = updates["W"]
+        return updates["W"]
+
+    return Stepper(step, lambda: W + carried["update"])
 
 
 def versions(packages):

@@ -45,6 +45,10 @@ over the projUNN-T step's. On the torch backend, the bench always times a plain
 on the same n x n matrix, and prints their ratio. These optimizers change
 their parameter in place: each timed step starts where the previous one ended,
 as in training, and the unitarity error is checked once, after the timed steps.
+On JAX it times their optax counterparts instead, ``jax.jit(opt.update)`` of
+``optax.rmsprop`` and of ``unitary_lr.optax.projunn(base="rmsprop")`` (the
+state carried from one update to the next), and the floor under ``jax.jit``,
+and prints the jitted projunn update over each.
 """
 
 from __future__ import annotations
@@ -102,6 +106,9 @@ KINDS = {
     **{peer.method: "peer" for peer in _peers.PEERS},
     _peers.RMSPROP: "optimizer",
     _peers.PROJUNN_RMSPROP: "optimizer",
+    _peers.OPTAX_RMSPROP: "optimizer",
+    _peers.OPTAX_PROJUNN: "optimizer",
+    _peers.JIT_FLOOR: "jitted floor",
 }
 RANKED = ("step", "rsvd")
 STATEFUL = ("peer", "optimizer")
@@ -290,16 +297,23 @@ def _setup(args, sizes, ranks):
                            columns=columns,
                            # geoopt's QR retraction steps the n x m matrix itself; the other peers an n x n one
                            stiefel_peers=[peer for peer in peers if peer.method in _peers.STIEFEL_PEERS],
-                           optimizers=backend.name == "torch")  # RMSprop and ProjUNN(base="rmsprop")
+                           # torch: RMSprop and ProjUNN(base="rmsprop"); JAX: their optax
+                           # counterparts under jax.jit and the jitted floor
+                           optimizers=backend.name if backend.name in ("torch", "jax") else None)
 
 
 def _case_count(args, setup, n):
     """How many cases ``_cases`` builds at size n (for the progress bar)."""
     ranks = len(setup.ranks)
     square = (1 + len(STEPS) * ranks + (len(setup.dense) + len(setup.peers)) * (n <= args.dense_max)
-              + (1 + len(setup.others)) * ranks + (1 + ranks) * setup.optimizers)
+              + (1 + len(setup.others)) * ranks + _optimizer_count(setup))
     rectangular = 1 + len(STEPS) * ranks + (n <= args.dense_max) + len(setup.stiefel_peers)
     return square + rectangular * sum(m < n for m in setup.columns)
+
+
+def _optimizer_count(setup):
+    """How many optimizer cases ``_optimizer_cases`` builds at one size."""
+    return {"torch": 1, "jax": 2, None: 0}[setup.optimizers] + len(setup.ranks) * (setup.optimizers is not None)
 
 
 @dataclass(frozen=True)
@@ -344,14 +358,28 @@ def _cases(args, setup, n):
         found += _dense_cases(setup, W, G)
         found += [_stateful(peer.method, None, peer.build(W, G, LEARNING_RATE), True) for peer in setup.peers]
     found += _rsvd_cases(args, setup, n, A)
-    if setup.optimizers:
-        found.append(_stateful(_peers.RMSPROP, None, _peers.rmsprop(W, G, LEARNING_RATE), False))
-        found += [_stateful(_peers.PROJUNN_RMSPROP, k, _peers.projunn_rmsprop(
-            W, G, LEARNING_RATE, rank=k, seed=args.seed), True) for k in setup.ranks]
+    found += _optimizer_cases(args, setup, W, G, (x, u, v))
     for m in setup.columns:
         if m < n:
             found += _rectangular_cases(args, setup, n, m, on_device)
     return found
+
+
+def _optimizer_cases(args, setup, W, G, floor_arrays):
+    """A plain optimizer and projUNN with it as the base rule, on the same
+    matrix: torch.optim.RMSprop and ProjUNN(base="rmsprop") on torch; on JAX
+    the jitted optax updates, with the floor under jax.jit."""
+    if setup.optimizers == "torch":
+        plain = _stateful(_peers.RMSPROP, None, _peers.rmsprop(W, G, LEARNING_RATE), False)
+        return [plain] + [_stateful(_peers.PROJUNN_RMSPROP, k, _peers.projunn_rmsprop(
+            W, G, LEARNING_RATE, rank=k, seed=args.seed), True) for k in setup.ranks]
+    if setup.optimizers == "jax":
+        x, u, v = floor_arrays
+        found = [Case(_peers.JIT_FLOOR, None, _peers.jitted_floor(G, x, W, u, v)),
+                 _stateful(_peers.OPTAX_RMSPROP, None, _peers.optax_rmsprop(W, G, LEARNING_RATE), False)]
+        return found + [_stateful(_peers.OPTAX_PROJUNN, k, _peers.optax_projunn(
+            W, G, LEARNING_RATE, rank=k, seed=args.seed), True) for k in setup.ranks]
+    return []
 
 
 def _rectangular_cases(args, setup, n, m, on_device):
@@ -455,7 +483,8 @@ def _time_size(args, setup, n, bar):
         done.append({"method": case.method, "kind": KINDS[case.method], "n": n,
                      "m": n if case.m is None else case.m, "k": case.k, "median_s": None,
                      "times_s": [], "ratio_to_floor": None, "speedup_over_dense": None,
-                     "ratio_to_projunn_t": None, "ratio_to_rmsprop": None, "ratio_to_square": None,
+                     "ratio_to_projunn_t": None, "ratio_to_rmsprop": None, "ratio_to_jitted_floor": None,
+                     "ratio_to_square": None,
                      "unitarity_error": None, "relative_error": None,
                      **(case.check(result) if case.check else {})})
         del result
@@ -518,15 +547,17 @@ def _report(args, setup, state, interrupted):
 def _add_ratios(rows):
     """Ratio to the floor and speed-up over the fastest dense step, per shape
     (n, m); a peer's time over projUNN-T's at the smallest k and the same
-    shape; ProjUNN(base="rmsprop")'s time over torch.optim.RMSprop's; an
-    n x m step's time over the same variant's n x n step (same k)."""
+    shape; ProjUNN(base="rmsprop")'s time over torch.optim.RMSprop's (the
+    optax pair's likewise, and over the jitted floor); an n x m step's time
+    over the same variant's n x n step (same k)."""
     def shape(r):
         return r["n"], r["m"]
 
     floor = {shape(r): r["median_s"] for r in rows if r["kind"] == "floor"}
     ranks = [r["k"] for r in rows if r["method"] == TANGENT]
     tangent = {shape(r): r["median_s"] for r in rows if r["method"] == TANGENT and r["k"] == min(ranks, default=None)}
-    rmsprop = {r["n"]: r["median_s"] for r in rows if r["method"] == _peers.RMSPROP}
+    plain = {(r["method"], r["n"]): r["median_s"] for r in rows if r["kind"] == "optimizer"}
+    jitted_floor = {r["n"]: r["median_s"] for r in rows if r["method"] == _peers.JIT_FLOOR}
     square = {(r["method"], r["k"], r["n"]): r["median_s"] for r in rows if r["kind"] == "step" and r["m"] == r["n"]}
     dense = {}
     for r in rows:
@@ -539,8 +570,11 @@ def _add_ratios(rows):
             r["speedup_over_dense"] = dense[shape(r)] / r["median_s"]
         if r["kind"] == "peer" and shape(r) in tangent:
             r["ratio_to_projunn_t"] = r["median_s"] / tangent[shape(r)]
-        if r["method"] == _peers.PROJUNN_RMSPROP and r["n"] in rmsprop:
-            r["ratio_to_rmsprop"] = r["median_s"] / rmsprop[r["n"]]
+        for unitary, counterpart, _ in _peers.OPTIMIZER_PAIRS:
+            if r["method"] == unitary and (counterpart, r["n"]) in plain:
+                r["ratio_to_rmsprop"] = r["median_s"] / plain[(counterpart, r["n"])]
+        if r["method"] == _peers.OPTAX_PROJUNN and r["n"] in jitted_floor:
+            r["ratio_to_jitted_floor"] = r["median_s"] / jitted_floor[r["n"]]
         if r["kind"] == "step" and r["m"] != r["n"] and (r["method"], r["k"], r["n"]) in square:
             r["ratio_to_square"] = r["median_s"] / square[(r["method"], r["k"], r["n"])]
 
@@ -606,7 +640,11 @@ def _print(rows, slopes, notes, *, projunn_t_rank):
              *[(f"x projUNN-T: the peer's step time over the projUNN-T step's (k = {projunn_t_rank}) at the "
                 "same n (and m)")] * peers,
              *[("peers and optimizers step their parameter in place: each timed step starts where the last "
-                "ended; unitarity error after the timed steps")] * any(r["kind"] in STATEFUL for r in rows),
+                "ended; unitarity error after the timed steps")]
+             * any(r["kind"] in STATEFUL and r["method"] not in _peers.OPTAX_METHODS for r in rows),
+             *[("the jitted optax updates carry their state from one update to the next at the fixed point W "
+                "(every update does the same work); unitarity error of W plus the last update")]
+             * any(r["method"] in _peers.OPTAX_METHODS for r in rows),
              *notes]
     print()
     for note in notes:
@@ -614,17 +652,25 @@ def _print(rows, slopes, notes, *, projunn_t_rank):
 
 
 def _print_rmsprop_ratios(rows):
-    """ProjUNN(base="rmsprop") against torch.optim.RMSprop, one line per n and k."""
-    paired = [r for r in rows if r["ratio_to_rmsprop"] is not None]
-    if not paired:
-        return
-    rmsprop = {r["n"]: r["median_s"] for r in rows if r["method"] == _peers.RMSPROP}
-    print()
-    print(format_table(
-        ("n", "k", f"{_peers.PROJUNN_RMSPROP} [ms]", f"{_peers.RMSPROP} [ms]", "ProjUNN / RMSprop"),
-        [(r["n"], r["k"], f"{1e3 * r['median_s']:.4g}", f"{1e3 * rmsprop[r['n']]:.4g}",
-          _number(r["ratio_to_rmsprop"])) for r in paired],
-    ))
+    """ProjUNN(base="rmsprop") against torch.optim.RMSprop, and the jitted
+    optax projunn update against optax.rmsprop's and the jitted floor, one
+    line per n and k."""
+    for unitary, counterpart, heading in _peers.OPTIMIZER_PAIRS:
+        paired = [r for r in rows if r["method"] == unitary and r["ratio_to_rmsprop"] is not None]
+        if not paired:
+            continue
+        plain = {r["n"]: r["median_s"] for r in rows if r["method"] == counterpart}
+        floors = {r["n"]: r["median_s"] for r in rows if r["method"] == _peers.JIT_FLOOR}
+        jitted = unitary == _peers.OPTAX_PROJUNN
+        print()
+        print(format_table(
+            ("n", "k", f"{unitary} [ms]", f"{counterpart} [ms]") + (f"{_peers.JIT_FLOOR} [ms]",) * jitted
+            + (heading,) + (f"projunn / {_peers.JIT_FLOOR}",) * jitted,
+            [(r["n"], r["k"], f"{1e3 * r['median_s']:.4g}", f"{1e3 * plain[r['n']]:.4g}")
+             + (f"{1e3 * floors[r['n']]:.4g}" if r["n"] in floors else "-",) * jitted
+             + (_number(r["ratio_to_rmsprop"]),) + (_number(r["ratio_to_jitted_floor"]),) * jitted
+             for r in paired],
+        ))
 
 
 def _versions(backend_name, expm, others):
@@ -647,7 +693,8 @@ def _plot(path, rows, slopes, *, title):
     slope_of = {(s["method"], s["k"], s["m"]): s["slope"] for s in slopes}
     styles = {"floor": {"color": "black", "linestyle": "-", "linewidth": 2}, "step": {"linestyle": "-"},
               "dense": {"linestyle": "--"}, "rsvd": {"linestyle": ":"}, "peer": {"linestyle": "-."},
-              "optimizer": {"linestyle": (0, (5, 1, 1, 1, 1, 1))}}
+              "optimizer": {"linestyle": (0, (5, 1, 1, 1, 1, 1))},
+              "jitted floor": {"color": "black", "linestyle": "--", "linewidth": 1}}
     figure = Figure(figsize=(9.6, 4.8), layout="constrained")
     axes = figure.subplots()
     if len(_series(rows)) > 10:  # with the peers: more lines than the default cycle has colours
