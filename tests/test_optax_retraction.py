@@ -266,6 +266,23 @@ def test_nonfinite_update_passes_through_the_bare_retraction():
     np.testing.assert_array_equal(updates["b"], np.ones(3))
 
 
+@pytest.mark.parametrize("chain", ["retraction", "projunn"])
+@pytest.mark.parametrize("dtype", ["float32", "complex64"])
+def test_the_nan_guard_makes_no_pass_over_the_matrices_but_one_sum(chain, dtype):
+    """The NaN/Inf guards of the jitted update: one sum of each gradient (a
+    fused read, no n x n mask), then a lax.cond that runs the step only on
+    finite input. Outside the cond, nothing of the matrices' size is
+    computed (no n x n select of zeros, negation or mask)."""
+    W = ul.random_unitary(N, dtype=dtype, xp=jnp, rng=0)
+    G = jnp.ones((N, N), W.dtype)
+    opt = projunn_retraction(unitary={"W": True}, rank=1) if chain == "retraction" else \
+        projunn(1e-2, unitary={"W": True}, rank=1)
+    jaxpr = jax.make_jaxpr(opt.update)({"W": G}, opt.init({"W": W}), {"W": W}).jaxpr
+    big = [e.primitive.name for e in jaxpr.eqns if any(getattr(v.aval, "shape", ()) == (N, N) for v in e.outvars)]
+    assert big == ["cond"]
+    assert [e.primitive.name for e in jaxpr.eqns].count("reduce_sum") == 1
+
+
 def test_drift_control_in_the_retraction():
     W = ul.random_unitary(N, dtype="float64", rng=0)
     params = {"W": jnp.asarray(W + 1e-6 * np.random.default_rng(1).standard_normal((N, N)))}

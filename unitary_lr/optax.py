@@ -219,24 +219,26 @@ def projunn_retraction(*, unitary, rank=None, variant=DEFAULT_VARIANT, oversampl
 
     def _unitary_update(W, U, key, step):
         """``W_new - W`` as the thin product the step makes (no new W formed
-        and subtracted again: two passes saved)."""
+        and subtracted again: two passes saved). A non-finite U is handed
+        back as it is, and the step is not run on it (``lax.cond``: no NaN
+        in the small cores, and no pass over U to select between the two)."""
         U = U.astype(W.dtype)
-        finite = jnp.all(jnp.isfinite(U))
-        # Zeros in place of a non-finite update keep NaN out of the small
-        # eigen- and SVD cores; the update itself is handed back below.
-        safe = jnp.where(finite, U, jnp.zeros_like(U))
+        return jax.lax.cond(_all_finite(U), retract, keep, U, W, key, step)
+
+    def retract(U, W, key, step):
         sketch_key, probe_key = jax.random.split(key)
-        # projunn_step moves along -lr G: G = -U with lr = 1 moves along U,
-        # and a static lr keeps the kernels' clamping of huge steps.
-        G = -safe
         leaf_rank = step_rank(rank, W.shape)
-        omega = jax.random.normal(sketch_key, sketch_shape(G, leaf_rank, oversample), dtype=G.dtype)
-        L, Rh = step_factors_unchecked(jnp, W, G, omega, lr=1.0, rank=leaf_rank, variant=variant,
+        omega = jax.random.normal(sketch_key, sketch_shape(U, leaf_rank, oversample), dtype=U.dtype)
+        # The step moves along -lr G: G = U with lr = -1 moves along U. The
+        # sketch of -U is the sketch of U with its range panel negated,
+        # exactly, so this is the step of G = -U and lr = 1 without an
+        # n x n negation; a static lr keeps the kernels' clamping of huge steps.
+        L, Rh = step_factors_unchecked(jnp, W, U, omega, lr=-1.0, rank=leaf_rank, variant=variant,
                                        power_iters=power_iters, traced=True)
         update = L @ Rh
         if options.drift_check_every:
             update = jax.lax.cond(drift.due(step), check, keep, update, W, probe_key)
-        return jnp.where(finite, update, U)
+        return update
 
     return optax.GradientTransformation(init, update)
 
@@ -341,32 +343,52 @@ def projunn(learning_rate=DEFAULT_LR, *, unitary, base=DEFAULT_BASE, rank=None, 
         return ProjUNNState(count=retraction_state.count, key=retraction_state.key,
                             base=preconditioner.init(params), notfinite_count=jnp.zeros([], jnp.int32))
 
-    def update(grads, state, params=None):
-        if params is None:
-            raise ValueError("projunn needs the parameters: opt.update(grads, state, params)")
-        leaves = jax.tree.leaves(grads)
-        finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in leaves])) if leaves else jnp.asarray(True)
-        # The step runs on zeros in place of non-finite gradients so that no
-        # NaN reaches the preconditioner's moments or the step's small cores,
-        # then its result is dropped by the selection below (apply_if_finite's
-        # semantics, without a lax.cond: both costs are one step anyway).
-        safe = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
-        directions, base_state = preconditioner.update(safe, state.base, params)
+    def step(grads, state, params):
+        directions, base_state = preconditioner.update(grads, state.base, params)
         mask = _mask_of(unitary, params)
         # torch's convention is conj(JAX's); the preconditioner commutes with conj
         directions = jax.tree.map(lambda flag, u: jnp.conj(u) if flag and jnp.iscomplexobj(u) else u,
                                   mask, directions)
         new_updates, retraction_state = retraction.update(directions, RetractionState(state.count, state.key),
                                                           params)
-        keep = lambda new, old: jnp.where(finite, new, old)
-        new_updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
-        skipped = jnp.asarray(state.notfinite_count, jnp.int32) + jnp.where(finite, 0, 1).astype(jnp.int32)
-        return new_updates, ProjUNNState(
-            count=keep(retraction_state.count, state.count), key=state.key,
-            base=jax.tree.map(keep, base_state, state.base), notfinite_count=skipped,
-        )
+        return new_updates, ProjUNNState(count=retraction_state.count, key=state.key, base=base_state,
+                                         notfinite_count=state.notfinite_count)
+
+    def update(grads, state, params=None):
+        if params is None:
+            raise ValueError("projunn needs the parameters: opt.update(grads, state, params)")
+        leaves = jax.tree.leaves(grads)
+        finite = jnp.all(jnp.asarray([_all_finite(g) for g in leaves])) if leaves else jnp.asarray(True)
+        state = state._replace(notfinite_count=jnp.asarray(state.notfinite_count, jnp.int32))
+        return jax.lax.cond(finite, step, skip, grads, state, params)
+
+    def skip(grads, state, params):
+        """apply_if_finite's semantics: zero updates, the state as it was but
+        for the count of skipped updates. The step is not run at all
+        (``lax.cond``), so no NaN reaches the moments or the small cores."""
+        shapes = jax.eval_shape(step, grads, state, params)[0]
+        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+        return zeros, state._replace(notfinite_count=state.notfinite_count + 1)
 
     return optax.GradientTransformation(init, update)
+
+
+def _all_finite(x):
+    """Whether the array x holds no NaN or Inf, as a traced bool. A sum is
+    non-finite exactly when an entry is, or when it overflows: one fused
+    read decides, and only a non-finite sum pays for the exact elementwise
+    test (``lax.cond``), which XLA writes as an n x n mask and its reduction."""
+    return jax.lax.cond(jnp.isfinite(jnp.sum(x)), _finite_sum, _finite_entries, x)
+
+
+# The branches of lax.cond are module-level functions: JAX caches their traces
+# by identity, so an eager (un-jitted) update does not re-trace them every step.
+def _finite_sum(x):
+    return jnp.asarray(True)
+
+
+def _finite_entries(x):
+    return jnp.all(jnp.isfinite(x))
 
 
 def _checked_learning_rate(learning_rate):
