@@ -297,14 +297,19 @@ def _right_core_tiny(sxp, C, scales, *, lr, variant, sketched, tol, core_eps):
     T, R, spread = gram_basis2(((cz, g), (_conj(g), cw)), tol)
     size = _step_size(sxp, lr, _product_tiny(sxp, scales))
     if variant == "direct":
-        # A = R A0 R^H with A0 = [[0, 0], [Pi, 0]]
-        B = tuple(tuple(-size * R[i][1] * Pi * _conj(R[j][0]) for j in range(2)) for i in range(2))
+        B = _direct_generator_tiny(R, Pi, size)
         D = polar_small2(B)
         if D is None:
             D = polar_minus_identity(sxp, sxp.asarray(B, dtype=C.dtype), traced=False)
         return T, D, spread
     # A - A^H = R [[0, -Pi], [Pi, 0]] R^H
     return T, _skew_core_tiny(C, R, -Pi, size, variant, core_eps), spread
+
+
+def _direct_generator_tiny(R, Pi, size):
+    """B = -size R A0 R^H with A0 = [[0, 0], [Pi, 0]] (``W^H G_k`` in the
+    basis), the 2 x 2 argument of the direct step's polar core."""
+    return tuple(tuple(-size * R[i][1] * Pi * _conj(R[j][0]) for j in range(2)) for i in range(2))
 
 
 def _skew_core_tiny(C, R, p, size, variant, core_eps):
@@ -568,8 +573,7 @@ def _stiefel_direct_core_tiny(sxp, Cm, Cn, scales, *, lr, sketched, tol, eps, co
     Pi = (1 / cy if cy > 0 else 0.0) if sketched else 1.0  # see _sketch_projector
     T, R, spread = gram_basis2(Cm.tolist(), tol)
     size = _step_size(sxp, lr, _product_tiny(sxp, scales))
-    # B = -size R A0 R^H with A0 = [[0, 0], [Pi, 0]]; E = -size Pi R[:, :1]^H
-    B = tuple(tuple(-size * R[i][1] * Pi * _conj(R[j][0]) for j in range(2)) for i in range(2))
+    B = _direct_generator_tiny(R, Pi, size)  # and E = -size Pi R[:, :1]^H
     # a_perp = N R_a with N = a_perp T_a: 1 x 1 Gram, dropped inside W's range
     root = math.sqrt(ca) if ca > _in_range_threshold(eps, columns) * cy and ca > 0 else 0.0
     bottom = (tuple(-size * Pi * root * _conj(R[j][0]) for j in range(2)),)  # R_a E
