@@ -68,6 +68,43 @@ def test_eager_step_is_a_few_operations_and_one_transfer(dtype, variant, factore
     assert float(ul.unitarity_error(V)) < 1e-5
 
 
+class LargeOperands(TorchDispatchMode):
+    """Counts the non-view operations that read or write an array of at
+    least ``size`` entries: the passes over G and W."""
+
+    def __init__(self, size):
+        super().__init__()
+        self.size, self.ops = size, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outs = list(out) if isinstance(out, (tuple, list)) else [out]
+        if not func.is_view and any(isinstance(t, torch.Tensor) and t.numel() >= self.size for t in [*args, *outs]):
+            self.ops.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "complex64"])
+@pytest.mark.parametrize("variant", ["tangent", "direct", "cayley"])
+@pytest.mark.parametrize("layout", ["rows", "columns"])
+def test_complex_step_makes_no_conjugated_copy(dtype, variant, layout):
+    """A rank-1 step touches n x n data in its six products (four passes over
+    G for the sketch with one power iteration, two over W) and the update,
+    complex or real, whatever W's layout: the products with G^H and W^H
+    conjugate only the thin panels (a conjugated copy of G or W was three
+    extra passes per complex step)."""
+    n = 96
+    W = torch.as_tensor(ul.random_unitary(n, dtype=dtype, rng=np.random.default_rng(0)))
+    if layout == "columns":
+        W = W.mT.contiguous().mT
+    G = torch.as_tensor(np.random.default_rng(1).standard_normal((n, n)).astype(dtype))
+    with LargeOperands(n * n) as large:
+        V = ul.projunn_step(W, G, lr=0.1, rank=1, variant=variant, rng=2)
+    assert sorted(large.ops) == ["aten.addmm.default"] + ["aten.mm.default"] * 6, large.ops
+    reference = ul.projunn_step(W.numpy(), G.numpy(), lr=0.1, rank=1, variant=variant, rng=2)
+    assert np.abs(V.numpy() - reference).max() < 1e-5
+
+
 def test_the_counter_sees_a_dense_step():
     """The budget is meaningful: the dense O(n^3) step is counted too (its SVD
     and the reads of its error checks)."""

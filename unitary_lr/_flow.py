@@ -25,7 +25,7 @@ import warnings
 
 from ._cores import drop_tolerance, expm_skew_minus_identity, gram_basis, polar_minus_identity
 from ._tiny import gram_basis2, polar_small2, skew_core2
-from ._xp import adjoint_matmul, broadcast_shapes, core_dtype, max_abs, device, matmul_panel, mH, panel_times_small, real_dtype
+from ._xp import adjoint_matmul, adjoint_rows, broadcast_shapes, core_dtype, max_abs, device, matmul_panel, mH, panel_times_small, real_dtype
 
 __all__ = ["checked", "lowrank_right_update", "lowrank_update", "sketch_panels", "stiefel_update", "transport_update"]
 
@@ -95,7 +95,7 @@ def sketch_panels(xp, G, omega, power_iters, cores):
     """
     if isinstance(G, tuple):
         a, b = G
-        matmul, rmatmul = (lambda X: a @ (mH(xp, b) @ X)), (lambda Y: b @ (mH(xp, a) @ Y))
+        matmul, rmatmul = (lambda X: a @ adjoint_rows(xp, b, X)), (lambda Y: b @ adjoint_rows(xp, a, Y))
     else:
         matmul, rmatmul = (lambda X: matmul_panel(xp, G, X)), (lambda Y: adjoint_matmul(xp, G, Y))
     Y = matmul(omega)
@@ -128,7 +128,7 @@ def orthonormal_columns(xp, Y, cores):
 
 
 def _newton_schulz_factor(xp, Q):
-    gram = mH(xp, Q) @ Q
+    gram = adjoint_rows(xp, Q, Q)
     identity = xp.eye(Q.shape[-1], dtype=Q.dtype, device=device(Q))
     return 1.5 * identity - 0.5 * gram
 
@@ -136,7 +136,7 @@ def _newton_schulz_factor(xp, Q):
 def _gram(xp, panels, core):
     F = xp.concat(panels, axis=-1)
     F = xp.astype(F, core, copy=False)
-    return mH(xp, F) @ F
+    return adjoint_rows(xp, F, F)
 
 
 def _blocks(C, sizes):
@@ -626,7 +626,7 @@ def _apply_left(xp, W, P, T, D, column_scale, reorthonormalize):
     """(L, Rh) = (Q D, Q^H W) with Q = P T: the new W is ``(I + Q D Q^H) W``,
     unitary to rounding whenever Q has orthonormal columns."""
     Q = _basis(xp, P, T, reorthonormalize, column_scale)
-    return panel_times_small(xp, Q, D), mH(xp, adjoint_matmul(xp, W, Q))
+    return panel_times_small(xp, Q, D), adjoint_rows(xp, Q, W)
 
 
 def transport_update(xp, W, a, b, *, t, cores, cayley=False):
