@@ -85,19 +85,82 @@ def test_compiled_capturable_step_equals_the_eager_one(variant):
     assert float(ul.unitarity_error(W2.detach())) < 1e-5
 
 
-def test_non_finite_update_is_skipped_and_counted():
-    W, b = _model()
-    opt = ProjUNN([W, b], lr=1e-2, base="rmsprop", capturable=True)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize(("variant", "rank", "dtype"), [
+    ("tangent", 1, torch.float32), ("direct", 1, torch.complex64), ("cayley", 1, torch.float32),
+    ("tangent", 3, torch.complex64), ("direct", 3, torch.float32), ("cayley", 3, torch.complex64)])
+def test_non_finite_update_is_skipped_and_counted(bad, variant, rank, dtype):
+    """NaN or Inf in one gradient entry: the parameter and the rule's state
+    keep their values, the skip is counted, nothing raises (a rank-3 step's
+    device eigh sees no NaN), and the next finite step goes on as usual."""
+    W, b = _model(dtype=dtype)
+    opt = ProjUNN([W, b], lr=1e-2, base="rmsprop", capturable=True, variant=variant, rank=rank)
     x = torch.randn(8, 32, generator=torch.Generator().manual_seed(1))
     _loss(W, b, x).backward()
     opt.step()
     state = {key: value.clone() for key, value in opt.state[W].items()}
     before = W.detach().clone()
-    W.grad[2, 3] = float("nan")
+    finite_grad = W.grad.clone()
+    W.grad[2, 3] = bad if not dtype.is_complex else complex(0.5, bad)
     opt.step()
     assert torch.equal(W.detach(), before)
     assert torch.equal(opt.state[W]["square_avg"], state["square_avg"])
     assert int(opt.state[W]["skipped_steps"]) == 1
+    W.grad = finite_grad
+    opt.step()
+    assert not torch.equal(W.detach(), before)
+    assert int(opt.state[W]["skipped_steps"]) == 1
+    assert float(ul.unitarity_error(W.detach())) < 1e-5
+
+
+def test_huge_finite_gradient_is_not_skipped():
+    """Entries near the dtype's largest value are finite: the guard must not
+    take them for an overflow (a sum of them would be Inf). Plain SGD, whose
+    direction is the gradient itself (RMSprop's squares would overflow), and
+    the direct step, which saturates to a well-defined polar factor (the
+    angle of a tangent step that large is lost to rounding)."""
+    W, b = _model()
+    opt = ProjUNN([W, b], lr=1e-2, base="sgd", capturable=True, variant="direct")
+    before = W.detach().clone()
+    W.grad = 2e36 + 1e35 * torch.randn(W.shape, generator=torch.Generator().manual_seed(3))
+    assert not torch.isfinite(W.grad.sum())
+    opt.step()
+    assert int(opt.state[W]["skipped_steps"]) == 0
+    assert not torch.equal(W.detach(), before)
+    assert float(ul.unitarity_error(W.detach())) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex64])
+def test_guard_writes_no_mask_of_the_parameter_size(dtype):
+    """The NaN/Inf guard of a capturable step reads the direction once and
+    writes nothing of its size: no elementwise mask (``isfinite(d).all()``
+    writes one) and no zeroed copy of the direction. The one select of the
+    parameter's size left keeps the rule's state on a skipped step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    n = 48
+
+    class Writes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not func.is_view:
+                outs = out if isinstance(out, (tuple, list)) else [out]
+                self.ops += [(str(func), t.dtype) for t in outs if isinstance(t, torch.Tensor) and t.numel() == n * n]
+            return out
+
+    W = unitary_parameter(n, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    opt = ProjUNN([W], lr=torch.tensor(1e-2), base="rmsprop", capturable=True)
+    W.grad = torch.randn(n, n, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    opt.step()
+    with Writes() as writes:
+        opt.step()
+    assert not [op for op, kind in writes.ops if kind == torch.bool], writes.ops
+    assert not [op for op in writes.ops if "zeros" in op[0] or "full" in op[0]], writes.ops
+    assert sum("where" in op for op, _ in writes.ops) == 1, writes.ops
 
 
 def test_check_drift_reprojects_a_drifted_parameter():

@@ -31,7 +31,7 @@ import numpy
 host_xp = numpy if tuple(int(part) for part in numpy.__version__.split(".")[:2]) >= (2, 1) else array_api_compat.numpy
 
 from ._host import from_host, to_host
-from ._xp import add_product, complex_dtype, core_dtype, device, eye, is_complex, mH, real_dtype
+from ._xp import add_product, complex_dtype, core_dtype, device, eye, finite_or_zero, is_complex, mH, real_dtype
 
 __all__ = [
     "DeviceCores",
@@ -110,7 +110,12 @@ class DeviceCores:
         self.eps = float(xp.finfo(real_dtype(xp, self._core)).eps)
 
     def gather(self, *arrays):
-        return tuple(self.xp.astype(a, self._core, copy=False) for a in arrays)
+        """The small arrays in the cores' dtype, NaN and Inf entries replaced
+        by zeros. A traced step cannot branch on them, and a device eigh may
+        raise on NaN (PyTorch's on the CPU does), which no captured step may
+        do; the thin panels still carry the NaN into the step's factors, where
+        callers that guard (the capturable optimizer, the optax update) find it."""
+        return tuple(finite_or_zero(self.xp, self.xp.astype(a, self._core, copy=False)) for a in arrays)
 
     def scatter(self, *arrays):
         return tuple(self.xp.astype(a, self.dtype, copy=False) for a in arrays)

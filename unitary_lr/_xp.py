@@ -246,6 +246,17 @@ def panel_times_small(xp, P, T):
     return xp.matrix_transpose(xp.matrix_transpose(T) @ xp.matrix_transpose(P))
 
 
+def finite_or_zero(xp, x):
+    """x with its NaN and Inf entries replaced by 0. One operation for real
+    PyTorch tensors (``nan_to_num``), where the standard's
+    ``where(isfinite(x), x, 0)`` dispatches five; complex ones take the
+    standard's form, which ``torch.compile`` can lower (its ``nan_to_num``
+    cannot)."""
+    if _is_torch(xp) and not is_complex(xp, x.dtype):
+        return sys.modules["torch"].nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+    return xp.where(xp.isfinite(x), x, xp.zeros_like(x))
+
+
 def is_column_major(x) -> bool:
     """Whether the matrices of x are stored column by column (a transposed
     view, a LAPACK result, ``np.asfortranarray``). The standard has no notion

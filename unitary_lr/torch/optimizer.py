@@ -110,7 +110,8 @@ class ProjUNN(torch.optim.Optimizer):
         (Adam's step, ``skipped_steps``) are tensors. Nothing can be raised
         from the device: a non-finite update (NaN/Inf in a unitary
         parameter's gradient) is skipped, the parameter and its state keep
-        their values and ``state[p]["skipped_steps"]`` counts it; plain
+        their values and ``state[p]["skipped_steps"]`` counts it (the check
+        reads the update's direction once and writes nothing of its size); plain
         parameters are not checked, as in ``torch.optim``. Drift control
         reads a number on the host, so it is not run automatically: call
         :meth:`check_drift` every few dozen steps, outside the compiled or
@@ -353,11 +354,9 @@ def _capturable_step(xp, p, direction, state, new_state, group):
     ``state["skipped_steps"]`` counts it."""
     W = p.detach()
     rank = min(step_rank(group["rank"], W.shape), *W.shape[-2:])
-    # Zeros in place of a non-finite direction keep NaN out of the small
-    # eigen-cores of a rank >= 2 sketch (a CPU eigh raises on NaN, which no
-    # captured step may do); a zero direction gives a zero update, dropped below.
-    finite = torch.isfinite(direction).all()
-    direction = torch.where(finite, direction, torch.zeros_like(direction))
+    # A NaN/Inf in the direction reaches the small cores as zeros (see
+    # DeviceCores.gather) and the factors as NaN, which the check below drops.
+    finite = _finite_flag(direction)
     shape = sketch_shape(direction, rank, group["oversample"])
     omega = None
     if shape is not None:
@@ -377,6 +376,17 @@ def _capturable_step(xp, p, direction, state, new_state, group):
             kept[key] = value
     kept["skipped_steps"] = state["skipped_steps"] + (~finite).to(torch.int64)
     return (L, Rh), kept
+
+
+def _finite_flag(tensor):
+    """Whether no entry of the tensor is NaN or Inf, as a bool tensor on its
+    device, from one reduction that reads it once: its smallest and largest
+    entries (of the real and imaginary parts), which a NaN or an Inf becomes.
+    No n x n mask is written (``isfinite(t).all()`` writes one, and takes two
+    to four passes), and no sum can overflow to a false alarm."""
+    values = torch.view_as_real(tensor.resolve_conj()) if tensor.is_complex() else tensor
+    smallest, largest = torch.aminmax(values)
+    return torch.isfinite(smallest) & torch.isfinite(largest)
 
 
 def _name(group, index, i):
