@@ -163,6 +163,35 @@ def test_guard_writes_no_mask_of_the_parameter_size(dtype):
     assert sum("where" in op for op, _ in writes.ops) == 1, writes.ops
 
 
+@pytest.mark.parametrize("base", ["rmsprop", "adam"])
+def test_state_keeps_its_storage_from_step_to_step(base):
+    """A captured CUDA graph replays into the buffers it was captured with, so
+    a capturable step writes the new state into the old tensors, for unitary
+    and plain parameters, on a taken step and on a skipped one."""
+    W, b = _model()
+    opt = ProjUNN([W, b], lr=1e-2, base=base, capturable=True)
+    x = torch.randn(8, 32, generator=torch.Generator().manual_seed(1))
+    _loss(W, b, x).backward()
+    opt.step()
+    storage = {(id(p), key): value.data_ptr() for p in (W, b) for key, value in opt.state[p].items()
+               if isinstance(value, torch.Tensor)}
+    before = {(id(p), key): value.clone() for p in (W, b) for key, value in opt.state[p].items()
+              if isinstance(value, torch.Tensor)}
+    for bad in (False, True, False):
+        opt.zero_grad()
+        _loss(W, b, x).backward()
+        if bad:
+            W.grad[0, 0] = float("nan")
+        opt.step()
+        now = {(id(p), key): value.data_ptr() for p in (W, b) for key, value in opt.state[p].items()
+               if isinstance(value, torch.Tensor)}
+        assert now == storage
+    assert int(opt.state[W]["skipped_steps"]) == 1
+    changed = [key for key, value in before.items()
+               if not torch.equal(value, dict(opt.state[W] if key[0] == id(W) else opt.state[b])[key[1]])]
+    assert {key for _, key in changed} >= ({"square_avg"} if base == "rmsprop" else {"exp_avg", "exp_avg_sq", "step"})
+
+
 def test_check_drift_reprojects_a_drifted_parameter():
     W, b = _model(dtype=torch.float64)
     opt = ProjUNN([W, b], lr=1e-2, capturable=True, drift_tol=1e-10)

@@ -106,8 +106,11 @@ class ProjUNN(torch.optim.Optimizer):
         graphs (as ``torch.optim.Adam(capturable=True)``; per group). The
         sketches come from torch's global generator on the parameter's device
         (``seed`` is not used: seed with ``torch.manual_seed``), the small
-        cores run on the device, ``lr`` may be a tensor, and the counters
-        (Adam's step, ``skipped_steps``) are tensors. Nothing can be raised
+        cores run on the device, ``lr`` may be a tensor, the counters
+        (Adam's step, ``skipped_steps``) are tensors, and every state tensor
+        is written in place, keeping its storage from step to step (a
+        captured graph replays into the buffers it was captured with; a state
+        that is replaced instead would never advance). Nothing can be raised
         from the device: a non-finite update (NaN/Inf in a unitary
         parameter's gradient) is skipped, the parameter and its state keep
         their values and ``state[p]["skipped_steps"]`` counts it (the check
@@ -282,8 +285,8 @@ class ProjUNN(torch.optim.Optimizer):
                     pending.append((p, group, new_state, direction, None))
                     continue
                 if group["capturable"]:
-                    factors, new_state = _capturable_step(xp, p, direction, state, new_state, group)
-                    pending.append((p, group, new_state, factors, _CAPTURED))
+                    checked_factors, new_state = _capturable_step(xp, p, direction, state, new_state, group)
+                    pending.append((p, group, new_state, checked_factors, _CAPTURED))
                     continue
                 rng = generator_from_state(new_state["sketch_rng"])
                 factors = None
@@ -305,11 +308,16 @@ class ProjUNN(torch.optim.Optimizer):
                     p.sub_(update * group["lr"])
                 else:
                     p.add_(update, alpha=-group["lr"])
-                self.state[p].update(new_state)
+                if group["capturable"]:
+                    _write_state(self.state[p], new_state)
+                else:
+                    self.state[p].update(new_state)
                 continue
             if rng is _CAPTURED:
-                _add_in_place(p, *update)
-                self.state[p].update(new_state)
+                factors, finite = update
+                _add_in_place(p, *factors)
+                _write_state(self.state[p], new_state, keep=finite)
+                self.state[p]["skipped_steps"].add_((~finite).to(torch.int64))
                 continue
             if update is not None:
                 _add_in_place(p, *update)
@@ -367,15 +375,26 @@ def _capturable_step(xp, p, direction, state, new_state, group):
     finite = finite & torch.isfinite(L).all() & torch.isfinite(Rh).all()
     L = torch.where(finite, L, torch.zeros_like(L))
     Rh = torch.where(finite, Rh, torch.zeros_like(Rh))
-    kept = {}
+    return ((L, Rh), finite), new_state
+
+
+def _write_state(stored, new_state, keep=None):
+    """The new state written into the stored one. A tensor that replaces one
+    of the same shape, dtype and device is written into it in place, so that
+    the state keeps its storage from step to step, as a captured CUDA graph
+    needs (a replay writes into the buffers it was captured with); with
+    ``keep`` (a bool tensor), the old values stay where it is False, with no
+    read on the host. Anything else replaces the stored value."""
     for key, value in new_state.items():
-        old = state.get(key)
-        if isinstance(value, torch.Tensor) and isinstance(old, torch.Tensor) and key != "skipped_steps":
-            kept[key] = torch.where(finite, value, old)
+        old = stored.get(key)
+        if (isinstance(value, torch.Tensor) and isinstance(old, torch.Tensor) and value is not old
+                and value.shape == old.shape and value.dtype == old.dtype and value.device == old.device):
+            if keep is None:
+                old.copy_(value)
+            else:
+                torch.where(keep, value, old, out=old)
         else:
-            kept[key] = value
-    kept["skipped_steps"] = state["skipped_steps"] + (~finite).to(torch.int64)
-    return (L, Rh), kept
+            stored[key] = value
 
 
 def _finite_flag(tensor):
