@@ -278,9 +278,15 @@ class ProjUNN(torch.optim.Optimizer):
                     elif unitary:
                         state["projunn_steps"] = 0
                         state["sketch_rng"] = generator_state(np.random.default_rng([group["seed"], index, i]))
-                fused = fused_direction(rule, p.grad, p.detach(), state, mode=mode, weight_decay=not unitary)
-                direction, new_state = fused if fused is not None else rule.direction(
-                    xp, p.grad, p.detach(), state, mode=mode, weight_decay=not unitary)
+                # the eager unitary step writes the rule's state in place once it is certain
+                deferred = unitary and not group["capturable"]
+                fused = fused_direction(rule, p.grad, p.detach(), state, mode=mode, weight_decay=not unitary,
+                                        deferred=deferred)
+                if fused is None:
+                    fused = rule.direction(xp, p.grad, p.detach(), state, mode=mode, weight_decay=not unitary)
+                    if deferred:
+                        fused = (*fused, None)
+                direction, new_state, *commit = fused
                 if not unitary:
                     pending.append((p, group, new_state, direction, None))
                     continue
@@ -298,7 +304,7 @@ class ProjUNN(torch.optim.Optimizer):
                     except ValueError as error:
                         raise ValueError(f"{_name(group, index, i)} (shape {tuple(p.shape)}): {error}; "
                                          "no parameter was changed") from None
-                pending.append((p, group, new_state, factors, rng))
+                pending.append((p, group, new_state, (factors, commit[0]), rng))
         for group in self.param_groups:
             if _torch_optim_group(group):
                 plain_step(self.state, group)
@@ -319,8 +325,11 @@ class ProjUNN(torch.optim.Optimizer):
                 _write_state(self.state[p], new_state, keep=finite)
                 self.state[p]["skipped_steps"].add_((~finite).to(torch.int64))
                 continue
-            if update is not None:
-                _add_in_place(p, *update)
+            factors, commit = update
+            if factors is not None:
+                _add_in_place(p, *factors)
+            if commit is not None:
+                commit()
             steps = new_state["projunn_steps"] + 1
             xp = array_api_compat.array_namespace(p)
             new_p, reprojected = control_drift(xp, p.detach(), step=steps, rng=rng, drift_tol=group["drift_tol"],

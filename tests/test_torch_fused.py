@@ -1,0 +1,93 @@
+"""The torch optimizer's fused base rules (``unitary_lr.torch._fused``): the
+same directions and moments as the framework-free rules of
+:mod:`unitary_lr.optim`, and, in the eager optimizer's deferred form, the
+state written in place only when the step is certain."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from unitary_lr.optim import make_rule  # noqa: E402
+from unitary_lr.torch import ProjUNN, unitary_parameter  # noqa: E402
+from unitary_lr.torch._fused import fused_direction  # noqa: E402
+
+RULES = [("rmsprop", {"alpha": 0.9, "eps": 1e-8}), ("adam", {"betas": (0.8, 0.95), "eps": 1e-8}), ("sgd", {})]
+
+
+@pytest.mark.parametrize(("base", "hyper"), RULES, ids=[name for name, _ in RULES])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+@pytest.mark.parametrize("deferred", [False, True])
+def test_fused_rule_gives_the_generic_rule(base, hyper, dtype, deferred):
+    """Five steps of each rule on fresh gradients: the fused direction and the
+    moments equal the generic rule's to rounding; deferred, the stored state
+    changes only in ``commit()`` and keeps its tensors."""
+    import array_api_compat
+
+    generator = torch.Generator().manual_seed(0)
+    W = torch.randn(6, 6, dtype=dtype, generator=generator)
+    xp = array_api_compat.array_namespace(W)
+    rule = make_rule(base, **hyper)
+    generic = rule.init(xp, W, "modulus")
+    fused = {key: (value.clone() if isinstance(value, torch.Tensor) else value) for key, value in generic.items()}
+    for _ in range(5):
+        grad = torch.randn(6, 6, dtype=dtype, generator=generator)
+        expected, generic = rule.direction(xp, grad, W, generic, mode="modulus", weight_decay=False)
+        before = {key: (value.clone(), value.data_ptr()) for key, value in fused.items() if isinstance(value, torch.Tensor)}
+        result = fused_direction(rule, grad, W, fused, mode="modulus", weight_decay=False, deferred=deferred)
+        if deferred:
+            direction, new_state, commit = result
+            for key, (values, pointer) in before.items():  # nothing written before the commit
+                assert torch.equal(fused[key], values) and fused[key].data_ptr() == pointer
+            commit()
+            fused = new_state
+            for key, (_, pointer) in before.items():
+                assert fused[key].data_ptr() == pointer
+        else:
+            direction, fused = result
+        torch.testing.assert_close(direction, expected, rtol=1e-13, atol=1e-15)
+        for key, value in generic.items():
+            if isinstance(value, torch.Tensor):
+                torch.testing.assert_close(fused[key], value, rtol=1e-13, atol=1e-15)
+            else:
+                assert fused[key] == value
+
+
+class NewLargeTensors(TorchDispatchMode):
+    """Counts the operations that return a new tensor of at least ``size``
+    entries (not in place, not ``out=``): each is an allocation, which the C
+    library may return to the system and page-fault back on the next step."""
+
+    def __init__(self, size):
+        super().__init__()
+        self.size, self.ops = size, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        schema = func._schema
+        writes_in_place = any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
+        if not func.is_view and not writes_in_place and isinstance(out, torch.Tensor) and out.numel() >= self.size:
+            self.ops.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize("base", ["rmsprop", "adam"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex64])
+def test_eager_step_allocates_as_few_large_tensors_as_torch_optim(base, dtype):
+    """An eager ``ProjUNN`` step makes as many new tensors of the parameter's
+    size as the base rule needs for its direction (RMSprop one, as
+    ``torch.optim.RMSprop``; Adam two), and no new state: the moments are
+    written in place once the step is certain."""
+    n = 40
+    W = unitary_parameter(n, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    opt = ProjUNN([W], lr=1e-3, base=base, rank=1, seed=0)
+    W.grad = torch.randn(n, n, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    opt.step()
+    state = {key: value.data_ptr() for key, value in opt.state[W].items() if isinstance(value, torch.Tensor)}
+    with NewLargeTensors(n * n) as new:
+        opt.step()
+    budget = {"rmsprop": 1, "adam": 2}[base] + dtype.is_complex  # a complex quotient by a real denominator
+    assert len(new.ops) <= budget, new.ops
+    assert {key: value.data_ptr() for key, value in opt.state[W].items() if isinstance(value, torch.Tensor)} == state
