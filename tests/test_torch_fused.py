@@ -91,3 +91,38 @@ def test_eager_step_allocates_as_few_large_tensors_as_torch_optim(base, dtype):
     budget = {"rmsprop": 1, "adam": 2}[base] + dtype.is_complex  # a complex quotient by a real denominator
     assert len(new.ops) <= budget, new.ops
     assert {key: value.data_ptr() for key, value in opt.state[W].items() if isinstance(value, torch.Tensor)} == state
+
+
+@pytest.mark.parametrize(("base", "scale"), [("rmsprop", 1e20), ("adam", 1e22)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex64])
+@pytest.mark.parametrize("capturable", [False, True])
+def test_a_gradient_whose_square_overflows_the_moments_is_not_silent(base, scale, dtype, capturable):
+    """|g|^2 beyond float32 made the moments Inf, and every later direction 0
+    there, without a word. Now the eager step is refused, naming the cause
+    and changing nothing; a capturable step is skipped and counted. A large
+    gradient whose squares fit is stepped as usual, and so is the next
+    finite gradient."""
+    n = 16
+    W = unitary_parameter(n, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    opt = ProjUNN([W], lr=1e-2, base=base, capturable=capturable)
+    generator = torch.Generator().manual_seed(1)
+    W.grad = torch.randn(n, n, dtype=dtype, generator=generator)
+    opt.step()
+    before = W.detach().clone()
+    state = {key: value.clone() for key, value in opt.state[W].items() if isinstance(value, torch.Tensor)}
+    W.grad = scale * torch.randn(n, n, dtype=dtype, generator=generator)
+    if capturable:
+        opt.step()
+        assert int(opt.state[W]["skipped_steps"]) == 1
+    else:
+        with pytest.raises(ValueError, match=rf"too large for the {base} rule's moments in {str(dtype)[6:]} "
+                                             r"\(largest \|entry\| [0-9.e+]+: its square overflows\); scale"):
+            opt.step()
+    assert torch.equal(W.detach(), before)
+    for key, value in state.items():
+        if key != "skipped_steps":
+            assert torch.equal(opt.state[W][key], value), key
+    W.grad = scale * 1e-4 * torch.randn(n, n, dtype=dtype, generator=generator)
+    opt.step()
+    assert not torch.equal(W.detach(), before)
+    assert all(bool(torch.isfinite(value).all()) for value in opt.state[W].values() if isinstance(value, torch.Tensor))

@@ -23,6 +23,8 @@ None for the others, and the optimizer falls back to the generic rule.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..optim import SGD, Adam, RMSprop
@@ -61,6 +63,14 @@ def _add_square(target, grad, weight):
     return target
 
 
+def _overflow_as_nan(denominator):
+    """The denominator with +Inf (a moment whose squares overflowed) made NaN,
+    in place: the quotient is then NaN there, which the step's checks see,
+    where it would be a silent 0 in this step and every later one (the
+    moment stays Inf)."""
+    return denominator.nan_to_num_(nan=math.nan, posinf=math.nan)
+
+
 def _quotient(numerator, denominator):
     """numerator / denominator, into the denominator's buffer where the
     dtypes allow (a complex numerator over a real denominator does not)."""
@@ -72,9 +82,9 @@ def _quotient(numerator, denominator):
 def _rmsprop(rule, grad, state, deferred):
     square_avg = _add_square(torch.mul(state["square_avg"], rule.alpha), grad, 1 - rule.alpha)
     if not deferred:
-        direction = _quotient(grad, torch.sqrt(square_avg).add_(rule.eps))
+        direction = _quotient(grad, _overflow_as_nan(torch.sqrt(square_avg).add_(rule.eps)))
         return direction, {**state, "square_avg": square_avg}
-    direction = _quotient(grad, square_avg.sqrt_().add_(rule.eps))  # the new average's buffer, reused
+    direction = _quotient(grad, _overflow_as_nan(square_avg.sqrt_().add_(rule.eps)))  # the new average's buffer
 
     def commit():
         _add_square(state["square_avg"].mul_(rule.alpha), grad, 1 - rule.alpha)
@@ -91,7 +101,7 @@ def _adam(rule, grad, state, deferred):
     root = exp_avg_sq.sqrt_() if deferred else torch.sqrt(exp_avg_sq)
     denominator = root.div_((1 - beta2**step) ** 0.5).add_(rule.eps)
     denominator.mul_(1 - beta1**step)
-    direction = _quotient(exp_avg, denominator)
+    direction = _quotient(exp_avg, _overflow_as_nan(denominator))
     if not deferred:
         return direction, {**state, "step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
 

@@ -302,8 +302,8 @@ class ProjUNN(torch.optim.Optimizer):
                                                   variant=group["variant"], rng=rng, oversample=group["oversample"],
                                                   power_iters=group["power_iters"])
                     except ValueError as error:
-                        raise ValueError(f"{_name(group, index, i)} (shape {tuple(p.shape)}): {error}; "
-                                         "no parameter was changed") from None
+                        raise ValueError(f"{_name(group, index, i)} (shape {tuple(p.shape)}): "
+                                         f"{_cause(error, p.grad, direction, group)}; no parameter was changed") from None
                 pending.append((p, group, new_state, (factors, commit[0]), rng))
         for group in self.param_groups:
             if _torch_optim_group(group):
@@ -404,6 +404,17 @@ def _write_state(stored, new_state, keep=None):
                 torch.where(keep, value, old, out=old)
         else:
             stored[key] = value
+
+
+def _cause(error, grad, direction, group):
+    """What a refused step reports: the step's error, or, where the gradient
+    is finite and the rule's direction is not, the rule's moments, whose
+    squares overflowed (read on this error path only)."""
+    if group["base"] == "sgd" or not bool(torch.isfinite(grad).all()) or bool(torch.isfinite(direction).all()):
+        return str(error)
+    largest = float(grad.abs().max())
+    return (f"its gradient is too large for the {group['base']} rule's moments in {str(grad.dtype).split('.')[-1]} "
+            f"(largest |entry| {largest:.3g}: its square overflows); scale the gradient (or the loss) down")
 
 
 def _finite_flag(tensor):
