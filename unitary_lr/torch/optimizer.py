@@ -278,8 +278,12 @@ class ProjUNN(torch.optim.Optimizer):
                     elif unitary:
                         state["projunn_steps"] = 0
                         state["sketch_rng"] = generator_state(np.random.default_rng([group["seed"], index, i]))
-                # the eager unitary step writes the rule's state in place once it is certain
-                deferred = unitary and not group["capturable"]
+                # The eager unitary step on the CPU writes the rule's state in
+                # place once the step is certain (see _fused): a new state
+                # tensor per step is page-faulted back from the system there.
+                # A GPU's caching allocator reuses it, where writing in place
+                # would cost two more passes over the state.
+                deferred = unitary and not group["capturable"] and p.device.type == "cpu"
                 fused = fused_direction(rule, p.grad, p.detach(), state, mode=mode, weight_decay=not unitary,
                                         deferred=deferred)
                 if fused is None:
