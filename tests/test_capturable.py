@@ -192,6 +192,39 @@ def test_state_keeps_its_storage_from_step_to_step(base):
     assert {key for _, key in changed} >= ({"square_avg"} if base == "rmsprop" else {"exp_avg", "exp_avg_sq", "step"})
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex64])
+def test_cuda_graph_replays_advance_parameter_and_state(dtype):
+    """The use capturable=True is for: ``opt.step()`` captured once in a CUDA
+    graph (PyTorch's whole-network capture recipe, with a static gradient)
+    and replayed. Every replay must move W, keep it unitary, advance the
+    RMSprop average in the state's own tensor and draw a new sketch."""
+    device = torch.device("cuda")
+    W = unitary_parameter(64, dtype=dtype, device=device, generator=torch.Generator(device).manual_seed(0))
+    opt = ProjUNN([W], lr=torch.tensor(1e-2, device=device), base="rmsprop", capturable=True)
+    W.grad = torch.randn(64, 64, dtype=dtype, device=device, generator=torch.Generator(device).manual_seed(1))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: the state is made outside the graph
+        for _ in range(3):
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    averages, moves = [opt.state[W]["square_avg"].clone()], []
+    for _ in range(4):
+        before = W.detach().clone()
+        graph.replay()
+        torch.cuda.synchronize()
+        averages.append(opt.state[W]["square_avg"].clone())
+        moves.append(W.detach() - before)
+    assert all(not torch.equal(a, b) for a, b in zip(averages, averages[1:]))
+    assert all(float(move.abs().max()) > 0 for move in moves)
+    assert float(ul.unitarity_error(W.detach())) < 1e-4
+    assert int(opt.state[W]["skipped_steps"]) == 0
+
+
 def test_check_drift_reprojects_a_drifted_parameter():
     W, b = _model(dtype=torch.float64)
     opt = ProjUNN([W, b], lr=1e-2, capturable=True, drift_tol=1e-10)
