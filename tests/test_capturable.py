@@ -113,6 +113,29 @@ def test_non_finite_update_is_skipped_and_counted(bad, variant, rank, dtype):
     assert float(ul.unitarity_error(W.detach())) < 1e-5
 
 
+@pytest.mark.parametrize("base", ["rmsprop", "adam"])
+def test_a_non_finite_first_step_keeps_the_initial_state(base):
+    """On the very first step the state is the rule's initial one, not yet
+    stored: a skipped first step must store it as it was (zeros), not the
+    moments of the NaN gradient."""
+    W, _ = _model()
+    opt = ProjUNN([W], lr=1e-2, base=base, capturable=True)
+    before = W.detach().clone()
+    W.grad = torch.randn(W.shape, generator=torch.Generator().manual_seed(2))
+    W.grad[1, 1] = float("nan")
+    opt.step()
+    assert torch.equal(W.detach(), before)
+    assert int(opt.state[W]["skipped_steps"]) == 1
+    moments = [key for key in ("square_avg", "exp_avg", "exp_avg_sq") if key in opt.state[W]]
+    assert moments and all(torch.count_nonzero(opt.state[W][key]) == 0 for key in moments)
+    if base == "adam":
+        assert float(opt.state[W]["step"]) == 0
+    W.grad = torch.randn(W.shape, generator=torch.Generator().manual_seed(3))
+    opt.step()
+    assert not torch.equal(W.detach(), before)
+    assert all(bool(torch.isfinite(opt.state[W][key]).all()) for key in moments)
+
+
 def test_huge_finite_gradient_is_not_skipped():
     """Entries near the dtype's largest value are finite: the guard must not
     take them for an overflow (a sum of them would be Inf). Plain SGD, whose

@@ -296,7 +296,7 @@ class ProjUNN(torch.optim.Optimizer):
                     continue
                 if group["capturable"]:
                     checked_factors, new_state = _capturable_step(xp, p, direction, state, new_state, group)
-                    pending.append((p, group, new_state, checked_factors, _CAPTURED))
+                    pending.append((p, group, new_state, (checked_factors, state), _CAPTURED))
                     continue
                 rng = generator_from_state(new_state["sketch_rng"])
                 factors = None
@@ -319,14 +319,14 @@ class ProjUNN(torch.optim.Optimizer):
                 else:
                     p.add_(update, alpha=-group["lr"])
                 if group["capturable"]:
-                    _write_state(self.state[p], new_state)
+                    _write_state(self.state[p], new_state, self.state[p])
                 else:
                     self.state[p].update(new_state)
                 continue
             if rng is _CAPTURED:
-                factors, finite = update
+                (factors, finite), previous = update
                 _add_in_place(p, *factors)
-                _write_state(self.state[p], new_state, keep=finite)
+                _write_state(self.state[p], new_state, previous, keep=finite)
                 self.state[p]["skipped_steps"].add_((~finite).to(torch.int64))
                 continue
             factors, commit = update
@@ -391,23 +391,25 @@ def _capturable_step(xp, p, direction, state, new_state, group):
     return ((L, Rh), finite), new_state
 
 
-def _write_state(stored, new_state, keep=None):
+def _write_state(stored, new_state, previous, keep=None):
     """The new state written into the stored one. A tensor that replaces one
-    of the same shape, dtype and device is written into it in place, so that
-    the state keeps its storage from step to step, as a captured CUDA graph
-    needs (a replay writes into the buffers it was captured with); with
-    ``keep`` (a bool tensor), the old values stay where it is False, with no
-    read on the host. Anything else replaces the stored value."""
+    of the same shape, dtype and device in ``previous`` (the state the step
+    started from: on a first step, the rule's initial state, not yet stored)
+    is written into that tensor in place, so that the state keeps its
+    storage from step to step, as a captured CUDA graph needs (a replay
+    writes into the buffers it was captured with); with ``keep`` (a bool
+    tensor), the previous values stay where it is False, with no read on the
+    host. Anything else replaces the stored value."""
     for key, value in new_state.items():
-        old = stored.get(key)
+        old = previous.get(key)
         if (isinstance(value, torch.Tensor) and isinstance(old, torch.Tensor) and value is not old
                 and value.shape == old.shape and value.dtype == old.dtype and value.device == old.device):
             if keep is None:
                 old.copy_(value)
             else:
                 torch.where(keep, value, old, out=old)
-        else:
-            stored[key] = value
+            value = old
+        stored[key] = value
 
 
 def _cause(error, grad, direction, group):
