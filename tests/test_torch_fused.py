@@ -41,7 +41,8 @@ def test_fused_rule_gives_the_generic_rule(base, hyper, dtype, deferred):
             direction, new_state, commit = result
             for key, (values, pointer) in before.items():  # nothing written before the commit
                 assert torch.equal(fused[key], values) and fused[key].data_ptr() == pointer
-            commit()
+            if commit is not None:  # None: a rule without moments (SGD)
+                commit()
             fused = new_state
             for key, (_, pointer) in before.items():
                 assert fused[key].data_ptr() == pointer
@@ -126,3 +127,29 @@ def test_a_gradient_whose_square_overflows_the_moments_is_not_silent(base, scale
     opt.step()
     assert not torch.equal(W.detach(), before)
     assert all(bool(torch.isfinite(value).all()) for value in opt.state[W].values() if isinstance(value, torch.Tensor))
+
+
+@pytest.mark.parametrize("base", ["rmsprop", "adam", "sgd"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_eager_step_with_new_state_tensors_matches_the_in_place_one(base, dtype, monkeypatch):
+    """The eager flow a GPU takes (new state tensors, no commit), run here on
+    the CPU: the same parameter and moments as the CPU's in-place flow,
+    step after step."""
+    from unitary_lr.torch import optimizer
+
+    runs = []
+    for in_place in (True, False):
+        monkeypatch.setattr(optimizer, "_writes_moments_in_place", lambda group, p, flag=in_place: flag)
+        W = unitary_parameter(12, dtype=dtype, generator=torch.Generator().manual_seed(0))
+        opt = ProjUNN([W], lr=1e-2, base=base, rank=2, seed=4)
+        generator = torch.Generator().manual_seed(5)
+        for _ in range(4):
+            W.grad = torch.randn(12, 12, dtype=dtype, generator=generator)
+            opt.step()
+        runs.append((W.detach().clone(), {key: value.clone() for key, value in opt.state[W].items()
+                                          if isinstance(value, torch.Tensor)}))
+    (W_in_place, state_in_place), (W_new, state_new) = runs
+    torch.testing.assert_close(W_new, W_in_place, rtol=0, atol=1e-14)
+    assert state_new.keys() == state_in_place.keys()
+    for key, value in state_in_place.items():
+        torch.testing.assert_close(state_new[key], value, rtol=1e-14, atol=0)

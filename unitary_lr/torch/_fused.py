@@ -38,7 +38,8 @@ def fused_direction(rule, grad, param, state, *, mode, weight_decay, deferred=Fa
     """(D, new state) as ``rule.direction`` gives them, or None when this
     configuration has no fused form. With ``deferred``: (D, new state,
     commit), where the new state holds the old tensors and ``commit()``
-    writes their new values into them in place."""
+    writes their new values into them in place (None for a rule without
+    moments)."""
     if weight_decay and rule.weight_decay != 0:
         return None
     if grad.is_complex() and mode != "modulus":
@@ -48,12 +49,8 @@ def fused_direction(rule, grad, param, state, *, mode, weight_decay, deferred=Fa
     if isinstance(rule, Adam):
         return _adam(rule, grad, state, deferred)
     if isinstance(rule, SGD) and rule.momentum == 0:
-        return (grad, state, _nothing) if deferred else (grad, state)
+        return (grad, state, None) if deferred else (grad, state)
     return None
-
-
-def _nothing():
-    pass
 
 
 def _add_square(target, grad, weight):

@@ -278,19 +278,12 @@ class ProjUNN(torch.optim.Optimizer):
                     elif unitary:
                         state["projunn_steps"] = 0
                         state["sketch_rng"] = generator_state(np.random.default_rng([group["seed"], index, i]))
-                # The eager unitary step on the CPU writes the rule's state in
-                # place once the step is certain (see _fused): a new state
-                # tensor per step is page-faulted back from the system there.
-                # A GPU's caching allocator reuses it, where writing in place
-                # would cost two more passes over the state.
-                deferred = unitary and not group["capturable"] and p.device.type == "cpu"
                 fused = fused_direction(rule, p.grad, p.detach(), state, mode=mode, weight_decay=not unitary,
-                                        deferred=deferred)
+                                        deferred=_writes_moments_in_place(group, p))
                 if fused is None:
                     fused = rule.direction(xp, p.grad, p.detach(), state, mode=mode, weight_decay=not unitary)
-                    if deferred:
-                        fused = (*fused, None)
-                direction, new_state, *commit = fused
+                direction, new_state, *rest = fused
+                commit = rest[0] if rest else None  # writes the moments in place, once the step is certain
                 if not unitary:
                     pending.append((p, group, new_state, direction, None))
                     continue
@@ -308,7 +301,7 @@ class ProjUNN(torch.optim.Optimizer):
                     except ValueError as error:
                         raise ValueError(f"{_name(group, index, i)} (shape {tuple(p.shape)}): "
                                          f"{_cause(error, p.grad, direction, group)}; no parameter was changed") from None
-                pending.append((p, group, new_state, (factors, commit[0]), rng))
+                pending.append((p, group, new_state, (factors, commit), rng))
         for group in self.param_groups:
             if _torch_optim_group(group):
                 plain_step(self.state, group)
@@ -365,6 +358,15 @@ def _capturable_counters(state, p):
     if "step" in state:
         counters["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
     return counters
+
+
+def _writes_moments_in_place(group, p):
+    """Whether the eager unitary step of ``p`` has the fused rule write its
+    moments in place once the step is certain (see ``_fused``): on the CPU,
+    where a new state tensor per step is page-faulted back from the system.
+    A GPU's caching allocator reuses it, where writing in place would cost
+    two more passes over the state."""
+    return group["unitary"] and not group["capturable"] and p.device.type == "cpu"
 
 
 def _capturable_step(xp, p, direction, state, new_state, group):
