@@ -105,6 +105,27 @@ def test_complex_step_makes_no_conjugated_copy(dtype, variant, layout):
     assert np.abs(V.numpy() - reference).max() < 1e-5
 
 
+@pytest.mark.parametrize("dtype", ["float32", "complex64"])
+@pytest.mark.parametrize("variant", ["tangent", "direct", "cayley"])
+def test_wide_step_reads_w_as_the_tall_step_does(dtype, variant):
+    """A wide W (orthonormal rows) is stepped through its conjugate transpose,
+    which is never formed: its step makes the same operations on large data
+    as the step of the tall W^H, and no copy of W or G (rank 2: panels of
+    two columns)."""
+    n, m = 96, 24
+    tall = torch.as_tensor(ul.random_unitary(n, m, dtype=dtype, rng=np.random.default_rng(0)))
+    G = torch.as_tensor(np.random.default_rng(1).standard_normal((n, m)).astype(dtype))
+    passes = {}
+    for name, (W, D) in {"tall": (tall, G), "wide": (tall.mH.contiguous(), G.mH.contiguous())}.items():
+        with LargeOperands(n * m) as large:
+            V = ul.projunn_step(W, D, lr=0.1, rank=2, variant=variant, rng=2)
+        passes[name] = sorted(large.ops)
+        reference = ul.projunn_step(W.numpy(), D.numpy(), lr=0.1, rank=2, variant=variant, rng=2)
+        assert np.abs(V.numpy() - reference).max() < 1e-5
+    assert passes["wide"] == passes["tall"], passes
+    assert not any("copy" in op or "clone" in op for op in passes["wide"]), passes
+
+
 def test_the_counter_sees_a_dense_step():
     """The budget is meaningful: the dense O(n^3) step is counted too (its SVD
     and the reads of its error checks)."""

@@ -6,7 +6,7 @@ import math
 
 from ._random import as_generator, standard_normal
 from ._validation import check_float_dtype, check_int, check_matrix, namespace_of
-from ._xp import core_dtype, device, eye, mH
+from ._xp import adjoint_matmul, core_dtype, device, eye, mH
 
 __all__ = ["default_drift_tolerance", "unitarity_error", "unitarity_estimate"]
 
@@ -125,9 +125,8 @@ def unitarity_estimate(W, /, *, probes=4, rng=None):
 def estimate_unchecked(xp, W, Z):
     """unitarity_estimate with the probes Z (..., min(n, m), p) given; traceable."""
     if W.shape[-2] < W.shape[-1]:
-        # orthonormal rows: W (W^H Z) - Z, conjugating the thin panels only
-        residual = W @ mH(xp, mH(xp, Z) @ W) - Z
-        return xp.linalg.matrix_norm(residual) / math.sqrt(Z.shape[-1] * Z.shape[-2])
-    # W^H (W Z) as ((W Z)^H W)^H: conjugates the thin W Z, never W.
-    residual = mH(xp, mH(xp, W @ Z) @ W) - Z
+        # orthonormal rows: W (W^H Z) - Z
+        residual = W @ adjoint_matmul(xp, W, Z) - Z
+    else:
+        residual = adjoint_matmul(xp, W, W @ Z) - Z
     return xp.linalg.matrix_norm(residual) / math.sqrt(Z.shape[-1] * Z.shape[-2])

@@ -17,7 +17,7 @@ from ._validation import (
     namespace_of,
     unitary_and_factors,
 )
-from ._xp import eye, mH, real_dtype
+from ._xp import Adjoint, eye, mH, real_dtype
 
 __all__ = ["ConvergenceError", "project_unitary", "project_unitary_lowrank"]
 
@@ -210,7 +210,7 @@ def polar_lowrank_unchecked(xp, W, a, b, *, traced=True):
     """project_unitary_lowrank for validated arrays of one dtype:
     ``polar(W + a b^H) = polar(W - (-1) a b^H)``, a direct step of size 1."""
     wide = W.shape[-2] < W.shape[-1]
-    V, Y, Z, names = (mH(xp, W), b, a, ("b", "a")) if wide else (W, a, b, ("a", "b"))
+    V, Y, Z, names = (Adjoint(W), b, a, ("b", "a")) if wide else (W, a, b, ("a", "b"))
     L, Rh = lowrank_update(xp, V, Y, Z, lr=-1.0, variant="direct", rank=a.shape[-1],
                            cores=make_cores(xp, W, traced), sketched=False, names=names)
     if wide:

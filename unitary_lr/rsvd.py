@@ -13,7 +13,7 @@ from ._validation import (
     namespace_of,
     report_nonfinite,
 )
-from ._xp import device, is_complex, mH
+from ._xp import adjoint_matmul, device, is_complex, mH
 
 __all__ = ["SVDResult", "randomized_svd"]
 
@@ -110,8 +110,7 @@ def randomized_svd(A, /, rank, *, oversample=10, power_iters=2, rng=None):
     return sketch_svd(
         xp,
         lambda X: A @ X,
-        # A^H Y as (Y^H A)^H: conjugates the thin Y, never A.
-        lambda Y: mH(xp, mH(xp, Y) @ A),
+        lambda Y: adjoint_matmul(xp, A, Y),
         omega,
         rank=rank,
         power_iters=power_iters,

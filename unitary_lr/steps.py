@@ -17,7 +17,7 @@ from ._validation import (
 from ._cores import add_lowrank, make_cores
 from ._flow import checked, lowrank_update, sketch_panels
 from ._host import is_traced
-from ._xp import untracked, array_namespace, broadcast_shapes, device, is_complex, mH
+from ._xp import Adjoint, untracked, array_namespace, broadcast_shapes, device, is_complex, mH
 from .rsvd import sketch_width
 
 __all__ = ["STEP_OVERSAMPLE", "STEP_POWER_ITERS", "projunn_step", "projunn_update", "tangent_project"]
@@ -264,9 +264,10 @@ def step_factors_unchecked(xp, W, G, omega, *, lr, rank, variant, power_iters, t
     """
     if W.shape[-2] < W.shape[-1]:
         # a wide W has orthonormal rows: step its conjugate transpose (a tall
-        # matrix with orthonormal columns) along G^H, and transpose back
-        G = (G[1], G[0]) if isinstance(G, tuple) else mH(xp, G)
-        L, Rh = step_factors_unchecked(xp, mH(xp, W), G, omega, lr=lr, rank=rank, variant=variant,
+        # matrix with orthonormal columns) along G^H, and transpose back; the
+        # products read W and G in their own layout (Adjoint, never formed)
+        G = (G[1], G[0]) if isinstance(G, tuple) else Adjoint(G)
+        L, Rh = step_factors_unchecked(xp, Adjoint(W), G, omega, lr=lr, rank=rank, variant=variant,
                                        power_iters=power_iters, traced=traced)
         return mH(xp, Rh), mH(xp, L)
     cores = make_cores(xp, W, traced)
