@@ -10,6 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import unitary_lr as ul  # noqa: E402
+from _aten import AtenOps  # noqa: E402
 from unitary_lr import _host  # noqa: E402
 from unitary_lr.torch import ProjUNN, mark_unitary, unitary_parameter  # noqa: E402
 
@@ -28,15 +29,6 @@ def _loss(W, b, x):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.complex64])
 @pytest.mark.parametrize("base", ["rmsprop", "adam"])
 def test_capturable_step_reads_nothing_on_the_host(dtype, base):
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Reads(TorchDispatchMode):
-        count = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Reads.count += "_local_scalar_dense" in str(func)
-            return func(*args, **(kwargs or {}))
-
     W, b = _model(dtype=dtype)
     opt = ProjUNN([W, b], lr=torch.tensor(1e-2), base=base, capturable=True)
     x = torch.randn(8, 32, generator=torch.Generator().manual_seed(1))
@@ -44,9 +36,9 @@ def test_capturable_step_reads_nothing_on_the_host(dtype, base):
         opt.zero_grad()
         _loss(W, b, x).backward()
         before = _host.transfers.count
-        with Reads():
+        with AtenOps() as ops:
             opt.step()
-        assert Reads.count == 0 and _host.transfers.count == before
+        assert ops.scalar_reads == 0 and _host.transfers.count == before
     assert float(ul.unitarity_error(W.detach())) < 1e-5
     assert int(opt.state[W]["skipped_steps"]) == 0
 
@@ -159,31 +151,18 @@ def test_guard_writes_no_mask_of_the_parameter_size(dtype):
     writes nothing of its size: no elementwise mask (``isfinite(d).all()``
     writes one) and no zeroed copy of the direction. The one select of the
     parameter's size left keeps the rule's state on a skipped step."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     n = 48
-
-    class Writes(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if not func.is_view:
-                outs = out if isinstance(out, (tuple, list)) else [out]
-                self.ops += [(str(func), t.dtype) for t in outs if isinstance(t, torch.Tensor) and t.numel() == n * n]
-            return out
 
     W = unitary_parameter(n, dtype=dtype, generator=torch.Generator().manual_seed(0))
     opt = ProjUNN([W], lr=torch.tensor(1e-2), base="rmsprop", capturable=True)
     W.grad = torch.randn(n, n, dtype=dtype, generator=torch.Generator().manual_seed(1))
     opt.step()
-    with Writes() as writes:
+    with AtenOps() as ops:
         opt.step()
-    assert not [op for op, kind in writes.ops if kind == torch.bool], writes.ops
-    assert not [op for op in writes.ops if "zeros" in op[0] or "full" in op[0]], writes.ops
-    assert sum("where" in op for op, _ in writes.ops) == 1, writes.ops
+    writes = ops.writes(n * n)
+    assert not [op for op, kind in writes if kind == torch.bool], writes
+    assert not [op for op, _ in writes if "zeros" in op or "full" in op], writes
+    assert sum("where" in op for op, _ in writes) == 1, writes
 
 
 @pytest.mark.parametrize("base", ["rmsprop", "adam"])

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 torch = pytest.importorskip("torch")
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from _aten import AtenOps  # noqa: E402
 
 from unitary_lr.optim import make_rule  # noqa: E402
 from unitary_lr.torch import ProjUNN, unitary_parameter  # noqa: E402
@@ -56,24 +56,6 @@ def test_fused_rule_gives_the_generic_rule(base, hyper, dtype, deferred):
                 assert fused[key] == value
 
 
-class NewLargeTensors(TorchDispatchMode):
-    """Counts the operations that return a new tensor of at least ``size``
-    entries (not in place, not ``out=``): each is an allocation, which the C
-    library may return to the system and page-fault back on the next step."""
-
-    def __init__(self, size):
-        super().__init__()
-        self.size, self.ops = size, []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        schema = func._schema
-        writes_in_place = any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
-        if not func.is_view and not writes_in_place and isinstance(out, torch.Tensor) and out.numel() >= self.size:
-            self.ops.append(str(func))
-        return out
-
-
 @pytest.mark.parametrize("base", ["rmsprop", "adam"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.complex64])
 def test_eager_step_allocates_as_few_large_tensors_as_torch_optim(base, dtype):
@@ -87,10 +69,11 @@ def test_eager_step_allocates_as_few_large_tensors_as_torch_optim(base, dtype):
     W.grad = torch.randn(n, n, dtype=dtype, generator=torch.Generator().manual_seed(1))
     opt.step()
     state = {key: value.data_ptr() for key, value in opt.state[W].items() if isinstance(value, torch.Tensor)}
-    with NewLargeTensors(n * n) as new:
+    with AtenOps() as ops:
         opt.step()
+    new = ops.new_tensors(n * n)
     budget = {"rmsprop": 1, "adam": 2}[base] + dtype.is_complex  # a complex quotient by a real denominator
-    assert len(new.ops) <= budget, new.ops
+    assert len(new) <= budget, new
     assert {key: value.data_ptr() for key, value in opt.state[W].items() if isinstance(value, torch.Tensor)} == state
 
 
