@@ -120,19 +120,21 @@ _HLO_VALUE = r"%(?P<name>[\w.\-]+) = (?P<type>[a-z]+\d*)\[(?P<dims>[\d,]*)\]"
 
 def _transposing_products(hlo, large):
     """The products of an optimized XLA module that read a large operand
-    (``large`` entries or more) as the left factor contracted along its rows
-    (``A^T @ P``). XLA's CPU backend runs that form by first copying A into its
-    transpose: ten to forty times the product's own cost (1024 x 1024, float32,
-    two columns: 3.6 against 0.13 ms)."""
+    (``large`` entries or more) transposed: as the left factor contracted
+    along its rows (``A^T @ P``), which XLA's CPU backend runs by copying A
+    into its transpose first, ten to forty times the product's own cost
+    (1024 x 1024, float32, two columns: 3.6 against 0.13 ms), or as the right
+    factor contracted along its columns (``P @ A^T``), at half speed."""
     import re
 
     shapes = {m["name"]: tuple(int(d) for d in m["dims"].split(",") if d) for m in re.finditer(_HLO_VALUE, hlo)}
     found = []
     for m in re.finditer(r"dot\(%(?P<lhs>[\w.\-]+), %(?P<rhs>[\w.\-]+)\)(?P<attributes>[^\n]*)", hlo):
-        lhs = shapes[m["lhs"]]
-        contracting = re.search(r"lhs_contracting_dims=\{(\d+)\}", m["attributes"])
-        if int(np.prod(lhs)) >= large and contracting and int(contracting[1]) == len(lhs) - 2:
-            found.append(m[0])
+        for side, transposed_axis in (("lhs", -2), ("rhs", -1)):
+            shape = shapes[m[side]]
+            contracting = re.search(side + r"_contracting_dims=\{(\d+)\}", m["attributes"])
+            if int(np.prod(shape)) >= large and contracting and int(contracting[1]) == len(shape) + transposed_axis:
+                found.append(m[0])
     return found
 
 
