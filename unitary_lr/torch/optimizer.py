@@ -32,6 +32,9 @@ from ._mark import is_unitary
 from ._plain import plain_step
 from ..steps import sketch_shape, step_factors_unchecked
 from ..steps import STEP_OVERSAMPLE, STEP_POWER_ITERS, VARIANTS
+from .._xp import update_factors
+
+_TORCH_XP = array_api_compat.array_namespace(torch.empty(0))
 
 __all__ = ["ProjUNN"]
 
@@ -474,6 +477,7 @@ def _all_finite(tensor):
 
 def _add_in_place(p, L, Rh):
     """p += L @ Rh without an n x n temporary: one fused pass over p."""
+    L, Rh = update_factors(_TORCH_XP, p, L, Rh)
     if p.dim() == 2:
         p.addmm_(L, Rh)
     elif p.is_contiguous():
