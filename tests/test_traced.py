@@ -164,3 +164,26 @@ def test_jitted_update_never_transposes_a_large_operand(shape, dtype):
         args = ({"W": G}, opt.init({"W": W}), {"W": W})
         hlo = jax.jit(opt.update).lower(*args).compile().as_text()
         assert _transposing_products(hlo, W.size) == [], variant
+
+
+def test_vmapped_jitted_update_is_each_members_update():
+    """An ensemble stepped by ``jax.vmap`` of the update (each member with its
+    own state) gets each member's own update: the compiler guards of the
+    products (``optimization_barrier``) batch."""
+    jax = pytest.importorskip("jax")
+    pytest.importorskip("optax")
+    import jax.numpy as jnp
+
+    from unitary_lr.optax import projunn
+
+    members = 3
+    W = jnp.asarray(ul.random_unitary(24, batch_shape=(members,), dtype="float64", rng=0))
+    G = jnp.asarray(np.random.default_rng(1).standard_normal((members, 24, 24)))
+    opt = projunn(1e-1, unitary={"W": True}, rank=2, variant="tangent")
+    states = jax.vmap(opt.init)({"W": W})
+    updates, _ = jax.jit(jax.vmap(opt.update))({"W": G}, states, {"W": W})
+    for i in range(members):
+        state = jax.tree.map(lambda x: x[i], states)
+        alone, _ = jax.jit(opt.update)({"W": G[i]}, state, {"W": W[i]})
+        np.testing.assert_allclose(np.asarray(updates["W"][i]), np.asarray(alone["W"]), atol=1e-12)
+    assert float(ul.unitarity_error(W + updates["W"]).max()) < 1e-13
