@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import array_api_compat
+import array_api_compat.torch
 import numpy as np
 import torch
 
@@ -33,8 +34,6 @@ from ._plain import plain_step
 from ..steps import sketch_shape, step_factors_unchecked
 from ..steps import STEP_OVERSAMPLE, STEP_POWER_ITERS, VARIANTS
 from .._xp import update_factors
-
-_TORCH_XP = array_api_compat.array_namespace(torch.empty(0))
 
 __all__ = ["ProjUNN"]
 
@@ -477,7 +476,7 @@ def _all_finite(tensor):
 
 def _add_in_place(p, L, Rh):
     """p += L @ Rh without an n x n temporary: one fused pass over p."""
-    L, Rh = update_factors(_TORCH_XP, p, L, Rh)
+    L, Rh = update_factors(array_api_compat.torch, p, L, Rh)
     if p.dim() == 2:
         p.addmm_(L, Rh)
     elif p.is_contiguous():
