@@ -106,25 +106,26 @@ def sketch_panels(xp, G, omega, power_iters, cores):
 
 
 def orthonormal_columns(xp, Y, cores):
-    """A panel with orthonormal columns (or zero ones for dropped directions)
-    spanning the columns of Y: a rescaling for one column; otherwise the
-    basis of Y's Gram (one transfer in eager calls) and Newton-Schulz steps."""
+    """A panel of nearly orthonormal columns (zero ones for dropped
+    directions) spanning the columns of Y, for the power iteration: a
+    rescaling for one column; otherwise ``Y T`` from the basis of Y's Gram
+    (one transfer in eager calls).
+
+    The next product only needs a basis whose columns are far from
+    dependent, not one orthonormal to rounding: ``Y T`` is off by about
+    eps sqrt(spread) (at most about 1e-2, for a float32 Gram on a device
+    without float64), so no Newton-Schulz step follows, unlike the step's
+    own basis (:func:`_basis`), on which unitarity rests."""
     if Y.shape[-1] == 1:
         return _normalized(xp, Y)
-    eps = _eps(xp, Y.dtype)
     Y = _normalized(xp, Y)  # its Gram then never overflows
     (C,) = cores.gather(_gram(xp, [Y], core_dtype(xp, Y.dtype, device(Y))))
     sxp = cores.xp
-    if cores.traced:
-        steps = _TRACED_REORTHONORMALIZE
-    else:
-        if not bool(sxp.all(sxp.isfinite(C))):
-            raise StepInputError("G")
-    T, _, spread = gram_basis(sxp, C, drop_tolerance(Y.shape[-2], eps, cores.eps))
-    if not cores.traced:
-        steps = _reorthonormalize_steps(sxp, spread, C.shape[-1], eps)
+    if not cores.traced and not bool(sxp.all(sxp.isfinite(C))):
+        raise StepInputError("G")
+    T, _, _ = gram_basis(sxp, C, drop_tolerance(Y.shape[-2], _eps(xp, Y.dtype), cores.eps))
     (T,) = cores.scatter(T)
-    return _basis(xp, Y, T, steps)
+    return panel_times_small(xp, Y, T)
 
 
 def _newton_schulz_factor(xp, Q):
