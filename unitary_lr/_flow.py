@@ -25,7 +25,8 @@ import warnings
 
 from ._cores import drop_tolerance, expm_skew_minus_identity, gram_basis, polar_minus_identity
 from ._tiny import gram_basis2, polar_small2, skew_core2
-from ._xp import adjoint_matmul, adjoint_rows, broadcast_shapes, core_dtype, max_abs, device, matmul_panel, mH, panel_times_small, real_dtype
+from ._xp import (adjoint_matmul, adjoint_rows, broadcast_shapes, core_dtype, device, matmul_panel, max_abs, mH,
+                  panel_times_small, real_finfo)
 
 __all__ = ["checked", "lowrank_right_update", "lowrank_update", "sketch_panels", "stiefel_update", "transport_update"]
 
@@ -45,7 +46,7 @@ class StepInputError(ArithmeticError):
 
 
 def _eps(xp, dtype):
-    return float(xp.finfo(real_dtype(xp, dtype)).eps)
+    return real_finfo(xp, dtype)[0]
 
 
 def _normalized(xp, Y):
@@ -57,7 +58,7 @@ def _normalized(xp, Y):
 def _scaled(xp, Y):
     """(Y / s, s) with s (..., 1, 1) about Y's largest entry."""
     top = max_abs(xp, Y)
-    top = top + xp.finfo(real_dtype(xp, Y.dtype)).smallest_normal
+    top = top + real_finfo(xp, Y.dtype)[1]
     return Y / top, top
 
 

@@ -10,6 +10,7 @@ draws O(n k) numbers, so the transfer is negligible.
 from __future__ import annotations
 
 import numbers
+import os
 
 import numpy as np
 
@@ -18,11 +19,16 @@ from ._xp import dtype_name, is_complex
 __all__ = ["as_generator", "generator_from_state", "generator_state", "standard_normal"]
 
 
-def as_generator(rng) -> np.random.Generator:
+def as_generator(rng, *, own=False) -> np.random.Generator:
     """``rng`` as a NumPy Generator: None (fresh entropy), an int seed, or a
-    Generator (used, and advanced, as is)."""
+    Generator (used, and advanced, as is).
+
+    For None, a call that draws once and lets the generator go gets the
+    process's own fresh-entropy generator (:func:`_fresh`); a caller that
+    keeps it (an optimizer's stream, saved in its state) asks for its
+    ``own`` new one."""
     if rng is None:
-        return np.random.default_rng()
+        return np.random.default_rng() if own else _fresh()
     if isinstance(rng, np.random.Generator):
         return rng
     if isinstance(rng, numbers.Integral) and not isinstance(rng, bool):
@@ -33,6 +39,22 @@ def as_generator(rng) -> np.random.Generator:
         f"rng must be None, an int seed or a numpy.random.Generator, "
         f"got {type(rng).__name__}: {rng!r}"
     )
+
+
+class _Fresh:
+    """One generator per process, seeded from fresh entropy when first asked
+    (and again in a forked child, which must not repeat its parent's draws):
+    ``default_rng()`` reads the OS entropy pool, 10-40 us, on every call
+    with ``rng=None``."""
+
+    pid = None
+    generator = None
+
+
+def _fresh() -> np.random.Generator:
+    if _Fresh.pid != os.getpid():
+        _Fresh.generator, _Fresh.pid = np.random.default_rng(), os.getpid()
+    return _Fresh.generator
 
 
 def standard_normal(xp, shape, *, dtype, device, rng):

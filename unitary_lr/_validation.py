@@ -14,11 +14,11 @@ import operator
 from ._xp import (
     untracked,
     FLOAT_DTYPE_NAMES,
-    array_namespace,
     broadcast_shapes,
     device,
     dtype_name,
     is_array_api_obj,
+    namespace,
 )
 
 
@@ -40,7 +40,7 @@ def namespace_of(**arrays):
                 f"{name} must be an array (NumPy, CuPy, PyTorch, JAX or any Array API "
                 f"library), got {type(x).__name__}: {_describe(x)}"
             )
-        namespaces[name] = array_namespace(x)
+        namespaces[name] = namespace(x)
     first_name, xp = next(iter(namespaces.items()))
     for name, other in namespaces.items():
         if other is not xp:

@@ -31,6 +31,7 @@ __all__ = [
     "is_array_api_obj",
     "is_complex",
     "mH",
+    "namespace",
     "real_dtype",
     "supports_float64",
 ]
@@ -41,9 +42,22 @@ _REAL_OF = {"complex64": "float32", "complex128": "float64"}
 _COMPLEX_OF = {"float32": "complex64", "float64": "complex128"}
 _WIDE_OF = {"float32": "float64", "complex64": "complex128"}
 
-# (namespace id, device repr) -> bool. Asking a namespace which dtypes a device
+# (namespace id, device, or its repr where unhashable) -> bool. Asking a namespace which dtypes a device
 # supports is cheap but not free; a step asks it every time.
-_FLOAT64_SUPPORT: dict[tuple[int, str], bool] = {}
+_FLOAT64_SUPPORT: dict[tuple[int, object], bool] = {}
+
+
+# type of an array -> its namespace: array_api_compat decides by the type
+# alone, in about ten isinstance tests, and a step asks three times.
+_NAMESPACE_OF_TYPE: dict[type, object] = {}
+
+
+def namespace(x):
+    """``array_namespace(x)`` for one array, looked up by its type."""
+    xp = _NAMESPACE_OF_TYPE.get(type(x))
+    if xp is None:
+        xp = _NAMESPACE_OF_TYPE[type(x)] = array_namespace(x)
+    return xp
 
 
 def dtype_name(xp, dtype) -> str | None:
@@ -80,8 +94,12 @@ def supports_float64(xp, dev) -> bool:
 
     False for array_api_strict's ``no_float64`` device and for JAX without x64.
     """
-    key = (id(xp), repr(dev))
-    cached = _FLOAT64_SUPPORT.get(key)
+    try:
+        key = (id(xp), dev)
+        cached = _FLOAT64_SUPPORT.get(key)
+    except TypeError:  # an unhashable device object
+        key = (id(xp), repr(dev))
+        cached = _FLOAT64_SUPPORT.get(key)
     if cached is None:
         try:
             names = xp.__array_namespace_info__().dtypes(device=dev, kind="real floating")
@@ -93,6 +111,22 @@ def supports_float64(xp, dev) -> bool:
             except Exception:
                 cached = False
         _FLOAT64_SUPPORT[key] = cached
+    return cached
+
+
+# (namespace id, dtype) -> (eps, smallest normal) of the real dtype of that
+# precision: a step asks about six times, the namespace's finfo costs a call.
+_REAL_FINFO: dict[tuple[int, object], tuple[float, float]] = {}
+
+
+def real_finfo(xp, dtype):
+    """(eps, smallest_normal) as Python floats of the real dtype of the
+    precision of ``dtype`` (float32 for complex64)."""
+    key = (id(xp), dtype)
+    cached = _REAL_FINFO.get(key)
+    if cached is None:
+        info = xp.finfo(real_dtype(xp, dtype))
+        cached = _REAL_FINFO[key] = (float(info.eps), float(info.smallest_normal))
     return cached
 
 
@@ -165,8 +199,14 @@ class Adjoint:
 
 
 def device(x):
-    """The device of an array (or of an :class:`Adjoint`'s matrix)."""
-    return _device(x.M if isinstance(x, Adjoint) else x)
+    """The device of an array (or of an :class:`Adjoint`'s matrix); a PyTorch
+    tensor's own ``device`` (a tenth of the compat layer's call, which a step
+    makes some ten times)."""
+    if isinstance(x, Adjoint):
+        x = x.M
+    if type(x).__module__.startswith("torch"):
+        return x.device
+    return _device(x)
 
 
 def adjoint_matmul(xp, A, B):
@@ -230,7 +270,7 @@ def matmul_panel(xp, A, P):
     """
     if isinstance(A, Adjoint):  # M^H P
         return adjoint_matmul(xp, A.M, P)
-    if _is_torch(xp):
+    if _is_torch(xp) and P.shape[-1] > 1:  # one column runs at memory speed either way
         return mT(xp, mT(xp, P) @ mT(xp, A))
     return A @ P
 

@@ -448,7 +448,7 @@ class ProjUNN:
         for name, value in self.options.as_dict().items():
             if name != "seed":
                 setattr(self, name, value)
-        self._rng = as_generator(self.options.seed)
+        self._rng = as_generator(self.options.seed, own=True)
         self.steps = 0  # successful steps, all matrices together
         self.reprojections = 0
         # per matrix key: the rule's arrays (made at its first step), its step

@@ -17,7 +17,7 @@ from ._validation import (
 from ._cores import add_lowrank, make_cores
 from ._flow import checked, lowrank_update, sketch_panels
 from ._host import is_traced
-from ._xp import Adjoint, untracked, array_namespace, broadcast_shapes, device, is_complex, mH
+from ._xp import Adjoint, untracked, broadcast_shapes, device, is_complex, mH, mT, namespace
 from .rsvd import sketch_width
 
 __all__ = ["STEP_OVERSAMPLE", "STEP_POWER_ITERS", "projunn_step", "projunn_update", "tangent_project"]
@@ -124,7 +124,7 @@ def projunn_step(
     """
     L, Rh = projunn_update(W, G, lr=lr, rank=rank, variant=variant, oversample=oversample,
                            power_iters=power_iters, rng=rng)
-    return add_lowrank(array_namespace(W), untracked(W), L, Rh)
+    return add_lowrank(namespace(W), untracked(W), L, Rh)
 
 
 def projunn_update(
@@ -223,7 +223,7 @@ def sketch_matrix(xp, shape, *, dtype, device, rng):
     """The Gaussian test matrix of ``shape`` (..., n, l), laid out column by
     column (see ``_xp.panel_times_small``): drawn as its (..., l, n) transpose."""
     *batch, n, l = shape
-    return xp.matrix_transpose(standard_normal(xp, (*batch, l, n), dtype=dtype, device=device, rng=rng))
+    return mT(xp, standard_normal(xp, (*batch, l, n), dtype=dtype, device=device, rng=rng))
 
 
 def sketch_shape(G, rank, oversample):
