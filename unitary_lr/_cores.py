@@ -134,7 +134,7 @@ def make_cores(xp, like, traced):
     return DeviceCores(xp, like) if traced else HostCores(xp, like)
 
 
-def gram_basis(xp, C, tol):
+def gram_basis(xp, C, tol, *, basis_only=False):
     """A basis of the span of a panel P (..., n, m) from its Gram C = P^H P.
 
     Returns (T, R, spread): Q = P T has orthonormal columns, or exactly zero
@@ -145,24 +145,30 @@ def gram_basis(xp, C, tol):
     different lengths cost no accuracy; a direction is dropped when its
     eigenvalue in the scaled Gram is at most ``tol`` times the largest (and a
     zero panel keeps none). Shapes do not depend on values: traceable.
+    ``basis_only``: (T, None, None), for callers that need only the basis
+    (on the host every operation here is a NumPy call on a tiny array, and
+    R and the spread are a third of them).
     """
     d = xp.real(xp.linalg.diagonal(C))
+    zero, one = xp.zeros_like(d), xp.ones_like(d)  # also lam's shape and dtype
     positive = d > 0
-    root_d = xp.sqrt(xp.where(positive, d, xp.ones_like(d)))
-    scale = xp.where(positive, 1 / root_d, xp.zeros_like(d))
-    root_d = xp.where(positive, root_d, xp.zeros_like(d))
-    Cs = C * xp.astype(scale[..., :, None] * scale[..., None, :], C.dtype, copy=False)
-    lam, V = xp.linalg.eigh(Cs)
+    root_d = xp.sqrt(xp.where(positive, d, one))
+    scale = xp.where(positive, 1 / root_d, zero)
+    lam, V = xp.linalg.eigh(C * xp.astype(scale[..., :, None] * scale[..., None, :], C.dtype, copy=False))
     top = xp.max(lam, axis=-1, keepdims=True)
     keep = (lam > tol * top) & (top > 0)
-    safe = xp.where(keep, lam, xp.ones_like(lam))
-    inverse_root = xp.where(keep, 1 / xp.sqrt(safe), xp.zeros_like(lam))
-    root = xp.where(keep, xp.sqrt(safe), xp.zeros_like(lam))
+    root = xp.sqrt(xp.where(keep, lam, one))
+    inverse_root = xp.where(keep, 1 / root, zero)
     T = V * xp.astype(scale[..., :, None] * inverse_root[..., None, :], V.dtype, copy=False)
+    if basis_only:
+        return T, None, None
+    root = xp.where(keep, root, zero)
+    root_d = xp.where(positive, root_d, zero)
     R = mH(xp, V) * xp.astype(root[..., :, None] * root_d[..., None, :], V.dtype, copy=False)
     smallest = xp.min(xp.where(keep, lam, top), axis=-1)
-    spread = xp.where(smallest > 0, top[..., 0] / xp.where(smallest > 0, smallest, xp.ones_like(smallest)),
-                      xp.ones_like(smallest))
+    positive = smallest > 0
+    one = xp.ones_like(smallest)
+    spread = xp.where(positive, top[..., 0] / xp.where(positive, smallest, one), one)
     return T, R, spread
 
 

@@ -124,7 +124,7 @@ def orthonormal_columns(xp, Y, cores):
     sxp = cores.xp
     if not cores.traced and not bool(sxp.all(sxp.isfinite(C))):
         raise StepInputError("G")
-    T, _, _ = gram_basis(sxp, C, drop_tolerance(Y.shape[-2], _eps(xp, Y.dtype), cores.eps))
+    T, _, _ = gram_basis(sxp, C, drop_tolerance(Y.shape[-2], _eps(xp, Y.dtype), cores.eps), basis_only=True)
     (T,) = cores.scatter(T)
     return panel_times_small(xp, Y, T)
 
@@ -400,7 +400,7 @@ def _sketch_projector(sxp, Cy, Cz, *, rank, l, sketched, tol):
     ``Y (Y^H Y)^+ Z^H`` (Grams Cy = Y^H Y, Cz = Z^H Z); otherwise I."""
     if not sketched:
         return sxp.broadcast_to(sxp.eye(l, dtype=Cy.dtype), (*Cy.shape[:-2], l, l))
-    Ty, _, _ = gram_basis(sxp, Cy, tol)
+    Ty, _, _ = gram_basis(sxp, Cy, tol, basis_only=True)
     if rank >= l:
         return Ty @ mH(sxp, Ty)
     _, Ub = sxp.linalg.eigh(mH(sxp, Ty) @ Cz @ Ty)
