@@ -74,6 +74,38 @@ def test_unitary_step_is_the_core_projunn_step():
 
 
 
+def test_consecutive_steps_draw_one_stream_and_a_failed_step_draws_nothing():
+    """The sketches of a parameter's steps come from one stream [seed, group,
+    index] (the optimizer keeps the live generator between steps); a step
+    that fails after drawing the first parameter's sketch leaves that
+    stream where the last successful step left it."""
+    grads = [torch.randn(2, 8, 8, dtype=torch.float64, generator=seeded(s)) for s in range(3)]
+
+    def run(steps):
+        W1, W2 = (unitary_parameter(8, dtype=torch.float64, generator=seeded(s)) for s in (1, 2))
+        opt = ProjUNN([W1, W2], lr=0.05, base="sgd", rank=2, seed=3, unitary=True, drift_check_every=0)
+        for grad in steps:
+            W1.grad, W2.grad = grad[0].clone(), grad[1].clone()
+            try:
+                opt.step()
+            except ValueError:
+                pass
+        return W1.detach(), W2.detach()
+
+    broken = grads[1].clone()
+    broken[1, 0, 0] = math.nan  # the second parameter fails, after the first one's draw
+    with_failure = run([grads[0], broken, grads[2]])
+    without = run([grads[0], grads[2]])
+    for a, b in zip(with_failure, without):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # and two good steps are projunn_step twice on the parameter's own stream
+    W1 = unitary_parameter(8, dtype=torch.float64, generator=seeded(1)).detach()
+    stream = np.random.default_rng([3, 0, 0])
+    for grad in (grads[0], grads[2]):
+        W1 = ul.projunn_step(W1, grad[0], lr=0.05, rank=2, rng=stream)
+    torch.testing.assert_close(without[0], W1, rtol=0, atol=1e-15)
+
+
 def test_torch_lr_scheduler_drives_every_group():
     """torch.optim.lr_scheduler works on ProjUNN: each group's lr is scaled,
     so the unitary group keeps its ratio, and each unitary step is the core

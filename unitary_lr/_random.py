@@ -88,7 +88,7 @@ def generator_state(gen: np.random.Generator) -> dict:
 
 def generator_from_state(state: dict) -> np.random.Generator:
     """The generator saved by :func:`generator_state`."""
-    bit_generator = np.random.PCG64()
+    bit_generator = np.random.PCG64(0)  # any seed: the state is replaced (no seed would read the OS entropy pool)
     bit_generator.state = {"bit_generator": "PCG64",
                            "state": {"state": int(state["state"]), "inc": int(state["inc"])},
                            "has_uint32": int(state["has_uint32"]), "uinteger": int(state["uinteger"])}

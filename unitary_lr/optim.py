@@ -257,14 +257,16 @@ def _non_negative(rule, *names):
 
 
 RULES = {"sgd": SGD, "rmsprop": RMSprop, "adam": Adam}
+# each rule's hyper-parameter names (dataclass fields() builds its tuple on
+# every call, and the torch optimizer makes its rules at every step)
+_RULE_FIELDS = {base: frozenset(f.name for f in fields(rule)) for base, rule in RULES.items()}
 
 
 def make_rule(base, **hyperparameters):
     """The base rule named ``base`` ("sgd", "rmsprop" or "adam") with its
     hyper-parameters; unknown names are a TypeError that lists the valid ones."""
     check_choice("base", base, tuple(RULES))
-    rule = RULES[base]
-    valid = {f.name for f in fields(rule)}
+    rule, valid = RULES[base], _RULE_FIELDS[base]
     unknown = sorted(set(hyperparameters) - valid)
     if unknown:
         raise TypeError(
@@ -278,7 +280,7 @@ def make_rule(base, **hyperparameters):
 def rule_options(base, options):
     """The entries of ``options`` (for example a torch param group) that the
     rule named ``base`` takes."""
-    valid = {f.name for f in fields(RULES[base])}
+    valid = _RULE_FIELDS[base]
     return {key: value for key, value in options.items() if key in valid}
 
 

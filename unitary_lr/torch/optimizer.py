@@ -293,7 +293,7 @@ class ProjUNN(torch.optim.Optimizer):
                     checked_factors, new_state = _capturable_step(xp, p, direction, state, new_state, group)
                     pending.append((p, group, new_state, (checked_factors, state), _CAPTURED))
                     continue
-                rng = generator_from_state(new_state["sketch_rng"])
+                rng = self._sketch_generator(p, new_state["sketch_rng"])
                 factors = None
                 if group["lr"] != 0:
                     try:
@@ -336,10 +336,26 @@ class ProjUNN(torch.optim.Optimizer):
                                                reproject=group["reproject"])
             if reprojected:
                 p.copy_(new_p)
-            new_state.update(projunn_steps=steps, sketch_rng=generator_state(rng),
+            saved = generator_state(rng)
+            new_state.update(projunn_steps=steps, sketch_rng=saved,
                              reprojections=new_state.get("reprojections", 0) + reprojected)
             self.state[p].update(new_state)
+            self.__dict__.setdefault("_generators", {})[p] = (saved, rng)
         return loss
+
+    def _sketch_generator(self, p, saved):
+        """The generator of p's sketches at the state ``saved`` (its
+        ``state["sketch_rng"]``): the live generator its last step left,
+        while the state holds what that step saved (the same dict), else one
+        rebuilt from ``saved`` (10-40 us: a loaded or first state). The live
+        one is taken out until the step succeeds, so a step that fails
+        after drawing leaves only the saved state, from which the next
+        step starts again. Not part of the state: pickles and
+        ``state_dict()`` carry ``saved``."""
+        live = self.__dict__.setdefault("_generators", {}).pop(p, None)
+        if live is not None and live[0] is saved:
+            return live[1]
+        return generator_from_state(saved)
 
 
 _CAPTURED = object()  # marks a capturable update in the list of pending ones
