@@ -211,8 +211,9 @@ def expm_skew_minus_identity(xp, K, t, *, cayley=False):
     # Eigenvalues at the eigensolver's rounding level (matrix_rank's criterion)
     # are zero in exact arithmetic: K of odd size or of lower rank. Their noise
     # angle, eps t |K|, would otherwise rotate W's untouched directions.
-    noise = lam.shape[-1] * xp.finfo(lam.dtype).eps * xp.max(xp.abs(lam), axis=-1, keepdims=True)
-    angle = xp.where(xp.abs(lam) <= noise, xp.zeros_like(angle), angle)
+    size = xp.abs(lam)
+    noise = lam.shape[-1] * xp.finfo(lam.dtype).eps * xp.max(size, axis=-1, keepdims=True)
+    angle = xp.where(size <= noise, xp.zeros_like(angle), angle)
     half = xp.sin(angle / 2)
     cos_minus_one = -2 * half * half
     sine = xp.sin(angle)
@@ -231,9 +232,10 @@ def expm_skew_minus_identity(xp, K, t, *, cayley=False):
     y = y / _column_norm(xp, y)
     a = positive * cos_minus_one
     b = -positive * sine
-    xa, ya = x * a[..., None, :], y * a[..., None, :]
-    xb, yb = x * b[..., None, :], y * b[..., None, :]
-    return xa @ mH(xp, x) + ya @ mH(xp, y) + xb @ mH(xp, y) - yb @ mH(xp, x)
+    a, b = a[..., None, :], b[..., None, :]
+    # x a x^T + y a y^T + x b y^T - y b x^T, as one product
+    left = xp.concat([x * a - y * b, x * b + y * a], axis=-1)
+    return left @ mH(xp, xp.concat([x, y], axis=-1))
 
 
 def _column_norm(xp, x):
