@@ -42,8 +42,9 @@ _REAL_OF = {"complex64": "float32", "complex128": "float64"}
 _COMPLEX_OF = {"float32": "complex64", "float64": "complex128"}
 _WIDE_OF = {"float32": "float64", "complex64": "complex128"}
 
-# (namespace id, device, or its repr where unhashable) -> bool. Asking a namespace which dtypes a device
-# supports is cheap but not free; a step asks it every time.
+# (namespace id, device, or its repr where unhashable) -> bool. Asking a
+# namespace which dtypes a device supports is cheap but not free; a step asks
+# it every time.
 _FLOAT64_SUPPORT: dict[tuple[int, object], bool] = {}
 
 
