@@ -51,26 +51,33 @@ def projunn_step(
     power_iters=STEP_POWER_ITERS,
     rng=None,
 ):
-    r"""One projUNN gradient step that keeps W exactly unitary, in O(k n^2).
+    r"""One projUNN gradient step that keeps W exactly unitary, in O(k n m).
 
     Parameters
     ----------
-    W : array, shape (..., n, n)
-        Unitary (complex) or orthogonal (real) matrices; leading axes are a batch.
-    G : array of shape (..., n, n), or tuple (a, b) of arrays of shape (..., n, m)
+    W : array, shape (..., n, m)
+        Unitary (complex) or orthogonal (real) matrices, square or not: for
+        n > m with orthonormal columns (``W^H W = I_m``), for n < m with
+        orthonormal rows (stepped through the conjugate transpose); leading
+        axes are a batch.
+    G : array of shape (..., n, m), or tuple (a, b) of arrays of shapes (..., n, j) and (..., m, j)
         The Euclidean gradient, as PyTorch stores it in ``.grad`` (for complex W,
         ``dL/dRe W + i dL/dIm W``; -G is the steepest-descent direction). A tuple
         means ``G = a @ b^H`` (a linear layer's ``delta x^H``): the sketch runs on
-        the factors and no n x n gradient is formed; when ``m <= rank`` the
+        the factors and no n x m gradient is formed; when ``j <= rank`` the
         factors are used as they are, without a sketch.
     lr : float
         Learning rate, finite and > 0.
     rank : int, optional
-        Rank k of the update, ``1 <= rank <= n``.
-    variant : {"tangent", "direct"}, optional
-        ``"tangent"`` (projUNN-T): ``W <- W expm(-lr/2 (W^H G_k - G_k^H W))``, a
-        step along the geodesic of the tangent-space gradient. ``"direct"``
-        (projUNN-D): ``W <- polar(W - lr G_k)``. G_k is the rank-k sketch of G.
+        Rank k of the update, ``1 <= rank <= min(n, m)``.
+    variant : {"tangent", "direct", "cayley"}, optional
+        With ``A = G_k W^H - W G_k^H`` (G_k the rank-k sketch of G):
+        ``"tangent"`` (projUNN-T): ``W <- expm(-lr/2 A) W``, a step along the
+        geodesic of the canonical-metric gradient (for square W,
+        ``W expm(-lr/2 (W^H G_k - G_k^H W))``). ``"direct"`` (projUNN-D):
+        ``W <- polar(W - lr G_k)``, the closest matrix with orthonormal columns.
+        ``"cayley"``: ``W <- (I + lr/2 A)^(-1) (I - lr/2 A) W``, the Cayley step
+        of full-capacity unitary RNNs (Wisdom et al. 2016) at rank k.
     oversample, power_iters : int, optional
         Sketch settings of ``randomized_svd`` for G_k; the defaults were chosen
         by measurement for speed per step (see Notes).
@@ -93,7 +100,7 @@ def projunn_step(
         :func:`unitary_lr.optax.projunn`, or ``unitary_lr.steps.step_unchecked``
         with the sketch given).
     ValueError
-        Non-square W, G not matching W, ``rank`` outside ``[1, n]``, a
+        G not matching W, ``rank`` outside ``[1, min(n, m)]``, a
         non-positive or non-finite ``lr``, unknown ``variant``, NaN or Inf in G
         or W, a W that is not unitary (relative deviation above 1e-2 on the
         step's directions), a G whose products overflow its dtype.
@@ -105,7 +112,7 @@ def projunn_step(
     direct step is ``polar(W - lr a b^H)`` (:func:`project_unitary_lowrank`);
     both agree with ``W - lr * tangent_project(W, G_k)`` to first order in lr.
     Cost per step: the sketch, ``2 + 2 power_iters`` passes over a dense G, plus
-    two passes over W and one rank-2k update: O(k n^2). A zero gradient, or one
+    two passes over W and one rank-2k update: O(k n m). A zero gradient, or one
     of rank below ``rank``, gives W back (unchanged to rounding, no NaN).
     The NaN/Inf check of a dense G looks at its sketch ``G Omega``, not at G,
     so it costs no extra pass. Kiani et al., "projUNN", NeurIPS 2022, Eqs. 3, 7.
