@@ -1,5 +1,7 @@
 """unitary_lr.optax.projunn_retraction: projUNN as the last step of an optax chain."""
 
+import inspect
+
 import numpy as np
 import pytest
 
@@ -203,8 +205,10 @@ def test_multisteps_accumulates_then_takes_one_step():
     chain = lambda: optax.chain(optax.scale_by_adam(), optax.scale_by_learning_rate(5e-2),
                                 projunn_retraction(unitary=mask, rank=2, seed=7))
     # MultiSteps accumulates in float32 unless told (and drops the imaginary
-    # part of complex gradients: accumulator_dtype=jnp.complex128 for those)
-    opt = optax.MultiSteps(chain(), every_k_schedule=3, accumulator_dtype=jnp.float64)
+    # part of complex gradients: accumulator_dtype=jnp.complex128 for those),
+    # from optax 0.2.8 on; before, in the gradients' dtype
+    told = "accumulator_dtype" in inspect.signature(optax.MultiSteps.__init__).parameters
+    opt = optax.MultiSteps(chain(), every_k_schedule=3, **({"accumulator_dtype": jnp.float64} if told else {}))
     single = chain()
     state, single_state = opt.init(params), single.init(params)
     update = jax.jit(opt.update)
