@@ -66,7 +66,7 @@ def test_gram_basis2_matches_gram_basis(rng, complex_, case):
             P[:, 0] *= 1e-120
         C = P.conj().T @ P
         T, R, spread = _tiny.gram_basis2(as_nested(C), tol)
-        T_ref, R_ref, spread_ref = _cores.gram_basis(np, C, tol)
+        T_ref, R_ref, spread_ref = _cores.gram_basis(_cores.host_xp, C, tol)
         Q, Q_ref = P @ as_array(T), P @ T_ref
         # the same projector onto the kept span, and P = Q R on it
         np.testing.assert_allclose(Q @ Q.conj().T, Q_ref @ Q_ref.conj().T, atol=1e-12)
@@ -119,7 +119,8 @@ def test_polar_small2_matches_scipy(rng, complex_, size):
         # core (an eigh of B + B^H + B^H B) keeps relative accuracy, as must this
         reference = scipy.linalg.polar(np.eye(2) + B)[0] - np.eye(2)
         np.testing.assert_allclose(D, reference, rtol=1e-8, atol=16 * EPS)
-        general = _cores.polar_minus_identity(np, B.astype(np.complex128 if complex_ else np.float64), traced=False)
+        B = B.astype(np.complex128 if complex_ else np.float64)
+        general = _cores.polar_minus_identity(_cores.host_xp, B, traced=False)
         np.testing.assert_allclose(D, general, rtol=1e-9, atol=16 * EPS * size)
     assert _tiny.polar_small2(((0.6, 0.0), (0.0, 0.0))) is None
 
@@ -135,7 +136,7 @@ def test_polar_small2_with_rows_below_matches_the_general_core(rng, complex_, si
         M = size * M / np.linalg.norm(M)
         B, E = M[:2], M[2:]
         top, bottom = (as_array(x) for x in _tiny.polar_small2(as_nested(B), as_nested(E)))
-        general_top, general_bottom = _cores.polar_minus_identity(np, B, bottom=E, traced=False)
+        general_top, general_bottom = _cores.polar_minus_identity(_cores.host_xp, B, bottom=E, traced=False)
         np.testing.assert_allclose(top, general_top, rtol=1e-9, atol=16 * EPS * size)
         np.testing.assert_allclose(bottom, general_bottom, rtol=1e-9, atol=16 * EPS * size)
         X = scipy.linalg.polar(M + np.eye(2 + rows, 2))[0]

@@ -257,16 +257,25 @@ def _non_negative(rule, *names):
 
 
 RULES = {"sgd": SGD, "rmsprop": RMSprop, "adam": Adam}
-# each rule's hyper-parameter names (dataclass fields() builds its tuple on
-# every call, and the torch optimizer makes its rules at every step)
-_RULE_FIELDS = {base: frozenset(f.name for f in fields(rule)) for base, rule in RULES.items()}
+# rule class -> its hyper-parameter names (dataclass fields() builds its tuple
+# on every call, and the torch optimizer makes its rules at every step); by
+# class, not name: RULES is open to rules registered at run time
+_RULE_FIELDS = {}
+
+
+def _rule_fields(base):
+    rule = RULES[base]
+    names = _RULE_FIELDS.get(rule)
+    if names is None:
+        names = _RULE_FIELDS[rule] = frozenset(f.name for f in fields(rule))
+    return names
 
 
 def make_rule(base, **hyperparameters):
     """The base rule named ``base`` ("sgd", "rmsprop" or "adam") with its
     hyper-parameters; unknown names are a TypeError that lists the valid ones."""
     check_choice("base", base, tuple(RULES))
-    rule, valid = RULES[base], _RULE_FIELDS[base]
+    rule, valid = RULES[base], _rule_fields(base)
     unknown = sorted(set(hyperparameters) - valid)
     if unknown:
         raise TypeError(
@@ -280,7 +289,7 @@ def make_rule(base, **hyperparameters):
 def rule_options(base, options):
     """The entries of ``options`` (for example a torch param group) that the
     rule named ``base`` takes."""
-    valid = _RULE_FIELDS[base]
+    valid = _rule_fields(base)
     return {key: value for key, value in options.items() if key in valid}
 
 
