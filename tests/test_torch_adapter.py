@@ -106,6 +106,26 @@ def test_consecutive_steps_draw_one_stream_and_a_failed_step_draws_nothing():
     torch.testing.assert_close(without[0], W1, rtol=0, atol=1e-15)
 
 
+def test_an_edited_sketch_state_is_the_one_the_next_step_draws_from():
+    """The saved generator state is what the next step starts from, also when
+    it is edited in place between steps (the optimizer's live generator is
+    then not used)."""
+    from unitary_lr._random import generator_state
+
+    grad = torch.randn(8, 8, dtype=torch.float64, generator=seeded(4))
+    W = unitary_parameter(8, dtype=torch.float64, generator=seeded(1))
+    opt = ProjUNN([W], lr=0.05, base="sgd", rank=2, seed=3, unitary=True, drift_check_every=0)
+    W.grad = grad.clone()
+    opt.step()
+    fresh = np.random.default_rng(11)
+    opt.state[W]["sketch_rng"].update(generator_state(fresh))  # in place
+    start = W.detach().clone()
+    W.grad = grad.clone()
+    opt.step()
+    expected = ul.projunn_step(start, grad, lr=0.05, rank=2, rng=np.random.default_rng(11))
+    torch.testing.assert_close(W.detach(), expected, rtol=0, atol=1e-15)
+
+
 def test_torch_lr_scheduler_drives_every_group():
     """torch.optim.lr_scheduler works on ProjUNN: each group's lr is scaled,
     so the unitary group keeps its ratio, and each unitary step is the core

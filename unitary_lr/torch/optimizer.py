@@ -340,20 +340,20 @@ class ProjUNN(torch.optim.Optimizer):
             new_state.update(projunn_steps=steps, sketch_rng=saved,
                              reprojections=new_state.get("reprojections", 0) + reprojected)
             self.state[p].update(new_state)
-            self.__dict__.setdefault("_generators", {})[p] = (saved, rng)
+            self.__dict__.setdefault("_generators", {})[p] = (dict(saved), rng)
         return loss
 
     def _sketch_generator(self, p, saved):
         """The generator of p's sketches at the state ``saved`` (its
         ``state["sketch_rng"]``): the live generator its last step left,
-        while the state holds what that step saved (the same dict), else one
-        rebuilt from ``saved`` (10-40 us: a loaded or first state). The live
+        while the state still reads what that step saved, else one rebuilt
+        from ``saved`` (10-40 us: a first, loaded or edited state). The live
         one is taken out until the step succeeds, so a step that fails
         after drawing leaves only the saved state, from which the next
         step starts again. Not part of the state: pickles and
         ``state_dict()`` carry ``saved``."""
         live = self.__dict__.setdefault("_generators", {}).pop(p, None)
-        if live is not None and live[0] is saved:
+        if live is not None and live[0] == saved:
             return live[1]
         return generator_from_state(saved)
 
