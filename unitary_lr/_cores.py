@@ -162,13 +162,11 @@ def gram_basis(xp, C, tol, *, basis_only=False):
     T = V * xp.astype(scale[..., :, None] * inverse_root[..., None, :], V.dtype, copy=False)
     if basis_only:
         return T, None, None
-    root = xp.where(keep, root, zero)
-    root_d = xp.where(positive, root_d, zero)
-    R = mH(xp, V) * xp.astype(root[..., :, None] * root_d[..., None, :], V.dtype, copy=False)
+    kept_root, column_root = xp.where(keep, root, zero), xp.where(positive, root_d, zero)
+    R = mH(xp, V) * xp.astype(kept_root[..., :, None] * column_root[..., None, :], V.dtype, copy=False)
     smallest = xp.min(xp.where(keep, lam, top), axis=-1)
-    positive = smallest > 0
-    one = xp.ones_like(smallest)
-    spread = xp.where(positive, top[..., 0] / xp.where(positive, smallest, one), one)
+    kept_any, ones = smallest > 0, xp.ones_like(smallest)
+    spread = xp.where(kept_any, top[..., 0] / xp.where(kept_any, smallest, ones), ones)
     return T, R, spread
 
 

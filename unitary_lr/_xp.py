@@ -97,10 +97,10 @@ def supports_float64(xp, dev) -> bool:
     """
     try:
         key = (id(xp), dev)
-        cached = _FLOAT64_SUPPORT.get(key)
+        hash(key)
     except TypeError:  # an unhashable device object
         key = (id(xp), repr(dev))
-        cached = _FLOAT64_SUPPORT.get(key)
+    cached = _FLOAT64_SUPPORT.get(key)
     if cached is None:
         try:
             names = xp.__array_namespace_info__().dtypes(device=dev, kind="real floating")

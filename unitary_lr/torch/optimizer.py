@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 
-import array_api_compat
 import array_api_compat.torch
 import numpy as np
 import torch
@@ -232,7 +231,7 @@ class ProjUNN(torch.optim.Optimizer):
             if not group["unitary"]:
                 continue
             for i, p in enumerate(group["params"]):
-                xp = array_api_compat.array_namespace(p)
+                xp = array_api_compat.torch
                 rng = np.random.default_rng([group["seed"], index, i, int(self.state[p].get("reprojections", 0))])
                 new_p, reprojected = control_drift(xp, p.detach(), step=1, rng=rng, drift_tol=group["drift_tol"],
                                                    drift_check_every=1, reproject=group["reproject"])
@@ -271,7 +270,7 @@ class ProjUNN(torch.optim.Optimizer):
             for i, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
-                xp = array_api_compat.array_namespace(p)
+                xp = array_api_compat.torch
                 state = dict(self.state[p])
                 if not state:
                     state.update(rule.init(xp, p.detach(), mode))
@@ -330,7 +329,7 @@ class ProjUNN(torch.optim.Optimizer):
             if commit is not None:
                 commit()
             steps = new_state["projunn_steps"] + 1
-            xp = array_api_compat.array_namespace(p)
+            xp = array_api_compat.torch
             new_p, reprojected = control_drift(xp, p.detach(), step=steps, rng=rng, drift_tol=group["drift_tol"],
                                                drift_check_every=group["drift_check_every"],
                                                reproject=group["reproject"])

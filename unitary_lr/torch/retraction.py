@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import warnings
 
-import array_api_compat
+import array_api_compat.torch
 import numpy as np
 import torch
 
@@ -202,7 +202,7 @@ class ProjUNNRetraction:
             pending.append((p, new, state))
         for p, new, state in pending:
             state["steps"] += 1
-            xp = array_api_compat.array_namespace(new)
+            xp = array_api_compat.torch
             new, reprojected = control_drift(xp, new, step=state["steps"], rng=state["rng"], **self.drift)
             state["reprojections"] += int(reprojected)
             p.copy_(new)
