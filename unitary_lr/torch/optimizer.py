@@ -146,6 +146,15 @@ class ProjUNN(torch.optim.Optimizer):
     parameter changes. ``state_dict()`` holds the random streams, so a resumed
     run repeats the steps of an uninterrupted one.
 
+    Memory: on the CPU, an eager step of a unitary parameter allocates
+    nothing of its size. The new moments and the direction go to buffers
+    the optimizer keeps from step to step (outside the state), and the state
+    tensors take the new values by an exchange of storages, keeping their
+    identity. That is one n x n buffer per moment plus one for the direction
+    (two for RMSprop, three for Adam; none for SGD) on top of the state; a new
+    tensor per step would cost more time than it saves memory, since the C
+    library returns it to the system and the next step page-faults it back.
+
     Examples
     --------
     >>> import torch
@@ -279,12 +288,13 @@ class ProjUNN(torch.optim.Optimizer):
                     elif unitary:
                         state["projunn_steps"] = 0
                         state["sketch_rng"] = generator_state(np.random.default_rng([group["seed"], index, i]))
+                scratch = self.__dict__.setdefault("_scratch", {}).setdefault(p, {}) if _uses_scratch(group, p) else None
                 fused = fused_direction(rule, p.grad, p.detach(), state, mode=mode, weight_decay=not unitary,
-                                        deferred=_writes_moments_in_place(group, p))
+                                        scratch=scratch)
                 if fused is None:
                     fused = rule.direction(xp, p.grad, p.detach(), state, mode=mode, weight_decay=not unitary)
                 direction, new_state, *rest = fused
-                commit = rest[0] if rest else None  # writes the moments in place, once the step is certain
+                commit = rest[0] if rest else None  # gives the state the new moments, once the step is certain
                 if not unitary:
                     pending.append((p, group, new_state, direction, None))
                     continue
@@ -377,12 +387,12 @@ def _capturable_counters(state, p):
     return counters
 
 
-def _writes_moments_in_place(group, p):
-    """Whether the eager unitary step of ``p`` has the fused rule write its
-    moments in place once the step is certain (see ``_fused``): on the CPU,
-    where a new state tensor per step is page-faulted back from the system.
-    A GPU's caching allocator reuses it, where writing in place would cost
-    two more passes over the state."""
+def _uses_scratch(group, p):
+    """Whether the eager unitary step of ``p`` has the fused rule write the new
+    moments and the direction into buffers the optimizer keeps from step to
+    step (see ``_fused``): on the CPU, where a new n x n tensor per step is
+    page-faulted back from the system. A GPU's caching allocator serves new
+    tensors from the blocks the last step freed, at no such cost."""
     return group["unitary"] and not group["capturable"] and p.device.type == "cpu"
 
 
