@@ -142,9 +142,10 @@ def _adam(rule, grad, state, scratch):
         exp_avg = torch.lerp(old_avg, grad, 1 - beta1, out=_buffer(scratch, "exp_avg", old_avg))
         exp_avg_sq = _add_square(torch.mul(old_sq, beta2, out=_buffer(scratch, "exp_avg_sq", old_sq)), grad, 1 - beta2)
         root = torch.sqrt(exp_avg_sq, out=_buffer(scratch, "denominator", old_sq))
-    # a tensor step (capturable groups) stays on the device: no math.sqrt
-    denominator = root.div_((1 - beta2**step) ** 0.5).add_(rule.eps)
-    denominator.mul_(1 - beta1**step)
+    # (sqrt(v) / sqrt(1 - beta2^t) + eps) (1 - beta1^t), in two passes; a
+    # tensor step (capturable groups) stays on the device: no math.sqrt
+    bias1 = 1 - beta1**step
+    denominator = root.mul_(bias1 / (1 - beta2**step) ** 0.5).add_(rule.eps * bias1)
     if scratch is None:
         direction = _quotient(exp_avg, _overflow_as_nan(denominator))
         return direction, {**state, "step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
