@@ -150,8 +150,10 @@ class ProjUNN(torch.optim.Optimizer):
     nothing of its size. The new moments and the direction go to buffers
     the optimizer keeps from step to step (outside the state), and the state
     tensors take the new values by an exchange of storages, keeping their
-    identity. That is one n x n buffer per moment plus one for the direction
-    (two for RMSprop, three for Adam; none for SGD) on top of the state; a new
+    identity (a view of a state tensor taken before a step does not follow
+    it). That is one n x n buffer per moment plus one for the direction
+    (for a real parameter two for RMSprop and three for Adam, for a complex one
+    one more; none for SGD) on top of the state; a new
     tensor per step would cost more time than it saves memory, since the C
     library returns it to the system and the next step page-faults it back.
 
