@@ -31,7 +31,10 @@ except ImportError:  # pragma: no cover - JAX is in the test extra
     jax = None
 
 DTYPES = ("float32", "float64", "complex64", "complex128")
-BACKENDS = ("numpy", "array_api_strict", "array_api_strict:no_float64", "torch", "jax", "cupy")
+# "torch:cuda" and "jax:gpu" run where a GPU is (skipped elsewhere, as CuPy
+# is): every kernel test then also covers the device code paths, the host
+# round trips from device memory included (docs/scripts/gpu_targets.sh).
+BACKENDS = ("numpy", "array_api_strict", "array_api_strict:no_float64", "torch", "jax", "cupy", "torch:cuda", "jax:gpu")
 BASE_SEED = int(os.environ.get("UNITARY_LR_TEST_SEED", "0"))
 
 
@@ -81,24 +84,38 @@ def _strict(device_name):
     )
 
 
-def _torch():
+def _torch(kind="cpu"):
     torch = pytest.importorskip("torch", reason="PyTorch is not installed")
+    if kind == "cuda" and not torch.cuda.is_available():
+        pytest.skip("PyTorch sees no CUDA device")
+    device = torch.device(kind)
     return Backend(
-        "torch",
+        "torch" if kind == "cpu" else f"torch:{kind}",
         torch,
-        torch.device("cpu"),
+        device,
         True,
-        lambda x: torch.asarray(x),
+        lambda x: torch.asarray(x, device=device),
         lambda x: x.detach().resolve_conj().cpu().numpy(),
     )
 
 
-def _jax():
+def _jax(platform="cpu"):
     if jax is None:
         pytest.skip("JAX is not installed")
     import jax.numpy as jnp
 
-    return Backend("jax", jnp, jax.devices("cpu")[0], True, jnp.asarray, np.asarray)
+    try:
+        device = jax.devices(platform)[0]
+    except RuntimeError:  # no such platform here
+        pytest.skip(f"JAX has no {platform} device")
+    return Backend(
+        "jax" if platform == "cpu" else f"jax:{platform}",
+        jnp,
+        device,
+        True,
+        lambda x: jax.device_put(jnp.asarray(x), device),
+        np.asarray,
+    )
 
 
 def _cupy():
@@ -121,6 +138,8 @@ _MAKERS = {
     "torch": _torch,
     "jax": _jax,
     "cupy": _cupy,
+    "torch:cuda": lambda: _torch("cuda"),
+    "jax:gpu": lambda: _jax("gpu"),
 }
 
 

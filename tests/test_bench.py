@@ -127,15 +127,16 @@ def test_bench_table_json_and_plot(tmp_path, capsys):
 
 def test_bench_on_every_backend(backend, tmp_path):
     options = {"numpy": [], "torch": ["--backend", "torch"], "jax": ["--backend", "jax"],
-               "cupy": ["--backend", "cupy"],
+               "cupy": ["--backend", "cupy"], "torch:cuda": ["--backend", "torch", "--device", "cuda"],
+               "jax:gpu": ["--backend", "jax", "--device", "gpu"],
                "array_api_strict:device1": ["--backend", "array_api_strict", "--device", "device1"],
                "array_api_strict:no_float64": ["--backend", "array_api_strict", "--device", "no_float64"]}[backend.name]
     dtype = "complex128" if backend.has_float64 else "complex64"
     record = run_json(tmp_path, *options, "--dtype", dtype, "--sizes", "16", "32", "--repeat", "1")
     strict = backend.name.startswith("array_api_strict")
     methods = [m for m in STEPS_AND_DENSE if not (strict and m == "dense expm step")]
-    methods += ["unitary_lr randomized_svd"] + ["torch.svd_lowrank", *OPTIMIZERS] * (backend.name == "torch")
-    methods += list(JAX_OPTIMIZERS) * (backend.name == "jax")
+    methods += ["unitary_lr randomized_svd"] + ["torch.svd_lowrank", *OPTIMIZERS] * backend.name.startswith("torch")
+    methods += list(JAX_OPTIMIZERS) * backend.name.startswith("jax")
     check_record(record, sizes=[16, 32], methods=methods, unitarity_tol=1e-12 if backend.has_float64 else 1e-5)
     if strict:
         assert "dense expm step skipped: array_api_strict has no matrix exponential" in record["notes"]
@@ -714,3 +715,31 @@ def test_asv_layout_case_holds_the_same_w_column_major(suite):
         row.setup(2048, "float64", "tangent", backend, "row-major")
         assert (np.asarray(row.W) if backend == "numpy" else row.W.cpu().numpy()).flags.c_contiguous
         assert np.array_equal(W, np.asarray(row.W) if backend == "numpy" else row.W.cpu().numpy())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform == "win32", reason="a bash script")
+def test_gpu_script_dry_run_on_the_cpu(tmp_path):
+    """``docs/scripts/gpu_targets.sh`` is what a session with a lent GPU runs in
+    one call; its dry run on the CPU (tiny sizes) checks that its commands
+    still match the CLI: every bench part exits 0 and leaves its table and a
+    JSON record in the archive."""
+    import os
+    import subprocess
+    import tarfile
+
+    pytest.importorskip("torch")
+    pytest.importorskip("jax")
+    script = Path(__file__).resolve().parents[1] / "docs" / "scripts" / "gpu_targets.sh"
+    env = {**os.environ, "DEVICE": "cpu", "SIZES": "16", "COMPLEX_SIZES": "16", "PEER_SIZES": "16",
+           "PART_TIMEOUT": "300", "OUT": str(tmp_path), "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(script), "bench"], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    for part in ("bench-torch-float32", "bench-torch-complex64", "bench-jax-cupy", "bench-peers"):
+        log = (tmp_path / f"{part}.txt").read_text()
+        assert f"== {part}: exit 0 after" in log, log[-2000:]
+        assert "projUNN-T" in log
+    assert "torch " in (tmp_path / "versions.txt").read_text()
+    with tarfile.open(tmp_path / "bench-json.tar.gz") as archive:
+        names = {Path(name).name for name in archive.getnames()}
+    assert {"torch-float32.json", "torch-complex64.json", "jax-float32.json", "peers.json"} <= names

@@ -42,7 +42,8 @@ def test_toy_same_curves_on_every_backend(backend, tmp_path):
     """The toy is plain Array API code: with the same seed every backend follows
     NumPy's curve."""
     options = {"numpy": [], "torch": ["--backend", "torch"], "jax": ["--backend", "jax"],
-               "cupy": ["--backend", "cupy"],
+               "cupy": ["--backend", "cupy"], "torch:cuda": ["--backend", "torch", "--device", "cuda"],
+               "jax:gpu": ["--backend", "jax", "--device", "gpu"],
                "array_api_strict:device1": ["--backend", "array_api_strict", "--device", "device1"],
                "array_api_strict:no_float64": ["--backend", "array_api_strict", "--device", "no_float64"]}[backend.name]
     dtype = "complex128" if backend.has_float64 else "complex64"
