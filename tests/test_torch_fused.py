@@ -145,3 +145,33 @@ def test_eager_step_with_new_state_tensors_matches_the_one_in_buffers(base, dtyp
     assert state_new.keys() == state_buffers.keys()
     for key, value in state_buffers.items():
         torch.testing.assert_close(state_new[key], value, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("base", ["rmsprop", "adam"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_a_refused_step_leaves_no_trace_in_the_buffers(base, dtype):
+    """A step refused after the rule wrote its buffers (NaN in the gradient)
+    changes nothing: the next steps give, bit for bit, the parameter and the
+    moments of a run that never saw it."""
+    runs = []
+    for refused in (False, True):
+        W = unitary_parameter(10, dtype=dtype, generator=torch.Generator().manual_seed(0))
+        opt = ProjUNN([W], lr=1e-2, base=base, rank=2, seed=3)
+        generator = torch.Generator().manual_seed(4)
+        grads = [torch.randn(10, 10, dtype=dtype, generator=generator) for _ in range(3)]
+        for i, grad in enumerate(grads):
+            if refused and i == 1:
+                bad = grad.clone()
+                bad[3, 4] = float("nan")
+                W.grad = bad
+                with pytest.raises(ValueError, match="NaN"):
+                    opt.step()
+            W.grad = grad
+            opt.step()
+        runs.append((W.detach().clone(), {key: value.clone() for key, value in opt.state[W].items()
+                                          if isinstance(value, torch.Tensor)}))
+    (W_clean, state_clean), (W_refused, state_refused) = runs
+    assert torch.equal(W_refused, W_clean)
+    assert state_refused.keys() == state_clean.keys()
+    for key, value in state_clean.items():
+        assert torch.equal(state_refused[key], value), key
