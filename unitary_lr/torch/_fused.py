@@ -62,7 +62,10 @@ def fused_direction(rule, grad, param, state, *, mode, weight_decay, scratch=Non
 
 def _buffer(scratch, key, like):
     """``scratch[key]``, a tensor of ``like``'s shape, dtype, device and
-    layout, made on first use (or when ``like`` changed: a loaded state)."""
+    layout, made on first use (or when ``like`` changed: a loaded state);
+    None without ``scratch``, where the result is a new tensor (``out=None``)."""
+    if scratch is None:
+        return None
     buffer = scratch.get(key)
     if (buffer is None or buffer.shape != like.shape or buffer.dtype != like.dtype
             or buffer.device != like.device or buffer.stride() != like.stride()):
@@ -120,13 +123,11 @@ def _quotient(numerator, denominator, out=None):
 
 def _rmsprop(rule, grad, state, scratch):
     old = state["square_avg"]
-    if scratch is None:
-        square_avg = _add_square(torch.mul(old, rule.alpha), grad, 1 - rule.alpha)
-        direction = _quotient(grad, _overflow_as_nan(torch.sqrt(square_avg).add_(rule.eps)))
-        return direction, {**state, "square_avg": square_avg}
     square_avg = _add_square(torch.mul(old, rule.alpha, out=_buffer(scratch, "square_avg", old)), grad, 1 - rule.alpha)
     denominator = _overflow_as_nan(torch.sqrt(square_avg, out=_buffer(scratch, "denominator", old)).add_(rule.eps))
     direction = _quotient(grad, denominator, out=_buffer(scratch, "direction", grad) if grad.is_complex() else None)
+    if scratch is None:
+        return direction, {**state, "square_avg": square_avg}
     return direction, dict(state), _committer(state, scratch, ("square_avg",))
 
 
@@ -134,21 +135,15 @@ def _adam(rule, grad, state, scratch):
     beta1, beta2 = rule.betas
     step = state["step"] + 1
     old_avg, old_sq = state["exp_avg"], state["exp_avg_sq"]
-    if scratch is None:
-        exp_avg = torch.lerp(old_avg, grad, 1 - beta1)
-        exp_avg_sq = _add_square(torch.mul(old_sq, beta2), grad, 1 - beta2)
-        root = torch.sqrt(exp_avg_sq)
-    else:
-        exp_avg = torch.lerp(old_avg, grad, 1 - beta1, out=_buffer(scratch, "exp_avg", old_avg))
-        exp_avg_sq = _add_square(torch.mul(old_sq, beta2, out=_buffer(scratch, "exp_avg_sq", old_sq)), grad, 1 - beta2)
-        root = torch.sqrt(exp_avg_sq, out=_buffer(scratch, "denominator", old_sq))
+    exp_avg = torch.lerp(old_avg, grad, 1 - beta1, out=_buffer(scratch, "exp_avg", old_avg))
+    exp_avg_sq = _add_square(torch.mul(old_sq, beta2, out=_buffer(scratch, "exp_avg_sq", old_sq)), grad, 1 - beta2)
+    root = torch.sqrt(exp_avg_sq, out=_buffer(scratch, "denominator", old_sq))
     # (sqrt(v) / sqrt(1 - beta2^t) + eps) (1 - beta1^t), in two passes; a
     # tensor step (capturable groups) stays on the device: no math.sqrt
     bias1 = 1 - beta1**step
     denominator = root.mul_(bias1 / (1 - beta2**step) ** 0.5).add_(rule.eps * bias1)
-    if scratch is None:
-        direction = _quotient(exp_avg, _overflow_as_nan(denominator))
-        return direction, {**state, "step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
     direction = _quotient(exp_avg, _overflow_as_nan(denominator),
                           out=_buffer(scratch, "direction", exp_avg) if exp_avg.is_complex() else None)
+    if scratch is None:
+        return direction, {**state, "step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
     return direction, {**state, "step": step}, _committer(state, scratch, ("exp_avg", "exp_avg_sq"))
