@@ -62,6 +62,14 @@ class Backend:
     def dtype(self, name):
         return getattr(self.xp, name)
 
+    @property
+    def cli(self) -> list:
+        """The ``unitary-lr`` options that select this backend and device."""
+        library, _, device = self.name.partition(":")
+        if library == "numpy":
+            return []
+        return ["--backend", library, *(["--device", device] if device else [])]
+
     def __repr__(self):
         return self.name
 

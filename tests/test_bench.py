@@ -126,11 +126,7 @@ def test_bench_table_json_and_plot(tmp_path, capsys):
 
 
 def test_bench_on_every_backend(backend, tmp_path):
-    options = {"numpy": [], "torch": ["--backend", "torch"], "jax": ["--backend", "jax"],
-               "cupy": ["--backend", "cupy"], "torch:cuda": ["--backend", "torch", "--device", "cuda"],
-               "jax:gpu": ["--backend", "jax", "--device", "gpu"],
-               "array_api_strict:device1": ["--backend", "array_api_strict", "--device", "device1"],
-               "array_api_strict:no_float64": ["--backend", "array_api_strict", "--device", "no_float64"]}[backend.name]
+    options = backend.cli
     dtype = "complex128" if backend.has_float64 else "complex64"
     record = run_json(tmp_path, *options, "--dtype", dtype, "--sizes", "16", "32", "--repeat", "1")
     strict = backend.name.startswith("array_api_strict")

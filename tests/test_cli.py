@@ -41,11 +41,7 @@ def test_toy_learns_and_writes_json_and_png(tmp_path, capsys):
 def test_toy_same_curves_on_every_backend(backend, tmp_path):
     """The toy is plain Array API code: with the same seed every backend follows
     NumPy's curve."""
-    options = {"numpy": [], "torch": ["--backend", "torch"], "jax": ["--backend", "jax"],
-               "cupy": ["--backend", "cupy"], "torch:cuda": ["--backend", "torch", "--device", "cuda"],
-               "jax:gpu": ["--backend", "jax", "--device", "gpu"],
-               "array_api_strict:device1": ["--backend", "array_api_strict", "--device", "device1"],
-               "array_api_strict:no_float64": ["--backend", "array_api_strict", "--device", "no_float64"]}[backend.name]
+    options = backend.cli
     dtype = "complex128" if backend.has_float64 else "complex64"
     common = [*SMALL, "--steps", "15", "--ranks", "2", "--dtype", dtype, "--no-plot"]
     assert main([*common, *options, "--out", str(tmp_path / "here")]) == 0
