@@ -57,6 +57,13 @@ run() {  # run NAME COMMAND...: the command's output in $out/NAME.txt, under the
     tail -n 40 "$out/$name.txt"
 }
 
+also() {  # also NAME LABEL COMMAND...: one more command into $out/NAME.txt (eight files at most come back)
+    local name=$1 label=$2
+    shift 2
+    timeout "$limit" "$@" >>"$out/$name.txt" 2>&1
+    echo "== $label: exit $?" | tee -a "$out/$name.txt"
+}
+
 {
     date -u
     git log -1 --format='commit %H %s' 2>/dev/null
@@ -97,10 +104,8 @@ bench() {
         --sizes $complex_sizes --dense-max 0 --repeat 9 --no-progress --json "$json/jax-float32.json"
     if [ "$device" != cpu ]; then
         # shellcheck disable=SC2086
-        timeout "$limit" "$py" -m unitary_lr bench --backend cupy --dtype float32 \
-            --sizes $complex_sizes --dense-max 0 --repeat 9 --no-progress --json "$json/cupy-float32.json" \
-            >>"$out/bench-jax-cupy.txt" 2>&1
-        echo "== cupy bench: exit $?" | tee -a "$out/bench-jax-cupy.txt"
+        also bench-jax-cupy "cupy bench" "$py" -m unitary_lr bench --backend cupy --dtype float32 \
+            --sizes $complex_sizes --dense-max 0 --repeat 9 --no-progress --json "$json/cupy-float32.json"
     fi
     # shellcheck disable=SC2086
     run bench-peers "$py" -m unitary_lr bench --peers --backend torch --device "$device" --dtype float32 \
@@ -118,9 +123,7 @@ copy() {
     # issue 11, item 6: the quick copy task on the GPU, eager and with the
     # model's step compiled (its times against a CPU run of the same command)
     run copy "$py" -m unitary_lr copy --quick --device "$device" --out "$json/copy"
-    timeout "$limit" "$py" -m unitary_lr copy --quick --device "$device" --compile --out "$json/copy-compiled" \
-        >>"$out/copy.txt" 2>&1
-    echo "== copy --compile: exit $?" | tee -a "$out/copy.txt"
+    also copy "copy --compile" "$py" -m unitary_lr copy --quick --device "$device" --compile --out "$json/copy-compiled"
 }
 
 case $part in
