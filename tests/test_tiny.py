@@ -248,7 +248,9 @@ def test_rank1_checks_still_name_the_input(rng):
 def test_rank1_steps_of_one_matrix_make_no_general_core_call(rng, monkeypatch, shape, variant):
     """The closed forms replace the general cores' eigen-decompositions at rank
     1 (square and tall W, every variant; the direct step's polar core within
-    its small-B range); the general ones are kept for batches."""
+    its small-B range), also matrix by matrix in a batch of up to
+    ``_TINY_BATCH`` (but the tall direct step); larger batches keep the
+    vectorised general cores."""
     from unitary_lr import _flow
 
     def refuse(*args, **kwargs):
@@ -260,5 +262,20 @@ def test_rank1_steps_of_one_matrix_make_no_general_core_call(rng, monkeypatch, s
     for name in ("gram_basis", "polar_minus_identity", "expm_skew_minus_identity"):
         monkeypatch.setattr(_flow, name, refuse)
     np.testing.assert_array_equal(ul.projunn_step(W, G, lr=0.01, variant=variant, rng=1), expected)
+    # a small batch too (matrix by matrix), except the direct step of a tall W;
+    # a batch beyond _TINY_BATCH takes the vectorised general cores
+    pair_W, pair_G = np.stack([W, W[::-1]]), np.stack([G, -G])
+    if variant == "direct" and shape[0] > shape[1]:
+        with pytest.raises(AssertionError, match="general core"):
+            ul.projunn_step(pair_W, pair_G, lr=0.01, variant=variant, rng=1)
+    else:
+        pair = ul.projunn_step(pair_W, pair_G, lr=0.01, variant=variant, rng=1)
+        with monkeypatch.context() as general:  # the same batch through the general cores
+            for name in ("gram_basis", "polar_minus_identity", "expm_skew_minus_identity"):
+                general.setattr(_flow, name, getattr(_cores, name))
+            general.setattr(_flow, "_TINY_BATCH", 0)
+            np.testing.assert_allclose(pair, ul.projunn_step(pair_W, pair_G, lr=0.01, variant=variant, rng=1),
+                                       atol=1e-14)
+    many = _flow._TINY_BATCH + 1
     with pytest.raises(AssertionError, match="general core"):
-        ul.projunn_step(W[None], G[None], lr=0.01, variant=variant, rng=1)
+        ul.projunn_step(np.stack([W] * many), np.stack([G] * many), lr=0.01, variant=variant, rng=1)

@@ -89,12 +89,14 @@ class HostCores:
         return tuple(out)
 
 
-    def scatter_stack(self, values):
+    def scatter_stack(self, values, shape=None):
         """Nested sequences of Python numbers of one shape (..., r, s) as
         device arrays of the kernel's dtype, in one transfer: the entries of
-        the first axis, as views of one array."""
+        the first axis, as views of one array, each of ``shape`` where given."""
         name = _host_name(self._xp, self.dtype)
         host = host_xp.asarray(values, dtype=getattr(host_xp, name))
+        if shape is not None:
+            host = host.reshape((host.shape[0], *shape))
         flat = from_host(self._xp, host, dtype=self.dtype, device=self.device)
         return tuple(flat[i, ...] for i in range(host.shape[0]))
 

@@ -353,6 +353,63 @@ def _scatter_tiny(cores, CP, T, D):
     return _scatter(sxp, cores, CP, sxp.asarray(T, dtype=CP.dtype), D)
 
 
+# The largest batch whose rank-1 cores run in closed form, matrix by matrix
+# (about 20 us of Python each); a larger batch takes the vectorised cores.
+_TINY_BATCH = 16
+
+
+def _few(C):
+    """Whether the host batch of small matrices C (..., r, r) is small enough
+    for the closed-form cores, matrix by matrix (see ``_TINY_BATCH``); an
+    empty batch is left to the general cores."""
+    return 1 <= math.prod(C.shape[:-2]) <= _TINY_BATCH
+
+
+def _each(C, scales):
+    """(C_p, [scale_p, ...]) for each matrix of the host batch C (..., r, r)
+    (one pair for a single matrix), the scales (..., 1, 1) alike."""
+    if C.ndim == 2:
+        yield C, scales
+        return
+    flat = C.reshape(-1, *C.shape[-2:])
+    flat_scales = [s.reshape(-1, *s.shape[-2:]) for s in scales]
+    for p in range(flat.shape[0]):
+        yield flat[p], [s[p] for s in flat_scales]
+
+
+def _scatter_tiny_each(cores, CP, each):
+    """:func:`_scatter_tiny` of the closed-form cores ``each`` = [(T, D,
+    spread), ...] of the matrices of the host batch CP (..., 2, 2): the
+    device's (T, D) of shape (..., 2, 2) and the column scale (or None)."""
+    if CP.ndim == 2:
+        (T, D, _), = each
+        return _scatter_tiny(cores, CP, T, D)
+    sxp, batch = cores.xp, CP.shape[:-2]
+    T = [T for T, _, _ in each]
+    D = [D.tolist() if hasattr(D, "shape") else D for _, D, _ in each]
+    d = sxp.real(sxp.linalg.diagonal(CP))
+    exponents = [abs(round(math.log2(math.sqrt(v)))) for v in d.reshape(-1).tolist() if v > 0]
+    if max(exponents, default=0) <= 40:
+        return (*cores.scatter_stack((T, D), shape=(*batch, 2, 2)), None)  # one conversion, one transfer
+    T, D = (sxp.reshape(sxp.asarray(x, dtype=CP.dtype), (*batch, 2, 2)) for x in (T, D))
+    return _scatter(sxp, cores, CP, T, D)
+
+
+def _left_core_tiny(Cn, Cz, scales, *, lr, variant, sketched, tol, sxp, core_eps):
+    """The closed-form cores of :func:`stiefel_update` ("tangent", "cayley")
+    for one matrix and l = 1: Cn (2 x 2) the Gram of [Y, W Z], Cz (1 x 1) that
+    of Z; (T, D, spread)."""
+    (cy, _), (_, ce) = Cn.tolist()
+    cz = _scalar(Cz).real
+    deviation = abs(ce.real - cz) / cz if cz > 0 else 0.0
+    if not deviation <= UNITARITY_TOLERANCE:
+        raise UnitarityError(deviation, UNITARITY_TOLERANCE)
+    Pi = (1 / cy.real if cy.real > 0 else 0.0) if sketched else 1.0
+    T, R, spread = gram_basis2(Cn.tolist(), tol)
+    size = _step_size(sxp, lr, _product_tiny(sxp, scales))
+    return T, _skew_core_tiny(Cn, R, Pi, size, variant, core_eps), spread
+
+
 def lowrank_right_update(xp, W, Y, Z, *, lr, variant, rank, cores, sketched, names):
     """(L, Rh) such that the new square W is ``W + L @ Rh``, the step of W along
     ``-lr G_k`` with ``G_k = Y Pi Z^H``.
@@ -378,12 +435,12 @@ def lowrank_right_update(xp, W, Y, Z, *, lr, variant, rank, cores, sketched, nam
     tol = drop_tolerance(n, eps, cores.eps)
     if not cores.traced:
         _check_finite_blocks(sxp, C, (block(0, 0), names[0]), (block(1, 1), names[1]))
-        if l == 1 and C.ndim == 2 and isinstance(lr, (int, float)):
-            # one matrix, one sketch column: 2 x 2 cores in closed form
-            T, D, spread = _right_core_tiny(sxp, C, scales, lr=lr, variant=variant, sketched=sketched,
-                                            tol=tol, core_eps=cores.eps)
-            steps = _reorthonormalize_steps_tiny(spread, 2, eps)
-            T, D, column_scale = _scatter_tiny(cores, C[1:, 1:], T, D)
+        if l == 1 and isinstance(lr, (int, float)) and _few(C):
+            # one sketch column: 2 x 2 cores in closed form, matrix by matrix
+            cores_ = [_right_core_tiny(sxp, Cp, scales_p, lr=lr, variant=variant, sketched=sketched, tol=tol,
+                                       core_eps=cores.eps) for Cp, scales_p in _each(C, scales)]
+            steps = max(_reorthonormalize_steps_tiny(spread, 2, eps) for _, _, spread in cores_)
+            T, D, column_scale = _scatter_tiny_each(cores, C[..., 1:, 1:], cores_)
             return _apply_right(xp, W, xp.concat([Z, c], axis=-1), T, D, steps, column_scale)
         # |W^H y|^2 against |y|^2: W W^H = I exactly when W^H W = I
         _check_unitary(sxp, block(0, 0), block(2, 2))
@@ -482,19 +539,13 @@ def stiefel_update(xp, W, Y, Z, *, lr, variant, rank, cores, sketched, names):
             _check_finite(sxp, Cy, names[0])
             raise StepInputError(names[1])
         _check_finite_blocks(sxp, Cn, (Cy, names[0]))
-        if l == 1 and Cn.ndim == 2 and isinstance(lr, (int, float)):
-            # one matrix, one sketch column: 2 x 2 cores in closed form
-            (cy, _), (_, ce) = Cn.tolist()
-            cz = _scalar(Cz).real
-            deviation = abs(ce.real - cz) / cz if cz > 0 else 0.0
-            if not deviation <= UNITARITY_TOLERANCE:
-                raise UnitarityError(deviation, UNITARITY_TOLERANCE)
-            Pi = (1 / cy.real if cy.real > 0 else 0.0) if sketched else 1.0
-            T, R, spread = gram_basis2(Cn.tolist(), tol)
-            size = _step_size(sxp, lr, _product_tiny(sxp, scales))
-            D = _skew_core_tiny(Cn, R, Pi, size, variant, cores.eps)
-            steps = _reorthonormalize_steps_tiny(spread, 2, eps)
-            return _apply_left(xp, W, xp.concat([Y, e], axis=-1), *_scatter_tiny(cores, Cn, T, D), steps)
+        if l == 1 and isinstance(lr, (int, float)) and _few(Cn):
+            # one sketch column: 2 x 2 cores in closed form, matrix by matrix
+            cores_ = [_left_core_tiny(Cp, Czp, scales_p, lr=lr, variant=variant, sketched=sketched, tol=tol,
+                                      sxp=sxp, core_eps=cores.eps)
+                      for (Cp, scales_p), (Czp, _) in zip(_each(Cn, scales), _each(Cz, []))]
+            steps = max(_reorthonormalize_steps_tiny(spread, 2, eps) for _, _, spread in cores_)
+            return _apply_left(xp, W, xp.concat([Y, e], axis=-1), *_scatter_tiny_each(cores, Cn, cores_), steps)
         # |W z|^2 against |z|^2: W^H W = I
         _check_unitary(sxp, Cz, Ce)
     Pi = _sketch_projector(sxp, Cy, Cz, rank=rank, l=l, sketched=sketched, tol=tol)

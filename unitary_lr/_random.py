@@ -16,7 +16,7 @@ import numpy as np
 
 from ._xp import dtype_name, is_complex
 
-__all__ = ["as_generator", "generator_from_state", "generator_state", "standard_normal"]
+__all__ = ["as_generator", "generator_from_state", "generator_state", "standard_normal", "standard_normal_stack"]
 
 
 def as_generator(rng, *, own=False) -> np.random.Generator:
@@ -63,16 +63,28 @@ def standard_normal(xp, shape, *, dtype, device, rng):
     Complex dtypes get circular complex Gaussians, (x + i y)/sqrt(2) with x, y
     independent real Gaussians, so E|z|^2 = 1.
     """
-    gen = as_generator(rng)
-    shape = tuple(shape)
     name = dtype_name(xp, dtype)
-    if is_complex(xp, dtype):
-        parts = gen.standard_normal((2, *shape))
-        host = (parts[0] + 1j * parts[1]) * np.sqrt(0.5)
-    else:
-        host = gen.standard_normal(shape)
+    host = _host_normal(as_generator(rng), tuple(shape), name, is_complex(xp, dtype))
     # Round on the host: a device without float64 never sees a float64 array.
     return xp.asarray(host.astype(name), dtype=dtype, device=device)
+
+
+def standard_normal_stack(xp, shape, *, dtype, device, rngs):
+    """``len(rngs)`` arrays of ``shape`` stacked on a new first axis, the p-th
+    exactly as :func:`standard_normal` draws it from ``rngs[p]``, moved to
+    the device in one transfer."""
+    name = dtype_name(xp, dtype)
+    complex_ = is_complex(xp, dtype)
+    host = np.stack([_host_normal(as_generator(rng), tuple(shape), name, complex_) for rng in rngs])
+    return xp.asarray(host.astype(name), dtype=dtype, device=device)
+
+
+def _host_normal(gen, shape, name, complex_):
+    """The float64 (complex128) host draw behind :func:`standard_normal`."""
+    if complex_:
+        parts = gen.standard_normal((2, *shape))
+        return (parts[0] + 1j * parts[1]) * np.sqrt(0.5)
+    return gen.standard_normal(shape)
 
 
 def generator_state(gen: np.random.Generator) -> dict:

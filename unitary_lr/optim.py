@@ -39,10 +39,10 @@ from .options import (  # the defaults live with the options; re-exported here
     drift_check_due,
     step_rank,
 )
-from .steps import STEP_OVERSAMPLE, STEP_POWER_ITERS, VARIANTS, projunn_update
+from .steps import STEP_OVERSAMPLE, STEP_POWER_ITERS, VARIANTS, projunn_update, projunn_update_stacked
 
 __all__ = ["DEFAULT_BASE", "DEFAULT_LR", "DEFAULT_RANK", "DEFAULT_VARIANT", "SGD", "Adam", "ProjUNN", "RMSprop",
-           "control_drift", "make_rule", "step_rank", "unitary_factors", "unitary_update"]
+           "control_drift", "make_rule", "step_rank", "unitary_factors", "unitary_factors_stacked", "unitary_update"]
 
 
 # How the second moment of a complex gradient is formed. "modulus": |g|^2 per
@@ -343,6 +343,15 @@ def unitary_factors(W, direction, *, lr, rank, variant, rng, oversample=STEP_OVE
     direction or in W, a W that is not unitary) are raised here."""
     return projunn_update(W, direction, lr=lr, rank=min(step_rank(rank, W.shape), *W.shape[-2:]), variant=variant,
                           oversample=oversample, power_iters=power_iters, rng=rng)
+
+
+def unitary_factors_stacked(Ws, directions, *, lr, rank, variant, rngs, oversample=STEP_OVERSAMPLE,
+                            power_iters=STEP_POWER_ITERS):
+    """:func:`unitary_factors` of P matrices of one shape, dtype and device in
+    one batched step (see ``steps.projunn_update_stacked``): a list of P pairs
+    (L, Rh), the p-th sketch drawn from ``rngs[p]``."""
+    return projunn_update_stacked(Ws, directions, lr=lr, rank=min(step_rank(rank, Ws[0].shape), *Ws[0].shape[-2:]),
+                                  variant=variant, oversample=oversample, power_iters=power_iters, rngs=rngs)
 
 
 # Probe vectors of a drift estimate (unitarity_estimate's default).

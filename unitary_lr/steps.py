@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._random import as_generator, standard_normal
+from ._random import as_generator, standard_normal, standard_normal_stack
 from ._validation import (
     check_batch_compatible,
     check_choice,
@@ -20,7 +20,8 @@ from ._host import is_traced
 from ._xp import Adjoint, untracked, broadcast_shapes, device, is_complex, mH, mT, namespace
 from .rsvd import sketch_width
 
-__all__ = ["STEP_OVERSAMPLE", "STEP_POWER_ITERS", "projunn_step", "projunn_update", "tangent_project"]
+__all__ = ["STEP_OVERSAMPLE", "STEP_POWER_ITERS", "projunn_step", "projunn_update", "projunn_update_stacked",
+           "tangent_project"]
 
 # Sketch defaults of a step, chosen by measurement (float64, NumPy, 2-core CPU;
 # asv_benchmarks/benchmarks/sketch.py, SketchChoice, reproduces it). Captured
@@ -153,6 +154,49 @@ def projunn_update(
     that owns W's memory and applies the update in place (the torch adapter
     uses ``W.addmm_(L, Rh)``), which saves the new n x n array and a pass.
     """
+    xp, W, G, gradients, lr, rank, oversample, power_iters = _validated(
+        W, G, lr=lr, rank=rank, variant=variant, oversample=oversample, power_iters=power_iters)
+    gen = as_generator(rng)
+    shape = sketch_shape(G, rank, oversample)
+    omega = None if shape is None else sketch_matrix(xp, shape, dtype=_dtype(G), device=device(W), rng=gen)
+    return _run(xp, W, G, gradients, omega, lr=lr, rank=rank, variant=variant, power_iters=power_iters)
+
+
+def projunn_update_stacked(Ws, Gs, /, *, lr, rank=1, variant="tangent", oversample=STEP_OVERSAMPLE,
+                           power_iters=STEP_POWER_ITERS, rngs):
+    """:func:`projunn_update` of several matrices of one shape, dtype and
+    device, as one batched step: one pass of each batched product and one
+    host round trip for all of them, where separate calls make one each.
+
+    ``Ws`` and ``Gs`` are sequences of P arrays (..., n, m) (dense
+    gradients); ``rngs`` holds P generators, and the p-th matrix's sketch
+    is drawn from ``rngs[p]`` exactly as ``projunn_update(Ws[p], Gs[p],
+    rng=rngs[p])`` draws it, so the factors agree with those of P separate
+    calls to rounding and every generator advances as it would there.
+    Returns the P pairs ``(L_p, Rh_p)`` (views of the batched factors).
+    Errors are those of the batched arrays: the caller that needs to know
+    which matrix failed steps them one by one on the error path.
+    """
+    if not Ws or len(Ws) != len(Gs) or len(Ws) != len(rngs):
+        raise ValueError(f"Ws, Gs and rngs must be non-empty and of one length, got {len(Ws)}, {len(Gs)}, "
+                         f"{len(rngs)}")
+    xp = namespace_of(**{f"Ws[{p}]": W for p, W in enumerate(Ws)}, **{f"Gs[{p}]": G for p, G in enumerate(Gs)})
+    shapes = {(tuple(x.shape), x.dtype) for x in (*Ws, *Gs)}
+    if len(shapes) != 1:
+        raise ValueError(f"Ws and Gs must share one shape and dtype, got {sorted(map(str, shapes))}")
+    W, G = xp.stack([untracked(W) for W in Ws]), xp.stack([untracked(G) for G in Gs])
+    xp, W, G, gradients, lr, rank, oversample, power_iters = _validated(
+        W, G, lr=lr, rank=rank, variant=variant, oversample=oversample, power_iters=power_iters)
+    shape = sketch_shape(G, rank, oversample)
+    omega = sketch_matrices(xp, shape[1:], dtype=G.dtype, device=device(W), rngs=[as_generator(g) for g in rngs])
+    L, Rh = _run(xp, W, G, gradients, omega, lr=lr, rank=rank, variant=variant, power_iters=power_iters)
+    return [(L[p, ...], Rh[p, ...]) for p in range(len(Ws))]
+
+
+def _validated(W, G, *, lr, rank, variant, oversample, power_iters):
+    """The checks of :func:`projunn_update`; (xp, W, G, gradients by name,
+    lr, rank, oversample, power_iters), the arrays without autograd history
+    and factors promoted to one dtype."""
     factored = isinstance(G, tuple)
     if factored:
         if len(G) != 2:
@@ -190,17 +234,19 @@ def projunn_update(
     check_choice("variant", variant, VARIANTS)
     oversample = check_int("oversample", oversample, minimum=0)
     power_iters = check_int("power_iters", power_iters, minimum=0)
-    gen = as_generator(rng)
-
     if factored:
         G = (xp.astype(a, xp.result_type(a, b), copy=False), xp.astype(b, xp.result_type(a, b), copy=False))
-    shape = sketch_shape(G, rank, oversample)
-    omega = None if shape is None else sketch_matrix(xp, shape, dtype=_dtype(G), device=device(W), rng=gen)
+    return xp, W, G, gradients, lr, rank, oversample, power_iters
+
+
+def _run(xp, W, G, gradients, omega, *, lr, rank, variant, power_iters):
+    """The validated step with its sketch ``omega``, the small Grams' findings
+    raised as the public errors (see ``_flow.checked``)."""
     traced = is_traced(W) or any(is_traced(x) for x in gradients.values())
     return checked(
         lambda: step_factors_unchecked(xp, W, G, omega, lr=lr, rank=rank, variant=variant,
                                        power_iters=power_iters, traced=traced),
-        xp, {"W": W, **gradients}, sketched=() if factored else ("G",),
+        xp, {"W": W, **gradients}, sketched=() if isinstance(G, tuple) else ("G",),
     )
 
 
@@ -231,6 +277,15 @@ def sketch_matrix(xp, shape, *, dtype, device, rng):
     column (see ``_xp.panel_times_small``): drawn as its (..., l, n) transpose."""
     *batch, n, l = shape
     return mT(xp, standard_normal(xp, (*batch, l, n), dtype=dtype, device=device, rng=rng))
+
+
+def sketch_matrices(xp, shape, *, dtype, device, rngs):
+    """The test matrices of a stack of ``len(rngs)`` matrices, shape (P, ...,
+    n, l): the p-th as :func:`sketch_matrix` draws it from ``rngs[p]``, all
+    moved to the device in one transfer."""
+    *batch, n, l = shape
+    draws = standard_normal_stack(xp, (*batch, l, n), dtype=dtype, device=device, rngs=rngs)
+    return mT(xp, draws)
 
 
 def sketch_shape(G, rank, oversample):

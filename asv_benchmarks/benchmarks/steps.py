@@ -197,3 +197,36 @@ class TorchOptimizerStep:
     def time_step(self, n, dtype, variant, base):
         self.opt.step()
         block(self.backend, self.W.detach())
+
+
+class TorchOptimizerStacked:
+    """``ProjUNN.step()`` for eight unitary parameters of one shape, stepped
+    one by one (``foreach=False``) or as one batched step (``foreach=True``:
+    one host round trip for all eight, at the price of stacking them). The
+    default rank (8). On a GPU the batched step saves seven synchronisations."""
+
+    params = ([64, 128, 256, 512], [False, True])
+    param_names = ("n", "foreach")
+    timeout = TIMEOUT
+
+    def setup(self, n, foreach):
+        self.backend = load("torch", "float32")
+        import torch
+
+        from unitary_lr.torch import ProjUNN, unitary_parameter
+
+        self.params = []
+        for p in range(8):
+            W, G = _step_data(self.backend, n, "float32")
+            W = unitary_parameter(W)
+            W.grad = G
+            self.params.append(W)
+        self.opt = ProjUNN([{"params": self.params, "unitary": True}], lr=LEARNING_RATE, base="rmsprop",
+                           seed=0, drift_check_every=0, foreach=foreach)
+        self.opt.step()
+        self.torch = torch
+
+    def time_step(self, n, foreach):
+        self.opt.step()
+        block(self.backend, self.params[-1].detach())
+

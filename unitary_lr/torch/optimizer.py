@@ -9,6 +9,7 @@ random draws of the sketches.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import array_api_compat.torch
 import numpy as np
@@ -25,6 +26,7 @@ from ..optim import (
     rule_options,
     step_rank,
     unitary_factors,
+    unitary_factors_stacked,
 )
 from ..options import ProjUNNOptions
 from ._fused import fused_direction
@@ -86,8 +88,16 @@ class ProjUNN(torch.optim.Optimizer):
         decay does not apply to unitary parameters (the group is invariant to
         scaling).
     foreach : bool or None, optional
-        For plain groups, as in ``torch.optim``: one kernel per operation for
-        all the group's parameters (None: torch's choice, foreach on CUDA).
+        One operation for many parameters (per group). Plain groups: as in
+        ``torch.optim``, one kernel per operation for all the group's
+        parameters. Unitary groups (eager, not capturable): the parameters of
+        one shape, dtype and device take one batched step, with one host round
+        trip for all of them instead of one each (on a GPU, one stream
+        synchronisation), their sketches drawn from their own streams, so the
+        updates agree with separate steps to rounding. It copies the
+        parameters and their directions into a stack, which on the CPU costs
+        more than it saves from about 512 x 512 up. None (the default): True
+        off the CPU, False on it, as torch.optim decides.
     oversample, power_iters : int, optional
         Sketch settings (see :func:`unitary_lr.projunn_step`).
     drift_tol : float or None, optional
@@ -271,7 +281,7 @@ class ProjUNN(torch.optim.Optimizer):
                 if not group["unitary"]:
                     plain_grads.append((p, group, index, i))
         _check_plain_gradients([entry for entry in plain_grads if not entry[1]["capturable"]])
-        pending = []
+        pending, steps = [], []
         for index, group in enumerate(self.param_groups):
             if _torch_optim_group(group):
                 continue  # stepped by torch.optim's own code below, once nothing can fail
@@ -305,16 +315,11 @@ class ProjUNN(torch.optim.Optimizer):
                     pending.append((p, group, new_state, (checked_factors, state), _CAPTURED))
                     continue
                 rng = self._sketch_generator(p, new_state["sketch_rng"])
-                factors = None
+                update = [None, commit]  # the factors are filled in below, all parameters' at once
                 if group["lr"] != 0:
-                    try:
-                        factors = unitary_factors(p.detach(), direction, lr=group["lr"], rank=group["rank"],
-                                                  variant=group["variant"], rng=rng, oversample=group["oversample"],
-                                                  power_iters=group["power_iters"])
-                    except ValueError as error:
-                        raise ValueError(f"{_name(group, index, i)} (shape {tuple(p.shape)}): "
-                                         f"{_cause(error, p.grad, direction, group)}; no parameter was changed") from None
-                pending.append((p, group, new_state, (factors, commit), rng))
+                    steps.append(_UnitaryStep(update, p, direction, rng, new_state["sketch_rng"], group, index, i))
+                pending.append((p, group, new_state, update, rng))
+        _unitary_factors(steps)
         for group in self.param_groups:
             if _torch_optim_group(group):
                 plain_step(self.state, group)
@@ -370,6 +375,76 @@ class ProjUNN(torch.optim.Optimizer):
 
 
 _CAPTURED = object()  # marks a capturable update in the list of pending ones
+
+
+class _UnitaryStep(NamedTuple):
+    """An eager unitary parameter's step, to be computed: ``update[0]``
+    receives its factors (L, Rh)."""
+
+    update: list
+    p: torch.Tensor
+    direction: torch.Tensor
+    rng: np.random.Generator
+    saved_rng: dict  # the generator's state before this step's draw
+    group: dict
+    index: int
+    i: int
+
+
+def _stacks(group, p):
+    """Whether the group's eager unitary parameters of one shape, dtype and
+    device take one batched step (``foreach``): always with True, never with
+    False, and with None (the default) off the CPU, as torch.optim decides. On
+    a GPU, P separate steps cost P host round trips and P times the launches;
+    one batched step costs one round trip, at the price of copying the
+    parameters and directions into a stack (on the CPU that copy outweighs
+    the saving once a matrix is larger than about 1024 x 1024; see the
+    documentation's benchmarks)."""
+    foreach = group.get("foreach")
+    return foreach if foreach is not None else p.device.type != "cpu"
+
+
+def _unitary_factors(steps):
+    """Computes every step's factors, or raises (naming the parameter) before
+    anything changes. Parameters that stack (see :func:`_stacks`) are stepped
+    together, P of one group, shape, dtype and device at a time; the p-th
+    matrix's sketch comes from its own generator, so the factors agree with
+    separate steps to rounding and every stream advances as it would there."""
+    stacks = {}
+    for step in steps:
+        key = (step.index, tuple(step.p.shape), step.p.dtype, step.p.device) if _stacks(step.group, step.p) else id(step)
+        stacks.setdefault(key, []).append(step)
+    for members in stacks.values():
+        if len(members) == 1:
+            members[0].update[0] = _factors(members[0], members[0].rng)
+            continue
+        group = members[0].group
+        try:
+            factors = unitary_factors_stacked(
+                [step.p.detach() for step in members], [step.direction for step in members], lr=group["lr"],
+                rank=group["rank"], variant=group["variant"], oversample=group["oversample"],
+                power_iters=group["power_iters"], rngs=[step.rng for step in members])
+        except ValueError as error:
+            # find the parameter to name: each alone, from its stream's saved state
+            for step in members:
+                _factors(step, generator_from_state(step.saved_rng))
+            names = ", ".join(_name(step.group, step.index, step.i) for step in members)
+            raise ValueError(f"the batched step of {names} (shape {tuple(members[0].p.shape)}): {error}; "
+                             "no parameter was changed") from None
+        for step, pair in zip(members, factors):
+            step.update[0] = pair
+
+
+def _factors(step, rng):
+    """One parameter's factors, or its error as the optimizer reports it."""
+    group = step.group
+    try:
+        return unitary_factors(step.p.detach(), step.direction, lr=group["lr"], rank=group["rank"],
+                               variant=group["variant"], rng=rng, oversample=group["oversample"],
+                               power_iters=group["power_iters"])
+    except ValueError as error:
+        raise ValueError(f"{_name(group, step.index, step.i)} (shape {tuple(step.p.shape)}): "
+                         f"{_cause(error, step.p.grad, step.direction, group)}; no parameter was changed") from None
 
 
 def _torch_optim_group(group):

@@ -1,0 +1,77 @@
+"""``unitary_lr.torch.ProjUNN.step()`` on P unitary parameters of one shape:
+stepped one by one (``foreach=False``) against one batched step
+(``foreach=True``), alternated call by call in one process, with the host
+transfers of each (on a GPU each is a stream synchronisation).
+
+    python docs/scripts/stacked_optimizer.py --device cpu --sizes 64 128 256 512 --counts 2 8 --ranks 1 8
+
+Prints, per case, the median step time of each and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from unitary_lr import _host
+from unitary_lr.torch import ProjUNN
+
+
+def _optimizer(n, count, rank, foreach, dtype, device):
+    generator = torch.Generator().manual_seed(0)
+    params = []
+    for _ in range(count):
+        W = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=dtype))[0].contiguous().to(device)
+        W = torch.nn.Parameter(W)
+        W.grad = torch.randn(n, n, generator=generator, dtype=dtype).to(device)
+        params.append(W)
+    opt = ProjUNN([{"params": params, "unitary": True}], lr=1e-4, base="rmsprop", rank=rank, seed=0,
+                  drift_check_every=0, foreach=foreach)
+    return opt, params
+
+
+def _timed(opt, params, device):
+    start = time.perf_counter()
+    opt.step()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.partition("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float64", "complex64", "complex128"))
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256, 512])
+    parser.add_argument("--counts", type=int, nargs="+", default=[2, 8])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    print(f"{'n':>5} {'P':>3} {'k':>3} {'separate [ms]':>14} {'stacked [ms]':>13} {'ratio':>6} {'transfers':>10}")
+    for n in args.sizes:
+        for count in args.counts:
+            for rank in args.ranks:
+                runs = {flag: _optimizer(n, count, rank, flag, dtype, args.device) for flag in (False, True)}
+                transfers = {}
+                for flag, (opt, params) in runs.items():
+                    opt.step()
+                    before = _host.transfers.count
+                    opt.step()
+                    transfers[flag] = _host.transfers.count - before
+                times = {flag: [] for flag in runs}
+                for _ in range(args.rounds):
+                    for flag, (opt, params) in runs.items():
+                        times[flag].append(_timed(opt, params, args.device))
+                separate, stacked = (statistics.median(times[flag]) * 1e3 for flag in (False, True))
+                print(f"{n:5d} {count:3d} {rank:3d} {separate:14.2f} {stacked:13.2f} {separate / stacked:6.2f} "
+                      f"{transfers[False]:>4d} -> {transfers[True]}")
+
+
+if __name__ == "__main__":
+    main()
