@@ -110,6 +110,10 @@ bench() {
     # shellcheck disable=SC2086
     run bench-peers "$py" -m unitary_lr bench --peers --backend torch --device "$device" --dtype float32 \
         --sizes $peer_sizes --columns 256 1024 --dense-max 4096 --repeat 5 --no-progress --json "$json/peers.json"
+    # several unitary parameters of one shape: one batched optimizer step against separate ones
+    # shellcheck disable=SC2086
+    also bench-peers "stacked optimizer" "$py" docs/scripts/stacked_optimizer.py --device "$device" \
+        --sizes $complex_sizes --counts 2 8 --ranks 1 8 --rounds 9
     tar -czf "$out/bench-json.tar.gz" -C "$json" .
 }
 
