@@ -51,6 +51,27 @@ def test_stacked_update_equals_separate_updates(backend, dtype, rng, shape, vari
         assert stream.bit_generator.state == again.bit_generator.state
 
 
+@pytest.mark.parametrize("variant", ["tangent", "direct"])
+def test_stacked_step_of_rank_one_gradients_matches_the_dense_formulas(backend, dtype, rng, variant):
+    """A gradient of rank 1 is sketched exactly at rank 1, so each stacked step
+    equals SciPy's dense formula: W expm(-lr/2 (W^H G - G^H W)) (projUNN-T),
+    polar(W - lr G) (projUNN-D), in float64/complex128."""
+    scipy_linalg = pytest.importorskip("scipy.linalg")
+    P, n, lr = 3, 10, 0.3
+    Ws = [_unitary(rng, (n, n), dtype) for _ in range(P)]
+    Gs = [(random_matrix(rng, (n, 1), dtype) @ random_matrix(rng, (1, n), dtype)).astype(dtype) for _ in range(P)]
+    stacked = projunn_update_stacked([backend.asarray(W) for W in Ws], [backend.asarray(G) for G in Gs], lr=lr,
+                                     variant=variant, rngs=[np.random.default_rng(p) for p in range(P)])
+    for W, G, (L, Rh) in zip(Ws, Gs, stacked):
+        W64, G64 = W.astype(np.complex128), G.astype(np.complex128)
+        if variant == "tangent":
+            expected = W64 @ scipy_linalg.expm(-lr / 2 * (W64.conj().T @ G64 - G64.conj().T @ W64))
+        else:
+            expected = scipy_linalg.polar(W64 - lr * G64)[0]
+        V = W + backend.to_numpy(L) @ backend.to_numpy(Rh)
+        np.testing.assert_allclose(V, expected, atol=tol(dtype, 30))
+
+
 def test_stacked_update_makes_one_transfer_for_all():
     """P matrices cost the transfers of one: on a GPU each is a synchronisation."""
     rng = np.random.default_rng(0)

@@ -339,18 +339,20 @@ def _conj(x):
     return x.conjugate() if isinstance(x, complex) else x
 
 
-def _scatter_tiny(cores, CP, T, D):
-    """:func:`_scatter` of 2 x 2 cores given as Python numbers."""
-    sxp = cores.xp
-    d = [x.real for x in (CP[0, 0].item(), CP[1, 1].item())]
-    if max(abs(round(math.log2(math.sqrt(v)))) if v > 0 else 0 for v in d) <= 40:
-        if not hasattr(D, "shape"):
-            # both as one (2, 2, 2) host array: one conversion, one transfer
-            T, D = cores.scatter_stack((T, D))
-            return T, D, None
-        return (*cores.scatter(sxp.asarray(T, dtype=CP.dtype), D), None)
-    D = D if hasattr(D, "shape") else sxp.asarray(D, dtype=CP.dtype)
-    return _scatter(sxp, cores, CP, sxp.asarray(T, dtype=CP.dtype), D)
+def _scatter_tiny(cores, CP, each):
+    """:func:`_scatter` of closed-form 2 x 2 cores: ``each`` holds (T, D, ...)
+    for each matrix of the host batch CP (..., 2, 2) (one entry for a single
+    matrix), T and D as nested Python numbers (D may be a host array). The
+    device's (T, D) of shape (..., 2, 2) and the column scale (or None); all
+    of them as one host array: one conversion, one transfer."""
+    sxp, shape = cores.xp, (*CP.shape[:-2], 2, 2)
+    T = [T for T, *_ in each]
+    D = [D.tolist() if hasattr(D, "shape") else D for _, D, *_ in each]
+    d = sxp.real(sxp.linalg.diagonal(CP)).reshape(-1).tolist()
+    if max((abs(round(math.log2(math.sqrt(v)))) for v in d if v > 0), default=0) <= 40:
+        return (*cores.scatter_stack((T, D), shape=shape), None)
+    T, D = (sxp.reshape(sxp.asarray(x, dtype=CP.dtype), shape) for x in (T, D))
+    return _scatter(sxp, cores, CP, T, D)
 
 
 # The largest batch whose rank-1 cores run in closed form, matrix by matrix
@@ -375,24 +377,6 @@ def _each(C, scales):
     flat_scales = [s.reshape(-1, *s.shape[-2:]) for s in scales]
     for p in range(flat.shape[0]):
         yield flat[p], [s[p] for s in flat_scales]
-
-
-def _scatter_tiny_each(cores, CP, each):
-    """:func:`_scatter_tiny` of the closed-form cores ``each`` = [(T, D,
-    spread), ...] of the matrices of the host batch CP (..., 2, 2): the
-    device's (T, D) of shape (..., 2, 2) and the column scale (or None)."""
-    if CP.ndim == 2:
-        (T, D, _), = each
-        return _scatter_tiny(cores, CP, T, D)
-    sxp, batch = cores.xp, CP.shape[:-2]
-    T = [T for T, _, _ in each]
-    D = [D.tolist() if hasattr(D, "shape") else D for _, D, _ in each]
-    d = sxp.real(sxp.linalg.diagonal(CP))
-    exponents = [abs(round(math.log2(math.sqrt(v)))) for v in d.reshape(-1).tolist() if v > 0]
-    if max(exponents, default=0) <= 40:
-        return (*cores.scatter_stack((T, D), shape=(*batch, 2, 2)), None)  # one conversion, one transfer
-    T, D = (sxp.reshape(sxp.asarray(x, dtype=CP.dtype), (*batch, 2, 2)) for x in (T, D))
-    return _scatter(sxp, cores, CP, T, D)
 
 
 def _left_core_tiny(Cn, Cz, scales, *, lr, variant, sketched, tol, sxp, core_eps):
@@ -440,7 +424,7 @@ def lowrank_right_update(xp, W, Y, Z, *, lr, variant, rank, cores, sketched, nam
             cores_ = [_right_core_tiny(sxp, Cp, scales_p, lr=lr, variant=variant, sketched=sketched, tol=tol,
                                        core_eps=cores.eps) for Cp, scales_p in _each(C, scales)]
             steps = max(_reorthonormalize_steps_tiny(spread, 2, eps) for _, _, spread in cores_)
-            T, D, column_scale = _scatter_tiny_each(cores, C[..., 1:, 1:], cores_)
+            T, D, column_scale = _scatter_tiny(cores, C[..., 1:, 1:], cores_)
             return _apply_right(xp, W, xp.concat([Z, c], axis=-1), T, D, steps, column_scale)
         # |W^H y|^2 against |y|^2: W W^H = I exactly when W^H W = I
         _check_unitary(sxp, block(0, 0), block(2, 2))
@@ -545,7 +529,7 @@ def stiefel_update(xp, W, Y, Z, *, lr, variant, rank, cores, sketched, names):
                                       sxp=sxp, core_eps=cores.eps)
                       for (Cp, scales_p), (Czp, _) in zip(_each(Cn, scales), _each(Cz, []))]
             steps = max(_reorthonormalize_steps_tiny(spread, 2, eps) for _, _, spread in cores_)
-            return _apply_left(xp, W, xp.concat([Y, e], axis=-1), *_scatter_tiny_each(cores, Cn, cores_), steps)
+            return _apply_left(xp, W, xp.concat([Y, e], axis=-1), *_scatter_tiny(cores, Cn, cores_), steps)
         # |W z|^2 against |z|^2: W^H W = I
         _check_unitary(sxp, Cz, Ce)
     Pi = _sketch_projector(sxp, Cy, Cz, rank=rank, l=l, sketched=sketched, tol=tol)
@@ -729,7 +713,7 @@ def transport_update(xp, W, a, b, *, t, cores, cayley=False):
             # convention of _skew_core_tiny, -t for the Cayley one)
             D = _skew_core_tiny(CW, R, 1.0, -t if cayley else -2 * t, "cayley" if cayley else "tangent", cores.eps)
             steps = _reorthonormalize_steps_tiny(spread, 2, eps)
-            T, D, column_scale = _scatter_tiny(cores, CW, T, D)
+            T, D, column_scale = _scatter_tiny(cores, CW, [(T, D)])
             if square:
                 return _apply_right(xp, W, panels[1], T, D, steps, column_scale)
             return _apply_left(xp, W, P, T, D, column_scale, steps)

@@ -168,14 +168,36 @@ def projunn_update_stacked(Ws, Gs, /, *, lr, rank=1, variant="tangent", oversamp
     device, as one batched step: one pass of each batched product and one
     host round trip for all of them, where separate calls make one each.
 
-    ``Ws`` and ``Gs`` are sequences of P arrays (..., n, m) (dense
-    gradients); ``rngs`` holds P generators, and the p-th matrix's sketch
-    is drawn from ``rngs[p]`` exactly as ``projunn_update(Ws[p], Gs[p],
-    rng=rngs[p])`` draws it, so the factors agree with those of P separate
-    calls to rounding and every generator advances as it would there.
-    Returns the P pairs ``(L_p, Rh_p)`` (views of the batched factors).
-    Errors are those of the batched arrays: the caller that needs to know
-    which matrix failed steps them one by one on the error path.
+    Parameters
+    ----------
+    Ws : sequence of P arrays, each of shape (..., n, m)
+        Unitary matrices (orthonormal columns for n > m, rows for n < m), all
+        of one shape, dtype, library and device.
+    Gs : sequence of P arrays, each of the shape and dtype of ``Ws``
+        Their dense Euclidean gradients.
+    lr, rank, variant, oversample, power_iters
+        As in :func:`projunn_step`, shared by all P steps.
+    rngs : sequence of P None, int seeds or numpy.random.Generator
+        The p-th matrix's sketch is drawn from ``rngs[p]`` exactly as
+        ``projunn_update(Ws[p], Gs[p], rng=rngs[p])`` draws it, so the factors
+        agree with those of P separate calls to rounding and every generator
+        advances as it would there.
+
+    Returns
+    -------
+    list of P pairs (L, Rh)
+        ``Ws[p] + L @ Rh`` is the p-th step; views of the batched factors.
+
+    Raises
+    ------
+    TypeError
+        As :func:`projunn_step`, naming ``Ws[p]`` or ``Gs[p]`` for a non-array.
+    ValueError
+        Empty sequences or sequences of different lengths, arrays of more
+        than one shape or dtype, and the errors of :func:`projunn_step` for
+        the stacked arrays (NaN/Inf, a W that is not unitary, a bad ``lr``):
+        a caller that must name the failing matrix steps them one by one on
+        that error path, as ``unitary_lr.torch.ProjUNN`` does.
     """
     if not Ws or len(Ws) != len(Gs) or len(Ws) != len(rngs):
         raise ValueError(f"Ws, Gs and rngs must be non-empty and of one length, got {len(Ws)}, {len(Gs)}, "

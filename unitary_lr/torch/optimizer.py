@@ -398,8 +398,8 @@ def _stacks(group, p):
     a GPU, P separate steps cost P host round trips and P times the launches;
     one batched step costs one round trip, at the price of copying the
     parameters and directions into a stack (on the CPU that copy outweighs
-    the saving once a matrix is larger than about 1024 x 1024; see the
-    documentation's benchmarks)."""
+    the saving from about 512 x 512 up; see the documentation's
+    benchmarks)."""
     foreach = group.get("foreach")
     return foreach if foreach is not None else p.device.type != "cpu"
 
