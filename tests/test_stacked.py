@@ -16,6 +16,7 @@ from _helpers import random_matrix, tol, unitarity
 
 import unitary_lr as ul
 from unitary_lr import _host
+from unitary_lr.optim import ProjUNN
 from unitary_lr.steps import projunn_update, projunn_update_stacked
 
 SHAPES = [(12, 12), (5, 12), (2, 7, 7)]  # square, wide (through its adjoint: tall too), batched
@@ -108,6 +109,124 @@ def test_stacked_update_refuses_bad_input_with_the_argument_named():
         projunn_update_stacked([W, W], [G, G], lr=-1.0, rngs=streams)
 
 
+# --- the framework-free optimizer's step_many -------------------------------
+
+MANY = {"a": (10, 10), "b": (9, 4), "c": (10, 10), "d": (2, 6, 6), "e": (9, 4), "f": (10, 10), "g": (4, 9)}
+
+
+def _many(backend, rng, dtype, shapes=MANY):
+    """Unitary matrices of the shapes ``MANY`` (NumPy arrays when backend is
+    None) and four rounds of gradients for them."""
+    convert = (lambda x: x) if backend is None else backend.asarray
+    Ws = {key: convert(_unitary(rng, shape, dtype)) for key, shape in shapes.items()}
+    grads = [{key: convert(random_matrix(rng, shape, dtype)) for key, shape in shapes.items()} for _ in range(4)]
+    return Ws, grads
+
+
+def _optimizers(**options):
+    options = {"lr": 0.05, "base": "adam", "rank": 2, "seed": 3, "drift_check_every": 2, **options}
+    return ProjUNN(**options), ProjUNN(**options, foreach=True)
+
+
+@pytest.mark.parametrize("variant", ["tangent", "direct", "cayley"])
+def test_step_many_equals_separate_steps(backend, dtype, rng, variant):
+    """Seven matrices in four shapes (three of one, two of another): step_many
+    gives the matrices of separate steps in the same order to rounding, and
+    leaves the same state: the same random stream (sketches and drift probes
+    drawn in the same order: a drift check every second step), step counts
+    and moments."""
+    Ws, grads = _many(backend, rng, dtype)
+    separate, stacked = _optimizers(variant=variant)
+    A, B = dict(Ws), dict(Ws)
+    for G in grads:
+        A = {key: separate.step(A[key], G[key], key=key) for key in Ws}
+        B = stacked.step_many({key: (B[key], G[key]) for key in Ws})
+        assert list(B) == list(Ws)
+    for key in Ws:
+        V = backend.to_numpy(B[key])
+        np.testing.assert_allclose(V, backend.to_numpy(A[key]), atol=tol(dtype, 10), err_msg=key)
+        V = V if V.shape[-2] >= V.shape[-1] else np.swapaxes(V, -1, -2).conj()
+        assert np.all(unitarity(V) <= tol(dtype, 1)), key
+        ours, theirs = stacked.state_dict()["matrices"][key], separate.state_dict()["matrices"][key]
+        assert ours["steps"] == theirs["steps"] == len(grads)
+        np.testing.assert_allclose(backend.to_numpy(ours["state"]["exp_avg_sq"]),
+                                   backend.to_numpy(theirs["state"]["exp_avg_sq"]), rtol=tol(dtype, 10))
+    assert stacked.state_dict()["rng"] == separate.state_dict()["rng"]
+    assert stacked.steps == separate.steps == len(grads) * len(Ws)
+
+
+def test_step_many_with_steps_it_does_not_batch(rng):
+    """Steps that are not batched keep their place in the random stream: a
+    factored gradient (SGD takes it as it is) among dense ones, and the
+    steps of optimizers with lr = 0 or unitary=False."""
+    Ws, grads = _many(None, rng, "float64")
+    with_factors = {**grads[0], "b": (rng.standard_normal((9, 2)), rng.standard_normal((4, 2)))}  # a b^H
+    for options, gradients in [({"base": "sgd"}, with_factors), ({"lr": 0.0}, grads[0]),
+                               ({"unitary": False}, grads[0])]:
+        separate, stacked = _optimizers(**options)
+        for _ in range(3):
+            A = {key: separate.step(W, gradients[key], key=key) for key, W in Ws.items()}
+            B = stacked.step_many({key: (W, gradients[key]) for key, W in Ws.items()})
+        for key in Ws:
+            np.testing.assert_allclose(B[key], A[key], atol=1e-13, err_msg=f"{options} {key}")
+        assert stacked.state_dict()["rng"] == separate.state_dict()["rng"], options
+        assert stacked.steps == separate.steps == 3 * len(Ws)
+
+
+def test_step_many_makes_one_transfer_per_shape():
+    """Four small matrices of one shape take the host transfers of one step
+    (foreach None or True); with foreach=False, or by default for matrices
+    above 256 KiB on the CPU, four times as many."""
+    rng = np.random.default_rng(5)
+    counts = []
+    for n, dtype, foreach in [(16, "float32", None), (16, "float32", True), (16, "float32", False),
+                              (256, "float64", None), (256, "float64", True)]:
+        opt = ProjUNN(0.01, rank=1, seed=0, foreach=foreach)
+        Ws = {p: _unitary(rng, (n, n), dtype) for p in range(4)}
+        G = random_matrix(rng, (n, n), dtype)
+        before = _host.transfers.count
+        opt.step_many({p: (W, G) for p, W in Ws.items()})
+        counts.append(_host.transfers.count - before)
+    assert counts == [1, 1, 4, 4, 1], counts
+
+
+def test_step_many_refuses_bad_input_naming_the_key_and_changes_nothing(rng):
+    """A NaN in the gradient of the third matrix of a batch: the error names
+    its key, nothing changes (moments, step counts, random stream), and the
+    next call steps as an undisturbed optimizer does."""
+    Ws, grads = _many(None, rng, "float64")
+    opt, clean = _optimizers()
+    for o in (opt, clean):
+        o.step_many({key: (W, grads[0][key]) for key, W in Ws.items()})
+    before = opt.state_dict()
+    bad = {key: G.copy() for key, G in grads[1].items()}
+    bad["f"][3, 2] = np.nan
+    with pytest.raises(ValueError, match=r"steps\['f'\]: .*NaN"):
+        opt.step_many({key: (W, bad[key]) for key, W in Ws.items()})
+    after = opt.state_dict()
+    assert after["rng"] == before["rng"] and after["steps"] == before["steps"]
+    for key in Ws:
+        assert after["matrices"][key]["steps"] == 1
+        assert after["matrices"][key]["state"]["exp_avg"] is before["matrices"][key]["state"]["exp_avg"]
+    A = opt.step_many({key: (W, grads[1][key]) for key, W in Ws.items()})
+    B = clean.step_many({key: (W, grads[1][key]) for key, W in Ws.items()})
+    for key in Ws:
+        np.testing.assert_array_equal(A[key], B[key])
+    with pytest.raises(TypeError, match="steps must be a mapping"):
+        opt.step_many([(Ws["a"], grads[0]["a"])])
+    with pytest.raises(TypeError, match=r"steps\['a'\] must be a pair \(W, G\)"):
+        opt.step_many({"a": Ws["a"]})
+    with pytest.raises(ValueError, match=r"steps\['b'\]: G must have the shape of W \(9, 4\), got \(4, 9\)"):
+        opt.step_many({"a": (Ws["a"], grads[0]["a"]), "b": (Ws["b"], grads[0]["g"])})
+    not_unitary = {key: W for key, W in Ws.items()}
+    not_unitary["c"] = 0.5 * Ws["c"]
+    with pytest.raises(ValueError, match=r"steps\['c'\]: W is not unitary"):
+        opt.step_many({key: (W, grads[1][key]) for key, W in not_unitary.items()})
+    with pytest.raises(ValueError, match="foreach must be True, False or None"):
+        ProjUNN(foreach="yes")
+    assert opt.state_dict()["rng"] == clean.state_dict()["rng"]
+
+
 # --- the torch optimizer ---------------------------------------------------
 
 torch = pytest.importorskip("torch")
@@ -135,7 +254,7 @@ def _gradients(params, bias, step):
         p.grad = torch.randn(p.shape, dtype=p.dtype, generator=g)
 
 
-import unitary_lr.torch  # noqa: E402  (after the importorskip)
+import unitary_lr.torch
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
@@ -165,17 +284,21 @@ def test_foreach_optimizer_equals_separate_steps(dtype, base, variant):
 
 def test_foreach_stacks_one_transfer_per_shape():
     """Four parameters of one shape take the host transfers of one, with
-    foreach=True; separately (foreach=False, and the default on the CPU) four
-    times as many."""
+    foreach=True, and by default on the CPU for small matrices; separately
+    (foreach=False, and the default for matrices above 256 KiB) four times
+    as many."""
     counts = {}
-    for flag in (None, False, True):
-        params, bias, opt = _model([(16, 16)] * 4, torch.float32, foreach=flag, rank=1)
+    for shape, dtype, flag in [((16, 16), torch.float32, None), ((16, 16), torch.float32, False),
+                               ((16, 16), torch.float32, True), ((256, 256), torch.float32, None),
+                               ((256, 257), torch.float32, None), ((256, 256), torch.float64, None),
+                               ((2, 256, 256), torch.float32, None)]:
+        params, bias, opt = _model([shape] * 4, dtype, foreach=flag, rank=1)
         _gradients(params, bias, 0)
         opt.step()
         before = _host.transfers.count
         opt.step()
-        counts[flag] = _host.transfers.count - before
-    assert counts[True] == 1 and counts[False] == counts[None] == 4, counts
+        counts[shape, dtype, flag] = _host.transfers.count - before
+    assert list(counts.values()) == [1, 4, 1, 1, 4, 4, 4], counts
 
 
 def test_foreach_refused_step_names_the_parameter_and_changes_nothing():

@@ -19,11 +19,12 @@ kernels to keep the small work on the device instead.
 
 from __future__ import annotations
 
+import math
 import sys
 
 import numpy as np
 
-__all__ = ["from_host", "is_traced", "to_host", "transfers"]
+__all__ = ["HOST_STACK_BYTES", "from_host", "is_traced", "stack_pays", "to_host", "transfers"]
 
 
 class _Counter:
@@ -72,3 +73,30 @@ def is_traced(x) -> bool:
         # fake and functional tensors of torch's tracers, seen outside is_compiling
         return type(x) is not torch.Tensor and type(x) is not torch.nn.Parameter
     return False
+
+
+# On the host (a CPU) a batched step of several matrices pays for matrices of
+# up to this many bytes each (float32 256 x 256): there separate steps cost
+# 1.03-3.3x as much, with two to eight matrices and ranks 1 and 8. From about
+# 512 KiB (float64 or complex64 256 x 256) up, copying the matrices and their
+# gradients into a stack costs as much as the fixed cost per step it saves, or
+# more (0.46-0.95x at rank 1 from float32 512 x 512). Measured with the torch
+# optimizer; see the documentation's benchmarks, "Many unitary parameters".
+HOST_STACK_BYTES = 256 * 1024
+
+
+def stack_pays(x) -> bool:
+    """Whether matrices like ``x`` are best stepped together, as one batch:
+    always on an accelerator (each separate step is a host round trip, a
+    stream synchronisation, and its own launches), and on the host for
+    matrices of at most :data:`HOST_STACK_BYTES`."""
+    module = type(x).__module__.partition(".")[0]
+    if module == "torch":
+        if x.device.type != "cpu":
+            return True
+        return x.numel() * x.element_size() <= HOST_STACK_BYTES
+    if module == "cupy":
+        return True
+    if module in ("jax", "jaxlib") and any(d.platform != "cpu" for d in x.devices()):
+        return True
+    return math.prod(x.shape) * np.dtype(str(x.dtype).rpartition(".")[2]).itemsize <= HOST_STACK_BYTES

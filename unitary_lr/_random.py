@@ -16,7 +16,8 @@ import numpy as np
 
 from ._xp import dtype_name, is_complex
 
-__all__ = ["as_generator", "generator_from_state", "generator_state", "standard_normal", "standard_normal_stack"]
+__all__ = ["as_generator", "generator_from_state", "generator_state", "host_normal", "stack_to_device",
+           "standard_normal"]
 
 
 def as_generator(rng, *, own=False) -> np.random.Generator:
@@ -63,20 +64,22 @@ def standard_normal(xp, shape, *, dtype, device, rng):
     Complex dtypes get circular complex Gaussians, (x + i y)/sqrt(2) with x, y
     independent real Gaussians, so E|z|^2 = 1.
     """
-    name = dtype_name(xp, dtype)
-    host = _host_normal(as_generator(rng), tuple(shape), name, is_complex(xp, dtype))
-    # Round on the host: a device without float64 never sees a float64 array.
-    return xp.asarray(host.astype(name), dtype=dtype, device=device)
+    # Rounded on the host: a device without float64 never sees a float64 array.
+    return xp.asarray(host_normal(xp, shape, dtype=dtype, rng=rng), dtype=dtype, device=device)
 
 
-def standard_normal_stack(xp, shape, *, dtype, device, rngs):
-    """``len(rngs)`` arrays of ``shape`` stacked on a new first axis, the p-th
-    exactly as :func:`standard_normal` draws it from ``rngs[p]``, moved to
-    the device in one transfer."""
+def host_normal(xp, shape, *, dtype, rng) -> np.ndarray:
+    """The NumPy array :func:`standard_normal` moves to the device: drawn in
+    float64 (complex128) and rounded to ``dtype`` on the host. For callers
+    that must draw in one order and move the draws later."""
     name = dtype_name(xp, dtype)
-    complex_ = is_complex(xp, dtype)
-    host = np.stack([_host_normal(as_generator(rng), tuple(shape), name, complex_) for rng in rngs])
-    return xp.asarray(host.astype(name), dtype=dtype, device=device)
+    return _host_normal(as_generator(rng), tuple(shape), name, is_complex(xp, dtype)).astype(name)
+
+
+def stack_to_device(xp, draws, *, dtype, device):
+    """Host draws of one shape (:func:`host_normal`) stacked on a new first
+    axis and moved to the device in one transfer."""
+    return xp.asarray(np.stack(draws), dtype=dtype, device=device)
 
 
 def _host_normal(gen, shape, name, complex_):

@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import math
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
-
-from ._random import as_generator, generator_from_state, generator_state, standard_normal
-from ._validation import check_choice, check_finite, check_int, check_real_scalar, namespace_of
-from ._xp import complex_dtype, device, dtype_name, is_complex, mH
-from .diagnostics import default_drift_tolerance, unitarity_estimate
-from .polar import project_unitary
 from ._cores import add_lowrank
+from ._host import stack_pays
+from ._random import as_generator, generator_from_state, generator_state, host_normal
+from ._validation import check_choice, check_finite, check_real_scalar, namespace_of
+from ._xp import complex_dtype, device, dtype_name, is_complex, mH
 from .options import (  # the defaults live with the options; re-exported here
     DEFAULT_BASE,
     DEFAULT_LR,
@@ -39,7 +39,16 @@ from .options import (  # the defaults live with the options; re-exported here
     drift_check_due,
     step_rank,
 )
-from .steps import STEP_OVERSAMPLE, STEP_POWER_ITERS, VARIANTS, projunn_update, projunn_update_stacked
+from .steps import (
+    STEP_OVERSAMPLE,
+    STEP_POWER_ITERS,
+    projunn_update,
+    projunn_update_stacked,
+    sketch_draw,
+    sketch_shape,
+    update_drawn,
+    update_stacked_drawn,
+)
 
 __all__ = ["DEFAULT_BASE", "DEFAULT_LR", "DEFAULT_RANK", "DEFAULT_VARIANT", "SGD", "Adam", "ProjUNN", "RMSprop",
            "control_drift", "make_rule", "step_rank", "unitary_factors", "unitary_factors_stacked", "unitary_update"]
@@ -358,17 +367,46 @@ def unitary_factors_stacked(Ws, directions, *, lr, rank, variant, rngs, oversamp
 _PROBES = 4
 
 
-def control_drift(xp, W, *, step, rng, drift_tol=None, drift_check_every=50, reproject="svd"):
+def control_drift(xp, W, *, step, rng, drift_tol=None, drift_check_every=50, reproject="svd", probes=None):
     """Every ``drift_check_every`` steps, re-project W when a probe estimate of
-    its drift from the group is above ``drift_tol``. Returns (W, re-projected?)."""
+    its drift from the group is above ``drift_tol``. Returns (W, re-projected?).
+    The probe vectors are drawn from ``rng``, or given as ``probes``, the host
+    draw :func:`drift_probes` made beforehand."""
     # decided before the policy is made: most steps check nothing
     if not drift_check_due(step, drift_check_every):
         return W, False
     policy = DriftControl(ProjUNNOptions(drift_tol=drift_tol, drift_check_every=drift_check_every,
                                          reproject=reproject), xp)
-    probes = standard_normal(xp, (*W.shape[:-2], min(W.shape[-2:]), _PROBES), dtype=W.dtype, device=device(W),
-                             rng=rng)
-    return policy.apply(W, probes)
+    if probes is None:
+        probes = drift_probes(xp, W, rng)
+    return policy.apply(W, xp.asarray(probes, dtype=W.dtype, device=device(W)))
+
+
+def drift_probes(xp, W, rng):
+    """The probe vectors of a drift check of W (:func:`control_drift`), drawn
+    from ``rng`` on the host and not yet moved to W's device."""
+    return host_normal(xp, (*W.shape[:-2], min(W.shape[-2:]), _PROBES), dtype=W.dtype, rng=rng)
+
+
+class _Prepared(NamedTuple):
+    """A checked step of :class:`ProjUNN`, its direction computed, not yet taken."""
+
+    xp: object
+    W: object
+    direction: object  # an array, or factors (a, b)
+    state: dict  # the rule's new state
+    slot: dict  # the key's slot before this step
+    signature: tuple
+
+
+@contextmanager
+def _naming(key):
+    """Errors of :meth:`ProjUNN.step_many` name the key of the matrix."""
+    try:
+        yield
+    except (TypeError, ValueError) as error:
+        kind = TypeError if isinstance(error, TypeError) else ValueError
+        raise kind(f"steps[{key!r}]: {error}") from None
 
 
 class ProjUNN:
@@ -405,6 +443,12 @@ class ProjUNN:
         Seed of the sketches' random stream (fresh entropy when None). The
         stream is part of ``state_dict()``, so a resumed run repeats the steps
         of an uninterrupted one.
+    foreach : bool or None, optional
+        Whether :meth:`step_many` steps the unitary matrices of one shape,
+        dtype and device as one batch: True always, False never, None (the
+        default) on accelerators always and on the CPU for matrices of at
+        most 256 KiB each (float32 256 x 256), where a step's fixed cost
+        outweighs copying the matrices into a stack.
     **hyperparameters
         Of the base rule: ``momentum, dampening, nesterov, weight_decay`` (sgd),
         ``alpha, eps, centered, momentum, weight_decay`` (rmsprop),
@@ -435,7 +479,9 @@ class ProjUNN:
     keeps moments and a step count per key. The optimizer cannot tell two
     matrices of one shape apart (each step returns a new array), so matrices
     that share a key share their moments; a W of another shape or dtype under
-    a key already used is refused with a ValueError.
+    a key already used is refused with a ValueError. :meth:`step_many` steps
+    several keys at once, with one host round trip for all the matrices of
+    one shape.
 
     Examples
     --------
@@ -453,8 +499,11 @@ class ProjUNN:
 
     def __init__(self, lr=DEFAULT_LR, *, base=DEFAULT_BASE, unitary=True, rank=None, variant=DEFAULT_VARIANT,
                  oversample=STEP_OVERSAMPLE, power_iters=STEP_POWER_ITERS, drift_tol=None,
-                 drift_check_every=50, reproject="svd", seed=None, **hyperparameters):
+                 drift_check_every=50, reproject="svd", seed=None, foreach=None, **hyperparameters):
         self.lr = check_real_scalar("lr", lr)
+        if foreach not in (None, True, False):
+            raise ValueError(f"foreach must be True, False or None, got {foreach!r}")
+        self.foreach = foreach
         if self.lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr!r}")
         self.rule = make_rule(base, **hyperparameters)
@@ -496,7 +545,111 @@ class ProjUNN:
             self._rng.bit_generator.state = saved_rng
             raise
 
+    def step_many(self, steps, /):
+        """Step several matrices at once: ``steps`` maps each matrix's key to
+        its ``(W, G)`` (G an array or a pair (a, b)); returns a dict mapping
+        the same keys, in the same order, to the new matrices.
+
+        The steps are those of ``{key: opt.step(W, G, key=key) for key, (W, G)
+        in steps.items()}``, to rounding, and the random stream is drawn in
+        that order, so the state afterwards is the same too. But the unitary
+        matrices of one shape, dtype and device with dense gradients take one
+        batched step (see ``foreach``): one pass of each batched product and
+        one host round trip for all of them, where separate steps make one
+        each (on a GPU, a stream synchronisation each).
+
+        On any error nothing changes (no state, step count or random draw of
+        any key), and the error names the key: ``steps['W2']: ...``.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from unitary_lr import random_unitary, unitarity_error
+        >>> from unitary_lr.optim import ProjUNN
+        >>> rng = np.random.default_rng(0)
+        >>> Ws = {f"layer{i}": random_unitary(16, dtype="float64", rng=rng) for i in range(4)}
+        >>> opt = ProjUNN(1e-2, rank=2, seed=0)
+        >>> grads = {key: rng.standard_normal((16, 16)) for key in Ws}
+        >>> Ws = opt.step_many({key: (W, grads[key]) for key, W in Ws.items()})
+        >>> list(Ws), bool(max(unitarity_error(W) for W in Ws.values()) < 1e-14)
+        (['layer0', 'layer1', 'layer2', 'layer3'], True)
+        """
+        if not hasattr(steps, "items"):
+            raise TypeError(f"steps must be a mapping key -> (W, G), got {type(steps).__name__}")
+        saved = (self._rng.bit_generator.state, dict(self._slots), self.steps, self.reprojections)
+        try:
+            return self._step_many(steps)
+        except BaseException:
+            rng_state, self._slots, self.steps, self.reprojections = saved
+            self._rng.bit_generator.state = rng_state
+            raise
+
+    def _step_many(self, steps):
+        results, batched = {}, []
+        for key, pair in steps.items():
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+                raise TypeError(f"steps[{key!r}] must be a pair (W, G), got {type(pair).__name__}: {pair!r}")
+            with _naming(key):
+                prepared = self._prepared(*pair, key)
+                if not self._batches(prepared):
+                    results[key] = self._finish(prepared, key)
+                    continue
+                # drawn now, in the order of separate steps: the sketch, then
+                # the drift check's probes when this matrix's check is due
+                xp, W, direction = prepared.xp, prepared.W, prepared.direction
+                shape = sketch_shape(direction, self._rank(W), self.oversample)
+                sketch = sketch_draw(xp, shape, dtype=direction.dtype, rng=self._rng)
+                due = drift_check_due(prepared.slot["steps"] + 1, self.drift_check_every)
+                probes = drift_probes(xp, W, self._rng) if due else None
+                batched.append((key, prepared, sketch, probes))
+        stacks = {}
+        for entry in batched:
+            W = entry[1].W
+            stacks.setdefault((type(W), tuple(W.shape), str(W.dtype), device(W)), []).append(entry)
+        for members in stacks.values():
+            for (key, prepared, _, probes), factors in zip(members, self._stacked_factors(members)):
+                with _naming(key):
+                    new_W = add_lowrank(prepared.xp, prepared.W, *factors)
+                    results[key] = self._commit(prepared, key, *control_drift(
+                        prepared.xp, new_W, step=prepared.slot["steps"] + 1, rng=None, drift_tol=self.drift_tol,
+                        drift_check_every=self.drift_check_every, reproject=self.reproject, probes=probes))
+        return {key: results[key] for key in steps}
+
+    def _batches(self, prepared):
+        """Whether this step goes into :meth:`step_many`'s batches: a unitary W
+        with a dense direction, a nonzero lr, and ``foreach`` (or its
+        default, ``_host.stack_pays``) saying yes."""
+        if not self.unitary or self.lr == 0 or isinstance(prepared.direction, tuple) or self.foreach is False:
+            return False
+        return self.foreach or stack_pays(prepared.W)
+
+    def _stacked_factors(self, members):
+        """The factors (L, Rh) of each member's step, from its own sketch: one
+        batched step for two or more; each alone for one, or to name the
+        member whose step fails."""
+        options = {"lr": self.lr, "rank": self._rank(members[0][1].W), "variant": self.variant,
+                   "oversample": self.oversample, "power_iters": self.power_iters}
+        if len(members) > 1:
+            try:
+                return update_stacked_drawn([m[1].W for m in members], [m[1].direction for m in members],
+                                            lambda *_: [m[2] for m in members], **options)
+            except ValueError:
+                pass  # stepped one by one below, which names the matrix
+        factors = []
+        for key, prepared, sketch, _ in members:
+            with _naming(key):
+                factors.append(update_drawn(prepared.W, prepared.direction, lambda *_, s=sketch: s, **options))
+        return factors
+
+    def _rank(self, W):
+        return min(step_rank(self.rank, W.shape), *W.shape[-2:])
+
     def _step(self, W, G, key):
+        return self._finish(self._prepared(W, G, key), key)
+
+    def _prepared(self, W, G, key):
+        """The checks of a step and the base rule's direction, before any
+        random draw; nothing is changed."""
         try:
             hash(key)
         except TypeError:
@@ -531,17 +684,24 @@ class ProjUNN:
             direction, state = G, slot["state"]
         else:
             direction, state = self._direction(xp, G, W, slot["state"])
-        reprojected = False
-        if self.unitary:
-            new_W, reprojected = unitary_update(
-                xp, W, direction, lr=self.lr, rank=self.rank, variant=self.variant, rng=self._rng,
-                step=slot["steps"] + 1, oversample=self.oversample, power_iters=self.power_iters,
-                drift_tol=self.drift_tol, drift_check_every=self.drift_check_every, reproject=self.reproject,
-            )
-        else:
-            new_W = W - self.lr * direction
-        # commit only once the step has succeeded: a bad gradient changes nothing
-        self._slots[key] = {"signature": signature, "steps": slot["steps"] + 1, "state": state}
+        return _Prepared(xp, W, direction, state, slot, signature)
+
+    def _finish(self, prepared, key):
+        """The step itself (it draws from the random stream), recorded."""
+        xp, W, direction = prepared.xp, prepared.W, prepared.direction
+        if not self.unitary:
+            return self._commit(prepared, key, W - self.lr * direction, False)
+        return self._commit(prepared, key, *unitary_update(
+            xp, W, direction, lr=self.lr, rank=self.rank, variant=self.variant, rng=self._rng,
+            step=prepared.slot["steps"] + 1, oversample=self.oversample, power_iters=self.power_iters,
+            drift_tol=self.drift_tol, drift_check_every=self.drift_check_every, reproject=self.reproject,
+        ))
+
+    def _commit(self, prepared, key, new_W, reprojected):
+        """Records a step that succeeded (a bad gradient changes nothing);
+        returns the new W."""
+        self._slots[key] = {"signature": prepared.signature, "steps": prepared.slot["steps"] + 1,
+                            "state": prepared.state}
         self.steps += 1
         self.reprojections += reprojected
         return new_W

@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
-from ._random import as_generator, standard_normal, standard_normal_stack
+from ._cores import add_lowrank, make_cores
+from ._flow import checked, lowrank_update, sketch_panels
+from ._host import is_traced
+from ._random import as_generator, host_normal, stack_to_device
 from ._validation import (
     check_batch_compatible,
     check_choice,
     check_factor_pair,
+    check_finite,
     check_float_dtype,
     check_int,
     check_matrix,
     check_real_scalar,
     namespace_of,
-    check_finite,
 )
-from ._cores import add_lowrank, make_cores
-from ._flow import checked, lowrank_update, sketch_panels
-from ._host import is_traced
-from ._xp import Adjoint, untracked, broadcast_shapes, device, is_complex, mH, mT, namespace
+from ._xp import (
+    Adjoint,
+    broadcast_shapes,
+    device,
+    is_complex,
+    mH,
+    mT,
+    namespace,
+    untracked,
+)
 from .rsvd import sketch_width
 
 __all__ = ["STEP_OVERSAMPLE", "STEP_POWER_ITERS", "projunn_step", "projunn_update", "projunn_update_stacked",
@@ -202,6 +211,20 @@ def projunn_update_stacked(Ws, Gs, /, *, lr, rank=1, variant="tangent", oversamp
     if not Ws or len(Ws) != len(Gs) or len(Ws) != len(rngs):
         raise ValueError(f"Ws, Gs and rngs must be non-empty and of one length, got {len(Ws)}, {len(Gs)}, "
                          f"{len(rngs)}")
+    generators = [as_generator(g) for g in rngs]
+    return update_stacked_drawn(
+        Ws, Gs, lambda xp, shape, dtype: [sketch_draw(xp, shape, dtype=dtype, rng=g) for g in generators],
+        lr=lr, rank=rank, variant=variant, oversample=oversample, power_iters=power_iters)
+
+
+def update_stacked_drawn(Ws, Gs, draw, /, *, lr, rank, variant, oversample, power_iters):
+    """:func:`projunn_update_stacked` with the sketches' host draws made by
+    ``draw(xp, shape, dtype)``: a list of P NumPy arrays, the p-th as
+    :func:`sketch_draw` makes it for ``shape`` (that of one matrix's sketch).
+    For a caller that draws its matrices' sketches in an order of its own
+    before the step (``unitary_lr.optim.ProjUNN.step_many``)."""
+    if not Ws or len(Ws) != len(Gs):
+        raise ValueError(f"Ws and Gs must be non-empty and of one length, got {len(Ws)} and {len(Gs)}")
     xp = namespace_of(**{f"Ws[{p}]": W for p, W in enumerate(Ws)}, **{f"Gs[{p}]": G for p, G in enumerate(Gs)})
     shapes = {(tuple(x.shape), x.dtype) for x in (*Ws, *Gs)}
     if len(shapes) != 1:
@@ -210,9 +233,20 @@ def projunn_update_stacked(Ws, Gs, /, *, lr, rank=1, variant="tangent", oversamp
     xp, W, G, gradients, lr, rank, oversample, power_iters = _validated(
         W, G, lr=lr, rank=rank, variant=variant, oversample=oversample, power_iters=power_iters)
     shape = sketch_shape(G, rank, oversample)
-    omega = sketch_matrices(xp, shape[1:], dtype=G.dtype, device=device(W), rngs=[as_generator(g) for g in rngs])
+    omega = sketch_matrices(xp, draw(xp, shape[1:], G.dtype), dtype=G.dtype, device=device(W))
     L, Rh = _run(xp, W, G, gradients, omega, lr=lr, rank=rank, variant=variant, power_iters=power_iters)
     return [(L[p, ...], Rh[p, ...]) for p in range(len(Ws))]
+
+
+def update_drawn(W, G, draw, /, *, lr, rank, variant, oversample, power_iters):
+    """:func:`projunn_update` of a dense G with its sketch's host draw made by
+    ``draw(xp, shape, dtype)`` (a NumPy array as :func:`sketch_draw` makes it
+    for ``shape``); see :func:`update_stacked_drawn`."""
+    xp, W, G, gradients, lr, rank, oversample, power_iters = _validated(
+        W, G, lr=lr, rank=rank, variant=variant, oversample=oversample, power_iters=power_iters)
+    shape = sketch_shape(G, rank, oversample)
+    omega = sketch_matrices(xp, [draw(xp, shape, G.dtype)], dtype=G.dtype, device=device(W))[0, ...]
+    return _run(xp, W, G, gradients, omega, lr=lr, rank=rank, variant=variant, power_iters=power_iters)
 
 
 def _validated(W, G, *, lr, rank, variant, oversample, power_iters):
@@ -297,17 +331,20 @@ def _dtype(G):
 def sketch_matrix(xp, shape, *, dtype, device, rng):
     """The Gaussian test matrix of ``shape`` (..., n, l), laid out column by
     column (see ``_xp.panel_times_small``): drawn as its (..., l, n) transpose."""
-    *batch, n, l = shape
-    return mT(xp, standard_normal(xp, (*batch, l, n), dtype=dtype, device=device, rng=rng))
+    return mT(xp, xp.asarray(sketch_draw(xp, shape, dtype=dtype, rng=rng), dtype=dtype, device=device))
 
 
-def sketch_matrices(xp, shape, *, dtype, device, rngs):
-    """The test matrices of a stack of ``len(rngs)`` matrices, shape (P, ...,
-    n, l): the p-th as :func:`sketch_matrix` draws it from ``rngs[p]``, all
-    moved to the device in one transfer."""
+def sketch_draw(xp, shape, *, dtype, rng):
+    """The host draw behind :func:`sketch_matrix` for ``shape`` (..., n, l):
+    a NumPy array (..., l, n), not yet on the device."""
     *batch, n, l = shape
-    draws = standard_normal_stack(xp, (*batch, l, n), dtype=dtype, device=device, rngs=rngs)
-    return mT(xp, draws)
+    return host_normal(xp, (*batch, l, n), dtype=dtype, rng=rng)
+
+
+def sketch_matrices(xp, draws, *, dtype, device):
+    """The test matrices (P, ..., n, l) of P host draws of one shape
+    (:func:`sketch_draw`), moved to the device in one transfer."""
+    return mT(xp, stack_to_device(xp, draws, dtype=dtype, device=device))
 
 
 def sketch_shape(G, rank, oversample):

@@ -230,3 +230,31 @@ class TorchOptimizerStacked:
         self.opt.step()
         block(self.backend, self.params[-1].detach())
 
+
+
+class OptimStepMany:
+    """The framework-free ``ProjUNN.step_many`` for eight unitary matrices of
+    one shape, stepped one by one (``foreach=False``) or as one batched step
+    (``foreach=True``: one host round trip for all eight). The default rank
+    (8). NumPy on the CPU; CuPy where a GPU is (each separate step is a
+    stream synchronisation there)."""
+
+    params = ([64, 128, 256, 512], [False, True], ["numpy", "cupy"])
+    param_names = ("n", "foreach", "backend")
+    timeout = TIMEOUT
+
+    def setup(self, n, foreach, backend):
+        from unitary_lr.optim import ProjUNN
+
+        self.backend = load(backend, "float32")
+        self.data = {p: _step_data(self.backend, n, "float32") for p in range(8)}
+        self.opt = ProjUNN(LEARNING_RATE, base="rmsprop", seed=0, drift_check_every=0, foreach=foreach)
+        self.step()
+
+    def step(self):
+        new = self.opt.step_many(self.data)
+        self.data = {p: (W, self.data[p][1]) for p, W in new.items()}
+        return new
+
+    def time_step_many(self, n, foreach, backend):
+        block(self.backend, self.step()[7])

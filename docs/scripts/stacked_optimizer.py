@@ -1,9 +1,13 @@
 """``unitary_lr.torch.ProjUNN.step()`` on P unitary parameters of one shape:
 stepped one by one (``foreach=False``) against one batched step
 (``foreach=True``), alternated call by call in one process, with the host
-transfers of each (on a GPU each is a stream synchronisation).
+transfers of each (on a GPU each is a stream synchronisation). With
+``--frontend optim``, the same for the framework-free
+``unitary_lr.optim.ProjUNN.step_many`` on NumPy arrays (CuPy arrays with
+``--device cuda``).
 
     python docs/scripts/stacked_optimizer.py --device cpu --sizes 64 128 256 512 --counts 2 8 --ranks 1 8
+    python docs/scripts/stacked_optimizer.py --frontend optim --sizes 64 128 256 512 --counts 2 8 --ranks 1 8
 
 Prints, per case, the median step time of each and their ratio.
 """
@@ -21,6 +25,8 @@ from unitary_lr.torch import ProjUNN
 
 
 def _optimizer(n, count, rank, foreach, dtype, device):
+    """A step of the torch optimizer on ``count`` parameters, as a function."""
+    dtype = getattr(torch, dtype)
     generator = torch.Generator().manual_seed(0)
     params = []
     for _ in range(count):
@@ -30,19 +36,51 @@ def _optimizer(n, count, rank, foreach, dtype, device):
         params.append(W)
     opt = ProjUNN([{"params": params, "unitary": True}], lr=1e-4, base="rmsprop", rank=rank, seed=0,
                   drift_check_every=0, foreach=foreach)
-    return opt, params
+    return opt.step
 
 
-def _timed(opt, params, device):
-    start = time.perf_counter()
-    opt.step()
+def _framework_free(n, count, rank, foreach, dtype, device):
+    """A ``step_many`` of the framework-free optimizer on ``count`` NumPy (or,
+    on a GPU, CuPy) matrices, as a function."""
+    import numpy as np
+
+    from unitary_lr import optim, random_unitary
+
+    if device.startswith("cuda"):
+        import cupy as xp
+    else:
+        xp = np
+    rng = np.random.default_rng(0)
+    Ws = {p: xp.asarray(random_unitary(n, dtype=dtype, rng=rng)) for p in range(count)}
+    Gs = {p: xp.asarray(rng.standard_normal((n, n)).astype(dtype)) for p in range(count)}
+    opt = optim.ProjUNN(1e-4, base="rmsprop", rank=rank, seed=0, drift_check_every=0, foreach=foreach)
+
+    def step():
+        Ws.update(opt.step_many({p: (W, Gs[p]) for p, W in Ws.items()}))
+
+    return step
+
+
+def _synchronize(device):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+        try:
+            import cupy
+        except ImportError:
+            return
+        cupy.cuda.Device().synchronize()
+
+
+def _timed(step, device):
+    start = time.perf_counter()
+    step()
+    _synchronize(device)
     return time.perf_counter() - start
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.partition("\n\n")[0])
+    parser.add_argument("--frontend", default="torch", choices=("torch", "optim"))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64", "complex64", "complex128"))
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256, 512])
@@ -52,22 +90,22 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
+    make = _optimizer if args.frontend == "torch" else _framework_free
     print(f"{'n':>5} {'P':>3} {'k':>3} {'separate [ms]':>14} {'stacked [ms]':>13} {'ratio':>6} {'transfers':>10}")
     for n in args.sizes:
         for count in args.counts:
             for rank in args.ranks:
-                runs = {flag: _optimizer(n, count, rank, flag, dtype, args.device) for flag in (False, True)}
+                runs = {flag: make(n, count, rank, flag, args.dtype, args.device) for flag in (False, True)}
                 transfers = {}
-                for flag, (opt, params) in runs.items():
-                    opt.step()
+                for flag, step in runs.items():
+                    step()
                     before = _host.transfers.count
-                    opt.step()
+                    step()
                     transfers[flag] = _host.transfers.count - before
                 times = {flag: [] for flag in runs}
                 for _ in range(args.rounds):
-                    for flag, (opt, params) in runs.items():
-                        times[flag].append(_timed(opt, params, args.device))
+                    for flag, step in runs.items():
+                        times[flag].append(_timed(step, args.device))
                 separate, stacked = (statistics.median(times[flag]) * 1e3 for flag in (False, True))
                 print(f"{n:5d} {count:3d} {rank:3d} {separate:14.2f} {stacked:13.2f} {separate / stacked:6.2f} "
                       f"{transfers[False]:>4d} -> {transfers[True]}")

@@ -15,7 +15,9 @@ import array_api_compat.torch
 import numpy as np
 import torch
 
+from .._host import stack_pays
 from .._random import generator_from_state, generator_state
+from .._xp import update_factors
 from ..optim import (
     DEFAULT_BASE,
     DEFAULT_LR,
@@ -29,12 +31,15 @@ from ..optim import (
     unitary_factors_stacked,
 )
 from ..options import ProjUNNOptions
+from ..steps import (
+    STEP_OVERSAMPLE,
+    STEP_POWER_ITERS,
+    sketch_shape,
+    step_factors_unchecked,
+)
 from ._fused import fused_direction
 from ._mark import is_unitary
 from ._plain import plain_step
-from ..steps import sketch_shape, step_factors_unchecked
-from ..steps import STEP_OVERSAMPLE, STEP_POWER_ITERS, VARIANTS
-from .._xp import update_factors
 
 __all__ = ["ProjUNN"]
 
@@ -96,8 +101,9 @@ class ProjUNN(torch.optim.Optimizer):
         synchronisation), their sketches drawn from their own streams, so the
         updates agree with separate steps to rounding. It copies the
         parameters and their directions into a stack, which on the CPU costs
-        more than it saves from about 512 x 512 up. None (the default): True
-        off the CPU, False on it, as torch.optim decides.
+        more than it saves from about 512 x 512 up. None (the default): plain
+        groups as torch.optim decides; unitary groups stack off the CPU, and
+        on the CPU for matrices of at most 256 KiB each (float32 256 x 256).
     oversample, power_iters : int, optional
         Sketch settings (see :func:`unitary_lr.projunn_step`).
     drift_tol : float or None, optional
@@ -394,14 +400,13 @@ class _UnitaryStep(NamedTuple):
 def _stacks(group, p):
     """Whether the group's eager unitary parameters of one shape, dtype and
     device take one batched step (``foreach``): always with True, never with
-    False, and with None (the default) off the CPU, as torch.optim decides. On
-    a GPU, P separate steps cost P host round trips and P times the launches;
-    one batched step costs one round trip, at the price of copying the
-    parameters and directions into a stack (on the CPU that copy outweighs
-    the saving from about 512 x 512 up; see the documentation's
-    benchmarks)."""
+    False. With None (the default): off the CPU always (P separate steps cost
+    P host round trips, each a stream synchronisation, and P times the
+    launches), and on the CPU for matrices of at most 256 KiB, where the
+    step's fixed cost outweighs copying the parameters and directions into a
+    stack (``_host.stack_pays``)."""
     foreach = group.get("foreach")
-    return foreach if foreach is not None else p.device.type != "cpu"
+    return foreach if foreach is not None else stack_pays(p)
 
 
 def _unitary_factors(steps):
