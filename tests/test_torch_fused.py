@@ -175,3 +175,44 @@ def test_a_refused_step_leaves_no_trace_in_the_buffers(base, dtype):
     assert state_refused.keys() == state_clean.keys()
     for key, value in state_clean.items():
         assert torch.equal(state_refused[key], value), key
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_square_root_of_the_eager_step(dtype):
+    """The eager CPU step's square root (``_fused._sqrt``) is NumPy's,
+    correctly rounded, where torch would run it on one thread: no aten
+    operation, and the result equal to NumPy's bit for bit, within one ulp
+    of torch's. With more threads and a tensor torch splits between them,
+    and without a buffer (a GPU's step), torch's own."""
+    import numpy as np
+
+    from unitary_lr.torch._fused import _GRAIN_SIZE, _sqrt
+
+    generator = torch.Generator().manual_seed(1)
+    v = torch.rand(256, 256, dtype=dtype, generator=generator) * 10.0 ** torch.randint(-30, 30, (256, 256),
+                                                                                      generator=generator)
+    v = v.to(dtype)
+    v[0, :3] = torch.tensor([0.0, float("inf"), 1e-300 if dtype == torch.float64 else 1e-40])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        out = torch.empty_like(v)
+        with AtenOps() as ops:
+            result = _sqrt(v, out)
+        assert result is out and not [op for op in ops.ops if "sqrt" in op.name]
+        np.testing.assert_array_equal(out.numpy(), np.sqrt(v.numpy()))
+        reference = torch.sqrt(v)
+        assert float(((out - reference).abs() / torch.finfo(dtype).eps / out.abs().clamp_min(1e-300))[1:].max()) <= 1
+        assert float(out[0, 1]) == float("inf") and float(out[0, 0]) == 0.0
+        torch.set_num_threads(2)
+        for x, buffer in [(v, torch.empty_like(v)), (v[:100, :100].contiguous(), None)]:
+            with AtenOps() as ops:
+                _sqrt(x, buffer)
+            assert [op.name for op in ops.ops if "sqrt" in op.name] == ["aten.sqrt.out" if buffer is not None
+                                                                        else "aten.sqrt.default"]
+        assert v.numel() >= _GRAIN_SIZE
+        with AtenOps() as ops:
+            _sqrt(v[:100, :100].contiguous(), torch.empty(100, 100, dtype=dtype))  # below the grain: NumPy's
+        assert not [op for op in ops.ops if "sqrt" in op.name]
+    finally:
+        torch.set_num_threads(threads)

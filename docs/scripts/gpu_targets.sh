@@ -114,6 +114,12 @@ bench() {
     # shellcheck disable=SC2086
     also bench-peers "stacked optimizer" "$py" docs/scripts/stacked_optimizer.py --device "$device" \
         --sizes $complex_sizes --counts 2 8 --ranks 1 8 --rounds 9
+    if [ "$device" != cpu ]; then
+        # the framework-free optimizer's step_many on CuPy arrays
+        # shellcheck disable=SC2086
+        also bench-peers "stacked step_many (cupy)" "$py" docs/scripts/stacked_optimizer.py --frontend optim \
+            --device "$device" --sizes $complex_sizes --counts 2 8 --ranks 1 8 --rounds 9
+    fi
     tar -czf "$out/bench-json.tar.gz" -C "$json" .
 }
 
