@@ -11,7 +11,8 @@ The pieces every adapter shares:
   applied with a projUNN step, and every ``drift_check_every`` steps a cheap
   estimate of ``||W^H W - I||`` triggers a dense re-projection;
 * :class:`ProjUNN`: an optimizer object for NumPy/CuPy (or any Array API)
-  training loops, ``W = opt.step(W, G)``.
+  training loops, ``W = opt.step(W, G)``, and ``opt.step_many`` for several
+  matrices with one host round trip per shape.
 
 The torch and optax adapters are thin shells over these.
 """
