@@ -351,8 +351,14 @@ def unitary_factors(W, direction, *, lr, rank, variant, rng, oversample=STEP_OVE
     """The projUNN step of W along ``-lr * direction`` as thin factors (L, Rh):
     the new W is ``W + L @ Rh``. Nothing is changed; errors (NaN/Inf in the
     direction or in W, a W that is not unitary) are raised here."""
-    return projunn_update(W, direction, lr=lr, rank=min(step_rank(rank, W.shape), *W.shape[-2:]), variant=variant,
+    return projunn_update(W, direction, lr=lr, rank=capped_rank(rank, W.shape), variant=variant,
                           oversample=oversample, power_iters=power_iters, rng=rng)
+
+
+def capped_rank(rank, shape):
+    """The rank of the steps of a matrix of ``shape`` (..., n, m): ``rank``
+    (None: :func:`step_rank`'s default) capped at min(n, m)."""
+    return min(step_rank(rank, shape), *shape[-2:])
 
 
 def unitary_factors_stacked(Ws, directions, *, lr, rank, variant, rngs, oversample=STEP_OVERSAMPLE,
@@ -360,7 +366,7 @@ def unitary_factors_stacked(Ws, directions, *, lr, rank, variant, rngs, oversamp
     """:func:`unitary_factors` of P matrices of one shape, dtype and device in
     one batched step (see ``steps.projunn_update_stacked``): a list of P pairs
     (L, Rh), the p-th sketch drawn from ``rngs[p]``."""
-    return projunn_update_stacked(Ws, directions, lr=lr, rank=min(step_rank(rank, Ws[0].shape), *Ws[0].shape[-2:]),
+    return projunn_update_stacked(Ws, directions, lr=lr, rank=capped_rank(rank, Ws[0].shape),
                                   variant=variant, oversample=oversample, power_iters=power_iters, rngs=rngs)
 
 
@@ -598,7 +604,7 @@ class ProjUNN:
                 # drawn now, in the order of separate steps: the sketch, then
                 # the drift check's probes when this matrix's check is due
                 xp, W, direction = prepared.xp, prepared.W, prepared.direction
-                shape = sketch_shape(direction, self._rank(W), self.oversample)
+                shape = sketch_shape(direction, capped_rank(self.rank, W.shape), self.oversample)
                 sketch = sketch_draw(xp, shape, dtype=direction.dtype, rng=self._rng)
                 due = drift_check_due(prepared.slot["steps"] + 1, self.drift_check_every)
                 probes = drift_probes(xp, W, self._rng) if due else None
@@ -628,7 +634,7 @@ class ProjUNN:
         """The factors (L, Rh) of each member's step, from its own sketch: one
         batched step for two or more; each alone for one, or to name the
         member whose step fails."""
-        options = {"lr": self.lr, "rank": self._rank(members[0][1].W), "variant": self.variant,
+        options = {"lr": self.lr, "rank": capped_rank(self.rank, members[0][1].W.shape), "variant": self.variant,
                    "oversample": self.oversample, "power_iters": self.power_iters}
         if len(members) > 1:
             try:
@@ -641,9 +647,6 @@ class ProjUNN:
             with _naming(key):
                 factors.append(update_drawn(prepared.W, prepared.direction, lambda *_, s=sketch: s, **options))
         return factors
-
-    def _rank(self, W):
-        return min(step_rank(self.rank, W.shape), *W.shape[-2:])
 
     def _step(self, W, G, key):
         return self._finish(self._prepared(W, G, key), key)

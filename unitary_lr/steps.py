@@ -163,12 +163,9 @@ def projunn_update(
     that owns W's memory and applies the update in place (the torch adapter
     uses ``W.addmm_(L, Rh)``), which saves the new n x n array and a pass.
     """
-    xp, W, G, gradients, lr, rank, oversample, power_iters = _validated(
-        W, G, lr=lr, rank=rank, variant=variant, oversample=oversample, power_iters=power_iters)
     gen = as_generator(rng)
-    shape = sketch_shape(G, rank, oversample)
-    omega = None if shape is None else sketch_matrix(xp, shape, dtype=_dtype(G), device=device(W), rng=gen)
-    return _run(xp, W, G, gradients, omega, lr=lr, rank=rank, variant=variant, power_iters=power_iters)
+    return update_drawn(W, G, lambda xp, shape, dtype: sketch_draw(xp, shape, dtype=dtype, rng=gen), lr=lr,
+                        rank=rank, variant=variant, oversample=oversample, power_iters=power_iters)
 
 
 def projunn_update_stacked(Ws, Gs, /, *, lr, rank=1, variant="tangent", oversample=STEP_OVERSAMPLE,
@@ -222,9 +219,8 @@ def update_stacked_drawn(Ws, Gs, draw, /, *, lr, rank, variant, oversample, powe
     ``draw(xp, shape, dtype)``: a list of P NumPy arrays, the p-th as
     :func:`sketch_draw` makes it for ``shape`` (that of one matrix's sketch).
     For a caller that draws its matrices' sketches in an order of its own
-    before the step (``unitary_lr.optim.ProjUNN.step_many``)."""
-    if not Ws or len(Ws) != len(Gs):
-        raise ValueError(f"Ws and Gs must be non-empty and of one length, got {len(Ws)} and {len(Gs)}")
+    before the step (``unitary_lr.optim.ProjUNN.step_many``). Ws and Gs are
+    non-empty and of one length (:func:`projunn_update_stacked` checks it)."""
     xp = namespace_of(**{f"Ws[{p}]": W for p, W in enumerate(Ws)}, **{f"Gs[{p}]": G for p, G in enumerate(Gs)})
     shapes = {(tuple(x.shape), x.dtype) for x in (*Ws, *Gs)}
     if len(shapes) != 1:
@@ -239,13 +235,15 @@ def update_stacked_drawn(Ws, Gs, draw, /, *, lr, rank, variant, oversample, powe
 
 
 def update_drawn(W, G, draw, /, *, lr, rank, variant, oversample, power_iters):
-    """:func:`projunn_update` of a dense G with its sketch's host draw made by
-    ``draw(xp, shape, dtype)`` (a NumPy array as :func:`sketch_draw` makes it
-    for ``shape``); see :func:`update_stacked_drawn`."""
+    """:func:`projunn_update` with its sketch's host draw made by ``draw(xp,
+    shape, dtype)`` (a NumPy array as :func:`sketch_draw` makes it for
+    ``shape``; not called for factors used as they are); see
+    :func:`update_stacked_drawn`."""
     xp, W, G, gradients, lr, rank, oversample, power_iters = _validated(
         W, G, lr=lr, rank=rank, variant=variant, oversample=oversample, power_iters=power_iters)
     shape = sketch_shape(G, rank, oversample)
-    omega = sketch_matrices(xp, [draw(xp, shape, G.dtype)], dtype=G.dtype, device=device(W))[0, ...]
+    omega = None if shape is None else _sketch_on_device(xp, draw(xp, shape, _dtype(G)), dtype=_dtype(G),
+                                                         device=device(W))
     return _run(xp, W, G, gradients, omega, lr=lr, rank=rank, variant=variant, power_iters=power_iters)
 
 
@@ -331,7 +329,12 @@ def _dtype(G):
 def sketch_matrix(xp, shape, *, dtype, device, rng):
     """The Gaussian test matrix of ``shape`` (..., n, l), laid out column by
     column (see ``_xp.panel_times_small``): drawn as its (..., l, n) transpose."""
-    return mT(xp, xp.asarray(sketch_draw(xp, shape, dtype=dtype, rng=rng), dtype=dtype, device=device))
+    return _sketch_on_device(xp, sketch_draw(xp, shape, dtype=dtype, rng=rng), dtype=dtype, device=device)
+
+
+def _sketch_on_device(xp, draw, *, dtype, device):
+    """The test matrix (..., n, l) of a host draw of :func:`sketch_draw`."""
+    return mT(xp, xp.asarray(draw, dtype=dtype, device=device))
 
 
 def sketch_draw(xp, shape, *, dtype, rng):

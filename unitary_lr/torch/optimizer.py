@@ -23,10 +23,10 @@ from ..optim import (
     DEFAULT_LR,
     DEFAULT_VARIANT,
     RULES,
+    capped_rank,
     control_drift,
     make_rule,
     rule_options,
-    step_rank,
     unitary_factors,
     unitary_factors_stacked,
 )
@@ -485,7 +485,7 @@ def _capturable_step(xp, p, direction, state, new_state, group):
     skipped: the parameter and the rule's state keep their values and
     ``state["skipped_steps"]`` counts it."""
     W = p.detach()
-    rank = min(step_rank(group["rank"], W.shape), *W.shape[-2:])
+    rank = capped_rank(group["rank"], W.shape)
     # A NaN/Inf in the direction reaches the small cores as zeros (see
     # DeviceCores.gather) and the factors as NaN, which the check below drops.
     finite = _finite_flag(direction)
