@@ -565,8 +565,29 @@ class ProjUNN:
         one host round trip for all of them, where separate steps make one
         each (on a GPU, a stream synchronisation each).
 
-        On any error nothing changes (no state, step count or random draw of
-        any key), and the error names the key: ``steps['W2']: ...``.
+        Parameters
+        ----------
+        steps : mapping of hashable key -> (W, G)
+            Each matrix's key (its state's name, as ``step``'s ``key``), its
+            current value and its gradient (an array of W's shape, or a pair
+            (a, b) meaning a b^H).
+
+        Returns
+        -------
+        dict
+            The new matrices under the same keys, in the same order; the
+            inputs are not modified.
+
+        Raises
+        ------
+        TypeError
+            ``steps`` not a mapping, a value not a pair, or ``step``'s type
+            errors, with the key named.
+        ValueError
+            ``step``'s errors (a G of another shape, NaN/Inf, a W that is not
+            unitary, ...), with the key named: ``steps['W2']: ...``. On any
+            error nothing changes: no state, step count or random draw of
+            any key.
 
         Examples
         --------
