@@ -44,7 +44,6 @@ from .options import DRIFT_CHECK_EVERY, DriftControl, ProjUNNOptions
 from .steps import (
     STEP_OVERSAMPLE,
     STEP_POWER_ITERS,
-    VARIANTS,
     sketch_shape,
     step_factors_unchecked,
 )

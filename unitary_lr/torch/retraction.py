@@ -4,7 +4,6 @@ the result back on the unitary group."""
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import array_api_compat.torch
@@ -13,7 +12,7 @@ import torch
 
 from ..optim import DEFAULT_VARIANT, control_drift, step_rank
 from ..options import ProjUNNOptions
-from ..steps import STEP_OVERSAMPLE, STEP_POWER_ITERS, VARIANTS, projunn_step
+from ..steps import STEP_OVERSAMPLE, STEP_POWER_ITERS, projunn_step
 from ._mark import is_unitary
 
 __all__ = ["ProjUNNRetraction", "projunn_retraction"]
@@ -123,9 +122,9 @@ class ProjUNNRetraction:
                  reproject, seed):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        options = ProjUNNOptions(rank=rank, variant=variant, oversample=oversample, power_iters=power_iters,
-                                 drift_tol=drift_tol, drift_check_every=drift_check_every, reproject=reproject,
-                                 seed=seed)
+        # validated as every front end validates them (the same errors)
+        ProjUNNOptions(rank=rank, variant=variant, oversample=oversample, power_iters=power_iters,
+                       drift_tol=drift_tol, drift_check_every=drift_check_every, reproject=reproject, seed=seed)
         self.options = {"rank": rank, "variant": variant, "oversample": oversample, "power_iters": power_iters}
         self.drift = {"drift_tol": drift_tol, "drift_check_every": drift_check_every, "reproject": reproject}
         self.seed = int(torch.randint(0, 2**62, (), dtype=torch.int64)) if seed is None else seed
