@@ -34,8 +34,11 @@ SMALL = ["bench", "--sizes", "32", "64", "--ranks", "1", "--repeat", "2", "--no-
 # one step per registered variant (test_bench_times_every_registered_variant checks the names)
 STEPS_AND_DENSE = ("floor", *bench_module.STEPS, "dense SVD polar", "dense expm step", "dense Cayley step")
 OPTIMIZERS = ("torch.optim.RMSprop", "ProjUNN(base='rmsprop')")  # every torch run
+# every torch run on a CUDA device: both, capturable, one step captured in a CUDA graph
+CAPTURED_OPTIMIZERS = ("torch.optim.RMSprop (CUDA graph)", "ProjUNN(base='rmsprop') (CUDA graph)")
 JAX_OPTIMIZERS = ("floor (jit)", "optax.rmsprop (jit)", "unitary_lr.optax.projunn (jit)")  # every JAX run
 UNITARY_OPTIMIZERS = {"ProjUNN(base='rmsprop')": "torch.optim.RMSprop",
+                      "ProjUNN(base='rmsprop') (CUDA graph)": "torch.optim.RMSprop (CUDA graph)",
                       "unitary_lr.optax.projunn (jit)": "optax.rmsprop (jit)"}
 
 
@@ -132,6 +135,7 @@ def test_bench_on_every_backend(backend, tmp_path):
     strict = backend.name.startswith("array_api_strict")
     methods = [m for m in STEPS_AND_DENSE if not (strict and m == "dense expm step")]
     methods += ["unitary_lr randomized_svd"] + ["torch.svd_lowrank", *OPTIMIZERS] * backend.name.startswith("torch")
+    methods += list(CAPTURED_OPTIMIZERS) * (backend.name == "torch:cuda")
     methods += list(JAX_OPTIMIZERS) * backend.name.startswith("jax")
     check_record(record, sizes=[16, 32], methods=methods, unitarity_tol=1e-12 if backend.has_float64 else 1e-5)
     if strict:

@@ -21,7 +21,11 @@ matrices (``STIEFEL_PEERS``), the peer the issue's rectangular targets name.
 Next to them, on every torch device, a plain ``torch.optim.RMSprop`` step on
 an n x n parameter and ``unitary_lr.torch.ProjUNN(base="rmsprop")`` on the same
 matrix marked unitary: the price of keeping W unitary inside a training loop.
-On JAX, the same pair as jitted optax updates (``optax.rmsprop`` and
+On a CUDA device also the same pair as a GPU training loop runs it at its
+fastest: ``capturable=True`` (``torch.optim.RMSprop``'s and ProjUNN's), one
+step captured in a CUDA graph and replayed, so that neither pays its Python
+or its kernel launches per step (ProjUNN's capturable step reads nothing on
+the host). On JAX, the same pair as jitted optax updates (``optax.rmsprop`` and
 ``unitary_lr.optax.projunn(base="rmsprop")``), with the floor under
 ``jax.jit`` next to them: the update is what ``jax.jit(opt.update)`` costs,
 the optimizer state carried from one update to the next.
@@ -52,10 +56,13 @@ RMSPROP = "torch.optim.RMSprop"
 PROJUNN_RMSPROP = "ProjUNN(base='rmsprop')"
 OPTAX_RMSPROP = "optax.rmsprop (jit)"
 OPTAX_PROJUNN = "unitary_lr.optax.projunn (jit)"
+RMSPROP_GRAPH = "torch.optim.RMSprop (CUDA graph)"
+PROJUNN_RMSPROP_GRAPH = "ProjUNN(base='rmsprop') (CUDA graph)"
 JIT_FLOOR = "floor (jit)"
 OPTAX_METHODS = (OPTAX_RMSPROP, OPTAX_PROJUNN)
 # (unitary optimizer, its plain counterpart, the heading of their ratio) of each library
 OPTIMIZER_PAIRS = ((PROJUNN_RMSPROP, RMSPROP, "ProjUNN / RMSprop"),
+                   (PROJUNN_RMSPROP_GRAPH, RMSPROP_GRAPH, "captured ProjUNN / RMSprop"),
                    (OPTAX_PROJUNN, OPTAX_RMSPROP, "projunn / rmsprop"))
 
 
@@ -203,6 +210,55 @@ def projunn_rmsprop(W, G, lr, *, rank, seed):
     def step():
         param.grad = G
         opt.step()
+        return param.detach()
+
+    return Stepper(step, param.detach)
+
+
+def rmsprop_graph(W, G, lr):
+    """``torch.optim.RMSprop(capturable=True)`` on an n x n parameter holding
+    W, one step captured in a CUDA graph (see :func:`_captured`)."""
+    torch = importlib.import_module("torch")
+    return _captured(lambda param: torch.optim.RMSprop([param], lr=lr, capturable=True),
+                     torch.nn.Parameter(W.clone()), G)
+
+
+def projunn_rmsprop_graph(W, G, lr, *, rank, seed):
+    """``ProjUNN(base="rmsprop", capturable=True)`` (its defaults otherwise,
+    drift checks included) on W marked unitary, one step captured in a CUDA
+    graph (see :func:`_captured`)."""
+    from ..torch import ProjUNN, unitary_parameter
+
+    return _captured(lambda param: ProjUNN([param], lr=lr, base="rmsprop", rank=rank, seed=seed, capturable=True),
+                     unitary_parameter(W), G)
+
+
+# Eager steps before the capture: they make the optimizer's state (which a
+# graph must find, not create) and warm the allocator and the libraries up.
+_WARMUP_STEPS = 3
+
+
+def _captured(make_optimizer, param, G):
+    """One step of ``make_optimizer(param)`` captured in a CUDA graph, as
+    PyTorch's whole-network recipe captures a training step: the gradient is
+    a static tensor (a copy of G), the warm-up runs on a side stream, and
+    each ``step()`` replays the graph, which advances the parameter and the
+    state in their own memory."""
+    torch = importlib.import_module("torch")
+    opt = make_optimizer(param)
+    param.grad = G.clone()
+    side = torch.cuda.Stream(device=param.device)
+    side.wait_stream(torch.cuda.current_stream(param.device))
+    with torch.cuda.stream(side):
+        for _ in range(_WARMUP_STEPS):
+            opt.step()
+    torch.cuda.current_stream(param.device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+
+    def step():
+        graph.replay()
         return param.detach()
 
     return Stepper(step, param.detach)

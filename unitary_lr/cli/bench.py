@@ -45,6 +45,9 @@ over the projUNN-T step's. On the torch backend, the bench always times a plain
 on the same n x n matrix, and prints their ratio. These optimizers change
 their parameter in place: each timed step starts where the previous one ended,
 as in training, and the unitarity error is checked once, after the timed steps.
+On a CUDA device it also times both with ``capturable=True``, one step
+captured in a CUDA graph and replayed (the fastest way a GPU training loop
+can run them: no Python and no launches per step), and prints that ratio too.
 On JAX it times their optax counterparts instead, ``jax.jit(opt.update)`` of
 ``optax.rmsprop`` and of ``unitary_lr.optax.projunn(base="rmsprop")`` (the
 state carried from one update to the next), and the floor under ``jax.jit``,
@@ -106,6 +109,8 @@ KINDS = {
     **{peer.method: "peer" for peer in _peers.PEERS},
     _peers.RMSPROP: "optimizer",
     _peers.PROJUNN_RMSPROP: "optimizer",
+    _peers.RMSPROP_GRAPH: "optimizer",
+    _peers.PROJUNN_RMSPROP_GRAPH: "optimizer",
     _peers.OPTAX_RMSPROP: "optimizer",
     _peers.OPTAX_PROJUNN: "optimizer",
     _peers.JIT_FLOOR: "jitted floor",
@@ -313,7 +318,15 @@ def _case_count(args, setup, n):
 
 def _optimizer_count(setup):
     """How many optimizer cases ``_optimizer_cases`` builds at one size."""
-    return {"torch": 1, "jax": 2, None: 0}[setup.optimizers] + len(setup.ranks) * (setup.optimizers is not None)
+    pairs = 1 + _captures(setup)
+    return {"torch": pairs, "jax": 2, None: 0}[setup.optimizers] + pairs * len(setup.ranks) * (
+        setup.optimizers is not None)
+
+
+def _captures(setup):
+    """Whether the torch optimizers are also timed captured in CUDA graphs
+    (see ``_peers._captured``): on a CUDA device."""
+    return setup.optimizers == "torch" and getattr(setup.device, "type", setup.device) == "cuda"
 
 
 @dataclass(frozen=True)
@@ -371,8 +384,13 @@ def _optimizer_cases(args, setup, W, G, floor_arrays):
     the jitted optax updates, with the floor under jax.jit."""
     if setup.optimizers == "torch":
         plain = _stateful(_peers.RMSPROP, None, _peers.rmsprop(W, G, LEARNING_RATE), False)
-        return [plain] + [_stateful(_peers.PROJUNN_RMSPROP, k, _peers.projunn_rmsprop(
+        found = [plain] + [_stateful(_peers.PROJUNN_RMSPROP, k, _peers.projunn_rmsprop(
             W, G, LEARNING_RATE, rank=k, seed=args.seed), True) for k in setup.ranks]
+        if _captures(setup):
+            found.append(_stateful(_peers.RMSPROP_GRAPH, None, _peers.rmsprop_graph(W, G, LEARNING_RATE), False))
+            found += [_stateful(_peers.PROJUNN_RMSPROP_GRAPH, k, _peers.projunn_rmsprop_graph(
+                W, G, LEARNING_RATE, rank=k, seed=args.seed), True) for k in setup.ranks]
+        return found
     if setup.optimizers == "jax":
         x, u, v = floor_arrays
         found = [Case(_peers.JIT_FLOOR, None, _peers.jitted_floor(G, x, W, u, v)),
