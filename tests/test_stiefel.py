@@ -254,6 +254,32 @@ def test_a_rectangular_w_that_is_not_orthonormal_is_refused(rng):
             ul.projunn_step(W, G, lr=0.1, variant=variant, rng=0)
 
 
+@pytest.mark.parametrize("shape", [(N, 4), (N, 1), (4, N)])
+@pytest.mark.parametrize("damage", ["zero", "halved, G outside its range"])
+def test_a_rectangular_w_refused_where_w_h_y_says_nothing(backend, rng, shape, damage):
+    """The direct step checks W's orthonormal columns on span[Z, c], not on
+    c = W^H Y alone, which says nothing when c = 0 exactly: for W = 0, or for
+    W / 2 with G's columns outside W's range (W's rows and G's rows apart, so
+    that W^H Y has no rounding either), |W c| = |c| holds, and the step
+    returned a matrix off the manifold without a word."""
+    n, m = max(shape), min(shape)
+    W = np.zeros((n, m))
+    G = random_matrix(rng, (n, m), "float64")
+    if damage != "zero":
+        W[:m] = stiefel(rng, m, m, "float64") / 2
+        G[:m] = 0  # W^H G = 0 exactly: every sketch of G has c = W^H Y = 0
+    if shape[0] < shape[1]:  # a wide W: the conjugate transposes
+        W, G = W.T, G.T
+    dtype = "float64" if backend.has_float64 else "float32"
+    W, G = backend.asarray(W.astype(dtype)), backend.asarray(G.astype(dtype))
+    with pytest.raises(ValueError, match=r"W is not unitary"):
+        ul.projunn_step(W, G, lr=0.1, variant="direct", rank=1, rng=0)
+    if damage == "zero":
+        a, b = (backend.asarray(random_matrix(rng, (k, 2), "float64").astype(dtype)) for k in shape)
+        with pytest.raises(ValueError, match=r"W is not unitary"):
+            ul.project_unitary_lowrank(W, a, b)
+
+
 def test_rectangular_shape_errors(rng):
     W = stiefel(rng, N, 4, "float64")
     with pytest.raises(ValueError, match=r"G must have shape \(..., 16, 4\) to match W of shape \(16, 4\), got shape \(4, 16\)"):

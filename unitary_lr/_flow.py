@@ -506,7 +506,10 @@ def stiefel_update(xp, W, Y, Z, *, lr, variant, rank, cores, sketched, names):
     ``M Q = [W Q, N] [I + B; R_a E]`` (N = a_perp T_a orthonormal, a_perp = N R_a)
     and ``polar(M) = W + (W Q (X_top - I) + N X_bottom) Q^H`` from the polar
     factor X of the small stacked matrix. Passes over W: ``W^H Y``, ``W c``,
-    ``W Q`` and the update.
+    ``W Z``, ``W Q`` and the update. W's orthonormal columns are checked on
+    span[Z, c], where the formula uses them: ``|W x| = |x|`` for x in c and
+    in Z (c = W^H Y never sees the columns W maps to zero: a W with a zero
+    column, or W = 0, passed the check on c alone). Eager calls only.
     """
     if variant == "direct":
         return _stiefel_direct(xp, W, Y, Z, lr=lr, rank=rank, cores=cores, sketched=sketched, names=names)
@@ -547,7 +550,12 @@ def _stiefel_direct(xp, W, Y, Z, *, lr, rank, cores, sketched, names):
     c = adjoint_matmul(xp, W, Y)
     Wc = matmul_panel(xp, W, c)
     a_perp = Y - Wc
-    Cm, Cn, *scales = cores.gather(_gram(xp, [Z, c], core), _gram(xp, [Y, a_perp, Wc], core), *scale_panels)
+    # a product of its own: on the CPU an n x 2l panel [W Z, W c] costs as much as two to four of them
+    e = matmul_panel(xp, W, Z) if not cores.traced else None
+    grams = [_gram(xp, [Z, c], core), _gram(xp, [Y, a_perp, Wc], core)] + ([] if e is None else [_gram(xp, [e], core)])
+    Cm, Cn, *scales = cores.gather(*grams, *scale_panels)
+    if e is not None:
+        Ce, *scales = scales
     sxp = cores.xp
     eps = _eps(xp, W.dtype)
     tol = drop_tolerance(n, eps, cores.eps)
@@ -558,8 +566,9 @@ def _stiefel_direct(xp, W, Y, Z, *, lr, rank, cores, sketched, names):
         _check_finite(sxp, Cm[..., :l, :l], names[1])
         _check_finite(sxp, Cn, "W")
         _check_finite(sxp, Cm, "W")
-        # |W c|^2 against |c|^2: W^H W = I
+        # |W c|^2 against |c|^2 and |W Z|^2 against |Z|^2: W^H W = I
         _check_unitary(sxp, Cm[..., l:, l:], block(2, 2))
+        _check_unitary(sxp, Cm[..., :l, :l], Ce)
         if l == 1 and Cn.ndim == 2 and isinstance(lr, (int, float)):
             # one matrix, one sketch column: the cores in closed form
             T, D, DN, steps = _stiefel_direct_core_tiny(sxp, Cm, Cn, scales, lr=lr, sketched=sketched, tol=tol,
