@@ -58,6 +58,29 @@ def test_huge_float32_factors_give_a_unitary_step(rng):
         assert np.all(np.isfinite(V)) and orthogonality(V) < tol("float32")
 
 
+@pytest.mark.parametrize("shape", [(8, 8), (8, 3), (3, 8)])
+@pytest.mark.parametrize("dtype", ["float32", "complex64"])
+@pytest.mark.parametrize("scale", [1e-39, 1e-40, 1e-42])
+def test_subnormal_32_bit_gradients_leave_w_in_place(backend, rng, shape, dtype, scale):
+    """Gradients (and factors) of float32's subnormal range: the panels'
+    balancing asked for 2**133 and more, Inf in float32, and every variant
+    returned NaN without a word; the transports and the low-rank polar
+    factor likewise. The step is far below rounding: W comes back."""
+    W = ul.random_unitary(*shape, dtype=dtype, rng=rng)
+    G = (rng.standard_normal(shape) * scale).astype(dtype)
+    a = (rng.standard_normal((shape[0], 2)) * scale).astype(dtype)
+    b, c = rng.standard_normal((shape[1], 2)).astype(dtype), rng.standard_normal((shape[0], 2)).astype(dtype)
+    W_, G_, a_, b_, c_ = (backend.asarray(x) for x in (W, G, a, b, c))
+    results = [ul.projunn_step(W_, G_, lr=0.5, rank=2, variant=variant, rng=0)
+               for variant in ("tangent", "direct", "cayley")]
+    results += [ul.project_unitary_lowrank(W_, a_, b_)]
+    results += [f(W_, a_, c_) for f in (ul.exp_transport, ul.cayley_transport)]  # n x k factors
+    for V in results:
+        V = backend.to_numpy(V)
+        assert np.all(np.isfinite(V))
+        np.testing.assert_allclose(V, W, atol=tol("float32"))
+
+
 @pytest.mark.parametrize("variant", ["tangent", "direct"])
 def test_huge_dense_step_is_unitary(rng, variant):
     W = ul.random_unitary(16, dtype="float64", rng=rng)

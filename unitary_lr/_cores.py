@@ -31,7 +31,18 @@ import numpy
 host_xp = numpy if tuple(int(part) for part in numpy.__version__.split(".")[:2]) >= (2, 1) else array_api_compat.numpy
 
 from ._host import from_host, to_host
-from ._xp import add_product, complex_dtype, core_dtype, device, eye, finite_or_zero, is_complex, mH, real_dtype
+from ._xp import (
+    add_product,
+    complex_dtype,
+    core_dtype,
+    device,
+    eye,
+    finite_or_zero,
+    is_complex,
+    mH,
+    real_dtype,
+    real_finfo,
+)
 
 __all__ = [
     "DeviceCores",
@@ -57,6 +68,7 @@ class HostCores:
 
     def __init__(self, xp, like):
         self._xp, self.dtype, self.device = xp, like.dtype, device(like)
+        self.balance_bound = balance_bound(xp, like.dtype)
 
     def gather(self, *arrays):
         """The small device arrays (one dtype) as NumPy float64/complex128 arrays,
@@ -108,6 +120,7 @@ class DeviceCores:
 
     def __init__(self, xp, like):
         self.xp, self.dtype = xp, like.dtype
+        self.balance_bound = balance_bound(xp, like.dtype)
         self._core = core_dtype(xp, like.dtype, device(like))
         self.eps = float(xp.finfo(real_dtype(xp, self._core)).eps)
 
@@ -121,6 +134,14 @@ class DeviceCores:
 
     def scatter(self, *arrays):
         return tuple(self.xp.astype(a, self.dtype, copy=False) for a in arrays)
+
+
+def balance_bound(xp, dtype):
+    """The largest power-of-two exponent that balancing a panel of ``dtype``
+    may move (``_flow._balance``): 2**e and 2**-e, and a column of any finite
+    length scaled by either, stay finite there (120 for 32-bit dtypes, whose
+    largest finite value is below 2**128; 1016 for 64-bit ones)."""
+    return 120 if real_finfo(xp, dtype)[0] > 2.0**-30 else 1016
 
 
 def _host_name(xp, dtype):

@@ -217,16 +217,20 @@ def _check_unitary(sxp, C, CW):
         raise UnitarityError(deviation, UNITARITY_TOLERANCE)
 
 
-def _balance(sxp, C, T, traced):
+def _balance(sxp, C, T, traced, bound):
     """(T', column scales or None) with ``P T = (P diag(s)) T'``: powers of two
     that bring the panel's columns (lengths from the diagonal of its Gram C)
     near 1, so that neither P's columns nor T's entries leave the range where
     a device keeps full precision (XLA's CPU matmul flushes subnormal float32
     numbers to zero: T = 1e-39 for columns of length 1e39 vanished). Exact: a
-    power of two only moves exponents. None when no column needs it (eager
-    calls, decided on the host); traced calls always scale."""
+    power of two only moves exponents. The exponents stay within ``bound``
+    (``_cores.balance_bound`` of the panel's dtype): a float32 column of
+    length 1e-40 would ask for 2**133, which is Inf in float32, and made the
+    step NaN. None when no column needs it (eager calls, decided on the host);
+    traced calls always scale."""
     d = sxp.real(sxp.linalg.diagonal(C))
     exponent = sxp.round(sxp.log2(sxp.sqrt(sxp.where(d > 0, d, sxp.ones_like(d)))))
+    exponent = sxp.clip(exponent, -bound, bound)
     if not traced and not bool(sxp.any(sxp.abs(exponent) > 40)):
         return T, None
     scale = 2.0 ** -exponent
@@ -573,7 +577,8 @@ def _stiefel_direct(xp, W, Y, Z, *, lr, rank, cores, sketched, names):
             # one matrix, one sketch column: the cores in closed form
             T, D, DN, steps = _stiefel_direct_core_tiny(sxp, Cm, Cn, scales, lr=lr, sketched=sketched, tol=tol,
                                                         eps=eps, columns=W.shape[-1])
-            return _apply_stiefel_direct(xp, W, Z, c, a_perp, cores.scatter(T, D, DN), steps)
+            return _apply_stiefel_direct(xp, W, Z, c, a_perp, _scatter_direct(sxp, cores, Cm, block(1, 1), T, D, DN),
+                                         steps)
     Pi = _sketch_projector(sxp, Cy, Cm[..., :l, :l], rank=rank, l=l, sketched=sketched, tol=tol)
     zero = sxp.zeros_like(Pi)
     A0 = sxp.concat([sxp.concat([zero, zero], axis=-1), sxp.concat([Pi, zero], axis=-1)], axis=-2)
@@ -592,7 +597,22 @@ def _stiefel_direct(xp, W, Y, Z, *, lr, rank, cores, sketched, names):
     D, X_bottom = polar_minus_identity(sxp, B, bottom=Ra @ E, traced=cores.traced)
     steps = _TRACED_REORTHONORMALIZE if cores.traced else _reorthonormalize_steps(sxp, spread, Cm.shape[-1], eps)
     DN = Ta @ X_bottom  # a_perp's coefficients
-    return _apply_stiefel_direct(xp, W, Z, c, a_perp, cores.scatter(T, D, DN), steps)
+    return _apply_stiefel_direct(xp, W, Z, c, a_perp, _scatter_direct(sxp, cores, Cm, Ca, T, D, DN), steps)
+
+
+def _scatter_direct(sxp, cores, Cm, Ca, T, D, DN):
+    """(T, D, DN, column scale of [Z, c] or None, column scale of a_perp or
+    None) on the device in one transfer: both panels balanced (see
+    :func:`_balance`, with the Grams Cm of [Z, c] and Ca of a_perp) where
+    needed. A float32 gradient of 1e-40 gave T of about 2**133, Inf in
+    float32, and a NaN step."""
+    T, zc_scale = _balance(sxp, Cm, T, cores.traced, cores.balance_bound)
+    DN, a_scale = _balance(sxp, Ca, DN, cores.traced, cores.balance_bound)
+    scales = [x for x in (zc_scale, a_scale) if x is not None]
+    T, D, DN, *scales = cores.scatter(T, D, DN, *scales)
+    zc_scale = scales.pop(0) if zc_scale is not None else None
+    a_scale = scales.pop(0) if a_scale is not None else None
+    return T, D, DN, zc_scale, a_scale
 
 
 def _in_range_threshold(eps, m):
@@ -602,10 +622,13 @@ def _in_range_threshold(eps, m):
 
 
 def _apply_stiefel_direct(xp, W, Z, c, a_perp, cores_on_device, steps):
-    """(L, Rh) of the direct step on a tall W from its cores (T, D, DN) on the
-    device: ``W Q D Q^H`` with Q = [Z, c] T, plus a_perp's part ``a_perp DN Q^H``."""
-    T, D, DN = cores_on_device
-    L, Rh = _apply_right(xp, W, xp.concat([Z, c], axis=-1), T, D, steps)
+    """(L, Rh) of the direct step on a tall W from its cores (T, D, DN) and the
+    panels' column scales on the device (:func:`_scatter_direct`): ``W Q D
+    Q^H`` with Q = [Z, c] T, plus a_perp's part ``a_perp DN Q^H``."""
+    T, D, DN, zc_scale, a_scale = cores_on_device
+    L, Rh = _apply_right(xp, W, xp.concat([Z, c], axis=-1), T, D, steps, zc_scale)
+    if a_scale is not None:
+        a_perp = a_perp * a_scale[..., None, :]
     return L + panel_times_small(xp, a_perp, DN), Rh
 
 
@@ -662,7 +685,7 @@ def _product(sxp, scales):
 def _scatter(sxp, cores, C, T, D):
     """(T, D, column scale or None) on the device, in one transfer; the panel
     columns balanced (see :func:`_balance`) where needed."""
-    T, column_scale = _balance(sxp, C, T, cores.traced)
+    T, column_scale = _balance(sxp, C, T, cores.traced, cores.balance_bound)
     if column_scale is None:
         return (*cores.scatter(T, D), None)
     return cores.scatter(T, D, column_scale)
