@@ -104,6 +104,41 @@ def test_column_scale_does_not_matter(rng):
                                atol=tol("float32", 3), rtol=0)
 
 
+@pytest.mark.parametrize("dtype", ["float64", "complex128"])
+def test_column_scale_does_not_matter_in_64_bit(backend, rng, dtype):
+    """Columns of length 1e155 and 1e-170 in float64, whose squares over- and
+    underflow even there: the product was NaN or off by 1 (a tiny column
+    counted as zero), now it is the unit columns' product."""
+    if not backend.has_float64:
+        pytest.skip("64-bit input")
+    V = random_matrix(rng, (N, 4), dtype)
+    X = random_matrix(rng, (M, N), dtype)
+    scaled = V * np.array([1e155, 1e-170, 1e200, 1.0])
+    P = backend.to_numpy(ul.householder_product(backend.asarray(scaled)))
+    np.testing.assert_allclose(P, cast_back(reference_product(V), dtype), atol=tol(dtype, 4), rtol=0)
+    Y = backend.to_numpy(ul.householder_apply(backend.asarray(scaled), backend.asarray(X), side="right"))
+    np.testing.assert_allclose(Y, cast_back(reference_apply(V, X, "right"), dtype), atol=tol(dtype, 4), rtol=0)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "complex128"])
+def test_torch_gradient_of_a_long_column_scales_with_its_length(dtype):
+    """The hand-written gradient at c V is the gradient at V divided by c
+    (the product depends on V's directions only), also where s**3 = |v|**-3
+    underflows (c = 1e155)."""
+    torch = pytest.importorskip("torch")
+    generator = torch.Generator().manual_seed(2)
+    tdtype = getattr(torch, dtype)
+    V = torch.randn(6, 3, dtype=tdtype, generator=generator)
+    X = torch.randn(6, 4, dtype=tdtype, generator=generator)
+    grads = []
+    for c in (1.0, 1e155, 1e-160):
+        Vc = (V * c).requires_grad_()
+        ul.householder_apply(Vc, X).real.sum().backward()
+        grads.append(Vc.grad * c)
+    for g in grads[1:]:
+        torch.testing.assert_close(g, grads[0], rtol=1e-10, atol=1e-12)
+
+
 def test_nearly_parallel_reflectors(rng):
     """Reflectors 1e-8 apart: T has entries of size 1e8... in some orderings, yet
     the product stays accurate and unitary."""

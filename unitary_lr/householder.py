@@ -218,7 +218,15 @@ def wy_core(xp, V):
     """``(U, -T, s)`` of ``wy_factors`` for V in its core dtype (float64 where
     the device has it, so that |v|^2 of any float32 column is representable
     and U's columns are unit to V's rounding), with s = 1 / |v_i| (1 for a
-    zero column). Only the Gram matrix V^H V gives the lengths."""
+    zero column). Only the Gram matrix V^H V gives the lengths, of the
+    columns brought near unit length by powers of two first (exact, and U
+    does not depend on a column's length): the squares of a float64 column of
+    length 1e155 overflowed and those of length 1e-170 underflowed, which gave
+    NaN or a wrong product. The powers come from ``round``, whose derivative
+    is zero, so autograd differentiates the same function of V."""
+    top = xp.max(xp.abs(V), axis=-2, keepdims=True)
+    power = 2.0 ** -xp.round(xp.log2(xp.where(top > 0, top, xp.ones_like(top))))
+    V = V * xp.astype(power, V.dtype, copy=False)
     gram = mH(xp, V) @ V
     squares = xp.linalg.diagonal(gram)
     if is_complex(xp, V.dtype):
@@ -236,7 +244,7 @@ def wy_core(xp, V):
     pivots = xp.astype(xp.where(zero, -ones, ones) / 2, V.dtype, copy=False)
     D = xp.eye(gram.shape[-1], dtype=V.dtype, device=device(V)) * pivots[..., None, :]
     minus_T = _minus_inverse_triangular(xp, xp.triu(gram * outer, k=1) + D)
-    return V * xp.astype(scale[..., None, :], V.dtype, copy=False), minus_T, scale
+    return V * xp.astype(scale[..., None, :], V.dtype, copy=False), minus_T, scale * power[..., 0, :]
 
 
 # Up to this size T comes from back substitution (j - 1 products of j x j
