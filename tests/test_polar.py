@@ -49,6 +49,19 @@ def test_newton_schulz_agrees_with_svd(backend, dtype, rng, batch):
     np.testing.assert_allclose(P, U @ mH(V), atol=tol(dtype, 10))
 
 
+@pytest.mark.parametrize("scale", ["huge", "tiny"])
+def test_newton_schulz_takes_any_scale(backend, dtype, rng, scale):
+    """c A has A's polar factor: a well conditioned A of size 1e200 (1e30 in
+    32-bit) or 1e-200 (1e-30), whose Gram over- or underflows, was refused as
+    "singular or too ill-conditioned"."""
+    double = dtype in ("float64", "complex128") and backend.has_float64
+    c = {"huge": 1e200, "tiny": 1e-200} if double else {"huge": 1e30, "tiny": 1e-30}
+    U, V = haar(rng, N, dtype), haar(rng, N, dtype)
+    A = ((U * np.linspace(0.5, 2.0, N)) @ mH(V) * c[scale]).astype(dtype)
+    P = backend.to_numpy(ul.project_unitary(backend.asarray(A), method="newton_schulz"))
+    np.testing.assert_allclose(P, U @ mH(V), atol=tol(dtype, 10))
+
+
 def test_newton_schulz_repairs_drifted_matrix_quickly(rng):
     W = haar(rng, N, "complex128")
     drifted = W + 1e-6 * random_matrix(rng, (N, N), "complex128")

@@ -115,6 +115,11 @@ def _newton_schulz(xp, A, max_iter):
     """For tall or square A: X <- X (3 I - X^H X) / 2 on the m x m side."""
     n = A.shape[-1]
     identity = eye(xp, n, like=A)
+    # A power of two first (exact; the polar factor of c A is A's for c > 0):
+    # the Gram of a float64 A of size 1e200, or 1e30 in float32, overflowed
+    # (1e-200 underflowed) and a well conditioned A was refused as singular.
+    top = xp.max(xp.abs(A), axis=(-2, -1), keepdims=True)
+    A = A * xp.astype(2.0 ** -xp.round(xp.log2(xp.where(top > 0, top, xp.ones_like(top)))), A.dtype)
     gram = mH(xp, A) @ A
     bound = xp.max(xp.sum(xp.abs(gram), axis=-1), axis=-1)
     # A zero matrix has no polar factor this iteration can find; keep the
