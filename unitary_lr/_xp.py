@@ -375,6 +375,15 @@ def max_abs(xp, Y):
     return xp.linalg.vector_norm(Y, axis=(-2, -1), keepdims=True, ord=float("inf"))
 
 
+def inverse_power_of_two(xp, magnitude):
+    """2**-round(log2(magnitude)), entry by entry (1 where ``magnitude`` is
+    0): the power of two that brings a column or a matrix of that largest
+    |entry| near 1, exactly (a power of two only moves exponents), so that
+    its squares neither overflow nor underflow. ``round`` has a zero
+    derivative: autograd differentiates the scaled quantity as the unscaled one."""
+    return 2.0 ** -xp.round(xp.log2(xp.where(magnitude > 0, magnitude, xp.ones_like(magnitude))))
+
+
 def panel_times_small(xp, P, T):
     """``P @ T`` for a thin panel P (..., n, r) and a small T (..., r, s), laid
     out column by column (the transpose of a row-major (s, n) array).

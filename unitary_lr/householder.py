@@ -16,6 +16,7 @@ from ._xp import (
     core_dtype,
     device,
     eye,
+    inverse_power_of_two,
     is_complex,
     matmul_panel,
     mH,
@@ -222,10 +223,8 @@ def wy_core(xp, V):
     columns brought near unit length by powers of two first (exact, and U
     does not depend on a column's length): the squares of a float64 column of
     length 1e155 overflowed and those of length 1e-170 underflowed, which gave
-    NaN or a wrong product. The powers come from ``round``, whose derivative
-    is zero, so autograd differentiates the same function of V."""
-    top = xp.max(xp.abs(V), axis=-2, keepdims=True)
-    power = 2.0 ** -xp.round(xp.log2(xp.where(top > 0, top, xp.ones_like(top))))
+    NaN or a wrong product (see ``_xp.inverse_power_of_two``)."""
+    power = inverse_power_of_two(xp, xp.max(xp.abs(V), axis=-2, keepdims=True))
     V = V * xp.astype(power, V.dtype, copy=False)
     gram = mH(xp, V) @ V
     squares = xp.linalg.diagonal(gram)
