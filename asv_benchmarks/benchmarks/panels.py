@@ -1,0 +1,47 @@
+"""The thin products a step is made of: a large n x n matrix times a panel of
+r columns (``A P``), and r rows times it (``P^H A``), as the kernels write them
+(``unitary_lr._xp.matmul_panel``, ``adjoint_rows``) and as one plain product.
+
+A step makes four to seven of them, most with r = 1 or 2 at rank 1, and on a
+CPU they are its memory traffic. NumPy's OpenBLAS pads a panel of two or three
+columns to its kernel's width and multiplies it as slowly as eight, so there
+the kernels split such panels into matrix-vector products; the gap between
+``time_kernel`` and ``time_one_product`` shows what that choice is worth, and
+a library update that changes it shows up here. One thread of BLAS is the
+caller's choice (``--threads`` of the bench, ``OMP_NUM_THREADS``).
+"""
+
+import numpy as np
+
+from unitary_lr._xp import adjoint_rows, matmul_panel, mH, namespace
+
+from ._support import TIMEOUT, block, host_gaussian, load, to_device
+
+
+class ThinProducts:
+    """``A @ P`` and ``P^H @ A`` for A (n, n) and P (n, r)."""
+
+    params = ([1024, 4096], [1, 2, 3, 4, 8], ["float64", "complex64"], ["numpy", "torch"], ["A P", "P^H A"])
+    param_names = ("n", "r", "dtype", "backend", "product")
+    timeout = TIMEOUT
+
+    def setup(self, n, r, dtype, backend, product):
+        self.backend = load(backend, dtype)
+        rng = np.random.default_rng(0)
+        self.A = to_device(self.backend, host_gaussian(rng, (n, n), dtype), dtype)
+        self.P = to_device(self.backend, host_gaussian(rng, (n, r), dtype), dtype)
+        self.xp = namespace(self.A)
+
+    def time_kernel(self, n, r, dtype, backend, product):
+        if product == "A P":
+            result = matmul_panel(self.xp, self.A, self.P)
+        else:
+            result = adjoint_rows(self.xp, self.P, self.A)
+        block(self.backend, result)
+
+    def time_one_product(self, n, r, dtype, backend, product):
+        if product == "A P":
+            result = self.A @ self.P
+        else:
+            result = mH(self.xp, self.P) @ self.A
+        block(self.backend, result)
