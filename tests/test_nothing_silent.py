@@ -81,6 +81,29 @@ def test_subnormal_32_bit_gradients_leave_w_in_place(backend, rng, shape, dtype,
         np.testing.assert_allclose(V, W, atol=tol("float32"))
 
 
+@pytest.mark.parametrize("shape", [(8, 3), (3, 8)])
+def test_subnormal_32_bit_gradients_are_no_reason_to_refuse_a_rectangular_w(shape):
+    """W times a panel of subnormal entries rounds to the subnormal grid: the
+    rectangular steps compared |W z| with |z| on such panels and refused a
+    unitary W ("W is not unitary") for about one seed in sixty. The panels W
+    multiplies are rescaled first; over many draws no step is refused and W
+    comes back."""
+    failures = []
+    for seed in range(60):
+        for scale in (1e-39, 1e-40, 1e-42):
+            rng = np.random.default_rng(seed)
+            W = ul.random_unitary(*shape, dtype="float32", rng=rng)
+            G = (rng.standard_normal(shape) * scale).astype(np.float32)
+            for variant in ("tangent", "direct", "cayley"):
+                try:
+                    V = ul.projunn_step(W, G, lr=0.5, rank=2, variant=variant, rng=0)
+                except ValueError as error:
+                    failures.append((seed, scale, variant, str(error)[:40]))
+                    continue
+                np.testing.assert_allclose(V, W, atol=tol("float32"))
+    assert not failures, failures
+
+
 @pytest.mark.parametrize("variant", ["tangent", "direct"])
 def test_huge_dense_step_is_unitary(rng, variant):
     W = ul.random_unitary(16, dtype="float64", rng=rng)

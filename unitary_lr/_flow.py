@@ -518,7 +518,7 @@ def stiefel_update(xp, W, Y, Z, *, lr, variant, rank, cores, sketched, names):
     if variant == "direct":
         return _stiefel_direct(xp, W, Y, Z, lr=lr, rank=rank, cores=cores, sketched=sketched, names=names)
     n, l = W.shape[-2], Y.shape[-1]
-    Y, Z, core, scale_panels = _prepare(xp, W, Y, Z, cores, sketched)
+    Y, Z, core, scale_panels = _prepare(xp, W, Y, Z, cores, sketched, multiplied=True)
     e = matmul_panel(xp, W, Z)
     Cn, Cz, *scales = cores.gather(_gram(xp, [Y, e], core), _gram(xp, [Z], core), *scale_panels)
     sxp = cores.xp
@@ -550,7 +550,7 @@ def stiefel_update(xp, W, Y, Z, *, lr, variant, rank, cores, sketched, names):
 
 def _stiefel_direct(xp, W, Y, Z, *, lr, rank, cores, sketched, names):
     n, l = W.shape[-2], Y.shape[-1]
-    Y, Z, core, scale_panels = _prepare(xp, W, Y, Z, cores, sketched)
+    Y, Z, core, scale_panels = _prepare(xp, W, Y, Z, cores, sketched, multiplied=True)
     c = adjoint_matmul(xp, W, Y)
     Wc = matmul_panel(xp, W, c)
     a_perp = Y - Wc
@@ -659,14 +659,21 @@ def _stiefel_direct_core_tiny(sxp, Cm, Cn, scales, *, lr, sketched, tol, eps, co
     return T, D, DN, _reorthonormalize_steps_tiny(spread, 2, eps)
 
 
-def _prepare(xp, W, Y, Z, cores, sketched):
+def _prepare(xp, W, Y, Z, cores, sketched, *, multiplied=False):
     """Y and Z broadcast to the common batch, rescaled where the cores need it
     (see :func:`_needs_scaling`), in W's dtype; the core dtype and the scales
-    to gather (their product multiplies the step)."""
+    to gather (their product multiplies the step).
+
+    ``multiplied``: the step multiplies W by them (a tall W: ``W Z``, ``W c``)
+    and checks W's unitarity on those products, so they are rescaled in every
+    precision. W times a panel of subnormal entries rounds to the subnormal
+    grid and loses the digits the check compares: a float32 gradient of
+    1e-42 on a rectangular W was refused as "W is not unitary" for about one
+    seed in sixty."""
     Y, Z = _broadcast_batch(xp, W, Y, Z)
     core = core_dtype(xp, W.dtype, device(W))
     scales = []
-    if _needs_scaling(xp, W.dtype, cores):
+    if multiplied or _needs_scaling(xp, W.dtype, cores):
         if not sketched:
             Y, sy = _scaled(xp, Y)
             scales.append(sy)
