@@ -22,6 +22,7 @@ import unitary_lr as ul  # noqa: E402
 from unitary_lr import _host  # noqa: E402
 
 STEP_OPS = 30
+RANK_K_STEP_OPS = 40
 OPTIMIZER_OPS = 45
 
 
@@ -34,18 +35,25 @@ def counted(run):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "complex64"])
-@pytest.mark.parametrize("variant", ["tangent", "direct"])
+@pytest.mark.parametrize("variant", ["tangent", "direct", "cayley"])
+@pytest.mark.parametrize("rank", [1, 2, 8])
 @pytest.mark.parametrize("factored", [False, True])
-def test_eager_step_is_a_few_operations_and_one_transfer(dtype, variant, factored):
+def test_eager_step_is_a_few_operations_and_one_transfer(dtype, variant, rank, factored):
+    """One host transfer at every rank. Rank k >= 2: the sketch's power
+    iteration re-bases its two intermediate panels on the device (shifted
+    Cholesky QR: no eigendecomposition, nothing read back), for a few more
+    operations than rank 1 (measured: 31 float32, 35 complex64; 35 and 37 on
+    factors of 12 columns, which are sketched; rank 1 takes its one-column
+    factors as they are)."""
     n = 128
     rng = np.random.default_rng(0)
     W = torch.as_tensor(ul.random_unitary(n, dtype=dtype, rng=rng))
     if factored:
-        G = tuple(torch.as_tensor(rng.standard_normal((n, 1)).astype(dtype)) for _ in range(2))
+        G = tuple(torch.as_tensor(rng.standard_normal((n, 1 if rank == 1 else 12)).astype(dtype)) for _ in range(2))
     else:
         G = torch.as_tensor(rng.standard_normal((n, n)).astype(dtype))
-    V, counter, transfers = counted(lambda: ul.projunn_step(W, G, lr=0.1, rank=1, variant=variant, rng=1))
-    assert len(counter.launching) <= STEP_OPS, counter.launching
+    V, counter, transfers = counted(lambda: ul.projunn_step(W, G, lr=0.1, rank=rank, variant=variant, rng=1))
+    assert len(counter.launching) <= (STEP_OPS if rank == 1 else RANK_K_STEP_OPS), counter.launching
     assert transfers == 1
     assert counter.scalar_reads == 0, counter.launching
     assert float(ul.unitarity_error(V)) < 1e-5
@@ -103,14 +111,13 @@ def test_the_counter_sees_a_dense_step():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.complex64])
-@pytest.mark.parametrize(("rank", "host_reads"), [(1, 1), (None, 3)])
-def test_optimizer_step_is_lean(dtype, rank, host_reads):
+@pytest.mark.parametrize("rank", [1, None])
+def test_optimizer_step_is_lean(dtype, rank):
     """``ProjUNN(base="rmsprop").step()`` on one unitary parameter: the base
     rule's elementwise work plus the step, no scalar read (the gradient's
-    NaN/Inf check reads the small Gram matrices on the host). A rank-1 step
-    makes one host transfer; the default rank (8) makes three: one for each
-    of the two panels the sketch's power iteration orthonormalises (a
-    one-column panel is only rescaled), one for the step's cores."""
+    NaN/Inf check reads the small Gram matrices on the host), and one host
+    transfer at any rank: at the default rank (8) the sketch's power
+    iteration re-bases its two intermediate panels on the device."""
     from unitary_lr.torch import ProjUNN, unitary_parameter
 
     W = unitary_parameter(128, dtype=dtype, generator=torch.Generator().manual_seed(0))
@@ -120,7 +127,7 @@ def test_optimizer_step_is_lean(dtype, rank, host_reads):
     _, counter, transfers = counted(opt.step)
     assert len(counter.launching) <= OPTIMIZER_OPS, counter.launching
     assert counter.scalar_reads == 0, counter.launching
-    assert transfers == host_reads, counter.launching
+    assert transfers == 1, counter.launching
 
 
 def test_nan_gradient_is_caught_by_the_transfer_and_changes_nothing():

@@ -33,6 +33,8 @@ host_xp = numpy if tuple(int(part) for part in numpy.__version__.split(".")[:2])
 from ._host import from_host, to_host
 from ._xp import (
     add_product,
+    times_inverse_cholesky_factor,
+    with_diagonal,
     complex_dtype,
     core_dtype,
     device,
@@ -48,6 +50,7 @@ __all__ = [
     "DeviceCores",
     "HostCores",
     "add_lowrank",
+    "cholesky_columns",
     "expm_skew_minus_identity",
     "gram_basis",
     "make_cores",
@@ -191,6 +194,36 @@ def gram_basis(xp, C, tol, *, basis_only=False):
     kept_any, ones = smallest > 0, xp.ones_like(smallest)
     spread = xp.where(kept_any, top[..., 0] / xp.where(kept_any, smallest, ones), ones)
     return T, R, spread
+
+
+def cholesky_columns(xp, P, C, tol):
+    """``P T``, nearly orthonormal columns spanning the panel P (..., n, m)
+    of Gram C = P^H P, on P's device with no host transfer: shifted Cholesky
+    QR (Fukaya, Kannan, Nakatsukasa, Yamamoto, Yanagisawa, SIAM J. Sci.
+    Comput. 42(1), 2020), for bases that need to be well conditioned, not
+    orthonormal to rounding (the sketch's power iteration, see
+    ``_flow.orthonormal_columns``). P and C in one dtype, the result in it.
+
+    Each diagonal entry of C grows by ``tol`` (at least the Gram's rounding
+    level, see :func:`drop_tolerance`) times itself, the shift ``tol I`` of
+    the equilibrated Gram, plus the dtype's smallest normal number: the
+    factorisation succeeds for every finite C, directions well above ``tol``
+    come out orthonormal, directions near it are damped instead of amplified
+    (``gram_basis`` drops them) and a zero column stays zero. Cholesky
+    factors and triangular solves need no equilibration of their own: their
+    errors are those of the equilibrated matrix (van der Sluis). Unlike
+    ``gram_basis``, no eigendecomposition, and no branch on values: one
+    Cholesky factorisation and one triangular solve, which a GPU runs
+    without synchronising (``_xp.times_inverse_cholesky_factor``). NaN or
+    Inf in C gives NaN, which the step's own Gram reports.
+    """
+    # C's own diagonal (complex for a complex C, with a zero or rounding-level
+    # imaginary part, which the factorisation ignores): no conversion
+    shifted = xp.linalg.diagonal(C) * (1 + tol) + real_finfo(xp, C.dtype)[1]
+    try:
+        return times_inverse_cholesky_factor(xp, P, with_diagonal(xp, C, shifted))
+    except numpy.linalg.LinAlgError:  # NumPy's, for NaN or Inf in C
+        return xp.full_like(P, float("nan"))
 
 
 def drop_tolerance(n, eps, core_eps):

@@ -5,8 +5,10 @@ rank-r update of W, plus r x r work done once, together, where it is cheapest
 (see ``_cores``):
 
 1. on the device, thin panels: the sketch ``Y`` of G's range and ``Z = G^H Y``
-   (or the given factors), ``c = W^H Y``, ``W [Z, c]``, and one Gram matrix of
-   all of them, in float64 where the device has it;
+   (or the given factors; the power iteration's intermediate bases from
+   shifted Cholesky factors of their Grams, also on the device), ``c = W^H Y``,
+   ``W [Z, c]``, and one Gram matrix of all of them, in float64 where the
+   device has it;
 2. the small work: an orthonormal basis of span[Z, c] from its Gram
    (equilibrated eigendecomposition, rank-deficient directions dropped), the
    truncation of the sketch to rank k, the exp or polar core; in eager calls
@@ -23,7 +25,7 @@ from __future__ import annotations
 import math
 import warnings
 
-from ._cores import drop_tolerance, expm_skew_minus_identity, gram_basis, polar_minus_identity
+from ._cores import cholesky_columns, drop_tolerance, expm_skew_minus_identity, gram_basis, polar_minus_identity
 from ._tiny import gram_basis2, polar_small2, skew_core2
 from ._xp import (adjoint_matmul, adjoint_rows, broadcast_shapes, core_dtype, device, matmul_panel, max_abs, mH,
                   panel_times_small, real_finfo)
@@ -85,14 +87,14 @@ def _needs_scaling(xp, dtype, cores):
     return cores.eps >= _eps(xp, dtype) / 2
 
 
-def sketch_panels(xp, G, omega, power_iters, cores):
+def sketch_panels(xp, G, omega, power_iters):
     """(Y, Z) with ``Z = G^H Y`` and Y spanning ``(G G^H)^q G omega``: the
     sketch ``G ~ Y (Y^H Y)^+ Z^H``. G is an array or factors (a, b) = a b^H.
 
-    Between the passes the panel is orthonormalised (Halko et al.'s stable
-    power iteration) by :func:`orthonormal_columns`; a one-column panel only
-    needs rescaling, which costs no transfer. The last panel is not: the step's
-    own Gram matrix takes care of it.
+    Between the passes the panel gets a new, well-conditioned basis (Halko
+    et al.'s stable power iteration) by :func:`orthonormal_columns`, on the
+    device: the sketch makes no host transfer. The last panel does not: the
+    step's own Gram matrix takes care of it.
     """
     if isinstance(G, tuple):
         a, b = G
@@ -101,32 +103,35 @@ def sketch_panels(xp, G, omega, power_iters, cores):
         matmul, rmatmul = (lambda X: matmul_panel(xp, G, X)), (lambda Y: adjoint_matmul(xp, G, Y))
     Y = matmul(omega)
     for _ in range(power_iters):
-        Y = matmul(orthonormal_columns(xp, rmatmul(orthonormal_columns(xp, Y, cores)), cores))
+        Y = matmul(orthonormal_columns(xp, rmatmul(orthonormal_columns(xp, Y))))
     Y = _normalized(xp, Y)
     return Y, rmatmul(Y)
 
 
-def orthonormal_columns(xp, Y, cores):
-    """A panel of nearly orthonormal columns (zero ones for dropped
-    directions) spanning the columns of Y, for the power iteration: a
-    rescaling for one column; otherwise ``Y T`` from the basis of Y's Gram
-    (one transfer in eager calls).
+def orthonormal_columns(xp, Y):
+    """A panel of well-conditioned columns spanning the columns of Y, for
+    the power iteration, on Y's device: a rescaling for one column;
+    otherwise Y times the inverse of the shifted Cholesky factor of its Gram
+    (:func:`._cores.cholesky_columns`), in float64 where the device has it.
 
     The next product only needs a basis whose columns are far from
-    dependent, not one orthonormal to rounding: ``Y T`` is off by about
-    eps sqrt(spread) (at most about 1e-2, for a float32 Gram on a device
-    without float64), so no Newton-Schulz step follows, unlike the step's
-    own basis (:func:`_basis`), on which unitarity rests."""
+    dependent, not one orthonormal to rounding, so no Newton-Schulz step
+    follows, unlike the step's own basis (:func:`_basis`), on which
+    unitarity rests. Directions at the Gram's rounding level are damped,
+    not dropped: the next product maps them as it maps any other, and the
+    step's own basis drops what is left of them. NaN or Inf in Y gives NaN,
+    which the step's Gram check reports (naming G)."""
     if Y.shape[-1] == 1:
         return _normalized(xp, Y)
-    Y = _normalized(xp, Y)  # its Gram then never overflows
-    (C,) = cores.gather(_gram(xp, [Y], core_dtype(xp, Y.dtype, device(Y))))
-    sxp = cores.xp
-    if not cores.traced and not bool(sxp.all(sxp.isfinite(C))):
-        raise StepInputError("G")
-    T, _, _ = gram_basis(sxp, C, drop_tolerance(Y.shape[-2], _eps(xp, Y.dtype), cores.eps), basis_only=True)
-    (T,) = cores.scatter(T)
-    return panel_times_small(xp, Y, T)
+    core = core_dtype(xp, Y.dtype, device(Y))
+    if core == Y.dtype:
+        # the Gram in Y's own precision: its squares must stay in range (a
+        # wider dtype holds the squares of any float32 or complex64 panel)
+        Y = _normalized(xp, Y)
+    F = xp.astype(Y, core, copy=False)
+    core_eps = _eps(xp, core)
+    tol = max(drop_tolerance(Y.shape[-2], _eps(xp, Y.dtype), core_eps), 16 * Y.shape[-1] * core_eps)
+    return xp.astype(cholesky_columns(xp, F, adjoint_rows(xp, F, F), tol), Y.dtype, copy=False)
 
 
 def _newton_schulz_factor(xp, Q):
@@ -136,9 +141,17 @@ def _newton_schulz_factor(xp, Q):
 
 
 def _gram(xp, panels, core):
-    F = xp.concat(panels, axis=-1)
-    F = xp.astype(F, core, copy=False)
-    return adjoint_rows(xp, F, F)
+    return _panel_gram(xp, panels, core)[1]
+
+
+def _panel_gram(xp, panels, core):
+    """(F, C): the panels side by side, in their own dtype, and the Gram
+    ``C = F^H F`` in the dtype ``core``. A step that multiplies W by some of
+    the same panels later takes them as a slice of F (a view), not as a
+    second concatenation."""
+    F = panels[0] if len(panels) == 1 else xp.concat(panels, axis=-1)
+    wide = xp.astype(F, core, copy=False)
+    return F, adjoint_rows(xp, wide, wide)
 
 
 def _blocks(C, sizes):
@@ -415,7 +428,9 @@ def lowrank_right_update(xp, W, Y, Z, *, lr, variant, rank, cores, sketched, nam
     n, l = W.shape[-1], Y.shape[-1]
     Y, Z, core, scale_panels = _prepare(xp, W, Y, Z, cores, sketched)
     c = adjoint_matmul(xp, W, Y)
-    C, *scales = cores.gather(_gram(xp, [Y, Z, c], core), *scale_panels)
+    F, C = _panel_gram(xp, [Y, Z, c], core)
+    P = F[..., l:]  # [Z, c]
+    C, *scales = cores.gather(C, *scale_panels)
     sxp = cores.xp
     block = _blocks(C, (l, l, l))
     CP = C[..., l:, l:]
@@ -429,14 +444,14 @@ def lowrank_right_update(xp, W, Y, Z, *, lr, variant, rank, cores, sketched, nam
                                        core_eps=cores.eps) for Cp, scales_p in _each(C, scales)]
             steps = max(_reorthonormalize_steps_tiny(spread, 2, eps) for _, _, spread in cores_)
             T, D, column_scale = _scatter_tiny(cores, C[..., 1:, 1:], cores_)
-            return _apply_right(xp, W, xp.concat([Z, c], axis=-1), T, D, steps, column_scale)
+            return _apply_right(xp, W, P, T, D, steps, column_scale)
         # |W^H y|^2 against |y|^2: W W^H = I exactly when W^H W = I
         _check_unitary(sxp, block(0, 0), block(2, 2))
     T, D, spread = _right_core(sxp, block(0, 0), CP, lr=lr, variant=variant, rank=rank, l=l,
                                sketched=sketched, tol=tol, traced=cores.traced, scale=_product(sxp, scales))
     steps = _TRACED_REORTHONORMALIZE if cores.traced else _reorthonormalize_steps(sxp, spread, CP.shape[-1], eps)
     T, D, column_scale = _scatter(sxp, cores, CP, T, D)
-    return _apply_right(xp, W, xp.concat([Z, c], axis=-1), T, D, steps, column_scale)
+    return _apply_right(xp, W, P, T, D, steps, column_scale)
 
 
 def _sketch_projector(sxp, Cy, Cz, *, rank, l, sketched, tol):
@@ -520,7 +535,8 @@ def stiefel_update(xp, W, Y, Z, *, lr, variant, rank, cores, sketched, names):
     n, l = W.shape[-2], Y.shape[-1]
     Y, Z, core, scale_panels = _prepare(xp, W, Y, Z, cores, sketched, multiplied=True)
     e = matmul_panel(xp, W, Z)
-    Cn, Cz, *scales = cores.gather(_gram(xp, [Y, e], core), _gram(xp, [Z], core), *scale_panels)
+    P, Cn = _panel_gram(xp, [Y, e], core)
+    Cn, Cz, *scales = cores.gather(Cn, _gram(xp, [Z], core), *scale_panels)
     sxp = cores.xp
     eps = _eps(xp, W.dtype)
     tol = drop_tolerance(n, eps, cores.eps)
@@ -536,7 +552,7 @@ def stiefel_update(xp, W, Y, Z, *, lr, variant, rank, cores, sketched, names):
                                       sxp=sxp, core_eps=cores.eps)
                       for (Cp, scales_p), (Czp, _) in zip(_each(Cn, scales), _each(Cz, []))]
             steps = max(_reorthonormalize_steps_tiny(spread, 2, eps) for _, _, spread in cores_)
-            return _apply_left(xp, W, xp.concat([Y, e], axis=-1), *_scatter_tiny(cores, Cn, cores_), steps)
+            return _apply_left(xp, W, P, *_scatter_tiny(cores, Cn, cores_), steps)
         # |W z|^2 against |z|^2: W^H W = I
         _check_unitary(sxp, Cz, Ce)
     Pi = _sketch_projector(sxp, Cy, Cz, rank=rank, l=l, sketched=sketched, tol=tol)
@@ -545,7 +561,7 @@ def stiefel_update(xp, W, Y, Z, *, lr, variant, rank, cores, sketched, names):
     T, R, spread = gram_basis(sxp, Cn, tol)
     D = _skew_core(sxp, R @ K0 @ mH(sxp, R), _step_size(sxp, lr, _product(sxp, scales)), variant)
     steps = _TRACED_REORTHONORMALIZE if cores.traced else _reorthonormalize_steps(sxp, spread, Cn.shape[-1], eps)
-    return _apply_left(xp, W, xp.concat([Y, e], axis=-1), *_scatter(sxp, cores, Cn, T, D), steps)
+    return _apply_left(xp, W, P, *_scatter(sxp, cores, Cn, T, D), steps)
 
 
 def _stiefel_direct(xp, W, Y, Z, *, lr, rank, cores, sketched, names):
@@ -556,7 +572,8 @@ def _stiefel_direct(xp, W, Y, Z, *, lr, rank, cores, sketched, names):
     a_perp = Y - Wc
     # a product of its own: on the CPU an n x 2l panel [W Z, W c] costs as much as two to four of them
     e = matmul_panel(xp, W, Z) if not cores.traced else None
-    grams = [_gram(xp, [Z, c], core), _gram(xp, [Y, a_perp, Wc], core)] + ([] if e is None else [_gram(xp, [e], core)])
+    Zc, Czc = _panel_gram(xp, [Z, c], core)
+    grams = [Czc, _gram(xp, [Y, a_perp, Wc], core)] + ([] if e is None else [_gram(xp, [e], core)])
     Cm, Cn, *scales = cores.gather(*grams, *scale_panels)
     if e is not None:
         Ce, *scales = scales
@@ -577,7 +594,7 @@ def _stiefel_direct(xp, W, Y, Z, *, lr, rank, cores, sketched, names):
             # one matrix, one sketch column: the cores in closed form
             T, D, DN, steps = _stiefel_direct_core_tiny(sxp, Cm, Cn, scales, lr=lr, sketched=sketched, tol=tol,
                                                         eps=eps, columns=W.shape[-1])
-            return _apply_stiefel_direct(xp, W, Z, c, a_perp, _scatter_direct(sxp, cores, Cm, block(1, 1), T, D, DN),
+            return _apply_stiefel_direct(xp, W, Zc, a_perp, _scatter_direct(sxp, cores, Cm, block(1, 1), T, D, DN),
                                          steps)
     Pi = _sketch_projector(sxp, Cy, Cm[..., :l, :l], rank=rank, l=l, sketched=sketched, tol=tol)
     zero = sxp.zeros_like(Pi)
@@ -597,7 +614,7 @@ def _stiefel_direct(xp, W, Y, Z, *, lr, rank, cores, sketched, names):
     D, X_bottom = polar_minus_identity(sxp, B, bottom=Ra @ E, traced=cores.traced)
     steps = _TRACED_REORTHONORMALIZE if cores.traced else _reorthonormalize_steps(sxp, spread, Cm.shape[-1], eps)
     DN = Ta @ X_bottom  # a_perp's coefficients
-    return _apply_stiefel_direct(xp, W, Z, c, a_perp, _scatter_direct(sxp, cores, Cm, Ca, T, D, DN), steps)
+    return _apply_stiefel_direct(xp, W, Zc, a_perp, _scatter_direct(sxp, cores, Cm, Ca, T, D, DN), steps)
 
 
 def _scatter_direct(sxp, cores, Cm, Ca, T, D, DN):
@@ -621,12 +638,13 @@ def _in_range_threshold(eps, m):
     return 64 * eps * eps * max(m, 64)
 
 
-def _apply_stiefel_direct(xp, W, Z, c, a_perp, cores_on_device, steps):
+def _apply_stiefel_direct(xp, W, Zc, a_perp, cores_on_device, steps):
     """(L, Rh) of the direct step on a tall W from its cores (T, D, DN) and the
     panels' column scales on the device (:func:`_scatter_direct`): ``W Q D
-    Q^H`` with Q = [Z, c] T, plus a_perp's part ``a_perp DN Q^H``."""
+    Q^H`` with Q = [Z, c] T (Zc, the panel [Z, c]), plus a_perp's part
+    ``a_perp DN Q^H``."""
     T, D, DN, zc_scale, a_scale = cores_on_device
-    L, Rh = _apply_right(xp, W, xp.concat([Z, c], axis=-1), T, D, steps, zc_scale)
+    L, Rh = _apply_right(xp, W, Zc, T, D, steps, zc_scale)
     if a_scale is not None:
         a_perp = a_perp * a_scale[..., None, :]
     return L + panel_times_small(xp, a_perp, DN), Rh

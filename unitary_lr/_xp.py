@@ -18,6 +18,8 @@ __all__ = [
     "adjoint_matmul",
     "matmul_panel",
     "max_abs",
+    "times_inverse_cholesky_factor",
+    "with_diagonal",
     "is_column_major",
     "panel_times_small",
     "row_layout",
@@ -382,6 +384,30 @@ def upper_triangular_inverse(xp, A):
     return torch.linalg.solve_triangular(A, identity, upper=True)
 
 
+def with_diagonal(xp, C, v):
+    """C (..., j, j) with its diagonal replaced by v (..., j): one PyTorch
+    operation (``diagonal_scatter``), ``C + I (v - diag C)`` elsewhere."""
+    if _is_torch(xp):
+        return sys.modules["torch"].diagonal_scatter(C, v, dim1=-2, dim2=-1)
+    return C + eye(xp, C.shape[-1], like=C) * (v - xp.linalg.diagonal(C))[..., None, :]
+
+
+def times_inverse_cholesky_factor(xp, P, M):
+    """``P R^-1`` for a panel P (..., n, j) and the Cholesky factor R (upper
+    triangular, ``M = R^H R``) of a Hermitian positive definite M (..., j, j),
+    laid out column by column (see :func:`panel_times_small`), with no host
+    synchronisation. PyTorch's ``cholesky`` reads its error code on the host
+    (a synchronisation on a GPU) and ``cholesky_ex`` does not; its triangular
+    solve checks nothing and writes the panel column by column, one op for
+    ``P R^-1``. The standard has no triangular solve: elsewhere ``P inv(R)``.
+    CuPy and JAX check nothing by default; NumPy raises ``LinAlgError``
+    where M is not positive definite."""
+    if _is_torch(xp):
+        linalg = sys.modules["torch"].linalg
+        return linalg.solve_triangular(linalg.cholesky_ex(M).L.mH, P, upper=True, left=False)
+    return panel_times_small(xp, P, xp.linalg.inv(mH(xp, xp.linalg.cholesky(M))))
+
+
 def max_abs(xp, Y):
     """The largest |entry| of each matrix of Y, shape (..., 1, 1).
 
@@ -459,7 +485,10 @@ _lazy_conjugation = _is_torch  # PyTorch conjugates by a flag, read by its matmu
 
 
 def eye(xp, n: int, *, like):
-    """Identity of size n with the dtype and device of ``like``."""
+    """Identity of size n with the dtype and device of ``like``: PyTorch's own
+    ``eye`` is one operation, the compat layer's two (zeros, then a fill)."""
+    if _is_torch(xp):
+        return sys.modules["torch"].eye(n, dtype=like.dtype, device=like.device)
     return xp.eye(n, dtype=like.dtype, device=device(like))
 
 

@@ -399,7 +399,7 @@ def step_factors_unchecked(xp, W, G, omega, *, lr, rank, variant, power_iters, t
         Y, Z = G
         names, sketched = ("G[0]", "G[1]"), False
     else:
-        Y, Z = sketch_panels(xp, G, omega, power_iters, cores)
+        Y, Z = sketch_panels(xp, G, omega, power_iters)
         names, sketched = (("G[0]", "G[1]") if isinstance(G, tuple) else ("G", "G")), True
     Y, Z = (xp.astype(x, W.dtype, copy=False) for x in (Y, Z))
     return lowrank_update(xp, W, Y, Z, lr=lr, variant=variant, rank=rank,
