@@ -33,8 +33,6 @@ host_xp = numpy if tuple(int(part) for part in numpy.__version__.split(".")[:2])
 from ._host import from_host, to_host
 from ._xp import (
     add_product,
-    times_inverse_cholesky_factor,
-    with_diagonal,
     complex_dtype,
     core_dtype,
     device,
@@ -44,6 +42,8 @@ from ._xp import (
     mH,
     real_dtype,
     real_finfo,
+    times_inverse_cholesky_factor,
+    with_diagonal,
 )
 
 __all__ = [
