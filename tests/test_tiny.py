@@ -279,3 +279,34 @@ def test_rank1_steps_of_one_matrix_make_no_general_core_call(rng, monkeypatch, s
     many = _flow._TINY_BATCH + 1
     with pytest.raises(AssertionError, match="general core"):
         ul.projunn_step(np.stack([W] * many), np.stack([G] * many), lr=0.01, variant=variant, rng=1)
+
+
+@pytest.mark.parametrize("size", [1, 2])
+@pytest.mark.parametrize("scale", [1e-30, 1.0, 1e30])
+def test_device_closed_form_eigh_matches_lapack(backend, dtype, rng, size, scale):
+    """``_cores.hermitian_eigh`` of 1 x 1 and 2 x 2 matrices (the cores of a
+    rank-1 step) in closed form, on every backend: eigenvalues within a few
+    ulps of the largest from NumPy's LAPACK, orthonormal eigenvectors that
+    rebuild H, batched, with a scalar matrix, a diagonal one and a zero one
+    in the batch."""
+    if not backend.has_float64 and dtype in ("float64", "complex128"):
+        pytest.skip(f"{backend.name} has no {dtype}")
+    complex_ = dtype.startswith("complex")
+    X = rng.standard_normal((40, size, size)) + (1j * rng.standard_normal((40, size, size)) if complex_ else 0)
+    H = (X + np.conj(np.swapaxes(X, -1, -2))) / 2
+    H[0] = np.eye(size)
+    H[1] = np.diag(np.linspace(1, 1e-9, size))
+    H[2] = 0
+    H = (H * scale).astype(dtype)
+    from unitary_lr._xp import namespace
+
+    H_b = backend.asarray(H)
+    lam, V = _cores.hermitian_eigh(namespace(H_b), H_b)
+    lam, V = backend.to_numpy(lam).astype(np.float64), backend.to_numpy(V).astype(np.complex128)
+    reference = np.linalg.eigh(H.astype(np.complex128))[0]
+    top = np.maximum(np.abs(reference).max(axis=-1), np.finfo(dtype).tiny)
+    eps = np.finfo(dtype).eps
+    assert np.all(np.abs(lam - reference).max(axis=-1) <= 8 * eps * top)
+    assert np.abs(np.conj(np.swapaxes(V, -1, -2)) @ V - np.eye(size)).max() <= 8 * eps
+    rebuilt = V @ (lam[..., None] * np.conj(np.swapaxes(V, -1, -2)))
+    assert np.all(np.abs(rebuilt - H).max(axis=(-2, -1)) <= 8 * eps * top)

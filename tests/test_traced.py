@@ -70,6 +70,39 @@ def test_device_cores_make_no_transfer_and_no_scalar_read():
     np.testing.assert_allclose(V.numpy(), eager.numpy(), atol=1e-12)
 
 
+@pytest.mark.parametrize("variant", ["tangent", "cayley"])
+@pytest.mark.parametrize("dtype", ["float32", "complex64"])
+def test_rank_one_traced_step_calls_no_eigensolver(variant, dtype):
+    """Issue 11's traced path: the 2 x 2 cores of a rank-1 step on the device
+    in closed form (``_cores.hermitian_eigh``), no library eigensolver, which
+    PyTorch cannot capture in a CUDA graph; the same step as the eager one."""
+    from _aten import AtenOps
+    from unitary_lr.steps import step_unchecked
+
+    rng = np.random.default_rng(3)
+    W = torch.as_tensor(ul.random_unitary(32, dtype=dtype, rng=rng))
+    G = torch.as_tensor(rng.standard_normal((32, 32)).astype(dtype))
+    xp, omega, eager = _eager_and_omega(torch, W, G, variant=variant, seed=4)
+    with AtenOps() as ops:
+        V = step_unchecked(xp, W, G, omega, lr=0.1, rank=1, variant=variant, power_iters=1, traced=True)
+    assert not [op for op in ops.launching if "eigh" in op or "svd" in op], ops.launching
+    np.testing.assert_allclose(V.numpy(), eager.numpy(), atol=1e-5)
+
+
+def test_jitted_rank_one_optax_update_has_no_eigensolver():
+    jax = pytest.importorskip("jax")
+    pytest.importorskip("optax")
+    import jax.numpy as jnp
+
+    from unitary_lr.optax import projunn
+
+    params = {"W": ul.random_unitary(16, dtype="float32", xp=jnp, rng=0)}
+    opt = projunn(1e-2, unitary={"W": True}, rank=1, variant="tangent")
+    jaxpr = str(jax.make_jaxpr(opt.update)({"W": jnp.ones((16, 16), jnp.float32)}, opt.init(params), params))
+    # (the drift control's re-projection, in a branch of its own, is an SVD of W)
+    assert "eigh" not in jaxpr and "callback" not in jaxpr
+
+
 def test_jitted_optax_update_has_no_callback():
     jax = pytest.importorskip("jax")
     optax = pytest.importorskip("optax")

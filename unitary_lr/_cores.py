@@ -53,6 +53,7 @@ __all__ = [
     "cholesky_columns",
     "expm_skew_minus_identity",
     "gram_basis",
+    "hermitian_eigh",
     "make_cores",
     "polar_minus_identity",
 ]
@@ -160,6 +161,50 @@ def make_cores(xp, like, traced):
     return DeviceCores(xp, like) if traced else HostCores(xp, like)
 
 
+def hermitian_eigh(xp, H):
+    """``xp.linalg.eigh(H)`` for Hermitian H (..., r, r): eigenvalues in
+    ascending order, orthonormal eigenvectors in the columns. For r = 1 and
+    r = 2, the cores of a rank-1 step, in closed form from elementwise
+    operations: on a device a library eigensolver is a solver call of its
+    own (PyTorch's CUDA ``eigh`` cannot be captured in a CUDA graph), and
+    these matrices need none. The 2 x 2 form reads the eigenvector of the
+    larger eigenvalue from the row of ``H - lambda I`` without cancellation
+    (as ``_tiny.eigh2`` does on the host), so it is accurate to rounding
+    relative to the larger eigenvalue, as LAPACK's; scaled by the larger of
+    the half-difference and the off-diagonal entry, it neither overflows nor
+    underflows. Where the two eigenvalues are equal, any orthonormal pair is
+    returned (the functions of H built from them do not depend on it)."""
+    r = H.shape[-1]
+    if r > 2:
+        return xp.linalg.eigh(H)
+    real = xp.real(H) if is_complex(xp, H.dtype) else H
+    if r == 1:
+        return real[..., 0], xp.ones_like(H)
+    conj = xp.conj if is_complex(xp, H.dtype) else (lambda x: x)
+    h00, h11, h01 = real[..., 0, 0], real[..., 1, 1], H[..., 0, 1]
+    mean, half, off = (h00 + h11) / 2, (h00 - h11) / 2, xp.abs(h01)
+    big = xp.maximum(xp.abs(half), off)
+    unit = xp.where(big > 0, big, xp.ones_like(big))
+    half_s, off_s = half / unit, off / unit
+    rho_s = xp.sqrt(half_s * half_s + off_s * off_s)  # rho / unit, in [1, sqrt(2)] unless H is a multiple of I
+    if is_complex(xp, H.dtype):  # part by part: a complex division by a tiny number can overflow inside
+        h01_s = xp.astype(xp.real(h01) / unit, H.dtype) + xp.astype(xp.imag(h01) / unit, H.dtype) * 1j
+    else:
+        h01_s = h01 / unit
+    upper = half >= 0
+    x = xp.where(upper, xp.astype(half_s + rho_s, H.dtype, copy=False), h01_s)
+    y = xp.where(upper, conj(h01_s), xp.astype(rho_s - half_s, H.dtype, copy=False))
+    norm = xp.sqrt(xp.abs(x) ** 2 + xp.abs(y) ** 2)  # at least rho_s: no underflow
+    equal = big == 0  # H = mean I: every vector is an eigenvector
+    safe = xp.astype(xp.where(equal, xp.ones_like(norm), norm), H.dtype, copy=False)
+    x = xp.where(equal, xp.ones_like(x), x / safe)
+    y = xp.where(equal, xp.zeros_like(y), y / safe)
+    rho = rho_s * big
+    lam = xp.stack([mean - rho, mean + rho], axis=-1)
+    V = xp.stack([xp.stack([-conj(y), x], axis=-1), xp.stack([conj(x), y], axis=-1)], axis=-2)
+    return lam, V
+
+
 def gram_basis(xp, C, tol, *, basis_only=False):
     """A basis of the span of a panel P (..., n, m) from its Gram C = P^H P.
 
@@ -180,7 +225,7 @@ def gram_basis(xp, C, tol, *, basis_only=False):
     positive = d > 0
     root_d = xp.sqrt(xp.where(positive, d, one))
     scale = xp.where(positive, 1 / root_d, zero)
-    lam, V = xp.linalg.eigh(C * xp.astype(scale[..., :, None] * scale[..., None, :], C.dtype, copy=False))
+    lam, V = hermitian_eigh(xp, C * xp.astype(scale[..., :, None] * scale[..., None, :], C.dtype, copy=False))
     top = xp.max(lam, axis=-1, keepdims=True)
     keep = (lam > tol * top) & (top > 0)
     root = xp.sqrt(xp.where(keep, lam, one))
@@ -252,9 +297,9 @@ def expm_skew_minus_identity(xp, K, t, *, cayley=False):
     ctype = complex_dtype(xp, K.dtype)
     Kc = xp.astype(K, ctype, copy=False)
     if isinstance(t, (int, float)):
-        lam, V = xp.linalg.eigh(Kc * (1j * t))
+        lam, V = hermitian_eigh(xp, Kc * (1j * t))
     else:  # a 0-d array (a traced learning rate)
-        lam, V = xp.linalg.eigh(Kc * (xp.astype(t, ctype) * 1j))
+        lam, V = hermitian_eigh(xp, Kc * (xp.astype(t, ctype) * 1j))
     if cayley:
         angle = 2 * xp.atan(lam / 2)
     else:
@@ -348,7 +393,7 @@ def _polar_small(xp, B, E=None):
     H = B + Bh + Bh @ B
     if E is not None:
         H = H + mH(xp, E) @ E
-    mu, Y = xp.linalg.eigh(H)
+    mu, Y = hermitian_eigh(xp, H)
     root = xp.sqrt(1 + xp.clip(mu, min=-0.75))
     shrink = -mu / (root * (1 + root))
     S = (Y * xp.astype(shrink, Y.dtype)[..., None, :]) @ mH(xp, Y)

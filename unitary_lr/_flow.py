@@ -25,7 +25,8 @@ from __future__ import annotations
 import math
 import warnings
 
-from ._cores import cholesky_columns, drop_tolerance, expm_skew_minus_identity, gram_basis, polar_minus_identity
+from ._cores import (cholesky_columns, drop_tolerance, expm_skew_minus_identity, gram_basis, hermitian_eigh,
+                     polar_minus_identity)
 from ._tiny import gram_basis2, polar_small2, skew_core2
 from ._xp import (adjoint_matmul, adjoint_rows, broadcast_shapes, core_dtype, device, matmul_panel, max_abs, mH,
                   panel_times_small, real_finfo)
@@ -463,7 +464,7 @@ def _sketch_projector(sxp, Cy, Cz, *, rank, l, sketched, tol):
     Ty, _, _ = gram_basis(sxp, Cy, tol, basis_only=True)
     if rank >= l:
         return Ty @ mH(sxp, Ty)
-    _, Ub = sxp.linalg.eigh(mH(sxp, Ty) @ Cz @ Ty)
+    _, Ub = hermitian_eigh(sxp, mH(sxp, Ty) @ Cz @ Ty)
     U = Ty @ Ub[..., -rank:]
     return U @ mH(sxp, U)
 
