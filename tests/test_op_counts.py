@@ -206,6 +206,70 @@ def test_the_update_is_one_fused_product_in_w_layout(batch, layout):
                                rtol=0, atol=1e-13)
 
 
+@pytest.mark.parametrize("dtype", ["float64", "complex64"])
+@pytest.mark.parametrize("batch", [(), (2,)])
+@pytest.mark.parametrize("layout", ["rows", "columns"])
+def test_a_large_update_is_written_into_huge_page_memory(dtype, batch, layout):
+    """From 4 MiB on, the fused update writes into memory NumPy allocated
+    (transparent huge pages, see ``_xp._huge_page_result``): still one fused
+    product, W's layout, W + L Rh to rounding, an ordinary tensor that does
+    not alias W or the factors."""
+    from unitary_lr._xp import add_product
+
+    n = 1024 if dtype == "float64" else 768  # 8 MiB and 4.5 MiB per matrix
+    rng = np.random.default_rng(7)
+    W = torch.as_tensor(rng.standard_normal((*batch, n, n)).astype(dtype))
+    if layout == "columns":
+        W = W.mT.contiguous().mT
+    L = torch.as_tensor(rng.standard_normal((*batch, n, 2)).astype(dtype))
+    Rh = torch.as_tensor(rng.standard_normal((*batch, 2, n)).astype(dtype))
+    before = W.clone()
+    X, counter, _ = counted(lambda: add_product(torch, W, L, Rh))
+    fused = "aten.addmm.out" if not batch else "aten.baddbmm.out"
+    # (a complex W's factor along its contiguous axis is copied into its layout first, O(r n))
+    assert counter.touching(n * n) == [fused], counter.launching
+    assert len(counter.launching) <= 2, counter.launching
+    assert X.stride() == W.stride() and X.dtype == W.dtype and X.shape == W.shape
+    reference = W.numpy().astype(np.complex128 if "complex" in dtype else np.float64) + \
+        L.numpy().astype(np.complex128) @ Rh.numpy().astype(np.complex128)
+    np.testing.assert_allclose(X.numpy(), reference, rtol=0, atol=1e-4 if dtype == "complex64" else 1e-12)
+    X.mul_(0)
+    torch.testing.assert_close(W, before, rtol=0, atol=0)
+    assert torch.count_nonzero(L) == L.numel()
+
+
+def test_a_large_update_with_autograd_stays_differentiable():
+    """The huge-page result is written with ``out=``, which autograd does not
+    differentiate: a large update of tensors that require grad takes
+    PyTorch's own allocation and keeps its gradient."""
+    from unitary_lr._xp import add_product
+
+    n = 1024
+    rng = np.random.default_rng(8)
+    W = torch.as_tensor(rng.standard_normal((n, n))).requires_grad_()
+    L = torch.as_tensor(rng.standard_normal((n, 2))).requires_grad_()
+    Rh = torch.as_tensor(rng.standard_normal((2, n)))
+    X = add_product(torch, W, L, Rh)
+    X.sum().backward()
+    torch.testing.assert_close(W.grad, torch.ones_like(W))
+    torch.testing.assert_close(L.grad, Rh.sum(dim=1).expand(n, 2))
+    with torch.no_grad():  # without autograd, the huge-page path
+        _, counter, _ = counted(lambda: add_product(torch, W, L, Rh))
+    assert counter.launching == ["aten.addmm.out"], counter.launching
+
+
+def test_a_large_update_compiles_in_one_graph():
+    """Under ``torch.compile(fullgraph=True)`` the update keeps PyTorch's
+    allocation (a NumPy array made while tracing would break the graph)."""
+    from unitary_lr._xp import add_product
+
+    n = 1024
+    rng = np.random.default_rng(9)
+    W, L, Rh = (torch.as_tensor(rng.standard_normal(shape)) for shape in ((n, n), (n, 2), (2, n)))
+    compiled = torch.compile(lambda W, L, Rh: add_product(torch, W, L, Rh), fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(W, L, Rh), torch.addmm(W, L, Rh), rtol=0, atol=1e-12)
+
+
 def _adapter_pass_ops(reflectors):
     """The aten operations of one forward + backward of an HTA layer."""
     from unitary_lr.torch import HouseholderAdapter
