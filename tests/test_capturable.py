@@ -196,14 +196,36 @@ def test_state_keeps_its_storage_from_step_to_step(base):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.complex64])
-def test_cuda_graph_replays_advance_parameter_and_state(dtype):
+@pytest.mark.parametrize("variant", ["tangent", "cayley"])
+def test_cuda_graph_replays_advance_parameter_and_state(dtype, variant):
     """The use capturable=True is for: ``opt.step()`` captured once in a CUDA
     graph (PyTorch's whole-network capture recipe, with a static gradient)
     and replayed. Every replay must move W, keep it unitary, advance the
-    RMSprop average in the state's own tensor and draw a new sketch."""
+    RMSprop average in the state's own tensor and draw a new sketch. Rank 1,
+    whose traced cores are closed forms (no library solver)."""
+    _capture_and_replay(dtype, rank=1, variant=variant)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("rank, variant", [(8, "tangent"), (2, "cayley"), (1, "direct")])
+def test_cuda_graph_capture_of_a_solver_step_works_or_says_why(rank, variant):
+    """Steps whose traced cores call ``torch.linalg.eigh`` or ``svd``, which
+    PyTorch reports as impossible to capture: the capture either works (a
+    PyTorch that can capture them), with the replays checked as at rank 1,
+    or fails with the optimizer's own RuntimeError naming the cause, never
+    with a bare CUDA error."""
+    try:
+        _capture_and_replay(torch.float32, rank=rank, variant=variant)
+    except RuntimeError as error:
+        assert "could not capture this step" in str(error), error
+        assert f"rank {rank}" in str(error) and "torch.linalg.eigh" in str(error)
+
+
+def _capture_and_replay(dtype, *, rank, variant):
     device = torch.device("cuda")
     W = unitary_parameter(64, dtype=dtype, device=device, generator=torch.Generator(device).manual_seed(0))
-    opt = ProjUNN([W], lr=torch.tensor(1e-2, device=device), base="rmsprop", capturable=True)
+    opt = ProjUNN([W], lr=torch.tensor(1e-2, device=device), base="rmsprop", capturable=True, rank=rank,
+                  variant=variant)
     W.grad = torch.randn(64, 64, dtype=dtype, device=device, generator=torch.Generator(device).manual_seed(1))
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

@@ -275,23 +275,32 @@ def _basis(xp, P, T, reorthonormalize, column_scale=None):
     return Q
 
 
-# Newton-Schulz steps of a traced call, which cannot look at the conditioning.
-_TRACED_REORTHONORMALIZE = 2
+# Newton-Schulz steps of a traced call, which cannot look at the conditioning:
+# enough for the worst spread a basis keeps (the drop tolerance's inverse),
+# where Q's departure from orthonormal columns is about 2e-2 (see
+# _newton_schulz_count): 2e-2 -> 3e-4 -> 7e-8 -> 4e-15.
+_TRACED_REORTHONORMALIZE = 3
 
 
-def _reorthonormalize_steps(sxp, spread, m, eps):
+def _reorthonormalize_steps(sxp, spread, m, eps, core_eps):
     """How many Newton-Schulz steps bring Q = P T to orthonormal columns at the
     device's rounding level; ``spread`` from :func:`gram_basis` (host side)."""
     ratio = float(sxp.max(spread)) if spread.size else 1.0
-    error, steps = eps * (ratio * m) ** 0.5, 0
-    while error > 16 * eps and steps < 4:
-        error, steps = max(error * error, eps), steps + 1
-    return steps
+    return _newton_schulz_count(ratio, m, eps, core_eps)
 
 
-def _reorthonormalize_steps_tiny(spread, m, eps):
-    """:func:`_reorthonormalize_steps` for one Python float ``spread``."""
-    error, steps = eps * (spread * m) ** 0.5, 0
+def _newton_schulz_count(ratio, m, eps, core_eps):
+    """Newton-Schulz steps for a basis Q = P T of m columns from the Gram of P
+    whose kept eigenvalues spread over ``ratio`` (cond(P)^2, after
+    equilibration). Q departs from orthonormal columns by about
+    ``eps sqrt(ratio m)`` from forming P T in the panels' precision ``eps``,
+    plus ``core_eps ratio m`` from the Gram the basis comes from, in the
+    cores' precision: a Gram squares the condition number. Each step squares
+    the departure, down to the panels' rounding level. (Counting the first
+    term alone, a float64 step on a gradient whose singular values spread
+    over 1e10 took one step where it needed three, and returned W with
+    ||W^H W - I|| = 5e-7.)"""
+    error, steps = eps * (ratio * m) ** 0.5 + core_eps * ratio * m, 0
     while error > 16 * eps and steps < 4:
         error, steps = max(error * error, eps), steps + 1
     return steps
@@ -443,14 +452,15 @@ def lowrank_right_update(xp, W, Y, Z, *, lr, variant, rank, cores, sketched, nam
             # one sketch column: 2 x 2 cores in closed form, matrix by matrix
             cores_ = [_right_core_tiny(sxp, Cp, scales_p, lr=lr, variant=variant, sketched=sketched, tol=tol,
                                        core_eps=cores.eps) for Cp, scales_p in _each(C, scales)]
-            steps = max(_reorthonormalize_steps_tiny(spread, 2, eps) for _, _, spread in cores_)
+            steps = max(_newton_schulz_count(spread, 2, eps, cores.eps) for _, _, spread in cores_)
             T, D, column_scale = _scatter_tiny(cores, C[..., 1:, 1:], cores_)
             return _apply_right(xp, W, P, T, D, steps, column_scale)
         # |W^H y|^2 against |y|^2: W W^H = I exactly when W^H W = I
         _check_unitary(sxp, block(0, 0), block(2, 2))
     T, D, spread = _right_core(sxp, block(0, 0), CP, lr=lr, variant=variant, rank=rank, l=l,
                                sketched=sketched, tol=tol, traced=cores.traced, scale=_product(sxp, scales))
-    steps = _TRACED_REORTHONORMALIZE if cores.traced else _reorthonormalize_steps(sxp, spread, CP.shape[-1], eps)
+    steps = (_TRACED_REORTHONORMALIZE if cores.traced
+             else _reorthonormalize_steps(sxp, spread, CP.shape[-1], eps, cores.eps))
     T, D, column_scale = _scatter(sxp, cores, CP, T, D)
     return _apply_right(xp, W, P, T, D, steps, column_scale)
 
@@ -552,7 +562,7 @@ def stiefel_update(xp, W, Y, Z, *, lr, variant, rank, cores, sketched, names):
             cores_ = [_left_core_tiny(Cp, Czp, scales_p, lr=lr, variant=variant, sketched=sketched, tol=tol,
                                       sxp=sxp, core_eps=cores.eps)
                       for (Cp, scales_p), (Czp, _) in zip(_each(Cn, scales), _each(Cz, []))]
-            steps = max(_reorthonormalize_steps_tiny(spread, 2, eps) for _, _, spread in cores_)
+            steps = max(_newton_schulz_count(spread, 2, eps, cores.eps) for _, _, spread in cores_)
             return _apply_left(xp, W, P, *_scatter_tiny(cores, Cn, cores_), steps)
         # |W z|^2 against |z|^2: W^H W = I
         _check_unitary(sxp, Cz, Ce)
@@ -561,7 +571,8 @@ def stiefel_update(xp, W, Y, Z, *, lr, variant, rank, cores, sketched, names):
     K0 = sxp.concat([sxp.concat([zero, Pi], axis=-1), sxp.concat([-Pi, zero], axis=-1)], axis=-2)
     T, R, spread = gram_basis(sxp, Cn, tol)
     D = _skew_core(sxp, R @ K0 @ mH(sxp, R), _step_size(sxp, lr, _product(sxp, scales)), variant)
-    steps = _TRACED_REORTHONORMALIZE if cores.traced else _reorthonormalize_steps(sxp, spread, Cn.shape[-1], eps)
+    steps = (_TRACED_REORTHONORMALIZE if cores.traced
+             else _reorthonormalize_steps(sxp, spread, Cn.shape[-1], eps, cores.eps))
     return _apply_left(xp, W, P, *_scatter(sxp, cores, Cn, T, D), steps)
 
 
@@ -593,10 +604,12 @@ def _stiefel_direct(xp, W, Y, Z, *, lr, rank, cores, sketched, names):
         _check_unitary(sxp, Cm[..., :l, :l], Ce)
         if l == 1 and Cn.ndim == 2 and isinstance(lr, (int, float)):
             # one matrix, one sketch column: the cores in closed form
-            T, D, DN, steps = _stiefel_direct_core_tiny(sxp, Cm, Cn, scales, lr=lr, sketched=sketched, tol=tol,
-                                                        eps=eps, columns=W.shape[-1])
-            return _apply_stiefel_direct(xp, W, Zc, a_perp, _scatter_direct(sxp, cores, Cm, block(1, 1), T, D, DN),
-                                         steps)
+            T, D, Ta, X_bottom, steps = _stiefel_direct_core_tiny(
+                sxp, Cm, Cn, scales, lr=lr, sketched=sketched, tol=tol, eps=eps, core_eps=cores.eps,
+                columns=W.shape[-1])
+            on_device = _scatter_direct(sxp, cores, Cm, block(1, 1), T, D, Ta, X_bottom)
+            # one column: T_a = 1 / |a_perp| normalises it, no Newton-Schulz step
+            return _apply_stiefel_direct(xp, W, Zc, a_perp, on_device, steps, 0)
     Pi = _sketch_projector(sxp, Cy, Cm[..., :l, :l], rank=rank, l=l, sketched=sketched, tol=tol)
     zero = sxp.zeros_like(Pi)
     A0 = sxp.concat([sxp.concat([zero, zero], axis=-1), sxp.concat([Pi, zero], axis=-1)], axis=-2)
@@ -611,26 +624,30 @@ def _stiefel_direct(xp, W, Y, Z, *, lr, rank, cores, sketched, names):
     Ca = block(1, 1)
     da, dy = sxp.real(sxp.linalg.diagonal(Ca)), sxp.real(sxp.linalg.diagonal(Cy))
     keep = sxp.astype(da > _in_range_threshold(eps, W.shape[-1]) * dy, Ca.dtype)
-    Ta, Ra, _ = gram_basis(sxp, Ca * (keep[..., :, None] * keep[..., None, :]), tol)
+    Ta, Ra, spread_a = gram_basis(sxp, Ca * (keep[..., :, None] * keep[..., None, :]), tol)
     D, X_bottom = polar_minus_identity(sxp, B, bottom=Ra @ E, traced=cores.traced)
-    steps = _TRACED_REORTHONORMALIZE if cores.traced else _reorthonormalize_steps(sxp, spread, Cm.shape[-1], eps)
-    DN = Ta @ X_bottom  # a_perp's coefficients
-    return _apply_stiefel_direct(xp, W, Zc, a_perp, _scatter_direct(sxp, cores, Cm, Ca, T, D, DN), steps)
+    if cores.traced:
+        steps = steps_a = _TRACED_REORTHONORMALIZE
+    else:
+        steps = _reorthonormalize_steps(sxp, spread, Cm.shape[-1], eps, cores.eps)
+        steps_a = _reorthonormalize_steps(sxp, spread_a, l, eps, cores.eps)
+    on_device = _scatter_direct(sxp, cores, Cm, Ca, T, D, Ta, X_bottom)
+    return _apply_stiefel_direct(xp, W, Zc, a_perp, on_device, steps, steps_a)
 
 
-def _scatter_direct(sxp, cores, Cm, Ca, T, D, DN):
-    """(T, D, DN, column scale of [Z, c] or None, column scale of a_perp or
-    None) on the device in one transfer: both panels balanced (see
+def _scatter_direct(sxp, cores, Cm, Ca, T, D, Ta, X_bottom):
+    """(T, D, Ta, X_bottom, column scale of [Z, c] or None, column scale of
+    a_perp or None) on the device in one transfer: both panels balanced (see
     :func:`_balance`, with the Grams Cm of [Z, c] and Ca of a_perp) where
     needed. A float32 gradient of 1e-40 gave T of about 2**133, Inf in
     float32, and a NaN step."""
     T, zc_scale = _balance(sxp, Cm, T, cores.traced, cores.balance_bound)
-    DN, a_scale = _balance(sxp, Ca, DN, cores.traced, cores.balance_bound)
+    Ta, a_scale = _balance(sxp, Ca, Ta, cores.traced, cores.balance_bound)
     scales = [x for x in (zc_scale, a_scale) if x is not None]
-    T, D, DN, *scales = cores.scatter(T, D, DN, *scales)
+    T, D, Ta, X_bottom, *scales = cores.scatter(T, D, Ta, X_bottom, *scales)
     zc_scale = scales.pop(0) if zc_scale is not None else None
     a_scale = scales.pop(0) if a_scale is not None else None
-    return T, D, DN, zc_scale, a_scale
+    return T, D, Ta, X_bottom, zc_scale, a_scale
 
 
 def _in_range_threshold(eps, m):
@@ -639,23 +656,29 @@ def _in_range_threshold(eps, m):
     return 64 * eps * eps * max(m, 64)
 
 
-def _apply_stiefel_direct(xp, W, Zc, a_perp, cores_on_device, steps):
-    """(L, Rh) of the direct step on a tall W from its cores (T, D, DN) and the
-    panels' column scales on the device (:func:`_scatter_direct`): ``W Q D
-    Q^H`` with Q = [Z, c] T (Zc, the panel [Z, c]), plus a_perp's part
-    ``a_perp DN Q^H``."""
-    T, D, DN, zc_scale, a_scale = cores_on_device
+def _apply_stiefel_direct(xp, W, Zc, a_perp, cores_on_device, steps, steps_a):
+    """(L, Rh) of the direct step on a tall W from its cores (T, D, Ta,
+    X_bottom) and the panels' column scales on the device
+    (:func:`_scatter_direct`): ``W Q D Q^H`` with Q = [Z, c] T (Zc, the panel
+    [Z, c]), plus a_perp's part ``N X_bottom Q^H`` with N = a_perp Ta.
+
+    Both bases get their Newton-Schulz steps (``steps``, ``steps_a``): the
+    new W has orthonormal columns only where [W Q, N] does, and N = a_perp Ta
+    from the Gram of an ill-conditioned a_perp departed from orthonormal
+    columns by 1e-6 and more (float64, a gradient whose singular values spread
+    over 1e10)."""
+    T, D, Ta, X_bottom, zc_scale, a_scale = cores_on_device
     L, Rh = _apply_right(xp, W, Zc, T, D, steps, zc_scale)
-    if a_scale is not None:
-        a_perp = a_perp * a_scale[..., None, :]
-    return L + panel_times_small(xp, a_perp, DN), Rh
+    N = _basis(xp, a_perp, Ta, steps_a, a_scale)
+    return L + panel_times_small(xp, N, X_bottom), Rh
 
 
-def _stiefel_direct_core_tiny(sxp, Cm, Cn, scales, *, lr, sketched, tol, eps, columns):
+def _stiefel_direct_core_tiny(sxp, Cm, Cn, scales, *, lr, sketched, tol, eps, core_eps, columns):
     """The cores of :func:`_stiefel_direct` for one matrix and l = 1, from the
     closed forms of ``_tiny``: Cm (2 x 2, finite) the Gram of [Z, c], Cn
-    (3 x 3) that of [Y, a_perp, W c]. Returns (T, D, DN, Newton-Schulz steps)
-    with the cores as host arrays (2 x 2, 2 x 2, 1 x 2)."""
+    (3 x 3) that of [Y, a_perp, W c]. Returns (T, D, Ta, X_bottom,
+    Newton-Schulz steps) with the cores as host arrays (2 x 2, 2 x 2, 1 x 1,
+    1 x 2)."""
     (cy, _, _), (_, ca, _), _ = Cn.tolist()
     cy, ca = cy.real, ca.real
     Pi = (1 / cy if cy > 0 else 0.0) if sketched else 1.0  # see _sketch_projector
@@ -672,10 +695,9 @@ def _stiefel_direct_core_tiny(sxp, Cm, Cn, scales, *, lr, sketched, tol, eps, co
         X_bottom = X_bottom.tolist()
     else:
         D, X_bottom = polar
-    inverse_root = 1 / root if root > 0 else 0.0
-    DN = tuple(tuple(inverse_root * x for x in row) for row in X_bottom)  # T_a X_bottom
-    T, D, DN = (sxp.asarray(x, dtype=Cm.dtype) for x in (T, D, DN))
-    return T, D, DN, _reorthonormalize_steps_tiny(spread, 2, eps)
+    Ta = ((1 / root if root > 0 else 0.0,),)
+    T, D, Ta, X_bottom = (sxp.asarray(x, dtype=Cm.dtype) for x in (T, D, Ta, X_bottom))
+    return T, D, Ta, X_bottom, _newton_schulz_count(spread, 2, eps, core_eps)
 
 
 def _prepare(xp, W, Y, Z, cores, sketched, *, multiplied=False):
@@ -770,7 +792,7 @@ def transport_update(xp, W, a, b, *, t, cores, cayley=False):
             # K = R [[0, 1], [-1, 0]] R^H, f(t K) with t as given (size -2 t for the tangent
             # convention of _skew_core_tiny, -t for the Cayley one)
             D = _skew_core_tiny(CW, R, 1.0, -t if cayley else -2 * t, "cayley" if cayley else "tangent", cores.eps)
-            steps = _reorthonormalize_steps_tiny(spread, 2, eps)
+            steps = _newton_schulz_count(spread, 2, eps, cores.eps)
             T, D, column_scale = _scatter_tiny(cores, CW, [(T, D)])
             if square:
                 return _apply_right(xp, W, panels[1], T, D, steps, column_scale)
@@ -778,7 +800,8 @@ def transport_update(xp, W, a, b, *, t, cores, cayley=False):
         if square:
             _check_unitary(sxp, CP, CW)
     T, R, spread = gram_basis(sxp, CW, tol)
-    steps = _TRACED_REORTHONORMALIZE if cores.traced else _reorthonormalize_steps(sxp, spread, CW.shape[-1], eps)
+    steps = (_TRACED_REORTHONORMALIZE if cores.traced
+             else _reorthonormalize_steps(sxp, spread, CW.shape[-1], eps, cores.eps))
     identity = sxp.broadcast_to(sxp.eye(k, dtype=C.dtype), (*C.shape[:-2], k, k))
     zero = sxp.zeros_like(identity)
     K0 = sxp.concat([sxp.concat([zero, identity], axis=-1), sxp.concat([-identity, zero], axis=-1)], axis=-2)

@@ -494,12 +494,28 @@ def _capturable_step(xp, p, direction, state, new_state, group):
     if shape is not None:
         *batch, n, l = shape
         omega = torch.randn((*batch, l, n), dtype=direction.dtype, device=W.device).mT
-    L, Rh = step_factors_unchecked(xp, W, direction, omega, lr=group["lr"], rank=rank,
-                                   variant=group["variant"], power_iters=group["power_iters"], traced=True)
+    try:
+        L, Rh = step_factors_unchecked(xp, W, direction, omega, lr=group["lr"], rank=rank,
+                                       variant=group["variant"], power_iters=group["power_iters"], traced=True)
+    except RuntimeError as error:
+        if W.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(_UNCAPTURED.format(rank=rank, variant=group["variant"])) from error
+        raise
     finite = finite & torch.isfinite(L).all() & torch.isfinite(Rh).all()
     L = torch.where(finite, L, torch.zeros_like(L))
     Rh = torch.where(finite, Rh, torch.zeros_like(Rh))
     return ((L, Rh), finite), new_state
+
+
+# What a failed CUDA-graph capture of a capturable step reports, in place of
+# the CUDA error of the library call that could not be captured.
+_UNCAPTURED = (
+    "ProjUNN(capturable=True) could not capture this step (rank {rank}, variant {variant!r}) in a CUDA "
+    "graph: at rank 2 or more (the default rank is 8), and in the 'direct' variant at any rank, the "
+    "traced step's small cores call torch.linalg.eigh or torch.linalg.svd, which PyTorch cannot "
+    "capture (pytorch/pytorch#188355, #195731). Rank-1 'tangent' and 'cayley' steps use closed forms "
+    "and call no library solver; torch.compile without CUDA graphs runs every rank and variant."
+)
 
 
 def _write_state(stored, new_state, previous, keep=None):
