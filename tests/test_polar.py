@@ -218,3 +218,20 @@ def test_lowrank_polar_errors(backend, rng):
     if backend.name != "numpy":
         with pytest.raises(TypeError, match=r"W is a .* but b is a numpy.ndarray; pass arrays from one library"):
             ul.project_unitary_lowrank(args[0], args[1], a)
+
+
+@pytest.mark.parametrize("dtype, scale", [("float32", 1e-40), ("complex64", 1e-40), ("float64", 1e-310),
+                                          ("complex128", 1e-310), ("float32", 3e38), ("float64", 1e300)])
+def test_newton_schulz_takes_a_matrix_at_the_ends_of_its_dtype(dtype, scale):
+    """The iteration starts from A brought near unit size by a power of two.
+    For a subnormal A that power (2**133 for a float32 1e-40) is Inf in A's
+    dtype, and a perfectly conditioned A was refused as singular; it is
+    applied in two halves. The result is the polar factor of the A given
+    (rounded to the subnormal grid), as the SVD finds it."""
+    Q = ul.random_unitary(6, dtype=dtype, rng=3)
+    A = Q * np.asarray(scale, dtype=Q.real.dtype)
+    P = ul.project_unitary(A, method="newton_schulz")
+    reference = ul.project_unitary(A, method="svd")
+    eps = np.finfo(Q.real.dtype).eps
+    assert np.linalg.norm(np.conj(P).T @ P - np.eye(6)) < 64 * eps
+    assert np.max(np.abs(P - reference)) < 1e3 * eps

@@ -466,6 +466,18 @@ def inverse_power_of_two(xp, magnitude):
     return 2.0 ** -xp.round(xp.log2(xp.where(magnitude > 0, magnitude, xp.ones_like(magnitude))))
 
 
+def times_inverse_power_of_two(xp, A, magnitude):
+    """``A * inverse_power_of_two(xp, magnitude)`` (magnitude broadcasting
+    against A), as two factors of half the exponent each: the power a
+    subnormal magnitude asks for does not exist in its own dtype (2**133 for
+    a float32 1e-40 is Inf, and project_unitary(method="newton_schulz")
+    refused 1e-40 times a unitary matrix as singular), while each half does.
+    Exact, as one factor would be."""
+    exponent = xp.round(xp.log2(xp.where(magnitude > 0, magnitude, xp.ones_like(magnitude))))
+    half = xp.floor(exponent / 2)
+    return A * xp.astype(2.0 ** -half, A.dtype) * xp.astype(2.0 ** (half - exponent), A.dtype)
+
+
 def panel_times_small(xp, P, T):
     """``P @ T`` for a thin panel P (..., n, r) and a small T (..., r, s), laid
     out column by column (the transpose of a row-major (s, n) array).

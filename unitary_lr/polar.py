@@ -17,7 +17,7 @@ from ._validation import (
     namespace_of,
     unitary_and_factors,
 )
-from ._xp import Adjoint, eye, inverse_power_of_two, max_abs, mH, real_dtype
+from ._xp import Adjoint, eye, max_abs, mH, real_dtype, times_inverse_power_of_two
 
 __all__ = ["ConvergenceError", "project_unitary", "project_unitary_lowrank"]
 
@@ -118,7 +118,7 @@ def _newton_schulz(xp, A, max_iter):
     # A power of two first (exact; the polar factor of c A is A's for c > 0):
     # the Gram of a float64 A of size 1e200, or 1e30 in float32, overflowed
     # (1e-200 underflowed) and a well conditioned A was refused as singular.
-    A = A * xp.astype(inverse_power_of_two(xp, max_abs(xp, A)), A.dtype)
+    A = times_inverse_power_of_two(xp, A, max_abs(xp, A))
     gram = mH(xp, A) @ A
     bound = xp.max(xp.sum(xp.abs(gram), axis=-1), axis=-1)
     # A zero matrix has no polar factor this iteration can find; keep the
