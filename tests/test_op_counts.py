@@ -24,6 +24,8 @@ from unitary_lr import _host  # noqa: E402
 STEP_OPS = 30
 RANK_K_STEP_OPS = 40
 OPTIMIZER_OPS = 45
+# the default rank (8): the sketch re-bases three panels on the device, 7 operations each
+OPTIMIZER_RANK_K_OPS = 48
 
 
 def counted(run):
@@ -40,11 +42,11 @@ def counted(run):
 @pytest.mark.parametrize("factored", [False, True])
 def test_eager_step_is_a_few_operations_and_one_transfer(dtype, variant, rank, factored):
     """One host transfer at every rank. Rank k >= 2: the sketch's power
-    iteration re-bases its two intermediate panels on the device (shifted
-    Cholesky QR: no eigendecomposition, nothing read back), for a few more
-    operations than rank 1 (measured: 31 float32, 35 complex64; 35 and 37 on
-    factors of 12 columns, which are sketched; rank 1 takes its one-column
-    factors as they are)."""
+    iteration re-bases its two intermediate panels and the last one on the
+    device (shifted Cholesky QR: no eigendecomposition, nothing read back),
+    for a few more operations than rank 1 (measured: 33-35 float32, 37
+    complex64; 37 and 39 on factors of 12 columns, which are sketched; rank 1
+    takes its one-column factors as they are)."""
     n = 128
     rng = np.random.default_rng(0)
     W = torch.as_tensor(ul.random_unitary(n, dtype=dtype, rng=rng))
@@ -117,7 +119,9 @@ def test_optimizer_step_is_lean(dtype, rank):
     rule's elementwise work plus the step, no scalar read (the gradient's
     NaN/Inf check reads the small Gram matrices on the host), and one host
     transfer at any rank: at the default rank (8) the sketch's power
-    iteration re-bases its two intermediate panels on the device."""
+    iteration re-bases its two intermediate panels and the last one on the
+    device (measured: 40 float32, 47 complex64; 38 and 45 before the last
+    panel was re-based, which made ill-conditioned sketches up to 4e-4 off)."""
     from unitary_lr.torch import ProjUNN, unitary_parameter
 
     W = unitary_parameter(128, dtype=dtype, generator=torch.Generator().manual_seed(0))
@@ -125,7 +129,7 @@ def test_optimizer_step_is_lean(dtype, rank):
     W.grad = torch.randn(128, 128, dtype=dtype, generator=torch.Generator().manual_seed(1))
     opt.step()
     _, counter, transfers = counted(opt.step)
-    assert len(counter.launching) <= OPTIMIZER_OPS, counter.launching
+    assert len(counter.launching) <= (OPTIMIZER_OPS if rank == 1 else OPTIMIZER_RANK_K_OPS), counter.launching
     assert counter.scalar_reads == 0, counter.launching
     assert transfers == 1, counter.launching
 

@@ -42,8 +42,8 @@ from ._xp import (
     mH,
     real_dtype,
     real_finfo,
+    shifted_diagonal,
     times_inverse_cholesky_factor,
-    with_diagonal,
 )
 
 __all__ = [
@@ -263,10 +263,10 @@ def cholesky_columns(xp, P, C, tol):
     Inf in C gives NaN, which the step's own Gram reports.
     """
     # C's own diagonal (complex for a complex C, with a zero or rounding-level
-    # imaginary part, which the factorisation ignores): no conversion
-    shifted = xp.linalg.diagonal(C) * (1 + tol) + real_finfo(xp, C.dtype)[1]
+    # imaginary part, which the factorisation ignores) grows in place: C is
+    # the caller's fresh Gram
     try:
-        return times_inverse_cholesky_factor(xp, P, with_diagonal(xp, C, shifted))
+        return times_inverse_cholesky_factor(xp, P, shifted_diagonal(xp, C, 1 + tol, real_finfo(xp, C.dtype)[1]))
     except numpy.linalg.LinAlgError:  # NumPy's, for NaN or Inf in C
         return xp.full_like(P, float("nan"))
 

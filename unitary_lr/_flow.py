@@ -94,8 +94,14 @@ def sketch_panels(xp, G, omega, power_iters):
 
     Between the passes the panel gets a new, well-conditioned basis (Halko
     et al.'s stable power iteration) by :func:`orthonormal_columns`, on the
-    device: the sketch makes no host transfer. The last panel does not: the
-    step's own Gram matrix takes care of it.
+    device: the sketch makes no host transfer. So does the last panel, before
+    Z is formed: the projector ``Y (Y^H Y)^+ Y^H`` that the step builds from
+    the Gram of Y is off by about eps cond(Y)^2, and an ill-conditioned Y
+    (a gradient whose singular values spread over 1e4, or one of lower rank
+    than the sketch's columns) made a float64 step 1e-5 away from the step
+    along the exact rank-k gradient, a float32 one 4e-4. Columns of the
+    re-based panel shorter than 1/sqrt(2) were below the basis' shift
+    (rounding) and the step drops them (:func:`_sketch_projector`).
     """
     if isinstance(G, tuple):
         a, b = G
@@ -105,7 +111,7 @@ def sketch_panels(xp, G, omega, power_iters):
     Y = matmul(omega)
     for _ in range(power_iters):
         Y = matmul(orthonormal_columns(xp, rmatmul(orthonormal_columns(xp, Y))))
-    Y = _normalized(xp, Y)
+    Y = orthonormal_columns(xp, Y)
     return Y, rmatmul(Y)
 
 
@@ -471,6 +477,14 @@ def _sketch_projector(sxp, Cy, Cz, *, rank, l, sketched, tol):
     ``Y (Y^H Y)^+ Z^H`` (Grams Cy = Y^H Y, Cz = Z^H Z); otherwise I."""
     if not sketched:
         return sxp.broadcast_to(sxp.eye(l, dtype=Cy.dtype), (*Cy.shape[:-2], l, l))
+    if l > 1:
+        # The sketch's panel was re-based (shifted Cholesky QR, see
+        # sketch_panels): a column below the shift, rounding, came out shorter
+        # than 1/sqrt(2) and is dropped here, where equilibration would
+        # restore it to a direction of its own.
+        d = sxp.real(sxp.linalg.diagonal(Cy))
+        keep = sxp.astype(d >= 0.5, Cy.dtype)
+        Cy = Cy * (keep[..., :, None] * keep[..., None, :])
     Ty, _, _ = gram_basis(sxp, Cy, tol, basis_only=True)
     if rank >= l:
         return Ty @ mH(sxp, Ty)

@@ -19,7 +19,7 @@ __all__ = [
     "matmul_panel",
     "max_abs",
     "times_inverse_cholesky_factor",
-    "with_diagonal",
+    "shifted_diagonal",
     "is_column_major",
     "panel_times_small",
     "row_layout",
@@ -422,12 +422,17 @@ def upper_triangular_inverse(xp, A):
     return torch.linalg.solve_triangular(A, identity, upper=True)
 
 
-def with_diagonal(xp, C, v):
-    """C (..., j, j) with its diagonal replaced by v (..., j): one PyTorch
-    operation (``diagonal_scatter``), ``C + I (v - diag C)`` elsewhere."""
+def shifted_diagonal(xp, C, scale, shift):
+    """C (..., j, j) with each diagonal entry d replaced by ``d * scale +
+    shift``. C must be a fresh array of the caller's (a Gram just formed):
+    PyTorch writes it in place, two operations on its diagonal view, where a
+    new diagonal and ``diagonal_scatter`` take three (the sketch re-bases
+    three panels per step); elsewhere ``C + I (d (scale - 1) + shift)``."""
     if _is_torch(xp):
-        return sys.modules["torch"].diagonal_scatter(C, v, dim1=-2, dim2=-1)
-    return C + eye(xp, C.shape[-1], like=C) * (v - xp.linalg.diagonal(C))[..., None, :]
+        C.diagonal(dim1=-2, dim2=-1).mul_(scale).add_(shift)
+        return C
+    d = xp.linalg.diagonal(C)
+    return C + eye(xp, C.shape[-1], like=C) * (d * (scale - 1) + shift)[..., None, :]
 
 
 def times_inverse_cholesky_factor(xp, P, M):
