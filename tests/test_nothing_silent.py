@@ -274,3 +274,20 @@ def test_a_32_bit_gradient_of_lower_rank_than_the_sketch_is_captured(dtype, powe
         V = ul.projunn_step(W, G, lr=lr, rank=n, power_iters=power_iters, rng=seed)
         errors.append(np.max(np.abs(V - _dense_step(W, G, lr, "tangent"))))
     assert max(errors) < 2e-6, max(errors)
+
+
+@pytest.mark.parametrize("transport", ["exp_transport", "cayley_transport"])
+@pytest.mark.parametrize("t", [1.0, 1e3])
+def test_real_core_orthogonal_for_many_planes_of_spread_angles(transport, t):
+    """A generator of seven planes whose angles spread from 1e3 t down to
+    1e-4 t: each plane orthonormalised on its own left planes of close small
+    angles about 1e-6 from orthogonal to each other, and the result up to
+    1.6e5 eps from orthogonal; the planes are now orthonormalised together."""
+    worst = 0.0
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        W = ul.random_unitary(16, dtype="float64", rng=rng)
+        a = rng.standard_normal((16, 7)) * np.logspace(3, -4, 7)
+        b = rng.standard_normal((16, 7))
+        worst = max(worst, orthogonality(getattr(ul, transport)(W, a, b, t=t)))
+    assert worst < 32 * np.finfo(np.float64).eps, worst

@@ -195,7 +195,11 @@ def hermitian_eigh(xp, H):
     x = xp.where(upper, xp.astype(half_s + rho_s, H.dtype, copy=False), h01_s)
     y = xp.where(upper, conj(h01_s), xp.astype(rho_s - half_s, H.dtype, copy=False))
     norm = xp.sqrt(xp.abs(x) ** 2 + xp.abs(y) ** 2)  # at least rho_s: no underflow
-    equal = big == 0  # H = mean I: every vector is an eigenvector
+    # H = mean I (big = 0, so x = y = 0): every vector is an eigenvector. Decided
+    # on the divisor itself: XLA may compute big and x in separate fusions with
+    # different last bits, and a test on big (0 in one, 1e-16 in the other) gave
+    # 0 / 0 for an H within rounding of I (a re-based sketch's Gram) under jax.jit.
+    equal = ~(norm > 0)
     safe = xp.astype(xp.where(equal, xp.ones_like(norm), norm), H.dtype, copy=False)
     x = xp.where(equal, xp.ones_like(x), x / safe)
     y = xp.where(equal, xp.zeros_like(y), y / safe)
@@ -326,9 +330,25 @@ def expm_skew_minus_identity(xp, K, t, *, cayley=False):
     # amplify the last-bit disagreement of a computed (lam, -lam) pair by t |K|.
     positive = xp.astype(lam > noise, lam.dtype)
     x, y = xp.real(V), xp.imag(V)
-    x = x / _column_norm(xp, x)
-    y = y - x * xp.sum(x * y, axis=-2, keepdims=True)
-    y = y / _column_norm(xp, y)
+    r = K.shape[-1]
+    if r >= 4:
+        # Two planes or more: the planes of the top r // 2 eigenvalues (lam >= 0)
+        # orthonormalised together, the largest angle first (one QR of [x1, y1,
+        # x2, y2, ...], signs kept). Each plane on its own left planes of close
+        # small angles 1e-6 apart from orthogonal when the angles spread over
+        # 1e10 (a huge step on an ill-conditioned gradient), and the result
+        # ||D^H D + D + D^H|| at 1e-12; now the planes are orthogonal to rounding.
+        h = r // 2
+        x, y = xp.flip(x[..., -h:], axis=-1), xp.flip(y[..., -h:], axis=-1)
+        positive, cos_minus_one, sine = (xp.flip(v[..., -h:], axis=-1) for v in (positive, cos_minus_one, sine))
+        Q, R = xp.linalg.qr(xp.reshape(xp.stack([x, y], axis=-1), (*x.shape[:-1], 2 * h)))
+        sign = xp.where(xp.linalg.diagonal(R) < 0, -xp.ones_like(positive[..., :1]), xp.ones_like(positive[..., :1]))
+        Q = Q * sign[..., None, :]
+        x, y = Q[..., 0::2], Q[..., 1::2]
+    else:
+        x = x / _column_norm(xp, x)
+        y = y - x * xp.sum(x * y, axis=-2, keepdims=True)
+        y = y / _column_norm(xp, y)
     a = positive * cos_minus_one
     b = -positive * sine
     a, b = a[..., None, :], b[..., None, :]
