@@ -342,8 +342,8 @@ def expm_skew_minus_identity(xp, K, t, *, cayley=False):
         x, y = xp.flip(x[..., -h:], axis=-1), xp.flip(y[..., -h:], axis=-1)
         positive, cos_minus_one, sine = (xp.flip(v[..., -h:], axis=-1) for v in (positive, cos_minus_one, sine))
         Q, R = xp.linalg.qr(xp.reshape(xp.stack([x, y], axis=-1), (*x.shape[:-1], 2 * h)))
-        sign = xp.where(xp.linalg.diagonal(R) < 0, -xp.ones_like(positive[..., :1]), xp.ones_like(positive[..., :1]))
-        Q = Q * sign[..., None, :]
+        pivots = xp.linalg.diagonal(R)
+        Q = Q * xp.where(pivots < 0, -xp.ones_like(pivots), xp.ones_like(pivots))[..., None, :]
         x, y = Q[..., 0::2], Q[..., 1::2]
     else:
         x = x / _column_norm(xp, x)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 
+import numpy
 from array_api_compat import array_namespace, is_array_api_obj
 from array_api_compat import device as _device
 
@@ -358,7 +359,6 @@ def _huge_page_result(torch, W, L, Rh):
         return None
     if torch.compiler.is_compiling():
         return None
-    numpy = sys.modules.get("numpy") or __import__("numpy")
     return torch.from_numpy(numpy.empty(tuple(W.shape), dtype=name))
 
 
@@ -462,13 +462,20 @@ def max_abs(xp, Y):
     return xp.linalg.vector_norm(Y, axis=(-2, -1), keepdims=True, ord=float("inf"))
 
 
+def _exponent_of(xp, magnitude):
+    """round(log2(magnitude)), entry by entry (0 where ``magnitude`` is 0).
+    ``round`` has a zero derivative: autograd differentiates a quantity
+    scaled by its power of two as the unscaled one."""
+    return xp.round(xp.log2(xp.where(magnitude > 0, magnitude, xp.ones_like(magnitude))))
+
+
 def inverse_power_of_two(xp, magnitude):
     """2**-round(log2(magnitude)), entry by entry (1 where ``magnitude`` is
     0): the power of two that brings a column or a matrix of that largest
     |entry| near 1, exactly (a power of two only moves exponents), so that
-    its squares neither overflow nor underflow. ``round`` has a zero
-    derivative: autograd differentiates the scaled quantity as the unscaled one."""
-    return 2.0 ** -xp.round(xp.log2(xp.where(magnitude > 0, magnitude, xp.ones_like(magnitude))))
+    its squares neither overflow nor underflow. It must be representable in
+    magnitude's dtype (see :func:`times_inverse_power_of_two`)."""
+    return 2.0 ** -_exponent_of(xp, magnitude)
 
 
 def times_inverse_power_of_two(xp, A, magnitude):
@@ -478,7 +485,7 @@ def times_inverse_power_of_two(xp, A, magnitude):
     a float32 1e-40 is Inf, and project_unitary(method="newton_schulz")
     refused 1e-40 times a unitary matrix as singular), while each half does.
     Exact, as one factor would be."""
-    exponent = xp.round(xp.log2(xp.where(magnitude > 0, magnitude, xp.ones_like(magnitude))))
+    exponent = _exponent_of(xp, magnitude)
     half = xp.floor(exponent / 2)
     return A * xp.astype(2.0 ** -half, A.dtype) * xp.astype(2.0 ** (half - exponent), A.dtype)
 
