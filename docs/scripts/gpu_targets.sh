@@ -6,8 +6,15 @@
 #
 # Writes at most eight files to $OUT (or ./gpu-results): versions.txt, one log
 # per part and bench-json.tar.gz with the bench's JSON records. Each part has
-# its own time limit (PART_TIMEOUT seconds, default 300) and a failing part
-# does not stop the others.
+# its own time limit (PART_TIMEOUT seconds, default 300, or the part's own
+# LIMIT_<NAME> with dashes as underscores, e.g. LIMIT_bench_peers=60) and a
+# failing part does not stop the others. BUDGET (seconds, default none) caps
+# the whole run: every part's limit is cut to what is left of it, and a part
+# with less than 10 s left is skipped, so a lease of a few minutes returns
+# every log. "all" runs the parts in the order of their value when time is
+# short: the capture tests, the float32 table, the precision probe, the
+# complex64 and JAX tables, the GPU test matrix, the peers, CuPy, the copy
+# task, the stacked optimizer.
 #
 # A machine that cannot reach the package index needs array-api-compat and
 # array-api-strict (and, for the peers, geoopt and geotorch) as wheels in a
@@ -21,11 +28,12 @@
 #
 # and the call carries .whl. A dry run on a CPU, to check the plumbing:
 #
-#   DEVICE=cpu SIZES="64 128" COMPLEX_SIZES=64 PEER_SIZES=128 PART_TIMEOUT=120 bash docs/scripts/gpu_targets.sh
+#   DEVICE=cpu SIZES="64 128" COMPLEX_SIZES=64 JAX_SIZES=64 PEER_SIZES=128 PROBE_N=64 COPY_STEPS=3 \
+#       PART_TIMEOUT=120 bash docs/scripts/gpu_targets.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 
-part=${1:-all}
+what=${1:-all}
 out=${OUT:-gpu-results}
 mkdir -p "$out"
 py=${PYTHON:-python3}
@@ -34,9 +42,16 @@ jax_device=$([ "$device" = cpu ] && echo cpu || echo gpu)
 sizes=${SIZES:-"512 1024 4096 8192 16384"}
 complex_sizes=${COMPLEX_SIZES:-"1024 4096 16384"}
 peer_sizes=${PEER_SIZES:-"1024 4096"}
+jax_sizes=${JAX_SIZES:-"1024 4096"}
+dense_max=${DENSE_MAX:-4096}
+probe_n=${PROBE_N:-1024}
+copy_steps=${COPY_STEPS:-60}
 limit=${PART_TIMEOUT:-300}
+deadline=$((SECONDS + ${BUDGET:-1000000}))
 json=$(mktemp -d)
 export PYTHONUNBUFFERED=1
+# several processes (the test matrix's workers, torch beside JAX) share the GPU
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
 
 site=""
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -46,22 +61,30 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export PYTHONPATH="$PWD${site:+:$site}${PYTHONPATH:+:$PYTHONPATH}"
 
-run() {  # run NAME COMMAND...: the command's output in $out/NAME.txt, under the time limit
-    local name=$1
-    shift
-    echo "== $name: $*" | tee "$out/$name.txt"
-    local start=$SECONDS
-    timeout "$limit" "$@" >>"$out/$name.txt" 2>&1
-    local status=$?
-    echo "== $name: exit $status after $((SECONDS - start)) s" | tee -a "$out/$name.txt"
-    tail -n 40 "$out/$name.txt"
+limit_of() {  # limit_of PART: seconds for the part (LIMIT_<PART> or PART_TIMEOUT), within BUDGET
+    local key="LIMIT_${1//[^A-Za-z0-9]/_}"
+    local own=${!key:-$limit}
+    local left=$((deadline - SECONDS))
+    echo $((own < left ? own : left))
 }
 
-also() {  # also NAME LABEL COMMAND...: one more command into $out/NAME.txt (eight files at most come back)
-    local name=$1 label=$2
+# part FILE PART COMMAND...: the command's output appended to $out/FILE.txt
+# (eight files at most come back, so several parts share one), under the
+# part's limit; SIGINT at the limit (pytest then prints its summary so far),
+# SIGKILL 15 s later.
+part() {
+    local file=$1 name=$2
     shift 2
-    timeout "$limit" "$@" >>"$out/$name.txt" 2>&1
-    echo "== $label: exit $?" | tee -a "$out/$name.txt"
+    local seconds
+    seconds=$(limit_of "$name")
+    echo "== $name: $*" >>"$out/$file.txt"
+    if [ "$seconds" -lt 10 ]; then
+        echo "== $name: skipped, $seconds s of BUDGET left" | tee -a "$out/$file.txt"
+        return
+    fi
+    local start=$SECONDS
+    timeout -s INT -k 15 "$seconds" "$@" >>"$out/$file.txt" 2>&1
+    echo "== $name: exit $? after $((SECONDS - start)) s (limit $seconds s)" | tee -a "$out/$file.txt"
 }
 
 {
@@ -92,55 +115,87 @@ PY
 } >"$out/versions.txt" 2>&1
 cat "$out/versions.txt"
 
-bench() {
+# the parts, each with its own name for LIMIT_<name>
+bench_torch() {
     # shellcheck disable=SC2086  # the size lists are meant to split
-    run bench-torch-float32 "$py" -m unitary_lr bench --backend torch --device "$device" --dtype float32 \
-        --sizes $sizes --ranks 1 8 --dense-max 8192 --repeat 9 --no-progress --json "$json/torch-float32.json"
-    # shellcheck disable=SC2086
-    run bench-torch-complex64 "$py" -m unitary_lr bench --backend torch --device "$device" --dtype complex64 \
-        --sizes $complex_sizes --ranks 1 8 --dense-max 4096 --repeat 9 --no-progress --json "$json/torch-complex64.json"
-    # shellcheck disable=SC2086
-    run bench-jax-cupy "$py" -m unitary_lr bench --backend jax --device "$jax_device" --dtype float32 \
-        --sizes $complex_sizes --dense-max 0 --repeat 9 --no-progress --json "$json/jax-float32.json"
-    if [ "$device" != cpu ]; then
-        # shellcheck disable=SC2086
-        also bench-jax-cupy "cupy bench" "$py" -m unitary_lr bench --backend cupy --dtype float32 \
-            --sizes $complex_sizes --dense-max 0 --repeat 9 --no-progress --json "$json/cupy-float32.json"
-    fi
-    # shellcheck disable=SC2086
-    run bench-peers "$py" -m unitary_lr bench --peers --backend torch --device "$device" --dtype float32 \
-        --sizes $peer_sizes --columns 256 1024 --dense-max 4096 --repeat 5 --no-progress --json "$json/peers.json"
-    # several unitary parameters of one shape: one batched optimizer step against separate ones
-    # shellcheck disable=SC2086
-    also bench-peers "stacked optimizer" "$py" docs/scripts/stacked_optimizer.py --device "$device" \
-        --sizes $complex_sizes --counts 2 8 --ranks 1 8 --rounds 9
-    if [ "$device" != cpu ]; then
-        # the framework-free optimizer's step_many on CuPy arrays
-        # shellcheck disable=SC2086
-        also bench-peers "stacked step_many (cupy)" "$py" docs/scripts/stacked_optimizer.py --frontend optim \
-            --device "$device" --sizes $complex_sizes --counts 2 8 --ranks 1 8 --rounds 9
-    fi
-    tar -czf "$out/bench-json.tar.gz" -C "$json" .
+    part bench-torch-float32 bench-torch-float32 "$py" -m unitary_lr bench --backend torch --device "$device" \
+        --dtype float32 --sizes $sizes --ranks 1 8 --dense-max "$dense_max" --repeat 9 --no-progress \
+        --json "$json/torch-float32.json"
 }
 
-tests() {
-    # the kernel tests on the GPU backends of the test matrix, then the
-    # CUDA-graph capture of a capturable optimizer step
-    run tests "$py" -m pytest -q -p no:cacheprovider -x -k "cuda or gpu or cupy" tests
+bench_more() {
+    # shellcheck disable=SC2086
+    part bench-torch-complex64 bench-torch-complex64 "$py" -m unitary_lr bench --backend torch --device "$device" \
+        --dtype complex64 --sizes $complex_sizes --ranks 1 8 --dense-max "$dense_max" --repeat 9 --no-progress \
+        --json "$json/torch-complex64.json"
+    # shellcheck disable=SC2086
+    part bench-jax-cupy bench-jax "$py" -m unitary_lr bench --backend jax --device "$jax_device" --dtype float32 \
+        --sizes $jax_sizes --dense-max 0 --repeat 9 --no-progress --json "$json/jax-float32.json"
+}
+
+bench_peers() {
+    # shellcheck disable=SC2086
+    part bench-peers bench-peers "$py" -m unitary_lr bench --peers --backend torch --device "$device" \
+        --dtype float32 --sizes $peer_sizes --columns 256 1024 --dense-max 4096 --repeat 5 --no-progress \
+        --json "$json/peers.json"
+}
+
+bench_cupy() {
+    if [ "$device" != cpu ]; then
+        # shellcheck disable=SC2086
+        part bench-jax-cupy bench-cupy "$py" -m unitary_lr bench --backend cupy --dtype float32 \
+            --sizes $jax_sizes --dense-max 0 --repeat 9 --no-progress --json "$json/cupy-float32.json"
+    fi
+}
+
+stacked() {
+    # several unitary parameters of one shape: one batched optimizer step against separate ones
+    # shellcheck disable=SC2086
+    part bench-peers stacked "$py" docs/scripts/stacked_optimizer.py --device "$device" \
+        --sizes $complex_sizes --counts 2 8 --ranks 1 8 --rounds 9
+}
+
+probe() {
+    # TF32 products (JAX's default on GPUs, torch's after set_float32_matmul_precision("high"))
+    # against unitarity; host synchronisations of one eager CUDA step
+    part bench-torch-float32 precision-probe "$py" docs/scripts/precision_probe.py --device "$device" \
+        --n "$probe_n" --steps 20
+}
+
+capture_tests() {
+    # the CUDA-graph capture of a capturable optimizer step and the optimizer on CUDA
+    part tests capture-tests "$py" -m pytest -q -p no:cacheprovider -rfE tests/test_capturable.py \
+        tests/test_optim.py -k "cuda or graph"
+}
+
+matrix_tests() {
+    # the kernel tests on the GPU backends of the test matrix; workers where pytest-xdist is
+    local workers=()
+    "$py" -c "import xdist" 2>/dev/null && workers=(-n "${TEST_WORKERS:-8}")
+    part tests matrix-tests "$py" -m pytest -q -p no:cacheprovider -rfE "${workers[@]}" \
+        -k "(cuda or gpu or cupy) and not test_capturable" tests
 }
 
 copy() {
-    # issue 11, item 6: the quick copy task on the GPU, eager and with the
-    # model's step compiled (its times against a CPU run of the same command)
-    run copy "$py" -m unitary_lr copy --quick --device "$device" --out "$json/copy"
-    also copy "copy --compile" "$py" -m unitary_lr copy --quick --device "$device" --compile --out "$json/copy-compiled"
+    # issue 11, item 6: a shortened quick copy task on the GPU, eager and with the
+    # model's step compiled, and on this machine's CPU: "later steps ms" compares them
+    part copy copy-cpu "$py" -m unitary_lr copy --quick --steps "$copy_steps" --device cpu --threads "$(nproc)" \
+        --no-plot --no-progress --out "$json/copy-cpu"
+    part copy copy-gpu "$py" -m unitary_lr copy --quick --steps "$copy_steps" --device "$device" \
+        --no-plot --no-progress --out "$json/copy"
+    part copy copy-compiled "$py" -m unitary_lr copy --quick --steps "$copy_steps" --device "$device" --compile \
+        --no-plot --no-progress --out "$json/copy-compiled"
 }
 
-case $part in
-    bench) bench ;;
-    tests) tests ;;
+case $what in
+    bench) bench_torch; probe; bench_more; bench_peers; bench_cupy; stacked ;;
+    tests) capture_tests; matrix_tests ;;
     copy) copy ;;
-    all) tests; bench; copy ;;
+    all) capture_tests; bench_torch; probe; bench_more; matrix_tests; bench_peers; bench_cupy; copy; stacked ;;
     *) echo "usage: $0 [bench|tests|copy|all]" >&2; exit 2 ;;
 esac
+for file in "$out"/*.txt; do
+    [ "$file" = "$out/versions.txt" ] || { echo "### $file"; grep -v '^\.*$' "$file" | tail -n 25; }
+done
+tar -czf "$out/bench-json.tar.gz" -C "$json" .
 rm -rf "$json"
