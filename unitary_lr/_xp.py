@@ -7,6 +7,7 @@ and JAX onto the standard.
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import numpy
@@ -30,6 +31,7 @@ __all__ = [
     "core_dtype",
     "device",
     "dtype_name",
+    "exact_products",
     "eye",
     "is_array_api_obj",
     "is_complex",
@@ -528,6 +530,74 @@ def is_column_major(x) -> bool:
     if not strides or len(strides) != x.ndim:
         return False
     return abs(strides[-2]) < abs(strides[-1])
+
+
+# --- full-precision products -------------------------------------------------
+
+# Where a library may compute float32 products in a reduced format, and the
+# value that asks it for true float32 (IEEE) products. JAX on NVIDIA GPUs
+# computes float32 products in TF32 (10 mantissa bits) unless told otherwise;
+# PyTorch does after torch.set_float32_matmul_precision("high") or
+# torch.backends.cuda.matmul.allow_tf32 = True, common in training scripts. A
+# step computed so leaves W about 1e-4 from unitary in float32, and the drift
+# grows with every step (H200, 2026-12-04: torch "high" 1.2e-6 after one step
+# at n = 1024, 2.7e-5 after 20; JAX's default: 2.9e-4, 239 of the GPU test
+# matrix's float32 and complex64 tests failed).
+_TORCH_MATMUL_BACKENDS = ("cuda", "mkldnn")
+
+
+def _torch_products_in_ieee(torch):
+    """Every torch matmul backend whose float32 products are set to a reduced
+    format, set to "ieee"; the (settings, attribute, old value) to restore."""
+    changed = []
+    for name in _TORCH_MATMUL_BACKENDS:
+        settings = getattr(getattr(torch.backends, name, None), "matmul", None)
+        if settings is None:
+            continue
+        if not hasattr(settings, "fp32_precision"):  # PyTorch before 2.9: the TF32 switch alone
+            if getattr(settings, "allow_tf32", False):
+                changed.append((settings, "allow_tf32", True))
+                settings.allow_tf32 = False
+            continue
+        old = settings.fp32_precision
+        if old not in ("ieee", "none"):
+            changed.append((settings, "fp32_precision", old))
+            settings.fp32_precision = "ieee"
+    return changed
+
+
+def exact_products(function):
+    """Decorate a public entry point so that its matrix products are true
+    float32 products whatever the caller's precision settings: the one place
+    the library overrides a backend's setting, for the duration of the call.
+
+    JAX: ``jax.default_matmul_precision("highest")``, which also applies while
+    ``jax.jit`` traces the call (every ``dot_general`` it records says
+    ``Precision.HIGHEST``). PyTorch: a CUDA (or oneDNN) matmul precision set
+    to TF32 or bfloat16 is set to "ieee" and restored afterwards, outside
+    ``torch.compile`` only (a compiled step takes the precision in force when
+    it was compiled). The setting is global while the call runs, so a thread
+    running products beside it gets them in float32 too. Costs a few
+    microseconds; only float32 and complex64 products change.
+    """
+
+    @functools.wraps(function)
+    def in_full_precision(*args, **kwargs):
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.compiler.is_compiling():
+            return function(*args, **kwargs)
+        changed = _torch_products_in_ieee(torch) if torch is not None else ()
+        try:
+            jax = sys.modules.get("jax")
+            if jax is None:
+                return function(*args, **kwargs)
+            with jax.default_matmul_precision("highest"):
+                return function(*args, **kwargs)
+        finally:
+            for settings, name, old in changed:
+                setattr(settings, name, old)
+
+    return in_full_precision
 
 
 def _is_torch(xp) -> bool:

@@ -6,7 +6,7 @@ import math
 
 from ._random import as_generator, standard_normal
 from ._validation import check_float_dtype, check_int, check_matrix, namespace_of
-from ._xp import adjoint_matmul, core_dtype, device, eye, mH
+from ._xp import adjoint_matmul, core_dtype, device, exact_products, eye, mH
 
 __all__ = ["default_drift_tolerance", "unitarity_error", "unitarity_estimate"]
 
@@ -22,6 +22,7 @@ def default_drift_tolerance(dtype_name_: str) -> float:
     return _DRIFT_TOLERANCE[dtype_name_]
 
 
+@exact_products
 def unitarity_error(W, /):
     r"""``||W^H W - I||_F / sqrt(m)`` for each matrix of a batch.
 
@@ -70,6 +71,7 @@ def unitarity_error(W, /):
     return xp.linalg.matrix_norm(mH(xp, Wc) @ Wc - eye(xp, m, like=Wc)) / math.sqrt(m)
 
 
+@exact_products
 def unitarity_estimate(W, /, *, probes=4, rng=None):
     r"""Cheap estimate of ``||W^H W - I||_F / sqrt(m)``: O(p n m) instead of O(n m^2).
 

@@ -8,11 +8,12 @@ import numpy as np
 
 from ._random import as_generator, standard_normal
 from ._validation import check_int
-from ._xp import FLOAT_DTYPE_NAMES, array_namespace, dtype_name, mH, row_layout, supports_float64
+from ._xp import FLOAT_DTYPE_NAMES, array_namespace, dtype_name, exact_products, mH, row_layout, supports_float64
 
 __all__ = ["random_unitary"]
 
 
+@exact_products
 def random_unitary(n, m=None, /, *, dtype, batch_shape=(), rng=None, xp=None, device=None):
     r"""Draw unitary (complex dtype) or orthogonal (real dtype) matrices from
     the Haar measure.

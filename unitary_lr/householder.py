@@ -15,6 +15,7 @@ from ._xp import (
     column_layout,
     core_dtype,
     device,
+    exact_products,
     eye,
     inverse_power_of_two,
     is_complex,
@@ -28,6 +29,7 @@ __all__ = ["householder_apply", "householder_product"]
 SIDES = ("left", "right")
 
 
+@exact_products
 def householder_apply(V, X, /, *, side="left", check_finite=True):
     r"""Apply the product of the Householder reflectors in the columns of V to X.
 
@@ -132,6 +134,7 @@ def householder_apply(V, X, /, *, side="left", check_finite=True):
     return apply_unchecked(xp, V, X, side)
 
 
+@exact_products
 def householder_product(V, /):
     r"""The product of the Householder reflectors in the columns of V, as an n x n matrix.
 

@@ -47,6 +47,7 @@ from .steps import (
     sketch_shape,
     step_factors_unchecked,
 )
+from ._xp import exact_products
 
 __all__ = ["STATIC_ARGS", "ProjUNNState", "RetractionState", "projunn", "projunn_retraction"]
 
@@ -187,6 +188,7 @@ def projunn_retraction(*, unitary, rank=None, variant=DEFAULT_VARIANT, oversampl
                 _check_leaf(path, leaf, rank)
         return RetractionState(count=jnp.zeros([], jnp.int32), key=jax.random.PRNGKey(0 if options.seed is None else options.seed))
 
+    @exact_products
     def update(updates, state, params=None):
         if params is None:
             raise ValueError("projunn_retraction needs the parameters: opt.update(updates, state, params)")
@@ -353,6 +355,7 @@ def projunn(learning_rate=DEFAULT_LR, *, unitary, base=DEFAULT_BASE, rank=None, 
         return new_updates, ProjUNNState(count=retraction_state.count, key=state.key, base=base_state,
                                          notfinite_count=state.notfinite_count)
 
+    @exact_products
     def update(grads, state, params=None):
         if params is None:
             raise ValueError("projunn needs the parameters: opt.update(grads, state, params)")

@@ -29,7 +29,7 @@ from ._cores import add_lowrank
 from ._host import stack_pays
 from ._random import as_generator, generator_from_state, generator_state, host_normal
 from ._validation import check_choice, check_finite, check_real_scalar, namespace_of
-from ._xp import complex_dtype, device, dtype_name, is_complex, mH
+from ._xp import complex_dtype, device, dtype_name, exact_products, is_complex, mH
 from .options import (  # the defaults live with the options; re-exported here
     DEFAULT_BASE,
     DEFAULT_LR,
@@ -531,6 +531,7 @@ class ProjUNN:
         # count (drift checks) and the shape and dtype they were made for
         self._slots = {}
 
+    @exact_products
     def step(self, W, G, /, *, key=None):
         """Return the updated W for gradient G (an array, or a pair (a, b) meaning
         a b^H); W is not modified.
@@ -552,6 +553,7 @@ class ProjUNN:
             self._rng.bit_generator.state = saved_rng
             raise
 
+    @exact_products
     def step_many(self, steps, /):
         """Step several matrices at once: ``steps`` maps each matrix's key to
         its ``(W, G)`` (G an array or a pair (a, b)); returns a dict mapping

@@ -17,7 +17,7 @@ from ._validation import (
     namespace_of,
     unitary_and_factors,
 )
-from ._xp import Adjoint, eye, max_abs, mH, real_dtype, times_inverse_power_of_two
+from ._xp import Adjoint, exact_products, eye, max_abs, mH, real_dtype, times_inverse_power_of_two
 
 __all__ = ["ConvergenceError", "project_unitary", "project_unitary_lowrank"]
 
@@ -38,6 +38,7 @@ class ConvergenceError(ValueError):
     """
 
 
+@exact_products
 def project_unitary(A, /, *, method="svd", max_iter=60):
     r"""Closest unitary (complex) or orthogonal (real) matrix to A: its polar factor.
 
@@ -143,6 +144,7 @@ def _newton_schulz(xp, A, max_iter):
     )
 
 
+@exact_products
 def project_unitary_lowrank(W, a, b, /):
     r"""Polar factor of ``W + a b^H`` for unitary W, in O(k n m).
 

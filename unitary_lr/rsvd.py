@@ -13,7 +13,7 @@ from ._validation import (
     namespace_of,
     report_nonfinite,
 )
-from ._xp import adjoint_matmul, device, is_complex, mH
+from ._xp import adjoint_matmul, device, exact_products, is_complex, mH
 
 __all__ = ["SVDResult", "randomized_svd"]
 
@@ -38,6 +38,7 @@ class SVDResult(NamedTuple):
     """Conjugate-transposed right singular vectors, shape (..., rank, n)."""
 
 
+@exact_products
 def randomized_svd(A, /, rank, *, oversample=10, power_iters=2, rng=None):
     r"""Truncated SVD of A from a randomized range finder.
 

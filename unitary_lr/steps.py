@@ -21,6 +21,7 @@ from ._xp import (
     Adjoint,
     broadcast_shapes,
     device,
+    exact_products,
     is_complex,
     mH,
     mT,
@@ -49,6 +50,7 @@ STEP_POWER_ITERS = 1
 VARIANTS = ("tangent", "direct", "cayley")
 
 
+@exact_products
 def projunn_step(
     W,
     G,
@@ -144,6 +146,7 @@ def projunn_step(
     return add_lowrank(namespace(W), untracked(W), L, Rh)
 
 
+@exact_products
 def projunn_update(
     W,
     G,
@@ -168,6 +171,7 @@ def projunn_update(
                         rank=rank, variant=variant, oversample=oversample, power_iters=power_iters)
 
 
+@exact_products
 def projunn_update_stacked(Ws, Gs, /, *, lr, rank=1, variant="tangent", oversample=STEP_OVERSAMPLE,
                            power_iters=STEP_POWER_ITERS, rngs):
     """:func:`projunn_update` of several matrices of one shape, dtype and
@@ -406,6 +410,7 @@ def step_factors_unchecked(xp, W, G, omega, *, lr, rank, variant, power_iters, t
                           cores=cores, sketched=sketched, names=names)
 
 
+@exact_products
 def tangent_project(W, G, /):
     r"""Project a Euclidean gradient onto the tangent space at W of the unitary
     group, or of the Stiefel manifold for rectangular W.

@@ -7,10 +7,12 @@ from ._cores import add_lowrank, make_cores
 from ._flow import checked, transport_update
 from ._host import is_traced
 from ._validation import check_real_scalar, unitary_and_factors
+from ._xp import exact_products
 
 __all__ = ["cayley_transport", "exp_transport"]
 
 
+@exact_products
 def exp_transport(W, a, b, /, *, t=1.0):
     r"""Move W along the geodesic ``expm(t (a b^H - b a^H)) @ W`` in O(k n^2).
 
@@ -74,6 +76,7 @@ def exp_transport(W, a, b, /, *, t=1.0):
     return checked(lambda: transport_unchecked(xp, W, a, b, t, traced=traced), xp, {"W": W, "a": a, "b": b})
 
 
+@exact_products
 def cayley_transport(W, a, b, /, *, t=1.0):
     r"""Move W by the Cayley map ``(I - t/2 X)^(-1) (I + t/2 X) @ W`` of the
     low-rank skew-Hermitian ``X = a b^H - b a^H``, in O(k n m).

@@ -293,6 +293,9 @@ def _setup(args, sizes, ranks):
     if too_big and dense:
         notes.append(f"dense steps {'and peers ' * bool(peers)}skipped for n > {args.dense_max} (--dense-max): n = "
                      + ", ".join(map(str, too_big)))
+    if backend.name == "torch" and getattr(device, "type", device) == "cuda" and any(k > 1 for k in ranks):
+        notes.append(f"{_peers.PROJUNN_RMSPROP_GRAPH} timed at rank 1 only: at rank 2 or more a capturable step "
+                     "calls torch.linalg.eigh, which a CUDA graph cannot capture")
     columns = sorted(set(args.columns))
     unused = [m for m in columns if m >= sizes[-1]]
     if unused:
@@ -318,15 +321,26 @@ def _case_count(args, setup, n):
 
 def _optimizer_count(setup):
     """How many optimizer cases ``_optimizer_cases`` builds at one size."""
-    pairs = 1 + _captures(setup)
-    return {"torch": pairs, "jax": 2, None: 0}[setup.optimizers] + pairs * len(setup.ranks) * (
-        setup.optimizers is not None)
+    plain = {"torch": 1 + _captures(setup), "jax": 2, None: 0}[setup.optimizers]
+    projunn = len(setup.ranks) * (setup.optimizers is not None) + len(_captured_ranks(setup))
+    return plain + projunn
 
 
 def _captures(setup):
     """Whether the torch optimizers are also timed captured in CUDA graphs
     (see ``_peers._captured``): on a CUDA device."""
     return setup.optimizers == "torch" and getattr(setup.device, "type", setup.device) == "cuda"
+
+
+def _captured_ranks(setup):
+    """The ranks at which ProjUNN's default ('tangent') step is timed captured
+    in a CUDA graph: those whose capture works (rank 1, see
+    ``unitary_lr.torch.optimizer.captures_in_cuda_graph``)."""
+    if not _captures(setup):
+        return []
+    from ..torch.optimizer import captures_in_cuda_graph
+
+    return [k for k in setup.ranks if captures_in_cuda_graph(k, "tangent")]
 
 
 @dataclass(frozen=True)
@@ -389,7 +403,7 @@ def _optimizer_cases(args, setup, W, G, floor_arrays):
         if _captures(setup):
             found.append(_stateful(_peers.RMSPROP_GRAPH, None, _peers.rmsprop_graph(W, G, LEARNING_RATE), False))
             found += [_stateful(_peers.PROJUNN_RMSPROP_GRAPH, k, _peers.projunn_rmsprop_graph(
-                W, G, LEARNING_RATE, rank=k, seed=args.seed), True) for k in setup.ranks]
+                W, G, LEARNING_RATE, rank=k, seed=args.seed), True) for k in _captured_ranks(setup)]
         return found
     if setup.optimizers == "jax":
         x, u, v = floor_arrays

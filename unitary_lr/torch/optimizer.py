@@ -17,7 +17,7 @@ import torch
 
 from .._host import stack_pays
 from .._random import generator_from_state, generator_state
-from .._xp import update_factors
+from .._xp import exact_products, update_factors
 from ..optim import (
     DEFAULT_BASE,
     DEFAULT_LR,
@@ -269,6 +269,7 @@ class ProjUNN(torch.optim.Optimizer):
         return count
 
     @torch.no_grad()
+    @exact_products
     def step(self, closure=None):
         """One step for every parameter with a gradient; returns the closure's loss."""
         loss = None
@@ -486,6 +487,11 @@ def _capturable_step(xp, p, direction, state, new_state, group):
     ``state["skipped_steps"]`` counts it."""
     W = p.detach()
     rank = capped_rank(group["rank"], W.shape)
+    if W.is_cuda and torch.cuda.is_current_stream_capturing() and not captures_in_cuda_graph(rank, group["variant"]):
+        # before the first library call that cannot be captured: that call
+        # would invalidate the capture, and torch.cuda.graph's exit would then
+        # report a bare CUDA error in place of this one
+        raise RuntimeError(_UNCAPTURED.format(rank=rank, variant=group["variant"]))
     # A NaN/Inf in the direction reaches the small cores as zeros (see
     # DeviceCores.gather) and the factors as NaN, which the check below drops.
     finite = _finite_flag(direction)
@@ -507,8 +513,17 @@ def _capturable_step(xp, p, direction, state, new_state, group):
     return ((L, Rh), finite), new_state
 
 
-# What a failed CUDA-graph capture of a capturable step reports, in place of
-# the CUDA error of the library call that could not be captured.
+def captures_in_cuda_graph(rank, variant):
+    """Whether a capturable step of this rank and variant can be captured in a
+    CUDA graph: rank 1 'tangent' and 'cayley', whose small cores are closed
+    forms. The others call torch.linalg.eigh or torch.linalg.svd, whose CUDA
+    kernels synchronise with the host (seen on an H200 with PyTorch 2.11,
+    2026-12-04: cusolverDnXsyevd failed under capture, rank 8)."""
+    return rank == 1 and variant != "direct"
+
+
+# What a CUDA-graph capture of a capturable step that cannot be captured
+# reports, in place of the CUDA error of the library call.
 _UNCAPTURED = (
     "ProjUNN(capturable=True) could not capture this step (rank {rank}, variant {variant!r}) in a CUDA "
     "graph: at rank 2 or more (the default rank is 8), and in the 'direct' variant at any rank, the "
