@@ -96,7 +96,8 @@ def _torch(kind="cpu"):
     torch = pytest.importorskip("torch", reason="PyTorch is not installed")
     if kind == "cuda" and not torch.cuda.is_available():
         pytest.skip("PyTorch sees no CUDA device")
-    device = torch.device(kind)
+    # the index too: arrays report cuda:0, and torch.device("cuda") != torch.device("cuda:0")
+    device = torch.device(kind, torch.cuda.current_device()) if kind == "cuda" else torch.device(kind)
     return Backend(
         "torch" if kind == "cpu" else f"torch:{kind}",
         torch,

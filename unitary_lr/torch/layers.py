@@ -19,14 +19,21 @@ INITS = ("haar", "identity", "henaff")
 _COMPLEX_OF = {torch.float32: torch.complex64, torch.float64: torch.complex128}
 
 
+def _on_generator(generator):
+    """Where ``generator`` draws: a torch.Generator("cuda") draws on the GPU
+    only (a draw for the CPU from it is an error)."""
+    return "cpu" if generator is None else generator.device
+
+
 def _seed(generator):
-    return int(torch.randint(0, 2**62, (), dtype=torch.int64, generator=generator))
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64, generator=generator, device=_on_generator(generator)))
 
 
 def _henaff(n, *, dtype, device, generator):
     """Block-diagonal 2 x 2 rotations with angles uniform in [-pi, pi] (Henaff,
     Szlam and LeCun, 2016); a trailing 1 for odd n."""
-    angles = (torch.rand(n // 2, dtype=torch.float64, generator=generator) * 2 - 1) * math.pi
+    drawn = torch.rand(n // 2, dtype=torch.float64, generator=generator, device=_on_generator(generator))
+    angles = (drawn.cpu() * 2 - 1) * math.pi
     W = torch.eye(n, dtype=torch.float64)
     index = torch.arange(0, 2 * (n // 2), 2)
     W[index, index] = torch.cos(angles)
