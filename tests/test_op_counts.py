@@ -326,3 +326,48 @@ def test_complex_update_factors_follow_w_layout(layout):
     real, L_real, Rh_real = W.real, torch.randn(2, 40).mT, torch.randn(24, 2).mT
     new_left, new_right = update_factors(xp, real, L_real, Rh_real)
     assert new_left is L_real and new_right is Rh_real
+
+
+def _synchronising_operations(run):
+    """The CUDA operations of ``run()`` that synchronise the host with the
+    device, as PyTorch's sync debug mode reports them (a prototype: it may
+    miss some, never invents one)."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return [str(w.message) for w in caught if "synchronizing" in str(w.message)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("variant", ["tangent", "direct", "cayley"])
+@pytest.mark.parametrize("rank", [1, 8])
+def test_eager_cuda_step_synchronises_once(variant, rank):
+    """On a GPU: the one read of the small results is the step's only
+    synchronisation; the sketch and the small results go to the device
+    asynchronously (``_host.from_host``). Before: 3 to 4 (H200, 2026-12-04)."""
+    device = torch.device("cuda")
+    rng = np.random.default_rng(0)
+    W = ul.random_unitary(256, dtype="float32", rng=rng, xp=torch, device=device)
+    G = torch.randn(256, 256, device=device)
+    ul.projunn_step(W, G, lr=0.1, rank=rank, variant=variant, rng=rng)  # warm: handles, pinned blocks
+    syncs = _synchronising_operations(lambda: ul.projunn_step(W, G, lr=0.1, rank=rank, variant=variant, rng=rng))
+    assert len(syncs) <= 1, syncs
+
+
+def test_host_arrays_for_a_torch_cuda_device_take_the_asynchronous_path():
+    """Which copies ``_host.from_host`` sends from page-locked memory: those
+    for PyTorch's CUDA devices, whatever names the device."""
+    import array_api_compat.torch as compat_torch
+
+    assert _host._torch_cuda(torch, "cuda") and _host._torch_cuda(compat_torch, torch.device("cuda", 0))
+    assert not _host._torch_cuda(torch, "cpu") and not _host._torch_cuda(torch, None)
+    assert not _host._torch_cuda(np, "cpu")
+    x = _host.from_host(torch, np.arange(6.0).reshape(2, 3), dtype=torch.float32, device="cpu")
+    assert x.dtype == torch.float32 and x.device.type == "cpu" and x.tolist() == [[0, 1, 2], [3, 4, 5]]

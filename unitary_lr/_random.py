@@ -14,6 +14,7 @@ import os
 
 import numpy as np
 
+from ._host import from_host
 from ._xp import dtype_name, is_complex
 
 __all__ = ["as_generator", "generator_from_state", "generator_state", "host_normal", "stack_to_device",
@@ -65,7 +66,7 @@ def standard_normal(xp, shape, *, dtype, device, rng):
     independent real Gaussians, so E|z|^2 = 1.
     """
     # Rounded on the host: a device without float64 never sees a float64 array.
-    return xp.asarray(host_normal(xp, shape, dtype=dtype, rng=rng), dtype=dtype, device=device)
+    return from_host(xp, host_normal(xp, shape, dtype=dtype, rng=rng), dtype=dtype, device=device)
 
 
 def host_normal(xp, shape, *, dtype, rng) -> np.ndarray:
@@ -79,7 +80,7 @@ def host_normal(xp, shape, *, dtype, rng) -> np.ndarray:
 def stack_to_device(xp, draws, *, dtype, device):
     """Host draws of one shape (:func:`host_normal`) stacked on a new first
     axis and moved to the device in one transfer."""
-    return xp.asarray(np.stack(draws), dtype=dtype, device=device)
+    return from_host(xp, np.stack(draws), dtype=dtype, device=device)
 
 
 def _host_normal(gen, shape, name, complex_):

@@ -26,7 +26,7 @@ from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 from ._cores import add_lowrank
-from ._host import stack_pays
+from ._host import from_host, stack_pays
 from ._random import as_generator, generator_from_state, generator_state, host_normal
 from ._validation import check_choice, check_finite, check_real_scalar, namespace_of
 from ._xp import complex_dtype, device, dtype_name, exact_products, is_complex, mH
@@ -386,7 +386,7 @@ def control_drift(xp, W, *, step, rng, drift_tol=None, drift_check_every=50, rep
                                          reproject=reproject), xp)
     if probes is None:
         probes = drift_probes(xp, W, rng)
-    return policy.apply(W, xp.asarray(probes, dtype=W.dtype, device=device(W)))
+    return policy.apply(W, from_host(xp, probes, dtype=W.dtype, device=device(W)))
 
 
 def drift_probes(xp, W, rng):

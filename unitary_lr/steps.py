@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ._cores import add_lowrank, make_cores
 from ._flow import checked, lowrank_update, sketch_panels
-from ._host import is_traced
+from ._host import from_host, is_traced
 from ._random import as_generator, host_normal, stack_to_device
 from ._validation import (
     check_batch_compatible,
@@ -338,7 +338,7 @@ def sketch_matrix(xp, shape, *, dtype, device, rng):
 
 def _sketch_on_device(xp, draw, *, dtype, device):
     """The test matrix (..., n, l) of a host draw of :func:`sketch_draw`."""
-    return mT(xp, xp.asarray(draw, dtype=dtype, device=device))
+    return mT(xp, from_host(xp, draw, dtype=dtype, device=device))
 
 
 def sketch_draw(xp, shape, *, dtype, rng):
