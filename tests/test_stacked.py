@@ -326,3 +326,34 @@ def test_foreach_refused_step_names_the_parameter_and_changes_nothing():
     clean_opt.step()
     for p, q in zip(params, clean):
         assert torch.equal(p.detach(), q.detach())
+
+
+class _UnhashableDevice:
+    """A device object as CuPy's: equal by its id, with no hash."""
+
+    def __init__(self, index):
+        self.index = index
+
+    def __eq__(self, other):
+        return isinstance(other, _UnhashableDevice) and other.index == self.index
+
+    __hash__ = None
+
+    def __repr__(self):
+        return f"<device {self.index}>"
+
+
+def test_step_many_groups_matrices_on_unhashable_devices(monkeypatch):
+    """CuPy's cupy.cuda.Device cannot be hashed, and step_many keyed its
+    stacks by the device: 12 CuPy tests (every dtype) failed on an H200. The
+    key now stands in its repr; matrices on one such device share a stack."""
+    import unitary_lr.optim as optim_module
+    from unitary_lr._xp import device_key
+
+    with pytest.raises(TypeError):
+        hash(_UnhashableDevice(0))
+    assert device_key(_UnhashableDevice(1)) == device_key(_UnhashableDevice(1)) != device_key(_UnhashableDevice(2))
+    assert device_key("cpu") == "cpu"
+    monkeypatch.setattr(optim_module, "device", lambda x: _UnhashableDevice(0))
+    keys = {optim_module._stack_key(np.zeros((3, 3))), optim_module._stack_key(np.ones((3, 3)))}
+    assert len(keys) == 1 and len({*keys, optim_module._stack_key(np.zeros((3, 2)))}) == 2

@@ -30,6 +30,7 @@ __all__ = [
     "complex_dtype",
     "core_dtype",
     "device",
+    "device_key",
     "dtype_name",
     "exact_products",
     "eye",
@@ -99,16 +100,22 @@ def complex_dtype(xp, dtype):
     return getattr(xp, _COMPLEX_OF.get(name, name))
 
 
+def device_key(dev):
+    """``dev`` as a dict key: itself, or its repr where it cannot be hashed
+    (CuPy's ``cupy.cuda.Device`` compares by id but has no hash)."""
+    try:
+        hash(dev)
+    except TypeError:
+        return repr(dev)
+    return dev
+
+
 def supports_float64(xp, dev) -> bool:
     """Whether arrays of dtype float64 can live on device ``dev`` of ``xp``.
 
     False for array_api_strict's ``no_float64`` device and for JAX without x64.
     """
-    try:
-        key = (id(xp), dev)
-        hash(key)
-    except TypeError:  # an unhashable device object
-        key = (id(xp), repr(dev))
+    key = (id(xp), device_key(dev))
     cached = _FLOAT64_SUPPORT.get(key)
     if cached is None:
         try:

@@ -29,7 +29,7 @@ from ._cores import add_lowrank
 from ._host import from_host, stack_pays
 from ._random import as_generator, generator_from_state, generator_state, host_normal
 from ._validation import check_choice, check_finite, check_real_scalar, namespace_of
-from ._xp import complex_dtype, device, dtype_name, exact_products, is_complex, mH
+from ._xp import complex_dtype, device, device_key, dtype_name, exact_products, is_complex, mH
 from .options import (  # the defaults live with the options; re-exported here
     DEFAULT_BASE,
     DEFAULT_LR,
@@ -395,6 +395,13 @@ def drift_probes(xp, W, rng):
     return host_normal(xp, (*W.shape[:-2], min(W.shape[-2:]), _PROBES), dtype=W.dtype, rng=rng)
 
 
+def _stack_key(W):
+    """What the matrices that :meth:`ProjUNN.step_many` steps together share:
+    array type, shape, dtype and device (CuPy's devices have no hash: their
+    repr stands in)."""
+    return type(W), tuple(W.shape), str(W.dtype), device_key(device(W))
+
+
 class _Prepared(NamedTuple):
     """A checked step of :class:`ProjUNN`, its direction computed, not yet taken."""
 
@@ -635,7 +642,7 @@ class ProjUNN:
         stacks = {}
         for entry in batched:
             W = entry[1].W
-            stacks.setdefault((type(W), tuple(W.shape), str(W.dtype), device(W)), []).append(entry)
+            stacks.setdefault(_stack_key(W), []).append(entry)
         for members in stacks.values():
             for (key, prepared, _, probes), factors in zip(members, self._stacked_factors(members)):
                 with _naming(key):
