@@ -115,8 +115,12 @@ def test_every_public_entry_point_asks_for_float32_products():
                     and not isinstance(getattr(ul, name), type)]
     entry_points += [unitary_lr.steps.projunn_update, unitary_lr.steps.projunn_update_stacked,
                      unitary_lr.optim.ProjUNN.step, unitary_lr.optim.ProjUNN.step_many]
-    entry_points.append(pytest.importorskip("unitary_lr.torch").ProjUNN.step)
-    assert len(entry_points) >= 16
+    ul_torch = pytest.importorskip("unitary_lr.torch")
+    from unitary_lr.torch.retraction import ProjUNNRetraction
+
+    entry_points += [ul_torch.ProjUNN.step, ul_torch.ProjUNN.check_drift, ul_torch.mark_unitary,
+                     ProjUNNRetraction._after]
+    assert len(entry_points) >= 19
 
     def wrapped(function):  # through torch.no_grad and torch.optim's own wrappers
         while function is not None:

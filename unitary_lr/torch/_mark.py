@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._xp import exact_products
 from ..diagnostics import unitarity_error
 from ..polar import project_unitary
 
@@ -110,6 +111,7 @@ def unitary_tolerance(dtype):
     return _TOLERANCE[dtype]
 
 
+@exact_products
 def mark_unitary(param: torch.Tensor, /, *, project: bool = False) -> torch.Tensor:
     r"""Mark ``param`` as a unitary (orthogonal, if real) matrix: :class:`ProjUNN`
     puts it in a unitary group when it receives parameters without explicit

@@ -245,6 +245,7 @@ class ProjUNN(torch.optim.Optimizer):
         super().add_param_group(param_group)
 
     @torch.no_grad()
+    @exact_products
     def check_drift(self):
         """Re-project every unitary parameter whose estimated drift from the
         group is above its group's ``drift_tol``; returns how many were.

@@ -12,6 +12,7 @@ import torch
 
 from ..optim import DEFAULT_VARIANT, control_drift, step_rank
 from ..options import ProjUNNOptions
+from .._xp import exact_products
 from ..steps import STEP_OVERSAMPLE, STEP_POWER_ITERS, projunn_step
 from ._mark import is_unitary
 
@@ -177,6 +178,7 @@ class ProjUNNRetraction:
         self._saved = [(p, p.detach().clone()) for p, _ in self._targets()]
 
     @torch.no_grad()
+    @exact_products
     def _after(self, optimizer, args, kwargs):
         saved, self._saved = self._saved, []
         pending = []
