@@ -171,7 +171,8 @@ capture_tests() {
 matrix_tests() {
     # the kernel tests on the GPU backends of the test matrix; workers where pytest-xdist is
     local workers=()
-    "$py" -c "import xdist" 2>/dev/null && workers=(-n "${TEST_WORKERS:-8}")
+    # (pytest-benchmark, where installed, refuses xdist's workers unless disabled)
+    "$py" -c "import xdist" 2>/dev/null && workers=(-n "${TEST_WORKERS:-8}" -p no:benchmark)
     part tests matrix-tests "$py" -m pytest -q -p no:cacheprovider -rfE "${workers[@]}" \
         -k "(cuda or gpu or cupy) and not test_capturable" tests
 }
