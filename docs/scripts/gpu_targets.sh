@@ -28,8 +28,10 @@
 #
 # and the call carries .whl. A dry run on a CPU, to check the plumbing:
 #
-#   DEVICE=cpu SIZES="64 128" COMPLEX_SIZES=64 JAX_SIZES=64 PEER_SIZES=128 PROBE_N=64 COPY_STEPS=3 \
-#       PART_TIMEOUT=120 bash docs/scripts/gpu_targets.sh
+#   DEVICE=cpu SIZES="64 128" COMPLEX_SIZES=64 PEER_SIZES=128 COPY_STEPS=3 PART_TIMEOUT=120 \
+#       bash docs/scripts/gpu_targets.sh
+#
+# (JAX_SIZES and the precision probe's PROBE_N follow PEER_SIZES unless given.)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -42,9 +44,9 @@ jax_device=$([ "$device" = cpu ] && echo cpu || echo gpu)
 sizes=${SIZES:-"512 1024 4096 8192 16384"}
 complex_sizes=${COMPLEX_SIZES:-"1024 4096 16384"}
 peer_sizes=${PEER_SIZES:-"1024 4096"}
-jax_sizes=${JAX_SIZES:-"1024 4096"}
+jax_sizes=${JAX_SIZES:-$peer_sizes}
 dense_max=${DENSE_MAX:-4096}
-probe_n=${PROBE_N:-1024}
+probe_n=${PROBE_N:-${peer_sizes%% *}}
 copy_steps=${COPY_STEPS:-60}
 limit=${PART_TIMEOUT:-300}
 deadline=$((SECONDS + ${BUDGET:-1000000}))
