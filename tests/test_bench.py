@@ -282,6 +282,41 @@ def test_bench_dense_steps_above_the_limit_are_skipped_with_a_note(tmp_path, cap
     assert next(r for r in record["results"] if r["method"] == "projUNN-T" and r["n"] == 32)["speedup_over_dense"] is None
 
 
+def test_bench_a_failing_method_is_reported_and_the_others_are_timed(tmp_path, monkeypatch, capsys):
+    """One method that raises, when its case is built (a CUDA-graph capture
+    did, on an H200) or when it first runs, costs its own rows only: the
+    others are timed, the failure is a note naming the method, the size and
+    the error, and the exit status is 1."""
+    pytest.importorskip("torch")
+    real_step = bench_module.projunn_step
+
+    def direct_fails_at_32(*args, **kwargs):
+        if kwargs["variant"] == "direct" and args[0].shape[0] == 32:
+            raise ValueError("the direct step broke\nsecond line")
+        return real_step(*args, **kwargs)
+
+    def broken_rmsprop(W, G, lr):
+        raise RuntimeError("capture failed")
+
+    monkeypatch.setattr(bench_module, "projunn_step", direct_fails_at_32)
+    monkeypatch.setattr(_peers, "rmsprop", broken_rmsprop)
+    path = tmp_path / "failed.json"
+    assert main([*SMALL, "--backend", "torch", "--dtype", "float32", "--sizes", "16", "32",
+                 "--json", str(path)]) == 1
+    record = json.loads(path.read_text())
+    timed = {(r["method"], r["n"]) for r in record["results"]}
+    assert ("projUNN-D", 16) in timed and ("projUNN-D", 32) not in timed
+    assert ("projUNN-T", 32) in timed and ("ProjUNN(base='rmsprop')", 32) in timed
+    assert not any(method == "torch.optim.RMSprop" for method, _ in timed)
+    assert all(r["median_s"] > 0 and len(r["times_s"]) == 2 for r in record["results"])
+    assert "FAILED at n = 32: projUNN-D k=1: ValueError: the direct step broke" in record["notes"]
+    assert "FAILED at n = 16: torch.optim.RMSprop: RuntimeError: capture failed" in record["notes"]
+    out, err = capsys.readouterr()
+    assert "note: FAILED at n = 32: projUNN-D k=1" in out and "3 method(s) failed" in err
+    # the ratio to RMSprop has no counterpart: no row claims one
+    assert all(r["ratio_to_rmsprop"] is None for r in record["results"])
+
+
 def test_bench_interrupt_keeps_the_complete_sizes(tmp_path, monkeypatch):
     real_step, calls = bench_module.projunn_step, {"n": 0}
 

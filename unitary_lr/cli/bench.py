@@ -61,6 +61,7 @@ import functools
 import importlib
 import math
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -268,10 +269,15 @@ def run(args) -> int:
     setup = _setup(args, sizes, ranks)
     # what the work leaves for the report, however far it got: the sizes done
     state = SimpleNamespace(rows=[], pools=None)
-    return execute(args, lambda session: _time_all(args, setup, state, session),
-                   lambda session: _report(args, setup, state, session.interrupted),
-                   description="bench", plot=args.plot is not None, torch=setup.backend.name == "torch",
-                   unfinished="the table and outputs hold the sizes done so far")
+    status = execute(args, lambda session: _time_all(args, setup, state, session),
+                     lambda session: _report(args, setup, state, session.interrupted),
+                     description="bench", plot=args.plot is not None, torch=setup.backend.name == "torch",
+                     unfinished="the table and outputs hold the sizes done so far")
+    if status == 0 and setup.failures:
+        print(f"unitary-lr bench: {len(setup.failures)} method(s) failed, the others were timed (see the notes)",
+              file=sys.stderr)
+        return 1
+    return status
 
 
 def _setup(args, sizes, ranks):
@@ -302,7 +308,7 @@ def _setup(args, sizes, ranks):
         notes.append(f"--columns m >= n is the square case or a wide matrix: not timed: m = {', '.join(map(str, unused))}")
     return SimpleNamespace(sizes=sizes, ranks=ranks, backend=backend, xp=xp, device=device, dtype=getattr(xp, args.dtype),
                            complex_=complex_, notes=notes, expm=expm, others=others, peers=peers, dense=dense,
-                           columns=columns,
+                           columns=columns, failures=[],
                            # geoopt's QR retraction steps the n x m matrix itself; the other peers an n x n one
                            stiefel_peers=[peer for peer in peers if peer.method in _peers.STIEFEL_PEERS],
                            # torch: RMSprop and ProjUNN(base="rmsprop"); JAX: their optax
@@ -380,38 +386,70 @@ def _cases(args, setup, n):
     x, u, v = (on_device(data.gaussian(rng, shape, setup.complex_)) for shape in ((n,), (n, 2), (n, 2)))
     A = on_device(data.known_spectrum(rng, n, setup.complex_))
     found = [Case(FLOOR, None, lambda: (G @ x, add_product(xp, W, u, mH(xp, v))))]
-    found += _step_cases(args, setup, n, W, G)
+    found += _guarded(setup, n, "the projUNN steps", lambda: _step_cases(args, setup, n, W, G))
     if n <= args.dense_max:
-        found += _dense_cases(setup, W, G)
-        found += [_stateful(peer.method, None, peer.build(W, G, LEARNING_RATE), True) for peer in setup.peers]
-    found += _rsvd_cases(args, setup, n, A)
-    found += _optimizer_cases(args, setup, W, G, (x, u, v))
+        found += _guarded(setup, n, "the dense steps", lambda: _dense_cases(setup, W, G))
+        for peer in setup.peers:
+            found += _guarded(setup, n, peer.method,
+                              lambda peer=peer: [_stateful(peer.method, None, peer.build(W, G, LEARNING_RATE), True)])
+    found += _guarded(setup, n, "the randomized SVDs", lambda: _rsvd_cases(args, setup, n, A))
+    found += _optimizer_cases(args, setup, n, W, G, (x, u, v))
     for m in setup.columns:
         if m < n:
-            found += _rectangular_cases(args, setup, n, m, on_device)
+            found += _guarded(setup, n, f"the n x {m} cases",
+                              lambda m=m: _rectangular_cases(args, setup, n, m, on_device))
     return found
 
 
-def _optimizer_cases(args, setup, W, G, floor_arrays):
+def _guarded(setup, n, what, build):
+    """The cases ``build()`` makes, or none where it raises: the failure goes
+    into the table's notes and the exit status (1), and the other methods
+    run. A GPU lent for minutes should not lose a whole table to one method
+    (a CUDA-graph capture that failed did, 2026-12-04)."""
+    try:
+        return build()
+    except Exception as error:  # noqa: BLE001 - reported: _failed
+        _failed(setup, n, what, error)
+        return []
+
+
+def _failed(setup, n, what, error):
+    """Record that ``what`` failed at size n with ``error``."""
+    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    line = f"FAILED at n = {n}: {what}: {type(error).__name__}{': ' + message if message else ''}"
+    setup.failures.append(line)
+    setup.notes.append(line)
+
+
+def _optimizer_cases(args, setup, n, W, G, floor_arrays):
     """A plain optimizer and projUNN with it as the base rule, on the same
     matrix: torch.optim.RMSprop and ProjUNN(base="rmsprop") on torch; on JAX
-    the jitted optax updates, with the floor under jax.jit."""
+    the jitted optax updates, with the floor under jax.jit. Each is built
+    apart (see :func:`_guarded`)."""
+    builders = []  # (method, k, build the case)
     if setup.optimizers == "torch":
-        plain = _stateful(_peers.RMSPROP, None, _peers.rmsprop(W, G, LEARNING_RATE), False)
-        found = [plain] + [_stateful(_peers.PROJUNN_RMSPROP, k, _peers.projunn_rmsprop(
-            W, G, LEARNING_RATE, rank=k, seed=args.seed), True) for k in setup.ranks]
+        builders.append((_peers.RMSPROP, None, lambda: _stateful(
+            _peers.RMSPROP, None, _peers.rmsprop(W, G, LEARNING_RATE), False)))
+        builders += [(_peers.PROJUNN_RMSPROP, k, lambda k=k: _stateful(
+            _peers.PROJUNN_RMSPROP, k, _peers.projunn_rmsprop(W, G, LEARNING_RATE, rank=k, seed=args.seed), True))
+            for k in setup.ranks]
         if _captures(setup):
-            found.append(_stateful(_peers.RMSPROP_GRAPH, None, _peers.rmsprop_graph(W, G, LEARNING_RATE), False))
-            found += [_stateful(_peers.PROJUNN_RMSPROP_GRAPH, k, _peers.projunn_rmsprop_graph(
-                W, G, LEARNING_RATE, rank=k, seed=args.seed), True) for k in _captured_ranks(setup)]
-        return found
-    if setup.optimizers == "jax":
+            builders.append((_peers.RMSPROP_GRAPH, None, lambda: _stateful(
+                _peers.RMSPROP_GRAPH, None, _peers.rmsprop_graph(W, G, LEARNING_RATE), False)))
+            builders += [(_peers.PROJUNN_RMSPROP_GRAPH, k, lambda k=k: _stateful(
+                _peers.PROJUNN_RMSPROP_GRAPH, k, _peers.projunn_rmsprop_graph(
+                    W, G, LEARNING_RATE, rank=k, seed=args.seed), True)) for k in _captured_ranks(setup)]
+    elif setup.optimizers == "jax":
         x, u, v = floor_arrays
-        found = [Case(_peers.JIT_FLOOR, None, _peers.jitted_floor(G, x, W, u, v)),
-                 _stateful(_peers.OPTAX_RMSPROP, None, _peers.optax_rmsprop(W, G, LEARNING_RATE), False)]
-        return found + [_stateful(_peers.OPTAX_PROJUNN, k, _peers.optax_projunn(
-            W, G, LEARNING_RATE, rank=k, seed=args.seed), True) for k in setup.ranks]
-    return []
+        builders += [(_peers.JIT_FLOOR, None, lambda: Case(_peers.JIT_FLOOR, None, _peers.jitted_floor(G, x, W, u, v))),
+                     (_peers.OPTAX_RMSPROP, None, lambda: _stateful(
+                         _peers.OPTAX_RMSPROP, None, _peers.optax_rmsprop(W, G, LEARNING_RATE), False))]
+        builders += [(_peers.OPTAX_PROJUNN, k, lambda k=k: _stateful(_peers.OPTAX_PROJUNN, k, _peers.optax_projunn(
+            W, G, LEARNING_RATE, rank=k, seed=args.seed), True)) for k in setup.ranks]
+    found = []
+    for method, k, build in builders:
+        found += _guarded(setup, n, _label(method, k, None), lambda build=build: [build()])
+    return found
 
 
 def _rectangular_cases(args, setup, n, m, on_device):
@@ -503,14 +541,21 @@ def _time_all(args, setup, state, session):
 
 def _time_size(args, setup, n, bar):
     """The rows of size n: each case's warm-up run, then ``--repeat`` interleaved rounds."""
-    backend, todo, done, primers = setup.backend, _cases(args, setup, n), [], []
-    for case in todo:
+    backend, cases, todo, done, primers = setup.backend, _cases(args, setup, n), [], [], []
+    for case in cases:
         # The untimed warm-up run; its result is checked, then dropped
-        # so that only one n x n result is alive at a time.
+        # so that only one n x n result is alive at a time. A method that
+        # fails here is reported and left out of the timed rounds.
         bar.set_postfix_str(f"n={n} {_label(case.method, case.k, case.m)}", refresh=True)
         start = time.perf_counter()
-        result = case.call()
-        _wait(backend, result)
+        try:
+            result = case.call()
+            _wait(backend, result)
+        except Exception as error:  # noqa: BLE001 - reported: _failed
+            _failed(setup, n, _label(case.method, case.k, case.m), error)
+            bar.update(1 + args.repeat)
+            continue
+        todo.append(case)
         primers.append(time.perf_counter() - start < PRIMER_MAX_S)
         done.append({"method": case.method, "kind": KINDS[case.method], "n": n,
                      "m": n if case.m is None else case.m, "k": case.k, "median_s": None,
