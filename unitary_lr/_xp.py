@@ -545,11 +545,12 @@ def is_column_major(x) -> bool:
 # value that asks it for true float32 (IEEE) products. JAX on NVIDIA GPUs
 # computes float32 products in TF32 (10 mantissa bits) unless told otherwise;
 # PyTorch does after torch.set_float32_matmul_precision("high") or
-# torch.backends.cuda.matmul.allow_tf32 = True, common in training scripts. A
-# step computed so leaves W about 1e-4 from unitary in float32, and the drift
-# grows with every step (H200, 2026-12-04: torch "high" 1.2e-6 after one step
-# at n = 1024, 2.7e-5 after 20; JAX's default: 2.9e-4, 239 of the GPU test
-# matrix's float32 and complex64 tests failed).
+# torch.backends.cuda.matmul.allow_tf32 = True, common in training scripts.
+# Steps computed so drift from unitary with every step (H200, 2026-12-04,
+# n = 1024, float32: torch "high" 1.2e-6 after one step and up to 2.7e-5 after
+# 20, against 7.2e-7 with "highest"; under JAX's default, 239 of the GPU test
+# matrix's float32 and complex64 tests failed, and a check of unitarity, whose
+# own product ran in TF32, read 2.9e-4 for every W).
 _TORCH_MATMUL_BACKENDS = ("cuda", "mkldnn")
 
 
@@ -582,8 +583,8 @@ def exact_products(function):
     ``jax.jit`` traces the call (every ``dot_general`` it records says
     ``Precision.HIGHEST``). PyTorch: a CUDA (or oneDNN) matmul precision set
     to TF32 or bfloat16 is set to "ieee" and restored afterwards, outside
-    ``torch.compile`` only (a compiled step takes the precision in force when
-    it was compiled). The setting is global while the call runs, so a thread
+    ``torch.compile`` only (inside a compiled region no setting is changed).
+    The setting is global while the call runs, so a thread
     running products beside it gets them in float32 too. Costs a few
     microseconds; only float32 and complex64 products change.
     """

@@ -6,8 +6,8 @@ how many host synchronisations one eager CUDA step makes.
 JAX computes float32 products in TF32 on NVIDIA GPUs unless told otherwise
 (``jax.default_matmul_precision``), and PyTorch does so after
 ``torch.set_float32_matmul_precision("high")``, a common setting in training
-scripts. TF32 keeps 10 bits of the mantissa, so a step computed with it could
-leave W about 1e-4 from unitary where float32 leaves it 1e-7. This script runs
+scripts. TF32 keeps 10 bits of the mantissa, so steps computed with it drift from
+unitary where float32 steps stay within rounding. This script runs
 ``--steps`` float32 projUNN steps (each variant, rank 1 and 8) on Gaussian
 gradients with each setting and prints the unitarity error after the first
 step and after the last (computed on the host in float64), and what
