@@ -20,19 +20,25 @@ import time
 
 import torch
 
-from unitary_lr import _host
+from unitary_lr import _benchdata, _host
 from unitary_lr.torch import ProjUNN
+
+
+def _unitary(rng, n, dtype):
+    """A dense unitary (orthogonal) n x n NumPy matrix in O(n^2) (reflections
+    and phases, as the bench's): a QR of a Gaussian took minutes at n = 16384."""
+    return _benchdata.unitary(rng, n, dtype.startswith("complex")).astype(dtype)
 
 
 def _optimizer(n, count, rank, foreach, dtype, device):
     """A step of the torch optimizer on ``count`` parameters, as a function."""
-    dtype = getattr(torch, dtype)
-    generator = torch.Generator().manual_seed(0)
+    import numpy as np
+
+    rng = np.random.default_rng(0)
     params = []
     for _ in range(count):
-        W = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=dtype))[0].contiguous().to(device)
-        W = torch.nn.Parameter(W)
-        W.grad = torch.randn(n, n, generator=generator, dtype=dtype).to(device)
+        W = torch.nn.Parameter(torch.as_tensor(_unitary(rng, n, dtype)).to(device))
+        W.grad = torch.as_tensor(_benchdata.gaussian(rng, (n, n), dtype.startswith("complex")).astype(dtype)).to(device)
         params.append(W)
     opt = ProjUNN([{"params": params, "unitary": True}], lr=1e-4, base="rmsprop", rank=rank, seed=0,
                   drift_check_every=0, foreach=foreach)
@@ -44,14 +50,14 @@ def _framework_free(n, count, rank, foreach, dtype, device):
     on a GPU, CuPy) matrices, as a function."""
     import numpy as np
 
-    from unitary_lr import optim, random_unitary
+    from unitary_lr import optim
 
     if device.startswith("cuda"):
         import cupy as xp
     else:
         xp = np
     rng = np.random.default_rng(0)
-    Ws = {p: xp.asarray(random_unitary(n, dtype=dtype, rng=rng)) for p in range(count)}
+    Ws = {p: xp.asarray(_unitary(rng, n, dtype)) for p in range(count)}
     Gs = {p: xp.asarray(rng.standard_normal((n, n)).astype(dtype)) for p in range(count)}
     opt = optim.ProjUNN(1e-4, base="rmsprop", rank=rank, seed=0, drift_check_every=0, foreach=foreach)
 
