@@ -24,6 +24,8 @@ import sys
 
 import numpy as np
 
+from ._xp import _is_torch
+
 __all__ = ["HOST_STACK_BYTES", "from_host", "is_traced", "stack_pays", "to_host", "transfers"]
 
 
@@ -72,7 +74,7 @@ def from_host(xp, x: np.ndarray, *, dtype, device):
 
 def _torch_cuda(xp, device) -> bool:
     """Whether ``device`` is a CUDA device of PyTorch namespace ``xp``."""
-    if device is None or "torch" not in getattr(xp, "__name__", ""):
+    if device is None or not _is_torch(xp):
         return False
     return sys.modules["torch"].device(device).type == "cuda"
 

@@ -426,26 +426,26 @@ def _optimizer_cases(args, setup, n, W, G, floor_arrays):
     matrix: torch.optim.RMSprop and ProjUNN(base="rmsprop") on torch; on JAX
     the jitted optax updates, with the floor under jax.jit. Each is built
     apart (see :func:`_guarded`)."""
-    builders = []  # (method, k, build the case)
+    def stateful(method, k, make, checked):  # (method, k, build the case)
+        return method, k, lambda: _stateful(method, k, make(), checked)
+
+    builders = []
     if setup.optimizers == "torch":
-        builders.append((_peers.RMSPROP, None, lambda: _stateful(
-            _peers.RMSPROP, None, _peers.rmsprop(W, G, LEARNING_RATE), False)))
-        builders += [(_peers.PROJUNN_RMSPROP, k, lambda k=k: _stateful(
-            _peers.PROJUNN_RMSPROP, k, _peers.projunn_rmsprop(W, G, LEARNING_RATE, rank=k, seed=args.seed), True))
-            for k in setup.ranks]
+        builders.append(stateful(_peers.RMSPROP, None, lambda: _peers.rmsprop(W, G, LEARNING_RATE), False))
+        builders += [stateful(_peers.PROJUNN_RMSPROP, k, lambda k=k: _peers.projunn_rmsprop(
+            W, G, LEARNING_RATE, rank=k, seed=args.seed), True) for k in setup.ranks]
         if _captures(setup):
-            builders.append((_peers.RMSPROP_GRAPH, None, lambda: _stateful(
-                _peers.RMSPROP_GRAPH, None, _peers.rmsprop_graph(W, G, LEARNING_RATE), False)))
-            builders += [(_peers.PROJUNN_RMSPROP_GRAPH, k, lambda k=k: _stateful(
-                _peers.PROJUNN_RMSPROP_GRAPH, k, _peers.projunn_rmsprop_graph(
-                    W, G, LEARNING_RATE, rank=k, seed=args.seed), True)) for k in _captured_ranks(setup)]
+            builders.append(stateful(_peers.RMSPROP_GRAPH, None, lambda: _peers.rmsprop_graph(W, G, LEARNING_RATE),
+                                     False))
+            builders += [stateful(_peers.PROJUNN_RMSPROP_GRAPH, k, lambda k=k: _peers.projunn_rmsprop_graph(
+                W, G, LEARNING_RATE, rank=k, seed=args.seed), True) for k in _captured_ranks(setup)]
     elif setup.optimizers == "jax":
         x, u, v = floor_arrays
-        builders += [(_peers.JIT_FLOOR, None, lambda: Case(_peers.JIT_FLOOR, None, _peers.jitted_floor(G, x, W, u, v))),
-                     (_peers.OPTAX_RMSPROP, None, lambda: _stateful(
-                         _peers.OPTAX_RMSPROP, None, _peers.optax_rmsprop(W, G, LEARNING_RATE), False))]
-        builders += [(_peers.OPTAX_PROJUNN, k, lambda k=k: _stateful(_peers.OPTAX_PROJUNN, k, _peers.optax_projunn(
-            W, G, LEARNING_RATE, rank=k, seed=args.seed), True)) for k in setup.ranks]
+        builders.append((_peers.JIT_FLOOR, None,
+                         lambda: Case(_peers.JIT_FLOOR, None, _peers.jitted_floor(G, x, W, u, v))))
+        builders.append(stateful(_peers.OPTAX_RMSPROP, None, lambda: _peers.optax_rmsprop(W, G, LEARNING_RATE), False))
+        builders += [stateful(_peers.OPTAX_PROJUNN, k, lambda k=k: _peers.optax_projunn(
+            W, G, LEARNING_RATE, rank=k, seed=args.seed), True) for k in setup.ranks]
     found = []
     for method, k, build in builders:
         found += _guarded(setup, n, _label(method, k, None), lambda build=build: [build()])

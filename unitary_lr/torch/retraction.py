@@ -10,9 +10,9 @@ import array_api_compat.torch
 import numpy as np
 import torch
 
+from .._xp import exact_products
 from ..optim import DEFAULT_VARIANT, control_drift, step_rank
 from ..options import ProjUNNOptions
-from .._xp import exact_products
 from ..steps import STEP_OVERSAMPLE, STEP_POWER_ITERS, projunn_step
 from ._mark import is_unitary
 
