@@ -274,6 +274,73 @@ def test_a_large_update_compiles_in_one_graph():
     torch.testing.assert_close(compiled(W, L, Rh), torch.addmm(W, L, Rh), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype, rank, shape, blocked", [
+    ("float32", 2, (512, 512), True), ("float32", 8, (64, 1024), True), ("float32", 4, (1024, 512), True),
+    ("float32", 2, (1024, 1024), True), ("complex128", 2, (1024, 256), True),
+    ("complex128", 2, (256, 256), True), ("complex128", 4, (8, 128), True),
+    ("float32", 1, (512, 512), False), ("float32", 9, (512, 512), False), ("complex128", 8, (256, 256), False),
+    ("float32", 2, (500, 512), False), ("float32", 2, (512, 500), False), ("float64", 2, (512, 512), False),
+    ("complex64", 2, (512, 512), False)])
+@pytest.mark.parametrize("layout", ["rows", "columns"])
+def test_a_thin_update_of_a_power_of_two_row_runs_in_blocks_of_rows(dtype, rank, shape, blocked, layout):
+    """Where PyTorch's CPU gemm runs a rank-r update slowly (float32, r = 2..8,
+    and complex128, r = 2..4, with rows a multiple of 2 KiB apart, see
+    ``_xp._CHUNKED_RANKS``), ``add_product`` and the optimizers' in-place
+    update run it as one ``baddbmm`` over blocks of 8 rows: no copy of W or of
+    the factors, W + L Rh to rounding, W's layout, W untouched (functional)
+    or updated in place; into huge-page memory from 4 MiB on. Everywhere
+    else one ``addmm``."""
+    from unitary_lr._xp import add_in_place, add_product
+
+    n, m = shape
+    rng = np.random.default_rng(11)
+    draw = (lambda *s: rng.standard_normal(s) + 1j * rng.standard_normal(s)) if "complex" in dtype else \
+        (lambda *s: rng.standard_normal(s))
+    W = torch.as_tensor(draw(n, m).astype(dtype))
+    if layout == "columns":  # a transposed view: the update runs on W^T, whose rows are m apart
+        W = torch.as_tensor(draw(m, n).astype(dtype)).mT
+    L, Rh = torch.as_tensor(draw(n, rank).astype(dtype)), torch.as_tensor(draw(rank, m).astype(dtype))
+    wide = np.complex128 if "complex" in dtype else np.float64
+    reference = W.numpy().astype(wide) + L.numpy().astype(wide) @ Rh.numpy().astype(wide)
+    tolerance = 1e-4 if dtype in ("float32", "complex64") else 1e-12
+    rows = W.shape[-1] if layout == "rows" else W.shape[-2]  # the row length of the layout the update runs in
+    blocked = blocked and (rows * W.element_size()) % 2048 == 0 and (n if layout == "rows" else m) % 8 == 0
+    before = W.clone()
+    X, counter, _ = counted(lambda: add_product(torch, W, L, Rh))
+    # from 4 MiB on, into huge-page memory (``out=``, see _huge_page_result)
+    kind = "out" if n * m * W.element_size() >= 1 << 22 else "default"
+    expected = [f"aten.baddbmm.{kind}"] if blocked else [f"aten.addmm.{kind}"]
+    assert [name for name in counter.launching if "copy" not in name and "clone" not in name] == expected, \
+        counter.launching
+    assert counter.touching(n * m) == expected, counter.launching
+    np.testing.assert_allclose(X.numpy(), reference, rtol=0, atol=tolerance)
+    assert X.stride() == W.stride() or layout == "columns" and X.mT.is_contiguous()
+    torch.testing.assert_close(W, before, rtol=0, atol=0)
+
+    if layout == "rows":
+        storage = W.data_ptr()
+        _, counter, _ = counted(lambda: add_in_place(W, L, Rh))
+        assert counter.launching == (["aten.baddbmm_.default"] if blocked else ["aten.addmm_.default"])
+        assert W.data_ptr() == storage
+        np.testing.assert_allclose(W.numpy(), reference, rtol=0, atol=tolerance)
+
+
+def test_a_blocked_update_stays_differentiable():
+    """The blocked update (``_xp._chunked_update``) without ``out=`` is an
+    ordinary differentiable product: the gradients of W, L and Rh are those
+    of ``addmm``."""
+    from unitary_lr._xp import add_product
+
+    rng = np.random.default_rng(12)
+    W, L, Rh = (torch.as_tensor(rng.standard_normal(s).astype("float32")).requires_grad_()
+                for s in ((512, 512), (512, 2), (2, 512)))
+    weights = torch.as_tensor(rng.standard_normal((512, 512)).astype("float32"))
+    grads = torch.autograd.grad((add_product(torch, W, L, Rh) * weights).sum(), (W, L, Rh))
+    expected = torch.autograd.grad((torch.addmm(W, L, Rh) * weights).sum(), (W, L, Rh))
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
 def _adapter_pass_ops(reflectors):
     """The aten operations of one forward + backward of an HTA layer."""
     from unitary_lr.torch import HouseholderAdapter

@@ -17,7 +17,7 @@ import torch
 
 from .._host import stack_pays
 from .._random import generator_from_state, generator_state
-from .._xp import exact_products, update_factors
+from .._xp import add_in_place, exact_products, update_factors
 from ..optim import (
     DEFAULT_BASE,
     DEFAULT_LR,
@@ -617,7 +617,7 @@ def _add_in_place(p, L, Rh):
     """p += L @ Rh without an n x n temporary: one fused pass over p."""
     L, Rh = update_factors(array_api_compat.torch, p, L, Rh)
     if p.dim() == 2:
-        p.addmm_(L, Rh)
+        add_in_place(p, L, Rh)
     elif p.is_contiguous():
         (n, m), r = p.shape[-2:], L.shape[-1]
         p.view(-1, n, m).baddbmm_(L.expand(*p.shape[:-1], r).reshape(-1, n, r),
