@@ -347,3 +347,29 @@ def test_power_iteration_keeps_the_small_directions_of_a_steep_float32_spectrum(
         G64 = G.astype(np.float64)
         ratios.append(np.linalg.norm(G64 - Q @ (Q.T @ G64)) / np.sqrt(np.sum(s[k:] ** 2)))
     assert np.median(ratios) < 1.5 and max(ratios) < 10, ratios
+
+
+@pytest.mark.parametrize("dtype, scales", [("float32", (1e-30, 1e30)), ("complex64", (1e-30, 1e30)),
+                                           ("float64", (1e-120, 1e120)), ("complex128", (1e-120, 1e120))])
+@pytest.mark.parametrize("rank, power_iters", [(1, 1), (1, 4), (3, 1)])
+def test_the_step_keeps_its_direction_at_any_gradient_scale(backend, dtype, scales, rank, power_iters):
+    """The step along c G with lr / c is the step along G, to rounding, for a
+    gradient of any representable scale (the step clamps lr beyond 1e150).
+    A rank-1 sketch rescales all its panels by the first one's largest entry
+    (one reduction per step), so its 2 q + 2 products stay in range. On a
+    device without float64 the Grams are formed in float32 and their panels
+    are rescaled first: without that, a float32 gradient of 1e-30 gave a Gram
+    of zeros and a step 1e-2 off its direction, and one of 1e20 was refused
+    as overflowing."""
+    rng = np.random.default_rng(21)
+    n = 24
+    W, G = haar(rng, n, dtype), random_matrix(rng, (n, n), dtype) / n
+    step = dict(rank=rank, rng=3, power_iters=power_iters)
+    reference = backend.to_numpy(ul.projunn_step(backend.asarray(W), backend.asarray(G), lr=0.3, **step))
+    assert np.linalg.norm(reference - W) > 1e-2  # a step that moves
+    for c in scales:
+        G_c = (G.astype(np.complex128 if is_complex(dtype) else np.float64) * c).astype(dtype)
+        V = backend.to_numpy(ul.projunn_step(backend.asarray(W), backend.asarray(G_c), lr=0.3 / c, **step))
+        assert np.all(np.isfinite(V))
+        np.testing.assert_allclose(V, reference, rtol=0, atol=tol(dtype))
+        assert unitarity(V) < tol(dtype)

@@ -81,11 +81,16 @@ def _clamped(sxp, s):
     return sxp.where(s > bound, sxp.full_like(s, bound), sxp.where(s < -bound, sxp.full_like(s, -bound), s))
 
 
-def _needs_scaling(xp, dtype, cores):
+def _needs_scaling(xp, dtype, core):
     """Whether thin panels of ``dtype`` must be rescaled before their Gram:
-    only when the small work runs in the panels' own precision, whose range
-    cannot hold their squares (a float32 panel's Gram in float64 always can)."""
-    return cores.eps >= _eps(xp, dtype) / 2
+    only when the Gram is formed in the panels' own precision (``core``, the
+    device's core dtype: a device without float64), whose range cannot hold
+    their squares (a float32 panel's Gram in float64 always can). The host
+    cores' precision does not decide it: on a device without float64 an
+    eager step's Gram was formed in float32 before its float64 host cores
+    saw it, and a float32 gradient of 1e-30 gave a Gram of zeros (a step
+    1e-2 off its direction) and one of 1e20 an overflow."""
+    return core == dtype
 
 
 def sketch_panels(xp, G, omega, power_iters):
@@ -109,6 +114,15 @@ def sketch_panels(xp, G, omega, power_iters):
     else:
         matmul, rmatmul = (lambda X: matmul_panel(xp, G, X)), (lambda Y: adjoint_matmul(xp, G, Y))
     Y = matmul(omega)
+    if Y.shape[-1] == 1:
+        # One column: every panel is rescaled by the first one's largest entry
+        # s, whose orders of magnitude are the gradient's (two products make
+        # about |G|^2 |Y|, and dividing by s twice keeps them near |Y|): one
+        # reduction per step instead of one per panel, and the same direction.
+        Y, s = _scaled(xp, Y)
+        for _ in range(power_iters):
+            Y = matmul(rmatmul(Y) / s) / s
+        return Y, rmatmul(Y)
     for _ in range(power_iters):
         Y = matmul(orthonormal_columns(xp, rmatmul(orthonormal_columns(xp, Y))))
     Y = orthonormal_columns(xp, Y)
@@ -728,7 +742,7 @@ def _prepare(xp, W, Y, Z, cores, sketched, *, multiplied=False):
     Y, Z = _broadcast_batch(xp, W, Y, Z)
     core = core_dtype(xp, W.dtype, device(W))
     scales = []
-    if multiplied or _needs_scaling(xp, W.dtype, cores):
+    if multiplied or _needs_scaling(xp, W.dtype, core):
         if not sketched:
             Y, sy = _scaled(xp, Y)
             scales.append(sy)
@@ -777,7 +791,7 @@ def transport_update(xp, W, a, b, *, t, cores, cayley=False):
     a, b = _broadcast_batch(xp, W, a, b)
     core = core_dtype(xp, W.dtype, device(W))
     scales = []  # of a and b, carried into t
-    if _needs_scaling(xp, W.dtype, cores):
+    if _needs_scaling(xp, W.dtype, core):
         (a, sa), (b, sb) = _scaled(xp, a), _scaled(xp, b)
         scales = [sa, sb]
     P = xp.concat([a, b], axis=-1)
