@@ -196,3 +196,40 @@ def test_torch_optimizer_step_lifts_reduced_precision_and_restores_it(torch_redu
     assert seen and set(seen) == {("ieee", "ieee")}
     assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision) == ("tf32", "bf16")
     assert float(ul.unitarity_error(W.detach())) < 1e-5
+
+
+def test_nested_entry_points_set_the_precision_once(torch_reduced_precision, monkeypatch):
+    """An entry point called by another (an optimizer's step calls
+    ``projunn_update``) runs in the settings the outer one made: nothing is set
+    a second time, the inner call's return restores nothing (the outer call's
+    later products stay float32), and the outer call restores the caller's
+    settings, also when an inner call raises."""
+    torch = torch_reduced_precision
+    from unitary_lr import _xp
+
+    rng = np.random.default_rng(3)
+    W = torch.as_tensor(ul.random_unitary(12, dtype="float32", rng=rng))
+    G = torch.as_tensor(rng.standard_normal((12, 12)).astype("float32"))
+    sets = []
+    original = _xp._torch_products_in_ieee
+    monkeypatch.setattr(_xp, "_torch_products_in_ieee", lambda t: sets.append(1) or original(t))
+
+    @_xp.exact_products
+    def outer():
+        V = ul.projunn_step(W, G, lr=0.1, rng=1)
+        return V @ G  # a product of the outer call after the inner one returned
+
+    seen = _settings_seen_by_products(torch, outer)
+    assert len(seen) > 2 and set(seen) == {("ieee", "ieee")} and len(sets) == 1
+    assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision) == ("tf32", "bf16")
+
+    @_xp.exact_products
+    def failing():
+        ul.projunn_step(W, G, lr=-1.0, rng=1)
+
+    with pytest.raises(ValueError, match="lr"):
+        failing()
+    assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision) == ("tf32", "bf16")
+    sets.clear()
+    assert set(_settings_seen_by_products(torch, lambda: ul.projunn_step(W, G, lr=0.1, rng=1))) == {("ieee", "ieee")}
+    assert len(sets) == 1  # a later call sets them again: the failed one left no trace

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import threading
 
 import numpy
 from array_api_compat import array_namespace, is_array_api_obj
@@ -630,6 +631,11 @@ def _torch_products_in_ieee(torch):
     return changed
 
 
+# Whether this thread runs inside an ``exact_products`` call (see there): the
+# optimizers' steps call public entry points, which need not set anything again.
+_exact_calls = threading.local()
+
+
 def exact_products(function):
     """Decorate a public entry point so that its matrix products are true
     float32 products whatever the caller's precision settings: the one place
@@ -647,10 +653,13 @@ def exact_products(function):
 
     @functools.wraps(function)
     def in_full_precision(*args, **kwargs):
+        if getattr(_exact_calls, "active", False):  # an entry point called by another: already set
+            return function(*args, **kwargs)
         torch = sys.modules.get("torch")
         if torch is not None and torch.compiler.is_compiling():
             return function(*args, **kwargs)
         changed = _torch_products_in_ieee(torch) if torch is not None else ()
+        _exact_calls.active = True
         try:
             jax = sys.modules.get("jax")
             if jax is None:
@@ -658,6 +667,7 @@ def exact_products(function):
             with jax.default_matmul_precision("highest"):
                 return function(*args, **kwargs)
         finally:
+            _exact_calls.active = False
             for settings, name, old in changed:
                 setattr(settings, name, old)
 
