@@ -775,11 +775,12 @@ def test_gpu_script_dry_run_on_the_cpu(tmp_path):
     done = subprocess.run(["bash", str(script), "bench"], env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     for file, part in [("bench-torch-float32", "bench-torch-float32"), ("bench-torch-float32", "precision-probe"),
+                       ("bench-torch-float32", "update-forms"),
                        ("bench-torch-complex64", "bench-torch-complex64"), ("bench-jax-cupy", "bench-jax"),
                        ("bench-peers", "bench-peers"), ("bench-peers", "stacked")]:
         log = (tmp_path / f"{file}.txt").read_text()
         assert f"== {part}: exit 0 after" in log, log[-2000:]
-        assert "projUNN-T" in log or part in ("precision-probe", "stacked")
+        assert "projUNN-T" in log or part in ("precision-probe", "stacked", "update-forms")
     assert "torch " in (tmp_path / "versions.txt").read_text()
     with tarfile.open(tmp_path / "bench-json.tar.gz") as archive:
         names = {Path(name).name for name in archive.getnames()}

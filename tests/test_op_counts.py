@@ -274,18 +274,49 @@ def test_a_large_update_compiles_in_one_graph():
     torch.testing.assert_close(compiled(W, L, Rh), torch.addmm(W, L, Rh), rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("dtype, rank, shape, blocked", [
-    ("float32", 2, (512, 512), True), ("float32", 8, (64, 1024), True), ("float32", 4, (1024, 512), True),
-    ("float32", 2, (1024, 1024), True), ("complex128", 2, (1024, 256), True),
-    ("complex128", 2, (256, 256), True), ("complex128", 4, (8, 128), True),
-    ("float32", 1, (512, 512), False), ("float32", 9, (512, 512), False), ("complex128", 8, (256, 256), False),
-    ("float32", 2, (500, 512), False), ("float32", 2, (512, 500), False), ("float64", 2, (512, 512), False),
-    ("complex64", 2, (512, 512), False)])
+@pytest.mark.parametrize("dtype", ["float32", "complex64"])
+@pytest.mark.parametrize("power_iters", [0, 1, 3])
+def test_a_rank_one_sketch_makes_one_reduction(dtype, power_iters):
+    """A one-column sketch rescales all its panels by the first one's largest
+    entry: one reduction and one division per panel, whatever the number of
+    power iterations (it made a reduction, an addition and a division per
+    panel), and 2 q + 2 products; a float32 T-step is 19 operations at q = 1."""
+    n = 64
+    rng = np.random.default_rng(5)
+    W = torch.as_tensor(ul.random_unitary(n, dtype=dtype, rng=rng))
+    G = torch.as_tensor(rng.standard_normal((n, n)).astype(dtype))
+    V, counter, transfers = counted(lambda: ul.projunn_step(W, G, lr=0.1, rng=2, power_iters=power_iters))
+    assert counter.launching.count("aten.linalg_vector_norm.default") == 1, counter.launching
+    on_g = [op.name for op in counter.ops if not op.view and any(entries == n * n for entries, _ in op.inputs)
+            and op.name == "aten.mm.default" and all(entries >= n for entries, _ in op.outputs)]
+    assert len(on_g) >= 2 * power_iters + 2
+    assert transfers == 1
+    if dtype == "float32" and power_iters == 1:
+        assert len(counter.launching) <= 19, counter.launching
+    assert float(ul.unitarity_error(V)) < 1e-5
+
+
+def _blocked(dtype, rank, row_bytes, rows):
+    """The rule the blocked update follows (``_xp._CHUNKED_RANKS``), written
+    out: float32 of rank 2-4 with rows a multiple of 2 KiB apart, or of rank
+    5-8 and 4 KiB; complex128 of rank 2-4 and 2 KiB; 8 rows or a multiple."""
+    if rows % 8:
+        return False
+    if dtype == "float32":
+        return 2 <= rank <= 4 and row_bytes % 2048 == 0 or 5 <= rank <= 8 and row_bytes % 4096 == 0
+    return dtype == "complex128" and 2 <= rank <= 4 and row_bytes % 2048 == 0
+
+
+@pytest.mark.parametrize("dtype, rank, shape", [
+    ("float32", 2, (512, 512)), ("float32", 8, (64, 1024)), ("float32", 4, (1024, 512)), ("float32", 8, (512, 512)),
+    ("float32", 2, (1024, 1024)), ("complex128", 2, (1024, 256)), ("complex128", 2, (256, 256)),
+    ("complex128", 4, (8, 128)), ("float32", 1, (512, 512)), ("float32", 9, (512, 512)),
+    ("complex128", 8, (256, 256)), ("float32", 2, (500, 512)), ("float32", 2, (512, 500)),
+    ("float64", 2, (512, 512)), ("complex64", 2, (512, 512))])
 @pytest.mark.parametrize("layout", ["rows", "columns"])
-def test_a_thin_update_of_a_power_of_two_row_runs_in_blocks_of_rows(dtype, rank, shape, blocked, layout):
-    """Where PyTorch's CPU gemm runs a rank-r update slowly (float32, r = 2..8,
-    and complex128, r = 2..4, with rows a multiple of 2 KiB apart, see
-    ``_xp._CHUNKED_RANKS``), ``add_product`` and the optimizers' in-place
+def test_a_thin_update_of_a_power_of_two_row_runs_in_blocks_of_rows(dtype, rank, shape, layout):
+    """Where PyTorch's CPU gemm runs a rank-r update slowly (see ``_blocked``
+    and ``_xp._CHUNKED_RANKS``), ``add_product`` and the optimizers' in-place
     update run it as one ``baddbmm`` over blocks of 8 rows: no copy of W or of
     the factors, W + L Rh to rounding, W's layout, W untouched (functional)
     or updated in place; into huge-page memory from 4 MiB on. Everywhere
@@ -303,8 +334,9 @@ def test_a_thin_update_of_a_power_of_two_row_runs_in_blocks_of_rows(dtype, rank,
     wide = np.complex128 if "complex" in dtype else np.float64
     reference = W.numpy().astype(wide) + L.numpy().astype(wide) @ Rh.numpy().astype(wide)
     tolerance = 1e-4 if dtype in ("float32", "complex64") else 1e-12
-    rows = W.shape[-1] if layout == "rows" else W.shape[-2]  # the row length of the layout the update runs in
-    blocked = blocked and (rows * W.element_size()) % 2048 == 0 and (n if layout == "rows" else m) % 8 == 0
+    # the update runs on W (n rows of m entries), or on W^T (m rows of n) for a column-major W
+    row, rows = (m, n) if layout == "rows" else (n, m)
+    blocked = _blocked(dtype, rank, row * W.element_size(), rows)
     before = W.clone()
     X, counter, _ = counted(lambda: add_product(torch, W, L, Rh))
     # from 4 MiB on, into huge-page memory (``out=``, see _huge_page_result)

@@ -344,15 +344,19 @@ def add_product(xp, W, L, Rh):
 # PyTorch's CPU rank-r update (MKL's sgemm and zgemm, torch 2.13, x86-64) is
 # slow when the rows of W lie a multiple of 2 KiB apart (a row of 512, 1024 or
 # 4096 float32 entries; of 128 or more complex128 ones, a power of two): one
-# thread, in place, rank 2, float32 at 1024 x 1024 took 0.67-0.83 ms, against
-# 0.09 ms at 1000 x 1000 and 0.09-0.14 ms for the same update as a batch of
+# thread, in place, rank 2, float32 at 1024 x 1024 took 0.63-0.83 ms, against
+# 0.08 ms at 1000 x 1000 and 0.09-0.14 ms for the same update as a batch of
 # 8-row blocks (one ``baddbmm``); 4096 x 4096: 10.9 against 3.4 ms; 512 x 512:
-# 110 against 26 us; complex128 at 1024 x 1024: 2.2 against 0.45 ms. float64
-# and complex64 run at memory speed either way, and so does float32 for r = 1
-# (a ger) or r > 8, complex128 for r = 1 or r > 4 (where blocks lose up to a
-# tenth). Two threads: the same ratios. NumPy's OpenBLAS shows none of it.
+# 104-110 against 24-26 us; complex128 at 1024 x 1024: 2.2 against 0.45 ms.
+# Ranks 5-8 in float32 gain only where the rows are a multiple of 4 KiB apart
+# (1024 x 1024, rank 8: 0.60 against 0.21 ms; 512 x 512: 41 against 49 us).
+# float64 and complex64 run at memory speed either way, and so does rank 1 (a
+# ger) or above 8, and complex128 above rank 4, where blocks lose up to a
+# fifth. Two threads: the same ratios. NumPy's OpenBLAS shows none of it.
+# (dtype -> (lowest rank, highest rank, row bytes a multiple of), ...);
+# measured by docs/scripts/update_forms.py.
 _CHUNK_ROWS = 8
-_CHUNKED_RANKS = {"float32": (2, 8), "complex128": (2, 4)}
+_CHUNKED_RANKS = {"float32": ((2, 4, 2048), (5, 8, 4096)), "complex128": ((2, 4, 2048),)}
 
 
 def update_chunk_rows(W, r):
@@ -360,12 +364,13 @@ def update_chunk_rows(W, r):
     CPU tensor W where its gemm runs slowly (see ``_CHUNKED_RANKS``): the
     update then runs as one batched product over blocks of rows; 0 where the
     plain ``addmm`` is as fast. W must be stored row by row."""
-    low, high = _CHUNKED_RANKS.get(str(W.dtype).rpartition(".")[2], (1, 0))
-    if not low <= r <= high or W.device.type != "cpu" or W.shape[0] % _CHUNK_ROWS or W.stride(-1) != 1:
+    if W.ndim != 2 or W.device.type != "cpu" or W.shape[0] % _CHUNK_ROWS or W.stride(-1) != 1 or W.shape[1] < 2:
         return 0
-    if (W.stride(0) * W.element_size()) % 2048 or W.shape[1] < 2:
-        return 0
-    return _CHUNK_ROWS
+    row_bytes = W.stride(0) * W.element_size()
+    for low, high, multiple in _CHUNKED_RANKS.get(str(W.dtype).rpartition(".")[2], ()):
+        if low <= r <= high and row_bytes % multiple == 0:
+            return _CHUNK_ROWS
+    return 0
 
 
 def _chunked_update(torch, W, L, Rh, out=None):

@@ -162,6 +162,13 @@ probe() {
     # against unitarity; host synchronisations of one eager CUDA step
     part bench-torch-float32 precision-probe "$py" docs/scripts/precision_probe.py --device "$device" \
         --n "$probe_n" --steps 20
+    # the rank-r update as one addmm_ against 8-row blocks (slow on the CPU's MKL for
+    # float32 rows a multiple of 2 KiB apart; does cuBLAS have a like case?)
+    # (a dry run on the CPU times the smallest shapes only)
+    local entries=1073741824
+    [ "$device" = cpu ] && entries=300000
+    part bench-torch-float32 update-forms "$py" docs/scripts/update_forms.py --device "$device" --rounds 15 \
+        --max-entries "$entries"
 }
 
 capture_tests() {
