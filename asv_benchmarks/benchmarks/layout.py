@@ -44,3 +44,30 @@ class StepLayout:
     def time_step(self, n, dtype, variant, backend, layout):
         W = projunn_step(self.W, self.G, lr=LEARNING_RATE, rank=1, variant=variant, rng=self.rng)
         block(self.backend, W)
+
+
+class LowRankUpdate:
+    """The update every step ends with, ``W + L @ Rh`` (``_xp.add_product``),
+    rank 2, on widths whose rows lie a power of two apart (1024) and not
+    (1000): PyTorch's CPU gemm runs the first 3-8x slower in float32 and
+    complex128, where the library blocks it by rows (``_xp.update_chunk_rows``;
+    ``docs/scripts/update_forms.py`` times both forms side by side). A gap
+    between the two widths beyond their 5 % difference in size is that slow
+    path coming back."""
+
+    params = ([1000, 1024], ["float32", "float64", "complex128"], ["numpy", "torch"])
+    param_names = ("n", "dtype", "backend")
+    timeout = TIMEOUT
+
+    def setup(self, n, dtype, backend):
+        from unitary_lr._xp import add_product
+
+        self.backend = load(backend, dtype)
+        self.add_product = add_product
+        rng = np.random.default_rng(0)
+        self.W = to_device(self.backend, host_gaussian(rng, (n, n), dtype), dtype)
+        self.L = to_device(self.backend, host_gaussian(rng, (n, 2), dtype), dtype)
+        self.Rh = to_device(self.backend, host_gaussian(rng, (2, n), dtype), dtype)
+
+    def time_update(self, n, dtype, backend):
+        block(self.backend, self.add_product(self.backend.xp, self.W, self.L, self.Rh))
