@@ -74,6 +74,27 @@ def test_unitary_step_is_the_core_projunn_step():
 
 
 
+@pytest.mark.parametrize("dtype, n, rank", [(torch.float32, 512, 1), (torch.float32, 1024, 2),
+                                           (torch.complex128, 256, 1), (torch.float64, 512, 1)])
+def test_a_unitary_step_updated_in_blocks_of_rows_is_the_core_projunn_step(dtype, n, rank):
+    """Where the optimizer's in-place update runs in blocks of rows (float32
+    and complex128 W whose rows lie a power of two apart; float64 keeps one
+    ``addmm_``), the step is still ``projunn_step``'s, in the parameter's own
+    memory, and W stays unitary; compared in float64 against NumPy's step on
+    the same W and gradient."""
+    W = unitary_parameter(n, dtype=dtype, generator=seeded(4))
+    W0, storage = W.detach().clone(), W.data_ptr()
+    opt = ProjUNN([{"params": [W], "unitary": True}], lr=1.0, base="sgd", rank=rank, seed=3)
+    W.grad = torch.randn(n, n, dtype=dtype, generator=seeded(5)) / math.sqrt(n)
+    opt.step()
+    expected = ul.projunn_step(W0.numpy(), W.grad.numpy(), lr=1.0, rank=rank, rng=np.random.default_rng([3, 0, 0]))
+    assert W.data_ptr() == storage
+    atol = 1e-5 if dtype == torch.float32 else 1e-12
+    np.testing.assert_allclose(W.detach().numpy(), expected, rtol=0, atol=atol)
+    assert np.abs(W.detach().numpy() - W0.numpy()).max() > 1e-3  # a step that moves (a rotation of about a radian)
+    assert error(W) < (1e-5 if dtype == torch.float32 else 1e-13)
+
+
 def test_consecutive_steps_draw_one_stream_and_a_failed_step_draws_nothing():
     """The sketches of a parameter's steps come from one stream [seed, group,
     index] (the optimizer keeps the live generator between steps); a step
