@@ -639,7 +639,7 @@ def test_asv_suite_covers_every_kernel_and_both_steps(suite):
     for cls in classes.values():
         assert len(cls.params) == len(cls.param_names)
         grid = dict(zip(cls.param_names, cls.params))
-        own_grid = ("StepLayout", "HouseholderApply", "OptimStepMany", "ThinProducts")
+        own_grid = ("StepLayout", "HouseholderApply", "OptimStepMany", "ThinProducts", "LowRankUpdate")
         if "n" not in grid or "backend" not in grid or cls.__name__ in own_grid:
             continue
         assert grid["n"] == [256, 1024, 4096] and grid["backend"] == ["numpy", "torch", "jax", "cupy"]
@@ -658,6 +658,9 @@ def test_asv_suite_covers_every_kernel_and_both_steps(suite):
     layout = dict(zip(classes["StepLayout"].param_names, classes["StepLayout"].params))
     assert layout == {"n": [2048], "dtype": ["float64"], "variant": list(VARIANTS),
                       "backend": ["numpy", "torch"], "layout": ["row-major", "column-major"]}
+    update = dict(zip(classes["LowRankUpdate"].param_names, classes["LowRankUpdate"].params))
+    # a width whose rows lie a power of two apart, and one whose rows do not (see _xp._CHUNKED_RANKS)
+    assert update == {"n": [1000, 1024], "dtype": ["float32", "float64", "complex128"], "backend": ["numpy", "torch"]}
     thin = dict(zip(classes["ThinProducts"].param_names, classes["ThinProducts"].params))
     assert thin["r"] == [1, 2, 3, 4, 8] and thin["backend"] == ["numpy", "torch"]  # each side of NumPy's split
     assert hasattr(classes["ThinProducts"], "time_kernel") and hasattr(classes["ThinProducts"], "time_one_product")
