@@ -164,7 +164,8 @@ def projunn_update(
     Same parameters, checks and random draws as :func:`projunn_step`; returns
     ``(L, Rh)`` of shapes (..., n, r) and (..., r, n), r <= 2 * rank. For code
     that owns W's memory and applies the update in place (the torch adapter
-    uses ``W.addmm_(L, Rh)``), which saves the new n x n array and a pass.
+    adds ``L @ Rh`` to the parameter in one fused pass), which saves the new
+    n x n array and a pass.
     """
     gen = as_generator(rng)
     return update_drawn(W, G, lambda xp, shape, dtype: sketch_draw(xp, shape, dtype=dtype, rng=gen), lr=lr,
