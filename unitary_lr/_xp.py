@@ -328,8 +328,9 @@ def add_product(xp, W, L, Rh):
         if transposed:  # the transposed sum, written in W's layout
             W, L, Rh = mT(xp, W), mT(xp, Rh), mT(xp, L)
         out = _huge_page_result(torch, W, L, Rh)
-        if W.ndim == 2 and update_chunk_rows(W, L.shape[-1]):
-            result = _chunked_update(torch, W, L, Rh, out)
+        rows = update_chunk_rows(W, L.shape[-1])
+        if rows:
+            result = _chunked_update(torch, W, L, Rh, rows, out)
         else:
             result = fused(W, L, Rh) if out is None else fused(W, L, Rh, out=out)
         return mT(xp, result) if transposed else result
@@ -373,16 +374,22 @@ def update_chunk_rows(W, r):
     return 0
 
 
-def _chunked_update(torch, W, L, Rh, out=None):
+def row_blocks(X, L, Rh, rows):
+    """The rank-r update ``X + L @ Rh`` of the 2-D X (..., n, m) as a batch:
+    (X, L) split into blocks of ``rows`` rows, Rh broadcast to each block;
+    views, no copy (``rows`` divides n)."""
+    blocks = X.shape[0] // rows
+    return X.unflatten(0, (blocks, rows)), L.unflatten(0, (blocks, rows)), Rh.expand(blocks, *Rh.shape)
+
+
+def _chunked_update(torch, W, L, Rh, rows, out=None):
     """``W + L @ Rh`` (into ``out`` when given) as one ``baddbmm`` over blocks
-    of :func:`update_chunk_rows` rows of the row-major 2-D W: views, no copy;
+    of ``rows`` rows of the row-major 2-D W (:func:`row_blocks`);
     differentiable without ``out``."""
-    blocks = W.shape[0] // _CHUNK_ROWS
-    args = (W.unflatten(0, (blocks, _CHUNK_ROWS)), L.unflatten(0, (blocks, _CHUNK_ROWS)),
-            Rh.expand(blocks, *Rh.shape))
+    blocks = row_blocks(W, L, Rh, rows)
     if out is None:
-        return torch.baddbmm(*args).flatten(0, 1)
-    torch.baddbmm(*args, out=out.unflatten(0, (blocks, _CHUNK_ROWS)))
+        return torch.baddbmm(*blocks).flatten(0, 1)
+    torch.baddbmm(*blocks, out=out.unflatten(0, (W.shape[0] // rows, rows)))
     return out
 
 
@@ -390,10 +397,10 @@ def add_in_place(W, L, Rh):
     """``W += L @ Rh`` for a 2-D PyTorch tensor W (a parameter an optimizer
     owns): one fused pass, blocked where PyTorch's gemm is slow
     (:func:`update_chunk_rows`)."""
-    if update_chunk_rows(W, L.shape[-1]):
-        blocks = W.shape[0] // _CHUNK_ROWS
-        W.unflatten(0, (blocks, _CHUNK_ROWS)).baddbmm_(L.unflatten(0, (blocks, _CHUNK_ROWS)),
-                                                       Rh.expand(blocks, *Rh.shape))
+    rows = update_chunk_rows(W, L.shape[-1])
+    if rows:
+        W_blocks, L_blocks, Rh_blocks = row_blocks(W, L, Rh, rows)
+        W_blocks.baddbmm_(L_blocks, Rh_blocks)
     else:
         W.addmm_(L, Rh)
     return W

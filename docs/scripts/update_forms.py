@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from unitary_lr._xp import update_chunk_rows
+from unitary_lr._xp import row_blocks, update_chunk_rows
 
 SHAPES = ((512, 512), (1000, 1000), (1024, 1024), (2048, 512), (4096, 256), (4096, 4096), (16384, 16384))
 
@@ -59,8 +59,7 @@ def main():
             for r in (1, 2, 8):
                 L = torch.randn(n, r, dtype=dtype, device=device) * 1e-6
                 Rh = torch.randn(r, m, dtype=dtype, device=device)
-                blocks = n // 8
-                Wb, Lb, Rb = W.unflatten(0, (blocks, 8)), L.unflatten(0, (blocks, 8)), Rh.expand(blocks, r, m)
+                Wb, Lb, Rb = row_blocks(W, L, Rh, 8)
                 forms = {"addmm": lambda: W.addmm_(L, Rh), "blocks": lambda: Wb.baddbmm_(Lb, Rb)}
                 for run in forms.values():
                     run()
