@@ -1,11 +1,13 @@
 """The thin products every step is made of (``unitary_lr._xp``): a large
 matrix times a panel of a few columns, a panel's adjoint times a large matrix,
 and a large matrix's adjoint times a panel. They choose their form by library
-and panel width (NumPy multiplies panels of two or three columns one column at
-a time); every form must give the product, on every backend and dtype,
+and panel width (NumPy, and JAX on the CPU, multiply some panels of two to four
+columns one column at a time); every form must give the product, on every backend and dtype,
 batched and broadcast, for either layout of the large matrix."""
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import pytest
@@ -52,3 +54,35 @@ def test_thin_products_match_float64_references(backend, dtype, rng, r, batch, c
     np.testing.assert_allclose(backend.to_numpy(via_adjoint), mH(wide(A)) @ wide(Y), rtol=scale, atol=scale)
     rows_of_adjoint = adjoint_rows(xp, P_b, Adjoint(A_b))  # P^H A^H = (A P)^H
     np.testing.assert_allclose(backend.to_numpy(rows_of_adjoint), mH(wide(A) @ wide(P)), rtol=scale, atol=scale)
+
+
+# XLA's CPU dot runs a float64 panel of two columns, and float64 or complex
+# panels of two to four rows, at a fraction of the speed of as many
+# matrix-vector products (see _xp.by_columns); float32 runs at memory speed.
+_JAX_CPU_DOTS = {  # (dtype, side, r) -> dots in the compiled program; the rest: 1
+    ("float64", "right", 2): 2,
+    **{(dtype, "left", r): r for dtype in ("float64", "complex64", "complex128") for r in (2, 3, 4)},
+}
+
+
+@pytest.mark.parametrize("r", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "complex64", "complex128"])
+def test_xla_compiles_the_split_products_as_they_are_written(dtype, r):
+    """Under jax.jit on the CPU, a panel the kernels split is one dot per
+    column in the compiled program (XLA does not merge them back into the
+    slow product), and the product is A P or P^H A to rounding."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("the split is for XLA's CPU dot")
+    rng = np.random.default_rng([r, len(dtype)])
+    A, P = random_matrix(rng, (40, 40), dtype), random_matrix(rng, (40, r), dtype)
+    wide = lambda x: x.astype(np.complex128)
+    for side, function, reference in (("right", lambda A, P: matmul_panel(jnp, A, P), wide(A) @ wide(P)),
+                                      ("left", lambda A, P: adjoint_rows(jnp, P, A), mH(wide(P)) @ wide(A))):
+        jitted = jax.jit(function)
+        program = jitted.lower(jnp.asarray(A), jnp.asarray(P)).compile().as_text()
+        assert len(re.findall(r"\bdot\(", program)) == _JAX_CPU_DOTS.get((dtype, side, r), 1), (side, program)
+        result = np.asarray(jitted(jnp.asarray(A), jnp.asarray(P)))
+        np.testing.assert_allclose(result, reference, rtol=tol(dtype, 4), atol=tol(dtype, 4))

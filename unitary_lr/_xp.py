@@ -271,16 +271,15 @@ def adjoint_rows(xp, P, A):
     """``P^H @ A`` for a thin P (..., n, r): the conjugation costs no
     operation of its own on PyTorch, whose matmul reads a conjugated thin
     operand (a conjugate bit) as it multiplies; elsewhere P is conjugated
-    (O(n r)) first. Also the Gram ``P^H P``. On NumPy two rows are two
-    products of one row each, for the reason :func:`matmul_panel` gives (1024
-    x 1024, float64: 0.37 against 0.89 ms; three rows gain at n = 1024 but
-    lose a fifth at n = 4096, so they stay one product)."""
+    (O(n r)) first. Also the Gram ``P^H P``. Where the library's CPU product
+    of a few rows is measured slower than one product per row
+    (:func:`by_columns`), it is made row by row."""
     if isinstance(A, Adjoint):  # P^H M^H = (M P)^H
         return mH(xp, _as_computed(xp, matmul_panel(xp, A.M, P)))
+    if by_columns(xp, A, P, "left"):
+        return xp.concat([mH(xp, P[..., j:j + 1]) @ A for j in range(P.shape[-1])], axis=-2)
     if is_complex(xp, P.dtype) and _lazy_conjugation(xp):
         return P.mH @ A
-    if P.shape[-1] == 2 and A.shape[-1] > 2 and _runs_on_numpy(xp):  # see matmul_panel
-        return xp.concat([mH(xp, P[..., j:j + 1]) @ A for j in range(2)], axis=-2)
     return mH(xp, _as_computed(xp, P)) @ A
 
 
@@ -290,22 +289,76 @@ def matmul_panel(xp, A, P):
     PyTorch's CPU matmul runs a column-major A times an n x 2 panel 50x slower
     than it should; as ``(P^T A^T)^T``, a thin row panel times a matrix, it
     runs at memory speed whatever A's layout, and the result comes out column
-    by column, the layout the next product wants. NumPy's BLAS takes either
-    layout through its transpose flags, and XLA would copy A to transpose it,
-    so elsewhere the product is written as it is; but NumPy's OpenBLAS pads
-    a panel of two or three columns to its kernel's width and runs it as
-    slowly as eight (float64, one thread: 20.5 ms at n = 4096 against 5.5 ms
-    for one column, 0.83 against 0.17 ms at n = 1024), so there such a panel
-    is multiplied column by column, a matrix-vector product each (11.3 and
-    0.32 ms for two columns).
+    by column, the layout the next product wants. (P itself should be stored
+    column by column, as the kernels' panels are: from a row-major P the same
+    product took 3x as long; 1024 x 1024, float32, two columns, one thread:
+    0.32 against 0.10 ms.) NumPy's BLAS takes either layout through its
+    transpose flags, and XLA would copy A to transpose it, so elsewhere the
+    product is written as it is; where the library's CPU product of a panel
+    of a few columns is measured slower than one matrix-vector product per
+    column (:func:`by_columns`: NumPy's OpenBLAS, XLA in float64), it is made
+    column by column.
     """
     if isinstance(A, Adjoint):  # M^H P
         return adjoint_matmul(xp, A.M, P)
+    if by_columns(xp, A, P, "right"):
+        return xp.concat([A @ P[..., j:j + 1] for j in range(P.shape[-1])], axis=-1)
     if _is_torch(xp) and P.shape[-1] > 1:  # one column runs at memory speed either way
         return mT(xp, mT(xp, P) @ mT(xp, A))
-    if P.shape[-1] in (2, 3) and _runs_on_numpy(xp):
-        return xp.concat([A @ P[..., j:j + 1] for j in range(P.shape[-1])], axis=-1)
     return A @ P
+
+
+# Thin products that the library's CPU BLAS runs slower as one product of a
+# panel than as one matrix-vector product per column of the panel, by library
+# and side ("right": A @ P, "left": P^H @ A): dtype -> the panel widths
+# measured to gain, on row-major 2-D matrices (NumPy: any). One thread, AMD
+# EPYC (docs/benchmarks.md, "Thin products, one column at a time"):
+# - NumPy's OpenBLAS pads a panel of two or three columns to its kernel's width
+#   and runs it as slowly as eight (float64: 20.5 ms at n = 4096 against 5.5 ms
+#   for one column and 11.3 ms for two columns one by one; 0.83 against 0.17
+#   and 0.32 ms at n = 1024); two rows: 0.37 against 0.89 ms at n = 1024
+#   (three rows gain at n = 1024 but lose a fifth at n = 4096);
+# - XLA's CPU dot (JAX 0.10): float64 times two columns 0.42 against 0.16 ms
+#   at n = 1024 (7.1 against 7.7 ms at n = 4096; three columns lose half at
+#   n = 4096); float64 and complex panels of two to four rows, 0.35 against
+#   0.16 ms (float64, two rows, n = 1024), 50 against 20 ms (complex128,
+#   n = 4096); float32 runs at memory speed either way.
+_ANY = ("float32", "float64", "complex64", "complex128")
+_BY_COLUMNS = {
+    ("numpy", "right"): dict.fromkeys(_ANY, (2, 3)),
+    ("numpy", "left"): dict.fromkeys(_ANY, (2,)),
+    ("jax", "right"): {"float64": (2,)},
+    ("jax", "left"): dict.fromkeys(("float64", "complex64", "complex128"), (2, 3, 4)),
+}
+_WIDEST_BY_COLUMNS = max(max(w) for rule in _BY_COLUMNS.values() for w in rule.values())
+
+
+def by_columns(xp, A, P, side):
+    """Whether the thin product of the large A and the panel P (``A @ P`` for
+    side "right", ``P^H @ A`` for "left") runs faster as one product per
+    column of P on this library and device (see ``_BY_COLUMNS``): on the CPU
+    only (a GPU pays a launch per product), for a large A (not a Gram)."""
+    if not 2 <= P.shape[-1] <= _WIDEST_BY_COLUMNS:
+        return False
+    if _runs_on_numpy(xp):
+        library = "numpy"
+    elif _is_jax(xp):
+        if A.ndim != 2 or not _jax_on_cpu(A):
+            return False
+        library = "jax"
+    else:
+        return False
+    widths = _BY_COLUMNS.get((library, side), {}).get(dtype_name(xp, P.dtype), ())
+    return P.shape[-1] in widths and A.shape[-1] > P.shape[-1] + 1
+
+
+def _jax_on_cpu(x):
+    """Whether the JAX array x lives on a CPU; a traced one (under jax.jit)
+    has no device yet and is taken to run on the default backend."""
+    jax = sys.modules["jax"]
+    if isinstance(x, jax.core.Tracer):
+        return jax.default_backend() == "cpu"
+    return all(d.platform == "cpu" for d in x.devices())
 
 
 def add_product(xp, W, L, Rh):

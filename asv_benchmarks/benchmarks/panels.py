@@ -4,10 +4,11 @@ r columns (``A P``), and r rows times it (``P^H A``), as the kernels write them
 
 A step makes four to seven of them, most with r = 1 or 2 at rank 1, and on a
 CPU they are its memory traffic. NumPy's OpenBLAS pads a panel of two or three
-columns to its kernel's width and multiplies it as slowly as eight, so there
-the kernels split such panels into matrix-vector products; the gap between
-``time_kernel`` and ``time_one_product`` shows what that choice is worth, and
-a library update that changes it shows up here. One thread of BLAS is the
+columns to its kernel's width and multiplies it as slowly as eight, and XLA's
+CPU dot does the same to float64 and complex panels, so there the kernels
+split such panels into matrix-vector products (``_xp.by_columns``); the gap
+between ``time_kernel`` and ``time_one_product`` shows what that choice is
+worth, and a library update that changes it shows up here. One thread of BLAS is the
 caller's choice (``--threads`` of the bench, ``OMP_NUM_THREADS``).
 """
 
@@ -21,7 +22,7 @@ from ._support import TIMEOUT, block, host_gaussian, load, to_device
 class ThinProducts:
     """``A @ P`` and ``P^H @ A`` for A (n, n) and P (n, r)."""
 
-    params = ([1024, 4096], [1, 2, 3, 4, 8], ["float64", "complex64"], ["numpy", "torch"], ["A P", "P^H A"])
+    params = ([1024, 4096], [1, 2, 3, 4, 8], ["float64", "complex64"], ["numpy", "torch", "jax"], ["A P", "P^H A"])
     param_names = ("n", "r", "dtype", "backend", "product")
     timeout = TIMEOUT
 
