@@ -86,3 +86,36 @@ def test_xla_compiles_the_split_products_as_they_are_written(dtype, r):
         assert len(re.findall(r"\bdot\(", program)) == _JAX_CPU_DOTS.get((dtype, side, r), 1), (side, program)
         result = np.asarray(jitted(jnp.asarray(A), jnp.asarray(P)))
         np.testing.assert_allclose(result, reference, rtol=tol(dtype, 4), atol=tol(dtype, 4))
+
+
+@pytest.mark.parametrize("r", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "complex64", "complex128"])
+def test_xla_writes_the_low_rank_update_as_one_elementwise_pass(dtype, r):
+    """``W + L @ Rh`` under jax.jit on the CPU: for the ranks where XLA's
+    product with the sum fused into its output is slow (see
+    _xp.lowrank_product), the compiled program has no dot at all; otherwise
+    one. Either way it is W + L Rh to rounding, batched too, and eagerly it
+    stays one product."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    from unitary_lr._xp import add_product, lowrank_product
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("the broadcast form is for XLA's CPU backend")
+    rng = np.random.default_rng([r, len(dtype), 7])
+    elementwise = 2 <= r <= {"float32": 4, "float64": 3}.get(dtype, 8)
+    for batch in ((), (3,)):
+        W, L, Rh = (random_matrix(rng, shape, dtype) for shape in ((*batch, 30, 20), (*batch, 30, r), (*batch, r, 20)))
+        wide = lambda x: x.astype(np.complex128)
+        reference = wide(W) + wide(L) @ wide(Rh)
+        arrays = [jnp.asarray(x) for x in (W, L, Rh)]
+        jitted = jax.jit(lambda W, L, Rh: add_product(jnp, W, L, Rh))
+        traced = str(jax.make_jaxpr(lambda W, L, Rh: add_product(jnp, W, L, Rh))(*arrays))
+        assert ("dot_general" in traced) == (not elementwise), traced
+        program = jitted.lower(*arrays).compile().as_text()
+        # XLA writes a product of rank 1 as a broadcast product itself
+        assert len(re.findall(r"\bdot\(", program)) == (0 if elementwise or r == 1 else 1), program
+        np.testing.assert_allclose(np.asarray(jitted(*arrays)), reference, rtol=tol(dtype, 4), atol=tol(dtype, 4))
+        eager = lowrank_product(jnp, arrays[1], arrays[2])
+        np.testing.assert_allclose(np.asarray(eager), wide(L) @ wide(Rh), rtol=tol(dtype, 4), atol=tol(dtype, 4))

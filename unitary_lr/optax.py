@@ -47,7 +47,7 @@ from .steps import (
     sketch_shape,
     step_factors_unchecked,
 )
-from ._xp import exact_products
+from ._xp import exact_products, lowrank_product
 
 __all__ = ["STATIC_ARGS", "ProjUNNState", "RetractionState", "projunn", "projunn_retraction"]
 
@@ -236,7 +236,7 @@ def projunn_retraction(*, unitary, rank=None, variant=DEFAULT_VARIANT, oversampl
         # n x n negation; a static lr keeps the kernels' clamping of huge steps.
         L, Rh = step_factors_unchecked(jnp, W, U, omega, lr=-1.0, rank=leaf_rank, variant=variant,
                                        power_iters=power_iters, traced=True)
-        update = L @ Rh
+        update = lowrank_product(jnp, L, Rh)
         if options.drift_check_every:
             update = jax.lax.cond(drift.due(step), check, keep, update, W, probe_key)
         return update
