@@ -340,11 +340,10 @@ def by_columns(xp, A, P, side):
     only (a GPU pays a launch per product), for a large A (not a Gram)."""
     if not 2 <= P.shape[-1] <= _WIDEST_BY_COLUMNS:
         return False
-    if _runs_on_numpy(xp):
+    name = getattr(xp, "__name__", "")
+    if name in _NUMPY_NAMES:
         library = "numpy"
-    elif _is_jax(xp):
-        if A.ndim != 2 or not _jax_on_cpu(A):
-            return False
+    elif name.startswith("jax") and A.ndim == 2 and _jax_on_cpu(A):
         library = "jax"
     else:
         return False
@@ -775,9 +774,8 @@ def _is_jax(xp) -> bool:
     return getattr(xp, "__name__", "").startswith("jax")
 
 
-def _runs_on_numpy(xp) -> bool:
-    """NumPy, and array_api_strict, whose arrays are NumPy's: the same BLAS."""
-    return getattr(xp, "__name__", "") in ("numpy", "array_api_compat.numpy", "array_api_strict")
+# NumPy, and array_api_strict, whose arrays are NumPy's: the same BLAS.
+_NUMPY_NAMES = ("numpy", "array_api_compat.numpy", "array_api_strict")
 
 
 _lazy_conjugation = _is_torch  # PyTorch conjugates by a flag, read by its matmul
