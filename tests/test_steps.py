@@ -373,3 +373,28 @@ def test_the_step_keeps_its_direction_at_any_gradient_scale(backend, dtype, scal
         assert np.all(np.isfinite(V))
         np.testing.assert_allclose(V, reference, rtol=0, atol=tol(dtype))
         assert unitarity(V) < tol(dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "complex64"])
+@pytest.mark.parametrize("shape", [(N, N), (N, 3)], ids=["square", "tall"])
+@pytest.mark.parametrize("rank", [1, 3])
+def test_jax_without_x64_steps_as_numpy_does(rng, dtype, shape, rank):
+    """JAX's default configuration has no float64: the eager step then forms
+    its Grams in float32 (rescaled panels, several small arrays fetched
+    together) and its arrays come back from the host cores cast there. The
+    step is NumPy's float64 step from the same draw, to float32 rounding,
+    and float64 support is asked again when x64 is switched (the test suite
+    runs with x64 on)."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    rank = min(rank, shape[1])
+    W = haar(rng, shape[0], dtype)[:, :shape[1]]
+    G = random_matrix(rng, shape, dtype) * 1e-3
+    wide = "complex128" if is_complex(dtype) else "float64"
+    reference = ul.projunn_step(W.astype(wide), G.astype(wide), lr=0.5, rank=rank, rng=7)
+    with jax.enable_x64(False):
+        V = ul.projunn_step(jnp.asarray(W), jnp.asarray(G), lr=0.5, rank=rank, rng=7)
+        assert V.dtype == jnp.dtype(dtype)
+    np.testing.assert_allclose(np.asarray(V), reference, atol=tol(dtype, 3))
+    assert unitarity(np.asarray(V)) < tol(dtype, 1)

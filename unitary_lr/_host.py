@@ -24,7 +24,7 @@ import sys
 
 import numpy as np
 
-from ._xp import _is_torch
+from ._xp import _is_jax, _is_torch
 
 __all__ = ["HOST_STACK_BYTES", "from_host", "is_traced", "stack_pays", "to_host", "transfers"]
 
@@ -53,6 +53,13 @@ def to_host(xp, x) -> np.ndarray:
         return np.asarray(x)
 
 
+def to_host_all(arrays) -> list[np.ndarray]:
+    """Several JAX arrays as NumPy arrays, fetched together (``jax.device_get``:
+    every copy is started before the first is waited on); one transfer."""
+    transfers.count += 1
+    return [np.asarray(x) for x in sys.modules["jax"].device_get(list(arrays))]
+
+
 def from_host(xp, x: np.ndarray, *, dtype, device):
     """A NumPy array as an array of namespace ``xp`` with ``dtype`` on ``device``.
 
@@ -69,6 +76,10 @@ def from_host(xp, x: np.ndarray, *, dtype, device):
         staged = torch.empty(tuple(x.shape), dtype=dtype, pin_memory=True)
         staged.numpy()[...] = x
         return staged.to(device=device, non_blocking=True)
+    if _is_jax(xp):
+        # cast on the host, then one plain transfer: jnp.asarray with a dtype
+        # and a device took 80 us a call (JAX 0.10.2, CPU), against 17 us
+        return sys.modules["jax"].device_put(np.asarray(x, dtype=np.dtype(dtype)), device)
     return xp.asarray(x, dtype=dtype, device=device)
 
 
