@@ -314,7 +314,8 @@ def matmul_panel(xp, A, P):
 # panel than as one matrix-vector product per column of the panel, by library
 # and side ("right": A @ P, "left": P^H @ A): dtype -> the panel widths
 # measured to gain, on row-major 2-D matrices (NumPy: any). One thread, AMD
-# EPYC (docs/benchmarks.md, "Thin products, one column at a time"):
+# EPYC (docs/benchmarks.md, "NumPy's thin products" and "XLA's thin products on
+# the CPU, one column at a time"):
 # - NumPy's OpenBLAS pads a panel of two or three columns to its kernel's width
 #   and runs it as slowly as eight (float64: 20.5 ms at n = 4096 against 5.5 ms
 #   for one column and 11.3 ms for two columns one by one; 0.83 against 0.17
