@@ -296,6 +296,15 @@ def test_a_rank_one_sketch_makes_one_reduction(dtype, power_iters):
     assert float(ul.unitarity_error(V)) < 1e-5
 
 
+def _as_run(dtype, rank):
+    """(dtype, rank) of the update as it runs (``_xp._REAL_VIEW_RANKS``,
+    written out): complex64 of rank 2 and complex128 of rank 1-4 as a real
+    update of twice the rank on the real views, in rows of the same bytes."""
+    if dtype == "complex64" and rank == 2 or dtype == "complex128" and 1 <= rank <= 4:
+        return {"complex64": "float32", "complex128": "float64"}[dtype], 2 * rank
+    return dtype, rank
+
+
 def _blocked(dtype, rank, row_bytes, rows):
     """The rule the blocked update follows (``_xp._CHUNKED_RANKS``), written
     out: float32 of rank 2-4 with rows a multiple of 2 KiB apart, or of rank
@@ -312,7 +321,9 @@ def _blocked(dtype, rank, row_bytes, rows):
     ("float32", 2, (1024, 1024)), ("complex128", 2, (1024, 256)), ("complex128", 2, (256, 256)),
     ("complex128", 4, (8, 128)), ("float32", 1, (512, 512)), ("float32", 9, (512, 512)),
     ("complex128", 8, (256, 256)), ("float32", 2, (500, 512)), ("float32", 2, (512, 500)),
-    ("float64", 2, (512, 512)), ("complex64", 2, (512, 512))])
+    ("float64", 2, (512, 512)), ("complex64", 2, (512, 512)), ("complex64", 2, (500, 500)),
+    ("complex64", 1, (512, 512)), ("complex64", 3, (512, 512)), ("complex128", 1, (500, 500)),
+    ("complex128", 8, (512, 512))])
 @pytest.mark.parametrize("layout", ["rows", "columns"])
 def test_a_thin_update_of_a_power_of_two_row_runs_in_blocks_of_rows(dtype, rank, shape, layout):
     """Where PyTorch's CPU gemm runs a rank-r update slowly (see ``_blocked``
@@ -320,7 +331,9 @@ def test_a_thin_update_of_a_power_of_two_row_runs_in_blocks_of_rows(dtype, rank,
     update run it as one ``baddbmm`` over blocks of 8 rows: no copy of W or of
     the factors, W + L Rh to rounding, W's layout, W untouched (functional)
     or updated in place; into huge-page memory from 4 MiB on. Everywhere
-    else one ``addmm``."""
+    else one ``addmm``. In place, where MKL's complex update is bound by
+    arithmetic (``_as_run``), the same on W's real view, with a real update
+    of twice the rank; the factors' real forms are small copies."""
     from unitary_lr._xp import add_in_place, add_product
 
     n, m = shape
@@ -350,9 +363,17 @@ def test_a_thin_update_of_a_power_of_two_row_runs_in_blocks_of_rows(dtype, rank,
     torch.testing.assert_close(W, before, rtol=0, atol=0)
 
     if layout == "rows":
+        # in place, a complex update may run on W's real view (_as_run): the
+        # factors' real forms (i Rh, Rh and i Rh stacked, L's parts in a row)
+        # are O(r (n + m)) operations, as large as W only for the tiniest W
+        run_dtype, run_rank = _as_run(dtype, rank)
+        blocked = _blocked(run_dtype, run_rank, row * W.element_size(), rows)
+        factors = ("aten.mul", "aten.stack", "aten._unsafe_view", "aten.clone") if run_dtype != dtype else ()
         storage = W.data_ptr()
         _, counter, _ = counted(lambda: add_in_place(W, L, Rh))
-        assert counter.launching == (["aten.baddbmm_.default"] if blocked else ["aten.addmm_.default"])
+        assert [name for name in counter.touching(n * m) if not name.startswith(factors)] == \
+            (["aten.baddbmm_.default"] if blocked else ["aten.addmm_.default"]), counter.launching
+        assert len(counter.launching) == 1 or run_dtype != dtype and len(counter.launching) <= 5, counter.launching
         assert W.data_ptr() == storage
         np.testing.assert_allclose(W.numpy(), reference, rtol=0, atol=tolerance)
 
@@ -371,6 +392,25 @@ def test_a_blocked_update_stays_differentiable():
     expected = torch.autograd.grad((torch.addmm(W, L, Rh) * weights).sum(), (W, L, Rh))
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype, rank", [("complex64", 2), ("complex128", 1), ("complex128", 4)])
+def test_an_update_on_the_real_view_stays_differentiable(dtype, rank):
+    """The complex update on W's real view (``_xp.real_view_factors``) is made
+    of differentiable views and products: the gradients of L and Rh through
+    it (complex, PyTorch's conjugate convention) are those of ``addmm_``."""
+    from unitary_lr._xp import add_in_place, real_view_factors
+
+    rng = np.random.default_rng(13)
+    draw = lambda *s: torch.as_tensor((rng.standard_normal(s) + 1j * rng.standard_normal(s)).astype(dtype))
+    W0, L, Rh = draw(256, 256), draw(256, rank).requires_grad_(), draw(rank, 256).requires_grad_()
+    assert real_view_factors(W0, L, Rh) is not None
+    weights = draw(256, 256)
+    grads = torch.autograd.grad((add_in_place(W0.clone(), L, Rh) * weights).real.sum(), (L, Rh))
+    expected = torch.autograd.grad((W0.clone().addmm_(L, Rh) * weights).real.sum(), (L, Rh))
+    tolerance = 1e-4 if dtype == "complex64" else 1e-12
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
 
 
 def _adapter_pass_ops(reflectors):
