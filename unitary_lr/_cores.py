@@ -30,9 +30,8 @@ import numpy
 # and a step makes about a hundred of them); the compat layer before.
 host_xp = numpy if tuple(int(part) for part in numpy.__version__.split(".")[:2]) >= (2, 1) else array_api_compat.numpy
 
-from ._host import from_host, to_host, to_host_all
+from ._host import from_host_pieces, to_host_pieces
 from ._xp import (
-    _is_jax,
     add_product,
     complex_dtype,
     core_dtype,
@@ -84,46 +83,15 @@ class HostCores:
     def gather(self, *arrays):
         """The small device arrays (one dtype) as NumPy float64/complex128 arrays,
         moved in one transfer."""
-        xp = self._xp
-        if len(arrays) > 1 and _is_jax(xp):
-            # one fetch of all of them: flattening and joining them on the device
-            # would be a dispatch each (10-30 us on JAX's CPU backend)
-            return tuple(_widened(host) for host in to_host_all(arrays))
-        flat = arrays[0] if len(arrays) == 1 else xp.concat([xp.reshape(a, (-1,)) for a in arrays])
-        host = _widened(to_host(xp, flat))
-        if len(arrays) == 1:
-            return (host,)
-        out, start = [], 0
-        for a in arrays:
-            size = math.prod(a.shape)
-            out.append(host[start:start + size].reshape(tuple(a.shape)))
-            start += size
-        return tuple(out)
+        return tuple(_widened(host) for host in to_host_pieces(self._xp, arrays))
 
     def scatter(self, *arrays):
         """Host results as device arrays of the kernel's dtype, in one transfer."""
-        xp = self._xp
-        name = _host_name(xp, self.dtype)
-        flat = host_xp.concat([host_xp.reshape(host_xp.asarray(a), (-1,)) for a in arrays]).astype(name)
-        return self._to_device(flat, [tuple(host_xp.asarray(a).shape) for a in arrays])
-
-    def _to_device(self, flat, shapes):
-        """The host array ``flat`` (the kernel's dtype), cut into arrays of
-        ``shapes`` in order, on the device: one transfer and views of it; on
-        JAX one transfer each, where a slice of a device array is a dispatch
-        that costs twice a transfer (33 against 17 us; JAX 0.10.2, CPU)."""
-        xp, out, start = self._xp, [], 0
-        whole = None if _is_jax(xp) else from_host(xp, flat, dtype=self.dtype, device=self.device)
-        for shape in shapes:
-            size = math.prod(shape)
-            if whole is None:
-                out.append(from_host(xp, flat[start:start + size].reshape(shape), dtype=self.dtype,
-                                     device=self.device))
-            else:
-                out.append(xp.reshape(whole[start:start + size], shape))
-            start += size
-        return tuple(out)
-
+        name = _host_name(self._xp, self.dtype)
+        hosts = [host_xp.asarray(a) for a in arrays]
+        flat = host_xp.concat([host_xp.reshape(a, (-1,)) for a in hosts]).astype(name)
+        return from_host_pieces(self._xp, flat, [tuple(a.shape) for a in hosts], dtype=self.dtype,
+                                device=self.device)
 
     def scatter_stack(self, values, shape=None):
         """Nested sequences of Python numbers of one shape (..., r, s) as
@@ -133,7 +101,8 @@ class HostCores:
         host = host_xp.asarray(values, dtype=getattr(host_xp, name))
         if shape is not None:
             host = host.reshape((host.shape[0], *shape))
-        return self._to_device(host.reshape(-1), [tuple(host.shape[1:])] * host.shape[0])
+        return from_host_pieces(self._xp, host.reshape(-1), [tuple(host.shape[1:])] * host.shape[0],
+                                dtype=self.dtype, device=self.device)
 
 
 class DeviceCores:

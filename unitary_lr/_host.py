@@ -26,7 +26,8 @@ import numpy as np
 
 from ._xp import _is_jax, _is_torch
 
-__all__ = ["HOST_STACK_BYTES", "from_host", "is_traced", "stack_pays", "to_host", "transfers"]
+__all__ = ["HOST_STACK_BYTES", "from_host", "from_host_pieces", "is_traced", "stack_pays", "to_host",
+           "to_host_pieces", "transfers"]
 
 
 class _Counter:
@@ -53,11 +54,41 @@ def to_host(xp, x) -> np.ndarray:
         return np.asarray(x)
 
 
-def to_host_all(arrays) -> list[np.ndarray]:
-    """Several JAX arrays as NumPy arrays, fetched together (``jax.device_get``:
-    every copy is started before the first is waited on); one transfer."""
-    transfers.count += 1
-    return [np.asarray(x) for x in sys.modules["jax"].device_get(list(arrays))]
+def _cut(flat, shapes, piece):
+    """``piece(part, shape)`` of the consecutive parts of the 1-D ``flat``
+    that hold arrays of ``shapes``, in order."""
+    out, start = [], 0
+    for shape in shapes:
+        size = math.prod(shape)
+        out.append(piece(flat[start:start + size], shape))
+        start += size
+    return tuple(out)
+
+
+def to_host_pieces(xp, arrays) -> tuple[np.ndarray, ...]:
+    """Several small device arrays of one dtype as NumPy arrays, in one
+    transfer: joined on the device and cut on the host; on JAX fetched
+    together (``jax.device_get`` starts every copy before it waits on the
+    first), where flattening and joining them would be a dispatch each
+    (10-30 us on its CPU backend)."""
+    if len(arrays) == 1:
+        return (to_host(xp, arrays[0]),)
+    if _is_jax(xp):
+        transfers.count += 1
+        return tuple(np.asarray(x) for x in sys.modules["jax"].device_get(list(arrays)))
+    flat = to_host(xp, xp.concat([xp.reshape(a, (-1,)) for a in arrays]))
+    return _cut(flat, [tuple(a.shape) for a in arrays], lambda part, shape: part.reshape(shape))
+
+
+def from_host_pieces(xp, flat: np.ndarray, shapes, *, dtype, device):
+    """The 1-D NumPy array ``flat`` cut into arrays of ``shapes``, in order,
+    on ``device``: one transfer and views of it; on JAX one transfer each,
+    where a slice of a device array is a dispatch that costs twice a
+    transfer (33 against 17 us; JAX 0.10.2, CPU)."""
+    if _is_jax(xp):
+        return _cut(flat, shapes, lambda part, shape: from_host(xp, part.reshape(shape), dtype=dtype, device=device))
+    whole = from_host(xp, flat, dtype=dtype, device=device)
+    return _cut(whole, shapes, lambda part, shape: xp.reshape(part, shape))
 
 
 def from_host(xp, x: np.ndarray, *, dtype, device):
