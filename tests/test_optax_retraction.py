@@ -285,6 +285,26 @@ def test_the_nan_guard_makes_no_pass_over_the_matrices_but_one_sum(chain, dtype)
     big = [e.primitive.name for e in jaxpr.eqns if any(getattr(v.aval, "shape", ()) == (N, N) for v in e.outvars)]
     assert big == ["cond"]
     assert [e.primitive.name for e in jaxpr.eqns].count("reduce_sum") == 1
+    # and nowhere else, branches included: projunn tests the gradient, and the
+    # step it runs on the base optimizer's direction makes no test of its own
+    sums = [e for e in _all_eqns(jaxpr) if e.primitive.name == "reduce_sum"
+            and getattr(e.invars[0].aval, "shape", ()) == (N, N)]
+    assert len(sums) == 1
+
+
+def _all_eqns(jaxpr):
+    """The equations of a jaxpr and of its sub-jaxprs (branches of cond,
+    bodies of loops, pjit calls)."""
+    from jax.extend import core as jcore
+
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(sub, jcore.ClosedJaxpr):
+                    yield from _all_eqns(sub.jaxpr)
+                elif isinstance(sub, jcore.Jaxpr):
+                    yield from _all_eqns(sub)
 
 
 def test_drift_control_in_the_retraction():

@@ -180,6 +180,16 @@ def projunn_retraction(*, unitary, rank=None, variant=DEFAULT_VARIANT, oversampl
     """
     options = _step_options(rank=rank, variant=variant, oversample=oversample, power_iters=power_iters,
                             drift_tol=drift_tol, drift_check_every=drift_check_every, reproject=reproject, seed=seed)
+    return _retraction(unitary, options, checks_updates=True)
+
+
+def _retraction(unitary, options, *, checks_updates):
+    """:func:`projunn_retraction` for validated ``options``. ``checks_updates``
+    False: the step runs without a test of its own, one pass over each update
+    saved, because the caller has made sure the updates are finite
+    (:func:`projunn` tests the gradients, and optax's sgd, rmsprop and adam
+    make finite directions of finite gradients)."""
+    rank, variant, power_iters, oversample = options.rank, options.variant, options.power_iters, options.oversample
     drift = DriftControl(options, jnp, cond=jax.lax.cond)
 
     def init(params):
@@ -224,6 +234,8 @@ def projunn_retraction(*, unitary, rank=None, variant=DEFAULT_VARIANT, oversampl
         back as it is, and the step is not run on it (``lax.cond``: no NaN
         in the small cores, and no pass over U to select between the two)."""
         U = U.astype(W.dtype)
+        if not checks_updates:
+            return retract(U, W, key, step)
         return jax.lax.cond(_all_finite(U), retract, keep, U, W, key, step)
 
     def retract(U, W, key, step):
@@ -306,6 +318,10 @@ def projunn(learning_rate=DEFAULT_LR, *, unitary, base=DEFAULT_BASE, rank=None, 
     the preconditioner's output equals preconditioning the conjugated gradient.
     A NaN/Inf in any gradient skips the whole update (zero updates, state
     unchanged but for ``notfinite_count``), as ``optax.apply_if_finite`` does.
+    That test, one read of each gradient, is the update's only one: the step
+    runs on the base's direction without testing it again (a finite gradient
+    makes a finite direction, unless the base overflows: sgd's ``lr * g``
+    for g near the dtype's largest number, which makes W NaN).
     Drift control costs two passes over W every ``drift_check_every`` steps.
 
     Examples
@@ -331,9 +347,9 @@ def projunn(learning_rate=DEFAULT_LR, *, unitary, base=DEFAULT_BASE, rank=None, 
         # which gathers the var-keyword ones into one dict named after the
         # parameter, and passes that dict back by its name.
         hyperparameters = hyperparameters["hyperparameters"]
-    retraction = projunn_retraction(unitary=unitary, rank=rank, variant=variant, oversample=oversample,
-                                    power_iters=power_iters, drift_tol=drift_tol,
-                                    drift_check_every=drift_check_every, reproject=reproject, seed=seed)
+    options = _step_options(rank=rank, variant=variant, oversample=oversample, power_iters=power_iters,
+                            drift_tol=drift_tol, drift_check_every=drift_check_every, reproject=reproject, seed=seed)
+    retraction = _retraction(unitary, options, checks_updates=False)
     try:
         preconditioner = _BASES[base](learning_rate, **hyperparameters)
     except TypeError as error:
