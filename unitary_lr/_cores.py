@@ -30,7 +30,7 @@ import numpy
 # and a step makes about a hundred of them); the compat layer before.
 host_xp = numpy if tuple(int(part) for part in numpy.__version__.split(".")[:2]) >= (2, 1) else array_api_compat.numpy
 
-from ._host import from_host_pieces, to_host_pieces
+from ._host import from_host_pieces, staged, to_host_pieces
 from ._xp import (
     add_product,
     complex_dtype,
@@ -427,6 +427,7 @@ def _polar_large(xp, stacked, norm, identity, has_bottom):
     return X[..., :r, :] - identity, X[..., r:, :]
 
 
+@staged()
 def add_lowrank(xp, W, L, Rh):
     """W + L @ Rh for thin L (..., n, r) and Rh (..., r, m), as a new array in
     W's layout (``_xp.add_product``); an optimizer that owns W can apply L and

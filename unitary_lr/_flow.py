@@ -27,6 +27,7 @@ import warnings
 
 from ._cores import (cholesky_columns, drop_tolerance, expm_skew_minus_identity, gram_basis, hermitian_eigh,
                      polar_minus_identity)
+from ._host import staged
 from ._tiny import gram_basis2, polar_small2, skew_core2
 from ._xp import (adjoint_matmul, adjoint_rows, broadcast_shapes, core_dtype, device, matmul_panel, max_abs, mH,
                   panel_times_small, real_finfo)
@@ -93,6 +94,7 @@ def _needs_scaling(xp, dtype, core):
     return core == dtype
 
 
+@staged("power_iters")
 def sketch_panels(xp, G, omega, power_iters):
     """(Y, Z) with ``Z = G^H Y`` and Y spanning ``(G G^H)^q G omega``: the
     sketch ``G ~ Y (Y^H Y)^+ Z^H``. G is an array or factors (a, b) = a b^H.
@@ -271,6 +273,7 @@ def _balance(sxp, C, T, traced, bound):
     return T * sxp.astype(2.0 ** exponent, T.dtype)[..., :, None], sxp.astype(scale, T.dtype)
 
 
+@staged("reorthonormalize")
 def _apply_right(xp, W, P, T, D, reorthonormalize, column_scale=None):
     """(L, Rh) = ((W Q) D, Q^H) with Q = P T: the new W is ``W (I + Q D Q^H)``.
 
@@ -456,10 +459,7 @@ def lowrank_right_update(xp, W, Y, Z, *, lr, variant, rank, cores, sketched, nam
     ``W Q`` and the update.
     """
     n, l = W.shape[-1], Y.shape[-1]
-    Y, Z, core, scale_panels = _prepare(xp, W, Y, Z, cores, sketched)
-    c = adjoint_matmul(xp, W, Y)
-    F, C = _panel_gram(xp, [Y, Z, c], core)
-    P = F[..., l:]  # [Z, c]
+    P, C, scale_panels = _right_panels(xp, W, Y, Z, sketched=sketched)
     C, *scales = cores.gather(C, *scale_panels)
     sxp = cores.xp
     block = _blocks(C, (l, l, l))
@@ -483,6 +483,16 @@ def lowrank_right_update(xp, W, Y, Z, *, lr, variant, rank, cores, sketched, nam
              else _reorthonormalize_steps(sxp, spread, CP.shape[-1], eps, cores.eps))
     T, D, column_scale = _scatter(sxp, cores, CP, T, D)
     return _apply_right(xp, W, P, T, D, steps, column_scale)
+
+
+@staged("sketched")
+def _right_panels(xp, W, Y, Z, *, sketched):
+    """The device's work of :func:`lowrank_right_update` before its small
+    matrices go to the cores: (P, C, scales) with the panel P = [Z, c],
+    ``c = W^H Y``, the Gram C of [Y, Z, c] and the panels' scales."""
+    Y, Z, core, scales = _prepare(xp, W, Y, Z, sketched)
+    F, C = _panel_gram(xp, [Y, Z, adjoint_matmul(xp, W, Y)], core)
+    return F[..., Y.shape[-1]:], C, scales
 
 
 def _sketch_projector(sxp, Cy, Cz, *, rank, l, sketched, tol):
@@ -572,10 +582,8 @@ def stiefel_update(xp, W, Y, Z, *, lr, variant, rank, cores, sketched, names):
     if variant == "direct":
         return _stiefel_direct(xp, W, Y, Z, lr=lr, rank=rank, cores=cores, sketched=sketched, names=names)
     n, l = W.shape[-2], Y.shape[-1]
-    Y, Z, core, scale_panels = _prepare(xp, W, Y, Z, cores, sketched, multiplied=True)
-    e = matmul_panel(xp, W, Z)
-    P, Cn = _panel_gram(xp, [Y, e], core)
-    Cn, Cz, *scales = cores.gather(Cn, _gram(xp, [Z], core), *scale_panels)
+    P, Cn, Cz, scale_panels = _left_panels(xp, W, Y, Z, sketched=sketched)
+    Cn, Cz, *scales = cores.gather(Cn, Cz, *scale_panels)
     sxp = cores.xp
     eps = _eps(xp, W.dtype)
     tol = drop_tolerance(n, eps, cores.eps)
@@ -604,18 +612,21 @@ def stiefel_update(xp, W, Y, Z, *, lr, variant, rank, cores, sketched, names):
     return _apply_left(xp, W, P, *_scatter(sxp, cores, Cn, T, D), steps)
 
 
+@staged("sketched")
+def _left_panels(xp, W, Y, Z, *, sketched):
+    """The device's work of :func:`stiefel_update` before its small matrices
+    go to the cores: (P, Cn, Cz, scales) with P = [Y, W Z], the Grams Cn of
+    P and Cz of Z, and the panels' scales."""
+    Y, Z, core, scales = _prepare(xp, W, Y, Z, sketched, multiplied=True)
+    P, Cn = _panel_gram(xp, [Y, matmul_panel(xp, W, Z)], core)
+    return P, Cn, _gram(xp, [Z], core), scales
+
+
 def _stiefel_direct(xp, W, Y, Z, *, lr, rank, cores, sketched, names):
     n, l = W.shape[-2], Y.shape[-1]
-    Y, Z, core, scale_panels = _prepare(xp, W, Y, Z, cores, sketched, multiplied=True)
-    c = adjoint_matmul(xp, W, Y)
-    Wc = matmul_panel(xp, W, c)
-    a_perp = Y - Wc
-    # a product of its own: on the CPU an n x 2l panel [W Z, W c] costs as much as two to four of them
-    e = matmul_panel(xp, W, Z) if not cores.traced else None
-    Zc, Czc = _panel_gram(xp, [Z, c], core)
-    grams = [Czc, _gram(xp, [Y, a_perp, Wc], core)] + ([] if e is None else [_gram(xp, [e], core)])
+    Zc, a_perp, grams, scale_panels = _direct_panels(xp, W, Y, Z, sketched=sketched, checked=not cores.traced)
     Cm, Cn, *scales = cores.gather(*grams, *scale_panels)
-    if e is not None:
+    if not cores.traced:
         Ce, *scales = scales
     sxp = cores.xp
     eps = _eps(xp, W.dtype)
@@ -663,6 +674,24 @@ def _stiefel_direct(xp, W, Y, Z, *, lr, rank, cores, sketched, names):
     return _apply_stiefel_direct(xp, W, Zc, a_perp, on_device, steps, steps_a)
 
 
+@staged("sketched", "checked")
+def _direct_panels(xp, W, Y, Z, *, sketched, checked):
+    """The device's work of :func:`_stiefel_direct` before its small matrices
+    go to the cores: (Zc, a_perp, Grams, scales) with the panel Zc = [Z, c],
+    ``c = W^H Y``, ``a_perp = Y - W c``, the Grams of Zc and of
+    [Y, a_perp, W c], and where ``checked`` the Gram of W Z too."""
+    Y, Z, core, scales = _prepare(xp, W, Y, Z, sketched, multiplied=True)
+    c = adjoint_matmul(xp, W, Y)
+    Wc = matmul_panel(xp, W, c)
+    a_perp = Y - Wc
+    Zc, Czc = _panel_gram(xp, [Z, c], core)
+    grams = [Czc, _gram(xp, [Y, a_perp, Wc], core)]
+    if checked:
+        # a product of its own: on the CPU an n x 2l panel [W Z, W c] costs as much as two to four of them
+        grams.append(_gram(xp, [matmul_panel(xp, W, Z)], core))
+    return Zc, a_perp, grams, scales
+
+
 def _scatter_direct(sxp, cores, Cm, Ca, T, D, Ta, X_bottom):
     """(T, D, Ta, X_bottom, column scale of [Z, c] or None, column scale of
     a_perp or None) on the device in one transfer: both panels balanced (see
@@ -684,6 +713,7 @@ def _in_range_threshold(eps, m):
     return 64 * eps * eps * max(m, 64)
 
 
+@staged("steps", "steps_a")
 def _apply_stiefel_direct(xp, W, Zc, a_perp, cores_on_device, steps, steps_a):
     """(L, Rh) of the direct step on a tall W from its cores (T, D, Ta,
     X_bottom) and the panels' column scales on the device
@@ -728,7 +758,7 @@ def _stiefel_direct_core_tiny(sxp, Cm, Cn, scales, *, lr, sketched, tol, eps, co
     return T, D, Ta, X_bottom, _newton_schulz_count(spread, 2, eps, core_eps)
 
 
-def _prepare(xp, W, Y, Z, cores, sketched, *, multiplied=False):
+def _prepare(xp, W, Y, Z, sketched, *, multiplied=False):
     """Y and Z broadcast to the common batch, rescaled where the cores need it
     (see :func:`_needs_scaling`), in W's dtype; the core dtype and the scales
     to gather (their product multiplies the step).
@@ -767,6 +797,7 @@ def _scatter(sxp, cores, C, T, D):
     return cores.scatter(T, D, column_scale)
 
 
+@staged("reorthonormalize")
 def _apply_left(xp, W, P, T, D, column_scale, reorthonormalize):
     """(L, Rh) = (Q D, Q^H W) with Q = P T: the new W is ``(I + Q D Q^H) W``,
     unitary to rounding whenever Q has orthonormal columns."""
@@ -788,16 +819,10 @@ def transport_update(xp, W, a, b, *, t, cores, cayley=False):
     passes: ``Q^H W`` and the update.
     """
     n, k = W.shape[-2], a.shape[-1]
-    a, b = _broadcast_batch(xp, W, a, b)
-    core = core_dtype(xp, W.dtype, device(W))
-    scales = []  # of a and b, carried into t
-    if _needs_scaling(xp, W.dtype, core):
-        (a, sa), (b, sb) = _scaled(xp, a), _scaled(xp, b)
-        scales = [sa, sb]
-    P = xp.concat([a, b], axis=-1)
     square = W.shape[-1] == n
-    panels = [P, adjoint_matmul(xp, W, P)] if square else [P]
-    C, *scales = cores.gather(_gram(xp, panels, core), *(xp.astype(x, core) for x in scales))
+    panels, C, scales = _transport_panels(xp, W, a, b)
+    C, *scales = cores.gather(C, *scales)
+    P = panels[0]
     sxp = cores.xp
     for factor in scales:
         if not cores.traced and C.ndim == 2:
@@ -838,6 +863,23 @@ def transport_update(xp, W, a, b, *, t, cores, cayley=False):
     if square:
         return _apply_right(xp, W, panels[1], T, D, steps, column_scale)
     return _apply_left(xp, W, P, T, D, column_scale, steps)
+
+
+@staged()
+def _transport_panels(xp, W, a, b):
+    """The device's work of :func:`transport_update` before its small matrices
+    go to the cores: (panels, C, scales) with the panels P = [a, b] and, for a
+    square W, ``W^H P``, their Gram C, and the scales of a and b where the
+    cores need them (see :func:`_needs_scaling`; they multiply t)."""
+    a, b = _broadcast_batch(xp, W, a, b)
+    core = core_dtype(xp, W.dtype, device(W))
+    scales = []
+    if _needs_scaling(xp, W.dtype, core):
+        (a, sa), (b, sb) = _scaled(xp, a), _scaled(xp, b)
+        scales = [xp.astype(sa, core), xp.astype(sb, core)]
+    P = xp.concat([a, b], axis=-1)
+    panels = [P, adjoint_matmul(xp, W, P)] if W.shape[-1] == W.shape[-2] else [P]
+    return panels, _gram(xp, panels, core), scales
 
 
 def _broadcast_batch(xp, W, *panels):

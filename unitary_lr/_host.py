@@ -15,19 +15,26 @@ through ``numpy.from_dlpack``.
 Inside a traced program (``jax.jit``, ``torch.compile``, CUDA-graph capture) a
 host transfer is impossible or breaks the graph; :func:`is_traced` tells the
 kernels to keep the small work on the device instead.
+
+Between two transfers an eager step's work on the device is a few passes over
+G and W and their small products; on JAX arrays each operation of it is one
+dispatch of 10-30 us on a CPU (more on a GPU), so :func:`staged` compiles each
+such phase once, with ``jax.jit``, into one dispatch.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import sys
 
 import numpy as np
 
-from ._xp import _is_jax, _is_torch
+from ._xp import Adjoint, _is_jax, _is_torch, mT
 
-__all__ = ["HOST_STACK_BYTES", "from_host", "from_host_pieces", "is_traced", "stack_pays", "to_host",
-           "to_host_pieces", "transfers"]
+__all__ = ["HOST_STACK_BYTES", "from_host", "from_host_pieces", "host_cast", "is_traced", "sketch_from_host",
+           "stack_pays", "staged", "to_host", "to_host_pieces", "transfers"]
 
 
 class _Counter:
@@ -82,11 +89,13 @@ def to_host_pieces(xp, arrays) -> tuple[np.ndarray, ...]:
 
 def from_host_pieces(xp, flat: np.ndarray, shapes, *, dtype, device):
     """The 1-D NumPy array ``flat`` cut into arrays of ``shapes``, in order,
-    on ``device``: one transfer and views of it; on JAX one transfer each,
-    where a slice of a device array is a dispatch that costs twice a
-    transfer (33 against 17 us; JAX 0.10.2, CPU)."""
+    on ``device``: one transfer and views of it. On JAX the pieces stay NumPy
+    arrays, of the device dtype: they go to a phase that :func:`staged`
+    compiles, whose call sends its NumPy arguments to the device of its
+    arrays, 8 us each against 20 us for a ``device_put`` (and 33 us for a
+    slice of one device array; JAX 0.10.2, CPU)."""
     if _is_jax(xp):
-        return _cut(flat, shapes, lambda part, shape: from_host(xp, part.reshape(shape), dtype=dtype, device=device))
+        return _cut(flat, shapes, lambda part, shape: host_cast(part.reshape(shape), dtype))
     whole = from_host(xp, flat, dtype=dtype, device=device)
     return _cut(whole, shapes, lambda part, shape: xp.reshape(part, shape))
 
@@ -104,14 +113,30 @@ def from_host(xp, x: np.ndarray, *, dtype, device):
     """
     if _torch_cuda(xp, device):
         torch = sys.modules["torch"]
-        staged = torch.empty(tuple(x.shape), dtype=dtype, pin_memory=True)
-        staged.numpy()[...] = x
-        return staged.to(device=device, non_blocking=True)
+        pinned = torch.empty(tuple(x.shape), dtype=dtype, pin_memory=True)
+        pinned.numpy()[...] = x
+        return pinned.to(device=device, non_blocking=True)
     if _is_jax(xp):
         # cast on the host, then one plain transfer: jnp.asarray with a dtype
         # and a device took 80 us a call (JAX 0.10.2, CPU), against 17 us
-        return sys.modules["jax"].device_put(np.asarray(x, dtype=np.dtype(dtype)), device)
+        return sys.modules["jax"].device_put(host_cast(x, dtype), device)
     return xp.asarray(x, dtype=dtype, device=device)
+
+
+def sketch_from_host(xp, draw: np.ndarray, *, dtype, device, staged=False):
+    """The test matrix (..., n, l) of a host draw (..., l, n): its transpose
+    on the device, laid out column by column (see ``_xp.panel_times_small``).
+    ``staged``: for a phase that :func:`staged` compiles; on JAX the host
+    array, transposed there, which the phase's call sends with it, where a
+    transfer and a transpose would be two more dispatches."""
+    if staged and _is_jax(xp):
+        return np.swapaxes(host_cast(draw, dtype), -1, -2)
+    return mT(xp, from_host(xp, draw, dtype=dtype, device=device))
+
+
+def host_cast(x: np.ndarray, dtype) -> np.ndarray:
+    """The NumPy array x in the JAX ``dtype`` (a NumPy dtype), for a transfer."""
+    return np.asarray(x, dtype=np.dtype(dtype))
 
 
 def _torch_cuda(xp, device) -> bool:
@@ -138,6 +163,61 @@ def is_traced(x) -> bool:
         # fake and functional tensors of torch's tracers, seen outside is_compiling
         return type(x) is not torch.Tensor and type(x) is not torch.nn.Parameter
     return False
+
+
+def staged(*static):
+    """Decorator for a phase of an eager step on the device, a function
+    ``phase(xp, *arrays, **options)`` whose arguments named in ``static`` fix
+    its shapes and its Python control flow (the rest are arrays, Adjoint
+    views, tuples of them or None; on JAX the host's NumPy results too,
+    which the call sends to the device with it).
+
+    Called with JAX arrays outside a trace, the phase runs as one program
+    compiled by ``jax.jit`` (once per shape, dtype and static value; JAX
+    caches it), where each of its operations would be a dispatch of its own:
+    an eager rank-1 step of a 64 x 64 float32 matrix made about 40. The
+    operations, and so the kernels' choices that depend on tracing (see
+    ``_xp.by_columns``), are those of the jitted steps. Any other library,
+    and a call inside a trace, runs the phase as it is.
+    """
+
+    def decorate(phase):
+        compiled = []
+
+        @functools.wraps(phase)
+        def run(xp, *args, **kwargs):
+            if not _is_jax(xp) or any(is_traced(x) for x in _leaves(args)):
+                return phase(xp, *args, **kwargs)
+            if not compiled:
+                jax = sys.modules["jax"]
+                _register_adjoint(jax)
+                # static by position too: jax.jit infers the positions of
+                # static_argnames only when it is given no static_argnums
+                positional = [name for name, parameter in inspect.signature(phase).parameters.items()
+                              if parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+                compiled.append(jax.jit(phase, static_argnames=static, static_argnums=(
+                    0, *(positional.index(name) for name in static if name in positional))))
+            return compiled[0](xp, *args, **kwargs)
+
+        return run
+
+    return decorate
+
+
+def _leaves(args):
+    for x in args:
+        if isinstance(x, (tuple, list)):
+            yield from _leaves(x)
+        elif isinstance(x, Adjoint):
+            yield x.M
+        elif x is not None:
+            yield x
+
+
+@functools.cache
+def _register_adjoint(jax):
+    """Adjoint views cross a jax.jit boundary as the matrix they view."""
+    jax.tree_util.register_pytree_node(Adjoint, lambda view: ((view.M,), None), lambda _, children: Adjoint(*children))
 
 
 # On the host (a CPU) a batched step of several matrices pays for matrices of

@@ -17,8 +17,7 @@ import numpy as np
 from ._host import from_host
 from ._xp import dtype_name, is_complex
 
-__all__ = ["as_generator", "generator_from_state", "generator_state", "host_normal", "stack_to_device",
-           "standard_normal"]
+__all__ = ["as_generator", "generator_from_state", "generator_state", "host_normal", "standard_normal"]
 
 
 def as_generator(rng, *, own=False) -> np.random.Generator:
@@ -75,12 +74,6 @@ def host_normal(xp, shape, *, dtype, rng) -> np.ndarray:
     that must draw in one order and move the draws later."""
     name = dtype_name(xp, dtype)
     return _host_normal(as_generator(rng), tuple(shape), name, is_complex(xp, dtype)).astype(name)
-
-
-def stack_to_device(xp, draws, *, dtype, device):
-    """Host draws of one shape (:func:`host_normal`) stacked on a new first
-    axis and moved to the device in one transfer."""
-    return from_host(xp, np.stack(draws), dtype=dtype, device=device)
 
 
 def _host_normal(gen, shape, name, complex_):

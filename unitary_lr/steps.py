@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from ._cores import add_lowrank, make_cores
 from ._flow import checked, lowrank_update, sketch_panels
-from ._host import from_host, is_traced
-from ._random import as_generator, host_normal, stack_to_device
+from ._host import is_traced, sketch_from_host, staged
+from ._random import as_generator, host_normal
 from ._validation import (
     check_batch_compatible,
     check_choice,
@@ -24,7 +26,6 @@ from ._xp import (
     exact_products,
     is_complex,
     mH,
-    mT,
     namespace,
     untracked,
 )
@@ -234,7 +235,7 @@ def update_stacked_drawn(Ws, Gs, draw, /, *, lr, rank, variant, oversample, powe
     xp, W, G, gradients, lr, rank, oversample, power_iters = _validated(
         W, G, lr=lr, rank=rank, variant=variant, oversample=oversample, power_iters=power_iters)
     shape = sketch_shape(G, rank, oversample)
-    omega = sketch_matrices(xp, draw(xp, shape[1:], G.dtype), dtype=G.dtype, device=device(W))
+    omega = sketch_matrices(xp, draw(xp, shape[1:], G.dtype), dtype=G.dtype, device=device(W), staged=True)
     L, Rh = _run(xp, W, G, gradients, omega, lr=lr, rank=rank, variant=variant, power_iters=power_iters)
     return [(L[p, ...], Rh[p, ...]) for p in range(len(Ws))]
 
@@ -247,8 +248,9 @@ def update_drawn(W, G, draw, /, *, lr, rank, variant, oversample, power_iters):
     xp, W, G, gradients, lr, rank, oversample, power_iters = _validated(
         W, G, lr=lr, rank=rank, variant=variant, oversample=oversample, power_iters=power_iters)
     shape = sketch_shape(G, rank, oversample)
-    omega = None if shape is None else _sketch_on_device(xp, draw(xp, shape, _dtype(G)), dtype=_dtype(G),
-                                                         device=device(W))
+    # the host draw goes with the call of the staged sketch (see _host.staged)
+    omega = None if shape is None else sketch_from_host(xp, draw(xp, shape, _dtype(G)), dtype=_dtype(G),
+                                                        device=device(W), staged=True)
     return _run(xp, W, G, gradients, omega, lr=lr, rank=rank, variant=variant, power_iters=power_iters)
 
 
@@ -334,12 +336,7 @@ def _dtype(G):
 def sketch_matrix(xp, shape, *, dtype, device, rng):
     """The Gaussian test matrix of ``shape`` (..., n, l), laid out column by
     column (see ``_xp.panel_times_small``): drawn as its (..., l, n) transpose."""
-    return _sketch_on_device(xp, sketch_draw(xp, shape, dtype=dtype, rng=rng), dtype=dtype, device=device)
-
-
-def _sketch_on_device(xp, draw, *, dtype, device):
-    """The test matrix (..., n, l) of a host draw of :func:`sketch_draw`."""
-    return mT(xp, from_host(xp, draw, dtype=dtype, device=device))
+    return sketch_from_host(xp, sketch_draw(xp, shape, dtype=dtype, rng=rng), dtype=dtype, device=device)
 
 
 def sketch_draw(xp, shape, *, dtype, rng):
@@ -349,10 +346,11 @@ def sketch_draw(xp, shape, *, dtype, rng):
     return host_normal(xp, (*batch, l, n), dtype=dtype, rng=rng)
 
 
-def sketch_matrices(xp, draws, *, dtype, device):
+def sketch_matrices(xp, draws, *, dtype, device, staged=False):
     """The test matrices (P, ..., n, l) of P host draws of one shape
-    (:func:`sketch_draw`), moved to the device in one transfer."""
-    return mT(xp, stack_to_device(xp, draws, dtype=dtype, device=device))
+    (:func:`sketch_draw`), moved to the device in one transfer (``staged``:
+    see ``_host.sketch_from_host``)."""
+    return sketch_from_host(xp, np.stack(draws), dtype=dtype, device=device, staged=staged)
 
 
 def sketch_shape(G, rank, oversample):
@@ -398,7 +396,7 @@ def step_factors_unchecked(xp, W, G, omega, *, lr, rank, variant, power_iters, t
         G = (G[1], G[0]) if isinstance(G, tuple) else Adjoint(G)
         L, Rh = step_factors_unchecked(xp, Adjoint(W), G, omega, lr=lr, rank=rank, variant=variant,
                                        power_iters=power_iters, traced=traced)
-        return mH(xp, Rh), mH(xp, L)
+        return _adjoint_pair(xp, L, Rh)
     cores = make_cores(xp, W, traced)
     if omega is None:
         Y, Z = G
@@ -409,6 +407,12 @@ def step_factors_unchecked(xp, W, G, omega, *, lr, rank, variant, power_iters, t
     Y, Z = (xp.astype(x, W.dtype, copy=False) for x in (Y, Z))
     return lowrank_update(xp, W, Y, Z, lr=lr, variant=variant, rank=rank,
                           cores=cores, sketched=sketched, names=names)
+
+
+@staged()
+def _adjoint_pair(xp, L, Rh):
+    """(Rh^H, L^H): the factors of a wide W's step from those of its tall W^H."""
+    return mH(xp, Rh), mH(xp, L)
 
 
 @exact_products

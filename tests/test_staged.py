@@ -1,0 +1,103 @@
+"""An eager step on JAX arrays runs its work on the device as a few programs
+compiled once (``_host.staged``), not as one dispatch per operation.
+
+JAX reports every backend compilation (``jax.monitoring``), eager operations
+included: the first step of a new shape compiles each program it runs once,
+so the count of compilations is the count of distinct programs; a later step
+of the same shape with another gradient, step size and sketch compiles none
+(nothing that changes from step to step is a static argument)."""
+
+import numpy as np
+import pytest
+
+import unitary_lr as ul
+
+jax = pytest.importorskip("jax")
+jnp = pytest.importorskip("jax.numpy")
+monitoring = pytest.importorskip("jax.monitoring")
+from unitary_lr.transport import cayley_transport, exp_transport  # noqa: E402
+
+_compiles = []
+
+
+def _listener(name, seconds, **_):
+    if name.endswith("backend_compile_duration"):
+        _compiles.append(name)
+
+
+monitoring.register_event_duration_secs_listener(_listener)
+
+
+def _warm(dtype):
+    """One step of another shape first: the scalar conversions JAX compiles
+    once per process and dtype are not the step's programs."""
+    W, G = _matrices((4, 3), dtype, seed=0)
+    jax.block_until_ready(ul.projunn_step(jnp.asarray(W), jnp.asarray(G), lr=0.1, rank=1, rng=0))
+
+
+def _compiled(call):
+    _compiles.clear()
+    result = call()
+    jax.block_until_ready(result)
+    return result, len(_compiles)
+
+
+def _matrices(shape, dtype, seed):
+    rng = np.random.default_rng(seed)
+    *batch, n, m = shape
+    W = np.stack([ul.random_unitary(n, m, dtype=dtype, rng=seed + i) for i in range(int(np.prod(batch)))])
+    W = W.reshape((*batch, n, m))
+    G = rng.standard_normal(shape) + (1j * rng.standard_normal(shape) if dtype.startswith("complex") else 0)
+    return W, G.astype(dtype)
+
+
+# (shape, variant, dtype, rank); distinct shapes, so that each case compiles afresh
+CASES = [
+    ((10, 10), "tangent", "float32", 1),
+    ((11, 11), "cayley", "complex128", 3),
+    ((12, 5), "tangent", "float64", 1),
+    ((13, 6), "direct", "float64", 2),
+    ((14, 6), "cayley", "complex64", 1),
+    ((6, 15), "direct", "float64", 1),
+    ((3, 9, 9), "direct", "float64", 1),
+]
+
+
+@pytest.mark.parametrize(("shape", "variant", "dtype", "rank"), CASES)
+def test_an_eager_jax_step_is_a_few_programs_compiled_once(shape, variant, dtype, rank):
+    if True:  # x64 is on for the whole suite (conftest)
+        _warm(dtype)
+        W, G = _matrices(shape, dtype, seed=len(shape) + shape[-1])
+        W_, G_, G2_ = jnp.asarray(W), jnp.asarray(G), jnp.asarray(2 * G)
+        step = lambda G, lr, seed: ul.projunn_step(W_, G, lr=lr, rank=rank, variant=variant, rng=seed)  # noqa: E731
+        first, programs = _compiled(lambda: step(G_, 0.1, 1))
+        # the sketch, the panels and Grams, the update's factors, W + L Rh
+        # (and for a wide W the adjoints of its tall W^H's factors); without
+        # staging, about fifteen programs, one per kind of operation
+        assert programs <= (5 if shape[-2] < shape[-1] else 4)
+        second, again = _compiled(lambda: step(G2_, 0.2, 2))
+        assert again == 0
+        # the same steps as NumPy's, from the same draws (float64 references)
+        tol = 1e-4 if dtype in ("float32", "complex64") else 1e-11
+        for result, (G, lr, seed) in ((first, (G, 0.1, 1)), (second, (2 * G, 0.2, 2))):
+            expected = ul.projunn_step(W.astype(np.complex128 if dtype.startswith("c") else np.float64),
+                                       G.astype(np.complex128 if dtype.startswith("c") else np.float64),
+                                       lr=lr, rank=rank, variant=variant, rng=seed)
+            np.testing.assert_allclose(np.asarray(result), expected, atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("transport", [exp_transport, cayley_transport])
+@pytest.mark.parametrize("shape", [(16, 16), (17, 7)])
+def test_an_eager_jax_transport_is_three_programs_compiled_once(transport, shape):
+    if True:
+        _warm("complex128")
+        W, _ = _matrices(shape, "complex128", seed=3)
+        rng = np.random.default_rng(4)
+        a, b = (rng.standard_normal((shape[0], 2)) + 1j * rng.standard_normal((shape[0], 2)) for _ in range(2))
+        args = [jnp.asarray(x) for x in (W, a, b)]
+        moved, programs = _compiled(lambda: transport(*args, t=0.3))
+        assert programs <= 3
+        again, count = _compiled(lambda: transport(args[0], args[2], args[1], t=-0.2))
+        assert count == 0
+        np.testing.assert_allclose(np.asarray(moved), transport(W, a, b, t=0.3), atol=1e-12, rtol=0)
+        np.testing.assert_allclose(np.asarray(again), transport(W, b, a, t=-0.2), atol=1e-12, rtol=0)
