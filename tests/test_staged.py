@@ -101,3 +101,38 @@ def test_an_eager_jax_transport_is_three_programs_compiled_once(transport, shape
         assert count == 0
         np.testing.assert_allclose(np.asarray(moved), transport(W, a, b, t=0.3), atol=1e-12, rtol=0)
         np.testing.assert_allclose(np.asarray(again), transport(W, b, a, t=-0.2), atol=1e-12, rtol=0)
+
+
+_ON_SECOND_DEVICE = """
+import jax, numpy as np
+import unitary_lr as ul
+from unitary_lr.transport import exp_transport
+second = jax.devices()[1]
+for shape in ((12, 12), (12, 5), (5, 12)):
+    for variant in ("tangent", "direct"):
+        W = ul.random_unitary(*shape, dtype="float32", rng=0)
+        G = np.random.default_rng(1).standard_normal(shape).astype("float32")
+        moved = ul.projunn_step(jax.device_put(W, second), jax.device_put(G, second), lr=0.1, rank=2,
+                                variant=variant, rng=2)
+        assert moved.devices() == {second}, (shape, variant, moved.devices())
+        expected = ul.projunn_step(W, G, lr=0.1, rank=2, variant=variant, rng=2)
+        assert np.abs(np.asarray(moved) - expected).max() < 1e-5, (shape, variant)
+W = jax.device_put(ul.random_unitary(12, dtype="float32", rng=0), second)
+a, b = (jax.device_put(np.random.default_rng(s).standard_normal((12, 1)).astype("float32"), second) for s in (3, 4))
+assert exp_transport(W, a, b, t=0.1).devices() == {second}
+print("ok")
+"""
+
+
+def test_staged_programs_run_on_the_device_of_the_arrays():
+    """The host's results and the sketch's draw go to the device with the
+    staged call: on the device of W and G, here the second of two CPU
+    devices (a fresh process: XLA's device count is fixed at start)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-c", _ON_SECOND_DEVICE], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
