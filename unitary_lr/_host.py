@@ -169,8 +169,9 @@ def staged(*static):
     """Decorator for a phase of an eager step on the device, a function
     ``phase(xp, *arrays, **options)`` whose arguments named in ``static`` fix
     its shapes and its Python control flow (the rest are arrays, Adjoint
-    views, tuples of them or None; on JAX the host's NumPy results too,
-    which the call sends to the device with it).
+    views, tuples, lists and dicts of them, None or Python numbers; on JAX
+    the host's NumPy results too, which the call sends to the device with
+    it).
 
     Called with JAX arrays outside a trace, the phase runs as one program
     compiled by ``jax.jit`` (once per shape, dtype and static value; JAX
@@ -208,6 +209,8 @@ def _leaves(args):
     for x in args:
         if isinstance(x, (tuple, list)):
             yield from _leaves(x)
+        elif isinstance(x, dict):
+            yield from _leaves(x.values())
         elif isinstance(x, Adjoint):
             yield x.M
         elif x is not None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 from ._cores import add_lowrank
-from ._host import from_host, stack_pays
+from ._host import from_host, stack_pays, staged
 from ._random import as_generator, generator_from_state, generator_state, host_normal
 from ._validation import check_choice, check_finite, check_real_scalar, namespace_of
 from ._xp import complex_dtype, device, device_key, dtype_name, exact_products, is_complex, mH
@@ -104,6 +104,26 @@ def _decayed(grad, param, weight_decay, apply):
     return grad + weight_decay * param if apply and weight_decay != 0 else grad
 
 
+def _direction_of(rule, xp, grad, param, state, scalars, counters, *, mode, weight_decay):
+    """(D, new state) of ``rule``: its arithmetic (``rule._arrays``) on the
+    moments it keeps in ``state``, with the Python numbers ``scalars`` (bias
+    corrections), and ``counters`` into the new state; the state's other
+    entries (an adapter's own) pass through."""
+    moments = {key: state[key] for key in rule._moments if key in state}
+    d, new = _rule_arrays(xp, grad, param, moments, scalars, rule=rule, mode=mode, weight_decay=weight_decay)
+    return d, {**state, **new, **counters}
+
+
+@staged("rule", "mode", "weight_decay")
+def _rule_arrays(xp, grad, param, moments, scalars, *, rule, mode, weight_decay):
+    """``rule._arrays``: on eager JAX arrays one compiled program (see
+    ``_host.staged``), where each elementwise operation of a rule would be a
+    pass over the matrix and a dispatch of its own (RMSprop at 512 x 512,
+    float32: 1.9 ms of a 2.5 ms step); the scalars are arguments, not
+    constants, so a new step count compiles nothing."""
+    return rule._arrays(xp, grad, param, moments, scalars, mode=mode, weight_decay=weight_decay)
+
+
 @dataclass(frozen=True)
 class SGD:
     """Stochastic gradient descent with momentum, as ``torch.optim.SGD``.
@@ -146,9 +166,14 @@ class SGD:
 
     def direction(self, xp, grad, param, state, *, mode="modulus", weight_decay=True):
         """(D, new state): the plain update is ``param - lr * D``."""
-        g = _decayed(grad, param, self.weight_decay, weight_decay)
         if self.momentum == 0:
-            return g, state
+            return _decayed(grad, param, self.weight_decay, weight_decay), state
+        return _direction_of(self, xp, grad, param, state, {}, {}, mode=mode, weight_decay=weight_decay)
+
+    _moments = ("momentum_buffer",)
+
+    def _arrays(self, xp, grad, param, state, scalars, *, mode, weight_decay):
+        g = _decayed(grad, param, self.weight_decay, weight_decay)
         buffer = state.get("momentum_buffer")
         # the first buffer is a copy: a gradient zeroed in place must not reset it
         buffer = xp.asarray(g, copy=True) if buffer is None else self.momentum * buffer + (1 - self.dampening) * g
@@ -198,6 +223,11 @@ class RMSprop:
         return state
 
     def direction(self, xp, grad, param, state, *, mode="modulus", weight_decay=True):
+        return _direction_of(self, xp, grad, param, state, {}, {}, mode=mode, weight_decay=weight_decay)
+
+    _moments = ("square_avg", "grad_avg", "momentum_buffer")
+
+    def _arrays(self, xp, grad, param, state, scalars, *, mode, weight_decay):
         g = _decayed(grad, param, self.weight_decay, weight_decay)
         square_avg = self.alpha * state["square_avg"] + (1 - self.alpha) * _square(xp, g, mode)
         new = {**state, "square_avg": square_avg}
@@ -250,13 +280,21 @@ class Adam:
 
     def direction(self, xp, grad, param, state, *, mode="modulus", weight_decay=True):
         beta1, beta2 = self.betas
-        g = _decayed(grad, param, self.weight_decay, weight_decay)
         step = state["step"] + 1
+        corrections = {"first": 1 - beta1**step, "root_second": math.sqrt(1 - beta2**step)}
+        return _direction_of(self, xp, grad, param, state, corrections, {"step": step}, mode=mode,
+                             weight_decay=weight_decay)
+
+    _moments = ("exp_avg", "exp_avg_sq")
+
+    def _arrays(self, xp, grad, param, state, corrections, *, mode, weight_decay):
+        beta1, beta2 = self.betas
+        g = _decayed(grad, param, self.weight_decay, weight_decay)
         exp_avg = state["exp_avg"] + (1 - beta1) * (g - state["exp_avg"])
         exp_avg_sq = beta2 * state["exp_avg_sq"] + (1 - beta2) * _square(xp, g, mode)
-        denominator = _root_plus(xp, exp_avg_sq, math.sqrt(1 - beta2**step), self.eps, mode)
-        d = _divide(xp, exp_avg, denominator, mode) / (1 - beta1**step)
-        return d, {**state, "step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+        denominator = _root_plus(xp, exp_avg_sq, corrections["root_second"], self.eps, mode)
+        d = _divide(xp, exp_avg, denominator, mode) / corrections["first"]
+        return d, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
 
 
 def _non_negative(rule, *names):
