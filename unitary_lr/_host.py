@@ -100,8 +100,11 @@ def from_host_pieces(xp, flat: np.ndarray, shapes, *, dtype, device):
     return _cut(whole, shapes, lambda part, shape: xp.reshape(part, shape))
 
 
-def from_host(xp, x: np.ndarray, *, dtype, device):
+def from_host(xp, x: np.ndarray, *, dtype, device, staged=False):
     """A NumPy array as an array of namespace ``xp`` with ``dtype`` on ``device``.
+    ``staged``: for a phase that :func:`staged` compiles; on JAX the host
+    array in ``dtype``, which the phase's call sends with it, where a
+    transfer of its own would be one more dispatch.
 
     On a CUDA device of PyTorch the copy is asynchronous: ``x`` is copied (and
     cast) into page-locked memory and sent with ``non_blocking=True``. PyTorch
@@ -111,6 +114,8 @@ def from_host(xp, x: np.ndarray, *, dtype, device):
     and one for each return of its small results. PyTorch keeps the
     page-locked block until the copy has run, so ``x`` may change at once.
     """
+    if staged and _is_jax(xp):
+        return host_cast(x, dtype)
     if _torch_cuda(xp, device):
         torch = sys.modules["torch"]
         pinned = torch.empty(tuple(x.shape), dtype=dtype, pin_memory=True)
@@ -131,7 +136,7 @@ def sketch_from_host(xp, draw: np.ndarray, *, dtype, device, staged=False):
     transfer and a transpose would be two more dispatches."""
     if staged and _is_jax(xp):
         return np.swapaxes(host_cast(draw, dtype), -1, -2)
-    return mT(xp, from_host(xp, draw, dtype=dtype, device=device))
+    return mT(xp, from_host(xp, draw, dtype=dtype, device=device, staged=staged))
 
 
 def host_cast(x: np.ndarray, dtype) -> np.ndarray:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import warnings
 from typing import Any, NamedTuple
 
-from ._random import as_generator, standard_normal
+from ._host import from_host, staged
+from ._random import as_generator, host_normal
 from ._validation import (
     check_float_dtype,
     check_int,
@@ -106,51 +107,56 @@ def randomized_svd(A, /, rank, *, oversample=10, power_iters=2, rng=None):
     )
     oversample = check_int("oversample", oversample, minimum=0)
     power_iters = check_int("power_iters", power_iters, minimum=0)
-    omega = standard_normal(xp, (*A.shape[:-2], n, sketch_width(rank, oversample, m, n)), dtype=A.dtype,
-                            device=device(A), rng=as_generator(rng))
-    return sketch_svd(
-        xp,
-        lambda X: A @ X,
-        lambda Y: adjoint_matmul(xp, A, Y),
-        omega,
-        rank=rank,
-        power_iters=power_iters,
-        on_nonfinite=lambda: report_nonfinite(xp, "A", A, source="its sketch"),
-    )
+    draw = host_normal(xp, (*A.shape[:-2], n, sketch_width(rank, oversample, m, n)), dtype=A.dtype,
+                       rng=as_generator(rng))
+    # the host draw goes with the call of the staged sketch (see _host.staged)
+    Y, finite = _sketch(xp, A, from_host(xp, draw, dtype=A.dtype, device=device(A), staged=True))
+    if not bool(finite):
+        report_nonfinite(xp, "A", A, source="its sketch")
+    Q, Bh, finite = _range_basis(xp, A, Y, power_iters=power_iters)
+    if not bool(finite):
+        report_nonfinite(xp, "A", A, source="its sketch")  # finite A whose products overflow
+    return SVDResult(*_small_svd(xp, Q, Bh, rank=rank))
+
+
+# The phases of randomized_svd between its checks, each one program on eager
+# JAX arrays (see _host.staged); the checks read one flag each.
+@staged()
+def _sketch(xp, A, omega):
+    """(Y, whether Y is finite) for the sketch ``Y = A omega``."""
+    with warnings.catch_warnings():
+        # NaN/Inf in A is reported by the caller as a ValueError naming the argument;
+        # the library's own "invalid value in matmul" warning would only repeat it.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        Y = A @ omega
+    return Y, xp.all(xp.isfinite(Y))
+
+
+@staged("power_iters")
+def _range_basis(xp, A, Y, *, power_iters):
+    """(Q, Bh, whether Bh is finite): Q = qr(Y) after ``power_iters`` rounds
+    of ``Y <- A (A^H Y)`` with a QR after each product, and ``Bh = A^H Q``."""
+    Q, _ = xp.linalg.qr(Y, mode="reduced")
+    for _ in range(power_iters):
+        Q, _ = xp.linalg.qr(adjoint_matmul(xp, A, Q), mode="reduced")
+        Q, _ = xp.linalg.qr(A @ Q, mode="reduced")
+    Bh = adjoint_matmul(xp, A, Q)
+    return Q, Bh, xp.all(xp.isfinite(Bh))
+
+
+@staged("rank")
+def _small_svd(xp, Q, Bh, *, rank):
+    """(U, S, Vh) truncated to ``rank``, phases canonical, from Q and
+    ``Bh = A^H Q``: B = Q^H A is (l, n); the SVD of its transpose
+    ``B^H = U_b S V_b^H`` gives ``A ~ Q B = (Q V_b) S U_b^H``."""
+    Ub, S, Vbh = xp.linalg.svd(Bh, full_matrices=False)
+    U, Vh = canonical_phases(xp, Q @ mH(xp, Vbh[..., :rank, :]), mH(xp, Ub[..., :, :rank]))
+    return U, S[..., :rank], Vh
 
 
 def sketch_width(rank, oversample, m, n):
     """Columns of the Gaussian test matrix: rank + oversample, at most min(m, n)."""
     return min(rank + oversample, m, n)
-
-
-def sketch_svd(xp, matmul, rmatmul, omega, *, rank, power_iters, on_nonfinite=None):
-    """Randomized SVD of the linear operator A given by ``matmul(X) = A @ X`` and
-    ``rmatmul(Y) = A^H @ Y``, from the Gaussian test matrix ``omega`` (..., n, l).
-    ``on_nonfinite()`` raises when the sketch ``A omega`` shows NaN or Inf (None:
-    no check, as under ``jax.jit``, or the caller has checked the operator).
-    Free of Python branches on array values, so it can be traced."""
-    with warnings.catch_warnings():
-        # NaN/Inf in A is reported below as a ValueError naming the argument;
-        # the library's own "invalid value in matmul" warning would only repeat it.
-        warnings.simplefilter("ignore", RuntimeWarning)
-        Y = matmul(omega)
-    if on_nonfinite is not None and not bool(xp.all(xp.isfinite(Y))):
-        on_nonfinite()
-    Q, _ = xp.linalg.qr(Y, mode="reduced")
-    for _ in range(power_iters):
-        Q, _ = xp.linalg.qr(rmatmul(Q), mode="reduced")
-        Q, _ = xp.linalg.qr(matmul(Q), mode="reduced")
-    # B = Q^H A is (l, n); decompose its transpose B^H = A^H Q = U_b S V_b^H,
-    # so that A ~ Q B = (Q V_b) S U_b^H.
-    Bh = rmatmul(Q)
-    if on_nonfinite is not None and not bool(xp.all(xp.isfinite(Bh))):
-        on_nonfinite()  # finite A whose products overflow (entries near the dtype's maximum)
-    Ub, S, Vbh = xp.linalg.svd(Bh, full_matrices=False)
-    U = Q @ mH(xp, Vbh[..., :rank, :])
-    Vh = mH(xp, Ub[..., :, :rank])
-    U, Vh = canonical_phases(xp, U, Vh)
-    return SVDResult(U, S[..., :rank], Vh)
 
 
 def canonical_phases(xp, U, Vh):
