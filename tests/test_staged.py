@@ -191,3 +191,24 @@ def test_an_eager_jax_randomized_svd_is_three_programs_compiled_once(shape, dtyp
         expected = ul.randomized_svd(A, rank, rng=seed)
         for got, want in zip(result, expected):
             np.testing.assert_allclose(np.asarray(got), want, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_eager_jax_householder_calls_are_one_program_each(side):
+    """householder_apply and householder_product on JAX arrays: the finiteness
+    checks (one program, one flag each) and the compact WY work, one program;
+    other values compile nothing; the results are NumPy's."""
+    _warm("complex128")
+    rng = np.random.default_rng(7)
+    V = rng.standard_normal((19, 4)) + 1j * rng.standard_normal((19, 4))
+    X = rng.standard_normal((19, 19)) + 1j * rng.standard_normal((19, 19))
+    V_, X_, V2_, X2_ = jnp.asarray(V), jnp.asarray(X), jnp.asarray(2 * V), jnp.asarray(X - 1)
+    applied, programs = _compiled(lambda: ul.householder_apply(V_, X_, side=side))
+    assert len(programs) <= 3, programs  # the checks of V and of X (two shapes), the product
+    again, names = _compiled(lambda: ul.householder_apply(V2_, X2_, side=side))
+    assert names == [], names
+    np.testing.assert_allclose(np.asarray(applied), ul.householder_apply(V, X, side=side), atol=1e-12, rtol=0)
+    np.testing.assert_allclose(np.asarray(again), ul.householder_apply(2 * V, X - 1, side=side), atol=1e-12, rtol=0)
+    product, programs = _compiled(lambda: ul.householder_product(V_))
+    assert len(programs) <= 1, programs  # the check ran for this shape already
+    np.testing.assert_allclose(np.asarray(product), ul.householder_product(V), atol=1e-12, rtol=0)

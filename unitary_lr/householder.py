@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ._host import staged
 from ._validation import (
     check_batch_compatible,
     check_choice,
@@ -181,10 +182,19 @@ def householder_product(V, /):
     check_matrix("V", V)
     if not _all_finite(xp, V):
         report_nonfinite(xp, "V", V)
+    return _product_unchecked(xp, V)
+
+
+@staged()
+def _product_unchecked(xp, V):
+    """householder_product for a validated V; one program on eager JAX
+    arrays (see ``_host.staged``), where the compact WY factors' some twenty
+    small operations would be a dispatch each."""
     U, minus_T = wy_factors(xp, V)
     return add_product(xp, eye(xp, V.shape[-2], like=V), U @ minus_T, mH(xp, U))
 
 
+@staged("side", "factors")
 def apply_unchecked(xp, V, X, side, factors=None):
     """householder_apply for validated V and X of one dtype; traceable.
     ``factors(xp, V)`` gives (U, -T), ``wy_factors`` unless a caller brings
@@ -200,9 +210,14 @@ def _all_finite(xp, x):
     """Whether x is free of NaN and Inf; True when its values cannot be read
     (a tracer under jax.jit raises TypeError on bool())."""
     try:
-        return bool(xp.all(xp.isfinite(x)))
+        return bool(_finite(xp, x))
     except TypeError:
         return True
+
+
+@staged()
+def _finite(xp, x):
+    return xp.all(xp.isfinite(x))
 
 
 def wy_factors(xp, V):
