@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 
-from ._random import as_generator, standard_normal
+from ._host import from_host, staged
+from ._random import as_generator, host_normal
 from ._validation import check_float_dtype, check_int, check_matrix, namespace_of
 from ._xp import adjoint_matmul, core_dtype, device, exact_products, eye, mH
 
@@ -63,6 +64,13 @@ def unitarity_error(W, /):
     xp = namespace_of(W=W)
     check_float_dtype(xp, "W", W)
     check_matrix("W", W)
+    return _error(xp, W)
+
+
+@staged()
+def _error(xp, W):
+    """unitarity_error of a validated W; one program on eager JAX arrays (see
+    ``_host.staged``)."""
     core = core_dtype(xp, W.dtype, device(W))
     Wc = xp.astype(W, core, copy=False)
     if W.shape[-2] < W.shape[-1]:
@@ -120,10 +128,13 @@ def unitarity_estimate(W, /, *, probes=4, rng=None):
     check_matrix("W", W)
     probes = check_int("probes", probes, minimum=1)
     m = min(W.shape[-2:])
-    Z = standard_normal(xp, (*W.shape[:-2], m, probes), dtype=W.dtype, device=device(W), rng=as_generator(rng))
+    # the host draw goes with the call of the staged estimate (see _host.staged)
+    Z = from_host(xp, host_normal(xp, (*W.shape[:-2], m, probes), dtype=W.dtype, rng=as_generator(rng)),
+                  dtype=W.dtype, device=device(W), staged=True)
     return estimate_unchecked(xp, W, Z)
 
 
+@staged()
 def estimate_unchecked(xp, W, Z):
     """unitarity_estimate with the probes Z (..., min(n, m), p) given; traceable."""
     if W.shape[-2] < W.shape[-1]:

@@ -479,6 +479,13 @@ def tangent_project(W, G, /):
                          f"shape {tuple(W.shape)}, got shape {tuple(G.shape)}")
     check_batch_compatible(W=W, G=G)
     check_finite(xp, "G", G)
+    return _tangent_part(xp, W, G)
+
+
+@staged()
+def _tangent_part(xp, W, G):
+    """tangent_project of validated W and G; one program on eager JAX arrays
+    (see ``_host.staged``)."""
     if W.shape[-2] < W.shape[-1]:
         S = G @ mH(xp, W)
         return G - (S + mH(xp, S)) @ W / 2
