@@ -212,3 +212,22 @@ def test_eager_jax_householder_calls_are_one_program_each(side):
     product, programs = _compiled(lambda: ul.householder_product(V_))
     assert len(programs) <= 1, programs  # the check ran for this shape already
     np.testing.assert_allclose(np.asarray(product), ul.householder_product(V), atol=1e-12, rtol=0)
+
+
+def test_eager_jax_diagnostics_and_projection_are_one_program_each():
+    """unitarity_error, unitarity_estimate (probes sent with the call) and
+    tangent_project on JAX arrays; other values compile nothing; NumPy's
+    results."""
+    _warm("float64")
+    W, G = _matrices((17, 9), "float64", seed=8)
+    W_, G_, W2_, G2_ = jnp.asarray(W), jnp.asarray(G), jnp.asarray(W * 1.5), jnp.asarray(G - 2)
+    for call, reference in ((lambda W, G, seed: ul.unitarity_error(W), lambda W, G, seed: ul.unitarity_error(W)),
+                            (lambda W, G, seed: ul.unitarity_estimate(W, rng=seed),
+                             lambda W, G, seed: ul.unitarity_estimate(W, rng=seed)),
+                            (lambda W, G, seed: ul.tangent_project(W, G), lambda W, G, seed: ul.tangent_project(W, G))):
+        first, programs = _compiled(lambda: call(W_, G_, 1))
+        assert len(programs) <= 2, programs  # tangent_project's finiteness check, then the work
+        second, again = _compiled(lambda: call(W2_, G2_, 2))
+        assert again == [], again
+        np.testing.assert_allclose(np.asarray(first), reference(W, G, 1), atol=1e-12, rtol=0)
+        np.testing.assert_allclose(np.asarray(second), reference(W * 1.5, G - 2, 2), atol=1e-12, rtol=0)

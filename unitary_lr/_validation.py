@@ -11,6 +11,7 @@ import math
 import numbers
 import operator
 
+from ._host import staged
 from ._xp import (
     untracked,
     FLOAT_DTYPE_NAMES,
@@ -150,8 +151,15 @@ def report_nonfinite(xp, name, x, *, source=None):
 
 def check_finite(xp, name, x):
     """x must be free of NaN and Inf; a single reduction over x."""
-    if not bool(xp.all(xp.isfinite(x))):
+    if not bool(finite_flag(xp, x)):
         report_nonfinite(xp, name, x)
+
+
+@staged()
+def finite_flag(xp, x):
+    """Whether x is free of NaN and Inf, as a 0-d array (one program on eager
+    JAX arrays, see ``_host.staged``)."""
+    return xp.all(xp.isfinite(x))
 
 
 def check_real_scalar(name, value, *, positive=False):

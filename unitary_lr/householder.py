@@ -8,6 +8,7 @@ from ._validation import (
     check_choice,
     check_float_dtype,
     check_matrix,
+    finite_flag,
     namespace_of,
     report_nonfinite,
 )
@@ -210,14 +211,9 @@ def _all_finite(xp, x):
     """Whether x is free of NaN and Inf; True when its values cannot be read
     (a tracer under jax.jit raises TypeError on bool())."""
     try:
-        return bool(_finite(xp, x))
+        return bool(finite_flag(xp, x))
     except TypeError:
         return True
-
-
-@staged()
-def _finite(xp, x):
-    return xp.all(xp.isfinite(x))
 
 
 def wy_factors(xp, V):
