@@ -231,3 +231,23 @@ def test_eager_jax_diagnostics_and_projection_are_one_program_each():
         assert again == [], again
         np.testing.assert_allclose(np.asarray(first), reference(W, G, 1), atol=1e-12, rtol=0)
         np.testing.assert_allclose(np.asarray(second), reference(W * 1.5, G - 2, 2), atol=1e-12, rtol=0)
+
+
+def test_eager_jax_newton_schulz_projection_is_four_programs():
+    """project_unitary(method="newton_schulz") on JAX arrays: the finiteness
+    check, the start, one iteration (its error read on the host) and the
+    last product, one program each, whatever the number of iterations;
+    NumPy's result."""
+    _warm("float64")
+    rng = np.random.default_rng(9)
+    W = ul.random_unitary(21, 8, dtype="float64", rng=9)
+    A, A2 = W + 1e-2 * rng.standard_normal(W.shape), W + 1e-1 * rng.standard_normal(W.shape)
+    A_, A2_ = jnp.asarray(A), jnp.asarray(A2)
+    first, programs = _compiled(lambda: ul.project_unitary(A_, method="newton_schulz"))
+    assert len(programs) <= 4, programs
+    second, again = _compiled(lambda: ul.project_unitary(A2_, method="newton_schulz"))
+    assert again == [], again
+    for got, source in ((first, A), (second, A2)):
+        np.testing.assert_allclose(np.asarray(got), ul.project_unitary(source, method="newton_schulz"),
+                                   atol=1e-12, rtol=0)
+        np.testing.assert_allclose(np.asarray(got), ul.project_unitary(source), atol=1e-12, rtol=0)

@@ -7,7 +7,7 @@ import math
 
 from ._cores import add_lowrank, make_cores
 from ._flow import checked, lowrank_update
-from ._host import is_traced
+from ._host import is_traced, staged
 from ._validation import (
     check_choice,
     check_finite,
@@ -113,9 +113,31 @@ def polar_unchecked(xp, A):
 
 
 def _newton_schulz(xp, A, max_iter):
-    """For tall or square A: X <- X (3 I - X^H X) / 2 on the m x m side."""
-    n = A.shape[-1]
-    identity = eye(xp, n, like=A)
+    """For tall or square A: X <- X (3 I - X^H X) / 2 on the m x m side. Each
+    iteration reads its error on the host (the test to stop); on eager JAX
+    arrays the work between two reads is one program (see ``_host.staged``)."""
+    X, gram, error = _newton_schulz_start(xp, A)
+    threshold = math.sqrt(xp.finfo(real_dtype(xp, A.dtype)).eps)
+    for _ in range(max_iter):
+        error = float(error)
+        if error <= threshold:
+            return _newton_schulz_finish(xp, X, gram)
+        if not math.isfinite(error):
+            break
+        X, gram, error = _newton_schulz_step(xp, X, gram)
+    else:
+        error = float(error)
+    raise ConvergenceError(
+        f"project_unitary(method='newton_schulz') did not converge in {max_iter} "
+        f"iterations: ||X^H X - I||_F / sqrt(n) = {error:.3g} for A of shape "
+        f"{tuple(A.shape)} (singular or too ill-conditioned); use method='svd'"
+    )
+
+
+@staged()
+def _newton_schulz_start(xp, A):
+    """(X, X^H X, its error) for the first iteration: A scaled so that the
+    iteration converges."""
     # A power of two first (exact; the polar factor of c A is A's for c > 0):
     # the Gram of a float64 A of size 1e200, or 1e30 in float32, overflowed
     # (1e-200 underflowed) and a well conditioned A was refused as singular.
@@ -127,21 +149,27 @@ def _newton_schulz(xp, A, max_iter):
     bound = xp.where(bound > 0, bound, xp.ones_like(bound))
     X = A / xp.astype(xp.sqrt(bound), A.dtype)[..., None, None]
     gram = gram / xp.astype(bound, A.dtype)[..., None, None]
-    threshold = math.sqrt(xp.finfo(real_dtype(xp, A.dtype)).eps)
-    error = float("nan")
-    for _ in range(max_iter):
-        error = float(xp.max(xp.linalg.matrix_norm(gram - identity))) / math.sqrt(n)
-        if error <= threshold:
-            return X @ (1.5 * identity - 0.5 * gram)
-        if not math.isfinite(error):
-            break
-        X = X @ (1.5 * identity - 0.5 * gram)
-        gram = mH(xp, X) @ X
-    raise ConvergenceError(
-        f"project_unitary(method='newton_schulz') did not converge in {max_iter} "
-        f"iterations: ||X^H X - I||_F / sqrt(n) = {error:.3g} for A of shape "
-        f"{tuple(A.shape)} (singular or too ill-conditioned); use method='svd'"
-    )
+    return X, gram, _gram_error(xp, gram)
+
+
+@staged()
+def _newton_schulz_step(xp, X, gram):
+    """(the next X, its Gram, the Gram's error)."""
+    X = _newton_schulz_finish(xp, X, gram)
+    gram = mH(xp, X) @ X
+    return X, gram, _gram_error(xp, gram)
+
+
+@staged()
+def _newton_schulz_finish(xp, X, gram):
+    """``X (3 I - X^H X) / 2``."""
+    return X @ (1.5 * eye(xp, gram.shape[-1], like=gram) - 0.5 * gram)
+
+
+def _gram_error(xp, gram):
+    """``max ||X^H X - I||_F / sqrt(n)`` over the batch, from the Gram."""
+    n = gram.shape[-1]
+    return xp.max(xp.linalg.matrix_norm(gram - eye(xp, n, like=gram))) / math.sqrt(n)
 
 
 @exact_products
