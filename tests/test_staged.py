@@ -251,3 +251,42 @@ def test_eager_jax_newton_schulz_projection_is_four_programs():
         np.testing.assert_allclose(np.asarray(got), ul.project_unitary(source, method="newton_schulz"),
                                    atol=1e-12, rtol=0)
         np.testing.assert_allclose(np.asarray(got), ul.project_unitary(source), atol=1e-12, rtol=0)
+
+
+def test_eager_jax_calls_pass_a_callers_transfer_guard(monkeypatch):
+    """Under ``jax.transfer_guard("disallow")`` (a caller's guard against its
+    own accidental transfers) every public function runs on JAX arrays: the
+    library's transfers (the sketch's draw, the host's results, the compat
+    layer's probe for the namespace, a state's zeros) are its own. (On the
+    CPU, where JAX does not guard reads back to the host; on a GPU the
+    library's reads of its small results and flags are not yet wrapped.)"""
+    from unitary_lr import _xp
+    from unitary_lr.optim import ProjUNN
+    from unitary_lr.transport import cayley_transport
+
+    monkeypatch.setattr(_xp, "_NAMESPACE_OF_TYPE", {})  # the first lookup too
+    rng = np.random.default_rng(10)
+    W = jnp.asarray(ul.random_unitary(9, dtype="float32", rng=10))
+    Wt = jnp.asarray(ul.random_unitary(9, 4, dtype="float32", rng=11))
+    G, Gt = (jnp.asarray(rng.standard_normal(shape).astype("float32")) for shape in ((9, 9), (9, 4)))
+    a, b = (jnp.asarray(rng.standard_normal((9, 1)).astype("float32")) for _ in range(2))
+    small = jnp.asarray(1e-2 * rng.standard_normal((9, 1)).astype("float32"))
+    calls = {
+        "projunn_step": lambda: ul.projunn_step(W, G, lr=0.1, rng=1),
+        "projunn_step, tall, direct, rank 2": lambda: ul.projunn_step(Wt, Gt, lr=0.1, rank=2, variant="direct", rng=1),
+        "cayley_transport": lambda: cayley_transport(W, a, b, t=0.1),
+        "randomized_svd": lambda: ul.randomized_svd(G, 2, rng=0),
+        "householder_apply": lambda: ul.householder_apply(a, W),
+        "householder_product": lambda: ul.householder_product(a),
+        "unitarity_error": lambda: ul.unitarity_error(W),
+        "unitarity_estimate": lambda: ul.unitarity_estimate(W, rng=0),
+        "tangent_project": lambda: ul.tangent_project(W, G),
+        "project_unitary": lambda: ul.project_unitary(W, method="newton_schulz"),
+        "project_unitary_lowrank": lambda: ul.project_unitary_lowrank(W, small, b),
+        "ProjUNN.step": lambda: ProjUNN(lr=0.01, base="adam", rank=1).step(W, G),
+        "random_unitary": lambda: ul.random_unitary(9, dtype="float32", xp=jnp, rng=0),
+    }
+    with jax.transfer_guard("disallow"):
+        for name, call in calls.items():
+            result = call()
+            assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(result)), name

@@ -24,6 +24,7 @@ such phase once, with ``jax.jit``, into one dispatch.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
@@ -33,8 +34,8 @@ import numpy as np
 
 from ._xp import Adjoint, _is_jax, _is_torch, mT
 
-__all__ = ["HOST_STACK_BYTES", "from_host", "from_host_pieces", "host_cast", "is_traced", "sketch_from_host",
-           "stack_pays", "staged", "to_host", "to_host_pieces", "transfers"]
+__all__ = ["HOST_STACK_BYTES", "from_host", "from_host_pieces", "host_cast", "is_traced", "own_transfers",
+           "sketch_from_host", "stack_pays", "staged", "to_host", "to_host_pieces", "transfers"]
 
 
 class _Counter:
@@ -203,11 +204,25 @@ def staged(*static):
                               if parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
                 compiled.append(jax.jit(phase, static_argnames=static, static_argnums=(
                     0, *(positional.index(name) for name in static if name in positional))))
-            return compiled[0](xp, *args, **kwargs)
+            # the NumPy arguments are this library's own transfers, as a
+            # device_put would be
+            with own_transfers(xp):
+                return compiled[0](xp, *args, **kwargs)
 
         return run
 
     return decorate
+
+
+def own_transfers(xp):
+    """A context in which the library's own host-to-device transfers pass a
+    caller's ``jax.transfer_guard("disallow")`` (a guard is for the caller's
+    accidental transfers): on JAX, eager operations that make new arrays
+    (zeros of a state, an array made to ask for the namespace) send a
+    scalar; elsewhere nothing."""
+    if _is_jax(xp):
+        return sys.modules["jax"].transfer_guard_host_to_device("allow")
+    return contextlib.nullcontext()
 
 
 def _leaves(args):

@@ -65,8 +65,19 @@ def namespace(x):
     """``array_namespace(x)`` for one array, looked up by its type."""
     xp = _NAMESPACE_OF_TYPE.get(type(x))
     if xp is None:
-        xp = _NAMESPACE_OF_TYPE[type(x)] = array_namespace(x)
+        xp = _NAMESPACE_OF_TYPE[type(x)] = _first_namespace(x)
     return xp
+
+
+def _first_namespace(x):
+    """``array_namespace(x)``; for a JAX array with transfers allowed: the
+    compat layer makes a JAX array (``jnp.empty(0)``) to ask for the
+    namespace, a transfer of its own that a caller's
+    ``jax.transfer_guard("disallow")`` would refuse."""
+    if type(x).__module__.partition(".")[0] in ("jax", "jaxlib"):
+        with sys.modules["jax"].transfer_guard("allow"):
+            return array_namespace(x)
+    return array_namespace(x)
 
 
 def dtype_name(xp, dtype) -> str | None:

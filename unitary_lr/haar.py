@@ -6,7 +6,8 @@ import operator
 
 import numpy as np
 
-from ._random import as_generator, standard_normal
+from ._host import from_host, own_transfers, staged
+from ._random import as_generator, host_normal
 from ._validation import check_int
 from ._xp import FLOAT_DTYPE_NAMES, array_namespace, dtype_name, exact_products, mH, row_layout, supports_float64
 
@@ -93,7 +94,8 @@ def random_unitary(n, m=None, /, *, dtype, batch_shape=(), rng=None, xp=None, de
         raise ValueError(f"batch_shape must not have negative sizes, got {batch_shape!r}")
     try:
         # Maps numpy, cupy and torch modules onto the standard; keeps the others.
-        xp = array_namespace((np if xp is None else xp).empty(0))
+        with own_transfers(xp):  # JAX's empty array is a transfer of the library's own
+            xp = array_namespace((np if xp is None else xp).empty(0))
     except Exception:
         raise TypeError(f"xp must be an array namespace such as numpy or torch, got {xp!r}") from None
     dtype = getattr(xp, dtype, None) if isinstance(dtype, str) and dtype in FLOAT_DTYPE_NAMES else dtype
@@ -107,7 +109,17 @@ def random_unitary(n, m=None, /, *, dtype, batch_shape=(), rng=None, xp=None, de
     if dtype_name(xp, dtype) in ("float64", "complex128") and not supports_float64(xp, device):
         raise TypeError(f"dtype {dtype_name(xp, dtype)} is not available on device {device!r}")
     rows, columns = max(n, m), min(n, m)
-    Z = standard_normal(xp, (*batch_shape, rows, columns), dtype=dtype, device=device, rng=as_generator(rng))
+    # the host draw goes with the call of the staged factorization (see _host.staged)
+    Z = from_host(xp, host_normal(xp, (*batch_shape, rows, columns), dtype=dtype, rng=as_generator(rng)),
+                  dtype=dtype, device=device, staged=True)
+    return _haar_factor(xp, Z, wide=n < m)
+
+
+@staged("wide")
+def _haar_factor(xp, Z, *, wide):
+    """The Haar-distributed Q of the Gaussian Z (tall): QR with R's diagonal
+    made positive (Mezzadri's correction), conjugate-transposed for a wide
+    result, stored row by row."""
     Q, R = xp.linalg.qr(Z, mode="reduced")
     d = xp.linalg.diagonal(R)
     magnitude = xp.astype(xp.abs(d), d.dtype)
@@ -115,7 +127,7 @@ def random_unitary(n, m=None, /, *, dtype, batch_shape=(), rng=None, xp=None, de
     # |R_ii| > 0 with probability one; the guard keeps an exact zero harmless.
     phase = xp.where(nonzero, d / xp.where(nonzero, magnitude, xp.ones_like(d)), xp.ones_like(d))
     Q = Q * phase[..., None, :]
-    return row_layout(xp, Q if n >= m else mH(xp, Q))
+    return row_layout(xp, mH(xp, Q) if wide else Q)
 
 
 

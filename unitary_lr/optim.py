@@ -26,7 +26,7 @@ from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 from ._cores import add_lowrank
-from ._host import from_host, stack_pays, staged
+from ._host import from_host, own_transfers, stack_pays, staged
 from ._random import as_generator, generator_from_state, generator_state, host_normal
 from ._validation import check_choice, check_finite, check_real_scalar, namespace_of
 from ._xp import complex_dtype, device, device_key, dtype_name, exact_products, is_complex, mH
@@ -751,7 +751,8 @@ class ProjUNN:
                 "key: opt.step(W, G, key=name)"
             )
         if slot is None:
-            slot = {"signature": signature, "steps": 0, "state": self.rule.init(xp, W)}
+            with own_transfers(xp):  # JAX's zeros send their fill value
+                slot = {"signature": signature, "steps": 0, "state": self.rule.init(xp, W)}
         if factored:
             direction, state = G, slot["state"]
         else:
