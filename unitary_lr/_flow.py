@@ -32,7 +32,8 @@ from ._tiny import gram_basis2, polar_small2, skew_core2
 from ._xp import (adjoint_matmul, adjoint_rows, broadcast_shapes, core_dtype, device, matmul_panel, max_abs, mH,
                   panel_times_small, real_finfo)
 
-__all__ = ["checked", "lowrank_right_update", "lowrank_update", "sketch_panels", "stiefel_update", "transport_update"]
+__all__ = ["checked", "lowrank_right_update", "lowrank_update", "sketch_basis", "sketch_panels", "stiefel_update",
+           "transport_update"]
 
 # Unitarity of W as the step sees it: the largest relative change of |W x|^2
 # over the step's panel. The check is for matrices that are not unitary at all
@@ -139,7 +140,7 @@ def orthonormal_columns(xp, Y):
 
     The next product only needs a basis whose columns are far from
     dependent, not one orthonormal to rounding, so no Newton-Schulz step
-    follows, unlike the step's own basis (:func:`_basis`), on which
+    follows, unlike the step's own basis (:func:`newton_schulz_basis`), on which
     unitarity rests. Directions at the Gram's rounding level are damped,
     not dropped: the next product maps them as it maps any other, and the
     step's own basis drops what is left of them. NaN or Inf in Y gives NaN,
@@ -164,10 +165,10 @@ def _newton_schulz_factor(xp, Q):
 
 
 def _gram(xp, panels, core):
-    return _panel_gram(xp, panels, core)[1]
+    return panel_gram(xp, panels, core)[1]
 
 
-def _panel_gram(xp, panels, core):
+def panel_gram(xp, panels, core):
     """(F, C): the panels side by side, in their own dtype, and the Gram
     ``C = F^H F`` in the dtype ``core``. A step that multiplies W by some of
     the same panels later takes them as a slice of F (a view), not as a
@@ -283,11 +284,11 @@ def _apply_right(xp, W, P, T, D, reorthonormalize, column_scale=None):
     cond(P); each Newton-Schulz step ``Q <- Q (3 I - Q^H Q) / 2`` squares them,
     with matmuls only (no factorisation, no transfer).
     """
-    Q = _basis(xp, P, T, reorthonormalize, column_scale)
+    Q = newton_schulz_basis(xp, P, T, reorthonormalize, column_scale)
     return matmul_panel(xp, W, Q) @ D, mH(xp, Q)
 
 
-def _basis(xp, P, T, reorthonormalize, column_scale=None):
+def newton_schulz_basis(xp, P, T, reorthonormalize, column_scale=None):
     """Q = P T (P's columns scaled first, see :func:`_balance`), then
     ``reorthonormalize`` Newton-Schulz steps."""
     if column_scale is not None:
@@ -301,7 +302,7 @@ def _basis(xp, P, T, reorthonormalize, column_scale=None):
 # Newton-Schulz steps of a traced call, which cannot look at the conditioning:
 # enough for the worst spread a basis keeps (the drop tolerance's inverse),
 # where Q's departure from orthonormal columns is about 2e-2 (see
-# _newton_schulz_count): 2e-2 -> 3e-4 -> 7e-8 -> 4e-15.
+# newton_schulz_count): 2e-2 -> 3e-4 -> 7e-8 -> 4e-15.
 _TRACED_REORTHONORMALIZE = 3
 
 
@@ -309,10 +310,10 @@ def _reorthonormalize_steps(sxp, spread, m, eps, core_eps):
     """How many Newton-Schulz steps bring Q = P T to orthonormal columns at the
     device's rounding level; ``spread`` from :func:`gram_basis` (host side)."""
     ratio = float(sxp.max(spread)) if spread.size else 1.0
-    return _newton_schulz_count(ratio, m, eps, core_eps)
+    return newton_schulz_count(ratio, m, eps, core_eps)
 
 
-def _newton_schulz_count(ratio, m, eps, core_eps):
+def newton_schulz_count(ratio, m, eps, core_eps):
     """Newton-Schulz steps for a basis Q = P T of m columns from the Gram of P
     whose kept eigenvalues spread over ``ratio`` (cond(P)^2, after
     equilibration). Q departs from orthonormal columns by about
@@ -472,7 +473,7 @@ def lowrank_right_update(xp, W, Y, Z, *, lr, variant, rank, cores, sketched, nam
             # one sketch column: 2 x 2 cores in closed form, matrix by matrix
             cores_ = [_right_core_tiny(sxp, Cp, scales_p, lr=lr, variant=variant, sketched=sketched, tol=tol,
                                        core_eps=cores.eps) for Cp, scales_p in _each(C, scales)]
-            steps = max(_newton_schulz_count(spread, 2, eps, cores.eps) for _, _, spread in cores_)
+            steps = max(newton_schulz_count(spread, 2, eps, cores.eps) for _, _, spread in cores_)
             T, D, column_scale = _scatter_tiny(cores, C[..., 1:, 1:], cores_)
             return _apply_right(xp, W, P, T, D, steps, column_scale)
         # |W^H y|^2 against |y|^2: W W^H = I exactly when W^H W = I
@@ -490,8 +491,8 @@ def _right_panels(xp, W, Y, Z, *, sketched):
     """The device's work of :func:`lowrank_right_update` before its small
     matrices go to the cores: (P, C, scales) with the panel P = [Z, c],
     ``c = W^H Y``, the Gram C of [Y, Z, c] and the panels' scales."""
-    Y, Z, core, scales = _prepare(xp, W, Y, Z, sketched)
-    F, C = _panel_gram(xp, [Y, Z, adjoint_matmul(xp, W, Y)], core)
+    Y, Z, core, scales = prepare_panels(xp, W, Y, Z, sketched)
+    F, C = panel_gram(xp, [Y, Z, adjoint_matmul(xp, W, Y)], core)
     return F[..., Y.shape[-1]:], C, scales
 
 
@@ -501,20 +502,25 @@ def _sketch_projector(sxp, Cy, Cz, *, rank, l, sketched, tol):
     ``Y (Y^H Y)^+ Z^H`` (Grams Cy = Y^H Y, Cz = Z^H Z); otherwise I."""
     if not sketched:
         return sxp.broadcast_to(sxp.eye(l, dtype=Cy.dtype), (*Cy.shape[:-2], l, l))
-    if l > 1:
-        # The sketch's panel was re-based (shifted Cholesky QR, see
-        # sketch_panels): a column below the shift, rounding, came out shorter
-        # than 1/sqrt(2) and is dropped here, where equilibration would
-        # restore it to a direction of its own.
-        d = sxp.real(sxp.linalg.diagonal(Cy))
-        keep = sxp.astype(d >= 0.5, Cy.dtype)
-        Cy = Cy * (keep[..., :, None] * keep[..., None, :])
-    Ty, _, _ = gram_basis(sxp, Cy, tol, basis_only=True)
+    Ty, _, _ = sketch_basis(sxp, Cy, tol, basis_only=True)
     if rank >= l:
         return Ty @ mH(sxp, Ty)
     _, Ub = hermitian_eigh(sxp, mH(sxp, Ty) @ Cz @ Ty)
     U = Ty @ Ub[..., -rank:]
     return U @ mH(sxp, U)
+
+
+def sketch_basis(sxp, Cy, tol, *, basis_only=False):
+    """:func:`._cores.gram_basis` of the sketch Y of :func:`sketch_panels`
+    from its Gram Cy. A panel of two or more columns was re-based (shifted
+    Cholesky QR): a column below the shift, rounding, came out shorter than
+    1/sqrt(2) and is dropped here, where equilibration would restore it to a
+    direction of its own (and the basis would carry its noise, amplified)."""
+    if Cy.shape[-1] > 1:
+        d = sxp.real(sxp.linalg.diagonal(Cy))
+        keep = sxp.astype(d >= 0.5, Cy.dtype)
+        Cy = Cy * (keep[..., :, None] * keep[..., None, :])
+    return gram_basis(sxp, Cy, tol, basis_only=basis_only)
 
 
 def _step_size(sxp, lr, scale):
@@ -598,7 +604,7 @@ def stiefel_update(xp, W, Y, Z, *, lr, variant, rank, cores, sketched, names):
             cores_ = [_left_core_tiny(Cp, Czp, scales_p, lr=lr, variant=variant, sketched=sketched, tol=tol,
                                       sxp=sxp, core_eps=cores.eps)
                       for (Cp, scales_p), (Czp, _) in zip(_each(Cn, scales), _each(Cz, []))]
-            steps = max(_newton_schulz_count(spread, 2, eps, cores.eps) for _, _, spread in cores_)
+            steps = max(newton_schulz_count(spread, 2, eps, cores.eps) for _, _, spread in cores_)
             return _apply_left(xp, W, P, *_scatter_tiny(cores, Cn, cores_), steps)
         # |W z|^2 against |z|^2: W^H W = I
         _check_unitary(sxp, Cz, Ce)
@@ -617,8 +623,8 @@ def _left_panels(xp, W, Y, Z, *, sketched):
     """The device's work of :func:`stiefel_update` before its small matrices
     go to the cores: (P, Cn, Cz, scales) with P = [Y, W Z], the Grams Cn of
     P and Cz of Z, and the panels' scales."""
-    Y, Z, core, scales = _prepare(xp, W, Y, Z, sketched, multiplied=True)
-    P, Cn = _panel_gram(xp, [Y, matmul_panel(xp, W, Z)], core)
+    Y, Z, core, scales = prepare_panels(xp, W, Y, Z, sketched, multiplied=True)
+    P, Cn = panel_gram(xp, [Y, matmul_panel(xp, W, Z)], core)
     return P, Cn, _gram(xp, [Z], core), scales
 
 
@@ -680,11 +686,11 @@ def _direct_panels(xp, W, Y, Z, *, sketched, checked):
     go to the cores: (Zc, a_perp, Grams, scales) with the panel Zc = [Z, c],
     ``c = W^H Y``, ``a_perp = Y - W c``, the Grams of Zc and of
     [Y, a_perp, W c], and where ``checked`` the Gram of W Z too."""
-    Y, Z, core, scales = _prepare(xp, W, Y, Z, sketched, multiplied=True)
+    Y, Z, core, scales = prepare_panels(xp, W, Y, Z, sketched, multiplied=True)
     c = adjoint_matmul(xp, W, Y)
     Wc = matmul_panel(xp, W, c)
     a_perp = Y - Wc
-    Zc, Czc = _panel_gram(xp, [Z, c], core)
+    Zc, Czc = panel_gram(xp, [Z, c], core)
     grams = [Czc, _gram(xp, [Y, a_perp, Wc], core)]
     if checked:
         # a product of its own: on the CPU an n x 2l panel [W Z, W c] costs as much as two to four of them
@@ -727,7 +733,7 @@ def _apply_stiefel_direct(xp, W, Zc, a_perp, cores_on_device, steps, steps_a):
     over 1e10)."""
     T, D, Ta, X_bottom, zc_scale, a_scale = cores_on_device
     L, Rh = _apply_right(xp, W, Zc, T, D, steps, zc_scale)
-    N = _basis(xp, a_perp, Ta, steps_a, a_scale)
+    N = newton_schulz_basis(xp, a_perp, Ta, steps_a, a_scale)
     return L + panel_times_small(xp, N, X_bottom), Rh
 
 
@@ -755,10 +761,10 @@ def _stiefel_direct_core_tiny(sxp, Cm, Cn, scales, *, lr, sketched, tol, eps, co
         D, X_bottom = polar
     Ta = ((1 / root if root > 0 else 0.0,),)
     T, D, Ta, X_bottom = (sxp.asarray(x, dtype=Cm.dtype) for x in (T, D, Ta, X_bottom))
-    return T, D, Ta, X_bottom, _newton_schulz_count(spread, 2, eps, core_eps)
+    return T, D, Ta, X_bottom, newton_schulz_count(spread, 2, eps, core_eps)
 
 
-def _prepare(xp, W, Y, Z, sketched, *, multiplied=False):
+def prepare_panels(xp, W, Y, Z, sketched, *, multiplied=False):
     """Y and Z broadcast to the common batch, rescaled where the cores need it
     (see :func:`_needs_scaling`), in W's dtype; the core dtype and the scales
     to gather (their product multiplies the step).
@@ -801,7 +807,7 @@ def _scatter(sxp, cores, C, T, D):
 def _apply_left(xp, W, P, T, D, column_scale, reorthonormalize):
     """(L, Rh) = (Q D, Q^H W) with Q = P T: the new W is ``(I + Q D Q^H) W``,
     unitary to rounding whenever Q has orthonormal columns."""
-    Q = _basis(xp, P, T, reorthonormalize, column_scale)
+    Q = newton_schulz_basis(xp, P, T, reorthonormalize, column_scale)
     return panel_times_small(xp, Q, D), adjoint_rows(xp, Q, W)
 
 
@@ -845,7 +851,7 @@ def transport_update(xp, W, a, b, *, t, cores, cayley=False):
             # K = R [[0, 1], [-1, 0]] R^H, f(t K) with t as given (size -2 t for the tangent
             # convention of _skew_core_tiny, -t for the Cayley one)
             D = _skew_core_tiny(CW, R, 1.0, -t if cayley else -2 * t, "cayley" if cayley else "tangent", cores.eps)
-            steps = _newton_schulz_count(spread, 2, eps, cores.eps)
+            steps = newton_schulz_count(spread, 2, eps, cores.eps)
             T, D, column_scale = _scatter_tiny(cores, CW, [(T, D)])
             if square:
                 return _apply_right(xp, W, panels[1], T, D, steps, column_scale)
