@@ -58,7 +58,7 @@ def to_host(xp, x) -> np.ndarray:
         return x.get()
     try:
         return np.from_dlpack(x)
-    except (BufferError, RuntimeError, TypeError, ValueError):
+    except (AttributeError, BufferError, RuntimeError, TypeError, ValueError):  # no DLPack (Dask): by value
         return np.asarray(x)
 
 
@@ -137,7 +137,7 @@ def sketch_from_host(xp, draw: np.ndarray, *, dtype, device, staged=False):
     transfer and a transpose would be two more dispatches."""
     if staged and _is_jax(xp):
         return np.swapaxes(host_cast(draw, dtype), -1, -2)
-    return mT(xp, from_host(xp, draw, dtype=dtype, device=device, staged=staged))
+    return mT(xp, from_host(xp, draw, dtype=dtype, device=device))
 
 
 def host_cast(x: np.ndarray, dtype) -> np.ndarray:
