@@ -158,3 +158,96 @@ def test_same_seed_gives_the_same_factors_on_every_backend(backend, dtype, rng, 
         np.testing.assert_allclose(got, want, atol=tol(dtype, 30))
     top = np.take_along_axis(U, np.argmax(np.abs(U), axis=-2)[..., None, :], axis=-2)
     assert np.all(top.real > 0) and np.all(np.abs(top.imag) <= tol(dtype) * np.abs(top))
+
+
+def _with_spectrum(rng, m, n, s, dtype, batch=()):
+    real = "complex128" if is_complex(dtype) else "float64"
+    U0 = np.linalg.qr(random_matrix(rng, (*batch, m, len(s)), real))[0]
+    V0 = np.linalg.qr(random_matrix(rng, (*batch, n, len(s)), real))[0]
+    return ((U0 * s) @ mH(V0)).astype(dtype)
+
+
+# Spectra for both routes of randomized_svd: the Gram route (one host round
+# trip, no device QR or SVD) where the Grams resolve the kept singular values
+# to A's precision, the QR route elsewhere (a float64 spread beyond 16, a
+# singular value at rounding level, fewer directions than the rank).
+SPECTRA = {
+    "decay 0.3": 0.3 ** np.arange(30),
+    "spread 1e3": np.r_[1.0, 0.3, 1e-3, 1e-4 * 0.5 ** np.arange(27)],
+    "tiny 1e-6": np.r_[1.0, 0.5, 1e-6, 1e-9 * 0.5 ** np.arange(27)],
+    "rank 3": np.r_[3.0, 2.0, 1.0, np.zeros(27)],
+}
+
+
+@pytest.mark.parametrize("spectrum", sorted(SPECTRA))
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("shape", [(40, 34), (2, 30, 36)])
+def test_factors_match_the_float64_svd_on_either_route(backend, dtype, rng, spectrum, k, shape):
+    """U, S and Vh against NumPy's float64 SVD of the same (rounded) matrix,
+    whichever route the host picks: S to A's precision relative to S_1,
+    orthonormal columns, and the rank-k part ``U S Vh`` (unique: S_k > S_k+1)
+    to A's precision times S_k / (S_k - S_k+1), Wedin's bound. The spectra
+    fall off fast enough beyond k for the sketch (p = 10, q = 2) to hold the
+    top k directions to rounding."""
+    *batch, m, n = shape
+    A = _with_spectrum(rng, m, n, SPECTRA[spectrum], dtype, tuple(batch))
+    U, S, Vh = (backend.to_numpy(x).astype(np.complex128) for x in ul.randomized_svd(backend.asarray(A), k, rng=rng))
+    ref_U, ref_S, ref_Vh = np.linalg.svd(A.astype(np.complex128), full_matrices=False)
+    top = ref_S[..., 0]
+    np.testing.assert_allclose(S.real / top[..., None], ref_S[..., :k] / top[..., None], atol=tol(dtype), rtol=0)
+    np.testing.assert_allclose(mH(U) @ U, np.broadcast_to(np.eye(k), (*batch, k, k)), atol=tol(dtype))
+    np.testing.assert_allclose(Vh @ mH(Vh), np.broadcast_to(np.eye(k), (*batch, k, k)), atol=tol(dtype))
+    want = (ref_U[..., :k] * ref_S[..., None, :k]) @ ref_Vh[..., :k, :]
+    error = np.abs((U * S[..., None, :]) @ Vh - want).max(axis=(-2, -1)) / top
+    wedin = ref_S[..., k - 1] / (ref_S[..., k - 1] - ref_S[..., k])
+    assert np.all(error <= tol(dtype) * wedin), (error, wedin)
+
+
+def _routes(A, k):
+    """The linear algebra randomized_svd ran on the torch tensor A, and its
+    counts: (device factorizations, aten operations, scalar reads, transfers)."""
+    torch = pytest.importorskip("torch")
+    from _aten import AtenOps
+    from unitary_lr import _host
+
+    before = _host.transfers.count
+    with AtenOps() as ops:
+        ul.randomized_svd(torch.as_tensor(A), k, rng=0)
+    factorizations = sorted({name for name in ops.launching if any(f in name for f in ("qr", "svd", "eig"))})
+    return factorizations, len(ops.launching), ops.scalar_reads, _host.transfers.count - before
+
+
+@pytest.mark.parametrize("dtype", ["float32", "complex64", "float64", "complex128"])
+@pytest.mark.parametrize("k", [1, 8])
+def test_the_gram_route_runs_no_device_qr_or_svd_and_reads_back_once(dtype, k):
+    """Design section 6 for the randomized SVD: no QR or SVD of an n x l
+    panel on the device (on a GPU each is a solver call with its own waits),
+    the power iteration's bases from shifted Cholesky factors, and one
+    device-to-host transfer (the two Grams) with no other read of a device
+    value, where the old code made 5 QRs, an SVD and two flag reads (the
+    default p = 10, q = 2). A spectrum within 16 of flat at rank 8 takes this
+    route in every precision. Operations (measured 63-92): six products, five
+    re-bases of 7-9 operations, the factors, the canonical phases (about 16),
+    and Newton-Schulz steps of 7 each where the Grams leave V short of
+    orthonormal (float64, rank 8: two)."""
+    rng = np.random.default_rng(3)
+    A = _with_spectrum(rng, 96, 80, np.r_[np.linspace(1.0, 0.5, 8), 1e-3 * np.ones(32)], dtype)
+    factorizations, operations, reads, transfers = _routes(A, k)
+    assert factorizations == []
+    assert (reads, transfers) == (0, 1)
+    assert operations <= 96, operations
+
+
+@pytest.mark.parametrize(("dtype", "spectrum", "k"), [("float64", "spread 1e3", 3), ("complex128", "tiny 1e-6", 3),
+                                                      ("float32", "rank 3", 8), ("float64", "zero", 2)])
+def test_the_qr_route_where_the_grams_would_lose_digits(dtype, spectrum, k):
+    """Where the Grams cannot resolve the kept singular values to A's
+    precision (float64 with S_1 / S_k = 1e3; S_k at 1e-6 in float64) or the
+    sketch has fewer than k directions (rank 3 asked for rank 8, A = 0), the
+    host sends the call on to a QR of the sketch and an SVD of B: the factors
+    stay accurate (the test above) and orthonormal."""
+    s = np.zeros(30) if spectrum == "zero" else SPECTRA[spectrum]
+    A = _with_spectrum(np.random.default_rng(4), 50, 40, s, dtype)
+    factorizations, _, reads, transfers = _routes(A, k)
+    assert factorizations == ["aten._linalg_svd.default", "aten.linalg_qr.default"]
+    assert transfers == 1 and reads == 1  # the Grams, then the flag of B's finiteness

@@ -5,6 +5,8 @@ from __future__ import annotations
 import warnings
 from typing import Any, NamedTuple
 
+from ._cores import HostCores, drop_tolerance, hermitian_eigh, host_xp
+from ._flow import newton_schulz_basis, newton_schulz_count, panel_gram, prepare_panels, sketch_basis, sketch_panels
 from ._host import from_host, staged
 from ._random import as_generator, host_normal
 from ._validation import (
@@ -14,7 +16,7 @@ from ._validation import (
     namespace_of,
     report_nonfinite,
 )
-from ._xp import adjoint_matmul, device, exact_products, is_complex, mH
+from ._xp import adjoint_matmul, core_dtype, device, exact_products, is_complex, mH, real_finfo
 
 __all__ = ["SVDResult", "randomized_svd"]
 
@@ -77,16 +79,36 @@ def randomized_svd(A, /, rank, *, oversample=10, power_iters=2, rng=None):
 
     Notes
     -----
-    Halko, Martinsson and Tropp (2011), Algorithms 4.4 and 5.1: ``Y = A Omega``
-    with a Gaussian ``Omega`` (complex Gaussian for complex A), ``power_iters``
-    rounds of ``Y <- A (A^H Y)`` with a QR after each product, ``Q = qr(Y)``,
-    then the SVD of the small ``B = Q^H A`` and ``U = Q U_B``. Each singular
-    pair's phase is made canonical (the largest-magnitude entry of each column
-    of U real and positive, Vh's row rotated to match), so the same seed gives
-    the same factors on every backend, not only the same product. Cost:
-    ``(2 + 2 power_iters)`` passes over A, O(m n l) flops with
-    ``l = rank + oversample``, and O((m + n) l) memory. The NaN/Inf check looks
-    at the sketch ``A Omega``, not at A, so it costs no extra pass.
+    Halko, Martinsson and Tropp (2011), Algorithms 4.4 and 5.1, with the
+    small work of design section 6: the sketch ``Y = A Omega`` with a
+    Gaussian ``Omega`` (complex Gaussian for complex A), ``power_iters``
+    rounds of ``Y <- A (A^H Y)`` with a new well-conditioned basis of each
+    panel from the shifted Cholesky factor of its Gram (no QR), and
+    ``Z = A^H Y``: then ``A ~ Q Q^H A`` with ``Q = Y T`` orthonormal, and
+    ``B^H = A^H Q = Z T``. The Grams of Y and Z go to the host in one
+    transfer; there, T comes from the eigendecomposition of ``Y^H Y``, and the
+    top singular triplets of B from that of the small ``T^H Z^H Z T``; the
+    factors ``U = Y T V_b``, ``V = Z T V_b S^-1`` come back in one transfer
+    and are formed on the device, with Newton-Schulz steps where the Grams
+    leave them short of orthonormal. No QR or SVD of an n x l panel, and no
+    other read of a device value. The NaN/Inf check reads the two Grams.
+
+    A Gram squares the spread of the singular values: it resolves
+    ``S_rank`` to about ``eps_64 (S_1 / S_rank)^2`` relative, where an SVD of
+    B in A's precision resolves it to ``eps (S_1 / S_rank)``. When that loses
+    more than a few digits against A's own precision (float64 A whose
+    ``S_1 / S_rank`` exceeds 16; float32 only far down at about 1e4, where
+    both lose most of theirs) or the sketch has fewer than ``rank``
+    directions (A of lower rank, A = 0), the call finishes as Halko et al.
+    do: a QR of the sketch, ``B^H = A^H Q`` (one more pass over A) and the
+    SVD of that n x l panel.
+
+    Each singular pair's phase is made canonical (the largest-magnitude entry
+    of each column of U real and positive, Vh's row rotated to match), so the
+    same seed gives the same factors on every backend, not only the same
+    product. Cost: ``(2 + 2 power_iters)`` passes over A (one more on the
+    QR path), O(m n l) flops with ``l = rank + oversample``, and O((m + n) l)
+    memory.
 
     Examples
     --------
@@ -110,36 +132,94 @@ def randomized_svd(A, /, rank, *, oversample=10, power_iters=2, rng=None):
     draw = host_normal(xp, (*A.shape[:-2], n, sketch_width(rank, oversample, m, n)), dtype=A.dtype,
                        rng=as_generator(rng))
     # the host draw goes with the call of the staged sketch (see _host.staged)
-    Y, finite = _sketch(xp, A, from_host(xp, draw, dtype=A.dtype, device=device(A), staged=True))
-    if not bool(finite):
+    omega = from_host(xp, draw, dtype=A.dtype, device=device(A), staged=True)
+    Y, Z, Cy, Cz, scales = _sketch(xp, A, omega, power_iters=power_iters)
+    cores = HostCores(xp, A)
+    Cy, Cz, *scales = cores.gather(Cy, Cz, *scales)
+    if not (bool(host_xp.all(host_xp.isfinite(Cy))) and bool(host_xp.all(host_xp.isfinite(Cz)))):
         report_nonfinite(xp, "A", A, source="its sketch")
-    Q, Bh, finite = _range_basis(xp, A, Y, power_iters=power_iters)
-    if not bool(finite):
-        report_nonfinite(xp, "A", A, source="its sketch")  # finite A whose products overflow
-    return SVDResult(*_small_svd(xp, Q, Bh, rank=rank))
+    # the Grams' precision: the cores' float64 where the device has it, else A's own
+    gram_eps = real_finfo(xp, core_dtype(xp, A.dtype, device(A)))[0]
+    small = _small_factors(Cy, Cz, scales, rank=rank, rows=m, eps=real_finfo(xp, A.dtype)[0], gram_eps=gram_eps)
+    if small is None:
+        Q, Bh, finite = _range_basis(xp, A, Y)
+        if not bool(finite):
+            report_nonfinite(xp, "A", A, source="its sketch")  # finite A whose products overflow
+        return SVDResult(*_small_svd(xp, Q, Bh, rank=rank))
+    Fu, Fv, S, steps_u, steps_v = small
+    return SVDResult(*_factors(xp, Y, Z, *cores.scatter(Fu, Fv, S), steps_u=steps_u, steps_v=steps_v))
 
 
-# The phases of randomized_svd between its checks, each one program on eager
-# JAX arrays (see _host.staged); the checks read one flag each.
-@staged()
-def _sketch(xp, A, omega):
-    """(Y, whether Y is finite) for the sketch ``Y = A omega``."""
+# The phases of randomized_svd between its host reads, each one program on
+# eager JAX arrays (see _host.staged).
+@staged("power_iters")
+def _sketch(xp, A, omega, *, power_iters):
+    """(Y, Z, Cy, Cz, scales): the sketch's panels (``_flow.sketch_panels``),
+    Z rescaled where the Grams are formed in A's own precision, their Grams
+    in the cores' dtype and the scales to gather."""
     with warnings.catch_warnings():
         # NaN/Inf in A is reported by the caller as a ValueError naming the argument;
         # the library's own "invalid value in matmul" warning would only repeat it.
         warnings.simplefilter("ignore", RuntimeWarning)
-        Y = A @ omega
-    return Y, xp.all(xp.isfinite(Y))
+        Y, Z = sketch_panels(xp, A, omega, power_iters)
+        Y, Z, core, scales = prepare_panels(xp, A, Y, Z, sketched=True)
+        Cy, Cz = (panel_gram(xp, [P], core)[1] for P in (Y, Z))
+    return Y, Z, Cy, Cz, scales
 
 
-@staged("power_iters")
-def _range_basis(xp, A, Y, *, power_iters):
-    """(Q, Bh, whether Bh is finite): Q = qr(Y) after ``power_iters`` rounds
-    of ``Y <- A (A^H Y)`` with a QR after each product, and ``Bh = A^H Q``."""
+# Where the Gram route gives up: its error in S_rank, about gram_eps (S_1 /
+# S_rank)^2 relative, at most this many times the error eps (S_1 / S_rank) of
+# an SVD of B in A's precision; and V's departure from orthonormal columns
+# small enough for Newton-Schulz steps (each squares it) to remove.
+_GRAM_LOSS = 16
+_NEWTON_SCHULZ_REACH = 1e-2
+
+
+def _small_factors(Cy, Cz, scales, *, rank, rows, eps, gram_eps):
+    """On the host, from the Grams of Y and Z (float64/complex128): the
+    coefficients ``(F_u, F_v, S, steps_u, steps_v)`` of ``U = Y F_u`` and
+    ``V = Z F_v`` and their Newton-Schulz steps; None where the Gram route
+    would lose accuracy (see :func:`randomized_svd`'s notes). ``eps``: A's
+    precision; ``gram_eps``: the Grams' (float64 where the device has it)."""
+    hxp = host_xp
+    l = Cy.shape[-1]
+    T, _, spread = sketch_basis(hxp, Cy, drop_tolerance(rows, eps, gram_eps))
+    Th = hxp.conj(hxp.swapaxes(T, -1, -2))
+    lam, Vb = hermitian_eigh(hxp, Th @ Cz @ T)
+    lam, Vb = lam[..., ::-1][..., :rank], Vb[..., ::-1][..., :rank]
+    top, low = lam[..., 0], lam[..., -1]
+    if not hxp.all(low > 0):
+        return None
+    ratio = float(hxp.max(top / low))
+    departure = eps * (ratio * rank) ** 0.5 + gram_eps * ratio * rank
+    if gram_eps * ratio > _GRAM_LOSS * eps * ratio**0.5 or departure > _NEWTON_SCHULZ_REACH:
+        return None
+    root = hxp.sqrt(lam)
+    Fu = T @ Vb
+    Fv = Fu / root[..., None, :]
+    S = root
+    for scale in scales:
+        S = S * scale[..., 0]
+    spread = float(hxp.max(spread)) if spread.size else 1.0
+    return (Fu, Fv, S, newton_schulz_count(spread, l, eps, gram_eps),
+            newton_schulz_count(spread * ratio, rank, eps, gram_eps))
+
+
+@staged("steps_u", "steps_v")
+def _factors(xp, Y, Z, Fu, Fv, S, *, steps_u, steps_v):
+    """(U, S, Vh) from the host's coefficients: ``U = Y F_u`` and
+    ``V = Z F_v`` with their Newton-Schulz steps, S real, phases canonical."""
+    U = newton_schulz_basis(xp, Y, Fu, steps_u)
+    V = newton_schulz_basis(xp, Z, Fv, steps_v)
+    U, Vh = canonical_phases(xp, U, mH(xp, V))
+    return U, xp.real(S) if is_complex(xp, S.dtype) else S, Vh
+
+
+@staged()
+def _range_basis(xp, A, Y):
+    """(Q, Bh, whether Bh is finite): Q = qr(Y) and ``Bh = A^H Q``, the QR
+    path of :func:`randomized_svd`."""
     Q, _ = xp.linalg.qr(Y, mode="reduced")
-    for _ in range(power_iters):
-        Q, _ = xp.linalg.qr(adjoint_matmul(xp, A, Q), mode="reduced")
-        Q, _ = xp.linalg.qr(A @ Q, mode="reduced")
     Bh = adjoint_matmul(xp, A, Q)
     return Q, Bh, xp.all(xp.isfinite(Bh))
 
