@@ -119,3 +119,27 @@ def test_xla_writes_the_low_rank_update_as_one_elementwise_pass(dtype, r):
         np.testing.assert_allclose(np.asarray(jitted(*arrays)), reference, rtol=tol(dtype, 4), atol=tol(dtype, 4))
         eager = lowrank_product(jnp, arrays[1], arrays[2])
         np.testing.assert_allclose(np.asarray(eager), wide(L) @ wide(Rh), rtol=tol(dtype, 4), atol=tol(dtype, 4))
+
+
+@pytest.mark.parametrize("batch", [(), (3,)], ids=["single", "batched"])
+@pytest.mark.parametrize("column_major", [False, True], ids=["row-major", "column-major"])
+@pytest.mark.parametrize("r", [1, 2, 5])
+def test_numpy_update_in_blocks_of_rows_is_the_sum(monkeypatch, dtype, rng, batch, column_major, r):
+    """``add_product`` on NumPy arrays beyond the last-level cache writes
+    ``W + L @ Rh`` block by block of rows (``_xp._blocked_update``); the
+    thresholds made small here so that 37 rows fall into uneven blocks: the
+    sum to rounding against float64, in W's layout, W untouched."""
+    from unitary_lr import _xp
+
+    monkeypatch.setattr(_xp, "_BLOCKED_UPDATE_BYTES", 0)
+    monkeypatch.setattr(_xp, "_UPDATE_BLOCK_BYTES", 5 * 29 * np.dtype(dtype).itemsize * max(1, len(batch) * 3))
+    W = random_matrix(rng, (*batch, 37, 29), dtype)
+    if column_major:
+        W = np.swapaxes(np.swapaxes(W, -1, -2).copy(), -1, -2)
+    L, Rh = random_matrix(rng, (*batch, 37, r), dtype), random_matrix(rng, (*batch, r, 29), dtype)
+    before = W.copy()
+    out = _xp.add_product(np, W, L, Rh)
+    wide = lambda x: x.astype(np.complex128)
+    np.testing.assert_allclose(out, wide(W) + wide(L) @ wide(Rh), atol=tol(dtype, 4) * (1 + r))
+    assert out.dtype == W.dtype and _xp.is_column_major(out) == column_major
+    np.testing.assert_array_equal(W, before)

@@ -390,7 +390,9 @@ def add_product(xp, W, L, Rh):
     0.23 ms for ``addmm(W, L, Rh)``; 4096 x 4096: 87 ms against 44 ms for
     ``W + L @ Rh``), and ``addmm`` writes W + L Rh in one pass; it is
     differentiable and traceable. Elsewhere the product is written once and
-    W added into it in place (JAX makes a new array, which XLA fuses under jit).
+    W added into it in place (JAX makes a new array, which XLA fuses under jit);
+    on NumPy arrays beyond the last-level cache, block by block of rows
+    (:func:`_blocked_update`).
     """
     if _is_torch(xp) and W.ndim == L.ndim == Rh.ndim and W.ndim in (2, 3) and \
             L.shape[:-2] == Rh.shape[:-2] == W.shape[:-2] and L.dtype == Rh.dtype == W.dtype:
@@ -407,11 +409,40 @@ def add_product(xp, W, L, Rh):
         else:
             result = fused(W, L, Rh) if out is None else fused(W, L, Rh, out=out)
         return mT(xp, result) if transposed else result
+    if isinstance(W, numpy.ndarray) and W.nbytes >= _BLOCKED_UPDATE_BYTES and L.dtype == Rh.dtype == W.dtype:
+        return _blocked_update(W, L, Rh)
     if is_column_major(W):
         out = mT(xp, mT(xp, Rh) @ mT(xp, L))
     else:
         out = lowrank_product(xp, L, Rh)
     out += W
+    return out
+
+
+# NumPy's ``W + L @ Rh`` of a W larger than the last-level cache writes the
+# product L Rh to memory and reads it back for the sum: four passes over n x m
+# data where two would do. Block by block of rows, into the result, the
+# product stays in the cache. One thread, OpenBLAS, rank 2, the CPU's 32 MiB
+# L3: float32 4096 x 4096 11.5 -> 7.5 ms, float64 22.7 -> 15.8 ms, complex128
+# 2048 x 2048 12.8 -> 9.8 ms, 4096 x 4096 52.7 -> 35.5 ms; at 16 MiB and below
+# within 10 % either way (blocks of 64 KiB lose up to 40 % there).
+_BLOCKED_UPDATE_BYTES = 16 * 2**20
+_UPDATE_BLOCK_BYTES = 2**20
+
+
+def _blocked_update(W, L, Rh):
+    """``W + L @ Rh`` for NumPy arrays of one dtype, as a new array in W's
+    layout, written block by block of rows of about ``_UPDATE_BLOCK_BYTES``
+    (of all the batch's matrices together)."""
+    if is_column_major(W):  # the transposed sum, row by row of W^T
+        return mT(numpy, _blocked_update(mT(numpy, W), mT(numpy, Rh), mT(numpy, L)))
+    out = numpy.empty(W.shape, dtype=W.dtype)
+    n = W.shape[-2]
+    rows = max(1, _UPDATE_BLOCK_BYTES // max(1, W.nbytes // n))
+    for start in range(0, n, rows):
+        block = out[..., start:start + rows, :]
+        numpy.matmul(L[..., start:start + rows, :], Rh, out=block)
+        block += W[..., start:start + rows, :]
     return out
 
 
