@@ -176,15 +176,18 @@ def test_the_framework_free_optimizer_on_jax_compiles_its_rule_once(base, hyper)
 
 
 @pytest.mark.parametrize(("shape", "dtype", "rank"), [((20, 14), "float64", 2), ((2, 13, 18), "complex128", 3)])
-def test_an_eager_jax_randomized_svd_is_three_programs_compiled_once(shape, dtype, rank):
-    """randomized_svd on JAX arrays: the sketch, the range basis and the small
-    SVD, one program each; another draw compiles nothing; the factors are
-    NumPy's from the same seed (the phases are made canonical)."""
+def test_an_eager_jax_randomized_svd_is_two_programs_compiled_once(shape, dtype, rank):
+    """randomized_svd on JAX arrays: the sketch with its Grams, and the
+    factors from the host's small results, one program each (the Gram route:
+    a Gaussian matrix's top singular values lie within 16 of each other);
+    another draw compiles
+    nothing; the factors are NumPy's from the same seed (the phases are made
+    canonical)."""
     _warm(dtype)
     A = _matrices(shape, dtype, seed=6)[1]
     A_ = jnp.asarray(A)
     first, programs = _compiled(lambda: ul.randomized_svd(A_, rank, rng=1))
-    assert len(programs) <= 3, programs
+    assert sorted(programs) == ["jit(_factors)", "jit(_sketch)"], programs
     second, again = _compiled(lambda: ul.randomized_svd(A_, rank, rng=2))
     assert again == [], again
     for result, seed in ((first, 1), (second, 2)):
