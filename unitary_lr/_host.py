@@ -32,7 +32,7 @@ import sys
 
 import numpy as np
 
-from ._xp import Adjoint, _is_jax, _is_torch, mT
+from ._xp import Adjoint, _is_jax, _is_torch, jax_transfers_allowed, mT
 
 __all__ = ["HOST_STACK_BYTES", "from_host", "from_host_pieces", "host_cast", "is_traced", "own_transfers",
            "sketch_from_host", "stack_pays", "staged", "to_host", "to_host_pieces", "transfers"]
@@ -220,9 +220,7 @@ def own_transfers(xp):
     accidental transfers): on JAX, eager operations that make new arrays
     (zeros of a state, an array made to ask for the namespace) send a
     scalar; elsewhere nothing."""
-    if _is_jax(xp):
-        return sys.modules["jax"].transfer_guard_host_to_device("allow")
-    return contextlib.nullcontext()
+    return jax_transfers_allowed() if _is_jax(xp) else contextlib.nullcontext()
 
 
 def _leaves(args):

@@ -70,14 +70,20 @@ def namespace(x):
 
 
 def _first_namespace(x):
-    """``array_namespace(x)``; for a JAX array with transfers allowed: the
-    compat layer makes a JAX array (``jnp.empty(0)``) to ask for the
-    namespace, a transfer of its own that a caller's
+    """``array_namespace(x)``; for a JAX array with the library's own
+    transfers allowed: the compat layer makes a JAX array (``jnp.empty(0)``)
+    to ask for the namespace, a transfer that a caller's
     ``jax.transfer_guard("disallow")`` would refuse."""
     if type(x).__module__.partition(".")[0] in ("jax", "jaxlib"):
-        with sys.modules["jax"].transfer_guard("allow"):
+        with jax_transfers_allowed():
             return array_namespace(x)
     return array_namespace(x)
+
+
+def jax_transfers_allowed():
+    """The context that lets the library's own host-to-device transfers
+    through a caller's JAX transfer guard (``_host.own_transfers``)."""
+    return sys.modules["jax"].transfer_guard_host_to_device("allow")
 
 
 def dtype_name(xp, dtype) -> str | None:
