@@ -700,11 +700,23 @@ def times_inverse_cholesky_factor(xp, P, M):
     solve checks nothing and writes the panel column by column, one op for
     ``P R^-1``. The standard has no triangular solve: elsewhere ``P inv(R)``.
     CuPy and JAX check nothing by default; NumPy raises ``LinAlgError``
-    where M is not positive definite."""
+    where M is not positive definite.
+
+    Dask: array-api-compat (1.16) passes Dask's own ``cholesky`` through,
+    which returns the upper factor where the standard's returns the lower
+    one, and Dask's is wrong for complex matrices (dask/dask#12335). The
+    basis still spanned P, badly conditioned: ``randomized_svd`` of a
+    float64 matrix lost seven digits of its third singular value. There the
+    small M is factored by NumPy (a Dask graph is computed at every host
+    round trip anyway)."""
     if _is_torch(xp):
         linalg = sys.modules["torch"].linalg
         return linalg.solve_triangular(linalg.cholesky_ex(M).L.mH, P, upper=True, left=False)
-    return panel_times_small(xp, P, xp.linalg.inv(mH(xp, xp.linalg.cholesky(M))))
+    if _is_dask(xp):
+        lower = xp.asarray(numpy.linalg.cholesky(numpy.asarray(M)))
+    else:
+        lower = xp.linalg.cholesky(M)
+    return panel_times_small(xp, P, xp.linalg.inv(mH(xp, lower)))
 
 
 def max_abs(xp, Y):
@@ -870,6 +882,10 @@ def _is_torch(xp) -> bool:
 
 def _is_jax(xp) -> bool:
     return getattr(xp, "__name__", "").startswith("jax")
+
+
+def _is_dask(xp) -> bool:
+    return "dask" in getattr(xp, "__name__", "")
 
 
 # NumPy, and array_api_strict, whose arrays are NumPy's: the same BLAS.

@@ -1,0 +1,78 @@
+"""Dask arrays, chunked by rows, through the public functions: the same
+results as NumPy's from the same seeds, as Dask arrays. The kernels reach
+the host through ``_host.to_host`` (a Dask array has no DLPack interface)
+and never call ``linalg.qr`` of a thin panel, which Dask allows only with
+one column chunk."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+da = pytest.importorskip("dask.array")
+pytest.importorskip("scipy")  # Dask's linalg.cholesky
+
+import unitary_lr as ul  # noqa: E402
+from unitary_lr.optim import ProjUNN  # noqa: E402
+
+
+def chunked(x):
+    return da.from_array(x, chunks=(16, x.shape[-1]))
+
+
+def _inputs(dtype, n, m):
+    """W (orthonormal columns), a Gaussian G, and A = W diag(0.5^j) V^H of
+    a decaying spectrum, whose top triplets a sketch holds to rounding."""
+    rng = np.random.default_rng(7)
+    W = ul.random_unitary(n, m, dtype=dtype, rng=3)
+    G = rng.standard_normal((n, m))
+    if dtype.startswith("complex"):
+        G = G + 1j * rng.standard_normal((n, m))
+    V = ul.random_unitary(m, dtype=dtype, rng=4)
+    A = (W * 0.5 ** np.arange(m)) @ np.conj(V.T)
+    return W, G.astype(dtype), A.astype(dtype)
+
+
+def _svd_product(result):
+    """(S, U diag(S) Vh): what a truncated SVD determines."""
+    U, S, Vh = result
+    return S, (U * S[..., None, :]) @ Vh
+
+
+CALLS = {
+    "tangent, rank 1": lambda W, G, A: ul.projunn_step(W, G, lr=0.1, rng=2),
+    "direct, rank 8": lambda W, G, A: ul.projunn_step(W, G, lr=0.1, rank=8, variant="direct", rng=2),
+    "cayley, rank 2": lambda W, G, A: ul.projunn_step(W, G, lr=0.1, rank=2, variant="cayley", rng=2),
+    "exp_transport": lambda W, G, A: ul.exp_transport(W, G[:, :2], G[:, 2:4], t=0.1),
+    "randomized_svd, Gram route": lambda W, G, A: ul.randomized_svd(A, 3, rng=1),
+    # rank 1 asked for rank 3: the other two pairs span a null space, any basis of it
+    "randomized_svd, QR route": lambda W, G, A: _svd_product(ul.randomized_svd(G[:, :1] * G[:1, :], 3, rng=1)),
+    "unitarity_error": lambda W, G, A: ul.unitarity_error(W),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CALLS))
+@pytest.mark.parametrize(("dtype", "shape"), [("float64", (48, 48)), ("complex128", (48, 20)), ("float32", (40, 40))])
+def test_dask_gives_numpys_results(name, dtype, shape):
+    arrays = _inputs(dtype, *shape)
+    got = CALLS[name](*map(chunked, arrays))
+    want = CALLS[name](*arrays)
+    got, want = (got, want) if isinstance(want, tuple) else ((got,), (want,))
+    for g, w in zip(got, want):
+        assert isinstance(g, da.Array)
+        scale = 300 * np.finfo(np.dtype(dtype)).eps * max(1.0, float(np.abs(w).max()))
+        np.testing.assert_allclose(np.asarray(g), w, atol=scale, rtol=0)
+
+
+def test_the_framework_free_optimizer_steps_dask_arrays():
+    W, G, _ = _inputs("float32", 40, 40)
+    results = []
+    for wrap in (chunked, lambda x: x):
+        opt = ProjUNN(lr=0.01, base="rmsprop", rank=1, seed=0)
+        w = wrap(W)
+        for _ in range(3):
+            w = opt.step(w, wrap(G))
+        results.append(w)
+    assert isinstance(results[0], da.Array)
+    np.testing.assert_allclose(np.asarray(results[0]), results[1], atol=1e-5, rtol=0)
+    assert float(ul.unitarity_error(results[0])) < 1e-5
