@@ -143,3 +143,22 @@ def test_numpy_update_in_blocks_of_rows_is_the_sum(monkeypatch, dtype, rng, batc
     np.testing.assert_allclose(out, wide(W) + wide(L) @ wide(Rh), atol=tol(dtype, 4) * (1 + r))
     assert out.dtype == W.dtype and _xp.is_column_major(out) == column_major
     np.testing.assert_array_equal(W, before)
+
+
+@pytest.mark.parametrize("r", [2, 3])
+def test_numpy_products_in_blocks_of_rows_are_the_product(monkeypatch, dtype, rng, r):
+    """``matmul_panel`` of a row-major NumPy A beyond the last-level cache and
+    a panel of two or three columns runs one matrix-vector product per column
+    and block of rows (``_xp._blocked_columns``); the thresholds made small
+    here so that 37 rows fall into uneven blocks: the product to rounding
+    against float64, column by column, with a real or complex panel."""
+    from unitary_lr import _xp
+
+    monkeypatch.setattr(_xp, "_BLOCKED_UPDATE_BYTES", 0)
+    monkeypatch.setattr(_xp, "_PRODUCT_BLOCK_BYTES", 5 * 29 * np.dtype(dtype).itemsize)
+    A = random_matrix(rng, (37, 29), dtype)
+    for P in (random_matrix(rng, (29, r), dtype), random_matrix(rng, (29, r), "complex128")):
+        out = matmul_panel(np, A, np.asfortranarray(P))
+        wide = lambda x: x.astype(np.complex128)
+        np.testing.assert_allclose(out, wide(A) @ wide(P), atol=tol(dtype, 4) * r)
+        assert out.dtype == np.result_type(A, P) and _xp.is_column_major(out)

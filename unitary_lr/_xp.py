@@ -321,6 +321,9 @@ def matmul_panel(xp, A, P):
     if isinstance(A, Adjoint):  # M^H P
         return adjoint_matmul(xp, A.M, P)
     if by_columns(xp, A, P, "right"):
+        if isinstance(A, numpy.ndarray) and A.ndim == 2 and A.nbytes >= _BLOCKED_UPDATE_BYTES and \
+                A.flags.c_contiguous and isinstance(P, numpy.ndarray) and P.ndim == 2:
+            return _blocked_columns(A, P)
         return xp.concat([A @ P[..., j:j + 1] for j in range(P.shape[-1])], axis=-1)
     if _is_torch(xp) and P.shape[-1] > 1:  # one column runs at memory speed either way
         return mT(xp, mT(xp, P) @ mT(xp, A))
@@ -434,6 +437,31 @@ def add_product(xp, W, L, Rh):
 # within 10 % either way (blocks of 64 KiB lose up to 40 % there).
 _BLOCKED_UPDATE_BYTES = 16 * 2**20
 _UPDATE_BLOCK_BYTES = 2**20
+
+
+# NumPy's products of a row-major A beyond the last-level cache with two or
+# three columns, one matrix-vector product per column (``by_columns``), read
+# A once per column from memory. Block by block of rows (about 512 KiB,
+# which stays in the core's cache for the next column), A is read from memory
+# once. One thread, two columns: float32 4096 x 4096 3.70 -> 2.76 ms, float64
+# 7.73 -> 5.94 ms, complex128 2048 x 2048 5.33 -> 3.60 ms, 4096 x 4096 21.6 ->
+# 13.1 ms; three columns gain more. At 16 MiB and below within 10 % either way.
+_PRODUCT_BLOCK_BYTES = 2**19
+
+
+def _blocked_columns(A, P):
+    """``A @ P`` for a 2-D row-major NumPy A and a panel P of a few columns:
+    one matrix-vector product per column and block of rows, the result
+    column by column."""
+    n = A.shape[0]
+    out = numpy.empty((n, P.shape[-1]), dtype=numpy.result_type(A, P), order="F")
+    columns = [numpy.ascontiguousarray(P[:, j]) for j in range(P.shape[-1])]
+    rows = max(8, _PRODUCT_BLOCK_BYTES // max(1, A.strides[0]))
+    for start in range(0, n, rows):
+        block = A[start:start + rows]
+        for j, column in enumerate(columns):
+            numpy.matmul(block, column, out=out[start:start + rows, j])
+    return out
 
 
 def _blocked_update(W, L, Rh):
