@@ -79,8 +79,8 @@ def randomized_svd(A, /, rank, *, oversample=10, power_iters=2, rng=None):
 
     Notes
     -----
-    Halko, Martinsson and Tropp (2011), Algorithms 4.4 and 5.1, with the
-    small work of design section 6: the sketch ``Y = A Omega`` with a
+    Halko, Martinsson and Tropp (2011), Algorithms 4.4 and 5.1, with every
+    small factorization on the host: the sketch ``Y = A Omega`` with a
     Gaussian ``Omega`` (complex Gaussian for complex A), ``power_iters``
     rounds of ``Y <- A (A^H Y)`` with a new well-conditioned basis of each
     panel from the shifted Cholesky factor of its Gram (no QR), and
@@ -96,9 +96,10 @@ def randomized_svd(A, /, rank, *, oversample=10, power_iters=2, rng=None):
     A Gram squares the spread of the singular values: it resolves
     ``S_rank`` to about ``eps_64 (S_1 / S_rank)^2`` relative, where an SVD of
     B in A's precision resolves it to ``eps (S_1 / S_rank)``. When that loses
-    more than a few digits against A's own precision (float64 A whose
-    ``S_1 / S_rank`` exceeds 16; float32 only far down at about 1e4, where
-    both lose most of theirs) or the sketch has fewer than ``rank``
+    more than a few digits against A's own precision (float64 A, or a
+    32-bit A on a device without float64, whose ``S_1 / S_rank`` exceeds 16;
+    float32 and complex64 with float64 Grams only far down, at about 1e4,
+    where both lose most of theirs) or the sketch has fewer than ``rank``
     directions (A of lower rank, A = 0), the call finishes as Halko et al.
     do: a QR of the sketch, ``B^H = A^H Q`` (one more pass over A) and the
     SVD of that n x l panel.
@@ -107,7 +108,7 @@ def randomized_svd(A, /, rank, *, oversample=10, power_iters=2, rng=None):
     of each column of U real and positive, Vh's row rotated to match), so the
     same seed gives the same factors on every backend, not only the same
     product. Cost: ``(2 + 2 power_iters)`` passes over A (one more on the
-    QR path), O(m n l) flops with ``l = rank + oversample``, and O((m + n) l)
+    QR route), O(m n l) flops with ``l = rank + oversample``, and O((m + n) l)
     memory.
 
     Examples
