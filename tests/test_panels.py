@@ -131,7 +131,7 @@ def test_numpy_update_in_blocks_of_rows_is_the_sum(monkeypatch, dtype, rng, batc
     sum to rounding against float64, in W's layout, W untouched."""
     from unitary_lr import _xp
 
-    monkeypatch.setattr(_xp, "_BLOCKED_UPDATE_BYTES", 0)
+    monkeypatch.setattr(_xp, "_BEYOND_CACHE_BYTES", 0)
     monkeypatch.setattr(_xp, "_UPDATE_BLOCK_BYTES", 5 * 29 * np.dtype(dtype).itemsize * max(1, len(batch) * 3))
     W = random_matrix(rng, (*batch, 37, 29), dtype)
     if column_major:
@@ -154,7 +154,7 @@ def test_numpy_products_in_blocks_of_rows_are_the_product(monkeypatch, dtype, rn
     against float64, column by column, with a real or complex panel."""
     from unitary_lr import _xp
 
-    monkeypatch.setattr(_xp, "_BLOCKED_UPDATE_BYTES", 0)
+    monkeypatch.setattr(_xp, "_BEYOND_CACHE_BYTES", 0)
     monkeypatch.setattr(_xp, "_PRODUCT_BLOCK_BYTES", 5 * 29 * np.dtype(dtype).itemsize)
     A = random_matrix(rng, (37, 29), dtype)
     for P in (random_matrix(rng, (29, r), dtype), random_matrix(rng, (29, r), "complex128")):

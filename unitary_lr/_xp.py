@@ -321,7 +321,7 @@ def matmul_panel(xp, A, P):
     if isinstance(A, Adjoint):  # M^H P
         return adjoint_matmul(xp, A.M, P)
     if by_columns(xp, A, P, "right"):
-        if isinstance(A, numpy.ndarray) and A.ndim == 2 and A.nbytes >= _BLOCKED_UPDATE_BYTES and \
+        if isinstance(A, numpy.ndarray) and A.ndim == 2 and A.nbytes >= _BEYOND_CACHE_BYTES and \
                 A.flags.c_contiguous and isinstance(P, numpy.ndarray) and P.ndim == 2:
             return _blocked_columns(A, P)
         return xp.concat([A @ P[..., j:j + 1] for j in range(P.shape[-1])], axis=-1)
@@ -418,7 +418,7 @@ def add_product(xp, W, L, Rh):
         else:
             result = fused(W, L, Rh) if out is None else fused(W, L, Rh, out=out)
         return mT(xp, result) if transposed else result
-    if isinstance(W, numpy.ndarray) and W.nbytes >= _BLOCKED_UPDATE_BYTES and L.dtype == Rh.dtype == W.dtype:
+    if isinstance(W, numpy.ndarray) and W.nbytes >= _BEYOND_CACHE_BYTES and L.dtype == Rh.dtype == W.dtype:
         return _blocked_update(W, L, Rh)
     if is_column_major(W):
         out = mT(xp, mT(xp, Rh) @ mT(xp, L))
@@ -434,8 +434,9 @@ def add_product(xp, W, L, Rh):
 # product stays in the cache. One thread, OpenBLAS, rank 2, the CPU's 32 MiB
 # L3: float32 4096 x 4096 11.5 -> 7.5 ms, float64 22.7 -> 15.8 ms, complex128
 # 2048 x 2048 12.8 -> 9.8 ms, 4096 x 4096 52.7 -> 35.5 ms; at 16 MiB and below
-# within 10 % either way (blocks of 64 KiB lose up to 40 % there).
-_BLOCKED_UPDATE_BYTES = 16 * 2**20
+# within 10 % either way (blocks of 64 KiB lose up to 40 % there). The same
+# size decides for the thin products (``_blocked_columns``).
+_BEYOND_CACHE_BYTES = 16 * 2**20
 _UPDATE_BLOCK_BYTES = 2**20
 
 

@@ -185,8 +185,7 @@ def _small_factors(Cy, Cz, scales, *, rank, rows, eps, gram_eps):
     hxp = host_xp
     l = Cy.shape[-1]
     T, _, spread = sketch_basis(hxp, Cy, drop_tolerance(rows, eps, gram_eps))
-    Th = hxp.conj(hxp.swapaxes(T, -1, -2))
-    lam, Vb = hermitian_eigh(hxp, Th @ Cz @ T)
+    lam, Vb = hermitian_eigh(hxp, mH(hxp, T) @ Cz @ T)
     lam, Vb = lam[..., ::-1][..., :rank], Vb[..., ::-1][..., :rank]
     top, low = lam[..., 0], lam[..., -1]
     if not hxp.all(low > 0):
@@ -219,7 +218,7 @@ def _factors(xp, Y, Z, Fu, Fv, S, *, steps_u, steps_v):
 @staged()
 def _range_basis(xp, A, Y):
     """(Q, Bh, whether Bh is finite): Q = qr(Y) and ``Bh = A^H Q``, the QR
-    path of :func:`randomized_svd`."""
+    route of :func:`randomized_svd`."""
     Q, _ = xp.linalg.qr(Y, mode="reduced")
     Bh = adjoint_matmul(xp, A, Q)
     return Q, Bh, xp.all(xp.isfinite(Bh))
