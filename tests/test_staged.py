@@ -32,10 +32,16 @@ monitoring.register_event_duration_secs_listener(_listener)
 
 
 def _warm(dtype):
-    """One step of another shape first: the scalar conversions JAX compiles
-    once per process and dtype are not the step's programs."""
+    """One step and one optimizer step of another shape first: the scalar
+    conversions JAX compiles once per process and dtype (the step's, and the
+    optimizer state's zeros') are not the programs counted. Without the
+    optimizer's, whether the zeros compiled one program or two depended on
+    which tests had run before in the same process."""
+    from unitary_lr.optim import ProjUNN
+
     W, G = _matrices((4, 3), dtype, seed=0)
     jax.block_until_ready(ul.projunn_step(jnp.asarray(W), jnp.asarray(G), lr=0.1, rank=1, rng=0))
+    jax.block_until_ready(ProjUNN(lr=0.1, base="rmsprop", rank=1, seed=0).step(jnp.asarray(W), jnp.asarray(G)))
 
 
 def _compiled(call):
