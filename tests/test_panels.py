@@ -162,3 +162,60 @@ def test_numpy_products_in_blocks_of_rows_are_the_product(monkeypatch, dtype, rn
         wide = lambda x: x.astype(np.complex128)
         np.testing.assert_allclose(out, wide(A) @ wide(P), atol=tol(dtype, 4) * r)
         assert out.dtype == np.result_type(A, P) and _xp.is_column_major(out)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-30, 1e30], ids=["unit", "tiny", "huge"])
+def test_numpy_normal_products_in_blocks_of_rows(monkeypatch, dtype, rng, scale):
+    """``_xp.blocked_normal`` makes ``Y = A X / s`` and ``Z = A^H Y`` block by
+    block of A's rows, with ``s`` the largest |entry| of ``A X`` (plus the
+    smallest normal number) where no divisor is given. Blocks of 5 rows of
+    37, the last rows 8x larger than the first so that the running scale
+    grows mid-way: to rounding against float64, also at 1e30 in float32,
+    where ``A^H A X`` unscaled would overflow, and with a given divisor."""
+    from unitary_lr import _xp
+
+    monkeypatch.setattr(_xp, "_NORMAL_BLOCK_BYTES", 5 * 29 * np.dtype(dtype).itemsize)
+    A = random_matrix(rng, (37, 29), dtype)
+    A[20:] *= 8
+    A = A * np.asarray(scale, dtype=A.real.dtype)
+    X = random_matrix(rng, (29, 1), dtype)
+    wide = lambda x: x.astype(np.complex128)
+    top = np.abs(wide(A) @ wide(X)).max() + np.finfo(A.real.dtype).smallest_normal
+    Y, Z, s = _xp.blocked_normal(A, X)
+    assert s.shape == (1, 1) and s.dtype == A.real.dtype
+    np.testing.assert_allclose(s, top, rtol=tol(dtype))
+    np.testing.assert_allclose(Y, wide(A) @ wide(X) / top, atol=tol(dtype, 4))
+    np.testing.assert_allclose(Z / scale, mH(wide(A)) @ (wide(A) @ wide(X) / top) / scale, atol=tol(dtype, 40))
+    assert Y.dtype == Z.dtype == A.dtype and np.abs(Y).max() == pytest.approx(1, rel=tol(dtype))
+    Y2, Z2, s2 = _xp.blocked_normal(A, Z / s, s)
+    assert s2 is s
+    reference = wide(A) @ (wide(Z) / wide(s)) / wide(s)
+    np.testing.assert_allclose(Y2, reference, rtol=tol(dtype, 40), atol=tol(dtype, 40) * np.abs(reference).max())
+    np.testing.assert_allclose(Z2 / scale, mH(wide(A)) @ wide(Y2) / scale, rtol=tol(dtype, 40),
+                               atol=tol(dtype, 40) * np.abs(Z2 / scale).max())
+    A[11, 3] = np.nan
+    assert not np.isfinite(_xp.blocked_normal(A, X)[1]).all()
+
+
+def test_the_sketch_of_a_numpy_gradient_beyond_the_cache_reads_it_in_blocks(monkeypatch, dtype, rng):
+    """The one-column sketch of a row-major NumPy G beyond the cache makes each
+    pair of products ``G X``, ``G^H (G X)`` in one pass (``blocked_normal``,
+    twice with one power iteration), and gives the panels the plain products
+    give, to rounding; a column-major G, and array_api_strict's arrays, take
+    the plain products."""
+    from unitary_lr import _flow, _xp
+
+    G = random_matrix(rng, (37, 29), dtype)
+    omega = random_matrix(rng, (29, 1), dtype)
+    plain = _flow.sketch_panels(np, G, omega, 1)
+    monkeypatch.setattr(_xp, "_BEYOND_CACHE_BYTES", 0)
+    monkeypatch.setattr(_xp, "_NORMAL_BLOCK_BYTES", 5 * 29 * np.dtype(dtype).itemsize)
+    calls = []
+    monkeypatch.setattr(_flow, "blocked_normal", lambda *args: calls.append(1) or _xp.blocked_normal(*args))
+    blocked = _flow.sketch_panels(np, G, omega, 1)
+    assert len(calls) == 2
+    for got, want in zip(blocked, plain):
+        np.testing.assert_allclose(got, want, atol=tol(dtype, 4) * np.abs(want).max())
+    _flow.sketch_panels(np, np.asfortranarray(G), omega, 1)
+    _flow.sketch_panels(np, G, omega, 0)
+    assert len(calls) == 3  # the column-major G took the plain products; no power iteration: one pass

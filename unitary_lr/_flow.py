@@ -22,6 +22,7 @@ values, and in eager calls exactly one device-to-host transfer.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -29,8 +30,8 @@ from ._cores import (cholesky_columns, drop_tolerance, expm_skew_minus_identity,
                      polar_minus_identity)
 from ._host import staged
 from ._tiny import gram_basis2, polar_small2, skew_core2
-from ._xp import (adjoint_matmul, adjoint_rows, broadcast_shapes, core_dtype, device, matmul_panel, max_abs, mH,
-                  panel_times_small, real_finfo)
+from ._xp import (adjoint_matmul, adjoint_rows, blocked_normal, broadcast_shapes, core_dtype, device, matmul_panel,
+                  max_abs, mH, panel_times_small, real_finfo, rows_beyond_cache)
 
 __all__ = ["checked", "lowrank_right_update", "lowrank_update", "sketch_basis", "sketch_panels", "stiefel_update",
            "transport_update"]
@@ -116,20 +117,38 @@ def sketch_panels(xp, G, omega, power_iters):
         matmul, rmatmul = (lambda X: a @ adjoint_rows(xp, b, X)), (lambda Y: b @ adjoint_rows(xp, a, Y))
     else:
         matmul, rmatmul = (lambda X: matmul_panel(xp, G, X)), (lambda Y: adjoint_matmul(xp, G, Y))
-    Y = matmul(omega)
-    if Y.shape[-1] == 1:
+    if omega.shape[-1] == 1:
         # One column: every panel is rescaled by the first one's largest entry
         # s, whose orders of magnitude are the gradient's (two products make
         # about |G|^2 |Y|, and dividing by s twice keeps them near |Y|): one
         # reduction per step instead of one per panel, and the same direction.
-        Y, s = _scaled(xp, Y)
+        # Each panel Y comes with G^H Y, from one pass over a NumPy G beyond
+        # the cache (_xp.blocked_normal).
+        if rows_beyond_cache(G, omega):
+            normal = functools.partial(blocked_normal, G)
+        else:
+            normal = functools.partial(_normal_pair, xp, matmul, rmatmul)
+        Y, Z, s = normal(omega)
         for _ in range(power_iters):
-            Y = matmul(rmatmul(Y) / s) / s
-        return Y, rmatmul(Y)
+            Y, Z, _ = normal(Z / s, s)
+        return Y, Z
+    Y = matmul(omega)
     for _ in range(power_iters):
         Y = matmul(orthonormal_columns(xp, rmatmul(orthonormal_columns(xp, Y))))
     Y = orthonormal_columns(xp, Y)
     return Y, rmatmul(Y)
+
+
+def _normal_pair(xp, matmul, rmatmul, X, divisor=None):
+    """``(Y, Z, s)`` with ``Y = G X / s`` and ``Z = G^H Y`` (``matmul``,
+    ``rmatmul``: the products with G and G^H); ``s`` is ``divisor`` where
+    given, else the largest |entry| of ``G X`` (see :func:`_scaled`)."""
+    Y = matmul(X)
+    if divisor is None:
+        Y, divisor = _scaled(xp, Y)
+    else:
+        Y = Y / divisor
+    return Y, rmatmul(Y), divisor
 
 
 def orthonormal_columns(xp, Y):
