@@ -263,10 +263,14 @@ def adjoint_matmul(xp, A, B):
     """
     if isinstance(A, Adjoint):  # (M^H)^H B
         return matmul_panel(xp, A.M, B)
-    if is_complex(xp, A.dtype) and _lazy_conjugation(xp):
+    if _lazy_conjugation(xp):
+        # PyTorch: the forms below written out (a step makes three of these
+        # products; the generic helpers cost about 2 us of Python each)
+        if not A.is_complex():
+            return (B.mT @ A).mT
         if is_column_major(A) and B.shape[-1] == 1:
             return A.mH @ B
-        return adjoint_rows(xp, B, A).mH.resolve_conj()
+        return (B.mH @ A).mH.resolve_conj()
     return mH(xp, _as_computed(xp, adjoint_rows(xp, B, A)))
 
 
@@ -297,6 +301,8 @@ def adjoint_rows(xp, P, A):
     (:func:`by_columns`), it is made row by row."""
     if isinstance(A, Adjoint):  # P^H M^H = (M P)^H
         return mH(xp, _as_computed(xp, matmul_panel(xp, A.M, P)))
+    if _lazy_conjugation(xp):  # PyTorch: never by columns, and P^H is a flag (its mT for real P)
+        return P.mH @ A
     if by_columns(xp, A, P, "left"):
         return xp.concat([mH(xp, P[..., j:j + 1]) @ A for j in range(P.shape[-1])], axis=-2)
     if is_complex(xp, P.dtype) and _lazy_conjugation(xp):
@@ -322,12 +328,12 @@ def matmul_panel(xp, A, P):
     """
     if isinstance(A, Adjoint):  # M^H P
         return adjoint_matmul(xp, A.M, P)
+    if _is_torch(xp):  # one column runs at memory speed either way
+        return mT(xp, mT(xp, P) @ mT(xp, A)) if P.shape[-1] > 1 else A @ P
     if by_columns(xp, A, P, "right"):
         if rows_beyond_cache(A, P):
             return _blocked_columns(A, P)
         return xp.concat([A @ P[..., j:j + 1] for j in range(P.shape[-1])], axis=-1)
-    if _is_torch(xp) and P.shape[-1] > 1:  # one column runs at memory speed either way
-        return mT(xp, mT(xp, P) @ mT(xp, A))
     return A @ P
 
 
