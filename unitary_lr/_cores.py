@@ -30,7 +30,7 @@ import numpy
 # and a step makes about a hundred of them); the compat layer before.
 host_xp = numpy if tuple(int(part) for part in numpy.__version__.split(".")[:2]) >= (2, 1) else array_api_compat.numpy
 
-from ._host import from_host_pieces, staged, to_host_pieces
+from ._host import from_host_pieces, from_host_stack, staged, to_host_pieces
 from ._xp import (
     add_product,
     complex_dtype,
@@ -101,8 +101,7 @@ class HostCores:
         host = host_xp.asarray(values, dtype=getattr(host_xp, name))
         if shape is not None:
             host = host.reshape((host.shape[0], *shape))
-        return from_host_pieces(self._xp, host.reshape(-1), [tuple(host.shape[1:])] * host.shape[0],
-                                dtype=self.dtype, device=self.device)
+        return from_host_stack(self._xp, host, dtype=self.dtype, device=self.device)
 
 
 class DeviceCores:

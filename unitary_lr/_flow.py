@@ -381,12 +381,18 @@ def _right_core_tiny(sxp, C, scales, *, lr, variant, sketched, tol, core_eps):
 def _direct_generator_tiny(R, Pi, size):
     """B = -size R A0 R^H with A0 = [[0, 0], [Pi, 0]] (``W^H G_k`` in the
     basis), the 2 x 2 argument of the direct step's polar core."""
-    return tuple(tuple(-size * R[i][1] * Pi * _conj(R[j][0]) for j in range(2)) for i in range(2))
+    (r00, r01), (r10, r11) = R
+    return ((-size * r01 * Pi * _conj(r00), -size * r01 * Pi * _conj(r10)),
+            (-size * r11 * Pi * _conj(r00), -size * r11 * Pi * _conj(r10)))
 
 
 def _skew_core_tiny(C, R, p, size, variant, core_eps):
     """:func:`_skew_core` of ``K = R [[0, p], [-p, 0]] R^H`` (p real) in closed form."""
-    K = tuple(tuple(p * (R[i][0] * _conj(R[j][1]) - R[i][1] * _conj(R[j][0])) for j in range(2)) for i in range(2))
+    (r00, r01), (r10, r11) = R
+    c00, c01, c10, c11 = _conj(r00), _conj(r01), _conj(r10), _conj(r11)
+    # K[i][j] = p (R[i][0] conj(R[j][1]) - R[i][1] conj(R[j][0])), entry by entry
+    K = ((p * (r00 * c01 - r01 * c00), p * (r00 * c11 - r01 * c10)),
+         (p * (r10 * c01 - r11 * c00), p * (r10 * c11 - r11 * c10)))
     t = -size if variant == "cayley" else -size / 2
     return skew_core2(K, t, cayley=variant == "cayley", real=C.dtype.kind != "c", eps=core_eps)
 

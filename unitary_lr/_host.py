@@ -34,8 +34,8 @@ import numpy as np
 
 from ._xp import Adjoint, _is_jax, _is_torch, jax_transfers_allowed, mT
 
-__all__ = ["HOST_STACK_BYTES", "from_host", "from_host_pieces", "host_cast", "is_traced", "own_transfers",
-           "sketch_from_host", "stack_pays", "staged", "to_host", "to_host_pieces", "transfers"]
+__all__ = ["HOST_STACK_BYTES", "from_host", "from_host_pieces", "from_host_stack", "host_cast", "is_traced",
+           "own_transfers", "sketch_from_host", "stack_pays", "staged", "to_host", "to_host_pieces", "transfers"]
 
 
 class _Counter:
@@ -99,6 +99,17 @@ def from_host_pieces(xp, flat: np.ndarray, shapes, *, dtype, device):
         return _cut(flat, shapes, lambda part, shape: host_cast(part.reshape(shape), dtype))
     whole = from_host(xp, flat, dtype=dtype, device=device)
     return _cut(whole, shapes, lambda part, shape: xp.reshape(part, shape))
+
+
+def from_host_stack(xp, stack: np.ndarray, *, dtype, device):
+    """The NumPy arrays ``stack[0], stack[1], ...`` (of one shape) on
+    ``device``, in one transfer: :func:`from_host_pieces` of equal pieces,
+    taken as views by index (one operation each, where a slice and a reshape
+    are two)."""
+    if _is_jax(xp):
+        return tuple(host_cast(part, dtype) for part in stack)
+    whole = from_host(xp, stack, dtype=dtype, device=device)
+    return tuple(whole[i, ...] for i in range(stack.shape[0]))
 
 
 def from_host(xp, x: np.ndarray, *, dtype, device, staged=False):

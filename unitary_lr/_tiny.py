@@ -64,18 +64,22 @@ def eigh2(h00, h01, h11):
 
 def gram_basis2(C, tol):
     """:func:`._cores.gram_basis` of a 2 x 2 Gram C: (T, R, spread)."""
-    d = (C[0][0].real, C[1][1].real)
-    root_d = tuple(math.sqrt(v) if v > 0 else 0.0 for v in d)
-    scale = tuple(1 / v if v > 0 else 0.0 for v in root_d)
-    gamma = C[0][1] * scale[0] * scale[1]
-    lam, V = eigh2(1.0 if d[0] > 0 else 0.0, gamma, 1.0 if d[1] > 0 else 0.0)
-    top = lam[1]
-    keep = tuple(v > tol * top and top > 0 for v in lam)
-    root = tuple(math.sqrt(v) if k else 0.0 for v, k in zip(lam, keep))
-    inverse_root = tuple(1 / v if v else 0.0 for v in root)
-    T = tuple(tuple(V[i][j] * scale[i] * inverse_root[j] for j in range(2)) for i in range(2))
-    R = tuple(tuple(_conj(V[j][i]) * root[i] * root_d[j] for j in range(2)) for i in range(2))
-    smallest = lam[0] if keep[0] else top
+    # written out entry by entry: a step calls this once or twice, and
+    # Python's generator expressions cost more than the arithmetic here
+    d0, d1 = C[0][0].real, C[1][1].real
+    root_d0, root_d1 = (math.sqrt(d0) if d0 > 0 else 0.0), (math.sqrt(d1) if d1 > 0 else 0.0)
+    scale0, scale1 = (1 / root_d0 if root_d0 > 0 else 0.0), (1 / root_d1 if root_d1 > 0 else 0.0)
+    (small, top), ((v00, v01), (v10, v11)) = eigh2(1.0 if d0 > 0 else 0.0, C[0][1] * scale0 * scale1,
+                                                   1.0 if d1 > 0 else 0.0)
+    keep_small = small > tol * top and top > 0
+    root0 = math.sqrt(small) if keep_small else 0.0
+    root1 = math.sqrt(top) if top > tol * top and top > 0 else 0.0
+    inverse0, inverse1 = (1 / root0 if root0 else 0.0), (1 / root1 if root1 else 0.0)
+    # T = diag(scale) V diag(1 / root), R = diag(root) V^H diag(root_d)
+    T = ((v00 * scale0 * inverse0, v01 * scale0 * inverse1), (v10 * scale1 * inverse0, v11 * scale1 * inverse1))
+    R = ((_conj(v00) * root0 * root_d0, _conj(v10) * root0 * root_d1),
+         (_conj(v01) * root1 * root_d0, _conj(v11) * root1 * root_d1))
+    smallest = small if keep_small else top
     spread = top / smallest if smallest > 0 else 1.0
     return T, R, spread
 
@@ -108,13 +112,13 @@ def skew_core2(K, t, *, cayley, real, eps):
     h00, h11 = (1j * t * K[0][0]).real, (1j * t * K[1][1]).real
     lam, V = eigh2(h00, 1j * t * K[0][1], h11)
     noise = 2 * eps * max(abs(lam[0]), abs(lam[1]))
-    phase = []
-    for value in lam:
-        cos_minus_one, sine = _phase_minus_one(value, noise, cayley)
-        phase.append(complex(cos_minus_one, -sine))
-    return tuple(
-        tuple(sum(V[i][j] * phase[j] * _conj(V[k][j]) for j in range(2)) for k in range(2)) for i in range(2)
-    )
+    (c0, s0), (c1, s1) = _phase_minus_one(lam[0], noise, cayley), _phase_minus_one(lam[1], noise, cayley)
+    p0, p1 = complex(c0, -s0), complex(c1, -s1)
+    (v00, v01), (v10, v11) = V
+    # V diag(phase) V^H, entry by entry
+    w00, w01, w10, w11 = _conj(v00), _conj(v01), _conj(v10), _conj(v11)
+    return ((v00 * p0 * w00 + v01 * p1 * w01, v00 * p0 * w10 + v01 * p1 * w11),
+            (v10 * p0 * w00 + v11 * p1 * w01, v10 * p0 * w10 + v11 * p1 * w11))
 
 
 # see _cores._SMALL

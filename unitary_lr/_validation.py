@@ -19,6 +19,7 @@ from ._xp import (
     device,
     dtype_name,
     is_array_api_obj,
+    known_namespace,
     namespace,
 )
 
@@ -36,12 +37,15 @@ def namespace_of(**arrays):
     """
     namespaces = {}
     for name, x in arrays.items():
-        if not is_array_api_obj(x) or isinstance(x, (bool, int, float, complex)):
-            raise TypeError(
-                f"{name} must be an array (NumPy, CuPy, PyTorch, JAX or any Array API "
-                f"library), got {type(x).__name__}: {_describe(x)}"
-            )
-        namespaces[name] = namespace(x)
+        xp = known_namespace(x)  # an array of a type seen before
+        if xp is None:
+            if not is_array_api_obj(x) or isinstance(x, (bool, int, float, complex)):
+                raise TypeError(
+                    f"{name} must be an array (NumPy, CuPy, PyTorch, JAX or any Array API "
+                    f"library), got {type(x).__name__}: {_describe(x)}"
+                )
+            xp = namespace(x)
+        namespaces[name] = xp
     first_name, xp = next(iter(namespaces.items()))
     for name, other in namespaces.items():
         if other is not xp:

@@ -40,6 +40,7 @@ __all__ = [
     "eye",
     "is_array_api_obj",
     "is_complex",
+    "known_namespace",
     "mH",
     "namespace",
     "real_dtype",
@@ -61,6 +62,12 @@ _FLOAT64_SUPPORT: dict[tuple[int, object], bool] = {}
 # type of an array -> its namespace: array_api_compat decides by the type
 # alone, in about ten isinstance tests, and a step asks three times.
 _NAMESPACE_OF_TYPE: dict[type, object] = {}
+
+
+def known_namespace(x):
+    """The namespace of x where arrays of x's type were seen before (only
+    arrays' types are kept), else None."""
+    return _NAMESPACE_OF_TYPE.get(type(x))
 
 
 def namespace(x):
@@ -911,12 +918,12 @@ def _torch_products_in_ieee(torch):
         settings = getattr(getattr(torch.backends, name, None), "matmul", None)
         if settings is None:
             continue
-        if not hasattr(settings, "fp32_precision"):  # PyTorch before 2.9: the TF32 switch alone
+        old = getattr(settings, "fp32_precision", None)  # one read: each calls into torch
+        if old is None:  # PyTorch before 2.9: the TF32 switch alone
             if getattr(settings, "allow_tf32", False):
                 changed.append((settings, "allow_tf32", True))
                 settings.allow_tf32 = False
             continue
-        old = settings.fp32_precision
         if old not in ("ieee", "none"):
             changed.append((settings, "fp32_precision", old))
             settings.fp32_precision = "ieee"

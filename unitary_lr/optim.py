@@ -385,12 +385,19 @@ def unitary_update(
 
 
 def unitary_factors(W, direction, *, lr, rank, variant, rng, oversample=STEP_OVERSAMPLE,
-                    power_iters=STEP_POWER_ITERS):
+                    power_iters=STEP_POWER_ITERS, arrays_checked=False):
     """The projUNN step of W along ``-lr * direction`` as thin factors (L, Rh):
     the new W is ``W + L @ Rh``. Nothing is changed; errors (NaN/Inf in the
-    direction or in W, a W that is not unitary) are raised here."""
-    return projunn_update(W, direction, lr=lr, rank=capped_rank(rank, W.shape), variant=variant,
-                          oversample=oversample, power_iters=power_iters, rng=rng)
+    direction or in W, a W that is not unitary) are raised here.
+    ``arrays_checked``: W and direction need no checks of their own (see
+    ``steps.update_drawn``); ``rng`` is then a NumPy generator."""
+    rank = capped_rank(rank, W.shape)
+    if arrays_checked:
+        return update_drawn(W, direction, lambda xp, shape, dtype: sketch_draw(xp, shape, dtype=dtype, rng=rng),
+                            lr=lr, rank=rank, variant=variant, oversample=oversample, power_iters=power_iters,
+                            arrays_checked=True)
+    return projunn_update(W, direction, lr=lr, rank=rank, variant=variant, oversample=oversample,
+                          power_iters=power_iters, rng=rng)
 
 
 def capped_rank(rank, shape):

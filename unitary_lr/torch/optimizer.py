@@ -30,7 +30,7 @@ from ..optim import (
     unitary_factors,
     unitary_factors_stacked,
 )
-from ..options import ProjUNNOptions
+from ..options import ProjUNNOptions, drift_check_due
 from ..steps import (
     STEP_OVERSAMPLE,
     STEP_POWER_ITERS,
@@ -293,7 +293,7 @@ class ProjUNN(torch.optim.Optimizer):
         for index, group in enumerate(self.param_groups):
             if _torch_optim_group(group):
                 continue  # stepped by torch.optim's own code below, once nothing can fail
-            rule = make_rule(group["base"], **rule_options(group["base"], group))
+            rule = self._rule(group)
             unitary = group["unitary"]
             mode = "modulus" if unitary else "components"
             for i, p in enumerate(group["params"]):
@@ -354,10 +354,12 @@ class ProjUNN(torch.optim.Optimizer):
             if commit is not None:
                 commit()
             steps = new_state["projunn_steps"] + 1
-            xp = array_api_compat.torch
-            new_p, reprojected = control_drift(xp, p.detach(), step=steps, rng=rng, drift_tol=group["drift_tol"],
-                                               drift_check_every=group["drift_check_every"],
-                                               reproject=group["reproject"])
+            reprojected = False
+            if drift_check_due(steps, group["drift_check_every"]):
+                new_p, reprojected = control_drift(array_api_compat.torch, p.detach(), step=steps, rng=rng,
+                                                   drift_tol=group["drift_tol"],
+                                                   drift_check_every=group["drift_check_every"],
+                                                   reproject=group["reproject"])
             if reprojected:
                 p.copy_(new_p)
             saved = generator_state(rng)
@@ -366,6 +368,20 @@ class ProjUNN(torch.optim.Optimizer):
             self.state[p].update(new_state)
             self.__dict__.setdefault("_generators", {})[p] = (dict(saved), rng)
         return loss
+
+    def _rule(self, group):
+        """The group's base rule, made once for each set of its options (a
+        step would otherwise make and check it again, some 5 us)."""
+        options = rule_options(group["base"], group)
+        try:
+            key = (group["base"], *sorted(options.items()))
+            hash(key)
+        except TypeError:  # an option of a type that has no hash: made afresh
+            return make_rule(group["base"], **options)
+        rules = self.__dict__.setdefault("_rules", {})
+        if key not in rules:
+            rules[key] = make_rule(group["base"], **options)
+        return rules[key]
 
     def _sketch_generator(self, p, saved):
         """The generator of p's sketches at the state ``saved`` (its
@@ -446,9 +462,10 @@ def _factors(step, rng):
     """One parameter's factors, or its error as the optimizer reports it."""
     group = step.group
     try:
+        # a parameter and a direction made from its gradient: the arrays need no checks of their own
         return unitary_factors(step.p.detach(), step.direction, lr=group["lr"], rank=group["rank"],
                                variant=group["variant"], rng=rng, oversample=group["oversample"],
-                               power_iters=group["power_iters"])
+                               power_iters=group["power_iters"], arrays_checked=True)
     except ValueError as error:
         raise ValueError(f"{_name(group, step.index, step.i)} (shape {tuple(step.p.shape)}): "
                          f"{_cause(error, step.p.grad, step.direction, group)}; no parameter was changed") from None
