@@ -278,6 +278,35 @@ def test_bad_parameters_and_settings():
         ProjUNN([{"params": [torch.nn.Parameter(torch.eye(3, dtype=torch.float16))], "unitary": True}])
 
 
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("lr", -1e-3, r"lr must be > 0, got -0.001"),
+    ("lr", float("nan"), r"lr must be finite, got nan"),
+    ("rank", 0, r"rank must be >= 1, got 0"),
+    ("rank", 2.0, r"rank must be an integer, got float: 2.0"),
+    ("variant", "geodesic", r"variant must be one of 'tangent', 'direct', 'cayley', got 'geodesic'"),
+    ("power_iters", -1, r"power_iters must be >= 0, got -1"),
+])
+def test_options_edited_after_construction_are_checked_at_the_step(option, value, message):
+    """The step checks a param group's options again (a scheduler or a user
+    may edit them between steps), though not the parameter and its direction,
+    which it made itself: a bad value is a ValueError or TypeError naming the
+    parameter, and nothing changes."""
+    W = unitary_parameter(6, dtype=torch.float64, generator=seeded())
+    opt = ProjUNN([{"params": [W], "param_names": ["W"], "unitary": True}], lr=0.1, base="rmsprop", seed=0)
+    W.grad = torch.ones(6, 6, dtype=torch.float64)
+    opt.step()
+    saved = W.detach().clone()
+    saved_state = {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[W].items()}
+    opt.param_groups[0][option] = value
+    named = r"^W \(shape \(6, 6\)\): " + message + "; no parameter was changed"
+    with pytest.raises((TypeError, ValueError), match=named):
+        opt.step()
+    assert torch.equal(W.detach(), saved)
+    for key, before in saved_state.items():
+        after = opt.state[W][key]
+        assert torch.equal(after, before) if torch.is_tensor(before) else after == before, key
+
+
 def test_nan_gradient_changes_nothing():
     W = unitary_parameter(6, dtype=torch.float64, generator=seeded())
     b = torch.nn.Parameter(torch.ones(6, dtype=torch.float64))

@@ -469,6 +469,9 @@ def _factors(step, rng):
     except ValueError as error:
         raise ValueError(f"{_name(group, step.index, step.i)} (shape {tuple(step.p.shape)}): "
                          f"{_cause(error, step.p.grad, step.direction, group)}; no parameter was changed") from None
+    except TypeError as error:  # an option of the wrong type, edited into the group after construction
+        raise TypeError(f"{_name(group, step.index, step.i)} (shape {tuple(step.p.shape)}): {error}; "
+                        "no parameter was changed") from None
 
 
 def _torch_optim_group(group):
