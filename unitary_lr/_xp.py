@@ -467,17 +467,20 @@ _PRODUCT_BLOCK_BYTES = 2**19
 def rows_beyond_cache(A, P):
     """Whether the NumPy products of A with the thin panel P are made block
     by block of A's rows (``_blocked_columns``, :func:`blocked_normal`): a
-    2-D row-major NumPy A larger than the last-level cache, a 2-D NumPy P."""
-    return isinstance(A, numpy.ndarray) and A.ndim == 2 and A.nbytes >= _BEYOND_CACHE_BYTES and \
+    2-D row-major NumPy A of more than ``_BEYOND_CACHE_BYTES``, a 2-D NumPy
+    P. (At exactly 16 MiB, float32 2048 x 2048, A still fits the 32 MiB
+    cache, and the pair of products in blocks took 0.54 against 0.50 ms.)"""
+    return isinstance(A, numpy.ndarray) and A.ndim == 2 and A.nbytes > _BEYOND_CACHE_BYTES and \
         A.flags.c_contiguous and isinstance(P, numpy.ndarray) and P.ndim == 2
 
 
 # The power iteration's pairs of products ``Y = A X``, then ``A^H Y``, on a
 # NumPy A beyond the last-level cache read A from memory twice. Block by
 # block of rows (about 2 MiB, which stays in the last-level cache for the
-# second product) A is read from memory once. One thread, one column,
-# 4096 x 4096, both products: float64 8.8-9.6 -> 6.7-6.8 ms, complex128
-# 22.0 -> 15.9-16.2 ms, float32 3.5-3.6 -> 3.2-3.3 ms.
+# second product) A is read from memory once. One thread, one column, both
+# products, medians of three runs: 4096 x 4096 float32 4.8 -> 3.4 ms, float64
+# 8.7 -> 6.7 ms, complex128 21.8 -> 15.5 ms; 2048 x 2048 float64 1.86 -> 1.65
+# ms, complex128 5.1 -> 4.1 ms.
 _NORMAL_BLOCK_BYTES = 2**21
 
 
