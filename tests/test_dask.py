@@ -76,3 +76,15 @@ def test_the_framework_free_optimizer_steps_dask_arrays():
     assert isinstance(results[0], da.Array)
     np.testing.assert_allclose(np.asarray(results[0]), results[1], atol=1e-5, rtol=0)
     assert float(ul.unitarity_error(results[0])) < 1e-5
+
+
+@pytest.mark.parametrize(("dtype", "shape"), [("float64", (24, 24)), ("complex128", (24, 10)), ("float32", (10, 24))])
+def test_random_unitary_on_dask_is_numpys(dtype, shape):
+    """``random_unitary(..., xp=dask.array)``: a Dask array with NumPy's
+    values from the same seed (its QR is of a square or thin matrix in one
+    chunk, which Dask takes), orthonormal to rounding."""
+    got = ul.random_unitary(*shape, dtype=dtype, rng=5, xp=da)
+    want = ul.random_unitary(*shape, dtype=dtype, rng=5)
+    assert isinstance(got, da.Array) and got.dtype == want.dtype
+    np.testing.assert_allclose(np.asarray(got), want, atol=100 * np.finfo(np.dtype(dtype)).eps, rtol=0)
+    assert float(ul.unitarity_error(got)) < 100 * np.finfo(np.dtype(dtype)).eps

@@ -312,8 +312,6 @@ def adjoint_rows(xp, P, A):
         return P.mH @ A
     if by_columns(xp, A, P, "left"):
         return xp.concat([mH(xp, P[..., j:j + 1]) @ A for j in range(P.shape[-1])], axis=-2)
-    if is_complex(xp, P.dtype) and _lazy_conjugation(xp):
-        return P.mH @ A
     return mH(xp, _as_computed(xp, P)) @ A
 
 
