@@ -92,6 +92,8 @@ def check_matrix(name, x, *, square=False):
 def check_batch_compatible(**arrays):
     """The leading (batch) axes of the named arrays must broadcast together;
     returns the broadcast batch shape."""
+    if all(x.ndim == 2 for x in arrays.values()):  # single matrices, the common case
+        return ()
     try:
         return broadcast_shapes(*(tuple(x.shape[:-2]) for x in arrays.values()))
     except ValueError:
