@@ -333,6 +333,24 @@ def test_a_step_checks_the_options_but_not_its_own_arrays_again(monkeypatch):
     assert error(W) < 1e-5
 
 
+def test_a_scheduler_that_cycles_an_option_gets_a_fresh_rule_and_no_growing_cache():
+    """The optimizer keeps one base rule per group and makes it again when an
+    option changes (as ``OneCycleLR`` cycles momentum or betas every step):
+    each step's second moment uses that step's alpha, and the kept rules do
+    not grow with the number of values seen."""
+    W = unitary_parameter(6, dtype=torch.float64, generator=seeded())
+    opt = ProjUNN([W], lr=0.01, base="rmsprop", seed=0)
+    g = torch.linspace(-1, 1, 36, dtype=torch.float64).reshape(6, 6)
+    expected = torch.zeros(6, 6, dtype=torch.float64)
+    for alpha in (0.9, 0.8, 0.7, 0.95, 0.6):
+        opt.param_groups[0]["alpha"] = alpha
+        W.grad = g.clone()
+        opt.step()
+        expected = alpha * expected + (1 - alpha) * g * g
+        torch.testing.assert_close(opt.state[W]["square_avg"], expected, rtol=1e-14, atol=0)
+    assert [len(kept) for kept in opt._rules.values()] == [1]
+
+
 def test_nan_gradient_changes_nothing():
     W = unitary_parameter(6, dtype=torch.float64, generator=seeded())
     b = torch.nn.Parameter(torch.ones(6, dtype=torch.float64))

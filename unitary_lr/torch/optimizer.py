@@ -293,7 +293,7 @@ class ProjUNN(torch.optim.Optimizer):
         for index, group in enumerate(self.param_groups):
             if _torch_optim_group(group):
                 continue  # stepped by torch.optim's own code below, once nothing can fail
-            rule = self._rule(group)
+            rule = self._rule(index, group)
             unitary = group["unitary"]
             mode = "modulus" if unitary else "components"
             for i, p in enumerate(group["params"]):
@@ -369,9 +369,11 @@ class ProjUNN(torch.optim.Optimizer):
             self.__dict__.setdefault("_generators", {})[p] = (dict(saved), rng)
         return loss
 
-    def _rule(self, group):
-        """The group's base rule, made once for each set of its options (a
-        step would otherwise make and check it again, some 5 us)."""
+    def _rule(self, index, group):
+        """Group ``index``'s base rule, made again only when its options
+        changed (a step would otherwise make and check it again, some 5 us).
+        One rule per group is kept: a scheduler that cycles momentum or betas
+        (``OneCycleLR``) changes them every step."""
         options = rule_options(group["base"], group)
         try:
             key = (group["base"], *sorted(options.items()))
@@ -379,9 +381,10 @@ class ProjUNN(torch.optim.Optimizer):
         except TypeError:  # an option of a type that has no hash: made afresh
             return make_rule(group["base"], **options)
         rules = self.__dict__.setdefault("_rules", {})
-        if key not in rules:
-            rules[key] = make_rule(group["base"], **options)
-        return rules[key]
+        kept = rules.get(index)
+        if kept is None or key not in kept:
+            kept = rules[index] = {key: make_rule(group["base"], **options)}
+        return kept[key]
 
     def _sketch_generator(self, p, saved):
         """The generator of p's sketches at the state ``saved`` (its
