@@ -43,11 +43,11 @@ from .options import (  # the defaults live with the options; re-exported here
 from .steps import (
     STEP_OVERSAMPLE,
     STEP_POWER_ITERS,
-    projunn_update,
     projunn_update_stacked,
     sketch_draw,
     sketch_shape,
     update_drawn,
+    update_seeded,
     update_stacked_drawn,
 )
 
@@ -384,20 +384,16 @@ def unitary_update(
                          reproject=reproject)
 
 
+@exact_products
 def unitary_factors(W, direction, *, lr, rank, variant, rng, oversample=STEP_OVERSAMPLE,
                     power_iters=STEP_POWER_ITERS, arrays_checked=False):
     """The projUNN step of W along ``-lr * direction`` as thin factors (L, Rh):
     the new W is ``W + L @ Rh``. Nothing is changed; errors (NaN/Inf in the
     direction or in W, a W that is not unitary) are raised here.
     ``arrays_checked``: W and direction need no checks of their own (see
-    ``steps.update_drawn``); ``rng`` is then a NumPy generator."""
-    rank = capped_rank(rank, W.shape)
-    if arrays_checked:
-        return update_drawn(W, direction, lambda xp, shape, dtype: sketch_draw(xp, shape, dtype=dtype, rng=rng),
-                            lr=lr, rank=rank, variant=variant, oversample=oversample, power_iters=power_iters,
-                            arrays_checked=True)
-    return projunn_update(W, direction, lr=lr, rank=rank, variant=variant, oversample=oversample,
-                          power_iters=power_iters, rng=rng)
+    ``steps.update_drawn``)."""
+    return update_seeded(W, direction, rng, lr=lr, rank=capped_rank(rank, W.shape), variant=variant,
+                         oversample=oversample, power_iters=power_iters, arrays_checked=arrays_checked)
 
 
 def capped_rank(rank, shape):

@@ -168,9 +168,17 @@ def projunn_update(
     adds ``L @ Rh`` to the parameter in one fused pass), which saves the new
     n x n array and a pass.
     """
+    return update_seeded(W, G, rng, lr=lr, rank=rank, variant=variant, oversample=oversample,
+                         power_iters=power_iters)
+
+
+def update_seeded(W, G, rng, /, *, lr, rank, variant, oversample, power_iters, arrays_checked=False):
+    """:func:`projunn_update` with the sketch drawn from ``rng`` (None, a seed
+    or a NumPy generator); ``arrays_checked`` as in :func:`update_drawn`."""
     gen = as_generator(rng)
     return update_drawn(W, G, lambda xp, shape, dtype: sketch_draw(xp, shape, dtype=dtype, rng=gen), lr=lr,
-                        rank=rank, variant=variant, oversample=oversample, power_iters=power_iters)
+                        rank=rank, variant=variant, oversample=oversample, power_iters=power_iters,
+                        arrays_checked=arrays_checked)
 
 
 @exact_products
