@@ -308,3 +308,71 @@ def test_device_closed_form_eigh_matches_lapack(backend, dtype, rng, size, scale
     assert np.abs(np.conj(np.swapaxes(V, -1, -2)) @ V - np.eye(size)).max() <= 8 * eps
     rebuilt = V @ (lam[..., None] * np.conj(np.swapaxes(V, -1, -2)))
     assert np.all(np.abs(rebuilt - H).max(axis=(-2, -1)) <= 8 * eps * top)
+
+
+@pytest.mark.parametrize("cayley", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_device_real_exponential_is_a_plane_rotation(backend, rng, dtype, cayley):
+    """``_cores.expm_skew_minus_identity`` of real 2 x 2 skew matrices (the
+    core of a real rank-1 tangent or Cayley step on the device) in closed
+    form, on every backend: ``expm(t K) - I`` (or the Cayley map minus I)
+    against the float64 rotation (checked against SciPy's ``expm``) and a
+    dense solve, with full relative
+    accuracy for tiny steps, orthogonal to rounding for huge ones, with t a
+    number or an array broadcasting as (..., 1, 1) (a traced learning rate
+    times the panels' scales); and the same as the general complex form."""
+    if dtype == "float64" and not backend.has_float64:
+        dtype = "float32"  # the device has no float64: its cores run in float32
+    eps = np.finfo(dtype).eps
+    kappa = rng.standard_normal(24) * np.logspace(-3, 1, 24)
+    kappa[0] = 0.0
+    K = np.zeros((24, 2, 2))
+    K[:, 0, 1], K[:, 1, 0] = kappa, -kappa
+    from unitary_lr._xp import namespace
+
+    K_b = backend.asarray(K, dtype)
+    xp = namespace(K_b)
+    K = K.astype(dtype).astype(np.float64)  # the reference of the rounded K
+
+    def reference(t):
+        A = t * K
+        if cayley:
+            eye = np.eye(2)
+            return np.linalg.solve(eye - A / 2, eye + A / 2) - eye
+        # the rotation by t kappa in float64 (SciPy's expm agrees with it to
+        # its own accuracy, some 400 ulps at angles of 50: scaling and squaring)
+        theta = A[:, 0, 1]
+        c, s = np.cos(theta) - 1, np.sin(theta)
+        exact = np.stack([np.stack([c, s], -1), np.stack([-s, c], -1)], -2)
+        small = np.abs(theta) <= 2
+        assert np.abs(exact[small] - (np.stack([scipy.linalg.expm(a) for a in A[small]]) - np.eye(2))).max() <= 8 * EPS
+        return exact
+
+    for t in (0.3, -1.7):
+        D = backend.to_numpy(_cores.expm_skew_minus_identity(xp, K_b, t, cayley=cayley)).astype(np.float64)
+        exact = reference(t)
+        # entry by entry to a few ulps of the rotation's size, plus the
+        # rounding of the angle t kappa, plus the reference's own (it
+        # subtracts I: about one float64 ulp of 1)
+        angle = np.abs(t * kappa)[:, None, None]
+        size = np.abs(exact).max(axis=(-2, -1), keepdims=True)
+        assert np.all(np.abs(D - exact) <= 16 * eps * (size + angle) + 4 * EPS), (t, np.abs(D - exact).max())
+        general = _cores.expm_skew_minus_identity(xp, xp.astype(K_b, xp.complex64 if dtype == "float32" else xp.complex128),
+                                                  t, cayley=cayley)
+        assert np.abs(backend.to_numpy(general) - D).max() <= 16 * eps * (1 + abs(t) * np.abs(kappa).max())
+    # a tiny step: cos - 1 and sin to full relative accuracy (the dense
+    # reference, which subtracts I, cannot tell), both maps to first order
+    t = 1e-6 if dtype == "float32" else 1e-12
+    theta = t * kappa
+    D = backend.to_numpy(_cores.expm_skew_minus_identity(xp, K_b, t, cayley=cayley)).astype(np.float64)
+    assert np.all(np.abs(D[:, 0, 1] - theta) <= 4 * eps * np.abs(theta))
+    assert np.all(np.abs(D[:, 1, 0] + theta) <= 4 * eps * np.abs(theta))
+    assert np.all(np.abs(D[:, 0, 0] + theta**2 / 2) <= 8 * eps * theta**2 / 2)
+    assert np.all(D[:, 1, 1] == D[:, 0, 0])
+    t = backend.asarray(np.full((24, 1, 1), 0.3), dtype)
+    D = backend.to_numpy(_cores.expm_skew_minus_identity(xp, K_b, t, cayley=cayley)).astype(np.float64)
+    assert D.shape == (24, 2, 2) and np.abs(D - reference(0.3)).max() <= 16 * eps * (1 + 0.3 * np.abs(kappa).max()) + 4 * EPS
+    for t in (1e8, 1e30):  # the angle is rounding's, but the rotation is exact
+        D = backend.to_numpy(_cores.expm_skew_minus_identity(xp, K_b, t, cayley=cayley)).astype(np.float64)
+        Q = D + np.eye(2)
+        assert np.abs(np.swapaxes(Q, -1, -2) @ Q - np.eye(2)).max() <= 8 * eps

@@ -154,49 +154,47 @@ def hermitian_eigh(xp, H):
     r = 2, the cores of a rank-1 step, in closed form from elementwise
     operations: on a device a library eigensolver is a solver call of its
     own (PyTorch's CUDA ``eigh`` cannot be captured in a CUDA graph), and
-    these matrices need none. The 2 x 2 form reads the eigenvector of the
-    larger eigenvalue from the row of ``H - lambda I`` without cancellation
-    (as ``_tiny.eigh2`` does on the host), so it is accurate to rounding
-    relative to the larger eigenvalue, as LAPACK's; scaled by the larger of
-    the half-difference and the off-diagonal entry, it neither overflows nor
-    underflows. Where the two eigenvalues are equal, any orthonormal pair is
-    returned (the functions of H built from them do not depend on it)."""
+    these matrices need none.
+
+    The 2 x 2 form is one Jacobi rotation. With ``h01 = |h01| e^{i w}``,
+    ``H = P S P^H`` for ``P = diag(1, e^{-i w})`` and the real symmetric
+    ``S = [[h00, |h01|], [|h01|, h11]]``, whose eigenvectors are
+    ``(cos phi, sin phi)`` and ``(-sin phi, cos phi)`` for the angle
+    ``2 phi = atan2(|h01|, (h00 - h11) / 2)``; the eigenvalues are
+    ``mean -+ hypot((h00 - h11) / 2, |h01|)``. ``atan2`` and ``hypot`` take
+    ratios, so no entry of any size overflows or underflows, the
+    eigenvalues are accurate to rounding relative to the larger one, as
+    LAPACK's, and the eigenvectors are orthonormal to rounding. Where the
+    two eigenvalues are equal the angle is 0 and the pair is the identity's
+    (any orthonormal pair is right there). On a GPU each operation is a
+    kernel of its own: 17 operations for a real H, 24 for a complex one."""
     r = H.shape[-1]
     if r > 2:
         return xp.linalg.eigh(H)
-    real = xp.real(H) if is_complex(xp, H.dtype) else H
+    complex_ = is_complex(xp, H.dtype)
+    real = xp.real(H) if complex_ else H
     if r == 1:
         return real[..., 0], xp.ones_like(H)
-    conj = xp.conj if is_complex(xp, H.dtype) else (lambda x: x)
-    h00, h11, h01 = real[..., 0, 0], real[..., 1, 1], H[..., 0, 1]
-    mean, half, off = (h00 + h11) / 2, (h00 - h11) / 2, xp.abs(h01)
-    big = xp.maximum(xp.abs(half), off)
-    unit = xp.where(big > 0, big, xp.ones_like(big))
-    half_s, off_s = half / unit, off / unit
-    rho_s = xp.sqrt(half_s * half_s + off_s * off_s)  # rho / unit, in [1, sqrt(2)] unless H is a multiple of I
-    if is_complex(xp, H.dtype):  # part by part: a complex division by a tiny number can overflow inside
-        h01_s = xp.astype(xp.real(h01) / unit, H.dtype) + xp.astype(xp.imag(h01) / unit, H.dtype) * 1j
-    else:
-        h01_s = h01 / unit
-    upper = half >= 0
-    x = xp.where(upper, xp.astype(half_s + rho_s, H.dtype, copy=False), h01_s)
-    y = xp.where(upper, conj(h01_s), xp.astype(rho_s - half_s, H.dtype, copy=False))
-    norm = xp.sqrt(xp.abs(x) ** 2 + xp.abs(y) ** 2)  # at least rho_s: no underflow
-    # H = mean I (big = 0, so x = y = 0): every vector is an eigenvector. Decided
-    # on the divisor itself: XLA may compute big and x in separate fusions with
-    # different last bits, and a test on big (0 in one, 1e-16 in the other) gave
-    # 0 / 0 for an H within rounding of I (a re-based sketch's Gram) under jax.jit.
-    equal = ~(norm > 0)
-    safe = xp.astype(xp.where(equal, xp.ones_like(norm), norm), H.dtype, copy=False)
-    x = xp.where(equal, xp.ones_like(x), x / safe)
-    y = xp.where(equal, xp.zeros_like(y), y / safe)
-    rho = rho_s * big
+    h00, h11, h01 = real[..., 0, 0] / 2, real[..., 1, 1] / 2, H[..., 0, 1]
+    mean, half = h00 + h11, h00 - h11  # halved first: no overflow
+    # a real H rotates by the signed off-diagonal entry; a complex one by its
+    # modulus, its phase moved into the second row of the eigenvectors
+    off = xp.abs(h01) if complex_ else h01
+    rho = xp.hypot(half, off)
+    phi = xp.atan2(off, half) / 2
+    c, s = xp.cos(phi), xp.sin(phi)
     lam = xp.stack([mean - rho, mean + rho], axis=-1)
-    V = xp.stack([xp.stack([-conj(y), x], axis=-1), xp.stack([conj(x), y], axis=-1)], axis=-2)
+    if complex_:
+        # e^{-i w} = conj(h01) / |h01|, 1 where h01 = 0
+        phase = xp.where(off > 0, xp.conj(h01) / xp.astype(xp.where(off > 0, off, 1.0), H.dtype), 1.0)
+        c, s = xp.astype(c, H.dtype), xp.astype(s, H.dtype)
+        V = xp.stack([xp.stack([-s, c], axis=-1), xp.stack([phase * c, phase * s], axis=-1)], axis=-2)
+    else:
+        V = xp.stack([xp.stack([-s, c], axis=-1), xp.stack([c, s], axis=-1)], axis=-2)
     return lam, V
 
 
-def gram_basis(xp, C, tol, *, basis_only=False):
+def gram_basis(xp, C, tol, *, basis_only=False, with_spread=True):
     """A basis of the span of a panel P (..., n, m) from its Gram C = P^H P.
 
     Returns (T, R, spread): Q = P T has orthonormal columns, or exactly zero
@@ -209,26 +207,31 @@ def gram_basis(xp, C, tol, *, basis_only=False):
     zero panel keeps none). Shapes do not depend on values: traceable.
     ``basis_only``: (T, None, None), for callers that need only the basis
     (on the host every operation here is a NumPy call on a tiny array, and
-    R and the spread are a third of them).
+    R and the spread are a third of them); ``with_spread=False``: (T, R,
+    None), for traced callers, which cannot look at the spread.
     """
+    # Python zeros and ones in the selections: the standard broadcasts them
+    # at no cost, where a zeros_like is an operation (a kernel on a device)
     d = xp.real(xp.linalg.diagonal(C))
-    zero, one = xp.zeros_like(d), xp.ones_like(d)  # also lam's shape and dtype
     positive = d > 0
-    root_d = xp.sqrt(xp.where(positive, d, one))
-    scale = xp.where(positive, 1 / root_d, zero)
+    root_d = xp.sqrt(xp.where(positive, d, 1.0))
+    scale = xp.where(positive, 1 / root_d, 0.0)
     lam, V = hermitian_eigh(xp, C * xp.astype(scale[..., :, None] * scale[..., None, :], C.dtype, copy=False))
     top = xp.max(lam, axis=-1, keepdims=True)
-    keep = (lam > tol * top) & (top > 0)
-    root = xp.sqrt(xp.where(keep, lam, one))
-    inverse_root = xp.where(keep, 1 / root, zero)
+    # (tol < 1: a top <= 0, a zero panel's, keeps nothing)
+    keep = lam > tol * top
+    root = xp.sqrt(xp.where(keep, lam, 1.0))
+    inverse_root = xp.where(keep, 1 / root, 0.0)
     T = V * xp.astype(scale[..., :, None] * inverse_root[..., None, :], V.dtype, copy=False)
     if basis_only:
         return T, None, None
-    kept_root, column_root = xp.where(keep, root, zero), xp.where(positive, root_d, zero)
+    kept_root, column_root = xp.where(keep, root, 0.0), xp.where(positive, root_d, 0.0)
     R = mH(xp, V) * xp.astype(kept_root[..., :, None] * column_root[..., None, :], V.dtype, copy=False)
+    if not with_spread:
+        return T, R, None
     smallest = xp.min(xp.where(keep, lam, top), axis=-1)
-    kept_any, ones = smallest > 0, xp.ones_like(smallest)
-    spread = xp.where(kept_any, top[..., 0] / xp.where(kept_any, smallest, ones), ones)
+    kept_any = smallest > 0
+    spread = xp.where(kept_any, top[..., 0] / xp.where(kept_any, smallest, 1.0), 1.0)
     return T, R, spread
 
 
@@ -272,7 +275,7 @@ def drop_tolerance(n, eps, core_eps):
 
 
 def expm_skew_minus_identity(xp, K, t, *, cayley=False):
-    """expm(t K) - I for skew-Hermitian K (..., r, r); t a number or a 0-d array.
+    """expm(t K) - I for skew-Hermitian K (..., r, r); t a number or an array that broadcasts as (..., 1, 1).
     ``cayley=True``: the Cayley map ``(I - t/2 K)^(-1) (I + t/2 K) - I`` instead.
 
     With i t K = V diag(lam) V^H (Hermitian eigendecomposition),
@@ -285,6 +288,8 @@ def expm_skew_minus_identity(xp, K, t, *, cayley=False):
     grows, where ``I - t/2 K`` is singular in floating point. Real K gives a
     real result built from exact plane rotations (see below).
     """
+    if K.shape[-1] == 2 and not is_complex(xp, K.dtype):
+        return _plane_rotation_minus_identity(xp, K, t, cayley)
     ctype = complex_dtype(xp, K.dtype)
     Kc = xp.astype(K, ctype, copy=False)
     if isinstance(t, (int, float)):
@@ -303,7 +308,7 @@ def expm_skew_minus_identity(xp, K, t, *, cayley=False):
     # angle, eps t |K|, would otherwise rotate W's untouched directions.
     size = xp.abs(lam)
     noise = lam.shape[-1] * xp.finfo(lam.dtype).eps * xp.max(size, axis=-1, keepdims=True)
-    angle = xp.where(size <= noise, xp.zeros_like(angle), angle)
+    angle = xp.where(size <= noise, 0.0, angle)
     half = xp.sin(angle / 2)
     cos_minus_one = -2 * half * half
     sine = xp.sin(angle)
@@ -344,9 +349,30 @@ def expm_skew_minus_identity(xp, K, t, *, cayley=False):
     return left @ mH(xp, xp.concat([x, y], axis=-1))
 
 
+def _plane_rotation_minus_identity(xp, K, t, cayley):
+    """:func:`expm_skew_minus_identity` of a real 2 x 2 K: a skew K is
+    ``kappa [[0, 1], [-1, 0]]``, and ``expm(t K)`` the plane rotation by the
+    angle ``t kappa`` (the Cayley map: ``2 atan(t kappa / 2)``), with
+    ``cos - 1 = -2 sin^2(angle / 2)`` for full relative accuracy at tiny
+    angles, the angle reduced to [-pi, pi] as in the general form. Eight
+    elementwise operations where the eigendecomposition of ``i t K`` took
+    some ninety on a device (``_tiny.skew_core2`` is the same on the host)."""
+    if not isinstance(t, (int, float)):  # an array (a traced learning rate, the panels' scales)
+        t = xp.astype(t, K.dtype)
+    tK = K * t  # t is a number, or broadcasts as (..., 1, 1)
+    theta = (tK[..., 0, 1] - tK[..., 1, 0]) / 2  # t kappa, of the skew part
+    if cayley:
+        angle = 2 * xp.atan(theta / 2)
+    else:
+        angle = theta - (2 * math.pi) * xp.round(theta / (2 * math.pi))
+    half = xp.sin(angle / 2)
+    cos_minus_one, sine = -2 * half * half, xp.sin(angle)
+    return xp.stack([xp.stack([cos_minus_one, sine], axis=-1), xp.stack([-sine, cos_minus_one], axis=-1)], axis=-2)
+
+
 def _column_norm(xp, x):
     norm = xp.sqrt(xp.sum(x * x, axis=-2, keepdims=True))
-    return xp.where(norm > 0, norm, xp.ones_like(norm))
+    return xp.where(norm > 0, norm, 1.0)
 
 
 def polar_minus_identity(xp, B, *, bottom=None, traced=True):
@@ -383,9 +409,8 @@ def polar_minus_identity(xp, B, *, bottom=None, traced=True):
                                       bottom=None if bottom is None else xp.astype(bottom, ctype), traced=True)
         return xp.real(result) if bottom is None else tuple(xp.real(x) for x in result)
     select = is_small[..., None, None]
-    zero = xp.zeros_like(stacked)
-    small = _polar_small(xp, *_split(xp, xp.where(select, stacked, zero), r, bottom is not None))
-    large = _polar_large(xp, xp.where(select, zero, stacked), norm, identity, bottom is not None)
+    small = _polar_small(xp, *_split(xp, xp.where(select, stacked, 0.0), r, bottom is not None))
+    large = _polar_large(xp, xp.where(select, 0.0, stacked), norm, identity, bottom is not None)
     if bottom is None:
         return xp.where(select, small, large)
     return tuple(xp.where(select, s, g) for s, g in zip(small, large))
@@ -412,7 +437,7 @@ def _polar_large(xp, stacked, norm, identity, has_bottom):
     # polar(c M) = polar(M) for c > 0: divide by ||B|| (>= 1/2 here) so that
     # I + B is formed without overflow however large B is.
     r = identity.shape[-1]
-    scale = xp.astype(xp.where(norm > 1, norm, xp.ones_like(norm)), stacked.dtype)[..., None, None]
+    scale = xp.astype(xp.where(norm > 1, norm, 1.0), stacked.dtype)[..., None, None]
     scaled = stacked / scale
     if has_bottom:
         pad = xp.zeros((*stacked.shape[:-2], stacked.shape[-2] - r, r), dtype=stacked.dtype, device=device(stacked))

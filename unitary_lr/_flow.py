@@ -177,10 +177,10 @@ def orthonormal_columns(xp, Y):
     return xp.astype(cholesky_columns(xp, F, adjoint_rows(xp, F, F), tol), Y.dtype, copy=False)
 
 
-def _newton_schulz_factor(xp, Q):
-    gram = adjoint_rows(xp, Q, Q)
-    identity = xp.eye(Q.shape[-1], dtype=Q.dtype, device=device(Q))
-    return 1.5 * identity - 0.5 * gram
+def _newton_schulz_factor(xp, Q, three_halves):
+    """``(3 I - Q^H Q) / 2``, given ``1.5 I``: made once for all the steps
+    (on a device an identity is two kernels)."""
+    return three_halves - 0.5 * adjoint_rows(xp, Q, Q)
 
 
 def _gram(xp, panels, core):
@@ -313,8 +313,10 @@ def newton_schulz_basis(xp, P, T, reorthonormalize, column_scale=None):
     if column_scale is not None:
         P = P * column_scale[..., None, :]
     Q = panel_times_small(xp, P, T)
-    for _ in range(reorthonormalize):
-        Q = panel_times_small(xp, Q, _newton_schulz_factor(xp, Q))
+    if reorthonormalize:
+        three_halves = 1.5 * xp.eye(Q.shape[-1], dtype=Q.dtype, device=device(Q))
+        for _ in range(reorthonormalize):
+            Q = panel_times_small(xp, Q, _newton_schulz_factor(xp, Q, three_halves))
     return Q
 
 
@@ -527,6 +529,11 @@ def _sketch_projector(sxp, Cy, Cz, *, rank, l, sketched, tol):
     ``Y (Y^H Y)^+ Z^H`` (Grams Cy = Y^H Y, Cz = Z^H Z); otherwise I."""
     if not sketched:
         return sxp.broadcast_to(sxp.eye(l, dtype=Cy.dtype), (*Cy.shape[:-2], l, l))
+    if l == 1:
+        # one column: 1 / |y|^2, 0 for y = 0 (``gram_basis`` of the 1 x 1 Cy,
+        # in closed form, as the host's ``_right_core_tiny`` has it)
+        d = sxp.real(Cy)
+        return sxp.astype(sxp.where(d > 0, 1 / sxp.where(d > 0, d, 1.0), 0.0), Cy.dtype, copy=False)
     Ty, _, _ = sketch_basis(sxp, Cy, tol, basis_only=True)
     if rank >= l:
         return Ty @ mH(sxp, Ty)
@@ -571,7 +578,7 @@ def _right_core(sxp, Cy, CP, *, lr, variant, rank, l, sketched, tol, traced, sca
     zero = sxp.zeros_like(Pi)
     # W^H G_k = c Pi Z^H = [Z, c] A0 [Z, c]^H
     A0 = sxp.concat([sxp.concat([zero, zero], axis=-1), sxp.concat([Pi, zero], axis=-1)], axis=-2)
-    T, R, spread = gram_basis(sxp, CP, tol)
+    T, R, spread = gram_basis(sxp, CP, tol, with_spread=not traced)
     A = R @ A0 @ mH(sxp, R)
     size = _step_size(sxp, lr, scale)
     if variant == "direct":
