@@ -167,7 +167,7 @@ def hermitian_eigh(xp, H):
     LAPACK's, and the eigenvectors are orthonormal to rounding. Where the
     two eigenvalues are equal the angle is 0 and the pair is the identity's
     (any orthonormal pair is right there). On a GPU each operation is a
-    kernel of its own: 17 operations for a real H, 24 for a complex one."""
+    kernel of its own: 15 operations for a real H, 22 for a complex one."""
     r = H.shape[-1]
     if r > 2:
         return xp.linalg.eigh(H)
@@ -188,10 +188,11 @@ def hermitian_eigh(xp, H):
         # e^{-i w} = conj(h01) / |h01|, 1 where h01 = 0
         phase = xp.where(off > 0, xp.conj(h01) / xp.astype(xp.where(off > 0, off, 1.0), H.dtype), 1.0)
         c, s = xp.astype(c, H.dtype), xp.astype(s, H.dtype)
-        V = xp.stack([xp.stack([-s, c], axis=-1), xp.stack([phase * c, phase * s], axis=-1)], axis=-2)
+        entries = [-s, c, phase * c, phase * s]
     else:
-        V = xp.stack([xp.stack([-s, c], axis=-1), xp.stack([c, s], axis=-1)], axis=-2)
-    return lam, V
+        entries = [-s, c, c, s]
+    # [[-s, c], [c', s']] row by row: one stack, whose reshape is a view
+    return lam, xp.reshape(xp.stack(entries, axis=-1), (*c.shape, 2, 2))
 
 
 def gram_basis(xp, C, tol, *, basis_only=False, with_spread=True):
@@ -367,7 +368,8 @@ def _plane_rotation_minus_identity(xp, K, t, cayley):
         angle = theta - (2 * math.pi) * xp.round(theta / (2 * math.pi))
     half = xp.sin(angle / 2)
     cos_minus_one, sine = -2 * half * half, xp.sin(angle)
-    return xp.stack([xp.stack([cos_minus_one, sine], axis=-1), xp.stack([-sine, cos_minus_one], axis=-1)], axis=-2)
+    # [[cos - 1, sin], [-sin, cos - 1]] row by row: one stack, reshaped as a view
+    return xp.reshape(xp.stack([cos_minus_one, sine, -sine, cos_minus_one], axis=-1), (*angle.shape, 2, 2))
 
 
 def _column_norm(xp, x):

@@ -285,12 +285,12 @@ def _balance(sxp, C, T, traced, bound):
     step NaN. None when no column needs it (eager calls, decided on the host);
     traced calls always scale."""
     d = sxp.real(sxp.linalg.diagonal(C))
-    exponent = sxp.round(sxp.log2(sxp.sqrt(sxp.where(d > 0, d, sxp.ones_like(d)))))
-    exponent = sxp.clip(exponent, -bound, bound)
+    # log2 of the column lengths sqrt(d); a zero column is left alone
+    exponent = sxp.clip(sxp.round(sxp.log2(sxp.where(d > 0, d, 1.0)) / 2), -bound, bound)
     if not traced and not bool(sxp.any(sxp.abs(exponent) > 40)):
         return T, None
-    scale = 2.0 ** -exponent
-    return T * sxp.astype(2.0 ** exponent, T.dtype)[..., :, None], sxp.astype(scale, T.dtype)
+    factor = 2.0 ** exponent  # and its inverse, exact: powers of two in range
+    return T * sxp.astype(factor, T.dtype)[..., :, None], sxp.astype(1 / factor, T.dtype)
 
 
 @staged("reorthonormalize")
@@ -320,11 +320,15 @@ def newton_schulz_basis(xp, P, T, reorthonormalize, column_scale=None):
     return Q
 
 
-# Newton-Schulz steps of a traced call, which cannot look at the conditioning:
-# enough for the worst spread a basis keeps (the drop tolerance's inverse),
-# where Q's departure from orthonormal columns is about 2e-2 (see
-# newton_schulz_count): 2e-2 -> 3e-4 -> 7e-8 -> 4e-15.
-_TRACED_REORTHONORMALIZE = 3
+def _traced_reorthonormalize(tol, m, eps, core_eps):
+    """Newton-Schulz steps of a traced call, which cannot look at the
+    conditioning: :func:`newton_schulz_count` at the worst spread a basis
+    keeps, the drop tolerance's inverse. Decided by the dtypes and the
+    shapes alone: 2 for float32 panels with float64 cores (a departure of
+    about 2e-2 -> 5e-4 -> 2e-7), 4 for float64 ones (3e-2 -> 1e-3 -> 1e-6 ->
+    9e-13 -> eps: three, the fixed count before, stopped at 9e-13 in the
+    worst case)."""
+    return newton_schulz_count(1 / tol, m, eps, core_eps)
 
 
 def _reorthonormalize_steps(sxp, spread, m, eps, core_eps):
@@ -507,7 +511,7 @@ def lowrank_right_update(xp, W, Y, Z, *, lr, variant, rank, cores, sketched, nam
         _check_unitary(sxp, block(0, 0), block(2, 2))
     T, D, spread = _right_core(sxp, block(0, 0), CP, lr=lr, variant=variant, rank=rank, l=l,
                                sketched=sketched, tol=tol, traced=cores.traced, scale=_product(sxp, scales))
-    steps = (_TRACED_REORTHONORMALIZE if cores.traced
+    steps = (_traced_reorthonormalize(tol, CP.shape[-1], eps, cores.eps) if cores.traced
              else _reorthonormalize_steps(sxp, spread, CP.shape[-1], eps, cores.eps))
     T, D, column_scale = _scatter(sxp, cores, CP, T, D)
     return _apply_right(xp, W, P, T, D, steps, column_scale)
@@ -533,7 +537,8 @@ def _sketch_projector(sxp, Cy, Cz, *, rank, l, sketched, tol):
         # one column: 1 / |y|^2, 0 for y = 0 (``gram_basis`` of the 1 x 1 Cy,
         # in closed form, as the host's ``_right_core_tiny`` has it)
         d = sxp.real(Cy)
-        return sxp.astype(sxp.where(d > 0, 1 / sxp.where(d > 0, d, 1.0), 0.0), Cy.dtype, copy=False)
+        positive = d > 0
+        return sxp.astype(sxp.where(positive, 1 / sxp.where(positive, d, 1.0), 0.0), Cy.dtype, copy=False)
     Ty, _, _ = sketch_basis(sxp, Cy, tol, basis_only=True)
     if rank >= l:
         return Ty @ mH(sxp, Ty)
@@ -575,11 +580,10 @@ def _right_core(sxp, Cy, CP, *, lr, variant, rank, l, sketched, tol, traced, sca
     coordinates, for ``G_k = scale * Y Pi Z^H``, and the basis' spread (see
     :func:`gram_basis`)."""
     Pi = _sketch_projector(sxp, Cy, CP[..., :l, :l], rank=rank, l=l, sketched=sketched, tol=tol)
-    zero = sxp.zeros_like(Pi)
-    # W^H G_k = c Pi Z^H = [Z, c] A0 [Z, c]^H
-    A0 = sxp.concat([sxp.concat([zero, zero], axis=-1), sxp.concat([Pi, zero], axis=-1)], axis=-2)
     T, R, spread = gram_basis(sxp, CP, tol, with_spread=not traced)
-    A = R @ A0 @ mH(sxp, R)
+    # W^H G_k = c Pi Z^H = [Z, c] A0 [Z, c]^H with A0 = [[0, 0], [Pi, 0]], so
+    # A = R A0 R^H = R_c Pi R_Z^H, from the columns of R (l each)
+    A = (R[..., :, l:] @ Pi) @ mH(sxp, R[..., :, :l])
     size = _step_size(sxp, lr, scale)
     if variant == "direct":
         D = polar_minus_identity(sxp, -size * A, traced=traced)
@@ -643,9 +647,9 @@ def stiefel_update(xp, W, Y, Z, *, lr, variant, rank, cores, sketched, names):
     Pi = _sketch_projector(sxp, Cy, Cz, rank=rank, l=l, sketched=sketched, tol=tol)
     zero = sxp.zeros_like(Pi)
     K0 = sxp.concat([sxp.concat([zero, Pi], axis=-1), sxp.concat([-Pi, zero], axis=-1)], axis=-2)
-    T, R, spread = gram_basis(sxp, Cn, tol)
+    T, R, spread = gram_basis(sxp, Cn, tol, with_spread=not cores.traced)
     D = _skew_core(sxp, R @ K0 @ mH(sxp, R), _step_size(sxp, lr, _product(sxp, scales)), variant)
-    steps = (_TRACED_REORTHONORMALIZE if cores.traced
+    steps = (_traced_reorthonormalize(tol, Cn.shape[-1], eps, cores.eps) if cores.traced
              else _reorthonormalize_steps(sxp, spread, Cn.shape[-1], eps, cores.eps))
     return _apply_left(xp, W, P, *_scatter(sxp, cores, Cn, T, D), steps)
 
@@ -690,7 +694,7 @@ def _stiefel_direct(xp, W, Y, Z, *, lr, rank, cores, sketched, names):
     Pi = _sketch_projector(sxp, Cy, Cm[..., :l, :l], rank=rank, l=l, sketched=sketched, tol=tol)
     zero = sxp.zeros_like(Pi)
     A0 = sxp.concat([sxp.concat([zero, zero], axis=-1), sxp.concat([Pi, zero], axis=-1)], axis=-2)
-    T, R, spread = gram_basis(sxp, Cm, tol)
+    T, R, spread = gram_basis(sxp, Cm, tol, with_spread=not cores.traced)
     size = _step_size(sxp, lr, _product(sxp, scales))
     B = -size * (R @ A0 @ mH(sxp, R))
     E = -size * (Pi @ mH(sxp, R[..., :, :l]))
@@ -701,10 +705,12 @@ def _stiefel_direct(xp, W, Y, Z, *, lr, rank, cores, sketched, names):
     Ca = block(1, 1)
     da, dy = sxp.real(sxp.linalg.diagonal(Ca)), sxp.real(sxp.linalg.diagonal(Cy))
     keep = sxp.astype(da > _in_range_threshold(eps, W.shape[-1]) * dy, Ca.dtype)
-    Ta, Ra, spread_a = gram_basis(sxp, Ca * (keep[..., :, None] * keep[..., None, :]), tol)
+    Ta, Ra, spread_a = gram_basis(sxp, Ca * (keep[..., :, None] * keep[..., None, :]), tol,
+                                  with_spread=not cores.traced)
     D, X_bottom = polar_minus_identity(sxp, B, bottom=Ra @ E, traced=cores.traced)
     if cores.traced:
-        steps = steps_a = _TRACED_REORTHONORMALIZE
+        steps = _traced_reorthonormalize(tol, Cm.shape[-1], eps, cores.eps)
+        steps_a = _traced_reorthonormalize(tol, l, eps, cores.eps)
     else:
         steps = _reorthonormalize_steps(sxp, spread, Cm.shape[-1], eps, cores.eps)
         steps_a = _reorthonormalize_steps(sxp, spread_a, l, eps, cores.eps)
@@ -890,8 +896,8 @@ def transport_update(xp, W, a, b, *, t, cores, cayley=False):
             return _apply_left(xp, W, P, T, D, column_scale, steps)
         if square:
             _check_unitary(sxp, CP, CW)
-    T, R, spread = gram_basis(sxp, CW, tol)
-    steps = (_TRACED_REORTHONORMALIZE if cores.traced
+    T, R, spread = gram_basis(sxp, CW, tol, with_spread=not cores.traced)
+    steps = (_traced_reorthonormalize(tol, CW.shape[-1], eps, cores.eps) if cores.traced
              else _reorthonormalize_steps(sxp, spread, CW.shape[-1], eps, cores.eps))
     identity = sxp.broadcast_to(sxp.eye(k, dtype=C.dtype), (*C.shape[:-2], k, k))
     zero = sxp.zeros_like(identity)
