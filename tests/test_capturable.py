@@ -196,18 +196,19 @@ def test_state_keeps_its_storage_from_step_to_step(base):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.complex64])
-@pytest.mark.parametrize("variant", ["tangent", "cayley"])
+@pytest.mark.parametrize("variant", ["tangent", "cayley", "direct"])
 def test_cuda_graph_replays_advance_parameter_and_state(dtype, variant):
     """The use capturable=True is for: ``opt.step()`` captured once in a CUDA
     graph (PyTorch's whole-network capture recipe, with a static gradient)
     and replayed. Every replay must move W, keep it unitary, advance the
     RMSprop average in the state's own tensor and draw a new sketch. Rank 1,
-    whose traced cores are closed forms (no library solver)."""
+    whose traced cores are closed forms (no library solver; the direct
+    step's on a square W too)."""
     _capture_and_replay(dtype, rank=1, variant=variant)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-@pytest.mark.parametrize("rank, variant", [(8, "tangent"), (2, "cayley"), (1, "direct")])
+@pytest.mark.parametrize("rank, variant", [(8, "tangent"), (2, "cayley"), (2, "direct")])
 def test_cuda_graph_capture_of_a_solver_step_says_why(rank, variant):
     """Steps whose traced cores call ``torch.linalg.eigh`` or ``svd``, which a
     CUDA graph cannot capture (cusolverDnXsyevd failed under capture on an
@@ -227,9 +228,10 @@ def test_cuda_graph_capture_of_a_solver_step_says_why(rank, variant):
 def test_which_steps_a_cuda_graph_captures():
     from unitary_lr.torch.optimizer import captures_in_cuda_graph
 
-    assert captures_in_cuda_graph(1, "tangent") and captures_in_cuda_graph(1, "cayley")
-    assert not any(captures_in_cuda_graph(rank, variant) for rank, variant in
-                   [(2, "tangent"), (8, "cayley"), (1, "direct"), (4, "direct")])
+    assert all(captures_in_cuda_graph(1, variant) for variant in ("tangent", "cayley", "direct"))
+    assert captures_in_cuda_graph(1, "tangent", square=False) and captures_in_cuda_graph(1, "cayley", square=False)
+    assert not any(captures_in_cuda_graph(rank, variant, square=square) for rank, variant, square in
+                   [(2, "tangent", True), (8, "cayley", True), (1, "direct", False), (4, "direct", True)])
 
 
 def _capture_and_replay(dtype, *, rank, variant):

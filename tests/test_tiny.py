@@ -376,3 +376,47 @@ def test_device_real_exponential_is_a_plane_rotation(backend, rng, dtype, cayley
         D = backend.to_numpy(_cores.expm_skew_minus_identity(xp, K_b, t, cayley=cayley)).astype(np.float64)
         Q = D + np.eye(2)
         assert np.abs(np.swapaxes(Q, -1, -2) @ Q - np.eye(2)).max() <= 8 * eps
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "complex64", "complex128"])
+def test_device_polar_factor_of_a_2x2_matrix(backend, rng, dtype):
+    """``_cores._polar_2x2``, the large branch of the direct step's 2 x 2 core
+    on the device (no SVD, so a CUDA graph can capture it), on every backend:
+    the SVD's polar factor ``U V^H`` of random matrices, of nearly singular
+    ones (singular values in the ratio 1e-6 in float32, 1e-12 in float64) and of
+    real ones with a negative determinant (a reflection); unitary to rounding
+    where the polar factor is not unique (rank 1, zero)."""
+    if not backend.has_float64 and dtype in ("float64", "complex128"):
+        dtype = {"float64": "float32", "complex128": "complex64"}[dtype]
+    complex_ = dtype.startswith("complex")
+    eps = np.finfo(dtype).eps
+    M = rng.standard_normal((40, 2, 2)) + (1j * rng.standard_normal((40, 2, 2)) if complex_ else 0)
+    U0, _, V0h = np.linalg.svd(M[:8])
+    gap = 1e-6 if eps > 1e-10 else 1e-12
+    M[:8] = U0 @ (np.array([1.0, gap])[:, None] * V0h)  # nearly singular
+    M[8] = np.diag([2.0, -0.5])  # a reflection's direction in real dtypes
+    M[9] = np.outer([1.0, 2.0], [3.0, -1.0])  # rank 1
+    M[10] = 0
+    M = M.astype(dtype)
+    from unitary_lr._xp import namespace
+
+    M_b = backend.asarray(M)
+    xp = namespace(M_b)
+    identity = backend.asarray(np.eye(2), dtype)
+    U = backend.to_numpy(_cores._polar_2x2(xp, M_b, identity)).astype(np.complex128)
+    assert U.shape == M.shape
+    unitarity = np.abs(np.conj(np.swapaxes(U, -1, -2)) @ U - np.eye(2)).max(axis=(-2, -1))
+    assert np.all(unitarity <= 8 * eps), unitarity.max() / eps
+    Ur, _, Vrh = np.linalg.svd(M.astype(np.complex128))
+    reference = Ur @ Vrh
+    unique = np.ones(40, bool)
+    unique[[9, 10]] = False
+    # to a few ulps; a nearly singular complex M's polar factor has the
+    # condition number 1 / s2 (a real one's 2 / (s1 + s2): Higham, Functions
+    # of Matrices, ch. 8), which the rounding of M itself brings in
+    error = np.abs(U - reference).max(axis=(-2, -1))
+    assert np.all(error[8:][unique[8:]] <= 16 * eps), error.max() / eps
+    assert np.all(error[:8] <= 16 * eps * (1 / gap if complex_ else 1)), error[:8].max() / eps
+    np.testing.assert_allclose(U[10], np.eye(2))
+    if not complex_:
+        assert np.all(np.abs(np.imag(U)) == 0) and np.linalg.det(U[8].real) < 0

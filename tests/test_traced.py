@@ -70,12 +70,14 @@ def test_device_cores_make_no_transfer_and_no_scalar_read():
     np.testing.assert_allclose(V.numpy(), eager.numpy(), atol=1e-12)
 
 
-@pytest.mark.parametrize("variant", ["tangent", "cayley"])
+@pytest.mark.parametrize("variant", ["tangent", "cayley", "direct"])
 @pytest.mark.parametrize("dtype", ["float32", "complex64"])
 def test_rank_one_traced_step_calls_no_eigensolver(variant, dtype):
     """Issue 11's traced path: the 2 x 2 cores of a rank-1 step on the device
-    in closed form (``_cores.hermitian_eigh``), no library eigensolver, which
-    PyTorch cannot capture in a CUDA graph; the same step as the eager one."""
+    in closed form (``_cores.hermitian_eigh``; the direct step's polar factor
+    of a large 2 x 2 matrix by ``_cores._polar_2x2``), no library
+    eigensolver or SVD, which PyTorch cannot capture in a CUDA graph; the
+    same step as the eager one."""
     from _aten import AtenOps
     from unitary_lr.steps import step_unchecked
 

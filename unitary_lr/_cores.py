@@ -401,11 +401,12 @@ def polar_minus_identity(xp, B, *, bottom=None, traced=True):
         if bool(is_small):
             return _polar_small(xp, B, bottom)
         return _polar_large(xp, stacked, norm, identity, bottom is not None)
-    if not is_complex(xp, B.dtype):
+    if not is_complex(xp, B.dtype) and not (r == 2 and bottom is None):
         # The polar factor of a real matrix is real; computed in complex
         # arithmetic here because torch.compile's inductor (2.13) mis-compiles a
         # graph holding both real branches (two real LAPACK calls on related
         # buffers gave a wrong D, never a non-unitary one). The cores are r x r.
+        # (A 2 x 2 square case calls no LAPACK routine, and stays real.)
         ctype = complex_dtype(xp, B.dtype)
         result = polar_minus_identity(xp, xp.astype(B, ctype),
                                       bottom=None if bottom is None else xp.astype(bottom, ctype), traced=True)
@@ -446,11 +447,42 @@ def _polar_large(xp, stacked, norm, identity, has_bottom):
         scaled = scaled + xp.concat([xp.broadcast_to(identity, (*stacked.shape[:-2], r, r)), pad], axis=-2) / scale
     else:
         scaled = scaled + identity / scale
+    if r == 2 and not has_bottom:
+        return _polar_2x2(xp, scaled, identity) - identity
     U, _, Vh = xp.linalg.svd(scaled, full_matrices=False)
     X = U @ Vh
     if not has_bottom:
         return X - identity
     return X[..., :r, :] - identity, X[..., r:, :]
+
+
+def _polar_2x2(xp, M, identity):
+    """The unitary polar factor of 2 x 2 matrices M (..., 2, 2), in closed
+    form: with the SVD ``M = s1 u1 v1^H + s2 u2 v2^H`` and ``d = det M``,
+    ``(d / |d|) adj(M)^H = s2 u1 v1^H + s1 u2 v2^H``, so
+
+        polar(M) = (M + (d / |d|) adj(M)^H) / (s1 + s2),
+        (s1 + s2)^2 = ||M||_F^2 + 2 |d|.
+
+    Each singular pair enters with the weight s1 + s2, so a nearly singular
+    M loses no accuracy in its small direction; a singular one (d = 0) gets
+    the phase 1, one of its polar factors, and M = 0 the identity. A real M
+    of negative determinant gets a reflection, its orthogonal polar factor.
+    Elementwise operations only (no SVD: on a device, no solver call, which a
+    CUDA graph could not capture)."""
+    m00, m01, m10, m11 = M[..., 0, 0], M[..., 0, 1], M[..., 1, 0], M[..., 1, 1]
+    complex_ = is_complex(xp, M.dtype)
+    conj = xp.conj if complex_ else (lambda x: x)
+    det = m00 * m11 - m01 * m10
+    size = xp.abs(det)
+    safe = xp.where(size > 0, size, 1.0)
+    phase = xp.where(size > 0, det / (xp.astype(safe, M.dtype) if complex_ else safe), 1.0)
+    entries = [m00 + phase * conj(m11), m01 - phase * conj(m10), m10 - phase * conj(m01), m11 + phase * conj(m00)]
+    length = xp.sqrt(xp.sum(xp.abs(xp.reshape(M, (*M.shape[:-2], 4))) ** 2, axis=-1) + 2 * size)
+    nonzero = length > 0
+    divisor = xp.where(nonzero, length, 1.0)
+    U = xp.reshape(xp.stack(entries, axis=-1), M.shape) / xp.astype(divisor, M.dtype)[..., None, None]
+    return xp.where(nonzero[..., None, None], U, identity)
 
 
 @staged()

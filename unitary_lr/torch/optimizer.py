@@ -511,7 +511,9 @@ def _capturable_step(xp, p, direction, state, new_state, group):
     ``state["skipped_steps"]`` counts it."""
     W = p.detach()
     rank = capped_rank(group["rank"], W.shape)
-    if W.is_cuda and torch.cuda.is_current_stream_capturing() and not captures_in_cuda_graph(rank, group["variant"]):
+    square = W.shape[-1] == W.shape[-2]
+    if W.is_cuda and torch.cuda.is_current_stream_capturing() and \
+            not captures_in_cuda_graph(rank, group["variant"], square=square):
         # before the first library call that cannot be captured: that call
         # would invalidate the capture, and torch.cuda.graph's exit would then
         # report a bare CUDA error in place of this one
@@ -538,23 +540,27 @@ def _capturable_step(xp, p, direction, state, new_state, group):
     return ((L, Rh), finite), new_state
 
 
-def captures_in_cuda_graph(rank, variant):
+def captures_in_cuda_graph(rank, variant, *, square=True):
     """Whether a capturable step of this rank and variant can be captured in a
     CUDA graph: rank 1 'tangent' and 'cayley', whose small cores are closed
-    forms. The others call torch.linalg.eigh or torch.linalg.svd, whose CUDA
-    kernels synchronise with the host (seen on an H200 with PyTorch 2.11,
-    2026-12-04: cusolverDnXsyevd failed under capture, rank 8)."""
-    return rank == 1 and variant != "direct"
+    forms, and rank 1 'direct' on a square W (its polar factor of a 2 x 2
+    matrix is a closed form too, ``_cores._polar_2x2``; a rectangular W's
+    direct core takes the SVD of a stacked matrix). The others call
+    torch.linalg.eigh or torch.linalg.svd, whose CUDA kernels synchronise
+    with the host (seen on an H200 with PyTorch 2.11, 2026-12-04:
+    cusolverDnXsyevd failed under capture, rank 8)."""
+    return rank == 1 and (variant != "direct" or square)
 
 
 # What a CUDA-graph capture of a capturable step that cannot be captured
 # reports, in place of the CUDA error of the library call.
 _UNCAPTURED = (
     "ProjUNN(capturable=True) could not capture this step (rank {rank}, variant {variant!r}) in a CUDA "
-    "graph: at rank 2 or more (the default rank is 8), and in the 'direct' variant at any rank, the "
-    "traced step's small cores call torch.linalg.eigh or torch.linalg.svd, which PyTorch cannot "
-    "capture (pytorch/pytorch#188355, #195731). Rank-1 'tangent' and 'cayley' steps use closed forms "
-    "and call no library solver; torch.compile without CUDA graphs runs every rank and variant."
+    "graph: at rank 2 or more (the default rank is 8), and in the 'direct' variant of a rectangular "
+    "matrix, the traced step's small cores call torch.linalg.eigh or torch.linalg.svd, which PyTorch "
+    "cannot capture (pytorch/pytorch#188355, #195731). Rank-1 'tangent' and 'cayley' steps, and "
+    "rank-1 'direct' steps of square matrices, use closed forms and call no library solver; "
+    "torch.compile without CUDA graphs runs every rank and variant."
 )
 
 
