@@ -355,9 +355,10 @@ def _plane_rotation_minus_identity(xp, K, t, cayley):
     ``kappa [[0, 1], [-1, 0]]``, and ``expm(t K)`` the plane rotation by the
     angle ``t kappa`` (the Cayley map: ``2 atan(t kappa / 2)``), with
     ``cos - 1 = -2 sin^2(angle / 2)`` for full relative accuracy at tiny
-    angles, the angle reduced to [-pi, pi] as in the general form. Eight
-    elementwise operations where the eigendecomposition of ``i t K`` took
-    some ninety on a device (``_tiny.skew_core2`` is the same on the host)."""
+    angles, the angle reduced to [-pi, pi] as in the general form. Fifteen
+    elementwise operations, where the complex eigendecomposition of ``i t K``
+    and the products of its eigenvectors took about a hundred on a device
+    (``_tiny.skew_core2`` is the same on the host)."""
     if not isinstance(t, (int, float)):  # an array (a traced learning rate, the panels' scales)
         t = xp.astype(t, K.dtype)
     tK = K * t  # t is a number, or broadcasts as (..., 1, 1)
