@@ -420,3 +420,70 @@ def test_device_polar_factor_of_a_2x2_matrix(backend, rng, dtype):
     np.testing.assert_allclose(U[10], np.eye(2))
     if not complex_:
         assert np.all(np.abs(np.imag(U)) == 0) and np.linalg.det(U[8].real) < 0
+
+
+@pytest.mark.parametrize("dtype", ["float64", "complex128"])
+def test_device_closed_forms_of_subnormal_matrices(backend, dtype):
+    """The closed forms on matrices whose entries or determinant are
+    subnormal: a complex division by such a number overflows inside (NumPy's
+    takes the divisor's reciprocal first), which made the eigenvectors NaN
+    and ``exp_transport`` with t = 2.2e-309 return NaN (found by hypothesis,
+    ``test_properties.py``); the phases are now divided part by part."""
+    if not backend.has_float64:
+        pytest.skip("subnormal float64 numbers need a device with float64")
+    from unitary_lr._xp import namespace
+
+    complex_ = dtype.startswith("complex")
+    h01 = (3e-310 + 4e-310j) if complex_ else 3e-310
+    H = np.array([[1e-310, h01], [np.conj(h01), -2e-310]]).astype(dtype)
+    H_b = backend.asarray(H)
+    lam, V = _cores.hermitian_eigh(namespace(H_b), H_b)
+    lam, V = backend.to_numpy(lam), backend.to_numpy(V)
+    assert np.all(np.isfinite(lam)) and np.all(np.isfinite(V))
+    assert np.abs(np.conj(V.T) @ V - np.eye(2)).max() <= 8 * EPS
+    # XLA's CPU code flushes subnormal numbers to zero: there H is 0
+    flushes = backend.name.startswith("jax")
+    reference = np.zeros(2) if flushes else np.linalg.eigvalsh(H.astype(np.complex128))
+    np.testing.assert_allclose(lam, reference, atol=1e-323)
+    phase = (0.6 + 0.8j) if complex_ else -1.0
+    M = np.diag([1.0, 1e-310 * phase]).astype(dtype)  # det 1e-310 times the phase
+    M_b = backend.asarray(M)
+    U = backend.to_numpy(_cores._polar_2x2(namespace(M_b), M_b, backend.asarray(np.eye(2), dtype)))
+    np.testing.assert_allclose(U, np.diag([1.0, 1.0 if flushes else phase]), atol=4 * EPS)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "complex64", "float64", "complex128"])
+def test_device_eigenvectors_stay_orthonormal_with_a_subnormal_coupling(backend, dtype):
+    """A 2 x 2 Hermitian H of normal diagonal and a subnormal off-diagonal
+    entry (found by fuzzing): the phase of that entry, divided by its
+    subnormal modulus part by part, kept too few digits, and the complex64
+    eigenvectors came out 2e-4 from orthonormal; the phase now comes from the
+    entry's angle."""
+    if dtype.endswith("128") or dtype == "float64":
+        if not backend.has_float64:
+            pytest.skip("subnormal float64 numbers need a device with float64")
+        coupling = 7.5e-320 - 5.4e-319j
+    else:
+        coupling = 7.5e-43 - 5.4e-42j
+    if not dtype.startswith("complex"):
+        coupling = coupling.imag
+    eps = np.finfo(dtype).eps
+    from unitary_lr._xp import namespace
+
+    H = np.array([[-135.5, coupling], [np.conj(coupling), 7.1e-14]]).astype(dtype)
+    H_b = backend.asarray(H)
+    lam, V = _cores.hermitian_eigh(namespace(H_b), H_b)
+    lam, V = backend.to_numpy(lam).astype(np.float64), backend.to_numpy(V).astype(np.complex128)
+    assert np.abs(np.conj(V.T) @ V - np.eye(2)).max() <= 8 * eps
+    rebuilt = V @ np.diag(lam) @ np.conj(V.T)
+    assert np.abs(rebuilt - H).max() <= 8 * eps * 135.5
+
+
+def test_exp_transport_of_a_subnormal_time_is_the_identity_step():
+    """The hypothesis case behind the test above, as it was found."""
+    rng = np.random.default_rng(0)
+    W = ul.random_unitary(2, dtype="complex64", rng=rng)[None]
+    a = (rng.standard_normal((1, 2, 1)) + 1j * rng.standard_normal((1, 2, 1))).astype(np.complex64)
+    b = (rng.standard_normal((1, 2, 1)) + 1j * rng.standard_normal((1, 2, 1))).astype(np.complex64)
+    V = ul.exp_transport(W, a, b, t=2.225073858507203e-309)
+    np.testing.assert_allclose(V, W, atol=1e-6)

@@ -167,7 +167,8 @@ def hermitian_eigh(xp, H):
     LAPACK's, and the eigenvectors are orthonormal to rounding. Where the
     two eigenvalues are equal the angle is 0 and the pair is the identity's
     (any orthonormal pair is right there). On a GPU each operation is a
-    kernel of its own: 15 operations for a real H, 22 for a complex one."""
+    kernel of its own: 17 operations for a real H, 33 for a complex one
+    (torch, counting the numbers the selections take)."""
     r = H.shape[-1]
     if r > 2:
         return xp.linalg.eigh(H)
@@ -181,18 +182,33 @@ def hermitian_eigh(xp, H):
     # modulus, its phase moved into the second row of the eigenvectors
     off = xp.abs(h01) if complex_ else h01
     rho = xp.hypot(half, off)
-    phi = xp.atan2(off, half) / 2
+    # rho = 0: H = mean I, any pair (and XLA's float32 atan2 of two subnormal
+    # numbers is NaN, where its hypot flushes them to 0)
+    phi = xp.where(rho > 0, xp.atan2(off, half), 0.0) / 2
     c, s = xp.cos(phi), xp.sin(phi)
     lam = xp.stack([mean - rho, mean + rho], axis=-1)
     if complex_:
-        # e^{-i w} = conj(h01) / |h01|, 1 where h01 = 0
-        phase = xp.where(off > 0, xp.conj(h01) / xp.astype(xp.where(off > 0, off, 1.0), H.dtype), 1.0)
+        phase = _unit_phase(xp, xp.conj(h01), off)  # e^{-i w}
         c, s = xp.astype(c, H.dtype), xp.astype(s, H.dtype)
         entries = [-s, c, phase * c, phase * s]
     else:
         entries = [-s, c, c, s]
     # [[-s, c], [c', s']] row by row: one stack, whose reshape is a view
     return lam, xp.reshape(xp.stack(entries, axis=-1), (*c.shape, 2, 2))
+
+
+def _unit_phase(xp, z, modulus):
+    """``z / |z|`` for complex z (``modulus`` = ``|z|``), 1 where z = 0, from the angle
+    ``atan2(Im z, Re z)``: of modulus 1 to rounding for every z. Dividing by
+    ``|z|`` is not: a complex division by a tiny number overflows inside
+    (NumPy's takes the reciprocal of a subnormal |z| first: Inf, then NaN),
+    and dividing the parts of a subnormal z by its subnormal modulus keeps
+    too few digits (the eigenvectors of a complex64 H with an off-diagonal
+    entry of 5e-42 were 2e-4 from orthonormal)."""
+    angle = xp.atan2(xp.imag(z), xp.real(z))
+    phase = xp.astype(xp.cos(angle), z.dtype) + xp.astype(xp.sin(angle), z.dtype) * 1j
+    # (XLA's float32 atan2 of two subnormal parts is NaN; its abs flushes them to 0)
+    return xp.where(modulus > 0, phase, 1.0)
 
 
 def gram_basis(xp, C, tol, *, basis_only=False, with_spread=True):
@@ -355,7 +371,7 @@ def _plane_rotation_minus_identity(xp, K, t, cayley):
     ``kappa [[0, 1], [-1, 0]]``, and ``expm(t K)`` the plane rotation by the
     angle ``t kappa`` (the Cayley map: ``2 atan(t kappa / 2)``), with
     ``cos - 1 = -2 sin^2(angle / 2)`` for full relative accuracy at tiny
-    angles, the angle reduced to [-pi, pi] as in the general form. Fifteen
+    angles, the angle reduced to [-pi, pi] as in the general form. Fourteen
     elementwise operations, where the complex eigendecomposition of ``i t K``
     and the products of its eigenvectors took about a hundred on a device
     (``_tiny.skew_core2`` is the same on the host)."""
@@ -476,8 +492,9 @@ def _polar_2x2(xp, M, identity):
     conj = xp.conj if complex_ else (lambda x: x)
     det = m00 * m11 - m01 * m10
     size = xp.abs(det)
-    safe = xp.where(size > 0, size, 1.0)
-    phase = xp.where(size > 0, det / (xp.astype(safe, M.dtype) if complex_ else safe), 1.0)
+    # det / |det| (1 for det = 0); a real one's is exact, a complex one's is
+    # taken from its angle (see _unit_phase)
+    phase = _unit_phase(xp, det, size) if complex_ else xp.where(det < 0, -1.0, xp.ones_like(det))
     entries = [m00 + phase * conj(m11), m01 - phase * conj(m10), m10 - phase * conj(m01), m11 + phase * conj(m00)]
     length = xp.sqrt(xp.sum(xp.abs(xp.reshape(M, (*M.shape[:-2], 4))) ** 2, axis=-1) + 2 * size)
     nonzero = length > 0
