@@ -35,11 +35,16 @@ def test_matches_scipy_expm(backend, dtype, rng, k, batch, t):
     assert np.all(unitarity(V) <= tol(dtype, 1))
 
 
-@pytest.mark.parametrize("t", [50.0, 1e4])
-def test_unitary_for_long_steps(backend, dtype, rng, t):
+@pytest.mark.parametrize("t", [50.0, 1e4, 1e300, -1.7976931348623157e308])
+@pytest.mark.parametrize("cayley", [False, True])
+def test_unitary_for_long_steps(backend, dtype, rng, t, cayley):
+    """Any finite t, the largest float64 included: t = 1.8e308 overflowed the
+    cores of a 32-bit W (whose panels take no scale, so t went unclamped)
+    and returned NaN."""
     W = haar(rng, N, dtype)
     a, b = random_matrix(rng, (2, N, 2), dtype)
-    V = backend.to_numpy(ul.exp_transport(*(backend.asarray(x) for x in (W, a, b)), t=t))
+    transport = ul.cayley_transport if cayley else ul.exp_transport
+    V = backend.to_numpy(transport(*(backend.asarray(x) for x in (W, a, b)), t=t))
     assert np.all(np.isfinite(V))
     assert np.all(unitarity(V) <= tol(dtype, 1))
 

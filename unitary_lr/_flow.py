@@ -868,10 +868,13 @@ def transport_update(xp, W, a, b, *, t, cores, cayley=False):
     C, *scales = cores.gather(C, *scales)
     P = panels[0]
     sxp = cores.xp
+    # clamped whether or not the panels were scaled: t = 1.8e308 times K
+    # overflowed in the cores of a float32 W (no scales), and W became NaN
+    t = _clamped(sxp, t)
     for factor in scales:
         if not cores.traced and C.ndim == 2:
             factor = _scalar(factor).real  # t stays a Python number
-        t = _clamped(sxp, _clamped(sxp, t) * _clamped(sxp, factor))
+        t = _clamped(sxp, t * _clamped(sxp, factor))
     CP = C[..., :2 * k, :2 * k]
     CW = C[..., 2 * k:, 2 * k:] if square else CP
     eps = _eps(xp, W.dtype)
