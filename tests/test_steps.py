@@ -284,6 +284,31 @@ def test_huge_lr_times_g_is_unitary_on_every_backend(backend, dtype, rng, varian
         assert np.all(unitarity(V) < tol(dtype)), (lr, scale, unitarity(V))
 
 
+@pytest.mark.parametrize("variant", ["tangent", "cayley", "direct"])
+@pytest.mark.parametrize("dtype", ["float32", "complex64"])
+def test_huge_rank_one_step_of_a_32_bit_w_keeps_it_unitary(rng, dtype, variant):
+    """A single 32-bit W, rank 1 (the host's closed-form cores): a float32
+    gradient of 1e20 takes no scale before the float64 cores, so the direct
+    core's 2 x 2 B reached 1e190, whose squared entries raised OverflowError
+    in the closed form's norm (and made the general core's norm Inf, which
+    left W unmoved). Now every such step keeps W unitary, eager and traced,
+    and the direct and Cayley steps move it (to their saturated limits)."""
+    import array_api_compat.numpy as xp
+
+    from unitary_lr.steps import sketch_matrix, step_unchecked
+
+    W = haar(rng, N, dtype)
+    G = random_matrix(rng, (N, N), dtype) * 1e20
+    omega = sketch_matrix(xp, (N, 1), dtype=W.dtype, device="cpu", rng=0)
+    for lr in (1e150, 1e300, 1.7976931348623157e308):
+        eager = ul.projunn_step(W, G, lr=lr, rank=1, variant=variant, rng=0)
+        traced = step_unchecked(xp, W, G, omega, lr=lr, rank=1, variant=variant, power_iters=1, traced=True)
+        for V in (eager, traced):
+            assert np.all(np.isfinite(V)) and unitarity(V) < tol(dtype), (lr, unitarity(V))
+            if variant != "tangent":  # a rotation by an angle of 1e190 is rounding's: any angle
+                assert np.abs(V - W).max() > 1e-3, lr  # the saturated polar factor, a reflection
+
+
 @pytest.mark.parametrize("variant", ["tangent", "direct"])
 @pytest.mark.parametrize("factored", [False, True], ids=["dense", "factors"])
 def test_lr_times_g_beyond_the_dtype_range_is_unitary_or_a_clear_error(rng, variant, factored):

@@ -412,7 +412,7 @@ def polar_minus_identity(xp, B, *, bottom=None, traced=True):
     r = B.shape[-1]
     identity = eye(xp, r, like=B)
     stacked = B if bottom is None else xp.concat([B, bottom], axis=-2)
-    norm = xp.linalg.matrix_norm(stacked)
+    norm = _frobenius(xp, stacked)
     is_small = norm <= _SMALL
     if not traced and B.ndim == 2:
         if bool(is_small):
@@ -434,6 +434,17 @@ def polar_minus_identity(xp, B, *, bottom=None, traced=True):
     if bottom is None:
         return xp.where(select, small, large)
     return tuple(xp.where(select, s, g) for s, g in zip(small, large))
+
+
+def _frobenius(xp, X):
+    """``||X||_F`` of (..., r, s) without overflow: an X with entries beyond
+    1e154 is divided by its largest entry first (squares of 1e190, a float32
+    step of lr 1e150 on a gradient of 1e20, made the norm Inf and the step
+    nothing). Small entries are left alone: their squares may underflow, but
+    such an X is in the small-B branch either way."""
+    big = xp.max(xp.abs(X), axis=(-2, -1))
+    scale = xp.where(big > 1, big, 1.0)
+    return scale * xp.linalg.matrix_norm(X / xp.astype(scale, X.dtype)[..., None, None])
 
 
 def _split(xp, stacked, r, has_bottom):

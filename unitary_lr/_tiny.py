@@ -132,7 +132,9 @@ def polar_small2(B, bottom=()):
     ``bottom``, rows of two entries E stacked under I + B: the polar factor X
     of ``[I + B; E]`` as the pair ``(X_top - I, X_bottom)``, or None when
     ``||[B; E]||_F`` is beyond the range."""
-    if math.sqrt(sum(abs(x) ** 2 for row in (*B, *bottom) for x in row)) > _SMALL:
+    # hypot: squares of entries beyond 1e154 overflow a Python float, which
+    # raises (a float32 step of lr 1e150 on a gradient of 1e20 did)
+    if math.hypot(*(abs(x) for row in (*B, *bottom) for x in row)) > _SMALL:
         return None
     Bh = adjoint2(B)
     BhB = mul2(Bh, B)
