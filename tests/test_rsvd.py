@@ -85,6 +85,32 @@ def test_zero_and_rank_deficient_matrices_give_no_nan(backend, dtype, rng):
     np.testing.assert_allclose((U * S) @ Vh, B, atol=tol(dtype, 10) * S[0])
 
 
+def test_matrices_of_tiny_and_huge_entries_give_orthonormal_factors(backend, dtype, rng):
+    """A of entries near the dtype's smallest normal number (and below it)
+    or near its largest: the Gram route's coefficient of V, ``F_u / S``,
+    reached 1e40 for a float32 A of 1e-40, Inf in float32, and Vh came back
+    NaN with only a RuntimeWarning; the panels' columns are now balanced by
+    powers of two. XLA's CPU code flushes subnormal numbers: there A is 0."""
+    real = "float32" if dtype in ("float32", "complex64") else "float64"
+    if real == "float64" and not backend.has_float64:
+        dtype, real = {"float64": "float32", "complex128": "complex64"}[dtype], "float32"
+    tiny = {"float32": [1e-40, 1e-37], "float64": [1e-310, 1e-300]}[real]
+    huge = {"float32": [1e36], "float64": [1e300]}[real]
+    X = random_matrix(rng, (12, 9), dtype).astype(np.complex128 if is_complex(dtype) else np.float64)
+    for scale in tiny + huge:
+        A = (X * scale).astype(dtype)
+        U, S, Vh = (backend.to_numpy(x) for x in ul.randomized_svd(backend.asarray(A), 3, rng=0))
+        assert np.all(np.isfinite(U)) and np.all(np.isfinite(S)) and np.all(np.isfinite(Vh)), scale
+        reference = np.linalg.svd(A.astype(np.complex128), compute_uv=False)[:3]
+        if backend.name.startswith("jax") and reference[0] < np.finfo(real).tiny:
+            assert np.all(S == 0)  # flushed to zero: the SVD of 0
+            continue
+        np.testing.assert_allclose(mH(U) @ U, np.eye(3), atol=tol(dtype, 10))
+        np.testing.assert_allclose(Vh @ mH(Vh), np.eye(3), atol=tol(dtype, 10))
+        # subnormal singular values carry fewer digits: to a few ulps of the smallest normal number
+        np.testing.assert_allclose(S, reference, rtol=tol(dtype, 10), atol=8 * np.finfo(real).tiny)
+
+
 def test_full_rank_request_is_exact(rng):
     A = random_matrix(rng, (7, 5), "float64")
     U, S, Vh = ul.randomized_svd(A, 5, oversample=0, power_iters=0, rng=rng)

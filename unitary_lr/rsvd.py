@@ -5,8 +5,9 @@ from __future__ import annotations
 import warnings
 from typing import Any, NamedTuple
 
-from ._cores import HostCores, drop_tolerance, hermitian_eigh, host_xp
-from ._flow import newton_schulz_basis, newton_schulz_count, panel_gram, prepare_panels, sketch_basis, sketch_panels
+from ._cores import HostCores, balance_bound, drop_tolerance, hermitian_eigh, host_xp
+from ._flow import (_balance, newton_schulz_basis, newton_schulz_count, panel_gram, prepare_panels, sketch_basis,
+                    sketch_panels)
 from ._host import from_host, staged
 from ._random import as_generator, host_normal
 from ._validation import (
@@ -148,7 +149,16 @@ def randomized_svd(A, /, rank, *, oversample=10, power_iters=2, rng=None):
             report_nonfinite(xp, "A", A, source="its sketch")  # finite A whose products overflow
         return SVDResult(*_small_svd(xp, Q, Bh, rank=rank))
     Fu, Fv, S, steps_u, steps_v = small
-    return SVDResult(*_factors(xp, Y, Z, *cores.scatter(Fu, Fv, S), steps_u=steps_u, steps_v=steps_v))
+    # Y's and Z's columns balanced by powers of two where the coefficients
+    # would leave A's range: a float32 A of entries 1e-40 has |Z| near
+    # 1e-40 (its singular values), F_v = F_u / S near 1e40, Inf in float32,
+    # and Vh came back NaN
+    bound = balance_bound(xp, A.dtype)
+    (Fu, scale_u), (Fv, scale_v) = (_balance(host_xp, C, F, False, bound) for C, F in ((Cy, Fu), (Cz, Fv)))
+    Fu, Fv, S, *column_scales = cores.scatter(Fu, Fv, S, *(x for x in (scale_u, scale_v) if x is not None))
+    scale_u = column_scales.pop(0) if scale_u is not None else None
+    scale_v = column_scales.pop(0) if scale_v is not None else None
+    return SVDResult(*_factors(xp, Y, Z, Fu, Fv, S, scale_u, scale_v, steps_u=steps_u, steps_v=steps_v))
 
 
 # The phases of randomized_svd between its host reads, each one program on
@@ -206,11 +216,12 @@ def _small_factors(Cy, Cz, scales, *, rank, rows, eps, gram_eps):
 
 
 @staged("steps_u", "steps_v")
-def _factors(xp, Y, Z, Fu, Fv, S, *, steps_u, steps_v):
+def _factors(xp, Y, Z, Fu, Fv, S, scale_u=None, scale_v=None, *, steps_u, steps_v):
     """(U, S, Vh) from the host's coefficients: ``U = Y F_u`` and
-    ``V = Z F_v`` with their Newton-Schulz steps, S real, phases canonical."""
-    U = newton_schulz_basis(xp, Y, Fu, steps_u)
-    V = newton_schulz_basis(xp, Z, Fv, steps_v)
+    ``V = Z F_v`` (the panels' columns scaled first where given) with their
+    Newton-Schulz steps, S real, phases canonical."""
+    U = newton_schulz_basis(xp, Y, Fu, steps_u, scale_u)
+    V = newton_schulz_basis(xp, Z, Fv, steps_v, scale_v)
     U, Vh = canonical_phases(xp, U, mH(xp, V))
     return U, xp.real(S) if is_complex(xp, S.dtype) else S, Vh
 
