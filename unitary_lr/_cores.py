@@ -129,7 +129,7 @@ class DeviceCores:
 
 def balance_bound(xp, dtype):
     """The largest power-of-two exponent that balancing a panel of ``dtype``
-    may move (``_flow._balance``): 2**e and 2**-e, and a column of any finite
+    may move (``_flow.balance_columns``): 2**e and 2**-e, and a column of any finite
     length scaled by either, stay finite there (120 for 32-bit dtypes, whose
     largest finite value is below 2**128; 1016 for 64-bit ones)."""
     return 120 if real_finfo(xp, dtype)[0] > 2.0**-30 else 1016

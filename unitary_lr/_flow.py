@@ -273,7 +273,7 @@ def _check_unitary(sxp, C, CW):
         raise UnitarityError(deviation, UNITARITY_TOLERANCE)
 
 
-def _balance(sxp, C, T, traced, bound):
+def balance_columns(sxp, C, T, traced, bound):
     """(T', column scales or None) with ``P T = (P diag(s)) T'``: powers of two
     that bring the panel's columns (lengths from the diagonal of its Gram C)
     near 1, so that neither P's columns nor T's entries leave the range where
@@ -308,7 +308,7 @@ def _apply_right(xp, W, P, T, D, reorthonormalize, column_scale=None):
 
 
 def newton_schulz_basis(xp, P, T, reorthonormalize, column_scale=None):
-    """Q = P T (P's columns scaled first, see :func:`_balance`), then
+    """Q = P T (P's columns scaled first, see :func:`balance_columns`), then
     ``reorthonormalize`` Newton-Schulz steps."""
     if column_scale is not None:
         P = P * column_scale[..., None, :]
@@ -739,11 +739,11 @@ def _direct_panels(xp, W, Y, Z, *, sketched, checked):
 def _scatter_direct(sxp, cores, Cm, Ca, T, D, Ta, X_bottom):
     """(T, D, Ta, X_bottom, column scale of [Z, c] or None, column scale of
     a_perp or None) on the device in one transfer: both panels balanced (see
-    :func:`_balance`, with the Grams Cm of [Z, c] and Ca of a_perp) where
+    :func:`balance_columns`, with the Grams Cm of [Z, c] and Ca of a_perp) where
     needed. A float32 gradient of 1e-40 gave T of about 2**133, Inf in
     float32, and a NaN step."""
-    T, zc_scale = _balance(sxp, Cm, T, cores.traced, cores.balance_bound)
-    Ta, a_scale = _balance(sxp, Ca, Ta, cores.traced, cores.balance_bound)
+    T, zc_scale = balance_columns(sxp, Cm, T, cores.traced, cores.balance_bound)
+    Ta, a_scale = balance_columns(sxp, Ca, Ta, cores.traced, cores.balance_bound)
     scales = [x for x in (zc_scale, a_scale) if x is not None]
     T, D, Ta, X_bottom, *scales = cores.scatter(T, D, Ta, X_bottom, *scales)
     zc_scale = scales.pop(0) if zc_scale is not None else None
@@ -834,8 +834,8 @@ def _product(sxp, scales):
 
 def _scatter(sxp, cores, C, T, D):
     """(T, D, column scale or None) on the device, in one transfer; the panel
-    columns balanced (see :func:`_balance`) where needed."""
-    T, column_scale = _balance(sxp, C, T, cores.traced, cores.balance_bound)
+    columns balanced (see :func:`balance_columns`) where needed."""
+    T, column_scale = balance_columns(sxp, C, T, cores.traced, cores.balance_bound)
     if column_scale is None:
         return (*cores.scatter(T, D), None)
     return cores.scatter(T, D, column_scale)

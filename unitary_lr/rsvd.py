@@ -6,8 +6,15 @@ import warnings
 from typing import Any, NamedTuple
 
 from ._cores import HostCores, balance_bound, drop_tolerance, hermitian_eigh, host_xp
-from ._flow import (_balance, newton_schulz_basis, newton_schulz_count, panel_gram, prepare_panels, sketch_basis,
-                    sketch_panels)
+from ._flow import (
+    balance_columns,
+    newton_schulz_basis,
+    newton_schulz_count,
+    panel_gram,
+    prepare_panels,
+    sketch_basis,
+    sketch_panels,
+)
 from ._host import from_host, staged
 from ._random import as_generator, host_normal
 from ._validation import (
@@ -17,7 +24,15 @@ from ._validation import (
     namespace_of,
     report_nonfinite,
 )
-from ._xp import adjoint_matmul, core_dtype, device, exact_products, is_complex, mH, real_finfo
+from ._xp import (
+    adjoint_matmul,
+    core_dtype,
+    device,
+    exact_products,
+    is_complex,
+    mH,
+    real_finfo,
+)
 
 __all__ = ["SVDResult", "randomized_svd"]
 
@@ -154,7 +169,8 @@ def randomized_svd(A, /, rank, *, oversample=10, power_iters=2, rng=None):
     # 1e-40 (its singular values), F_v = F_u / S near 1e40, Inf in float32,
     # and Vh came back NaN
     bound = balance_bound(xp, A.dtype)
-    (Fu, scale_u), (Fv, scale_v) = (_balance(host_xp, C, F, False, bound) for C, F in ((Cy, Fu), (Cz, Fv)))
+    (Fu, scale_u), (Fv, scale_v) = (balance_columns(host_xp, C, F, False, bound)
+                                    for C, F in ((Cy, Fu), (Cz, Fv)))
     Fu, Fv, S, *column_scales = cores.scatter(Fu, Fv, S, *(x for x in (scale_u, scale_v) if x is not None))
     scale_u = column_scales.pop(0) if scale_u is not None else None
     scale_v = column_scales.pop(0) if scale_v is not None else None
