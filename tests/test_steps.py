@@ -247,6 +247,34 @@ def test_tangent_project(backend, dtype, rng):
     np.testing.assert_allclose(again, T, atol=tol(dtype, 30))
 
 
+@pytest.mark.parametrize("shape", [(N, N), (N, 4), (4, N)])
+def test_tangent_project_of_a_gradient_near_the_dtype_limit(backend, dtype, rng, shape):
+    """G = W B with B's two entries [0, 1] and [1, 0] at 0.6 of the dtype's
+    largest number: its projection ``W skew(B)`` is representable (and small
+    there), but ``S + S^H`` with ``S = W^H G = B`` was not, and the result came
+    back Inf; now the halves are added."""
+    real = "float32" if dtype in ("float32", "complex64") else "float64"
+    if real == "float64" and not backend.has_float64:
+        dtype, real = {"float64": "float32", "complex128": "complex64"}[dtype], "float32"
+    from unitary_lr import random_unitary
+
+    W = random_unitary(*shape, dtype=dtype, rng=rng).astype(np.complex128)
+    k = min(shape)
+    big = 0.6 * float(np.finfo(real).max)
+    B = random_matrix(rng, (k, k), dtype).astype(np.complex128)
+    B[0, 1], B[1, 0] = big, big
+    G = W @ B if shape[0] >= shape[1] else B @ W
+    cast = (lambda x: x.astype(dtype)) if is_complex(dtype) else (lambda x: x.real.astype(dtype))
+    G = cast(G)
+    assert np.all(np.isfinite(G))
+    T = backend.to_numpy(ul.tangent_project(backend.asarray(cast(W)), backend.asarray(G)))
+    assert np.all(np.isfinite(T))
+    skew = (B - mH(B)) / 2  # W skew(B) (or skew(B) W): the projection, computed exactly in float64
+    expected = W @ skew if shape[0] >= shape[1] else skew @ W
+    # to rounding of the largest entries that cancel in it
+    np.testing.assert_allclose(T, expected, atol=tol(dtype, 10) * big)
+
+
 def test_tangent_project_errors(rng):
     W = haar(rng, N, "float64")
     with pytest.raises(ValueError, match=r"G must have shape \(..., 16, 16\) to match W of shape \(16, 16\), got shape \(16, 15\)"):

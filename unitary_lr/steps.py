@@ -516,8 +516,10 @@ def tangent_project(W, G, /):
 def _tangent_part(xp, W, G):
     """tangent_project of validated W and G; one program on eager JAX arrays
     (see ``_host.staged``)."""
+    # sym(S) as S / 2 + S^H / 2: S + S^H overflowed for a float32 G of 1e38,
+    # whose projection is representable, and the result was Inf
     if W.shape[-2] < W.shape[-1]:
         S = G @ mH(xp, W)
-        return G - (S + mH(xp, S)) @ W / 2
+        return G - (S / 2 + mH(xp, S) / 2) @ W
     S = mH(xp, W) @ G
-    return G - W @ (S + mH(xp, S)) / 2
+    return G - W @ (S / 2 + mH(xp, S) / 2)
