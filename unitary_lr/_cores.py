@@ -39,6 +39,7 @@ from ._xp import (
     eye,
     finite_or_zero,
     is_complex,
+    max_abs,
     mH,
     real_dtype,
     real_finfo,
@@ -125,6 +126,14 @@ class DeviceCores:
 
     def scatter(self, *arrays):
         return tuple(self.xp.astype(a, self.dtype, copy=False) for a in arrays)
+
+
+def scatter_present(cores, *arrays):
+    """``cores.scatter`` of those of ``arrays`` that are not None, in one
+    transfer, in order; each None (an optional column scale that no column
+    needed) stays None."""
+    moved = iter(cores.scatter(*(a for a in arrays if a is not None)))
+    return tuple(None if a is None else next(moved) for a in arrays)
 
 
 def balance_bound(xp, dtype):
@@ -313,22 +322,14 @@ def expm_skew_minus_identity(xp, K, t, *, cayley=False):
         lam, V = hermitian_eigh(xp, Kc * (1j * t))
     else:  # a 0-d array (a traced learning rate)
         lam, V = hermitian_eigh(xp, Kc * (xp.astype(t, ctype) * 1j))
-    if cayley:
-        angle = 2 * xp.atan(lam / 2)
-    else:
-        # Reduce to [-pi, pi]: exact for |lam| < pi, and for huge steps it keeps
-        # sin(lam) and sin(lam / 2) consistent (so |exp(-i lam)| = 1 to rounding)
-        # in math libraries whose argument reduction is loose for large arguments.
-        angle = lam - (2 * math.pi) * xp.round(lam / (2 * math.pi))
+    angle = _rotation_angle(xp, lam, cayley)
     # Eigenvalues at the eigensolver's rounding level (matrix_rank's criterion)
     # are zero in exact arithmetic: K of odd size or of lower rank. Their noise
     # angle, eps t |K|, would otherwise rotate W's untouched directions.
     size = xp.abs(lam)
     noise = lam.shape[-1] * xp.finfo(lam.dtype).eps * xp.max(size, axis=-1, keepdims=True)
     angle = xp.where(size <= noise, 0.0, angle)
-    half = xp.sin(angle / 2)
-    cos_minus_one = -2 * half * half
-    sine = xp.sin(angle)
+    cos_minus_one, sine = _cos_minus_one_and_sine(xp, angle)
     if is_complex(xp, K.dtype):
         phase = xp.astype(cos_minus_one, ctype) - xp.astype(sine, ctype) * 1j
         return (V * phase[..., None, :]) @ mH(xp, V)
@@ -379,14 +380,27 @@ def _plane_rotation_minus_identity(xp, K, t, cayley):
         t = xp.astype(t, K.dtype)
     tK = K * t  # t is a number, or broadcasts as (..., 1, 1)
     theta = (tK[..., 0, 1] - tK[..., 1, 0]) / 2  # t kappa, of the skew part
-    if cayley:
-        angle = 2 * xp.atan(theta / 2)
-    else:
-        angle = theta - (2 * math.pi) * xp.round(theta / (2 * math.pi))
-    half = xp.sin(angle / 2)
-    cos_minus_one, sine = -2 * half * half, xp.sin(angle)
+    cos_minus_one, sine = _cos_minus_one_and_sine(xp, _rotation_angle(xp, theta, cayley))
     # [[cos - 1, sin], [-sin, cos - 1]] row by row: one stack, reshaped as a view
-    return xp.reshape(xp.stack([cos_minus_one, sine, -sine, cos_minus_one], axis=-1), (*angle.shape, 2, 2))
+    return xp.reshape(xp.stack([cos_minus_one, sine, -sine, cos_minus_one], axis=-1), (*theta.shape, 2, 2))
+
+
+def _rotation_angle(xp, lam, cayley):
+    """The angle of ``exp(-i lam)`` for the eigenvalues ``lam`` of ``i t K``,
+    or of the Cayley map's ``exp(-2 i atan(lam / 2))``. The exponential's is
+    reduced to [-pi, pi]: exact for |lam| < pi, and for huge steps it keeps
+    sin(lam) and sin(lam / 2) consistent (so |exp(-i lam)| = 1 to rounding) in
+    math libraries whose argument reduction is loose for large arguments."""
+    if cayley:
+        return 2 * xp.atan(lam / 2)
+    return lam - (2 * math.pi) * xp.round(lam / (2 * math.pi))
+
+
+def _cos_minus_one_and_sine(xp, angle):
+    """(cos(angle) - 1, sin(angle)), the first as ``-2 sin^2(angle / 2)``:
+    full relative accuracy at tiny angles, where cos - 1 cancels."""
+    half = xp.sin(angle / 2)
+    return -2 * half * half, xp.sin(angle)
 
 
 def _column_norm(xp, x):
@@ -442,9 +456,9 @@ def _frobenius(xp, X):
     step of lr 1e150 on a gradient of 1e20, made the norm Inf and the step
     nothing). Small entries are left alone: their squares may underflow, but
     such an X is in the small-B branch either way."""
-    big = xp.max(xp.abs(X), axis=(-2, -1))
+    big = max_abs(xp, X)  # (..., 1, 1)
     scale = xp.where(big > 1, big, 1.0)
-    return scale * xp.linalg.matrix_norm(X / xp.astype(scale, X.dtype)[..., None, None])
+    return scale[..., 0, 0] * xp.linalg.matrix_norm(X / xp.astype(scale, X.dtype))
 
 
 def _split(xp, stacked, r, has_bottom):

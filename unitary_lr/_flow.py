@@ -27,7 +27,7 @@ import math
 import warnings
 
 from ._cores import (cholesky_columns, drop_tolerance, expm_skew_minus_identity, gram_basis, hermitian_eigh,
-                     polar_minus_identity)
+                     polar_minus_identity, scatter_present)
 from ._host import staged
 from ._tiny import gram_basis2, polar_small2, skew_core2
 from ._xp import (adjoint_matmul, adjoint_rows, blocked_normal, broadcast_shapes, core_dtype, device, matmul_panel,
@@ -320,21 +320,20 @@ def newton_schulz_basis(xp, P, T, reorthonormalize, column_scale=None):
     return Q
 
 
-def _traced_reorthonormalize(tol, m, eps, core_eps):
-    """Newton-Schulz steps of a traced call, which cannot look at the
-    conditioning: :func:`newton_schulz_count` at the worst spread a basis
-    keeps, the drop tolerance's inverse. Decided by the dtypes and the
-    shapes alone: 2 for float32 panels with float64 cores (a departure of
-    about 2e-2 -> 5e-4 -> 2e-7), 4 for float64 ones (3e-2 -> 1e-3 -> 1e-6 ->
-    9e-13 -> eps: three, the fixed count before, stopped at 9e-13 in the
-    worst case)."""
-    return newton_schulz_count(1 / tol, m, eps, core_eps)
-
-
-def _reorthonormalize_steps(sxp, spread, m, eps, core_eps):
+def _reorthonormalize_steps(sxp, spread, m, eps, core_eps, tol):
     """How many Newton-Schulz steps bring Q = P T to orthonormal columns at the
-    device's rounding level; ``spread`` from :func:`gram_basis` (host side)."""
-    ratio = float(sxp.max(spread)) if spread.size else 1.0
+    device's rounding level; ``spread`` from :func:`gram_basis` (host side),
+    or None from a traced call (``with_spread=False``), which cannot look at
+    the conditioning: then the worst spread a basis keeps, the drop tolerance
+    ``tol``'s inverse, decided by the dtypes and the shapes alone. That is 2
+    steps for float32 panels with float64 cores (a departure of about 2e-2
+    -> 5e-4 -> 2e-7), 4 for float64 ones (3e-2 -> 1e-3 -> 1e-6 -> 9e-13 ->
+    eps: three, the fixed traced count before 2026-12-05, stopped at 9e-13
+    in the worst case)."""
+    if spread is None:
+        ratio = 1 / tol
+    else:
+        ratio = float(sxp.max(spread)) if spread.size else 1.0
     return newton_schulz_count(ratio, m, eps, core_eps)
 
 
@@ -511,8 +510,7 @@ def lowrank_right_update(xp, W, Y, Z, *, lr, variant, rank, cores, sketched, nam
         _check_unitary(sxp, block(0, 0), block(2, 2))
     T, D, spread = _right_core(sxp, block(0, 0), CP, lr=lr, variant=variant, rank=rank, l=l,
                                sketched=sketched, tol=tol, traced=cores.traced, scale=_product(sxp, scales))
-    steps = (_traced_reorthonormalize(tol, CP.shape[-1], eps, cores.eps) if cores.traced
-             else _reorthonormalize_steps(sxp, spread, CP.shape[-1], eps, cores.eps))
+    steps = _reorthonormalize_steps(sxp, spread, CP.shape[-1], eps, cores.eps, tol)
     T, D, column_scale = _scatter(sxp, cores, CP, T, D)
     return _apply_right(xp, W, P, T, D, steps, column_scale)
 
@@ -649,8 +647,7 @@ def stiefel_update(xp, W, Y, Z, *, lr, variant, rank, cores, sketched, names):
     K0 = sxp.concat([sxp.concat([zero, Pi], axis=-1), sxp.concat([-Pi, zero], axis=-1)], axis=-2)
     T, R, spread = gram_basis(sxp, Cn, tol, with_spread=not cores.traced)
     D = _skew_core(sxp, R @ K0 @ mH(sxp, R), _step_size(sxp, lr, _product(sxp, scales)), variant)
-    steps = (_traced_reorthonormalize(tol, Cn.shape[-1], eps, cores.eps) if cores.traced
-             else _reorthonormalize_steps(sxp, spread, Cn.shape[-1], eps, cores.eps))
+    steps = _reorthonormalize_steps(sxp, spread, Cn.shape[-1], eps, cores.eps, tol)
     return _apply_left(xp, W, P, *_scatter(sxp, cores, Cn, T, D), steps)
 
 
@@ -708,12 +705,8 @@ def _stiefel_direct(xp, W, Y, Z, *, lr, rank, cores, sketched, names):
     Ta, Ra, spread_a = gram_basis(sxp, Ca * (keep[..., :, None] * keep[..., None, :]), tol,
                                   with_spread=not cores.traced)
     D, X_bottom = polar_minus_identity(sxp, B, bottom=Ra @ E, traced=cores.traced)
-    if cores.traced:
-        steps = _traced_reorthonormalize(tol, Cm.shape[-1], eps, cores.eps)
-        steps_a = _traced_reorthonormalize(tol, l, eps, cores.eps)
-    else:
-        steps = _reorthonormalize_steps(sxp, spread, Cm.shape[-1], eps, cores.eps)
-        steps_a = _reorthonormalize_steps(sxp, spread_a, l, eps, cores.eps)
+    steps = _reorthonormalize_steps(sxp, spread, Cm.shape[-1], eps, cores.eps, tol)
+    steps_a = _reorthonormalize_steps(sxp, spread_a, l, eps, cores.eps, tol)
     on_device = _scatter_direct(sxp, cores, Cm, Ca, T, D, Ta, X_bottom)
     return _apply_stiefel_direct(xp, W, Zc, a_perp, on_device, steps, steps_a)
 
@@ -744,11 +737,7 @@ def _scatter_direct(sxp, cores, Cm, Ca, T, D, Ta, X_bottom):
     float32, and a NaN step."""
     T, zc_scale = balance_columns(sxp, Cm, T, cores.traced, cores.balance_bound)
     Ta, a_scale = balance_columns(sxp, Ca, Ta, cores.traced, cores.balance_bound)
-    scales = [x for x in (zc_scale, a_scale) if x is not None]
-    T, D, Ta, X_bottom, *scales = cores.scatter(T, D, Ta, X_bottom, *scales)
-    zc_scale = scales.pop(0) if zc_scale is not None else None
-    a_scale = scales.pop(0) if a_scale is not None else None
-    return T, D, Ta, X_bottom, zc_scale, a_scale
+    return scatter_present(cores, T, D, Ta, X_bottom, zc_scale, a_scale)
 
 
 def _in_range_threshold(eps, m):
@@ -836,9 +825,7 @@ def _scatter(sxp, cores, C, T, D):
     """(T, D, column scale or None) on the device, in one transfer; the panel
     columns balanced (see :func:`balance_columns`) where needed."""
     T, column_scale = balance_columns(sxp, C, T, cores.traced, cores.balance_bound)
-    if column_scale is None:
-        return (*cores.scatter(T, D), None)
-    return cores.scatter(T, D, column_scale)
+    return scatter_present(cores, T, D, column_scale)
 
 
 @staged("reorthonormalize")
@@ -900,8 +887,7 @@ def transport_update(xp, W, a, b, *, t, cores, cayley=False):
         if square:
             _check_unitary(sxp, CP, CW)
     T, R, spread = gram_basis(sxp, CW, tol, with_spread=not cores.traced)
-    steps = (_traced_reorthonormalize(tol, CW.shape[-1], eps, cores.eps) if cores.traced
-             else _reorthonormalize_steps(sxp, spread, CW.shape[-1], eps, cores.eps))
+    steps = _reorthonormalize_steps(sxp, spread, CW.shape[-1], eps, cores.eps, tol)
     identity = sxp.broadcast_to(sxp.eye(k, dtype=C.dtype), (*C.shape[:-2], k, k))
     zero = sxp.zeros_like(identity)
     K0 = sxp.concat([sxp.concat([zero, identity], axis=-1), sxp.concat([-identity, zero], axis=-1)], axis=-2)

@@ -5,7 +5,14 @@ from __future__ import annotations
 import warnings
 from typing import Any, NamedTuple
 
-from ._cores import HostCores, balance_bound, drop_tolerance, hermitian_eigh, host_xp
+from ._cores import (
+    HostCores,
+    balance_bound,
+    drop_tolerance,
+    hermitian_eigh,
+    host_xp,
+    scatter_present,
+)
 from ._flow import (
     balance_columns,
     newton_schulz_basis,
@@ -171,9 +178,7 @@ def randomized_svd(A, /, rank, *, oversample=10, power_iters=2, rng=None):
     bound = balance_bound(xp, A.dtype)
     (Fu, scale_u), (Fv, scale_v) = (balance_columns(host_xp, C, F, False, bound)
                                     for C, F in ((Cy, Fu), (Cz, Fv)))
-    Fu, Fv, S, *column_scales = cores.scatter(Fu, Fv, S, *(x for x in (scale_u, scale_v) if x is not None))
-    scale_u = column_scales.pop(0) if scale_u is not None else None
-    scale_v = column_scales.pop(0) if scale_v is not None else None
+    Fu, Fv, S, scale_u, scale_v = scatter_present(cores, Fu, Fv, S, scale_u, scale_v)
     return SVDResult(*_factors(xp, Y, Z, Fu, Fv, S, scale_u, scale_v, steps_u=steps_u, steps_v=steps_v))
 
 
