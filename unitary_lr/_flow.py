@@ -205,15 +205,22 @@ def _blocks(C, sizes):
     return lambda i, j: C[..., edges[i]:edges[i + 1], edges[j]:edges[j + 1]]
 
 
+def _all_finite(sxp, gram):
+    """Whether the host array ``gram`` (a NumPy array: the host cores' own)
+    is finite; its ``all`` method, where the function form costs twice as
+    much Python (10 against 5 us)."""
+    return bool(sxp.isfinite(gram).all())
+
+
 def _check_finite(sxp, gram, name):
-    if not bool(sxp.all(sxp.isfinite(gram))):
+    if not _all_finite(sxp, gram):
         raise StepInputError(name)
 
 
 def _check_finite_blocks(sxp, gram, *blocks, whole="W"):
     """One finiteness test of the whole Gram; only when it fails, the blocks
     (block, name), in order, name the input whose products are not finite."""
-    if bool(sxp.all(sxp.isfinite(gram))):
+    if _all_finite(sxp, gram):
         return
     for block, name in blocks:
         _check_finite(sxp, block, name)
@@ -429,7 +436,7 @@ def _scatter_tiny(cores, CP, each):
     sxp, shape = cores.xp, (*CP.shape[:-2], 2, 2)
     T = [T for T, *_ in each]
     D = [D.tolist() if hasattr(D, "shape") else D for _, D, *_ in each]
-    d = sxp.real(sxp.linalg.diagonal(CP)).reshape(-1).tolist()
+    d = CP.diagonal(axis1=-2, axis2=-1).real.reshape(-1).tolist()  # a NumPy array's own, a third of linalg's
     if max((abs(round(math.log2(math.sqrt(v)))) for v in d if v > 0), default=0) <= 40:
         return (*cores.scatter_stack((T, D), shape=shape), None)
     T, D = (sxp.reshape(sxp.asarray(x, dtype=CP.dtype), shape) for x in (T, D))

@@ -53,7 +53,9 @@ def to_host(xp, x) -> np.ndarray:
     transfers.count += 1
     module = type(x).__module__.partition(".")[0]
     if module == "torch":
-        return x.detach().cpu().resolve_conj().resolve_neg().numpy()
+        if x.requires_grad:  # a detach is a dispatch of its own: only where needed
+            x = x.detach()
+        return x.cpu().resolve_conj().resolve_neg().numpy()
     if module == "cupy":
         return x.get()
     try:
@@ -160,7 +162,10 @@ def _torch_cuda(xp, device) -> bool:
     """Whether ``device`` is a CUDA device of PyTorch namespace ``xp``."""
     if device is None or not _is_torch(xp):
         return False
-    return sys.modules["torch"].device(device).type == "cuda"
+    # a torch.device (what a tensor's ``device`` is) answers at once; making
+    # one from a string or an index costs some 8 us, twice a step
+    kind = getattr(device, "type", None)
+    return (kind if kind is not None else sys.modules["torch"].device(device).type) == "cuda"
 
 
 def is_traced(x) -> bool:

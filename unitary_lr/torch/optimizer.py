@@ -309,10 +309,10 @@ class ProjUNN(torch.optim.Optimizer):
                         state["projunn_steps"] = 0
                         state["sketch_rng"] = generator_state(np.random.default_rng([group["seed"], index, i]))
                 scratch = self.__dict__.setdefault("_scratch", {}).setdefault(p, {}) if _uses_scratch(group, p) else None
-                fused = fused_direction(rule, p.grad, p.detach(), state, mode=mode, weight_decay=not unitary,
-                                        scratch=scratch)
+                W = p.detach()  # once: each detach is a dispatch of its own
+                fused = fused_direction(rule, p.grad, W, state, mode=mode, weight_decay=not unitary, scratch=scratch)
                 if fused is None:
-                    fused = rule.direction(xp, p.grad, p.detach(), state, mode=mode, weight_decay=not unitary)
+                    fused = rule.direction(xp, p.grad, W, state, mode=mode, weight_decay=not unitary)
                 direction, new_state, *rest = fused
                 commit = rest[0] if rest else None  # gives the state the new moments, once the step is certain
                 if not unitary:
@@ -325,7 +325,7 @@ class ProjUNN(torch.optim.Optimizer):
                 rng = self._sketch_generator(p, new_state["sketch_rng"])
                 update = [None, commit]  # the factors are filled in below, all parameters' at once
                 if group["lr"] != 0:
-                    steps.append(_UnitaryStep(update, p, direction, rng, new_state["sketch_rng"], group, index, i))
+                    steps.append(_UnitaryStep(update, p, W, direction, rng, new_state["sketch_rng"], group, index, i))
                 pending.append((p, group, new_state, update, rng))
         _unitary_factors(steps)
         for group in self.param_groups:
@@ -410,6 +410,7 @@ class _UnitaryStep(NamedTuple):
 
     update: list
     p: torch.Tensor
+    W: torch.Tensor  # p.detach()
     direction: torch.Tensor
     rng: np.random.Generator
     saved_rng: dict  # the generator's state before this step's draw
@@ -447,7 +448,7 @@ def _unitary_factors(steps):
         group = members[0].group
         try:
             factors = unitary_factors_stacked(
-                [step.p.detach() for step in members], [step.direction for step in members], lr=group["lr"],
+                [step.W for step in members], [step.direction for step in members], lr=group["lr"],
                 rank=group["rank"], variant=group["variant"], oversample=group["oversample"],
                 power_iters=group["power_iters"], rngs=[step.rng for step in members])
         except ValueError as error:
@@ -466,7 +467,7 @@ def _factors(step, rng):
     group = step.group
     try:
         # a parameter and a direction made from its gradient: the arrays need no checks of their own
-        return unitary_factors(step.p.detach(), step.direction, lr=group["lr"], rank=group["rank"],
+        return unitary_factors(step.W, step.direction, lr=group["lr"], rank=group["rank"],
                                variant=group["variant"], rng=rng, oversample=group["oversample"],
                                power_iters=group["power_iters"], arrays_checked=True)
     except ValueError as error:
