@@ -12,7 +12,7 @@
 # the whole run: every part's limit is cut to what is left of it, and a part
 # with less than 10 s left is skipped, so a lease of a few minutes returns
 # every log. "all" runs the parts in the order of their value when time is
-# short: the capture tests, the float32 table, the precision probe, the
+# short: the capture tests, the float32 table, the precision probe and the step profile, the
 # complex64 and JAX tables, the GPU test matrix, the peers, CuPy, the copy
 # task, the stacked optimizer.
 #
@@ -162,6 +162,11 @@ probe() {
     # against unitarity; host synchronisations of one eager CUDA step
     part bench-torch-float32 precision-probe "$py" docs/scripts/precision_probe.py --device "$device" \
         --n "$probe_n" --steps 20
+    # where a step's time goes: host against wall time, kernels, copies and waits per
+    # step, the largest kernels, eager and captured; the thin products' forms on cuBLAS
+    # shellcheck disable=SC2086  # the size list is meant to split
+    part bench-torch-float32 step-profile "$py" docs/scripts/step_profile.py --device "$device" \
+        --sizes $peer_sizes --steps 20
     # the rank-r update as one addmm_ against 8-row blocks (slow on the CPU's MKL for
     # float32 rows a multiple of 2 KiB apart; does cuBLAS have a like case?)
     # (a dry run on the CPU times the smallest shapes only)
