@@ -274,7 +274,7 @@ def stack_pays(x) -> bool:
     matrices of at most :data:`HOST_STACK_BYTES`."""
     module = type(x).__module__.partition(".")[0]
     if module == "torch":
-        if x.device.type != "cpu":
+        if not x.is_cpu:
             return True
         return x.numel() * x.element_size() <= HOST_STACK_BYTES
     if module == "cupy":

@@ -140,7 +140,7 @@ def _sqrt(x, out):
     of RMSprop and Adam are one such root per step. With several threads
     torch splits a large tensor between them and NumPy would not, so there
     torch keeps it."""
-    if (out is None or out.device.type != "cpu" or x.device.type != "cpu"
+    if (out is None or not out.is_cpu or not x.is_cpu
             or (torch.get_num_threads() > 1 and x.numel() >= _GRAIN_SIZE) or torch.compiler.is_compiling()):
         return torch.sqrt(x, out=out)
     np.sqrt(x.numpy(), out=out.numpy())

@@ -501,7 +501,7 @@ def _uses_scratch(group, p):
     step (see ``_fused``): on the CPU, where a new n x n tensor per step is
     page-faulted back from the system. A GPU's caching allocator serves new
     tensors from the blocks the last step freed, at no such cost."""
-    return group["unitary"] and not group["capturable"] and p.device.type == "cpu"
+    return group["unitary"] and not group["capturable"] and p.is_cpu
 
 
 def _capturable_step(xp, p, direction, state, new_state, group):
