@@ -1,0 +1,192 @@
+"""The torch optimizer's lean eager rank-1 step (``unitary_lr.torch._lean``):
+the factors of the general step bit for bit, the same random stream, and,
+for anything out of the ordinary, the general step's own result or error."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from _helpers import haar, random_matrix, unitarity  # noqa: E402
+
+import unitary_lr.torch.optimizer as optimizer  # noqa: E402
+from unitary_lr._random import generator_state  # noqa: E402
+from unitary_lr.optim import unitary_factors  # noqa: E402
+from unitary_lr.torch import ProjUNN, _lean  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "complex64": torch.complex64}
+
+
+def _group(**options):
+    return {"lr": 0.05, "rank": 1, "variant": "tangent", "oversample": 0, "power_iters": 1, **options}
+
+
+def _pair(rng, n, dtype, scale=1.0):
+    W = torch.from_numpy(haar(rng, n, "complex128" if dtype.is_complex else "float64")).to(dtype)
+    G = torch.from_numpy(random_matrix(rng, (n, n), "complex128" if dtype.is_complex else "float64") * scale)
+    return W, G.to(dtype)
+
+
+def _general(W, G, seed, group):
+    rng = np.random.default_rng(seed)
+    factors = unitary_factors(W, G, lr=group["lr"], rank=group["rank"], variant=group["variant"], rng=rng,
+                              oversample=group["oversample"], power_iters=group["power_iters"], arrays_checked=True)
+    return factors, generator_state(rng)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("variant", ["tangent", "cayley", "direct"])
+@pytest.mark.parametrize("power_iters", [0, 1, 2])
+@pytest.mark.parametrize("n", [1, 2, 5, 64])
+def test_lean_step_gives_the_general_factors_bit_for_bit(dtype, variant, power_iters, n):
+    """Fresh unitary matrices and gradients, three seeds each: the lean
+    factors equal ``unitary_factors``' exactly (the same operations in the
+    same order), and the sketch's generator ends in the same state."""
+    rng = np.random.default_rng(n * 100 + power_iters)
+    group = _group(variant=variant, power_iters=power_iters)
+    for seed in range(3):
+        W, G = _pair(rng, n, DTYPES[dtype])
+        stream = np.random.default_rng(seed)
+        lean = optimizer._lean_step(W, G, stream, group)
+        assert lean is not None
+        (L, Rh), state = _general(W, G, seed, group)
+        assert torch.equal(lean[0], L) and torch.equal(lean[1], Rh)
+        assert generator_state(stream) == state
+        new = (W + lean[0] @ lean[1]).to(torch.complex128).numpy()
+        assert unitarity(new) < 1e-5
+
+
+@pytest.mark.parametrize(("case", "dtype", "options"), [
+    ("float64", torch.float64, {}),
+    ("complex128", torch.complex128, {}),
+    ("rank 2", torch.float32, {"rank": 2}),
+    ("oversampled", torch.float32, {"oversample": 1}),
+])
+def test_other_steps_are_left_to_the_general_step(case, dtype, options):
+    """Steps outside the lean case (64-bit matrices, whose small cores are not
+    wider than W; ranks or sketches of two or more columns) return None
+    before drawing anything."""
+    rng = np.random.default_rng(0)
+    W, G = _pair(rng, 6, dtype)
+    stream = np.random.default_rng(1)
+    before = generator_state(stream)
+    assert optimizer._lean_step(W, G, stream, _group(**options)) is None, case
+    assert generator_state(stream) == before
+
+
+def test_rectangular_and_batched_steps_are_left_to_the_general_step():
+    W = torch.linalg.qr(torch.randn(6, 3))[0]
+    assert not _lean.takes_lean_step(W, torch.randn(6, 3), (3, 1))
+    W = torch.linalg.qr(torch.randn(2, 4, 4))[0]
+    assert not _lean.takes_lean_step(W, torch.randn(2, 4, 4), (2, 4, 1))
+    assert not _lean.takes_lean_step(torch.eye(4), torch.randn(4, 4, dtype=torch.float64), (4, 1))
+
+
+def _optimizers_step(make_params, steps, lean, monkeypatch):
+    """``steps`` steps of ProjUNN(rmsprop) on the parameters, the lean path
+    on or off; the parameters and their states."""
+    if not lean:
+        monkeypatch.setattr(optimizer, "takes_lean_step", lambda *args: False)
+    params = make_params()
+    opt = ProjUNN([{"params": params, "unitary": True}], lr=0.02, base="rmsprop", rank=1, seed=4,
+                  drift_check_every=5)
+    generator = torch.Generator().manual_seed(9)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, dtype=p.dtype, generator=generator)
+        opt.step()
+    monkeypatch.undo()
+    return [p.detach().clone() for p in params], opt.state_dict()
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+def test_optimizer_runs_with_the_lean_step_as_without_it(dtype, monkeypatch):
+    """Thirty steps of two parameters, drift checks every fifth: the same
+    parameters bit for bit and the same state (moments, step counts, saved
+    sketch streams) with the lean step as with the general one."""
+    def make_params():
+        rng = np.random.default_rng(3)
+        return [torch.nn.Parameter(_pair(rng, n, DTYPES[dtype])[0]) for n in (8, 24)]
+
+    with_lean, state = _optimizers_step(make_params, 30, True, monkeypatch)
+    without, reference = _optimizers_step(make_params, 30, False, monkeypatch)
+    for a, b in zip(with_lean, without):
+        assert torch.equal(a, b)
+        assert unitarity(a.to(torch.complex128).numpy()) < 1e-5
+    for key, value in reference["state"].items():
+        for name, entry in value.items():
+            ours = state["state"][key][name]
+            assert torch.equal(ours, entry) if isinstance(entry, torch.Tensor) else ours == entry, name
+
+
+def test_lean_step_is_taken_for_a_float32_square_parameter(monkeypatch):
+    """The optimizer's float32 square rank-1 step goes the lean way (a spy on
+    ``lean_factors``), and its result is a step (W changed, still unitary)."""
+    calls = []
+    real = optimizer.lean_factors
+    monkeypatch.setattr(optimizer, "lean_factors", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    p = torch.nn.Parameter(_pair(np.random.default_rng(0), 16, torch.float32)[0])
+    before = p.detach().clone()
+    opt = ProjUNN([{"params": [p], "unitary": True}], lr=0.05, base="rmsprop", rank=1)
+    p.grad = torch.randn(16, 16)
+    opt.step()
+    assert calls == [1]
+    assert not torch.equal(p.detach(), before)
+    assert unitarity(p.detach().double().numpy()) < 1e-5
+
+
+def _one_step(p0, grad, monkeypatch, lean, results=None):
+    if not lean:
+        monkeypatch.setattr(optimizer, "takes_lean_step", lambda *args: False)
+    else:
+        real = optimizer.lean_factors
+        monkeypatch.setattr(optimizer, "lean_factors",
+                            lambda *args, **kwargs: results.append(real(*args, **kwargs)) or results[-1])
+    p = torch.nn.Parameter(p0.clone())
+    opt = ProjUNN([{"params": [p], "unitary": True}], lr=0.05, base="sgd", rank=1, seed=2)
+    p.grad = grad.clone()
+    try:
+        opt.step()
+        outcome = p.detach().clone()
+    except ValueError as error:
+        outcome = str(error)
+    monkeypatch.undo()
+    return outcome, opt.state[p].get("sketch_rng")
+
+
+@pytest.mark.parametrize("case", ["nan", "inf", "not unitary", "huge", "tiny", "rank-one"])
+def test_out_of_the_ordinary_steps_end_as_the_general_step_does(case, monkeypatch):
+    """NaN or Inf in the gradient, a W that is not unitary (both refused
+    with the general step's message), gradients of 1e30 and 1e-30 (panels
+    that need balancing) and a rank-one gradient (a basis that may need
+    Newton-Schulz steps): the lean path ends as the general one, the same
+    parameter bit for bit or the same error."""
+    rng = np.random.default_rng(5)
+    W, G = _pair(rng, 12, torch.float32)
+    if case == "nan":
+        G[3, 4] = float("nan")
+    elif case == "inf":
+        G[0, 0] = float("inf")
+    elif case == "not unitary":
+        W = W * 1.5
+    elif case == "huge":
+        G = G * 1e30
+    elif case == "tiny":
+        G = G * 1e-30
+    elif case == "rank-one":
+        u = torch.randn(12, 1)
+        G = W @ u @ u.mT + 1e-7 * G
+    results = []
+    ours = _one_step(W, G, monkeypatch, True, results)
+    reference = _one_step(W, G, monkeypatch, False)
+    assert len(results) == 1
+    # handed to the general step (rank-one: a step of its own, whatever its basis needs)
+    assert (results[0] is None) == (case != "rank-one"), case
+    assert ours[1] == reference[1]  # the saved sketch stream
+    if isinstance(reference[0], str):
+        assert ours[0] == reference[0]
+        assert ("NaN" in ours[0] or "Inf" in ours[0]) if case in ("nan", "inf") else "not unitary" in ours[0]
+    else:
+        assert torch.equal(ours[0], reference[0]), case
+        assert unitarity(ours[0].double().numpy()) < 1e-5
