@@ -280,6 +280,18 @@ def _check_unitary(sxp, C, CW):
         raise UnitarityError(deviation, UNITARITY_TOLERANCE)
 
 
+# Columns whose lengths are within 2**+-_BALANCE_LIMIT are left as they are
+# by an eager step (see balance_columns).
+_BALANCE_LIMIT = 40
+
+
+def needs_balancing(lengths):
+    """Whether panel columns of these squared lengths (Python numbers, the
+    diagonal of the panel's host Gram) need :func:`balance_columns`: a length
+    beyond 2**+-``_BALANCE_LIMIT`` (zero columns are left alone)."""
+    return any(abs(round(math.log2(math.sqrt(v)))) > _BALANCE_LIMIT for v in lengths if v > 0)
+
+
 def balance_columns(sxp, C, T, traced, bound):
     """(T', column scales or None) with ``P T = (P diag(s)) T'``: powers of two
     that bring the panel's columns (lengths from the diagonal of its Gram C)
@@ -294,7 +306,7 @@ def balance_columns(sxp, C, T, traced, bound):
     d = sxp.real(sxp.linalg.diagonal(C))
     # log2 of the column lengths sqrt(d); a zero column is left alone
     exponent = sxp.clip(sxp.round(sxp.log2(sxp.where(d > 0, d, 1.0)) / 2), -bound, bound)
-    if not traced and not bool(sxp.any(sxp.abs(exponent) > 40)):
+    if not traced and not bool(sxp.any(sxp.abs(exponent) > _BALANCE_LIMIT)):
         return T, None
     factor = 2.0 ** exponent  # and its inverse, exact: powers of two in range
     return T * sxp.astype(factor, T.dtype)[..., :, None], sxp.astype(1 / factor, T.dtype)
@@ -437,7 +449,7 @@ def _scatter_tiny(cores, CP, each):
     T = [T for T, *_ in each]
     D = [D.tolist() if hasattr(D, "shape") else D for _, D, *_ in each]
     d = CP.diagonal(axis1=-2, axis2=-1).real.reshape(-1).tolist()  # a NumPy array's own, a third of linalg's
-    if max((abs(round(math.log2(math.sqrt(v)))) for v in d if v > 0), default=0) <= 40:
+    if not needs_balancing(d):
         return (*cores.scatter_stack((T, D), shape=shape), None)
     T, D = (sxp.reshape(sxp.asarray(x, dtype=CP.dtype), shape) for x in (T, D))
     return _scatter(sxp, cores, CP, T, D)

@@ -29,17 +29,15 @@ import numpy as np
 import torch
 
 from .._cores import drop_tolerance, host_xp
-from .._flow import _apply_right, _right_core_tiny, newton_schulz_count
-from .._host import from_host, to_host
-from .._xp import adjoint_matmul, matmul_panel, supports_float64
+from .._flow import _apply_right, _right_core_tiny, needs_balancing, newton_schulz_count
+from .._host import from_host, from_host_stack, to_host
+from .._xp import adjoint_matmul, matmul_panel, real_finfo, supports_float64
 
 __all__ = ["lean_factors", "takes_lean_step"]
 
 _XP = array_api_compat.torch
 _CORE = {torch.float32: torch.float64, torch.complex64: torch.complex128}
 _HOST_DTYPE = {torch.float32: np.float32, torch.complex64: np.complex64}
-_EPS = {torch.float32: float(np.finfo(np.float32).eps), torch.complex64: float(np.finfo(np.float32).eps)}
-_TINY = {torch.float32: float(np.finfo(np.float32).tiny), torch.complex64: float(np.finfo(np.float32).tiny)}
 _CORE_EPS = float(np.finfo(np.float64).eps)
 
 
@@ -47,9 +45,10 @@ def takes_lean_step(W, direction, omega_shape):
     """Whether this step is the lean one's case: W and the direction 2-D,
     square, of one dtype (float32 or complex64) on a device with float64,
     no trace; a one-column sketch (rank 1, no oversampling)."""
-    return (omega_shape is not None and omega_shape[-1] == 1 and W.ndim == 2 and direction.ndim == 2
+    return (type(direction) is torch.Tensor and type(W) is torch.Tensor
+            and omega_shape is not None and omega_shape[-1] == 1 and W.ndim == 2 and direction.ndim == 2
             and W.shape[0] == W.shape[1] and direction.dtype == W.dtype and W.dtype in _CORE
-            and type(direction) is torch.Tensor and type(W) is torch.Tensor and not torch.compiler.is_compiling()
+            and not torch.compiler.is_compiling()
             and not (W.is_cuda and torch.cuda.is_current_stream_capturing())
             and supports_float64(_XP, W.device))
 
@@ -61,10 +60,11 @@ def lean_factors(W, G, host_draw, *, lr, variant, power_iters):
     must decide (see the module's docstring). Only for
     :func:`takes_lean_step`'s case and a checked ``lr`` (a float)."""
     dtype = W.dtype
+    eps, tiny = real_finfo(_XP, dtype)
     # the sketch, as _host.sketch_from_host and _flow.sketch_panels make it
     omega = from_host(_XP, host_draw, dtype=dtype, device=W.device).mT
     Y = matmul_panel(_XP, G, omega)
-    s = torch.linalg.vector_norm(Y, ord=math.inf, dim=(-2, -1), keepdim=True) + _TINY[dtype]
+    s = torch.linalg.vector_norm(Y, ord=math.inf, dim=(-2, -1), keepdim=True) + tiny
     Y = Y / s
     Z = adjoint_matmul(_XP, G, Y)
     for _ in range(power_iters):
@@ -76,7 +76,6 @@ def lean_factors(W, G, host_draw, *, lr, variant, power_iters):
     C = to_host(_XP, wide.mH @ wide)
     if not np.isfinite(C).all():
         return None
-    eps = _EPS[dtype]
     try:
         # NumPy's warnings on the host cores' rare overflow, which the general
         # step silences too (``_flow.checked``): its result is checked
@@ -86,11 +85,8 @@ def lean_factors(W, G, host_draw, *, lr, variant, power_iters):
     except ValueError:  # W is not unitary, or a core failed: the general step says so
         return None
     steps = newton_schulz_count(spread, 2, eps, _CORE_EPS)
-    # columns of lengths beyond 2^+-40 are balanced first (_flow.balance_columns)
-    for length in (C[1, 1].real, C[2, 2].real):
-        if length > 0 and abs(round(math.log2(math.sqrt(length)))) > 40:
-            return None
+    if needs_balancing((C[1, 1].real, C[2, 2].real)):  # the columns of [Z, W^H Y]
+        return None
     D = D.tolist() if hasattr(D, "shape") else D
-    host = np.asarray((T, D), dtype=_HOST_DTYPE[dtype])
-    TD = from_host(_XP, host, dtype=dtype, device=W.device)
-    return _apply_right(_XP, W, F[..., 1:], TD[0, ...], TD[1, ...], steps)
+    T, D = from_host_stack(_XP, np.asarray((T, D), dtype=_HOST_DTYPE[dtype]), dtype=dtype, device=W.device)
+    return _apply_right(_XP, W, F[..., 1:], T, D, steps)
