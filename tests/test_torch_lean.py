@@ -1,6 +1,7 @@
-"""The torch optimizer's lean eager rank-1 step (``unitary_lr.torch._lean``):
-the factors of the general step bit for bit, the same random stream, and,
-for anything out of the ordinary, the general step's own result or error."""
+"""PyTorch's lean eager rank-1 step (``unitary_lr.torch._lean``), which the
+optimizer and the free functions take: the factors of the general step bit
+for bit, the same random stream, and, for anything out of the ordinary, the
+general step's own result or error."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 from _helpers import haar, random_matrix, unitarity  # noqa: E402
 
-import unitary_lr.torch.optimizer as optimizer  # noqa: E402
+from unitary_lr import projunn_step  # noqa: E402
 from unitary_lr._random import generator_state  # noqa: E402
 from unitary_lr.optim import unitary_factors  # noqa: E402
 from unitary_lr.torch import ProjUNN, _lean  # noqa: E402
@@ -28,32 +29,44 @@ def _pair(rng, n, dtype, scale=1.0):
     return W, G.to(dtype)
 
 
-def _general(W, G, seed, group):
+def _factors(W, G, seed, group, monkeypatch, lean=True):
+    """``unitary_factors`` of W and G (the optimizer's call), the lean path on
+    or off; the factors, the sketch stream's state and the lean path's results."""
+    results = []
+    if lean:
+        real = _lean.lean_factors
+        monkeypatch.setattr(_lean, "lean_factors",
+                            lambda *args, **kwargs: results.append(real(*args, **kwargs)) or results[-1])
+    else:
+        monkeypatch.setattr(_lean, "takes_lean_step", lambda *args: False)
     rng = np.random.default_rng(seed)
-    factors = unitary_factors(W, G, lr=group["lr"], rank=group["rank"], variant=group["variant"], rng=rng,
-                              oversample=group["oversample"], power_iters=group["power_iters"], arrays_checked=True)
-    return factors, generator_state(rng)
+    try:
+        factors = unitary_factors(W, G, lr=group["lr"], rank=group["rank"], variant=group["variant"], rng=rng,
+                                  oversample=group["oversample"], power_iters=group["power_iters"],
+                                  arrays_checked=True)
+    finally:
+        monkeypatch.undo()
+    return factors, generator_state(rng), results
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
 @pytest.mark.parametrize("variant", ["tangent", "cayley", "direct"])
 @pytest.mark.parametrize("power_iters", [0, 1, 2])
 @pytest.mark.parametrize("n", [1, 2, 5, 64])
-def test_lean_step_gives_the_general_factors_bit_for_bit(dtype, variant, power_iters, n):
+def test_lean_step_gives_the_general_factors_bit_for_bit(dtype, variant, power_iters, n, monkeypatch):
     """Fresh unitary matrices and gradients, three seeds each: the lean
-    factors equal ``unitary_factors``' exactly (the same operations in the
+    factors equal the general step's exactly (the same operations in the
     same order), and the sketch's generator ends in the same state."""
     rng = np.random.default_rng(n * 100 + power_iters)
     group = _group(variant=variant, power_iters=power_iters)
     for seed in range(3):
         W, G = _pair(rng, n, DTYPES[dtype])
-        stream = np.random.default_rng(seed)
-        lean = optimizer._lean_step(W, G, stream, group)
-        assert lean is not None
-        (L, Rh), state = _general(W, G, seed, group)
-        assert torch.equal(lean[0], L) and torch.equal(lean[1], Rh)
-        assert generator_state(stream) == state
-        new = (W + lean[0] @ lean[1]).to(torch.complex128).numpy()
+        (L0, Rh0), stream, results = _factors(W, G, seed, group, monkeypatch)
+        assert len(results) == 1 and results[0] is not None  # the lean path gave them
+        (L, Rh), state, _ = _factors(W, G, seed, group, monkeypatch, lean=False)
+        assert torch.equal(L0, L) and torch.equal(Rh0, Rh)
+        assert stream == state
+        new = (W + L0 @ Rh0).to(torch.complex128).numpy()
         assert unitarity(new) < 1e-5
 
 
@@ -63,16 +76,15 @@ def test_lean_step_gives_the_general_factors_bit_for_bit(dtype, variant, power_i
     ("rank 2", torch.float32, {"rank": 2}),
     ("oversampled", torch.float32, {"oversample": 1}),
 ])
-def test_other_steps_are_left_to_the_general_step(case, dtype, options):
+def test_other_steps_are_left_to_the_general_step(case, dtype, options, monkeypatch):
     """Steps outside the lean case (64-bit matrices, whose small cores are not
-    wider than W; ranks or sketches of two or more columns) return None
-    before drawing anything."""
+    wider than W; ranks or sketches of two or more columns) never reach the
+    lean step, and take the general step's draw."""
     rng = np.random.default_rng(0)
     W, G = _pair(rng, 6, dtype)
-    stream = np.random.default_rng(1)
-    before = generator_state(stream)
-    assert optimizer._lean_step(W, G, stream, _group(**options)) is None, case
-    assert generator_state(stream) == before
+    _, stream, results = _factors(W, G, 1, _group(**options), monkeypatch)
+    assert results == [], case
+    assert stream == _factors(W, G, 1, _group(**options), monkeypatch, lean=False)[1]
 
 
 def test_rectangular_and_batched_steps_are_left_to_the_general_step():
@@ -81,13 +93,72 @@ def test_rectangular_and_batched_steps_are_left_to_the_general_step():
     W = torch.linalg.qr(torch.randn(2, 4, 4))[0]
     assert not _lean.takes_lean_step(W, torch.randn(2, 4, 4), (2, 4, 1))
     assert not _lean.takes_lean_step(torch.eye(4), torch.randn(4, 4, dtype=torch.float64), (4, 1))
+    assert not _lean.takes_lean_step(torch.eye(4), (torch.randn(4, 3), torch.randn(4, 3)), (4, 1))
+
+
+def _free_step(W, G, seed, monkeypatch, lean, **options):
+    """``projunn_step`` of W and G (the free function, its own checks), the
+    lean path on or off: the new W or the error's message, and whether the
+    lean path ran."""
+    calls = []
+    if lean:
+        real = _lean.lean_factors
+        monkeypatch.setattr(_lean, "lean_factors", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    else:
+        monkeypatch.setattr(_lean, "takes_lean_step", lambda *args: False)
+    try:
+        return projunn_step(W, G, lr=0.05, rng=seed, **options), calls
+    except ValueError as error:
+        return str(error), calls
+    finally:
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("variant", ["tangent", "cayley", "direct"])
+def test_projunn_step_takes_the_lean_step(dtype, variant, monkeypatch):
+    """The free function on one square float32 or complex64 matrix (here a
+    parameter that requires grad, as a user's may) goes the lean way and
+    gives the general step's W bit for bit, unitary and without autograd
+    history."""
+    W, G = _pair(np.random.default_rng(7), 32, DTYPES[dtype])
+    W = torch.nn.Parameter(W)
+    ours, calls = _free_step(W, G, 3, monkeypatch, True, variant=variant)
+    reference, _ = _free_step(W, G, 3, monkeypatch, False, variant=variant)
+    assert calls == [1]
+    assert torch.equal(ours, reference)
+    assert not ours.requires_grad and ours.grad_fn is None
+    assert not torch.equal(ours, W.detach())
+    assert unitarity(ours.to(torch.complex128).numpy()) < 1e-5
+
+
+@pytest.mark.parametrize("case", ["nan", "not unitary", "factors"])
+def test_projunn_step_out_of_the_ordinary(case, monkeypatch):
+    """A NaN gradient and a W that is not unitary get the general step's
+    error through the free function too; a factored gradient is not the
+    lean step's case and steps as before."""
+    W, G = _pair(np.random.default_rng(8), 10, torch.float32)
+    if case == "nan":
+        G[2, 2] = float("nan")
+    elif case == "not unitary":
+        W = 2 * W
+    else:
+        G = (torch.randn(10, 3), torch.randn(10, 3))
+    ours, calls = _free_step(W, G, 4, monkeypatch, True)
+    reference, _ = _free_step(W, G, 4, monkeypatch, False)
+    assert calls == ([] if case == "factors" else [1])
+    if case == "factors":
+        assert torch.equal(ours, reference)
+    else:
+        assert isinstance(ours, str) and ours == reference
+        assert ("NaN" in ours) if case == "nan" else ("not unitary" in ours)
 
 
 def _optimizers_step(make_params, steps, lean, monkeypatch):
     """``steps`` steps of ProjUNN(rmsprop) on the parameters, the lean path
     on or off; the parameters and their states."""
     if not lean:
-        monkeypatch.setattr(optimizer, "takes_lean_step", lambda *args: False)
+        monkeypatch.setattr(_lean, "takes_lean_step", lambda *args: False)
     params = make_params()
     opt = ProjUNN([{"params": params, "unitary": True}], lr=0.02, base="rmsprop", rank=1, seed=4,
                   drift_check_every=5)
@@ -124,8 +195,8 @@ def test_lean_step_is_taken_for_a_float32_square_parameter(monkeypatch):
     """The optimizer's float32 square rank-1 step goes the lean way (a spy on
     ``lean_factors``), and its result is a step (W changed, still unitary)."""
     calls = []
-    real = optimizer.lean_factors
-    monkeypatch.setattr(optimizer, "lean_factors", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    real = _lean.lean_factors
+    monkeypatch.setattr(_lean, "lean_factors", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
     p = torch.nn.Parameter(_pair(np.random.default_rng(0), 16, torch.float32)[0])
     before = p.detach().clone()
     opt = ProjUNN([{"params": [p], "unitary": True}], lr=0.05, base="rmsprop", rank=1)
@@ -138,10 +209,10 @@ def test_lean_step_is_taken_for_a_float32_square_parameter(monkeypatch):
 
 def _one_step(p0, grad, monkeypatch, lean, results=None):
     if not lean:
-        monkeypatch.setattr(optimizer, "takes_lean_step", lambda *args: False)
+        monkeypatch.setattr(_lean, "takes_lean_step", lambda *args: False)
     else:
-        real = optimizer.lean_factors
-        monkeypatch.setattr(optimizer, "lean_factors",
+        real = _lean.lean_factors
+        monkeypatch.setattr(_lean, "lean_factors",
                             lambda *args, **kwargs: results.append(real(*args, **kwargs)) or results[-1])
     p = torch.nn.Parameter(p0.clone())
     opt = ProjUNN([{"params": [p], "unitary": True}], lr=0.05, base="sgd", rank=1, seed=2)

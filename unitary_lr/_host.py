@@ -35,7 +35,7 @@ import numpy as np
 from ._xp import Adjoint, _is_jax, _is_torch, jax_transfers_allowed, mT
 
 __all__ = ["HOST_STACK_BYTES", "from_host", "from_host_pieces", "from_host_stack", "host_cast", "is_traced",
-           "own_transfers", "sketch_from_host", "stack_pays", "staged", "to_host", "to_host_pieces", "transfers"]
+           "lean_factors", "own_transfers", "sketch_from_host", "stack_pays", "staged", "to_host", "to_host_pieces", "transfers"]
 
 
 class _Counter:
@@ -151,6 +151,26 @@ def sketch_from_host(xp, draw: np.ndarray, *, dtype, device, staged=False):
     if staged and _is_jax(xp):
         return np.swapaxes(host_cast(draw, dtype), -1, -2)
     return mT(xp, from_host(xp, draw, dtype=dtype, device=device))
+
+
+def lean_factors(xp, W, G, draw: np.ndarray, shape, *, lr, variant, power_iters):
+    """The factors (L, Rh) of a step by its library's fast path, or None where
+    the general step is to run (on the same host ``draw`` of the sketch of
+    ``shape``, as :func:`sketch_from_host` takes it). W and G are checked
+    arrays and ``lr`` a checked float. One library has one: PyTorch's eager
+    rank-1 step of one square float32 or complex64 matrix
+    (``unitary_lr/torch/_lean.py``; docs/benchmarks.md, "A lean eager rank-1
+    step"), which gives the general step's factors bit for bit in some 40 %
+    less host time, and returns None itself for anything out of the
+    ordinary (NaN/Inf, a W that is not unitary), which the general step
+    then reports."""
+    if shape is None or not _is_torch(xp):
+        return None
+    from .torch import _lean
+
+    if not _lean.takes_lean_step(W, G, shape):
+        return None
+    return _lean.lean_factors(W, G, draw, lr=lr, variant=variant, power_iters=power_iters)
 
 
 def host_cast(x: np.ndarray, dtype) -> np.ndarray:

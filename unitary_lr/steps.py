@@ -6,7 +6,7 @@ import numpy as np
 
 from ._cores import add_lowrank, make_cores
 from ._flow import checked, lowrank_update, sketch_panels
-from ._host import is_traced, sketch_from_host, staged
+from ._host import is_traced, lean_factors, sketch_from_host, staged
 from ._random import as_generator, host_normal
 from ._validation import (
     check_batch_compatible,
@@ -268,9 +268,12 @@ def update_drawn(W, G, draw, /, *, lr, rank, variant, oversample, power_iters, a
         xp, W, G, gradients, lr, rank, oversample, power_iters = _validated(
             W, G, lr=lr, rank=rank, variant=variant, oversample=oversample, power_iters=power_iters)
     shape = sketch_shape(G, rank, oversample)
+    host = None if shape is None else draw(xp, shape, _dtype(G))
+    lean = lean_factors(xp, W, G, host, shape, lr=lr, variant=variant, power_iters=power_iters)
+    if lean is not None:
+        return lean
     # the host draw goes with the call of the staged sketch (see _host.staged)
-    omega = None if shape is None else sketch_from_host(xp, draw(xp, shape, _dtype(G)), dtype=_dtype(G),
-                                                        device=device(W), staged=True)
+    omega = None if shape is None else sketch_from_host(xp, host, dtype=_dtype(G), device=device(W), staged=True)
     return _run(xp, W, G, gradients, omega, lr=lr, rank=rank, variant=variant, power_iters=power_iters)
 
 

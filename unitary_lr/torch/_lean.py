@@ -1,6 +1,7 @@
-"""The eager rank-1 step of a square torch parameter, in few Python calls
-(private; the torch optimizer's fast path, measured in docs/benchmarks.md,
-"A lean eager rank-1 step").
+"""The eager rank-1 step of a square torch matrix, in few Python calls
+(private; PyTorch's fast path, taken by ``steps.update_drawn`` through
+``_host.lean_factors`` for ``projunn_step``, ``projunn_update`` and the torch
+optimizer alike; measured in docs/benchmarks.md, "A lean eager rank-1 step").
 
 On a GPU an eager step costs what its host side costs, and on the CPU a step
 at n <= 256 is all fixed cost: the library's general step (``steps`` and
@@ -15,9 +16,9 @@ the same bit for bit (``tests/test_torch_lean.py``).
 
 Anything out of the ordinary (NaN or Inf, a W that is not unitary, panels
 whose columns need balancing) returns None after the host read, having
-changed nothing; the caller then runs the general step on the same sketch
-draw, which reports or handles it. The sketch's generator advances once
-either way.
+changed nothing; ``update_drawn`` then runs the general step on the same
+sketch draw, which reports or handles it. The sketch's generator advances
+once either way.
 """
 
 from __future__ import annotations

@@ -34,14 +34,10 @@ from ..options import ProjUNNOptions, drift_check_due
 from ..steps import (
     STEP_OVERSAMPLE,
     STEP_POWER_ITERS,
-    _checked_options,
-    sketch_draw,
     sketch_shape,
     step_factors_unchecked,
-    update_drawn,
 )
 from ._fused import fused_direction
-from ._lean import lean_factors, takes_lean_step
 from ._mark import is_unitary
 from ._plain import plain_step
 
@@ -470,9 +466,6 @@ def _factors(step, rng):
     """One parameter's factors, or its error as the optimizer reports it."""
     group = step.group
     try:
-        lean = _lean_step(step.W, step.direction, rng, group)
-        if lean is not None:
-            return lean
         # a parameter and a direction made from its gradient: the arrays need no checks of their own
         return unitary_factors(step.W, step.direction, lr=group["lr"], rank=group["rank"],
                                variant=group["variant"], rng=rng, oversample=group["oversample"],
@@ -483,25 +476,6 @@ def _factors(step, rng):
     except TypeError as error:  # an option of the wrong type, edited into the group after construction
         raise TypeError(f"{_name(group, step.index, step.i)} (shape {tuple(step.p.shape)}): {error}; "
                         "no parameter was changed") from None
-
-
-def _lean_step(W, direction, rng, group):
-    """The factors of a step in ``_lean``'s case (one square float32 or
-    complex64 matrix, rank 1, eager), the same as ``unitary_factors`` gives
-    in some 40 % less host time; None for any other step, before anything is
-    drawn. A lean step that meets anything out of the ordinary hands its
-    sketch draw to the general step, which reports or handles it."""
-    rank = capped_rank(group["rank"], W.shape)
-    options = {"variant": group["variant"], "oversample": group["oversample"], "power_iters": group["power_iters"]}
-    lr, rank, oversample, power_iters = _checked_options(W, lr=group["lr"], rank=rank, **options)
-    shape = sketch_shape(direction, rank, oversample)
-    if not takes_lean_step(W, direction, shape):
-        return None
-    host = sketch_draw(array_api_compat.torch, shape, dtype=direction.dtype, rng=rng)
-    factors = lean_factors(W, direction, host, lr=lr, variant=group["variant"], power_iters=power_iters)
-    if factors is None:
-        factors = update_drawn(W, direction, lambda *_: host, lr=lr, rank=rank, arrays_checked=True, **options)
-    return factors
 
 
 def _torch_optim_group(group):
