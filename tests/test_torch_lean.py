@@ -23,10 +23,16 @@ def _group(**options):
     return {"lr": 0.05, "rank": 1, "variant": "tangent", "oversample": 0, "power_iters": 1, **options}
 
 
-def _pair(rng, n, dtype, scale=1.0):
-    W = torch.from_numpy(haar(rng, n, "complex128" if dtype.is_complex else "float64")).to(dtype)
+def _pair(rng, n, dtype, scale=1.0, device="cpu"):
+    W = torch.from_numpy(haar(rng, n, "complex128" if dtype.is_complex else "float64")).to(device, dtype)
     G = torch.from_numpy(random_matrix(rng, (n, n), "complex128" if dtype.is_complex else "float64") * scale)
-    return W, G.to(dtype)
+    return W, G.to(device, dtype)
+
+
+# the lean step runs wherever a float32 matrix does; on a CUDA device its
+# sketch and small results travel through page-locked memory (_host.from_host)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                reason="PyTorch sees no CUDA device"))]
 
 
 def _factors(W, G, seed, group, monkeypatch, lean=True):
@@ -53,20 +59,23 @@ def _factors(W, G, seed, group, monkeypatch, lean=True):
 @pytest.mark.parametrize("variant", ["tangent", "cayley", "direct"])
 @pytest.mark.parametrize("power_iters", [0, 1, 2])
 @pytest.mark.parametrize("n", [1, 2, 5, 64])
-def test_lean_step_gives_the_general_factors_bit_for_bit(dtype, variant, power_iters, n, monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_lean_step_gives_the_general_factors_bit_for_bit(dtype, variant, power_iters, n, device, monkeypatch):
     """Fresh unitary matrices and gradients, three seeds each: the lean
     factors equal the general step's exactly (the same operations in the
-    same order), and the sketch's generator ends in the same state."""
+    same order, on W's device), and the sketch's generator ends in the same
+    state."""
     rng = np.random.default_rng(n * 100 + power_iters)
     group = _group(variant=variant, power_iters=power_iters)
     for seed in range(3):
-        W, G = _pair(rng, n, DTYPES[dtype])
+        W, G = _pair(rng, n, DTYPES[dtype], device=device)
         (L0, Rh0), stream, results = _factors(W, G, seed, group, monkeypatch)
         assert len(results) == 1 and results[0] is not None  # the lean path gave them
         (L, Rh), state, _ = _factors(W, G, seed, group, monkeypatch, lean=False)
         assert torch.equal(L0, L) and torch.equal(Rh0, Rh)
         assert stream == state
-        new = (W + L0 @ Rh0).to(torch.complex128).numpy()
+        assert L0.device == W.device and Rh0.device == W.device
+        new = (W + L0 @ Rh0).to("cpu", torch.complex128).numpy()
         assert unitarity(new) < 1e-5
 
 
@@ -116,20 +125,21 @@ def _free_step(W, G, seed, monkeypatch, lean, **options):
 
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
 @pytest.mark.parametrize("variant", ["tangent", "cayley", "direct"])
-def test_projunn_step_takes_the_lean_step(dtype, variant, monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_projunn_step_takes_the_lean_step(dtype, variant, device, monkeypatch):
     """The free function on one square float32 or complex64 matrix (here a
     parameter that requires grad, as a user's may) goes the lean way and
-    gives the general step's W bit for bit, unitary and without autograd
-    history."""
-    W, G = _pair(np.random.default_rng(7), 32, DTYPES[dtype])
+    gives the general step's W bit for bit, on W's device, unitary and
+    without autograd history."""
+    W, G = _pair(np.random.default_rng(7), 32, DTYPES[dtype], device=device)
     W = torch.nn.Parameter(W)
     ours, calls = _free_step(W, G, 3, monkeypatch, True, variant=variant)
     reference, _ = _free_step(W, G, 3, monkeypatch, False, variant=variant)
     assert calls == [1]
     assert torch.equal(ours, reference)
     assert not ours.requires_grad and ours.grad_fn is None
-    assert not torch.equal(ours, W.detach())
-    assert unitarity(ours.to(torch.complex128).numpy()) < 1e-5
+    assert not torch.equal(ours, W.detach()) and ours.device == W.device
+    assert unitarity(ours.to("cpu", torch.complex128).numpy()) < 1e-5
 
 
 @pytest.mark.parametrize("case", ["nan", "not unitary", "factors"])

@@ -177,9 +177,10 @@ probe() {
 }
 
 capture_tests() {
-    # the CUDA-graph capture of a capturable optimizer step and the optimizer on CUDA
+    # the CUDA-graph capture of a capturable optimizer step, the optimizer on CUDA and
+    # the lean eager rank-1 step there (the eager float32 step of the targets)
     part tests capture-tests "$py" -m pytest -q -p no:cacheprovider -rfE tests/test_capturable.py \
-        tests/test_optim.py -k "cuda or graph"
+        tests/test_optim.py tests/test_torch_lean.py -k "cuda or graph"
 }
 
 matrix_tests() {
