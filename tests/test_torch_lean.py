@@ -142,6 +142,20 @@ def test_projunn_step_takes_the_lean_step(dtype, variant, device, monkeypatch):
     assert unitarity(ours.to("cpu", torch.complex128).numpy()) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+def test_projunn_step_on_transposed_views(dtype, monkeypatch):
+    """W and G as transposed views (column-major, as LAPACK's results are):
+    the lean step takes them and gives the general step's W bit for bit."""
+    W, G = _pair(np.random.default_rng(11), 24, DTYPES[dtype])
+    W, G = W.mT.contiguous().mT, G.mT
+    assert not W.is_contiguous() and not G.is_contiguous()
+    ours, calls = _free_step(W, G, 5, monkeypatch, True)
+    reference, _ = _free_step(W, G, 5, monkeypatch, False)
+    assert calls == [1]
+    assert torch.equal(ours, reference)
+    assert unitarity(ours.to(torch.complex128).numpy()) < 1e-5
+
+
 @pytest.mark.parametrize("case", ["nan", "not unitary", "factors"])
 def test_projunn_step_out_of_the_ordinary(case, monkeypatch):
     """A NaN gradient and a W that is not unitary get the general step's
