@@ -35,7 +35,8 @@ import numpy as np
 from ._xp import Adjoint, _is_jax, _is_torch, jax_transfers_allowed, mT
 
 __all__ = ["HOST_STACK_BYTES", "from_host", "from_host_pieces", "from_host_stack", "host_cast", "is_traced",
-           "lean_factors", "own_transfers", "sketch_from_host", "stack_pays", "staged", "to_host", "to_host_pieces", "transfers"]
+           "lean_factors", "own_transfers", "sketch_from_host", "stack_pays", "staged", "to_host", "to_host_pieces",
+           "transfers"]
 
 
 class _Counter:
