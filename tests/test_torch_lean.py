@@ -35,9 +35,10 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
                                                                 reason="PyTorch sees no CUDA device"))]
 
 
-def _factors(W, G, seed, group, monkeypatch, lean=True):
-    """``unitary_factors`` of W and G (the optimizer's call), the lean path on
-    or off; the factors, the sketch stream's state and the lean path's results."""
+def _lean_on(monkeypatch, lean=True):
+    """The lean step spied on (the list it returns gets each call's result,
+    None where it handed the step over) or switched off (every step takes
+    the general way; the list stays empty). ``monkeypatch.undo()`` ends it."""
     results = []
     if lean:
         real = _lean.lean_factors
@@ -45,6 +46,13 @@ def _factors(W, G, seed, group, monkeypatch, lean=True):
                             lambda *args, **kwargs: results.append(real(*args, **kwargs)) or results[-1])
     else:
         monkeypatch.setattr(_lean, "takes_lean_step", lambda *args: False)
+    return results
+
+
+def _factors(W, G, seed, group, monkeypatch, lean=True):
+    """``unitary_factors`` of W and G (the optimizer's call), the lean path on
+    or off; the factors, the sketch stream's state and the lean path's results."""
+    results = _lean_on(monkeypatch, lean)
     rng = np.random.default_rng(seed)
     try:
         factors = unitary_factors(W, G, lr=group["lr"], rank=group["rank"], variant=group["variant"], rng=rng,
@@ -107,14 +115,9 @@ def test_rectangular_and_batched_steps_are_left_to_the_general_step():
 
 def _free_step(W, G, seed, monkeypatch, lean, **options):
     """``projunn_step`` of W and G (the free function, its own checks), the
-    lean path on or off: the new W or the error's message, and whether the
-    lean path ran."""
-    calls = []
-    if lean:
-        real = _lean.lean_factors
-        monkeypatch.setattr(_lean, "lean_factors", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
-    else:
-        monkeypatch.setattr(_lean, "takes_lean_step", lambda *args: False)
+    lean path on or off: the new W or the error's message, and the lean
+    path's results (one per call)."""
+    calls = _lean_on(monkeypatch, lean)
     try:
         return projunn_step(W, G, lr=0.05, rng=seed, **options), calls
     except ValueError as error:
@@ -135,7 +138,7 @@ def test_projunn_step_takes_the_lean_step(dtype, variant, device, monkeypatch):
     W = torch.nn.Parameter(W)
     ours, calls = _free_step(W, G, 3, monkeypatch, True, variant=variant)
     reference, _ = _free_step(W, G, 3, monkeypatch, False, variant=variant)
-    assert calls == [1]
+    assert len(calls) == 1
     assert torch.equal(ours, reference)
     assert not ours.requires_grad and ours.grad_fn is None
     assert not torch.equal(ours, W.detach()) and ours.device == W.device
@@ -151,7 +154,7 @@ def test_projunn_step_on_transposed_views(dtype, monkeypatch):
     assert not W.is_contiguous() and not G.is_contiguous()
     ours, calls = _free_step(W, G, 5, monkeypatch, True)
     reference, _ = _free_step(W, G, 5, monkeypatch, False)
-    assert calls == [1]
+    assert len(calls) == 1
     assert torch.equal(ours, reference)
     assert unitarity(ours.to(torch.complex128).numpy()) < 1e-5
 
@@ -170,7 +173,7 @@ def test_projunn_step_out_of_the_ordinary(case, monkeypatch):
         G = (torch.randn(10, 3), torch.randn(10, 3))
     ours, calls = _free_step(W, G, 4, monkeypatch, True)
     reference, _ = _free_step(W, G, 4, monkeypatch, False)
-    assert calls == ([] if case == "factors" else [1])
+    assert len(calls) == (0 if case == "factors" else 1)
     if case == "factors":
         assert torch.equal(ours, reference)
     else:
@@ -181,8 +184,7 @@ def test_projunn_step_out_of_the_ordinary(case, monkeypatch):
 def _optimizers_step(make_params, steps, lean, monkeypatch):
     """``steps`` steps of ProjUNN(rmsprop) on the parameters, the lean path
     on or off; the parameters and their states."""
-    if not lean:
-        monkeypatch.setattr(_lean, "takes_lean_step", lambda *args: False)
+    _lean_on(monkeypatch, lean)
     params = make_params()
     opt = ProjUNN([{"params": params, "unitary": True}], lr=0.02, base="rmsprop", rank=1, seed=4,
                   drift_check_every=5)
@@ -218,26 +220,22 @@ def test_optimizer_runs_with_the_lean_step_as_without_it(dtype, monkeypatch):
 def test_lean_step_is_taken_for_a_float32_square_parameter(monkeypatch):
     """The optimizer's float32 square rank-1 step goes the lean way (a spy on
     ``lean_factors``), and its result is a step (W changed, still unitary)."""
-    calls = []
-    real = _lean.lean_factors
-    monkeypatch.setattr(_lean, "lean_factors", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    calls = _lean_on(monkeypatch)
     p = torch.nn.Parameter(_pair(np.random.default_rng(0), 16, torch.float32)[0])
     before = p.detach().clone()
     opt = ProjUNN([{"params": [p], "unitary": True}], lr=0.05, base="rmsprop", rank=1)
     p.grad = torch.randn(16, 16)
     opt.step()
-    assert calls == [1]
+    assert len(calls) == 1
     assert not torch.equal(p.detach(), before)
     assert unitarity(p.detach().double().numpy()) < 1e-5
 
 
-def _one_step(p0, grad, monkeypatch, lean, results=None):
-    if not lean:
-        monkeypatch.setattr(_lean, "takes_lean_step", lambda *args: False)
-    else:
-        real = _lean.lean_factors
-        monkeypatch.setattr(_lean, "lean_factors",
-                            lambda *args, **kwargs: results.append(real(*args, **kwargs)) or results[-1])
+def _one_step(p0, grad, monkeypatch, lean):
+    """One ProjUNN(sgd) step of a copy of p0, the lean path on or off: the new
+    parameter or the error's message, the saved sketch stream, and the lean
+    path's results."""
+    results = _lean_on(monkeypatch, lean)
     p = torch.nn.Parameter(p0.clone())
     opt = ProjUNN([{"params": [p], "unitary": True}], lr=0.05, base="sgd", rank=1, seed=2)
     p.grad = grad.clone()
@@ -247,7 +245,7 @@ def _one_step(p0, grad, monkeypatch, lean, results=None):
     except ValueError as error:
         outcome = str(error)
     monkeypatch.undo()
-    return outcome, opt.state[p].get("sketch_rng")
+    return outcome, opt.state[p].get("sketch_rng"), results
 
 
 @pytest.mark.parametrize("case", ["nan", "inf", "not unitary", "huge", "tiny", "rank-one"])
@@ -272,9 +270,8 @@ def test_out_of_the_ordinary_steps_end_as_the_general_step_does(case, monkeypatc
     elif case == "rank-one":
         u = torch.randn(12, 1)
         G = W @ u @ u.mT + 1e-7 * G
-    results = []
-    ours = _one_step(W, G, monkeypatch, True, results)
-    reference = _one_step(W, G, monkeypatch, False)
+    *ours, results = _one_step(W, G, monkeypatch, True)
+    *reference, _ = _one_step(W, G, monkeypatch, False)
     assert len(results) == 1
     # handed to the general step (rank-one: a step of its own, whatever its basis needs)
     assert (results[0] is None) == (case != "rank-one"), case
