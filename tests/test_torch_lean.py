@@ -282,3 +282,47 @@ def test_out_of_the_ordinary_steps_end_as_the_general_step_does(case, monkeypatc
     else:
         assert torch.equal(ours[0], reference[0]), case
         assert unitarity(ours[0].double().numpy()) < 1e-5
+
+
+@pytest.mark.parametrize(("case", "make", "error", "message"), [
+    ("G of another shape", lambda W: (W, torch.randn(6, 5)), ValueError,
+     r"^G must have shape \(\.\.\., 6, 6\) to match W of shape \(6, 6\), got shape \(6, 5\)$"),
+    ("G a vector", lambda W: (W, torch.randn(6)), ValueError, r"^G must have shape \(\.\.\., m, n\), got shape \(6,\)$"),
+    ("G of integers", lambda W: (W, torch.ones(6, 6, dtype=torch.int64)), TypeError,
+     r"^G has dtype torch.int64; expected one of "),
+    ("G complex, W real", lambda W: (W, torch.randn(6, 6, dtype=torch.complex64)), TypeError,
+     r"^G has complex dtype torch.complex64 but W is real \(torch.float32\)"),
+    ("G a NumPy array", lambda W: (W, np.ones((6, 6), np.float32)), TypeError,
+     r"^W is a torch.Tensor but G is a numpy.ndarray; pass arrays from one library$"),
+    ("W empty", lambda W: (W[:0, :0], torch.randn(0, 0)), ValueError, r"^W must not be empty, got shape \(0, 0\)$"),
+])
+def test_pairs_not_known_good_get_the_full_checks(case, make, error, message):
+    """The lean step's glance at W and G (``lean_arrays``) passes only pairs
+    it knows good; any other pair gets the general checks, which name the
+    argument at fault, as they do for NumPy arrays."""
+    W, G = make(_pair(np.random.default_rng(1), 6, torch.float32)[0])
+    assert _lean.lean_arrays(W, G) is None, case
+    with pytest.raises(error, match=message):
+        projunn_step(W, G, lr=0.1)
+
+
+def test_known_good_pairs_lose_their_autograd_history_only():
+    """A parameter and a gradient that requires grad come back as detached
+    views of the same memory; plain tensors as they are."""
+    W, G = _pair(np.random.default_rng(2), 5, torch.complex64)
+    p, g = torch.nn.Parameter(W), G.clone().requires_grad_()
+    W1, G1 = _lean.lean_arrays(p, g)
+    assert not W1.requires_grad and not G1.requires_grad
+    assert W1.data_ptr() == p.data_ptr() and G1.data_ptr() == g.data_ptr()
+    W2, G2 = _lean.lean_arrays(W, G)
+    assert W2 is W and G2 is G
+
+
+def test_a_rank_above_the_size_names_the_limit():
+    """rank > n is refused with the limit and its reason (the message made
+    only when it is needed)."""
+    W, G = _pair(np.random.default_rng(3), 4, torch.float32)
+    with pytest.raises(ValueError, match=r"^rank must be <= 4 = min\(n, m\) for W of shape \(4, 4\), got 5$"):
+        projunn_step(W, G, lr=0.1, rank=5)
+    with pytest.raises(ValueError, match=r"^rank must be >= 1, got 0$"):
+        projunn_step(W, G, lr=0.1, rank=0)

@@ -35,7 +35,7 @@ import numpy as np
 from ._xp import Adjoint, _is_jax, _is_torch, jax_transfers_allowed, mT
 
 __all__ = ["HOST_STACK_BYTES", "from_host", "from_host_pieces", "from_host_stack", "host_cast", "is_traced",
-           "lean_factors", "own_transfers", "sketch_from_host", "stack_pays", "staged", "to_host", "to_host_pieces",
+           "lean_arrays", "lean_factors", "own_transfers", "sketch_from_host", "stack_pays", "staged", "to_host", "to_host_pieces",
            "transfers"]
 
 
@@ -54,9 +54,17 @@ def to_host(xp, x) -> np.ndarray:
     transfers.count += 1
     module = type(x).__module__.partition(".")[0]
     if module == "torch":
-        if x.requires_grad:  # a detach is a dispatch of its own: only where needed
+        # each of detach, cpu and the two resolves is a dispatch of its own
+        # (some 2 us on the CPU): only where needed
+        if x.requires_grad:
             x = x.detach()
-        return x.cpu().resolve_conj().resolve_neg().numpy()
+        if not x.is_cpu:
+            x = x.cpu()
+        if x.is_conj():
+            x = x.resolve_conj()
+        if x.is_neg():
+            x = x.resolve_neg()
+        return x.numpy()
     if module == "cupy":
         return x.get()
     try:
@@ -111,6 +119,10 @@ def from_host_stack(xp, stack: np.ndarray, *, dtype, device):
     are two)."""
     if _is_jax(xp):
         return tuple(host_cast(part, dtype) for part in stack)
+    if _torch_cpu(xp, device) and dtype in _torch_host_dtypes():
+        # wrapped where they lie: no copy, no indexing dispatch (24 against 6 us)
+        stack = np.asarray(stack, dtype=_torch_host_dtypes()[dtype])
+        return tuple(_torch_from_numpy(part) for part in stack)
     whole = from_host(xp, stack, dtype=dtype, device=device)
     return tuple(whole[i, ...] for i in range(stack.shape[0]))
 
@@ -140,7 +152,28 @@ def from_host(xp, x: np.ndarray, *, dtype, device, staged=False):
         # cast on the host, then one plain transfer: jnp.asarray with a dtype
         # and a device took 80 us a call (JAX 0.10.2, CPU), against 17 us
         return sys.modules["jax"].device_put(host_cast(x, dtype), device)
+    if _torch_cpu(xp, device) and dtype in _torch_host_dtypes():
+        # cast by NumPy and wrapped: the memory shared exactly where
+        # ``asarray`` shares it (the dtype already right), 3.5 against 8 us
+        return _torch_from_numpy(np.asarray(x, dtype=_torch_host_dtypes()[dtype]))
     return xp.asarray(x, dtype=dtype, device=device)
+
+
+@functools.cache
+def _torch_host_dtypes():
+    """PyTorch's floating dtypes and their NumPy twins, for the CPU transfers."""
+    torch = sys.modules["torch"]
+    return {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64),
+            torch.complex64: np.dtype(np.complex64), torch.complex128: np.dtype(np.complex128)}
+
+
+def _torch_from_numpy(x: np.ndarray):
+    """The NumPy array x as a PyTorch CPU tensor on its memory (a copy where
+    PyTorch cannot share it: read-only memory, which it would only warn
+    about, a byte order of its own, negative strides)."""
+    if not x.flags.writeable or not x.dtype.isnative or min(x.strides, default=0) < 0:
+        x = np.array(x, dtype=x.dtype.newbyteorder("="))
+    return sys.modules["torch"].from_numpy(x)
 
 
 def sketch_from_host(xp, draw: np.ndarray, *, dtype, device, staged=False):
@@ -152,6 +185,19 @@ def sketch_from_host(xp, draw: np.ndarray, *, dtype, device, staged=False):
     if staged and _is_jax(xp):
         return np.swapaxes(host_cast(draw, dtype), -1, -2)
     return mT(xp, from_host(xp, draw, dtype=dtype, device=device))
+
+
+def lean_arrays(W, G):
+    """(W, G) without autograd history where the library's fast path knows
+    the pair to be valid arrays of its case at a glance (PyTorch's: two
+    square float32 or complex64 matrices on one device), or None where the
+    general checks are to run. Those that remain (the options, NaN and Inf,
+    unitarity) are the general ones."""
+    if type(W).__module__.partition(".")[0] != "torch":
+        return None
+    from .torch import _lean
+
+    return _lean.lean_arrays(W, G)
 
 
 def lean_factors(xp, W, G, draw: np.ndarray, shape, *, lr, variant, power_iters):
@@ -177,6 +223,15 @@ def lean_factors(xp, W, G, draw: np.ndarray, shape, *, lr, variant, power_iters)
 def host_cast(x: np.ndarray, dtype) -> np.ndarray:
     """The NumPy array x in the JAX ``dtype`` (a NumPy dtype), for a transfer."""
     return np.asarray(x, dtype=np.dtype(dtype))
+
+
+def _torch_cpu(xp, device) -> bool:
+    """Whether ``device`` is named, and is PyTorch's CPU (None is the default
+    device, which ``torch.set_default_device`` may have made a GPU)."""
+    if device is None or not _is_torch(xp):
+        return False
+    kind = getattr(device, "type", None)
+    return (kind if kind is not None else sys.modules["torch"].device(device).type) == "cpu"
 
 
 def _torch_cuda(xp, device) -> bool:

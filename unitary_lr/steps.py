@@ -6,7 +6,7 @@ import numpy as np
 
 from ._cores import add_lowrank, make_cores
 from ._flow import checked, lowrank_update, sketch_panels
-from ._host import is_traced, lean_factors, sketch_from_host, staged
+from ._host import is_traced, lean_arrays, lean_factors, sketch_from_host, staged
 from ._random import as_generator, host_normal
 from ._validation import (
     check_batch_compatible,
@@ -259,8 +259,12 @@ def update_drawn(W, G, draw, /, *, lr, rank, variant, oversample, power_iters, a
     history, outside a JAX trace), as the torch optimizer does for a
     parameter and the direction made from its gradient; only the other
     arguments are checked (about 10 us less per step on the CPU, more with
-    cold caches). NaN and Inf are found by the step's own checks either way."""
-    if arrays_checked:
+    cold caches). NaN and Inf are found by the step's own checks either way.
+    A pair that the library's fast path knows good at a glance
+    (``_host.lean_arrays``) skips the arrays' checks as well."""
+    known = None if arrays_checked else lean_arrays(W, G)
+    if arrays_checked or known is not None:
+        W, G = (W, G) if known is None else known
         xp, gradients = namespace(W), {"G": G}
         lr, rank, oversample, power_iters = _checked_options(
             W, lr=lr, rank=rank, variant=variant, oversample=oversample, power_iters=power_iters)
@@ -325,8 +329,9 @@ def _checked_options(W, *, lr, rank, variant, oversample, power_iters):
     (lr, rank, oversample, power_iters) as a float and ints."""
     n, m = W.shape[-2], W.shape[-1]
     lr = check_real_scalar("lr", lr, positive=True)
-    rank = check_int("rank", rank, minimum=1, maximum=min(n, m),
-                     maximum_reason=f" = min(n, m) for W of shape {tuple(W.shape)}")
+    rank = check_int("rank", rank, minimum=1)
+    if rank > min(n, m):  # the message formed only here: a formatted shape costs 2 us a step
+        rank = check_int("rank", rank, maximum=min(n, m), maximum_reason=f" = min(n, m) for W of shape {tuple(W.shape)}")
     check_choice("variant", variant, VARIANTS)
     oversample = check_int("oversample", oversample, minimum=0)
     power_iters = check_int("power_iters", power_iters, minimum=0)

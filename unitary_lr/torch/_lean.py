@@ -23,6 +23,7 @@ once either way.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import array_api_compat.torch
@@ -30,16 +31,40 @@ import numpy as np
 import torch
 
 from .._cores import drop_tolerance, host_xp
-from .._flow import _apply_right, _right_core_tiny, needs_balancing, newton_schulz_count
+from .._flow import _right_core_tiny, needs_balancing, newton_schulz_basis, newton_schulz_count
 from .._host import from_host, from_host_stack, to_host
-from .._xp import adjoint_matmul, matmul_panel, real_finfo, supports_float64
+from .._xp import adjoint_matmul, real_finfo, supports_float64
 
-__all__ = ["lean_factors", "takes_lean_step"]
+__all__ = ["lean_arrays", "lean_factors", "takes_lean_step"]
 
 _XP = array_api_compat.torch
 _CORE = {torch.float32: torch.float64, torch.complex64: torch.complex128}
 _HOST_DTYPE = {torch.float32: np.float32, torch.complex64: np.complex64}
 _CORE_EPS = float(np.finfo(np.float64).eps)
+_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+@functools.cache
+def _tiny(tiny):
+    """The float ``tiny`` as a 0-d CPU tensor of the real dtype it belongs to
+    (float32 here): a tensor plus a 0-d tensor is one plain dispatch, plus a
+    Python float wraps the float first (4 against 8.5 us, one CPU thread,
+    torch 2.13). The sum is the same number: ``tiny`` is a float32."""
+    return torch.tensor(tiny, dtype=torch.float32)
+
+
+def lean_arrays(W, G):
+    """(W, G) without autograd history where the two arrays are already
+    known good, the common case of the lean step's: two tensors (or
+    parameters) of one of its dtypes, square, 2-D, not empty, on one device;
+    None where ``steps`` is to check them in full (and name what is wrong).
+    The checks that remain for the step's options and values are the
+    general ones."""
+    if not (type(W) in _TENSOR_TYPES and type(G) in _TENSOR_TYPES and W.ndim == 2 and W.shape == G.shape
+            and W.dtype == G.dtype and W.dtype in _CORE and W.shape[0] == W.shape[1] and W.shape[0] > 0
+            and W.device == G.device):
+        return None
+    return (W.detach() if W.requires_grad else W), (G.detach() if G.requires_grad else G)
 
 
 def takes_lean_step(W, direction, omega_shape):
@@ -60,19 +85,27 @@ def lean_factors(W, G, host_draw, *, lr, variant, power_iters):
     draw (1, n) of :func:`steps.sketch_draw`), or None where the general step
     must decide (see the module's docstring). Only for
     :func:`takes_lean_step`'s case and a checked ``lr`` (a float)."""
-    dtype = W.dtype
+    dtype, device = W.dtype, W.device
     eps, tiny = real_finfo(_XP, dtype)
+    # the general step's operations written out, its helpers' choices for a
+    # square 2-D tensor made here once (each helper costs 1-3 us of Python)
+    if W.is_complex():
+        def adjoint(A, B):
+            return adjoint_matmul(_XP, A, B)
+    else:
+        def adjoint(A, B):  # (B^T A)^T, as adjoint_matmul has it for real tensors
+            return (B.mT @ A).mT
     # the sketch, as _host.sketch_from_host and _flow.sketch_panels make it
-    omega = from_host(_XP, host_draw, dtype=dtype, device=W.device).mT
-    Y = matmul_panel(_XP, G, omega)
-    s = torch.linalg.vector_norm(Y, ord=math.inf, dim=(-2, -1), keepdim=True) + tiny
+    omega = from_host(_XP, host_draw, dtype=dtype, device=device).mT
+    Y = G @ omega  # _xp.matmul_panel of one column
+    s = torch.linalg.vector_norm(Y, ord=math.inf, dim=(-2, -1), keepdim=True) + _tiny(tiny)
     Y = Y / s
-    Z = adjoint_matmul(_XP, G, Y)
+    Z = adjoint(G, Y)
     for _ in range(power_iters):
-        Y = matmul_panel(_XP, G, Z / s) / s
-        Z = adjoint_matmul(_XP, G, Y)
+        Y = G @ (Z / s) / s
+        Z = adjoint(G, Y)
     # the panels [Y, Z, W^H Y] and their Gram in the cores' dtype, on the host
-    F = torch.cat([Y, Z, adjoint_matmul(_XP, W, Y)], -1)
+    F = torch.cat([Y, Z, adjoint(W, Y)], -1)
     wide = F.to(_CORE[dtype])
     C = to_host(_XP, wide.mH @ wide)
     if not np.isfinite(C).all():
@@ -89,5 +122,8 @@ def lean_factors(W, G, host_draw, *, lr, variant, power_iters):
     if needs_balancing((C[1, 1].real, C[2, 2].real)):  # the columns of [Z, W^H Y]
         return None
     D = D.tolist() if hasattr(D, "shape") else D
-    T, D = from_host_stack(_XP, np.asarray((T, D), dtype=_HOST_DTYPE[dtype]), dtype=dtype, device=W.device)
-    return _apply_right(_XP, W, F[..., 1:], T, D, steps)
+    T, D = from_host_stack(_XP, np.asarray((T, D), dtype=_HOST_DTYPE[dtype]), dtype=dtype, device=device)
+    # _flow._apply_right: Q = P T, then (L, Rh) = ((W Q) D, Q^H), W Q as
+    # _xp.matmul_panel makes a product with a two-column panel
+    Q = (T.mT @ F[..., 1:].mT).mT if not steps else newton_schulz_basis(_XP, F[..., 1:], T, steps)
+    return (Q.mT @ W.mT).mT @ D, Q.mH
