@@ -12,7 +12,7 @@ import re
 import numpy as np
 import pytest
 
-from _helpers import assert_same_kind, mH, random_matrix, tol
+from _helpers import assert_same_kind, haar, mH, random_matrix, tol, unitarity
 from unitary_lr._xp import Adjoint, adjoint_matmul, adjoint_rows, matmul_panel, namespace
 
 
@@ -219,3 +219,53 @@ def test_the_sketch_of_a_numpy_gradient_beyond_the_cache_reads_it_in_blocks(monk
     _flow.sketch_panels(np, np.asfortranarray(G), omega, 1)
     _flow.sketch_panels(np, G, omega, 0)
     assert len(calls) == 3  # the column-major G took the plain products; no power iteration: one pass
+
+
+@pytest.mark.parametrize("variant", ["tangent", "direct", "cayley"])
+@pytest.mark.parametrize("rank", [1, 2])
+def test_numpy_step_forms_its_panel_as_it_adds_the_update(monkeypatch, dtype, rng, variant, rank):
+    """``projunn_step`` on a square row-major NumPy W beyond the last-level
+    cache leaves the panel ``L = (W Q) D`` unformed (``_xp.RightProduct``) and
+    forms it block by block of rows as it adds ``L Q^H`` to W
+    (``_xp._fused_update``); the thresholds made small here so that 37 rows
+    fall into uneven blocks. The new W is ``W + L @ Rh`` of
+    ``projunn_update`` (the same draw, L formed, the sum taken in float64) to
+    rounding, unitary, in W's dtype and layout, W untouched; a column-major
+    W (the same step) and a batch (unitary) form L as before, and so does
+    ``projunn_update`` itself."""
+    from unitary_lr import _xp, projunn_step
+    from unitary_lr.steps import projunn_update
+
+    monkeypatch.setattr(_xp, "_BEYOND_CACHE_BYTES", 0)
+    monkeypatch.setattr(_xp, "_FUSED_BLOCK_BYTES", 5 * 37 * np.dtype(dtype).itemsize)
+    fused = []
+    real = _xp._fused_update
+    monkeypatch.setattr(_xp, "_fused_update", lambda *args: fused.append(args[1]) or real(*args))
+    W, G = haar(rng, 37, dtype), random_matrix(rng, (37, 37), dtype)
+    before = W.copy()
+    new = projunn_step(W, G, lr=0.3, rank=rank, variant=variant, rng=5)
+    assert len(fused) == 1 and isinstance(fused[0], _xp.RightProduct)
+    L, Rh = projunn_update(W, G, lr=0.3, rank=rank, variant=variant, rng=5)
+    assert isinstance(L, np.ndarray) and len(fused) == 1  # formed: the caller adds it itself
+    wide = lambda x: x.astype(np.complex128)
+    np.testing.assert_allclose(new, wide(W) + wide(L) @ wide(Rh), atol=tol(dtype, 4))
+    assert new.dtype == W.dtype and new.flags.c_contiguous and unitarity(new) < tol(dtype, 4)
+    assert not np.allclose(new, W)
+    np.testing.assert_array_equal(W, before)
+    column_major = np.asfortranarray(W)
+    np.testing.assert_allclose(projunn_step(column_major, G, lr=0.3, rank=rank, variant=variant, rng=5), new,
+                               atol=tol(dtype, 4))
+    batched = projunn_step(np.stack([W, W]), np.stack([G, G]), lr=0.3, rank=rank, variant=variant, rng=5)
+    assert batched.shape == (2, 37, 37) and (unitarity(batched) < tol(dtype, 4)).all()
+    assert len(fused) == 1
+
+
+def test_an_unformed_panel_is_formed_where_the_update_is_not_blocked(dtype, rng):
+    """``add_product`` given a ``RightProduct`` where it adds in one piece (a W
+    within the cache) forms ``(W Q) D`` first: the sum to rounding."""
+    from unitary_lr import _xp
+
+    W, Q, D = random_matrix(rng, (9, 9), dtype), random_matrix(rng, (9, 2), dtype), random_matrix(rng, (2, 2), dtype)
+    out = _xp.add_product(np, W, _xp.RightProduct(W, Q, D), mH(Q))
+    wide = lambda x: x.astype(np.complex128)
+    np.testing.assert_allclose(out, wide(W) + wide(W) @ wide(Q) @ wide(D) @ mH(wide(Q)), atol=tol(dtype, 40))

@@ -22,6 +22,8 @@ values, and in eager calls exactly one device-to-host transfer.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 import warnings
@@ -30,10 +32,10 @@ from ._cores import (cholesky_columns, drop_tolerance, expm_skew_minus_identity,
                      polar_minus_identity, scatter_present)
 from ._host import staged
 from ._tiny import gram_basis2, polar_small2, skew_core2
-from ._xp import (adjoint_matmul, adjoint_rows, blocked_normal, broadcast_shapes, core_dtype, device, matmul_panel,
-                  max_abs, mH, panel_times_small, real_finfo, rows_beyond_cache)
+from ._xp import (RightProduct, adjoint_matmul, adjoint_rows, blocked_normal, broadcast_shapes, core_dtype, device,
+                  fuses_right_update, matmul_panel, max_abs, mH, panel_times_small, real_finfo, rows_beyond_cache)
 
-__all__ = ["checked", "lowrank_right_update", "lowrank_update", "sketch_basis", "sketch_panels", "stiefel_update",
+__all__ = ["checked", "fused_right_update", "lowrank_right_update", "lowrank_update", "sketch_basis", "sketch_panels", "stiefel_update",
            "transport_update"]
 
 # Unitarity of W as the step sees it: the largest relative change of |W x|^2
@@ -323,7 +325,35 @@ def _apply_right(xp, W, P, T, D, reorthonormalize, column_scale=None):
     with matmuls only (no factorisation, no transfer).
     """
     Q = newton_schulz_basis(xp, P, T, reorthonormalize, column_scale)
+    # the caller adds L @ Rh to W at once, in one read of W (the variable read
+    # only for the arrays it is set for: torch.compile cannot trace a read)
+    if fuses_right_update(W) and _fused_W.get() is W:
+        return RightProduct(W, Q, D), mH(xp, Q)
     return matmul_panel(xp, W, Q) @ D, mH(xp, Q)
+
+
+# The W whose right update's panel ``(W Q) D`` is left unformed (an
+# ``_xp.RightProduct``) for its caller to form as it applies the update; see
+# :func:`fused_right_update`.
+_fused_W = contextvars.ContextVar("unitary_lr_fused_W", default=None)
+
+
+@contextlib.contextmanager
+def fused_right_update(W):
+    """A context in which the step of this W (``steps.projunn_step``, which
+    applies its factors at once with ``_xp.add_product``) leaves the panel
+    ``L = (W Q) D`` unformed, where that saves a read of W from memory: a
+    2-D square row-major NumPy W beyond the last-level cache
+    (``_xp.fuses_right_update``). Elsewhere, and for any other matrix stepped inside
+    it, nothing changes."""
+    if not fuses_right_update(W):  # nothing to set (nor for torch.compile to trace)
+        yield
+        return
+    token = _fused_W.set(W)
+    try:
+        yield
+    finally:
+        _fused_W.reset(token)
 
 
 def newton_schulz_basis(xp, P, T, reorthonormalize, column_scale=None):

@@ -32,7 +32,7 @@ import sys
 
 import numpy as np
 
-from ._xp import Adjoint, _is_jax, _is_torch, jax_transfers_allowed, mT
+from ._xp import Adjoint, _is_jax, _is_torch, dtype_name_of, jax_transfers_allowed, mT
 
 __all__ = ["HOST_STACK_BYTES", "from_host", "from_host_pieces", "from_host_stack", "host_cast", "is_traced",
            "lean_arrays", "lean_factors", "own_transfers", "sketch_from_host", "stack_pays", "staged", "to_host", "to_host_pieces",
@@ -357,4 +357,4 @@ def stack_pays(x) -> bool:
         return True
     if module in ("jax", "jaxlib") and any(d.platform != "cpu" for d in x.devices()):
         return True
-    return math.prod(x.shape) * np.dtype(str(x.dtype).rpartition(".")[2]).itemsize <= HOST_STACK_BYTES
+    return math.prod(x.shape) * np.dtype(dtype_name_of(x.dtype)).itemsize <= HOST_STACK_BYTES

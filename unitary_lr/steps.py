@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._cores import add_lowrank, make_cores
-from ._flow import checked, lowrank_update, sketch_panels
+from ._flow import checked, fused_right_update, lowrank_update, sketch_panels
 from ._host import is_traced, lean_arrays, lean_factors, sketch_from_host, staged
 from ._random import as_generator, host_normal
 from ._validation import (
@@ -142,8 +142,9 @@ def projunn_step(
     >>> bool(unitarity_error(W) < 1e-13)
     True
     """
-    L, Rh = projunn_update(W, G, lr=lr, rank=rank, variant=variant, oversample=oversample,
-                           power_iters=power_iters, rng=rng)
+    with fused_right_update(W):  # on a large NumPy W, L is formed as the update is added: one read of W
+        L, Rh = projunn_update(W, G, lr=lr, rank=rank, variant=variant, oversample=oversample,
+                               power_iters=power_iters, rng=rng)
     return add_lowrank(namespace(W), untracked(W), L, Rh)
 
 
