@@ -207,8 +207,8 @@ def lean_factors(xp, W, G, draw: np.ndarray, shape, *, lr, variant, power_iters)
     arrays and ``lr`` a checked float. One library has one: PyTorch's eager
     rank-1 step of one square float32 or complex64 matrix
     (``unitary_lr/torch/_lean.py``; docs/benchmarks.md, "A lean eager rank-1
-    step"), which gives the general step's factors bit for bit in some 40 %
-    less host time, and returns None itself for anything out of the
+    step"), which gives the general step's factors bit for bit in about a
+    third less host time, and returns None itself for anything out of the
     ordinary (NaN/Inf, a W that is not unitary), which the general step
     then reports."""
     if shape is None or not _is_torch(xp):
