@@ -560,13 +560,17 @@ def _blocked_update(W, L, Rh):
 
 # A right update ``W + (W Q) D Q^H`` of a NumPy W beyond the last-level cache
 # reads W twice from memory: once for the panel W Q, once for the sum. Block
-# by block of rows (256 KiB, which stay in the core's cache from the panel's
+# by block of rows (512 KiB, which stay in the core's cache from the panel's
 # products to the sum) W is read once, and each block's rows of W Q are those
 # of the whole product (one matrix-vector product per column, as
 # ``_blocked_columns`` makes them). One thread, float64 4096 x 4096, rank 2:
-# 81-86 ms for the panel and the update, 69-72 ms fused (1 MiB blocks: 73-75,
-# 4 MiB: 86-91; the update alone 66-78 ms).
-_FUSED_BLOCK_BYTES = 2**18
+# 81-86 ms for the panel and the update, 69-72 ms fused in blocks of 256 KiB
+# (1 MiB: 73-75, 4 MiB: 86-91; the update alone 66-78 ms). The whole T-step,
+# block sizes alternated in one process, three runs: 512 KiB 98-106 ms,
+# 128 KiB 104-113, 256 KiB 102-111, 1 MiB 107-114; float32 4096 x 4096 and
+# complex128 2048 x 2048 likewise 512 KiB (48.6 against 50.8 ms, 55.8 against
+# 58.4 ms with 256 KiB).
+_FUSED_BLOCK_BYTES = 2**19
 
 
 class RightProduct:
