@@ -36,7 +36,7 @@ def test_from_host_casts_as_asarray_does(dtype, device):
     reference = torch.asarray(x, dtype=dtype, device=CPU)
     assert ours.dtype == dtype and ours.device == CPU and ours.shape == (3, 4)
     assert torch.equal(ours, reference)
-    shares = (x.dtype == np.float64 and dtype == torch.float64) or (x.dtype == np.complex128 and dtype == torch.complex128)
+    shares = {np.dtype(np.float64): torch.float64, np.dtype(np.complex128): torch.complex128}[x.dtype] == dtype
     assert (ours.data_ptr() == x.ctypes.data) == shares
     assert np.shares_memory(reference.numpy(), x) == shares
 

@@ -287,7 +287,8 @@ def test_out_of_the_ordinary_steps_end_as_the_general_step_does(case, monkeypatc
 @pytest.mark.parametrize(("case", "make", "error", "message"), [
     ("G of another shape", lambda W: (W, torch.randn(6, 5)), ValueError,
      r"^G must have shape \(\.\.\., 6, 6\) to match W of shape \(6, 6\), got shape \(6, 5\)$"),
-    ("G a vector", lambda W: (W, torch.randn(6)), ValueError, r"^G must have shape \(\.\.\., m, n\), got shape \(6,\)$"),
+    ("G a vector", lambda W: (W, torch.randn(6)), ValueError,
+     r"^G must have shape \(\.\.\., m, n\), got shape \(6,\)$"),
     ("G of integers", lambda W: (W, torch.ones(6, 6, dtype=torch.int64)), TypeError,
      r"^G has dtype torch.int64; expected one of "),
     ("G complex, W real", lambda W: (W, torch.randn(6, 6, dtype=torch.complex64)), TypeError,

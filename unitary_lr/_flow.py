@@ -35,8 +35,8 @@ from ._tiny import gram_basis2, polar_small2, skew_core2
 from ._xp import (RightProduct, adjoint_matmul, adjoint_rows, blocked_normal, broadcast_shapes, core_dtype, device,
                   fuses_right_update, matmul_panel, max_abs, mH, panel_times_small, real_finfo, rows_beyond_cache)
 
-__all__ = ["checked", "fused_right_update", "lowrank_right_update", "lowrank_update", "sketch_basis", "sketch_panels", "stiefel_update",
-           "transport_update"]
+__all__ = ["checked", "fused_right_update", "lowrank_right_update", "lowrank_update", "sketch_basis", "sketch_panels",
+           "stiefel_update", "transport_update"]
 
 # Unitarity of W as the step sees it: the largest relative change of |W x|^2
 # over the step's panel. The check is for matrices that are not unitary at all
@@ -344,8 +344,8 @@ def fused_right_update(W):
     applies its factors at once with ``_xp.add_product``) leaves the panel
     ``L = (W Q) D`` unformed, where that saves a read of W from memory: a
     2-D square row-major NumPy W beyond the last-level cache
-    (``_xp.fuses_right_update``). Elsewhere, and for any other matrix stepped inside
-    it, nothing changes."""
+    (``_xp.fuses_right_update``). Elsewhere, and for any other matrix
+    stepped inside it, nothing changes."""
     if not fuses_right_update(W):  # nothing to set (nor for torch.compile to trace)
         yield
         return

@@ -35,8 +35,8 @@ import numpy as np
 from ._xp import Adjoint, _is_jax, _is_torch, dtype_name_of, jax_transfers_allowed, mT
 
 __all__ = ["HOST_STACK_BYTES", "from_host", "from_host_pieces", "from_host_stack", "host_cast", "is_traced",
-           "lean_arrays", "lean_factors", "own_transfers", "sketch_from_host", "stack_pays", "staged", "to_host", "to_host_pieces",
-           "transfers"]
+           "lean_arrays", "lean_factors", "own_transfers", "sketch_from_host", "stack_pays", "staged", "to_host",
+           "to_host_pieces", "transfers"]
 
 
 class _Counter:
@@ -143,7 +143,8 @@ def from_host(xp, x: np.ndarray, *, dtype, device, staged=False):
     """
     if staged and _is_jax(xp):
         return host_cast(x, dtype)
-    if _torch_cuda(xp, device):
+    kind = _torch_device_type(xp, device)
+    if kind == "cuda":
         torch = sys.modules["torch"]
         pinned = torch.empty(tuple(x.shape), dtype=dtype, pin_memory=True)
         pinned.numpy()[...] = x
@@ -152,7 +153,7 @@ def from_host(xp, x: np.ndarray, *, dtype, device, staged=False):
         # cast on the host, then one plain transfer: jnp.asarray with a dtype
         # and a device took 80 us a call (JAX 0.10.2, CPU), against 17 us
         return sys.modules["jax"].device_put(host_cast(x, dtype), device)
-    if _torch_cpu(xp, device) and dtype in _torch_host_dtypes():
+    if kind == "cpu" and dtype in _torch_host_dtypes():
         # cast by NumPy and wrapped: the memory shared exactly where
         # ``asarray`` shares it (the dtype already right), 3.5 against 8 us
         return _torch_from_numpy(np.asarray(x, dtype=_torch_host_dtypes()[dtype]))
@@ -225,23 +226,26 @@ def host_cast(x: np.ndarray, dtype) -> np.ndarray:
     return np.asarray(x, dtype=np.dtype(dtype))
 
 
-def _torch_cpu(xp, device) -> bool:
-    """Whether ``device`` is named, and is PyTorch's CPU (None is the default
-    device, which ``torch.set_default_device`` may have made a GPU)."""
+def _torch_device_type(xp, device):
+    """``device.type`` ("cpu", "cuda", ...) of a device named for PyTorch
+    namespace ``xp``; None for other libraries and for None, the default
+    device (which ``torch.set_default_device`` may have made a GPU)."""
     if device is None or not _is_torch(xp):
-        return False
+        return None
+    # a torch.device (what a tensor's ``device`` is) answers at once; making
+    # one from a string or an index costs some 8 us, twice a step
     kind = getattr(device, "type", None)
-    return (kind if kind is not None else sys.modules["torch"].device(device).type) == "cpu"
+    return kind if kind is not None else sys.modules["torch"].device(device).type
+
+
+def _torch_cpu(xp, device) -> bool:
+    """Whether ``device`` is named, and is PyTorch's CPU."""
+    return _torch_device_type(xp, device) == "cpu"
 
 
 def _torch_cuda(xp, device) -> bool:
     """Whether ``device`` is a CUDA device of PyTorch namespace ``xp``."""
-    if device is None or not _is_torch(xp):
-        return False
-    # a torch.device (what a tensor's ``device`` is) answers at once; making
-    # one from a string or an index costs some 8 us, twice a step
-    kind = getattr(device, "type", None)
-    return (kind if kind is not None else sys.modules["torch"].device(device).type) == "cuda"
+    return _torch_device_type(xp, device) == "cuda"
 
 
 def is_traced(x) -> bool:

@@ -530,13 +530,25 @@ def _blocked_columns(A, P):
     column by column."""
     n = A.shape[0]
     out = numpy.empty((n, P.shape[-1]), dtype=numpy.result_type(A, P), order="F")
-    columns = [numpy.ascontiguousarray(P[:, j]) for j in range(P.shape[-1])]
+    columns = _columns_of(P)
     rows = max(8, _PRODUCT_BLOCK_BYTES // max(1, A.strides[0]))
     for start in range(0, n, rows):
-        block = A[start:start + rows]
-        for j, column in enumerate(columns):
-            numpy.matmul(block, column, out=out[start:start + rows, j])
+        _rows_times_columns(A[start:start + rows], columns, out[start:start + rows])
     return out
+
+
+def _columns_of(P):
+    """The columns of the panel P, each contiguous (the vectors of the
+    matrix-vector products below)."""
+    return [numpy.ascontiguousarray(P[:, j]) for j in range(P.shape[-1])]
+
+
+def _rows_times_columns(rows_of_A, columns, out):
+    """``rows_of_A @ P`` into ``out`` (column by column), one matrix-vector
+    product per column of P (:func:`_columns_of`): the form of the blocked
+    products, whose rows are those of the whole product."""
+    for j, column in enumerate(columns):
+        numpy.matmul(rows_of_A, column, out=out[:, j])
 
 
 def _blocked_update(W, L, Rh):
@@ -591,10 +603,6 @@ class RightProduct:
     def dtype(self):
         return self.W.dtype
 
-    @property
-    def shape(self):
-        return (self.W.shape[0], self.D.shape[-1])
-
     def formed(self):
         return matmul_panel(numpy, self.W, self.Q) @ self.D
 
@@ -613,15 +621,14 @@ def _fused_update(W, L, Rh):
     rows, its rows of ``W Q`` (one matrix-vector product per column), times
     D, times Rh, plus W's rows, while the block is in the cache."""
     out = numpy.empty(W.shape, dtype=W.dtype)
-    columns = [numpy.ascontiguousarray(L.Q[:, j]) for j in range(L.Q.shape[-1])]
+    columns = _columns_of(L.Q)
     n = W.shape[0]
     rows = max(8, _FUSED_BLOCK_BYTES // max(1, W.strides[0]))
     panel = numpy.empty((min(rows, n), len(columns)), dtype=W.dtype, order="F")
     for start in range(0, n, rows):
         block, rows_of_W = out[start:start + rows], W[start:start + rows]
         part = panel[:rows_of_W.shape[0]]
-        for j, column in enumerate(columns):
-            numpy.matmul(rows_of_W, column, out=part[:, j])
+        _rows_times_columns(rows_of_W, columns, part)
         numpy.matmul(part @ L.D, Rh, out=block)
         block += rows_of_W
     return out

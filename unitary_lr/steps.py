@@ -332,7 +332,8 @@ def _checked_options(W, *, lr, rank, variant, oversample, power_iters):
     lr = check_real_scalar("lr", lr, positive=True)
     rank = check_int("rank", rank, minimum=1)
     if rank > min(n, m):  # the message formed only here: a formatted shape costs 2 us a step
-        rank = check_int("rank", rank, maximum=min(n, m), maximum_reason=f" = min(n, m) for W of shape {tuple(W.shape)}")
+        rank = check_int("rank", rank, maximum=min(n, m),
+                         maximum_reason=f" = min(n, m) for W of shape {tuple(W.shape)}")
     check_choice("variant", variant, VARIANTS)
     oversample = check_int("oversample", oversample, minimum=0)
     power_iters = check_int("power_iters", power_iters, minimum=0)
