@@ -163,6 +163,22 @@ def dtype(request) -> str:
 
 
 @pytest.fixture
+def torch_operations():
+    """PyTorch CPU tensors stepped by PyTorch's own operations, as GPU
+    tensors are (by default small ones go through their NumPy views, see
+    ``unitary_lr._host.TORCH_NUMPY_BYTES``): for the tests of those
+    operations and of their counts, the CPU's stand-ins for a GPU's
+    launches. A patch of its own, which a test's ``monkeypatch.undo()``
+    leaves in place."""
+    from unitary_lr import _host
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_host, "TORCH_NUMPY_BYTES", -1)
+        patch.setattr(_host, "TORCH_NUMPY_BYTES_ONE_THREAD", -1)
+        yield
+
+
+@pytest.fixture
 def rng(request) -> np.random.Generator:
     return np.random.default_rng([BASE_SEED, zlib.crc32(request.node.nodeid.encode())])
 

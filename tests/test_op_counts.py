@@ -21,6 +21,9 @@ from _aten import AtenOps  # noqa: E402
 import unitary_lr as ul  # noqa: E402
 from unitary_lr import _host  # noqa: E402
 
+# PyTorch's own operations, the steps a GPU runs (see conftest.torch_operations)
+pytestmark = pytest.mark.usefixtures("torch_operations")
+
 STEP_OPS = 30
 RANK_K_STEP_OPS = 40
 OPTIMIZER_OPS = 45

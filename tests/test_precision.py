@@ -198,6 +198,7 @@ def test_torch_optimizer_step_lifts_reduced_precision_and_restores_it(torch_redu
     assert float(ul.unitarity_error(W.detach())) < 1e-5
 
 
+@pytest.mark.usefixtures("torch_operations")  # products by PyTorch, as on a GPU
 def test_nested_entry_points_set_the_precision_once(torch_reduced_precision, monkeypatch):
     """An entry point called by another (an optimizer's step calls
     ``projunn_update``) runs in the settings the outer one made: nothing is set

@@ -16,6 +16,9 @@ from unitary_lr._random import generator_state  # noqa: E402
 from unitary_lr.optim import unitary_factors  # noqa: E402
 from unitary_lr.torch import ProjUNN, _lean  # noqa: E402
 
+# PyTorch's own operations, the steps a GPU runs (see conftest.torch_operations)
+pytestmark = pytest.mark.usefixtures("torch_operations")
+
 DTYPES = {"float32": torch.float32, "complex64": torch.complex64}
 
 

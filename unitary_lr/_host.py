@@ -188,12 +188,19 @@ def sketch_from_host(xp, draw: np.ndarray, *, dtype, device, staged=False):
     return mT(xp, from_host(xp, draw, dtype=dtype, device=device))
 
 
+# The NumPy dtypes of the host's fast path (``unitary_lr/_lean_numpy.py``).
+_HOST_FLOATS = ("float32", "float64", "complex64", "complex128")
+
+
 def lean_arrays(W, G):
-    """(W, G) without autograd history where the library's fast path knows
-    the pair to be valid arrays of its case at a glance (PyTorch's: two
-    square float32 or complex64 matrices on one device), or None where the
-    general checks are to run. Those that remain (the options, NaN and Inf,
-    unitarity) are the general ones."""
+    """(W, G) without autograd history where a fast path knows the pair to
+    be valid arrays of its case at a glance (two square 2-D NumPy arrays of
+    one float dtype; PyTorch's: two square float32 or complex64 matrices on
+    one device), or None where the general checks are to run. Those that
+    remain (the options, NaN and Inf, unitarity) are the general ones."""
+    if type(W) is np.ndarray:
+        return (W, G) if type(G) is np.ndarray and W.ndim == 2 and W.shape == G.shape and W.dtype == G.dtype \
+            and W.shape[0] == W.shape[1] and W.shape[0] > 0 and dtype_name_of(W.dtype) in _HOST_FLOATS else None
     if type(W).__module__.partition(".")[0] != "torch":
         return None
     from .torch import _lean
@@ -202,23 +209,82 @@ def lean_arrays(W, G):
 
 
 def lean_factors(xp, W, G, draw: np.ndarray, shape, *, lr, variant, power_iters):
-    """The factors (L, Rh) of a step by its library's fast path, or None where
-    the general step is to run (on the same host ``draw`` of the sketch of
+    """The factors (L, Rh) of a step by a fast path, or None where the
+    general step is to run (on the same host ``draw`` of the sketch of
     ``shape``, as :func:`sketch_from_host` takes it). W and G are checked
-    arrays and ``lr`` a checked float. One library has one: PyTorch's eager
-    rank-1 step of one square float32 or complex64 matrix
-    (``unitary_lr/torch/_lean.py``; docs/benchmarks.md, "A lean eager rank-1
-    step"), which gives the general step's factors bit for bit in about a
-    third less host time, and returns None itself for anything out of the
-    ordinary (NaN/Inf, a W that is not unitary), which the general step
-    then reports."""
-    if shape is None or not _is_torch(xp):
+    arrays and ``lr`` a checked float. Two fast paths for the eager rank-1
+    step of one square matrix, which give the general step's factors bit
+    for bit and return None themselves for anything out of the ordinary
+    (NaN/Inf, a W that is not unitary), which the general step then
+    reports (docs/benchmarks.md, "A lean eager rank-1 step", "The host's
+    lean step"):
+
+    - the host's (``unitary_lr/_lean_numpy.py``): NumPy arrays, and small
+      PyTorch CPU tensors through their NumPy views, whose factors come back
+      as tensors on the same memory;
+    - PyTorch's (``unitary_lr/torch/_lean.py``): float32 and complex64
+      tensors on any device with float64, outside a trace.
+    """
+    if shape is None or len(shape) != 2 or shape[-1] != 1:
+        return None
+    from . import _lean_numpy
+
+    views = _torch_numpy_views(W, G) if _is_torch(xp) else (W, G)
+    host = None if views is None else _lean_numpy.host_arrays(*views)
+    if host is not None:
+        factors = _lean_numpy.lean_factors(*host, draw, lr=lr, variant=variant, power_iters=power_iters)
+        if factors is None or host[0] is W:
+            return factors
+        return tuple(_torch_from_numpy(x) for x in factors)  # a PyTorch CPU tensor's factors
+    if not _is_torch(xp):
         return None
     from .torch import _lean
 
     if not _lean.takes_lean_step(W, G, shape):
         return None
     return _lean.lean_factors(W, G, draw, lr=lr, variant=variant, power_iters=power_iters)
+
+
+# PyTorch CPU tensors of up to this many bytes (float32 256 x 256), or up
+# to the second figure (float32 512 x 512) where PyTorch runs one thread, go
+# through their NumPy views; larger ones take PyTorch's own lean step
+# (``unitary_lr/torch/_lean.py``). NumPy's BLAS (OpenBLAS) runs threads of
+# its own beside PyTorch's, and they contend. AMD EPYC, two cores, torch
+# 2.13, NumPy 2.4, float32, the two ways alternated in one process, medians:
+# - two threads each: at 1024 x 1024 a step through NumPy took 10-12 ms
+#   against 3.6 ms by PyTorch's operations (3.0 ms with OPENBLAS_NUM_THREADS
+#   = 1); at 512 x 512, 0.98-1.17 against 1.28-1.31 ms, and even (3.4-3.5
+#   against 3.6 ms) with a forward product between the steps; at 256 x 256,
+#   0.52-0.54 against 0.73-0.76 ms (1.17-1.25 against 1.45-1.47 ms with the
+#   forward product);
+# - one PyTorch thread: 1.37 against 1.70 ms at 512 x 512, and faster up to
+#   1400 x 1400, but there with NumPy's second thread, which PyTorch was not
+#   given.
+# Machines with many cores were not measured: their threads contend more.
+TORCH_NUMPY_BYTES = 256 * 1024
+TORCH_NUMPY_BYTES_ONE_THREAD = 1024 * 1024
+
+
+def _torch_numpy_bytes(torch):
+    """The largest PyTorch CPU tensor stepped through its NumPy view, in
+    bytes, for PyTorch's current number of threads (see
+    :data:`TORCH_NUMPY_BYTES`)."""
+    return TORCH_NUMPY_BYTES_ONE_THREAD if torch.get_num_threads() == 1 else TORCH_NUMPY_BYTES
+
+
+def _torch_numpy_views(W, G):
+    """Two PyTorch CPU tensors (or parameters) of at most
+    :data:`TORCH_NUMPY_BYTES` each (:data:`TORCH_NUMPY_BYTES_ONE_THREAD`
+    where PyTorch runs one thread), without conjugate or negative bits,
+    outside ``torch.compile``, as their NumPy views (no copy; the autograd
+    history dropped), for the host's fast path; else None."""
+    torch = sys.modules["torch"]
+    if not (type(W) in (torch.Tensor, torch.nn.Parameter) and type(G) in (torch.Tensor, torch.nn.Parameter)
+            and W.is_cpu and G.is_cpu and W.layout is torch.strided and G.layout is torch.strided
+            and W.numel() * W.element_size() <= _torch_numpy_bytes(torch) and not (W.is_conj() or G.is_conj())
+            and not (W.is_neg() or G.is_neg()) and not torch.compiler.is_compiling()):
+        return None
+    return (W.detach() if W.requires_grad else W).numpy(), (G.detach() if G.requires_grad else G).numpy()
 
 
 def host_cast(x: np.ndarray, dtype) -> np.ndarray:
