@@ -12,9 +12,10 @@ costs 1-3 us (the same products at n = 8: 304 against 55 us, one thread,
 torch 2.13, NumPy 2.4). Here the step of one square matrix at rank 1 is the
 general NumPy step's operations, in the same order and forms, its helpers'
 choices made once: the factors are those of the general step on the same
-NumPy arrays bit for bit (``tests/test_lean_numpy.py``). A small PyTorch CPU tensor
-is stepped through its NumPy view (no copy), and its factors come back as
-tensors on the NumPy results (no copy either; ``_host.lean_factors``).
+NumPy arrays bit for bit (``tests/test_lean_numpy.py``). A small PyTorch
+CPU tensor is stepped through its NumPy view (no copy), and its factors
+come back as tensors on the NumPy results (no copy either; see
+``_host.lean_factors``).
 
 Anything out of the ordinary (NaN or Inf, a W that is not unitary, panels
 whose columns need balancing) returns None after the host read, having
@@ -28,9 +29,9 @@ import functools
 
 import numpy as np
 
-from ._cores import drop_tolerance
-from ._flow import _right_core_tiny, needs_balancing, newton_schulz_basis, newton_schulz_count
 from . import _xp
+from ._cores import drop_tolerance, host_xp
+from ._flow import _right_core_tiny, needs_balancing, newton_schulz_basis, newton_schulz_count
 from ._xp import by_columns, namespace
 
 __all__ = ["host_arrays", "lean_factors"]
@@ -41,13 +42,17 @@ _CORE = {np.dtype(np.float32): np.dtype(np.float64), np.dtype(np.complex64): np.
          np.dtype(np.float64): np.dtype(np.float64), np.dtype(np.complex128): np.dtype(np.complex128)}
 _CORE_EPS = float(np.finfo(np.float64).eps)
 
+
 @functools.cache
 def _numpy_namespace():
+    """The namespace the general step uses for NumPy arrays (for the rare
+    Newton-Schulz steps, which take the general helper)."""
     return namespace(np.empty(0))
 
 
 @functools.cache
 def _finfo(dtype):
+    """(eps, smallest normal) of a NumPy dtype, as Python floats."""
     info = np.finfo(dtype)
     return float(info.eps), float(info.smallest_normal)
 
@@ -121,7 +126,7 @@ def _factors(W, G, host_draw, *, lr, variant, power_iters):
     if not np.isfinite(C).all() or (scales and not np.isfinite(scales[0]).all()):
         return None
     try:
-        T, D, spread = _right_core_tiny(np, C, scales, lr=lr, variant=variant, sketched=True,
+        T, D, spread = _right_core_tiny(host_xp, C, scales, lr=lr, variant=variant, sketched=True,
                                         tol=drop_tolerance(W.shape[-1], eps, _CORE_EPS), core_eps=_CORE_EPS)
     except ValueError:  # W is not unitary, or a core failed: the general step says so
         return None
@@ -134,5 +139,6 @@ def _factors(W, G, host_draw, *, lr, variant, power_iters):
     steps = newton_schulz_count(spread, 2, eps, _CORE_EPS)
     P = F[..., 1:]
     Q = (T.mT @ P.mT).mT if not steps else newton_schulz_basis(_numpy_namespace(), P, T, steps)
-    WQ = np.concatenate([W @ Q[:, :1], W @ Q[:, 1:]], -1) if by_columns(_numpy_namespace(), W, Q, "right") else W @ Q
-    return WQ @ D, _h(Q)
+    if by_columns(_numpy_namespace(), W, Q, "right"):
+        return np.concatenate([W @ Q[:, :1], W @ Q[:, 1:]], -1) @ D, _h(Q)
+    return W @ Q @ D, _h(Q)
