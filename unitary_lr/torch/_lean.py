@@ -2,6 +2,10 @@
 (private; PyTorch's fast path, taken by ``steps.update_drawn`` through
 ``_host.lean_factors`` for ``projunn_step``, ``projunn_update`` and the torch
 optimizer alike; measured in docs/benchmarks.md, "A lean eager rank-1 step").
+It steps tensors on a GPU, and CPU tensors above ``_host.TORCH_NUMPY_BYTES``:
+smaller CPU tensors take the host's lean step through their NumPy views
+(``unitary_lr/_lean_numpy.py``), whose operations cost a fraction of
+PyTorch's CPU dispatch.
 
 On a GPU an eager step costs what its host side costs, and on the CPU a step
 at n <= 256 is all fixed cost: the library's general step (``steps`` and
