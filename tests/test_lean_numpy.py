@@ -152,12 +152,16 @@ torch = pytest.importorskip("torch")
 @pytest.mark.parametrize("variant", ["tangent", "direct"])
 def test_torch_cpu_tensors_step_through_their_numpy_views(dtype, variant, monkeypatch):
     """A small PyTorch CPU parameter (with autograd history) and its
-    gradient, and transposed views of them: the factors are CPU tensors of
+    gradient, transposed views of them, and blocks of larger matrices
+    (rows farther apart than their length): the factors are CPU tensors of
     W's dtype, equal bit for bit to the general NumPy step's on the same
     memory; projunn_step gives a tensor, W is not changed."""
     W, G = _pair(np.random.default_rng(4), 24, dtype)
+    wider = torch.zeros(24, 29, dtype=getattr(torch, dtype))  # a block of a larger matrix: rows 29 apart
+    blocks = (wider[:, 2:26].copy_(torch.from_numpy(W)), wider.clone()[:, 2:26].copy_(torch.from_numpy(G)))
     for Wt, Gt in [(torch.nn.Parameter(torch.from_numpy(W.copy())), torch.from_numpy(G.copy())),
-                   (torch.from_numpy(np.ascontiguousarray(W.T)).mT, torch.from_numpy(np.ascontiguousarray(G.T)).mT)]:
+                   (torch.from_numpy(np.ascontiguousarray(W.T)).mT, torch.from_numpy(np.ascontiguousarray(G.T)).mT),
+                   blocks]:
         (L0, Rh0), _, _ = _update(Wt.detach().numpy(), Gt.numpy(), 3, monkeypatch, lean=False, variant=variant)
         (L, Rh), _, results = _update(Wt, Gt, 3, monkeypatch, variant=variant)
         assert len(results) == 1 and results[0] is not None
