@@ -188,10 +188,6 @@ def sketch_from_host(xp, draw: np.ndarray, *, dtype, device, staged=False):
     return mT(xp, from_host(xp, draw, dtype=dtype, device=device))
 
 
-# The NumPy dtypes of the host's fast path (``unitary_lr/_lean_numpy.py``).
-_HOST_FLOATS = ("float32", "float64", "complex64", "complex128")
-
-
 def lean_arrays(W, G):
     """(W, G) without autograd history where a fast path knows the pair to
     be valid arrays of its case at a glance (two square 2-D NumPy arrays of
@@ -199,8 +195,9 @@ def lean_arrays(W, G):
     one device), or None where the general checks are to run. Those that
     remain (the options, NaN and Inf, unitarity) are the general ones."""
     if type(W) is np.ndarray:
-        return (W, G) if type(G) is np.ndarray and W.ndim == 2 and W.shape == G.shape and W.dtype == G.dtype \
-            and W.shape[0] == W.shape[1] and W.shape[0] > 0 and dtype_name_of(W.dtype) in _HOST_FLOATS else None
+        from . import _lean_numpy
+
+        return (W, G) if _lean_numpy.square_pair(W, G) else None
     if type(W).__module__.partition(".")[0] != "torch":
         return None
     from .torch import _lean
@@ -229,14 +226,15 @@ def lean_factors(xp, W, G, draw: np.ndarray, shape, *, lr, variant, power_iters)
         return None
     from . import _lean_numpy
 
-    views = _torch_numpy_views(W, G) if _is_torch(xp) else (W, G)
+    on_torch = _is_torch(xp)
+    views = _torch_numpy_views(W, G) if on_torch else (W, G)
     host = None if views is None else _lean_numpy.host_arrays(*views)
     if host is not None:
         factors = _lean_numpy.lean_factors(*host, draw, lr=lr, variant=variant, power_iters=power_iters)
-        if factors is None or host[0] is W:
+        if factors is None or not on_torch:
             return factors
         return tuple(_torch_from_numpy(x) for x in factors)  # a PyTorch CPU tensor's factors
-    if not _is_torch(xp):
+    if not on_torch:
         return None
     from .torch import _lean
 

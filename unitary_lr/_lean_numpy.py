@@ -34,7 +34,7 @@ from ._cores import drop_tolerance, host_xp
 from ._flow import _right_core_tiny, needs_balancing, newton_schulz_basis, newton_schulz_count
 from ._xp import by_columns, namespace
 
-__all__ = ["host_arrays", "lean_factors"]
+__all__ = ["host_arrays", "lean_factors", "square_pair"]
 
 # The host's dtypes and the dtype of their Gram and cores (float32 panels'
 # Grams in float64, as ``_xp.core_dtype`` has them on the host).
@@ -57,17 +57,23 @@ def _finfo(dtype):
     return float(info.eps), float(info.smallest_normal)
 
 
+def square_pair(W, G):
+    """Whether W and G are two 2-D square NumPy arrays of one float dtype,
+    not empty: a pair the step's arrays' checks would pass
+    (``_host.lean_arrays``), whatever its size."""
+    return (type(W) is np.ndarray and type(G) is np.ndarray and W.ndim == 2 and W.shape == G.shape
+            and W.shape[0] == W.shape[1] and W.shape[0] > 0 and W.dtype == G.dtype and W.dtype in _CORE)
+
+
 def host_arrays(W, G):
-    """(W, G) where the pair is the lean host step's case, two 2-D square
-    NumPy arrays of one float dtype, each smaller than the last-level cache
+    """(W, G) where the pair is the lean host step's case, a
+    :func:`square_pair` of arrays each smaller than the last-level cache
     (``_xp._BEYOND_CACHE_BYTES``: from there on the general step reads G and
     W block by block, see ``_xp.rows_beyond_cache`` and
     ``_xp.fuses_right_update``, which this step does not); else None.
     (``_host.lean_factors`` gives it PyTorch CPU tensors as their NumPy
     views.)"""
-    if not (type(W) is np.ndarray and type(G) is np.ndarray and W.ndim == 2 and W.shape == G.shape
-            and W.shape[0] == W.shape[1] and W.shape[0] > 0 and W.dtype == G.dtype and W.dtype in _CORE
-            and W.nbytes < _xp._BEYOND_CACHE_BYTES):
+    if not (square_pair(W, G) and W.nbytes < _xp._BEYOND_CACHE_BYTES):
         return None
     return W, G
 
