@@ -232,31 +232,3 @@ def test_a_small_cpu_tensor_runs_no_aten_operation(monkeypatch):
     with AtenOps() as ops:
         projunn_step(W, G, lr=0.1, rng=0)
     assert [op.name for op in ops.ops if not op.view] == ["aten.addmm.default"]
-
-
-def test_optimizer_steps_small_parameters_through_numpy(monkeypatch):
-    """ProjUNN(rank=1) on a small float32 parameter, 30 steps through the
-    NumPy views against the same steps by PyTorch's own operations: the
-    same parameters to float32 rounding, unitary."""
-    from unitary_lr.torch import ProjUNN
-
-    start = torch.from_numpy(haar(np.random.default_rng(0), 32, "float64")).float()
-
-    def run(through_numpy):
-        if not through_numpy:
-            monkeypatch.setattr(_host, "TORCH_NUMPY_BYTES", -1)
-            monkeypatch.setattr(_host, "TORCH_NUMPY_BYTES_ONE_THREAD", -1)
-        calls = _spied(monkeypatch)
-        p = torch.nn.Parameter(start.clone())
-        opt = ProjUNN([{"params": [p], "unitary": True}], lr=0.02, base="rmsprop", rank=1, seed=4)
-        generator = torch.Generator().manual_seed(9)
-        for _ in range(30):
-            p.grad = torch.randn(p.shape, generator=generator)
-            opt.step()
-        monkeypatch.undo()
-        return p.detach().clone(), len(calls)
-
-    (ours, calls), (theirs, none) = run(True), run(False)
-    assert calls == 30 and none == 0
-    assert torch.allclose(ours, theirs, rtol=0, atol=1e-4) and (ours - start).abs().max() > 1e-2
-    assert unitarity(ours.double().numpy()) < 1e-5

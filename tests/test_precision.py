@@ -185,6 +185,7 @@ def test_torch_step_lifts_reduced_precision_and_restores_it(torch_reduced_precis
     assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision) == ("tf32", "bf16")
 
 
+@pytest.mark.usefixtures("torch_operations")  # products by PyTorch, as on a GPU
 def test_torch_optimizer_step_lifts_reduced_precision_and_restores_it(torch_reduced_precision):
     torch = torch_reduced_precision
     from unitary_lr.torch import ProjUNN, unitary_parameter

@@ -34,9 +34,9 @@ import numpy as np
 
 from ._xp import Adjoint, _is_jax, _is_torch, dtype_name_of, jax_transfers_allowed, mT
 
-__all__ = ["HOST_STACK_BYTES", "from_host", "from_host_pieces", "from_host_stack", "host_cast", "is_traced",
-           "lean_arrays", "lean_factors", "own_transfers", "sketch_from_host", "stack_pays", "staged", "to_host",
-           "to_host_pieces", "transfers"]
+__all__ = ["HOST_STACK_BYTES", "from_host", "from_host_pieces", "from_host_stack", "host_cast", "host_step_views",
+           "is_traced", "lean_arrays", "lean_factors", "own_transfers", "sketch_from_host", "stack_pays", "staged",
+           "to_host", "to_host_pieces", "torch_factors", "transfers"]
 
 
 class _Counter:
@@ -233,7 +233,7 @@ def lean_factors(xp, W, G, draw: np.ndarray, shape, *, lr, variant, power_iters)
         factors = _lean_numpy.lean_factors(*host, draw, lr=lr, variant=variant, power_iters=power_iters)
         if factors is None or not on_torch:
             return factors
-        return tuple(_torch_from_numpy(x) for x in factors)  # a PyTorch CPU tensor's factors
+        return torch_factors(factors)  # a PyTorch CPU tensor's factors
     if not on_torch:
         return None
     from .torch import _lean
@@ -258,29 +258,88 @@ def lean_factors(xp, W, G, draw: np.ndarray, shape, *, lr, variant, power_iters)
 # - one PyTorch thread: 1.37 against 1.70 ms at 512 x 512, and faster up to
 #   1400 x 1400, but there with NumPy's second thread, which PyTorch was not
 #   given.
+# Complex tensors contend from fewer entries on (TORCH_NUMPY_COMPLEX_ENTRIES).
 # Machines with many cores were not measured: their threads contend more.
 TORCH_NUMPY_BYTES = 256 * 1024
 TORCH_NUMPY_BYTES_ONE_THREAD = 1024 * 1024
 
 
-def _torch_numpy_bytes(torch):
-    """The largest PyTorch CPU tensor stepped through its NumPy view, in
-    bytes, for PyTorch's current number of threads (see
-    :data:`TORCH_NUMPY_BYTES`)."""
-    return TORCH_NUMPY_BYTES_ONE_THREAD if torch.get_num_threads() == 1 else TORCH_NUMPY_BYTES
+def host_step_views(xp, W, G, shape):
+    """NumPy views (no copy) of the PyTorch CPU tensors W and a dense G that
+    the general step runs on the host, as NumPy's step, where no fast path
+    of :func:`lean_factors` took them: a sketch of two or more columns
+    (rank >= 2, or oversampled), tensors within a quarter of the rank-1
+    limits (:data:`TORCH_NUMPY_PANEL_SHARE`), any batch shape; else None. A
+    small step is nearly all fixed cost, and each of PyTorch's CPU
+    operations costs 5-10 us of dispatch where NumPy's costs 1-3 us
+    (docs/benchmarks.md, "Rank two and more on the host")."""
+    if shape is None or shape[-1] == 1 or not _is_torch(xp):
+        return None
+    views = _torch_numpy_views(W, G, share=TORCH_NUMPY_PANEL_SHARE)
+    if views is None or views[0].dtype not in _HOST_STEP_DTYPES or views[0].shape != views[1].shape:
+        return None
+    return views
 
 
-def _torch_numpy_views(W, G):
+# The dtypes NumPy's step takes (those of PyTorch's that it supports).
+_HOST_STEP_DTYPES = tuple(np.dtype(name) for name in ("float32", "float64", "complex64", "complex128"))
+
+
+def torch_factors(factors):
+    """Factors made by NumPy's step on a PyTorch CPU tensor's views
+    (:func:`host_step_views`) as PyTorch tensors on the same memory."""
+    return tuple(_torch_from_numpy(x) for x in factors)
+
+
+# A step of two or more sketch columns goes through NumPy for tensors of up
+# to this share of the limits above: 64 KiB (float32 128 x 128), or 256 KiB
+# where PyTorch runs one thread. Its products are matrix-matrix ones, which
+# NumPy's OpenBLAS runs on threads of its own from smaller sizes on than a
+# matrix-vector product; where PyTorch runs several threads they contend
+# (two each on two cores, a forward product between the steps, float32,
+# rank 8: at 256 x 256 a step took 8.0 ms through NumPy against 1.2 ms by
+# PyTorch's operations; at 128 x 128, 0.83 against 1.02 ms). Where PyTorch
+# runs one thread, 0.92-0.96x at 256 x 256 (float32, float64, complex64),
+# 0.9-1.1x beyond. (Intel Xeon, two cores, torch 2.13, NumPy 2.4 with
+# OpenBLAS 0.3.31, 2026-12-06; each way in a process of its own.)
+TORCH_NUMPY_PANEL_SHARE = 0.25
+
+# Where PyTorch runs several threads, complex matrices of this many entries
+# or more keep PyTorch's operations whatever the sketch: OpenBLAS threads
+# complex products from there on, and a step through NumPy took 7-8 ms, at
+# rank 8 up to 16 ms, against 0.35-1.5 ms (complex64 64 x 64 to 181 x 181,
+# complex128 64 x 64; 63 x 63 and smaller ran 0.6-0.85x PyTorch's time;
+# same machine and runs).
+TORCH_NUMPY_COMPLEX_ENTRIES = 4096
+
+
+def _numpy_pays(torch, W, share):
+    """Whether the CPU tensor W takes the host's step through its NumPy view:
+    within ``share`` of :data:`TORCH_NUMPY_BYTES` (of
+    :data:`TORCH_NUMPY_BYTES_ONE_THREAD` where PyTorch runs one thread),
+    and where PyTorch runs several threads, a complex W only below
+    :data:`TORCH_NUMPY_COMPLEX_ENTRIES` entries a matrix."""
+    threads = torch.get_num_threads()
+    limit = TORCH_NUMPY_BYTES_ONE_THREAD if threads == 1 else TORCH_NUMPY_BYTES
+    if W.numel() * W.element_size() > share * limit:
+        return False
+    return threads == 1 or not W.is_complex() or W.shape[-2] * W.shape[-1] < TORCH_NUMPY_COMPLEX_ENTRIES
+
+
+def _torch_numpy_views(W, G, share=1.0):
     """Two PyTorch CPU tensors (or parameters) of at most
     :data:`TORCH_NUMPY_BYTES` each (:data:`TORCH_NUMPY_BYTES_ONE_THREAD`
-    where PyTorch runs one thread), without conjugate or negative bits,
-    outside ``torch.compile``, as their NumPy views (no copy; the autograd
-    history dropped), for the host's fast path; else None."""
+    where PyTorch runs one thread), times ``share``, with the bound of
+    :data:`TORCH_NUMPY_COMPLEX_ENTRIES` (:func:`_numpy_pays`), without
+    conjugate or negative bits, outside ``torch.compile``, as their NumPy
+    views (no copy; the autograd history dropped), for the host's fast
+    path; else None."""
     torch = sys.modules["torch"]
     if not (type(W) in (torch.Tensor, torch.nn.Parameter) and type(G) in (torch.Tensor, torch.nn.Parameter)
             and W.is_cpu and G.is_cpu and W.layout is torch.strided and G.layout is torch.strided
-            and W.numel() * W.element_size() <= _torch_numpy_bytes(torch) and not (W.is_conj() or G.is_conj())
-            and not (W.is_neg() or G.is_neg()) and not torch.compiler.is_compiling()):
+            and W.ndim >= 2 and _numpy_pays(torch, W, share)
+            and not (W.is_conj() or G.is_conj()) and not (W.is_neg() or G.is_neg())
+            and not torch.compiler.is_compiling()):
         return None
     return (W.detach() if W.requires_grad else W).numpy(), (G.detach() if G.requires_grad else G).numpy()
 

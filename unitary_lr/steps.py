@@ -6,7 +6,7 @@ import numpy as np
 
 from ._cores import add_lowrank, make_cores
 from ._flow import checked, fused_right_update, lowrank_update, sketch_panels
-from ._host import is_traced, lean_arrays, lean_factors, sketch_from_host, staged
+from ._host import host_step_views, is_traced, lean_arrays, lean_factors, sketch_from_host, staged, torch_factors
 from ._random import as_generator, host_normal
 from ._validation import (
     check_batch_compatible,
@@ -277,9 +277,29 @@ def update_drawn(W, G, draw, /, *, lr, rank, variant, oversample, power_iters, a
     lean = lean_factors(xp, W, G, host, shape, lr=lr, variant=variant, power_iters=power_iters)
     if lean is not None:
         return lean
+    views = host_step_views(xp, W, G, shape)
+    if views is not None:
+        factors = _host_step(*views, host, lr=lr, rank=rank, variant=variant, power_iters=power_iters)
+        if factors is not None:
+            return factors
     # the host draw goes with the call of the staged sketch (see _host.staged)
     omega = None if shape is None else sketch_from_host(xp, host, dtype=_dtype(G), device=device(W), staged=True)
     return _run(xp, W, G, gradients, omega, lr=lr, rank=rank, variant=variant, power_iters=power_iters)
+
+
+def _host_step(W, G, host, *, lr, rank, variant, power_iters):
+    """The factors of NumPy's general step on the NumPy views W, G of small
+    PyTorch CPU tensors (``_host.host_step_views``), as tensors on the same
+    memory; None where that step raises, so that PyTorch's step reports it
+    in its own words (NaN or Inf, a W that is not unitary), having changed
+    nothing."""
+    xp = namespace(W)
+    omega = sketch_from_host(xp, host, dtype=W.dtype, device=device(W), staged=True)
+    try:
+        factors = _run(xp, W, G, {"G": G}, omega, lr=lr, rank=rank, variant=variant, power_iters=power_iters)
+    except ValueError:
+        return None
+    return torch_factors(factors)
 
 
 def _validated(W, G, *, lr, rank, variant, oversample, power_iters):

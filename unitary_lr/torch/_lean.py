@@ -2,8 +2,10 @@
 (private; PyTorch's fast path, taken by ``steps.update_drawn`` through
 ``_host.lean_factors`` for ``projunn_step``, ``projunn_update`` and the torch
 optimizer alike; measured in docs/benchmarks.md, "A lean eager rank-1 step").
-It steps tensors on a GPU, and CPU tensors above ``_host.TORCH_NUMPY_BYTES``:
-smaller CPU tensors take the host's lean step through their NumPy views
+It steps tensors on a GPU, CPU tensors above ``_host.TORCH_NUMPY_BYTES`` and,
+where PyTorch runs several threads, complex CPU matrices of
+``_host.TORCH_NUMPY_COMPLEX_ENTRIES`` entries or more: other CPU tensors
+take the host's lean step through their NumPy views
 (``unitary_lr/_lean_numpy.py``), whose operations cost a fraction of
 PyTorch's CPU dispatch.
 
