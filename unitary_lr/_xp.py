@@ -879,9 +879,15 @@ def shifted_diagonal(xp, C, scale, shift):
     shift``. C must be a fresh array of the caller's (a Gram just formed):
     PyTorch writes it in place, two operations on its diagonal view, where a
     new diagonal and ``diagonal_scatter`` take three (the sketch re-bases
-    three panels per step); elsewhere ``C + I (d (scale - 1) + shift)``."""
+    three panels per step), and so does NumPy (3 us against 20 us for the
+    general form); elsewhere ``C + I (d (scale - 1) + shift)``."""
     if _is_torch(xp):
         C.diagonal(dim1=-2, dim2=-1).mul_(scale).add_(shift)
+        return C
+    if type(C) is numpy.ndarray:  # NumPy: in place too, on a writable view of the diagonal
+        d = numpy.einsum("...ii->...i", C)
+        d *= scale
+        d += shift
         return C
     d = xp.linalg.diagonal(C)
     return C + eye(xp, C.shape[-1], like=C) * (d * (scale - 1) + shift)[..., None, :]
@@ -908,6 +914,8 @@ def times_inverse_cholesky_factor(xp, P, M):
     if _is_torch(xp):
         linalg = sys.modules["torch"].linalg
         return linalg.solve_triangular(linalg.cholesky_ex(M).L.mH, P, upper=True, left=False)
+    if type(M) is numpy.ndarray:  # NumPy's own functions, without the compat layer's wrappers (some 10 us each)
+        return panel_times_small(xp, P, numpy.linalg.inv(mH(xp, numpy.linalg.cholesky(M))))
     if _is_dask(xp):
         lower = xp.asarray(numpy.linalg.cholesky(numpy.asarray(M)))
     else:
