@@ -12,7 +12,7 @@ import pytest
 from _helpers import haar, random_matrix, unitarity
 
 from unitary_lr import _host, projunn_step
-from unitary_lr.steps import projunn_update
+from unitary_lr.steps import projunn_update, projunn_update_stacked
 
 torch = pytest.importorskip("torch")
 
@@ -54,10 +54,11 @@ def _through_torch(monkeypatch):
 @pytest.mark.parametrize("variant", ["tangent", "cayley", "direct"])
 @pytest.mark.parametrize("shape,options", [
     ((24, 24), {"rank": 2}), ((24, 24), {"rank": 8, "power_iters": 2}), ((24, 24), {"rank": 1, "oversample": 3}),
-    ((3, 16, 16), {"rank": 4}), ((20, 12), {"rank": 3}), ((12, 20), {"rank": 3}),
+    ((3, 16, 16), {"rank": 4}), ((3, 16, 16), {"rank": 1}), ((20, 12), {"rank": 3}), ((12, 20), {"rank": 3}),
 ])
 def test_tensors_take_numpys_step_on_their_views(dtype, variant, shape, options, monkeypatch):
-    """Square, batched, tall and wide W, every variant and dtype: the factors
+    """Square, batched (rank 1 too: the host's lean step takes one matrix
+    only), tall and wide W, every variant and dtype: the factors
     are CPU tensors equal bit for bit to NumPy's step's on the same arrays
     (one sketch draw, so one random stream), and agree to rounding with
     PyTorch's own operations; projunn_step leaves W and G as they were and
@@ -91,6 +92,39 @@ def test_tensors_take_numpys_step_on_their_views(dtype, variant, shape, options,
     assert not np.allclose(new.numpy(), W, rtol=0, atol=100 * TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", ["float32", "complex64"])
+@pytest.mark.parametrize("rank", [1, 8])
+def test_stacked_tensors_take_numpys_step(dtype, rank, monkeypatch):
+    """The optimizer's batched step of several small parameters
+    (``projunn_update_stacked``): one NumPy step on the stack's views, the
+    factors bit for bit those of the same call on NumPy arrays (the same
+    generators), and to rounding those of PyTorch's own operations; every
+    generator advanced as by separate steps."""
+    rng = np.random.default_rng([rank, DTYPES.index(dtype)])
+    pairs = [_pair(rng, (24, 24), dtype) for _ in range(3)]
+    Ws, Gs = [torch.from_numpy(W) for W, _ in pairs], [torch.from_numpy(G) for _, G in pairs]
+
+    def stacked(Ws, Gs):
+        generators = [np.random.default_rng(seed) for seed in (5, 6, 7)]
+        factors = projunn_update_stacked(Ws, Gs, lr=0.05, rank=rank, rngs=generators)
+        return factors, [g.bit_generator.state for g in generators]
+
+    calls = _host_steps(monkeypatch)
+    ours, states = stacked(Ws, Gs)
+    assert len(calls) == 1 and calls[0][0].shape == (3, 24, 24)
+    reference, reference_states = stacked([W for W, _ in pairs], [G for _, G in pairs])
+    assert states == reference_states
+    assert all(isinstance(L, torch.Tensor) and np.array_equal(L.numpy(), L0) and np.array_equal(Rh.numpy(), Rh0)
+               for (L, Rh), (L0, Rh0) in zip(ours, reference))
+    monkeypatch.undo()
+    _through_torch(monkeypatch)
+    theirs, their_states = stacked(Ws, Gs)
+    assert their_states == states
+    for (L, Rh), (L1, Rh1), W in zip(ours, theirs, Ws):
+        assert torch.allclose(W + L @ Rh, W + L1 @ Rh1, rtol=0, atol=20 * TOL[dtype])
+        assert not torch.allclose(W + L @ Rh, W, rtol=0, atol=100 * TOL[dtype])
+
+
 @pytest.mark.parametrize("case", ["nan", "inf", "not unitary"])
 def test_errors_are_pytorchs_own(case, monkeypatch):
     """NaN or Inf in G, a W that is not unitary: NumPy's step raises, and the
@@ -122,8 +156,9 @@ def test_which_tensors_go_through_numpy(threads):
     """A quarter of the rank-1 limits for a sketch of two or more columns
     (float32 128 x 128 with several PyTorch threads, 256 x 256 with one);
     with several threads, complex matrices only below 4096 entries, whatever
-    the sketch; never a rank-1 sketch (the host's lean step has it), a
-    factored gradient, a GPU-like or sparse tensor, or a NumPy array."""
+    the sketch; never a rank-1 sketch of one matrix (the host's lean step
+    has it; a batch's goes through NumPy), a factored gradient, a sparse
+    tensor, or a NumPy array."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -132,6 +167,8 @@ def test_which_tensors_go_through_numpy(threads):
             W = torch.eye(n)
             assert (_host.host_step_views(_host_namespace(W), W, W, (n, 2)) is not None) is takes
         assert _host.host_step_views(_host_namespace(W), torch.eye(8), torch.eye(8), (8, 1)) is None
+        stack = torch.eye(8).repeat(3, 1, 1)  # a batch at rank 1: not the lean step's case
+        assert _host.host_step_views(_host_namespace(W), stack, stack, (3, 8, 1)) is not None
         assert _host.host_step_views(_host_namespace(W), torch.eye(8), torch.eye(8), None) is None
         for dtype in (torch.complex64, torch.complex128):
             for n, takes in [(63, True), (64, threads == 1)]:

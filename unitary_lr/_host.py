@@ -268,12 +268,13 @@ def host_step_views(xp, W, G, shape):
     """NumPy views (no copy) of the PyTorch CPU tensors W and a dense G that
     the general step runs on the host, as NumPy's step, where no fast path
     of :func:`lean_factors` took them: a sketch of two or more columns
-    (rank >= 2, or oversampled), tensors within a quarter of the rank-1
-    limits (:data:`TORCH_NUMPY_PANEL_SHARE`), any batch shape; else None. A
-    small step is nearly all fixed cost, and each of PyTorch's CPU
-    operations costs 5-10 us of dispatch where NumPy's costs 1-3 us
-    (docs/benchmarks.md, "Rank two and more on the host")."""
-    if shape is None or shape[-1] == 1 or not _is_torch(xp):
+    (rank >= 2, or oversampled) or a batch of matrices (the optimizer's
+    stacked parameters), tensors within a quarter of the rank-1 limits
+    (:data:`TORCH_NUMPY_PANEL_SHARE`); else None (``shape``: the sketch's,
+    see ``steps.sketch_shape``). A small step is nearly all fixed cost, and
+    each of PyTorch's CPU operations costs 5-10 us of dispatch where NumPy's
+    costs 1-3 us (docs/benchmarks.md, "Rank two and more on the host")."""
+    if shape is None or (shape[-1] == 1 and len(shape) == 2) or not _is_torch(xp):
         return None
     views = _torch_numpy_views(W, G, share=TORCH_NUMPY_PANEL_SHARE)
     if views is None or views[0].dtype not in _HOST_STEP_DTYPES or views[0].shape != views[1].shape:

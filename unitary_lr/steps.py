@@ -244,8 +244,14 @@ def update_stacked_drawn(Ws, Gs, draw, /, *, lr, rank, variant, oversample, powe
     xp, W, G, gradients, lr, rank, oversample, power_iters = _validated(
         W, G, lr=lr, rank=rank, variant=variant, oversample=oversample, power_iters=power_iters)
     shape = sketch_shape(G, rank, oversample)
-    omega = sketch_matrices(xp, draw(xp, shape[1:], G.dtype), dtype=G.dtype, device=device(W), staged=True)
-    L, Rh = _run(xp, W, G, gradients, omega, lr=lr, rank=rank, variant=variant, power_iters=power_iters)
+    host = np.stack(draw(xp, shape[1:], G.dtype))  # the P test matrices' host draws, (P, ..., l, n)
+    views = host_step_views(xp, W, G, shape)
+    factors = None if views is None else _host_step(*views, host, lr=lr, rank=rank, variant=variant,
+                                                    power_iters=power_iters)
+    if factors is None:
+        omega = sketch_from_host(xp, host, dtype=G.dtype, device=device(W), staged=True)
+        factors = _run(xp, W, G, gradients, omega, lr=lr, rank=rank, variant=variant, power_iters=power_iters)
+    L, Rh = factors
     return [(L[p, ...], Rh[p, ...]) for p in range(len(Ws))]
 
 
@@ -404,13 +410,6 @@ def sketch_draw(xp, shape, *, dtype, rng):
     a NumPy array (..., l, n), not yet on the device."""
     *batch, n, l = shape
     return host_normal(xp, (*batch, l, n), dtype=dtype, rng=rng)
-
-
-def sketch_matrices(xp, draws, *, dtype, device, staged=False):
-    """The test matrices (P, ..., n, l) of P host draws of one shape
-    (:func:`sketch_draw`), moved to the device in one transfer (``staged``:
-    see ``_host.sketch_from_host``)."""
-    return sketch_from_host(xp, np.stack(draws), dtype=dtype, device=device, staged=staged)
 
 
 def sketch_shape(G, rank, oversample):
