@@ -240,3 +240,42 @@ def test_optimizer_steps_small_parameters_through_numpy(dtype, rank, monkeypatch
     assert viewed == 30 and none == 0
     assert torch.allclose(ours, theirs, rtol=0, atol=1e-4) and (ours - start).abs().max() > 1e-2
     assert unitarity(ours.to(getattr(torch, wide)).numpy()) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(40, 30), (30, 40), (2, 24, 24)])
+def test_randomized_svd_of_small_tensors_runs_in_numpy(dtype, shape, monkeypatch):
+    """``randomized_svd`` of a small PyTorch CPU tensor: NumPy's on its view
+    (the factors tensors, bit for bit those of the NumPy array with the same
+    seed), to rounding PyTorch's own operations' factors; NaN gives
+    PyTorch's own error."""
+    from unitary_lr import randomized_svd
+
+    rng = np.random.default_rng([len(shape), shape[-1], DTYPES.index(dtype)])
+    A = random_matrix(rng, shape, dtype)
+    At = torch.from_numpy(A.copy())
+    views, real = [], _host.host_views
+    monkeypatch.setattr("unitary_lr.rsvd.host_views", lambda *a: views.append(real(*a)) or views[-1])
+    ours = randomized_svd(At, 3, rng=2)
+    assert len(views) == 1 and views[0] is not None and np.shares_memory(views[0][0], At.numpy())
+    reference = randomized_svd(A, 3, rng=2)
+    assert all(isinstance(x, torch.Tensor) and np.array_equal(x.numpy(), y) for x, y in zip(ours, reference))
+    monkeypatch.undo()
+    _through_torch(monkeypatch)
+    theirs = randomized_svd(At, 3, rng=2)
+    scale = float(np.max(np.abs(reference.S)))
+    assert np.allclose(ours.S.numpy(), theirs.S.numpy(), rtol=0, atol=50 * TOL[dtype] * scale)
+    product = (ours.U * ours.S[..., None, :]) @ ours.Vh
+    assert torch.allclose(product, (theirs.U * theirs.S[..., None, :]) @ theirs.Vh, rtol=0,
+                          atol=50 * TOL[dtype] * scale)
+    monkeypatch.undo()
+    At[..., 1, 2] = float("nan")
+    messages = []
+    for through_torch in (False, True):
+        if through_torch:
+            _through_torch(monkeypatch)
+        with pytest.raises(ValueError) as error:
+            randomized_svd(At, 3, rng=2)
+        messages.append(str(error.value))
+        monkeypatch.undo()
+    assert messages[0] == messages[1] and "NaN" in messages[0]

@@ -243,6 +243,7 @@ def _routes(A, k):
     return factorizations, len(ops.launching), ops.scalar_reads, _host.transfers.count - before
 
 
+@pytest.mark.usefixtures("torch_operations")  # PyTorch's own operations, as on a GPU
 @pytest.mark.parametrize("dtype", ["float32", "complex64", "float64", "complex128"])
 @pytest.mark.parametrize("k", [1, 8])
 def test_the_gram_route_runs_no_device_qr_or_svd_and_reads_back_once(dtype, k):
@@ -264,6 +265,7 @@ def test_the_gram_route_runs_no_device_qr_or_svd_and_reads_back_once(dtype, k):
     assert operations <= 96, operations
 
 
+@pytest.mark.usefixtures("torch_operations")  # PyTorch's own operations, as on a GPU
 @pytest.mark.parametrize(("dtype", "spectrum", "k"), [("float64", "spread 1e3", 3), ("complex128", "tiny 1e-6", 3),
                                                       ("float32", "rank 3", 8), ("float64", "zero", 2)])
 def test_the_qr_route_where_the_grams_would_lose_digits(dtype, spectrum, k):

@@ -35,8 +35,8 @@ import numpy as np
 from ._xp import Adjoint, _is_jax, _is_torch, dtype_name_of, jax_transfers_allowed, mT
 
 __all__ = ["HOST_STACK_BYTES", "from_host", "from_host_pieces", "from_host_stack", "host_cast", "host_step_views",
-           "is_traced", "lean_arrays", "lean_factors", "own_transfers", "sketch_from_host", "stack_pays", "staged",
-           "to_host", "to_host_pieces", "torch_factors", "transfers"]
+           "host_views", "is_traced", "lean_arrays", "lean_factors", "own_transfers", "sketch_from_host", "stack_pays",
+           "staged", "to_host", "to_host_pieces", "torch_factors", "transfers"]
 
 
 class _Counter:
@@ -274,12 +274,23 @@ def host_step_views(xp, W, G, shape):
     see ``steps.sketch_shape``). A small step is nearly all fixed cost, and
     each of PyTorch's CPU operations costs 5-10 us of dispatch where NumPy's
     costs 1-3 us (docs/benchmarks.md, "Rank two and more on the host")."""
-    if shape is None or (shape[-1] == 1 and len(shape) == 2) or not _is_torch(xp):
+    if shape is None or (shape[-1] == 1 and len(shape) == 2):
         return None
-    views = _torch_numpy_views(W, G, share=TORCH_NUMPY_PANEL_SHARE)
+    return host_views(xp, W, G)
+
+
+def host_views(xp, A, B=None):
+    """NumPy views (no copy) of the PyTorch CPU tensor A, and B of A's shape
+    and dtype where given, for NumPy's general routines (a step of two or
+    more sketch columns, ``randomized_svd``): within the limits of
+    :data:`TORCH_NUMPY_PANEL_SHARE` and :data:`TORCH_NUMPY_COMPLEX_ENTRIES`;
+    else None. A tuple of one or two views."""
+    if not _is_torch(xp):
+        return None
+    views = _torch_numpy_views(A, A if B is None else B, share=TORCH_NUMPY_PANEL_SHARE)
     if views is None or views[0].dtype not in _HOST_STEP_DTYPES or views[0].shape != views[1].shape:
         return None
-    return views
+    return views[:1] if B is None else views
 
 
 # The dtypes NumPy's step takes (those of PyTorch's that it supports).
@@ -287,8 +298,8 @@ _HOST_STEP_DTYPES = tuple(np.dtype(name) for name in ("float32", "float64", "com
 
 
 def torch_factors(factors):
-    """Factors made by NumPy's step on a PyTorch CPU tensor's views
-    (:func:`host_step_views`) as PyTorch tensors on the same memory."""
+    """Factors made by NumPy's routines on a PyTorch CPU tensor's views
+    (:func:`host_views`) as PyTorch tensors on the same memory."""
     return tuple(_torch_from_numpy(x) for x in factors)
 
 

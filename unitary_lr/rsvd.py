@@ -22,7 +22,7 @@ from ._flow import (
     sketch_basis,
     sketch_panels,
 )
-from ._host import from_host, staged
+from ._host import from_host, host_views, staged, torch_factors
 from ._random import as_generator, host_normal
 from ._validation import (
     check_float_dtype,
@@ -38,6 +38,7 @@ from ._xp import (
     exact_products,
     is_complex,
     mH,
+    namespace,
     real_finfo,
 )
 
@@ -155,6 +156,22 @@ def randomized_svd(A, /, rank, *, oversample=10, power_iters=2, rng=None):
     power_iters = check_int("power_iters", power_iters, minimum=0)
     draw = host_normal(xp, (*A.shape[:-2], n, sketch_width(rank, oversample, m, n)), dtype=A.dtype,
                        rng=as_generator(rng))
+    views = host_views(xp, A)
+    if views is not None:
+        # a small PyTorch CPU tensor: NumPy's calls on its view cost a fraction
+        # of PyTorch's CPU dispatch (see _host.host_views); NaN or Inf is
+        # reported by PyTorch's own call below, in its own words
+        try:
+            return SVDResult(*torch_factors(_svd(namespace(views[0]), views[0], draw, rank, power_iters)))
+        except ValueError:
+            pass
+    return SVDResult(*_svd(xp, A, draw, rank, power_iters))
+
+
+def _svd(xp, A, draw, rank, power_iters):
+    """:func:`randomized_svd` of the checked A with its sketch's host draw:
+    the factors (U, S, Vh)."""
+    m = A.shape[-2]
     # the host draw goes with the call of the staged sketch (see _host.staged)
     omega = from_host(xp, draw, dtype=A.dtype, device=device(A), staged=True)
     Y, Z, Cy, Cz, scales = _sketch(xp, A, omega, power_iters=power_iters)
@@ -169,7 +186,7 @@ def randomized_svd(A, /, rank, *, oversample=10, power_iters=2, rng=None):
         Q, Bh, finite = _range_basis(xp, A, Y)
         if not bool(finite):
             report_nonfinite(xp, "A", A, source="its sketch")  # finite A whose products overflow
-        return SVDResult(*_small_svd(xp, Q, Bh, rank=rank))
+        return _small_svd(xp, Q, Bh, rank=rank)
     Fu, Fv, S, steps_u, steps_v = small
     # Y's and Z's columns balanced by powers of two where the coefficients
     # would leave A's range: a float32 A of entries 1e-40 has |Z| near
@@ -179,7 +196,7 @@ def randomized_svd(A, /, rank, *, oversample=10, power_iters=2, rng=None):
     (Fu, scale_u), (Fv, scale_v) = (balance_columns(host_xp, C, F, False, bound)
                                     for C, F in ((Cy, Fu), (Cz, Fv)))
     Fu, Fv, S, scale_u, scale_v = scatter_present(cores, Fu, Fv, S, scale_u, scale_v)
-    return SVDResult(*_factors(xp, Y, Z, Fu, Fv, S, scale_u, scale_v, steps_u=steps_u, steps_v=steps_v))
+    return _factors(xp, Y, Z, Fu, Fv, S, scale_u, scale_v, steps_u=steps_u, steps_v=steps_v)
 
 
 # The phases of randomized_svd between its host reads, each one program on
