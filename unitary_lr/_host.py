@@ -280,21 +280,21 @@ def host_step_views(xp, W, G, shape):
 
 
 def host_views(xp, A, B=None):
-    """NumPy views (no copy) of the PyTorch CPU tensor A, and B of A's shape
-    and dtype where given, for NumPy's general routines (a step of two or
-    more sketch columns, ``randomized_svd``): within the limits of
-    :data:`TORCH_NUMPY_PANEL_SHARE` and :data:`TORCH_NUMPY_COMPLEX_ENTRIES`;
-    else None. A tuple of one or two views."""
+    """NumPy views (no copy) of the PyTorch CPU tensor A, of one of the host's
+    four float dtypes, and of B of A's shape where given, for NumPy's general
+    routines (a step of two or more sketch columns, ``randomized_svd``):
+    within the limits of :data:`TORCH_NUMPY_PANEL_SHARE` and
+    :data:`TORCH_NUMPY_COMPLEX_ENTRIES`; else None. A tuple of one or two
+    views."""
     if not _is_torch(xp):
         return None
+    from . import _lean_numpy
+
     views = _torch_numpy_views(A, A if B is None else B, share=TORCH_NUMPY_PANEL_SHARE)
-    if views is None or views[0].dtype not in _HOST_STEP_DTYPES or views[0].shape != views[1].shape:
+    # the host's dtypes: the keys of the lean host step's table of core dtypes
+    if views is None or views[0].dtype not in _lean_numpy._CORE or views[0].shape != views[1].shape:
         return None
     return views[:1] if B is None else views
-
-
-# The dtypes NumPy's step takes (those of PyTorch's that it supports).
-_HOST_STEP_DTYPES = tuple(np.dtype(name) for name in ("float32", "float64", "complex64", "complex128"))
 
 
 def torch_factors(factors):

@@ -914,13 +914,13 @@ def times_inverse_cholesky_factor(xp, P, M):
     if _is_torch(xp):
         linalg = sys.modules["torch"].linalg
         return linalg.solve_triangular(linalg.cholesky_ex(M).L.mH, P, upper=True, left=False)
-    if type(M) is numpy.ndarray:  # NumPy's own functions, without the compat layer's wrappers (some 10 us each)
-        return panel_times_small(xp, P, numpy.linalg.inv(mH(xp, numpy.linalg.cholesky(M))))
+    # NumPy's own functions for NumPy arrays, without the compat layer's wrappers (some 10 us each)
+    linalg = numpy.linalg if type(M) is numpy.ndarray else xp.linalg
     if _is_dask(xp):
         lower = xp.asarray(numpy.linalg.cholesky(numpy.asarray(M)))
     else:
-        lower = xp.linalg.cholesky(M)
-    return panel_times_small(xp, P, xp.linalg.inv(mH(xp, lower)))
+        lower = linalg.cholesky(M)
+    return panel_times_small(xp, P, linalg.inv(mH(xp, lower)))
 
 
 def max_abs(xp, Y):
