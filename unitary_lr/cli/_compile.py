@@ -5,13 +5,17 @@ forward and loss, and through them their backward, captured by
 Why: a recurrent step over T time steps is hundreds of tiny kernels, so on a
 GPU it is bound by launch overhead, not by arithmetic. A captured graph fuses
 the elementwise work of each time step and, with CUDA graphs
-(``mode="reduce-overhead"``), replays the whole forward and backward as one
-launch. The optimizer step (ProjUNN) stays eager: its r x r cores go to the
+(``mode="reduce-overhead"``), replays it as one launch. A UnitaryRNN's time
+loop is compiled in chunks of ``--compile-steps`` time steps
+(``UnitaryRNN.compile_recurrence``): a graph of the whole unrolled sequence
+took a compile time that grew with T (about 0.3 to 0.4 s per time step on a
+CPU). The optimizer step (ProjUNN) stays eager: its r x r cores go to the
 host by design.
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 
 from ._options import run_group
@@ -19,8 +23,14 @@ from ._options import run_group
 COMPILE_MODES = ("auto", "default", "reduce-overhead")
 
 
-def compile_options():
-    """--compile [MODE], as a parent parser (see ``_options``)."""
+# Time steps of a UnitaryRNN per compiled graph (--compile-steps): the
+# compile time is that of this many steps whatever T.
+COMPILE_STEPS = 32
+
+
+def compile_options(recurrence=False):
+    """--compile [MODE], as a parent parser (see ``_options``); with
+    ``recurrence``, also --compile-steps N (the recurrent tasks)."""
     parser, group = run_group()
     group.add_argument(
         "--compile", nargs="?", const="auto", default=None, choices=COMPILE_MODES, metavar="MODE",
@@ -29,6 +39,12 @@ def compile_options():
              "median); it pays off on a GPU, where the recurrent loop is launch-bound. MODE: auto (the "
              "default: reduce-overhead, i.e. CUDA graphs, on CUDA, default elsewhere), default, reduce-overhead",
     )
+    if recurrence:
+        group.add_argument(
+            "--compile-steps", type=int, default=COMPILE_STEPS, metavar="N",
+            help="with --compile: at most N time steps of the unitary RNN per compiled graph; the compile time "
+                 f"grows with N, not with T (default: {COMPILE_STEPS})",
+        )
     return parser
 
 
@@ -44,7 +60,7 @@ def compile_mode(requested, device):
     return requested
 
 
-def loss_function(torch, compute, *, mode):
+def loss_function(torch, compute, *, mode, recurrence=None, steps=COMPILE_STEPS):
     """``compute(x, y) -> loss``, compiled when ``mode`` is not None.
 
     Compiling the function that returns the loss captures the backward too
@@ -52,8 +68,12 @@ def loss_function(torch, compute, *, mode):
     compiled graph. ``dynamic=False``: every training step has the same
     shapes, and a static graph is what CUDA graphs replay. No
     ``fullgraph=True``: torch.nn.LSTM and RNN (the baselines) are not traced by
-    dynamo and run eagerly inside the captured function; the UnitaryRNN itself
-    compiles without a graph break (tests/test_torch_layers_compile.py).
+    dynamo and run eagerly inside the captured function.
+
+    ``recurrence``: the model's UnitaryRNN, whose time loop is compiled
+    instead, ``steps`` time steps per graph (its ``compile_recurrence``),
+    and ``compute`` is returned as it is: the rest of it (an input and an
+    output product, the loss) is a few kernels a training step.
     """
     if mode is None:
         return compute
@@ -61,7 +81,18 @@ def loss_function(torch, compute, *, mode):
     # a recompilation of the previous run's, and after torch's cache limit
     # (8) dynamo would silently fall back to eager
     torch.compiler.reset()
+    if recurrence is not None:
+        recurrence.compile_recurrence(steps, mode=mode)
+        return compute
     return torch.compile(compute, mode=mode, dynamic=False)
+
+
+def eager(torch):
+    """A context in which compiled functions run eagerly (torch >= 2.6;
+    before, a context that changes nothing): the test-set evaluations,
+    whose other batch size would compile graphs of its own."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return contextlib.nullcontext() if set_stance is None else set_stance("force_eager")
 
 
 def mark_step_begin(torch, mode):

@@ -53,7 +53,7 @@ def add_parser(commands):
             _options.quick_options("a small version that runs in minutes on a CPU"),
             _options.seed_options("the model, the data and the sketches"),
             _options.torch_device_options(),
-            _compile.compile_options(),
+            _compile.compile_options(recurrence=True),
             _options.experiment_run_options(task),
         ]
         parser = commands.add_parser(task, help=doc.split(":")[0] + " task from the projUNN paper", description=doc,
@@ -92,7 +92,8 @@ def _settings(args):
     if args.optimizer is None:
         args.optimizer = quick.get("optimizer", "rmsprop")
     checks = [("--T", T, 1 if args.task == "copy" else 2), ("--hidden", hidden, 2), ("--steps", steps, 1),
-              ("--batch", args.batch, 1), ("--eval-every", args.eval_every, 1), ("--seed", args.seed, 0)]
+              ("--batch", args.batch, 1), ("--eval-every", args.eval_every, 1), ("--seed", args.seed, 0),
+              ("--compile-steps", args.compile_steps, 1)]
     for flag, value, minimum in checks:
         if value < minimum:
             raise CommandError(f"{flag} must be >= {minimum}, got {value}")
@@ -209,7 +210,8 @@ def run(args) -> int:
     # what the work leaves for the report, however far it got
     state = SimpleNamespace(task=CopyTask(T) if args.task == "copy" else AddingTask(T), results=[],
                             settings={"T": T, "hidden": hidden, "steps": steps, "device": args.device,
-                                      "threads": args.threads, "compile": None})
+                                      "threads": args.threads, "compile": None,
+                                      "compile_steps": None})
     return execute(args, lambda session: _train(args, hidden, steps, state, session),
                    lambda session: _report(args, state, session.interrupted),
                    description=args.task, plot=args.png_path is not None, torch=True)
@@ -220,6 +222,7 @@ def _train(args, hidden, steps, state, session):
     torch, device = torch_session(args)
     settings["device"] = str(device)
     mode = settings["compile"] = _compile.compile_mode(args.compile, device)
+    settings["compile_steps"] = None if mode is None else args.compile_steps
     runs = _runs(args)
     bar = session.progress(len(runs) * steps)
     test = task.batch(torch, 1000 if args.task == "adding" else 256,
@@ -228,7 +231,9 @@ def _train(args, hidden, steps, state, session):
         torch.manual_seed(args.seed)
         net = _model(torch, spec, task, hidden, args, device)
         optimizer = _optimizer(spec, net, args)
-        compute_loss = _compile.loss_function(torch, lambda x, y, net=net: task.loss(torch, net(x), y), mode=mode)
+        compute_loss = _compile.loss_function(torch, lambda x, y, net=net: task.loss(torch, net(x), y), mode=mode,
+                                              recurrence=net.rnn if spec["model"] == "unitary" else None,
+                                              steps=args.compile_steps)
         schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
                     if args.lr_schedule == "cosine" else None)
         data = torch.Generator().manual_seed(args.seed + 2)  # the same batches for every run
@@ -256,7 +261,7 @@ def _train(args, hidden, steps, state, session):
             record["seconds"] = time.perf_counter() - start
             running = value if running is None else 0.95 * running + 0.05 * value
             if step % args.eval_every == 0 or step == steps:
-                with torch.no_grad():
+                with torch.no_grad(), _compile.eager(torch):
                     test_loss = task.loss(torch, net(test[0]), test[1]).item()
                 # the step is recorded with its loss, never before it is known
                 record["test_steps"].append(step)
@@ -303,8 +308,8 @@ def _report(args, state, interrupted):
     print(_output.format_table(("run", "steps", f"test {task.metric}", "seconds", "first step s", "later steps ms",
                         "unitarity error"), rows))
     if settings["compile"] is not None:
-        print(f"--compile ({settings['compile']}): the first step holds the compile time; "
-              "later steps: their median")
+        print(f"--compile ({settings['compile']}, the unitary RNN {settings['compile_steps']} time steps per "
+              "graph): the first step holds the compile time; later steps: their median")
     print(f"memoryless baseline: {task.baseline:.4f}")
     title = f"{args.task} task, T = {settings['T']}, hidden {settings['hidden']}"
     return _output.write_outputs(args, _record(args, task, results, "interrupted" if interrupted else "done", settings),
