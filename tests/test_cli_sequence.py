@@ -208,6 +208,13 @@ def test_copy_interrupted_at_any_moment_leaves_whole_results(tmp_path):
             assert len(r["train_loss"]) == r["steps_done"], (at, r)
             assert len(r["test_steps"]) == len(r["test_loss"]) and set(r["test_steps"]) <= {2, 4}, (at, r)
             assert r["final_test_loss"] == (r["test_loss"][-1] if r["test_loss"] else None), (at, r)
+        # nothing global is left behind: the evaluations' eager stance (see
+        # _compile.eager) is lifted, and torch.compile still compiles
+        graphs = []
+        add_one = torch.compile(lambda x: x + 1, backend=lambda gm, inputs: graphs.append(gm) or gm.forward)
+        torch.compiler.reset()
+        add_one(torch.zeros(2))
+        assert len(graphs) == 1, at
 
 
 def test_a_second_ctrl_c_does_not_cut_the_outputs(tmp_path, monkeypatch):

@@ -15,7 +15,6 @@ host by design.
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 
 from ._options import run_group
@@ -87,12 +86,16 @@ def loss_function(torch, compute, *, mode, recurrence=None, steps=COMPILE_STEPS)
     return torch.compile(compute, mode=mode, dynamic=False)
 
 
-def eager(torch):
+def eager():
     """A context in which compiled functions run eagerly (torch >= 2.6;
     before, a context that changes nothing): the test-set evaluations,
-    whose other batch size would compile graphs of its own."""
-    set_stance = getattr(torch.compiler, "set_stance", None)
-    return contextlib.nullcontext() if set_stance is None else set_stance("force_eager")
+    whose other batch size would compile graphs of its own. The stance is
+    set inside the context's ``__enter__``, not when it is made (as
+    ``torch.compiler.set_stance(...)`` does), so that a Ctrl-C between the
+    two leaves it as it was (see ``unitary_lr.torch.layers._eager_stance``)."""
+    from ..torch.layers import _eager_stance
+
+    return _eager_stance()
 
 
 def mark_step_begin(torch, mode):

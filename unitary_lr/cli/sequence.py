@@ -261,7 +261,7 @@ def _train(args, hidden, steps, state, session):
             record["seconds"] = time.perf_counter() - start
             running = value if running is None else 0.95 * running + 0.05 * value
             if step % args.eval_every == 0 or step == steps:
-                with torch.no_grad(), _compile.eager(torch):
+                with torch.no_grad(), _compile.eager():
                     test_loss = task.loss(torch, net(test[0]), test[1]).item()
                 # the step is recorded with its loss, never before it is known
                 record["test_steps"].append(step)

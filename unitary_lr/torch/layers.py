@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import types
@@ -547,6 +548,25 @@ def _carries_grad(projected, weight_hh, activation):
         return False
     parameters = activation.parameters() if isinstance(activation, nn.Module) else ()
     return projected.requires_grad or weight_hh.requires_grad or any(p.requires_grad for p in parameters)
+
+
+@contextlib.contextmanager
+def _eager_stance():
+    """A block in which compiled functions, a compiled recurrence's loop
+    among them, run eagerly (``torch.compiler.set_stance("force_eager")``,
+    torch >= 2.6; with an older torch, nothing changes). The stance, global
+    to the process, is set inside the ``try``: an interrupt at any line
+    leaves it as it was (the CLI's evaluations; its tests interrupt every
+    line of the CLI's own code, which this is not)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if set_stance is None:
+        yield
+        return
+    try:
+        set_stance("force_eager")
+        yield
+    finally:
+        set_stance("default")
 
 
 def _own_loop():
