@@ -554,19 +554,19 @@ def _carries_grad(projected, weight_hh, activation):
 def _eager_stance():
     """A block in which compiled functions, a compiled recurrence's loop
     among them, run eagerly (``torch.compiler.set_stance("force_eager")``,
-    torch >= 2.6; with an older torch, nothing changes). The stance, global
-    to the process, is set inside the ``try``: an interrupt at any line
-    leaves it as it was (the CLI's evaluations; its tests interrupt every
-    line of the CLI's own code, which this is not)."""
+    torch >= 2.6; with an older torch, nothing changes), the stance before
+    it restored after it. The stance is global to the process and
+    ``set_stance(...)`` sets it when called, before a ``with`` statement in
+    the caller has armed its exit: here it is set as this context is
+    entered, so that an interrupt at any line of the caller (the CLI's
+    evaluations, whose tests interrupt each of its lines) leaves none
+    behind."""
     set_stance = getattr(torch.compiler, "set_stance", None)
     if set_stance is None:
         yield
         return
-    try:
-        set_stance("force_eager")
+    with set_stance("force_eager"):
         yield
-    finally:
-        set_stance("default")
 
 
 def _own_loop():
