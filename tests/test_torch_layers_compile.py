@@ -187,6 +187,14 @@ def test_copies_and_pickles_of_a_compiled_layer_compile_their_own_loop():
     torch.testing.assert_close(twin(x)[0], expected, rtol=0, atol=0)
     assert graphs == [3, 3]  # the layer's graph, then the copy's own
     assert list(twin.state_dict()) == keys  # the setting is not state
+    # a replica as torch.nn.DataParallel makes one at every forward (a new
+    # object with a copy of the module's __dict__; DataParallel then gives it
+    # its device's parameters, which needs GPUs) shares the compiled loop:
+    # nothing compiles again
+    replica = UnitaryRNN.__new__(UnitaryRNN)
+    replica.__dict__ = rnn.__dict__.copy()
+    torch.testing.assert_close(replica(x)[0], expected, rtol=0, atol=0)
+    assert graphs == [3, 3]
     rnn.compile_recurrence(3, backend="aot_eager")  # a backend that pickles (a string)
     thawed = pickle.loads(pickle.dumps(rnn))
     assert thawed._recurrence_steps == 3 and list(thawed.state_dict()) == keys

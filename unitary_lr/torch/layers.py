@@ -8,7 +8,6 @@ import functools
 import math
 import types
 import warnings
-import weakref
 
 import torch
 from torch import nn
@@ -20,11 +19,6 @@ __all__ = ["INITS", "ModReLU", "UnitaryRNN", "unitary_parameter"]
 
 INITS = ("haar", "identity", "henaff")
 _COMPLEX_OF = {torch.float32: torch.complex64, torch.float64: torch.complex128}
-
-# UnitaryRNN.compile_recurrence's compiled loops, by layer. Kept beside the
-# module, not on it: a copy or a pickle of the module carries the settings
-# and compiles its own loop at its first forward.
-_COMPILED_LOOPS = weakref.WeakKeyDictionary()
 
 
 def _on_generator(generator):
@@ -294,7 +288,8 @@ class UnitaryRNN(nn.Module):
             raise TypeError(f"dtype must be torch.float32 or torch.float64 (the real precision), got {real_dtype}")
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.complex, self.nonlinearity, self.batch_first = complex, nonlinearity, batch_first
-        self._recurrence_steps, self._recurrence_options = None, {}  # see compile_recurrence
+        # compile_recurrence's setting and its compiled loop
+        self._recurrence_steps, self._recurrence_options, self._recurrence_loop = None, {}, None
         state_dtype = _COMPLEX_OF[real_dtype] if complex else real_dtype
         options = {"dtype": real_dtype, "device": device, "generator": generator}
         # layer 0 first, in the order of a single-layer UnitaryRNN: the same
@@ -445,25 +440,23 @@ class UnitaryRNN(nn.Module):
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
             raise ValueError(f"steps must be an integer >= 1 or None, got {steps!r}")
         if steps is None:
-            self._recurrence_steps, self._recurrence_options = None, {}
-            _COMPILED_LOOPS.pop(self, None)
+            self._recurrence_steps, self._recurrence_options, self._recurrence_loop = None, {}, None
             return self
         options = {"dynamic": False, "fullgraph": True, **options}
         compiled = torch.compile(_own_loop(), **options)  # torch's own errors for bad options, now
-        self._recurrence_steps, self._recurrence_options = steps, options
-        _COMPILED_LOOPS[self] = compiled
+        self._recurrence_steps, self._recurrence_options, self._recurrence_loop = steps, options, compiled
         return self
 
     def _recurrence(self, projected, h, weight_hh, activation):
         """(states, last state) of one layer's loop over ``projected`` (T, B,
         hidden): eager, or chunks of ``compile_recurrence``'s steps through
         its compiled loop."""
-        steps = getattr(self, "_recurrence_steps", None)  # (modules pickled before it existed)
+        steps = self.__dict__.get("_recurrence_steps")  # (None in modules pickled before it existed)
         if steps is None or torch.compiler.is_compiling():
             return _run_steps(projected, h, weight_hh, activation)
-        run = _COMPILED_LOOPS.get(self)
-        if run is None:  # a copy or an unpickled module: its own compiled loop
-            run = _COMPILED_LOOPS[self] = torch.compile(_own_loop(), **self._recurrence_options)
+        run = self._recurrence_loop
+        if run is None:  # a deep copy or an unpickled module: its own compiled loop
+            run = self._recurrence_loop = torch.compile(_own_loop(), **self._recurrence_options)
         if not h.requires_grad and _carries_grad(projected, weight_hh, activation):
             # the later chunks' states carry autograd history, and a compiled
             # graph is made for one setting of its inputs' requires_grad: the
@@ -475,6 +468,18 @@ class UnitaryRNN(nn.Module):
             states, h = run(chunk, h, weight_hh, activation)
             chunks.append(states)
         return (chunks[0] if len(chunks) == 1 else torch.cat(chunks)), h
+
+    def __getstate__(self):
+        # pickles and copies carry compile_recurrence's setting, not its
+        # compiled loop (a function of torch.compile's, which does not
+        # pickle): they compile their own at their first forward.
+        # torch.nn.DataParallel's replicas, made at every forward from the
+        # module's __dict__, share it (a loop of their own would compile at
+        # every step).
+        state = super().__getstate__()
+        if state.get("_recurrence_loop") is not None:
+            state = {**state, "_recurrence_loop": None}
+        return state
 
     def _initial_state(self, h0, batch, unbatched, device):
         """h0 as (num_layers, B, hidden_size), zeros when None."""
