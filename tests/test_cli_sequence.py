@@ -319,14 +319,24 @@ def test_compile_option_parses(tmp_path):
     assert parse(["copy", "--out", "x"]).compile is None
     assert parse(["copy", "--compile", "--quick"]).compile == "auto"
     assert parse(["adding", "--compile", "reduce-overhead"]).compile == "reduce-overhead"
-    assert parse(["copy", "--out", "x"]).compile_steps == 32
+    assert parse(["copy", "--out", "x"]).compile_steps is None  # 32 with --compile (_settings)
     assert parse(["adding", "--compile", "--compile-steps", "5"]).compile_steps == 5
+    args = parse(["copy", "--compile", "--out", "x"])
+    sequence._settings(args)
+    assert args.compile_steps == 32
 
 
 @pytest.mark.parametrize("steps", ["0", "-3"])
 def test_compile_steps_below_one_is_refused(tmp_path, capsys, steps):
     assert main(["copy", "--compile", "--compile-steps", steps, "--steps", "1", "--out", str(tmp_path / "x")]) != 0
     assert f"--compile-steps must be >= 1, got {steps}" in capsys.readouterr().err
+
+
+def test_compile_steps_without_compile_is_refused(tmp_path, capsys):
+    """A chunk length with nothing to compile is a mistake, not a no-op."""
+    assert main(["adding", "--compile-steps", "8", "--steps", "1", "--out", str(tmp_path / "x")]) != 0
+    assert "--compile-steps 8 needs --compile" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
 
 
 def test_cuda_only_calls_are_made_only_for_cuda():

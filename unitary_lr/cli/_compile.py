@@ -40,7 +40,7 @@ def compile_options(recurrence=False):
     )
     if recurrence:
         group.add_argument(
-            "--compile-steps", type=int, default=COMPILE_STEPS, metavar="N",
+            "--compile-steps", type=int, default=None, metavar="N",
             help="with --compile: at most N time steps of the unitary RNN per compiled graph; the compile time "
                  f"grows with N, not with T (default: {COMPILE_STEPS})",
         )

@@ -91,6 +91,10 @@ def _settings(args):
         args.lr = quick.get("lr", defaults["lr"])
     if args.optimizer is None:
         args.optimizer = quick.get("optimizer", "rmsprop")
+    if args.compile_steps is not None and args.compile is None:
+        raise CommandError(f"--compile-steps {args.compile_steps} needs --compile: without it nothing is compiled")
+    if args.compile_steps is None:
+        args.compile_steps = _compile.COMPILE_STEPS
     checks = [("--T", T, 1 if args.task == "copy" else 2), ("--hidden", hidden, 2), ("--steps", steps, 1),
               ("--batch", args.batch, 1), ("--eval-every", args.eval_every, 1), ("--seed", args.seed, 0),
               ("--compile-steps", args.compile_steps, 1)]
