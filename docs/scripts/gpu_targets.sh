@@ -28,7 +28,7 @@
 #
 # and the call carries .whl. A dry run on a CPU, to check the plumbing:
 #
-#   DEVICE=cpu SIZES="64 128" COMPLEX_SIZES=64 PEER_SIZES=128 COPY_STEPS=3 PART_TIMEOUT=120 \
+#   DEVICE=cpu SIZES="64 128" COMPLEX_SIZES=64 PEER_SIZES=128 COPY_STEPS=3 COPY_LONG_STEPS=2 PART_TIMEOUT=120 \
 #       bash docs/scripts/gpu_targets.sh
 #
 # (JAX_SIZES and the precision probe's PROBE_N follow PEER_SIZES unless given.)
@@ -48,6 +48,7 @@ jax_sizes=${JAX_SIZES:-$peer_sizes}
 dense_max=${DENSE_MAX:-4096}
 probe_n=${PROBE_N:-${peer_sizes%% *}}
 copy_steps=${COPY_STEPS:-60}
+copy_long_steps=${COPY_LONG_STEPS:-10}
 limit=${PART_TIMEOUT:-300}
 deadline=$((SECONDS + ${BUDGET:-1000000}))
 json=$(mktemp -d)
@@ -208,6 +209,10 @@ copy() {
         --no-plot --no-progress --out "$json/copy"
     part copy copy-compiled "$py" -m unitary_lr copy --quick --steps "$copy_steps" --device "$device" --compile \
         --no-plot --no-progress --out "$json/copy-compiled"
+    # the paper's T = 1000, whose unrolled graph failed to compile before the
+    # loop was compiled in chunks (2026-12-06): compile time and later steps
+    part copy copy-compiled-T1000 "$py" -m unitary_lr copy --quick --T 1000 --steps "$copy_long_steps" \
+        --device "$device" --compile --eval-every 1000 --no-plot --no-progress --out "$json/copy-compiled-T1000"
 }
 
 case $what in

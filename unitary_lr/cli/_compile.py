@@ -6,11 +6,11 @@ Why: a recurrent step over T time steps is hundreds of tiny kernels, so on a
 GPU it is bound by launch overhead, not by arithmetic. A captured graph fuses
 the elementwise work of each time step and, with CUDA graphs
 (``mode="reduce-overhead"``), replays it as one launch. A UnitaryRNN's time
-loop is compiled in chunks of ``--compile-steps`` time steps
+loop is compiled in chunks of at most ``--compile-steps`` time steps
 (``UnitaryRNN.compile_recurrence``): a graph of the whole unrolled sequence
-took a compile time that grew with T (about 0.3 to 0.4 s per time step on a
-CPU). The optimizer step (ProjUNN) stays eager: its r x r cores go to the
-host by design.
+took a compile time that grew with T (0.3 to 0.45 s per time step on one
+CPU thread) and failed at T = 1000. The optimizer step (ProjUNN) stays
+eager: its r x r cores go to the host by design.
 """
 
 from __future__ import annotations

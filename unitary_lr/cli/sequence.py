@@ -312,8 +312,8 @@ def _report(args, state, interrupted):
     print(_output.format_table(("run", "steps", f"test {task.metric}", "seconds", "first step s", "later steps ms",
                         "unitarity error"), rows))
     if settings["compile"] is not None:
-        print(f"--compile ({settings['compile']}, the unitary RNN {settings['compile_steps']} time steps per "
-              "graph): the first step holds the compile time; later steps: their median")
+        print(f"--compile ({settings['compile']}; the unitary RNN at most {settings['compile_steps']} time steps "
+              "a graph): the first step holds the compile time; later steps: their median")
     print(f"memoryless baseline: {task.baseline:.4f}")
     title = f"{args.task} task, T = {settings['T']}, hidden {settings['hidden']}"
     return _output.write_outputs(args, _record(args, task, results, "interrupted" if interrupted else "done", settings),
