@@ -133,6 +133,25 @@ def test_a_compiled_graph_holds_at_most_steps_time_steps_whatever_T(T, steps, ex
     torch.testing.assert_close(h, expected_h, rtol=1e-6, atol=1e-7)
 
 
+def test_compiled_recurrence_without_grad_gives_the_eager_outputs():
+    """Inference (no autograd): the chunks' graphs of a forward with no
+    backward, h0 given or not, equal the eager loop's outputs."""
+    generator = torch.Generator().manual_seed(8)
+    rnn = UnitaryRNN(3, 5, num_layers=2, complex=True, dtype=torch.float64, generator=generator)
+    x = torch.randn(11, 2, 3, dtype=torch.float64, generator=generator)  # chunks of 4, 4 and 3
+    h0 = torch.randn(2, 2, 5, dtype=torch.complex128, generator=generator)
+    with torch.no_grad():
+        expected = [rnn(x), rnn(x, h0)]
+        torch.compiler.reset()
+        graphs = []
+        rnn.compile_recurrence(4, backend=_counting_backend(graphs))
+        got = [rnn(x), rnn(x, h0)]
+    assert graphs == [4, 3]
+    for (outputs, h), (expected_outputs, expected_h) in zip(got, expected):
+        torch.testing.assert_close(outputs, expected_outputs, rtol=1e-13, atol=1e-15)
+        torch.testing.assert_close(h, expected_h, rtol=1e-13, atol=1e-15)
+
+
 @pytest.mark.filterwarnings(NON_LEAF_GRAD)
 def test_many_compiled_layers_in_one_process_do_not_exhaust_the_recompile_limit():
     """Each layer's loop keeps its own compiled graphs: twelve layers of two

@@ -457,15 +457,24 @@ class UnitaryRNN(nn.Module):
         run = self._recurrence_loop
         if run is None:  # a deep copy or an unpickled module: its own compiled loop
             run = self._recurrence_loop = torch.compile(_own_loop(), **self._recurrence_options)
-        if not h.requires_grad and _carries_grad(projected, weight_hh, activation):
+        carries_grad = _carries_grad(projected, weight_hh, activation)
+        if not h.requires_grad and carries_grad:
             # the later chunks' states carry autograd history, and a compiled
             # graph is made for one setting of its inputs' requires_grad: the
             # first chunk's state as theirs, so that one graph serves every
             # full chunk (a zero h0 alone took a second compile of the chunk)
             h = h.detach().requires_grad_()
+        # Without a backward to come, CUDA graphs (mode="reduce-overhead")
+        # start a new iteration at every call and may overwrite the last
+        # call's outputs: a chunk's states are copied before the next chunk
+        # runs (torch's advice for outputs kept across calls). Not yet run on
+        # a GPU.
+        copies = not carries_grad and projected.is_cuda
         chunks = []
         for chunk in projected.split(_chunk_length(projected.shape[0], steps)):
             states, h = run(chunk, h, weight_hh, activation)
+            if copies:
+                states, h = states.clone(), h.clone()
             chunks.append(states)
         return (chunks[0] if len(chunks) == 1 else torch.cat(chunks)), h
 
