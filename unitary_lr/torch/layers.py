@@ -255,7 +255,9 @@ class UnitaryRNN(nn.Module):
     unbatched). Per layer, the input projection ``V x_t + c`` of all steps is
     one matrix product; the loop then costs one fused ``addmm`` and the
     nonlinearity per step. The real and complex dtypes of the input are cast
-    to the layer's dtype.
+    to the layer's dtype. On a GPU those are a few small kernels per time
+    step: :meth:`compile_recurrence` compiles the loop, a chunk of time
+    steps per graph (with CUDA graphs, one launch a chunk).
 
     Layer 0's parameters are ``weight_hh``, ``weight_ih``, ``bias`` (relu,
     tanh) or ``activation.bias`` (modReLU), the names of a single-layer
