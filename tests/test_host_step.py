@@ -92,6 +92,21 @@ def test_tensors_take_numpys_step_on_their_views(dtype, variant, shape, options,
     assert not np.allclose(new.numpy(), W, rtol=0, atol=100 * TOL[dtype])
 
 
+@pytest.mark.parametrize("dtypes", [("float32", "float64"), ("float64", "float32"), ("complex64", "complex128")])
+def test_a_pair_of_two_dtypes_takes_numpys_step_bit_for_bit(dtypes, monkeypatch):
+    """W and G of two precisions (a valid pair) stay on this route, and the
+    sketch is made in G's dtype there too, as NumPy's own step and
+    PyTorch's make it: the factors equal NumPy's on the same arrays."""
+    rng = np.random.default_rng([7, len(dtypes[0])])
+    W, G = _pair(rng, (20, 20), dtypes[0])
+    G = G.astype(dtypes[1])
+    calls = _host_steps(monkeypatch)
+    L, Rh = projunn_update(torch.from_numpy(W), torch.from_numpy(G), lr=0.05, rank=4, rng=3)
+    assert len(calls) == 1
+    L0, Rh0 = projunn_update(W, G, lr=0.05, rank=4, rng=3)
+    assert L.numpy().dtype == L0.dtype and np.array_equal(L.numpy(), L0) and np.array_equal(Rh.numpy(), Rh0)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "complex64"])
 @pytest.mark.parametrize("rank", [1, 8])
 def test_stacked_tensors_take_numpys_step(dtype, rank, monkeypatch):

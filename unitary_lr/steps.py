@@ -300,7 +300,8 @@ def _host_step(W, G, host, *, lr, rank, variant, power_iters):
     in its own words (NaN or Inf, a W that is not unitary), having changed
     nothing."""
     xp = namespace(W)
-    omega = sketch_from_host(xp, host, dtype=W.dtype, device=device(W), staged=True)
+    # in G's dtype, as the step in W's own library and NumPy's own step make it
+    omega = sketch_from_host(xp, host, dtype=G.dtype, device=device(W), staged=True)
     try:
         factors = _run(xp, W, G, {"G": G}, omega, lr=lr, rank=rank, variant=variant, power_iters=power_iters)
     except ValueError:
