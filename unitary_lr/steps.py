@@ -245,13 +245,8 @@ def update_stacked_drawn(Ws, Gs, draw, /, *, lr, rank, variant, oversample, powe
         W, G, lr=lr, rank=rank, variant=variant, oversample=oversample, power_iters=power_iters)
     shape = sketch_shape(G, rank, oversample)
     host = np.stack(draw(xp, shape[1:], G.dtype))  # the P test matrices' host draws, (P, ..., l, n)
-    views = host_step_views(xp, W, G, shape)
-    factors = None if views is None else _host_step(*views, host, lr=lr, rank=rank, variant=variant,
-                                                    power_iters=power_iters)
-    if factors is None:
-        omega = sketch_from_host(xp, host, dtype=G.dtype, device=device(W), staged=True)
-        factors = _run(xp, W, G, gradients, omega, lr=lr, rank=rank, variant=variant, power_iters=power_iters)
-    L, Rh = factors
+    L, Rh = _drawn_factors(xp, W, G, gradients, host, shape, lr=lr, rank=rank, variant=variant,
+                           power_iters=power_iters)
     return [(L[p, ...], Rh[p, ...]) for p in range(len(Ws))]
 
 
@@ -283,30 +278,33 @@ def update_drawn(W, G, draw, /, *, lr, rank, variant, oversample, power_iters, a
     lean = lean_factors(xp, W, G, host, shape, lr=lr, variant=variant, power_iters=power_iters)
     if lean is not None:
         return lean
+    return _drawn_factors(xp, W, G, gradients, host, shape, lr=lr, rank=rank, variant=variant,
+                          power_iters=power_iters)
+
+
+def _drawn_factors(xp, W, G, gradients, host, shape, **options):
+    """The general step's factors for the host draw ``host`` of the sketch
+    of ``shape`` (None: G's factors used as they are). Small PyTorch CPU
+    tensors take NumPy's step on their views (``_host.host_step_views``)
+    and get its factors as tensors on the same memory; where that step
+    raises (NaN or Inf, a W that is not unitary), PyTorch's step runs on the
+    same draw and reports it in its own words, nothing having changed."""
     views = host_step_views(xp, W, G, shape)
     if views is not None:
-        factors = _host_step(*views, host, lr=lr, rank=rank, variant=variant, power_iters=power_iters)
-        if factors is not None:
-            return factors
-    # the host draw goes with the call of the staged sketch (see _host.staged)
+        try:
+            return torch_factors(_sketch_and_run(namespace(views[0]), *views, {"G": views[1]}, host, shape,
+                                                 **options))
+        except ValueError:
+            pass
+    return _sketch_and_run(xp, W, G, gradients, host, shape, **options)
+
+
+def _sketch_and_run(xp, W, G, gradients, host, shape, **options):
+    """:func:`_run` with the test matrix made from its host draw, in G's
+    dtype, on W's device (the draw goes with the call of the staged sketch,
+    see ``_host.staged``)."""
     omega = None if shape is None else sketch_from_host(xp, host, dtype=_dtype(G), device=device(W), staged=True)
-    return _run(xp, W, G, gradients, omega, lr=lr, rank=rank, variant=variant, power_iters=power_iters)
-
-
-def _host_step(W, G, host, *, lr, rank, variant, power_iters):
-    """The factors of NumPy's general step on the NumPy views W, G of small
-    PyTorch CPU tensors (``_host.host_step_views``), as tensors on the same
-    memory; None where that step raises, so that PyTorch's step reports it
-    in its own words (NaN or Inf, a W that is not unitary), having changed
-    nothing."""
-    xp = namespace(W)
-    # in G's dtype, as the step in W's own library and NumPy's own step make it
-    omega = sketch_from_host(xp, host, dtype=G.dtype, device=device(W), staged=True)
-    try:
-        factors = _run(xp, W, G, {"G": G}, omega, lr=lr, rank=rank, variant=variant, power_iters=power_iters)
-    except ValueError:
-        return None
-    return torch_factors(factors)
+    return _run(xp, W, G, gradients, omega, **options)
 
 
 def _validated(W, G, *, lr, rank, variant, oversample, power_iters):
