@@ -445,7 +445,7 @@ class UnitaryRNN(nn.Module):
             self._recurrence_steps, self._recurrence_options, self._recurrence_loop = None, {}, None
             return self
         options = {"dynamic": False, "fullgraph": True, **options}
-        compiled = torch.compile(_own_loop(), **options)  # torch's own errors for bad options, now
+        compiled = _compiled_loop(options)  # torch's own errors for bad options, now
         self._recurrence_steps, self._recurrence_options, self._recurrence_loop = steps, options, compiled
         return self
 
@@ -458,7 +458,7 @@ class UnitaryRNN(nn.Module):
             return _run_steps(projected, h, weight_hh, activation)
         run = self._recurrence_loop
         if run is None:  # a deep copy or an unpickled module: its own compiled loop
-            run = self._recurrence_loop = torch.compile(_own_loop(), **self._recurrence_options)
+            run = self._recurrence_loop = _compiled_loop(self._recurrence_options)
         carries_grad = _carries_grad(projected, weight_hh, activation)
         if not h.requires_grad and carries_grad:
             # the later chunks' states carry autograd history, and a compiled
@@ -585,13 +585,15 @@ def _eager_stance():
         yield
 
 
-def _own_loop():
-    """:func:`_run_steps` with a code object of its own. torch.compile keeps
-    the graphs it compiles per code object, up to a limit (8 by default,
+def _compiled_loop(options):
+    """``torch.compile(loop, **options)`` of :func:`_run_steps` with a code
+    object of its own. torch.compile keeps the graphs it compiles per code
+    object, up to a limit (8 by default,
     ``torch._dynamo.config.recompile_limit``): each layer's compiled loop
     keeps its own (chunk lengths, batch sizes, grad mode), so that layers
     and models in one process do not exhaust one another's."""
-    return types.FunctionType(_run_steps.__code__.replace(), _run_steps.__globals__, _run_steps.__name__)
+    loop = types.FunctionType(_run_steps.__code__.replace(), _run_steps.__globals__, _run_steps.__name__)
+    return torch.compile(loop, **options)
 
 
 def _modrelu(features, *, bias, dtype, device, generator):
