@@ -21,7 +21,7 @@ replayed. Per step it prints:
   time the GPU waited for the host.
 
 Then the ``top`` kernels (or, on the CPU, aten operators) by their time, and
-the product forms of a large A (n x n) with a thin panel P (n x 1, n x 2) as
+the product forms of a large A (n x n) with a thin panel P (n x 1, n x 2, n x 11) as
 ``_xp.matmul_panel`` and ``_xp.adjoint_matmul`` write them for PyTorch,
 against the plain products, so that a GPU run shows whether the forms chosen
 on the CPU (MKL) also suit cuBLAS.
@@ -148,6 +148,9 @@ def _forms(device, W, steps):
     n = W.shape[-1]
     y = torch.randn(n, 1, dtype=W.dtype, device=device)
     P = torch.randn(2, n, dtype=W.dtype, device=device).mT  # column by column, as the step's panels
+    # the randomized SVD's sketch at rank 1 (11 columns), where the CPU takes the
+    # plain form for real tensors (_xp._TORCH_CPU_DIRECT_ROW_BYTES) and CUDA the transposed one
+    P11 = torch.randn(11, n, dtype=W.dtype, device=device).mT
     forms = [
         ("A @ P, P n x 2 (plain)", lambda: W @ P),
         ("(P^T A^T)^T, P n x 2 (matmul_panel)", lambda: (P.mT @ W.mT).mT),
@@ -156,6 +159,10 @@ def _forms(device, W, steps):
         ("(y^T A)^T (adjoint_matmul)", lambda: (y.mT @ W).mT),
         ("A^T @ P, P n x 2 (plain)", lambda: W.mT @ P),
         ("(P^T A)^T, P n x 2 (adjoint_matmul)", lambda: (P.mT @ W).mT),
+        ("A @ P, P n x 11 (plain; the CPU's form)", lambda: W @ P11),
+        ("(P^T A^T)^T, P n x 11 (matmul_panel on CUDA)", lambda: (P11.mT @ W.mT).mT),
+        ("A^T @ P, P n x 11 (plain)", lambda: W.mT @ P11),
+        ("(P^T A)^T, P n x 11 (adjoint_matmul)", lambda: (P11.mT @ W).mT),
     ]
     for _, run in forms:
         run()
