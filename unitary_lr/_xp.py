@@ -337,7 +337,7 @@ _TORCH_CPU_DIRECT_ROW_BYTES = 32
 def _torch_cpu_direct(A, P):
     """Whether PyTorch's CPU product of the large real A and the panel P
     is made as written (see :data:`_TORCH_CPU_DIRECT_ROW_BYTES`)."""
-    return A.is_cpu and not A.is_complex() and P.shape[-1] * P.element_size() >= _TORCH_CPU_DIRECT_ROW_BYTES
+    return P.shape[-1] * P.element_size() >= _TORCH_CPU_DIRECT_ROW_BYTES and A.is_cpu and not A.is_complex()
 
 
 def matmul_panel(xp, A, P):
