@@ -8,8 +8,12 @@ columns to its kernel's width and multiplies it as slowly as eight, and XLA's
 CPU dot does the same to float64 and complex panels, so there the kernels
 split such panels into matrix-vector products (``_xp.by_columns``); the gap
 between ``time_kernel`` and ``time_one_product`` shows what that choice is
-worth, and a library update that changes it shows up here. One thread of BLAS is the
-caller's choice (``--threads`` of the bench, ``OMP_NUM_THREADS``).
+worth, and a library update that changes it shows up here. PyTorch's CPU matmul
+takes a panel of a few columns fastest in a transposed form, and a real panel of
+many columns (from 8 float32 or 4 float64 ones) as written
+(``_xp._TORCH_CPU_DIRECT_ROW_BYTES``): the 16-column cases show that the
+kernel's form is the plain product's there. One thread of BLAS is the caller's
+choice (``--threads`` of the bench, ``OMP_NUM_THREADS``).
 """
 
 import numpy as np
@@ -22,7 +26,8 @@ from ._support import TIMEOUT, block, host_gaussian, load, to_device
 class ThinProducts:
     """``A @ P`` and ``P^H @ A`` for A (n, n) and P (n, r)."""
 
-    params = ([1024, 4096], [1, 2, 3, 4, 8], ["float64", "complex64"], ["numpy", "torch", "jax"], ["A P", "P^H A"])
+    params = ([1024, 4096], [1, 2, 3, 4, 8, 16], ["float32", "float64", "complex64"], ["numpy", "torch", "jax"],
+              ["A P", "P^H A"])
     param_names = ("n", "r", "dtype", "backend", "product")
     timeout = TIMEOUT
 
