@@ -85,6 +85,25 @@ def test_zero_and_rank_deficient_matrices_give_no_nan(backend, dtype, rng):
     np.testing.assert_allclose((U * S) @ Vh, B, atol=tol(dtype, 10) * S[0])
 
 
+@pytest.mark.parametrize("batch", [(0,), (2, 0)])
+def test_an_empty_batch_gives_empty_factors(backend, dtype, rng, batch):
+    """A batch of no matrices, as a batched caller may pass (the last, empty,
+    group of a split): factors of no matrices, of the shapes, dtypes and
+    device of a full batch's, as ``linalg.svd`` gives them (this raised
+    NumPy's "zero-size array to reduction operation" before). A full batch
+    afterwards still gives the right factors."""
+    A = backend.asarray(np.zeros((*batch, 7, 5), dtype))
+    U, S, Vh = ul.randomized_svd(A, 3, rng=rng)
+    for x, shape in ((U, (*batch, 7, 3)), (S, (*batch, 3)), (Vh, (*batch, 3, 5))):
+        assert tuple(x.shape) == shape
+    assert_same_kind(backend, U, A)
+    assert_same_kind(backend, Vh, A)
+    assert_same_kind(backend, S, A, dtype={"complex64": "float32", "complex128": "float64"}.get(dtype, dtype))
+    B = low_rank(rng, 7, 5, 2, dtype, (2,))
+    U, S, Vh = (backend.to_numpy(x) for x in ul.randomized_svd(backend.asarray(B), 2, rng=rng))
+    np.testing.assert_allclose((U * S[..., None, :]) @ Vh, B, atol=tol(dtype, 10) * float(np.abs(S).max()))
+
+
 def test_matrices_of_tiny_and_huge_entries_give_orthonormal_factors(backend, dtype, rng):
     """A of entries near the dtype's smallest normal number (and below it)
     or near its largest: the Gram route's coefficient of V, ``F_u / S``,

@@ -238,7 +238,7 @@ def _small_factors(Cy, Cz, scales, *, rank, rows, eps, gram_eps):
     top, low = lam[..., 0], lam[..., -1]
     if not hxp.all(low > 0):
         return None
-    ratio = float(hxp.max(top / low))
+    ratio = float(hxp.max(top / low)) if low.size else 1.0  # an empty batch: nothing to resolve
     departure = eps * (ratio * rank) ** 0.5 + gram_eps * ratio * rank
     if gram_eps * ratio > _GRAM_LOSS * eps * ratio**0.5 or departure > _NEWTON_SCHULZ_REACH:
         return None
