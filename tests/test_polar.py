@@ -49,6 +49,24 @@ def test_newton_schulz_agrees_with_svd(backend, dtype, rng, batch):
     np.testing.assert_allclose(P, U @ mH(V), atol=tol(dtype, 10))
 
 
+@pytest.mark.parametrize("method", ["svd", "newton_schulz"])
+@pytest.mark.parametrize("shape", [(0, 5, 5), (2, 0, 6, 4), (0, 4, 6)])
+def test_an_empty_batch_gives_an_empty_result(backend, dtype, rng, method, shape):
+    """A batch of no matrices gives no polar factors, of the input's shape,
+    dtype and device, by either method (Newton-Schulz raised NumPy's
+    "zero-size array to reduction operation maximum", or PyTorch's amax
+    error, before); the same call on a full batch still converges."""
+    A = backend.asarray(np.zeros(shape, dtype))
+    P = ul.project_unitary(A, method=method)
+    assert tuple(P.shape) == shape
+    assert_same_kind(backend, P, A)
+    m, n = shape[-2:]
+    U, V = haar(rng, m, dtype, (2,))[..., :min(m, n)], haar(rng, n, dtype, (2,))[..., :min(m, n)]
+    full = ((U * np.linspace(0.5, 2.0, min(m, n))) @ mH(V)).astype(dtype)  # well conditioned
+    np.testing.assert_allclose(backend.to_numpy(ul.project_unitary(backend.asarray(full), method=method)),
+                               U @ mH(V), atol=tol(dtype, 10))
+
+
 @pytest.mark.parametrize("scale", ["huge", "tiny"])
 def test_newton_schulz_takes_any_scale(backend, dtype, rng, scale):
     """c A has A's polar factor: a well conditioned A of size 1e200 (1e30 in

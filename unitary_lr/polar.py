@@ -115,7 +115,10 @@ def polar_unchecked(xp, A):
 def _newton_schulz(xp, A, max_iter):
     """For tall or square A: X <- X (3 I - X^H X) / 2 on the m x m side. Each
     iteration reads its error on the host (the test to stop); on eager JAX
-    arrays the work between two reads is one program (see ``_host.staged``)."""
+    arrays the work between two reads is one program (see ``_host.staged``).
+    An empty batch has no matrix to iterate on (and no largest error)."""
+    if math.prod(A.shape[:-2]) == 0:
+        return xp.zeros_like(A)
     X, gram, error = _newton_schulz_start(xp, A)
     threshold = math.sqrt(xp.finfo(real_dtype(xp, A.dtype)).eps)
     for _ in range(max_iter):
