@@ -225,7 +225,8 @@ class DriftControl:
         when the probe estimate with ``probes`` (..., min(n, m), p) is above
         the tolerance of W's dtype."""
         xp = self.xp
-        drifted = xp.max(estimate_unchecked(xp, W, probes)) > self.options.tolerance(xp, W.dtype)
+        # any, not max: an empty batch has no largest estimate and has not drifted
+        drifted = xp.any(estimate_unchecked(xp, W, probes) > self.options.tolerance(xp, W.dtype))
         if self._cond is None:
             return (self._reproject(W), True) if bool(drifted) else (W, False)
         return self._cond(drifted, self._reproject, self._keep, W), drifted
@@ -236,7 +237,7 @@ class DriftControl:
         never formed twice)."""
         xp = self.xp
         new = W + update
-        drifted = xp.max(estimate_unchecked(xp, new, probes)) > self.options.tolerance(xp, W.dtype)
+        drifted = xp.any(estimate_unchecked(xp, new, probes) > self.options.tolerance(xp, W.dtype))
         if self._cond is None:
             return self._update_branches[0](W, update) if bool(drifted) else update
         return self._cond(drifted, *self._update_branches, W, update)

@@ -211,7 +211,8 @@ def _check_and_mark(param, *, project, what):
             param.copy_(value)
     else:
         try:
-            error = float(torch.max(unitarity_error(W)))
+            errors = unitarity_error(W)
+            error = float(torch.max(errors)) if errors.numel() else 0.0  # an empty batch: no matrix to check
         except ValueError as error_:
             raise ValueError(f"{what} (shape {tuple(param.shape)}): {error_}") from None
         tolerance = _TOLERANCE[param.dtype]

@@ -603,6 +603,8 @@ def _finite_flag(tensor):
     entries (of the real and imaginary parts), which a NaN or an Inf becomes.
     No n x n mask is written (``isfinite(t).all()`` writes one, and takes two
     to four passes), and no sum can overflow to a false alarm."""
+    if tensor.numel() == 0:  # no entry (a shape, not a value: no branch on data)
+        return torch.ones((), dtype=torch.bool, device=tensor.device)
     values = torch.view_as_real(tensor.resolve_conj()) if tensor.is_complex() else tensor
     smallest, largest = torch.aminmax(values)
     return _finite_numbers(smallest, largest)
