@@ -446,6 +446,16 @@ def test_rnn_bad_input():
     with pytest.raises(ValueError, match=r"h0 must have shape \(1, 8\), \(num_layers, hidden_size\) for an unbatched "
                                          r"input; got \(2, 8\)"):
         rnn(torch.zeros(5, 3), torch.zeros(2, 8))
+    # no time steps: refused as torch.nn.RNN refuses it (it raised torch.stack's "non-empty TensorList")
+    for layer, empty in ((rnn, torch.zeros(0, 2, 3)), (rnn, torch.zeros(0, 3)),
+                         (UnitaryRNN(3, 8, batch_first=True), torch.zeros(2, 0, 3)),
+                         (UnitaryRNN(3, 8).compile_recurrence(4), torch.zeros(0, 2, 3))):
+        with pytest.raises(ValueError, match=rf"input must have at least one time step, got shape "
+                                             rf"\({', '.join(map(str, empty.shape))}\)"):
+            layer(empty)
+    # no sequences (a batch of 0): outputs and last states of no sequences
+    outputs, h_n = rnn(torch.zeros(5, 0, 3))
+    assert tuple(outputs.shape) == (5, 0, 8) and tuple(h_n.shape) == (1, 0, 8)
     with pytest.raises(ValueError, match=r"num_layers must be an integer >= 1, got 0"):
         UnitaryRNN(3, 8, 0)
     with pytest.raises(ValueError, match=r"nonlinearity must be 'modrelu', 'relu' or 'tanh', got 'gelu'"):

@@ -353,7 +353,8 @@ class UnitaryRNN(nn.Module):
         Raises
         ------
         ValueError
-            ``input`` or ``h0`` of the wrong shape.
+            ``input`` or ``h0`` of the wrong shape, or an ``input`` of no
+            time steps (as ``torch.nn.RNN``).
 
         Notes
         -----
@@ -375,6 +376,9 @@ class UnitaryRNN(nn.Module):
             raise ValueError(f"input must be (T, B, {self.input_size}), (B, T, {self.input_size}) with "
                              f"batch_first, or (T, {self.input_size}); got shape {tuple(input.shape)}")
         x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if self.batch_first else input)
+        if x.shape[0] == 0:  # as torch.nn.RNN, which refuses a sequence of no time steps too
+            raise ValueError(f"input must have at least one time step, got shape {tuple(input.shape)}"
+                             f"{' (batch_first: (B, T, features))' if self.batch_first and not unbatched else ''}")
         batch = x.shape[1]
         h0 = self._initial_state(h0, batch, unbatched, x.device)
         last = []
