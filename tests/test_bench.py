@@ -662,8 +662,10 @@ def test_asv_suite_covers_every_kernel_and_both_steps(suite):
     # a width whose rows lie a power of two apart, and one whose rows do not (see _xp._CHUNKED_RANKS)
     assert update == {"n": [1000, 1024], "dtype": ["float32", "float64", "complex128"], "backend": ["numpy", "torch"]}
     thin = dict(zip(classes["ThinProducts"].param_names, classes["ThinProducts"].params))
-    # each side of the splits of NumPy and XLA (_xp.by_columns)
-    assert thin["r"] == [1, 2, 3, 4, 8] and thin["backend"] == ["numpy", "torch", "jax"]
+    # each side of the splits of NumPy and XLA (_xp.by_columns), and of PyTorch's
+    # CPU plain form for wide real panels (_xp._TORCH_CPU_DIRECT_ROW_BYTES: 8 float32 columns)
+    assert thin["r"] == [1, 2, 3, 4, 8, 16] and thin["backend"] == ["numpy", "torch", "jax"]
+    assert thin["dtype"] == ["float32", "float64", "complex64"]
     assert hasattr(classes["ThinProducts"], "time_kernel") and hasattr(classes["ThinProducts"], "time_one_product")
     peers = dict(zip(classes["PeerSteps"].param_names, classes["PeerSteps"].params))
     assert peers["method"] == ["projUNN-T k=1"] + [peer.method for peer in _peers.PEERS]
