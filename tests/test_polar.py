@@ -67,6 +67,22 @@ def test_an_empty_batch_gives_an_empty_result(backend, dtype, rng, method, shape
                                U @ mH(V), atol=tol(dtype, 10))
 
 
+def test_under_jax_jit_the_svd_method_runs_and_newton_schulz_is_refused_by_name(rng):
+    """The SVD method is traceable: under jax.jit (and vmap) it gives the
+    polar factor, NaN or Inf left unchecked there (its check read a tracer as
+    a bool: JAX's TracerBoolConversionError). Newton-Schulz reads its error
+    on the host at every iteration, and says so."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    A = random_matrix(rng, (2, N, N), "float64")
+    np.testing.assert_allclose(np.asarray(jax.jit(ul.project_unitary)(jnp.asarray(A))), reference_polar(A), atol=1e-12)
+    np.testing.assert_allclose(np.asarray(jax.vmap(ul.project_unitary)(jnp.asarray(A))), reference_polar(A), atol=1e-12)
+    with pytest.raises(TypeError, match=r"^A is a JAX tracer: project_unitary\(method='newton_schulz'\) does not run "
+                                        r"under jax.jit .* host .* Under jit use method='svd'"):
+        jax.jit(lambda A: ul.project_unitary(A, method="newton_schulz"))(jnp.asarray(A))
+
+
 @pytest.mark.parametrize("scale", ["huge", "tiny"])
 def test_newton_schulz_takes_any_scale(backend, dtype, rng, scale):
     """c A has A's polar factor: a well conditioned A of size 1e200 (1e30 in

@@ -104,6 +104,21 @@ def test_an_empty_batch_gives_empty_factors(backend, dtype, rng, batch):
     np.testing.assert_allclose((U * S[..., None, :]) @ Vh, B, atol=tol(dtype, 10) * float(np.abs(S).max()))
 
 
+def test_under_jax_jit_a_clear_type_error_names_a(rng):
+    """The call draws on the host and reads small Grams there: under jax.jit
+    it names A and says so (JAX's own TracerArrayConversionError named
+    neither); eager JAX arrays still work."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    A = jnp.asarray(low_rank(rng, 12, 9, 2, "float64"))
+    with pytest.raises(TypeError, match=r"^A is a JAX tracer: randomized_svd does not run under jax.jit .* host .* "
+                                        r"outside the transformation"):
+        jax.jit(lambda A: ul.randomized_svd(A, 2, rng=0))(A)
+    U, S, Vh = ul.randomized_svd(A, 2, rng=0)
+    np.testing.assert_allclose(np.asarray(S), np.linalg.svd(np.asarray(A), compute_uv=False)[:2], rtol=1e-12)
+
+
 def test_matrices_of_tiny_and_huge_entries_give_orthonormal_factors(backend, dtype, rng):
     """A of entries near the dtype's smallest normal number (and below it)
     or near its largest: the Gram route's coefficient of V, ``F_u / S``,

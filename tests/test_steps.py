@@ -375,6 +375,17 @@ def test_under_jax_jit_a_clear_type_error_names_the_traced_path(rng):
     assert unitarity(np.asarray(V)) < 1e-13
 
 
+def test_tangent_project_runs_under_jax_jit(rng):
+    """Dense and traceable: under jax.jit it gives the eager projection (its
+    check of G read a tracer as a bool: JAX's TracerBoolConversionError)."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    W, G = haar(rng, N, "complex128", (2,)), random_matrix(rng, (2, N, N), "complex128")
+    traced = np.asarray(jax.jit(ul.tangent_project)(jnp.asarray(W), jnp.asarray(G)))
+    np.testing.assert_allclose(traced, ul.tangent_project(W, G), atol=1e-13)
+
+
 def test_power_iteration_keeps_the_small_directions_of_a_steep_float32_spectrum(backend):
     """The sketch's power iteration re-bases its panels between passes: with
     singular values 4^-j, the eighth is 6e-5 of the first, and ``G^H G omega``

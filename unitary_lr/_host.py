@@ -383,6 +383,13 @@ def _torch_cuda(xp, device) -> bool:
     return _torch_device_type(xp, device) == "cuda"
 
 
+def is_jax_tracer(x) -> bool:
+    """Whether ``x`` is a JAX tracer (under ``jax.jit``, ``grad``, ``vmap``
+    ...): an array whose values no Python code can read, where a tensor under
+    ``torch.compile`` is read at a graph break."""
+    return type(x).__module__.partition(".")[0] in ("jax", "jaxlib") and is_traced(x)
+
+
 def is_traced(x) -> bool:
     """Whether ``x`` is a placeholder of a traced program (a JAX tracer, a tensor
     under ``torch.compile``, or any tensor while a CUDA graph is being captured),

@@ -11,7 +11,7 @@ import math
 import numbers
 import operator
 
-from ._host import staged
+from ._host import is_jax_tracer, staged
 from ._xp import (
     untracked,
     FLOAT_DTYPE_NAMES,
@@ -156,9 +156,25 @@ def report_nonfinite(xp, name, x, *, source=None):
 
 
 def check_finite(xp, name, x):
-    """x must be free of NaN and Inf; a single reduction over x."""
+    """x must be free of NaN and Inf; a single reduction over x. Not checked
+    for a JAX tracer, whose values cannot be read under ``jax.jit``: a traced
+    program carries NaN through, as ``jnp.linalg`` does."""
+    if is_jax_tracer(x):
+        return
     if not bool(finite_flag(xp, x)):
         report_nonfinite(xp, name, x)
+
+
+def refuse_jax_trace(function, arguments, reason, instead):
+    """A TypeError naming the first JAX tracer among ``arguments`` (name ->
+    value) for a public ``function`` that cannot run under ``jax.jit`` or other
+    JAX transformations: ``reason`` says why, ``instead`` what to use. JAX's
+    own error there (a tracer converted to a NumPy array or a bool) names
+    neither the argument nor the way out."""
+    for name, value in arguments.items():
+        if is_jax_tracer(value):
+            raise TypeError(f"{name} is a JAX tracer: {function} does not run under jax.jit or other JAX "
+                            f"transformations, because {reason}. {instead}")
 
 
 @staged()

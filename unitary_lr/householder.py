@@ -3,15 +3,8 @@
 from __future__ import annotations
 
 from ._host import staged
-from ._validation import (
-    check_batch_compatible,
-    check_choice,
-    check_float_dtype,
-    check_matrix,
-    finite_flag,
-    namespace_of,
-    report_nonfinite,
-)
+from ._validation import check_batch_compatible, check_choice, check_float_dtype, check_matrix, namespace_of
+from ._validation import check_finite as _require_finite  # householder_apply's argument takes the name
 from ._xp import (
     add_product,
     column_layout,
@@ -128,9 +121,8 @@ def householder_apply(V, X, /, *, side="left", check_finite=True):
         )
     check_batch_compatible(V=V, X=X)
     if check_finite:
-        for name, x in (("V", V), ("X", X)):
-            if not _all_finite(xp, x):
-                report_nonfinite(xp, name, x)
+        _require_finite(xp, "V", V)
+        _require_finite(xp, "X", X)
     dtype = xp.result_type(V, X)
     V, X = xp.astype(V, dtype, copy=False), xp.astype(X, dtype, copy=False)
     return apply_unchecked(xp, V, X, side)
@@ -181,8 +173,7 @@ def householder_product(V, /):
     xp = namespace_of(V=V)
     check_float_dtype(xp, "V", V)
     check_matrix("V", V)
-    if not _all_finite(xp, V):
-        report_nonfinite(xp, "V", V)
+    _require_finite(xp, "V", V)
     return _product_unchecked(xp, V)
 
 
@@ -206,14 +197,6 @@ def apply_unchecked(xp, V, X, side, factors=None):
         return add_product(xp, X, U, minus_T @ (mH(xp, U) @ X))
     return add_product(xp, X, matmul_panel(xp, X, U) @ minus_T, mH(xp, U))
 
-
-def _all_finite(xp, x):
-    """Whether x is free of NaN and Inf; True when its values cannot be read
-    (a tracer under jax.jit raises TypeError on bool())."""
-    try:
-        return bool(finite_flag(xp, x))
-    except TypeError:
-        return True
 
 
 def wy_factors(xp, V):

@@ -15,6 +15,7 @@ from ._validation import (
     check_int,
     check_matrix,
     namespace_of,
+    refuse_jax_trace,
     unitary_and_factors,
 )
 from ._xp import Adjoint, exact_products, eye, max_abs, mH, real_dtype, times_inverse_power_of_two
@@ -65,7 +66,10 @@ def project_unitary(A, /, *, method="svd", max_iter=60):
     Raises
     ------
     TypeError
-        A is not an array of a supported floating dtype.
+        A is not an array of a supported floating dtype; ``"newton_schulz"``
+        with a JAX tracer for A (its stopping test reads on the host, so it
+        does not run under ``jax.jit``; ``"svd"`` does, and there NaN or Inf
+        in A is not checked).
     ValueError
         A is not a matrix or contains NaN or Inf; unknown method.
     ConvergenceError
@@ -98,6 +102,10 @@ def project_unitary(A, /, *, method="svd", max_iter=60):
     check_matrix("A", A)
     check_choice("method", method, ("svd", "newton_schulz"))
     max_iter = check_int("max_iter", max_iter, minimum=1)
+    if method == "newton_schulz":
+        refuse_jax_trace("project_unitary(method='newton_schulz')", {"A": A},
+                         "it reads each iteration's error on the host to decide when to stop",
+                         "Under jit use method='svd'")
     check_finite(xp, "A", A)
     if method == "svd":
         return polar_unchecked(xp, A)

@@ -29,6 +29,7 @@ from ._validation import (
     check_int,
     check_matrix,
     namespace_of,
+    refuse_jax_trace,
     report_nonfinite,
 )
 from ._xp import (
@@ -96,7 +97,10 @@ def randomized_svd(A, /, rank, *, oversample=10, power_iters=2, rng=None):
     Raises
     ------
     TypeError
-        A is not an array of a supported floating dtype; wrong argument types.
+        A is not an array of a supported floating dtype; wrong argument types;
+        A is a JAX tracer (the call draws on the host and reads small Grams
+        there, so it does not run under ``jax.jit`` or other JAX
+        transformations).
     ValueError
         rank outside ``[1, min(m, n)]``, negative oversample or power_iters,
         NaN or Inf in A.
@@ -146,6 +150,11 @@ def randomized_svd(A, /, rank, *, oversample=10, power_iters=2, rng=None):
     True
     """
     xp = namespace_of(A=A)
+    refuse_jax_trace(
+        "randomized_svd", {"A": A},
+        "it draws its test matrix on the host from a NumPy generator (a trace would freeze it into one "
+        "constant) and chooses its route from small Grams read on the host",
+        "Call it on concrete arrays, outside the transformation")
     check_float_dtype(xp, "A", A)
     check_matrix("A", A)
     m, n = A.shape[-2:]

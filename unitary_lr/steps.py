@@ -18,6 +18,7 @@ from ._validation import (
     check_matrix,
     check_real_scalar,
     namespace_of,
+    refuse_jax_trace,
 )
 from ._xp import (
     Adjoint,
@@ -383,15 +384,13 @@ def _refuse_jax_trace(arguments):
     that draw once and freeze it into the compiled program, so every jitted
     step would reuse one sketch (and a traced ``lr`` cannot be checked at
     all). The traced ways to step are named in the message."""
-    for name, value in arguments.items():
-        if type(value).__module__.partition(".")[0] in ("jax", "jaxlib") and is_traced(value):
-            raise TypeError(
-                f"{name} is a JAX tracer: projunn_step does not run under jax.jit or other JAX "
-                "transformations, because it draws its sketch on the host from a NumPy generator, which a "
-                "trace would freeze into one constant sketch. Under jit use the optax transformation "
-                "unitary_lr.optax.projunn, or unitary_lr.steps.step_unchecked(xp, W, G, omega, ...) with "
-                "the sketch omega drawn from jax.random (its shape: unitary_lr.steps.sketch_shape)"
-            )
+    refuse_jax_trace(
+        "projunn_step", arguments,
+        "it draws its sketch on the host from a NumPy generator, which a trace would freeze into one constant "
+        "sketch",
+        "Under jit use the optax transformation unitary_lr.optax.projunn, or "
+        "unitary_lr.steps.step_unchecked(xp, W, G, omega, ...) with the sketch omega drawn from jax.random (its "
+        "shape: unitary_lr.steps.sketch_shape)")
 
 
 def _dtype(G):
