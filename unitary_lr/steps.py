@@ -500,7 +500,9 @@ def tangent_project(W, G, /):
     TypeError
         Non-array arguments, mixed libraries, unsupported dtypes.
     ValueError
-        G of another shape than W, NaN or Inf in G.
+        G of another shape than W, NaN or Inf in G (not checked under
+        ``jax.jit``, where the projection runs traced and values cannot be
+        read).
 
     Notes
     -----
