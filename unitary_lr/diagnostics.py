@@ -90,7 +90,10 @@ def unitarity_estimate(W, /, *, probes=4, rng=None):
     probes : int, optional
         Number p of random probe vectors.
     rng : None, int or numpy.random.Generator, optional
-        Source of the probes (drawn on the host, like every draw of the library).
+        Source of the probes (drawn on the host, like every draw of the
+        library). Under ``jax.jit`` the probes are drawn once, as the
+        function is traced, and every call of the compiled function reuses
+        them: an estimate with fixed probes.
 
     Returns
     -------
