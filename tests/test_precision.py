@@ -63,6 +63,8 @@ def _traceable_calls(jnp, dtype):
         "householder_product": (ul.householder_product, (V,)),
         "unitarity_error": (ul.unitarity_error, (W,)),
         "unitarity_estimate": (lambda W: ul.unitarity_estimate(W, rng=1), (W,)),
+        "project_unitary": (ul.project_unitary, (W,)),  # the SVD method
+        "tangent_project": (ul.tangent_project, (W, cast(rng.standard_normal((n, n))))),
     }
 
 
