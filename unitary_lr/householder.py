@@ -198,7 +198,6 @@ def apply_unchecked(xp, V, X, side, factors=None):
     return add_product(xp, X, matmul_panel(xp, X, U) @ minus_T, mH(xp, U))
 
 
-
 def wy_factors(xp, V):
     """``(U, -T)``: the unit columns U = V diag(1 / |v_i|) (a zero column
     stays zero) and T (..., j, j) upper triangular, with ``H(v_1) ... H(v_j) =
