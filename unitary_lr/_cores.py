@@ -151,6 +151,13 @@ def _host_name(xp, dtype):
     raise TypeError(f"unsupported dtype {dtype}")
 
 
+def largest(x, empty):
+    """The largest entry of the host array x (one of the cores' NumPy
+    arrays) as a Python float, or ``empty`` where x has no entry: an empty
+    batch of matrices, whose maximum has no value."""
+    return float(host_xp.max(x)) if x.size else empty
+
+
 def make_cores(xp, like, traced):
     """Where the small work of a kernel on ``like`` runs: on the host when the
     call is eager, on the device when it is traced."""

@@ -28,7 +28,7 @@ import functools
 import math
 import warnings
 
-from ._cores import (cholesky_columns, drop_tolerance, expm_skew_minus_identity, gram_basis, hermitian_eigh,
+from ._cores import (cholesky_columns, drop_tolerance, expm_skew_minus_identity, gram_basis, hermitian_eigh, largest,
                      polar_minus_identity, scatter_present)
 from ._host import staged
 from ._tiny import gram_basis2, polar_small2, skew_core2
@@ -260,7 +260,7 @@ def _unitarity_deviation(sxp, C, CW):
     d = sxp.real(sxp.linalg.diagonal(C))
     scale = sxp.where(d > 0, 1 / sxp.sqrt(sxp.where(d > 0, d, 1.0)), 0.0)
     E = (CW - C) * (scale[..., :, None] * scale[..., None, :])
-    return float(sxp.max(sxp.abs(E))) if E.size else 0.0
+    return largest(sxp.abs(E), 0.0)
 
 
 class UnitarityError(ValueError):
@@ -382,7 +382,7 @@ def _reorthonormalize_steps(sxp, spread, m, eps, core_eps, tol):
     if spread is None:
         ratio = 1 / tol
     else:
-        ratio = float(sxp.max(spread)) if spread.size else 1.0
+        ratio = largest(spread, 1.0)
     return newton_schulz_count(ratio, m, eps, core_eps)
 
 

@@ -387,7 +387,10 @@ def is_jax_tracer(x) -> bool:
     """Whether ``x`` is a JAX tracer (under ``jax.jit``, ``grad``, ``vmap``
     ...): an array whose values no Python code can read, where a tensor under
     ``torch.compile`` is read at a graph break."""
-    return type(x).__module__.partition(".")[0] in ("jax", "jaxlib") and is_traced(x)
+    if type(x).__module__.partition(".")[0] not in ("jax", "jaxlib"):
+        return False
+    jax_core = sys.modules.get("jax.core")
+    return jax_core is not None and isinstance(x, jax_core.Tracer)
 
 
 def is_traced(x) -> bool:
@@ -396,8 +399,7 @@ def is_traced(x) -> bool:
     whose values cannot be read on the host."""
     module = type(x).__module__.partition(".")[0]
     if module == "jax" or module == "jaxlib":
-        jax_core = sys.modules.get("jax.core")
-        return jax_core is not None and isinstance(x, jax_core.Tracer)
+        return is_jax_tracer(x)
     if module == "torch":
         torch = sys.modules["torch"]
         if torch.compiler.is_compiling():

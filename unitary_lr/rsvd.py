@@ -11,6 +11,7 @@ from ._cores import (
     drop_tolerance,
     hermitian_eigh,
     host_xp,
+    largest,
     scatter_present,
 )
 from ._flow import (
@@ -247,7 +248,7 @@ def _small_factors(Cy, Cz, scales, *, rank, rows, eps, gram_eps):
     top, low = lam[..., 0], lam[..., -1]
     if not hxp.all(low > 0):
         return None
-    ratio = float(hxp.max(top / low)) if low.size else 1.0  # an empty batch: nothing to resolve
+    ratio = largest(top / low, 1.0)
     departure = eps * (ratio * rank) ** 0.5 + gram_eps * ratio * rank
     if gram_eps * ratio > _GRAM_LOSS * eps * ratio**0.5 or departure > _NEWTON_SCHULZ_REACH:
         return None
@@ -257,7 +258,7 @@ def _small_factors(Cy, Cz, scales, *, rank, rows, eps, gram_eps):
     S = root
     for scale in scales:
         S = S * scale[..., 0]
-    spread = float(hxp.max(spread)) if spread.size else 1.0
+    spread = largest(spread, 1.0)
     return (Fu, Fv, S, newton_schulz_count(spread, l, eps, gram_eps),
             newton_schulz_count(spread * ratio, rank, eps, gram_eps))
 
