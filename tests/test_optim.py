@@ -143,7 +143,7 @@ def test_errors_leave_everything_unchanged(rng):
     [
         ({"lr": -1e-3}, ValueError, r"lr must be >= 0, got -0.001"),
         ({"lr": 1e-3, "base": "adagrad"}, ValueError, r"base must be one of 'sgd', 'rmsprop', 'adam', got 'adagrad'"),
-        ({"lr": 1e-3, "base": "adam", "momentum": 0.9}, TypeError, r"base='adam' takes the hyper-parameters betas, eps, weight_decay; got 'momentum'"),
+        ({"lr": 1e-3, "base": "adam", "momentum": 0.9}, TypeError, r"base='adam' takes the hyper-parameters amsgrad, betas, decoupled_weight_decay, eps, maximize, weight_decay; got 'momentum'"),
         ({"lr": 1e-3, "base": "sgd", "nesterov": True}, ValueError, r"nesterov needs momentum > 0 and dampening = 0"),
         ({"lr": 1e-3, "base": "adam", "betas": (0.9, 1.0)}, ValueError, r"betas must be two numbers in \[0, 1\), got \(0.9, 1.0\)"),
         ({"lr": 1e-3, "base": "rmsprop", "alpha": 1.5}, ValueError, r"alpha must be in \[0, 1\), got 1.5"),

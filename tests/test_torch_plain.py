@@ -13,17 +13,19 @@ import unitary_lr as ul
 from unitary_lr.torch import ProjUNN, UnitaryRNN, unitary_parameter
 
 REFERENCE = {"sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop, "adam": torch.optim.Adam}
-# Every base-rule option ProjUNN takes (torch.optim's amsgrad, maximize and
-# fused have no counterpart in its rules).
+# Every base-rule option ProjUNN takes (torch.optim's fused and differentiable
+# have no counterpart in its rules).
 SETTINGS = [
     ("sgd", {}),
     ("sgd", {"momentum": 0.9, "dampening": 0.1, "weight_decay": 1e-2}),
-    ("sgd", {"momentum": 0.9, "nesterov": True, "weight_decay": 1e-2}),
+    ("sgd", {"momentum": 0.9, "nesterov": True, "weight_decay": 1e-2, "maximize": True}),
     ("rmsprop", {}),
     ("rmsprop", {"alpha": 0.9, "eps": 1e-6, "weight_decay": 1e-2}),
-    ("rmsprop", {"centered": True, "momentum": 0.5}),
+    ("rmsprop", {"centered": True, "momentum": 0.5, "maximize": True}),
     ("adam", {}),
     ("adam", {"betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 1e-2}),
+    ("adam", {"amsgrad": True, "maximize": True, "weight_decay": 1e-2}),
+    ("adam", {"amsgrad": True, "weight_decay": 1e-1, "decoupled_weight_decay": True}),
 ]
 IDS = [f"{base}-{'-'.join(hyper) or 'defaults'}" for base, hyper in SETTINGS]
 

@@ -104,6 +104,20 @@ def _decayed(grad, param, weight_decay, apply):
     return grad + weight_decay * param if apply and weight_decay != 0 else grad
 
 
+def _ascent(grad, maximize):
+    """The gradient the rule descends: ``-grad`` to maximize (as torch.optim,
+    before weight decay and the moments)."""
+    return -grad if maximize else grad
+
+
+def _larger(xp, a, b, mode):
+    """The entrywise larger of two second moments (NaN where either is), per
+    component for a "components" complex state."""
+    if _componentwise(xp, a, mode):
+        return _complex(xp, xp.maximum(xp.real(a), xp.real(b)), xp.maximum(xp.imag(a), xp.imag(b)))
+    return xp.maximum(a, b)
+
+
 def _direction_of(rule, xp, grad, param, state, scalars, counters, *, mode, weight_decay):
     """(D, new state) of ``rule``: its arithmetic (``rule._arrays``) on the
     moments it keeps in ``state``, with the Python numbers ``scalars`` (bias
@@ -126,7 +140,8 @@ def _rule_arrays(xp, grad, param, moments, scalars, *, rule, mode, weight_decay)
 
 @dataclass(frozen=True)
 class SGD:
-    """Stochastic gradient descent with momentum, as ``torch.optim.SGD``.
+    """Stochastic gradient descent with momentum, as ``torch.optim.SGD``
+    (``maximize`` as there).
 
     A pure function of arrays: ``direction(xp, grad, param, state)`` returns the
     step direction D (the plain update is ``param - lr * D``) and a new state;
@@ -148,9 +163,11 @@ class SGD:
     dampening: float = 0.0
     nesterov: bool = False
     weight_decay: float = 0.0
+    maximize: bool = False
 
     def __post_init__(self):
         _non_negative(self, "momentum", "dampening", "weight_decay")
+        _flags(self, "nesterov", "maximize")
         if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
             raise ValueError(
                 f"nesterov needs momentum > 0 and dampening = 0, got momentum={self.momentum!r}, "
@@ -167,13 +184,13 @@ class SGD:
     def direction(self, xp, grad, param, state, *, mode="modulus", weight_decay=True):
         """(D, new state): the plain update is ``param - lr * D``."""
         if self.momentum == 0:
-            return _decayed(grad, param, self.weight_decay, weight_decay), state
+            return _decayed(_ascent(grad, self.maximize), param, self.weight_decay, weight_decay), state
         return _direction_of(self, xp, grad, param, state, {}, {}, mode=mode, weight_decay=weight_decay)
 
     _moments = ("momentum_buffer",)
 
     def _arrays(self, xp, grad, param, state, scalars, *, mode, weight_decay):
-        g = _decayed(grad, param, self.weight_decay, weight_decay)
+        g = _decayed(_ascent(grad, self.maximize), param, self.weight_decay, weight_decay)
         buffer = state.get("momentum_buffer")
         # the first buffer is a copy: a gradient zeroed in place must not reset it
         buffer = xp.asarray(g, copy=True) if buffer is None else self.momentum * buffer + (1 - self.dampening) * g
@@ -183,7 +200,8 @@ class SGD:
 
 @dataclass(frozen=True)
 class RMSprop:
-    """RMSprop, as ``torch.optim.RMSprop`` (eps added after the square root).
+    """RMSprop, as ``torch.optim.RMSprop`` (eps added after the square root;
+    ``maximize`` as there).
 
     A pure function of arrays: ``direction(xp, grad, param, state)`` returns the
     step direction D (the plain update is ``param - lr * D``) and a new state;
@@ -206,9 +224,11 @@ class RMSprop:
     centered: bool = False
     momentum: float = 0.0
     weight_decay: float = 0.0
+    maximize: bool = False
 
     def __post_init__(self):
         _non_negative(self, "eps", "momentum", "weight_decay")
+        _flags(self, "centered", "maximize")
         if not 0 <= self.alpha < 1:
             raise ValueError(f"alpha must be in [0, 1), got {self.alpha!r}")
 
@@ -228,7 +248,7 @@ class RMSprop:
     _moments = ("square_avg", "grad_avg", "momentum_buffer")
 
     def _arrays(self, xp, grad, param, state, scalars, *, mode, weight_decay):
-        g = _decayed(grad, param, self.weight_decay, weight_decay)
+        g = _decayed(_ascent(grad, self.maximize), param, self.weight_decay, weight_decay)
         square_avg = self.alpha * state["square_avg"] + (1 - self.alpha) * _square(xp, g, mode)
         new = {**state, "square_avg": square_avg}
         if self.centered:
@@ -246,11 +266,15 @@ class RMSprop:
 
 @dataclass(frozen=True)
 class Adam:
-    """Adam with L2 weight decay, as ``torch.optim.Adam``.
+    """Adam, as ``torch.optim.Adam``: L2 weight decay, or AdamW's decoupled
+    decay with ``decoupled_weight_decay=True``; ``amsgrad`` and ``maximize``
+    as there.
 
     A pure function of arrays: ``direction(xp, grad, param, state)`` returns the
     step direction D (the plain update is ``param - lr * D``) and a new state;
-    nothing is written in place.
+    nothing is written in place. Decoupled decay is part of D: ``param - lr *
+    (D_adam + weight_decay * param)`` is AdamW's ``param (1 - lr weight_decay)
+    - lr D_adam``.
 
     Examples
     --------
@@ -267,16 +291,23 @@ class Adam:
     betas: tuple = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.0
+    amsgrad: bool = False
+    maximize: bool = False
+    decoupled_weight_decay: bool = False
 
     def __post_init__(self):
         _non_negative(self, "eps", "weight_decay")
+        _flags(self, "amsgrad", "maximize", "decoupled_weight_decay")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
 
     stateless = False
 
     def init(self, xp, param, mode="modulus"):
-        return {"step": 0, "exp_avg": xp.zeros_like(param), "exp_avg_sq": _second_moment_zeros(xp, param, mode)}
+        state = {"step": 0, "exp_avg": xp.zeros_like(param), "exp_avg_sq": _second_moment_zeros(xp, param, mode)}
+        if self.amsgrad:
+            state["max_exp_avg_sq"] = _second_moment_zeros(xp, param, mode)
+        return state
 
     def direction(self, xp, grad, param, state, *, mode="modulus", weight_decay=True):
         beta1, beta2 = self.betas
@@ -285,16 +316,32 @@ class Adam:
         return _direction_of(self, xp, grad, param, state, corrections, {"step": step}, mode=mode,
                              weight_decay=weight_decay)
 
-    _moments = ("exp_avg", "exp_avg_sq")
+    _moments = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
     def _arrays(self, xp, grad, param, state, corrections, *, mode, weight_decay):
         beta1, beta2 = self.betas
-        g = _decayed(grad, param, self.weight_decay, weight_decay)
+        g = _ascent(grad, self.maximize)
+        decoupled = self.decoupled_weight_decay
+        g = _decayed(g, param, self.weight_decay, weight_decay and not decoupled)
         exp_avg = state["exp_avg"] + (1 - beta1) * (g - state["exp_avg"])
         exp_avg_sq = beta2 * state["exp_avg_sq"] + (1 - beta2) * _square(xp, g, mode)
-        denominator = _root_plus(xp, exp_avg_sq, corrections["root_second"], self.eps, mode)
+        new = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+        second = exp_avg_sq
+        if self.amsgrad:
+            # a state made without amsgrad (turned on later) starts from zeros, as a new one does
+            previous = state.get("max_exp_avg_sq")
+            previous = _second_moment_zeros(xp, exp_avg_sq, "components") if previous is None else previous
+            second = new["max_exp_avg_sq"] = _larger(xp, previous, exp_avg_sq, mode)
+        denominator = _root_plus(xp, second, corrections["root_second"], self.eps, mode)
         d = _divide(xp, exp_avg, denominator, mode) / corrections["first"]
-        return d, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+        return _decayed(d, param, self.weight_decay, weight_decay and decoupled), new
+
+
+def _flags(rule, *names):
+    for name in names:
+        value = getattr(rule, name)
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
 def _non_negative(rule, *names):
@@ -505,9 +552,11 @@ class ProjUNN:
         most 256 KiB each (float32 256 x 256), where a step's fixed cost
         outweighs copying the matrices into a stack.
     **hyperparameters
-        Of the base rule: ``momentum, dampening, nesterov, weight_decay`` (sgd),
-        ``alpha, eps, centered, momentum, weight_decay`` (rmsprop),
-        ``betas, eps, weight_decay`` (adam). Weight decay does not apply to a
+        Of the base rule, as in ``torch.optim``: ``momentum, dampening,
+        nesterov, weight_decay, maximize`` (sgd), ``alpha, eps, centered,
+        momentum, weight_decay, maximize`` (rmsprop), ``betas, eps,
+        weight_decay, amsgrad, maximize, decoupled_weight_decay`` (adam; the
+        last is AdamW's decay). Weight decay of either kind does not apply to a
         unitary W: the group is invariant to scaling.
 
     Raises

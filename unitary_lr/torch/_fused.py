@@ -54,10 +54,12 @@ def fused_direction(rule, grad, param, state, *, mode, weight_decay, scratch=Non
         return None
     if isinstance(rule, RMSprop) and not rule.centered and rule.momentum == 0:
         return _rmsprop(rule, grad, state, scratch)
-    if isinstance(rule, Adam):
+    if isinstance(rule, Adam) and (not rule.amsgrad or "max_exp_avg_sq" in state):
+        # (amsgrad turned on after the state was made: the generic rule adds the entry)
         return _adam(rule, grad, state, scratch)
     if isinstance(rule, SGD) and rule.momentum == 0:
-        return (grad, state) if scratch is None else (grad, state, None)
+        direction = torch.neg(grad, out=_buffer(scratch, "direction", grad)) if rule.maximize else grad
+        return (direction, state) if scratch is None else (direction, state, None)
     return None
 
 
@@ -101,11 +103,12 @@ def _add_square(target, grad, weight):
 
 
 def _overflow_as_nan(denominator):
-    """The denominator with +Inf (a moment whose squares overflowed) made NaN,
+    """The denominator with +-Inf (a moment whose squares overflowed; -Inf
+    where it was negated to maximize) made NaN,
     in place: the quotient is then NaN there, which the step's checks see,
     where it would be a silent 0 in this step and every later one (the
     moment stays Inf)."""
-    return denominator.nan_to_num_(nan=math.nan, posinf=math.nan)
+    return denominator.nan_to_num_(nan=math.nan, posinf=math.nan, neginf=math.nan)
 
 
 def _quotient(numerator, denominator, out=None):
@@ -150,7 +153,10 @@ def _sqrt(x, out):
 def _rmsprop(rule, grad, state, scratch):
     old = state["square_avg"]
     square_avg = _add_square(torch.mul(old, rule.alpha, out=_buffer(scratch, "square_avg", old)), grad, 1 - rule.alpha)
-    denominator = _overflow_as_nan(_sqrt(square_avg, _buffer(scratch, "denominator", old)).add_(rule.eps))
+    denominator = _sqrt(square_avg, _buffer(scratch, "denominator", old)).add_(rule.eps)
+    if rule.maximize:  # -g / d as g / (-d): the moments see g^2 either way
+        denominator.neg_()
+    denominator = _overflow_as_nan(denominator)
     direction = _quotient(grad, denominator, out=_buffer(scratch, "direction", grad) if grad.is_complex() else None)
     if scratch is None:
         return direction, {**state, "square_avg": square_avg}
@@ -161,9 +167,18 @@ def _adam(rule, grad, state, scratch):
     beta1, beta2 = rule.betas
     step = state["step"] + 1
     old_avg, old_sq = state["exp_avg"], state["exp_avg_sq"]
-    exp_avg = torch.lerp(old_avg, grad, 1 - beta1, out=_buffer(scratch, "exp_avg", old_avg))
+    if rule.maximize:  # the moment of -g, as torch.optim keeps it: beta1 m - (1 - beta1) g, one pass more
+        exp_avg = torch.mul(old_avg, beta1, out=_buffer(scratch, "exp_avg", old_avg)).sub_(grad, alpha=1 - beta1)
+    else:
+        exp_avg = torch.lerp(old_avg, grad, 1 - beta1, out=_buffer(scratch, "exp_avg", old_avg))
     exp_avg_sq = _add_square(torch.mul(old_sq, beta2, out=_buffer(scratch, "exp_avg_sq", old_sq)), grad, 1 - beta2)
-    root = _sqrt(exp_avg_sq, _buffer(scratch, "denominator", old_sq))
+    moments = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+    second = exp_avg_sq
+    if rule.amsgrad:
+        old_max = state["max_exp_avg_sq"]
+        second = moments["max_exp_avg_sq"] = torch.maximum(old_max, exp_avg_sq,
+                                                           out=_buffer(scratch, "max_exp_avg_sq", old_max))
+    root = _sqrt(second, _buffer(scratch, "denominator", old_sq))
     # (sqrt(v) / sqrt(1 - beta2^t) + eps) (1 - beta1^t), in two passes; a
     # tensor step (capturable groups) stays on the device: no math.sqrt
     bias1 = 1 - beta1**step
@@ -171,5 +186,5 @@ def _adam(rule, grad, state, scratch):
     direction = _quotient(exp_avg, _overflow_as_nan(denominator),
                           out=_buffer(scratch, "direction", exp_avg) if exp_avg.is_complex() else None)
     if scratch is None:
-        return direction, {**state, "step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
-    return direction, {**state, "step": step}, _committer(state, scratch, ("exp_avg", "exp_avg_sq"))
+        return direction, {**state, "step": step, **moments}
+    return direction, {**state, "step": step}, _committer(state, scratch, tuple(moments))

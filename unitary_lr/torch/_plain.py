@@ -59,7 +59,7 @@ def _sgd(state, group):
     buffers = [s.get("momentum_buffer") for s in states] if momentum != 0 else []
     sgd(params, grads, buffers, foreach=group.get("foreach"), weight_decay=group["weight_decay"],
         momentum=momentum, lr=group["lr"], dampening=group["dampening"], nesterov=group["nesterov"],
-        maximize=False)
+        maximize=group.get("maximize", False))
     # sgd creates a parameter's buffer at its first step, in the list
     for s, buffer in zip(states, buffers):
         s["momentum_buffer"] = buffer
@@ -77,7 +77,7 @@ def _rmsprop(state, group):
     rmsprop(params, grads, [s["square_avg"] for s in states],
             [s["grad_avg"] for s in states] if group["centered"] else [],
             [s["momentum_buffer"] for s in states] if group["momentum"] > 0 else [],
-            [_step_counter(s) for s in states], foreach=group.get("foreach"),
+            [_step_counter(s) for s in states], foreach=group.get("foreach"), maximize=group.get("maximize", False),
             has_complex=any(p.is_complex() for p in params), lr=group["lr"], alpha=group["alpha"],
             eps=group["eps"], weight_decay=group["weight_decay"], momentum=group["momentum"],
             centered=group["centered"])
@@ -85,14 +85,19 @@ def _rmsprop(state, group):
 
 def _adam(state, group):
     params, grads, states = _with_grad(state, group)
+    amsgrad = group.get("amsgrad", False)
     for p, s in zip(params, states):
         if "exp_avg" not in s:
             s["exp_avg"], s["exp_avg_sq"] = _zeros(p), _zeros(p)
+        if amsgrad and "max_exp_avg_sq" not in s:  # (also where amsgrad was turned on later)
+            s["max_exp_avg_sq"] = _zeros(p)
     beta1, beta2 = group["betas"]
-    adam(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
-         [_step_counter(s) for s in states], foreach=group.get("foreach"),
-         has_complex=any(p.is_complex() for p in params), amsgrad=False, beta1=beta1, beta2=beta2,
-         lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+    adam(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+         [s["max_exp_avg_sq"] for s in states] if amsgrad else [], [_step_counter(s) for s in states],
+         foreach=group.get("foreach"), has_complex=any(p.is_complex() for p in params),
+         decoupled_weight_decay=group.get("decoupled_weight_decay", False), amsgrad=amsgrad, beta1=beta1,
+         beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
+         maximize=group.get("maximize", False))
 
 
 _STEPS = {"sgd": _sgd, "rmsprop": _rmsprop, "adam": _adam}

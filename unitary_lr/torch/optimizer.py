@@ -92,6 +92,13 @@ class ProjUNN(torch.optim.Optimizer):
         Base-rule hyper-parameters, as in ``torch.optim`` (per group). Weight
         decay does not apply to unitary parameters (the group is invariant to
         scaling).
+    maximize, amsgrad, decoupled_weight_decay : bool, optional
+        As in ``torch.optim`` (per group): ``maximize`` (every base) steps up
+        the gradient; ``amsgrad`` (adam) divides by the running maximum of the
+        second moment, kept as ``state["max_exp_avg_sq"]``;
+        ``decoupled_weight_decay`` (adam) makes the plain parameters' decay
+        AdamW's, ``p (1 - lr weight_decay)``. A base that has no such option
+        ignores it, as it ignores the others' hyper-parameters.
     foreach : bool or None, optional
         One operation for many parameters (per group). Plain groups: as in
         ``torch.optim``, one kernel per operation for all the group's
@@ -198,7 +205,7 @@ class ProjUNN(torch.optim.Optimizer):
                  unitary_lr_scale=1.0, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
                  alpha=0.99, eps=1e-8, centered=False, betas=(0.9, 0.999), oversample=STEP_OVERSAMPLE,
                  power_iters=STEP_POWER_ITERS, drift_tol=None, drift_check_every=50, reproject="svd", seed=None,
-                 capturable=False, foreach=None):
+                 capturable=False, foreach=None, maximize=False, amsgrad=False, decoupled_weight_decay=False):
         if seed is None:
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
         defaults = dict(
@@ -206,10 +213,18 @@ class ProjUNN(torch.optim.Optimizer):
             nesterov=nesterov, weight_decay=weight_decay, alpha=alpha, eps=eps, centered=centered, betas=betas,
             oversample=oversample, power_iters=power_iters, drift_tol=drift_tol, drift_check_every=drift_check_every,
             reproject=reproject, seed=seed, capturable=capturable, unitary_lr_scale=unitary_lr_scale,
-            foreach=foreach,
+            foreach=foreach, maximize=maximize, amsgrad=amsgrad, decoupled_weight_decay=decoupled_weight_decay,
         )
         _check_options(defaults, where="ProjUNN")
         super().__init__(_split_by_mark(params), defaults)
+
+    def __setstate__(self, state):
+        # groups saved before an option existed (a pickle, or a state_dict
+        # that load_state_dict hands over) take its default, as torch.optim's do
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for name, default in _ADDED_OPTIONS.items():
+                group.setdefault(name, default)
 
     def add_param_group(self, param_group):
         group = {**self.defaults, **param_group}
@@ -400,6 +415,10 @@ class ProjUNN(torch.optim.Optimizer):
             return live[1]
         return generator_from_state(saved)
 
+
+# Options added after the first release, with their defaults: older saved
+# param groups lack them (see ProjUNN.__setstate__).
+_ADDED_OPTIONS = {"maximize": False, "amsgrad": False, "decoupled_weight_decay": False}
 
 _CAPTURED = object()  # marks a capturable update in the list of pending ones
 
@@ -698,14 +717,15 @@ def _check_options(group, *, where):
         raise ValueError(f"{where}: lr must be a finite number >= 0, got {group['lr']!r}")
     if group["base"] not in RULES:
         raise ValueError(f"{where}: base must be one of {', '.join(map(repr, RULES))}, got {group['base']!r}")
-    make_rule(group["base"], **rule_options(group["base"], group))  # validates the hyper-parameters
+    for flag in ("capturable", *_ADDED_OPTIONS):
+        if not isinstance(group.get(flag, False), bool):
+            raise ValueError(f"{where}: {flag} must be True or False, got {group[flag]!r}")
     try:
+        make_rule(group["base"], **rule_options(group["base"], group))  # validates the hyper-parameters
         # the options every front end shares, checked by one object
         ProjUNNOptions.from_kwargs(group)
     except (TypeError, ValueError) as error:
         raise type(error)(f"{where}: {error}") from None
-    if not isinstance(group["capturable"], bool):
-        raise ValueError(f"{where}: capturable must be True or False, got {group['capturable']!r}")
     if group["unitary"] not in (None, True, False):
         raise ValueError(f"{where}: unitary must be True, False or None, got {group['unitary']!r}")
     scale = group.get("unitary_lr_scale", 1.0)
