@@ -224,3 +224,33 @@ def test_torch_flags_must_be_booleans_and_old_groups_take_the_defaults():
     opt.step()
     assert ul.unitarity_error(W.detach().numpy()) < 1e-13
     assert math.isfinite(float(W.detach().sum()))
+
+
+def test_torch_hyperparameters_the_base_does_not_take_are_refused():
+    """As torch.optim.SGD refuses ``betas``: a hyper-parameter that no
+    group's base takes is a TypeError naming it and listing what the base
+    takes, not an option silently ignored."""
+    torch = pytest.importorskip("torch")
+    from unitary_lr.torch import ProjUNN as TorchProjUNN
+    from unitary_lr.torch import unitary_parameter
+
+    W = unitary_parameter(4, dtype=torch.float64)
+    V = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    cases = [({"base": "sgd", "betas": (0.5, 0.9)}, r"ProjUNN: base='sgd' does not take betas=\(0.5, 0.9\); it takes "
+              r"dampening, maximize, momentum, nesterov, weight_decay"),
+             ({"base": "rmsprop", "amsgrad": True}, r"ProjUNN: base='rmsprop' does not take amsgrad=True"),
+             ({"base": "adam", "momentum": 0.9}, r"ProjUNN: base='adam' does not take momentum=0.9")]
+    for options, message in cases:
+        with pytest.raises(TypeError, match=message):
+            TorchProjUNN([W], **options)
+    with pytest.raises(TypeError, match=r"param group 1: base='rmsprop' does not take nesterov=True"):
+        TorchProjUNN([{"params": [V]}, {"params": [W], "base": "rmsprop", "nesterov": True}], base="sgd", momentum=0.9)
+    # an option of the constructor that some group's base takes is that group's
+    opt = TorchProjUNN([{"params": [W], "base": "adam"}, {"params": [V]}], base="sgd", betas=(0.5, 0.9), momentum=0.9)
+    assert [g["base"] for g in opt.param_groups] == ["adam", "sgd"]
+    with pytest.raises(TypeError, match=r"param group 2: base='sgd' does not take amsgrad=True"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "amsgrad": True})
+    # whole groups handed back with the optimizer's own options (as ZeroRedundancyOptimizer does)
+    again = TorchProjUNN([dict(g) for g in opt.param_groups], **{k: v for k, v in opt.defaults.items()
+                                                                 if k not in ("unitary", "unitary_lr_scale")})
+    assert [g["betas"] for g in again.param_groups] == [(0.5, 0.9), (0.5, 0.9)]

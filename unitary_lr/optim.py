@@ -381,6 +381,11 @@ def make_rule(base, **hyperparameters):
     return rule(**hyperparameters)
 
 
+def rule_hyperparameters(base):
+    """The names of the hyper-parameters the rule named ``base`` takes."""
+    return _rule_fields(base)
+
+
 def rule_options(base, options):
     """The entries of ``options`` (for example a torch param group) that the
     rule named ``base`` takes."""

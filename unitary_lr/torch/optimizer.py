@@ -8,6 +8,7 @@ random draws of the sketches.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import NamedTuple
 
@@ -26,6 +27,7 @@ from ..optim import (
     capped_rank,
     control_drift,
     make_rule,
+    rule_hyperparameters,
     rule_options,
     unitary_factors,
     unitary_factors_stacked,
@@ -97,8 +99,9 @@ class ProjUNN(torch.optim.Optimizer):
         the gradient; ``amsgrad`` (adam) divides by the running maximum of the
         second moment, kept as ``state["max_exp_avg_sq"]``;
         ``decoupled_weight_decay`` (adam) makes the plain parameters' decay
-        AdamW's, ``p (1 - lr weight_decay)``. A base that has no such option
-        ignores it, as it ignores the others' hyper-parameters.
+        AdamW's, ``p (1 - lr weight_decay)``. A hyper-parameter set for a
+        base that does not take it (``betas`` for sgd) is a TypeError, as in
+        ``torch.optim``; the constructor's may serve any group's base.
     foreach : bool or None, optional
         One operation for many parameters (per group). Plain groups: as in
         ``torch.optim``, one kernel per operation for all the group's
@@ -155,7 +158,9 @@ class ProjUNN(torch.optim.Optimizer):
         with NaN or Inf (named, with its shape; nothing is changed).
     TypeError
         A unitary parameter of a dtype other than float32/64, complex64/128;
-        hyper-parameters the base rule does not take.
+        hyper-parameters the base rule does not take (set in the
+        constructor where no group's base takes them, or in a group whose
+        base does not).
 
     Notes
     -----
@@ -217,6 +222,10 @@ class ProjUNN(torch.optim.Optimizer):
         )
         _check_options(defaults, where="ProjUNN")
         super().__init__(_split_by_mark(params), defaults)
+        bases = {group["base"] for group in self.param_groups}
+        for name, value in _set_hyperparameters(defaults, _signature_defaults()).items():
+            if not any(name in rule_hyperparameters(b) for b in bases):
+                raise TypeError(_not_taken("ProjUNN", base, name, value))
 
     def __setstate__(self, state):
         # groups saved before an option existed (a pickle, or a state_dict
@@ -236,6 +245,12 @@ class ProjUNN(torch.optim.Optimizer):
             names, params = [n for n, _ in params], [p for _, p in params]
         names = names or [f"param_groups[{index}]['params'][{i}]" for i in range(len(params))]
         _check_options(group, where=f"param group {index}")
+        # a hyper-parameter the group's own base does not take (one that
+        # equals the optimizer's default is not the group's: ZeroRedundancyOptimizer
+        # hands whole groups back to the constructor)
+        for name, value in _set_hyperparameters(param_group, _signature_defaults(), self.defaults).items():
+            if name not in rule_hyperparameters(group["base"]):
+                raise TypeError(_not_taken(f"param group {index}", group["base"], name, value))
         unitary = group["unitary"]
         if unitary is None:
             marked = [is_unitary(p) for p in params]
@@ -250,7 +265,7 @@ class ProjUNN(torch.optim.Optimizer):
             for name, p in zip(names, params):
                 _check_unitary_parameter(name, p, group["rank"])
         param_group = {**param_group, "unitary": unitary}
-        if unitary and "lr" in param_group and "unitary_lr_scale" in param_group:
+        if unitary and "lr" in param_group and param_group.get("unitary_lr_scale", 1) != 1:  # (1 scales nothing)
             raise ValueError(f"param group {index} sets both lr ({param_group['lr']!r}) and unitary_lr_scale "
                              f"({param_group['unitary_lr_scale']!r}); set one of them")
         # A scale of 1 leaves the group on the shared default lr (a tensor lr
@@ -707,6 +722,38 @@ def _split_by_mark(params):
         members = [p for p, m in zip(params, marked) if m == flag]
         groups.append({"params": members, "unitary": flag})
     return groups
+
+
+def _signature_defaults():
+    """The base-rule hyper-parameters of ``ProjUNN()`` and their defaults."""
+    global _SIGNATURE_DEFAULTS
+    if _SIGNATURE_DEFAULTS is None:
+        names = frozenset().union(*(rule_hyperparameters(base) for base in RULES))
+        parameters = inspect.signature(ProjUNN.__init__).parameters
+        _SIGNATURE_DEFAULTS = {name: parameters[name].default for name in names if name in parameters}
+    return _SIGNATURE_DEFAULTS
+
+
+_SIGNATURE_DEFAULTS = None
+
+
+def _set_hyperparameters(options, signature, *others):
+    """The base-rule hyper-parameters in ``options`` (the names in
+    ``signature``) whose values differ from their defaults there and in each
+    of the ``others`` (dicts): those a caller set."""
+    def differs(value, default):
+        try:
+            return bool(value != default)
+        except (TypeError, RuntimeError, ValueError):  # tensors that do not compare to one bool
+            return True
+
+    return {name: value for name, value in options.items() if name in signature
+            and all(differs(value, d[name]) for d in (signature, *others) if name in d)}
+
+
+def _not_taken(where, base, name, value):
+    return (f"{where}: base={base!r} does not take {name}={value!r}; it takes "
+            f"{', '.join(sorted(rule_hyperparameters(base)))}")
 
 
 def _check_options(group, *, where):
