@@ -44,15 +44,16 @@ def test_capturable_step_reads_nothing_on_the_host(dtype, base):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["tangent", "direct"])
-def test_compiled_capturable_step_equals_the_eager_one(variant):
+@pytest.mark.parametrize(("variant", "options"), [("tangent", {}), ("direct", {}),
+                                                  ("tangent", {"amsgrad": True, "maximize": True})])
+def test_compiled_capturable_step_equals_the_eager_one(variant, options):
     import torch._inductor.config as inductor_config
 
     W1, b1 = _model()
     W2, b2 = (torch.nn.Parameter(p.detach().clone()) for p in (W1, b1))
     mark_unitary(W2)
-    eager = ProjUNN([W1, b1], lr=1e-2, base="adam", variant=variant, capturable=True)
-    compiled_opt = ProjUNN([W2, b2], lr=1e-2, base="adam", variant=variant, capturable=True)
+    eager = ProjUNN([W1, b1], lr=1e-2, base="adam", variant=variant, capturable=True, **options)
+    compiled_opt = ProjUNN([W2, b2], lr=1e-2, base="adam", variant=variant, capturable=True, **options)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.compile's own deprecation notes
         compiled = torch.compile(compiled_opt.step)
