@@ -15,10 +15,15 @@ from unitary_lr.optim import make_rule  # noqa: E402
 from unitary_lr.torch import ProjUNN, unitary_parameter  # noqa: E402
 from unitary_lr.torch._fused import fused_direction  # noqa: E402
 
-RULES = [("rmsprop", {"alpha": 0.9, "eps": 1e-8}), ("adam", {"betas": (0.8, 0.95), "eps": 1e-8}), ("sgd", {})]
+RULES = [("rmsprop", {"alpha": 0.9, "eps": 1e-8}), ("adam", {"betas": (0.8, 0.95), "eps": 1e-8}), ("sgd", {}),
+         ("rmsprop", {"alpha": 0.9, "eps": 1e-8, "maximize": True}),
+         ("adam", {"betas": (0.8, 0.95), "eps": 1e-8, "amsgrad": True}),
+         ("adam", {"betas": (0.8, 0.95), "eps": 1e-8, "amsgrad": True, "maximize": True}),
+         ("sgd", {"maximize": True})]
+RULE_IDS = ["-".join([name, *(key for key in hyper if key in ("amsgrad", "maximize"))]) for name, hyper in RULES]
 
 
-@pytest.mark.parametrize(("base", "hyper"), RULES, ids=[name for name, _ in RULES])
+@pytest.mark.parametrize(("base", "hyper"), RULES, ids=RULE_IDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
 @pytest.mark.parametrize("in_buffers", [False, True])
 def test_fused_rule_gives_the_generic_rule(base, hyper, dtype, in_buffers):
@@ -61,7 +66,8 @@ def test_fused_rule_gives_the_generic_rule(base, hyper, dtype, in_buffers):
                 torch.testing.assert_close(fused[key], value, rtol=1e-13, atol=1e-15)
             else:
                 assert fused[key] == value
-    assert (len(scratch) > 0) == (in_buffers and base != "sgd")
+    # (SGD keeps a buffer only for the negated gradient of maximize)
+    assert (len(scratch) > 0) == (in_buffers and (base != "sgd" or hyper.get("maximize", False)))
 
 
 @pytest.mark.parametrize("base", ["rmsprop", "adam"])
@@ -86,10 +92,12 @@ def test_eager_cpu_step_allocates_no_tensor_of_the_parameters_size(base, dtype):
     assert all(not torch.equal(state[key], values[key]) for key in state)  # ... holding the new moments
 
 
-@pytest.mark.parametrize(("base", "scale"), [("rmsprop", 1e20), ("adam", 1e22)])
+@pytest.mark.parametrize(("base", "scale", "options"), [
+    ("rmsprop", 1e20, {}), ("adam", 1e22, {}), ("rmsprop", 1e20, {"maximize": True}),
+    ("adam", 1e22, {"maximize": True, "amsgrad": True})], ids=["rmsprop", "adam", "rmsprop-maximize", "adam-amsgrad"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.complex64])
 @pytest.mark.parametrize("capturable", [False, True])
-def test_a_gradient_whose_square_overflows_the_moments_is_not_silent(base, scale, dtype, capturable):
+def test_a_gradient_whose_square_overflows_the_moments_is_not_silent(base, scale, options, dtype, capturable):
     """|g|^2 beyond float32 made the moments Inf, and every later direction 0
     there, without a word. Now the eager step is refused, naming the cause
     and changing nothing; a capturable step is skipped and counted. A large
@@ -97,7 +105,7 @@ def test_a_gradient_whose_square_overflows_the_moments_is_not_silent(base, scale
     finite gradient."""
     n = 16
     W = unitary_parameter(n, dtype=dtype, generator=torch.Generator().manual_seed(0))
-    opt = ProjUNN([W], lr=1e-2, base=base, capturable=capturable)
+    opt = ProjUNN([W], lr=1e-2, base=base, capturable=capturable, **options)
     generator = torch.Generator().manual_seed(1)
     W.grad = torch.randn(n, n, dtype=dtype, generator=generator)
     opt.step()
