@@ -152,7 +152,7 @@ def test_errors():
         projunn(1e-2, unitary={"W": True}, rank=5).init({"W": jnp.eye(4)})
     with pytest.raises(ValueError, match=r"rank 4 exceeds min\(n, m\) = 3 of unitary leaf \['W'\]"):
         projunn(1e-2, unitary={"W": True}, rank=4).init({"W": params["W"]})
-    with pytest.raises(ValueError, match=r"base must be one of 'sgd', 'rmsprop', 'adam', got 'lamb'"):
+    with pytest.raises(ValueError, match=r"base must be one of 'sgd', 'rmsprop', 'adam', 'adamw', got 'lamb'"):
         projunn(1e-2, unitary={}, base="lamb")
     with pytest.raises(ValueError, match=r"learning_rate must be a finite number > 0 or a schedule, got -0.1"):
         projunn(-0.1, unitary={})
@@ -221,3 +221,49 @@ def test_32_bit_update_without_x64_leaks_no_warning():
     done = subprocess.run([sys.executable, "-W", "error", "-c", SCRIPT_32_BIT], check=False, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("user_mask", [None, {"W": True, "dense": {"kernel": True, "bias": False}},
+                                       lambda p: {"W": False, "dense": False}],
+                         ids=["no-mask", "pytree-mask", "callable-prefix-mask"])
+def test_adamw_decays_the_other_leaves_and_never_the_unitary_ones(user_mask):
+    """base="adamw": the plain leaves move as optax.adamw moves them (with the
+    mask given, where one is), the unitary leaves as with base="adam" (the
+    decay never reaches them), under jit."""
+    params, loss, mask = params_and_loss("float64")
+    extra = {} if user_mask is None else {"mask": user_mask}
+    opt = projunn(1e-2, unitary=mask, base="adamw", rank=2, weight_decay=0.5, **extra)
+    plain = projunn(1e-2, unitary=mask, base="adam", rank=2)
+    dense_mask = None if user_mask is None else (user_mask["dense"] if isinstance(user_mask, dict) else False)
+    reference = optax.adamw(1e-2, weight_decay=0.5, mask=dense_mask)
+    state, plain_state, ref_state = opt.init(params), plain.init(params), reference.init(params["dense"])
+    W_plain, dense_ref = params["W"], params["dense"]
+
+    @jax.jit
+    def train_step(params, state, W_plain, plain_state, dense_ref, ref_state):
+        grads = jax.grad(loss)(params)
+        updates, state = opt.update(grads, state, params)
+        at_plain = {**params, "W": W_plain}  # the adam run, at its own W and the same dense leaves
+        plain_updates, plain_state = plain.update(jax.grad(loss)(at_plain), plain_state, at_plain)
+        ref_grads = jax.grad(lambda d: loss({**params, "dense": d}))(dense_ref)
+        ref_updates, ref_state = reference.update(ref_grads, ref_state, dense_ref)
+        return (optax.apply_updates(params, updates), state, W_plain + plain_updates["W"], plain_state,
+                optax.apply_updates(dense_ref, ref_updates), ref_state)
+
+    for _ in range(10):
+        params, state, W_plain, plain_state, dense_ref, ref_state = train_step(
+            params, state, W_plain, plain_state, dense_ref, ref_state)
+    for leaf, ref_leaf in zip(jax.tree.leaves(params["dense"]), jax.tree.leaves(dense_ref)):
+        np.testing.assert_allclose(leaf, ref_leaf, rtol=1e-12, atol=1e-14)
+    assert unitarity(params["W"]) < 1e-12
+    # the adam run, stepped at the same dense leaves, keeps the same W: no decay reached it
+    np.testing.assert_allclose(params["W"], W_plain, rtol=0, atol=1e-13)
+    assert float(jnp.max(jnp.abs(params["W"] - W_plain))) < float(jnp.max(jnp.abs(params["W"] - params_and_loss(
+        "float64")[0]["W"])))  # (and W moved)
+
+
+def test_adamw_mask_of_the_wrong_structure_is_named():
+    params, _, mask = params_and_loss("float64")
+    opt = projunn(1e-2, unitary=mask, base="adamw", rank=2, mask={"W": True, "other": False})
+    with pytest.raises(ValueError, match=r"mask must have the tree structure of the parameters"):
+        opt.init(params)

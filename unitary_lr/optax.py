@@ -9,8 +9,9 @@ Two entry points:
   step along it, so that ``optax.apply_updates`` lands on the group. Every
   other leaf's update passes through untouched.
 - :func:`projunn`, the convenience chain built from it: the optax optimizer
-  named ``base`` (``optax.sgd``, ``optax.rmsprop`` or ``optax.adam``, with the
-  learning rate), then the retraction, with a skip of non-finite gradients.
+  named ``base`` (``optax.sgd``, ``optax.rmsprop``, ``optax.adam`` or
+  ``optax.adamw``, with the learning rate), then the retraction, with a skip
+  of non-finite gradients.
 
 Both are traceable: ``jax.jit`` them as any optax update. The sketches'
 Gaussian test matrices come from ``jax.random`` keys folded from ``seed``, the
@@ -51,7 +52,7 @@ from ._xp import exact_products, lowrank_product
 
 __all__ = ["STATIC_ARGS", "ProjUNNState", "RetractionState", "projunn", "projunn_retraction"]
 
-_BASES = {"sgd": optax.sgd, "rmsprop": optax.rmsprop, "adam": optax.adam}
+_BASES = {"sgd": optax.sgd, "rmsprop": optax.rmsprop, "adam": optax.adam, "adamw": optax.adamw}
 _PROBES = 4
 
 #: The arguments of :func:`projunn` that fix the shapes and the structure of
@@ -278,10 +279,15 @@ def projunn(learning_rate=DEFAULT_LR, *, unitary, base=DEFAULT_BASE, rank=None, 
         Which leaves are unitary: a pytree of booleans with the structure of
         the parameters, or a function of the parameters returning one. Unitary
         leaves are (..., n, m) float32/float64/complex64/complex128 arrays.
-    base : {"rmsprop", "adam", "sgd"}, optional
-        ``optax.rmsprop``, ``optax.adam`` or ``optax.sgd``; ``**hyperparameters``
-        are passed to it by name (``decay``, ``eps``, ``centered``, ``momentum``,
-        ``b1``, ``b2``, ``nesterov``, ...).
+    base : {"rmsprop", "adam", "adamw", "sgd"}, optional
+        ``optax.rmsprop``, ``optax.adam``, ``optax.adamw`` or ``optax.sgd``;
+        ``**hyperparameters`` are passed to it by name (``decay``, ``eps``,
+        ``centered``, ``momentum``, ``b1``, ``b2``, ``nesterov``,
+        ``weight_decay``, ...). AdamW's weight decay never reaches a unitary
+        leaf (the group is invariant to scale, and ``weight_decay * W``, of
+        full rank, would crowd the step's low-rank sketch): its ``mask`` is
+        the other leaves, within the ``mask`` given (a pytree or a function of
+        the parameters, as optax takes it).
     rank : int or None, optional
         Rank k of the unitary updates, ``1 <= rank <= min(n, m)``. None: 8
         (:data:`unitary_lr.options.DEFAULT_RANK`), capped at ``min(n, m)`` of
@@ -350,6 +356,8 @@ def projunn(learning_rate=DEFAULT_LR, *, unitary, base=DEFAULT_BASE, rank=None, 
     options = _step_options(rank=rank, variant=variant, oversample=oversample, power_iters=power_iters,
                             drift_tol=drift_tol, drift_check_every=drift_check_every, reproject=reproject, seed=seed)
     retraction = _retraction(unitary, options, checks_updates=False)
+    if base == "adamw":
+        hyperparameters = {**hyperparameters, "mask": _decay_mask(unitary, hyperparameters.get("mask"))}
     try:
         preconditioner = _BASES[base](learning_rate, **hyperparameters)
     except TypeError as error:
@@ -455,6 +463,29 @@ def _mask_of(unitary, params):
         return jax.tree.map(lambda flag, _: bool(flag), mask, params)
     except ValueError as error:
         raise ValueError(f"unitary must have the tree structure of the parameters: {error}") from None
+
+
+def _decay_mask(unitary, mask):
+    """AdamW's weight-decay mask for :func:`projunn`: a function of the
+    parameters, True on each leaf that is not unitary and that ``mask`` (None,
+    a pytree of bools or a function of the parameters, a prefix of the
+    parameters' structure as optax allows) leaves decayed."""
+    def full(flags, params):  # a prefix mask, one flag per parameter leaf
+        return jax.tree.map(lambda flag, subtree: jax.tree.map(lambda _: bool(flag), subtree), flags, params)
+
+    def decayed(params):
+        keep = jax.tree.map(lambda flag: not flag, full(_mask_of(unitary, params), params))
+        if mask is None:
+            return keep
+        given = mask(params) if callable(mask) else mask
+        try:
+            given = full(given, params)
+        except ValueError as error:
+            raise ValueError(f"mask must have the tree structure of the parameters (or a prefix of it): "
+                             f"{error}") from None
+        return jax.tree.map(lambda a, b: a and b, keep, given)
+
+    return decayed
 
 
 def _masked_leaves(unitary, params):
