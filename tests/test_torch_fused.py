@@ -129,9 +129,12 @@ def test_a_gradient_whose_square_overflows_the_moments_is_not_silent(base, scale
     assert all(bool(torch.isfinite(value).all()) for value in opt.state[W].values() if isinstance(value, torch.Tensor))
 
 
-@pytest.mark.parametrize("base", ["rmsprop", "adam", "sgd"])
+@pytest.mark.parametrize(("base", "options"), [
+    ("rmsprop", {}), ("adam", {}), ("sgd", {}), ("rmsprop", {"maximize": True}),
+    ("adam", {"amsgrad": True, "maximize": True}), ("sgd", {"maximize": True})],
+    ids=["rmsprop", "adam", "sgd", "rmsprop-maximize", "adam-amsgrad-maximize", "sgd-maximize"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
-def test_eager_step_with_new_state_tensors_matches_the_one_in_buffers(base, dtype, monkeypatch):
+def test_eager_step_with_new_state_tensors_matches_the_one_in_buffers(base, options, dtype, monkeypatch):
     """The eager flow a GPU takes (new state tensors, no buffers), run here on
     the CPU: the same parameter and moments as the CPU's flow in buffers,
     step after step."""
@@ -141,7 +144,7 @@ def test_eager_step_with_new_state_tensors_matches_the_one_in_buffers(base, dtyp
     for in_buffers in (True, False):
         monkeypatch.setattr(optimizer, "_uses_scratch", lambda group, p, flag=in_buffers: flag)
         W = unitary_parameter(12, dtype=dtype, generator=torch.Generator().manual_seed(0))
-        opt = ProjUNN([W], lr=1e-2, base=base, rank=2, seed=4)
+        opt = ProjUNN([W], lr=1e-2, base=base, rank=2, seed=4, **options)
         generator = torch.Generator().manual_seed(5)
         for _ in range(4):
             W.grad = torch.randn(12, 12, dtype=dtype, generator=generator)
