@@ -108,10 +108,7 @@ def test_torch_unitary_steps_follow_the_options(base, hyper, dtype, capturable):
         W.grad = torch.asarray(g)
         opt.step()
     expected = expected_walk(W0, numpy_directions(base, hyper, grads))
-    # a capturable Adam counts its steps in a float32 tensor, as torch.optim's
-    # capturable Adam does: its bias corrections are float32 numbers
-    atol = 1e-5 if capturable and base == "adam" else 1e-11
-    np.testing.assert_allclose(W.detach().numpy(), expected, rtol=0, atol=atol)
+    np.testing.assert_allclose(W.detach().numpy(), expected, rtol=0, atol=1e-11)
     assert ul.unitarity_error(W.detach().numpy()).max() < 1e-13
     if hyper.get("amsgrad"):
         # the running maximum is kept, and is at least the current second moment

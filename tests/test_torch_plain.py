@@ -273,3 +273,30 @@ def test_unitary_lr_scale_bad_values():
         ProjUNN([W], foreach="yes")
     with pytest.raises(ValueError, match=r"foreach=True needs a number lr or capturable=True"):
         ProjUNN([torch.nn.Parameter(torch.zeros(2))], lr=torch.tensor(0.1), foreach=True)
+
+
+@pytest.mark.parametrize(("base", "hyper"), SETTINGS, ids=IDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_capturable_plain_updates_follow_torch_optim(base, hyper, dtype):
+    """A capturable optimizer steps its plain parameters by the library's own
+    rules (torch.optim refuses capturable=True on the CPU), which follow
+    torch.optim's: the same parameters to rounding, every option, complex
+    parameters as pairs of reals. (Adam counts the steps in a float32
+    tensor, as torch.optim's capturable Adam does; a 64-bit parameter's
+    bias corrections are computed from it in float64: from the float32 count
+    they were wrong by 1e-5 relative.)"""
+    params = plain_parameters(dtype)
+    reference_params = clones(params)
+    opt = ProjUNN(params, lr=3e-2, base=base, capturable=True, **hyper)
+    reference = REFERENCE[base](reference_params, lr=3e-2, **hyper)
+    data = seeded(1)
+    for _ in range(6):
+        for p, q in zip(params, reference_params):
+            p.grad = torch.randn(p.shape, dtype=dtype, generator=data)
+            q.grad = p.grad.clone()
+        opt.step()
+        reference.step()
+    for p, q in zip(params, reference_params):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-12, atol=1e-12)
+    if base == "adam":  # the count itself stays float32 (see _capturable_counters)
+        assert all(opt.state[p]["step"].dtype == torch.float32 and int(opt.state[p]["step"]) == 6 for p in params)

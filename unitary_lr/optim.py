@@ -29,7 +29,7 @@ from ._cores import add_lowrank
 from ._host import from_host, own_transfers, stack_pays, staged
 from ._random import as_generator, generator_from_state, generator_state, host_normal
 from ._validation import check_choice, check_finite, check_real_scalar, namespace_of
-from ._xp import complex_dtype, device, device_key, dtype_name, exact_products, is_complex, mH
+from ._xp import complex_dtype, device, device_key, dtype_name, exact_products, is_complex, mH, real_dtype
 from .options import (  # the defaults live with the options; re-exported here
     DEFAULT_BASE,
     DEFAULT_LR,
@@ -312,7 +312,11 @@ class Adam:
     def direction(self, xp, grad, param, state, *, mode="modulus", weight_decay=True):
         beta1, beta2 = self.betas
         step = state["step"] + 1
-        corrections = {"first": 1 - beta1**step, "root_second": math.sqrt(1 - beta2**step)}
+        if isinstance(step, int):
+            corrections = {"first": 1 - beta1**step, "root_second": math.sqrt(1 - beta2**step)}
+        else:  # a count on the device (capturable optimizers): no read on the host
+            t = step_count(xp, step, param)
+            corrections = {"first": 1 - beta1**t, "root_second": (1 - beta2**t) ** 0.5}
         return _direction_of(self, xp, grad, param, state, corrections, {"step": step}, mode=mode,
                              weight_decay=weight_decay)
 
@@ -335,6 +339,16 @@ class Adam:
         denominator = _root_plus(xp, second, corrections["root_second"], self.eps, mode)
         d = _divide(xp, exp_avg, denominator, mode) / corrections["first"]
         return _decayed(d, param, self.weight_decay, weight_decay and decoupled), new
+
+
+def step_count(xp, step, param):
+    """A step count kept as an array (float32, as torch.optim's capturable
+    Adam keeps it) in the precision of ``param``'s bias corrections:
+    ``1 - beta^t`` cancels, and from a float32 t it is wrong by about 1e-5
+    relative in the first steps (beta = 0.999), far above a 64-bit
+    parameter's rounding. The count itself is exact in float32 up to 2^24."""
+    real = real_dtype(xp, param.dtype)
+    return step if step.dtype == real else xp.astype(step, real)
 
 
 def _flags(rule, *names):

@@ -33,10 +33,11 @@ from __future__ import annotations
 
 import math
 
+import array_api_compat.torch
 import numpy as np
 import torch
 
-from ..optim import SGD, Adam, RMSprop
+from ..optim import SGD, Adam, RMSprop, step_count
 
 __all__ = ["fused_direction"]
 
@@ -181,8 +182,9 @@ def _adam(rule, grad, state, scratch):
     root = _sqrt(second, _buffer(scratch, "denominator", old_sq))
     # (sqrt(v) / sqrt(1 - beta2^t) + eps) (1 - beta1^t), in two passes; a
     # tensor step (capturable groups) stays on the device: no math.sqrt
-    bias1 = 1 - beta1**step
-    denominator = root.mul_(bias1 / (1 - beta2**step) ** 0.5).add_(rule.eps * bias1)
+    t = step if isinstance(step, int) else step_count(array_api_compat.torch, step, grad)
+    bias1 = 1 - beta1**t
+    denominator = root.mul_(bias1 / (1 - beta2**t) ** 0.5).add_(rule.eps * bias1)
     direction = _quotient(exp_avg, _overflow_as_nan(denominator),
                           out=_buffer(scratch, "direction", exp_avg) if exp_avg.is_complex() else None)
     if scratch is None:

@@ -522,7 +522,12 @@ def _torch_optim_group(group):
 
 def _capturable_counters(state, p):
     """Device-side counters of a capturable parameter: a Python number in the
-    state would be a constant to torch.compile (a recompilation per step)."""
+    state would be a constant to torch.compile (a recompilation per step).
+    Adam's step count is a float32 tensor, as in torch.optim's capturable
+    Adam (exact up to 2^24 steps); a 64-bit parameter's bias corrections
+    are computed from it in float64 (see ``Adam.direction``). Not a float64
+    tensor: torch.compile (PyTorch 2.13, CPU) drops every in-place write
+    to a 0-d float64 CPU tensor, and the count would stay at 1."""
     counters = {"skipped_steps": torch.zeros((), dtype=torch.int64, device=p.device)}
     if "step" in state:
         counters["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
