@@ -251,3 +251,17 @@ def test_torch_hyperparameters_the_base_does_not_take_are_refused():
     again = TorchProjUNN([dict(g) for g in opt.param_groups], **{k: v for k, v in opt.defaults.items()
                                                                  if k not in ("unitary", "unitary_lr_scale")})
     assert [g["betas"] for g in again.param_groups] == [(0.5, 0.9), (0.5, 0.9)]
+
+
+def test_base_adamw_is_refused_with_the_way_to_it():
+    """AdamW is no base of its own in the torch and framework-free
+    optimizers (optax's front end takes optax.adamw): the error says how."""
+    pytest.importorskip("torch")
+    from unitary_lr.torch import ProjUNN as TorchProjUNN
+    from unitary_lr.torch import unitary_parameter
+
+    message = r"got 'adamw'; AdamW is base='adam' with decoupled_weight_decay=True"
+    with pytest.raises(ValueError, match=message):
+        ProjUNN(base="adamw")
+    with pytest.raises(ValueError, match=message):
+        TorchProjUNN([unitary_parameter(4)], base="adamw")

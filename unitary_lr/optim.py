@@ -380,10 +380,21 @@ def _rule_fields(base):
     return names
 
 
+def base_hint(base):
+    """What an error about an unknown ``base`` adds for a name users reach
+    for (AdamW), else an empty string."""
+    if isinstance(base, str) and base.lower() == "adamw":
+        return "; AdamW is base='adam' with decoupled_weight_decay=True (and weight_decay=0.01, AdamW's default)"
+    return ""
+
+
 def make_rule(base, **hyperparameters):
     """The base rule named ``base`` ("sgd", "rmsprop" or "adam") with its
     hyper-parameters; unknown names are a TypeError that lists the valid ones."""
-    check_choice("base", base, tuple(RULES))
+    try:
+        check_choice("base", base, tuple(RULES))
+    except ValueError as error:
+        raise ValueError(f"{error}{base_hint(base)}") from None
     rule, valid = RULES[base], _rule_fields(base)
     unknown = sorted(set(hyperparameters) - valid)
     if unknown:

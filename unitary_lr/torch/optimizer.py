@@ -24,6 +24,7 @@ from ..optim import (
     DEFAULT_LR,
     DEFAULT_VARIANT,
     RULES,
+    base_hint,
     capped_rank,
     control_drift,
     make_rule,
@@ -768,7 +769,8 @@ def _check_options(group, *, where):
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
         raise ValueError(f"{where}: lr must be a finite number >= 0, got {group['lr']!r}")
     if group["base"] not in RULES:
-        raise ValueError(f"{where}: base must be one of {', '.join(map(repr, RULES))}, got {group['base']!r}")
+        raise ValueError(f"{where}: base must be one of {', '.join(map(repr, RULES))}, got {group['base']!r}"
+                         f"{base_hint(group['base'])}")
     for flag in ("capturable", *_ADDED_OPTIONS):
         if not isinstance(group.get(flag, False), bool):
             raise ValueError(f"{where}: {flag} must be True or False, got {group[flag]!r}")
