@@ -2,28 +2,49 @@
 
 import torch
 
-from unitary_lr.torch import ProjUNN, UnitaryRNN
+from unitary_lr.torch import ProjUNN, UnitaryRNN, is_unitary
 
 GLOBAL_BATCH, STEPS, INPUT, HIDDEN, TIME = 8, 25, 3, 12, 9
 
 
 class Net(torch.nn.Module):
-    """A complex unitary RNN with a real readout of its last state."""
+    """A complex unitary (or a real orthogonal) RNN with a real readout of
+    its last state."""
 
-    def __init__(self):
+    def __init__(self, complex_=True):
         super().__init__()
-        self.rnn = UnitaryRNN(INPUT, HIDDEN, complex=True, dtype=torch.float64, batch_first=True)
-        self.readout = torch.nn.Linear(2 * HIDDEN, 1, dtype=torch.float64)
+        self.rnn = UnitaryRNN(INPUT, HIDDEN, complex=complex_, dtype=torch.float64, batch_first=True)
+        self.readout = torch.nn.Linear((2 if complex_ else 1) * HIDDEN, 1, dtype=torch.float64)
 
     def forward(self, x):
         last = self.rnn(x)[0][:, -1]
-        return self.readout(torch.cat([last.real, last.imag], dim=-1)).squeeze(-1)
+        if last.is_complex():
+            last = torch.cat([last.real, last.imag], dim=-1)
+        return self.readout(last).squeeze(-1)
 
 
-def train(net, model, shard=slice(None)):
+# ZeroRedundancyOptimizer's runs: full-rank steps (the sketch holds all of the
+# direction, so where each rank's streams start changes nothing) and options
+# that exercise its hand-back of whole groups to ProjUNN's constructor
+ZERO_OPTIONS = {"lr": 1e-2, "base": "adam", "rank": HIDDEN, "betas": (0.8, 0.95), "amsgrad": True, "seed": 0}
+
+
+def explicit_groups(model):
+    """The unitary and the plain parameters in groups of their own, as
+    ZeroRedundancyOptimizer needs them (it merges bare parameters into one
+    group before ProjUNN sees them)."""
+    params = list(model.parameters())
+    return [{"params": [p for p in params if is_unitary(p)], "unitary": True},
+            {"params": [p for p in params if not is_unitary(p)], "unitary": False}]
+
+
+def train(net, model, shard=slice(None), make_optimizer=None):
     """``model`` is ``net`` or DDP(net); returns the trained state."""
     torch.manual_seed(0)  # the optimizer draws its sketch seed from torch's generator
-    optimizer = ProjUNN(model.parameters(), lr=1e-2, base="adam", rank=2)
+    if make_optimizer is None:
+        optimizer = ProjUNN(model.parameters(), lr=1e-2, base="adam", rank=2)
+    else:
+        optimizer = make_optimizer(model)
     data = torch.Generator().manual_seed(1)
     for _ in range(STEPS):
         x = torch.randn(GLOBAL_BATCH, TIME, INPUT, dtype=torch.float64, generator=data)
@@ -34,9 +55,9 @@ def train(net, model, shard=slice(None)):
     return {name: value.detach().clone() for name, value in net.state_dict().items()}
 
 
-def build():
+def build(complex_=True):
     torch.manual_seed(0)  # the same initial model on every replica
-    return Net()
+    return Net(complex_)
 
 
 def worker(rank, world_size, init_file, out_dir):
@@ -49,6 +70,26 @@ def worker(rank, world_size, init_file, out_dir):
         # DDP averages the replicas' gradients during backward; each replica
         # sees every world_size-th sample of the global batch.
         state = train(net, DistributedDataParallel(net), shard=slice(rank, None, world_size))
+        torch.save(state, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def zero_worker(rank, world_size, init_file, out_dir):
+    """DDP with ZeroRedundancyOptimizer(optimizer_class=ProjUNN): each rank
+    keeps and steps the state of its share of the parameters."""
+    import torch.distributed as dist
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        net = build(complex_=False)  # ZeroRedundancyOptimizer takes parameters of one dtype
+
+        def zero(model):
+            return ZeroRedundancyOptimizer(explicit_groups(model), optimizer_class=ProjUNN, **ZERO_OPTIONS)
+
+        state = train(net, DistributedDataParallel(net), shard=slice(rank, None, world_size), make_optimizer=zero)
         torch.save(state, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()

@@ -9,6 +9,8 @@ pytest.importorskip("torch.distributed", reason="this PyTorch build has no torch
 
 import _ddp_worker  # noqa: E402
 
+from unitary_lr.torch import ProjUNN  # noqa: E402
+
 
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -23,6 +25,30 @@ def test_ddp_replicas_identical_and_equal_to_single_process(tmp_path):
         assert torch.equal(value, rank1[name]), f"replicas differ in {name}"
         # the mean of two half-batch gradients equals the full-batch gradient up to rounding
         torch.testing.assert_close(value, single[name], rtol=0, atol=1e-13)
+        assert (value - initial[name]).abs().max() > 1e-3, f"{name} did not train"
+    W = rank0["rnn.weight_hh"]
+    assert torch.linalg.matrix_norm(W.mH @ W - torch.eye(W.shape[-1], dtype=W.dtype)) < 1e-12
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="this PyTorch build has no gloo backend")
+def test_zero_redundancy_optimizer_shards_projunn_and_matches_one_process(tmp_path):
+    """torch.distributed.optim.ZeroRedundancyOptimizer with
+    ``optimizer_class=ProjUNN``: it builds each rank's ProjUNN from whole
+    parameter groups holding every option (which ProjUNN's checks must let
+    through), each rank steps its share, and the replicas end identical and
+    equal, to rounding, to one ProjUNN in one process on the global batch."""
+    torch.multiprocessing.spawn(_ddp_worker.zero_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    rank0 = torch.load(tmp_path / "rank0.pt")
+    rank1 = torch.load(tmp_path / "rank1.pt")
+    net = _ddp_worker.build(complex_=False)  # ZeroRedundancyOptimizer takes parameters of one dtype
+    single = _ddp_worker.train(net, net, make_optimizer=lambda model: ProjUNN(_ddp_worker.explicit_groups(model),
+                                                                              **_ddp_worker.ZERO_OPTIONS))
+    initial = _ddp_worker.build(complex_=False).state_dict()
+    for name, value in rank0.items():
+        assert torch.equal(value, rank1[name]), f"replicas differ in {name}"
+        torch.testing.assert_close(value, single[name], rtol=0, atol=1e-12)
         assert (value - initial[name]).abs().max() > 1e-3, f"{name} did not train"
     W = rank0["rnn.weight_hh"]
     assert torch.linalg.matrix_norm(W.mH @ W - torch.eye(W.shape[-1], dtype=W.dtype)) < 1e-12
