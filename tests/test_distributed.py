@@ -17,14 +17,19 @@ from unitary_lr.torch import ProjUNN  # noqa: E402
                     reason="this PyTorch build has no gloo backend")
 def test_ddp_replicas_identical_and_equal_to_single_process(tmp_path):
     torch.multiprocessing.spawn(_ddp_worker.worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    single = _ddp_worker.train(net := _ddp_worker.build(), net)
+    # the mean of two half-batch gradients equals the full-batch gradient up to rounding
+    _replicas_trained_as(tmp_path, single, _ddp_worker.build().state_dict(), atol=1e-13)
+
+
+def _replicas_trained_as(tmp_path, single, initial, *, atol):
+    """The two replicas' saved states are identical, equal to ``single`` to
+    ``atol``, trained away from ``initial``, and the recurrent matrix unitary."""
     rank0 = torch.load(tmp_path / "rank0.pt")
     rank1 = torch.load(tmp_path / "rank1.pt")
-    single = _ddp_worker.train(net := _ddp_worker.build(), net)
-    initial = _ddp_worker.build().state_dict()
     for name, value in rank0.items():
         assert torch.equal(value, rank1[name]), f"replicas differ in {name}"
-        # the mean of two half-batch gradients equals the full-batch gradient up to rounding
-        torch.testing.assert_close(value, single[name], rtol=0, atol=1e-13)
+        torch.testing.assert_close(value, single[name], rtol=0, atol=atol)
         assert (value - initial[name]).abs().max() > 1e-3, f"{name} did not train"
     W = rank0["rnn.weight_hh"]
     assert torch.linalg.matrix_norm(W.mH @ W - torch.eye(W.shape[-1], dtype=W.dtype)) < 1e-12
@@ -40,15 +45,7 @@ def test_zero_redundancy_optimizer_shards_projunn_and_matches_one_process(tmp_pa
     through), each rank steps its share, and the replicas end identical and
     equal, to rounding, to one ProjUNN in one process on the global batch."""
     torch.multiprocessing.spawn(_ddp_worker.zero_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
-    rank0 = torch.load(tmp_path / "rank0.pt")
-    rank1 = torch.load(tmp_path / "rank1.pt")
     net = _ddp_worker.build(complex_=False)  # ZeroRedundancyOptimizer takes parameters of one dtype
     single = _ddp_worker.train(net, net, make_optimizer=lambda model: ProjUNN(_ddp_worker.explicit_groups(model),
                                                                               **_ddp_worker.ZERO_OPTIONS))
-    initial = _ddp_worker.build(complex_=False).state_dict()
-    for name, value in rank0.items():
-        assert torch.equal(value, rank1[name]), f"replicas differ in {name}"
-        torch.testing.assert_close(value, single[name], rtol=0, atol=1e-12)
-        assert (value - initial[name]).abs().max() > 1e-3, f"{name} did not train"
-    W = rank0["rnn.weight_hh"]
-    assert torch.linalg.matrix_norm(W.mH @ W - torch.eye(W.shape[-1], dtype=W.dtype)) < 1e-12
+    _replicas_trained_as(tmp_path, single, _ddp_worker.build(complex_=False).state_dict(), atol=1e-12)

@@ -45,6 +45,24 @@ def clones(params):
     return [torch.nn.Parameter(p.detach().clone()) for p in params]
 
 
+def step_both(opt, reference, params, reference_params, *, steps=6, also=None, check=None):
+    """``steps`` steps of both optimizers on the same fresh gradients
+    (sometimes near zero: moments decay, centered RMSprop's v - g_avg^2 stays
+    >= 0); ``also``, a parameter of ``opt`` alone, gets one too; ``check()``
+    after each step."""
+    data = seeded(1)
+    for _ in range(steps):
+        for p, q in zip(params, reference_params):
+            p.grad = torch.randn(p.shape, dtype=p.dtype, generator=data)
+            q.grad = p.grad.clone()
+        if also is not None:
+            also.grad = torch.randn(also.shape, dtype=also.dtype, generator=data)
+        opt.step()
+        reference.step()
+        if check is not None:
+            check()
+
+
 @pytest.mark.parametrize(("base", "hyper"), SETTINGS, ids=IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64])
 def test_plain_updates_are_torch_optims_bit_for_bit(base, hyper, dtype):
@@ -55,17 +73,12 @@ def test_plain_updates_are_torch_optims_bit_for_bit(base, hyper, dtype):
     W = unitary_parameter(6, dtype=torch.float64, generator=seeded(9))
     opt = ProjUNN([*params, W], lr=3e-2, base=base, seed=0, **hyper)
     reference = REFERENCE[base](reference_params, lr=3e-2, **hyper)
-    data = seeded(1)
-    for _ in range(6):
-        for p, q in zip(params, reference_params):
-            # fresh gradients, sometimes zero (moments decay, centered RMSprop's v - g_avg^2 stays >= 0)
-            p.grad = torch.randn(p.shape, dtype=dtype, generator=data)
-            q.grad = p.grad.clone()
-        W.grad = torch.randn(6, 6, dtype=torch.float64, generator=data)
-        opt.step()
-        reference.step()
+
+    def bit_for_bit():
         for p, q in zip(params, reference_params):
             torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=0)
+
+    step_both(opt, reference, params, reference_params, also=W, check=bit_for_bit)
     for p, q in zip(params, reference_params):
         ours, theirs = opt.state[p], reference.state[q]
         assert set(ours) == set(theirs)
@@ -289,13 +302,7 @@ def test_capturable_plain_updates_follow_torch_optim(base, hyper, dtype):
     reference_params = clones(params)
     opt = ProjUNN(params, lr=3e-2, base=base, capturable=True, **hyper)
     reference = REFERENCE[base](reference_params, lr=3e-2, **hyper)
-    data = seeded(1)
-    for _ in range(6):
-        for p, q in zip(params, reference_params):
-            p.grad = torch.randn(p.shape, dtype=dtype, generator=data)
-            q.grad = p.grad.clone()
-        opt.step()
-        reference.step()
+    step_both(opt, reference, params, reference_params)
     for p, q in zip(params, reference_params):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-12, atol=1e-12)
     if base == "adam":  # the count itself stays float32 (see _capturable_counters)
