@@ -12,7 +12,7 @@ from unitary_lr.optax import projunn
 
 N = 12
 BASES = [("sgd", {"momentum": 0.9, "nesterov": True}), ("rmsprop", {"decay": 0.9, "centered": True}),
-         ("adam", {"b1": 0.8, "b2": 0.99})]
+         ("adam", {"b1": 0.8, "b2": 0.99}), ("amsgrad", {"b1": 0.8, "b2": 0.99})]
 
 
 def unitarity(W):
@@ -42,7 +42,7 @@ def params_and_loss(dtype):
 def test_unitary_leaves_stay_unitary_and_others_match_optax(base, hyper, dtype):
     params, loss, mask = params_and_loss(dtype)
     opt = projunn(1e-2, unitary=mask, base=base, rank=2, **hyper)
-    reference = {"sgd": optax.sgd, "rmsprop": optax.rmsprop, "adam": optax.adam}[base](1e-2, **hyper)
+    reference = getattr(optax, base)(1e-2, **hyper)
     state, ref_state = opt.init(params), reference.init(params["dense"])
     dense_ref = params["dense"]
 
@@ -152,7 +152,7 @@ def test_errors():
         projunn(1e-2, unitary={"W": True}, rank=5).init({"W": jnp.eye(4)})
     with pytest.raises(ValueError, match=r"rank 4 exceeds min\(n, m\) = 3 of unitary leaf \['W'\]"):
         projunn(1e-2, unitary={"W": True}, rank=4).init({"W": params["W"]})
-    with pytest.raises(ValueError, match=r"base must be one of 'sgd', 'rmsprop', 'adam', 'adamw', got 'lamb'"):
+    with pytest.raises(ValueError, match=r"base must be one of 'sgd', 'rmsprop', 'adam', 'adamw', 'amsgrad', got 'lamb'"):
         projunn(1e-2, unitary={}, base="lamb")
     with pytest.raises(ValueError, match=r"learning_rate must be a finite number > 0 or a schedule, got -0.1"):
         projunn(-0.1, unitary={})

@@ -9,9 +9,9 @@ Two entry points:
   step along it, so that ``optax.apply_updates`` lands on the group. Every
   other leaf's update passes through untouched.
 - :func:`projunn`, the convenience chain built from it: the optax optimizer
-  named ``base`` (``optax.sgd``, ``optax.rmsprop``, ``optax.adam`` or
-  ``optax.adamw``, with the learning rate), then the retraction, with a skip
-  of non-finite gradients.
+  named ``base`` (``optax.sgd``, ``optax.rmsprop``, ``optax.adam``,
+  ``optax.adamw`` or ``optax.amsgrad``, with the learning rate), then the
+  retraction, with a skip of non-finite gradients.
 
 Both are traceable: ``jax.jit`` them as any optax update. The sketches'
 Gaussian test matrices come from ``jax.random`` keys folded from ``seed``, the
@@ -52,7 +52,8 @@ from ._xp import exact_products, lowrank_product
 
 __all__ = ["STATIC_ARGS", "ProjUNNState", "RetractionState", "projunn", "projunn_retraction"]
 
-_BASES = {"sgd": optax.sgd, "rmsprop": optax.rmsprop, "adam": optax.adam, "adamw": optax.adamw}
+_BASES = {"sgd": optax.sgd, "rmsprop": optax.rmsprop, "adam": optax.adam, "adamw": optax.adamw,
+          "amsgrad": optax.amsgrad}
 _PROBES = 4
 
 #: The arguments of :func:`projunn` that fix the shapes and the structure of
@@ -279,8 +280,9 @@ def projunn(learning_rate=DEFAULT_LR, *, unitary, base=DEFAULT_BASE, rank=None, 
         Which leaves are unitary: a pytree of booleans with the structure of
         the parameters, or a function of the parameters returning one. Unitary
         leaves are (..., n, m) float32/float64/complex64/complex128 arrays.
-    base : {"rmsprop", "adam", "adamw", "sgd"}, optional
-        ``optax.rmsprop``, ``optax.adam``, ``optax.adamw`` or ``optax.sgd``;
+    base : {"rmsprop", "adam", "adamw", "amsgrad", "sgd"}, optional
+        ``optax.rmsprop``, ``optax.adam``, ``optax.adamw``, ``optax.amsgrad``
+        or ``optax.sgd``;
         ``**hyperparameters`` are passed to it by name (``decay``, ``eps``,
         ``centered``, ``momentum``, ``b1``, ``b2``, ``nesterov``,
         ``weight_decay``, ...). AdamW's weight decay never reaches a unitary
