@@ -20,6 +20,7 @@ The torch and optax adapters are thin shells over these.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -312,7 +313,7 @@ class Adam:
     def direction(self, xp, grad, param, state, *, mode="modulus", weight_decay=True):
         beta1, beta2 = self.betas
         step = state["step"] + 1
-        if isinstance(step, int):
+        if isinstance(step, numbers.Real):  # a Python (or NumPy) number
             corrections = {"first": 1 - beta1**step, "root_second": math.sqrt(1 - beta2**step)}
         else:  # a count on the device (capturable optimizers): no read on the host
             t = step_count(xp, step, param)
