@@ -265,3 +265,20 @@ def test_base_adamw_is_refused_with_the_way_to_it():
         ProjUNN(base="adamw")
     with pytest.raises(ValueError, match=message):
         TorchProjUNN([unitary_parameter(4)], base="adamw")
+
+
+def test_a_numpy_step_count_steps_as_a_python_one():
+    """A state whose Adam count is a NumPy integer (saved and loaded through
+    NumPy) takes the same bias corrections as a Python int."""
+    W0, grads = problem("float64", batch=())
+    runs = []
+    for convert in (int, np.int64):
+        opt, W = ProjUNN(LR, base="adam", rank=2, seed=0), W0
+        W = opt.step(W, grads[0])
+        saved = opt.state_dict()
+        saved["matrices"][None]["state"]["step"] = convert(saved["matrices"][None]["state"]["step"])
+        opt.load_state_dict(saved)
+        for g in grads[1:]:
+            W = opt.step(W, g)
+        runs.append(W)
+    np.testing.assert_array_equal(runs[1], runs[0])
