@@ -313,11 +313,10 @@ class Adam:
     def direction(self, xp, grad, param, state, *, mode="modulus", weight_decay=True):
         beta1, beta2 = self.betas
         step = state["step"] + 1
-        if isinstance(step, numbers.Real):  # a Python (or NumPy) number
-            corrections = {"first": 1 - beta1**step, "root_second": math.sqrt(1 - beta2**step)}
-        else:  # a count on the device (capturable optimizers): no read on the host
-            t = step_count(xp, step, param)
-            corrections = {"first": 1 - beta1**t, "root_second": (1 - beta2**t) ** 0.5}
+        t = step_count(xp, step, param)
+        # a count on the device (capturable optimizers) is not read on the host: no math.sqrt
+        root = math.sqrt if isinstance(t, numbers.Real) else (lambda x: x**0.5)
+        corrections = {"first": 1 - beta1**t, "root_second": root(1 - beta2**t)}
         return _direction_of(self, xp, grad, param, state, corrections, {"step": step}, mode=mode,
                              weight_decay=weight_decay)
 
@@ -335,7 +334,7 @@ class Adam:
         if self.amsgrad:
             # a state made without amsgrad (turned on later) starts from zeros, as a new one does
             previous = state.get("max_exp_avg_sq")
-            previous = _second_moment_zeros(xp, exp_avg_sq, "components") if previous is None else previous
+            previous = xp.zeros_like(exp_avg_sq) if previous is None else previous
             second = new["max_exp_avg_sq"] = _larger(xp, previous, exp_avg_sq, mode)
         denominator = _root_plus(xp, second, corrections["root_second"], self.eps, mode)
         d = _divide(xp, exp_avg, denominator, mode) / corrections["first"]
@@ -343,11 +342,14 @@ class Adam:
 
 
 def step_count(xp, step, param):
-    """A step count kept as an array (float32, as torch.optim's capturable
-    Adam keeps it) in the precision of ``param``'s bias corrections:
-    ``1 - beta^t`` cancels, and from a float32 t it is wrong by about 1e-5
-    relative in the first steps (beta = 0.999), far above a 64-bit
-    parameter's rounding. The count itself is exact in float32 up to 2^24."""
+    """The step count t of Adam's bias corrections: a Python (or NumPy)
+    number as it is; a count kept as an array (float32, as torch.optim's
+    capturable Adam keeps it) in the precision of ``param``: ``1 - beta^t``
+    cancels, and from a float32 t it is wrong by about 1e-5 relative in the
+    first steps (beta = 0.999), far above a 64-bit parameter's rounding. The
+    count itself is exact in float32 up to 2^24."""
+    if isinstance(step, numbers.Real):
+        return step
     real = real_dtype(xp, param.dtype)
     return step if step.dtype == real else xp.astype(step, real)
 
@@ -381,21 +383,22 @@ def _rule_fields(base):
     return names
 
 
-def base_hint(base):
-    """What an error about an unknown ``base`` adds for a name users reach
-    for (AdamW), else an empty string."""
-    if isinstance(base, str) and base.lower() == "adamw":
-        return "; AdamW is base='adam' with decoupled_weight_decay=True (and weight_decay=0.01, AdamW's default)"
-    return ""
+def check_base(base):
+    """``base``, the name of a rule of :data:`RULES`; else a ValueError that
+    lists them (and, for AdamW, which users reach for, says how to get it)."""
+    try:
+        return check_choice("base", base, tuple(RULES))
+    except ValueError as error:
+        hint = ""
+        if isinstance(base, str) and base.lower() == "adamw":
+            hint = "; AdamW is base='adam' with decoupled_weight_decay=True (and weight_decay=0.01, AdamW's default)"
+        raise ValueError(f"{error}{hint}") from None
 
 
 def make_rule(base, **hyperparameters):
     """The base rule named ``base`` ("sgd", "rmsprop" or "adam") with its
     hyper-parameters; unknown names are a TypeError that lists the valid ones."""
-    try:
-        check_choice("base", base, tuple(RULES))
-    except ValueError as error:
-        raise ValueError(f"{error}{base_hint(base)}") from None
+    check_base(base)
     rule, valid = RULES[base], _rule_fields(base)
     unknown = sorted(set(hyperparameters) - valid)
     if unknown:

@@ -32,7 +32,6 @@ None for the others, and the optimizer falls back to the generic rule.
 from __future__ import annotations
 
 import math
-import numbers
 
 import array_api_compat.torch
 import numpy as np
@@ -183,7 +182,7 @@ def _adam(rule, grad, state, scratch):
     root = _sqrt(second, _buffer(scratch, "denominator", old_sq))
     # (sqrt(v) / sqrt(1 - beta2^t) + eps) (1 - beta1^t), in two passes; a
     # tensor step (capturable groups) stays on the device: no math.sqrt
-    t = step if isinstance(step, numbers.Real) else step_count(array_api_compat.torch, step, grad)
+    t = step_count(array_api_compat.torch, step, grad)
     bias1 = 1 - beta1**t
     denominator = root.mul_(bias1 / (1 - beta2**t) ** 0.5).add_(rule.eps * bias1)
     direction = _quotient(exp_avg, _overflow_as_nan(denominator),

@@ -8,6 +8,7 @@ random draws of the sketches.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from typing import NamedTuple
@@ -24,8 +25,8 @@ from ..optim import (
     DEFAULT_LR,
     DEFAULT_VARIANT,
     RULES,
-    base_hint,
     capped_rank,
+    check_base,
     control_drift,
     make_rule,
     rule_hyperparameters,
@@ -730,17 +731,12 @@ def _split_by_mark(params):
     return groups
 
 
+@functools.cache
 def _signature_defaults():
     """The base-rule hyper-parameters of ``ProjUNN()`` and their defaults."""
-    global _SIGNATURE_DEFAULTS
-    if _SIGNATURE_DEFAULTS is None:
-        names = frozenset().union(*(rule_hyperparameters(base) for base in RULES))
-        parameters = inspect.signature(ProjUNN.__init__).parameters
-        _SIGNATURE_DEFAULTS = {name: parameters[name].default for name in names if name in parameters}
-    return _SIGNATURE_DEFAULTS
-
-
-_SIGNATURE_DEFAULTS = None
+    names = frozenset().union(*(rule_hyperparameters(base) for base in RULES))
+    parameters = inspect.signature(ProjUNN.__init__).parameters
+    return {name: parameters[name].default for name in names if name in parameters}
 
 
 def _set_hyperparameters(options, signature, *others):
@@ -768,9 +764,10 @@ def _check_options(group, *, where):
         lr = float(lr)
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
         raise ValueError(f"{where}: lr must be a finite number >= 0, got {group['lr']!r}")
-    if group["base"] not in RULES:
-        raise ValueError(f"{where}: base must be one of {', '.join(map(repr, RULES))}, got {group['base']!r}"
-                         f"{base_hint(group['base'])}")
+    try:
+        check_base(group["base"])
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
     for flag in ("capturable", *_ADDED_OPTIONS):
         if not isinstance(group.get(flag, False), bool):
             raise ValueError(f"{where}: {flag} must be True or False, got {group[flag]!r}")
