@@ -304,3 +304,69 @@ def test_capturable_must_be_a_bool():
     W, _ = _model()
     with pytest.raises(ValueError, match=r"capturable must be True or False, got 'yes'"):
         ProjUNN([W], capturable="yes")
+
+
+def _compiled_step(opt, **options):
+    torch.compiler.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.compile's own deprecation notes
+        return torch.compile(opt.step, backend="aot_eager", **options)
+
+
+@pytest.mark.parametrize(("base", "dtype"), [("rmsprop", torch.float32), ("adam", torch.complex64),
+                                             ("sgd", torch.float64)])
+def test_compiled_step_of_a_group_that_is_not_capturable_is_the_eager_step(base, dtype):
+    """Inside a compiled step Dynamo shows every group as capturable; a
+    unitary group left eager runs its eager step there, outside the graph:
+    its seed's sketches, its state, its drift control (re-projections at a
+    tolerance every step exceeds), bit for bit, and an eager step after
+    compiled ones goes on from their state (it raised KeyError)."""
+    W1, b1 = _model(dtype=dtype)
+    W2, b2 = (torch.nn.Parameter(p.detach().clone()) for p in (W1, b1))
+    mark_unitary(W2)
+    options = {"lr": 1e-2, "base": base, "seed": 4, "drift_check_every": 2, "drift_tol": 1e-30}
+    eager, compiled_opt = ProjUNN([W1, b1], **options), ProjUNN([W2, b2], **options)
+    compiled = _compiled_step(compiled_opt)
+    x = torch.randn(8, 32, generator=torch.Generator().manual_seed(1))
+    for step in range(4):
+        for W, b, opt in ((W1, b1, eager), (W2, b2, compiled_opt)):
+            opt.zero_grad()
+            _loss(W, b, x).backward()
+        eager.step()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.compile's own notes
+            compiled() if step < 3 else compiled_opt.step()
+    assert torch.equal(W1.detach(), W2.detach()) and torch.equal(b1.detach(), b2.detach())
+    for p1, p2 in ((W1, W2), (b1, b2)):
+        state1, state2 = eager.state[p1], compiled_opt.state[p2]
+        assert state1.keys() == state2.keys()
+        for key, value in state1.items():
+            assert torch.equal(value, state2[key]) if isinstance(value, torch.Tensor) else value == state2[key]
+    assert compiled_opt.state[W2]["projunn_steps"] == 4
+    assert compiled_opt.state[W2]["reprojections"] == 2
+    assert "skipped_steps" not in compiled_opt.state[W2]
+
+
+def test_fullgraph_compile_of_a_step_that_is_not_capturable_names_the_way_out():
+    W, b = _model()
+    opt = ProjUNN([W, b], lr=1e-2, base="adam")
+    W.grad, b.grad = torch.ones_like(W), torch.ones_like(b)
+    before = W.detach().clone()
+    with pytest.raises(torch._dynamo.exc.Unsupported, match=r"not capturable.*pass capturable=True"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _compiled_step(opt, fullgraph=True)()
+    assert torch.equal(W.detach(), before) and not opt.state
+
+
+def test_a_capturable_group_still_compiles_as_one_graph():
+    """Only groups left eager run outside the graph: a capturable optimizer's
+    step compiles with fullgraph=True, its state the capturable one."""
+    W, b = _model()
+    opt = ProjUNN([W, b], lr=1e-2, base="rmsprop", capturable=True)
+    W.grad, b.grad = torch.randn(W.shape), torch.randn(b.shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _compiled_step(opt, fullgraph=True)()
+    assert int(opt.state[W]["skipped_steps"]) == 0 and "sketch_rng" not in opt.state[W]
+    assert float(ul.unitarity_error(W.detach())) < 1e-5

@@ -410,3 +410,36 @@ def test_retraction_restores_every_parameter_on_a_non_finite_update():
     with pytest.raises(ValueError, match=r"retracted parameter 1 \(shape \(8, 8\)\) by the SGD: .*restored"):
         opt.step()
     assert torch.equal(a.weight.detach(), A) and torch.equal(b.weight.detach(), B)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_retraction_of_a_compiled_step_is_the_eager_retraction(dtype):
+    """Traced by Dynamo, the hooks lost the retraction: three compiled SGD
+    steps left W 0.1 away from unitary, without a word. They run outside the
+    graph: the compiled steps are the eager ones, bit for bit, the first the
+    dense polar factor of the optimizer's update."""
+    import warnings
+
+    generator = seeded(7)
+    u = torch.randn(8, dtype=dtype, generator=generator)
+    v = torch.randn(8, dtype=dtype, generator=generator)
+    models = _model(dtype), _model(dtype)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.3, momentum=0.5) for m in models]
+    retractions = [projunn_retraction(opt, rank=1, variant="direct", seed=0) for opt in opts]
+    torch.compiler.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.compile's own notes
+        compiled = torch.compile(opts[1].step, backend="aot_eager")
+        for step in range(3):
+            for model, opt in zip(models, opts):
+                opt.zero_grad()
+                (u.conj() @ model.weight @ v).real.backward()
+            W_old, delta = models[1].weight.detach().clone(), -0.3 * models[1].weight.grad
+            opts[0].step()
+            compiled()
+            if step == 0:  # momentum's first update is -lr G, of rank 1
+                np.testing.assert_allclose(models[1].weight.detach().numpy(), polar_reference(W_old + delta),
+                                           atol=1e-12)
+            assert torch.equal(models[0].weight.detach(), models[1].weight.detach())
+            assert error(models[1].weight) < 1e-13
+    assert retractions[1].state[models[1].weight]["steps"] == 3

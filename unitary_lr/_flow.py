@@ -30,7 +30,7 @@ import warnings
 
 from ._cores import (cholesky_columns, drop_tolerance, expm_skew_minus_identity, gram_basis, hermitian_eigh, largest,
                      polar_minus_identity, scatter_present)
-from ._host import staged
+from ._host import is_traced, staged
 from ._tiny import gram_basis2, polar_small2, skew_core2
 from ._xp import (RightProduct, adjoint_matmul, adjoint_rows, blocked_normal, broadcast_shapes, core_dtype, device,
                   fuses_right_update, matmul_panel, max_abs, mH, panel_times_small, real_finfo, rows_beyond_cache)
@@ -233,7 +233,13 @@ def checked(run, xp, arrays, *, sketched=()):
     """``run()``, with the small-Gram checks' findings turned into the public
     errors: a ValueError naming the argument (and counting its NaN/Inf
     entries, on this error path only). ``arrays``: name -> array;
-    ``sketched``: names whose NaN/Inf was seen through their sketch."""
+    ``sketched``: names whose NaN/Inf was seen through their sketch.
+
+    In a traced program (:func:`._host.is_traced`) ``run`` checks nothing
+    and is called as it is: ``torch.compile`` cannot trace a change of the
+    warning filters."""
+    if any(is_traced(x) for x in arrays.values()):
+        return run()
     try:
         with warnings.catch_warnings():
             # NaN/Inf and overflow are reported below as a ValueError naming the

@@ -35,8 +35,9 @@ import numpy as np
 from ._xp import Adjoint, _is_jax, _is_torch, dtype_name_of, jax_transfers_allowed, mT
 
 __all__ = ["HOST_STACK_BYTES", "from_host", "from_host_pieces", "from_host_stack", "host_cast", "host_step_views",
-           "host_views", "is_traced", "lean_arrays", "lean_factors", "own_transfers", "sketch_from_host", "stack_pays",
-           "staged", "to_host", "to_host_pieces", "torch_factors", "transfers"]
+           "host_views", "is_traced", "lean_arrays", "lean_factors", "outside_torch_graph", "own_transfers",
+           "sketch_from_host", "stack_pays", "staged", "to_host", "to_host_pieces", "torch_factors",
+           "torch_graph_tracing", "transfers"]
 
 
 class _Counter:
@@ -397,7 +398,8 @@ def is_traced(x) -> bool:
     """Whether ``x`` is a placeholder of a traced program (a JAX tracer, a tensor
     under ``torch.compile``, or any tensor while a CUDA graph is being captured),
     whose values cannot be read on the host."""
-    module = type(x).__module__.partition(".")[0]
+    path = type(x).__module__
+    module = path.partition(".")[0]
     if module == "jax" or module == "jaxlib":
         return is_jax_tracer(x)
     if module == "torch":
@@ -406,9 +408,53 @@ def is_traced(x) -> bool:
             return True
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
             return True
-        # fake and functional tensors of torch's tracers, seen outside is_compiling
-        return type(x) is not torch.Tensor and type(x) is not torch.nn.Parameter
+        # the fake and functional tensors of torch's tracers, seen outside
+        # is_compiling; not torch's other subclasses (a DTensor holds values,
+        # and its checks must run)
+        return path.startswith("torch._subclasses.")
     return False
+
+
+def torch_graph_tracing() -> bool:
+    """Whether PyTorch's Dynamo is tracing the caller (``torch.compile``,
+    ``torch.export``); False where PyTorch was never imported."""
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.compiler.is_compiling()
+
+
+def outside_torch_graph(reason, *, name=None):
+    """Decorator for a call that reads values on the host or draws from a
+    NumPy generator (``reason`` says which): under ``torch.compile`` it ends
+    the graph and runs eagerly, as outside it; under ``fullgraph=True``
+    Dynamo refuses it with an error that quotes ``name`` (the public call,
+    by default the function's name) and ``reason``.
+
+    Left to Dynamo, such a call traced the host's NumPy code through PyTorch's
+    NumPy emulation (``randomized_svd`` stopped on a reversed slice there) and
+    broke the graph wherever that emulation gave up. The call runs with
+    Dynamo disabled (``torch.compiler.disable``) whenever PyTorch is loaded,
+    not only while Dynamo traces this frame: after a graph break Dynamo runs
+    a frame untraced but still compiles the frames it calls. That costs
+    about 0.5 us a call; without PyTorch, a dictionary lookup."""
+    def decorate(function):
+        message = f"unitary_lr: {name or function.__qualname__} runs outside the graph: {reason}"
+
+        @functools.wraps(function)
+        def call(*args, **kwargs):
+            torch = sys.modules.get("torch")
+            if torch is None:
+                return function(*args, **kwargs)
+            if torch.compiler.is_compiling():
+                torch._dynamo.graph_break(msg=message)
+            return _without_dynamo(function)(*args, **kwargs)
+        return call
+    return decorate
+
+
+@functools.cache
+def _without_dynamo(function):
+    """``function`` as ``torch.compiler.disable`` wraps it, made once."""
+    return sys.modules["torch"].compiler.disable(function)
 
 
 def staged(*static):

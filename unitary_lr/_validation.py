@@ -11,7 +11,7 @@ import math
 import numbers
 import operator
 
-from ._host import is_jax_tracer, staged
+from ._host import is_jax_tracer, is_traced, staged
 from ._xp import (
     untracked,
     FLOAT_DTYPE_NAMES,
@@ -157,9 +157,11 @@ def report_nonfinite(xp, name, x, *, source=None):
 
 def check_finite(xp, name, x):
     """x must be free of NaN and Inf; a single reduction over x. Not checked
-    for a JAX tracer, whose values cannot be read under ``jax.jit``: a traced
-    program carries NaN through, as ``jnp.linalg`` does."""
-    if is_jax_tracer(x):
+    in a traced program (a JAX tracer under ``jax.jit``, a tensor under
+    ``torch.compile`` or in a CUDA-graph capture), whose values cannot be
+    read on the host: there NaN and Inf carry through to the result, as in
+    ``jnp.linalg`` and ``torch.linalg``."""
+    if is_traced(x):
         return
     if not bool(finite_flag(xp, x)):
         report_nonfinite(xp, name, x)
@@ -170,7 +172,12 @@ def refuse_jax_trace(function, arguments, reason, instead):
     value) for a public ``function`` that cannot run under ``jax.jit`` or other
     JAX transformations: ``reason`` says why, ``instead`` what to use. JAX's
     own error there (a tracer converted to a NumPy array or a bool) names
-    neither the argument nor the way out."""
+    neither the argument nor the way out.
+
+    Not for ``torch.compile``: an error raised while Dynamo traces reaches
+    the caller even without ``fullgraph=True``, where Dynamo's own errors
+    (a NumPy draw, a value read on the host) break the graph and run the
+    call eagerly, which is the right outcome there."""
     for name, value in arguments.items():
         if is_jax_tracer(value):
             raise TypeError(f"{name} is a JAX tracer: {function} does not run under jax.jit or other JAX "

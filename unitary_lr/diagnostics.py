@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from ._host import from_host, staged
+from ._host import from_host, outside_torch_graph, staged
 from ._random import as_generator, host_normal
 from ._validation import check_float_dtype, check_int, check_matrix, namespace_of
 from ._xp import adjoint_matmul, core_dtype, device, exact_products, eye, mH
@@ -79,6 +79,8 @@ def _error(xp, W):
     return xp.linalg.matrix_norm(mH(xp, Wc) @ Wc - eye(xp, m, like=Wc)) / math.sqrt(m)
 
 
+@outside_torch_graph(
+    "it draws its probes from a NumPy generator; unitarity_error runs in the graph")
 @exact_products
 def unitarity_estimate(W, /, *, probes=4, rng=None):
     r"""Cheap estimate of ``||W^H W - I||_F / sqrt(m)``: O(p n m) instead of O(n m^2).
@@ -93,7 +95,10 @@ def unitarity_estimate(W, /, *, probes=4, rng=None):
         Source of the probes (drawn on the host, like every draw of the
         library). Under ``jax.jit`` the probes are drawn once, as the
         function is traced, and every call of the compiled function reuses
-        them: an estimate with fixed probes.
+        them: an estimate with fixed probes. Under ``torch.compile`` the
+        call runs outside the graph and draws new probes each time (with
+        ``fullgraph=True`` Dynamo refuses it: use :func:`unitarity_error`
+        there).
 
     Returns
     -------

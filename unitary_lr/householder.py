@@ -43,9 +43,10 @@ def householder_apply(V, X, /, *, side="left", check_finite=True):
         Which side of X the product multiplies.
     check_finite : bool, optional
         Check V and X for NaN and Inf (one reduction over each, and a read of
-        the result on the host). Under ``jax.jit``, where values cannot be
-        read, the check is skipped by itself; pass False to skip it elsewhere
-        (a training loop's hot path).
+        the result on the host). Under ``jax.jit``, ``torch.compile`` or a
+        CUDA-graph capture, where values cannot be read, the check is skipped
+        by itself (NaN and Inf carry through to the result); pass False to
+        skip it elsewhere (a training loop's hot path).
 
     Returns
     -------

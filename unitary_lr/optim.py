@@ -27,7 +27,7 @@ from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 from ._cores import add_lowrank
-from ._host import from_host, own_transfers, stack_pays, staged
+from ._host import from_host, outside_torch_graph, own_transfers, stack_pays, staged
 from ._random import as_generator, generator_from_state, generator_state, host_normal
 from ._validation import check_choice, check_finite, check_real_scalar, namespace_of
 from ._xp import complex_dtype, device, device_key, dtype_name, exact_products, is_complex, mH, real_dtype
@@ -545,6 +545,11 @@ def _naming(key):
         raise kind(f"steps[{key!r}]: {error}") from None
 
 
+# why the framework-free optimizer's steps run outside a torch.compile graph
+_OUTSIDE_GRAPH = ("it draws its sketches from NumPy generators and reads small matrices and drift estimates on the "
+                  "host; in a graph use unitary_lr.torch.ProjUNN(..., capturable=True)")
+
+
 class ProjUNN:
     r"""projUNN optimizer for training loops written with NumPy, CuPy or any
     Array API library: ``W = opt.step(W, G)``.
@@ -662,6 +667,7 @@ class ProjUNN:
         # count (drift checks) and the shape and dtype they were made for
         self._slots = {}
 
+    @outside_torch_graph(_OUTSIDE_GRAPH, name="unitary_lr.optim.ProjUNN.step")
     @exact_products
     def step(self, W, G, /, *, key=None):
         """Return the updated W for gradient G (an array, or a pair (a, b) meaning
@@ -684,6 +690,7 @@ class ProjUNN:
             self._rng.bit_generator.state = saved_rng
             raise
 
+    @outside_torch_graph(_OUTSIDE_GRAPH, name="unitary_lr.optim.ProjUNN.step_many")
     @exact_products
     def step_many(self, steps, /):
         """Step several matrices at once: ``steps`` maps each matrix's key to

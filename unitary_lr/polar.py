@@ -7,7 +7,7 @@ import math
 
 from ._cores import add_lowrank, make_cores
 from ._flow import checked, lowrank_update
-from ._host import is_traced, staged
+from ._host import is_traced, outside_torch_graph, staged
 from ._validation import (
     check_choice,
     check_finite,
@@ -69,7 +69,9 @@ def project_unitary(A, /, *, method="svd", max_iter=60):
         A is not an array of a supported floating dtype; ``"newton_schulz"``
         with a JAX tracer for A (its stopping test reads on the host, so it
         does not run under ``jax.jit``; ``"svd"`` does, and there NaN or Inf
-        in A is not checked).
+        in A is not checked). Under ``torch.compile`` ``"svd"`` is traced
+        likewise, and ``"newton_schulz"`` runs its iterations outside the
+        graph (with ``fullgraph=True`` Dynamo refuses it, naming it).
     ValueError
         A is not a matrix or contains NaN or Inf; unknown method.
     ConvergenceError
@@ -120,6 +122,8 @@ def polar_unchecked(xp, A):
     return U @ Vh
 
 
+@outside_torch_graph("it reads each iteration's error on the host to decide when to stop; in a graph use method='svd'",
+                     name="project_unitary(method='newton_schulz')")
 def _newton_schulz(xp, A, max_iter):
     """For tall or square A: X <- X (3 I - X^H X) / 2 on the m x m side. Each
     iteration reads its error on the host (the test to stop); on eager JAX

@@ -23,7 +23,7 @@ from ._flow import (
     sketch_basis,
     sketch_panels,
 )
-from ._host import from_host, host_views, staged, torch_factors
+from ._host import from_host, host_views, outside_torch_graph, staged, torch_factors
 from ._random import as_generator, host_normal
 from ._validation import (
     check_float_dtype,
@@ -67,6 +67,8 @@ class SVDResult(NamedTuple):
     """Conjugate-transposed right singular vectors, shape (..., rank, n)."""
 
 
+@outside_torch_graph(
+    "it draws its test matrix from a NumPy generator and chooses its route from small matrices read on the host")
 @exact_products
 def randomized_svd(A, /, rank, *, oversample=10, power_iters=2, rng=None):
     r"""Truncated SVD of A from a randomized range finder.
@@ -101,7 +103,9 @@ def randomized_svd(A, /, rank, *, oversample=10, power_iters=2, rng=None):
         A is not an array of a supported floating dtype; wrong argument types;
         A is a JAX tracer (the call draws on the host and reads small Grams
         there, so it does not run under ``jax.jit`` or other JAX
-        transformations).
+        transformations). Under ``torch.compile`` it runs outside the graph,
+        as an eager call (with ``fullgraph=True`` Dynamo refuses it, naming
+        it).
     ValueError
         rank outside ``[1, min(m, n)]``, negative oversample or power_iters,
         NaN or Inf in A.

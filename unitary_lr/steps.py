@@ -6,7 +6,16 @@ import numpy as np
 
 from ._cores import add_lowrank, make_cores
 from ._flow import checked, fused_right_update, lowrank_update, sketch_panels
-from ._host import host_step_views, is_traced, lean_arrays, lean_factors, sketch_from_host, staged, torch_factors
+from ._host import (
+    host_step_views,
+    is_traced,
+    lean_arrays,
+    lean_factors,
+    outside_torch_graph,
+    sketch_from_host,
+    staged,
+    torch_factors,
+)
 from ._random import as_generator, host_normal
 from ._validation import (
     check_batch_compatible,
@@ -52,6 +61,10 @@ STEP_POWER_ITERS = 1
 VARIANTS = ("tangent", "direct", "cayley")
 
 
+@outside_torch_graph(
+    "it draws its sketch from a NumPy generator and reads its small matrices on the host; in a graph use "
+    "unitary_lr.torch.ProjUNN(..., capturable=True), or unitary_lr.steps.step_unchecked(..., traced=True) with "
+    "the sketch drawn by torch")
 @exact_products
 def projunn_step(
     W,
@@ -112,7 +125,10 @@ def projunn_step(
         gradient for a real W, G a tuple of the wrong length; a call under
         ``jax.jit`` (the sketch is drawn on the host: use
         :func:`unitary_lr.optax.projunn`, or ``unitary_lr.steps.step_unchecked``
-        with the sketch given).
+        with the sketch given). Under ``torch.compile`` the call runs outside
+        the graph, as an eager call (with ``fullgraph=True`` Dynamo refuses
+        it, naming it: use ``unitary_lr.torch.ProjUNN(..., capturable=True)``
+        or ``step_unchecked`` there).
     ValueError
         G not matching W, ``rank`` outside ``[1, min(n, m)]``, a
         non-positive or non-finite ``lr``, unknown ``variant``, NaN or Inf in G
@@ -501,8 +517,9 @@ def tangent_project(W, G, /):
         Non-array arguments, mixed libraries, unsupported dtypes.
     ValueError
         G of another shape than W, NaN or Inf in G (not checked under
-        ``jax.jit``, where the projection runs traced and values cannot be
-        read).
+        ``jax.jit``, ``torch.compile`` or a CUDA-graph capture, where the
+        projection runs traced and values cannot be read: there NaN and Inf
+        carry through to the result).
 
     Notes
     -----

@@ -17,7 +17,7 @@ import array_api_compat.torch
 import numpy as np
 import torch
 
-from .._host import stack_pays
+from .._host import outside_torch_graph, stack_pays, torch_graph_tracing
 from .._random import generator_from_state, generator_state
 from .._xp import add_in_place, exact_products, update_factors
 from ..optim import (
@@ -147,7 +147,12 @@ class ProjUNN(torch.optim.Optimizer):
         parameters are not checked, as in ``torch.optim``. Drift control
         reads a number on the host, so it is not run automatically: call
         :meth:`check_drift` every few dozen steps, outside the compiled or
-        captured region.
+        captured region. Left False, a group's step compiled with
+        ``torch.compile`` is its eager step, run outside the graph (its
+        seed's sketches, its drift control; Dynamo, which shows every
+        group of a torch.optim optimizer as capturable inside a compiled
+        step, would otherwise trace the capturable step instead), and
+        ``fullgraph=True`` is refused with an error that names this option.
 
     Raises
     ------
@@ -236,6 +241,7 @@ class ProjUNN(torch.optim.Optimizer):
         for group in self.param_groups:
             for name, default in _ADDED_OPTIONS.items():
                 group.setdefault(name, default)
+        self._note_eager_groups()
 
     def add_param_group(self, param_group):
         group = {**self.defaults, **param_group}
@@ -275,6 +281,7 @@ class ProjUNN(torch.optim.Optimizer):
         if unitary and "lr" not in param_group and group["unitary_lr_scale"] != 1:
             param_group["lr"] = self.defaults["lr"] * group["unitary_lr_scale"]
         super().add_param_group(param_group)
+        self._note_eager_groups()
 
     @torch.no_grad()
     @exact_products
@@ -304,7 +311,39 @@ class ProjUNN(torch.optim.Optimizer):
     @torch.no_grad()
     @exact_products
     def step(self, closure=None):
-        """One step for every parameter with a gradient; returns the closure's loss."""
+        """One step for every parameter with a gradient; returns the closure's loss.
+
+        Under ``torch.compile`` a step with a unitary group that is not
+        capturable runs outside the graph, as the eager step (see the
+        class's ``capturable``)."""
+        if not torch_graph_tracing():
+            self._note_eager_groups()
+        if self._eager_groups:
+            return self._step_outside_graph(closure)
+        return self._step(closure)
+
+    # Dynamo shows every group of a torch.optim optimizer with capturable=True
+    # inside a compiled step (torch/_dynamo/variables/optimizer.py), whatever
+    # its setting, so a traced step cannot read the setting from its groups:
+    # it reads this record of them, kept by every eager step and every change
+    # of the groups. A unitary group the user did not make capturable runs
+    # its eager step (its seed's sketches, its drift control, its state);
+    # traced as capturable, it drew other sketches, checked no drift, and
+    # left a state the next eager step could not read (a KeyError). The eager
+    # step runs with Dynamo disabled also where Dynamo runs this frame
+    # without tracing it (after a graph break), but would trace the frames
+    # it calls.
+    def _note_eager_groups(self):
+        self._eager_groups = [index for index, group in enumerate(self.param_groups)
+                              if group["unitary"] and not group["capturable"]]
+
+    @outside_torch_graph("a unitary group is not capturable: its step draws its sketch from a NumPy generator, "
+                         "checks its drift on the host and reads its small matrices there; pass capturable=True "
+                         "for a step that compiles")
+    def _step_outside_graph(self, closure):
+        return self._step(closure)
+
+    def _step(self, closure):
         loss = None
         if closure is not None:
             with torch.enable_grad():
