@@ -268,3 +268,16 @@ def test_cuda_graph_captures_a_public_function_and_replays_it_on_new_inputs(name
     graph.replay()
     torch.cuda.synchronize()
     np.testing.assert_allclose(result.cpu().numpy(), reference(*new), rtol=0, atol=1e-12)
+
+
+# PyTorch's own note on a complex conjugate it batches by a loop
+@pytest.mark.filterwarnings("ignore:There is a performance drop because we have not yet implemented the batching rule")
+@pytest.mark.parametrize("dtype", ["float64", "complex128"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_public_function_under_torch_func_vmap_matches_the_reference(name, dtype, rng):
+    """vmap's batched tensors are traced as under jax.vmap (they could not be
+    read on the host: every one of these calls raised there before)."""
+    call, reference = CASES[name]
+    arrays = _inputs(rng, (3, 6, 6), dtype)
+    result = torch.func.vmap(call)(*(torch.as_tensor(x) for x in arrays))
+    np.testing.assert_allclose(result.numpy(), reference(*arrays), rtol=0, atol=TOLERANCE[dtype] * 10)

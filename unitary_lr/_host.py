@@ -396,8 +396,8 @@ def is_jax_tracer(x) -> bool:
 
 def is_traced(x) -> bool:
     """Whether ``x`` is a placeholder of a traced program (a JAX tracer, a tensor
-    under ``torch.compile``, or any tensor while a CUDA graph is being captured),
-    whose values cannot be read on the host."""
+    under ``torch.compile`` or ``torch.func.vmap``, or any tensor while a CUDA
+    graph is being captured), whose values cannot be read on the host."""
     path = type(x).__module__
     module = path.partition(".")[0]
     if module == "jax" or module == "jaxlib":
@@ -407,6 +407,12 @@ def is_traced(x) -> bool:
         if torch.compiler.is_compiling():
             return True
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return True
+        # torch.func.vmap's batched tensors, whose values cannot be read
+        # either (not grad's tracking tensors: the kernels that take factors
+        # drop their inputs' autograd history, so a traced call there gave a
+        # wrong gradient where the host's read fails with an error)
+        if torch._C._functorch.is_batchedtensor(x):
             return True
         # the fake and functional tensors of torch's tracers, seen outside
         # is_compiling; not torch's other subclasses (a DTensor holds values,
