@@ -370,3 +370,22 @@ def test_a_capturable_group_still_compiles_as_one_graph():
         _compiled_step(opt, fullgraph=True)()
     assert int(opt.state[W]["skipped_steps"]) == 0 and "sketch_rng" not in opt.state[W]
     assert float(ul.unitarity_error(W.detach())) < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_capture_of_a_step_that_is_not_capturable_names_the_option():
+    """Its eager step reads the host, which would end the capture with a bare
+    CUDA error: the optimizer's own RuntimeError first, nothing changed, and
+    the same optimizer steps eagerly afterwards."""
+    device = torch.device("cuda")
+    W = unitary_parameter(16, device=device, generator=torch.Generator(device).manual_seed(0))
+    opt = ProjUNN([W], lr=1e-2, base="rmsprop")
+    W.grad = torch.randn(16, 16, device=device)
+    before = W.detach().clone()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match=r"param group 0 is not capturable.*pass capturable=True"):
+        with torch.cuda.graph(graph):
+            opt.step()
+    assert torch.equal(W.detach(), before) and not opt.state
+    opt.step()
+    assert not torch.equal(W.detach(), before) and float(ul.unitarity_error(W.detach())) < 1e-5

@@ -341,7 +341,20 @@ class ProjUNN(torch.optim.Optimizer):
                          "checks its drift on the host and reads its small matrices there; pass capturable=True "
                          "for a step that compiles")
     def _step_outside_graph(self, closure):
+        self._refuse_capture()
         return self._step(closure)
+
+    def _refuse_capture(self):
+        """A RuntimeError where a CUDA graph is being captured: the eager step
+        of a group that is not capturable reads the host, which would end the
+        capture with a bare CUDA error. Raised before anything changes."""
+        for index in self._eager_groups:
+            for p in self.param_groups[index]["params"]:
+                if p.is_cuda and torch.cuda.is_current_stream_capturing():
+                    raise RuntimeError(
+                        f"ProjUNN: param group {index} is not capturable, and a CUDA graph is being captured: its "
+                        "step draws its sketch on the host and reads its small matrices there, which a capture "
+                        "cannot hold; pass capturable=True for a step that a CUDA graph captures")
 
     def _step(self, closure):
         loss = None
