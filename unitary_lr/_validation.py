@@ -175,9 +175,9 @@ def refuse_jax_trace(function, arguments, reason, instead):
     neither the argument nor the way out.
 
     Not for ``torch.compile``: an error raised while Dynamo traces reaches
-    the caller even without ``fullgraph=True``, where Dynamo's own errors
-    (a NumPy draw, a value read on the host) break the graph and run the
-    call eagerly, which is the right outcome there."""
+    the caller even without ``fullgraph=True``, where the call should run
+    eagerly, outside the graph (``_host.outside_torch_graph`` does that, and
+    names the call under ``fullgraph=True``)."""
     for name, value in arguments.items():
         if is_jax_tracer(value):
             raise TypeError(f"{name} is a JAX tracer: {function} does not run under jax.jit or other JAX "
