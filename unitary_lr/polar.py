@@ -207,6 +207,9 @@ def project_unitary_lowrank(W, a, b, /):
         The closest unitary matrix (with orthonormal columns or rows) to
         ``W + a b^H`` (one of them if it is rank-deficient), in the namespace
         and on the device of W, with dtype ``result_type(W, a, b)``.
+        A new value, as an optimizer step makes it: on PyTorch it carries no autograd
+        history (W, a and b are detached; ``torch.func.grad`` fails), where ``jax.grad``
+        differentiates it.
 
     Raises
     ------

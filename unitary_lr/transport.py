@@ -33,6 +33,9 @@ def exp_transport(W, a, b, /, *, t=1.0):
         ``expm(t X) @ W`` in the namespace and on the device of W, with dtype
         ``result_type(W, a, b)``. Unitary (orthonormal columns or rows) to
         rounding for every t when W is.
+        A new value, as an optimizer step makes it: on PyTorch it carries no autograd
+        history (W, a and b are detached; ``torch.func.grad`` fails), where ``jax.grad``
+        differentiates it.
 
     Raises
     ------
@@ -98,6 +101,9 @@ def cayley_transport(W, a, b, /, *, t=1.0):
     array, shape (..., n, m)
         ``(I - t/2 X)^(-1) (I + t/2 X) @ W`` in the namespace and on the device
         of W, with dtype ``result_type(W, a, b)``; unitary to rounding when W is.
+        A new value, as an optimizer step makes it: on PyTorch it carries no autograd
+        history (W, a and b are detached; ``torch.func.grad`` fails), where ``jax.grad``
+        differentiates it.
 
     Raises
     ------
