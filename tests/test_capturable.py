@@ -389,3 +389,18 @@ def test_cuda_graph_capture_of_a_step_that_is_not_capturable_names_the_option():
     assert torch.equal(W.detach(), before) and not opt.state
     opt.step()
     assert not torch.equal(W.detach(), before) and float(ul.unitarity_error(W.detach())) < 1e-5
+
+
+def test_capture_of_a_step_that_is_not_capturable_is_refused_before_it_starts(monkeypatch):
+    """The refusal's branch on the CPU, with PyTorch told that a capture is
+    under way: the error names the group and the option, nothing changes."""
+    W, b = _model()
+    opt = ProjUNN([W], lr=1e-2, base="adam")
+    opt.add_param_group({"params": [b], "capturable": True})
+    W.grad, b.grad = torch.ones_like(W), torch.ones_like(b)
+    before = W.detach().clone()
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match=r"param group 0 is not capturable.*pass capturable=True"):
+        opt.step()
+    assert torch.equal(W.detach(), before) and not opt.state

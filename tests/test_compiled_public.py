@@ -12,6 +12,7 @@ The functions that draw from a NumPy generator (``projunn_step``,
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import numpy as np
@@ -185,6 +186,11 @@ HOST_CALLS = {
 }
 
 
+def _named(name):
+    """How the messages name the call of ``HOST_CALLS[name]``, as a pattern."""
+    return re.escape("project_unitary(method='newton_schulz')") if name == "project_unitary" else name
+
+
 @pytest.mark.parametrize("dtype", ["float32", "complex128"])
 @pytest.mark.parametrize("name", sorted(HOST_CALLS))
 def test_call_that_reads_the_host_runs_eagerly_under_torch_compile(name, dtype, rng):
@@ -209,8 +215,7 @@ def test_call_that_reads_the_host_runs_eagerly_under_torch_compile(name, dtype, 
 @pytest.mark.parametrize("name", sorted(HOST_CALLS))
 def test_call_that_reads_the_host_is_refused_by_name_in_one_graph(name, rng):
     W, G = (torch.as_tensor(x) for x in _inputs(rng, (6, 6), "float64")[:2])
-    function = r"project_unitary\(method='newton_schulz'\)" if name == "project_unitary" else name
-    with pytest.raises(torch._dynamo.exc.Unsupported, match=f"unitary_lr: {function} runs outside the graph: it "):
+    with pytest.raises(torch._dynamo.exc.Unsupported, match=f"unitary_lr: {_named(name)} runs outside the graph: it "):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             _compiled(HOST_CALLS[name], "aot_eager")(W, G)
@@ -281,3 +286,33 @@ def test_public_function_under_torch_func_vmap_matches_the_reference(name, dtype
     arrays = _inputs(rng, (3, 6, 6), dtype)
     result = torch.func.vmap(call)(*(torch.as_tensor(x) for x in arrays))
     np.testing.assert_allclose(result.numpy(), reference(*arrays), rtol=0, atol=TOLERANCE[dtype] * 10)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("name", sorted(HOST_CALLS))
+def test_cuda_graph_capture_of_a_call_that_reads_the_host_says_why(name, rng):
+    """Its host reads would end the capture with a bare CUDA error: a
+    RuntimeError that names the call first, and the call still runs
+    eagerly afterwards."""
+    W, G = (torch.as_tensor(x, device="cuda") for x in _inputs(rng, (6, 6), "float64")[:2])
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match=f"unitary_lr: {_named(name)} cannot be captured in a CUDA graph: it "):
+        with torch.cuda.graph(graph):
+            HOST_CALLS[name](W, G)
+    HOST_CALLS[name](W, G)
+
+
+@pytest.mark.parametrize("name", sorted(HOST_CALLS))
+def test_capture_of_a_call_that_reads_the_host_is_refused_before_it_starts(name, rng, monkeypatch):
+    """The refusal's branch on the CPU, with PyTorch told that a capture is
+    under way: the error names the call, and the NumPy generator it would
+    have drawn from has not moved."""
+    W, G = (torch.as_tensor(x) for x in _inputs(rng, (6, 6), "float64")[:2])
+    generator = np.random.default_rng(5)
+    state = generator.bit_generator.state
+    calls = {**HOST_CALLS, "projunn_step": lambda W, G: ul.projunn_step(W, G, lr=0.1, rng=generator)}
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match=f"unitary_lr: {_named(name)} cannot be captured in a CUDA graph: it "):
+        calls[name](W, G)
+    assert generator.bit_generator.state == state

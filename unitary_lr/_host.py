@@ -441,9 +441,14 @@ def outside_torch_graph(reason, *, name=None):
     Dynamo disabled (``torch.compiler.disable``) whenever PyTorch is loaded,
     not only while Dynamo traces this frame: after a graph break Dynamo runs
     a frame untraced but still compiles the frames it calls. That costs
-    about 0.5 us a call; without PyTorch, a dictionary lookup."""
+    about 0.5 us a call; without PyTorch, a dictionary lookup.
+
+    While a CUDA graph is being captured the call is a RuntimeError that
+    names it and quotes ``reason``, raised before it starts: its host reads
+    would end the capture with a bare CUDA error."""
     def decorate(function):
-        message = f"unitary_lr: {name or function.__qualname__} runs outside the graph: {reason}"
+        public = name or function.__qualname__
+        message = f"unitary_lr: {public} runs outside the graph: {reason}"
 
         @functools.wraps(function)
         def call(*args, **kwargs):
@@ -452,6 +457,8 @@ def outside_torch_graph(reason, *, name=None):
                 return function(*args, **kwargs)
             if torch.compiler.is_compiling():
                 torch._dynamo.graph_break(msg=message)
+            elif torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(f"unitary_lr: {public} cannot be captured in a CUDA graph: {reason}")
             return _without_dynamo(function)(*args, **kwargs)
         return call
     return decorate

@@ -319,6 +319,7 @@ class ProjUNN(torch.optim.Optimizer):
         if not torch_graph_tracing():
             self._note_eager_groups()
         if self._eager_groups:
+            self._refuse_capture()
             return self._step_outside_graph(closure)
         return self._step(closure)
 
@@ -339,22 +340,20 @@ class ProjUNN(torch.optim.Optimizer):
 
     @outside_torch_graph("a unitary group is not capturable: its step draws its sketch from a NumPy generator, "
                          "checks its drift on the host and reads its small matrices there; pass capturable=True "
-                         "for a step that compiles")
+                         "for a step that compiles", name="unitary_lr.torch.ProjUNN.step")
     def _step_outside_graph(self, closure):
-        self._refuse_capture()
         return self._step(closure)
 
     def _refuse_capture(self):
-        """A RuntimeError where a CUDA graph is being captured: the eager step
-        of a group that is not capturable reads the host, which would end the
-        capture with a bare CUDA error. Raised before anything changes."""
-        for index in self._eager_groups:
-            for p in self.param_groups[index]["params"]:
-                if p.is_cuda and torch.cuda.is_current_stream_capturing():
-                    raise RuntimeError(
-                        f"ProjUNN: param group {index} is not capturable, and a CUDA graph is being captured: its "
-                        "step draws its sketch on the host and reads its small matrices there, which a capture "
-                        "cannot hold; pass capturable=True for a step that a CUDA graph captures")
+        """A RuntimeError naming the first group that is not capturable where
+        a CUDA graph is being captured: its eager step reads the host, which
+        would end the capture with a bare CUDA error. Raised before anything
+        changes."""
+        if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"ProjUNN: param group {self._eager_groups[0]} is not capturable, and a CUDA graph is being "
+                "captured: its step draws its sketch on the host and reads its small matrices there, which a "
+                "capture cannot hold; pass capturable=True for a step that a CUDA graph captures")
 
     def _step(self, closure):
         loss = None
