@@ -4,10 +4,13 @@ float64 NumPy/SciPy reference gives; the eager checks do not run there, and
 NaN or Inf carries through to the result, where an eager call refuses it.
 
 The functions that draw from a NumPy generator (``projunn_step``,
-``randomized_svd``, ``unitarity_estimate``) or read a stopping test on the host
-(``project_unitary(method="newton_schulz")``) break the graph there instead
-(docs/backends.md); the traced step is ``steps.step_unchecked``
-(tests/test_traced.py) or ``ProjUNN(capturable=True)``.
+``randomized_svd``, ``unitarity_estimate``, the framework-free optimizer) or
+read a stopping test on the host (``project_unitary(method="newton_schulz")``)
+break the graph there instead and run eagerly, are refused by name under
+``fullgraph=True`` and in a CUDA-graph capture (docs/backends.md); the traced
+step is ``steps.step_unchecked`` (tests/test_traced.py) or
+``ProjUNN(capturable=True)``. The traceable functions also run under
+``torch.func.vmap``, as under ``jax.vmap``.
 """
 
 from __future__ import annotations
