@@ -36,8 +36,8 @@ from ._xp import Adjoint, _is_jax, _is_torch, dtype_name_of, jax_transfers_allow
 
 __all__ = ["HOST_STACK_BYTES", "from_host", "from_host_pieces", "from_host_stack", "host_cast", "host_step_views",
            "host_views", "is_traced", "lean_arrays", "lean_factors", "outside_torch_graph", "own_transfers",
-           "sketch_from_host", "stack_pays", "staged", "to_host", "to_host_pieces", "torch_factors",
-           "torch_graph_tracing", "transfers"]
+           "sketch_from_host", "stack_pays", "staged", "to_host", "to_host_pieces", "torch_capturing",
+           "torch_factors", "torch_graph_tracing", "transfers"]
 
 
 class _Counter:
@@ -428,6 +428,13 @@ def torch_graph_tracing() -> bool:
     return torch is not None and torch.compiler.is_compiling()
 
 
+def torch_capturing() -> bool:
+    """Whether a CUDA graph is being captured on the current stream; False
+    where PyTorch was never imported or never initialised CUDA."""
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
 def outside_torch_graph(reason, *, name=None):
     """Decorator for a call that reads values on the host or draws from a
     NumPy generator (``reason`` says which): under ``torch.compile`` it ends
@@ -457,7 +464,7 @@ def outside_torch_graph(reason, *, name=None):
                 return function(*args, **kwargs)
             if torch.compiler.is_compiling():
                 torch._dynamo.graph_break(msg=message)
-            elif torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
+            elif torch_capturing():
                 raise RuntimeError(f"unitary_lr: {public} cannot be captured in a CUDA graph: {reason}")
             return _without_dynamo(function)(*args, **kwargs)
         return call

@@ -375,7 +375,8 @@ RULES = {"sgd": SGD, "rmsprop": RMSprop, "adam": Adam}
 _RULE_FIELDS = {}
 
 
-def _rule_fields(base):
+def rule_hyperparameters(base):
+    """The names of the hyper-parameters the rule named ``base`` takes."""
     rule = RULES[base]
     names = _RULE_FIELDS.get(rule)
     if names is None:
@@ -399,7 +400,7 @@ def make_rule(base, **hyperparameters):
     """The base rule named ``base`` ("sgd", "rmsprop" or "adam") with its
     hyper-parameters; unknown names are a TypeError that lists the valid ones."""
     check_base(base)
-    rule, valid = RULES[base], _rule_fields(base)
+    rule, valid = RULES[base], rule_hyperparameters(base)
     unknown = sorted(set(hyperparameters) - valid)
     if unknown:
         raise TypeError(
@@ -410,15 +411,10 @@ def make_rule(base, **hyperparameters):
     return rule(**hyperparameters)
 
 
-def rule_hyperparameters(base):
-    """The names of the hyper-parameters the rule named ``base`` takes."""
-    return _rule_fields(base)
-
-
 def rule_options(base, options):
     """The entries of ``options`` (for example a torch param group) that the
     rule named ``base`` takes."""
-    valid = _rule_fields(base)
+    valid = rule_hyperparameters(base)
     return {key: value for key, value in options.items() if key in valid}
 
 

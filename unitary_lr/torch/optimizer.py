@@ -17,7 +17,7 @@ import array_api_compat.torch
 import numpy as np
 import torch
 
-from .._host import outside_torch_graph, stack_pays, torch_graph_tracing
+from .._host import outside_torch_graph, stack_pays, torch_capturing, torch_graph_tracing
 from .._random import generator_from_state, generator_state
 from .._xp import add_in_place, exact_products, update_factors
 from ..optim import (
@@ -349,7 +349,7 @@ class ProjUNN(torch.optim.Optimizer):
         a CUDA graph is being captured: its eager step reads the host, which
         would end the capture with a bare CUDA error. Raised before anything
         changes."""
-        if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
+        if torch_capturing():
             raise RuntimeError(
                 f"ProjUNN: param group {self._eager_groups[0]} is not capturable, and a CUDA graph is being "
                 "captured: its step draws its sketch on the host and reads its small matrices there, which a "
