@@ -1,6 +1,7 @@
 """Small PyTorch CPU tensors with a sketch of two or more columns (rank >= 2,
-or oversampled) take NumPy's general step on their NumPy views
-(``unitary_lr._host.host_step_views``): the factors of NumPy's step on the
+or oversampled) take NumPy's step on their NumPy views
+(``unitary_lr._host.host_views``; one square matrix by the host's lean
+step, the others by the general step): the factors of NumPy's step on the
 same memory bit for bit, a step that agrees with PyTorch's own operations
 to rounding, PyTorch's own errors, and the limits on which tensors go that
 way (the size, PyTorch's threads, complex matrices)."""
@@ -30,10 +31,11 @@ def _pair(rng, shape, dtype):
 
 
 def _host_steps(monkeypatch):
-    """Spy on NumPy's step of tensors' views: the list gets each call's
-    (W view, G view)."""
+    """Spy on the NumPy views that NumPy's step of tensors takes (one square
+    matrix by the host's lean step, ``unitary_lr._lean_numpy``, the others
+    by the general step): the list gets each call's (W view, G view)."""
     calls = []
-    real = _host.host_step_views
+    real = _host.host_views
 
     def spy(*args):
         views = real(*args)
@@ -41,7 +43,7 @@ def _host_steps(monkeypatch):
             calls.append(views)
         return views
 
-    monkeypatch.setattr("unitary_lr.steps.host_step_views", spy)
+    monkeypatch.setattr(_host, "host_views", spy)
     return calls
 
 
@@ -102,7 +104,7 @@ def test_a_pair_of_two_dtypes_takes_numpys_step_bit_for_bit(dtypes, monkeypatch)
     G = G.astype(dtypes[1])
     calls = _host_steps(monkeypatch)
     L, Rh = projunn_update(torch.from_numpy(W), torch.from_numpy(G), lr=0.05, rank=4, rng=3)
-    assert len(calls) == 1
+    assert calls  # (the host's lean step takes one dtype only, and hands the pair to NumPy's general step)
     L0, Rh0 = projunn_update(W, G, lr=0.05, rank=4, rng=3)
     assert L.numpy().dtype == L0.dtype and np.array_equal(L.numpy(), L0) and np.array_equal(Rh.numpy(), Rh0)
 
@@ -156,7 +158,8 @@ def test_errors_are_pytorchs_own(case, monkeypatch):
     calls = _host_steps(monkeypatch)
     with pytest.raises(ValueError) as ours:
         projunn_step(Wt, Gt, lr=0.1, rank=4, rng=0)
-    assert len(calls) == 1
+    # the host's lean step, which hands the step over having changed nothing, then NumPy's general step
+    assert len(calls) == 2 and all(np.shares_memory(views[0], Wt.numpy()) for views in calls)
     assert np.array_equal(Wt.numpy(), W) and np.array_equal(Gt.numpy(), G, equal_nan=True)
     monkeypatch.undo()
     _through_torch(monkeypatch)
@@ -209,9 +212,10 @@ def _host_namespace(x):
 
 def test_a_small_cpu_tensor_of_rank_8_runs_no_aten_operation():
     """The factors of a rank-8 step of a 64 x 64 float32 CPU tensor come from
-    NumPy: no aten operation but views, and the one read of the small Grams
-    that NumPy's step counts (of NumPy memory: no copy); projunn_step adds
-    them with one ``addmm``."""
+    NumPy (the host's lean step): no aten operation but views, no host
+    transfer; projunn_step adds them with one ``addmm``. A batch of such
+    tensors takes NumPy's general step, which counts its one read of the
+    small Grams (of NumPy memory: no copy)."""
     from _aten import AtenOps
 
     W, G = (torch.from_numpy(x) for x in _pair(np.random.default_rng(1), (64, 64), "float32"))
@@ -219,10 +223,15 @@ def test_a_small_cpu_tensor_of_rank_8_runs_no_aten_operation():
     with AtenOps() as ops:
         projunn_update(W, G, lr=0.1, rank=8, rng=0)
     assert [op.name for op in ops.ops if not op.view] == []
-    assert _host.transfers.count == before + 1
+    assert _host.transfers.count == before
     with AtenOps() as ops:
         projunn_step(W, G, lr=0.1, rank=8, rng=0)
     assert [op.name for op in ops.ops if not op.view] == ["aten.addmm.default"]
+    Ws, Gs = torch.stack([W, W]), torch.stack([G, -G])
+    with AtenOps() as ops:
+        projunn_update(Ws, Gs, lr=0.1, rank=8, rng=0)
+    assert [op.name for op in ops.ops if not op.view] == []
+    assert _host.transfers.count == before + 1
 
 
 @pytest.mark.parametrize("dtype", ["float32", "complex64"])

@@ -1,8 +1,9 @@
-"""The host's lean eager rank-1 step (``unitary_lr._lean_numpy``), which
-NumPy arrays and small PyTorch CPU tensors take: the factors of the general
-NumPy step bit for bit, the same random stream, a step that agrees with an
-independent float64 reference, and, for anything out of the ordinary, the
-general step's own result or error."""
+"""The host's lean eager step of one square matrix (``unitary_lr._lean_numpy``),
+which NumPy arrays and small PyTorch CPU tensors take, at rank 1 and with
+sketches of two or more columns: the factors of the general NumPy step bit
+for bit, the same random stream, a step that agrees with an independent
+float64 reference, and, for anything out of the ordinary, the general
+step's own result or error."""
 
 from __future__ import annotations
 
@@ -51,15 +52,19 @@ def _update(W, G, seed, monkeypatch, lean=True, **options):
     return out, generator_state(rng), results
 
 
-def _reference(W, G, omega, *, lr, variant, power_iters):
-    """The step in float64 from the definitions: G_k = Y (Y^H Y)^-1 Y^H G with
-    Y = (G G^H)^q G omega, then the variant's map (``projunn_step``'s
-    docstring), with SciPy's expm and polar."""
+def _reference(W, G, omega, *, lr, variant, power_iters, rank=None):
+    """The step in float64 from the definitions: G_k the best rank-``rank``
+    approximation (SVD) of the projection ``Y (Y^H Y)^-1 Y^H G`` with
+    Y = (G G^H)^q G omega (the whole projection for ``rank=None``), then the
+    variant's map (``projunn_step``'s docstring), with SciPy's expm and polar."""
     W, G = W.astype(np.complex128), G.astype(np.complex128)
     Y = G @ omega.astype(np.complex128)
     for _ in range(power_iters):
         Y = G @ (mH(G) @ Y)
-    Gk = Y @ np.linalg.solve(mH(Y) @ Y, mH(Y) @ G)
+    Q = np.linalg.qr(Y)[0]
+    U, S, Vh = np.linalg.svd(mH(Q) @ G, full_matrices=False)
+    keep = S.size if rank is None else rank
+    Gk = (Q @ U[:, :keep] * S[:keep]) @ Vh[:keep]
     A = Gk @ mH(W) - W @ mH(Gk)
     eye = np.eye(W.shape[0])
     if variant == "tangent":
@@ -97,15 +102,46 @@ def test_lean_step_gives_the_general_factors_bit_for_bit(dtype, variant, power_i
         assert unitarity(new) < TOL[dtype]
 
 
-@pytest.mark.parametrize("case", ["nan", "inf", "not unitary", "zero", "huge", "tiny", "rank 2", "factors"])
-def test_out_of_the_ordinary_steps_end_as_the_general_step_does(case, monkeypatch):
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("variant", ["tangent", "cayley", "direct"])
+@pytest.mark.parametrize("power_iters", [0, 1, 2])
+@pytest.mark.parametrize("n, rank, oversample", [(2, 2, 0), (5, 2, 1), (7, 3, 0), (40, 2, 0), (40, 3, 2), (64, 8, 0)])
+def test_wide_sketches_give_the_general_factors_bit_for_bit(dtype, variant, power_iters, n, rank, oversample,
+                                                             monkeypatch):
+    """Sketches of two or more columns (rank >= 2, or oversampled; NumPy's
+    BLAS takes two and three columns one at a time): the lean factors equal
+    the general NumPy step's exactly, the generator ends in the same state,
+    and the step agrees with the float64 reference of the same sketch,
+    truncated to ``rank``."""
+    rng = np.random.default_rng([n, rank, oversample, power_iters, DTYPES.index(dtype)])
+    l = rank + oversample
+    for seed in range(2):
+        W, G = _pair(rng, n, dtype)
+        options = dict(variant=variant, power_iters=power_iters, rank=rank, oversample=oversample)
+        (L, Rh), stream, results = _update(W, G, seed, monkeypatch, **options)
+        assert len(results) == 1 and results[0] is not None
+        (L0, Rh0), stream0, off = _update(W, G, seed, monkeypatch, lean=False, **options)
+        assert off == [] and stream == stream0
+        assert L.dtype == Rh.dtype == W.dtype and L.shape == (n, 2 * l) and Rh.shape == (2 * l, n)
+        assert np.array_equal(L, L0) and np.array_equal(Rh, Rh0)
+        parts = np.random.default_rng(seed).standard_normal((2, l, n) if "complex" in dtype else (1, l, n))
+        omega = ((parts[0] + 1j * parts[1]) * np.sqrt(0.5) if "complex" in dtype else parts[0]).T.astype(dtype)
+        new = W + L @ Rh
+        reference = _reference(W, G, omega, lr=0.05, variant=variant, power_iters=power_iters, rank=rank)
+        assert np.abs(new - reference).max() < 50 * TOL[dtype]
+        assert unitarity(new) < TOL[dtype]
+
+
+@pytest.mark.parametrize("rank", [1, 3])
+@pytest.mark.parametrize("case", ["nan", "inf", "not unitary", "zero", "huge", "tiny", "batch", "factors"])
+def test_out_of_the_ordinary_steps_end_as_the_general_step_does(case, rank, monkeypatch):
     """NaN and Inf in G, a W that is not unitary: the general step's error,
     word for word; a zero gradient gives W back; gradients of 1e30 and 1e-30
     (float32 panels whose columns need balancing or rescaling) and the
-    steps that are not its case (rank 2, a factored gradient) get the
-    general step's factors bit for bit."""
+    steps that are not its case (a batch of matrices, a factored gradient)
+    get the general step's factors bit for bit."""
     W, G = _pair(np.random.default_rng(8), 12, "float32", scale={"huge": 1e30, "tiny": 1e-30}.get(case, 1.0))
-    options = {}
+    options = {"rank": rank}
     if case == "nan":
         G[2, 3] = np.nan
     elif case == "inf":
@@ -114,8 +150,8 @@ def test_out_of_the_ordinary_steps_end_as_the_general_step_does(case, monkeypatc
         W = 2 * W
     elif case == "zero":
         G = np.zeros_like(G)
-    elif case == "rank 2":
-        options["rank"] = 2
+    elif case == "batch":
+        W, G = np.stack([W, W]), np.stack([G, -G])
     elif case == "factors":
         G = (np.ones((12, 3), np.float32), np.arange(36, dtype=np.float32).reshape(12, 3))
     ours, stream, results = _update(W, G, 5, monkeypatch, **options)
@@ -125,10 +161,12 @@ def test_out_of_the_ordinary_steps_end_as_the_general_step_does(case, monkeypatc
         assert results == [None] and isinstance(ours, str) and ours == reference
         assert ("NaN or Inf" in ours) if case != "not unitary" else ("not unitary" in ours)
         return
-    assert len(results) == (0 if case in ("rank 2", "factors") else 1)
+    assert len(results) == (0 if case in ("batch", "factors") else 1)
     assert all(np.array_equal(a, b) for a, b in zip(ours, reference))
     if case == "zero":
         assert np.array_equal(W + ours[0] @ ours[1], W)
+    if case == "huge":
+        assert unitarity(W + ours[0] @ ours[1]) < 1e-5 and not np.allclose(W + ours[0] @ ours[1], W)
 
 
 def test_numpy_arrays_are_not_changed_and_steps_are_unitary():
@@ -150,25 +188,28 @@ torch = pytest.importorskip("torch")
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("variant", ["tangent", "direct"])
-def test_torch_cpu_tensors_step_through_their_numpy_views(dtype, variant, monkeypatch):
+@pytest.mark.parametrize("rank", [1, 8])
+def test_torch_cpu_tensors_step_through_their_numpy_views(dtype, variant, rank, monkeypatch):
     """A small PyTorch CPU parameter (with autograd history) and its
     gradient, transposed views of them, and blocks of larger matrices
-    (rows farther apart than their length): the factors are CPU tensors of
-    W's dtype, equal bit for bit to the general NumPy step's on the same
-    memory; projunn_step gives a tensor, W is not changed."""
+    (rows farther apart than their length), at rank 1 and 8: the factors
+    are CPU tensors of W's dtype, equal bit for bit to the general NumPy
+    step's on the same memory; projunn_step gives a tensor, W is not
+    changed."""
     W, G = _pair(np.random.default_rng(4), 24, dtype)
     wider = torch.zeros(24, 29, dtype=getattr(torch, dtype))  # a block of a larger matrix: rows 29 apart
     blocks = (wider[:, 2:26].copy_(torch.from_numpy(W)), wider.clone()[:, 2:26].copy_(torch.from_numpy(G)))
     for Wt, Gt in [(torch.nn.Parameter(torch.from_numpy(W.copy())), torch.from_numpy(G.copy())),
                    (torch.from_numpy(np.ascontiguousarray(W.T)).mT, torch.from_numpy(np.ascontiguousarray(G.T)).mT),
                    blocks]:
-        (L0, Rh0), _, _ = _update(Wt.detach().numpy(), Gt.numpy(), 3, monkeypatch, lean=False, variant=variant)
-        (L, Rh), _, results = _update(Wt, Gt, 3, monkeypatch, variant=variant)
+        (L0, Rh0), _, _ = _update(Wt.detach().numpy(), Gt.numpy(), 3, monkeypatch, lean=False, variant=variant,
+                                  rank=rank)
+        (L, Rh), _, results = _update(Wt, Gt, 3, monkeypatch, variant=variant, rank=rank)
         assert len(results) == 1 and results[0] is not None
         assert isinstance(L, torch.Tensor) and L.dtype == Wt.dtype and L.device.type == "cpu"
         assert np.array_equal(L.numpy(), L0) and np.array_equal(Rh.numpy(), Rh0)
         before = Wt.detach().clone()
-        new = projunn_step(Wt, Gt, lr=0.05, variant=variant, rng=3)
+        new = projunn_step(Wt, Gt, lr=0.05, variant=variant, rank=rank, rng=3)
         assert isinstance(new, torch.Tensor) and not new.requires_grad and torch.equal(Wt, before)
         assert np.allclose(new.numpy(), W + L0 @ Rh0, rtol=0, atol=10 * TOL[dtype])
 

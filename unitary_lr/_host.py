@@ -206,36 +206,42 @@ def lean_arrays(W, G):
     return _lean.lean_arrays(W, G)
 
 
-def lean_factors(xp, W, G, draw: np.ndarray, shape, *, lr, variant, power_iters):
+def lean_factors(xp, W, G, draw: np.ndarray, shape, *, lr, rank, variant, power_iters):
     """The factors (L, Rh) of a step by a fast path, or None where the
     general step is to run (on the same host ``draw`` of the sketch of
     ``shape``, as :func:`sketch_from_host` takes it). W and G are checked
-    arrays and ``lr`` a checked float. Two fast paths for the eager rank-1
-    step of one square matrix, which give the general step's factors bit
-    for bit and return None themselves for anything out of the ordinary
-    (NaN/Inf, a W that is not unitary), which the general step then
-    reports (docs/benchmarks.md, "A lean eager rank-1 step", "The host's
-    lean step"):
+    arrays and ``lr`` a checked float. Two fast paths for the eager step
+    of one square matrix, which give the general step's factors bit for bit
+    and return None themselves for anything out of the ordinary (NaN/Inf, a
+    W that is not unitary), which the general step then reports
+    (docs/benchmarks.md, "A lean eager rank-1 step", "The host's lean
+    step"):
 
-    - the host's (``unitary_lr/_lean_numpy.py``): NumPy arrays, and small
-      PyTorch CPU tensors through their NumPy views, whose factors come back
-      as tensors on the same memory;
-    - PyTorch's (``unitary_lr/torch/_lean.py``): float32 and complex64
-      tensors on any device with float64, outside a trace.
+    - the host's (``unitary_lr/_lean_numpy.py``), at any rank: NumPy
+      arrays, and small PyTorch CPU tensors through their NumPy views
+      (within :func:`host_views`' limits for a sketch of two or more
+      columns), whose factors come back as tensors on the same memory;
+    - PyTorch's (``unitary_lr/torch/_lean.py``), rank 1: float32 and
+      complex64 tensors on any device with float64, outside a trace.
     """
-    if shape is None or len(shape) != 2 or shape[-1] != 1:
+    if shape is None or len(shape) != 2:
         return None
     from . import _lean_numpy
 
-    on_torch = _is_torch(xp)
-    views = _torch_numpy_views(W, G) if on_torch else (W, G)
+    on_torch, wide = _is_torch(xp), shape[-1] != 1
+    if not on_torch:
+        views = (W, G)
+    elif not wide:
+        views = _torch_numpy_views(W, G)
+    else:  # a sketch of two or more columns: one square matrix, within host_views' limits
+        views = host_views(xp, W, G) if W.ndim == 2 and W.shape[-2] == W.shape[-1] else None
     host = None if views is None else _lean_numpy.host_arrays(*views)
     if host is not None:
-        factors = _lean_numpy.lean_factors(*host, draw, lr=lr, variant=variant, power_iters=power_iters)
+        factors = _lean_numpy.lean_factors(*host, draw, lr=lr, rank=rank, variant=variant, power_iters=power_iters)
         if factors is None or not on_torch:
             return factors
         return torch_factors(factors)  # a PyTorch CPU tensor's factors
-    if not on_torch:
+    if not on_torch or wide:
         return None
     from .torch import _lean
 

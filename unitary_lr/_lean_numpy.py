@@ -1,7 +1,8 @@
-"""The eager rank-1 step of one square matrix on the host, in NumPy (private;
-the host's fast path, taken by ``steps.update_drawn`` through
+"""The eager step of one square matrix on the host, in NumPy (private; the
+host's fast path, taken by ``steps.update_drawn`` through
 ``_host.lean_factors`` for NumPy arrays and for PyTorch CPU tensors, through
-their NumPy views; measured in docs/benchmarks.md, "The host's lean step").
+their NumPy views; measured in docs/benchmarks.md, "The host's lean step"
+and "The host's lean step of rank two and more").
 
 At n <= 256 a step on the CPU is nearly all fixed cost. The general step
 (``steps`` and ``_flow``, written once for every library, batch shape,
@@ -9,10 +10,14 @@ dtype, device, variant and rank) makes again at every step its decisions on
 layouts, dtypes, devices and batch shapes, some 500 Python calls; and an
 operation of PyTorch's CPU backend costs 5-10 us of dispatch where NumPy's
 costs 1-3 us (the same products at n = 8: 304 against 55 us, one thread,
-torch 2.13, NumPy 2.4). Here the step of one square matrix at rank 1 is the
-general NumPy step's operations, in the same order and forms, its helpers'
-choices made once: the factors are those of the general step on the same
-NumPy arrays bit for bit (``tests/test_lean_numpy.py``). A small PyTorch
+torch 2.13, NumPy 2.4). Here the step of one square matrix is the general
+NumPy step's operations, in the same order and forms, its helpers' choices
+made once: the factors are those of the general step on the same NumPy
+arrays bit for bit (``tests/test_lean_numpy.py``). At rank 1 the 2 x 2
+cores are closed forms on Python numbers (``_flow._right_core_tiny``); a
+sketch of two or more columns (rank 2 and more, or oversampled) calls the
+general step's cores (``_flow._right_core``) as they are, and saves the
+flow's decisions and transfers around them. A small PyTorch
 CPU tensor is stepped through its NumPy view (no copy), and its factors
 come back as tensors on the NumPy results (no copy either; see
 ``_host.lean_factors``).
@@ -30,8 +35,18 @@ import functools
 import numpy as np
 
 from . import _xp
-from ._cores import drop_tolerance, host_xp
-from ._flow import _right_core_tiny, needs_balancing, newton_schulz_basis, newton_schulz_count
+from ._cores import balance_bound, drop_tolerance, host_xp, largest
+from ._flow import (
+    UNITARITY_TOLERANCE,
+    _product,
+    _right_core,
+    _right_core_tiny,
+    _unitarity_deviation,
+    balance_columns,
+    needs_balancing,
+    newton_schulz_basis,
+    newton_schulz_count,
+)
 from ._xp import by_columns, namespace
 
 __all__ = ["host_arrays", "lean_factors", "square_pair"]
@@ -41,6 +56,7 @@ __all__ = ["host_arrays", "lean_factors", "square_pair"]
 _CORE = {np.dtype(np.float32): np.dtype(np.float64), np.dtype(np.complex64): np.dtype(np.complex128),
          np.dtype(np.float64): np.dtype(np.float64), np.dtype(np.complex128): np.dtype(np.complex128)}
 _CORE_EPS = float(np.finfo(np.float64).eps)
+_CORE_TINY = float(np.finfo(np.float64).smallest_normal)
 
 
 @functools.cache
@@ -78,24 +94,19 @@ def host_arrays(W, G):
     return W, G
 
 
-def lean_factors(W, G, host_draw, *, lr, variant, power_iters):
+def lean_factors(W, G, host_draw, *, lr, rank, variant, power_iters):
     """(L, Rh) of the step of the NumPy W along ``-lr G`` (the new W is
     W + L Rh), as ``steps.update_drawn`` gives them for the sketch
-    ``host_draw`` (the host draw (1, n) of :func:`steps.sketch_draw`), or
+    ``host_draw`` (the host draw (l, n) of :func:`steps.sketch_draw`), or
     None where the general step must decide (see the module's docstring).
-    Only for :func:`host_arrays`' pairs and a checked ``lr`` (a float)."""
+    Only for :func:`host_arrays`' pairs and checked options (``lr`` a
+    float)."""
     # NumPy's warnings on NaN, Inf and the cores' rare overflow, which the
     # general step silences too (``_flow.checked``): what they warn of is checked
     with np.errstate(all="ignore"):
-        return _factors(W, G, host_draw, lr=lr, variant=variant, power_iters=power_iters)
-
-
-def _adjoint(A, B):
-    """``A^H B`` of a large A and one column B as ``_xp.adjoint_matmul`` makes
-    it for NumPy: ``(B^H A)^H``."""
-    if B.dtype.kind == "c":
-        return np.conj((np.conj(B.mT) @ A).mT)
-    return (B.mT @ A).mT
+        if host_draw.shape[-2] == 1:
+            return _factors(W, G, host_draw, lr=lr, variant=variant, power_iters=power_iters)
+        return _wide_factors(W, G, host_draw, lr=lr, rank=rank, variant=variant, power_iters=power_iters)
 
 
 def _h(X):
@@ -115,22 +126,14 @@ def _factors(W, G, host_draw, *, lr, variant, power_iters):
     Y = G @ omega
     s = np.abs(Y).max(axis=(-2, -1), keepdims=True) + tiny
     Y = Y / s
-    Z = _adjoint(G, Y)
+    Z = _left(G, Y)
     for _ in range(power_iters):
         Y = G @ (Z / s) / s
-        Z = _adjoint(G, Y)
-    # the panels [Y, Z, W^H Y] and their Gram (_flow._right_panels); a Gram
-    # in the panels' own precision needs Z rescaled (_flow.prepare_panels)
-    scales = []
-    if core == dtype:
-        top = np.abs(Z).max(axis=(-2, -1), keepdims=True) + tiny
-        Z = Z / top
-        scales.append(top.astype(core))
-    F = np.concatenate([Y, Z, _adjoint(W, Y)], -1)
-    wide = F.astype(core, copy=False)
-    C = _h(wide) @ wide
-    if not np.isfinite(C).all() or (scales and not np.isfinite(scales[0]).all()):
+        Z = _left(G, Y)
+    gram = _panel_gram(W, Y, Z, core, tiny)
+    if gram is None:
         return None
+    F, C, scales = gram
     try:
         T, D, spread = _right_core_tiny(host_xp, C, scales, lr=lr, variant=variant, sketched=True,
                                         tol=drop_tolerance(W.shape[-1], eps, _CORE_EPS), core_eps=_CORE_EPS)
@@ -145,6 +148,105 @@ def _factors(W, G, host_draw, *, lr, variant, power_iters):
     steps = newton_schulz_count(spread, 2, eps, _CORE_EPS)
     P = F[..., 1:]
     Q = (T.mT @ P.mT).mT if not steps else newton_schulz_basis(_numpy_namespace(), P, T, steps)
-    if by_columns(_numpy_namespace(), W, Q, "right"):
-        return np.concatenate([W @ Q[:, :1], W @ Q[:, 1:]], -1) @ D, _h(Q)
-    return W @ Q @ D, _h(Q)
+    return _right(W, Q) @ D, _h(Q)
+
+
+def _panel_gram(W, Y, Z, core, tiny):
+    """(F, C, scales): the panels [Y, Z, W^H Y] side by side, their Gram in
+    the cores' dtype and the gathered scales (``_flow._right_panels``; a
+    Gram in the panels' own precision needs Z rescaled first, see
+    ``_flow.prepare_panels``), or None where the Gram or a scale is not
+    finite (the general step names the input)."""
+    scales = []
+    if core == W.dtype:
+        top = np.abs(Z).max(axis=(-2, -1), keepdims=True) + tiny
+        Z = Z / top
+        scales.append(top.astype(core))
+    F = np.concatenate([Y, Z, _left(W, Y)], -1)
+    wide = F.astype(core, copy=False)
+    C = _h(wide) @ wide
+    if not np.isfinite(C).all() or (scales and not np.isfinite(scales[0]).all()):
+        return None
+    return F, C, scales
+
+
+def _right(W, P):
+    """``_xp.matmul_panel`` of a 2-D NumPy W (below the cache limit) and a
+    panel: one column at a time where ``_xp.by_columns`` says so (NumPy's
+    BLAS pads two or three columns)."""
+    if by_columns(_numpy_namespace(), W, P, "right"):
+        return np.concatenate([W @ P[:, j:j + 1] for j in range(P.shape[-1])], -1)
+    return W @ P
+
+
+def _left(A, P):
+    """``_xp.adjoint_matmul(A, P)`` of a 2-D NumPy A and a panel:
+    ``(P^H A)^H``, the rows of ``P^H A`` made one at a time where
+    ``_xp.by_columns`` says so."""
+    if by_columns(_numpy_namespace(), A, P, "left"):
+        rows = np.concatenate([_h(P[:, j:j + 1]) @ A for j in range(P.shape[-1])], -2)
+    else:
+        rows = _h(P) @ A
+    return _h(rows)
+
+
+def _rebased(Y, core, eps, tiny):
+    """``_flow.orthonormal_columns`` of a panel Y of two or more columns:
+    Y times the inverse of the shifted Cholesky factor of its Gram
+    (``_cores.cholesky_columns``), in the cores' dtype."""
+    if core == Y.dtype:
+        Y = Y / (np.abs(Y).max(axis=(-2, -1), keepdims=True) + tiny)
+    F = Y.astype(core, copy=False)
+    tol = max(drop_tolerance(Y.shape[-2], eps, _CORE_EPS), 16 * Y.shape[-1] * _CORE_EPS)
+    M = _h(F) @ F
+    d = np.einsum("ii->i", M)
+    d *= 1 + tol
+    d += _CORE_TINY
+    try:
+        inverse = np.linalg.inv(_h(np.linalg.cholesky(M)))
+    except np.linalg.LinAlgError:
+        return None
+    return (inverse.mT @ F.mT).mT.astype(Y.dtype, copy=False)
+
+
+def _wide_factors(W, G, host_draw, *, lr, rank, variant, power_iters):
+    """:func:`lean_factors` for a sketch of two or more columns: the general
+    step's ``_flow.sketch_panels`` and ``_flow.lowrank_right_update`` written
+    out for two 2-D NumPy arrays, its cores (``_flow._right_core``) called
+    as they are."""
+    dtype = W.dtype
+    core = _CORE[dtype]
+    eps, tiny = _finfo(dtype)
+    n, l = W.shape[-1], host_draw.shape[-2]
+    # the sketch (_flow.sketch_panels): the panel re-based before each product with G^H and G
+    Y = _right(G, np.asarray(host_draw, dtype=dtype).mT)
+    for _ in range(power_iters):
+        X = _rebased(Y, core, eps, tiny)
+        X = None if X is None else _rebased(_left(G, X), core, eps, tiny)
+        if X is None:
+            return None
+        Y = _right(G, X)
+    Y = _rebased(Y, core, eps, tiny)
+    if Y is None:
+        return None
+    gram = _panel_gram(W, Y, _left(G, Y), core, tiny)
+    if gram is None:
+        return None
+    F, C, scales = gram
+    tol = drop_tolerance(n, eps, _CORE_EPS)
+    if not _unitarity_deviation(host_xp, C[:l, :l], C[2 * l:, 2 * l:]) <= UNITARITY_TOLERANCE:
+        return None
+    CP = C[l:, l:]
+    try:
+        T, D, spread = _right_core(host_xp, C[:l, :l], CP, lr=lr, variant=variant, rank=rank, l=l, sketched=True,
+                                   tol=tol, traced=False, scale=_product(host_xp, scales))
+    except ValueError:  # a core failed: the general step says so
+        return None
+    steps = newton_schulz_count(largest(spread, 1.0), 2 * l, eps, _CORE_EPS)
+    # _flow._scatter: the results in W's dtype, row-major as its transfer makes them
+    T, column_scale = balance_columns(host_xp, CP, T, False, balance_bound(host_xp, dtype))
+    T, D = T.astype(dtype, order="C"), D.astype(dtype, order="C")
+    if column_scale is not None:
+        column_scale = column_scale.astype(dtype)
+    Q = newton_schulz_basis(_numpy_namespace(), F[:, l:], T, steps, column_scale)
+    return _right(W, Q) @ D, _h(Q)

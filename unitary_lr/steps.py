@@ -292,7 +292,7 @@ def update_drawn(W, G, draw, /, *, lr, rank, variant, oversample, power_iters, a
             W, G, lr=lr, rank=rank, variant=variant, oversample=oversample, power_iters=power_iters)
     shape = sketch_shape(G, rank, oversample)
     host = None if shape is None else draw(xp, shape, _dtype(G))
-    lean = lean_factors(xp, W, G, host, shape, lr=lr, variant=variant, power_iters=power_iters)
+    lean = lean_factors(xp, W, G, host, shape, lr=lr, rank=rank, variant=variant, power_iters=power_iters)
     if lean is not None:
         return lean
     return _drawn_factors(xp, W, G, gradients, host, shape, lr=lr, rank=rank, variant=variant,
