@@ -164,6 +164,19 @@ def make_cores(xp, like, traced):
     return DeviceCores(xp, like) if traced else HostCores(xp, like)
 
 
+# Whether the host's cores take their fast paths (``_gram_basis_host``,
+# ``_planes_minus_identity_host``, the clamp of ``_flow._clamped``): the
+# general forms' operations bit for bit, with NumPy's cheaper means; tests
+# switch them off to compare (``tests/test_cores_host.py``).
+HOST_FAST_PATHS = True
+
+
+def host_fast(xp, x):
+    """Whether the core on ``x`` takes its host fast path: one NumPy matrix
+    (or less) of the host's cores (``host_xp``), not a batch."""
+    return HOST_FAST_PATHS and xp is host_xp and x.ndim <= 2
+
+
 def hermitian_eigh(xp, H):
     """``xp.linalg.eigh(H)`` for Hermitian H (..., r, r): eigenvalues in
     ascending order, orthonormal eigenvectors in the columns. For r = 1 and
@@ -246,6 +259,8 @@ def gram_basis(xp, C, tol, *, basis_only=False, with_spread=True):
     R and the spread are a third of them); ``with_spread=False``: (T, R,
     None), for traced callers, which cannot look at the spread.
     """
+    if host_fast(xp, C):
+        return _gram_basis_host(C, tol, basis_only, with_spread)
     # Python zeros and ones in the selections: the standard broadcasts them
     # at no cost, where a zeros_like is an operation (a kernel on a device)
     d = xp.real(xp.linalg.diagonal(C))
@@ -268,6 +283,36 @@ def gram_basis(xp, C, tol, *, basis_only=False, with_spread=True):
     smallest = xp.min(xp.where(keep, lam, top), axis=-1)
     kept_any = smallest > 0
     spread = xp.where(kept_any, top[..., 0] / xp.where(kept_any, smallest, 1.0), 1.0)
+    return T, R, spread
+
+
+def _gram_basis_host(C, tol, basis_only, with_spread):
+    """:func:`gram_basis` of one host matrix C, the general form's operations
+    bit for bit with NumPy's cheaper means (array methods and views where
+    the standard has functions: a NumPy function call on a tiny array
+    costs about twice its method's); a third less time at r = 2 to 16
+    (``tests/test_cores_host.py``)."""
+    d = C.diagonal().real
+    positive = d > 0
+    root_d = numpy.sqrt(numpy.where(positive, d, 1.0))
+    scale = numpy.where(positive, 1 / root_d, 0.0)
+    outer = scale[:, None] * scale[None, :]
+    lam, V = numpy.linalg.eigh(C * (outer if outer.dtype == C.dtype else outer.astype(C.dtype)))
+    top = lam.max(keepdims=True)
+    keep = lam > tol * top
+    root = numpy.sqrt(numpy.where(keep, lam, 1.0))
+    inverse_root = numpy.where(keep, 1 / root, 0.0)
+    inner = scale[:, None] * inverse_root[None, :]
+    T = V * (inner if inner.dtype == V.dtype else inner.astype(V.dtype))
+    if basis_only:
+        return T, None, None
+    kept_root, column_root = numpy.where(keep, root, 0.0), numpy.where(positive, root_d, 0.0)
+    outer = kept_root[:, None] * column_root[None, :]
+    R = (V.conj() if V.dtype.kind == "c" else V).mT * (outer if outer.dtype == V.dtype else outer.astype(V.dtype))
+    if not with_spread:
+        return T, R, None
+    smallest = numpy.where(keep, lam, top).min()
+    spread = top[0] / smallest if smallest > 0 else numpy.float64(1.0)
     return T, R, spread
 
 
@@ -326,6 +371,8 @@ def expm_skew_minus_identity(xp, K, t, *, cayley=False):
     """
     if K.shape[-1] == 2 and not is_complex(xp, K.dtype):
         return _plane_rotation_minus_identity(xp, K, t, cayley)
+    if host_fast(xp, K) and K.shape[-1] >= 4 and K.dtype.kind == "f" and numpy.size(t) == 1:
+        return _planes_minus_identity_host(K, t, cayley)
     ctype = complex_dtype(xp, K.dtype)
     Kc = xp.astype(K, ctype, copy=False)
     if isinstance(t, (int, float)):
@@ -379,6 +426,42 @@ def expm_skew_minus_identity(xp, K, t, *, cayley=False):
     # x a x^T + y a y^T + x b y^T - y b x^T, as one product
     left = xp.concat([x * a - y * b, x * b + y * a], axis=-1)
     return left @ mH(xp, xp.concat([x, y], axis=-1))
+
+
+def _planes_minus_identity_host(K, t, cayley):
+    """:func:`expm_skew_minus_identity` of one real K (r x r, r >= 4) on the
+    host (t a number or a host array of one entry), the operations of the general form bit for bit, with NumPy's
+    means: the top half of the spectrum taken as a reversed view (the
+    standard has no negative step, and a flip is a call of its own), the
+    angles of that half only (elementwise, so the same numbers), the planes
+    interleaved into one array by two assignments. The host's cores call it
+    at every eager step of rank two or more (``_flow._right_core``); about
+    a third less time at r = 4 (``tests/test_cores_host.py`` holds it to
+    the general form's result on the compat layer's NumPy)."""
+    r = K.shape[-1]
+    h = r // 2
+    ctype = _COMPLEX_OF_REAL[K.dtype]
+    if isinstance(t, (int, float)):
+        lam, V = numpy.linalg.eigh(K.astype(ctype, copy=False) * (1j * t))
+    else:  # the step's size as a host array (..., 1, 1), as the general form takes it
+        lam, V = numpy.linalg.eigh(K.astype(ctype, copy=False) * (t.astype(ctype) * 1j))
+    noise = r * float(numpy.finfo(lam.dtype).eps) * numpy.abs(lam).max()
+    top = lam[:r - h - 1:-1]  # the top h eigenvalues, largest first
+    angle = numpy.where(numpy.abs(top) <= noise, 0.0, _rotation_angle(numpy, top, cayley))
+    cos_minus_one, sine = _cos_minus_one_and_sine(numpy, angle)
+    positive = (top > noise).astype(top.dtype)
+    planes = numpy.empty((r, 2 * h), dtype=top.dtype)
+    V = V[:, :r - h - 1:-1]
+    planes[:, 0::2], planes[:, 1::2] = V.real, V.imag
+    Q, R = numpy.linalg.qr(planes)
+    Q = Q * numpy.where(numpy.diagonal(R) < 0, -1.0, 1.0)
+    x, y = Q[:, 0::2], Q[:, 1::2]
+    a, b = positive * cos_minus_one, -positive * sine
+    left = numpy.concatenate([x * a - y * b, x * b + y * a], axis=-1)
+    return left @ numpy.concatenate([x, y], axis=-1).mT
+
+
+_COMPLEX_OF_REAL = {numpy.dtype(numpy.float32): numpy.complex64, numpy.dtype(numpy.float64): numpy.complex128}
 
 
 def _plane_rotation_minus_identity(xp, K, t, cayley):

@@ -28,8 +28,8 @@ import functools
 import math
 import warnings
 
-from ._cores import (cholesky_columns, drop_tolerance, expm_skew_minus_identity, gram_basis, hermitian_eigh, largest,
-                     polar_minus_identity, scatter_present)
+from ._cores import (cholesky_columns, drop_tolerance, expm_skew_minus_identity, gram_basis, hermitian_eigh, host_fast,
+                     largest, polar_minus_identity, scatter_present)
 from ._host import is_traced, staged
 from ._tiny import gram_basis2, polar_small2, skew_core2
 from ._xp import (RightProduct, adjoint_matmul, adjoint_rows, blocked_normal, broadcast_shapes, core_dtype, device,
@@ -81,6 +81,8 @@ def _clamped(sxp, s):
     that is smaller (a 32-bit scale on a device without float64)."""
     if isinstance(s, (int, float)):
         return max(-_HUGE, min(_HUGE, s))
+    if host_fast(sxp, s) and s.dtype == sxp.float64:  # one selection, of the same numbers (NaN stays NaN)
+        return sxp.clip(s, -_HUGE, _HUGE)
     s = sxp.real(s)
     bound = min(_HUGE, float(sxp.finfo(s.dtype).max) / 4)
     return sxp.where(s > bound, sxp.full_like(s, bound), sxp.where(s < -bound, sxp.full_like(s, -bound), s))
