@@ -174,7 +174,7 @@ def _right(W, P):
     """``_xp.matmul_panel`` of a 2-D NumPy W (below the cache limit) and a
     panel: one column at a time where ``_xp.by_columns`` says so (NumPy's
     BLAS pads two or three columns)."""
-    if by_columns(_numpy_namespace(), W, P, "right"):
+    if P.shape[-1] > 1 and by_columns(_numpy_namespace(), W, P, "right"):
         return np.concatenate([W @ P[:, j:j + 1] for j in range(P.shape[-1])], -1)
     return W @ P
 
@@ -183,11 +183,11 @@ def _left(A, P):
     """``_xp.adjoint_matmul(A, P)`` of a 2-D NumPy A and a panel:
     ``(P^H A)^H``, the rows of ``P^H A`` made one at a time where
     ``_xp.by_columns`` says so."""
-    if by_columns(_numpy_namespace(), A, P, "left"):
-        rows = np.concatenate([_h(P[:, j:j + 1]) @ A for j in range(P.shape[-1])], -2)
-    else:
-        rows = _h(P) @ A
-    return _h(rows)
+    if P.shape[-1] > 1 and by_columns(_numpy_namespace(), A, P, "left"):
+        return _h(np.concatenate([_h(P[:, j:j + 1]) @ A for j in range(P.shape[-1])], -2))
+    if P.dtype.kind == "c":
+        return np.conj((np.conj(P.mT) @ A).mT)
+    return (P.mT @ A).mT
 
 
 def _rebased(Y, core, eps, tiny):
