@@ -15,7 +15,9 @@ once against the Array API and run in one of two places:
   no host transfer and no Python branch on array values.
 
 Every core is written so that a tiny update is not lost to cancellation and a
-huge or singular one gives no NaN.
+huge or singular one gives no NaN. On the host, the cores of one matrix that
+every eager step of rank two or more calls take NumPy fast paths of the same
+operations, bit for bit (:data:`HOST_FAST_PATHS`).
 """
 
 from __future__ import annotations
@@ -287,11 +289,11 @@ def gram_basis(xp, C, tol, *, basis_only=False, with_spread=True):
 
 
 def _gram_basis_host(C, tol, basis_only, with_spread):
-    """:func:`gram_basis` of one host matrix C, the general form's operations
-    bit for bit with NumPy's cheaper means (array methods and views where
-    the standard has functions: a NumPy function call on a tiny array
-    costs about twice its method's); a third less time at r = 2 to 16
-    (``tests/test_cores_host.py``)."""
+    """:func:`gram_basis` of one host matrix C: the general form's
+    operations bit for bit, with NumPy's cheaper means (array methods and
+    views where the standard has functions: a NumPy function call on a tiny
+    array costs about twice its method's). ``tests/test_cores_host.py``
+    holds it to the general form with the fast paths off."""
     d = C.diagonal().real
     positive = d > 0
     root_d = numpy.sqrt(numpy.where(positive, d, 1.0))
@@ -430,14 +432,14 @@ def expm_skew_minus_identity(xp, K, t, *, cayley=False):
 
 def _planes_minus_identity_host(K, t, cayley):
     """:func:`expm_skew_minus_identity` of one real K (r x r, r >= 4) on the
-    host (t a number or a host array of one entry), the operations of the general form bit for bit, with NumPy's
-    means: the top half of the spectrum taken as a reversed view (the
-    standard has no negative step, and a flip is a call of its own), the
-    angles of that half only (elementwise, so the same numbers), the planes
-    interleaved into one array by two assignments. The host's cores call it
-    at every eager step of rank two or more (``_flow._right_core``); about
-    a third less time at r = 4 (``tests/test_cores_host.py`` holds it to
-    the general form's result on the compat layer's NumPy)."""
+    host, t a number or a host array of one entry: the general form's
+    operations bit for bit, with NumPy's means. The top half of the
+    spectrum is a reversed view (the standard has no negative step, and a
+    flip is a call of its own), only that half's angles are computed
+    (elementwise: the same numbers), and the planes are interleaved into
+    one array by two assignments. The host's cores call it at every eager
+    step of rank two or more (``_flow._right_core``); ``tests/test_cores_host.py``
+    holds it to the general form with the fast paths off."""
     r = K.shape[-1]
     h = r // 2
     ctype = _COMPLEX_OF_REAL[K.dtype]

@@ -36,17 +36,8 @@ import numpy as np
 
 from . import _xp
 from ._cores import balance_bound, drop_tolerance, host_xp, largest
-from ._flow import (
-    UNITARITY_TOLERANCE,
-    _product,
-    _right_core,
-    _right_core_tiny,
-    _unitarity_deviation,
-    balance_columns,
-    needs_balancing,
-    newton_schulz_basis,
-    newton_schulz_count,
-)
+from ._flow import (UNITARITY_TOLERANCE, _product, _right_core, _right_core_tiny, _unitarity_deviation, balance_columns,
+                    needs_balancing, newton_schulz_basis, newton_schulz_count)
 from ._xp import by_columns, namespace
 
 __all__ = ["host_arrays", "lean_factors", "square_pair"]
