@@ -169,18 +169,20 @@ def test_out_of_the_ordinary_steps_end_as_the_general_step_does(case, rank, monk
         assert unitarity(W + ours[0] @ ours[1]) < 1e-5 and not np.allclose(W + ours[0] @ ours[1], W)
 
 
-def test_numpy_arrays_are_not_changed_and_steps_are_unitary():
-    """projunn_step of NumPy arrays through the lean step: W and G as they
-    were, a new unitary W in W's dtype, a transposed (column-major) W and G
-    stepped as their row-major copies, to rounding (the BLAS sums their
-    products in another order)."""
+@pytest.mark.parametrize("rank", [1, 4])
+def test_numpy_arrays_are_not_changed_and_steps_are_unitary(rank):
+    """projunn_step of NumPy arrays through the lean step, at rank 1 and 4:
+    W and G as they were (read-only arrays step too), a new unitary W in W's
+    dtype, a transposed (column-major) W and G stepped as their row-major
+    copies, to rounding (the BLAS sums their products in another order)."""
     W, G = _pair(np.random.default_rng(2), 40, "complex64")
     W0, G0 = W.copy(), G.copy()
-    new = projunn_step(W, G, lr=0.1, rng=1)
+    W.flags.writeable = G.flags.writeable = False
+    new = projunn_step(W, G, lr=0.1, rank=rank, rng=1)
     assert np.array_equal(W, W0) and np.array_equal(G, G0)
     assert new.dtype == W.dtype and unitarity(new) < 2e-5 and not np.allclose(new, W)
     Wt, Gt = np.ascontiguousarray(W.T).T, np.ascontiguousarray(G.T).T
-    assert np.allclose(projunn_step(Wt, Gt, lr=0.1, rng=1), new, rtol=0, atol=1e-5)
+    assert np.allclose(projunn_step(Wt, Gt, lr=0.1, rank=rank, rng=1), new, rtol=0, atol=1e-5)
 
 
 torch = pytest.importorskip("torch")
