@@ -276,8 +276,9 @@ def host_step_views(xp, W, G, shape):
     the general step runs on the host, as NumPy's step, where no fast path
     of :func:`lean_factors` took them: a sketch of two or more columns
     (rank >= 2, or oversampled) or a batch of matrices (the optimizer's
-    stacked parameters), tensors within a quarter of the rank-1 limits
-    (:data:`TORCH_NUMPY_PANEL_SHARE`); else None (``shape``: the sketch's,
+    stacked parameters), tensors within the rank-1 limit where PyTorch runs
+    one thread, else a quarter of it (:data:`TORCH_NUMPY_PANEL_SHARE`);
+    else None (``shape``: the sketch's,
     see ``steps.sketch_shape``). A small step is nearly all fixed cost, and
     each of PyTorch's CPU operations costs 5-10 us of dispatch where NumPy's
     costs 1-3 us (docs/benchmarks.md, "Rank two and more on the host")."""
@@ -310,17 +311,24 @@ def torch_factors(factors):
     return tuple(_torch_from_numpy(x) for x in factors)
 
 
-# A step of two or more sketch columns goes through NumPy for tensors of up
-# to this share of the limits above: 64 KiB (float32 128 x 128), or 256 KiB
-# where PyTorch runs one thread. Its products are matrix-matrix ones, which
-# NumPy's OpenBLAS runs on threads of its own from smaller sizes on than a
-# matrix-vector product; where PyTorch runs several threads they contend
-# (two each on two cores, a forward product between the steps, float32,
-# rank 8: at 256 x 256 a step took 8.0 ms through NumPy against 1.2 ms by
-# PyTorch's operations; at 128 x 128, 0.83 against 1.02 ms). Where PyTorch
-# runs one thread, 0.92-0.96x at 256 x 256 (float32, float64, complex64),
-# 0.9-1.1x beyond. (Intel Xeon, two cores, torch 2.13, NumPy 2.4 with
-# OpenBLAS 0.3.31, 2026-12-06; each way in a process of its own.)
+# Where PyTorch runs several threads, a step of two or more sketch columns
+# (and a batch, and ``randomized_svd``) goes through NumPy for tensors of up
+# to this share of the limits above: 64 KiB (float32 128 x 128). Its
+# products are matrix-matrix ones, which NumPy's OpenBLAS runs on threads of
+# its own from smaller sizes on than a matrix-vector product, and they
+# contend with PyTorch's (two each on two cores, a forward product between
+# the steps, float32, rank 8: at 256 x 256 a step took 8.0 ms through NumPy
+# against 1.2 ms by PyTorch's operations, 6.5 against 1.4 ms since the
+# host's lean step of rank two and more; at 128 x 128, 0.83 against 1.02
+# ms). Where PyTorch runs one thread, there is nothing to contend with, and
+# these take the rank-1 limit (1 MiB): since the host's lean step and the
+# host cores' fast paths, NumPy's way took 0.65-0.88x PyTorch's time for
+# one matrix (float32 362 x 362 and 512 x 512, float64 362 x 362, complex64
+# 256 x 256 and 362 x 362, complex128 256 x 256; rank 2 and 8), 0.71-0.89x
+# for batches of 1 MiB and 0.85-0.94x for ``randomized_svd``. (Intel Xeon,
+# two cores, torch 2.13, NumPy 2.4 with OpenBLAS 0.3.31, 2026-12-06, the two
+# ways alternated call by call with a forward product between the calls;
+# docs/benchmarks.md, "The host's lean step of rank two and more".)
 TORCH_NUMPY_PANEL_SHARE = 0.25
 
 # Where PyTorch runs several threads, complex matrices of this many entries
@@ -334,21 +342,21 @@ TORCH_NUMPY_COMPLEX_ENTRIES = 4096
 
 def _numpy_pays(torch, W, share):
     """Whether the CPU tensor W takes the host's step through its NumPy view:
-    within ``share`` of :data:`TORCH_NUMPY_BYTES` (of
-    :data:`TORCH_NUMPY_BYTES_ONE_THREAD` where PyTorch runs one thread),
-    and where PyTorch runs several threads, a complex W only below
+    within :data:`TORCH_NUMPY_BYTES_ONE_THREAD` where PyTorch runs one
+    thread; where it runs several, within ``share`` of
+    :data:`TORCH_NUMPY_BYTES`, a complex W only below
     :data:`TORCH_NUMPY_COMPLEX_ENTRIES` entries a matrix."""
-    threads = torch.get_num_threads()
-    limit = TORCH_NUMPY_BYTES_ONE_THREAD if threads == 1 else TORCH_NUMPY_BYTES
-    if W.numel() * W.element_size() > share * limit:
+    if torch.get_num_threads() == 1:
+        return W.numel() * W.element_size() <= TORCH_NUMPY_BYTES_ONE_THREAD
+    if W.numel() * W.element_size() > share * TORCH_NUMPY_BYTES:
         return False
-    return threads == 1 or not W.is_complex() or W.shape[-2] * W.shape[-1] < TORCH_NUMPY_COMPLEX_ENTRIES
+    return not W.is_complex() or W.shape[-2] * W.shape[-1] < TORCH_NUMPY_COMPLEX_ENTRIES
 
 
 def _torch_numpy_views(W, G, share=1.0):
     """Two PyTorch CPU tensors (or parameters) of at most
-    :data:`TORCH_NUMPY_BYTES` each (:data:`TORCH_NUMPY_BYTES_ONE_THREAD`
-    where PyTorch runs one thread), times ``share``, with the bound of
+    :data:`TORCH_NUMPY_BYTES_ONE_THREAD` each where PyTorch runs one thread,
+    else :data:`TORCH_NUMPY_BYTES` times ``share``, with the bound of
     :data:`TORCH_NUMPY_COMPLEX_ENTRIES` (:func:`_numpy_pays`), without
     conjugate or negative bits, outside ``torch.compile``, as their NumPy
     views (no copy; the autograd history dropped), for the host's fast
