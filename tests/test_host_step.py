@@ -173,7 +173,8 @@ def test_errors_are_pytorchs_own(case, monkeypatch):
 def test_which_tensors_go_through_numpy(threads):
     """For a sketch of two or more columns, the rank-1 limit where PyTorch
     runs one thread (float32 512 x 512: nothing contends with NumPy's BLAS
-    threads), a quarter of it with several (float32 128 x 128);
+    threads), a quarter of it with several (float32 128 x 128); for
+    ``randomized_svd``, a quarter either way;
     with several threads, complex matrices only below 4096 entries, whatever
     the sketch; never a rank-1 sketch of one matrix (the host's lean step
     has it; a batch's goes through NumPy), a factored gradient, a sparse
@@ -185,6 +186,11 @@ def test_which_tensors_go_through_numpy(threads):
         for n, takes in [(limit, True), (limit + 1, False)]:
             W = torch.eye(n)
             assert (_host.host_step_views(_host_namespace(W), W, W, (n, 2)) is not None) is takes
+        # randomized_svd's matrix: a quarter of the rank-1 limit with one thread too
+        for n, takes in [(256 if threads == 1 else 128, True), (257 if threads == 1 else 129, False)]:
+            A = torch.eye(n)
+            views = _host.host_views(_host_namespace(A), A, one_thread_share=_host.TORCH_NUMPY_RSVD_ONE_THREAD_SHARE)
+            assert (views is not None) is takes
         assert _host.host_step_views(_host_namespace(W), torch.eye(8), torch.eye(8), (8, 1)) is None
         stack = torch.eye(8).repeat(3, 1, 1)  # a batch at rank 1: not the lean step's case
         assert _host.host_step_views(_host_namespace(W), stack, stack, (3, 8, 1)) is not None
@@ -280,7 +286,7 @@ def test_randomized_svd_of_small_tensors_runs_in_numpy(dtype, shape, monkeypatch
     A = random_matrix(rng, shape, dtype)
     At = torch.from_numpy(A.copy())
     views, real = [], _host.host_views
-    monkeypatch.setattr("unitary_lr.rsvd.host_views", lambda *a: views.append(real(*a)) or views[-1])
+    monkeypatch.setattr("unitary_lr.rsvd.host_views", lambda *a, **k: views.append(real(*a, **k)) or views[-1])
     ours = randomized_svd(At, 3, rng=2)
     assert len(views) == 1 and views[0] is not None and np.shares_memory(views[0][0], At.numpy())
     reference = randomized_svd(A, 3, rng=2)

@@ -23,7 +23,7 @@ from ._flow import (
     sketch_basis,
     sketch_panels,
 )
-from ._host import from_host, host_views, outside_torch_graph, staged, torch_factors
+from ._host import TORCH_NUMPY_RSVD_ONE_THREAD_SHARE, from_host, host_views, outside_torch_graph, staged, torch_factors
 from ._random import as_generator, host_normal
 from ._validation import (
     check_float_dtype,
@@ -170,7 +170,7 @@ def randomized_svd(A, /, rank, *, oversample=10, power_iters=2, rng=None):
     power_iters = check_int("power_iters", power_iters, minimum=0)
     draw = host_normal(xp, (*A.shape[:-2], n, sketch_width(rank, oversample, m, n)), dtype=A.dtype,
                        rng=as_generator(rng))
-    views = host_views(xp, A)
+    views = host_views(xp, A, one_thread_share=TORCH_NUMPY_RSVD_ONE_THREAD_SHARE)
     if views is not None:
         # a small PyTorch CPU tensor: NumPy's calls on its view cost a fraction
         # of PyTorch's CPU dispatch (see _host.host_views); NaN or Inf is
