@@ -278,8 +278,7 @@ def host_step_views(xp, W, G, shape):
     (rank >= 2, or oversampled) or a batch of matrices (the optimizer's
     stacked parameters), tensors within the rank-1 limit where PyTorch runs
     one thread, else a quarter of it (:data:`TORCH_NUMPY_PANEL_SHARE`);
-    else None (``shape``: the sketch's,
-    see ``steps.sketch_shape``). A small step is nearly all fixed cost, and
+    else None (``shape``: the sketch's, see ``steps.sketch_shape``). A small step is nearly all fixed cost, and
     each of PyTorch's CPU operations costs 5-10 us of dispatch where NumPy's
     costs 1-3 us (docs/benchmarks.md, "Rank two and more on the host")."""
     if shape is None or (shape[-1] == 1 and len(shape) == 2):
@@ -328,10 +327,10 @@ def torch_factors(factors):
 # one matrix (float32 362 x 362 and 512 x 512, float64 362 x 362, complex64
 # 256 x 256 and 362 x 362, complex128 256 x 256; rank 2 and 8), 0.71-0.89x
 # for batches of 1 MiB; with one BLAS thread (OPENBLAS_NUM_THREADS=1)
-# 0.74-0.98x and 0.71-0.90x. (Intel Xeon,
-# two cores, torch 2.13, NumPy 2.4 with OpenBLAS 0.3.31, 2026-12-06, the two
-# ways alternated call by call with a forward product between the calls;
-# docs/benchmarks.md, "The host's lean step of rank two and more".)
+# 0.74-0.98x and 0.71-0.90x. (Intel Xeon, two cores, torch 2.13, NumPy 2.4
+# with OpenBLAS 0.3.31, 2026-12-06, the two ways alternated call by call with
+# a forward product between the calls; docs/benchmarks.md, "The host's lean
+# step of rank two and more".)
 TORCH_NUMPY_PANEL_SHARE = 0.25
 
 # ``randomized_svd`` keeps a quarter of the rank-1 limit where PyTorch runs
@@ -367,8 +366,8 @@ def _torch_numpy_views(W, G, share=1.0, one_thread_share=1.0):
     """Two PyTorch CPU tensors (or parameters) of at most
     :data:`TORCH_NUMPY_BYTES_ONE_THREAD` times ``one_thread_share`` each
     where PyTorch runs one thread, else :data:`TORCH_NUMPY_BYTES` times
-    ``share``, with the bound of
-    :data:`TORCH_NUMPY_COMPLEX_ENTRIES` (:func:`_numpy_pays`), without
+    ``share``, with the bound of :data:`TORCH_NUMPY_COMPLEX_ENTRIES`
+    (:func:`_numpy_pays`), without
     conjugate or negative bits, outside ``torch.compile``, as their NumPy
     views (no copy; the autograd history dropped), for the host's fast
     path; else None."""
