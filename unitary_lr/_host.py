@@ -286,20 +286,19 @@ def host_step_views(xp, W, G, shape):
     return host_views(xp, W, G)
 
 
-def host_views(xp, A, B=None, *, one_thread_share=1.0):
+def host_views(xp, A, B=None):
     """NumPy views (no copy) of the PyTorch CPU tensor A, of one of the host's
-    four float dtypes, and of B of A's shape where given, for NumPy's general
+    four float dtypes, and of B of A's shape where given, for NumPy's
     routines (a step of two or more sketch columns, ``randomized_svd``):
     within the limits of :data:`TORCH_NUMPY_PANEL_SHARE` and
-    :data:`TORCH_NUMPY_COMPLEX_ENTRIES`, and within ``one_thread_share`` of
-    :data:`TORCH_NUMPY_BYTES_ONE_THREAD` where PyTorch runs one thread;
-    else None. A tuple of one or two views."""
+    :data:`TORCH_NUMPY_COMPLEX_ENTRIES`, and within
+    :data:`TORCH_NUMPY_BYTES_ONE_THREAD` where PyTorch runs one thread; else
+    None. A tuple of one or two views."""
     if not _is_torch(xp):
         return None
     from . import _lean_numpy
 
-    views = _torch_numpy_views(A, A if B is None else B, share=TORCH_NUMPY_PANEL_SHARE,
-                               one_thread_share=one_thread_share)
+    views = _torch_numpy_views(A, A if B is None else B, share=TORCH_NUMPY_PANEL_SHARE)
     # the host's dtypes: the keys of the lean host step's table of core dtypes
     if views is None or views[0].dtype not in _lean_numpy._CORE or views[0].shape != views[1].shape:
         return None
@@ -333,12 +332,15 @@ def torch_factors(factors):
 # step of rank two and more".)
 TORCH_NUMPY_PANEL_SHARE = 0.25
 
-# ``randomized_svd`` keeps a quarter of the rank-1 limit where PyTorch runs
-# one thread too: through NumPy it took 0.85-0.94x PyTorch's time from
-# 256 KiB to 1 MiB with NumPy's BLAS threads, but 1.07-1.14x at rank 1 with
-# one BLAS thread (float32 362 x 362 and 512 x 512; same machine and runs),
-# where the steps above stayed faster (0.74-0.98x).
-TORCH_NUMPY_RSVD_ONE_THREAD_SHARE = 0.25
+# ``randomized_svd`` takes the same limits. Where PyTorch runs one thread it
+# kept a quarter of the rank-1 limit until the host's lean randomized SVD
+# (``_lean_numpy.svd_factors``): through NumPy it had taken 1.07-1.14x
+# PyTorch's time at rank 1 with one BLAS thread. Since, from 256 KiB to
+# 1 MiB, 0.83-0.98x with one BLAS thread and 0.71-0.76x with NumPy's
+# (float32 362 x 362 and 512 x 512, float64 362 x 362, complex64 256 x 256
+# and 362 x 362, complex128 256 x 256, ranks 1 and 8; batches of 1 MiB
+# through NumPy's general routine 0.89-0.99x and 0.81-1.00x; same machine,
+# 2026-12-06, 20:45 UTC).
 
 # Where PyTorch runs several threads, complex matrices of this many entries
 # or more keep PyTorch's operations whatever the sketch: OpenBLAS threads
@@ -349,32 +351,31 @@ TORCH_NUMPY_RSVD_ONE_THREAD_SHARE = 0.25
 TORCH_NUMPY_COMPLEX_ENTRIES = 4096
 
 
-def _numpy_pays(torch, W, share, one_thread_share=1.0):
+def _numpy_pays(torch, W, share):
     """Whether the CPU tensor W takes the host's step through its NumPy view:
-    within ``one_thread_share`` of :data:`TORCH_NUMPY_BYTES_ONE_THREAD` where
-    PyTorch runs one thread; where it runs several, within ``share`` of
+    within :data:`TORCH_NUMPY_BYTES_ONE_THREAD` where PyTorch runs one
+    thread; where it runs several, within ``share`` of
     :data:`TORCH_NUMPY_BYTES`, a complex W only below
     :data:`TORCH_NUMPY_COMPLEX_ENTRIES` entries a matrix."""
     if torch.get_num_threads() == 1:
-        return W.numel() * W.element_size() <= one_thread_share * TORCH_NUMPY_BYTES_ONE_THREAD
+        return W.numel() * W.element_size() <= TORCH_NUMPY_BYTES_ONE_THREAD
     if W.numel() * W.element_size() > share * TORCH_NUMPY_BYTES:
         return False
     return not W.is_complex() or W.shape[-2] * W.shape[-1] < TORCH_NUMPY_COMPLEX_ENTRIES
 
 
-def _torch_numpy_views(W, G, share=1.0, one_thread_share=1.0):
+def _torch_numpy_views(W, G, share=1.0):
     """Two PyTorch CPU tensors (or parameters) of at most
-    :data:`TORCH_NUMPY_BYTES_ONE_THREAD` times ``one_thread_share`` each
-    where PyTorch runs one thread, else :data:`TORCH_NUMPY_BYTES` times
-    ``share``, with the bound of :data:`TORCH_NUMPY_COMPLEX_ENTRIES`
-    (:func:`_numpy_pays`), without
+    :data:`TORCH_NUMPY_BYTES_ONE_THREAD` each where PyTorch runs one
+    thread, else :data:`TORCH_NUMPY_BYTES` times ``share``, with the bound
+    of :data:`TORCH_NUMPY_COMPLEX_ENTRIES` (:func:`_numpy_pays`), without
     conjugate or negative bits, outside ``torch.compile``, as their NumPy
     views (no copy; the autograd history dropped), for the host's fast
     path; else None."""
     torch = sys.modules["torch"]
     if not (type(W) in (torch.Tensor, torch.nn.Parameter) and type(G) in (torch.Tensor, torch.nn.Parameter)
             and W.is_cpu and G.is_cpu and W.layout is torch.strided and G.layout is torch.strided
-            and W.ndim >= 2 and _numpy_pays(torch, W, share, one_thread_share)
+            and W.ndim >= 2 and _numpy_pays(torch, W, share)
             and not (W.is_conj() or G.is_conj()) and not (W.is_neg() or G.is_neg())
             and not torch.compiler.is_compiling()):
         return None

@@ -1,8 +1,10 @@
-"""The eager step of one square matrix on the host, in NumPy (private; the
-host's fast path, taken by ``steps.update_drawn`` through
-``_host.lean_factors`` for NumPy arrays and for PyTorch CPU tensors, through
-their NumPy views; measured in docs/benchmarks.md, "The host's lean step"
-and "The host's lean step of rank two and more").
+"""The eager step of one square matrix on the host, in NumPy, and the
+randomized SVD of one matrix (private; the host's fast paths, taken by
+``steps.update_drawn`` through ``_host.lean_factors`` and by
+``rsvd.randomized_svd`` for NumPy arrays and for PyTorch CPU tensors,
+through their NumPy views; measured in docs/benchmarks.md, "The host's lean
+step", "The host's lean step of rank two and more" and "The host's lean
+randomized SVD").
 
 At n <= 256 a step on the CPU is nearly all fixed cost. The general step
 (``steps`` and ``_flow``, written once for every library, batch shape,
@@ -26,6 +28,13 @@ Anything out of the ordinary (NaN or Inf, a W that is not unitary, panels
 whose columns need balancing) returns None after the host read, having
 changed nothing; ``update_drawn`` then runs the general step on the same
 sketch draw, which reports or handles it.
+
+The randomized SVD (:func:`svd_factors`) is the general ``rsvd._svd``'s
+NumPy operations in the same way, for one matrix, any shape, and a sketch
+of two or more columns (the default has eleven), sharing the step's
+sketch (:func:`_sketched_range`); its factors are the general routine's
+bit for bit (``tests/test_lean_rsvd.py``), and NaN, Inf or a sketch that
+needs the QR route go back to the general routine.
 """
 
 from __future__ import annotations
@@ -40,7 +49,7 @@ from ._flow import (_check_unitary, _product, _right_core, _right_core_tiny, bal
                     newton_schulz_basis, newton_schulz_count)
 from ._xp import by_columns, matmul_panel, namespace
 
-__all__ = ["host_arrays", "lean_factors", "square_pair"]
+__all__ = ["host_arrays", "lean_factors", "square_pair", "svd_factors", "takes_svd"]
 
 # The host's dtypes and the dtype of their Gram and cores (float32 panels'
 # Grams in float64, as ``_xp.core_dtype`` has them on the host).
@@ -203,19 +212,10 @@ def _wide_factors(W, G, host_draw, *, lr, rank, variant, power_iters):
     core = _CORE[dtype]
     eps, tiny = _finfo(dtype)
     n, l = W.shape[-1], host_draw.shape[-2]
-    xp = _numpy_namespace()
-    # the sketch (_flow.sketch_panels): the panel re-based before each product with G^H and G
-    Y = matmul_panel(xp, G, np.asarray(host_draw, dtype=dtype).mT)
-    for _ in range(power_iters):
-        X = _rebased(Y, core, eps, tiny)
-        X = None if X is None else _rebased(_left(G, X), core, eps, tiny)
-        if X is None:
-            return None
-        Y = matmul_panel(xp, G, X)
-    Y = _rebased(Y, core, eps, tiny)
-    if Y is None:
+    panels = _sketched_range(G, np.asarray(host_draw, dtype=dtype).mT, power_iters)
+    if panels is None:
         return None
-    gram = _panel_gram(W, Y, _left(G, Y), core, tiny)
+    gram = _panel_gram(W, *panels, core, tiny)
     if gram is None:
         return None
     F, C, scales = gram
@@ -233,5 +233,96 @@ def _wide_factors(W, G, host_draw, *, lr, rank, variant, power_iters):
     T, D = T.astype(dtype, order="C"), D.astype(dtype, order="C")
     if column_scale is not None:
         column_scale = column_scale.astype(dtype)
+    xp = _numpy_namespace()
     Q = newton_schulz_basis(xp, F[:, l:], T, steps, column_scale)
     return matmul_panel(xp, W, Q) @ D, _h(Q)
+
+
+def _sketched_range(A, omega, power_iters):
+    """``_flow.sketch_panels`` of a 2-D NumPy A (m x n) and a test matrix
+    omega (n x l) of two or more columns, in A's dtype: (Y, Z) with Y
+    spanning ``(A A^H)^q A omega``, re-based before each product with A^H
+    and A and after the last one, and ``Z = A^H Y``; None where a re-base
+    fails (NaN or Inf). The step's sketch and the randomized SVD's."""
+    dtype = A.dtype
+    core = _CORE[dtype]
+    eps, tiny = _finfo(dtype)
+    xp = _numpy_namespace()
+    Y = matmul_panel(xp, A, omega)
+    for _ in range(power_iters):
+        X = _rebased(Y, core, eps, tiny)
+        X = None if X is None else _rebased(_left(A, X), core, eps, tiny)
+        if X is None:
+            return None
+        Y = matmul_panel(xp, A, X)
+    Y = _rebased(Y, core, eps, tiny)
+    return None if Y is None else (Y, _left(A, Y))
+
+
+def takes_svd(A, draw):
+    """Whether ``rsvd._svd`` of A with the host draw ``draw`` (n x l) is
+    :func:`svd_factors`' case: one 2-D NumPy array of a float dtype smaller
+    than the last-level cache (beyond it the general products read A block
+    by block), a sketch of two or more columns."""
+    return (type(A) is np.ndarray and A.ndim == 2 and A.dtype in _CORE and draw.shape[-1] > 1
+            and A.nbytes < _xp._BEYOND_CACHE_BYTES)
+
+
+def svd_factors(A, draw, rank, power_iters):
+    """(U, S, Vh) of ``randomized_svd`` of the NumPy A for its test
+    matrix's host draw ``draw`` (n x l), as the general ``rsvd._svd`` gives
+    them, bit for bit; or None where that must decide: NaN or Inf, or a
+    sketch the Gram route cannot resolve (``rsvd._small_factors``: the QR
+    route). Only for :func:`takes_svd`'s case."""
+    from .rsvd import _small_factors  # (rsvd imports this module)
+
+    dtype = A.dtype
+    core = _CORE[dtype]
+    eps, tiny = _finfo(dtype)
+    with np.errstate(all="ignore"):  # what NumPy would warn of is checked
+        panels = _sketched_range(A, np.asarray(draw, dtype=dtype), power_iters)
+        if panels is None:
+            return None
+        Y, Z = panels
+        # rsvd._sketch: Z rescaled where the Grams are formed in A's own
+        # precision (_flow.prepare_panels), the Grams in the cores' dtype
+        scales = []
+        if core == dtype:
+            top = np.abs(Z).max(axis=(-2, -1), keepdims=True) + tiny
+            Z = Z / top
+            scales.append(top.astype(core))
+        wide_y, wide_z = Y.astype(core, copy=False), Z.astype(core, copy=False)
+        Cy, Cz = _h(wide_y) @ wide_y, _h(wide_z) @ wide_z
+        if not (np.isfinite(Cy).all() and np.isfinite(Cz).all()):
+            return None
+        small = _small_factors(Cy, Cz, scales, rank=rank, rows=A.shape[-2], eps=eps, gram_eps=_CORE_EPS)
+        if small is None:
+            return None
+        Fu, Fv, S, steps_u, steps_v = small
+        bound = balance_bound(host_xp, dtype)
+        (Fu, scale_u), (Fv, scale_v) = (balance_columns(host_xp, C, F, False, bound) for C, F in ((Cy, Fu), (Cz, Fv)))
+    # rsvd._factors on the results in A's dtype, row-major as their transfer makes them
+    xp = _numpy_namespace()
+    U = newton_schulz_basis(xp, Y, Fu.astype(dtype, order="C"), steps_u,
+                            None if scale_u is None else scale_u.astype(dtype))
+    V = newton_schulz_basis(xp, Z, Fv.astype(dtype, order="C"), steps_v,
+                            None if scale_v is None else scale_v.astype(dtype))
+    U, Vh = _canonical_phases(U, _h(V))
+    S = S.astype(dtype)
+    return U, (S.real if S.dtype.kind == "c" else S), Vh
+
+
+def _canonical_phases(U, Vh):
+    """``rsvd.canonical_phases`` of two 2-D NumPy arrays: the same numbers,
+    the entry of each column of U of largest magnitude taken by index where
+    the general form sums the column masked by it (the one entry plus
+    zeros). 5-13 us a call against 16-35 us for the general form (64 x 1
+    to 256 x 8, float32 and complex64)."""
+    k = U.shape[-1]
+    u = U[np.abs(U).argmax(axis=-2), np.arange(k)]
+    size = np.abs(u)
+    if U.dtype.kind == "c":
+        phase = np.where(size > 0, u / np.where(size > 0, size, 1.0).astype(U.dtype), 1.0).astype(U.dtype)
+        return U * np.conj(phase)[None, :], Vh * phase[:, None]
+    sign = np.where(u < 0, -1.0, 1.0).astype(U.dtype)
+    return U * sign[None, :], Vh * sign[:, None]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from typing import Any, NamedTuple
 
+from . import _lean_numpy
 from ._cores import (
     HostCores,
     balance_bound,
@@ -23,7 +24,7 @@ from ._flow import (
     sketch_basis,
     sketch_panels,
 )
-from ._host import TORCH_NUMPY_RSVD_ONE_THREAD_SHARE, from_host, host_views, outside_torch_graph, staged, torch_factors
+from ._host import from_host, host_views, outside_torch_graph, staged, torch_factors
 from ._random import as_generator, host_normal
 from ._validation import (
     check_float_dtype,
@@ -170,7 +171,7 @@ def randomized_svd(A, /, rank, *, oversample=10, power_iters=2, rng=None):
     power_iters = check_int("power_iters", power_iters, minimum=0)
     draw = host_normal(xp, (*A.shape[:-2], n, sketch_width(rank, oversample, m, n)), dtype=A.dtype,
                        rng=as_generator(rng))
-    views = host_views(xp, A, one_thread_share=TORCH_NUMPY_RSVD_ONE_THREAD_SHARE)
+    views = host_views(xp, A)
     if views is not None:
         # a small PyTorch CPU tensor: NumPy's calls on its view cost a fraction
         # of PyTorch's CPU dispatch (see _host.host_views); NaN or Inf is
@@ -184,7 +185,13 @@ def randomized_svd(A, /, rank, *, oversample=10, power_iters=2, rng=None):
 
 def _svd(xp, A, draw, rank, power_iters):
     """:func:`randomized_svd` of the checked A with its sketch's host draw:
-    the factors (U, S, Vh)."""
+    the factors (U, S, Vh). One NumPy matrix (or a PyTorch CPU tensor's
+    NumPy view) takes the host's lean form of the same operations, which
+    hands anything out of the ordinary back to the general one below."""
+    if _lean_numpy.takes_svd(A, draw):
+        factors = _lean_numpy.svd_factors(A, draw, rank, power_iters)
+        if factors is not None:
+            return factors
     m = A.shape[-2]
     # the host draw goes with the call of the staged sketch (see _host.staged)
     omega = from_host(xp, draw, dtype=A.dtype, device=device(A), staged=True)
