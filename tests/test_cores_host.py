@@ -1,5 +1,6 @@
 """The host cores' fast paths (``unitary_lr._cores``: ``_gram_basis_host``,
-``_planes_minus_identity_host``; the clamp of ``_flow._clamped``), which
+``_planes_minus_identity_host``; in ``_flow`` the clamp of ``_clamped``, the
+test of ``balance_columns`` and the diagonal of ``_unitarity_deviation``), which
 every eager step of rank two or more takes on the host: the general forms' results bit for bit (the fast paths
 switched off by ``HOST_FAST_PATHS``), on fresh random matrices of every
 kind the steps make (real and complex, rank-deficient, zero columns,
@@ -135,3 +136,38 @@ def test_clamp_fast_path_is_the_general_form():
             theirs = _flow._clamped(np, s)
         assert np.array_equal(ours, theirs, equal_nan=True) and ours.dtype == theirs.dtype and ours.shape == s.shape
         assert np.array_equal(np.signbit(ours), np.signbit(theirs))
+
+
+@pytest.mark.parametrize("complex_", [False, True])
+@pytest.mark.parametrize("case", ["plain", "zero column", "long column", "short column", "2**41", "2**-40", "nan",
+                                  "empty"])
+def test_balance_and_unitarity_fast_paths_are_the_general_forms(complex_, case, monkeypatch):
+    """``balance_columns`` (eager) and ``_unitarity_deviation`` of one host
+    Gram, with the fast paths on and off: the same scaled T and column
+    scales (None where no column is beyond 2**+-40), the same deviation;
+    columns of lengths 1e-5 to 1e5 and 2**-40 need no balancing, one of
+    2**41, or made 1e20 times longer or shorter, does (in float32 and
+    float64 bounds), a zero column never."""
+    rng = np.random.default_rng([len(case), complex_])
+    r = 0 if case == "empty" else 6
+    P = _panel(rng, 20, r, complex_, "zero column" if case == "zero column" else "plain")
+    if case == "long column":
+        P[:, 2] *= 1e20
+    elif case == "short column":
+        P[:, 1] *= 1e-20
+    elif case.startswith("2**"):  # a column of exactly this length: the edge, balanced beyond 2**+-40
+        P[:, 3] *= {"2**41": 2.0**41, "2**-40": 2.0**-40}[case] / np.linalg.norm(P[:, 3])
+    C = P.conj().T @ P
+    if case == "nan":
+        C[1, 1] = np.nan
+    T = rng.standard_normal((r, r)) + (1j * rng.standard_normal((r, r)) if complex_ else 0)
+    CW = C * (1 + 1e-3 * rng.standard_normal((r, r)))
+    for bound in (120, 1016):
+        ours = _flow.balance_columns(np, C, T, False, bound)
+        theirs = _general(monkeypatch, _flow.balance_columns, np, C, T, False, bound)
+        assert _same(ours[0], theirs[0]) and _same(ours[1], theirs[1])
+        assert (ours[1] is None) is (case not in ("long column", "short column", "2**41"))
+    ours, theirs = _flow._unitarity_deviation(np, C, CW), _general(monkeypatch, _flow._unitarity_deviation, np, C, CW)
+    assert ours == theirs or (np.isnan(ours) and np.isnan(theirs))
+    if case == "plain":
+        assert 1e-5 < ours < 1e-2
