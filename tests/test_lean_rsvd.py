@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from _helpers import mH, random_matrix
 
-from unitary_lr import _lean_numpy, randomized_svd
+from unitary_lr import _lean_numpy, randomized_svd, rsvd
 from unitary_lr._random import generator_state
 
 DTYPES = ["float32", "complex64", "float64", "complex128"]
@@ -103,12 +103,12 @@ def test_lean_svd_gives_the_general_factors_bit_for_bit(dtype, power_iters, m, n
 @pytest.mark.parametrize("case", ["nan", "inf", "zero", "rank 3", "spread", "huge", "tiny", "batch", "one column",
                                   "read-only", "transposed"])
 def test_out_of_the_ordinary_svds_end_as_the_general_routine_does(case, monkeypatch):
-    """NaN and Inf in A: the general routine's error, word for word; a zero
-    A, one of lower rank than asked for, and a float64 A whose Grams cannot
-    resolve its kept singular values (the QR route) get the general
-    routine's factors bit for bit, after the lean form handed them over;
-    float32 matrices of 1e30 and 1e-30, read-only and transposed arrays
-    take the lean form; a batch and a one-column sketch are not its case."""
+    """NaN and Inf in A: handed over, the general routine's error, word for
+    word; a zero A, one of lower rank than asked for, and a float64 A whose
+    Grams cannot resolve its kept singular values take the QR route on the
+    lean form's sketch, float32 matrices of 1e30 and 1e-30, read-only and
+    transposed arrays the Gram route: the general routine's factors bit for
+    bit; a batch and a one-column sketch are not its case."""
     rng = np.random.default_rng(9)
     dtype = "float64" if case == "spread" else "float32"
     A = _decaying(rng, 30, 24, dtype, ratio=1e-3 if case == "spread" else 0.9)
@@ -133,8 +133,13 @@ def test_out_of_the_ordinary_svds_end_as_the_general_routine_does(case, monkeypa
     elif case == "transposed":
         A = np.ascontiguousarray(A.T).T
     A0 = A.copy()
-    ours, stream, results = _svd(A, k, 5, monkeypatch, **options)
+    routes = []  # the QR route's calls, the lean form's first
+    real_range_basis = rsvd._range_basis
+    monkeypatch.setattr(rsvd, "_range_basis", lambda *args: routes.append(1) or real_range_basis(*args))
+    ours, stream, results = _svd(A, k, 5, monkeypatch, **options)  # (which undoes the patch)
+    qr_route = len(routes)
     general, stream0, _ = _svd(A, k, 5, monkeypatch, lean=False, **options)
+    assert qr_route == (case in ("zero", "rank 3", "spread"))
     assert stream == stream0 and np.array_equal(A, A0, equal_nan=True)
     if case in ("nan", "inf"):
         assert results == [None] and isinstance(ours, str) and ours == general and "NaN or Inf" in ours
@@ -143,11 +148,16 @@ def test_out_of_the_ordinary_svds_end_as_the_general_routine_does(case, monkeypa
         assert x.dtype == y.dtype and np.array_equal(x, y)
     if case in ("batch", "one column"):
         assert results == []
-    elif case in ("zero", "rank 3", "spread"):
-        assert results == [None]
+        return
+    assert len(results) == 1 and results[0] is not None
+    U, S, Vh = ours
+    if case == "zero":
+        assert not S.any()
+    elif case in ("rank 3", "spread"):  # the QR route: exact for rank 3, S to A's precision
+        reference = np.linalg.svd(A.astype(np.float64), compute_uv=False)[:k]
+        assert np.abs(S - reference).max() < 1e-5 * reference[0]
+        assert np.abs(mH(U) @ U - np.eye(k)).max() < 1e-5 and np.abs(Vh @ mH(Vh) - np.eye(k)).max() < 1e-5
     else:
-        assert len(results) == 1 and results[0] is not None
-        U, S, Vh = ours
         assert np.abs(mH(U) @ U - np.eye(k)).max() < 1e-5 and np.abs(Vh @ mH(Vh) - np.eye(k)).max() < 1e-5
         reference = np.linalg.svd(A.astype(np.float64), compute_uv=False)[:k]
         assert np.abs(S / reference - 1).max() < 1e-4

@@ -340,7 +340,7 @@ TORCH_NUMPY_PANEL_SHARE = 0.25
 # (float32 362 x 362 and 512 x 512, float64 362 x 362, complex64 256 x 256
 # and 362 x 362, complex128 256 x 256, ranks 1 and 8; batches of 1 MiB
 # through NumPy's general routine 0.89-0.99x and 0.81-1.00x; same machine,
-# 2026-12-06, 20:45 UTC).
+# 2026-12-06, 19:55 UTC).
 
 # Where PyTorch runs several threads, complex matrices of this many entries
 # or more keep PyTorch's operations whatever the sketch: OpenBLAS threads

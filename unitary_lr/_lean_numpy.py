@@ -32,9 +32,10 @@ sketch draw, which reports or handles it.
 The randomized SVD (:func:`svd_factors`) is the general ``rsvd._svd``'s
 NumPy operations in the same way, for one matrix, any shape, and a sketch
 of two or more columns (the default has eleven), sharing the step's
-sketch (:func:`_sketched_range`); its factors are the general routine's
-bit for bit (``tests/test_lean_rsvd.py``), and NaN, Inf or a sketch that
-needs the QR route go back to the general routine.
+sketch (:func:`_sketched_range`) and, where the Grams cannot resolve the
+sketch, finishing on the general routine's QR route; its factors are the
+general routine's bit for bit (``tests/test_lean_rsvd.py``), and NaN or
+Inf goes back to the general routine, which names it.
 """
 
 from __future__ import annotations
@@ -271,12 +272,14 @@ def takes_svd(A, draw):
 def svd_factors(A, draw, rank, power_iters):
     """(U, S, Vh) of ``randomized_svd`` of the NumPy A for its test
     matrix's host draw ``draw`` (n x l), as the general ``rsvd._svd`` gives
-    them, bit for bit; or None where that must decide: NaN or Inf, or a
-    sketch the Gram route cannot resolve (``rsvd._small_factors``: the QR
-    route). Only for :func:`takes_svd`'s case."""
-    from .rsvd import _small_factors  # (rsvd imports this module)
+    them, bit for bit, on either of its routes (a sketch the Grams cannot
+    resolve takes the QR route, ``rsvd._range_basis`` and
+    ``rsvd._small_svd``, on the same sketch); or None where the general
+    routine must decide: NaN or Inf. Only for :func:`takes_svd`'s case."""
+    from .rsvd import _range_basis, _small_factors, _small_svd  # (rsvd imports this module)
 
     dtype = A.dtype
+    xp = _numpy_namespace()
     core = _CORE[dtype]
     eps, tiny = _finfo(dtype)
     with np.errstate(all="ignore"):  # what NumPy would warn of is checked
@@ -296,13 +299,13 @@ def svd_factors(A, draw, rank, power_iters):
         if not (np.isfinite(Cy).all() and np.isfinite(Cz).all()):
             return None
         small = _small_factors(Cy, Cz, scales, rank=rank, rows=A.shape[-2], eps=eps, gram_eps=_CORE_EPS)
-        if small is None:
-            return None
+        if small is None:  # the QR route
+            Q, Bh, finite = _range_basis(xp, A, Y)
+            return _small_svd(xp, Q, Bh, rank=rank) if finite else None
         Fu, Fv, S, steps_u, steps_v = small
         bound = balance_bound(host_xp, dtype)
         (Fu, scale_u), (Fv, scale_v) = (balance_columns(host_xp, C, F, False, bound) for C, F in ((Cy, Fu), (Cz, Fv)))
     # rsvd._factors on the results in A's dtype, row-major as their transfer makes them
-    xp = _numpy_namespace()
     U = newton_schulz_basis(xp, Y, Fu.astype(dtype, order="C"), steps_u,
                             None if scale_u is None else scale_u.astype(dtype))
     V = newton_schulz_basis(xp, Z, Fv.astype(dtype, order="C"), steps_v,
