@@ -314,18 +314,15 @@ def balance_columns(sxp, C, T, traced, bound):
     length 1e-40 would ask for 2**133, which is Inf in float32, and made the
     step NaN. None when no column needs it (eager calls, decided on the host);
     traced calls always scale."""
-    if not traced and host_fast(sxp, C):
-        # one host matrix, the common case (no column beyond 2**+-40): the same
-        # exponents and test by array methods, where the clip cannot matter
-        # (``bound`` > _BALANCE_LIMIT); 5 against 10 us
-        d = C.diagonal().real
-        if not (abs(sxp.round(sxp.log2(sxp.where(d > 0, d, 1.0)) / 2)) > _BALANCE_LIMIT).any():
-            return T, None
-    d = sxp.real(sxp.linalg.diagonal(C))
+    # one host matrix: its diagonal as a view (a call where the standard has two)
+    d = C.diagonal().real if host_fast(sxp, C) else sxp.real(sxp.linalg.diagonal(C))
     # log2 of the column lengths sqrt(d); a zero column is left alone
-    exponent = sxp.clip(sxp.round(sxp.log2(sxp.where(d > 0, d, 1.0)) / 2), -bound, bound)
+    exponent = sxp.round(sxp.log2(sxp.where(d > 0, d, 1.0)) / 2)
+    # tested before the clip to ``bound``, which cannot change the test
+    # (``bound`` > _BALANCE_LIMIT) and which the common case then skips
     if not traced and not bool(sxp.any(sxp.abs(exponent) > _BALANCE_LIMIT)):
         return T, None
+    exponent = sxp.clip(exponent, -bound, bound)
     factor = 2.0 ** exponent  # and its inverse, exact: powers of two in range
     return T * sxp.astype(factor, T.dtype)[..., :, None], sxp.astype(1 / factor, T.dtype)
 

@@ -158,17 +158,30 @@ def _panel_gram(W, Y, Z, core, tiny):
     Gram in the panels' own precision needs Z rescaled first, see
     ``_flow.prepare_panels``), or None where the Gram or a scale is not
     finite (the general step names the input)."""
-    scales = []
-    if core == W.dtype:
-        top = np.abs(Z).max(axis=(-2, -1), keepdims=True) + tiny
-        Z = Z / top
-        scales.append(top.astype(core))
+    Z, scales = _rescaled(Z, core, tiny)
     F = np.concatenate([Y, Z, _left(W, Y)], -1)
-    wide = F.astype(core, copy=False)
-    C = _h(wide) @ wide
+    C = _gram(F, core)
     if not np.isfinite(C).all() or (scales and not np.isfinite(scales[0]).all()):
         return None
     return F, C, scales
+
+
+def _rescaled(Z, core, tiny):
+    """(Z, scales) as ``_flow.prepare_panels`` gives them for a sketch: Z
+    divided by its largest entry where the Grams are formed in the panels'
+    own precision (``core``, their dtype), with that scale in a list (the
+    step's size, or S, is multiplied by it); Z as it is and no scale where
+    the Grams are wider."""
+    if core != Z.dtype:
+        return Z, []
+    top = np.abs(Z).max(axis=(-2, -1), keepdims=True) + tiny
+    return Z / top, [top.astype(core)]
+
+
+def _gram(P, core):
+    """``P^H P`` of a 2-D panel in the cores' dtype (``_flow.panel_gram``)."""
+    wide = P.astype(core, copy=False)
+    return _h(wide) @ wide
 
 
 def _left(A, P):
@@ -287,15 +300,8 @@ def svd_factors(A, draw, rank, power_iters):
         if panels is None:
             return None
         Y, Z = panels
-        # rsvd._sketch: Z rescaled where the Grams are formed in A's own
-        # precision (_flow.prepare_panels), the Grams in the cores' dtype
-        scales = []
-        if core == dtype:
-            top = np.abs(Z).max(axis=(-2, -1), keepdims=True) + tiny
-            Z = Z / top
-            scales.append(top.astype(core))
-        wide_y, wide_z = Y.astype(core, copy=False), Z.astype(core, copy=False)
-        Cy, Cz = _h(wide_y) @ wide_y, _h(wide_z) @ wide_z
+        Z, scales = _rescaled(Z, core, tiny)  # rsvd._sketch
+        Cy, Cz = _gram(Y, core), _gram(Z, core)
         if not (np.isfinite(Cy).all() and np.isfinite(Cz).all()):
             return None
         small = _small_factors(Cy, Cz, scales, rank=rank, rows=A.shape[-2], eps=eps, gram_eps=_CORE_EPS)
