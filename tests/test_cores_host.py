@@ -1,6 +1,6 @@
 """The host cores' fast paths (``unitary_lr._cores``: ``_gram_basis_host``,
-``_planes_minus_identity_host``; in ``_flow`` the clamp of ``_clamped``, the
-test of ``balance_columns`` and the diagonal of ``_unitarity_deviation``), which
+``_planes_minus_identity_host``; in ``_flow`` the clamp of ``_clamped`` and
+the diagonals of ``balance_columns`` and ``_unitarity_deviation``), which
 every eager step of rank two or more takes on the host: the general forms' results bit for bit (the fast paths
 switched off by ``HOST_FAST_PATHS``), on fresh random matrices of every
 kind the steps make (real and complex, rank-deficient, zero columns,

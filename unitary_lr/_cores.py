@@ -167,7 +167,8 @@ def make_cores(xp, like, traced):
 
 
 # Whether the host's cores take their fast paths (``_gram_basis_host``,
-# ``_planes_minus_identity_host``, the clamp of ``_flow._clamped``): the
+# ``_planes_minus_identity_host``, the clamp of ``_flow._clamped``, the
+# diagonals of ``_flow.balance_columns`` and ``_unitarity_deviation``): the
 # general forms' operations bit for bit, with NumPy's cheaper means; tests
 # switch them off to compare (``tests/test_cores_host.py``).
 HOST_FAST_PATHS = True
