@@ -132,6 +132,53 @@ def test_non_finite_update_is_skipped_and_counted(bad, variant, rank, dtype):
     assert float(ul.unitarity_error(W.detach())) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex64])
+def test_finiteness_flag_under_inductor(dtype):
+    """The capturable step's NaN/Inf test compiled by Inductor as eager runs
+    it: its form before (``x * 0 == 0``) Inductor simplified to True."""
+    from unitary_lr.torch.optimizer import _finite_flag, _finite_numbers
+
+    torch.compiler.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.compile's own notes
+        flag = torch.compile(_finite_flag, dynamic=False)
+        numbers = torch.compile(lambda x, y: _finite_numbers(x.sum(), y.sum()), dynamic=False)
+        big = torch.finfo(torch.float32).max
+        for value, finite in ((1.0, True), (-big, True), (float("nan"), False), (float("inf"), False),
+                              (-float("inf"), False)):
+            t = torch.tensor([[0.5, -2.0], [3.0, value]]).to(dtype)
+            if dtype.is_complex:
+                t = t * (1 - 1j) if value == value else t + 1j  # NaN enters the real part
+            assert bool(flag(t)) is bool(_finite_flag(t)) is finite, value
+            assert bool(numbers(t, torch.ones(2, dtype=dtype))) is finite, value
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("base", "dtype", "bad"), [("rmsprop", torch.float32, float("nan")),
+                                                    ("adam", torch.complex64, float("inf"))])
+def test_compiled_capturable_step_skips_a_non_finite_update(base, dtype, bad):
+    """Under torch.compile (Inductor) as in eager mode: the parameter and the
+    rule's state keep their values and the skip is counted (the compiled
+    step wrote NaN into W, and its moments, and counted nothing)."""
+    W, b = _model(dtype=dtype)
+    opt = ProjUNN([W, b], lr=1e-2, base=base, capturable=True)
+    torch.compiler.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.compile's own notes
+        step = torch.compile(opt.step)
+        x = torch.randn(8, 32, generator=torch.Generator().manual_seed(1))
+        _loss(W, b, x).backward()
+        step()
+        state = {key: value.clone() for key, value in opt.state[W].items()}
+        before = W.detach().clone()
+        W.grad[2, 3] = bad
+        step()
+    assert torch.equal(W.detach(), before)
+    for key, value in state.items():
+        assert torch.equal(opt.state[W][key], value) or key == "skipped_steps", key
+    assert int(opt.state[W]["skipped_steps"]) == 1
+
+
 @pytest.mark.parametrize("base", ["rmsprop", "adam"])
 def test_a_non_finite_first_step_keeps_the_initial_state(base):
     """On the very first step the state is the rule's initial one, not yet

@@ -91,7 +91,11 @@ def test_random_shapes_scales_and_zero_columns(n, j, dtype, zeros, log_scale, se
     Y = ul.householder_apply(V, X)
     P = ul.householder_product(V)
     np.testing.assert_allclose(Y, cast_back(reference_apply(V, X, "left"), dtype), atol=tol(dtype, j), rtol=0)
-    assert unitarity(P) <= tol(dtype, 1)
+    # The departure grows with j, as for reflectors applied one by one: up to
+    # about 7 eps a reflector (complex128, j reflectors in one dimension, all
+    # parallel; 164 eps at j = 23 in 6,000 draws), beyond the 300 eps of
+    # tol(dtype, 1) for j near 24 (a draw of 168 eps failed it).
+    assert unitarity(P) <= tol(dtype, 1 + j / 8)
 
 
 def test_column_scale_does_not_matter(rng):
@@ -118,6 +122,42 @@ def test_column_scale_does_not_matter_in_64_bit(backend, rng, dtype):
     np.testing.assert_allclose(P, cast_back(reference_product(V), dtype), atol=tol(dtype, 4), rtol=0)
     Y = backend.to_numpy(ul.householder_apply(backend.asarray(scaled), backend.asarray(X), side="right"))
     np.testing.assert_allclose(Y, cast_back(reference_apply(V, X, "right"), dtype), atol=tol(dtype, 4), rtol=0)
+
+
+def _ldexp(V, powers):
+    """V's columns times 2**powers, exactly (also where 2**power is beyond float64)."""
+    if np.iscomplexobj(V):
+        return _ldexp(V.real, powers) + 1j * _ldexp(V.imag, powers)
+    return np.ldexp(V, powers)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "complex128"])
+def test_subnormal_columns_in_64_bit(backend, rng, dtype):
+    """Columns whose entries are subnormal float64 numbers (lengths 2**-1040
+    and 5e-324): the power of two that brings them near unit length (2**1040)
+    is beyond float64, and as one factor it made the whole product NaN,
+    without a warning. Now their rounded directions' product, unitary, and
+    no warning. (XLA flushes subnormal numbers to zero: on JAX they are zero
+    columns, identity reflectors.)"""
+    if not backend.has_float64:
+        pytest.skip("64-bit input")
+    V = random_matrix(rng, (N, 4), dtype)
+    V[:, 3] = 0
+    V[0, 3] = 1  # a column of one nonzero entry, the smallest subnormal below
+    X = random_matrix(rng, (N, M), dtype)
+    powers = np.array([0, -1040, 0, -1074])
+    scaled = _ldexp(V, powers)
+    directions = _ldexp(scaled, -powers)  # exact: the subnormals' rounding kept
+    assert not np.array_equal(directions[:, 1], V[:, 1]) and scaled[0, 3] == 5e-324 and directions[0, 3] == 1
+    if backend.name.startswith("jax"):
+        directions[:, [1, 3]] = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        P = backend.to_numpy(ul.householder_product(backend.asarray(scaled)))
+        Y = backend.to_numpy(ul.householder_apply(backend.asarray(scaled), backend.asarray(X)))
+    np.testing.assert_allclose(P, cast_back(reference_product(directions), dtype), atol=tol(dtype, 4), rtol=0)
+    np.testing.assert_allclose(Y, cast_back(reference_apply(directions, X, "left"), dtype), atol=tol(dtype, 4), rtol=0)
+    assert unitarity(P) <= tol(dtype, 1)
 
 
 @pytest.mark.parametrize("dtype", ["float64", "complex128"])

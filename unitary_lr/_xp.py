@@ -967,25 +967,28 @@ def _exponent_of(xp, magnitude):
     return xp.round(xp.log2(xp.where(magnitude > 0, magnitude, xp.ones_like(magnitude))))
 
 
-def inverse_power_of_two(xp, magnitude):
-    """2**-round(log2(magnitude)), entry by entry (1 where ``magnitude`` is
-    0): the power of two that brings a column or a matrix of that largest
-    |entry| near 1, exactly (a power of two only moves exponents), so that
-    its squares neither overflow nor underflow. It must be representable in
-    magnitude's dtype (see :func:`times_inverse_power_of_two`)."""
-    return 2.0 ** -_exponent_of(xp, magnitude)
-
-
 def times_inverse_power_of_two(xp, A, magnitude):
-    """``A * inverse_power_of_two(xp, magnitude)`` (magnitude broadcasting
-    against A), as two factors of half the exponent each: the power a
+    """``A * 2**-round(log2(magnitude))`` (magnitude broadcasting against A;
+    a factor 1 where it is 0): A brought near unit size by the power of two
+    of its largest |entry| ``magnitude``, exactly (a power of two only moves
+    exponents), so that its squares neither overflow nor underflow. Applied
+    as two factors of half the exponent each: the power a
     subnormal magnitude asks for does not exist in its own dtype (2**133 for
     a float32 1e-40 is Inf, and project_unitary(method="newton_schulz")
     refused 1e-40 times a unitary matrix as singular), while each half does.
     Exact, as one factor would be."""
+    first, second = inverse_power_of_two_halves(xp, magnitude)
+    return A * xp.astype(first, A.dtype, copy=False) * xp.astype(second, A.dtype, copy=False)
+
+
+def inverse_power_of_two_halves(xp, magnitude):
+    """The two factors of :func:`times_inverse_power_of_two`, in
+    magnitude's dtype: their product is ``2**-round(log2(magnitude))``
+    (1 where ``magnitude`` is 0), each of them representable where the
+    product need not be."""
     exponent = _exponent_of(xp, magnitude)
     half = xp.floor(exponent / 2)
-    return A * xp.astype(2.0 ** -half, A.dtype) * xp.astype(2.0 ** (half - exponent), A.dtype)
+    return 2.0 ** -half, 2.0 ** (half - exponent)
 
 
 def panel_times_small(xp, P, T):

@@ -12,7 +12,7 @@ from ._xp import (
     device,
     exact_products,
     eye,
-    inverse_power_of_two,
+    inverse_power_of_two_halves,
     is_complex,
     matmul_panel,
     mH,
@@ -208,21 +208,25 @@ def wy_factors(xp, V):
     -T rather than T: negating the small factor spares autograd a negation
     of X's size.
     """
-    U, minus_T, _ = wy_core(xp, xp.astype(V, core_dtype(xp, V.dtype, device(V)), copy=False))
+    U, minus_T, _, _ = wy_core(xp, xp.astype(V, core_dtype(xp, V.dtype, device(V)), copy=False))
     return (column_layout(xp, xp.astype(U, V.dtype, copy=False)), xp.astype(minus_T, V.dtype, copy=False))
 
 
 def wy_core(xp, V):
-    """``(U, -T, s)`` of ``wy_factors`` for V in its core dtype (float64 where
-    the device has it, so that |v|^2 of any float32 column is representable
-    and U's columns are unit to V's rounding), with s = 1 / |v_i| (1 for a
-    zero column). Only the Gram matrix V^H V gives the lengths, of the
-    columns brought near unit length by powers of two first (exact, and U
-    does not depend on a column's length): the squares of a float64 column of
-    length 1e155 overflowed and those of length 1e-170 underflowed, which gave
-    NaN or a wrong product (see ``_xp.inverse_power_of_two``)."""
-    power = inverse_power_of_two(xp, xp.max(xp.abs(V), axis=-2, keepdims=True))
-    V = V * xp.astype(power, V.dtype, copy=False)
+    """``(U, -T, s, p)`` of ``wy_factors`` for V in its core dtype (float64
+    where the device has it, so that |v|^2 of any float32 column is
+    representable and U's columns are unit to V's rounding), with
+    ``1 / |v_i| = s_i p_i`` as two factors (s p = 1 for a zero column), each
+    representable where their product need not be. Only the Gram matrix
+    V^H V gives the lengths, of the columns brought near unit length by
+    powers of two first (exact, and U does not depend on a column's length):
+    the squares of a float64 column of length 1e155 overflowed and those of
+    length 1e-170 underflowed, which gave NaN or a wrong product. The power
+    is applied as two halves (``_xp.times_inverse_power_of_two``): that of
+    a subnormal float64 column (2**1026 for 1e-309) is beyond float64, and as
+    one factor it gave an all-NaN product, without a word."""
+    first, second = inverse_power_of_two_halves(xp, xp.max(xp.abs(V), axis=-2, keepdims=True))
+    V = V * xp.astype(first, V.dtype, copy=False) * xp.astype(second, V.dtype, copy=False)
     gram = mH(xp, V) @ V
     squares = xp.linalg.diagonal(gram)
     if is_complex(xp, V.dtype):
@@ -240,7 +244,7 @@ def wy_core(xp, V):
     pivots = xp.astype(xp.where(zero, -ones, ones) / 2, V.dtype, copy=False)
     D = xp.eye(gram.shape[-1], dtype=V.dtype, device=device(V)) * pivots[..., None, :]
     minus_T = _minus_inverse_triangular(xp, xp.triu(gram * outer, k=1) + D)
-    return V * xp.astype(scale[..., None, :], V.dtype, copy=False), minus_T, scale * power[..., 0, :]
+    return V * xp.astype(scale[..., None, :], V.dtype, copy=False), minus_T, scale * first[..., 0, :], second[..., 0, :]
 
 
 # Up to this size T comes from back substitution (j - 1 products of j x j

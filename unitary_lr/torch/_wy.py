@@ -40,27 +40,29 @@ class _WYFactors(torch.autograd.Function):
     def forward(ctx, V):
         xp = array_namespace(V)
         wide = V.to(core_dtype(xp, V.dtype, V.device))
-        U, minus_T, scale = wy_core(xp, wide)
-        ctx.save_for_backward(U, minus_T, scale)
+        U, minus_T, scale, power = wy_core(xp, wide)
+        ctx.save_for_backward(U, minus_T, scale, power)
         ctx.dtype = V.dtype
         return column_layout(xp, U.to(V.dtype)), minus_T.to(V.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_U, grad_minus_T):
-        U, M, s = ctx.saved_tensors
+        U, M, s, power = ctx.saved_tensors
         g_U = torch.zeros_like(U) if grad_U is None else grad_U.to(U.dtype)
         if grad_minus_T is not None:
             Mh = M.mH
             g_K = torch.triu(Mh @ grad_minus_T.to(M.dtype) @ Mh, diagonal=1)
             g_U = g_U + U @ (g_K + g_K.mH)
-        # U = V diag(s), s = 1 / |v|: g_V = (g_U - U Re(diag(U^H g_U))) diag(s),
-        # written with U, not as g_U s - V s^3 Re(diag(V^H g_U)), whose s^3
-        # underflows for columns of length 1e155 (float64)
+        # U = V diag(1 / |v|): g_V = (g_U - U Re(diag(U^H g_U))) diag(1 / |v|),
+        # written with U, not as g_U / |v| - V Re(diag(V^H g_U)) / |v|^3, whose
+        # cube underflows for columns of length 1e155 (float64); 1 / |v| is
+        # s * power (see wy_core: its product need not be representable)
         g_s = (U.conj() * g_U).sum(dim=-2)
         if g_s.is_complex():
             g_s = g_s.real
         g_V = (g_U - U * g_s[..., None, :].to(U.dtype)) * s[..., None, :].to(U.dtype)
+        g_V = g_V * power[..., None, :].to(U.dtype)
         return g_V.to(ctx.dtype)
 
 
