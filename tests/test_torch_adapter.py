@@ -307,6 +307,26 @@ def test_options_edited_after_construction_are_checked_at_the_step(option, value
         assert torch.equal(after, before) if torch.is_tensor(before) else after == before, key
 
 
+def test_a_base_edited_after_construction_and_a_tensor_lr_of_many_entries_are_named():
+    """An unknown base edited into a group was a bare KeyError at the step;
+    an lr tensor of two entries PyTorch's "only one element tensors can be
+    converted", naming nothing."""
+    W = unitary_parameter(6, dtype=torch.float64, generator=seeded())
+    with pytest.raises(ValueError, match=r"^ProjUNN: lr must be a number or a real tensor of one element, got "
+                                         r"tensor\(\[0.1000, 0.2000\]\)$"):
+        ProjUNN([W], lr=torch.tensor([0.1, 0.2]))
+    opt = ProjUNN([W], lr=0.1, base="rmsprop", seed=0)
+    W.grad = torch.ones(6, 6, dtype=torch.float64)
+    opt.step()
+    saved, saved_state = W.detach().clone(), _state_copy(opt.state[W])
+    opt.param_groups[0]["base"] = "adamw"
+    with pytest.raises(ValueError, match=r"^param group 0: base must be one of 'sgd', 'rmsprop', 'adam', got "
+                                         r"'adamw'; AdamW is base='adam' with .*; no parameter was changed$"):
+        opt.step()
+    assert torch.equal(W.detach(), saved)
+    _same_state(opt.state[W], saved_state)
+
+
 def test_a_step_checks_the_options_but_not_its_own_arrays_again(monkeypatch):
     """The eager step of a unitary parameter checks the group's options once
     and skips the public entry point's array checks (the parameter and the
@@ -366,6 +386,95 @@ def test_nan_gradient_changes_nothing():
     assert torch.equal(W.detach(), saved_W) and torch.equal(b.detach(), saved_b)
     for key, value in saved_state.items():
         assert torch.equal(torch.as_tensor(opt.state[b][key]), torch.as_tensor(value))
+
+
+def _state_copy(state):
+    return {k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()}
+
+
+def _same_state(state, saved):
+    assert state.keys() == saved.keys()
+    for key, value in saved.items():
+        assert torch.equal(state[key], value) if torch.is_tensor(value) else state[key] == value, key
+
+
+@pytest.mark.parametrize(("base", "hyper"), [("adam", {}), ("rmsprop", {}), ("sgd", {"momentum": 0.9})])
+@pytest.mark.parametrize("lr", [0.0, "tensor"])
+def test_nan_gradient_of_a_unitary_parameter_at_lr_0_changes_nothing(base, hyper, lr):
+    """At lr = 0 (a warm-up's first steps) no step checks the gradient: its
+    moments took the NaN silently, and every later step failed on them,
+    blaming a finite gradient. Now the error is raised there, nothing changes,
+    and the next steps (lr > 0) go on as an uninterrupted run."""
+    lr = torch.tensor(0.0, dtype=torch.float64) if lr == "tensor" else lr
+    Ws = [unitary_parameter(6, dtype=torch.float64, generator=seeded()) for _ in range(2)]
+    opts = [ProjUNN([("W", W)], lr=lr, base=base, seed=0, rank=2, **hyper) for W in Ws]
+    grads = [torch.randn(6, 6, dtype=torch.float64, generator=seeded(k)) for k in range(3)]
+    for W, opt in zip(Ws, opts):
+        W.grad = grads[0].clone()
+        opt.step()
+    W, opt = Ws[0], opts[0]
+    saved_W, saved = W.detach().clone(), _state_copy(opt.state[W])
+    for bad in (float("nan"), float("inf")):
+        W.grad = grads[1].clone()
+        W.grad[2, 3] = bad
+        with pytest.raises(ValueError, match=r"^W \(shape \(6, 6\)\): its gradient contains NaN or Inf; "
+                                             r"no parameter was changed$"):
+            opt.step()
+        assert torch.equal(W.detach(), saved_W)
+        _same_state(opt.state[W], saved)
+    if base != "sgd":  # a finite gradient whose square overflows the moments
+        W.grad = torch.full((6, 6), 1e200, dtype=torch.float64)
+        with pytest.raises(ValueError, match="too large for the .* rule's moments"):
+            opt.step()
+        _same_state(opt.state[W], saved)
+    for W, opt in zip(Ws, opts):
+        opt.param_groups[0]["lr"] = 0.1
+        for g in grads[1:]:
+            W.grad = g.clone()
+            opt.step()
+    assert torch.equal(Ws[0].detach(), Ws[1].detach())
+    _same_state(opts[0].state[Ws[0]], _state_copy(opts[1].state[Ws[1]]))
+
+
+@pytest.mark.parametrize("base", ["adam", "rmsprop"])
+@pytest.mark.parametrize("first", [False, True])
+def test_a_group_switched_between_capturable_and_eager_keeps_stepping(base, first):
+    """``capturable`` edited in param_groups after the states were made: the
+    next step adds the counters of the new way (it raised KeyError, and from
+    eager to capturable only after the parameter had moved), keeps the
+    moments and Adam's step count, and stays unitary; back again, too."""
+    W = unitary_parameter(6, dtype=torch.float64, generator=seeded())
+    twin = torch.nn.Parameter(W.detach().clone())
+    opt = ProjUNN([W], lr=0.05, base=base, rank=2, seed=0, capturable=first)
+    reference = ProjUNN([twin], lr=0.05, base=base, rank=2, seed=0, capturable=first, unitary=True)
+    grads = [torch.randn(6, 6, dtype=torch.float64, generator=seeded(k)) for k in range(6)]
+    ways = set()
+    for k, g in enumerate(grads):
+        if k in (2, 4):
+            opt.param_groups[0]["capturable"] = not opt.param_groups[0]["capturable"]
+        ways.add(opt.param_groups[0]["capturable"])
+        W.grad, twin.grad = g.clone(), g.clone()
+        opt.step()
+        reference.step()
+        state = opt.state[W]  # each way's counters, added when it first steps
+        assert ("skipped_steps" in state) == (True in ways) and ("sketch_rng" in state) == (False in ways)
+        if base == "adam":
+            assert int(state["step"]) == k + 1 == int(reference.state[twin]["step"])
+        moment = "exp_avg_sq" if base == "adam" else "square_avg"
+        # the moments do not depend on the way (nor on W, for Adam and RMSprop)
+        torch.testing.assert_close(state[moment], reference.state[twin][moment], rtol=1e-14, atol=0)
+        assert error(W) < 1e-13
+    assert int(opt.state[W].get("skipped_steps", 0)) == 0
+
+
+def test_a_failed_first_step_leaves_no_state():
+    W = unitary_parameter(6, dtype=torch.float64, generator=seeded())
+    opt = ProjUNN([W], lr=0.1, base="adam")
+    W.grad = torch.ones(6, 6, dtype=torch.float64)
+    W.grad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="contains NaN or Inf"):
+        opt.step()
+    assert opt.state_dict()["state"] == {} and W not in opt.state
 
 
 # ------------------------------------------------------------------- layers

@@ -383,14 +383,12 @@ class ProjUNN(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 xp = array_api_compat.torch
-                state = dict(self.state[p])
+                # (self.state is a defaultdict: a lookup of a new p would store
+                # an empty state for it, there even if the step fails)
+                state = dict(self.state[p]) if p in self.state else {}
                 if not state:
                     state.update(rule.init(xp, p.detach(), mode))
-                    if group["capturable"]:
-                        state.update(_capturable_counters(state, p))
-                    elif unitary:
-                        state["projunn_steps"] = 0
-                        state["sketch_rng"] = generator_state(np.random.default_rng([group["seed"], index, i]))
+                _add_counters(state, p, group, index, i)
                 scratch = self.__dict__.setdefault("_scratch", {}).setdefault(p, {}) if _uses_scratch(group, p) else None
                 W = p.detach()  # once: each detach is a dispatch of its own
                 fused = fused_direction(rule, p.grad, W, state, mode=mode, weight_decay=not unitary, scratch=scratch)
@@ -409,6 +407,8 @@ class ProjUNN(torch.optim.Optimizer):
                 update = [None, commit]  # the factors are filled in below, all parameters' at once
                 if group["lr"] != 0:
                     steps.append(_UnitaryStep(update, p, W, direction, rng, new_state["sketch_rng"], group, index, i))
+                else:  # no step to check it: the rule's new moments are checked here
+                    _check_unstepped(p, direction, group, index, i)
                 pending.append((p, group, new_state, update, rng))
         _unitary_factors(steps)
         for group in self.param_groups:
@@ -457,6 +457,10 @@ class ProjUNN(torch.optim.Optimizer):
         changed (a step would otherwise make and check it again, some 5 us).
         One rule per group is kept: a scheduler that cycles momentum or betas
         (``OneCycleLR``) changes them every step."""
+        try:
+            check_base(group["base"])  # (edited into the group after construction: a KeyError below)
+        except ValueError as error:
+            raise ValueError(f"param group {index}: {error}; no parameter was changed") from None
         options = rule_options(group["base"], group)
         try:
             key = (group["base"], *sorted(options.items()))
@@ -565,6 +569,19 @@ def _factors(step, rng):
                         "no parameter was changed") from None
 
 
+def _check_unstepped(p, direction, group, index, i):
+    """A ValueError naming the parameter, before anything changes, where the
+    rule's direction for a unitary parameter that lr = 0 leaves in place is
+    not finite: NaN or Inf in its gradient, or moments that overflowed. Its
+    new moments are kept (as torch.optim's are at lr = 0), and a step that
+    would have refused them must refuse them here too: they were stored,
+    and every later step failed on them, blaming a finite gradient."""
+    if not _all_finite(direction):
+        raise ValueError(f"{_name(group, index, i)} (shape {tuple(p.shape)}): "
+                         f"{_cause(ValueError('its gradient contains NaN or Inf'), p.grad, direction, group)}; "
+                         "no parameter was changed")
+
+
 def _torch_optim_group(group):
     """Whether torch.optim's own implementation steps the group: a plain one
     that is not capturable. A capturable plain group keeps the rules of
@@ -573,17 +590,36 @@ def _torch_optim_group(group):
     return not group["unitary"] and not group["capturable"]
 
 
+def _add_counters(state, p, group, index, i):
+    """The counters of the group's way of stepping that ``state`` (a copy of
+    the stored one, or the rule's initial state) lacks: those of a
+    capturable group (:func:`_capturable_counters`) or an eager unitary one
+    (its step count and its sketches' stream, seeded from the group's seed
+    and the parameter's place). On a first step; and where a group's
+    ``capturable`` was switched in ``param_groups`` after its parameters'
+    states were made, which took the other way's state (a KeyError, and to
+    eager, after the parameter had moved). Both keep the rule's moments and
+    its step count."""
+    if group["capturable"]:
+        if "skipped_steps" not in state:
+            state.update(_capturable_counters(state, p))
+    elif group["unitary"] and "sketch_rng" not in state:
+        state["projunn_steps"] = 0
+        state["sketch_rng"] = generator_state(np.random.default_rng([group["seed"], index, i]))
+
+
 def _capturable_counters(state, p):
     """Device-side counters of a capturable parameter: a Python number in the
     state would be a constant to torch.compile (a recompilation per step).
-    Adam's step count is a float32 tensor, as in torch.optim's capturable
-    Adam (exact up to 2^24 steps); a 64-bit parameter's bias corrections
-    are computed from it in float64 (see ``Adam.direction``). Not a float64
-    tensor: torch.compile (PyTorch 2.13, CPU) drops every in-place write
-    to a 0-d float64 CPU tensor, and the count would stay at 1."""
+    Adam's step count (0 on a first step, or the count an eager state kept)
+    is a float32 tensor, as in torch.optim's capturable Adam (exact up to
+    2^24 steps); a 64-bit parameter's bias corrections are computed from it
+    in float64 (see ``Adam.direction``). Not a float64 tensor:
+    torch.compile (PyTorch 2.13, CPU) drops every in-place write to a 0-d
+    float64 CPU tensor, and the count would stay at 1."""
     counters = {"skipped_steps": torch.zeros((), dtype=torch.int64, device=p.device)}
     if "step" in state:
-        counters["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        counters["step"] = torch.full((), float(state["step"]), dtype=torch.float32, device=p.device)
     return counters
 
 
@@ -703,15 +739,19 @@ def _finite_flag(tensor):
 
 
 def _finite_numbers(*numbers):
-    """Whether the 0-d tensors are all finite, as a bool tensor: ``x * 0`` is
-    0 for a finite x and NaN for NaN or Inf, so the sum of the products is 0
-    exactly when all are finite (and cannot overflow). Two operations per
-    number and one comparison, where ``torch.isfinite`` dispatches four per
-    number (each a kernel on a GPU)."""
-    total = numbers[0] * 0
-    for x in numbers[1:]:
-        total = total + x * 0
-    return total == 0
+    """Whether the 0-d tensors are all finite, as a bool tensor: the largest
+    of their magnitudes (NaN wherever one is NaN: ``maximum`` propagates it)
+    is below Inf. Two operations per real number (four per complex one),
+    where ``torch.isfinite`` dispatches four, each a kernel on a GPU; no sum
+    to overflow. (The form before, ``x * 0 == 0``, Inductor simplified to
+    True under torch.compile: a compiled capturable step wrote a NaN
+    gradient's update into the parameter.)"""
+    largest = None
+    for x in numbers:
+        # a complex number's parts: |z| of a finite z can overflow
+        for part in (x.real, x.imag) if x.is_complex() else (x,):
+            largest = part.abs() if largest is None else torch.maximum(largest, part.abs())
+    return largest < math.inf
 
 
 def _name(group, index, i):
@@ -812,6 +852,8 @@ def _not_taken(where, base, name, value):
 def _check_options(group, *, where):
     lr = group["lr"]
     if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1 or lr.is_complex():
+            raise ValueError(f"{where}: lr must be a number or a real tensor of one element, got {lr!r}")
         lr = float(lr)
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
         raise ValueError(f"{where}: lr must be a finite number >= 0, got {group['lr']!r}")
