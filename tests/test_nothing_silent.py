@@ -112,24 +112,28 @@ def test_huge_dense_step_is_unitary(rng, variant):
     assert np.all(np.isfinite(V)) and orthogonality(V) < 1e-13
 
 
-def _with_nan(W):
-    bad = W.copy()
-    bad[2, 3] = np.nan
-    return bad
-
-
-def test_nan_in_w_is_named(backend, rng):
-    W = _with_nan(ul.random_unitary(8, dtype="float64", rng=rng))
-    a, b = rng.standard_normal((2, 8, 1))
-    G = rng.standard_normal((8, 8))
+@pytest.mark.parametrize("shape", [(8, 8), (8, 3), (3, 8), (2, 8, 3)])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_in_w_is_named(backend, rng, shape, bad):
+    """Every call that takes W names its NaN or Inf (a rectangular W, which
+    the transports read only in their update, gave a NaN result without a
+    word, and so did tangent_project for any W), and changes nothing."""
+    W = ul.random_unitary(*shape[-2:], dtype="float64", rng=rng) * np.ones(shape)
+    W.flat[5] = bad
+    n, m = shape[-2:]
+    a, b = rng.standard_normal((2, n, 1))
+    G = rng.standard_normal(shape)
     W_, a_, b_, G_ = (backend.asarray(x, "float32") for x in (W, a, b, G))
-    for call in (lambda: ul.exp_transport(W_, a_, b_, t=0.1),
-                 lambda: ul.project_unitary_lowrank(W_, a_, b_),
-                 lambda: ul.projunn_step(W_, G_, lr=0.1, rng=0),
-                 lambda: ul.projunn_step(W_, G_, lr=0.1, variant="direct", rng=0),
-                 lambda: ul.projunn_step(W_, (a_, b_), lr=0.1, rng=0)):
+    before = backend.to_numpy(W_).copy()
+    calls = [lambda: ul.exp_transport(W_, a_, b_, t=0.1), lambda: ul.cayley_transport(W_, a_, b_, t=0.1),
+             lambda: ul.tangent_project(W_, G_), lambda: ul.projunn_step(W_, G_, lr=0.1, rng=0),
+             lambda: ul.projunn_step(W_, G_, lr=0.1, variant="direct", rng=0)]
+    if n == m:
+        calls += [lambda: ul.project_unitary_lowrank(W_, a_, b_), lambda: ul.projunn_step(W_, (a_, b_), lr=0.1, rng=0)]
+    for call in calls:
         with pytest.raises(ValueError, match=r"^W contains NaN or Inf: 1 non-finite entry"):
             call()
+    np.testing.assert_array_equal(backend.to_numpy(W_), before)
 
 
 @pytest.mark.parametrize("make", ["half", "kaiming"])

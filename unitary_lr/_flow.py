@@ -909,12 +909,14 @@ def transport_update(xp, W, a, b, *, t, cores, cayley=False):
     ``[a, b]^H W``, ``W Q`` and the update; the Gram of the first panel shows
     NaN/Inf and W's unitarity for free. Non-square W (..., n, m): from the
     left, ``(I + Q (f(t K) - I) Q^H) W`` with P = [a, b] itself, exact for any W;
-    passes: ``Q^H W`` and the update.
+    passes: ``Q^H W``, the update, and W's largest |entry| for its NaN/Inf
+    check, which no Gram makes there.
     """
     n, k = W.shape[-2], a.shape[-1]
     square = W.shape[-1] == n
-    panels, C, scales = _transport_panels(xp, W, a, b)
-    C, *scales = cores.gather(C, *scales)
+    panels, C, scales, largest_W = _transport_panels(xp, W, a, b)
+    C, *scales = cores.gather(C, *scales, *largest_W)
+    scales, largest_W = scales[:len(scales) - len(largest_W)], scales[len(scales) - len(largest_W):]
     P = panels[0]
     sxp = cores.xp
     # clamped whether or not the panels were scaled: t = 1.8e308 times K
@@ -930,6 +932,8 @@ def transport_update(xp, W, a, b, *, t, cores, cayley=False):
     tol = drop_tolerance(n, eps, cores.eps)
     if not cores.traced:
         _check_finite_blocks(sxp, C, (C[..., :k, :k], "a"), (CP, "b"))
+        for top in largest_W:
+            _check_finite(sxp, top, "W")
         if k == 1 and C.ndim == 2 and isinstance(t, (int, float)):
             # one matrix, one column each: 2 x 2 cores in closed form
             if square:
@@ -963,9 +967,13 @@ def transport_update(xp, W, a, b, *, t, cores, cayley=False):
 @staged()
 def _transport_panels(xp, W, a, b):
     """The device's work of :func:`transport_update` before its small matrices
-    go to the cores: (panels, C, scales) with the panels P = [a, b] and, for a
-    square W, ``W^H P``, their Gram C, and the scales of a and b where the
-    cores need them (see :func:`_needs_scaling`; they multiply t)."""
+    go to the cores: (panels, C, scales, largest) with the panels P = [a, b]
+    and, for a square W, ``W^H P``, their Gram C, the scales of a and b
+    where the cores need them (see :func:`_needs_scaling`; they multiply t),
+    and for a rectangular W its largest |entry| (NaN or Inf where W has
+    one), in a list: the Grams show NaN and Inf in a, b and a square W, and
+    a rectangular W, which no Gram reads, gave a NaN result without a word.
+    All go to the host in the Grams' transfer."""
     a, b = _broadcast_batch(xp, W, a, b)
     core = core_dtype(xp, W.dtype, device(W))
     scales = []
@@ -973,8 +981,10 @@ def _transport_panels(xp, W, a, b):
         (a, sa), (b, sb) = _scaled(xp, a), _scaled(xp, b)
         scales = [xp.astype(sa, core), xp.astype(sb, core)]
     P = xp.concat([a, b], axis=-1)
-    panels = [P, adjoint_matmul(xp, W, P)] if W.shape[-1] == W.shape[-2] else [P]
-    return panels, _gram(xp, panels, core), scales
+    square = W.shape[-1] == W.shape[-2]
+    panels = [P, adjoint_matmul(xp, W, P)] if square else [P]
+    largest = [] if square else [xp.astype(xp.max(xp.abs(W)), core)]
+    return panels, _gram(xp, panels, core), scales, largest
 
 
 def _broadcast_batch(xp, W, *panels):

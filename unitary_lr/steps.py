@@ -516,7 +516,7 @@ def tangent_project(W, G, /):
     TypeError
         Non-array arguments, mixed libraries, unsupported dtypes.
     ValueError
-        G of another shape than W, NaN or Inf in G (not checked under
+        G of another shape than W, NaN or Inf in W or G (not checked under
         ``jax.jit``, ``torch.compile`` or a CUDA-graph capture, where the
         projection runs traced and values cannot be read: there NaN and Inf
         carry through to the result).
@@ -554,6 +554,7 @@ def tangent_project(W, G, /):
         raise ValueError(f"G must have shape (..., {W.shape[-2]}, {W.shape[-1]}) to match W of "
                          f"shape {tuple(W.shape)}, got shape {tuple(G.shape)}")
     check_batch_compatible(W=W, G=G)
+    check_finite(xp, "W", W)
     check_finite(xp, "G", G)
     return _tangent_part(xp, W, G)
 

@@ -44,8 +44,8 @@ def exp_transport(W, a, b, /, *, t=1.0):
         dtypes other than float32, float64, complex64, complex128.
     ValueError
         a and b of different shapes or not matching W, batch axes that do not
-        broadcast, NaN or Inf in a or b, non-finite t; a square W that is not
-        unitary.
+        broadcast, NaN or Inf in W, a or b, non-finite t; a square W that is
+        not unitary.
 
     Notes
     -----
@@ -73,10 +73,7 @@ def exp_transport(W, a, b, /, *, t=1.0):
     >>> bool(unitarity_error(V) < 1e-14)
     True
     """
-    xp, W, a, b = unitary_and_factors(W, a, b, check_values=False)
-    t = check_real_scalar("t", t)
-    traced = any(is_traced(x) for x in (W, a, b))
-    return checked(lambda: transport_unchecked(xp, W, a, b, t, traced=traced), xp, {"W": W, "a": a, "b": b})
+    return _transport(W, a, b, t, cayley=False)
 
 
 @exact_products
@@ -112,8 +109,8 @@ def cayley_transport(W, a, b, /, *, t=1.0):
         unsupported dtypes.
     ValueError
         a and b of different shapes or not matching W, batch axes that do not
-        broadcast, NaN or Inf in a or b, non-finite t; a square W that is not
-        unitary.
+        broadcast, NaN or Inf in W, a or b, non-finite t; a square W that is
+        not unitary.
 
     Notes
     -----
@@ -143,10 +140,16 @@ def cayley_transport(W, a, b, /, *, t=1.0):
     >>> bool(unitarity_error(cayley_transport(W, a, b, t=1e12)) < 1e-14)
     True
     """
+    return _transport(W, a, b, t, cayley=True)
+
+
+def _transport(W, a, b, t, *, cayley):
+    """The transports' checks and call (NaN and Inf in W, a and b are found
+    by the step, see ``_flow.transport_update``)."""
     xp, W, a, b = unitary_and_factors(W, a, b, check_values=False)
     t = check_real_scalar("t", t)
     traced = any(is_traced(x) for x in (W, a, b))
-    return checked(lambda: transport_unchecked(xp, W, a, b, t, traced=traced, cayley=True), xp,
+    return checked(lambda: transport_unchecked(xp, W, a, b, t, traced=traced, cayley=cayley), xp,
                    {"W": W, "a": a, "b": b})
 
 
