@@ -168,6 +168,31 @@ def test_errors():
         projunn(1e-2, unitary={"W": True}).init({"W": jnp.eye(3, dtype=jnp.int32)})
 
 
+@pytest.mark.parametrize("base", ["sgd", "rmsprop", "adam"])
+@pytest.mark.parametrize("jit", [False, True])
+def test_gradients_of_the_wrong_shape_dtype_or_structure_are_named(base, jit):
+    """With a base that keeps moments (rmsprop, the default, and adam) they
+    failed in JAX's words, naming no leaf ("add got incompatible shapes";
+    "cond branches must have equal output types" for a float64 gradient of a
+    float32 leaf): now as sgd's did, and the same under jit."""
+    W = ul.random_unitary(6, dtype="float32", xp=jnp, rng=0)
+    params = {"W": W, "b": jnp.zeros(3, jnp.float32)}
+    opt = projunn(1e-2, unitary={"W": True, "b": False}, base=base, rank=2)
+    update = jax.jit(opt.update) if jit else opt.update
+    state = opt.init(params)
+    grads = {"W": jnp.ones((6, 6), jnp.float32), "b": jnp.ones(3, jnp.float32)}
+    for leaf, bad in (("W", jnp.ones((3, 6), jnp.float32)), ("b", jnp.ones(4, jnp.float32))):
+        with pytest.raises(ValueError, match=rf"^the gradient of leaf \['{leaf}'\] has shape \({bad.shape[0]},"):
+            update({**grads, leaf: bad}, state, params)
+    with pytest.raises(ValueError, match=r"^grads must have the tree structure of the parameters"):
+        update({"W": grads["W"]}, state, params)
+    with pytest.raises(TypeError, match=r"^the gradient of leaf \['W'\] has dtype float64, which would promote "
+                                        r"the leaf's float32"):  # (the tests run JAX with x64)
+        update({**grads, "W": jnp.ones((6, 6), jnp.float64)}, state, params)
+    updates, _ = update(grads, state, params)
+    assert updates["W"].dtype == jnp.float32 and np.all(np.isfinite(np.asarray(updates["W"])))
+
+
 @pytest.mark.parametrize("bad_leaf", ["W", "bias"])
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_nonfinite_gradient_is_skipped_under_jit(bad_leaf, bad):

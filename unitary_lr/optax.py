@@ -311,11 +311,14 @@ def projunn(learning_rate=DEFAULT_LR, *, unitary, base=DEFAULT_BASE, rank=None, 
     ------
     ValueError
         Unknown base or variant, a non-positive learning rate, a unitary leaf
-        that is not a matrix (..., n, m) with ``min(n, m) >= rank``, update without params.
+        that is not a matrix (..., n, m) with ``min(n, m) >= rank``, update without params;
+        gradients not of the parameters' tree structure or shapes (naming the leaf).
     TypeError
         Hyper-parameters the base optimizer does not take; unsupported dtypes;
         an integer option given as an array (``optax.inject_hyperparams``
-        without ``static_args=STATIC_ARGS``).
+        without ``static_args=STATIC_ARGS``); a gradient whose dtype would
+        promote its leaf's (a float64 gradient of a float32 leaf: the base's
+        moments keep the leaf's dtype).
 
     Notes
     -----
@@ -385,6 +388,7 @@ def projunn(learning_rate=DEFAULT_LR, *, unitary, base=DEFAULT_BASE, rank=None, 
     def update(grads, state, params=None):
         if params is None:
             raise ValueError("projunn needs the parameters: opt.update(grads, state, params)")
+        _check_gradients(grads, params)
         leaves = jax.tree.leaves(grads)
         finite = jnp.all(jnp.asarray([_all_finite(g) for g in leaves])) if leaves else jnp.asarray(True)
         state = state._replace(notfinite_count=jnp.asarray(state.notfinite_count, jnp.int32))
@@ -399,6 +403,28 @@ def projunn(learning_rate=DEFAULT_LR, *, unitary, base=DEFAULT_BASE, rank=None, 
         return zeros, state._replace(notfinite_count=state.notfinite_count + 1)
 
     return optax.GradientTransformation(init, update)
+
+
+def _check_gradients(grads, params):
+    """Each gradient of the parameter's shape, in a dtype that does not
+    promote the parameter's, named where it is not: the base's moments (and
+    the skip of a non-finite step, which keeps them as they were) would
+    otherwise fail in JAX's words ("add got incompatible shapes", "cond
+    branches must have equal output types"), naming no leaf. Shapes and
+    dtypes are static under jit: no cost there."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    try:
+        flat_grads = treedef.flatten_up_to(grads)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"grads must have the tree structure of the parameters: {error}") from None
+    for (path, p), g in zip(flat, flat_grads):
+        name = jax.tree_util.keystr(path)
+        if tuple(jnp.shape(g)) != tuple(jnp.shape(p)):
+            raise ValueError(f"the gradient of leaf {name} has shape {tuple(jnp.shape(g))}, the leaf "
+                             f"{tuple(jnp.shape(p))}")
+        if jnp.result_type(g, p) != jnp.result_type(p):
+            raise TypeError(f"the gradient of leaf {name} has dtype {jnp.result_type(g).name}, which would "
+                            f"promote the leaf's {jnp.result_type(p).name}; pass gradients in the leaves' dtypes")
 
 
 def _all_finite(x):
