@@ -153,6 +153,11 @@ class ProjUNN(torch.optim.Optimizer):
         group of a torch.optim optimizer as capturable inside a compiled
         step, would otherwise trace the capturable step instead), and
         ``fullgraph=True`` is refused with an error that names this option.
+        A group's setting may be switched between eager steps: its
+        parameters' states keep their moments and step count and gain the
+        other way's counters. (A compiled step reads the record of the last
+        eager step or change of the groups, so step eagerly once after a
+        switch.)
 
     Raises
     ------
@@ -162,7 +167,8 @@ class ProjUNN(torch.optim.Optimizer):
         ``min(n, m) >= rank``, a
         group mixing marked and unmarked parameters, a unitary group that sets
         both ``lr`` and ``unitary_lr_scale``; at ``step()``, a gradient
-        with NaN or Inf (named, with its shape; nothing is changed).
+        with NaN or Inf (named, with its shape; nothing is changed), also
+        at ``lr = 0``, where the rule's moments would keep it.
     TypeError
         A unitary parameter of a dtype other than float32/64, complex64/128;
         hyper-parameters the base rule does not take (set in the
