@@ -152,6 +152,41 @@ def test_staged_programs_run_on_the_device_of_the_arrays():
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 
+_BATCHED_RECTANGULAR = """
+import jax, numpy as np
+jax.config.update("jax_enable_x64", True)
+import jax.numpy as jnp
+import unitary_lr as ul
+from unitary_lr.optim import ProjUNN
+cases = [((2, 6, 3), 2, "float64", "tangent"), ((2, 6, 3), 2, "float32", "direct"), ((3, 6, 3), 3, "float64", "tangent"),
+         ((2, 3, 6), 1, "float64", "tangent"), ((2, 3, 6), 2, "float64", "cayley"), ((2, 2, 7, 3), 2, "complex128", "tangent")]
+for shape, rank, dtype, variant in cases:
+    W = ul.random_unitary(*shape[-2:], dtype=dtype, batch_shape=shape[:-2], rng=0)
+    G = np.random.default_rng(1).standard_normal(shape).astype(dtype)
+    moved = ul.projunn_step(jnp.asarray(W), jnp.asarray(G), lr=0.1, rank=rank, variant=variant, rng=0)
+    expected = ul.projunn_step(W, G, lr=0.1, rank=rank, variant=variant, rng=0)
+    assert np.abs(np.asarray(moved) - expected).max() < (1e-5 if dtype == "float32" else 1e-13), (shape, variant)
+opt = ProjUNN(0.1, rank=2, seed=0)
+Ws = {k: jnp.asarray(ul.random_unitary(6, 3, dtype="float32", rng=i)) for i, k in enumerate("ab")}
+moved = opt.step_many({k: (W, jnp.ones((6, 3), jnp.float32)) for k, W in Ws.items()})
+assert all(float(ul.unitarity_error(W)) < 1e-5 for W in moved.values())
+print("ok")
+"""
+
+
+def test_batched_rectangular_steps_compile_on_jax():
+    """A batch of tall or wide matrices (and ``step_many``, which stacks
+    them): XLA's CPU compiler aborted the whole process on the sketch (JAX
+    0.10.2, a failed layout check after an optimization barrier of a batched
+    panel), where NumPy steps them; now the step is NumPy's to rounding. In
+    a fresh process, which an abort would end without taking the tests."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _BATCHED_RECTANGULAR], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), (done.returncode, done.stderr[-3000:])
+
+
 @pytest.mark.parametrize(("base", "hyper"), [("rmsprop", {}), ("rmsprop", {"centered": True, "momentum": 0.5}),
                                              ("adam", {}), ("sgd", {"momentum": 0.9, "nesterov": True})])
 def test_the_framework_free_optimizer_on_jax_compiles_its_rule_once(base, hyper):
