@@ -297,12 +297,14 @@ def _as_computed(xp, X):
     identity) keeps the product and its small transpose apart; other
     libraries do not rewrite products, and a panel of one row or column is
     its own transpose. (The barrier batches under ``jax.vmap`` from JAX
-    0.4.38, the minimum this package asks for.) Not for a batch of panels:
-    there XLA's CPU compiler aborted the process (JAX 0.10.2, "Check failed:
-    ... IsMonotonicWithDim0Major" in dot_op_emitter.cc) on the transpose
-    after the barrier when the panel it came from was an output too, as the
-    sketch's Y is (a batch of 6 x 3 float64 matrices at rank 2)."""
-    if X.ndim == 2 and min(X.shape) > 1 and _is_jax(xp):
+    0.4.38, the minimum this package asks for.) Not for a batch of panels
+    of fewer than four columns: there XLA's CPU compiler aborted the process
+    (JAX 0.10.2, "Check failed: ... IsMonotonicWithDim0Major" in
+    dot_op_emitter.cc) on the transpose after the barrier (real panels of two
+    or three columns, as ``Y^H G`` of a batch of n x 3 matrices at rank 2;
+    four to 64 columns, and complex ones, compiled), and a large operand of
+    three columns costs little to transpose."""
+    if min(X.shape[-2:]) > 1 and (X.ndim == 2 or X.shape[-1] >= 4) and _is_jax(xp):
         return sys.modules["jax"].lax.optimization_barrier(X)
     return X
 
