@@ -335,5 +335,23 @@ def test_hand_written_wy_gradient_refuses_second_derivatives():
     V = torch.randn(6, 2, dtype=torch.float64, requires_grad=True)
     U, _ = wy_factors(array_api_compat.array_namespace(V), V)
     (gradient,) = torch.autograd.grad((U * V).sum(), V, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable"):
+    refused = "hand-written gradient is not differentiable: a second derivative"
+    with pytest.raises(RuntimeError, match=refused):
         gradient.sum().backward()
+    # through V alone (the incoming gradient needs none): it was a Hessian of
+    # zeros, without a word; the first derivatives with create_graph=True
+    # are the plain ones
+    layer = HouseholderAdapter(torch.nn.Linear(4, 3, dtype=torch.float64), reflectors=1)
+    with torch.no_grad():
+        layer.sigma.normal_(generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def loss(u):
+        return (torch.func.functional_call(layer, {"reflectors_out": u}, (x,)) ** 2).sum()
+
+    u = layer.reflectors_out.detach().clone().requires_grad_()
+    (first,) = torch.autograd.grad(loss(u), u, create_graph=True)
+    (plain,) = torch.autograd.grad(loss(u), u)
+    assert torch.equal(first.detach(), plain)
+    with pytest.raises(RuntimeError, match=refused):
+        torch.autograd.functional.hessian(loss, u.detach())

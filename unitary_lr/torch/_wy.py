@@ -22,14 +22,14 @@ factors returned are U and M), with torch's convention ``dL = Re tr(g^H dX)``:
 the last term zero for a zero column (whose v is zero). It is the gradient of
 the generic code (``tests/test_torch_adapters.py`` checks the two against
 each other in float64, real and complex, with zero columns). The backward
-pass is not itself differentiable (second derivatives raise).
+pass is not itself differentiable: second derivatives raise (see
+``_NotDifferentiable``).
 """
 
 from __future__ import annotations
 
 import torch
 from array_api_compat import array_namespace
-from torch.autograd.function import once_differentiable
 
 from .._xp import column_layout, core_dtype
 from ..householder import wy_core
@@ -41,14 +41,13 @@ class _WYFactors(torch.autograd.Function):
         xp = array_namespace(V)
         wide = V.to(core_dtype(xp, V.dtype, V.device))
         U, minus_T, scale, power = wy_core(xp, wide)
-        ctx.save_for_backward(U, minus_T, scale, power)
+        ctx.save_for_backward(U, minus_T, scale, power, V)
         ctx.dtype = V.dtype
         return column_layout(xp, U.to(V.dtype)), minus_T.to(V.dtype)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_U, grad_minus_T):
-        U, M, s, power = ctx.saved_tensors
+        U, M, s, power, V = ctx.saved_tensors
         g_U = torch.zeros_like(U) if grad_U is None else grad_U.to(U.dtype)
         if grad_minus_T is not None:
             Mh = M.mH
@@ -62,8 +61,29 @@ class _WYFactors(torch.autograd.Function):
         if g_s.is_complex():
             g_s = g_s.real
         g_V = (g_U - U * g_s[..., None, :].to(U.dtype)) * s[..., None, :].to(U.dtype)
-        g_V = g_V * power[..., None, :].to(U.dtype)
-        return g_V.to(ctx.dtype)
+        g_V = (g_V * power[..., None, :].to(U.dtype)).to(ctx.dtype)
+        if torch.is_grad_enabled():  # create_graph=True: the gradient is tied to V, to refuse its derivative
+            g_V = _NotDifferentiable.apply(g_V, V)
+        return g_V
+
+
+class _NotDifferentiable(torch.autograd.Function):
+    """The hand-written gradient as it is, tied to V, whose derivative it
+    does not have: a derivative of the gradient raises. torch's
+    ``once_differentiable`` ties it only to the incoming gradients, and a
+    second derivative through V alone (``torch.autograd.functional.hessian``
+    of an adapted layer's output) came back as zeros, without a word."""
+
+    @staticmethod
+    def forward(ctx, gradient, V):
+        return gradient.view_as(gradient)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError(
+            "unitary_lr: the Householder factors' hand-written gradient is not differentiable: a second "
+            "derivative through householder_apply, householder_product or a HouseholderAdapter of PyTorch "
+            "tensors is not supported")
 
 
 def wy_factors(xp, V):
