@@ -514,6 +514,22 @@ def test_modrelu_matches_its_formula_and_is_safe_at_zero():
     torch.testing.assert_close(real, torch.tensor([[-1.5, 1.2, 0.0, 1.0]], dtype=torch.float64))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex64, torch.float64, torch.complex128])
+def test_modrelu_keeps_nan_and_the_input_dtype(dtype):
+    """NaN became 0 (|NaN| > 0 is False), and a recurrent layer went on from
+    a zero state without a word; a float64 bias made a float32 input's
+    result float64, where the docstring says z's dtype."""
+    act = ModReLU(3, dtype=torch.float64)
+    z = torch.tensor([[float("nan"), 0.0, 2.0]], dtype=dtype)
+    out = act(z)
+    assert out.dtype == dtype and torch.isnan(out[0, 0]) and out[0, 1] == 0 and torch.isfinite(out[0, 2])
+    rnn = UnitaryRNN(2, 3, dtype=torch.float64, generator=seeded())
+    x = torch.randn(4, 1, 2, dtype=torch.float64, generator=seeded(1))
+    x[1, 0, 0] = float("nan")
+    outputs, h = rnn(x)
+    assert torch.isfinite(outputs[0]).all() and torch.isnan(outputs[1:]).all() and torch.isnan(h).all()
+
+
 @pytest.mark.parametrize("complex_", [False, True])
 @pytest.mark.parametrize("nonlinearity", ["modrelu", "relu", "tanh"])
 def test_rnn_matches_a_hand_written_loop(complex_, nonlinearity):

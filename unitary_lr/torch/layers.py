@@ -119,7 +119,10 @@ def unitary_parameter(n_or_tensor, m=None, /, *, init="haar", batch_shape=(), dt
         if m is not None:
             raise ValueError(f"m is the number of columns of a new parameter; with a tensor (shape "
                              f"{tuple(n_or_tensor.shape)}) it must be omitted, got m={m!r}")
-        param = nn.Parameter(n_or_tensor.detach().clone())
+        value = n_or_tensor.detach().clone()
+        # an integer tensor cannot require gradients: checked as a tensor first,
+        # where the Parameter raised PyTorch's error, naming nothing
+        param = nn.Parameter(value, requires_grad=value.is_floating_point() or value.is_complex())
         _check_and_mark(param, project=project, what="n_or_tensor")
         return param
     n = n_or_tensor
@@ -138,7 +141,10 @@ def unitary_parameter(n_or_tensor, m=None, /, *, init="haar", batch_shape=(), dt
     if dtype not in (torch.float32, torch.float64, torch.complex64, torch.complex128):
         raise TypeError(f"dtype must be float32, float64, complex64 or complex128, got {dtype}")
     device = torch.device("cpu") if device is None else torch.device(device)
-    batch_shape = tuple(batch_shape)
+    try:
+        batch_shape = tuple(batch_shape)
+    except TypeError:
+        raise TypeError(f"batch_shape must be a sequence of sizes, got {batch_shape!r}") from None
     if init == "haar":
         name = str(dtype).removeprefix("torch.")
         value = random_unitary(n, m, dtype=name, batch_shape=batch_shape, rng=_seed(generator), xp=torch,
@@ -148,7 +154,9 @@ def unitary_parameter(n_or_tensor, m=None, /, *, init="haar", batch_shape=(), dt
         value = torch.eye(n, m, dtype=dtype, device=device).expand(*batch_shape, n, m).clone()
     else:
         blocks = [_henaff(n, dtype=dtype, device=device, generator=generator) for _ in range(math.prod(batch_shape))]
-        value = torch.stack(blocks).reshape(*batch_shape, n, n)
+        # (an empty batch stacks nothing: torch.stack refused it)
+        value = (torch.stack(blocks) if blocks else torch.empty(0, n, n, dtype=dtype, device=device)).reshape(
+            *batch_shape, n, n)
     # row-major, as every freshly made torch tensor (the QR behind a Haar
     # sample returns it column by column; a wide one is a transposed view)
     param = nn.Parameter(value.contiguous())
@@ -195,13 +203,17 @@ class ModReLU(nn.Module):
         Returns
         -------
         torch.Tensor
-            Same shape and dtype as ``z``.
+            Same shape and dtype as ``z`` (the bias taken in z's precision).
+            NaN stays NaN.
         """
         magnitude = torch.abs(z)
-        nonzero = magnitude > 0
+        # != 0, not > 0: a NaN entry takes the first branch and stays NaN
+        # (it was set to 0, and a recurrent layer went on from a zero state)
+        nonzero = magnitude != 0
         # the inner where keeps z / |z| finite at z = 0, forward and backward
         phase = z / torch.where(nonzero, magnitude, torch.ones_like(magnitude))
-        return torch.where(nonzero, phase * torch.relu(magnitude + self.bias), torch.zeros_like(z))
+        bias = self.bias.to(magnitude.dtype)  # (a float64 bias made a float32 z's result float64)
+        return torch.where(nonzero, phase * torch.relu(magnitude + bias), torch.zeros_like(z))
 
     def extra_repr(self):
         return f"{self.bias.shape[0]}"
