@@ -9,6 +9,7 @@ pytest.importorskip("sklearn", reason="scikit-learn is not installed")
 
 from unitary_lr._peft_support import peft_problem  # noqa: E402
 from unitary_lr.cli import adapt, build_parser, main  # noqa: E402
+from unitary_lr.cli._output import CommandError  # noqa: E402
 
 
 def _reject(constant):
@@ -165,6 +166,24 @@ def test_bad_options_are_one_line_errors(tmp_path, capsys, arguments, message):
     assert err.startswith("unitary-lr adapt: error: ") and message in err, err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.parametrize(("methods", "sizes"), [(["hta"], ["--reflectors", "3"]), (["lora", "hta"], []),
+                                               (["svd"], ["--svd-ranks", "2"]), (["none", "full"], [])])
+def test_only_the_methods_that_run_have_their_sizes_checked(tmp_path, methods, sizes):
+    """At --hidden 3 the defaults of the methods left out (--lora-ranks 4,
+    --hra-ranks 8, --oft-block-sizes 8) stopped a run that does not use
+    them; a method that runs is still held to its sizes."""
+    def validate(*arguments):
+        args = build_parser().parse_args(["adapt", "--hidden", "3", *arguments, "--out", str(tmp_path / "x")])
+        adapt._validate(args)
+        return args.methods
+
+    if methods == ["lora", "hta"]:  # lora's default rank 4 is too large here
+        with pytest.raises(CommandError, match=r"--lora-ranks must lie in \[1, 3\], got 4"):
+            validate("--methods", *methods, "--reflectors", "2")
+        methods, sizes = methods, ["--lora-ranks", "2", "--reflectors", "2"]
+    assert validate("--methods", *methods, *sizes) == methods
 
 
 def test_unknown_method_is_an_argparse_error(capsys):

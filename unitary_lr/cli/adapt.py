@@ -89,21 +89,24 @@ def _validate(args):
         if seed < 0:
             raise CommandError(f"--seeds must be >= 0, got {seed}")
     args.seeds = list(dict.fromkeys(args.seeds))
-    smallest = min(args.hidden, 10)  # min(n_out, n_in) of the output layer
-    for flag, values, upper in (("--reflectors", args.reflectors, smallest), ("--lora-ranks", args.lora_ranks, smallest),
-                                ("--svd-ranks", args.svd_ranks, smallest),
-                                ("--hra-ranks", args.hra_ranks, min(args.hidden, 64))):
-        for value in values:
-            if not 1 <= value <= upper:
-                raise CommandError(f"{flag} must lie in [1, {upper}], got {value}")
-    for value in args.hra_ranks:
-        if value % 2:
-            raise CommandError(f"--hra-ranks must be even (HRA's initialization pairs its reflections), got {value}")
-    for value in args.oft_block_sizes:
-        if value < 2 or 64 % value or args.hidden % value:
-            raise CommandError(f"--oft-block-sizes must be >= 2 and divide 64 and --hidden = {args.hidden}, got {value}")
     explicit = args.methods is not None
     args.methods = list(dict.fromkeys(args.methods or METHODS))
+    # the sizes of the methods that run (the defaults of one left out, such
+    # as --lora-ranks 4 beside --hidden 3, stopped a run of HTA alone)
+    smallest = min(args.hidden, 10)  # min(n_out, n_in) of the output layer
+    for method, flag, values, upper in (("hta", "--reflectors", args.reflectors, smallest),
+                                        ("lora", "--lora-ranks", args.lora_ranks, smallest),
+                                        ("svd", "--svd-ranks", args.svd_ranks, smallest),
+                                        ("hra", "--hra-ranks", args.hra_ranks, min(args.hidden, 64))):
+        for value in values if method in args.methods else ():
+            if not 1 <= value <= upper:
+                raise CommandError(f"{flag} must lie in [1, {upper}], got {value}")
+    for value in args.hra_ranks if "hra" in args.methods else ():
+        if value % 2:
+            raise CommandError(f"--hra-ranks must be even (HRA's initialization pairs its reflections), got {value}")
+    for value in args.oft_block_sizes if "oft" in args.methods else ():
+        if value < 2 or 64 % value or args.hidden % value:
+            raise CommandError(f"--oft-block-sizes must be >= 2 and divide 64 and --hidden = {args.hidden}, got {value}")
     args.skipped = {}
     wanted_peft = [m for m in args.methods if m in PEFT_METHODS]
     if wanted_peft:
