@@ -138,6 +138,41 @@ def test_errors_leave_everything_unchanged(rng):
         opt.step(W1, bad[:, :-1])
 
 
+def test_a_bad_state_dict_or_a_complex_plain_gradient_changes_nothing(rng):
+    """load_state_dict with a dict that lacks an entry replaced the random
+    stream, then raised a bare KeyError; a plain (unitary=False) real W took
+    a complex gradient and came back complex, and its next step failed."""
+    W = haar(rng, N, "float64")
+    opt = ProjUNN(1e-2, base="adam", rank=2, seed=0)
+    W = opt.step(W, rng.standard_normal((N, N)))
+    saved = opt.state_dict()
+    stream = opt._rng.bit_generator.state
+    for bad, error, match in (({"rng": saved["rng"]}, ValueError, r"state_dict lacks 'steps'"),
+                              ({}, ValueError, r"state_dict lacks 'rng', 'steps'"),
+                              (None, TypeError, r"state_dict must be a dict made by ProjUNN.state_dict\(\)"),
+                              ({"rng": {"state": 1}, "steps": 1}, ValueError, r"not a dict made by .*KeyError")):
+        with pytest.raises(error, match=match):
+            opt.load_state_dict(bad)
+        assert opt._rng.bit_generator.state == stream and opt.steps == 1
+    plain = ProjUNN(1e-2, base="adam", unitary=False)
+    with pytest.raises(TypeError, match=r"^G has complex dtype complex128 but W is real \(float64\)"):
+        plain.step(np.eye(3), np.ones((3, 3)) + 1j)
+    assert plain.steps == 0 and plain.state is None
+    assert plain.step(np.eye(3) + 0j, np.ones((3, 3)) + 1j).dtype == np.complex128  # complex W: as before
+
+
+def test_hyper_parameters_as_numpy_scalars_and_non_numbers():
+    """NumPy scalars are numbers (a np.float32 momentum was refused as "not a
+    finite number"); a string in betas or alpha is named (it was Python's
+    bare comparison TypeError)."""
+    assert ProjUNN(np.float32(1e-2), base="sgd", momentum=np.float32(0.9)).rule.momentum == np.float32(0.9)
+    assert ProjUNN(1e-2, base="adam", weight_decay=np.int64(0)).rule.weight_decay == 0
+    with pytest.raises(ValueError, match=r"betas must be two numbers in \[0, 1\), got \('a', 0.9\)"):
+        ProjUNN(1e-2, base="adam", betas=("a", 0.9))
+    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\), got '0.5'"):
+        ProjUNN(1e-2, base="rmsprop", alpha="0.5")
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [

@@ -230,7 +230,7 @@ class RMSprop:
     def __post_init__(self):
         _non_negative(self, "eps", "momentum", "weight_decay")
         _flags(self, "centered", "maximize")
-        if not 0 <= self.alpha < 1:
+        if not _in_unit_interval(self.alpha):
             raise ValueError(f"alpha must be in [0, 1), got {self.alpha!r}")
 
     stateless = False
@@ -299,7 +299,8 @@ class Adam:
     def __post_init__(self):
         _non_negative(self, "eps", "weight_decay")
         _flags(self, "amsgrad", "maximize", "decoupled_weight_decay")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+        if not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2 or \
+                not all(_in_unit_interval(b) for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
 
     stateless = False
@@ -361,10 +362,28 @@ def _flags(rule, *names):
             raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
+def _real(value):
+    """Whether ``value`` is a real number: Python's, or NumPy's scalars (a
+    np.float32 momentum was refused as not a number), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _in_unit_interval(value):
+    """``0 <= value < 1``; False for a bool and for what does not compare
+    with numbers (a string gave Python's bare TypeError). A 0-d tensor
+    compares, as torch.optim takes tensor betas."""
+    if isinstance(value, bool):
+        return False
+    try:
+        return bool(0 <= value < 1)
+    except (TypeError, ValueError, RuntimeError):
+        return False
+
+
 def _non_negative(rule, *names):
     for name in names:
         value = getattr(rule, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        if not _real(value) or not math.isfinite(value) or value < 0:
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
@@ -818,6 +837,13 @@ class ProjUNN:
         factored = isinstance(G, tuple)
         arrays = {"W": W, "G[0]": G[0], "G[1]": G[1]} if factored and len(G) == 2 else {"W": W, "G": G}
         xp = namespace_of(**arrays)
+        if not self.unitary and not is_complex(xp, W.dtype):
+            # (the unitary step refuses it in its own checks; a plain update
+            # made the real W complex, and the next step failed on its state)
+            for name, x in arrays.items():
+                if is_complex(xp, x.dtype):
+                    raise TypeError(f"{name} has complex dtype {dtype_name(xp, x.dtype)} but W is real "
+                                    f"({dtype_name(xp, W.dtype)}); a real W takes a real gradient")
         # Where no projUNN kernel looks at the gradient (a plain update, or
         # lr = 0 which skips the step) its NaN/Inf would go straight into the
         # rule's moments: checked here, one reduction per array.
@@ -904,14 +930,29 @@ class ProjUNN:
                 "rng": generator_state(self._rng)}
 
     def load_state_dict(self, state_dict):
-        self._rng = generator_from_state(state_dict["rng"])
-        self.steps = int(state_dict["steps"])
-        self.reprojections = int(state_dict.get("reprojections", 0))
-        if "matrices" in state_dict:
-            self._slots = {key: dict(slot) for key, slot in state_dict["matrices"].items()}
-        elif state_dict.get("state") is not None:
-            # a state saved before per-matrix keys: one matrix, under key None;
-            # its shape is not known, so the first step takes it as it comes
-            self._slots = {None: {"signature": None, "steps": self.steps, "state": state_dict["state"]}}
-        else:
-            self._slots = {}
+        """Resume from :meth:`state_dict`'s dict. Everything is read before
+        anything is set: a dict that lacks an entry is a ValueError naming
+        it, and the optimizer stays as it was (a bare KeyError came after
+        the random stream had been replaced)."""
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict made by ProjUNN.state_dict(), got {type(state_dict).__name__}")
+        missing = [key for key in ("rng", "steps") if key not in state_dict]
+        if missing:
+            raise ValueError(f"state_dict lacks {', '.join(map(repr, missing))}: not a dict made by "
+                             f"ProjUNN.state_dict() (it has {sorted(map(repr, state_dict))})")
+        try:
+            rng = generator_from_state(state_dict["rng"])
+            steps = int(state_dict["steps"])
+            reprojections = int(state_dict.get("reprojections", 0))
+            if "matrices" in state_dict:
+                slots = {key: dict(slot) for key, slot in state_dict["matrices"].items()}
+            elif state_dict.get("state") is not None:
+                # a state saved before per-matrix keys: one matrix, under key None;
+                # its shape is not known, so the first step takes it as it comes
+                slots = {None: {"signature": None, "steps": steps, "state": state_dict["state"]}}
+            else:
+                slots = {}
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise ValueError(f"state_dict is not a dict made by ProjUNN.state_dict(): {type(error).__name__}: "
+                             f"{error}") from None
+        self._rng, self.steps, self.reprojections, self._slots = rng, steps, reprojections, slots
