@@ -158,8 +158,9 @@ jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp
 import unitary_lr as ul
 from unitary_lr.optim import ProjUNN
-cases = [((2, 6, 3), 2, "float64", "tangent"), ((2, 6, 3), 2, "float32", "direct"), ((3, 6, 3), 3, "float64", "tangent"),
-         ((2, 3, 6), 1, "float64", "tangent"), ((2, 3, 6), 2, "float64", "cayley"), ((2, 2, 7, 3), 2, "complex128", "tangent")]
+cases = [((2, 6, 3), 2, "float64", "tangent"), ((2, 6, 3), 2, "float32", "direct"),
+         ((3, 6, 3), 3, "float64", "tangent"), ((2, 3, 6), 1, "float64", "tangent"),
+         ((2, 3, 6), 2, "float64", "cayley"), ((2, 2, 7, 3), 2, "complex128", "tangent")]
 for shape, rank, dtype, variant in cases:
     W = ul.random_unitary(*shape[-2:], dtype=dtype, batch_shape=shape[:-2], rng=0)
     G = np.random.default_rng(1).standard_normal(shape).astype(dtype)

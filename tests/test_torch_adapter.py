@@ -498,6 +498,14 @@ def test_unitary_parameter_inits():
         unitary_parameter(torch.zeros(2, 3))
     with pytest.raises(ValueError, match=r"n_or_tensor must be a matrix or a batch of matrices, got shape \(3,\)"):
         unitary_parameter(torch.zeros(3))
+    # an empty batch for every init (henaff's stacked nothing), and errors that
+    # name the argument (an integer tensor gave PyTorch's "can require gradients")
+    for init in ("haar", "identity", "henaff"):
+        assert tuple(unitary_parameter(3, init=init, batch_shape=(2, 0)).shape) == (2, 0, 3, 3)
+    with pytest.raises(TypeError, match=r"^n_or_tensor has dtype torch.int64; a unitary parameter must be"):
+        unitary_parameter(torch.eye(3, dtype=torch.int64))
+    with pytest.raises(TypeError, match=r"^batch_shape must be a sequence of sizes, got 2$"):
+        unitary_parameter(3, batch_shape=2)
 
 
 def test_modrelu_matches_its_formula_and_is_safe_at_zero():
