@@ -202,6 +202,20 @@ def test_bad_targets(base):
         _adapted(base, target_modules=["layers.0"])
 
 
+@needs_peft
+def test_a_refused_config_changes_no_layer(base):
+    """PEFT wraps the targets one by one: a layer too small for r (or not a
+    Linear) met after another target left that one wrapped. Every target is
+    checked first now, and the model is as it was."""
+    model = copy.deepcopy(base)
+    before = {name: type(module) for name, module in model.named_modules()}
+    for options, error in (({"r": 4, "target_modules": ["q", "head"]}, ValueError),
+                           ({"r": 2, "target_modules": ["q", "layers.0"]}, TypeError)):
+        with pytest.raises(error, match=r"layer 'head'|matched 'layers.0'"):
+            peft.get_peft_model(model, HTAConfig(**options))
+        assert {name: type(module) for name, module in model.named_modules()} == before
+
+
 def test_version_guard():
     """Runs without PEFT: the check reads versions, not PEFT itself."""
     check_peft_version("0.21.2")

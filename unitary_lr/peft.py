@@ -156,11 +156,8 @@ class HTALayer(BaseTunerLayer):
 
     def update_layer(self, adapter_name, r, *, init_weights=True, inference_mode=False, name=None):
         """Add the adapter ``adapter_name`` with ``r`` reflections a side."""
+        _check_r(r, self.get_base_layer(), name)
         limit = min(self.in_features, self.out_features)
-        if not 1 <= r <= limit:
-            where = f"layer {name!r}" if name else "the layer"
-            raise ValueError(f"HTAConfig.r must be between 1 and {limit} = min(out_features, in_features) of {where} "
-                             f"({self.out_features} x {self.in_features}), got {r}")
         weight = self.get_base_layer().weight
         options = {"dtype": weight.dtype, "device": weight.device, "generator": None}  # torch's global generator
         self.hta_r[adapter_name] = r
@@ -253,6 +250,23 @@ class HTAModel(BaseTuner):
                              "nn.Linear layers to adapt (target_modules=None)")
         return peft_config
 
+    def _pre_injection_hook(self, model, config, adapter_name):
+        """Every layer the config targets checked before PEFT wraps any: it
+        wraps them one by one, and a layer too small for ``r`` (or not a
+        Linear) met after the first had left that one wrapped."""
+        if config.target_modules is None:
+            return  # named by _prepare_adapter_config, which runs next
+        wrapped = []
+        for key, module in model.named_modules():
+            if not key or any(key.startswith(prefix) for prefix in wrapped):
+                continue  # the model itself, and the insides of a wrapped layer
+            if isinstance(module, HTALayer):
+                wrapped.append(key + ".")
+            if self._check_target_module_exists(config, key):
+                base = module.get_base_layer() if isinstance(module, HTALayer) else module
+                _check_linear(base, key)
+                _check_r(config.r, base, key)
+
     def _create_and_replace(self, hta_config, adapter_name, target, target_name, parent, current_key,
                             **optional_kwargs):
         options = {"r": hta_config.r, "init_weights": hta_config.init_weights,
@@ -260,13 +274,26 @@ class HTAModel(BaseTuner):
         if isinstance(target, HTALayer):
             target.update_layer(adapter_name, **options)
             return
-        if not isinstance(target, nn.Linear):
-            raise TypeError(f"HTA adapts torch.nn.Linear layers only; target_modules matched {current_key!r}, "
-                            f"a {type(target).__name__}")
+        _check_linear(target, current_key)
         new_module = HTALinear(target, adapter_name, **options)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # a second adapter is not trainable until set_adapter selects it
         self._replace_module(parent, target_name, new_module, target)
+
+
+def _check_linear(layer, key):
+    if not isinstance(layer, nn.Linear):
+        raise TypeError(f"HTA adapts torch.nn.Linear layers only; target_modules matched {key!r}, "
+                        f"a {type(layer).__name__}")
+
+
+def _check_r(r, layer, name):
+    """``r`` reflections a side fit the Linear ``layer`` (named ``name``)."""
+    limit = min(layer.in_features, layer.out_features)
+    if not 1 <= r <= limit:
+        where = f"layer {name!r}" if name else "the layer"
+        raise ValueError(f"HTAConfig.r must be between 1 and {limit} = min(out_features, in_features) of {where} "
+                         f"({layer.out_features} x {layer.in_features}), got {r}")
 
 
 def _register():
