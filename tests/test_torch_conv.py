@@ -94,6 +94,29 @@ def test_float32_layer_preserves_norm():
     torch.testing.assert_close(conv(x).detach().norm(), x.norm(), rtol=2e-6, atol=0)
 
 
+@pytest.mark.parametrize("complex_", [False, True])
+def test_double_and_empty_batches(complex_):
+    """``module.double()`` casts the real ``weight_real`` and leaves the
+    complex ``weight``: the real layer then failed with a dtype error; it
+    now works in the wider precision, as the same layer made in float64
+    does. An empty batch, which MKL's FFT refuses, gives an empty result
+    that backpropagates (zeros)."""
+    conv = FourierConv2d(2, (4, 6), init="haar", complex=complex_, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(3, 2, 4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    if complex_:
+        x = x + 1j * torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    expected = conv(x.to(torch.complex64 if complex_ else torch.float32))
+    doubled = conv.double()
+    y = doubled(x)
+    assert y.dtype == (torch.complex64 if complex_ else torch.float64)  # a complex layer's precision is its weight's
+    torch.testing.assert_close(y.to(expected.dtype), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y.norm().to(torch.float64), x.norm(), rtol=1e-6, atol=0)
+    empty = doubled(x[:0])
+    assert tuple(empty.shape) == (0, 2, 4, 6) and empty.dtype == y.dtype
+    empty.abs().sum().backward()
+    assert torch.count_nonzero(doubled.weight.grad) == 0
+
+
 def test_gradients_match_finite_differences():
     conv = FourierConv2d(2, (3, 4), init="haar", dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     x = torch.randn(2, 2, 3, 4, dtype=torch.float64)

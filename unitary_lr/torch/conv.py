@@ -161,10 +161,21 @@ class FourierConv2d(nn.Module):
         for the complex layer, (h, w // 2 + 1, d, c) for the real one."""
         h, w = self.size
         d, c = self.out_channels, self.in_channels
+        dtype = self._complex_dtype()
         if self.complex:
-            return self.weight.reshape(h, w, d, c)
-        bank = torch.cat([self.weight, self.weight.conj(), self.weight_real.to(self.weight.dtype)])
+            return self.weight.to(dtype).reshape(h, w, d, c)
+        weight = self.weight.to(dtype)
+        bank = torch.cat([weight, weight.conj(), self.weight_real.to(dtype)])
         return bank.index_select(0, self._gather).reshape(h, w // 2 + 1, d, c)
+
+    def _complex_dtype(self):
+        """The precision of the layer's work, as a complex dtype: that of its
+        parameters, the wider one where they differ (``module.double()``
+        casts the real ``weight_real`` and leaves the complex ``weight`` as it
+        is: the layer then failed with a dtype error)."""
+        if self.complex:
+            return self.weight.dtype
+        return torch.promote_types(self.weight.dtype, _COMPLEX_OF[self.weight_real.dtype])
 
     def forward(self, x):
         """Convolve a batch of images.
@@ -191,10 +202,13 @@ class FourierConv2d(nn.Module):
         if x.dim() != 4 or tuple(x.shape[1:]) != (self.channels, h, w):
             raise ValueError(f"input must be (B, {self.channels}, {h}, {w}), got shape {tuple(x.shape)}")
         U = self.matrices()
+        if x.shape[0] == 0:  # an empty batch, which MKL's FFT refuses: an empty result, tied to U
+            total = U.sum()
+            return (total if self.complex else total.real).expand(0, self.out_channels, h, w)
         if self.complex:
-            X = torch.fft.fft2(x.to(self.weight.dtype), norm="ortho")
+            X = torch.fft.fft2(x.to(U.dtype), norm="ortho")
             return torch.fft.ifft2(torch.einsum("ijab,nbij->naij", U, X), norm="ortho")
-        X = torch.fft.rfft2(x.to(self.weight_real.dtype), norm="ortho")
+        X = torch.fft.rfft2(x.to(U.real.dtype), norm="ortho")
         return torch.fft.irfft2(torch.einsum("ijab,nbij->naij", U, X), s=(h, w), norm="ortho")
 
     def extra_repr(self):
