@@ -285,6 +285,13 @@ def test_load_adapter_state_dict_errors_change_nothing():
     wrong = {k: (v[:1] if k == "1.q.sigma" else v + 1) for k, v in state.items()}
     with pytest.raises(ValueError, match=r"entry '1.q.sigma' has shape \(1,\), the model's has shape \(8,\)"):
         load_adapter_state_dict(model, wrong)
+    # NaN loaded silently (every output NaN after it), complex lost its imaginary part
+    bad = {k: v + 1 for k, v in state.items()}
+    bad["0.q.sigma"][3] = float("nan")
+    with pytest.raises(ValueError, match=r"entry '0.q.sigma' \(shape \(8,\)\) contains NaN or Inf"):
+        load_adapter_state_dict(model, bad)
+    with pytest.raises(TypeError, match=r"entry '0.q.reflectors_in' is complex .* imaginary part would be dropped"):
+        load_adapter_state_dict(model, {**state, "0.q.reflectors_in": state["0.q.reflectors_in"] + 1j})
     assert_unchanged(model, before)
     model[1].q.merge()
     with pytest.raises(ValueError, match=r"unmerge\(\) the adapters \['1.q'\] before loading"):

@@ -627,10 +627,13 @@ def load_adapter_state_dict(model, state_dict):
     Raises
     ------
     ValueError
-        Missing or unexpected keys, a shape mismatch, a matrix that must be
-        orthonormal (an :class:`SVDAdapter`'s U or V) and is not, or a merged
-        adapter (whose folded weight would no longer match); the model is
-        unchanged.
+        Missing or unexpected keys, a shape mismatch, NaN or Inf, a matrix
+        that must be orthonormal (an :class:`SVDAdapter`'s U or V) and is
+        not, or a merged adapter (whose folded weight would no longer match);
+        the model is unchanged.
+    TypeError
+        A complex entry for a real parameter (its imaginary part would be
+        dropped).
     """
     own = _adapter_parameters(model)
     missing, unexpected = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
@@ -643,6 +646,12 @@ def load_adapter_state_dict(model, state_dict):
             shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise ValueError(f"adapter state dict entry {name!r} has shape {shape}, "
                              f"the model's has shape {tuple(parameter.shape)}")
+        if value.is_complex() and not parameter.is_complex():
+            raise TypeError(f"adapter state dict entry {name!r} is complex ({value.dtype}), the model's parameter "
+                            f"real ({parameter.dtype}): its imaginary part would be dropped")
+        if not bool(torch.isfinite(value).all()):
+            # (a NaN sigma loaded silently, and every output after it was NaN)
+            raise ValueError(f"adapter state dict entry {name!r} (shape {tuple(value.shape)}) contains NaN or Inf")
     for name, parameter in own.items():
         # An SVDAdapter's U and V must stay orthonormal: the optimizer keeps them
         # so but never checks them.
