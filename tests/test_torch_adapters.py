@@ -240,6 +240,22 @@ def test_a_second_call_wraps_no_layer_twice():
         add_householder_adapters(model)
 
 
+def test_subclasses_of_linear_are_left_and_named():
+    """Only nn.Linear itself is wrapped (MultiheadAttention never calls its
+    out_proj, a NonDynamicallyQuantizableLinear); a model whose matching
+    layers are all subclasses was told "no torch.nn.Linear matches"."""
+
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = nn.Sequential(Scaled(4, 4), nn.ReLU(), nn.MultiheadAttention(4, 2))
+    with pytest.raises(ValueError, match=r"matches target_modules=None; the matching subclasses of it, '0' \(Scaled\), "
+                                         r"'2.out_proj' \(NonDynamicallyQuantizableLinear\), are not wrapped"):
+        add_householder_adapters(model)
+    assert type(model[0]) is Scaled and type(model[2].out_proj) is not HouseholderAdapter
+
+
 def test_shared_layer_gets_one_adapter():
     shared = nn.Linear(4, 4)
     model = nn.ModuleDict({"a": shared, "b": shared})

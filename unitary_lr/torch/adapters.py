@@ -454,7 +454,10 @@ def add_householder_adapters(model, *, target_modules=None, reflectors=1, freeze
         (``"layers\\.\\d+\\.attn\\.(q|v)"``), or names matched against the
         qualified name or its last dotted parts (``["q", "v"]`` matches
         ``layers.0.attn.q``), as PEFT's ``target_modules``. None: every
-        ``nn.Linear``. Layers already inside an adapter are never wrapped again.
+        ``nn.Linear``. Layers already inside an adapter are never wrapped again,
+        nor subclasses of ``nn.Linear``, whose forward need not be its
+        (``MultiheadAttention`` reads its ``out_proj``'s weight and never
+        calls it); the error of a model that has only those names them.
     reflectors : int, optional
         Householder vectors per side of every adapter.
     freeze_base : bool, optional
@@ -549,15 +552,25 @@ def _add_adapters(model, adapter, *, target_modules, freeze_base, generator, **s
     matches = _matcher(target_modules)
     inside = _adapter_bases(model)
     targets = []  # (parent, attribute, linear): every reference, shared layers included
+    subclassed = []  # matching layers of a subclass of nn.Linear, left as they are
     for parent_name, parent in model.named_modules(remove_duplicate=False):
         if isinstance(parent, _LinearAdapter):
             continue
         for child_name, child in parent._modules.items():  # named_children() hides repeats
             name = f"{parent_name}.{child_name}" if parent_name else child_name
-            if type(child) is nn.Linear and id(child) not in inside and matches(name):
-                targets.append((parent, child_name, child))
+            if isinstance(child, nn.Linear) and id(child) not in inside and matches(name):
+                if type(child) is nn.Linear:
+                    targets.append((parent, child_name, child))
+                else:
+                    subclassed.append(f"{name!r} ({type(child).__name__})")
     if not targets:
-        raise ValueError(f"no torch.nn.Linear of the model matches target_modules={target_modules!r}")
+        # a subclass's forward need not be nn.Linear's (MultiheadAttention reads
+        # its out_proj's weight and never calls it: an adapter there would do
+        # nothing, without a word)
+        also = (f"; the matching subclasses of it, {', '.join(subclassed)}, are not wrapped: their forward need not "
+                "be nn.Linear's (wrap one with HouseholderAdapter or SVDAdapter yourself where it is)"
+                if subclassed else "")
+        raise ValueError(f"no torch.nn.Linear of the model matches target_modules={target_modules!r}{also}")
     for _, _, linear in targets:  # every check before the first change
         _check_linear(linear)
         for name, value in size.items():
