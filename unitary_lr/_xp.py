@@ -1028,7 +1028,8 @@ def is_column_major(x) -> bool:
     Other libraries answer False."""
     if x.ndim < 2 or x.shape[-1] == 1 or x.shape[-2] == 1:
         return False
-    if type(x).__module__.startswith("torch"):
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):  # (Dynamo traces no str.startswith of a module name)
         strides = x.stride()
     else:
         strides = getattr(x, "strides", None)
