@@ -339,6 +339,24 @@ def test_retraction_trains_an_orthogonal_regression_with_sgd_momentum_and_adamw(
         assert error(model.weight) < 1e-12
 
 
+def test_a_group_added_later_that_the_retraction_refuses_changes_nothing():
+    """Groups added after projunn_retraction are covered, and checked: a
+    parameter it cannot retract (rank above its size) was checked after the
+    optimizer's step, and every retracted parameter kept the optimizer's raw,
+    non-unitary update. Now the step is refused before anything moves."""
+    W = unitary_parameter(6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.SGD([W], lr=0.1, momentum=0.9)
+    projunn_retraction(opt, rank=4, seed=0)
+    V = unitary_parameter(3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    opt.add_param_group({"params": [V]})
+    W.grad = torch.randn(6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    V.grad = torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    before = [p.detach().clone() for p in (W, V)]
+    with pytest.raises(ValueError, match=r"rank 4 exceeds the size of a retracted parameter \(shape \(3, 3\)\)"):
+        opt.step()
+    assert all(torch.equal(p.detach(), b) for p, b in zip((W, V), before)) and not opt.state
+
+
 def test_retraction_leaves_plain_parameters_to_the_optimizer_and_can_be_removed():
     torch.manual_seed(0)
     model = torch.nn.Sequential(orthogonal(torch.nn.Linear(6, 6, dtype=torch.float64)),

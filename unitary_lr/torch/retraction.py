@@ -185,7 +185,14 @@ class ProjUNNRetraction:
     def _before(self, optimizer, args, kwargs):
         # all of them, not only those with a gradient: a closure given to
         # step() computes the gradients after this hook
-        self._saved = [(p, p.detach().clone()) for p, _ in self._targets()]
+        targets = self._targets()
+        for p, _ in targets:
+            if p not in self.state:
+                # a parameter of a group added since (or marked since) is checked
+                # before the optimizer moves anything: checked after its step, it
+                # left every retracted parameter with the optimizer's raw update
+                self._check(p)
+        self._saved = [(p, p.detach().clone()) for p, _ in targets]
 
     @outside_torch_graph(_OUTSIDE_GRAPH, name="projunn_retraction's hook after the step")
     @torch.no_grad()
