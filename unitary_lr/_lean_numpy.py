@@ -328,7 +328,9 @@ def _canonical_phases(U, Vh):
     zeros). 5-13 us a call against 16-35 us for the general form (64 x 1
     to 256 x 8, float32 and complex64)."""
     k = U.shape[-1]
-    u = U[np.abs(U).argmax(axis=-2), np.arange(k)]
+    magnitude = np.abs(U)
+    near = magnitude >= magnitude.max(axis=-2, keepdims=True) * (1 - _finfo(U.dtype)[0] ** 0.5)
+    u = U[near.argmax(axis=-2), np.arange(k)]  # the first entry tied with the largest (rsvd._phase_tolerance)
     size = np.abs(u)
     if U.dtype.kind == "c":
         phase = np.where(size > 0, u / np.where(size > 0, size, 1.0).astype(U.dtype), 1.0).astype(U.dtype)

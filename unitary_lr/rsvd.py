@@ -309,6 +309,13 @@ def sketch_width(rank, oversample, m, n):
     return min(rank + oversample, m, n)
 
 
+def _phase_tolerance(xp, dtype):
+    """How close to a column's largest magnitude an entry counts as tied
+    with it (:func:`canonical_phases`): sqrt(eps) of the dtype, far above the
+    rounding that tells computed ties apart and far below a real gap."""
+    return real_finfo(xp, dtype)[0] ** 0.5
+
+
 def canonical_phases(xp, U, Vh):
     """(U, Vh) with each singular pair's free phase fixed: the largest-magnitude
     entry of each column of U made real and positive, the row of Vh rotated by
@@ -316,12 +323,21 @@ def canonical_phases(xp, U, Vh):
 
     Each backend's LAPACK picks its own signs (torch and NumPy disagreed on 49
     of 50 columns for one seed); after this the factors, not only their
-    product, agree across backends for the same seed. Thin panels only, no
-    pass over A, and no Python branch on array values (traceable). A zero
-    column keeps its phase.
+    product, agree across backends for the same seed. The entry taken is the
+    first of those within a relative ``sqrt(eps)`` of the column's largest
+    magnitude (:func:`_phase_tolerance`): a column of tied largest entries
+    (a singular vector ``(1, -1, 0, ...) / sqrt(2)``) has them equal only
+    to rounding, which each backend broke its own way, and the signs then
+    differed (8 of 20 seeds, NumPy against JAX). Thin panels only, no pass
+    over A, and no Python branch on array values (traceable). A zero column
+    keeps its phase.
     """
     m = U.shape[-2]
-    top = xp.argmax(xp.abs(U), axis=-2, keepdims=True)  # (..., 1, k), the first of ties
+    magnitude = xp.abs(U)
+    largest = xp.max(magnitude, axis=-2, keepdims=True)
+    near = magnitude >= largest * (1 - _phase_tolerance(xp, U.dtype))
+    # (..., 1, k): the first entry near the largest (argmax takes the first of equal values)
+    top = xp.argmax(xp.astype(near, largest.dtype), axis=-2, keepdims=True)
     rows = xp.reshape(xp.arange(m, dtype=top.dtype, device=device(U)), (m, 1))
     u = xp.sum(xp.where(rows == top, U, xp.zeros_like(U)), axis=-2)  # (..., k)
     size = xp.abs(u)
