@@ -922,8 +922,8 @@ def transport_update(xp, W, a, b, *, t, cores, cayley=False):
     n, k = W.shape[-2], a.shape[-1]
     square = W.shape[-1] == n
     panels, C, scales, largest_W = _transport_panels(xp, W, a, b)
-    C, *scales = cores.gather(C, *scales, *largest_W)
-    scales, largest_W = scales[:len(scales) - len(largest_W)], scales[len(scales) - len(largest_W):]
+    C, *gathered = cores.gather(C, *scales, *largest_W)
+    scales, largest_W = gathered[:len(scales)], gathered[len(scales):]
     P = panels[0]
     sxp = cores.xp
     # clamped whether or not the panels were scaled: t = 1.8e308 times K

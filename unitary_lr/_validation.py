@@ -19,6 +19,7 @@ from ._xp import (
     device,
     dtype_name,
     is_array_api_obj,
+    is_complex,
     known_namespace,
     namespace,
 )
@@ -76,6 +77,13 @@ def check_float_dtype(xp, name, x):
             f"{name} has dtype {x.dtype}; expected one of {', '.join(FLOAT_DTYPE_NAMES)}"
         )
     return found
+
+
+def check_real_gradient(xp, W, name, x):
+    """A real (orthogonal) W takes a real gradient ``x`` (named ``name``)."""
+    if is_complex(xp, x.dtype) and not is_complex(xp, W.dtype):
+        raise TypeError(f"{name} has complex dtype {x.dtype} but W is real ({W.dtype}); a real (orthogonal) W "
+                        "takes a real gradient")
 
 
 def check_matrix(name, x, *, square=False):

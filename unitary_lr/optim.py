@@ -29,7 +29,7 @@ from typing import NamedTuple
 from ._cores import add_lowrank
 from ._host import from_host, outside_torch_graph, own_transfers, stack_pays, staged
 from ._random import as_generator, generator_from_state, generator_state, host_normal
-from ._validation import check_choice, check_finite, check_real_scalar, namespace_of
+from ._validation import check_choice, check_finite, check_real_gradient, check_real_scalar, namespace_of
 from ._xp import complex_dtype, device, device_key, dtype_name, exact_products, is_complex, mH, real_dtype
 from .options import (  # the defaults live with the options; re-exported here
     DEFAULT_BASE,
@@ -837,13 +837,11 @@ class ProjUNN:
         factored = isinstance(G, tuple)
         arrays = {"W": W, "G[0]": G[0], "G[1]": G[1]} if factored and len(G) == 2 else {"W": W, "G": G}
         xp = namespace_of(**arrays)
-        if not self.unitary and not is_complex(xp, W.dtype):
-            # (the unitary step refuses it in its own checks; a plain update
-            # made the real W complex, and the next step failed on its state)
-            for name, x in arrays.items():
-                if is_complex(xp, x.dtype):
-                    raise TypeError(f"{name} has complex dtype {dtype_name(xp, x.dtype)} but W is real "
-                                    f"({dtype_name(xp, W.dtype)}); a real W takes a real gradient")
+        # (for a plain update too, which made the real W complex, and the
+        # next step failed on its state)
+        for name, x in arrays.items():
+            if name != "W":
+                check_real_gradient(xp, W, name, x)
         # Where no projUNN kernel looks at the gradient (a plain update, or
         # lr = 0 which skips the step) its NaN/Inf would go straight into the
         # rule's moments: checked here, one reduction per array.

@@ -23,6 +23,7 @@ from ._validation import (
     check_factor_pair,
     check_finite,
     check_float_dtype,
+    check_real_gradient,
     check_int,
     check_matrix,
     check_real_scalar,
@@ -34,7 +35,6 @@ from ._xp import (
     broadcast_shapes,
     device,
     exact_products,
-    is_complex,
     mH,
     namespace,
     untracked,
@@ -345,11 +345,7 @@ def _validated(W, G, *, lr, rank, variant, oversample, power_iters):
     check_float_dtype(xp, "W", W)
     for name, x in gradients.items():
         check_float_dtype(xp, name, x)
-        if is_complex(xp, x.dtype) and not is_complex(xp, W.dtype):
-            raise TypeError(
-                f"{name} has complex dtype {x.dtype} but W is real ({W.dtype}); a real "
-                "(orthogonal) W takes a real gradient"
-            )
+        check_real_gradient(xp, W, name, x)
     check_matrix("W", W)
     n, m = W.shape[-2], W.shape[-1]
     if factored:
