@@ -194,6 +194,34 @@ def test_per_group_settings():
     assert "square_avg" in opt.state[A] and "square_avg" not in opt.state[B]
 
 
+@pytest.mark.parametrize("given", ["generator", "named generator", "tensor", "tuple"])
+def test_a_group_of_any_ordered_iterable_holds_its_parameters(given):
+    # {"params": model.parameters()} made an empty group: the generator was
+    # read by the checks, and the layer was never trained
+    W = unitary_parameter(6, dtype=torch.float64, generator=seeded(1))
+    model = torch.nn.Linear(6, 2, dtype=torch.float64)
+    plain = {"generator": model.parameters(), "named generator": model.named_parameters(),
+             "tensor": model.weight, "tuple": (model.weight, model.bias)}[given]
+    named = given == "named generator"
+    opt = ProjUNN([{"params": [("W", W)] if named else [W]}, {"params": plain}], lr=0.1, base="sgd", seed=0)
+    expected = model.weight.detach() - 0.1 * torch.ones(2, 6, dtype=torch.float64)
+    assert [len(g["params"]) for g in opt.param_groups] == [1, 1 if given == "tensor" else 2]
+    assert [g["unitary"] for g in opt.param_groups] == [True, False]
+    if named:
+        assert opt.param_groups[1]["param_names"] == ["weight", "bias"]
+    model.weight.grad, W.grad = torch.ones_like(model.weight), torch.ones_like(W)
+    opt.step()
+    torch.testing.assert_close(model.weight.detach(), expected, rtol=0, atol=0)
+    assert error(W) < 1e-14 and opt.state[W]["projunn_steps"] == 1
+
+
+def test_a_group_given_as_a_set_is_refused_as_torch_optim_refuses_it():
+    W = unitary_parameter(4, dtype=torch.float64, generator=seeded(1))
+    with pytest.raises(TypeError, match=r"param group 0: its parameters must be in an ordered collection \(a list\), "
+                                        r"got a set"):
+        ProjUNN([{"params": {W}}])
+
+
 def test_float32_unitary_parameter_within_drift_tolerance():
     W = unitary_parameter(32, dtype=torch.float32, generator=seeded())
     opt = ProjUNN([W], lr=1e-2, base="adam", rank=2, seed=0)

@@ -251,6 +251,55 @@ def test_orthogonal_bad_arguments_change_nothing():
     assert torch.equal(layer.weight.detach(), before) and not is_unitary(layer.weight)
 
 
+@pytest.mark.parametrize("how", ["model", "named", "group", "pickled"])
+def test_a_parameter_marked_after_the_optimizer_was_built_is_refused_at_the_step(how):
+    # orthogonal(layer) after ProjUNN(model.parameters()): the plain group
+    # that the marks made took the weight off the group (0.5 after 3 steps)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 6, dtype=torch.float64), torch.nn.Tanh(),
+                                torch.nn.Linear(6, 1, dtype=torch.float64))
+    params = {"model": model.parameters(), "named": model.named_parameters(),
+              "group": [{"params": model.parameters()}], "pickled": model.parameters()}[how]
+    opt = ProjUNN(params, lr=0.1)
+    orthogonal(model[0])
+    if how == "pickled":  # the optimizer's parameters are its own copies now
+        model, opt = pickle.loads(pickle.dumps((model, opt)))
+    model(torch.ones(3, 6, dtype=torch.float64)).sum().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    name = "0.weight" if how == "named" else r"param_groups\[0\]\['params'\]\[0\]"
+    with pytest.raises(ValueError, match=name + r" was marked unitary after the optimizer was built, and param group "
+                                              r"0 steps it as a plain parameter.*no parameter was changed"):
+        opt.step()
+    assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
+    assert not opt.state
+
+
+def test_a_group_given_unitary_false_steps_marked_parameters_plainly():
+    W = unitary_parameter(5, dtype=torch.float64, generator=seeded())
+    b = torch.nn.Parameter(torch.ones(5, dtype=torch.float64))
+    opt = ProjUNN([W, b], lr=0.1, base="sgd", unitary=False)  # on purpose, for every parameter
+    assert [g["unitary"] for g in opt.param_groups] == [False, False]
+    W.grad, b.grad = torch.ones_like(W), torch.ones_like(b)
+    expected = W.detach() - 0.1
+    opt.step()
+    assert torch.equal(W.detach(), expected)
+    # a plain group formed by the marks, and a parameter marked after an
+    # optimizer given unitary=False: the group's plain steps were asked for
+    v = torch.nn.Parameter(torch.eye(3, dtype=torch.float64))
+    opt = ProjUNN([{"params": [v], "unitary": False}], lr=0.1, base="sgd")
+    mark_unitary(v)
+    v.grad = torch.ones_like(v)
+    opt.step()
+    assert torch.equal(v.detach(), torch.eye(3, dtype=torch.float64) - 0.1)
+    # a parameter marked since that has no gradient is not stepped: no error
+    u = torch.nn.Parameter(torch.eye(3, dtype=torch.float64))
+    c = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+    opt = ProjUNN([u, c], lr=0.1, base="sgd")
+    mark_unitary(u)
+    c.grad = torch.ones_like(c)
+    opt.step()
+    assert torch.equal(u.detach(), torch.eye(3, dtype=torch.float64)) and torch.equal(c.detach(), 0.9 * torch.ones(2, dtype=torch.float64))
+
+
 # -------------------------------------------------------------- retraction
 
 

@@ -83,6 +83,12 @@ class ProjUNN(torch.optim.Optimizer):
         ``min(n, m)`` of each parameter.
     variant : {"tangent", "direct"}, optional
         projUNN-T or projUNN-D (per group).
+    unitary : bool or None, optional
+        Whether the groups are unitary (per group). None: a group is unitary
+        when all its parameters are marked, plain when none is. A parameter
+        marked after the optimizer was built, in a group that its marks made
+        plain, is refused at ``step()``; ``unitary=False`` steps marked
+        parameters plainly on purpose.
     unitary_lr_scale : float, optional
         The learning rate of a unitary group that sets no ``lr`` of its own is
         ``lr * unitary_lr_scale`` (> 0; per group, read when the group is
@@ -168,7 +174,9 @@ class ProjUNN(torch.optim.Optimizer):
         group mixing marked and unmarked parameters, a unitary group that sets
         both ``lr`` and ``unitary_lr_scale``; at ``step()``, a gradient
         with NaN or Inf (named, with its shape; nothing is changed), also
-        at ``lr = 0``, where the rule's moments would keep it.
+        at ``lr = 0``, where the rule's moments would keep it, and a
+        parameter marked unitary since the optimizer was built in a group
+        that the marks made plain (named; nothing is changed).
     TypeError
         A unitary parameter of a dtype other than float32/64, complex64/128;
         hyper-parameters the base rule does not take (set in the
@@ -251,9 +259,13 @@ class ProjUNN(torch.optim.Optimizer):
 
     def add_param_group(self, param_group):
         group = {**self.defaults, **param_group}
-        params = group["params"]
-        params = [params] if isinstance(params, torch.Tensor) else list(params)
         index = len(self.param_groups)
+        given = group["params"]
+        if isinstance(given, set):
+            raise TypeError(f"param group {index}: its parameters must be in an ordered collection (a list), got a "
+                            "set, whose order, and so the state_dict's, changes between runs")
+        # once: a generator (model.parameters()) is read here and handed on as a list
+        params = given = [given] if isinstance(given, torch.Tensor) else list(given)
         names = group.get("param_names")
         if params and isinstance(params[0], tuple):  # named parameters
             names, params = [n for n, _ in params], [p for _, p in params]
@@ -275,10 +287,12 @@ class ProjUNN(torch.optim.Optimizer):
                     "put them in separate groups or set 'unitary' for the group"
                 )
             unitary = bool(params) and all(marked)
+            if not unitary:  # checked at each step: a parameter marked since would get plain steps
+                self.__dict__.setdefault("_plain_by_mark", set()).add(index)
         if unitary:
             for name, p in zip(names, params):
                 _check_unitary_parameter(name, p, group["rank"])
-        param_group = {**param_group, "unitary": unitary}
+        param_group = {**param_group, "params": given, "unitary": unitary}
         if unitary and "lr" in param_group and param_group.get("unitary_lr_scale", 1) != 1:  # (1 scales nothing)
             raise ValueError(f"param group {index} sets both lr ({param_group['lr']!r}) and unitary_lr_scale "
                              f"({param_group['unitary_lr_scale']!r}); set one of them")
@@ -324,6 +338,7 @@ class ProjUNN(torch.optim.Optimizer):
         class's ``capturable``)."""
         if not torch_graph_tracing():
             self._note_eager_groups()
+            self._check_marks()
         if self._eager_groups:
             self._refuse_capture()
             return self._step_outside_graph(closure)
@@ -340,6 +355,28 @@ class ProjUNN(torch.optim.Optimizer):
     # step runs with Dynamo disabled also where Dynamo runs this frame
     # without tracing it (after a graph break), but would trace the frames
     # it calls.
+    def _check_marks(self):
+        """A ValueError, before anything changes, for a parameter with a
+        gradient that was marked unitary after its group was formed as a plain
+        one (``orthogonal(layer)`` after ``ProjUNN(model.parameters())``): the
+        group's plain steps would take it off the unitary group without a word.
+        A group given ``unitary=False`` steps its marked parameters plainly, as
+        asked."""
+        for index in self.__dict__.get("_plain_by_mark", ()):
+            group = self.param_groups[index]
+            for i, p in enumerate(group["params"]):
+                if p.grad is not None and is_unitary(p):
+                    raise ValueError(
+                        f"ProjUNN: {_name(group, index, i)} was marked unitary after the optimizer was built, "
+                        f"and param group {index} steps it as a plain parameter, which would take it off the "
+                        "unitary group; build ProjUNN after marking the parameters, or give the group "
+                        "unitary=False to step them plainly; no parameter was changed")
+
+    def __getstate__(self):
+        # which plain groups were formed by the marks (see _check_marks) is
+        # kept through pickling and copy.deepcopy
+        return {**super().__getstate__(), "_plain_by_mark": set(self.__dict__.get("_plain_by_mark", ()))}
+
     def _note_eager_groups(self):
         self._eager_groups = [index for index, group in enumerate(self.param_groups)
                               if group["unitary"] and not group["capturable"]]
@@ -821,11 +858,8 @@ def _split_by_mark(params):
     marked = [is_unitary(p) for p in tensors]
     if all(marked) or not any(marked):
         return params
-    groups = []
-    for flag in (False, True):
-        members = [p for p, m in zip(params, marked) if m == flag]
-        groups.append({"params": members, "unitary": flag})
-    return groups
+    # (no 'unitary' of their own: the constructor's, or the marks, decide it)
+    return [{"params": [p for p, m in zip(params, marked) if m == flag]} for flag in (False, True)]
 
 
 @functools.cache
