@@ -479,6 +479,105 @@ def test_retraction_restores_every_parameter_on_a_non_finite_update():
     assert torch.equal(a.weight.detach(), A) and torch.equal(b.weight.detach(), B)
 
 
+def _two_layer_run(seed):
+    """A model of a real and a complex retracted layer and a plain one,
+    AdamW with the retraction, and a deterministic stream of batches."""
+    real = torch.nn.Linear(6, 6, bias=False, dtype=torch.float64)
+    cplx = torch.nn.Linear(6, 6, bias=False, dtype=torch.complex128)
+    with torch.no_grad():
+        real.weight.copy_(torch.randn(6, 6, dtype=torch.float64, generator=seeded(1)))
+        cplx.weight.copy_(torch.randn(6, 6, dtype=torch.complex128, generator=seeded(2)))
+    orthogonal(real), orthogonal(cplx)
+    head = torch.nn.Linear(6, 1, dtype=torch.float64)
+    with torch.no_grad():
+        head.weight.fill_(0.3), head.bias.zero_()
+    params = [*real.parameters(), *head.parameters(), *cplx.parameters()]
+    opt = torch.optim.AdamW(params, lr=0.05, weight_decay=0.0)
+    retraction = projunn_retraction(opt, rank=2, seed=seed, drift_check_every=2)
+
+    def step(i):
+        x = torch.randn(4, 6, dtype=torch.float64, generator=seeded(100 + i))
+        z = cplx(real(x).to(torch.complex128))
+        loss = (head(z.real) ** 2).sum() + (z.imag ** 2).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    return (real, head, cplx), opt, retraction, step
+
+
+def test_a_resumed_retraction_takes_the_steps_of_an_uninterrupted_run():
+    # without its state, a resumed run drew its sketches from fresh streams
+    modules, opt, retraction, step = _two_layer_run(seed=0)
+    for i in range(6):
+        step(i)
+    expected = [m.weight.detach().clone() for m in modules]
+
+    modules, opt, retraction, step = _two_layer_run(seed=0)
+    for i in range(3):
+        step(i)
+    buffer = io.BytesIO()
+    torch.save({"model": [m.state_dict() for m in modules], "opt": opt.state_dict(),
+                "retraction": retraction.state_dict()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    modules, opt, retraction, step = _two_layer_run(seed=7)  # another seed: the state's is taken
+    for m, saved in zip(modules, checkpoint["model"]):
+        m.load_state_dict(saved)
+    opt.load_state_dict(checkpoint["opt"])
+    retraction.load_state_dict(checkpoint["retraction"])
+    assert retraction.seed == 0 and sorted(retraction.state_dict()["state"]) == [0, 3]
+    assert [retraction.state[m.weight]["steps"] for m in modules[::2]] == [3, 3]
+    for i in range(3, 6):
+        step(i)
+    for m, W in zip(modules, expected):
+        assert torch.equal(m.weight.detach(), W)
+    assert error(modules[0].weight) < 1e-13 and error(modules[2].weight) < 1e-13
+
+
+def test_a_failed_retraction_leaves_its_streams_as_they_were():
+    modules, opt, retraction, step = _two_layer_run(seed=0)
+    step(0)
+    twin_modules, twin_opt, twin, twin_step = _two_layer_run(seed=0)
+    twin_step(0)
+    before = retraction.state_dict()
+    opt.zero_grad()
+    for m in modules:
+        m.weight.grad = torch.ones_like(m.weight)
+    modules[2].weight.grad[0, 0] = float("nan")  # the last one fails, after the first drew its sketch
+    with pytest.raises(ValueError, match="retracted parameter 1"):
+        opt.step()
+    assert retraction.state_dict() == before
+    retraction.load_state_dict(twin.state_dict())  # the optimizers differ now (AdamW's moments moved)
+    assert retraction.state_dict() == twin.state_dict()
+
+
+def test_a_bad_retraction_state_is_refused_and_changes_nothing():
+    modules, opt, retraction, step = _two_layer_run(seed=0)
+    step(0)
+    good = retraction.state_dict()
+    rng_state = good["state"][0]["rng"]
+    for bad, message in (
+            ([], r"state_dict must be a dict with keys 'seed', 'streams' and 'state'.*got 'list'"),
+            ({"seed": 0, "state": {}}, r"state_dict must be a dict with keys .*got \['seed', 'state'\]"),
+            ({**good, "seed": -1}, r"state_dict\['seed'\] must be an int >= 0, got -1"),
+            ({**good, "streams": 1.5}, r"state_dict\['streams'\] must be an int >= 0, got 1.5"),
+            ({**good, "state": [1]}, r"state_dict\['state'\] must be a dict, got list"),
+            ({**good, "state": {9: good["state"][0]}}, r"state_dict\['state'\]\[9\]: the index must be that of "
+                                                        r"one of the optimizer's 4 parameters"),
+            ({**good, "state": {1: good["state"][0]}}, r"\[1\]: the optimizer's parameter 1 \(shape \(1, 6\)\) is "
+                                                        r"not retracted"),
+            ({**good, "state": {0: {"rng": rng_state, "steps": -1, "reprojections": 0}}},
+             r"\[0\]: 'steps' and 'reprojections' must be ints >= 0, got \(-1, 0\)"),
+            ({**good, "state": {0: {"rng": {"inc": 1}, "steps": 1, "reprojections": 0}}},
+             r"state_dict\['state'\]\[0\]\['rng'\] is not the state of a sketch stream"),
+            ({**good, "state": {0: {"rng": rng_state, "steps": 1}}}, r"\[0\] must be a dict with keys 'rng', 'steps' "
+                                                                     r"and 'reprojections'")):
+        with pytest.raises(ValueError, match=message):
+            retraction.load_state_dict(bad)
+        assert retraction.state_dict() == good
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
 def test_retraction_of_a_compiled_step_is_the_eager_retraction(dtype):
     """Traced by Dynamo, the hooks lost the retraction: three compiled SGD

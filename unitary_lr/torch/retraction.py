@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .._host import outside_torch_graph
+from .._random import generator_from_state, generator_state
 from .._xp import exact_products
 from ..optim import DEFAULT_VARIANT, control_drift, step_rank
 from ..options import ProjUNNOptions
@@ -59,7 +60,10 @@ def projunn_retraction(optimizer, *, rank=None, variant=DEFAULT_VARIANT, params=
     Returns
     -------
     ProjUNNRetraction
-        Holds the hooks; ``.remove()`` detaches them.
+        Holds the hooks; ``.remove()`` detaches them. Its ``state_dict()`` (the
+        sketch streams and counts) is saved beside the optimizer's, and
+        ``load_state_dict()`` resumes it: a resumed run takes the same steps as
+        one that was not stopped.
 
     Raises
     ------
@@ -126,7 +130,24 @@ _OUTSIDE_GRAPH = ("it reads the update on the host, draws its sketches from NumP
 
 class ProjUNNRetraction:
     """The hooks that :func:`projunn_retraction` registers, and the per-parameter
-    state (sketch streams, step and re-projection counts) in ``state``."""
+    state (sketch streams, step and re-projection counts) in ``state``.
+
+    Examples
+    --------
+    A checkpoint holds the retraction's state beside the optimizer's:
+
+    >>> import torch
+    >>> from unitary_lr.torch import orthogonal, projunn_retraction
+    >>> layer = orthogonal(torch.nn.Linear(4, 4, bias=False))
+    >>> opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    >>> retraction = projunn_retraction(opt, rank=1, seed=0)
+    >>> layer(torch.ones(1, 4)).sum().backward()
+    >>> opt.step()
+    >>> checkpoint = {"optimizer": opt.state_dict(), "retraction": retraction.state_dict()}
+    >>> retraction.load_state_dict(checkpoint["retraction"])
+    >>> retraction.state_dict()["state"][0]["steps"]
+    1
+    """
 
     def __init__(self, optimizer, *, rank, variant, params, oversample, power_iters, drift_tol, drift_check_every,
                  reproject, seed):
@@ -141,6 +162,7 @@ class ProjUNNRetraction:
         self.params = None if params is None else list(params)
         self.optimizer = optimizer
         self.state = {}  # parameter -> {"rng", "steps", "reprojections"}
+        self._streams = 0  # sketch streams made: the next one is seeded [seed, _streams]
         self._saved = []
         for p, _ in self._targets():
             self._check(p)
@@ -153,6 +175,66 @@ class ProjUNNRetraction:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+    def state_dict(self):
+        """The retraction's state: its seed, and for each retracted parameter
+        that has stepped, keyed by the parameter's index in the optimizer's
+        ``state_dict()`` (its position in the param groups, in order), its
+        sketch stream's state and its step and re-projection counts. Plain
+        Python ints and dicts: ``torch.save`` and ``torch.load(...,
+        weights_only=True)`` take it. The options are not part of it: the
+        resuming code builds the retraction with its own."""
+        index = {id(p): i for i, p in enumerate(self._all_parameters())}
+        state = {}
+        for p, entry in self.state.items():
+            if id(p) in index:  # (a parameter whose group was removed from the optimizer since)
+                state[index[id(p)]] = {"rng": generator_state(entry["rng"]), "steps": entry["steps"],
+                                       "reprojections": entry["reprojections"]}
+        return {"seed": self.seed, "streams": self._streams, "state": state}
+
+    def load_state_dict(self, state_dict):
+        """Resume from :meth:`state_dict`, for the optimizer's parameters in the
+        same order. Checked whole before anything changes: a ValueError (or
+        TypeError) names the first entry that does not fit."""
+        if not isinstance(state_dict, dict) or set(state_dict) != {"seed", "streams", "state"}:
+            got = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
+            raise ValueError(f"state_dict must be a dict with keys 'seed', 'streams' and 'state', as "
+                             f"ProjUNNRetraction.state_dict() returns it, got {got!r}")
+        seed, streams, saved = state_dict["seed"], state_dict["streams"], state_dict["state"]
+        for name, value in (("seed", seed), ("streams", streams)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"state_dict['{name}'] must be an int >= 0, got {value!r}")
+        if not isinstance(saved, dict):
+            raise ValueError(f"state_dict['state'] must be a dict, got {type(saved).__name__}")
+        params = self._all_parameters()
+        targets = {id(p) for p, _ in self._targets()}
+        state = {}
+        for index, entry in saved.items():
+            where = f"state_dict['state'][{index!r}]"
+            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(params):
+                raise ValueError(f"{where}: the index must be that of one of the optimizer's {len(params)} "
+                                 "parameters")
+            p = params[index]
+            if id(p) not in targets:
+                raise ValueError(f"{where}: the optimizer's parameter {index} (shape {tuple(p.shape)}) is not "
+                                 "retracted")
+            if not isinstance(entry, dict) or set(entry) != {"rng", "steps", "reprojections"}:
+                raise ValueError(f"{where} must be a dict with keys 'rng', 'steps' and 'reprojections', got "
+                                 f"{entry!r}")
+            counts = (entry["steps"], entry["reprojections"])
+            if any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in counts):
+                raise ValueError(f"{where}: 'steps' and 'reprojections' must be ints >= 0, got {counts!r}")
+            try:
+                rng = generator_from_state(entry["rng"])
+            except (TypeError, ValueError, KeyError) as error:
+                raise ValueError(f"{where}['rng'] is not the state of a sketch stream: {error!r}") from None
+            self._check(p)
+            state[p] = {"rng": rng, "steps": entry["steps"], "reprojections": entry["reprojections"]}
+        self.seed, self._streams, self.state = seed, max(streams, len(state)), state
+
+    def _all_parameters(self):
+        """The optimizer's parameters in the order of its ``state_dict()``."""
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def _targets(self):
         """(parameter, group) of every retracted parameter, in group order."""
@@ -199,26 +281,31 @@ class ProjUNNRetraction:
     @exact_products
     def _after(self, optimizer, args, kwargs):
         saved, self._saved = self._saved, []
-        pending = []
+        pending, fresh, streams = [], {}, []
         for index, (p, W) in enumerate(saved):
             delta = p.detach() - W
             if not bool(torch.any(delta != 0)):
                 continue
             state = self.state.get(p)
-            if state is None:
+            if state is None:  # its stream joins the state once every step succeeded
                 self._check(p)
-                state = self.state[p] = {"rng": np.random.default_rng([self.seed, len(self.state)]),
-                                         "steps": 0, "reprojections": 0}
+                state = fresh[p] = {"rng": np.random.default_rng([self.seed, self._streams + len(fresh)]),
+                                    "steps": 0, "reprojections": 0}
+            streams.append((state["rng"], state["rng"].bit_generator.state))
             try:
                 new = projunn_step(W, -delta, lr=1.0, rng=state["rng"],
                                    **{**self.options, "rank": step_rank(self.options["rank"], W.shape)})
             except ValueError as error:
                 for q, old in saved:  # every retracted parameter as before the step
                     q.copy_(old)
+                for rng, before in streams:  # and every stream: a resumed run draws the same sketches
+                    rng.bit_generator.state = before
                 raise ValueError(f"the update of retracted parameter {index} (shape {tuple(p.shape)}) by the "
                                  f"{type(optimizer).__name__}: {error}; the retracted parameters were "
                                  "restored (the optimizer's state has moved)") from None
             pending.append((p, new, state))
+        self.state.update(fresh)
+        self._streams += len(fresh)
         for p, new, state in pending:
             state["steps"] += 1
             xp = array_api_compat.torch
