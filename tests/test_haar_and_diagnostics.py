@@ -88,6 +88,11 @@ def test_random_unitary_errors():
 
     with pytest.raises(TypeError, match=r"dtype float64 is not available on device .*no_float64"):
         ul.random_unitary(3, dtype="float64", xp=xs, device=xs.Device("no_float64"))
+    # a device the namespace does not have: said so (it read "float64 is not
+    # available", and a float32 draw failed in the pinned-memory transfer)
+    for dtype in ("float64", "float32"):
+        with pytest.raises(ValueError, match=r"device 'nowhere' is not available to array_api_compat.numpy: "):
+            ul.random_unitary(3, dtype=dtype, xp=np, device="nowhere")
 
 
 # ---------------------------------------------------------- unitarity_error
@@ -150,3 +155,12 @@ def test_numpy_integer_sizes_are_sizes():
     assert W.shape == (2, 1, 3, 3)
     np.testing.assert_array_equal(W, ul.random_unitary(3, dtype="float64", batch_shape=(2, 1), rng=5))
     assert ul.random_unitary(2, dtype="float64", batch_shape=np.array([2]), rng=0).shape == (2, 2, 2)
+
+
+def test_random_unitary_names_a_torch_device_that_is_not_there():
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is there")
+    for dtype in ("float64", "float32"):
+        with pytest.raises(ValueError, match=r"device 'cuda' is not available to array_api_compat.torch: "):
+            ul.random_unitary(3, dtype=dtype, xp=torch, device="cuda")

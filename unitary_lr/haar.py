@@ -56,7 +56,8 @@ def random_unitary(n, m=None, /, *, dtype, batch_shape=(), rng=None, xp=None, de
         dtype is not one of the four supported floating dtypes of ``xp``, or
         is 64-bit on a device without float64.
     ValueError
-        n < 1, m < 1 or a negative batch size.
+        n < 1, m < 1, a negative batch size, or a device that ``xp`` cannot
+        make arrays on (named, with the namespace's reason).
 
     Notes
     -----
@@ -106,6 +107,8 @@ def random_unitary(n, m=None, /, *, dtype, batch_shape=(), rng=None, xp=None, de
         )
     if device is None:
         device = xp.__array_namespace_info__().default_device()
+    else:
+        _check_device(xp, device)
     if dtype_name(xp, dtype) in ("float64", "complex128") and not supports_float64(xp, device):
         raise TypeError(f"dtype {dtype_name(xp, dtype)} is not available on device {device!r}")
     rows, columns = max(n, m), min(n, m)
@@ -113,6 +116,14 @@ def random_unitary(n, m=None, /, *, dtype, batch_shape=(), rng=None, xp=None, de
     Z = from_host(xp, host_normal(xp, (*batch_shape, rows, columns), dtype=dtype, rng=as_generator(rng)),
                   dtype=dtype, device=device, staged=True)
     return _haar_factor(xp, Z, wide=n < m)
+
+
+def _check_device(xp, device):
+    """A ValueError naming ``device`` where ``xp`` cannot make an array on it."""
+    try:
+        xp.empty((0,), dtype=xp.float32, device=device)  # (no kernel: no data)
+    except Exception as error:
+        raise ValueError(f"device {device!r} is not available to {xp.__name__}: {error}") from None
 
 
 @staged("wide")
