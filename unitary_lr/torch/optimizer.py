@@ -140,7 +140,9 @@ class ProjUNN(torch.optim.Optimizer):
         A step that reads nothing on the host, for ``torch.compile`` and CUDA
         graphs (as ``torch.optim.Adam(capturable=True)``; per group). The
         sketches come from torch's global generator on the parameter's device
-        (``seed`` is not used: seed with ``torch.manual_seed``), the small
+        (``seed`` is not used: seed with ``torch.manual_seed``; a step
+        compiled by Inductor draws other numbers than the eager step unless
+        ``torch._inductor.config.fallback_random`` is set), the small
         cores run on the device, ``lr`` may be a tensor, the counters
         (Adam's step, ``skipped_steps``) are tensors, and every state tensor
         is written in place, keeping its storage from step to step (a
