@@ -312,6 +312,49 @@ def test_huge_lr_times_g_is_unitary_on_every_backend(backend, dtype, rng, varian
         assert np.all(unitarity(V) < tol(dtype)), (lr, scale, unitarity(V))
 
 
+FULL_RANK_32_BIT = """
+import numpy as np
+import unitary_lr as ul
+
+xp, device, host, dtype, variant = {setup}
+n, worst = 8, 0.0
+for seed in range(12):
+    rng = np.random.default_rng(seed)
+    G = rng.standard_normal((n, n)) + (1j * rng.standard_normal((n, n)) if dtype == "complex64" else 0)
+    W = xp.asarray(ul.random_unitary(n, dtype=dtype, rng=seed), device=device)
+    V = ul.projunn_step(W, xp.asarray(G.astype(dtype), device=device), lr=1.0, rank=n, variant=variant, rng=seed)
+    worst = max(worst, float(ul.unitarity_error(host(V).astype(np.complex128))))
+assert worst < 1e-6, worst
+"""
+
+
+@pytest.mark.parametrize("variant", ["tangent", "cayley", "direct"])
+@pytest.mark.parametrize("dtype", ["float32", "complex64"])
+@pytest.mark.parametrize("where", ["no_float64", "jax without x64"])
+def test_full_rank_32_bit_steps_without_float64_stay_at_rounding(where, dtype, variant):
+    """Where the device has no float64 (array_api_strict's no_float64 device,
+    JAX without x64: its default), the step's Grams are formed in float32 and
+    their small work runs in float64 on the host. The drop tolerance took
+    them as float64 Grams and kept directions at 1e-10 of the largest, which
+    are float32 noise: a rank-n step left W up to 2.6e-6 from unitary
+    (4.8e-6 on JAX), against 5e-7 where the Grams are float64. A fresh
+    process: this one has JAX's x64 on."""
+    import subprocess
+    import sys
+
+    if where == "no_float64":
+        pytest.importorskip("array_api_strict")
+        setup = ("__import__('array_api_strict'), __import__('array_api_strict').Device('no_float64'), "
+                 "lambda V: np.asarray(V.to_device(__import__('array_api_strict').Device('CPU_DEVICE'))), "
+                 f"{dtype!r}, {variant!r}")
+    else:
+        pytest.importorskip("jax")
+        setup = f"__import__('jax.numpy').numpy, None, np.asarray, {dtype!r}, {variant!r}"
+    done = subprocess.run([sys.executable, "-c", FULL_RANK_32_BIT.replace("{setup}", setup)], check=False,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 @pytest.mark.parametrize("variant", ["tangent", "cayley", "direct"])
 @pytest.mark.parametrize("dtype", ["float32", "complex64"])
 def test_huge_rank_one_step_of_a_32_bit_w_keeps_it_unitary(rng, dtype, variant):

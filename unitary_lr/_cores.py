@@ -46,6 +46,7 @@ from ._xp import (
     real_dtype,
     real_finfo,
     shifted_diagonal,
+    supports_float64,
     times_inverse_cholesky_factor,
 )
 
@@ -82,6 +83,13 @@ class HostCores:
     def __init__(self, xp, like):
         self._xp, self.dtype, self.device = xp, like.dtype, device(like)
         self.balance_bound = balance_bound(xp, like.dtype)
+        # The Grams that reach the host were formed on the device, in float64
+        # where it has it, else in the arrays' own precision: what they
+        # resolve is that precision's (see drop_tolerance). Taken as float64
+        # Grams, a float32 step on a device without float64 kept directions at
+        # 1e-10 of a Gram's largest eigenvalue, which are rounding, and a
+        # rank-n step left W 2.6e-6 from unitary (4.8e-6 on JAX without x64).
+        self.gram_eps = self.eps if supports_float64(xp, self.device) else real_finfo(xp, like.dtype)[0]
 
     def gather(self, *arrays):
         """The small device arrays (one dtype) as NumPy float64/complex128 arrays,
@@ -116,7 +124,7 @@ class DeviceCores:
         self.xp, self.dtype = xp, like.dtype
         self.balance_bound = balance_bound(xp, like.dtype)
         self._core = core_dtype(xp, like.dtype, device(like))
-        self.eps = float(xp.finfo(real_dtype(xp, self._core)).eps)
+        self.eps = self.gram_eps = float(xp.finfo(real_dtype(xp, self._core)).eps)  # (Grams formed in the cores' dtype)
 
     def gather(self, *arrays):
         """The small arrays in the cores' dtype, NaN and Inf entries replaced
@@ -349,13 +357,25 @@ def cholesky_columns(xp, P, C, tol):
         return xp.full_like(P, float("nan"))
 
 
-def drop_tolerance(n, eps, core_eps):
+def drop_tolerance(n, eps, core_eps, gram_eps=0.0):
     """Relative eigenvalue below which a direction of an n-row panel of
     precision ``eps``, whose Gram is factored in precision ``core_eps``, is
     rounding: the panel's columns carry errors of about eps sqrt(n) of their
     length, and eigh resolves eigenvalues only to about core_eps times the
-    largest."""
-    return max(max(n, 64) * (8 * eps) ** 2, 64 * core_eps)
+    largest. ``gram_eps``: the precision the Gram was formed in, where it is
+    coarser than ``core_eps`` (a device without float64, whose float32 Gram
+    the host factors in float64): its entries carry errors of about gram_eps
+    times the largest eigenvalue, so an eigenvalue below that is rounding, and
+    Q = P T on its direction is far from a unit vector."""
+    return max(max(n, 64) * (8 * eps) ** 2, 64 * core_eps, GRAM_DROP * gram_eps)
+
+
+# The null directions of a float32 Gram of 2n columns in n rows measured at
+# most 0.5 eps (n = 4, 8), 0.8 (16) and 1.0 (32) of the largest eigenvalue
+# (equilibrated), and a float32 panel in the tests had a direction it needs at
+# 3.3 eps: 2 drops the first and keeps the second, and full-rank steps at
+# n = 32 and 64 then depart from unitary as where the Grams are float64.
+GRAM_DROP = 2
 
 
 def expm_skew_minus_identity(xp, K, t, *, cayley=False):

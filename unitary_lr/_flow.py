@@ -558,21 +558,21 @@ def lowrank_right_update(xp, W, Y, Z, *, lr, variant, rank, cores, sketched, nam
     block = _blocks(C, (l, l, l))
     CP = C[..., l:, l:]
     eps = _eps(xp, W.dtype)
-    tol = drop_tolerance(n, eps, cores.eps)
+    tol = drop_tolerance(n, eps, cores.eps, cores.gram_eps)
     if not cores.traced:
         _check_finite_blocks(sxp, C, (block(0, 0), names[0]), (block(1, 1), names[1]))
         if l == 1 and isinstance(lr, (int, float)) and _few(C):
             # one sketch column: 2 x 2 cores in closed form, matrix by matrix
             cores_ = [_right_core_tiny(sxp, Cp, scales_p, lr=lr, variant=variant, sketched=sketched, tol=tol,
                                        core_eps=cores.eps) for Cp, scales_p in _each(C, scales)]
-            steps = max(newton_schulz_count(spread, 2, eps, cores.eps) for _, _, spread in cores_)
+            steps = max(newton_schulz_count(spread, 2, eps, cores.gram_eps) for _, _, spread in cores_)
             T, D, column_scale = _scatter_tiny(cores, C[..., 1:, 1:], cores_)
             return _apply_right(xp, W, P, T, D, steps, column_scale)
         # |W^H y|^2 against |y|^2: W W^H = I exactly when W^H W = I
         _check_unitary(sxp, block(0, 0), block(2, 2))
     T, D, spread = _right_core(sxp, block(0, 0), CP, lr=lr, variant=variant, rank=rank, l=l,
                                sketched=sketched, tol=tol, traced=cores.traced, scale=_product(sxp, scales))
-    steps = _reorthonormalize_steps(sxp, spread, CP.shape[-1], eps, cores.eps, tol)
+    steps = _reorthonormalize_steps(sxp, spread, CP.shape[-1], eps, cores.gram_eps, tol)
     T, D, column_scale = _scatter(sxp, cores, CP, T, D)
     return _apply_right(xp, W, P, T, D, steps, column_scale)
 
@@ -689,7 +689,7 @@ def stiefel_update(xp, W, Y, Z, *, lr, variant, rank, cores, sketched, names):
     Cn, Cz, *scales = cores.gather(Cn, Cz, *scale_panels)
     sxp = cores.xp
     eps = _eps(xp, W.dtype)
-    tol = drop_tolerance(n, eps, cores.eps)
+    tol = drop_tolerance(n, eps, cores.eps, cores.gram_eps)
     Cy, Ce = Cn[..., :l, :l], Cn[..., l:, l:]
     if not cores.traced:
         if not bool(sxp.all(sxp.isfinite(Cz))):
@@ -701,7 +701,7 @@ def stiefel_update(xp, W, Y, Z, *, lr, variant, rank, cores, sketched, names):
             cores_ = [_left_core_tiny(Cp, Czp, scales_p, lr=lr, variant=variant, sketched=sketched, tol=tol,
                                       sxp=sxp, core_eps=cores.eps)
                       for (Cp, scales_p), (Czp, _) in zip(_each(Cn, scales), _each(Cz, []))]
-            steps = max(newton_schulz_count(spread, 2, eps, cores.eps) for _, _, spread in cores_)
+            steps = max(newton_schulz_count(spread, 2, eps, cores.gram_eps) for _, _, spread in cores_)
             return _apply_left(xp, W, P, *_scatter_tiny(cores, Cn, cores_), steps)
         # |W z|^2 against |z|^2: W^H W = I
         _check_unitary(sxp, Cz, Ce)
@@ -710,7 +710,7 @@ def stiefel_update(xp, W, Y, Z, *, lr, variant, rank, cores, sketched, names):
     K0 = sxp.concat([sxp.concat([zero, Pi], axis=-1), sxp.concat([-Pi, zero], axis=-1)], axis=-2)
     T, R, spread = gram_basis(sxp, Cn, tol, with_spread=not cores.traced)
     D = _skew_core(sxp, R @ K0 @ mH(sxp, R), _step_size(sxp, lr, _product(sxp, scales)), variant)
-    steps = _reorthonormalize_steps(sxp, spread, Cn.shape[-1], eps, cores.eps, tol)
+    steps = _reorthonormalize_steps(sxp, spread, Cn.shape[-1], eps, cores.gram_eps, tol)
     return _apply_left(xp, W, P, *_scatter(sxp, cores, Cn, T, D), steps)
 
 
@@ -732,7 +732,7 @@ def _stiefel_direct(xp, W, Y, Z, *, lr, rank, cores, sketched, names):
         Ce, *scales = scales
     sxp = cores.xp
     eps = _eps(xp, W.dtype)
-    tol = drop_tolerance(n, eps, cores.eps)
+    tol = drop_tolerance(n, eps, cores.eps, cores.gram_eps)
     block = _blocks(Cn, (l, l, l))
     Cy = block(0, 0)
     if not cores.traced:
@@ -768,8 +768,8 @@ def _stiefel_direct(xp, W, Y, Z, *, lr, rank, cores, sketched, names):
     Ta, Ra, spread_a = gram_basis(sxp, Ca * (keep[..., :, None] * keep[..., None, :]), tol,
                                   with_spread=not cores.traced)
     D, X_bottom = polar_minus_identity(sxp, B, bottom=Ra @ E, traced=cores.traced)
-    steps = _reorthonormalize_steps(sxp, spread, Cm.shape[-1], eps, cores.eps, tol)
-    steps_a = _reorthonormalize_steps(sxp, spread_a, l, eps, cores.eps, tol)
+    steps = _reorthonormalize_steps(sxp, spread, Cm.shape[-1], eps, cores.gram_eps, tol)
+    steps_a = _reorthonormalize_steps(sxp, spread_a, l, eps, cores.gram_eps, tol)
     on_device = _scatter_direct(sxp, cores, Cm, Ca, T, D, Ta, X_bottom)
     return _apply_stiefel_direct(xp, W, Zc, a_perp, on_device, steps, steps_a)
 
@@ -936,7 +936,7 @@ def transport_update(xp, W, a, b, *, t, cores, cayley=False):
     CP = C[..., :2 * k, :2 * k]
     CW = C[..., 2 * k:, 2 * k:] if square else CP
     eps = _eps(xp, W.dtype)
-    tol = drop_tolerance(n, eps, cores.eps)
+    tol = drop_tolerance(n, eps, cores.eps, cores.gram_eps)
     if not cores.traced:
         _check_finite_blocks(sxp, C, (C[..., :k, :k], "a"), (CP, "b"))
         for top in largest_W:
@@ -952,7 +952,7 @@ def transport_update(xp, W, a, b, *, t, cores, cayley=False):
             # K = R [[0, 1], [-1, 0]] R^H, f(t K) with t as given (size -2 t for the tangent
             # convention of _skew_core_tiny, -t for the Cayley one)
             D = _skew_core_tiny(CW, R, 1.0, -t if cayley else -2 * t, "cayley" if cayley else "tangent", cores.eps)
-            steps = newton_schulz_count(spread, 2, eps, cores.eps)
+            steps = newton_schulz_count(spread, 2, eps, cores.gram_eps)
             T, D, column_scale = _scatter_tiny(cores, CW, [(T, D)])
             if square:
                 return _apply_right(xp, W, panels[1], T, D, steps, column_scale)
@@ -960,7 +960,7 @@ def transport_update(xp, W, a, b, *, t, cores, cayley=False):
         if square:
             _check_unitary(sxp, CP, CW)
     T, R, spread = gram_basis(sxp, CW, tol, with_spread=not cores.traced)
-    steps = _reorthonormalize_steps(sxp, spread, CW.shape[-1], eps, cores.eps, tol)
+    steps = _reorthonormalize_steps(sxp, spread, CW.shape[-1], eps, cores.gram_eps, tol)
     identity = sxp.broadcast_to(sxp.eye(k, dtype=C.dtype), (*C.shape[:-2], k, k))
     zero = sxp.zeros_like(identity)
     K0 = sxp.concat([sxp.concat([zero, identity], axis=-1), sxp.concat([-identity, zero], axis=-1)], axis=-2)
