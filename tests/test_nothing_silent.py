@@ -295,3 +295,49 @@ def test_real_core_orthogonal_for_many_planes_of_spread_angles(transport, t):
         b = rng.standard_normal((16, 7))
         worst = max(worst, orthogonality(getattr(ul, transport)(W, a, b, t=t)))
     assert worst < 32 * np.finfo(np.float64).eps, worst
+
+
+@pytest.mark.parametrize("scale", [1e152, 1e200, 1e300, 1e-200])
+def test_a_huge_or_tiny_gradient_at_the_inverse_lr_takes_the_unit_step(backend, scale):
+    """lr G and t X are what a step moves by; their factors may each be far
+    from 1. Clamped one by one (at 1e150), the panels' scale of a gradient of
+    1e200 gave a step of 1e-50 at lr = 1e-200 (W unchanged) and at 1e152 one
+    0.6 astray, without a word; a gradient of 1e-200 at lr = 1e200 too."""
+    if not backend.has_float64:
+        pytest.skip("a 64-bit range is needed")
+    rng = np.random.default_rng(3)
+    for shape in ((8, 8), (8, 3), (3, 8)):
+        for dtype in ("float64", "complex128"):
+            W = ul.random_unitary(*shape, dtype=dtype, rng=rng)
+            G = rng.standard_normal(shape) + (1j * rng.standard_normal(shape) if dtype == "complex128" else 0)
+            a, b = rng.standard_normal((2, shape[0], 2))
+            Wb, Gb = backend.asarray(W), backend.asarray(G.astype(dtype))
+            for variant in ("tangent", "direct", "cayley"):
+                expected = ul.projunn_step(W, G, lr=0.7, rank=2, variant=variant, rng=1)
+                got = ul.projunn_step(Wb, Gb * scale, lr=0.7 / scale, rank=2, variant=variant, rng=1)
+                np.testing.assert_allclose(backend.to_numpy(got), expected, atol=tol(dtype, 8), err_msg=variant)
+            if shape[0] != shape[1]:
+                continue
+            A, B = backend.asarray(a * scale), backend.asarray(b)
+            for transport in (ul.exp_transport, ul.cayley_transport):
+                expected = transport(W.real if dtype == "float64" else W, a, b, t=0.5)
+                got = transport(backend.asarray(W.real if dtype == "float64" else W), A, B, t=0.5 / scale)
+                np.testing.assert_allclose(backend.to_numpy(got), expected, atol=tol(dtype, 8))
+
+
+@pytest.mark.parametrize("variant", ["tangent", "direct", "cayley"])
+def test_the_traced_step_takes_the_unit_step_of_a_huge_gradient_at_the_inverse_lr(variant):
+    import array_api_compat.numpy as xp
+
+    from unitary_lr.steps import sketch_matrix, step_unchecked
+
+    rng = np.random.default_rng(4)
+    for rank in (1, 3):
+        W = ul.random_unitary(12, dtype="float64", rng=rng)
+        G = rng.standard_normal((12, 12))
+        omega = sketch_matrix(xp, (12, rank), dtype=W.dtype, device="cpu", rng=5)
+        expected = step_unchecked(xp, W, G, omega, lr=0.7, rank=rank, variant=variant, power_iters=1, traced=True)
+        for scale in (1e200, 1e-200):
+            got = step_unchecked(xp, W, G * scale, omega, lr=0.7 / scale, rank=rank, variant=variant, power_iters=1,
+                                 traced=True)
+            np.testing.assert_allclose(got, expected, atol=1e-13, err_msg=f"rank {rank}, scale {scale}")

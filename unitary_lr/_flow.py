@@ -70,9 +70,10 @@ def _scaled(xp, Y):
     return Y / top, top
 
 
-# Scales of the factors beyond this are clamped: a step (or a generator) that
-# large has lost every digit of its direction to rounding anyway, and the
-# polar and exp cores then give the same unitary result.
+# A step's size (lr times the panels' scales, or t times them) beyond this is
+# clamped: a step (or a generator) that large has lost every digit of its
+# direction to rounding anyway, and the polar and exp cores then give the same
+# unitary result. Only the size is clamped, not its factors: see _step_size.
 _HUGE = 1e150
 
 
@@ -434,7 +435,7 @@ def _right_core_tiny(sxp, C, scales, *, lr, variant, sketched, tol, core_eps):
     # nothing), 1 for factors; see _sketch_projector
     Pi = (1 / cy if cy > 0 else 0.0) if sketched else 1.0
     T, R, spread = gram_basis2(((cz, g), (_conj(g), cw)), tol)
-    size = _step_size(sxp, lr, _product_tiny(sxp, scales))
+    size = _step_size(sxp, lr, _numbers(scales))
     if variant == "direct":
         B = _direct_generator_tiny(R, Pi, size)
         D = polar_small2(B)
@@ -470,12 +471,9 @@ def _unitarity_deviation_tiny(C, CW):
     return max(abs(CW[i][j] - C[i][j]) * scale[i] * scale[j] for i in range(2) for j in range(2))
 
 
-def _product_tiny(sxp, scales):
-    """:func:`_product` of host 1 x 1 scales, as a Python float."""
-    scale = 1.0
-    for factor in scales:
-        scale = scale * _clamped(sxp, _scalar(factor).real)
-    return scale
+def _numbers(scales):
+    """Host 1 x 1 scales as Python floats."""
+    return [_scalar(factor).real for factor in scales]
 
 
 def _conj(x):
@@ -533,7 +531,7 @@ def _left_core_tiny(Cn, Cz, scales, *, lr, variant, sketched, tol, sxp, core_eps
         raise UnitarityError(deviation, UNITARITY_TOLERANCE)
     Pi = (1 / cy.real if cy.real > 0 else 0.0) if sketched else 1.0
     T, R, spread = gram_basis2(Cn.tolist(), tol)
-    size = _step_size(sxp, lr, _product_tiny(sxp, scales))
+    size = _step_size(sxp, lr, _numbers(scales))
     return T, _skew_core_tiny(Cn, R, Pi, size, variant, core_eps), spread
 
 
@@ -571,7 +569,7 @@ def lowrank_right_update(xp, W, Y, Z, *, lr, variant, rank, cores, sketched, nam
         # |W^H y|^2 against |y|^2: W W^H = I exactly when W^H W = I
         _check_unitary(sxp, block(0, 0), block(2, 2))
     T, D, spread = _right_core(sxp, block(0, 0), CP, lr=lr, variant=variant, rank=rank, l=l,
-                               sketched=sketched, tol=tol, traced=cores.traced, scale=_product(sxp, scales))
+                               sketched=sketched, tol=tol, traced=cores.traced, scales=scales)
     steps = _reorthonormalize_steps(sxp, spread, CP.shape[-1], eps, cores.gram_eps, tol)
     T, D, column_scale = _scatter(sxp, cores, CP, T, D)
     return _apply_right(xp, W, P, T, D, steps, column_scale)
@@ -620,10 +618,81 @@ def sketch_basis(sxp, Cy, tol, *, basis_only=False):
     return gram_basis(sxp, Cy, tol, basis_only=basis_only)
 
 
-def _step_size(sxp, lr, scale):
-    """The step's size lr * scale, clamped where it exceeds any meaningful step
-    (the polar, exp and Cayley cores are then saturated) instead of overflowing."""
-    return _clamped(sxp, _clamped(sxp, lr) * scale) if isinstance(lr, (int, float)) else lr * scale
+def _step_size(sxp, lr, scales):
+    """The step's size, lr times the product of ``scales`` (the panels'
+    scales: Python numbers or arrays (..., 1, 1)), clamped where it exceeds
+    any meaningful step (the polar, exp and Cayley cores are then saturated)
+    instead of overflowing. A tensor lr (a capturable step) is not clamped.
+
+    Only the size is clamped, not its factors, and no partial product
+    overflows or underflows: each factor is taken apart into a power of two
+    and a number near 1 (exactly), the numbers are multiplied in the order the
+    factors would be and the powers added. Clamped one by one, the scale of a
+    gradient of 1e200 became 1e150 and a step at lr = 1e-200, of size O(1),
+    left W where it was (a step of 1e-50); at 1e152 it went 0.6 astray. Where
+    no partial product leaves the range, the size is the plain product's, bit
+    for bit: a power of two only moves exponents."""
+    if not scales:
+        return _clamped(sxp, lr) if isinstance(lr, (int, float)) else lr
+    return _exact_product(sxp, lr, scales, clamp=isinstance(lr, (int, float)))
+
+
+def _exact_product(sxp, first, factors, *, clamp=True, nested=True):
+    """``first * (factors[0] * factors[1] * ...)`` (``nested``; else
+    ``((first * factors[0]) * factors[1]) ...``), clamped to +-_HUGE at the
+    end only (see :func:`_step_size`). Python numbers by ``math.frexp``,
+    arrays by their powers of two."""
+    if not factors:
+        return _clamped(sxp, first) if clamp else first
+    if all(isinstance(x, (int, float)) for x in (first, *factors)):
+        mantissa, exponent = _split_number(first)
+        tail, tail_exponent = 1.0, 0
+        for factor in factors:
+            m, e = _split_number(factor)
+            if nested:
+                tail, tail_exponent = tail * m, tail_exponent + e
+            else:
+                mantissa, exponent = mantissa * m, exponent + e
+        mantissa, exponent = mantissa * tail, exponent + tail_exponent
+        if mantissa == 0 or not math.isfinite(mantissa):
+            return _clamped(sxp, mantissa)
+        m, e = math.frexp(mantissa)
+        # (2**600 > _HUGE: clamped below; under 2**-1200 the size is 0)
+        return _clamped(sxp, math.ldexp(m, max(-1200, min(600, exponent + e))))
+    mantissa, exponent = _split_any(sxp, first)
+    tail, tail_exponent = 1.0, 0.0
+    for factor in factors:
+        m, e = _split_any(sxp, factor)
+        if nested:
+            tail, tail_exponent = tail * m, tail_exponent + e
+        else:
+            mantissa, exponent = mantissa * m, exponent + e
+    mantissa, exponent = mantissa * tail, exponent + tail_exponent
+    # 2**exponent in two halves, each representable, the exponent kept where
+    # their product times the mantissa (< 4) stays below the dtype's largest
+    top = math.frexp(float(sxp.finfo(mantissa.dtype).max))[1] - 8
+    exponent = sxp.clip(exponent, -2 * top, top)
+    half = sxp.floor(exponent / 2)
+    size = mantissa * 2.0 ** half * 2.0 ** (exponent - half)
+    return _clamped(sxp, size) if clamp else size
+
+
+def _split_number(x):
+    return math.frexp(x) if math.isfinite(x) else (x, 0)
+
+
+def _split_any(sxp, x):
+    """(m, e): x = m * 2**e with |m| within a factor sqrt(2) of 1 (0 for 0),
+    exactly; Python numbers by frexp, arrays (real parts) by the power of two
+    of their magnitude, applied in two halves (see
+    ``_xp.inverse_power_of_two_halves``)."""
+    if isinstance(x, (int, float)):
+        return _split_number(x)
+    x = sxp.real(x)
+    magnitude = sxp.abs(x)
+    exponent = sxp.round(sxp.log2(sxp.where(magnitude > 0, magnitude, 1.0)))
+    half = sxp.floor(exponent / 2)
+    return x * 2.0 ** -half * 2.0 ** (half - exponent), exponent
 
 
 def _skew_core(sxp, K, size, variant):
@@ -635,16 +704,17 @@ def _skew_core(sxp, K, size, variant):
     return expm_skew_minus_identity(sxp, K, -size / 2)
 
 
-def _right_core(sxp, Cy, CP, *, lr, variant, rank, l, sketched, tol, traced, scale=1.0):
+def _right_core(sxp, Cy, CP, *, lr, variant, rank, l, sketched, tol, traced, scales=()):
     """(T, D, spread): the basis Q = P T of span P, the core D in Q's
-    coordinates, for ``G_k = scale * Y Pi Z^H``, and the basis' spread (see
+    coordinates, for ``G_k = s * Y Pi Z^H`` (s the product of ``scales``),
+    and the basis' spread (see
     :func:`gram_basis`)."""
     Pi = _sketch_projector(sxp, Cy, CP[..., :l, :l], rank=rank, l=l, sketched=sketched, tol=tol)
     T, R, spread = gram_basis(sxp, CP, tol, with_spread=not traced)
     # W^H G_k = c Pi Z^H = [Z, c] A0 [Z, c]^H with A0 = [[0, 0], [Pi, 0]], so
     # A = R A0 R^H = R_c Pi R_Z^H, from the columns of R (l each)
     A = (R[..., :, l:] @ Pi) @ mH(sxp, R[..., :, :l])
-    size = _step_size(sxp, lr, scale)
+    size = _step_size(sxp, lr, scales)
     if variant == "direct":
         D = polar_minus_identity(sxp, -size * A, traced=traced)
     else:
@@ -709,7 +779,7 @@ def stiefel_update(xp, W, Y, Z, *, lr, variant, rank, cores, sketched, names):
     zero = sxp.zeros_like(Pi)
     K0 = sxp.concat([sxp.concat([zero, Pi], axis=-1), sxp.concat([-Pi, zero], axis=-1)], axis=-2)
     T, R, spread = gram_basis(sxp, Cn, tol, with_spread=not cores.traced)
-    D = _skew_core(sxp, R @ K0 @ mH(sxp, R), _step_size(sxp, lr, _product(sxp, scales)), variant)
+    D = _skew_core(sxp, R @ K0 @ mH(sxp, R), _step_size(sxp, lr, scales), variant)
     steps = _reorthonormalize_steps(sxp, spread, Cn.shape[-1], eps, cores.gram_eps, tol)
     return _apply_left(xp, W, P, *_scatter(sxp, cores, Cn, T, D), steps)
 
@@ -755,7 +825,7 @@ def _stiefel_direct(xp, W, Y, Z, *, lr, rank, cores, sketched, names):
     zero = sxp.zeros_like(Pi)
     A0 = sxp.concat([sxp.concat([zero, zero], axis=-1), sxp.concat([Pi, zero], axis=-1)], axis=-2)
     T, R, spread = gram_basis(sxp, Cm, tol, with_spread=not cores.traced)
-    size = _step_size(sxp, lr, _product(sxp, scales))
+    size = _step_size(sxp, lr, scales)
     B = -size * (R @ A0 @ mH(sxp, R))
     E = -size * (Pi @ mH(sxp, R[..., :, :l]))
     # a column of Y inside W's range to rounding has no a_perp part: its
@@ -843,7 +913,7 @@ def _stiefel_direct_core_tiny(sxp, Cm, Cn, scales, *, lr, sketched, tol, eps, co
     cy, ca = cy.real, ca.real
     Pi = (1 / cy if cy > 0 else 0.0) if sketched else 1.0  # see _sketch_projector
     T, R, spread = gram_basis2(Cm.tolist(), tol)
-    size = _step_size(sxp, lr, _product_tiny(sxp, scales))
+    size = _step_size(sxp, lr, _numbers(scales))
     B = _direct_generator_tiny(R, Pi, size)  # and E = -size Pi R[:, :1]^H
     # a_perp = N R_a with N = a_perp T_a: 1 x 1 Gram, dropped inside W's range
     root = math.sqrt(ca) if ca > _in_range_threshold(eps, columns) * cy and ca > 0 else 0.0
@@ -881,13 +951,6 @@ def prepare_panels(xp, W, Y, Z, sketched, *, multiplied=False):
         Z, sz = _scaled(xp, Z)
         scales.append(sz)
     return Y, Z, core, [xp.astype(x, core) for x in scales]
-
-
-def _product(sxp, scales):
-    scale = 1.0
-    for factor in scales:
-        scale = scale * _clamped(sxp, factor)
-    return scale
 
 
 def _scatter(sxp, cores, C, T, D):
@@ -928,11 +991,8 @@ def transport_update(xp, W, a, b, *, t, cores, cayley=False):
     sxp = cores.xp
     # clamped whether or not the panels were scaled: t = 1.8e308 times K
     # overflowed in the cores of a float32 W (no scales), and W became NaN
-    t = _clamped(sxp, t)
-    for factor in scales:
-        if not cores.traced and C.ndim == 2:
-            factor = _scalar(factor).real  # t stays a Python number
-        t = _clamped(sxp, t * _clamped(sxp, factor))
+    # (t times the scales, clamped as a whole: see _step_size)
+    t = _exact_product(sxp, t, _numbers(scales) if not cores.traced and C.ndim == 2 else scales, nested=False)
     CP = C[..., :2 * k, :2 * k]
     CW = C[..., 2 * k:, 2 * k:] if square else CP
     eps = _eps(xp, W.dtype)

@@ -46,7 +46,7 @@ import numpy as np
 
 from . import _xp
 from ._cores import balance_bound, drop_tolerance, host_xp, largest
-from ._flow import (_check_unitary, _product, _right_core, _right_core_tiny, balance_columns, needs_balancing,
+from ._flow import (_check_unitary, _right_core, _right_core_tiny, balance_columns, needs_balancing,
                     newton_schulz_basis, newton_schulz_count)
 from ._xp import by_columns, matmul_panel, namespace
 
@@ -238,7 +238,7 @@ def _wide_factors(W, G, host_draw, *, lr, rank, variant, power_iters):
         _check_unitary(host_xp, C[:l, :l], C[2 * l:, 2 * l:])  # |W^H y|^2 against |y|^2
         T, D, spread = _right_core(host_xp, C[:l, :l], CP, lr=lr, variant=variant, rank=rank, l=l, sketched=True,
                                    tol=drop_tolerance(n, eps, _CORE_EPS), traced=False,
-                                   scale=_product(host_xp, scales))
+                                   scales=scales)
     except ValueError:  # W is not unitary, or a core failed: the general step says so
         return None
     steps = newton_schulz_count(largest(spread, 1.0), 2 * l, eps, _CORE_EPS)
