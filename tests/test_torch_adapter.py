@@ -761,3 +761,155 @@ def test_layers_show_their_sizes_and_document_forward():
     for layer in (UnitaryRNN, ModReLU, FourierConv2d):
         doc = inspect.getdoc(layer.forward)
         assert "Returns" in doc and "Define the computation" not in doc, layer
+
+
+@pytest.mark.parametrize("capturable", [False, True])
+def test_a_unitary_parameter_listed_twice_is_refused(capturable):
+    # tied weights, [*enc.parameters(), *dec.parameters()]: both updates, each
+    # computed from the same W, were added to it (1.9 from unitary after one
+    # step; capturable: 4.9e3 after six, no step skipped)
+    W = unitary_parameter(8, dtype=torch.float64, generator=seeded())
+    with pytest.raises(ValueError, match=r"param group 0 lists unitary parameter param_groups\[0\]\['params'\]\[0\] "
+                                         r"twice \(also as param_groups\[0\]\['params'\]\[1\]\): tied weights\?"):
+        ProjUNN([W, W], lr=0.1, capturable=capturable)
+    opt = ProjUNN([W], lr=0.1, capturable=capturable)
+    with pytest.raises(ValueError, match=r"param group 1 lists unitary parameter a twice \(also as b\)"):
+        opt.add_param_group({"params": [unitary_parameter(4)] * 2, "param_names": ["a", "b"]})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize(("base", "cycled"), [("sgd", "momentum"), ("rmsprop", "momentum"), ("adam", "betas")])
+def test_one_cycle_lr_cycles_the_momentum_the_base_uses(base, cycled):
+    # OneCycleLR cycles betas[0] wherever the defaults hold betas: an SGD or
+    # RMSprop step kept its momentum while the schedule ran
+    options = {"sgd": {"momentum": 0.9}, "rmsprop": {"momentum": 0.9}, "adam": {}}[base]
+    W = unitary_parameter(6, dtype=torch.float64, generator=seeded())
+    b = torch.nn.Parameter(torch.ones(6, dtype=torch.float64))
+    opt = ProjUNN([W, b], lr=0.01, base=base, seed=0, **options)
+    reference = {"sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop, "adam": torch.optim.Adam}[base](
+        [torch.nn.Parameter(torch.ones(6, dtype=torch.float64))], lr=0.01, **options)
+    schedules = [torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=10) for o in (opt, reference)]
+    for _ in range(4):
+        W.grad, b.grad = torch.ones(6, 6, dtype=torch.float64), torch.ones(6, dtype=torch.float64)
+        opt.step()
+        reference.param_groups[0]["params"][0].grad = torch.ones(6, dtype=torch.float64)
+        reference.step()
+        for schedule in schedules:
+            schedule.step()
+    expected = reference.param_groups[0][cycled]
+    assert expected != {"momentum": 0.9, "betas": (0.9, 0.999)}[cycled]  # it did cycle
+    assert [group[cycled] for group in opt.param_groups] == [expected, expected]
+    if base != "adam":
+        assert "betas" not in opt.defaults and all("betas" not in group for group in opt.param_groups)
+    torch.testing.assert_close(b.detach(), reference.param_groups[0]["params"][0].detach(), rtol=0, atol=0)
+
+
+def test_a_group_of_another_base_takes_its_defaults():
+    W = unitary_parameter(6, dtype=torch.float64, generator=seeded())
+    b = torch.nn.Parameter(torch.ones(6, dtype=torch.float64))
+    opt = ProjUNN([{"params": [W]}, {"params": [b], "base": "adam"}], lr=0.01, base="sgd", seed=0)
+    assert opt.param_groups[1]["betas"] == (0.9, 0.999) and "betas" not in opt.param_groups[0]
+    opt = ProjUNN([{"params": [W]}, {"params": [b], "base": "adam"}], lr=0.01, base="sgd", betas=(0.5, 0.6))
+    assert opt.param_groups[1]["betas"] == (0.5, 0.6)
+
+
+@pytest.mark.parametrize(("edit", "key"), [({"base": "adam"}, "exp_avg"), ({"momentum": 0.9}, "momentum_buffer"),
+                                           ({"centered": True}, "grad_avg"), ({"base": "sgd", "momentum": 0.5}, None)])
+def test_an_edited_rule_of_a_unitary_group_starts_its_moments(edit, key):
+    # a KeyError at every step, where plain groups took the edit
+    W = unitary_parameter(8, dtype=torch.float64, generator=seeded())
+    b = torch.nn.Parameter(torch.zeros(8, dtype=torch.float64))
+    opt = ProjUNN([W, b], lr=0.01, rank=2, seed=0)  # rmsprop
+    gradients = seeded(1)
+    W.grad, b.grad = torch.randn(8, 8, dtype=torch.float64, generator=gradients), torch.ones(8, dtype=torch.float64)
+    opt.step()
+    square_avg = opt.state[W]["square_avg"].clone()
+    for group in opt.param_groups:
+        group.update(edit)
+    for _ in range(2):
+        W.grad, b.grad = torch.randn(8, 8, dtype=torch.float64, generator=gradients), torch.ones(8, dtype=torch.float64)
+        opt.step()
+    assert error(W) < 1e-14 and opt.state[W]["projunn_steps"] == 3
+    if key is not None:
+        assert key in opt.state[W] and key in opt.state[b]
+    if edit.get("base") == "adam":
+        assert opt.state[W]["step"] == 2 and torch.equal(opt.state[W]["square_avg"], square_avg)
+
+
+def test_a_unitary_parameter_converted_to_half_since_is_named():
+    model = torch.nn.Linear(8, 8, bias=False)
+    from unitary_lr.torch import orthogonal
+
+    orthogonal(model)
+    opt = ProjUNN(model.parameters(), lr=1e-2, seed=0)
+    model.half()
+    model.weight.grad = torch.ones(8, 8, dtype=torch.half)
+    before = model.weight.detach().clone()
+    with pytest.raises(TypeError, match=r"unitary parameter param_groups\[0\]\['params'\]\[0\] has dtype "
+                                        r"torch.float16; expected float32, .*no parameter was changed"):
+        opt.step()
+    assert torch.equal(model.weight.detach(), before) and not opt.state
+
+
+def test_lr_of_another_type_is_a_type_error():
+    W = unitary_parameter(4, dtype=torch.float64, generator=seeded())
+    for lr in ("1", None):
+        with pytest.raises(TypeError, match=r"ProjUNN: lr must be a real number, got (str '1'|NoneType None)"):
+            ProjUNN([W], lr=lr)
+    with pytest.raises(ValueError, match=r"ProjUNN: lr must be a finite number >= 0, got -1"):
+        ProjUNN([W], lr=-1)
+
+
+def _trained(groups_in_order, seed=0):
+    W = unitary_parameter(8, dtype=torch.float64, generator=seeded(seed))
+    b = torch.nn.Parameter(torch.zeros(8, dtype=torch.float64))
+    groups = [{"params": [W]}, {"params": [b]}]
+    opt = ProjUNN(groups if groups_in_order else groups[::-1], lr=0.05, base="adam", seed=0)
+    W.grad, b.grad = torch.ones(8, 8, dtype=torch.float64), torch.ones(8, dtype=torch.float64)
+    opt.step()
+    return W, b, opt
+
+
+def _snapshot(opt):
+    return ([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
+            {id(p): {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()} for p, s in opt.state.items()})
+
+
+def test_a_state_dict_of_other_groups_is_refused_and_changes_nothing():
+    # groups in another order put the unitary W under the plain Adam rule:
+    # 1.32 from unitary after 20 steps, without a word
+    _, _, saved = _trained(True)
+    W, b, opt = _trained(False, seed=1)
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match=r"param group 0 is plain here and unitary in the state_dict: the groups "
+                                         r"differ \(in another order\?\); nothing was loaded"):
+        opt.load_state_dict(saved.state_dict())
+    # a torch.optim optimizer's: a bare KeyError that left Adam's groups in place
+    lin = torch.nn.Linear(8, 8, dtype=torch.float64)
+    adam = torch.optim.Adam(lin.parameters(), lr=0.01)
+    with pytest.raises(ValueError, match=r"state_dict's param group 0 lacks base, unitary, seed, rank, variant: it "
+                                         r"was not saved by ProjUNN"):
+        opt.load_state_dict(adam.state_dict() | {"param_groups": [dict(g, params=[0]) for g in
+                                                                  adam.state_dict()["param_groups"]] * 2})
+    assert _snapshot(opt)[0] == before[0] and opt.state[W]["step"] == 1
+
+
+def test_a_saved_moment_of_another_shape_is_refused_and_changes_nothing():
+    A = unitary_parameter(8, batch_shape=(1,), dtype=torch.float64, generator=seeded(1))
+    B = unitary_parameter(8, dtype=torch.float64, generator=seeded(2))
+    opt = ProjUNN([A, B], lr=0.05, base="rmsprop", rank=2, seed=0)
+    A.grad, B.grad = torch.ones(1, 8, 8, dtype=torch.float64), torch.ones(8, 8, dtype=torch.float64)
+    opt.step()
+    A2, B2 = unitary_parameter(8, dtype=torch.float64, generator=seeded(3)), unitary_parameter(
+        8, dtype=torch.float64, generator=seeded(4))
+    fresh = ProjUNN([A2, B2], lr=0.05, base="rmsprop", rank=2, seed=0)
+    with pytest.raises(ValueError, match=r"state_dict's state of param_groups\[0\]\['params'\]\[0\]: square_avg has "
+                                         r"shape \(1, 8, 8\), the parameter \(8, 8\); nothing was loaded"):
+        fresh.load_state_dict(opt.state_dict())
+    assert not fresh.state
+    # a unitary group's saved rank above a parameter's size
+    saved = opt.state_dict()
+    saved["param_groups"][0]["rank"] = 9
+    with pytest.raises(ValueError, match=r"rank 9 exceeds min\(n, m\) = 8 of unitary parameter"):
+        opt.load_state_dict(saved)
+    assert opt.param_groups[0]["rank"] == 2

@@ -99,7 +99,10 @@ class ProjUNN(torch.optim.Optimizer):
         ``lr`` gives the group a new tensor: update both, or use 1 and set the
         groups' lr yourself).
     momentum, dampening, nesterov, weight_decay, alpha, eps, centered, betas
-        Base-rule hyper-parameters, as in ``torch.optim`` (per group). Weight
+        Base-rule hyper-parameters, as in ``torch.optim`` (per group; a group
+        holds those of its base, so ``OneCycleLR`` and ``CyclicLR`` cycle
+        ``momentum`` where the base is sgd or rmsprop and ``betas[0]`` where it
+        is adam, as they do for ``torch.optim``'s). Weight
         decay does not apply to unitary parameters (the group is invariant to
         scaling).
     maximize, amsgrad, decoupled_weight_decay : bool, optional
@@ -173,7 +176,8 @@ class ProjUNN(torch.optim.Optimizer):
         A negative or non-finite lr, an unknown base, variant or reproject, a
         unitary parameter that is not a matrix (..., n, m) with
         ``min(n, m) >= rank``, a
-        group mixing marked and unmarked parameters, a unitary group that sets
+        group mixing marked and unmarked parameters, a unitary parameter
+        listed twice in its group (tied weights), a unitary group that sets
         both ``lr`` and ``unitary_lr_scale``; at ``step()``, a gradient
         with NaN or Inf (named, with its shape; nothing is changed), also
         at ``lr = 0``, where the rule's moments would keep it, and a
@@ -244,6 +248,12 @@ class ProjUNN(torch.optim.Optimizer):
             foreach=foreach, maximize=maximize, amsgrad=amsgrad, decoupled_weight_decay=decoupled_weight_decay,
         )
         _check_options(defaults, where="ProjUNN")
+        if base != "adam" and betas == _signature_defaults()["betas"]:
+            # torch's OneCycleLR and CyclicLR cycle betas[0] wherever the
+            # defaults hold betas, momentum elsewhere: an SGD or RMSprop step
+            # had its momentum left as it was. A group whose base is adam
+            # takes the default betas when it is added.
+            del defaults["betas"]
         super().__init__(_split_by_mark(params), defaults)
         bases = {group["base"] for group in self.param_groups}
         for name, value in _set_hyperparameters(defaults, _signature_defaults()).items():
@@ -258,6 +268,45 @@ class ProjUNN(torch.optim.Optimizer):
             for name, default in _ADDED_OPTIONS.items():
                 group.setdefault(name, default)
         self._note_eager_groups()
+
+    def load_state_dict(self, state_dict):
+        """``torch.optim.Optimizer.load_state_dict``, after checks that it
+        does not make, done before anything changes: each saved group was
+        saved by ProjUNN, is unitary where this optimizer's group is (groups
+        in another order put a unitary weight under a plain rule, which took
+        it off the group without a word), and holds options a group may
+        hold; each saved moment has its parameter's shape (one of another
+        shape failed in the middle of a later step). A ValueError names the
+        first that does not fit."""
+        saved_groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if isinstance(saved_groups, list) and len(saved_groups) == len(self.param_groups):
+            params = []
+            for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+                where = f"state_dict's param group {index}"
+                missing = [key for key in ("base", "unitary", "seed", "rank", "variant") if key not in saved]
+                if missing:
+                    raise ValueError(f"{where} lacks {', '.join(missing)}: it was not saved by ProjUNN (by a "
+                                     "torch.optim optimizer?); nothing was loaded")
+                if saved["unitary"] != group["unitary"]:
+                    kinds = ["unitary" if flag else "plain" for flag in (group["unitary"], saved["unitary"])]
+                    raise ValueError(f"param group {index} is {kinds[0]} here and {kinds[1]} in the state_dict: "
+                                     "the groups differ (in another order?); nothing was loaded")
+                _check_options({**group, **{k: v for k, v in saved.items() if k != "params"}}, where=where)
+                params.extend((index, i, p) for i, p in enumerate(group["params"]))
+                if group["unitary"]:
+                    for i, p in enumerate(group["params"]):
+                        _check_unitary_parameter(_name(group, index, i), p, saved["rank"])
+            saved_state = state_dict.get("state")
+            for key, entry in (saved_state.items() if isinstance(saved_state, dict) else ()):
+                if not isinstance(key, int) or not 0 <= key < len(params) or not isinstance(entry, dict):
+                    continue  # (torch.optim's own load says what is wrong there)
+                index, i, p = params[key]
+                for name, value in entry.items():
+                    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != p.shape:
+                        raise ValueError(f"state_dict's state of {_name(self.param_groups[index], index, i)}: "
+                                         f"{name} has shape {tuple(value.shape)}, the parameter {tuple(p.shape)}; "
+                                         "nothing was loaded")
+        super().load_state_dict(state_dict)
 
     def add_param_group(self, param_group):
         group = {**self.defaults, **param_group}
@@ -292,9 +341,18 @@ class ProjUNN(torch.optim.Optimizer):
             if not unitary:  # checked at each step: a parameter marked since would get plain steps
                 self.__dict__.setdefault("_plain_by_mark", set()).add(index)
         if unitary:
+            seen = {}
             for name, p in zip(names, params):
                 _check_unitary_parameter(name, p, group["rank"])
-        param_group = {**param_group, "params": given, "unitary": unitary}
+                if id(p) in seen:
+                    # its updates, each computed from the same W, were both added
+                    # to it: tied weights left the unitary group after one step
+                    raise ValueError(f"param group {index} lists unitary parameter {seen[id(p)]} twice (also as "
+                                     f"{name}): tied weights? List each parameter once (model.parameters() "
+                                     "does)")
+                seen[id(p)] = name
+        param_group = {**param_group, "params": given, "unitary": unitary,
+                       **_missing_hyperparameters(group)}
         if unitary and "lr" in param_group and param_group.get("unitary_lr_scale", 1) != 1:  # (1 scales nothing)
             raise ValueError(f"param group {index} sets both lr ({param_group['lr']!r}) and unitary_lr_scale "
                              f"({param_group['unitary_lr_scale']!r}); set one of them")
@@ -341,6 +399,8 @@ class ProjUNN(torch.optim.Optimizer):
         if not torch_graph_tracing():
             self._note_eager_groups()
             self._check_marks()
+            for group in self.param_groups:  # a base edited into a group takes its rule's defaults
+                group.update(_missing_hyperparameters(group))
         if self._eager_groups:
             self._refuse_capture()
             return self._step_outside_graph(closure)
@@ -414,6 +474,9 @@ class ProjUNN(torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise ValueError(f"ProjUNN does not support sparse gradients ({_name(group, index, i)})")
+                if group["unitary"] and p.dtype not in _FLOAT_DTYPES:  # (module.half() since the optimizer was built)
+                    raise TypeError(f"unitary parameter {_name(group, index, i)} has dtype {p.dtype}; expected "
+                                    "float32, float64, complex64 or complex128; no parameter was changed")
                 if not group["unitary"]:
                     plain_grads.append((p, group, index, i))
         _check_plain_gradients([entry for entry in plain_grads if not entry[1]["capturable"]])
@@ -433,6 +496,10 @@ class ProjUNN(torch.optim.Optimizer):
                 state = dict(self.state[p]) if p in self.state else {}
                 if not state:
                     state.update(rule.init(xp, p.detach(), mode))
+                elif not torch_graph_tracing() and _lacks_moments(rule, state):
+                    # a base, momentum or centered edited into the group: the
+                    # moments the new rule keeps start as its first step's
+                    state = {**rule.init(xp, p.detach(), mode), **state}
                 _add_counters(state, p, group, index, i)
                 scratch = self.__dict__.setdefault("_scratch", {}).setdefault(p, {}) if _uses_scratch(group, p) else None
                 W = p.detach()  # once: each detach is a dispatch of its own
@@ -625,6 +692,20 @@ def _check_unstepped(p, direction, group, index, i):
         raise ValueError(f"{_name(group, index, i)} (shape {tuple(p.shape)}): "
                          f"{_cause(ValueError('its gradient contains NaN or Inf'), p.grad, direction, group)}; "
                          "no parameter was changed")
+
+
+def _lacks_moments(rule, state):
+    """Whether ``state`` lacks one of the entries ``rule`` keeps."""
+    try:
+        keys = _moment_keys(rule)
+    except TypeError:  # a rule with an option that has no hash
+        keys = tuple(rule.init(array_api_compat.numpy, np.zeros((1, 1))))
+    return any(key not in state for key in keys)
+
+
+@functools.lru_cache(maxsize=64)
+def _moment_keys(rule):
+    return tuple(rule.init(array_api_compat.numpy, np.zeros((1, 1))))
 
 
 def _torch_optim_group(group):
@@ -848,6 +929,16 @@ def _add_in_place(p, L, Rh):
         p.add_(L @ Rh)
 
 
+def _missing_hyperparameters(group):
+    """The hyper-parameters of the group's base that the group lacks, at
+    their defaults (nothing for a base that is not one: the step names it)."""
+    base = group.get("base")
+    if not isinstance(base, str) or base not in RULES:
+        return {}
+    defaults = _signature_defaults()
+    return {name: defaults[name] for name in rule_hyperparameters(base) if name not in group and name in defaults}
+
+
 def _split_by_mark(params):
     """Parameters given without groups: the marked ones in a unitary group."""
     if isinstance(params, torch.Tensor):
@@ -897,7 +988,9 @@ def _check_options(group, *, where):
         if lr.numel() != 1 or lr.is_complex():
             raise ValueError(f"{where}: lr must be a number or a real tensor of one element, got {lr!r}")
         lr = float(lr)
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+        raise TypeError(f"{where}: lr must be a real number, got {type(group['lr']).__name__} {group['lr']!r}")
+    if not math.isfinite(lr) or lr < 0:
         raise ValueError(f"{where}: lr must be a finite number >= 0, got {group['lr']!r}")
     try:
         check_base(group["base"])
