@@ -91,3 +91,21 @@ def test_torch_optimizer(rng, capturable, dtype, base):
     W = full.detach().numpy()
     assert np.all(unitarity(W) < 1e-5)
     np.testing.assert_allclose(W, twin.detach().numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(N, 3), (3, N), (N, N)])
+@pytest.mark.parametrize("batch", [(0,), (2, 0)])
+def test_transports_and_steps_of_an_empty_batch(backend, dtype, shape, batch):
+    """A rectangular W's transport checked its largest entry with a maximum
+    over no entries (NumPy's, JAX's and the standard's ValueError, PyTorch's
+    RuntimeError); square ones and the low-rank polar factor gave the empty
+    result."""
+    import unitary_lr as ul
+
+    W = backend.asarray(np.zeros((*batch, *shape)), dtype=dtype)
+    a = b = backend.asarray(np.zeros((*batch, shape[0], 1)), dtype=dtype)
+    G = backend.asarray(np.zeros((*batch, *shape)), dtype=dtype)
+    for result in (ul.exp_transport(W, a, b, t=0.5), ul.cayley_transport(W, a, b, t=0.5),
+                   ul.projunn_step(W, G, lr=0.1, rank=1, rng=0), ul.tangent_project(W, G)):
+        assert tuple(result.shape) == (*batch, *shape)
+        assert backend.to_numpy(result).dtype == np.dtype(dtype)

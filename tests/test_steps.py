@@ -505,3 +505,21 @@ def test_jax_without_x64_steps_as_numpy_does(rng, dtype, shape, rank):
         assert V.dtype == jnp.dtype(dtype)
     np.testing.assert_allclose(np.asarray(V), reference, atol=tol(dtype, 3))
     assert unitarity(np.asarray(V)) < tol(dtype, 1)
+
+
+def test_tangent_project_promotes_mixed_dtypes(backend, rng):
+    """The result has dtype result_type(W, G): PyTorch's products refused
+    float32 times float64 (\"expected m1 and m2 to have the same dtype\")."""
+    dtypes = ["float32", "float64", "complex64", "complex128"] if backend.has_float64 else ["float32", "complex64"]
+    for w_dtype in dtypes:
+        for g_dtype in dtypes:
+            if is_complex(g_dtype) and not is_complex(w_dtype):
+                continue  # (a complex gradient of a real W is refused)
+            W, G = haar(rng, 6, w_dtype), random_matrix(rng, (6, 6), g_dtype)
+            got = ul.tangent_project(backend.asarray(W), backend.asarray(G))
+            expected_dtype = np.result_type(W.dtype, G.dtype)
+            assert backend.to_numpy(got).dtype == expected_dtype, (w_dtype, g_dtype)
+            W64, G64 = W.astype(np.complex128), G.astype(np.complex128)
+            S = mH(W64) @ G64
+            np.testing.assert_allclose(backend.to_numpy(got), G64 - W64 @ (S + mH(S)) / 2,
+                                       atol=tol(str(expected_dtype), 8))

@@ -1050,7 +1050,12 @@ def _transport_panels(xp, W, a, b):
     P = xp.concat([a, b], axis=-1)
     square = W.shape[-1] == W.shape[-2]
     panels = [P, adjoint_matmul(xp, W, P)] if square else [P]
-    largest = [] if square else [xp.astype(xp.max(xp.abs(W)), core)]
+    if square:
+        largest = []
+    elif math.prod(W.shape):
+        largest = [xp.astype(xp.max(xp.abs(W)), core)]
+    else:  # an empty batch: a maximum over nothing has no value
+        largest = [xp.zeros((), dtype=core, device=device(W))]
     return panels, _gram(xp, panels, core), scales, largest
 
 

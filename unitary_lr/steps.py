@@ -552,7 +552,8 @@ def tangent_project(W, G, /):
     check_batch_compatible(W=W, G=G)
     check_finite(xp, "W", W)
     check_finite(xp, "G", G)
-    return _tangent_part(xp, W, G)
+    dtype = xp.result_type(W.dtype, G.dtype)  # (PyTorch's products do not promote)
+    return _tangent_part(xp, xp.astype(W, dtype, copy=False), xp.astype(G, dtype, copy=False))
 
 
 @staged()
