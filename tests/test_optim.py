@@ -311,3 +311,66 @@ def test_a_gradient_whose_square_overflows_the_moments_is_refused(rng, unitary):
     with pytest.raises(ValueError, match=r"^G makes the rmsprop rule's step non-finite in float32 .* use eps > 0"):
         zero_eps.step(W, np.zeros_like(W))
     assert zero_eps.state is None
+
+
+def test_a_state_of_another_rule_or_malformed_is_refused_and_changes_nothing():
+    W = ul.random_unitary(8, dtype="float64", rng=0)
+    G = np.random.default_rng(0).standard_normal((8, 8))
+    adam = ProjUNN(0.1, base="adam", seed=0)
+    adam.step(W, G)
+    saved = adam.state_dict()
+    for base, options in (("rmsprop", {}), ("sgd", {"momentum": 0.9}), ("adam", {"amsgrad": True})):
+        other = ProjUNN(0.1, base=base, seed=1, **options)
+        other.step(W, G)
+        before = other.state_dict()
+        # (under RMSprop a bare KeyError at the next step; under SGD the moments were dropped unsaid)
+        with pytest.raises(ValueError, match=r"state_dict\['matrices'\]\[None\]\['state'\] holds \['exp_avg', "
+                                             r"'exp_avg_sq', 'step'\], the state of another base rule"):
+            other.load_state_dict(saved)
+        assert other.state_dict()["rng"] == before["rng"] and other.steps == 1
+    fresh = ProjUNN(0.1, base="adam")
+    for bad, message in (({**saved, "rng": {**saved["rng"], "state": -1}}, r"OverflowError"),
+                         ({**saved, "steps": -5}, r"state_dict\['steps'\] must be >= 0, got -5"),
+                         ({**saved, "matrices": {None: {}}}, r"state_dict\['matrices'\]\[None\] must be a dict with "
+                                                             r"keys 'signature', 'steps' and 'state'")):
+        with pytest.raises(ValueError, match=message):
+            fresh.load_state_dict(bad)
+        assert fresh.steps == 0 and not fresh._slots
+    sgd = ProjUNN(0.1, base="sgd", momentum=0.9, seed=0)
+    sgd.step(W, G)
+    ProjUNN(0.1, base="sgd", momentum=0.9).load_state_dict(sgd.state_dict())  # its own rule's state loads
+
+
+@pytest.mark.parametrize("base", ["adam", "rmsprop", "sgd"])
+def test_malformed_factor_pairs_are_named_before_they_are_multiplied(base):
+    # a stateful base multiplied them first: NumPy's "matmul: Input operand 1
+    # has a mismatch in its core dimension", or a shape of the product
+    W = ul.random_unitary(16, dtype="float64", rng=0)
+    opt = ProjUNN(1e-2, base=base, **({"momentum": 0.9} if base == "sgd" else {}))
+    with pytest.raises(ValueError, match=r"G\[0\] and G\[1\] must have the same number of columns k, got shapes "
+                                         r"\(16, 2\) and \(16, 3\)"):
+        opt.step(W, (np.ones((16, 2)), np.ones((16, 3))))
+    with pytest.raises(ValueError, match=r"G\[1\] must have shape \(\.\.\., 16, k\) to match W of shape \(16, 16\), "
+                                         r"got shape \(32, 2\)"):
+        opt.step(W, (np.ones((16, 2)), np.ones((32, 2))))
+    assert opt.steps == 0
+
+
+def test_edited_options_are_checked_and_the_base_is_fixed():
+    # an edited base was ignored (the rule was made from the first); a bad
+    # drift_tol or reproject passed until a drift check
+    opt = ProjUNN(0.1, base="rmsprop", seed=0)
+    with pytest.raises(AttributeError, match=r"base is fixed when ProjUNN is made"):
+        opt.base = "sgd"
+    for name, value, error, message in (("drift_tol", -1, ValueError, r"drift_tol must be a number in \(0, 0.01\]"),
+                                        ("reproject", "x", ValueError, r"reproject must be one of 'svd'"),
+                                        ("rank", 0, ValueError, r"rank must be >= 1, got 0"),
+                                        ("lr", "a", TypeError, r"lr must be a real number, got str"),
+                                        ("lr", -1, ValueError, r"lr must be >= 0, got -1")):
+        with pytest.raises(error, match=message):
+            setattr(opt, name, value)
+    assert (opt.base, opt.drift_tol, opt.reproject, opt.rank, opt.lr) == ("rmsprop", None, "svd", None, 0.1)
+    opt.lr, opt.rank, opt.variant = 0.5, 3, "direct"
+    W = ul.random_unitary(8, dtype="float64", rng=0)
+    V = opt.step(W, np.ones((8, 8)))
+    assert float(ul.unitarity_error(V)) < 1e-14

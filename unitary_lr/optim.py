@@ -29,7 +29,8 @@ from typing import NamedTuple
 from ._cores import add_lowrank
 from ._host import from_host, outside_torch_graph, own_transfers, stack_pays, staged
 from ._random import as_generator, generator_from_state, generator_state, host_normal
-from ._validation import check_choice, check_finite, check_real_gradient, check_real_scalar, namespace_of
+from ._validation import (check_choice, check_factor_pair, check_finite, check_matrix, check_real_gradient,
+                          check_real_scalar, namespace_of)
 from ._xp import complex_dtype, device, device_key, dtype_name, exact_products, is_complex, mH, real_dtype
 from .options import (  # the defaults live with the options; re-exported here
     DEFAULT_BASE,
@@ -37,6 +38,7 @@ from .options import (  # the defaults live with the options; re-exported here
     DEFAULT_RANK,
     DEFAULT_VARIANT,
     DriftControl,
+    OPTION_NAMES,
     ProjUNNOptions,
     drift_check_due,
     step_rank,
@@ -682,6 +684,23 @@ class ProjUNN:
         # count (drift checks) and the shape and dtype they were made for
         self._slots = {}
 
+    def __setattr__(self, name, value):
+        # Options edited after construction are checked as the constructor
+        # checks them: an edited base was ignored (the rule was made from the
+        # first), and a bad drift_tol or reproject passed until a drift check.
+        if "_slots" in self.__dict__:
+            if name in ("base", "rule"):
+                raise AttributeError(f"{name} is fixed when ProjUNN is made (the matrices' states are that rule's); "
+                                     "make another optimizer for another base")
+            if name == "lr":
+                value = check_real_scalar("lr", value)
+                if value < 0:
+                    raise ValueError(f"lr must be >= 0, got {value!r}")
+            elif name in OPTION_NAMES and name != "seed":
+                current = {option: getattr(self, option) for option in OPTION_NAMES if option != "seed"}
+                ProjUNNOptions(**{**current, name: value})
+        object.__setattr__(self, name, value)
+
     @outside_torch_graph(_OUTSIDE_GRAPH, name="unitary_lr.optim.ProjUNN.step")
     @exact_products
     def step(self, W, G, /, *, key=None):
@@ -849,6 +868,10 @@ class ProjUNN:
             for name, x in arrays.items():
                 if name != "W" or not self.unitary:
                     check_finite(xp, name, x)
+        if factored:  # checked before they are multiplied, by the kernels' own words
+            check_matrix("W", W)
+            check_factor_pair("G[0]", G[0], "G[1]", G[1], W.shape[-2], f"W of shape {tuple(W.shape)}",
+                              b_rows=W.shape[-1])
         if factored and not (self.unitary and self.rule.stateless):
             G = G[0] @ mH(xp, G[1])  # the rule's state is dense: form the gradient
             factored = False
@@ -950,7 +973,30 @@ class ProjUNN:
                 slots = {None: {"signature": None, "steps": steps, "state": state_dict["state"]}}
             else:
                 slots = {}
-        except (KeyError, TypeError, ValueError, AttributeError) as error:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as error:
             raise ValueError(f"state_dict is not a dict made by ProjUNN.state_dict(): {type(error).__name__}: "
                              f"{error}") from None
+        for name, count in (("steps", steps), ("reprojections", reprojections)):
+            if count < 0:
+                raise ValueError(f"state_dict['{name}'] must be >= 0, got {count}")
+        kept = self._rule_keys()
+        for key, slot in slots.items():
+            where = f"state_dict['matrices'][{key!r}]"
+            if set(slot) != {"signature", "steps", "state"} or not isinstance(slot["state"], dict):
+                raise ValueError(f"{where} must be a dict with keys 'signature', 'steps' and 'state' (a dict), as "
+                                 f"ProjUNN.state_dict() makes it, got keys {sorted(map(repr, slot))}")
+            if isinstance(slot["steps"], bool) or not isinstance(slot["steps"], int) or slot["steps"] < 0:
+                raise ValueError(f"{where}['steps'] must be an int >= 0, got {slot['steps']!r}")
+            if slot["state"] and set(slot["state"]) != kept:
+                # (an Adam state under RMSprop failed at the next step with a
+                # bare KeyError; under SGD its moments were dropped unsaid)
+                raise ValueError(f"{where}['state'] holds {sorted(slot['state'])}, the state of another base "
+                                 f"rule: base={self.base!r} with these options keeps {sorted(kept)}")
         self._rng, self.steps, self.reprojections, self._slots = rng, steps, reprojections, slots
+
+    def _rule_keys(self):
+        """The entries of a matrix's state under this optimizer's rule, after a step."""
+        import array_api_compat.numpy as host
+
+        one = host.ones((1, 1))
+        return set(self.rule.direction(host, one, one, self.rule.init(host, one))[1])
