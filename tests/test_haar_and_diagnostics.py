@@ -164,3 +164,18 @@ def test_random_unitary_names_a_torch_device_that_is_not_there():
     for dtype in ("float64", "float32"):
         with pytest.raises(ValueError, match=r"device 'cuda' is not available to array_api_compat.torch: "):
             ul.random_unitary(3, dtype=dtype, xp=torch, device="cuda")
+
+
+def test_random_unitary_says_how_jax_gets_float64():
+    """A fresh process: JAX's default, x64 off (this one has it on). The
+    message said "not available on device None"."""
+    pytest.importorskip("jax")
+    import subprocess
+    import sys
+
+    script = ("import jax.numpy as jnp, unitary_lr as ul\n"
+              "try:\n    ul.random_unitary(3, dtype='complex128', xp=jnp)\n"
+              "except TypeError as e:\n    print(e)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
+    assert done.stdout.strip() == ("dtype complex128 is not available on the default device of jax.numpy; JAX has "
+                                   "64-bit dtypes once jax.config.update('jax_enable_x64', True)"), done.stdout

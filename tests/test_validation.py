@@ -84,3 +84,44 @@ def test_positional_only_arrays_and_keyword_only_options():
         ul.exp_transport(W, a, a, 0.5)
     with pytest.raises(TypeError):
         ul.randomized_svd(W, 1, 10)
+
+
+def test_bool_and_complex_scalars_are_not_a_learning_rate():
+    # np.True_, a 0-d bool array or tensor were taken as lr = 1; a complex
+    # scalar lost its imaginary part
+    W = ul.random_unitary(4, dtype="float64", rng=0)
+    scalars = [np.True_, np.array(True), np.complex128(0.1)]
+    try:
+        import torch
+
+        scalars += [torch.tensor(True), torch.tensor(0.1 + 0j)]
+    except ImportError:  # pragma: no cover - torch is in the test extra
+        pass
+    for lr in scalars:
+        with pytest.raises(TypeError, match=r"lr must be a real number, got"):
+            ul.projunn_step(W, np.ones((4, 4)), lr=lr, rng=0)
+    for t in (np.False_, np.complex64(1)):
+        with pytest.raises(TypeError, match=r"t must be a real number, got"):
+            ul.exp_transport(W, np.ones((4, 1)), np.ones((4, 1)), t=t)
+
+
+def test_a_tensor_that_requires_grad_is_read_without_a_warning():
+    torch = pytest.importorskip("torch")
+    import warnings
+
+    W = ul.random_unitary(4, dtype="float64", rng=0)
+    A = torch.randn(5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "Converting a tensor with requires_grad=True to a scalar"
+        ul.projunn_step(W, np.ones((4, 4)), lr=torch.tensor(0.1, requires_grad=True), rng=0)
+        ul.project_unitary(A, method="newton_schulz")
+
+
+def test_default_drift_tolerance_names_what_it_takes():
+    from unitary_lr.diagnostics import default_drift_tolerance
+
+    assert (default_drift_tolerance("float32"), default_drift_tolerance("complex128")) == (1e-5, 1e-12)
+    for bad in ("float16", np.float32, None):
+        with pytest.raises(ValueError, match=r"dtype_name_ must be one of 'float32', 'complex64', 'float64', "
+                                             r"'complex128', got"):
+            default_drift_tolerance(bad)

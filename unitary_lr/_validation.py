@@ -202,12 +202,15 @@ def finite_flag(xp, x):
 def check_real_scalar(name, value, *, positive=False):
     """A finite real number (Python, NumPy or 0-d array scalar), > 0 when
     ``positive``; returns it as a float."""
-    if isinstance(value, (bool, complex)) or not (
+    kind = str(getattr(value, "dtype", ""))
+    # (a NumPy, PyTorch or JAX bool or complex scalar passed as lr = 1, or
+    # without its imaginary part)
+    if isinstance(value, (bool, complex)) or "bool" in kind or "complex" in kind or not (
         isinstance(value, numbers.Real) or getattr(value, "shape", None) == ()
     ):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}: {value!r}")
     try:
-        number = float(value)
+        number = float(value.detach() if hasattr(value, "detach") else value)  # (a tensor that requires grad)
     except (TypeError, ValueError):
         raise TypeError(
             f"{name} must be a real number, got {type(value).__name__}: {value!r}"

@@ -19,8 +19,21 @@ _DRIFT_TOLERANCE = {"float32": 1e-5, "complex64": 1e-5, "float64": 1e-12, "compl
 
 
 def default_drift_tolerance(dtype_name_: str) -> float:
-    """Default re-projection threshold for matrices of the named dtype."""
-    return _DRIFT_TOLERANCE[dtype_name_]
+    """Default re-projection threshold for matrices of the named dtype
+    (``"float32"``, ``"float64"``, ``"complex64"`` or ``"complex128"``; a
+    ValueError lists them for any other value).
+
+    Examples
+    --------
+    >>> from unitary_lr.diagnostics import default_drift_tolerance
+    >>> default_drift_tolerance("float32"), default_drift_tolerance("complex128")
+    (1e-05, 1e-12)
+    """
+    try:
+        return _DRIFT_TOLERANCE[dtype_name_]
+    except (KeyError, TypeError):
+        raise ValueError(f"dtype_name_ must be one of {', '.join(map(repr, _DRIFT_TOLERANCE))}, "
+                         f"got {dtype_name_!r}") from None
 
 
 @exact_products

@@ -9,7 +9,8 @@ import numpy as np
 from ._host import from_host, own_transfers, staged
 from ._random import as_generator, host_normal
 from ._validation import check_int
-from ._xp import FLOAT_DTYPE_NAMES, array_namespace, dtype_name, exact_products, mH, row_layout, supports_float64
+from ._xp import (FLOAT_DTYPE_NAMES, _is_jax, array_namespace, dtype_name, exact_products, mH, row_layout,
+                  supports_float64)
 
 __all__ = ["random_unitary"]
 
@@ -110,7 +111,9 @@ def random_unitary(n, m=None, /, *, dtype, batch_shape=(), rng=None, xp=None, de
     else:
         _check_device(xp, device)
     if dtype_name(xp, dtype) in ("float64", "complex128") and not supports_float64(xp, device):
-        raise TypeError(f"dtype {dtype_name(xp, dtype)} is not available on device {device!r}")
+        where = f"device {device!r}" if device is not None else f"the default device of {xp.__name__}"
+        hint = "; JAX has 64-bit dtypes once jax.config.update('jax_enable_x64', True)" if _is_jax(xp) else ""
+        raise TypeError(f"dtype {dtype_name(xp, dtype)} is not available on {where}{hint}")
     rows, columns = max(n, m), min(n, m)
     # the host draw goes with the call of the staged factorization (see _host.staged)
     Z = from_host(xp, host_normal(xp, (*batch_shape, rows, columns), dtype=dtype, rng=as_generator(rng)),

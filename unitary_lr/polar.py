@@ -18,7 +18,7 @@ from ._validation import (
     refuse_jax_trace,
     unitary_and_factors,
 )
-from ._xp import Adjoint, exact_products, eye, max_abs, mH, real_dtype, times_inverse_power_of_two
+from ._xp import Adjoint, exact_products, eye, max_abs, mH, real_dtype, times_inverse_power_of_two, untracked
 
 __all__ = ["ConvergenceError", "project_unitary", "project_unitary_lowrank"]
 
@@ -134,14 +134,14 @@ def _newton_schulz(xp, A, max_iter):
     X, gram, error = _newton_schulz_start(xp, A)
     threshold = math.sqrt(xp.finfo(real_dtype(xp, A.dtype)).eps)
     for _ in range(max_iter):
-        error = float(error)
+        error = float(untracked(error))  # (of a tensor that requires grad: no warning)
         if error <= threshold:
             return _newton_schulz_finish(xp, X, gram)
         if not math.isfinite(error):
             break
         X, gram, error = _newton_schulz_step(xp, X, gram)
     else:
-        error = float(error)
+        error = float(untracked(error))  # (of a tensor that requires grad: no warning)
     raise ConvergenceError(
         f"project_unitary(method='newton_schulz') did not converge in {max_iter} "
         f"iterations: ||X^H X - I||_F / sqrt(n) = {error:.3g} for A of shape "
