@@ -292,3 +292,39 @@ def test_adamw_mask_of_the_wrong_structure_is_named():
     opt = projunn(1e-2, unitary=mask, base="adamw", rank=2, mask={"W": True, "other": False})
     with pytest.raises(ValueError, match=r"mask must have the tree structure of the parameters"):
         opt.init(params)
+
+
+SEED_SCRIPT = """
+import json, sys
+import numpy as np, jax.numpy as jnp
+import unitary_lr as ul
+from unitary_lr.optax import projunn
+W = jnp.asarray(ul.random_unitary(8, dtype="float32", rng=0))
+G = jnp.asarray(np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32))
+out = {}
+for seed in (0, 2**32, 2**64 + 5):
+    tx = projunn(0.1, unitary=True, base="sgd", rank=2, seed=seed)
+    out[str(seed)] = np.asarray(tx.update(G, tx.init(W), W)[0]).tolist()
+print(json.dumps(out))
+"""
+
+
+def test_a_seed_takes_the_same_sketches_with_and_without_x64_and_at_any_size():
+    """PRNGKey keeps 32 bits of a seed without x64 (2**32 drew seed 0's
+    sketches) and 64 with it (the same seed gave two runs), and refused
+    2**64 with an OverflowError."""
+    import json
+    import subprocess
+    import sys
+
+    def run(script):
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
+        return json.loads(done.stdout)
+
+    x64 = run(SEED_SCRIPT.replace("import json, sys", "import json, sys\nimport jax\n"
+                                                      "jax.config.update('jax_enable_x64', True)"))
+    default = run(SEED_SCRIPT)
+    for seed in default:  # the same sketches (x64 changes the small cores' precision, not the draws)
+        np.testing.assert_allclose(x64[seed], default[seed], atol=1e-5, err_msg=seed)
+    updates = [np.asarray(u) for u in default.values()]
+    assert np.abs(updates[0] - updates[1]).max() > 1e-3 and np.abs(updates[1] - updates[2]).max() > 1e-3

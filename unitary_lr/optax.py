@@ -84,6 +84,20 @@ class ProjUNNState(NamedTuple):
     notfinite_count: Any = 0
 
 
+
+def _seed_key(seed):
+    """The key of ``seed`` (an int >= 0 of any size): ``PRNGKey`` of its low
+    32 bits, folded with each further 32 bits. ``PRNGKey`` alone keeps 32
+    bits without x64 (seed 2**32 was seed 0) and 64 with it (the same seed
+    gave two runs), and fails beyond; seeds below 2**32 keep their keys."""
+    key = jax.random.PRNGKey(seed % 2**32)
+    seed >>= 32
+    while seed:
+        key = jax.random.fold_in(key, seed % 2**32)
+        seed >>= 32
+    return key
+
+
 def projunn_retraction(*, unitary, rank=None, variant=DEFAULT_VARIANT, oversample=STEP_OVERSAMPLE,
                        power_iters=STEP_POWER_ITERS, drift_tol=None, drift_check_every=DRIFT_CHECK_EVERY,
                        reproject="svd", seed=0):
@@ -198,7 +212,7 @@ def _retraction(unitary, options, *, checks_updates):
         for path, flag, leaf in _masked_leaves(unitary, params):
             if flag:
                 _check_leaf(path, leaf, rank)
-        return RetractionState(count=jnp.zeros([], jnp.int32), key=jax.random.PRNGKey(0 if options.seed is None else options.seed))
+        return RetractionState(count=jnp.zeros([], jnp.int32), key=_seed_key(0 if options.seed is None else options.seed))
 
     @exact_products
     def update(updates, state, params=None):
