@@ -304,3 +304,11 @@ def test_jax_gradient_with_a_zero_column_is_finite(rng):
                         argnums=(0, 1))(V, X)[0]
     assert np.all(np.isfinite(np.asarray(gradient)))
     np.testing.assert_array_equal(np.asarray(gradient)[:, 1], 0)
+
+
+def test_check_finite_must_be_a_bool():
+    # "no" is truthy: the check ran where the caller meant to skip it
+    import unitary_lr as ul
+
+    with pytest.raises(TypeError, match=r"check_finite must be True or False, got 'no'"):
+        ul.householder_apply(np.ones((3, 1)), np.eye(3), check_finite="no")

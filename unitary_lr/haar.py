@@ -34,7 +34,7 @@ def random_unitary(n, m=None, /, *, dtype, batch_shape=(), rng=None, xp=None, de
         ``"complex64"`` or ``"complex128"``. Real dtypes give orthogonal
         matrices (Haar on O(n)), complex dtypes unitary ones (Haar on U(n)).
     batch_shape : tuple of int, optional
-        Leading axes; the result has shape ``(*batch_shape, n, n)`` with
+        Leading axes; the result has shape ``(*batch_shape, n, m)`` with
         independent draws.
     rng : None, int or numpy.random.Generator, optional
         The Gaussian draws come from NumPy on the host, so the same seed gives

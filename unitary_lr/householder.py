@@ -57,8 +57,9 @@ def householder_apply(V, X, /, *, side="left", check_finite=True):
     Raises
     ------
     TypeError
-        Arguments that are not arrays, arrays from different libraries, or
-        dtypes other than float32, float64, complex64, complex128.
+        Arguments that are not arrays, arrays from different libraries,
+        dtypes other than float32, float64, complex64, complex128, or a
+        ``check_finite`` that is not a bool.
     ValueError
         Shapes that do not match (V's n against the matching axis of X), batch
         axes that do not broadcast, an unknown ``side``, NaN or Inf in V or X.
@@ -113,6 +114,8 @@ def householder_apply(V, X, /, *, side="left", check_finite=True):
         check_float_dtype(xp, name, x)
         check_matrix(name, x)
     side = check_choice("side", side, SIDES)
+    if not isinstance(check_finite, bool):  # ("no" is truthy: the check ran)
+        raise TypeError(f"check_finite must be True or False, got {check_finite!r}")
     n = V.shape[-2]
     axis, expected = (-2, f"(..., {n}, m)") if side == "left" else (-1, f"(..., m, {n})")
     if X.shape[axis] != n:

@@ -310,7 +310,7 @@ def projunn(learning_rate=DEFAULT_LR, *, unitary, base=DEFAULT_BASE, rank=None, 
         each leaf.
     variant, oversample, power_iters
         As in :func:`unitary_lr.projunn_step`.
-    drift_tol, drift_check_every, seed
+    drift_tol, drift_check_every, reproject, seed
         As in :func:`projunn_retraction`.
 
     Returns

@@ -142,8 +142,9 @@ def projunn_step(
     direct step is ``polar(W - lr a b^H)`` (:func:`project_unitary_lowrank`);
     both agree with ``W - lr * tangent_project(W, G_k)`` to first order in lr.
     Cost per step: the sketch, ``2 + 2 power_iters`` passes over a dense G, plus
-    two passes over W and one rank-2k update: O(k n m). A zero gradient, or one
-    of rank below ``rank``, gives W back (unchanged to rounding, no NaN).
+    two passes over W and one rank-2k update: O(k n m). A zero gradient gives
+    W back exactly; one of rank below ``rank`` gives the exact step of that
+    rank (no NaN from the sketch's null directions).
     The NaN/Inf check of a dense G looks at its sketch ``G Omega``, not at G,
     so it costs no extra pass. Kiani et al., "projUNN", NeurIPS 2022, Eqs. 3, 7.
 

@@ -253,8 +253,8 @@ class UnitaryRNN(nn.Module):
     Raises
     ------
     ValueError
-        Sizes < 1, an unknown nonlinearity or init; at ``forward``, an input
-        or ``h0`` of the wrong shape.
+        Sizes that are not integers >= 1, an unknown nonlinearity or init; at
+        ``forward``, an input or ``h0`` of the wrong shape.
     TypeError
         A ``dtype`` other than torch.float32 or torch.float64.
 

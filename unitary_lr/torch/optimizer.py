@@ -81,8 +81,9 @@ class ProjUNN(torch.optim.Optimizer):
         Rank k of the unitary updates (per group), ``1 <= rank <= min(n, m)``.
         None: 8 (:data:`unitary_lr.options.DEFAULT_RANK`), capped at
         ``min(n, m)`` of each parameter.
-    variant : {"tangent", "direct"}, optional
-        projUNN-T or projUNN-D (per group).
+    variant : {"tangent", "direct", "cayley"}, optional
+        projUNN-T, projUNN-D or the Cayley step (per group; see
+        :func:`unitary_lr.projunn_step`).
     unitary : bool or None, optional
         Whether the groups are unitary (per group). None: a group is unitary
         when all its parameters are marked, plain when none is. A parameter

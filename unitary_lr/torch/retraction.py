@@ -37,8 +37,9 @@ def projunn_retraction(optimizer, *, rank=None, variant=DEFAULT_VARIANT, params=
         Rank k of the projUNN steps, ``1 <= rank <= min(n, m)``. None: 8
         (:data:`unitary_lr.options.DEFAULT_RANK`), capped at ``min(n, m)`` of
         each parameter.
-    variant : {"tangent", "direct"}, optional
-        projUNN-T or projUNN-D.
+    variant : {"tangent", "direct", "cayley"}, optional
+        projUNN-T, projUNN-D or the Cayley step (see
+        :func:`unitary_lr.projunn_step`).
     params : iterable of torch.Tensor, optional
         The parameters to keep unitary; by default every parameter of the
         optimizer's groups marked unitary (:func:`mark_unitary`,
