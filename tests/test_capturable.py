@@ -390,7 +390,7 @@ def test_compiled_step_of_a_group_that_is_not_capturable_is_the_eager_step(base,
         for key, value in state1.items():
             assert torch.equal(value, state2[key]) if isinstance(value, torch.Tensor) else value == state2[key]
     assert compiled_opt.state[W2]["projunn_steps"] == 4
-    assert compiled_opt.state[W2]["reprojections"] == 2
+    assert compiled_opt.state[W2]["reprojections"] == 3  # after steps 1, 2 and 4
     assert "skipped_steps" not in compiled_opt.state[W2]
 
 

@@ -1,5 +1,6 @@
 """unitary_lr.torch: the ProjUNN optimizer and the unitary layers."""
 
+import copy
 import math
 
 import numpy as np
@@ -913,3 +914,32 @@ def test_a_saved_moment_of_another_shape_is_refused_and_changes_nothing():
     with pytest.raises(ValueError, match=r"rank 9 exceeds min\(n, m\) = 8 of unitary parameter"):
         opt.load_state_dict(saved)
     assert opt.param_groups[0]["rank"] == 2
+
+
+def test_a_weight_marked_in_another_precision_is_reprojected_at_the_first_step():
+    # orthogonal(layer) in float32, then layer.double(): 2e-7 from unitary,
+    # kept until the first drift check, 49 steps later
+    from unitary_lr.torch import OrthogonalLinear
+
+    torch.manual_seed(0)
+    layer = OrthogonalLinear(16, 16, bias=False).double()
+    assert error(layer.weight) > 1e-8
+    twin = copy.deepcopy(layer)
+    opt = ProjUNN(layer.parameters(), lr=1e-2, rank=2, seed=0)
+    unchecked = ProjUNN(twin.parameters(), lr=1e-2, rank=2, seed=0, drift_check_every=0)
+    x = torch.randn(3, 16, dtype=torch.float64, generator=seeded(1))
+    for module, optimizer in ((layer, opt), (twin, unchecked)):
+        module(x).sum().backward()
+        optimizer.step()
+    assert error(layer.weight) < 1e-14 and opt.state[layer.weight]["reprojections"] == 1
+    assert error(twin.weight) > 1e-8  # drift_check_every=0 checks nothing, the first step neither
+    # a unitary weight is left as it is: the sketches' stream is not drawn from
+    W = unitary_parameter(8, dtype=torch.float64, generator=seeded())
+    W0 = W.detach().clone()
+    opt = ProjUNN([W], lr=0.1, base="sgd", rank=2, seed=3)
+    W.grad = torch.randn(8, 8, dtype=torch.float64, generator=seeded(4))
+    G = W.grad.clone()
+    opt.step()
+    expected = ul.projunn_step(W0, G, lr=0.1, rank=2, rng=np.random.default_rng([3, 0, 0]))
+    torch.testing.assert_close(W.detach(), expected, rtol=0, atol=1e-15)
+    assert opt.state[W]["reprojections"] == 0

@@ -132,7 +132,9 @@ class ProjUNN(torch.optim.Optimizer):
         Re-projection threshold for ``||W^H W - I||_F / sqrt(n)`` (None: 1e-5
         for 32-bit dtypes, 1e-12 for 64-bit ones).
     drift_check_every : int, optional
-        Estimate the drift every this many steps of a parameter (0: never).
+        Estimate the drift every this many steps of a parameter, and after
+        its first step (which re-projects a weight marked in another
+        precision, such as a float32 layer made float64); 0: never.
     reproject : {"svd", "newton_schulz"}, optional
         Dense polar factor used to re-project.
     seed : int or None, optional
@@ -555,6 +557,16 @@ class ProjUNN(torch.optim.Optimizer):
                 new_p, reprojected = control_drift(array_api_compat.torch, p.detach(), step=steps, rng=rng,
                                                    drift_tol=group["drift_tol"],
                                                    drift_check_every=group["drift_check_every"],
+                                                   reproject=group["reproject"])
+            elif steps == 1 and group["drift_check_every"]:
+                # The first step is checked too, with probes from a stream of
+                # their own (the sketches' is left as it is): a weight marked in
+                # another precision (orthogonal(layer) then layer.double(): 2e-7
+                # from unitary in float64, 1e5 times the tolerance) kept that
+                # error until the first check, drift_check_every steps later.
+                new_p, reprojected = control_drift(array_api_compat.torch, p.detach(), step=1,
+                                                   rng=np.random.default_rng([group["seed"], 2**32]),
+                                                   drift_tol=group["drift_tol"], drift_check_every=1,
                                                    reproject=group["reproject"])
             if reprojected:
                 p.copy_(new_p)
