@@ -361,3 +361,20 @@ def test_step_many_groups_matrices_on_unhashable_devices(monkeypatch):
     monkeypatch.setattr(optim_module, "device", lambda x: _UnhashableDevice(0))
     keys = {optim_module._stack_key(np.zeros((3, 3))), optim_module._stack_key(np.ones((3, 3)))}
     assert len(keys) == 1 and len({*keys, optim_module._stack_key(np.zeros((3, 2)))}) == 2
+
+
+def test_strict_arrays_after_numpy_ones_warn_nothing():
+    # array_api_strict's dtypes hash as NumPy's: a dtype-name cache keyed by
+    # dtype compared the two, which warns ("comparing a array_api_strict
+    # dtype against a NumPy native dtype")
+    import warnings
+
+    xs = pytest.importorskip("array_api_strict")
+    from unitary_lr.optim import ProjUNN
+
+    W = ul.random_unitary(6, dtype="float64", rng=0)
+    G = np.random.default_rng(1).standard_normal((6, 6))
+    ProjUNN(0.1, seed=0).step_many({"a": (W, G)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ProjUNN(0.1, seed=0).step_many({"a": (xs.asarray(W), xs.asarray(G))})

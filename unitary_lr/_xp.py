@@ -719,9 +719,12 @@ def dtype_name_of(dtype) -> str:
     """The short name of an array library's dtype object ("float32" for
     ``torch.float32``), remembered: ``str`` of a PyTorch dtype costs about
     1 us, and an eager step asks several times."""
-    name = _DTYPE_NAMES.get(dtype)
+    # keyed by the type too: array_api_strict's dtypes hash as NumPy's, and
+    # comparing the two warns (a UserWarning, an error under -W error)
+    key = (type(dtype), dtype)
+    name = _DTYPE_NAMES.get(key)
     if name is None:
-        name = _DTYPE_NAMES[dtype] = str(dtype).rpartition(".")[2]
+        name = _DTYPE_NAMES[key] = str(dtype).rpartition(".")[2]
     return name
 
 
