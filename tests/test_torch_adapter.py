@@ -943,3 +943,43 @@ def test_a_weight_marked_in_another_precision_is_reprojected_at_the_first_step()
     expected = ul.projunn_step(W0, G, lr=0.1, rank=2, rng=np.random.default_rng([3, 0, 0]))
     torch.testing.assert_close(W.detach(), expected, rtol=0, atol=1e-15)
     assert opt.state[W]["reprojections"] == 0
+
+
+def test_a_group_added_after_a_resume_steps_as_in_the_run_never_stopped():
+    # defaults["seed"] is not in a state_dict: a run resumed with seed=None
+    # seeded a group added later from another draw (0.9 apart)
+    def run(resume):
+        A = unitary_parameter(6, dtype=torch.float64, generator=seeded(1))
+        B = unitary_parameter(6, dtype=torch.float64, generator=seeded(2))
+        torch.manual_seed(10)
+        opt = ProjUNN([A], lr=0.1, base="sgd", rank=2)
+        A.grad = torch.ones(6, 6, dtype=torch.float64)
+        opt.step()
+        if resume:
+            saved = opt.state_dict()
+            torch.manual_seed(11)  # another draw for the resumed optimizer's seed
+            opt = ProjUNN([A], lr=0.1, base="sgd", rank=2)
+            opt.load_state_dict(saved)
+        opt.add_param_group({"params": [B]})
+        A.grad, B.grad = torch.ones(6, 6, dtype=torch.float64), torch.ones(6, 6, dtype=torch.float64)
+        opt.step()
+        return A.detach(), B.detach()
+
+    for expected, got in zip(run(False), run(True)):
+        assert torch.equal(expected, got)
+
+
+def test_an_edited_rank_above_a_parameters_size_is_refused_as_the_constructor_refuses_it():
+    # it was capped at the step, without a word
+    W = unitary_parameter(6, dtype=torch.float64, generator=seeded())
+    opt = ProjUNN([W], lr=0.1, rank=2, seed=0)
+    opt.param_groups[0]["rank"] = 7
+    W.grad = torch.ones(6, 6, dtype=torch.float64)
+    before = W.detach().clone()
+    with pytest.raises(ValueError, match=r"rank 7 exceeds min\(n, m\) = 6 of unitary parameter "
+                                         r"param_groups\[0\]\['params'\]\[0\] \(shape \(6, 6\)\)"):
+        opt.step()
+    assert torch.equal(W.detach(), before) and not opt.state
+    opt.param_groups[0]["rank"] = 6
+    opt.step()
+    assert error(W) < 1e-14

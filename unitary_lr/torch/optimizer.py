@@ -310,6 +310,12 @@ class ProjUNN(torch.optim.Optimizer):
                                          f"{name} has shape {tuple(value.shape)}, the parameter {tuple(p.shape)}; "
                                          "nothing was loaded")
         super().load_state_dict(state_dict)
+        seeds = {group["seed"] for group in self.param_groups}
+        if len(seeds) == 1:
+            # the saved run's seed, which its groups share, seeds groups added
+            # later as it did there (a resumed run built with seed=None drew
+            # another, and a group added after the resume stepped otherwise)
+            self.defaults["seed"] = seeds.pop()
 
     def add_param_group(self, param_group):
         group = {**self.defaults, **param_group}
@@ -402,8 +408,13 @@ class ProjUNN(torch.optim.Optimizer):
         if not torch_graph_tracing():
             self._note_eager_groups()
             self._check_marks()
-            for group in self.param_groups:  # a base edited into a group takes its rule's defaults
-                group.update(_missing_hyperparameters(group))
+            for index, group in enumerate(self.param_groups):
+                group.update(_missing_hyperparameters(group))  # (a base edited into the group: its rule's defaults)
+                rank = group["rank"]
+                if group["unitary"] and isinstance(rank, int) and not isinstance(rank, bool):
+                    for i, p in enumerate(group["params"]):  # an edited rank, refused as the constructor refuses it
+                        if rank > min(p.shape[-2:], default=rank):
+                            _check_unitary_parameter(_name(group, index, i), p, rank)
         if self._eager_groups:
             self._refuse_capture()
             return self._step_outside_graph(closure)
