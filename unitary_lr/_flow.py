@@ -628,8 +628,8 @@ def _step_size(sxp, lr, scales):
     overflows or underflows: each factor is taken apart into a power of two
     and a number near 1 (exactly), the numbers are multiplied in the order the
     factors would be and the powers added. Clamped one by one, the scale of a
-    gradient of 1e200 became 1e150 and a step at lr = 1e-200, of size O(1),
-    left W where it was (a step of 1e-50); at 1e152 it went 0.6 astray. Where
+    gradient of 1e200 became 1e150, and a step at lr = 1e-200, of size O(1),
+    left W exactly where it was; at 1e152 it went 0.6 astray. Where
     no partial product leaves the range, the size is the plain product's, bit
     for bit: a power of two only moves exponents."""
     if not scales:
