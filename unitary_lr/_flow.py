@@ -33,7 +33,8 @@ from ._cores import (cholesky_columns, drop_tolerance, expm_skew_minus_identity,
 from ._host import is_traced, staged
 from ._tiny import gram_basis2, polar_small2, skew_core2
 from ._xp import (RightProduct, adjoint_matmul, adjoint_rows, blocked_normal, broadcast_shapes, core_dtype, device,
-                  fuses_right_update, matmul_panel, max_abs, mH, panel_times_small, real_finfo, rows_beyond_cache)
+                  fuses_right_update, matmul_panel, max_abs, mH, panel_times_small, real_finfo, rows_beyond_cache,
+                  split_power_of_two)
 
 __all__ = ["checked", "fused_right_update", "lowrank_right_update", "lowrank_update", "sketch_basis", "sketch_panels",
            "stiefel_update", "transport_update"]
@@ -644,30 +645,21 @@ def _exact_product(sxp, first, factors, *, clamp=True, nested=True):
     arrays by their powers of two."""
     if not factors:
         return _clamped(sxp, first) if clamp else first
-    if all(isinstance(x, (int, float)) for x in (first, *factors)):
-        mantissa, exponent = _split_number(first)
-        tail, tail_exponent = 1.0, 0
-        for factor in factors:
-            m, e = _split_number(factor)
-            if nested:
-                tail, tail_exponent = tail * m, tail_exponent + e
-            else:
-                mantissa, exponent = mantissa * m, exponent + e
-        mantissa, exponent = mantissa * tail, exponent + tail_exponent
-        if mantissa == 0 or not math.isfinite(mantissa):
-            return _clamped(sxp, mantissa)
-        m, e = math.frexp(mantissa)
-        # (2**600 > _HUGE: clamped below; under 2**-1200 the size is 0)
-        return _clamped(sxp, math.ldexp(m, max(-1200, min(600, exponent + e))))
-    mantissa, exponent = _split_any(sxp, first)
-    tail, tail_exponent = 1.0, 0.0
+    mantissa, exponent = _split(sxp, first)
+    tail, tail_exponent = 1.0, 0
     for factor in factors:
-        m, e = _split_any(sxp, factor)
+        m, e = _split(sxp, factor)
         if nested:
             tail, tail_exponent = tail * m, tail_exponent + e
         else:
             mantissa, exponent = mantissa * m, exponent + e
     mantissa, exponent = mantissa * tail, exponent + tail_exponent
+    if isinstance(mantissa, float):  # every factor a Python number
+        if mantissa == 0 or not math.isfinite(mantissa):
+            return _clamped(sxp, mantissa)
+        m, e = math.frexp(mantissa)
+        # (2**600 > _HUGE: clamped below; under 2**-1200 the size is 0)
+        return _clamped(sxp, math.ldexp(m, max(-1200, min(600, exponent + e))))
     # 2**exponent in two halves, each representable, the exponent kept where
     # their product times the mantissa (< 4) stays below the dtype's largest
     top = math.frexp(float(sxp.finfo(mantissa.dtype).max))[1] - 8
@@ -677,22 +669,13 @@ def _exact_product(sxp, first, factors, *, clamp=True, nested=True):
     return _clamped(sxp, size) if clamp else size
 
 
-def _split_number(x):
-    return math.frexp(x) if math.isfinite(x) else (x, 0)
-
-
-def _split_any(sxp, x):
-    """(m, e): x = m * 2**e with |m| within a factor sqrt(2) of 1 (0 for 0),
-    exactly; Python numbers by frexp, arrays (real parts) by the power of two
-    of their magnitude, applied in two halves (see
-    ``_xp.inverse_power_of_two_halves``)."""
+def _split(sxp, x):
+    """(m, e): x = m * 2**e exactly, with m near 1 (0 for 0); a Python number
+    by frexp (a non-finite one as it is), an array (its real part) by the
+    power of two of its magnitude (``_xp.split_power_of_two``)."""
     if isinstance(x, (int, float)):
-        return _split_number(x)
-    x = sxp.real(x)
-    magnitude = sxp.abs(x)
-    exponent = sxp.round(sxp.log2(sxp.where(magnitude > 0, magnitude, 1.0)))
-    half = sxp.floor(exponent / 2)
-    return x * 2.0 ** -half * 2.0 ** (half - exponent), exponent
+        return math.frexp(x) if math.isfinite(x) else (x, 0)
+    return split_power_of_two(sxp, sxp.real(x))
 
 
 def _skew_core(sxp, K, size, variant):

@@ -995,9 +995,22 @@ def inverse_power_of_two_halves(xp, magnitude):
     magnitude's dtype: their product is ``2**-round(log2(magnitude))``
     (1 where ``magnitude`` is 0), each of them representable where the
     product need not be."""
-    exponent = _exponent_of(xp, magnitude)
+    return _inverse_halves(xp, _exponent_of(xp, magnitude))
+
+
+def _inverse_halves(xp, exponent):
     half = xp.floor(exponent / 2)
     return 2.0 ** -half, 2.0 ** (half - exponent)
+
+
+def split_power_of_two(xp, x):
+    """(m, e) with ``x = m * 2**e`` exactly, ``e = round(log2|x|)`` (0 where x
+    is 0), entry by entry, for a real array x: m is within a factor sqrt(2)
+    of 1 (0 for 0), the power applied in two halves as in
+    :func:`times_inverse_power_of_two`."""
+    exponent = _exponent_of(xp, xp.abs(x))
+    first, second = _inverse_halves(xp, exponent)
+    return x * first * second, exponent
 
 
 def panel_times_small(xp, P, T):

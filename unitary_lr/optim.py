@@ -19,6 +19,7 @@ The torch and optax adapters are thin shells over these.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import warnings
@@ -430,6 +431,24 @@ def make_rule(base, **hyperparameters):
     if "betas" in hyperparameters:
         hyperparameters["betas"] = tuple(hyperparameters["betas"])
     return rule(**hyperparameters)
+
+
+def rule_state_keys(rule):
+    """The entries of a matrix's state under ``rule`` after a step (those it
+    makes at its first step too, as SGD's momentum buffer), from a step of a
+    1 x 1 host matrix; remembered per rule."""
+    try:
+        return _state_keys(rule)
+    except TypeError:  # a rule with an option that has no hash
+        return _state_keys.__wrapped__(rule)
+
+
+@functools.lru_cache(maxsize=64)
+def _state_keys(rule):
+    import array_api_compat.numpy as host
+
+    one = host.ones((1, 1))
+    return frozenset(rule.direction(host, one, one, rule.init(host, one))[1])
 
 
 def rule_options(base, options):
@@ -979,7 +998,7 @@ class ProjUNN:
         for name, count in (("steps", steps), ("reprojections", reprojections)):
             if count < 0:
                 raise ValueError(f"state_dict['{name}'] must be >= 0, got {count}")
-        kept = self._rule_keys()
+        kept = rule_state_keys(self.rule)
         for key, slot in slots.items():
             where = f"state_dict['matrices'][{key!r}]"
             if set(slot) != {"signature", "steps", "state"} or not isinstance(slot["state"], dict):
@@ -993,10 +1012,3 @@ class ProjUNN:
                 raise ValueError(f"{where}['state'] holds {sorted(slot['state'])}, the state of another base "
                                  f"rule: base={self.base!r} with these options keeps {sorted(kept)}")
         self._rng, self.steps, self.reprojections, self._slots = rng, steps, reprojections, slots
-
-    def _rule_keys(self):
-        """The entries of a matrix's state under this optimizer's rule, after a step."""
-        import array_api_compat.numpy as host
-
-        one = host.ones((1, 1))
-        return set(self.rule.direction(host, one, one, self.rule.init(host, one))[1])

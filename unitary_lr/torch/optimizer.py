@@ -31,6 +31,7 @@ from ..optim import (
     make_rule,
     rule_hyperparameters,
     rule_options,
+    rule_state_keys,
     unitary_factors,
     unitary_factors_stacked,
 )
@@ -408,13 +409,8 @@ class ProjUNN(torch.optim.Optimizer):
         if not torch_graph_tracing():
             self._note_eager_groups()
             self._check_marks()
-            for index, group in enumerate(self.param_groups):
-                group.update(_missing_hyperparameters(group))  # (a base edited into the group: its rule's defaults)
-                rank = group["rank"]
-                if group["unitary"] and isinstance(rank, int) and not isinstance(rank, bool):
-                    for i, p in enumerate(group["params"]):  # an edited rank, refused as the constructor refuses it
-                        if rank > min(p.shape[-2:], default=rank):
-                            _check_unitary_parameter(_name(group, index, i), p, rank)
+            for group in self.param_groups:  # a base edited into a group takes its rule's defaults
+                group.update(_missing_hyperparameters(group))
         if self._eager_groups:
             self._refuse_capture()
             return self._step_outside_graph(closure)
@@ -488,9 +484,8 @@ class ProjUNN(torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise ValueError(f"ProjUNN does not support sparse gradients ({_name(group, index, i)})")
-                if group["unitary"] and p.dtype not in _FLOAT_DTYPES:  # (module.half() since the optimizer was built)
-                    raise TypeError(f"unitary parameter {_name(group, index, i)} has dtype {p.dtype}; expected "
-                                    "float32, float64, complex64 or complex128; no parameter was changed")
+                if group["unitary"]:
+                    _check_stepped_unitary(group, index, i, p)
                 if not group["unitary"]:
                     plain_grads.append((p, group, index, i))
         _check_plain_gradients([entry for entry in plain_grads if not entry[1]["capturable"]])
@@ -510,7 +505,7 @@ class ProjUNN(torch.optim.Optimizer):
                 state = dict(self.state[p]) if p in self.state else {}
                 if not state:
                     state.update(rule.init(xp, p.detach(), mode))
-                elif not torch_graph_tracing() and _lacks_moments(rule, state):
+                elif not torch_graph_tracing() and not rule_state_keys(rule) <= state.keys():
                     # a base, momentum or centered edited into the group: the
                     # moments the new rule keeps start as its first step's
                     state = {**rule.init(xp, p.detach(), mode), **state}
@@ -718,18 +713,18 @@ def _check_unstepped(p, direction, group, index, i):
                          "no parameter was changed")
 
 
-def _lacks_moments(rule, state):
-    """Whether ``state`` lacks one of the entries ``rule`` keeps."""
+def _check_stepped_unitary(group, index, i, p):
+    """The constructor's checks of a unitary parameter, again at a step: the
+    parameter (``module.half()``) or its group's rank may have changed since
+    (a rank above its size was capped without a word). Nothing is changed."""
+    rank = group["rank"]
+    rank = rank if isinstance(rank, int) and not isinstance(rank, bool) else None  # (another type: _rule names it)
+    if p.dtype in _FLOAT_DTYPES and (rank is None or rank <= min(p.shape[-2:])):
+        return  # (the common case, without a name to format)
     try:
-        keys = _moment_keys(rule)
-    except TypeError:  # a rule with an option that has no hash
-        keys = tuple(rule.init(array_api_compat.numpy, np.zeros((1, 1))))
-    return any(key not in state for key in keys)
-
-
-@functools.lru_cache(maxsize=64)
-def _moment_keys(rule):
-    return tuple(rule.init(array_api_compat.numpy, np.zeros((1, 1))))
+        _check_unitary_parameter(_name(group, index, i), p, rank)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"{error}; no parameter was changed") from None
 
 
 def _torch_optim_group(group):

@@ -288,8 +288,7 @@ class ProjUNNRetraction:
             if not bool(torch.any(delta != 0)):
                 continue
             state = self.state.get(p)
-            if state is None:  # its stream joins the state once every step succeeded
-                self._check(p)
+            if state is None:  # (checked before the step); its stream joins the state once every step succeeded
                 state = fresh[p] = {"rng": np.random.default_rng([self.seed, self._streams + len(fresh)]),
                                     "steps": 0, "reprojections": 0}
             streams.append((state["rng"], state["rng"].bit_generator.state))
