@@ -78,6 +78,24 @@ def test_factor_gradient_goes_straight_to_the_step(rng):
     assert with_state.state["square_avg"].shape == (N, N)
 
 
+@pytest.mark.parametrize("base", ["sgd", "rmsprop"])
+def test_factors_without_columns_step_as_a_zero_gradient(base):
+    """An empty batch's pair (n x 0, m x 0) takes the step of the zero
+    gradient: W comes back unchanged and a stateful rule's moments move as
+    for zeros."""
+    W = ul.random_unitary(N, dtype="complex128", rng=0)
+    empty = (np.zeros((N, 0), complex), np.zeros((N, 0), complex))
+    from_empty, from_zeros = ProjUNN(0.1, base=base, seed=3), ProjUNN(0.1, base=base, seed=3)
+    G = np.ones((N, N), complex)
+    for opt in (from_empty, from_zeros):
+        opt.step(W, G)
+    V = from_empty.step(W, empty)
+    np.testing.assert_array_equal(V, from_zeros.step(W, np.zeros((N, N), complex)))
+    assert from_empty.steps == 2
+    for key, value in from_zeros.state.items():
+        np.testing.assert_array_equal(from_empty.state[key], value)
+
+
 def test_complex_second_moment_is_the_modulus():
     """|g|^2, not g^2 (whose phase would make the moment complex and the step wrong)."""
     import array_api_compat

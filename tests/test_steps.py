@@ -114,6 +114,22 @@ def test_zero_gradient_returns_w_unchanged(backend, dtype, rng, variant):
     np.testing.assert_array_equal(backend.to_numpy(V), W)
 
 
+@pytest.mark.parametrize("variant", ["tangent", "direct", "cayley"])
+def test_factors_without_columns_are_a_zero_gradient(backend, dtype, rng, variant):
+    """An empty batch's ``delta x^H``: factors with no column are the zero
+    gradient, W comes back as it is, and batch axes still broadcast."""
+    W = haar(rng, N, dtype)
+    empty = (backend.asarray(np.zeros((3, N, 0), dtype)), backend.asarray(np.zeros((N, 0), dtype)))
+    V = ul.projunn_step(backend.asarray(W), empty, lr=0.1, rank=2, variant=variant, rng=rng)
+    assert_same_kind(backend, V, backend.asarray(W))
+    np.testing.assert_array_equal(backend.to_numpy(V), np.broadcast_to(W, (3, N, N)))
+    L, Rh = ul.steps.projunn_update(backend.asarray(W), empty, lr=0.1, rank=2, variant=variant, rng=rng)
+    assert tuple(L.shape[:-1]) == (3, N) and tuple(Rh.shape[-1:]) == (N,)
+    np.testing.assert_array_equal(backend.to_numpy(L @ Rh), np.zeros((3, N, N)))
+    with pytest.raises(ValueError, match=r"^G\[0\] and G\[1\] must have the same number of columns k"):
+        ul.projunn_step(backend.asarray(W), (empty[1], backend.asarray(np.zeros((N, 1), dtype))), lr=0.1)
+
+
 @pytest.mark.parametrize("variant", ["tangent", "direct"])
 def test_gradient_of_lower_rank_than_requested(backend, dtype, rng, variant):
     W = haar(rng, N, dtype)

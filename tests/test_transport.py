@@ -68,6 +68,14 @@ def test_zero_direction_and_zero_time_return_w_exactly(backend, dtype, rng):
         np.testing.assert_allclose(V, W, atol=tol(dtype, 1), rtol=0)
     V = backend.to_numpy(ul.exp_transport(*(backend.asarray(x) for x in (W, zero, a))))
     np.testing.assert_array_equal(V, W)
+    # factors without columns: X = 0, and their batch axes broadcast
+    empty = np.zeros((2, N, 0), dtype)
+    for transport in (ul.exp_transport, ul.cayley_transport):
+        V = transport(backend.asarray(W), backend.asarray(empty), backend.asarray(empty), t=0.5)
+        assert_same_kind(backend, V, backend.asarray(W))
+        np.testing.assert_array_equal(backend.to_numpy(V), np.broadcast_to(W, (2, N, N)))
+    V = ul.project_unitary_lowrank(backend.asarray(W), backend.asarray(empty[0]), backend.asarray(empty[0]))
+    np.testing.assert_array_equal(backend.to_numpy(V), W)
 
 
 def test_tiny_step_not_lost_to_cancellation(rng):

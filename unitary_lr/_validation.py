@@ -111,9 +111,11 @@ def check_batch_compatible(**arrays):
 
 def check_factor_pair(a_name, a, b_name, b, n, n_from, *, b_rows=None):
     """a (..., n, k) and b (..., b_rows, k) (b_rows = n unless given) with the
-    same k; n and b_rows come from argument n_from."""
+    same k >= 0 (k = 0: the product is zero, see :func:`nonempty_factors`); n
+    and b_rows come from argument n_from."""
     for name, x, rows in ((a_name, a, n), (b_name, b, n if b_rows is None else b_rows)):
-        check_matrix(name, x)
+        if len(x.shape) < 2:
+            raise ValueError(f"{name} must have shape (..., {rows}, k), got shape {tuple(x.shape)}")
         if x.shape[-2] != rows:
             raise ValueError(
                 f"{name} must have shape (..., {rows}, k) to match {n_from}, "
@@ -124,6 +126,16 @@ def check_factor_pair(a_name, a, b_name, b, n, n_from, *, b_rows=None):
             f"{a_name} and {b_name} must have the same number of columns k, got shapes "
             f"{tuple(a.shape)} and {tuple(b.shape)}"
         )
+
+
+def nonempty_factors(xp, a, b):
+    """Factors (a, b) of ``a @ b^H`` with at least one column: a pair with
+    none (an empty batch of a linear layer's ``delta x^H``) is the zero
+    product, given as one zero column each, the zero gradient every step
+    takes as it is."""
+    if a.shape[-1] != 0:
+        return a, b
+    return tuple(xp.zeros((*x.shape[:-1], 1), dtype=x.dtype, device=device(x)) for x in (a, b))
 
 
 def unitary_and_factors(W, a, b, *, check_values=True, b_side="rows"):
@@ -142,6 +154,7 @@ def unitary_and_factors(W, a, b, *, check_values=True, b_side="rows"):
     if check_values:
         check_finite(xp, "a", a)
         check_finite(xp, "b", b)
+    a, b = nonempty_factors(xp, a, b)
     dtype = xp.result_type(W, a, b)
     return (xp, *(xp.astype(untracked(x), dtype, copy=False) for x in (W, a, b)))
 

@@ -31,7 +31,7 @@ from ._cores import add_lowrank
 from ._host import from_host, outside_torch_graph, own_transfers, stack_pays, staged
 from ._random import as_generator, generator_from_state, generator_state, host_normal
 from ._validation import (check_choice, check_factor_pair, check_finite, check_matrix, check_real_gradient,
-                          check_real_scalar, namespace_of)
+                          check_real_scalar, namespace_of, nonempty_factors)
 from ._xp import complex_dtype, device, device_key, dtype_name, exact_products, is_complex, mH, real_dtype
 from .options import (  # the defaults live with the options; re-exported here
     DEFAULT_BASE,
@@ -891,6 +891,7 @@ class ProjUNN:
             check_matrix("W", W)
             check_factor_pair("G[0]", G[0], "G[1]", G[1], W.shape[-2], f"W of shape {tuple(W.shape)}",
                               b_rows=W.shape[-1])
+            G = nonempty_factors(xp, *G)
         if factored and not (self.unitary and self.rule.stateless):
             G = G[0] @ mH(xp, G[1])  # the rule's state is dense: form the gradient
             factored = False

@@ -198,8 +198,8 @@ def project_unitary_lowrank(W, a, b, /):
         with orthonormal columns, for n < m with orthonormal rows.
     a : array, shape (..., n, k)
     b : array, shape (..., m, k)
-        Factors of the update; any size, rank-deficient or zero. Batch axes
-        broadcast against those of W.
+        Factors of the update; any size (k = 0 too), rank-deficient or zero.
+        Batch axes broadcast against those of W.
 
     Returns
     -------

@@ -28,6 +28,7 @@ from ._validation import (
     check_real_gradient,
     check_real_scalar,
     namespace_of,
+    nonempty_factors,
     refuse_jax_trace,
 )
 from ._xp import (
@@ -92,7 +93,8 @@ def projunn_step(
         ``dL/dRe W + i dL/dIm W``; -G is the steepest-descent direction). A tuple
         means ``G = a @ b^H`` (a linear layer's ``delta x^H``): the sketch runs on
         the factors and no n x m gradient is formed; when ``j <= rank`` the
-        factors are used as they are, without a sketch.
+        factors are used as they are, without a sketch; ``j = 0`` (an empty
+        batch) is a zero gradient.
     lr : float
         Learning rate, finite and > 0.
     rank : int, optional
@@ -360,7 +362,7 @@ def _validated(W, G, *, lr, rank, variant, oversample, power_iters):
     lr, rank, oversample, power_iters = _checked_options(W, lr=lr, rank=rank, variant=variant, oversample=oversample,
                                                          power_iters=power_iters)
     if factored:
-        G = (xp.astype(a, xp.result_type(a, b), copy=False), xp.astype(b, xp.result_type(a, b), copy=False))
+        G = nonempty_factors(xp, *(xp.astype(x, xp.result_type(a, b), copy=False) for x in (a, b)))
     return xp, W, G, gradients, lr, rank, oversample, power_iters
 
 

@@ -22,8 +22,8 @@ def exp_transport(W, a, b, /, *, t=1.0):
         The matrix to transport, normally unitary (complex) or orthogonal
         (real), or with orthonormal columns (n > m) or rows (n < m).
     a, b : arrays, shape (..., n, k)
-        Factors of the rank <= 2k skew-Hermitian generator ``X = a b^H - b a^H``.
-        Batch axes broadcast against those of W.
+        Factors of the rank <= 2k skew-Hermitian generator ``X = a b^H - b a^H``
+        (k = 0: X = 0). Batch axes broadcast against those of W.
     t : float, optional
         Step along the geodesic; any finite real number.
 
@@ -87,8 +87,8 @@ def cayley_transport(W, a, b, /, *, t=1.0):
         The matrix to transport, normally unitary (complex) or orthogonal
         (real), or with orthonormal columns (n > m) or rows (n < m).
     a, b : arrays, shape (..., n, k)
-        Factors of the rank <= 2k generator X. Batch axes broadcast against
-        those of W.
+        Factors of the rank <= 2k generator X (k = 0: X = 0). Batch axes
+        broadcast against those of W.
     t : float, optional
         Any finite real number: the Cayley map of a skew-Hermitian matrix is
         unitary for every t, however large.
