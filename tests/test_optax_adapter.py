@@ -128,20 +128,21 @@ def test_eager_and_jit_agree_and_state_restores():
         np.testing.assert_array_equal(a, b)
 
 
-def test_drift_control_reprojects_under_jit():
-    W = ul.random_unitary(N, dtype="float64", rng=0)
-    drifted = {"W": jnp.asarray(W + 1e-6 * np.random.default_rng(1).standard_normal((N, N)))}
-    opt = projunn(1e-4, unitary={"W": True}, base="sgd", drift_check_every=2)
-    state = opt.init(drifted)
+@pytest.mark.parametrize("every", [2, 0])
+def test_drift_control_reprojects_under_jit(every):
+    # checked after the first update too: a matrix marked in another precision
+    # kept its error for drift_check_every updates
+    rng = np.random.default_rng(1)
+    opt = projunn(1e-4, unitary={"W": True}, base="sgd", drift_check_every=every)
+    params = {"W": jnp.asarray(ul.random_unitary(N, dtype="float64", rng=0))}
+    state = opt.init(params)
     update = jax.jit(opt.update)
     grads = {"W": jnp.ones((N, N))}
-    params = drifted
-    updates, state = update(grads, state, params)
-    params = optax.apply_updates(params, updates)
-    assert unitarity(params["W"]) > 1e-7  # step 1: no check
-    updates, state = update(grads, state, params)
-    params = optax.apply_updates(params, updates)
-    assert unitarity(params["W"]) < 1e-14
+    for step, checked in enumerate((True, True, False, True), 1):
+        params = {"W": params["W"] + 1e-6 * rng.standard_normal((N, N))}  # drifted off the group
+        updates, state = update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        assert (unitarity(params["W"]) < 1e-14) == (checked and every > 0), step
 
 
 def test_errors():

@@ -112,16 +112,16 @@ def test_complex_second_moment_is_the_modulus():
 def test_drift_control_reprojects(rng):
     """A W that has drifted off the group is brought back at the next check;
     the default thresholds do not fire on healthy float64 training."""
-    W = haar(rng, N, "float64") + 1e-6 * rng.standard_normal((N, N))
     opt = ProjUNN(1e-3, base="sgd", rank=1, drift_check_every=2, seed=0)
     G = rng.standard_normal((N, N))
-    W = opt.step(W, G)
-    assert unitarity(W) > 1e-7 and opt.reprojections == 0  # step 1: no check
-    W = opt.step(W, G)
-    assert unitarity(W) < 1e-14 and opt.reprojections == 1
+    W = haar(rng, N, "float64")
+    for step, (checked, reprojections) in enumerate(((True, 1), (True, 2), (False, 2), (True, 3)), 1):
+        W = opt.step(W + 1e-6 * rng.standard_normal((N, N)), G)  # drifted off the group
+        assert (unitarity(W) < 1e-14) == checked, step  # the first step, then every second
+        assert opt.reprojections == reprojections
     for _ in range(20):
         W = opt.step(W, G)
-    assert opt.reprojections == 1
+    assert opt.reprojections == 3
 
 
 @pytest.mark.slow
@@ -372,6 +372,31 @@ def test_malformed_factor_pairs_are_named_before_they_are_multiplied(base):
                                          r"got shape \(32, 2\)"):
         opt.step(W, (np.ones((16, 2)), np.ones((32, 2))))
     assert opt.steps == 0
+
+
+@pytest.mark.parametrize("many", [False, True])
+def test_a_matrix_given_in_another_precision_is_reprojected_at_its_first_step(many):
+    # a float32 matrix given as float64 is 2e-7 from unitary, 1e5 times the
+    # tolerance: it kept that error until the first drift check, 50 steps later
+    W = ul.random_unitary(16, dtype="float32", rng=0).astype(np.float64)
+    assert unitarity(W) > 1e-8
+    G = np.random.default_rng(1).standard_normal((16, 16))
+
+    def stepped(opt, W):
+        return opt.step_many({"w": (W, G)})["w"] if many else opt.step(W, G, key="w")
+
+    opt = ProjUNN(1e-2, base="sgd", rank=2, seed=0, **({"foreach": True} if many else {}))
+    assert unitarity(stepped(opt, W)) < 1e-14 and opt.reprojections == 1
+    assert unitarity(stepped(ProjUNN(1e-2, rank=2, seed=0, drift_check_every=0), W)) > 1e-8
+    # a unitary matrix is left as it is, and the sketches' stream is not drawn from
+    V = ul.random_unitary(16, dtype="float64", rng=2)
+    opt = ProjUNN(0.1, base="sgd", rank=2, seed=3, **({"foreach": True} if many else {}))
+    rng = np.random.default_rng(3)
+    for _ in range(2):
+        expected = ul.projunn_step(V, G, lr=0.1, rank=2, rng=rng)
+        V = stepped(opt, V)
+        np.testing.assert_allclose(V, expected, rtol=0, atol=1e-15)
+    assert opt.reprojections == 0
 
 
 def test_edited_options_are_checked_and_the_base_is_fixed():

@@ -15,6 +15,7 @@ import scipy.linalg
 
 torch = pytest.importorskip("torch", reason="PyTorch is not installed")
 
+import unitary_lr as ul
 from unitary_lr import unitarity_error
 from unitary_lr.torch import (
     ProjUNN,
@@ -364,6 +365,35 @@ def test_retraction_keeps_unitarity_over_many_steps(dtype, variant):
         opt.step()
         assert error(model.weight) < (2e-5 if dtype in (torch.float32, torch.complex64) else 1e-12)
     assert retraction.state[model.weight]["steps"] == 120
+
+
+def test_retraction_reprojects_a_weight_marked_in_another_precision_at_its_first_step():
+    # orthogonal(layer) in float32, then layer.double(): 2e-7 from unitary,
+    # kept until the first drift check, drift_check_every steps later
+    torch.manual_seed(0)
+    layer = orthogonal(torch.nn.Linear(16, 16, bias=False)).double()
+    assert error(layer.weight) > 1e-8
+    twin = copy.deepcopy(layer)
+    x = torch.randn(3, 16, dtype=torch.float64, generator=seeded(1))
+    retractions = []
+    for module, every in ((layer, 50), (twin, 0)):
+        opt = torch.optim.SGD(module.parameters(), lr=1e-2)
+        retractions.append(projunn_retraction(opt, rank=2, seed=0, drift_check_every=every))
+        module(x).sum().backward()
+        opt.step()
+    assert error(layer.weight) < 1e-14 and retractions[0].state[layer.weight]["reprojections"] == 1
+    assert error(twin.weight) > 1e-8  # drift_check_every=0 checks nothing, the first step neither
+    # a unitary weight is left as it is: the sketches' stream is not drawn from
+    W = unitary_parameter(8, dtype=torch.float64, generator=seeded())
+    W0 = W.detach().clone()
+    opt = torch.optim.SGD([W], lr=0.1)
+    retraction = projunn_retraction(opt, rank=2, seed=3)
+    W.grad = torch.randn(8, 8, dtype=torch.float64, generator=seeded(4))
+    G = W.grad.clone()
+    opt.step()
+    expected = ul.projunn_step(W0, G, lr=0.1, rank=2, rng=np.random.default_rng([3, 0]))
+    torch.testing.assert_close(W.detach(), expected, rtol=0, atol=1e-15)
+    assert retraction.state[W]["reprojections"] == 0
 
 
 def test_retraction_trains_an_orthogonal_regression_with_sgd_momentum_and_adamw():

@@ -129,7 +129,8 @@ def projunn_retraction(*, unitary, rank=None, variant=DEFAULT_VARIANT, oversampl
         Sketch settings, as in :func:`unitary_lr.projunn_step`.
     drift_tol, drift_check_every
         Drift control, as in :class:`unitary_lr.optim.ProjUNN`: every
-        ``drift_check_every`` updates (0: never) a probe estimate of
+        ``drift_check_every`` updates and after the first (0: never) a probe
+        estimate of
         ``||W^H W - I||_F / sqrt(n)`` for the new W above ``drift_tol`` (None:
         1e-5 for 32-bit, 1e-12 for 64-bit leaves) re-projects it, inside a
         ``jax.lax.cond`` so that it costs nothing when it is not needed.
@@ -347,7 +348,8 @@ def projunn(learning_rate=DEFAULT_LR, *, unitary, base=DEFAULT_BASE, rank=None, 
     runs on the base's direction without testing it again (a finite gradient
     makes a finite direction, unless the base overflows: sgd's ``lr * g``
     for g near the dtype's largest number, which makes W NaN).
-    Drift control costs two passes over W every ``drift_check_every`` steps.
+    Drift control costs two passes over W every ``drift_check_every`` steps and
+    at the first.
 
     Examples
     --------

@@ -23,6 +23,8 @@ import functools
 import math
 import numbers
 import warnings
+
+import numpy as np
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import NamedTuple
@@ -56,7 +58,7 @@ from .steps import (
 )
 
 __all__ = ["DEFAULT_BASE", "DEFAULT_LR", "DEFAULT_RANK", "DEFAULT_VARIANT", "SGD", "Adam", "ProjUNN", "RMSprop",
-           "control_drift", "make_rule", "step_rank", "unitary_factors", "unitary_factors_stacked", "unitary_update"]
+           "control_drift", "make_rule", "step_drift", "step_rank", "unitary_factors", "unitary_factors_stacked", "unitary_update"]
 
 
 # How the second moment of a complex gradient is formed. "modulus": |g|^2 per
@@ -474,6 +476,7 @@ def unitary_update(
     drift_check_every=50,
     reproject="svd",
     add_in_place=None,
+    seed=None,
 ):
     """One projUNN step of a unitary parameter along ``-lr * direction``, with
     drift control.
@@ -484,7 +487,8 @@ def unitary_update(
     ``drift_check_every`` steps (0: never) :func:`unitarity_estimate` measures
     the drift from the group and, above ``drift_tol`` (None: :func:`default_drift_tolerance` of W's dtype), W is
     re-projected with :func:`project_unitary` (``reproject`` = "svd" or
-    "newton_schulz"). ``add_in_place(L, Rh)``, when given, must add ``L @ Rh``
+    "newton_schulz"); so is it after the first step (``step`` = 1), with
+    probes seeded by ``seed`` (see :func:`step_drift`). ``add_in_place(L, Rh)``, when given, must add ``L @ Rh``
     to W in place (an optimizer that owns W's memory): the step then writes no
     new n x n array. Returns ``(new W, re-projected?)``; the new W is W itself
     when it was updated in place and not re-projected.
@@ -497,8 +501,8 @@ def unitary_update(
         W = add_lowrank(xp, W, *factors)
     else:
         add_in_place(*factors)
-    return control_drift(xp, W, step=step, rng=rng, drift_tol=drift_tol, drift_check_every=drift_check_every,
-                         reproject=reproject)
+    return step_drift(xp, W, step=step, rng=rng, seed=seed, drift_tol=drift_tol,
+                      drift_check_every=drift_check_every, reproject=reproject)
 
 
 @exact_products
@@ -545,6 +549,20 @@ def control_drift(xp, W, *, step, rng, drift_tol=None, drift_check_every=50, rep
     if probes is None:
         probes = drift_probes(xp, W, rng)
     return policy.apply(W, from_host(xp, probes, dtype=W.dtype, device=device(W)))
+
+
+def step_drift(xp, W, *, step, rng, seed, drift_tol=None, drift_check_every=50, reproject="svd", probes=None):
+    """:func:`control_drift` after a matrix's step number ``step``, and after
+    its first step too (unless checks are off): a W marked or given in
+    another precision (a float32 layer made float64 is 2e-7 from unitary,
+    1e5 times float64's tolerance) would keep that error for
+    ``drift_check_every`` steps. The first step's extra check draws its
+    probes from a stream of its own, seeded by ``seed`` (an int, or None for
+    0), so the sketches' stream ``rng`` is left as it is."""
+    if step == 1 and drift_check_every and not drift_check_due(step, drift_check_every):
+        rng, probes, drift_check_every = np.random.default_rng([seed or 0, 2**32]), None, 1
+    return control_drift(xp, W, step=step, rng=rng, drift_tol=drift_tol, drift_check_every=drift_check_every,
+                         reproject=reproject, probes=probes)
 
 
 def drift_probes(xp, W, rng):
@@ -613,7 +631,9 @@ class ProjUNN:
         Re-projection threshold for ``||W^H W - I||_F / sqrt(n)``; None: 1e-5
         for 32-bit dtypes, 1e-12 for 64-bit ones.
     drift_check_every : int, optional
-        Estimate the drift every this many steps (0: never).
+        Estimate the drift every this many steps of a matrix, and after its
+        first step (which re-projects a matrix given in another precision,
+        such as a float32 one made float64); 0: never.
     reproject : {"svd", "newton_schulz"}, optional
         Dense polar factor used to re-project.
     seed : None or int, optional
@@ -831,9 +851,10 @@ class ProjUNN:
             for (key, prepared, _, probes), factors in zip(members, self._stacked_factors(members)):
                 with _naming(key):
                     new_W = add_lowrank(prepared.xp, prepared.W, *factors)
-                    results[key] = self._commit(prepared, key, *control_drift(
-                        prepared.xp, new_W, step=prepared.slot["steps"] + 1, rng=None, drift_tol=self.drift_tol,
-                        drift_check_every=self.drift_check_every, reproject=self.reproject, probes=probes))
+                    results[key] = self._commit(prepared, key, *step_drift(
+                        prepared.xp, new_W, step=prepared.slot["steps"] + 1, rng=None, seed=self.options.seed,
+                        drift_tol=self.drift_tol, drift_check_every=self.drift_check_every,
+                        reproject=self.reproject, probes=probes))
         return {key: results[key] for key in steps}
 
     def _batches(self, prepared):
@@ -924,6 +945,7 @@ class ProjUNN:
             xp, W, direction, lr=self.lr, rank=self.rank, variant=self.variant, rng=self._rng,
             step=prepared.slot["steps"] + 1, oversample=self.oversample, power_iters=self.power_iters,
             drift_tol=self.drift_tol, drift_check_every=self.drift_check_every, reproject=self.reproject,
+            seed=self.options.seed,
         ))
 
     def _commit(self, prepared, key, new_W, reprojected):

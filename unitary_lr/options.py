@@ -216,9 +216,12 @@ class DriftControl:
         self._update_branches = (reproject_update, keep_update)
 
     def due(self, step):
-        """Whether step number ``step`` (1, 2, ...) checks the drift: a bool, or
-        a boolean array for a traced step count."""
-        return drift_check_due(step, self.options.drift_check_every)
+        """Whether step number ``step`` (1, 2, ...) checks the drift: every
+        ``drift_check_every``-th step and the first (a matrix marked or given
+        in another precision is checked at once); a bool, or a boolean array
+        for a traced step count."""
+        every = self.options.drift_check_every
+        return bool(every) and (drift_check_due(step, every) | (step == 1))
 
     def apply(self, W, probes):
         """(W or its re-projection, whether it was re-projected): re-projected

@@ -32,10 +32,11 @@ from ..optim import (
     rule_hyperparameters,
     rule_options,
     rule_state_keys,
+    step_drift,
     unitary_factors,
     unitary_factors_stacked,
 )
-from ..options import ProjUNNOptions, drift_check_due
+from ..options import ProjUNNOptions
 from ..steps import (
     STEP_OVERSAMPLE,
     STEP_POWER_ITERS,
@@ -558,22 +559,10 @@ class ProjUNN(torch.optim.Optimizer):
             if commit is not None:
                 commit()
             steps = new_state["projunn_steps"] + 1
-            reprojected = False
-            if drift_check_due(steps, group["drift_check_every"]):
-                new_p, reprojected = control_drift(array_api_compat.torch, p.detach(), step=steps, rng=rng,
-                                                   drift_tol=group["drift_tol"],
-                                                   drift_check_every=group["drift_check_every"],
-                                                   reproject=group["reproject"])
-            elif steps == 1 and group["drift_check_every"]:
-                # The first step is checked too, with probes from a stream of
-                # their own (the sketches' is left as it is): a weight marked in
-                # another precision (orthogonal(layer) then layer.double(): 2e-7
-                # from unitary in float64, 1e5 times the tolerance) kept that
-                # error until the first check, drift_check_every steps later.
-                new_p, reprojected = control_drift(array_api_compat.torch, p.detach(), step=1,
-                                                   rng=np.random.default_rng([group["seed"], 2**32]),
-                                                   drift_tol=group["drift_tol"], drift_check_every=1,
-                                                   reproject=group["reproject"])
+            new_p, reprojected = step_drift(array_api_compat.torch, p.detach(), step=steps, rng=rng,
+                                            seed=group["seed"], drift_tol=group["drift_tol"],
+                                            drift_check_every=group["drift_check_every"],
+                                            reproject=group["reproject"])
             if reprojected:
                 p.copy_(new_p)
             saved = generator_state(rng)

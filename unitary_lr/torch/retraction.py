@@ -13,7 +13,7 @@ import torch
 from .._host import outside_torch_graph
 from .._random import generator_from_state, generator_state
 from .._xp import exact_products
-from ..optim import DEFAULT_VARIANT, control_drift, step_rank
+from ..optim import DEFAULT_VARIANT, step_drift, step_rank
 from ..options import ProjUNNOptions
 from ..steps import STEP_OVERSAMPLE, STEP_POWER_ITERS, projunn_step
 from ._mark import is_unitary
@@ -51,7 +51,9 @@ def projunn_retraction(optimizer, *, rank=None, variant=DEFAULT_VARIANT, params=
         Re-projection threshold for ``||W^H W - I||_F / sqrt(n)`` (None: 1e-5
         for 32-bit dtypes, 1e-12 for 64-bit ones).
     drift_check_every : int, optional
-        Estimate the drift every this many steps of a parameter (0: never).
+        Estimate the drift every this many steps of a parameter, and after
+        its first step (which re-projects a weight marked in another
+        precision, such as a float32 layer made float64); 0: never.
     reproject : {"svd", "newton_schulz"}, optional
         Dense polar factor used to re-project.
     seed : int or None, optional
@@ -309,6 +311,6 @@ class ProjUNNRetraction:
         for p, new, state in pending:
             state["steps"] += 1
             xp = array_api_compat.torch
-            new, reprojected = control_drift(xp, new, step=state["steps"], rng=state["rng"], **self.drift)
+            new, reprojected = step_drift(xp, new, step=state["steps"], rng=state["rng"], seed=self.seed, **self.drift)
             state["reprojections"] += int(reprojected)
             p.copy_(new)
