@@ -612,11 +612,26 @@ def sketch_basis(sxp, Cy, tol, *, basis_only=False):
     Cholesky QR): a column below the shift, rounding, came out shorter than
     1/sqrt(2) and is dropped here, where equilibration would restore it to a
     direction of its own (and the basis would carry its noise, amplified)."""
-    if Cy.shape[-1] > 1:
-        d = sxp.real(sxp.linalg.diagonal(Cy))
-        keep = sxp.astype(d >= 0.5, Cy.dtype)
-        Cy = Cy * (keep[..., :, None] * keep[..., None, :])
-    return gram_basis(sxp, Cy, tol, basis_only=basis_only)
+    return gram_basis(sxp, without_sketch_noise(sxp, Cy, Cy, sketched=True, copies=1), tol, basis_only=basis_only)
+
+
+def without_sketch_noise(sxp, C, Cy, *, sketched, copies):
+    """C, the Gram of ``copies`` panels side by side whose j-th columns come
+    from the sketch's j-th column (Y itself, ``G^H Y``, ``W^H Y``, ``W G^H Y``),
+    with the columns of the sketch's dropped columns (:func:`sketch_basis`;
+    Cy = Y^H Y) zeroed: :func:`._cores.gram_basis` then gives them zero
+    rows in T, as if they were not there. ``G_k`` has no part along them,
+    but their ``G^H Y``, at rounding level, kept a step's basis
+    ill-conditioned: a step of rank 31 along a gradient of rank 1 (n = 32)
+    was 4.7e-8 from the exact step in float64, 3.8e-5 in float32 at rank 8
+    along rank 4. Factors used as they are (not ``sketched``) and one-column
+    sketches have none to drop."""
+    if not sketched or Cy.shape[-1] == 1:
+        return C
+    keep = sxp.astype(sxp.real(sxp.linalg.diagonal(Cy)) >= 0.5, C.dtype)
+    if copies > 1:
+        keep = sxp.concat([keep] * copies, axis=-1)
+    return C * (keep[..., :, None] * keep[..., None, :])
 
 
 def _step_size(sxp, lr, scales):
@@ -693,6 +708,7 @@ def _right_core(sxp, Cy, CP, *, lr, variant, rank, l, sketched, tol, traced, sca
     and the basis' spread (see
     :func:`gram_basis`)."""
     Pi = _sketch_projector(sxp, Cy, CP[..., :l, :l], rank=rank, l=l, sketched=sketched, tol=tol)
+    CP = without_sketch_noise(sxp, CP, Cy, sketched=sketched, copies=2)
     T, R, spread = gram_basis(sxp, CP, tol, with_spread=not traced)
     # W^H G_k = c Pi Z^H = [Z, c] A0 [Z, c]^H with A0 = [[0, 0], [Pi, 0]], so
     # A = R A0 R^H = R_c Pi R_Z^H, from the columns of R (l each)
@@ -761,6 +777,7 @@ def stiefel_update(xp, W, Y, Z, *, lr, variant, rank, cores, sketched, names):
     Pi = _sketch_projector(sxp, Cy, Cz, rank=rank, l=l, sketched=sketched, tol=tol)
     zero = sxp.zeros_like(Pi)
     K0 = sxp.concat([sxp.concat([zero, Pi], axis=-1), sxp.concat([-Pi, zero], axis=-1)], axis=-2)
+    Cn = without_sketch_noise(sxp, Cn, Cy, sketched=sketched, copies=2)
     T, R, spread = gram_basis(sxp, Cn, tol, with_spread=not cores.traced)
     D = _skew_core(sxp, R @ K0 @ mH(sxp, R), _step_size(sxp, lr, scales), variant)
     steps = _reorthonormalize_steps(sxp, spread, Cn.shape[-1], eps, cores.gram_eps, tol)
@@ -807,6 +824,7 @@ def _stiefel_direct(xp, W, Y, Z, *, lr, rank, cores, sketched, names):
     Pi = _sketch_projector(sxp, Cy, Cm[..., :l, :l], rank=rank, l=l, sketched=sketched, tol=tol)
     zero = sxp.zeros_like(Pi)
     A0 = sxp.concat([sxp.concat([zero, zero], axis=-1), sxp.concat([Pi, zero], axis=-1)], axis=-2)
+    Cm = without_sketch_noise(sxp, Cm, Cy, sketched=sketched, copies=2)
     T, R, spread = gram_basis(sxp, Cm, tol, with_spread=not cores.traced)
     size = _step_size(sxp, lr, scales)
     B = -size * (R @ A0 @ mH(sxp, R))
@@ -818,8 +836,8 @@ def _stiefel_direct(xp, W, Y, Z, *, lr, rank, cores, sketched, names):
     Ca = block(1, 1)
     da, dy = sxp.real(sxp.linalg.diagonal(Ca)), sxp.real(sxp.linalg.diagonal(Cy))
     keep = sxp.astype(da > _in_range_threshold(eps, W.shape[-1]) * dy, Ca.dtype)
-    Ta, Ra, spread_a = gram_basis(sxp, Ca * (keep[..., :, None] * keep[..., None, :]), tol,
-                                  with_spread=not cores.traced)
+    Ca = without_sketch_noise(sxp, Ca * (keep[..., :, None] * keep[..., None, :]), Cy, sketched=sketched, copies=1)
+    Ta, Ra, spread_a = gram_basis(sxp, Ca, tol, with_spread=not cores.traced)
     D, X_bottom = polar_minus_identity(sxp, B, bottom=Ra @ E, traced=cores.traced)
     steps = _reorthonormalize_steps(sxp, spread, Cm.shape[-1], eps, cores.gram_eps, tol)
     steps_a = _reorthonormalize_steps(sxp, spread_a, l, eps, cores.gram_eps, tol)
