@@ -548,7 +548,8 @@ def control_drift(xp, W, *, step, rng, drift_tol=None, drift_check_every=50, rep
                                          reproject=reproject), xp)
     if probes is None:
         probes = drift_probes(xp, W, rng)
-    return policy.apply(W, from_host(xp, probes, dtype=W.dtype, device=device(W)))
+    with own_transfers(xp):  # (JAX: the comparison with the tolerance sends it)
+        return policy.apply(W, from_host(xp, probes, dtype=W.dtype, device=device(W)))
 
 
 def step_drift(xp, W, *, step, rng, seed, drift_tol=None, drift_check_every=50, reproject="svd", probes=None):
