@@ -159,7 +159,8 @@ def test_a_sketch_far_wider_than_the_gradient_gives_the_exact_step(backend, rng,
     else:  # a tall W's geodesic: expm(-lr/2 (G W^H - W G^H)) W
         expected = scipy.linalg.expm(-0.05 * (tall_G @ mH(tall_W) - tall_W @ mH(tall_G))) @ tall_W
     expected = expected if n >= m else mH(expected)
-    for gradient in (backend.asarray(G), (backend.asarray(a @ np.ones((1, 6))), backend.asarray(b / 6 @ np.ones((1, 6))))):
+    factors = (backend.asarray(a @ np.ones((1, 6))), backend.asarray(b / 6 @ np.ones((1, 6))))  # 6 columns, rank 1
+    for gradient in (backend.asarray(G), factors):
         V = ul.projunn_step(backend.asarray(W), gradient, lr=0.1, rank=min(n, m) - 1, variant=variant, rng=rng)
         np.testing.assert_allclose(backend.to_numpy(V), expected, rtol=0, atol=30 * eps(dtype64))
 
