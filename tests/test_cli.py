@@ -49,6 +49,9 @@ def test_toy_same_curves_on_every_backend(backend, tmp_path):
     here, reference = read(tmp_path / "here"), read(tmp_path / "numpy")
     np.testing.assert_allclose(here["results"][0]["loss"], reference["results"][0]["loss"],
                                rtol=1e-9 if backend.has_float64 else 1e-3)
+    # the record names the version of the library that ran it (torch's and jax's were left out)
+    library = backend.name.partition(":")[0]
+    assert here["environment"][library] == __import__(library).__version__
 
 
 def test_toy_dense_gradient_and_direct_variant_agree_with_factors(tmp_path):

@@ -69,6 +69,16 @@ def test_quick_fills_only_what_is_not_given(tmp_path):
     assert settings("--quick", "--size", "12") == (8, 12, 150)
 
 
+def test_record_names_the_torch_version(tmp_path):
+    """The record holds the versions of the libraries the run used (torch's was left out)."""
+    out = tmp_path / "conv"
+    argv = ["conv", "--depth", "2", "--channels", "2", "--rank", "1", "--size", "4", "--steps", "1", "--batch", "4",
+            "--no-progress", "--no-plot", "--out", str(out)]
+    assert main(argv) == 0
+    environment = json.loads(out.with_name("conv.json").read_text())["environment"]
+    assert environment["torch"] == torch.__version__
+
+
 def test_conv_interrupted_at_any_moment_leaves_whole_results(tmp_path):
     from _interrupts import moments, run_with_interrupt
 

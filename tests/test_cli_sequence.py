@@ -37,6 +37,15 @@ def test_copy_compares_ranks_variants_and_baselines(tmp_path, capsys):
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize("task", ["copy", "adding"])
+def test_record_names_the_torch_version(tmp_path, task):
+    """The record holds the versions of the libraries the run used (torch's was left out)."""
+    out = tmp_path / task
+    assert main([task, *TINY, "--steps", "1", "--no-plot", "--out", str(out)]) == 0
+    environment = read(out)["environment"]
+    assert environment["torch"] == torch.__version__ and environment["numpy"] == __import__("numpy").__version__
+
+
 def test_adding_data_and_baseline():
     task = sequence.AddingTask(10)
     x, y = task.batch(torch, 500, torch.Generator().manual_seed(0), "cpu")

@@ -147,6 +147,14 @@ def write_outputs(args, record, *, plot=None) -> list:
     return written
 
 
+def loaded_versions(modules) -> dict:
+    """``{module: version}`` of each of ``modules`` that this run imported (its
+    ``__version__``, None without one), for ``run_record``'s ``versions``;
+    one it did not import is left out."""
+    return {module: getattr(sys.modules[module], "__version__", None)
+            for module in dict.fromkeys(modules) if module in sys.modules}
+
+
 def run_record(args, experiment, fields, *, versions=None) -> dict:
     """The JSON record of a run: the command line, the experiment, ``fields``
     and the environment (with ``versions`` of the libraries it used)."""

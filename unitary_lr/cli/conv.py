@@ -235,7 +235,7 @@ def _report(args, results, mode, interrupted):
                      "compile": mode},
         "status": "interrupted" if interrupted else "done",
         "results": results,
-    })
+    }, versions=_output.loaded_versions(["torch"]))
     title = f"{args.depth} FourierConv2d blocks, {args.channels} channels, {args.size} x {args.size} images"
     return _output.write_outputs(args, record, plot=(lambda path: _plot(path, results, title=title))
                          if any(r["train_loss"] for r in results) else None)

@@ -331,7 +331,7 @@ def _record(args, task, results, status, settings):
         "baseline": task.baseline,
         "status": status,
         "results": results,
-    })
+    }, versions=_output.loaded_versions(["torch"]))
 
 
 def _number(value, digits=4):

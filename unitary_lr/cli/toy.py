@@ -158,7 +158,7 @@ def _report(args, lr, state, interrupted):
                      "dense_gradient": args.dense_gradient, "seed": args.seed, "threads": args.threads},
         "interrupted": interrupted,
         "results": results,
-    })
+    }, versions=_output.loaded_versions([args.backend]))
 
     def plot(path):
         _output.plot_curves(

@@ -8,6 +8,7 @@ from torch import nn
 
 from ..haar import random_unitary
 from ._mark import _check_and_mark, _set_mark
+from .layers import check_generator
 
 __all__ = ["orthogonal"]
 
@@ -45,7 +46,8 @@ def orthogonal(module, name="weight", *, init="closest", generator=None):
     ------
     TypeError
         ``module`` not a ``torch.nn.Module``; a parameter dtype other than
-        float32/64, complex64/128.
+        float32/64, complex64/128; an uninitialized (lazy) parameter; a
+        ``generator`` that is not a ``torch.Generator``.
     ValueError
         ``name`` not a parameter of ``module`` (the message lists them), an
         unknown ``init``, a parameter that is not a matrix, NaN or Inf.
@@ -74,12 +76,16 @@ def orthogonal(module, name="weight", *, init="closest", generator=None):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
     if init not in _INITS:
         raise ValueError(f"init must be one of {', '.join(map(repr, _INITS))}, got {init!r}")
+    check_generator(generator)
     param = module._parameters.get(name) if isinstance(name, str) else None
     if param is None:
         names = ", ".join(map(repr, dict(module.named_parameters(recurse=False)))) or "none"
         raise ValueError(f"name must be one of the parameters of the {type(module).__name__} "
                          f"({names}), got {name!r}")
     what = f"{type(module).__name__}.{name}"
+    if isinstance(param, nn.parameter.UninitializedParameter):
+        # (as "closest" refuses it; "haar" gave torch's uninitialized-parameter error)
+        raise TypeError(f"{what} is an uninitialized (lazy) parameter; run the module once before marking it")
     if init == "closest":
         _check_and_mark(param, project=True, what=what)
         return module

@@ -6,13 +6,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import operator
 import types
 import warnings
 
 import torch
 from torch import nn
 
-from ..haar import random_unitary
+from ..haar import _is_integer, random_unitary
 from ._mark import _check_and_mark, _set_mark
 
 __all__ = ["INITS", "ModReLU", "UnitaryRNN", "unitary_parameter"]
@@ -25,6 +26,22 @@ def _on_generator(generator):
     """Where ``generator`` draws: a torch.Generator("cuda") draws on the GPU
     only (a draw for the CPU from it is an error)."""
     return "cpu" if generator is None else generator.device
+
+
+def _check_size(name, value):
+    """A size argument (features, hidden_size, ...): an integer >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def check_generator(generator):
+    """A ``generator`` argument: a torch.Generator or None (an int gave
+    torch's error about ``randint``'s signature, or "'int' object has no
+    attribute 'device'")."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        text = repr(generator)
+        text = text if len(text) <= 80 else text[:77] + "..."
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}: {text}")
 
 
 def _seed(generator):
@@ -91,9 +108,10 @@ def unitary_parameter(n_or_tensor, m=None, /, *, init="haar", batch_shape=(), dt
         Unknown ``init``, ``"henaff"`` with m != n, n < 1 or m < 1, a tensor
         that is not a matrix, one whose unitarity error is above the tolerance
         of its dtype (without ``project=True``; the message gives the error),
-        or a tensor given together with m.
+        or a tensor given together with m; a negative size in ``batch_shape``.
     TypeError
-        A dtype other than the four supported ones.
+        A dtype other than the four supported ones; a ``batch_shape`` that is
+        not a sequence of integers.
 
     Notes
     -----
@@ -140,11 +158,19 @@ def unitary_parameter(n_or_tensor, m=None, /, *, init="haar", batch_shape=(), dt
     dtype = torch.get_default_dtype() if dtype is None else dtype
     if dtype not in (torch.float32, torch.float64, torch.complex64, torch.complex128):
         raise TypeError(f"dtype must be float32, float64, complex64 or complex128, got {dtype}")
-    device = torch.device("cpu") if device is None else torch.device(device)
+    check_generator(generator)
+    # checked once for every init (random_unitary checked "haar" only: "identity"
+    # gave torch's error and "henaff" an empty batch for (-1,))
     try:
-        batch_shape = tuple(batch_shape)
+        sizes = tuple(batch_shape)
     except TypeError:
-        raise TypeError(f"batch_shape must be a sequence of sizes, got {batch_shape!r}") from None
+        sizes = None
+    if sizes is None or not all(_is_integer(size) for size in sizes):
+        raise TypeError(f"batch_shape must be a sequence of sizes, got {batch_shape!r}")
+    batch_shape = tuple(operator.index(size) for size in sizes)
+    if any(size < 0 for size in batch_shape):
+        raise ValueError(f"batch_shape must not have negative sizes, got {batch_shape!r}")
+    device = torch.device("cpu") if device is None else torch.device(device)
     if init == "haar":
         name = str(dtype).removeprefix("torch.")
         value = random_unitary(n, m, dtype=name, batch_shape=batch_shape, rng=_seed(generator), xp=torch,
@@ -176,6 +202,11 @@ class ModReLU(nn.Module):
     generator : torch.Generator, optional
         Source of the initial bias, uniform in [-0.01, 0.01].
 
+    Raises
+    ------
+    ValueError
+        ``features`` not an integer >= 1.
+
     Examples
     --------
     >>> import torch
@@ -189,6 +220,8 @@ class ModReLU(nn.Module):
 
     def __init__(self, features, *, dtype=None, device=None, generator=None):
         super().__init__()
+        _check_size("features", features)
+        check_generator(generator)
         bias = torch.empty(features, dtype=dtype, device=device).uniform_(-0.01, 0.01, generator=generator)
         self.bias = nn.Parameter(bias)
 
@@ -256,7 +289,8 @@ class UnitaryRNN(nn.Module):
         Sizes that are not integers >= 1, an unknown nonlinearity or init; at
         ``forward``, an input or ``h0`` of the wrong shape.
     TypeError
-        A ``dtype`` other than torch.float32 or torch.float64.
+        A ``dtype`` other than torch.float32 or torch.float64; ``complex``
+        not True or False.
 
     Notes
     -----
@@ -293,8 +327,10 @@ class UnitaryRNN(nn.Module):
                  init="henaff", batch_first=False, bias=True, dtype=None, device=None, generator=None):
         super().__init__()
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            _check_size(name, value)
+        if not isinstance(complex, bool):  # ("no" is truthy: it built a complex layer)
+            raise TypeError(f"complex must be True or False, got {complex!r}")
+        check_generator(generator)
         if nonlinearity not in ("modrelu", "relu", "tanh"):
             raise ValueError(f"nonlinearity must be 'modrelu', 'relu' or 'tanh', got {nonlinearity!r}")
         real_dtype = torch.get_default_dtype() if dtype is None else dtype
