@@ -216,6 +216,90 @@ def test_a_refused_config_changes_no_layer(base):
         assert {name: type(module) for name, module in model.named_modules()} == before
 
 
+def _layout(model):
+    """The model's modules (name and type) and its state_dict's keys."""
+    return [(name, type(module)) for name, module in model.named_modules()], list(model.state_dict())
+
+
+@needs_peft
+def test_a_refused_all_linear_config_changes_no_layer(base):
+    """``target_modules="all-linear"`` is expanded by PEFT's injection itself:
+    the check before it saw the literal string, matched nothing, and the
+    layers before 'head' were wrapped when r was refused there."""
+    model = copy.deepcopy(base)
+    before = _layout(model)
+    with pytest.raises(ValueError, match=r"of layer 'head' \(3 x 12\), got 4"):
+        peft.get_peft_model(model, HTAConfig(r=4, target_modules="all-linear"))
+    assert _layout(model) == before
+    adapted = peft.get_peft_model(model, HTAConfig(r=3, target_modules="all-linear"))  # the expansion itself works
+    assert sum(isinstance(module, HTALinear) for module in adapted.modules()) == 7
+
+
+@needs_peft
+def test_a_refused_added_adapter_leaves_nothing_behind(base, x):
+    """``add_adapter`` (and ``load_adapter``, which calls it) injects without
+    the check PEFT runs only when the tuner is made: a refused r left an
+    orphan adapter (parameters in state_dict(), no config) on the layers
+    before the refused one. Also for ``inject_adapter_in_model`` with a
+    state dict, whose keys name the layers."""
+    model = _adapted(base, r=1, target_modules=["q"])
+    before, output = _layout(model), model(x)
+    with pytest.raises(ValueError, match=r"of layer 'head' \(3 x 12\), got 4"):
+        model.add_adapter("extra", HTAConfig(r=4, target_modules=["q", "head"]))
+    assert _layout(model) == before
+    assert list(model.peft_config) == ["default"]
+    assert all(list(module.hta_sigma) == ["default"] for module in model.modules() if isinstance(module, HTALinear))
+    assert torch.equal(model(x), output)
+    model.add_adapter("extra", HTAConfig(r=3, target_modules=["q", "head"]))  # a fitting r is added
+    assert sorted(model.base_model.model.layers[0]["q"].hta_sigma) == ["default", "extra"]
+
+    plain = copy.deepcopy(base)
+    before = _layout(plain)
+    keys = {f"{name}.hta_sigma": torch.zeros(3) for name in ("layers.0.q", "head")}
+    with pytest.raises(ValueError, match=r"of layer 'head' \(3 x 12\), got 4"):
+        peft.inject_adapter_in_model(HTAConfig(r=4, target_modules=["v"]), plain, state_dict=keys)
+    assert _layout(plain) == before
+
+
+@needs_peft
+def test_compiled_hta_model_matches_eager(base, x):
+    """``torch.compile`` of an HTA model failed as that of a HouseholderAdapter
+    (the WY factors saved a view for backward, which Dynamo refuses)."""
+    import warnings
+
+    model = _adapted(base, r=2, init_weights=False)
+    torch.compiler.reset()
+    results = []
+    for run in (torch.compile(model, backend="aot_eager"), model):
+        model.zero_grad()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.compile's own notes
+            y = run(x)
+            y.square().sum().backward()
+        results.append((y.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}))
+    (compiled, compiled_grads), (eager, eager_grads) = results
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    assert compiled_grads.keys() == eager_grads.keys() and len(eager_grads) == 18
+    for name, gradient in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], gradient, rtol=1e-5, atol=1e-6)
+
+
+@needs_peft
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_hta_model(base, x, dtype):
+    """After ``.to(dtype)`` the HTA layers' forward failed with "attribute name
+    must be string, not 'NoneType'"; they compute in float32 and round: the
+    model gives what its float64 copy gives, to the rounding of ``dtype``."""
+    model = _adapted(base, r=2, init_weights=False).to(dtype)
+    reference = copy.deepcopy(model).double()
+    x = x.to(dtype)
+    y, expected = model(x), reference(x.double())
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.double(), expected, rtol=0, atol=2 * torch.finfo(dtype).eps)
+    y.float().square().sum().backward()
+    assert all(p.grad.dtype == dtype for p in model.parameters() if p.requires_grad)
+
+
 def test_version_guard():
     """Runs without PEFT: the check reads versions, not PEFT itself."""
     check_peft_version("0.21.2")

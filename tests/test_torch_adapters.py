@@ -1,5 +1,6 @@
 import copy
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -378,3 +379,89 @@ def test_hand_written_wy_gradient_refuses_second_derivatives():
     assert torch.equal(first.detach(), plain)
     with pytest.raises(RuntimeError, match=refused):
         torch.autograd.functional.hessian(loss, u.detach())
+
+
+def _compiled_against_eager(model, x, backend):
+    """Output and gradients of ``torch.compile(model, fullgraph=True)`` and of
+    model itself, for the loss sum |y|^2."""
+    torch.compiler.reset()
+    results = []
+    for run in (torch.compile(model, backend=backend, fullgraph=True), model):
+        model.zero_grad()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.compile's own notes (on array_api_compat's lru_cache)
+            y = run(x)
+            (y.abs() ** 2).sum().backward()
+        results.append((y.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}))
+    return results
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_compiled_adapter_matches_eager(dtype):
+    """``torch.compile`` of a model holding an adapter: the WY factors'
+    forward saved a view (of wy_core's powers of two) for backward, and
+    Dynamo refused the model ("An intermediate tensor 'power' created inside
+    a higher-order op subgraph aliases an input or output")."""
+    adapted = HouseholderAdapter(linear(7, 5, dtype=dtype), reflectors=3, generator=generator(7))
+    randomize_sigma(adapted)
+    model = nn.Sequential(adapted, nn.Identity() if dtype.is_complex else nn.Tanh())
+    x = torch.randn(4, 7, dtype=dtype, generator=generator(8))
+    (compiled, compiled_grads), (eager, eager_grads) = _compiled_against_eager(model, x, "aot_eager")
+    torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=1e-12)
+    assert compiled_grads.keys() == eager_grads.keys() == {"0.reflectors_out", "0.reflectors_in", "0.sigma"}
+    for name, gradient in eager_grads.items():
+        assert gradient.abs().max() > 0.1, name
+        torch.testing.assert_close(compiled_grads[name], gradient, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_adapter_compiled_with_inductor_matches_eager():
+    """The same with torch.compile's default backend (Inductor), float32."""
+    adapted = HouseholderAdapter(linear(7, 5, dtype=torch.float32), reflectors=3, generator=generator(7))
+    randomize_sigma(adapted)
+    x = torch.randn(4, 7, generator=generator(8))
+    (compiled, compiled_grads), (eager, eager_grads) = _compiled_against_eager(adapted, x, "inductor")
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    for name, gradient in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], gradient, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_adapter_against_float64(dtype):
+    """After ``.half()`` or ``.to(torch.bfloat16)`` the forward pass failed
+    with "attribute name must be string, not 'NoneType'" (the WY factors have
+    no wide dtype for half precision). It computes in float32 and rounds to
+    ``dtype``: the update and the parameters' gradients are those of the same
+    (half-precision) parameters and input in float64, to the rounding of
+    ``dtype``."""
+    eps = torch.finfo(dtype).eps
+    adapted = HouseholderAdapter(linear(9, 5, dtype=torch.float32), reflectors=3, generator=generator(5))
+    randomize_sigma(adapted)
+    adapted = adapted.to(dtype)
+    reference = copy.deepcopy(adapted).double()
+    x = torch.randn(4, 9, generator=generator(6)).to(dtype)
+    cotangent = torch.randn(4, 5, generator=generator(9)).to(dtype).float()  # exact in dtype
+    delta, expected = adapted.delta(x), reference.delta(x.double())
+    (delta.float() * cotangent).sum().backward()
+    (expected * cotangent.double()).sum().backward()
+    assert delta.dtype == adapted(x).dtype == dtype
+    delta, expected = delta.detach().double(), expected.detach()
+    torch.testing.assert_close(delta, expected, rtol=eps, atol=eps * float(expected.abs().max()))
+    for name, parameter in adapted.named_parameters():
+        if parameter.requires_grad:
+            wanted = reference.get_parameter(name).grad
+            assert parameter.grad.dtype == dtype and wanted.abs().max() > 0.1, name
+            torch.testing.assert_close(parameter.grad.double(), wanted, rtol=eps, atol=eps * float(wanted.abs().max()))
+    # merged, the layer computes the same to the rounding of its weight
+    merged = copy.deepcopy(adapted).merge()
+    torch.testing.assert_close(merged(x).double(), reference(x.double()), rtol=0, atol=8 * eps)
+
+
+@pytest.mark.skipif(not hasattr(torch, "float8_e4m3fn"), reason="no float8 dtype in this PyTorch")
+def test_unsupported_parameter_dtype_is_named():
+    adapted = HouseholderAdapter(linear(6, 4, dtype=torch.float32), reflectors=2)
+    with torch.no_grad():
+        adapted.reflectors_in.data = adapted.reflectors_in.data.to(torch.float8_e4m3fn)
+    with pytest.raises(TypeError, match=r"^reflectors_in has dtype torch.float8_e4m3fn; expected one of float32, "
+                                        r"float64, complex64, complex128"):
+        adapted(torch.randn(3, 6))

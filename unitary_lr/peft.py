@@ -17,6 +17,7 @@ ImportError that says which versions work.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -45,7 +46,12 @@ from peft.mapping import (  # noqa: E402
     PEFT_TYPE_TO_PREFIX_MAPPING,
     PEFT_TYPE_TO_TUNER_MAPPING,
 )
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge  # noqa: E402
+from peft.tuners.tuners_utils import (  # noqa: E402
+    BaseTuner,
+    BaseTunerLayer,
+    _maybe_include_all_linear_layers,
+    check_adapters_to_merge,
+)
 
 
 @dataclass
@@ -229,7 +235,9 @@ class HTALinear(nn.Module, HTALayer):
         for name in self.active_adapters:
             if name in self.hta_sigma:
                 reflectors_out, reflectors_in, sigma = self._factors(name)
-                out = out + householder_delta(x.to(sigma.dtype), reflectors_out, reflectors_in, sigma).to(out.dtype)
+                delta = householder_delta(x.to(sigma.dtype), reflectors_out, reflectors_in, sigma,
+                                          names=self.adapter_layer_names, adapter=name)
+                out = out + delta.to(out.dtype)
         return out
 
     def __repr__(self) -> str:
@@ -250,20 +258,39 @@ class HTAModel(BaseTuner):
                              "nn.Linear layers to adapt (target_modules=None)")
         return peft_config
 
-    def _pre_injection_hook(self, model, config, adapter_name):
-        """Every layer the config targets checked before PEFT wraps any: it
-        wraps them one by one, and a layer too small for ``r`` (or not a
-        Linear) met after the first had left that one wrapped."""
+    def inject_adapter(self, model, adapter_name, autocast_adapter_dtype=True, low_cpu_mem_usage=False,
+                       state_dict=None):
+        """PEFT's injection, after every layer it will wrap has been checked:
+        it wraps them one by one, and a layer too small for ``r`` (or not a
+        Linear) met after the first had left that one wrapped, or had left an
+        earlier layer an orphan adapter of a refused ``add_adapter``. Every
+        path that adds an adapter (``get_peft_model``, ``add_adapter``,
+        ``load_adapter``, ``inject_adapter_in_model``) comes here."""
+        self._check_targets(model, self.peft_config[adapter_name], state_dict)
+        super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                               low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+
+    def _check_targets(self, model, config, state_dict):
+        """The layers ``inject_adapter`` targets, matched as it matches them
+        (``"all-linear"`` expanded, the insides of wrapped layers skipped, or
+        the module names of ``state_dict``), checked for ``config.r``."""
         if config.target_modules is None:
-            return  # named by _prepare_adapter_config, which runs next
+            return  # named by _prepare_adapter_config
+        config = _maybe_include_all_linear_layers(copy.copy(config), model)  # PEFT sets the copy's target_modules
+        if state_dict is not None:
+            from_state = {key.rsplit("." + PREFIX, 1)[0].removeprefix("_orig_mod.") for key in state_dict}
         wrapped = []
         for key, module in model.named_modules():
-            if not key or any(key.startswith(prefix) for prefix in wrapped):
+            if not key or any(key.startswith(inside) for inside in wrapped):
                 continue  # the model itself, and the insides of a wrapped layer
-            if isinstance(module, HTALayer):
+            if isinstance(module, BaseTunerLayer):
                 wrapped.append(key + ".")
-            if self._check_target_module_exists(config, key):
-                base = module.get_base_layer() if isinstance(module, HTALayer) else module
+            if state_dict is not None:
+                targeted = key.removeprefix("_orig_mod.") in from_state
+            else:
+                targeted = self._check_target_module_exists(config, key)
+            if targeted or self._check_tied_module_exists(config, key):
+                base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
                 _check_linear(base, key)
                 _check_r(config.r, base, key)
 

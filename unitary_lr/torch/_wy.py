@@ -41,9 +41,18 @@ class _WYFactors(torch.autograd.Function):
         xp = array_namespace(V)
         wide = V.to(core_dtype(xp, V.dtype, V.device))
         U, minus_T, scale, power = wy_core(xp, wide)
-        ctx.save_for_backward(U, minus_T, scale, power, V)
+        outputs = column_layout(xp, U.to(V.dtype)), minus_T.to(V.dtype)
+        # torch.compile refuses a model holding an adapter where a tensor saved
+        # for backward is a view of another or an output ("An intermediate
+        # tensor 'power' created inside a higher-order op subgraph aliases an
+        # input or output"): power is a view of wy_core's powers of two, and
+        # for V in its core dtype (float64) the outputs are U and -T
+        # themselves. Copies of O(n j) entries.
+        if wide.dtype == V.dtype:
+            U, minus_T = U.clone(), minus_T.clone()
+        ctx.save_for_backward(U, minus_T, scale, power.clone(), V)
         ctx.dtype = V.dtype
-        return column_layout(xp, U.to(V.dtype)), minus_T.to(V.dtype)
+        return outputs
 
     @staticmethod
     def backward(ctx, grad_U, grad_minus_T):

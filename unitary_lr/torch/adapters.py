@@ -5,6 +5,7 @@ adapters."""
 
 from __future__ import annotations
 
+import functools
 import re
 
 import numpy as np
@@ -29,6 +30,8 @@ __all__ = [
 ]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.complex64, torch.complex128)
+# the dtype a Householder adapter's forward pass computes half precision in
+_SINGLE_OF_HALF = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.complex32: torch.complex64}
 
 
 def _check_size(name, value, linear):
@@ -71,9 +74,28 @@ def _unit_columns(rows, columns, *, dtype, device, generator):
 
 # The update's two computations, shared by HouseholderAdapter and the PEFT
 # tuner layer of unitary_lr.peft (whose parameters live in per-adapter dicts).
-def householder_delta(x, reflectors_out, reflectors_in, sigma):
+def householder_delta(x, reflectors_out, reflectors_in, sigma, *, names=("reflectors_out", "reflectors_in", "sigma"),
+                      adapter=None):
     """``x Delta W^T`` for x of shape (..., n_in), with Delta W as in
-    HouseholderAdapter, in O(B (n_out + n_in) j) and without forming Delta W."""
+    HouseholderAdapter, in O(B (n_out + n_in) j) and without forming Delta W.
+
+    Half precision (float16, bfloat16: a model's ``.half()`` or
+    ``.to(torch.bfloat16)`` after the adapter was made) is computed in single
+    precision, which the WY factors need, and rounded back to the operands'
+    promoted dtype. Any other dtype raises a TypeError that names the
+    parameter: ``names``, indexed by ``adapter`` where that is given (the
+    per-adapter dicts of the PEFT layer)."""
+    if (x.dtype not in _FLOAT_DTYPES or sigma.dtype not in _FLOAT_DTYPES or reflectors_out.dtype not in _FLOAT_DTYPES
+            or reflectors_in.dtype not in _FLOAT_DTYPES):  # (no generator: the check runs on every forward pass)
+        operands = (x, reflectors_out, reflectors_in, sigma)
+        names = (*(name if adapter is None else f"{name}[{adapter!r}]" for name in names), "x")
+        for name, operand in zip(names, (*operands[1:], x)):  # the parameters first: the PEFT layer casts x
+            if operand.dtype not in _FLOAT_DTYPES and operand.dtype not in _SINGLE_OF_HALF:
+                raise TypeError(f"{name} has dtype {operand.dtype}; expected one of float32, float64, complex64, "
+                                "complex128 (float16 and bfloat16 are computed in float32)")
+        dtype = functools.reduce(torch.promote_types, (operand.dtype for operand in operands))
+        single = (operand.to(_SINGLE_OF_HALF.get(operand.dtype, operand.dtype)) for operand in operands)
+        return householder_delta(*single).to(dtype)
     n_out, n_in, p = reflectors_out.shape[0], reflectors_in.shape[0], sigma.shape[0]
     rows = x.reshape(-1, n_in)
     # Rows times Delta W^T = conj(H_V)[:, :p] diag(sigma) H_U[:, :p]^T: conj(H(v)) =
@@ -228,7 +250,10 @@ class HouseholderAdapter(_LinearAdapter):
     The forward pass applies ``H_V``, sigma and ``H_U`` to the batch with
     :func:`unitary_lr.householder_apply` (compact WY form): O(B (n_out + n_in) j)
     for a batch of B rows, plus O((n_out + n_in) j^2) for the WY factors, and
-    never an n_out x n_in matrix. :meth:`merge` folds Delta W into the frozen
+    never an n_out x n_in matrix. After a ``.half()`` or ``.to(torch.bfloat16)``
+    of the adapter it computes the update in float32 and rounds it to the
+    half-precision dtype (the gradients, too, reach the parameters in their
+    dtype). :meth:`merge` folds Delta W into the frozen
     weight for inference (the forward is then the plain layer, and no gradient
     reaches the adapter); :meth:`unmerge` takes it out again. The merged state
     is not part of ``state_dict()``: save unmerged models, or the adapters
