@@ -106,7 +106,10 @@ def projunn_step(
         ``W expm(-lr/2 (W^H G_k - G_k^H W))``). ``"direct"`` (projUNN-D):
         ``W <- polar(W - lr G_k)``, the closest matrix with orthonormal columns.
         ``"cayley"``: ``W <- (I + lr/2 A)^(-1) (I - lr/2 A) W``, the Cayley step
-        of full-capacity unitary RNNs (Wisdom et al. 2016) at rank k.
+        of full-capacity unitary RNNs (Wisdom et al. 2016) at rank k; it is
+        ``expm(-lr A) W`` to second order, the tangent step at ``2 lr``. For
+        a wide W (n < m, orthonormal rows) each variant is its conjugate
+        transpose's step: tangent ``W expm(-lr/2 (W^H G_k - G_k^H W))``.
     oversample, power_iters : int, optional
         Sketch settings of ``randomized_svd`` for G_k; the defaults were chosen
         by measurement for speed per step (see Notes).
@@ -142,7 +145,8 @@ def projunn_step(
     With ``G_k = a b^H`` (a = U S, b = V from the sketch), the tangent step is
     ``expm(-lr/2 (a (W b)^H - (W b) a^H)) W`` (:func:`exp_transport`) and the
     direct step is ``polar(W - lr a b^H)`` (:func:`project_unitary_lowrank`);
-    both agree with ``W - lr * tangent_project(W, G_k)`` to first order in lr.
+    both agree with ``W - lr * tangent_project(W, G_k)`` to first order in lr
+    (the Cayley step with ``W - 2 lr * tangent_project(W, G_k)``).
     Cost per step: the sketch, ``2 + 2 power_iters`` passes over a dense G, plus
     two passes over W and one rank-2k update: O(k n m). A zero gradient gives
     W back exactly; one of rank below ``rank`` gives the exact step of that
