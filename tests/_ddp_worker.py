@@ -93,3 +93,29 @@ def zero_worker(rank, world_size, init_file, out_dir):
         torch.save(state, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def seed_worker(rank, world_size, init_file, out_dir):
+    """Ranks that seed torch differently (``base + rank``): ``seed=None`` warns
+    in ProjUNN and projunn_retraction; the same explicit seed keeps the
+    replicas identical."""
+    import warnings
+
+    import torch.distributed as dist
+
+    from unitary_lr.torch import projunn_retraction, unitary_parameter
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(1000 + rank)
+        W = unitary_parameter(6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ProjUNN([W], lr=0.1, rank=2)
+            projunn_retraction(torch.optim.SGD([W], lr=0.1), rank=2)
+            opt = ProjUNN([W], lr=0.1, rank=2, seed=5)
+        W.grad = torch.ones(6, 6, dtype=torch.float64)
+        opt.step()
+        torch.save({"warnings": [str(w.message) for w in caught], "W": W.detach()}, f"{out_dir}/seed{rank}.pt")
+    finally:
+        dist.destroy_process_group()

@@ -27,6 +27,26 @@ def _loss(W, b, x):
     return ((y.real if y.is_complex() else y) + b).sin().pow(2).mean()
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.complex128])
+def test_the_skip_count_stays_an_integer_through_a_resume(dtype):
+    # torch.optim's load_state_dict cast it to a float64 parameter's dtype, and
+    # torch.compile drops in-place writes to a 0-d float64 CPU tensor: a
+    # compiled step counted no skipped step after a resume
+    W, b = _model(dtype=dtype)
+    opt = ProjUNN([W, b], lr=1e-2, base="adam", capturable=True, rank=1)
+    x = torch.randn(8, 32, generator=torch.Generator().manual_seed(1))
+    _loss(W, b, x).backward()
+    W.grad[0, 0] = float("nan")
+    opt.step()
+    saved = opt.state_dict()
+    resumed = ProjUNN([W, b], lr=1e-2, base="adam", capturable=True, rank=1)
+    resumed.load_state_dict(saved)
+    count = resumed.state[W]["skipped_steps"]
+    assert count.dtype == torch.int64 and int(count) == 1
+    resumed.step()  # the NaN gradient again: counted
+    assert int(resumed.state[W]["skipped_steps"]) == 2 and resumed.state[W]["skipped_steps"].dtype == torch.int64
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.complex64])
 @pytest.mark.parametrize("base", ["rmsprop", "adam"])
 def test_capturable_step_reads_nothing_on_the_host(dtype, base):

@@ -49,3 +49,17 @@ def test_zero_redundancy_optimizer_shards_projunn_and_matches_one_process(tmp_pa
     single = _ddp_worker.train(net, net, make_optimizer=lambda model: ProjUNN(_ddp_worker.explicit_groups(model),
                                                                               **_ddp_worker.ZERO_OPTIONS))
     _replicas_trained_as(tmp_path, single, _ddp_worker.build(complex_=False).state_dict(), atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="this PyTorch build has no gloo backend")
+def test_seed_none_warns_in_a_distributed_job(tmp_path):
+    # ranks seeded base + rank drew other sketch seeds: the replicas drifted
+    # apart without a word (7e-3 after 5 steps)
+    torch.multiprocessing.spawn(_ddp_worker.seed_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    results = [torch.load(tmp_path / f"seed{rank}.pt") for rank in range(2)]
+    for result in results:
+        assert len(result["warnings"]) == 2, result["warnings"]
+        assert result["warnings"][0].startswith("ProjUNN(seed=None) in a torch.distributed job draws its sketch seed")
+        assert result["warnings"][1].startswith("projunn_retraction(seed=None) in a torch.distributed job")
+    assert torch.equal(results[0]["W"], results[1]["W"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import warnings
 from typing import NamedTuple
 
 import array_api_compat.torch
@@ -142,13 +143,15 @@ class ProjUNN(torch.optim.Optimizer):
     seed : int or None, optional
         Seed of the sketches' random streams, one stream per parameter. None
         draws it from torch's global generator, so replicas that call
-        ``torch.manual_seed`` alike (as a DistributedDataParallel job does) draw
-        the same sketches and stay identical.
+        ``torch.manual_seed`` alike draw the same sketches and stay identical;
+        DistributedDataParallel does not seed them, so in a torch.distributed
+        job None warns: pass the same seed on every rank.
     capturable : bool, optional
         A step that reads nothing on the host, for ``torch.compile`` and CUDA
         graphs (as ``torch.optim.Adam(capturable=True)``; per group). The
         sketches come from torch's global generator on the parameter's device
-        (``seed`` is not used: seed with ``torch.manual_seed``; a step
+        (``seed`` is not used: seed with ``torch.manual_seed``, alike on every
+        rank of a distributed job, or the replicas drift apart; a step
         compiled by Inductor draws other numbers than the eager step unless
         ``torch._inductor.config.fallback_random`` is set), the small
         cores run on the device, ``lr`` may be a tensor, the counters
@@ -244,7 +247,7 @@ class ProjUNN(torch.optim.Optimizer):
                  power_iters=STEP_POWER_ITERS, drift_tol=None, drift_check_every=50, reproject="svd", seed=None,
                  capturable=False, foreach=None, maximize=False, amsgrad=False, decoupled_weight_decay=False):
         if seed is None:
-            seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+            seed = drawn_seed("ProjUNN")
         defaults = dict(
             lr=lr, base=base, rank=rank, variant=variant, unitary=unitary, momentum=momentum, dampening=dampening,
             nesterov=nesterov, weight_decay=weight_decay, alpha=alpha, eps=eps, centered=centered, betas=betas,
@@ -312,6 +315,14 @@ class ProjUNN(torch.optim.Optimizer):
                                          f"{name} has shape {tuple(value.shape)}, the parameter {tuple(p.shape)}; "
                                          "nothing was loaded")
         super().load_state_dict(state_dict)
+        for state in self.state.values():
+            # torch.optim casts every saved tensor but "step" to its parameter's
+            # dtype: a float64 count, whose in-place writes torch.compile drops
+            # (see _capturable_counters), and a compiled step counted no
+            # skipped step after a resume
+            count = state.get("skipped_steps")
+            if isinstance(count, torch.Tensor) and count.dtype != torch.int64:
+                state["skipped_steps"] = count.real.round().to(torch.int64)
         seeds = {group["seed"] for group in self.param_groups}
         if len(seeds) == 1:
             # the saved run's seed, which its groups share, seeds groups added
@@ -722,6 +733,21 @@ def _torch_optim_group(group):
     unitary_lr.optim, which read nothing on the host on any device (torch.optim
     refuses ``capturable=True`` on the CPU)."""
     return not group["unitary"] and not group["capturable"]
+
+
+def drawn_seed(what, stacklevel=3):
+    """A sketch seed for ``seed=None``, drawn from torch's global generator.
+    In a torch.distributed job of two or more processes it warns: replicas
+    draw the same seed only where every rank called ``torch.manual_seed``
+    alike, which DistributedDataParallel does not do for them (ranks seeded
+    ``base + rank`` drew other sketches, and the replicas drifted apart
+    without a word, 7e-3 after 5 steps)."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and torch.distributed.get_world_size() > 1:
+        warnings.warn(f"{what}(seed=None) in a torch.distributed job draws its sketch seed from torch's global "
+                      "generator: the replicas stay identical only if every rank called torch.manual_seed alike. "
+                      "Pass the same seed=<int> on every rank", UserWarning, stacklevel=stacklevel)
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64))
 
 
 def _add_counters(state, p, group, index, i):

@@ -17,6 +17,7 @@ from ..optim import DEFAULT_VARIANT, step_drift, step_rank
 from ..options import ProjUNNOptions
 from ..steps import STEP_OVERSAMPLE, STEP_POWER_ITERS, projunn_step
 from ._mark import is_unitary
+from .optimizer import drawn_seed
 
 __all__ = ["ProjUNNRetraction", "projunn_retraction"]
 
@@ -58,7 +59,8 @@ def projunn_retraction(optimizer, *, rank=None, variant=DEFAULT_VARIANT, params=
         Dense polar factor used to re-project.
     seed : int or None, optional
         Seed of the sketches' random streams (one per parameter); None draws
-        it from torch's global generator.
+        it from torch's global generator (in a torch.distributed job it warns:
+        replicas must draw the same seed, so pass it on every rank).
 
     Returns
     -------
@@ -161,7 +163,7 @@ class ProjUNNRetraction:
                        drift_tol=drift_tol, drift_check_every=drift_check_every, reproject=reproject, seed=seed)
         self.options = {"rank": rank, "variant": variant, "oversample": oversample, "power_iters": power_iters}
         self.drift = {"drift_tol": drift_tol, "drift_check_every": drift_check_every, "reproject": reproject}
-        self.seed = int(torch.randint(0, 2**62, (), dtype=torch.int64)) if seed is None else seed
+        self.seed = drawn_seed("projunn_retraction", stacklevel=4) if seed is None else seed
         self.params = None if params is None else list(params)
         self.optimizer = optimizer
         self.state = {}  # parameter -> {"rng", "steps", "reprojections"}
