@@ -442,6 +442,39 @@ def test_a_capturable_group_still_compiles_as_one_graph(dtype):
     assert float(ul.unitarity_error(W.detach())) < 1e-5
 
 
+@pytest.mark.parametrize(("base", "edit"), [("adam", {"lr": 0.5}), ("sgd", {"momentum": 0.5}),
+                                            ("rmsprop", {"alpha": 0.9})])
+def test_a_fullgraph_step_goes_on_when_a_float_option_changes(base, edit):
+    """A float lr (or a rule's momentum, alpha) changed between compiled calls
+    is symbolic once Dynamo recompiles: the rank-2 cores failed on it
+    ("unsupported operand type(s) for *: 'complex' and 'float'"), the rule's
+    cache key on "sort with non-constant keys". The compiled steps are the
+    eager ones (to rounding: compiled, lr is a tensor)."""
+    options = {"lr": 1e-2, "base": base, "rank": 2, "capturable": True,
+               **({"momentum": 0.9} if base == "sgd" else {})}
+    (W1, b1), (W2, b2) = _model(dtype=torch.float64), _model(dtype=torch.float64)
+    eager, compiled_opt = ProjUNN([W1, b1], **options), ProjUNN([W2, b2], **options)
+    compiled = _compiled_step(compiled_opt, fullgraph=True)
+    x = torch.randn(8, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for step in range(3):
+        for W, b, opt in ((W1, b1, eager), (W2, b2, compiled_opt)):
+            opt.zero_grad()
+            _loss(W, b, x).backward()
+            if step:  # scaled at every call: a new value each time
+                for group in opt.param_groups:
+                    for name, factor in edit.items():
+                        group[name] *= factor
+        torch.manual_seed(10 + step)  # the capturable sketches' generator
+        eager.step()
+        torch.manual_seed(10 + step)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.compile's own notes
+            compiled()
+        torch.testing.assert_close(W2.detach(), W1.detach(), rtol=0, atol=1e-14)
+        torch.testing.assert_close(b2.detach(), b1.detach(), rtol=0, atol=1e-14)
+    assert float(ul.unitarity_error(W2.detach())) < 1e-13
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_cuda_graph_capture_of_a_step_that_is_not_capturable_names_the_option():
     """Its eager step reads the host, which would end the capture with a bare

@@ -388,7 +388,9 @@ def _in_unit_interval(value):
 def _non_negative(rule, *names):
     for name in names:
         value = getattr(rule, name)
-        if not _real(value) or not math.isfinite(value) or value < 0:
+        # (comparisons, not math.isfinite: a compiled step traces the rule's
+        # checks with the options symbolic once Dynamo recompiles for them)
+        if not _real(value) or not 0 <= value < math.inf:
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 

@@ -593,6 +593,11 @@ class ProjUNN(torch.optim.Optimizer):
         except ValueError as error:
             raise ValueError(f"param group {index}: {error}; no parameter was changed") from None
         options = rule_options(group["base"], group)
+        if torch.compiler.is_compiling():
+            # traced once, made afresh: a float option changed between compiled
+            # calls is symbolic once Dynamo recompiles, and the key's sort
+            # broke the graph ("sort with non-constant keys")
+            return make_rule(group["base"], **options)
         try:
             key = (group["base"], *sorted(options.items()))
             hash(key)
@@ -815,8 +820,15 @@ def _capturable_step(xp, p, direction, state, new_state, group):
     if shape is not None:
         *batch, n, l = shape
         omega = torch.randn((*batch, l, n), dtype=direction.dtype, device=W.device).mT
+    lr = group["lr"]
+    if torch.compiler.is_compiling() and not isinstance(lr, torch.Tensor):
+        # A float lr that changed between compiled calls is symbolic once
+        # Dynamo recompiles, which the cores' paths for Python numbers (exact
+        # products, closed forms) cannot take: compiled, lr is a tensor
+        lr = torch.scalar_tensor(lr, dtype=torch.float64 if W.device.type != "mps" else W.real.dtype,
+                                 device=W.device)
     try:
-        L, Rh = step_factors_unchecked(xp, W, direction, omega, lr=group["lr"], rank=rank,
+        L, Rh = step_factors_unchecked(xp, W, direction, omega, lr=lr, rank=rank,
                                        variant=group["variant"], power_iters=group["power_iters"], traced=True)
     except RuntimeError as error:
         if W.is_cuda and torch.cuda.is_current_stream_capturing():
