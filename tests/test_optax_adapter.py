@@ -295,6 +295,69 @@ def test_adamw_mask_of_the_wrong_structure_is_named():
         opt.init(params)
 
 
+def subtree_params_and_loss():
+    """Two complex unitary matrices in one subtree, a real head (with a bias) in another."""
+    rng = np.random.default_rng(2)
+    n = 6
+    params = {"rnn": {"W1": ul.random_unitary(n, dtype="complex128", xp=jnp, rng=3),
+                      "W2": ul.random_unitary(n, dtype="complex128", xp=jnp, rng=4)},
+              "head": {"w": jnp.asarray(rng.standard_normal((n, 3))), "b": jnp.zeros(3)}}
+    x = jnp.asarray(rng.standard_normal((5, n)) / np.sqrt(n))
+
+    def loss(p):
+        h = jnp.abs(x @ p["rnn"]["W1"] @ p["rnn"]["W2"]) ** 2
+        return jnp.mean((h @ p["head"]["w"] + p["head"]["b"] - 1.0) ** 2)
+
+    return params, loss
+
+
+@pytest.mark.parametrize("base", ["adam", "adamw"])
+def test_a_true_prefix_mask_marks_its_whole_subtree(base):
+    """unitary={"rnn": True, "head": False}, a prefix of the parameters'
+    structure (as optax.masked takes a mask), or a function returning it,
+    makes exactly the updates of the full mask, under jit: each leaf of "rnn"
+    is unitary, each of "head" is optax's."""
+    params, loss = subtree_params_and_loss()
+    hyper = {"weight_decay": 0.5} if base == "adamw" else {}
+    full = {"rnn": {"W1": True, "W2": True}, "head": {"w": False, "b": False}}
+    prefix = {"rnn": True, "head": False}
+    runs = []
+    for mask in (full, prefix, lambda p: prefix):
+        opt = projunn(1e-2, unitary=mask, base=base, rank=2, **hyper)
+        p, state, update, steps = params, opt.init(params), jax.jit(opt.update), []
+        for _ in range(3):
+            updates, state = update(jax.grad(loss)(p), state, p)
+            steps.append(updates)
+            p = optax.apply_updates(p, updates)
+        runs.append((steps, p))
+    for steps, _ in runs[1:]:
+        for updates, full_updates in zip(steps, runs[0][0]):
+            assert jax.tree.structure(updates) == jax.tree.structure(params)
+            for leaf, full_leaf in zip(jax.tree.leaves(updates), jax.tree.leaves(full_updates)):
+                np.testing.assert_array_equal(leaf, full_leaf)
+    steps, p = runs[1]
+    assert unitarity(p["rnn"]["W1"]) < 1e-12 and unitarity(p["rnn"]["W2"]) < 1e-12
+    assert float(jnp.max(jnp.abs(p["rnn"]["W1"] - params["rnn"]["W1"]))) > 1e-4  # (and W moved)
+    reference = getattr(optax, base)(1e-2, **hyper)
+    ref_updates, _ = reference.update(jax.grad(loss)(params)["head"], reference.init(params["head"]), params["head"])
+    for leaf, ref_leaf in zip(jax.tree.leaves(steps[0]["head"]), jax.tree.leaves(ref_updates)):
+        np.testing.assert_allclose(leaf, ref_leaf, rtol=1e-12, atol=1e-15)
+
+
+def test_a_prefix_mask_over_a_bias_or_of_another_structure_is_refused():
+    params, _ = subtree_params_and_loss()
+    with pytest.raises(ValueError, match=r"unitary leaf \['head'\]\['b'\] must be a matrix .* got shape \(3,\)"):
+        projunn(1e-2, unitary={"rnn": True, "head": True}, rank=2).init(params)
+    with pytest.raises(ValueError, match=r"unitary must have the tree structure of the parameters or a prefix of it, "
+                                         r"got PyTreeDef\(\{'head': \*, 'rnn': \{'W1': \*\}\}\) for parameters "
+                                         r"PyTreeDef\(\{'head': \{'b': \*, 'w': \*\}, "
+                                         r"'rnn': \{'W1': \*, 'W2': \*\}\}\)"):
+        projunn(1e-2, unitary={"rnn": {"W1": True}, "head": False}, rank=2).init(params)
+    with pytest.raises(ValueError, match=r"unitary must have the tree structure of the parameters or a prefix of it, "
+                                         r"got PyTreeDef\(\[\*, \*\]\)"):
+        projunn(1e-2, unitary=lambda p: [True, False], rank=2).init(params)
+
+
 SEED_SCRIPT = """
 import json, sys
 import numpy as np, jax.numpy as jnp

@@ -352,3 +352,50 @@ def test_errors_name_the_argument_and_value():
         opt.update({"W": jnp.zeros((4, 4))}, state, params)
     with pytest.raises(ValueError, match=r"unitary must have the tree structure of the parameters"):
         projunn_retraction(unitary={"W": True}).init(params)
+
+
+@pytest.mark.parametrize("variant", ["tangent", "direct"])
+def test_a_true_prefix_mask_marks_its_whole_subtree(variant):
+    """unitary={"rnn": True, "head": False}, a prefix of the parameters'
+    structure (as optax.masked takes a mask), or a function returning it,
+    gives exactly the updates of the full mask, under jit: each leaf of "rnn"
+    takes the dense step along its rank-1 update, each of "head" passes through."""
+    rng = np.random.default_rng(0)
+    n = 6
+    Ws = {name: ul.random_unitary(n, dtype="complex128", rng=seed) for name, seed in (("W1", 1), ("W2", 2))}
+    Us = {name: 0.3 * random_like(rng, (n, 1), "complex128") @ np.conj(random_like(rng, (n, 1), "complex128")).T
+          for name in Ws}
+    head = {"w": rng.standard_normal((n, 3)), "b": rng.standard_normal(3)}
+    params = jax.tree.map(jnp.asarray, {"rnn": Ws, "head": head})
+    updates = jax.tree.map(jnp.asarray, {"rnn": Us, "head": jax.tree.map(lambda x: 2 * x, head)})
+    full = {"rnn": {"W1": True, "W2": True}, "head": {"w": False, "b": False}}
+    prefix = {"rnn": True, "head": False}
+    results = []
+    for mask in (full, prefix, lambda p: prefix):
+        opt = optax.chain(optax.identity(), projunn_retraction(unitary=mask, rank=1, variant=variant))
+        results.append(jax.jit(opt.update)(updates, opt.init(params), params)[0])
+    for result in results[1:]:
+        assert jax.tree.structure(result) == jax.tree.structure(params)
+        for leaf, full_leaf in zip(jax.tree.leaves(result), jax.tree.leaves(results[0])):
+            np.testing.assert_array_equal(leaf, full_leaf)
+    new = optax.apply_updates(params, results[1])
+    for name in Ws:
+        np.testing.assert_allclose(new["rnn"][name], dense_step(Ws[name], Us[name], variant), atol=1e-12)
+        assert np.max(np.abs(np.asarray(new["rnn"][name]) - (Ws[name] + Us[name]))) > 1e-3  # not W + U
+    for name in head:
+        np.testing.assert_array_equal(results[1]["head"][name], 2 * head[name])
+
+
+def test_a_prefix_mask_over_a_bias_or_of_another_structure_is_refused():
+    params = {"rnn": {"W1": jnp.eye(4), "W2": jnp.eye(4)}, "head": {"w": jnp.ones((4, 3)), "b": jnp.zeros(3)}}
+    with pytest.raises(ValueError, match=r"unitary leaf \['head'\]\['b'\] must be a matrix .* got shape \(3,\)"):
+        projunn_retraction(unitary={"rnn": True, "head": True}).init(params)
+    with pytest.raises(ValueError, match=r"unitary must have the tree structure of the parameters or a prefix of it, "
+                                         r"got PyTreeDef\(\{'rnn': \{'W3': \*\}\}\) for parameters "
+                                         r"PyTreeDef\(\{'head': \{'b': \*, 'w': \*\}, "
+                                         r"'rnn': \{'W1': \*, 'W2': \*\}\}\)"):
+        projunn_retraction(unitary={"rnn": {"W3": True}}).init(params)
+    opt = projunn_retraction(unitary={"rnn": True, "head": False}, rank=2)
+    state = opt.init(params)
+    with pytest.raises(ValueError, match=r"unitary must have the tree structure of the parameters or a prefix of it"):
+        jax.jit(opt.update)(params, state, {"rnn": params["rnn"]})  # params of another structure at update

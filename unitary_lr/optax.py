@@ -115,8 +115,10 @@ def projunn_retraction(*, unitary, rank=None, variant=DEFAULT_VARIANT, oversampl
     ----------
     unitary : pytree of bool, or callable
         Which leaves are unitary: a pytree of booleans with the structure of
-        the parameters, or a function of the parameters returning one. Unitary
-        leaves are (..., n, m) float32/float64/complex64/complex128 arrays.
+        the parameters or a prefix of it (as ``optax.masked`` takes a mask: a
+        flag in place of a subtree marks each of its leaves), or a function of
+        the parameters returning one. Unitary leaves are (..., n, m)
+        float32/float64/complex64/complex128 arrays.
     rank : int or None, optional
         Rank k of the sketch of the update, ``1 <= rank <= min(n, m)``. None:
         8 (:data:`unitary_lr.options.DEFAULT_RANK`), capped at ``min(n, m)`` of
@@ -154,7 +156,8 @@ def projunn_retraction(*, unitary, rank=None, variant=DEFAULT_VARIANT, oversampl
     ValueError
         Unknown variant, bad integer options, a unitary leaf that is not
         a matrix (..., n, m) with ``min(n, m) >= rank``, an update whose shape is not its
-        leaf's, update without params, a mask without the parameters' structure.
+        leaf's, update without params, a mask whose structure is neither the
+        parameters' nor a prefix of it.
     TypeError
         Unsupported dtypes; a complex update for a real leaf.
 
@@ -293,8 +296,10 @@ def projunn(learning_rate=DEFAULT_LR, *, unitary, base=DEFAULT_BASE, rank=None, 
         injects it (see ``unitary_lr.optax.STATIC_ARGS``).
     unitary : pytree of bool, or callable
         Which leaves are unitary: a pytree of booleans with the structure of
-        the parameters, or a function of the parameters returning one. Unitary
-        leaves are (..., n, m) float32/float64/complex64/complex128 arrays.
+        the parameters or a prefix of it (as ``optax.masked`` takes a mask: a
+        flag in place of a subtree marks each of its leaves), or a function of
+        the parameters returning one. Unitary leaves are (..., n, m)
+        float32/float64/complex64/complex128 arrays.
     base : {"rmsprop", "adam", "adamw", "amsgrad", "sgd"}, optional
         ``optax.rmsprop``, ``optax.adam``, ``optax.adamw``, ``optax.amsgrad``
         or ``optax.sgd``;
@@ -502,11 +507,28 @@ def _step_options(**options):
 
 
 def _mask_of(unitary, params):
+    """One bool per leaf of ``params``, in their structure. ``unitary`` (or
+    what it returns for ``params``) has their structure or a prefix of it, as
+    ``optax.masked`` takes a mask: a flag that stands for a subtree marks each
+    of its leaves."""
     mask = unitary(params) if callable(unitary) else unitary
     try:
-        return jax.tree.map(lambda flag, _: bool(flag), mask, params)
-    except ValueError as error:
-        raise ValueError(f"unitary must have the tree structure of the parameters: {error}") from None
+        jax.tree.structure(mask).flatten_up_to(params)
+    except (ValueError, TypeError):
+        raise ValueError(f"unitary must have the tree structure of the parameters or a prefix of it, got "
+                         f"{_structure(mask)} for parameters {_structure(params)}") from None
+    return _full_mask(mask, params)
+
+
+def _full_mask(flags, params):
+    """A prefix mask ``flags`` of ``params`` as one bool per parameter leaf."""
+    return jax.tree.map(lambda flag, subtree: jax.tree.map(lambda _: bool(flag), subtree), flags, params)
+
+
+def _structure(tree):
+    """The tree's structure, at most 80 characters of it."""
+    text = str(jax.tree.structure(tree))
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _decay_mask(unitary, mask):
@@ -514,16 +536,13 @@ def _decay_mask(unitary, mask):
     parameters, True on each leaf that is not unitary and that ``mask`` (None,
     a pytree of bools or a function of the parameters, a prefix of the
     parameters' structure as optax allows) leaves decayed."""
-    def full(flags, params):  # a prefix mask, one flag per parameter leaf
-        return jax.tree.map(lambda flag, subtree: jax.tree.map(lambda _: bool(flag), subtree), flags, params)
-
     def decayed(params):
-        keep = jax.tree.map(lambda flag: not flag, full(_mask_of(unitary, params), params))
+        keep = jax.tree.map(lambda flag: not flag, _mask_of(unitary, params))
         if mask is None:
             return keep
         given = mask(params) if callable(mask) else mask
         try:
-            given = full(given, params)
+            given = _full_mask(given, params)
         except ValueError as error:
             raise ValueError(f"mask must have the tree structure of the parameters (or a prefix of it): "
                              f"{error}") from None
@@ -533,9 +552,9 @@ def _decay_mask(unitary, mask):
 
 
 def _masked_leaves(unitary, params):
-    """(path, flag, leaf) for each leaf of the mask, in its flattening order
-    (a leaf of the mask may stand for a subtree of the parameters, which the
-    mask then marks as a whole)."""
+    """(path, flag, leaf) for each leaf of the parameters, in their flattening
+    order (a flag of the mask that stands for a subtree of the parameters is
+    each of its leaves' flag, the path the leaf's own)."""
     mask = _mask_of(unitary, params)
     flat_mask, _ = jax.tree_util.tree_flatten_with_path(mask)
     flat_params = jax.tree.structure(mask).flatten_up_to(params)
