@@ -25,7 +25,7 @@ def test_negative_batch_shape_is_refused_by_every_init(init, batch_shape):
 @pytest.mark.parametrize("init", INITS)
 @pytest.mark.parametrize("batch_shape", [(2.0,), (True,), ("2",), 2])
 def test_batch_shape_of_non_integers_is_refused_by_every_init(init, batch_shape):
-    with pytest.raises(TypeError, match=r"^batch_shape must be a sequence of sizes, got "):
+    with pytest.raises(TypeError, match=r"^batch_shape must be a tuple of ints, got "):
         unitary_parameter(3, init=init, batch_shape=batch_shape)
 
 

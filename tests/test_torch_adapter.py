@@ -533,7 +533,7 @@ def test_unitary_parameter_inits():
         assert tuple(unitary_parameter(3, init=init, batch_shape=(2, 0)).shape) == (2, 0, 3, 3)
     with pytest.raises(TypeError, match=r"^n_or_tensor has dtype torch.int64; a unitary parameter must be"):
         unitary_parameter(torch.eye(3, dtype=torch.int64))
-    with pytest.raises(TypeError, match=r"^batch_shape must be a sequence of sizes, got 2$"):
+    with pytest.raises(TypeError, match=r"^batch_shape must be a tuple of ints, got 2$"):
         unitary_parameter(3, batch_shape=2)
 
 

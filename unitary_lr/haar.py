@@ -82,18 +82,7 @@ def random_unitary(n, m=None, /, *, dtype, batch_shape=(), rng=None, xp=None, de
     """
     n = check_int("n", n, minimum=1)
     m = n if m is None else check_int("m", m, minimum=1)
-    # Sizes are accepted as n is: any integer type (NumPy's np.int64 from a
-    # .shape or an arithmetic result too), through operator.index; bool and
-    # floats are not sizes.
-    try:
-        sizes = tuple(batch_shape)
-    except TypeError:
-        sizes = None
-    if sizes is None or not all(_is_integer(s) for s in sizes):
-        raise TypeError(f"batch_shape must be a tuple of ints, got {batch_shape!r}")
-    batch_shape = tuple(operator.index(s) for s in sizes)
-    if any(s < 0 for s in batch_shape):
-        raise ValueError(f"batch_shape must not have negative sizes, got {batch_shape!r}")
+    batch_shape = check_batch_shape(batch_shape)
     try:
         # Maps numpy, cupy and torch modules onto the standard; keeps the others.
         with own_transfers(xp):  # JAX's empty array is a transfer of the library's own
@@ -143,6 +132,23 @@ def _haar_factor(xp, Z, *, wide):
     Q = Q * phase[..., None, :]
     return row_layout(xp, mH(xp, Q) if wide else Q)
 
+
+
+def check_batch_shape(batch_shape):
+    """``batch_shape`` as a tuple of Python ints. Sizes are accepted as n is:
+    any integer type (NumPy's np.int64 from a .shape or an arithmetic result
+    too), through operator.index; bool and floats are not sizes, and no size
+    is negative."""
+    try:
+        sizes = tuple(batch_shape)
+    except TypeError:
+        sizes = None
+    if sizes is None or not all(_is_integer(s) for s in sizes):
+        raise TypeError(f"batch_shape must be a tuple of ints, got {batch_shape!r}")
+    batch_shape = tuple(operator.index(s) for s in sizes)
+    if any(s < 0 for s in batch_shape):
+        raise ValueError(f"batch_shape must not have negative sizes, got {batch_shape!r}")
+    return batch_shape
 
 
 def _is_integer(value):

@@ -6,14 +6,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import operator
 import types
 import warnings
 
 import torch
 from torch import nn
 
-from ..haar import _is_integer, random_unitary
+from ..haar import check_batch_shape, random_unitary
 from ._mark import _check_and_mark, _set_mark
 
 __all__ = ["INITS", "ModReLU", "UnitaryRNN", "unitary_parameter"]
@@ -161,15 +160,7 @@ def unitary_parameter(n_or_tensor, m=None, /, *, init="haar", batch_shape=(), dt
     check_generator(generator)
     # checked once for every init (random_unitary checked "haar" only: "identity"
     # gave torch's error and "henaff" an empty batch for (-1,))
-    try:
-        sizes = tuple(batch_shape)
-    except TypeError:
-        sizes = None
-    if sizes is None or not all(_is_integer(size) for size in sizes):
-        raise TypeError(f"batch_shape must be a sequence of sizes, got {batch_shape!r}")
-    batch_shape = tuple(operator.index(size) for size in sizes)
-    if any(size < 0 for size in batch_shape):
-        raise ValueError(f"batch_shape must not have negative sizes, got {batch_shape!r}")
+    batch_shape = check_batch_shape(batch_shape)
     device = torch.device("cpu") if device is None else torch.device(device)
     if init == "haar":
         name = str(dtype).removeprefix("torch.")
