@@ -25,7 +25,8 @@ from ._xp import (
 )
 
 
-def _describe(x) -> str:
+def describe(x) -> str:
+    """``repr(x)``, at most 80 characters of it, for error messages."""
     text = repr(x)
     return text if len(text) <= 80 else text[:77] + "..."
 
@@ -43,7 +44,7 @@ def namespace_of(**arrays):
             if not is_array_api_obj(x) or isinstance(x, (bool, int, float, complex)):
                 raise TypeError(
                     f"{name} must be an array (NumPy, CuPy, PyTorch, JAX or any Array API "
-                    f"library), got {type(x).__name__}: {_describe(x)}"
+                    f"library), got {type(x).__name__}: {describe(x)}"
                 )
             xp = namespace(x)
         namespaces[name] = xp

@@ -48,6 +48,7 @@ from .steps import (
     sketch_shape,
     step_factors_unchecked,
 )
+from ._validation import describe
 from ._xp import exact_products, lowrank_product
 
 __all__ = ["STATIC_ARGS", "ProjUNNState", "RetractionState", "projunn", "projunn_retraction"]
@@ -516,19 +517,14 @@ def _mask_of(unitary, params):
         jax.tree.structure(mask).flatten_up_to(params)
     except (ValueError, TypeError):
         raise ValueError(f"unitary must have the tree structure of the parameters or a prefix of it, got "
-                         f"{_structure(mask)} for parameters {_structure(params)}") from None
+                         f"{describe(jax.tree.structure(mask))} for parameters "
+                         f"{describe(jax.tree.structure(params))}") from None
     return _full_mask(mask, params)
 
 
 def _full_mask(flags, params):
     """A prefix mask ``flags`` of ``params`` as one bool per parameter leaf."""
     return jax.tree.map(lambda flag, subtree: jax.tree.map(lambda _: bool(flag), subtree), flags, params)
-
-
-def _structure(tree):
-    """The tree's structure, at most 80 characters of it."""
-    text = str(jax.tree.structure(tree))
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _decay_mask(unitary, mask):

@@ -12,6 +12,7 @@ import warnings
 import torch
 from torch import nn
 
+from .._validation import describe
 from ..haar import check_batch_shape, random_unitary
 from ._mark import _check_and_mark, _set_mark
 
@@ -38,9 +39,8 @@ def check_generator(generator):
     torch's error about ``randint``'s signature, or "'int' object has no
     attribute 'device'")."""
     if generator is not None and not isinstance(generator, torch.Generator):
-        text = repr(generator)
-        text = text if len(text) <= 80 else text[:77] + "..."
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}: {text}")
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}: "
+                        f"{describe(generator)}")
 
 
 def _seed(generator):
