@@ -88,3 +88,32 @@ def test_random_unitary_on_dask_is_numpys(dtype, shape):
     assert isinstance(got, da.Array) and got.dtype == want.dtype
     np.testing.assert_allclose(np.asarray(got), want, atol=100 * np.finfo(np.dtype(dtype)).eps, rtol=0)
     assert float(ul.unitarity_error(got)) < 100 * np.finfo(np.dtype(dtype)).eps
+
+
+@pytest.mark.parametrize("reproject", ["svd", "newton_schulz"])
+@pytest.mark.parametrize(("dtype", "shape"), [("float64", (32, 32)), ("complex128", (32, 12)), ("float64", (12, 32))])
+def test_drift_control_reprojects_a_dask_array(reproject, dtype, shape):
+    """A matrix made float64 from float32 (2e-7 off the group) is re-projected
+    at its first step. The sum of a row-chunked W and its update is chunked
+    along both axes, which Dask's SVD refuses ("Array must be chunked in one
+    dimension only"): the default drift control failed on every Dask W it
+    had to re-project. NumPy's result, orthonormal to rounding."""
+    W = ul.random_unitary(*shape, dtype="complex64" if dtype.startswith("complex") else "float32", rng=0)
+    W = W.astype(dtype)
+    G = _inputs(dtype, *shape)[1]
+    results = [ProjUNN(1e-2, seed=0, reproject=reproject).step(wrap(W), wrap(G)) for wrap in (chunked, np.asarray)]
+    assert isinstance(results[0], da.Array)
+    np.testing.assert_allclose(np.asarray(results[0]), results[1], atol=1e-13, rtol=0)
+    assert float(ul.unitarity_error(results[0])) < 1e-14 < float(ul.unitarity_error(W))
+
+
+def test_a_batch_of_dask_matrices_steps_as_numpys():
+    """A (2, n, n) Dask W chunked by matrix and rows: the panels' Cholesky
+    basis inverted its factor with Dask's inv, which takes 2-D arrays only
+    ("Dimension must be 2 to perform lu decomposition")."""
+    W = ul.random_unitary(16, dtype="float64", batch_shape=(2,), rng=0)
+    G = np.random.default_rng(1).standard_normal((2, 16, 16))
+    got = ProjUNN(1e-2, rank=2, seed=0).step(da.from_array(W, chunks=(1, 8, 16)), da.from_array(G, chunks=(1, 8, 16)))
+    want = ProjUNN(1e-2, rank=2, seed=0).step(W, G)
+    assert isinstance(got, da.Array)
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-14, rtol=0)

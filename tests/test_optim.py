@@ -185,6 +185,8 @@ def test_hyper_parameters_as_numpy_scalars_and_non_numbers():
     bare comparison TypeError)."""
     assert ProjUNN(np.float32(1e-2), base="sgd", momentum=np.float32(0.9)).rule.momentum == np.float32(0.9)
     assert ProjUNN(1e-2, base="adam", weight_decay=np.int64(0)).rule.weight_decay == 0
+    rule = ProjUNN(1e-2, base="adam", betas=(np.float64(0.5), np.array(0.9)), eps=np.float32(1e-6)).rule
+    assert [type(x) for x in (*rule.betas, rule.eps)] == [float, float, float]  # Python's, as lr is
     with pytest.raises(ValueError, match=r"betas must be two numbers in \[0, 1\), got \('a', 0.9\)"):
         ProjUNN(1e-2, base="adam", betas=("a", 0.9))
     with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\), got '0.5'"):
@@ -313,6 +315,64 @@ def test_a_second_matrix_without_its_own_key_is_refused(rng):
 
 
 @pytest.mark.parametrize("unitary", [False, True])
+@pytest.mark.parametrize(("base", "hyper"), [("sgd", {"momentum": np.float64(0.9)}),
+                                            ("rmsprop", {"alpha": np.float64(0.9), "eps": np.float64(1e-6)}),
+                                            ("adam", {"betas": (np.float64(0.8), np.float64(0.99))})],
+                         ids=["sgd", "rmsprop", "adam"])
+def test_numpy_scalar_hyper_parameters_keep_the_dtypes(backend, rng, base, hyper, unitary):
+    """np.float64 hyper-parameters, and an Adam count restored as a NumPy
+    integer: a float32 W and its state stay float32, on the W's library and
+    device. They made the state (and a plain W) float64 (NumPy's promotion of
+    a float64 scalar; a plain W's next step was then refused as "another
+    key's"), and array_api_strict's arrays NumPy's ("W is a array_api_strict
+    Array but G is a numpy.ndarray")."""
+    dtype = backend.dtype("float32")
+    W = backend.asarray(haar(rng, N, "float32"))
+    opt = ProjUNN(1e-2, base=base, unitary=unitary, seed=0, **hyper)
+    reference = ProjUNN(1e-2, base=base, unitary=unitary, seed=0,
+                        **{k: tuple(map(float, v)) if isinstance(v, tuple) else float(v) for k, v in hyper.items()})
+    G = random_matrix(rng, (3, N, N), "float32")
+    W_ref = W
+    for i, g in enumerate(G):
+        if i == 2 and base == "adam":  # a count restored by NumPy
+            opt.state["step"] = np.int64(opt.state["step"])
+        W, W_ref = opt.step(W, backend.asarray(g)), reference.step(W_ref, backend.asarray(g))
+        assert W.dtype == dtype and all(v.dtype == dtype for v in opt.state.values() if hasattr(v, "dtype"))
+        np.testing.assert_array_equal(backend.to_numpy(W), backend.to_numpy(W_ref))
+    if backend.name.startswith("array_api_strict"):
+        assert W.device == backend.device
+
+
+@pytest.mark.parametrize("unitary", [False, True])
+@pytest.mark.parametrize(("base", "hyper"), [("rmsprop", {}), ("rmsprop", {"centered": True}),
+                                            ("adam", {"amsgrad": True})], ids=["rmsprop", "centered", "adam"])
+@pytest.mark.parametrize("dtype", ["float32", "complex64"])
+@pytest.mark.parametrize("lr", [1e-2, 0.0])
+def test_moments_that_overflow_are_refused_on_every_backend(backend, rng, base, hyper, dtype, unitary, lr):
+    """A finite gradient whose squares overflow float32: the moments became
+    Inf for good on JAX, torch and array_api_strict (only NumPy warns of the
+    overflow), and every later step moved W by exactly 0, without a word.
+    Refused now by every path: a plain update, lr = 0 (no step looks at the
+    direction), the unitary step and step_many's batched steps; nothing
+    changes."""
+    W = backend.asarray(haar(rng, N, dtype))
+    opt = ProjUNN(lr, base=base, unitary=unitary, seed=0, foreach=True, **hyper)
+    W = opt.step(W, backend.asarray(random_matrix(rng, (N, N), dtype)))
+    snapshot = {key: (backend.to_numpy(v) if hasattr(v, "shape") else v) for key, v in opt.state.items()}
+    G = random_matrix(rng, (N, N), dtype) * np.float32(1e30)
+    assert np.all(np.isfinite(G))
+    message = rf"G is too large for the {base} rule's moments in {dtype} \(.*largest \|entry\| [0-9.e+]+.*\); scale"
+    with pytest.raises(ValueError, match="^" + message):
+        opt.step(W, backend.asarray(G))
+    with pytest.raises(ValueError, match=r"^steps\['b'\]: " + message):
+        opt.step_many({"a": (W, backend.asarray(G / np.float32(1e30))), "b": (W, backend.asarray(G))})
+    for key, value in snapshot.items():
+        np.testing.assert_array_equal(backend.to_numpy(opt.state[key]) if hasattr(value, "shape") else opt.state[key],
+                                      value)
+    assert opt.steps == 1 and set(opt._slots) == {None}
+
+
+@pytest.mark.parametrize("unitary", [False, True])
 def test_a_gradient_whose_square_overflows_the_moments_is_refused(rng, unitary):
     """|g|^2 beyond float32: the moments used to become Inf for good (every
     later step then moved W by 0) with only NumPy's RuntimeWarning."""
@@ -322,7 +382,7 @@ def test_a_gradient_whose_square_overflows_the_moments_is_refused(rng, unitary):
     snapshot = _snapshot(opt)
     G = random_matrix(rng, (N, N), "float32") * np.float32(1e30)
     with pytest.raises(ValueError, match=r"^G is too large for the rmsprop rule's moments in float32 \(overflow "
-                                         r"encountered in .*; largest \|entry\| [0-9.e+]+\); scale the gradient"):
+                                         r"encountered in .*; largest \|entry\| [0-9.e+]+: its square overflows\); scale the gradient"):
         opt.step(W, G)
     _assert_state_is(opt, snapshot)
     zero_eps = ProjUNN(1e-2, base="rmsprop", unitary=unitary, eps=0.0)

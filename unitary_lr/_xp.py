@@ -11,6 +11,7 @@ import functools
 import math
 import sys
 import threading
+import warnings
 
 import numpy
 from array_api_compat import array_namespace, is_array_api_obj
@@ -951,11 +952,26 @@ def times_inverse_cholesky_factor(xp, P, M):
         return linalg.solve_triangular(linalg.cholesky_ex(M).L.mH, P, upper=True, left=False)
     # NumPy's own functions for NumPy arrays, without the compat layer's wrappers (some 10 us each)
     linalg = numpy.linalg if type(M) is numpy.ndarray else xp.linalg
-    if _is_dask(xp):
-        lower = xp.asarray(numpy.linalg.cholesky(numpy.asarray(M)))
-    else:
-        lower = linalg.cholesky(M)
+    if _is_dask(xp):  # (Dask's inv is 2-D only: a batch of panels failed in its LU)
+        lower = numpy.linalg.cholesky(numpy.asarray(M))
+        return panel_times_small(xp, P, xp.asarray(numpy.linalg.inv(numpy.conj(numpy.swapaxes(lower, -1, -2)))))
+    lower = linalg.cholesky(M)
     return panel_times_small(xp, P, linalg.inv(mH(xp, lower)))
+
+
+def thin_svd(xp, A):
+    """``xp.linalg.svd(A, full_matrices=False)``. Dask's SVD takes a matrix
+    chunked along one axis only: a W chunked along both (the sum of a
+    row-chunked W and a low-rank update is) gets one chunk across its shorter
+    axis first. Its graph of a complex matrix warns that a complex value is
+    cast to real (Dask 2025-2026, in the guess of a block's dtype; the
+    factors are right, to 5e-16 of NumPy's): not the caller's concern."""
+    if _is_dask(xp) and A.ndim == 2:
+        A = A.rechunk({1: -1} if A.shape[0] >= A.shape[1] else {0: -1})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", numpy.exceptions.ComplexWarning)
+            return xp.linalg.svd(A, full_matrices=False)
+    return xp.linalg.svd(A, full_matrices=False)
 
 
 def max_abs(xp, Y):

@@ -33,7 +33,7 @@ from ._cores import add_lowrank
 from ._host import from_host, outside_torch_graph, own_transfers, stack_pays, staged
 from ._random import as_generator, generator_from_state, generator_state, host_normal
 from ._validation import (check_choice, check_factor_pair, check_finite, check_matrix, check_real_gradient,
-                          check_real_scalar, namespace_of, nonempty_factors)
+                          check_real_scalar, finite_flag, namespace_of, nonempty_factors)
 from ._xp import complex_dtype, device, device_key, dtype_name, exact_products, is_complex, mH, real_dtype
 from .options import (  # the defaults live with the options; re-exported here
     DEFAULT_BASE,
@@ -94,10 +94,19 @@ def _second_moment_zeros(xp, param, mode):
 
 
 def _root_plus(xp, v, scale, eps, mode):
-    """sqrt(v) / scale + eps, per component for a "components" complex state."""
+    """sqrt(v) / scale + eps, per component for a "components" complex state;
+    NaN where it is Inf (a moment whose squares overflowed): the quotient is
+    then NaN, which the step's checks see, where ``g / Inf`` would be a silent
+    0 in this step and every later one (the moment stays Inf). ``d + (d - d)``
+    is d itself wherever d is finite."""
     if _componentwise(xp, v, mode):
-        return _complex(xp, xp.sqrt(xp.real(v)) / scale + eps, xp.sqrt(xp.imag(v)) / scale + eps)
-    return xp.sqrt(v) / scale + eps
+        return _complex(xp, _inf_as_nan(xp.sqrt(xp.real(v)) / scale + eps),
+                        _inf_as_nan(xp.sqrt(xp.imag(v)) / scale + eps))
+    return _inf_as_nan(xp.sqrt(v) / scale + eps)
+
+
+def _inf_as_nan(d):
+    return d + (d - d)
 
 
 def _divide(xp, g, denominator, mode):
@@ -235,6 +244,7 @@ class RMSprop:
     def __post_init__(self):
         _non_negative(self, "eps", "momentum", "weight_decay")
         _flags(self, "centered", "maximize")
+        _as_python_numbers(self, "alpha")
         if not _in_unit_interval(self.alpha):
             raise ValueError(f"alpha must be in [0, 1), got {self.alpha!r}")
 
@@ -304,6 +314,8 @@ class Adam:
     def __post_init__(self):
         _non_negative(self, "eps", "weight_decay")
         _flags(self, "amsgrad", "maximize", "decoupled_weight_decay")
+        if isinstance(self.betas, (tuple, list)):
+            _as_python_numbers(self, "betas")
         if not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2 or \
                 not all(_in_unit_interval(b) for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
@@ -318,7 +330,8 @@ class Adam:
 
     def direction(self, xp, grad, param, state, *, mode="modulus", weight_decay=True):
         beta1, beta2 = self.betas
-        step = state["step"] + 1
+        # (a count restored as a NumPy scalar made the bias corrections float64)
+        step = _python_number(state["step"]) + 1
         t = step_count(xp, step, param)
         # a count on the device (capturable optimizers) is not read on the host: no math.sqrt
         root = math.sqrt if isinstance(t, numbers.Real) else (lambda x: x**0.5)
@@ -385,7 +398,28 @@ def _in_unit_interval(value):
         return False
 
 
+def _python_number(value):
+    """A NumPy scalar (or 0-d NumPy array) as the Python number it holds; any
+    other value as it is. Kept as NumPy's, its arithmetic with the arrays
+    made a float32 state float64 (NumPy's promotion of a float64 scalar) and
+    another library's arrays NumPy arrays (array_api_strict)."""
+    if isinstance(value, np.generic) or (isinstance(value, np.ndarray) and value.ndim == 0):
+        return value.item()
+    return value
+
+
+def _as_python_numbers(rule, *names):
+    for name in names:
+        value = getattr(rule, name)
+        if isinstance(value, (tuple, list)):
+            number = type(value)(_python_number(v) for v in value)
+        else:
+            number = _python_number(value)
+        object.__setattr__(rule, name, number)  # (a frozen dataclass)
+
+
 def _non_negative(rule, *names):
+    _as_python_numbers(rule, *names)
     for name in names:
         value = getattr(rule, name)
         # (comparisons, not math.isfinite: a compiled step traces the rule's
@@ -586,6 +620,7 @@ class _Prepared(NamedTuple):
 
     xp: object
     W: object
+    G: object  # the gradient (an array, or factors (a, b))
     direction: object  # an array, or factors (a, b)
     state: dict  # the rule's new state
     slot: dict  # the key's slot before this step
@@ -882,7 +917,7 @@ class ProjUNN:
                 pass  # stepped one by one below, which names the matrix
         factors = []
         for key, prepared, sketch, _ in members:
-            with _naming(key):
+            with _naming(key), self._overflow_named(prepared):
                 factors.append(update_drawn(prepared.W, prepared.direction, lambda *_, s=sketch: s, **options))
         return factors
 
@@ -937,19 +972,48 @@ class ProjUNN:
             direction, state = G, slot["state"]
         else:
             direction, state = self._direction(xp, G, W, slot["state"])
-        return _Prepared(xp, W, direction, state, slot, signature)
+            if (not self.unitary or self.lr == 0) and not self.rule.stateless \
+                    and not bool(finite_flag(xp, direction)):
+                # no kernel sees this direction: its moments are read here (G is finite)
+                raise self._moments_overflow(xp, G)
+        return _Prepared(xp, W, G, direction, state, slot, signature)
+
+    @contextmanager
+    def _overflow_named(self, prepared):
+        """A step's error, or, where the kernel refused a non-finite direction
+        of a finite gradient, the rule's moments whose squares overflowed
+        (NumPy warns of that in the rule; other libraries do not, and the
+        rule's direction is then NaN). Read on the error path only."""
+        try:
+            yield
+        except ValueError:
+            xp, G, direction = prepared.xp, prepared.G, prepared.direction
+            if self.rule.stateless or isinstance(direction, tuple) or not bool(finite_flag(xp, G)) \
+                    or bool(finite_flag(xp, direction)):
+                raise
+            raise self._moments_overflow(xp, G) from None
+
+    def _moments_overflow(self, xp, G, cause=None):
+        """The error of a finite G too large for the rule's moments."""
+        cause = f"{cause}; " if cause is not None else ""
+        return ValueError(
+            f"G is too large for the {self.base} rule's moments in {dtype_name(xp, G.dtype)} ({cause}largest |entry| "
+            f"{float(xp.max(xp.abs(G))):.3g}: its square overflows); scale the gradient (or the loss) down"
+        )
 
     def _finish(self, prepared, key):
         """The step itself (it draws from the random stream), recorded."""
         xp, W, direction = prepared.xp, prepared.W, prepared.direction
         if not self.unitary:
             return self._commit(prepared, key, W - self.lr * direction, False)
-        return self._commit(prepared, key, *unitary_update(
-            xp, W, direction, lr=self.lr, rank=self.rank, variant=self.variant, rng=self._rng,
-            step=prepared.slot["steps"] + 1, oversample=self.oversample, power_iters=self.power_iters,
-            drift_tol=self.drift_tol, drift_check_every=self.drift_check_every, reproject=self.reproject,
-            seed=self.options.seed,
-        ))
+        with self._overflow_named(prepared):
+            stepped = unitary_update(
+                xp, W, direction, lr=self.lr, rank=self.rank, variant=self.variant, rng=self._rng,
+                step=prepared.slot["steps"] + 1, oversample=self.oversample, power_iters=self.power_iters,
+                drift_tol=self.drift_tol, drift_check_every=self.drift_check_every, reproject=self.reproject,
+                seed=self.options.seed,
+            )
+        return self._commit(prepared, key, *stepped)
 
     def _commit(self, prepared, key, new_W, reprojected):
         """Records a step that succeeded (a bad gradient changes nothing);
@@ -973,10 +1037,7 @@ class ProjUNN:
         check_finite(xp, "G", G)
         dtype = dtype_name(xp, G.dtype)
         if "overflow" in str(cause):
-            raise ValueError(
-                f"G is too large for the {self.base} rule's moments in {dtype} ({cause}; largest |entry| "
-                f"{float(xp.max(xp.abs(G))):.3g}); scale the gradient (or the loss) down"
-            )
+            raise self._moments_overflow(xp, G, cause)
         hint = "; with eps=0 an entry of G that is 0 divides 0 by 0: use eps > 0" if getattr(self.rule, "eps", 1) == 0 else ""
         raise ValueError(f"G makes the {self.base} rule's step non-finite in {dtype} ({cause}){hint}")
 

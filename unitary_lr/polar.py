@@ -18,7 +18,7 @@ from ._validation import (
     refuse_jax_trace,
     unitary_and_factors,
 )
-from ._xp import Adjoint, exact_products, eye, max_abs, mH, real_dtype, times_inverse_power_of_two, untracked
+from ._xp import Adjoint, exact_products, eye, max_abs, mH, real_dtype, thin_svd, times_inverse_power_of_two, untracked
 
 __all__ = ["ConvergenceError", "project_unitary", "project_unitary_lowrank"]
 
@@ -118,7 +118,7 @@ def project_unitary(A, /, *, method="svd", max_iter=60):
 
 def polar_unchecked(xp, A):
     """The polar factor ``U V^H`` from ``svd(A)``; traceable."""
-    U, _, Vh = xp.linalg.svd(A, full_matrices=False)
+    U, _, Vh = thin_svd(xp, A)
     return U @ Vh
 
 
