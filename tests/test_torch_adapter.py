@@ -308,8 +308,8 @@ def test_bad_parameters_and_settings():
 
 
 @pytest.mark.parametrize(("option", "value", "message"), [
-    ("lr", -1e-3, r"lr must be > 0, got -0.001"),
-    ("lr", float("nan"), r"lr must be finite, got nan"),
+    ("lr", -1e-3, r"lr must be a finite number >= 0, got -0.001"),
+    ("lr", float("nan"), r"lr must be a finite number >= 0, got nan"),
     ("rank", 0, r"rank must be >= 1, got 0"),
     ("rank", 2.0, r"rank must be an integer, got float: 2.0"),
     ("variant", "geodesic", r"variant must be one of 'tangent', 'direct', 'cayley', got 'geodesic'"),
@@ -327,7 +327,9 @@ def test_options_edited_after_construction_are_checked_at_the_step(option, value
     saved = W.detach().clone()
     saved_state = {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[W].items()}
     opt.param_groups[0][option] = value
-    named = r"^W \(shape \(6, 6\)\): " + message + "; no parameter was changed"
+    # (an lr is checked for every group first, on the host: capturable ones check nothing else there)
+    named = (r"^param group 0: " if option == "lr" else r"^W \(shape \(6, 6\)\): ") + message + \
+        "; no parameter was changed"
     with pytest.raises((TypeError, ValueError), match=named):
         opt.step()
     assert torch.equal(W.detach(), saved)
@@ -341,8 +343,8 @@ def test_a_base_edited_after_construction_and_a_tensor_lr_of_many_entries_are_na
     an lr tensor of two entries PyTorch's "only one element tensors can be
     converted", naming nothing."""
     W = unitary_parameter(6, dtype=torch.float64, generator=seeded())
-    with pytest.raises(ValueError, match=r"^ProjUNN: lr must be a number or a real tensor of one element, got "
-                                         r"tensor\(\[0.1000, 0.2000\]\)$"):
+    with pytest.raises(ValueError, match=r"^ProjUNN: lr must be a number or a real 0-d tensor "
+                                         r"\(torch.tensor\(0.01\)\), got tensor\(\[0.1000, 0.2000\]\)$"):
         ProjUNN([W], lr=torch.tensor([0.1, 0.2]))
     opt = ProjUNN([W], lr=0.1, base="rmsprop", seed=0)
     W.grad = torch.ones(6, 6, dtype=torch.float64)
@@ -983,3 +985,182 @@ def test_an_edited_rank_above_a_parameters_size_is_refused_as_the_constructor_re
     opt.param_groups[0]["rank"] = 6
     opt.step()
     assert error(W) < 1e-14
+
+
+def _trained_run(dtype, base, steps=3, **options):
+    W = unitary_parameter(12, dtype=dtype, generator=seeded())
+    opt = ProjUNN([W], lr=1e-2, base=base, rank=2, seed=0, **options)
+    for k in range(steps):
+        W.grad = torch.randn(12, 12, dtype=dtype, generator=seeded(10 + k))
+        opt.step()
+    return W, opt
+
+
+@pytest.mark.parametrize("base", ["sgd", "rmsprop", "adam"])
+@pytest.mark.parametrize(("saved", "resumed"), [(torch.float32, torch.float64), (torch.complex64, torch.complex128),
+                                                (torch.complex128, torch.complex64)])
+def test_a_run_resumed_in_another_precision_is_reprojected_and_its_moments_take_it(base, saved, resumed):
+    """A float32 run resumed in float64 (model.double(), load_state_dict): W
+    is 7e-8 from unitary, and was kept so until the 50th step's check (the
+    first step's check saw a step count of 4). A complex run's moments
+    stayed in the saved precision (torch.optim casts a floating parameter's
+    only): Adam's step failed in lerp, RMSprop kept a float32 second moment
+    of a complex128 weight."""
+    options = {"momentum": 0.9} if base == "sgd" else {}
+    W0, opt0 = _trained_run(saved, base, **options)
+    W = unitary_parameter(12, dtype=saved)  # a model made .to(resumed) after it was built: its mark is kept
+    W.data = W0.detach().to(resumed)
+    opt = ProjUNN([W], lr=1e-2, base=base, rank=2, seed=0, **options)
+    opt.load_state_dict(copy.deepcopy(opt0.state_dict()))
+    real = W.real.dtype
+    for key, value in opt.state[W].items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            assert value.dtype == (W.dtype if value.is_complex() else real), key
+    far = resumed in (torch.float64, torch.complex128)  # a 32-bit run's W in 64 bits
+    assert error(W) > 1e-8 if far else error(W) < 1e-6
+    W.grad = torch.randn(12, 12, dtype=resumed, generator=seeded(20))
+    opt.step()
+    assert opt.state[W]["reprojections"] == int(far)
+    assert error(W) < (1e-14 if resumed in (torch.float64, torch.complex128) else 1e-6)
+    # resumed in the same precision: no extra check, the same steps as the run that was not stopped
+    twin = torch.nn.Parameter(W0.detach().clone())
+    ul.torch.mark_unitary(twin)
+    again = ProjUNN([twin], lr=1e-2, base=base, rank=2, seed=0, **options)
+    again.load_state_dict(copy.deepcopy(opt0.state_dict()))
+    for W_, opt_ in ((W0, opt0), (twin, again)):
+        W_.grad = torch.randn(12, 12, dtype=saved, generator=seeded(21))
+        opt_.step()
+    assert torch.equal(twin.detach(), W0.detach()) and again.state[twin]["reprojections"] == 0
+
+
+def test_a_parameter_made_double_in_the_middle_of_a_run_is_reprojected_and_steps():
+    """model.double() between two steps: the float32 moments of a float64
+    parameter failed in the fused rule ("result type Double can't be cast"),
+    and the weight's float32 error was kept until the next scheduled check."""
+    W, opt = _trained_run(torch.float32, "rmsprop")
+    W.data = W.data.double()  # what Module.double() does to a parameter
+    assert error(W) > 1e-8
+    W.grad = torch.randn(12, 12, dtype=torch.float64, generator=seeded(30))
+    opt.step()
+    assert opt.state[W]["square_avg"].dtype == torch.float64
+    assert error(W) < 1e-14 and opt.state[W]["reprojections"] == 1 and opt.state[W]["precision"] == "float64"
+
+
+def test_load_state_dict_hooks_run_as_in_torch_optim():
+    """The pre-hooks run before the checks (a hook that upgrades an old
+    checkpoint was never reached: "lacks variant"), the checks see what they
+    return (a moment of another shape got past them), and the post-hooks see
+    the loaded state (skipped_steps still float32)."""
+    W, opt = _trained_run(torch.float32, "adam", capturable=True)
+    saved = copy.deepcopy(opt.state_dict())
+    old = copy.deepcopy(saved)
+    for group in old["param_groups"]:
+        del group["variant"]
+    calls = []
+
+    def upgrade(optimizer, state_dict):
+        calls.append("pre")
+        for group in state_dict["param_groups"]:
+            group.setdefault("variant", "tangent")
+
+    def seen(optimizer):
+        calls.append(optimizer.state[optimizer.param_groups[0]["params"][0]]["skipped_steps"].dtype)
+
+    fresh, fresh_opt = _trained_run(torch.float32, "adam", steps=0, capturable=True)
+    fresh_opt.register_load_state_dict_pre_hook(upgrade)
+    fresh_opt.register_load_state_dict_post_hook(seen)
+    fresh_opt.load_state_dict(old)
+    assert calls == ["pre", torch.int64] and fresh_opt.param_groups[0]["variant"] == "tangent"
+
+    def corrupt(optimizer, state_dict):
+        state_dict = copy.deepcopy(state_dict)
+        state_dict["state"][0]["exp_avg"] = torch.zeros(3, 3)
+        return state_dict
+
+    other, other_opt = _trained_run(torch.float32, "adam", steps=0, capturable=True)
+    other_opt.register_load_state_dict_pre_hook(corrupt)
+    with pytest.raises(ValueError, match=r"exp_avg has shape \(3, 3\), the parameter \(12, 12\); nothing was loaded"):
+        other_opt.load_state_dict(saved)
+    assert not other_opt.state
+    # the hooks are still registered after the load (and after a refused one)
+    assert [len(o._optimizer_load_state_dict_pre_hooks) for o in (fresh_opt, other_opt)] == [1, 1]
+
+
+@pytest.mark.parametrize("capturable", [False, True])
+def test_tensor_betas_take_the_steps_of_float_betas(capturable):
+    """torch.optim.Adam takes tensor betas; here the second step of a unitary
+    group failed ("Concatenation operation is not implemented for NumPy
+    arrays": the rule's state keys were found by a step on host arrays)."""
+    runs = []
+    for betas in ((0.8, 0.99), (torch.tensor(0.8, dtype=torch.float64), torch.tensor(0.99, dtype=torch.float64))):
+        W = unitary_parameter(8, dtype=torch.float64, generator=seeded())
+        opt = ProjUNN([W], lr=0.05, base="adam", rank=2, seed=0, capturable=capturable, betas=betas)
+        for k in range(3):
+            torch.manual_seed(k)
+            W.grad = torch.randn(8, 8, dtype=torch.float64, generator=seeded(40 + k))
+            opt.step()
+        runs.append(W.detach())
+    torch.testing.assert_close(runs[1], runs[0], rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("capturable", [False, True])
+@pytest.mark.parametrize("lr", [math.nan, -0.1, math.inf])
+def test_an_lr_edited_into_a_group_is_checked_at_the_step(capturable, lr):
+    """A capturable group's step checked no lr: NaN gave a bare LinAlgError
+    from eigh, a negative lr stepped uphill without a word."""
+    W, opt = _trained_run(torch.float64, "rmsprop", steps=1, capturable=capturable)
+    before, state = W.detach().clone(), copy.deepcopy(opt.state[W])
+    opt.param_groups[0]["lr"] = lr
+    W.grad = torch.ones(12, 12, dtype=torch.float64)
+    with pytest.raises(ValueError, match=rf"^param group 0: lr must be a finite number >= 0, got {lr}; no parameter"):
+        opt.step()
+    assert torch.equal(W.detach(), before) and torch.equal(opt.state[W]["square_avg"], state["square_avg"])
+
+
+def test_numpy_scalar_options_and_a_one_element_tensor_lr():
+    """torch.optim takes lr=np.float32(...); it was a TypeError here, and
+    unitary_lr_scale=np.float32(...) a ValueError showing the value. A tensor
+    lr of shape (1,) passed the constructor and failed at every eager step."""
+    W = unitary_parameter(6, dtype=torch.float64, generator=seeded())
+    b = torch.nn.Parameter(torch.ones(6, dtype=torch.float64))
+    opt = ProjUNN([W, b], lr=np.float32(0.5), unitary_lr_scale=np.float32(0.25), base="sgd", seed=0)
+    assert [type(g["lr"]) for g in opt.param_groups] == [float, float]
+    assert [g["lr"] for g in opt.param_groups] == [0.5, 0.125]
+    W.grad, b.grad = torch.ones(6, 6, dtype=torch.float64), torch.ones(6, dtype=torch.float64)
+    opt.step()
+    assert torch.equal(b.detach(), torch.full((6,), 0.5, dtype=torch.float64)) and error(W) < 1e-14
+    with pytest.raises(ValueError, match=r"ProjUNN: lr must be a number or a real 0-d tensor \(torch.tensor\(0.01\)\), "
+                                         r"got tensor\(\[0.0500\]"):
+        ProjUNN([W], lr=torch.tensor([0.05]))
+
+
+def test_a_plain_group_formed_by_the_marks_is_checked_after_groups_are_deleted_or_loaded():
+    """The groups formed plain by the marks were kept by their places: after
+    ``del opt.param_groups[0]`` the check fell on the unitary group that
+    moved into place 0, and every step was refused ("was marked unitary
+    after the optimizer was built")."""
+    W = unitary_parameter(4, dtype=torch.float64, generator=seeded())
+    b = torch.nn.Parameter(torch.ones(4, dtype=torch.float64))
+    v = torch.nn.Parameter(torch.eye(4, dtype=torch.float64))
+    opt = ProjUNN([W, b], lr=0.1, base="sgd", seed=0)
+    opt.add_param_group({"params": [v]})
+    assert [g["unitary"] for g in opt.param_groups] == [False, True, False]
+    del opt.param_groups[0]
+    W.grad = torch.ones(4, 4, dtype=torch.float64)
+    opt.step()
+    assert error(W) < 1e-14
+    # the group of v is still checked, in its new place, after a deepcopy and a load
+    ul.torch.mark_unitary(v)
+    v.grad = torch.ones(4, 4, dtype=torch.float64)
+    copied = copy.deepcopy(opt)
+    copied.param_groups[1]["params"][0].grad = torch.ones(4, 4, dtype=torch.float64)  # (a copy has none)
+    loaded = ProjUNN([W], lr=0.1, base="sgd", seed=0)
+    u = torch.nn.Parameter(torch.eye(4, dtype=torch.float64))
+    loaded.add_param_group({"params": [u]})  # (plain: u is not marked yet)
+    loaded.load_state_dict(opt.state_dict())
+    ul.torch.mark_unitary(u)
+    u.grad = torch.ones(4, 4, dtype=torch.float64)
+    for optimizer in (opt, copied, loaded):
+        with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[0\] was marked unitary after the "
+                                             r"optimizer was built, and param group 1 steps it"):
+            optimizer.step()

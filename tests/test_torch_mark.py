@@ -536,6 +536,40 @@ def _two_layer_run(seed):
     return (real, head, cplx), opt, retraction, step
 
 
+@pytest.mark.parametrize("older", [False, True])
+def test_a_retraction_resumed_in_another_precision_is_reprojected_at_its_next_step(older):
+    """A float32 run resumed in float64: W is 7e-8 from unitary, and was kept
+    so until the next scheduled check (the first step's check saw a step
+    count of 3); also from a state_dict of an earlier release, which does
+    not record the precision. (Resumed in the same precision, nothing is
+    checked again: test_a_resumed_retraction_takes_the_steps_of_an_uninterrupted_run.)"""
+    torch.manual_seed(0)
+    runs = []
+    for dtype in (torch.float32, torch.float64):
+        layer = orthogonal(torch.nn.Linear(16, 16, bias=False))
+        opt = torch.optim.SGD(layer.parameters(), lr=1e-2)
+        runs.append((layer.to(dtype), opt, projunn_retraction(opt, rank=2, seed=0)))
+    layer, opt, retraction = runs[0]
+    x = torch.randn(3, 16, generator=seeded(1))
+    for _ in range(3):
+        opt.zero_grad()
+        layer(x).sum().backward()
+        opt.step()
+    saved = retraction.state_dict()
+    assert saved["state"][0]["precision"] == "float32"
+    if older:
+        del saved["state"][0]["precision"]
+    twin, twin_opt, twin_retraction = runs[1]
+    twin.load_state_dict({"weight": layer.weight.detach().double()})
+    twin_retraction.load_state_dict(saved)
+    assert error(twin.weight) > 1e-8
+    twin_opt.zero_grad()
+    twin(x.double()).sum().backward()
+    twin_opt.step()
+    assert error(twin.weight) < 1e-14 and twin_retraction.state[twin.weight]["reprojections"] == 1
+    assert twin_retraction.state[twin.weight]["precision"] == "float64"
+
+
 def test_a_resumed_retraction_takes_the_steps_of_an_uninterrupted_run():
     # without its state, a resumed run drew its sketches from fresh streams
     modules, opt, retraction, step = _two_layer_run(seed=0)
@@ -601,8 +635,8 @@ def test_a_bad_retraction_state_is_refused_and_changes_nothing():
              r"\[0\]: 'steps' and 'reprojections' must be ints >= 0, got \(-1, 0\)"),
             ({**good, "state": {0: {"rng": {"inc": 1}, "steps": 1, "reprojections": 0}}},
              r"state_dict\['state'\]\[0\]\['rng'\] is not the state of a sketch stream"),
-            ({**good, "state": {0: {"rng": rng_state, "steps": 1}}}, r"\[0\] must be a dict with keys 'rng', 'steps' "
-                                                                     r"and 'reprojections'")):
+            ({**good, "state": {0: {"rng": rng_state, "steps": 1}}}, r"\[0\] must be a dict with keys 'rng', 'steps', "
+                                                                     r"'reprojections' and 'precision'")):
         with pytest.raises(ValueError, match=message):
             retraction.load_state_dict(bad)
         assert retraction.state_dict() == good

@@ -331,7 +331,7 @@ class Adam:
     def direction(self, xp, grad, param, state, *, mode="modulus", weight_decay=True):
         beta1, beta2 = self.betas
         # (a count restored as a NumPy scalar made the bias corrections float64)
-        step = _python_number(state["step"]) + 1
+        step = python_number(state["step"]) + 1
         t = step_count(xp, step, param)
         # a count on the device (capturable optimizers) is not read on the host: no math.sqrt
         root = math.sqrt if isinstance(t, numbers.Real) else (lambda x: x**0.5)
@@ -398,7 +398,7 @@ def _in_unit_interval(value):
         return False
 
 
-def _python_number(value):
+def python_number(value):
     """A NumPy scalar (or 0-d NumPy array) as the Python number it holds; any
     other value as it is. Kept as NumPy's, its arithmetic with the arrays
     made a float32 state float64 (NumPy's promotion of a float64 scalar) and
@@ -412,9 +412,9 @@ def _as_python_numbers(rule, *names):
     for name in names:
         value = getattr(rule, name)
         if isinstance(value, (tuple, list)):
-            number = type(value)(_python_number(v) for v in value)
+            number = type(value)(python_number(v) for v in value)
         else:
-            number = _python_number(value)
+            number = python_number(value)
         object.__setattr__(rule, name, number)  # (a frozen dataclass)
 
 
@@ -485,8 +485,20 @@ def rule_state_keys(rule):
 def _state_keys(rule):
     import array_api_compat.numpy as host
 
+    # the options as Python numbers: a tensor's (torch.optim takes tensor
+    # betas) met the host's arrays and failed ("Concatenation operation is
+    # not implemented for NumPy arrays")
+    rule = type(rule)(**{f.name: _host_option(getattr(rule, f.name)) for f in fields(rule)})
     one = host.ones((1, 1))
     return frozenset(rule.direction(host, one, one, rule.init(host, one))[1])
+
+
+def _host_option(value):
+    if isinstance(value, (tuple, list)):
+        return type(value)(_host_option(v) for v in value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return float(value)
 
 
 def rule_options(base, options):
@@ -588,15 +600,19 @@ def control_drift(xp, W, *, step, rng, drift_tol=None, drift_check_every=50, rep
         return policy.apply(W, from_host(xp, probes, dtype=W.dtype, device=device(W)))
 
 
-def step_drift(xp, W, *, step, rng, seed, drift_tol=None, drift_check_every=50, reproject="svd", probes=None):
+def step_drift(xp, W, *, step, rng, seed, drift_tol=None, drift_check_every=50, reproject="svd", probes=None,
+               first=None):
     """:func:`control_drift` after a matrix's step number ``step``, and after
     its first step too (unless checks are off): a W marked or given in
     another precision (a float32 layer made float64 is 2e-7 from unitary,
     1e5 times float64's tolerance) would keep that error for
-    ``drift_check_every`` steps. The first step's extra check draws its
-    probes from a stream of its own, seeded by ``seed`` (an int, or None for
-    0), so the sketches' stream ``rng`` is left as it is."""
-    if step == 1 and drift_check_every and not drift_check_due(step, drift_check_every):
+    ``drift_check_every`` steps. ``first`` (default: ``step == 1``) says
+    whether this step counts as a first one (a front end that knows the
+    matrix's precision changed says so). The first step's extra check draws
+    its probes from a stream of its own, seeded by ``seed`` (an int, or None
+    for 0), so the sketches' stream ``rng`` is left as it is."""
+    first = step == 1 if first is None else first
+    if first and drift_check_every and not drift_check_due(step, drift_check_every):
         rng, probes, drift_check_every = np.random.default_rng([seed or 0, 2**32]), None, 1
     return control_drift(xp, W, step=step, rng=rng, drift_tol=drift_tol, drift_check_every=drift_check_every,
                          reproject=reproject, probes=probes)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import numbers
 import warnings
 from typing import NamedTuple
 
@@ -30,6 +31,7 @@ from ..optim import (
     check_base,
     control_drift,
     make_rule,
+    python_number,
     rule_hyperparameters,
     rule_options,
     rule_state_keys,
@@ -103,10 +105,12 @@ class ProjUNN(torch.optim.Optimizer):
         ``lr`` gives the group a new tensor: update both, or use 1 and set the
         groups' lr yourself).
     momentum, dampening, nesterov, weight_decay, alpha, eps, centered, betas
-        Base-rule hyper-parameters, as in ``torch.optim`` (per group; a group
-        holds those of its base, so ``OneCycleLR`` and ``CyclicLR`` cycle
-        ``momentum`` where the base is sgd or rmsprop and ``betas[0]`` where it
-        is adam, as they do for ``torch.optim``'s). Weight
+        Base-rule hyper-parameters, as in ``torch.optim`` (per group).
+        ``OneCycleLR`` and ``CyclicLR`` with ``cycle_momentum`` cycle
+        ``betas[0]`` where the constructor's base is adam and ``momentum``
+        where it is sgd or rmsprop, as they do for ``torch.optim``'s (they look
+        at the optimizer's defaults once, not at each group): in a group added
+        with another base, the term its rule uses is not cycled. Weight
         decay does not apply to unitary parameters (the group is invariant to
         scaling).
     maximize, amsgrad, decoupled_weight_decay : bool, optional
@@ -248,6 +252,8 @@ class ProjUNN(torch.optim.Optimizer):
                  capturable=False, foreach=None, maximize=False, amsgrad=False, decoupled_weight_decay=False):
         if seed is None:
             seed = drawn_seed("ProjUNN")
+        # NumPy scalars as the Python numbers they hold (as the rules keep them)
+        lr, unitary_lr_scale = python_number(lr), python_number(unitary_lr_scale)
         defaults = dict(
             lr=lr, base=base, rank=rank, variant=variant, unitary=unitary, momentum=momentum, dampening=dampening,
             nesterov=nesterov, weight_decay=weight_decay, alpha=alpha, eps=eps, centered=centered, betas=betas,
@@ -285,7 +291,59 @@ class ProjUNN(torch.optim.Optimizer):
         it off the group without a word), and holds options a group may
         hold; each saved moment has its parameter's shape (one of another
         shape failed in the middle of a later step). A ValueError names the
-        first that does not fit."""
+        first that does not fit.
+
+        The load's pre-hooks (``register_load_state_dict_pre_hook``) run
+        first, as in torch.optim, and the checks see what they return (a hook
+        that upgrades an old state_dict was refused before it ran, and one
+        that changed a moment's shape got past them); the post-hooks see the
+        state as it is loaded. Moments of a complex parameter take its
+        precision (torch.optim casts a floating parameter's only: a complex64
+        state in a complex128 model failed in Adam's step, and RMSprop kept a
+        float32 moment); a unitary parameter whose precision differs from the
+        saved run's (a float32 run resumed in float64) has its drift checked
+        at its next step, as at a first step."""
+        if isinstance(state_dict, dict):
+            state_dict = state_dict.copy()  # (shallow, as torch.optim's: a hook may set entries)
+        pre_hooks = self.__dict__.get("_optimizer_load_state_dict_pre_hooks", {})
+        post_hooks = self.__dict__.get("_optimizer_load_state_dict_post_hooks", {})
+        for hook in list(pre_hooks.values()):
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        self._check_loaded(state_dict)
+        plain = [index for index, group in enumerate(self.param_groups)
+                 if any(group is g for g in self._plain_groups())]
+        hooks = {name: self.__dict__[name] for name in ("_optimizer_load_state_dict_pre_hooks",
+                                                        "_optimizer_load_state_dict_post_hooks")
+                 if name in self.__dict__}
+        self.__dict__.update({name: type(kept)() for name, kept in hooks.items()})  # run here, not by torch.optim
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self.__dict__.update(hooks)
+        self.__dict__["_plain_by_mark"] = [self.param_groups[index] for index in plain]
+        for p, state in self.state.items():
+            # torch.optim casts every saved tensor but "step" to its parameter's
+            # dtype: a float64 count, whose in-place writes torch.compile drops
+            # (see _capturable_counters), and a compiled step counted no
+            # skipped step after a resume
+            count = state.get("skipped_steps")
+            if isinstance(count, torch.Tensor) and count.dtype != torch.int64:
+                state["skipped_steps"] = count.real.round().to(torch.int64)
+            if p.is_complex():
+                state.update(_in_precision(state, p))
+        seeds = {group["seed"] for group in self.param_groups}
+        if len(seeds) == 1:
+            # the saved run's seed, which its groups share, seeds groups added
+            # later as it did there (a resumed run built with seed=None drew
+            # another, and a group added after the resume stepped otherwise)
+            self.defaults["seed"] = seeds.pop()
+        for hook in list(post_hooks.values()):
+            hook(self)
+
+    def _check_loaded(self, state_dict):
+        """:meth:`load_state_dict`'s checks, before anything changes."""
         saved_groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
         if isinstance(saved_groups, list) and len(saved_groups) == len(self.param_groups):
             params = []
@@ -314,23 +372,10 @@ class ProjUNN(torch.optim.Optimizer):
                         raise ValueError(f"state_dict's state of {_name(self.param_groups[index], index, i)}: "
                                          f"{name} has shape {tuple(value.shape)}, the parameter {tuple(p.shape)}; "
                                          "nothing was loaded")
-        super().load_state_dict(state_dict)
-        for state in self.state.values():
-            # torch.optim casts every saved tensor but "step" to its parameter's
-            # dtype: a float64 count, whose in-place writes torch.compile drops
-            # (see _capturable_counters), and a compiled step counted no
-            # skipped step after a resume
-            count = state.get("skipped_steps")
-            if isinstance(count, torch.Tensor) and count.dtype != torch.int64:
-                state["skipped_steps"] = count.real.round().to(torch.int64)
-        seeds = {group["seed"] for group in self.param_groups}
-        if len(seeds) == 1:
-            # the saved run's seed, which its groups share, seeds groups added
-            # later as it did there (a resumed run built with seed=None drew
-            # another, and a group added after the resume stepped otherwise)
-            self.defaults["seed"] = seeds.pop()
 
     def add_param_group(self, param_group):
+        param_group = {**param_group, **{key: python_number(param_group[key]) for key in ("lr", "unitary_lr_scale")
+                                         if key in param_group}}
         group = {**self.defaults, **param_group}
         index = len(self.param_groups)
         given = group["params"]
@@ -351,6 +396,7 @@ class ProjUNN(torch.optim.Optimizer):
             if name not in rule_hyperparameters(group["base"]):
                 raise TypeError(_not_taken(f"param group {index}", group["base"], name, value))
         unitary = group["unitary"]
+        plain_by_mark = False
         if unitary is None:
             marked = [is_unitary(p) for p in params]
             if any(marked) and not all(marked):
@@ -361,7 +407,7 @@ class ProjUNN(torch.optim.Optimizer):
                 )
             unitary = bool(params) and all(marked)
             if not unitary:  # checked at each step: a parameter marked since would get plain steps
-                self.__dict__.setdefault("_plain_by_mark", set()).add(index)
+                plain_by_mark = True
         if unitary:
             seen = {}
             for name, p in zip(names, params):
@@ -383,7 +429,21 @@ class ProjUNN(torch.optim.Optimizer):
         if unitary and "lr" not in param_group and group["unitary_lr_scale"] != 1:
             param_group["lr"] = self.defaults["lr"] * group["unitary_lr_scale"]
         super().add_param_group(param_group)
+        if plain_by_mark:
+            self._plain_groups().append(self.param_groups[-1])
         self._note_eager_groups()
+
+    def _plain_groups(self):
+        """The param groups formed as plain ones because none of their
+        parameters was marked unitary (see :meth:`_check_marks`): the group
+        dicts themselves, not their places, which ``del
+        opt.param_groups[i]`` shifts (a group's check then fell on its
+        neighbour). A pickle of an earlier release kept the places."""
+        kept = self.__dict__.setdefault("_plain_by_mark", [])
+        if isinstance(kept, set):
+            kept = self.__dict__["_plain_by_mark"] = [self.param_groups[i] for i in sorted(kept)
+                                                      if i < len(self.param_groups)]
+        return kept
 
     @torch.no_grad()
     @exact_products
@@ -421,8 +481,9 @@ class ProjUNN(torch.optim.Optimizer):
         if not torch_graph_tracing():
             self._note_eager_groups()
             self._check_marks()
-            for group in self.param_groups:  # a base edited into a group takes its rule's defaults
-                group.update(_missing_hyperparameters(group))
+            for index, group in enumerate(self.param_groups):
+                group.update(_missing_hyperparameters(group))  # a base edited into a group takes its defaults
+                _check_edited_lr(group, index)
         if self._eager_groups:
             self._refuse_capture()
             return self._step_outside_graph(closure)
@@ -446,8 +507,10 @@ class ProjUNN(torch.optim.Optimizer):
         group's plain steps would take it off the unitary group without a word.
         A group given ``unitary=False`` steps its marked parameters plainly, as
         asked."""
-        for index in self.__dict__.get("_plain_by_mark", ()):
-            group = self.param_groups[index]
+        plain = self._plain_groups()
+        for index, group in enumerate(self.param_groups):
+            if not any(group is g for g in plain):
+                continue
             for i, p in enumerate(group["params"]):
                 if p.grad is not None and is_unitary(p):
                     raise ValueError(
@@ -459,7 +522,8 @@ class ProjUNN(torch.optim.Optimizer):
     def __getstate__(self):
         # which plain groups were formed by the marks (see _check_marks) is
         # kept through pickling and copy.deepcopy
-        return {**super().__getstate__(), "_plain_by_mark": set(self.__dict__.get("_plain_by_mark", ()))}
+        # (the group dicts themselves: a pickle keeps them the groups' own)
+        return {**super().__getstate__(), "_plain_by_mark": list(self._plain_groups())}
 
     def _note_eager_groups(self):
         self._eager_groups = [index for index, group in enumerate(self.param_groups)
@@ -522,6 +586,11 @@ class ProjUNN(torch.optim.Optimizer):
                     # moments the new rule keeps start as its first step's
                     state = {**rule.init(xp, p.detach(), mode), **state}
                 _add_counters(state, p, group, index, i)
+                if state.get("precision", _PRECISIONS[p.dtype]) != _PRECISIONS[p.dtype]:
+                    # the parameter changed precision (model.double()) since its
+                    # last step: its moments take the new one (a float32 moment
+                    # of a float64 parameter failed in the fused rule)
+                    state.update(_in_precision(state, p))
                 scratch = self.__dict__.setdefault("_scratch", {}).setdefault(p, {}) if _uses_scratch(group, p) else None
                 W = p.detach()  # once: each detach is a dispatch of its own
                 fused = fused_direction(rule, p.grad, W, state, mode=mode, weight_decay=not unitary, scratch=scratch)
@@ -570,14 +639,18 @@ class ProjUNN(torch.optim.Optimizer):
             if commit is not None:
                 commit()
             steps = new_state["projunn_steps"] + 1
+            precision = _PRECISIONS[p.dtype]
+            # a first step, or the first in this precision (a float32 run
+            # resumed in float64: 7e-8 from unitary, 1e5 times the tolerance)
             new_p, reprojected = step_drift(array_api_compat.torch, p.detach(), step=steps, rng=rng,
                                             seed=group["seed"], drift_tol=group["drift_tol"],
                                             drift_check_every=group["drift_check_every"],
-                                            reproject=group["reproject"])
+                                            reproject=group["reproject"],
+                                            first=new_state.get("precision") != precision)
             if reprojected:
                 p.copy_(new_p)
             saved = generator_state(rng)
-            new_state.update(projunn_steps=steps, sketch_rng=saved,
+            new_state.update(projunn_steps=steps, sketch_rng=saved, precision=precision,
                              reprojections=new_state.get("reprojections", 0) + reprojected)
             self.state[p].update(new_state)
             self.__dict__.setdefault("_generators", {})[p] = (dict(saved), rng)
@@ -753,6 +826,22 @@ def drawn_seed(what, stacklevel=3):
                       "generator: the replicas stay identical only if every rank called torch.manual_seed alike. "
                       "Pass the same seed=<int> on every rank", UserWarning, stacklevel=stacklevel)
     return int(torch.randint(0, 2**62, (), dtype=torch.int64))
+
+
+# the precision a unitary parameter's state records (its dtype's name: a
+# string, which any torch.load takes)
+_PRECISIONS = {dtype: str(dtype).split(".")[-1] for dtype in (torch.float32, torch.float64, torch.complex64,
+                                                              torch.complex128, torch.float16, torch.bfloat16)}
+
+
+def _in_precision(state, p):
+    """The moments of ``state`` (its tensors of p's shape) in p's precision:
+    complex ones in p's dtype, real ones in its real dtype (the second moment
+    |g|^2 of a complex parameter); the counters as they are."""
+    real = p.real.dtype if p.is_complex() else p.dtype
+    return {key: value.to(p.dtype if value.is_complex() else real) for key, value in state.items()
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape == p.shape
+            and value.dtype != (p.dtype if value.is_complex() else real)}
 
 
 def _add_counters(state, p, group, index, i):
@@ -1028,13 +1117,29 @@ def _not_taken(where, base, name, value):
             f"{', '.join(sorted(rule_hyperparameters(base)))}")
 
 
+def _check_edited_lr(group, index):
+    """A number lr edited into a group (by hand, or by a scheduler), checked at
+    each step on the host, where it costs nothing: a capturable group's step
+    checks nothing there, and a NaN lr reached its small cores (a bare
+    LinAlgError from eigh), a negative one stepped uphill. A tensor lr is not
+    read (a synchronisation on a GPU)."""
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor):
+        return
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0 <= lr < math.inf:
+        raise ValueError(f"param group {index}: lr must be a finite number >= 0, got {lr!r}; no parameter was "
+                         "changed")
+
+
 def _check_options(group, *, where):
     lr = group["lr"]
     if isinstance(lr, torch.Tensor):
-        if lr.numel() != 1 or lr.is_complex():
-            raise ValueError(f"{where}: lr must be a number or a real tensor of one element, got {lr!r}")
+        # (torch.optim takes a tensor of one element of any shape; a step here
+        # needs a 0-d one: a tensor of shape (1,) passed and every eager step failed)
+        if lr.dim() != 0 or lr.is_complex():
+            raise ValueError(f"{where}: lr must be a number or a real 0-d tensor (torch.tensor(0.01)), got {lr!r}")
         lr = float(lr)
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
         raise TypeError(f"{where}: lr must be a real number, got {type(group['lr']).__name__} {group['lr']!r}")
     if not math.isfinite(lr) or lr < 0:
         raise ValueError(f"{where}: lr must be a finite number >= 0, got {group['lr']!r}")
@@ -1054,7 +1159,7 @@ def _check_options(group, *, where):
     if group["unitary"] not in (None, True, False):
         raise ValueError(f"{where}: unitary must be True, False or None, got {group['unitary']!r}")
     scale = group.get("unitary_lr_scale", 1.0)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"{where}: unitary_lr_scale must be a finite number > 0, got {scale!r}")
     if group.get("foreach") not in (None, True, False):
         raise ValueError(f"{where}: foreach must be True, False or None, got {group['foreach']!r}")

@@ -194,7 +194,7 @@ class ProjUNNRetraction:
         for p, entry in self.state.items():
             if id(p) in index:  # (a parameter whose group was removed from the optimizer since)
                 state[index[id(p)]] = {"rng": generator_state(entry["rng"]), "steps": entry["steps"],
-                                       "reprojections": entry["reprojections"]}
+                                       "reprojections": entry["reprojections"], "precision": entry["precision"]}
         return {"seed": self.seed, "streams": self._streams, "state": state}
 
     def load_state_dict(self, state_dict):
@@ -223,9 +223,10 @@ class ProjUNNRetraction:
             if id(p) not in targets:
                 raise ValueError(f"{where}: the optimizer's parameter {index} (shape {tuple(p.shape)}) is not "
                                  "retracted")
-            if not isinstance(entry, dict) or set(entry) != {"rng", "steps", "reprojections"}:
-                raise ValueError(f"{where} must be a dict with keys 'rng', 'steps' and 'reprojections', got "
-                                 f"{entry!r}")
+            # ("precision", the dtype of its last step, since 2026-12: absent from older state_dicts)
+            if not isinstance(entry, dict) or set(entry) - {"precision"} != {"rng", "steps", "reprojections"}:
+                raise ValueError(f"{where} must be a dict with keys 'rng', 'steps', 'reprojections' and "
+                                 f"'precision', got {entry!r}")
             counts = (entry["steps"], entry["reprojections"])
             if any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in counts):
                 raise ValueError(f"{where}: 'steps' and 'reprojections' must be ints >= 0, got {counts!r}")
@@ -234,7 +235,8 @@ class ProjUNNRetraction:
             except (TypeError, ValueError, KeyError) as error:
                 raise ValueError(f"{where}['rng'] is not the state of a sketch stream: {error!r}") from None
             self._check(p)
-            state[p] = {"rng": rng, "steps": entry["steps"], "reprojections": entry["reprojections"]}
+            state[p] = {"rng": rng, "steps": entry["steps"], "reprojections": entry["reprojections"],
+                        "precision": entry.get("precision")}
         self.seed, self._streams, self.state = seed, max(streams, len(state)), state
 
     def _all_parameters(self):
@@ -294,7 +296,7 @@ class ProjUNNRetraction:
             state = self.state.get(p)
             if state is None:  # (checked before the step); its stream joins the state once every step succeeded
                 state = fresh[p] = {"rng": np.random.default_rng([self.seed, self._streams + len(fresh)]),
-                                    "steps": 0, "reprojections": 0}
+                                    "steps": 0, "reprojections": 0, "precision": None}
             streams.append((state["rng"], state["rng"].bit_generator.state))
             try:
                 new = projunn_step(W, -delta, lr=1.0, rng=state["rng"],
@@ -313,6 +315,10 @@ class ProjUNNRetraction:
         for p, new, state in pending:
             state["steps"] += 1
             xp = array_api_compat.torch
-            new, reprojected = step_drift(xp, new, step=state["steps"], rng=state["rng"], seed=self.seed, **self.drift)
+            # a first step, or the first in this precision (a float32 run resumed in float64)
+            precision = str(p.dtype).split(".")[-1]
+            new, reprojected = step_drift(xp, new, step=state["steps"], rng=state["rng"], seed=self.seed,
+                                          first=state["precision"] != precision, **self.drift)
             state["reprojections"] += int(reprojected)
+            state["precision"] = precision
             p.copy_(new)
