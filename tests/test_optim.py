@@ -391,6 +391,20 @@ def test_a_gradient_whose_square_overflows_the_moments_is_refused(rng, unitary):
     assert zero_eps.state is None
 
 
+@pytest.mark.parametrize("under", ["warn", "raise"])
+@pytest.mark.parametrize("base", ["rmsprop", "adam"])
+def test_an_underflow_reported_by_numpy_is_not_an_error_of_the_gradient(rng, base, under):
+    """np.errstate(under="warn") (a debugging setting): the squares of a
+    tiny finite gradient underflow, and the rule's check of NumPy's warnings
+    refused it ("G makes the rmsprop rule's step non-finite")."""
+    W = haar(rng, N, "float64")
+    G = random_matrix(rng, (N, N), "float64") * 1e-170
+    expected = ProjUNN(0.1, base=base, seed=0).step(W, G)
+    with np.errstate(under=under):
+        got = ProjUNN(0.1, base=base, seed=0).step(W, G)
+    np.testing.assert_array_equal(got, expected)
+
+
 def test_a_state_of_another_rule_or_malformed_is_refused_and_changes_nothing():
     W = ul.random_unitary(8, dtype="float64", rng=0)
     G = np.random.default_rng(0).standard_normal((8, 8))

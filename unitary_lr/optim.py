@@ -1044,7 +1044,8 @@ class ProjUNN:
         """The rule's (direction, new state). NumPy warns when a NaN/Inf or an
         overflow meets the rule's arithmetic: turned into the error naming G
         (otherwise the kernel names a NaN/Inf G from its sketch, for free)."""
-        with warnings.catch_warnings():
+        # (an underflow, which np.errstate(under="warn") reports, is not an error of G)
+        with warnings.catch_warnings(), np.errstate(under="ignore"):
             warnings.simplefilter("error", RuntimeWarning)
             try:
                 return self.rule.direction(xp, G, W, state, weight_decay=not self.unitary)
