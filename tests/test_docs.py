@@ -32,6 +32,20 @@ ROOT = DOCS.parent
 INTERNAL = re.compile(r"\bfloor \d|design notes|\bthe issue\b|issue's target|\bsection 2\b", re.I)
 
 
+def _api_entries():
+    """(module name, attribute) of every entry of docs/api.md's autosummary tables."""
+    current = "unitary_lr"
+    for line in (DOCS / "api.md").read_text().splitlines():
+        directive = re.match(r"\.\. currentmodule:: (\S+)", line)
+        if directive:
+            current = directive.group(1)
+            continue
+        entry = re.fullmatch(r"   ([A-Za-z_][\w.]*)", line)
+        if entry:
+            module_name, _, attribute = f"{current}.{entry.group(1)}".rpartition(".")
+            yield module_name, attribute
+
+
 def _public_texts():
     """(where, text) for what a user reads: the README, the docs' pages, the
     docstrings of the documented API and the command's --help."""
@@ -43,16 +57,7 @@ def _public_texts():
             yield page.relative_to(ROOT).as_posix(), page.read_text()
     import importlib
 
-    current = "unitary_lr"
-    for line in (DOCS / "api.md").read_text().splitlines():
-        directive = re.match(r"\.\. currentmodule:: (\S+)", line)
-        if directive:
-            current = directive.group(1)
-            continue
-        entry = re.fullmatch(r"   ([A-Za-z_][\w.]*)", line)
-        if not entry:
-            continue
-        module_name, _, attribute = f"{current}.{entry.group(1)}".rpartition(".")
+    for module_name, attribute in _api_entries():
         if module_name.split(".")[1:2] in (["torch"], ["optax"], ["peft"]):
             pytest.importorskip(module_name.split(".")[1])
         obj = getattr(importlib.import_module(module_name), attribute)
@@ -108,3 +113,55 @@ def test_class_pages_list_only_their_own_members():
     conf = _conf()
     assert "_templates" in conf["templates_path"]
     assert conf["autodoc_default_options"].get("inherited-members") is False
+
+
+# The modules the API reference documents, with the optional libraries each needs.
+DOCUMENTED_MODULES = {"unitary_lr": (), "unitary_lr.optim": (), "unitary_lr.options": (),
+                      "unitary_lr.torch": ("torch",), "unitary_lr.optax": ("jax", "optax"),
+                      "unitary_lr.peft": ("torch", "peft")}
+
+
+@pytest.mark.parametrize("module_name", sorted(DOCUMENTED_MODULES))
+def test_api_reference_lists_every_public_name(module_name):
+    """Every name of a documented module's ``__all__`` has an entry in
+    docs/api.md, under that module or under another that exports the same
+    object (``unitary_lr.optim.DEFAULT_LR`` is ``options.DEFAULT_LR``)."""
+    import importlib
+
+    for library in DOCUMENTED_MODULES[module_name]:
+        pytest.importorskip(library)
+    module = importlib.import_module(module_name)
+    entries = set(_api_entries())
+
+    def listed(name):
+        if (module_name, name) in entries:
+            return True
+        for where, attribute in entries:
+            if attribute == name and where in DOCUMENTED_MODULES:
+                try:
+                    if getattr(importlib.import_module(where), name) is getattr(module, name):
+                        return True
+                except ImportError:  # another module's optional library
+                    continue
+        return False
+
+    assert module.__all__, module_name
+    missing = [name for name in module.__all__ if not listed(name)]
+    assert not missing, f"{module_name}: {missing}"
+
+
+def test_conv_example_states_the_recorded_gradient_range():
+    """The examples page's first-block gradient of the projUNN conv run is the
+    committed record's (docs/results/conv.json, the table's source)."""
+    import json
+
+    import numpy as np
+
+    record = json.loads((DOCS / "results" / "conv.json").read_text())
+    gradient = np.array(next(r for r in record["results"] if r["run"] == "orthogonal")["first_layer_gradient"])
+    row = re.search(r"^\| kept orthogonal by projUNN .*\| stays between ([\d.]+) and ([\d.]+) \(median ([\d.]+)\) \|$",
+                    (DOCS / "examples.md").read_text(), flags=re.M)
+    assert row, "the projUNN row of the conv table"
+    low, high, median = map(float, row.groups())
+    assert abs(low - gradient.min()) < 0.005 and abs(high - gradient.max()) < 0.005, (gradient.min(), gradient.max())
+    assert abs(median - np.median(gradient)) < 0.005, np.median(gradient)

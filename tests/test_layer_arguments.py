@@ -60,6 +60,28 @@ def test_modrelu_size_message_matches_unitary_rnn():
     assert tuple(ModReLU(1).bias.shape) == (1,)
 
 
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128, torch.int64, torch.bool, "float32"])
+def test_modrelu_refuses_a_dtype_that_is_not_a_real_precision(dtype):
+    # a complex dtype made a complex bias (forward dropped its imaginary part, with torch's warning only); an integer
+    # one gave torch's NotImplementedError from uniform_
+    with pytest.raises(TypeError) as modrelu:
+        ModReLU(3, dtype=dtype)
+    assert str(modrelu.value) == f"dtype must be torch.float32 or torch.float64 (the real precision), got {dtype}"
+    with pytest.raises(TypeError) as rnn:  # the same message as the recurrent layer's
+        UnitaryRNN(2, 3, dtype=dtype)
+    assert str(modrelu.value) == str(rnn.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_modrelu_with_a_real_dtype_still_builds_and_keeps_its_bias_real(dtype):
+    act = ModReLU(3, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    assert act.bias.dtype == dtype and float(act.bias.detach().abs().max()) <= 0.01
+    z = torch.tensor([[3 + 4j, -1j, 0j]], dtype=torch.complex128)
+    b = act.bias.detach().double().numpy()
+    expected = z.numpy() / np.where(z.numpy() == 0, 1, np.abs(z.numpy())) * np.maximum(np.abs(z.numpy()) + b, 0)
+    np.testing.assert_allclose(act(z).detach().numpy(), expected, rtol=1e-6 if dtype == torch.float32 else 1e-15)
+
+
 @pytest.mark.parametrize("complex_", ["no", 1, 0, None, np.bool_(True)])
 def test_unitary_rnn_refuses_a_complex_that_is_not_a_bool(complex_):
     # "no" is truthy: it silently built a complex layer

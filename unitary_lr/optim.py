@@ -5,7 +5,10 @@ The pieces every adapter shares:
 * base rules (:class:`SGD`, :class:`RMSprop`, :class:`Adam`) that turn a
   gradient into a Euclidean step direction D, the plain update being
   ``W - lr * D``. They follow ``torch.optim``'s definitions (the projUNN
-  reference is a PyTorch code) and are pure functions of arrays: no in-place
+  reference is a PyTorch code), except that the second moment of a complex
+  gradient is ``|g|^2`` per entry (``mode="modulus"``, as optax keeps it;
+  ``mode="components"`` keeps torch.optim's one per real and imaginary part),
+  and are pure functions of arrays: no in-place
   writes, so the same code serves PyTorch tensors, JAX arrays and NumPy arrays;
 * :func:`unitary_update`: for a unitary parameter, D is sketched to rank k and
   applied with a projUNN step, and every ``drift_check_every`` steps a cheap
@@ -216,7 +219,9 @@ class SGD:
 @dataclass(frozen=True)
 class RMSprop:
     """RMSprop, as ``torch.optim.RMSprop`` (eps added after the square root;
-    ``maximize`` as there).
+    ``maximize`` as there); a complex gradient's second moment is ``|g|^2``
+    per entry, as optax keeps it (``mode="components"``: torch.optim's, one
+    per real and imaginary part).
 
     A pure function of arrays: ``direction(xp, grad, param, state)`` returns the
     step direction D (the plain update is ``param - lr * D``) and a new state;
@@ -284,7 +289,9 @@ class RMSprop:
 class Adam:
     """Adam, as ``torch.optim.Adam``: L2 weight decay, or AdamW's decoupled
     decay with ``decoupled_weight_decay=True``; ``amsgrad`` and ``maximize``
-    as there.
+    as there. A complex gradient's second moment is ``|g|^2`` per entry, as
+    optax keeps it (``mode="components"``: torch.optim's, one per real and
+    imaginary part).
 
     A pure function of arrays: ``direction(xp, grad, param, state)`` returns the
     step direction D (the plain update is ``param - lr * D``) and a new state;
@@ -532,9 +539,9 @@ def unitary_update(
     ``direction`` is a dense (..., n, m) array or a pair (a, b) meaning a b^H.
     ``rank`` is capped at min(n, m) (None:
     :data:`unitary_lr.options.DEFAULT_RANK`, capped). Every
-    ``drift_check_every`` steps (0: never) :func:`unitarity_estimate` measures
+    ``drift_check_every`` steps (0: never) :func:`~unitary_lr.unitarity_estimate` measures
     the drift from the group and, above ``drift_tol`` (None: :func:`default_drift_tolerance` of W's dtype), W is
-    re-projected with :func:`project_unitary` (``reproject`` = "svd" or
+    re-projected with :func:`~unitary_lr.project_unitary` (``reproject`` = "svd" or
     "newton_schulz"); so is it after the first step (``step`` = 1), with
     probes seeded by ``seed`` (see :func:`step_drift`). ``add_in_place(L, Rh)``, when given, must add ``L @ Rh``
     to W in place (an optimizer that owns W's memory): the step then writes no
@@ -588,7 +595,7 @@ def control_drift(xp, W, *, step, rng, drift_tol=None, drift_check_every=50, rep
     """Every ``drift_check_every`` steps, re-project W when a probe estimate of
     its drift from the group is above ``drift_tol``. Returns (W, re-projected?).
     The probe vectors are drawn from ``rng``, or given as ``probes``, the host
-    draw :func:`drift_probes` made beforehand."""
+    draw ``drift_probes`` made beforehand."""
     # decided before the policy is made: most steps check nothing
     if not drift_check_due(step, drift_check_every):
         return W, False
@@ -672,7 +679,10 @@ class ProjUNN:
         whatever n. See "Choosing lr and rank" in the documentation.
     base : {"rmsprop", "adam", "sgd"}, optional
         The rule that turns gradients into a Euclidean step (preconditioned, as
-        in the projUNN paper), with ``torch.optim``'s definitions.
+        in the projUNN paper), with ``torch.optim``'s definitions, except that
+        a complex W's second moment is ``|g|^2`` per entry, also with
+        ``unitary=False`` (as optax's; torch.optim keeps one per real and
+        imaginary part).
     rank : int or None, optional
         Rank k of the unitary updates, >= 1 (capped at min(n, m) of W). None:
         :data:`unitary_lr.options.DEFAULT_RANK` (8), capped at min(n, m).

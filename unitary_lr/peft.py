@@ -25,10 +25,17 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from ._peft_support import TESTED_PEFT_VERSIONS, check_peft_version
+from . import _peft_support
+from ._peft_support import check_peft_version
 from .torch.adapters import _unit_columns, householder_delta, householder_delta_weight
 
+#: The ``peft_type`` of :class:`~unitary_lr.peft.HTAConfig`, under which PEFT's tables know the method.
 PEFT_TYPE = "HTA"
+
+#: The PEFT releases this module is tested with, as [lowest, first untested):
+#: it fills PEFT's method tables and subclasses its tuner classes, which are
+#: internal to PEFT and change between minor releases.
+TESTED_PEFT_VERSIONS = _peft_support.TESTED_PEFT_VERSIONS
 PREFIX = "hta_"
 
 __all__ = ["HTAConfig", "HTALayer", "HTALinear", "HTAModel", "PEFT_TYPE", "TESTED_PEFT_VERSIONS", "check_peft_version"]

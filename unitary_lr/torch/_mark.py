@@ -90,9 +90,10 @@ def unitary_tolerance(dtype):
     Returns
     -------
     float
-        1e-4 for float32/complex64 and 1e-10 for float64/complex128: ten times
-        the optimizers' re-projection threshold, far above rounding (<= 1e-6 and
-        ~1e-15 for n up to a few thousand).
+        1e-4 for float32/complex64 and 1e-10 for float64/complex128: ten and a
+        hundred times the optimizers' re-projection thresholds (1e-5 and 1e-12,
+        the default ``drift_tol``), far above rounding (<= 1e-6 and ~1e-15 for
+        n up to a few thousand).
 
     Raises
     ------

@@ -23,11 +23,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import unitary_parameter
+from .layers import COMPLEX_OF, real_precision, unitary_parameter
 
 __all__ = ["FourierConv2d"]
-
-_COMPLEX_OF = {torch.float32: torch.complex64, torch.float64: torch.complex128}
 
 
 def _half_spectrum_sources(h, w):
@@ -134,21 +132,19 @@ class FourierConv2d(nn.Module):
             raise ValueError(f"size must be two integers (h, w) >= 1, got {size!r}")
         if init not in ("identity", "haar"):
             raise ValueError(f"init must be 'identity' or 'haar', got {init!r}")
-        real_dtype = torch.get_default_dtype() if dtype is None else dtype
-        if real_dtype not in _COMPLEX_OF:
-            raise TypeError(f"dtype must be torch.float32 or torch.float64 (the real precision), got {real_dtype}")
+        real_dtype = real_precision(dtype)
         self.channels, self.size, self.complex = channels, tuple(size), complex
         self.in_channels, self.out_channels = channels, out_channels
         h, w = self.size
         shape = (out_channels, channels)  # U_f maps the c input channels to the d output ones
         options = {"init": init, "device": device, "generator": generator}
         if complex:
-            self.weight = unitary_parameter(*shape, batch_shape=(h * w,), dtype=_COMPLEX_OF[real_dtype], **options)
+            self.weight = unitary_parameter(*shape, batch_shape=(h * w,), dtype=COMPLEX_OF[real_dtype], **options)
             self.weight_real = None
             self.register_buffer("_gather", None, persistent=False)
             return
         free, real, sources = _half_spectrum_sources(h, w)
-        self.weight = unitary_parameter(*shape, batch_shape=(len(free),), dtype=_COMPLEX_OF[real_dtype], **options)
+        self.weight = unitary_parameter(*shape, batch_shape=(len(free),), dtype=COMPLEX_OF[real_dtype], **options)
         self.weight_real = unitary_parameter(*shape, batch_shape=(len(real),), dtype=real_dtype, **options)
         # Index into the bank [weight, conj(weight), weight_real] for every
         # frequency of the rfft2 grid, in row-major order.
@@ -175,7 +171,7 @@ class FourierConv2d(nn.Module):
         is: the layer then failed with a dtype error)."""
         if self.complex:
             return self.weight.dtype
-        return torch.promote_types(self.weight.dtype, _COMPLEX_OF[self.weight_real.dtype])
+        return torch.promote_types(self.weight.dtype, COMPLEX_OF[self.weight_real.dtype])
 
     def forward(self, x):
         """Convolve a batch of images.

@@ -18,8 +18,11 @@ from ._mark import _check_and_mark, _set_mark
 
 __all__ = ["INITS", "ModReLU", "UnitaryRNN", "unitary_parameter"]
 
+#: The initialisations of :func:`~unitary_lr.torch.unitary_parameter` (``init``): a Haar-random
+#: unitary matrix, the identity, or Henaff et al.'s block-diagonal rotations.
 INITS = ("haar", "identity", "henaff")
-_COMPLEX_OF = {torch.float32: torch.complex64, torch.float64: torch.complex128}
+# the complex dtype of each real precision a layer takes
+COMPLEX_OF = {torch.float32: torch.complex64, torch.float64: torch.complex128}
 
 
 def _on_generator(generator):
@@ -32,6 +35,16 @@ def _check_size(name, value):
     """A size argument (features, hidden_size, ...): an integer >= 1."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def real_precision(dtype):
+    """A layer's ``dtype`` argument, the real precision of its parameters:
+    torch.float32 or torch.float64 (None: torch's default dtype); else a
+    TypeError showing it."""
+    real_dtype = torch.get_default_dtype() if dtype is None else dtype
+    if real_dtype not in COMPLEX_OF:
+        raise TypeError(f"dtype must be torch.float32 or torch.float64 (the real precision), got {real_dtype}")
+    return real_dtype
 
 
 def check_generator(generator):
@@ -188,7 +201,9 @@ class ModReLU(nn.Module):
     Parameters
     ----------
     features : int
-    dtype : real torch.dtype of the bias, optional
+    dtype : torch.float32 or torch.float64, optional
+        Of the bias (real, for real and complex inputs alike); torch's default
+        dtype when omitted.
     device : optional
     generator : torch.Generator, optional
         Source of the initial bias, uniform in [-0.01, 0.01].
@@ -197,6 +212,9 @@ class ModReLU(nn.Module):
     ------
     ValueError
         ``features`` not an integer >= 1.
+    TypeError
+        A ``dtype`` other than torch.float32 or torch.float64: the bias is real,
+        also for complex inputs.
 
     Examples
     --------
@@ -213,7 +231,8 @@ class ModReLU(nn.Module):
         super().__init__()
         _check_size("features", features)
         check_generator(generator)
-        bias = torch.empty(features, dtype=dtype, device=device).uniform_(-0.01, 0.01, generator=generator)
+        real_dtype = real_precision(dtype)
+        bias = torch.empty(features, dtype=real_dtype, device=device).uniform_(-0.01, 0.01, generator=generator)
         self.bias = nn.Parameter(bias)
 
     def forward(self, z):
@@ -324,14 +343,12 @@ class UnitaryRNN(nn.Module):
         check_generator(generator)
         if nonlinearity not in ("modrelu", "relu", "tanh"):
             raise ValueError(f"nonlinearity must be 'modrelu', 'relu' or 'tanh', got {nonlinearity!r}")
-        real_dtype = torch.get_default_dtype() if dtype is None else dtype
-        if real_dtype not in _COMPLEX_OF:
-            raise TypeError(f"dtype must be torch.float32 or torch.float64 (the real precision), got {real_dtype}")
+        real_dtype = real_precision(dtype)
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.complex, self.nonlinearity, self.batch_first = complex, nonlinearity, batch_first
         # compile_recurrence's setting and its compiled loop
         self._recurrence_steps, self._recurrence_options, self._recurrence_loop = None, {}, None
-        state_dtype = _COMPLEX_OF[real_dtype] if complex else real_dtype
+        state_dtype = COMPLEX_OF[real_dtype] if complex else real_dtype
         options = {"dtype": real_dtype, "device": device, "generator": generator}
         # layer 0 first, in the order of a single-layer UnitaryRNN: the same
         # seed gives it the same initial values

@@ -10,11 +10,10 @@ from torch import nn
 from torch.nn import functional
 
 from ._mark import _set_mark
-from .layers import unitary_parameter
+from .layers import COMPLEX_OF, real_precision, unitary_parameter
 
 __all__ = ["OrthogonalLinear"]
 
-_COMPLEX_OF = {torch.float32: torch.complex64, torch.float64: torch.complex128}
 _INITS = ("haar", "identity")
 
 
@@ -91,11 +90,9 @@ class OrthogonalLinear(nn.Module):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if init not in _INITS:
             raise ValueError(f"init must be one of {', '.join(map(repr, _INITS))}, got {init!r}")
-        real_dtype = torch.get_default_dtype() if dtype is None else dtype
-        if real_dtype not in _COMPLEX_OF:
-            raise TypeError(f"dtype must be torch.float32 or torch.float64 (the real precision), got {real_dtype}")
+        real_dtype = real_precision(dtype)
         self.in_features, self.out_features, self.complex, self.init = in_features, out_features, complex, init
-        weight_dtype = _COMPLEX_OF[real_dtype] if complex else real_dtype
+        weight_dtype = COMPLEX_OF[real_dtype] if complex else real_dtype
         self.weight = unitary_parameter(out_features, in_features, init=init, dtype=weight_dtype, device=device,
                                         generator=generator)
         if bias:
