@@ -134,6 +134,12 @@ for shape in ((12, 12), (12, 5), (5, 12)):
 W = jax.device_put(ul.random_unitary(12, dtype="float32", rng=0), second)
 a, b = (jax.device_put(np.random.default_rng(s).standard_normal((12, 1)).astype("float32"), second) for s in (3, 4))
 assert exp_transport(W, a, b, t=0.1).devices() == {second}
+# random_unitary(device=...): its staged factorization ran on the default device
+import jax.numpy as jnp
+for shape, batch in (((6,), ()), ((6, 3), (2,)), ((3, 6), ())):
+    drawn = ul.random_unitary(*shape, dtype="float32", batch_shape=batch, rng=5, xp=jnp, device=second)
+    assert drawn.devices() == {second}, (shape, drawn.devices())
+    assert np.abs(np.asarray(drawn) - ul.random_unitary(*shape, dtype="float32", batch_shape=batch, rng=5)).max() < 1e-6
 print("ok")
 """
 
@@ -141,7 +147,8 @@ print("ok")
 def test_staged_programs_run_on_the_device_of_the_arrays():
     """The host's results and the sketch's draw go to the device with the
     staged call: on the device of W and G, here the second of two CPU
-    devices (a fresh process: XLA's device count is fixed at start)."""
+    devices (a fresh process: XLA's device count is fixed at start); and
+    ``random_unitary(xp=jax.numpy, device=...)`` draws on that device."""
     import os
     import subprocess
     import sys

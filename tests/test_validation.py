@@ -125,3 +125,27 @@ def test_default_drift_tolerance_names_what_it_takes():
         with pytest.raises(ValueError, match=r"dtype_name_ must be one of 'float32', 'complex64', 'float64', "
                                              r"'complex128', got"):
             default_drift_tolerance(bad)
+
+
+@pytest.mark.parametrize("call", ["projunn_step", "exp_transport", "randomized_svd", "project_unitary"])
+def test_a_numpy_masked_array_is_refused_by_name(call):
+    """A masked array failed deep inside a step with NumPy's "operands could
+    not be broadcast together" (its mask follows some operations and not
+    others), and project_unitary returned a masked array; np.matrix was
+    already refused. A memory-mapped array (another ndarray subclass) is an
+    array like any other."""
+    W = ul.random_unitary(4, dtype="float64", rng=0)
+    G = np.random.default_rng(1).standard_normal((4, 4))
+    calls = {"projunn_step": lambda M: ul.projunn_step(M, G, lr=0.1, rng=0),
+             "exp_transport": lambda M: ul.exp_transport(M, G[:, :1], G[:, 1:2]),
+             "randomized_svd": lambda M: ul.randomized_svd(M, 2, rng=0),
+             "project_unitary": lambda M: ul.project_unitary(M)}
+    name = "A" if call in ("randomized_svd", "project_unitary") else "W"
+    with pytest.raises(TypeError, match=rf"^{name} is a NumPy masked array, which unitary_lr does not take: pass "
+                                        rf"the array of its values, {name}.filled\(\) or np.asarray\({name}\)$"):
+        calls[call](np.ma.masked_array(W))
+    result = calls[call](np.ma.masked_array(W).filled())
+    expected = calls[call](W)
+    for got, want in zip(*(r if isinstance(r, tuple) else (r,) for r in (result, expected))):
+        assert type(got) is np.ndarray
+        np.testing.assert_array_equal(got, want)

@@ -11,6 +11,8 @@ import math
 import numbers
 import operator
 
+import numpy as np
+
 from ._host import is_jax_tracer, is_traced, staged
 from ._xp import (
     untracked,
@@ -41,6 +43,11 @@ def namespace_of(**arrays):
     for name, x in arrays.items():
         xp = known_namespace(x)  # an array of a type seen before
         if xp is None:
+            if isinstance(x, np.ma.MaskedArray):
+                # (its mask is dropped by some operations and kept by others:
+                # NumPy's broadcasting errors came from deep inside a step)
+                raise TypeError(f"{name} is a NumPy masked array, which unitary_lr does not take: pass the array "
+                                f"of its values, {name}.filled() or np.asarray({name})")
             if not is_array_api_obj(x) or isinstance(x, (bool, int, float, complex)):
                 raise TypeError(
                     f"{name} must be an array (NumPy, CuPy, PyTorch, JAX or any Array API "

@@ -95,6 +95,7 @@ def random_unitary(n, m=None, /, *, dtype, batch_shape=(), rng=None, xp=None, de
             f"dtype must be one of {', '.join(FLOAT_DTYPE_NAMES)} (a dtype of {xp.__name__} "
             f"or its name), got {dtype!r}"
         )
+    placed = device is not None
     if device is None:
         device = xp.__array_namespace_info__().default_device()
     else:
@@ -104,9 +105,11 @@ def random_unitary(n, m=None, /, *, dtype, batch_shape=(), rng=None, xp=None, de
         hint = "; JAX has 64-bit dtypes once jax.config.update('jax_enable_x64', True)" if _is_jax(xp) else ""
         raise TypeError(f"dtype {dtype_name(xp, dtype)} is not available on {where}{hint}")
     rows, columns = max(n, m), min(n, m)
-    # the host draw goes with the call of the staged factorization (see _host.staged)
+    # the host draw goes with the call of the staged factorization (see
+    # _host.staged), which JAX runs on its default device: sent first where
+    # another device is asked for (the result was on the default one)
     Z = from_host(xp, host_normal(xp, (*batch_shape, rows, columns), dtype=dtype, rng=as_generator(rng)),
-                  dtype=dtype, device=device, staged=True)
+                  dtype=dtype, device=device, staged=not placed)
     return _haar_factor(xp, Z, wide=n < m)
 
 

@@ -209,7 +209,12 @@ def project_unitary_lowrank(W, a, b, /):
         and on the device of W, with dtype ``result_type(W, a, b)``.
         A new value, as an optimizer step makes it: on PyTorch it carries no autograd
         history (W, a and b are detached; ``torch.func.grad`` fails), where ``jax.grad``
-        differentiates it.
+        differentiates it where the 2k columns of the factors are linearly
+        independent (2k <= min(n, m)): at a factor that is zero (a zero
+        initialisation), a zero column, or factors whose columns are dependent
+        (b = 2a), the basis of their span drops a direction, and the gradient
+        is NaN or misses that direction's part. Start learned factors from
+        small random values, not zeros.
 
     Raises
     ------

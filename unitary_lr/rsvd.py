@@ -89,7 +89,9 @@ def randomized_svd(A, /, rank, *, oversample=10, power_iters=2, rng=None):
     rng : None, int or numpy.random.Generator, optional
         Source of the Gaussian test matrix. The numbers are drawn on the host
         with NumPy, so the same seed gives the same result on every backend
-        and device.
+        and device (where the truncation is unique: with ``S[rank - 1]`` tied
+        to the next singular value, rounding picks one of the equally good
+        subspaces, which can differ between backends).
 
     Returns
     -------

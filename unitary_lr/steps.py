@@ -150,7 +150,10 @@ def projunn_step(
     Cost per step: the sketch, ``2 + 2 power_iters`` passes over a dense G, plus
     two passes over W and one rank-2k update: O(k n m). A zero gradient gives
     W back exactly; one of rank below ``rank`` gives the exact step of that
-    rank (no NaN from the sketch's null directions).
+    rank (no NaN from the sketch's null directions). A gradient nearly normal
+    to the group (``W^H G`` nearly Hermitian, the step's span spanned by
+    columns at an angle theta) is resolved to about eps / theta of the step's
+    scale (see "The data flow of a step" in the documentation's mathematics page).
     The NaN/Inf check of a dense G looks at its sketch ``G Omega``, not at G,
     so it costs no extra pass. Kiani et al., "projUNN", NeurIPS 2022, Eqs. 3, 7.
 

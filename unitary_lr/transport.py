@@ -35,7 +35,12 @@ def exp_transport(W, a, b, /, *, t=1.0):
         rounding for every t when W is.
         A new value, as an optimizer step makes it: on PyTorch it carries no autograd
         history (W, a and b are detached; ``torch.func.grad`` fails), where ``jax.grad``
-        differentiates it.
+        differentiates it where the 2k columns of the factors are linearly
+        independent (2k <= min(n, m)): at a factor that is zero (a zero
+        initialisation), a zero column, or factors whose columns are dependent
+        (b = 2a), the basis of their span drops a direction, and the gradient
+        is NaN or misses that direction's part. Start learned factors from
+        small random values, not zeros.
 
     Raises
     ------
@@ -100,7 +105,12 @@ def cayley_transport(W, a, b, /, *, t=1.0):
         of W, with dtype ``result_type(W, a, b)``; unitary to rounding when W is.
         A new value, as an optimizer step makes it: on PyTorch it carries no autograd
         history (W, a and b are detached; ``torch.func.grad`` fails), where ``jax.grad``
-        differentiates it.
+        differentiates it where the 2k columns of the factors are linearly
+        independent (2k <= min(n, m)): at a factor that is zero (a zero
+        initialisation), a zero column, or factors whose columns are dependent
+        (b = 2a), the basis of their span drops a direction, and the gradient
+        is NaN or misses that direction's part. Start learned factors from
+        small random values, not zeros.
 
     Raises
     ------
