@@ -237,3 +237,41 @@ def test_nested_entry_points_set_the_precision_once(torch_reduced_precision, mon
     sets.clear()
     assert set(_settings_seen_by_products(torch, lambda: ul.projunn_step(W, G, lr=0.1, rng=1))) == {("ieee", "ieee")}
     assert len(sets) == 1  # a later call sets them again: the failed one left no trace
+
+
+def test_calls_in_two_threads_keep_the_products_exact_until_the_last_returns(torch_reduced_precision):
+    """A call that began while another thread's call had lifted the setting
+    changed nothing, and the first call's return put TF32 (and oneDNN's
+    bfloat16) back under the second one's remaining products."""
+    import threading
+
+    from unitary_lr._xp import exact_products
+
+    torch = torch_reduced_precision
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    seen = []
+
+    def settings():
+        return torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision
+
+    @exact_products
+    def first_call():  # lifts the setting, and returns while the second call runs
+        first_in.set()
+        assert second_in.wait(30)
+        seen.append(("first", settings()))
+
+    @exact_products
+    def second_call():  # begins under the first call's lift, ends after it
+        second_in.set()
+        assert first_out.wait(30)
+        seen.append(("second", settings()))
+
+    first = threading.Thread(target=lambda: (first_call(), first_out.set()))
+    first.start()
+    assert first_in.wait(30)
+    second = threading.Thread(target=second_call)
+    second.start()
+    first.join(30)
+    second.join(30)
+    assert seen == [("first", ("ieee", "ieee")), ("second", ("ieee", "ieee"))]
+    assert settings() == ("tf32", "bf16")

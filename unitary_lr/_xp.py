@@ -1109,6 +1109,29 @@ def _torch_products_in_ieee(torch):
 # optimizers' steps call public entry points, which need not set anything again.
 _exact_calls = threading.local()
 
+# The calls of all threads that run with torch's products lifted, and what the
+# first of them changed: the last to return restores it. (Each call restored
+# what it had changed itself: a call that began while another's lift was in
+# force changed nothing, and ran its products in TF32 once the first returned.)
+_lifted = {"calls": 0, "changed": []}
+_lifted_lock = threading.Lock()
+
+
+def _lift_torch_products(torch):
+    with _lifted_lock:
+        if _lifted["calls"] == 0:
+            _lifted["changed"] = _torch_products_in_ieee(torch)
+        _lifted["calls"] += 1
+
+
+def _restore_torch_products():
+    with _lifted_lock:
+        _lifted["calls"] -= 1
+        if _lifted["calls"] == 0:
+            for settings, name, old in _lifted["changed"]:
+                setattr(settings, name, old)
+            _lifted["changed"] = []
+
 
 def exact_products(function):
     """Decorate a public entry point so that its matrix products are true
@@ -1121,7 +1144,8 @@ def exact_products(function):
     to TF32 or bfloat16 is set to "ieee" and restored afterwards, outside
     ``torch.compile`` only (inside a compiled region no setting is changed).
     The setting is global while the call runs, so a thread
-    running products beside it gets them in float32 too. Costs a few
+    running products beside it gets them in float32 too; calls in several
+    threads lift it once, and the last to return restores it. Costs a few
     microseconds; only float32 and complex64 products change.
     """
 
@@ -1132,7 +1156,8 @@ def exact_products(function):
         torch = sys.modules.get("torch")
         if torch is not None and torch.compiler.is_compiling():
             return function(*args, **kwargs)
-        changed = _torch_products_in_ieee(torch) if torch is not None else ()
+        if torch is not None:
+            _lift_torch_products(torch)
         _exact_calls.active = True
         try:
             jax = sys.modules.get("jax")
@@ -1142,8 +1167,8 @@ def exact_products(function):
                 return function(*args, **kwargs)
         finally:
             _exact_calls.active = False
-            for settings, name, old in changed:
-                setattr(settings, name, old)
+            if torch is not None:
+                _restore_torch_products()
 
     return in_full_precision
 
