@@ -491,3 +491,32 @@ def test_edited_options_are_checked_and_the_base_is_fixed():
     W = ul.random_unitary(8, dtype="float64", rng=0)
     V = opt.step(W, np.ones((8, 8)))
     assert float(ul.unitarity_error(V)) < 1e-14
+
+
+def test_a_state_of_another_device_or_library_is_named_with_its_key():
+    """A checkpoint resumed with W on another device or library: the rule's
+    arithmetic failed in the library's words ("Arrays from two different
+    devices can not be combined", "Expected Array or Python scalar"), naming
+    neither the key nor the way out. A torch Parameter and its state's plain
+    tensors are of one library."""
+    xs = pytest.importorskip("array_api_strict")
+    W0 = ul.random_unitary(8, dtype="float64", rng=0)
+    G = np.random.default_rng(1).standard_normal((8, 8))
+    d1, d2 = xs.Device("device1"), xs.Device("device2")
+    for made, used in (((lambda x: xs.asarray(x, device=d1)), (lambda x: xs.asarray(x, device=d2))),
+                       (np.asarray, (lambda x: xs.asarray(x, device=d1)))):
+        opt = ProjUNN(0.1, base="adam", seed=0)
+        opt.step(made(W0), made(G), key="layer")
+        resumed = ProjUNN(0.1, base="adam", seed=0)
+        resumed.load_state_dict(opt.state_dict())
+        before = resumed.state_dict()
+        with pytest.raises(TypeError, match=r"^the optimizer's state under key='layer' holds .* arrays on device .*, "
+                                            r"but W is a .* on device .*; convert the state's arrays"):
+            resumed.step(used(W0), used(G), key="layer")
+        assert resumed.steps == before["steps"] and resumed.state_dict()["rng"] == before["rng"]
+    torch = pytest.importorskip("torch")
+    opt = ProjUNN(0.1, base="adam", seed=0)
+    W = torch.nn.Parameter(torch.as_tensor(W0))
+    for _ in range(2):
+        W = opt.step(W, torch.as_tensor(G))
+    assert opt.steps == 2

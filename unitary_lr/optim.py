@@ -37,7 +37,8 @@ from ._host import from_host, outside_torch_graph, own_transfers, stack_pays, st
 from ._random import as_generator, generator_from_state, generator_state, host_normal
 from ._validation import (check_choice, check_factor_pair, check_finite, check_matrix, check_real_gradient,
                           check_real_scalar, finite_flag, namespace_of, nonempty_factors)
-from ._xp import complex_dtype, device, device_key, dtype_name, exact_products, is_complex, mH, real_dtype
+from ._xp import (complex_dtype, device, device_key, dtype_name, exact_products, is_complex, mH, namespace,
+                  real_dtype)
 from .options import (  # the defaults live with the options; re-exported here
     DEFAULT_BASE,
     DEFAULT_LR,
@@ -638,6 +639,23 @@ def _stack_key(W):
     return type(W), tuple(W.shape), str(W.dtype), device_key(device(W))
 
 
+def _check_state_place(xp, key, state, W):
+    """A TypeError naming the key where its state's arrays are not of W's
+    library and device (a state loaded from a run on another device): the
+    rule's arithmetic failed in the library's words ("Arrays from two
+    different devices can not be combined")."""
+    # (a moment, not a count: Adam's step restored as a NumPy number is one of any library)
+    moment = next((value for value in state.values() if getattr(value, "ndim", 0) > 0), None)
+    if moment is None or (namespace(moment) is xp and device(moment) == device(W)):
+        return
+    raise TypeError(
+        f"the optimizer's state under key={key!r} holds {type(moment).__module__}.{type(moment).__name__} arrays on "
+        f"device {device(moment)!r}, but W is a {type(W).__module__}.{type(W).__name__} on device {device(W)!r}; "
+        "convert the state's arrays to W's library and device before load_state_dict (or step this W under "
+        "another key)"
+    )
+
+
 class _Prepared(NamedTuple):
     """A checked step of :class:`ProjUNN`, its direction computed, not yet taken."""
 
@@ -991,6 +1009,8 @@ class ProjUNN:
                 f"key={key!r} belongs to a W of shape {shape} and dtype {dtype}; give each matrix its own "
                 "key: opt.step(W, G, key=name)"
             )
+        if slot is not None:
+            _check_state_place(xp, key, slot["state"], W)
         if slot is None:
             with own_transfers(xp):  # JAX's zeros send their fill value
                 slot = {"signature": signature, "steps": 0, "state": self.rule.init(xp, W)}
