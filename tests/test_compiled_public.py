@@ -291,6 +291,24 @@ def test_public_function_under_torch_func_vmap_matches_the_reference(name, dtype
     np.testing.assert_allclose(result.numpy(), reference(*arrays), rtol=0, atol=TOLERANCE[dtype] * 10)
 
 
+@pytest.mark.parametrize("name", ["householder_apply", "householder_product", "project_unitary", "tangent_project"])
+def test_per_sample_gradients_by_vmap_of_grad_match_a_loop(name):
+    """torch.func.vmap(torch.func.grad(f)): the batched tensor is inside
+    grad's wrapper, which the eager NaN/Inf check took for a plain tensor and
+    read ("vmap: It looks like you're calling .item()"); vmap and grad alone
+    worked. The per-sample gradients equal a loop of grad calls."""
+    generator = torch.Generator().manual_seed(0)
+    G = torch.randn(4, 4, dtype=torch.float64, generator=generator)
+    batch = torch.randn(3, 4, 4, dtype=torch.float64, generator=generator)
+    calls = {"householder_apply": (lambda V: ul.householder_apply(V, G)[0, 0], batch[..., :2]),
+             "householder_product": (lambda V: ul.householder_product(V)[0, 1], batch[..., :2]),
+             "project_unitary": (lambda A: ul.project_unitary(A)[0, 1], batch),
+             "tangent_project": (lambda W: ul.tangent_project(W, G)[0, 1], batch)}
+    f, inputs = calls[name]
+    loop = torch.stack([torch.func.grad(f)(x) for x in inputs])
+    torch.testing.assert_close(torch.func.vmap(torch.func.grad(f))(inputs), loop, rtol=0, atol=1e-14)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 @pytest.mark.parametrize("name", sorted(HOST_CALLS))
 def test_cuda_graph_capture_of_a_call_that_reads_the_host_says_why(name, rng):

@@ -437,8 +437,13 @@ def is_traced(x) -> bool:
         # either (not grad's tracking tensors: the kernels that take factors
         # drop their inputs' autograd history, so a traced call there gave a
         # wrong gradient where the host's read fails with an error)
-        if torch._C._functorch.is_batchedtensor(x):
-            return True
+        functorch = torch._C._functorch
+        while functorch.is_functorch_wrapped_tensor(x):
+            # (under vmap(grad(f)) the batched tensor is inside grad's wrapper,
+            # and the check's read of it failed)
+            if functorch.is_batchedtensor(x):
+                return True
+            x = functorch.get_unwrapped(x)
         # the fake and functional tensors of torch's tracers, seen outside
         # is_compiling; not torch's other subclasses (a DTensor holds values,
         # and its checks must run)

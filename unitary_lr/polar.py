@@ -61,7 +61,13 @@ def project_unitary(A, /, *, method="svd", max_iter=60):
     Returns
     -------
     array, shape (..., n, m)
-        The polar factor, same namespace, dtype and device as A.
+        The polar factor, same namespace, dtype and device as A. With
+        ``"svd"``, ``jax.grad`` and torch's autograd differentiate it through
+        the SVD, whose derivative needs distinct singular values: at a matrix
+        with repeated ones (every unitary A, the case of a re-projection) the
+        gradient is NaN, and near one it loses digits, or for complex A it is
+        wrong without a word. The polar factor itself is smooth there; its
+        derivative is not computed.
 
     Raises
     ------
@@ -209,12 +215,13 @@ def project_unitary_lowrank(W, a, b, /):
         and on the device of W, with dtype ``result_type(W, a, b)``.
         A new value, as an optimizer step makes it: on PyTorch it carries no autograd
         history (W, a and b are detached; ``torch.func.grad`` fails), where ``jax.grad``
-        differentiates it where the 2k columns of the factors are linearly
-        independent (2k <= min(n, m)): at a factor that is zero (a zero
-        initialisation), a zero column, or factors whose columns are dependent
-        (b = 2a), the basis of their span drops a direction, and the gradient
-        is NaN or misses that direction's part. Start learned factors from
-        small random values, not zeros.
+        runs through it, differentiating its small eigendecompositions, whose
+        derivatives exist only where their eigenvalues are distinct and
+        nonzero. At a zero factor (a zero initialisation), k = 0, 2k > min(n,
+        m), factors with dependent columns (b = 2a), or columns of equal length
+        at right angles (a = e1, b = e2), the gradient is NaN or wrong, without
+        a word (the value itself is right). Differentiate through it only at
+        generic factors: start learned factors from small random values.
 
     Raises
     ------
