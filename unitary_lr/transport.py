@@ -35,13 +35,9 @@ def exp_transport(W, a, b, /, *, t=1.0):
         rounding for every t when W is.
         A new value, as an optimizer step makes it: on PyTorch it carries no autograd
         history (W, a and b are detached; ``torch.func.grad`` fails), where ``jax.grad``
-        runs through it, differentiating its small eigendecompositions, whose
-        derivatives exist only where their eigenvalues are distinct and
-        nonzero. At a zero factor (a zero initialisation), k = 0, 2k > min(n,
-        m), factors with dependent columns (b = 2a), or columns of equal length
-        at right angles (a = e1, b = e2), the gradient is NaN or wrong, without
-        a word (the value itself is right). Differentiate through it only at
-        generic factors: start learned factors from small random values.
+        runs through it, but its gradient is NaN or wrong, without a word, at
+        degenerate factors (a zero factor, k = 0, 2k > min(n, m), dependent
+        columns): see "Gradients through the kernels" on the backends page.
 
     Raises
     ------
@@ -106,13 +102,9 @@ def cayley_transport(W, a, b, /, *, t=1.0):
         of W, with dtype ``result_type(W, a, b)``; unitary to rounding when W is.
         A new value, as an optimizer step makes it: on PyTorch it carries no autograd
         history (W, a and b are detached; ``torch.func.grad`` fails), where ``jax.grad``
-        runs through it, differentiating its small eigendecompositions, whose
-        derivatives exist only where their eigenvalues are distinct and
-        nonzero. At a zero factor (a zero initialisation), k = 0, 2k > min(n,
-        m), factors with dependent columns (b = 2a), or columns of equal length
-        at right angles (a = e1, b = e2), the gradient is NaN or wrong, without
-        a word (the value itself is right). Differentiate through it only at
-        generic factors: start learned factors from small random values.
+        runs through it, but its gradient is NaN or wrong, without a word, at
+        degenerate factors (a zero factor, k = 0, 2k > min(n, m), dependent
+        columns): see "Gradients through the kernels" on the backends page.
 
     Raises
     ------
