@@ -586,7 +586,8 @@ class ProjUNN(torch.optim.Optimizer):
                     # moments the new rule keeps start as its first step's
                     state = {**rule.init(xp, p.detach(), mode), **state}
                 _add_counters(state, p, group, index, i)
-                if state.get("precision", _PRECISIONS[p.dtype]) != _PRECISIONS[p.dtype]:
+                precision = _PRECISIONS.get(p.dtype)
+                if state.get("precision", precision) != precision:
                     # the parameter changed precision (model.double()) since its
                     # last step: its moments take the new one (a float32 moment
                     # of a float64 parameter failed in the fused rule)
