@@ -36,8 +36,14 @@ from ..householder import wy_core
 
 
 class _WYFactors(torch.autograd.Function):
+    # forward and setup_context apart, and a vmap rule made by torch: the
+    # torch.func transforms (grad, vmap, per-sample gradients) take only such
+    # functions, and refused every adapted layer
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, V):
+    def forward(V):
+        """The factors (U, -T), then what the gradient needs (not differentiable)."""
         xp = array_namespace(V)
         wide = V.to(core_dtype(xp, V.dtype, V.device))
         U, minus_T, scale, power = wy_core(xp, wide)
@@ -50,12 +56,18 @@ class _WYFactors(torch.autograd.Function):
         # themselves. Copies of O(n j) entries.
         if wide.dtype == V.dtype:
             U, minus_T = U.clone(), minus_T.clone()
-        ctx.save_for_backward(U, minus_T, scale, power.clone(), V)
-        ctx.dtype = V.dtype
-        return outputs
+        return (*outputs, U, minus_T, scale, power.clone())
 
     @staticmethod
-    def backward(ctx, grad_U, grad_minus_T):
+    def setup_context(ctx, inputs, output):
+        (V,) = inputs
+        saved = output[2:]
+        ctx.mark_non_differentiable(*saved)
+        ctx.save_for_backward(*saved, V)
+        ctx.dtype = V.dtype
+
+    @staticmethod
+    def backward(ctx, grad_U, grad_minus_T, *_):
         U, M, s, power, V = ctx.saved_tensors
         g_U = torch.zeros_like(U) if grad_U is None else grad_U.to(U.dtype)
         if grad_minus_T is not None:
@@ -83,9 +95,15 @@ class _NotDifferentiable(torch.autograd.Function):
     second derivative through V alone (``torch.autograd.functional.hessian``
     of an adapted layer's output) came back as zeros, without a word."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, gradient, V):
+    def forward(gradient, V):
         return gradient.view_as(gradient)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
 
     @staticmethod
     def backward(ctx, grad):
@@ -97,4 +115,5 @@ class _NotDifferentiable(torch.autograd.Function):
 
 def wy_factors(xp, V):
     """``householder.wy_factors(xp, V)`` with the hand-written gradient."""
-    return _WYFactors.apply(V)
+    U, minus_T, *_ = _WYFactors.apply(V)
+    return U, minus_T
