@@ -465,39 +465,3 @@ def test_unsupported_parameter_dtype_is_named():
     with pytest.raises(TypeError, match=r"^reflectors_in has dtype torch.float8_e4m3fn; expected one of float32, "
                                         r"float64, complex64, complex128"):
         adapted(torch.randn(3, 6))
-
-
-# PyTorch's own note on a complex conjugate it batches by a loop
-@pytest.mark.filterwarnings("ignore:There is a performance drop because we have not yet implemented the batching rule")
-@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
-def test_householder_adapter_under_torch_func_transforms(dtype):
-    """torch.func.grad, per-sample gradients (vmap of grad) and vmap of the
-    forward refused every adapted layer ("autograd.Function ... must
-    override the setup_context staticmethod"); the SVD adapter worked. They
-    equal autograd's gradient and a loop over the samples."""
-    from torch.func import functional_call, grad, vmap
-
-    generator = torch.Generator().manual_seed(0)
-    layer = nn.Linear(6, 5, dtype=dtype)
-    adapter = HouseholderAdapter(layer, reflectors=2, generator=generator)
-    with torch.no_grad():  # away from the identity start, so that the factors' gradient matters
-        for p in adapter.parameters():
-            if p.requires_grad:
-                p.add_(0.3 * torch.randn(p.shape, dtype=p.dtype, generator=generator))
-    params = {k: v.detach() for k, v in adapter.named_parameters()}
-    x = torch.randn(4, 6, dtype=dtype, generator=generator)
-
-    def loss(p, xi):
-        return functional_call(adapter, p, (xi,)).abs().pow(2).sum()
-
-    adapter.zero_grad()
-    loss(dict(adapter.named_parameters()), x).backward()
-    transformed = grad(loss)(params, x)
-    for name, p in adapter.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(transformed[name], p.grad, rtol=0, atol=1e-12)
-    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x)
-    for name in params:
-        loop = torch.stack([grad(loss)(params, xi)[name] for xi in x])
-        torch.testing.assert_close(per_sample[name], loop, rtol=0, atol=1e-12)
-    torch.testing.assert_close(vmap(adapter)(x), adapter(x), rtol=0, atol=1e-12)

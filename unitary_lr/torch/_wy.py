@@ -36,14 +36,8 @@ from ..householder import wy_core
 
 
 class _WYFactors(torch.autograd.Function):
-    # forward and setup_context apart, and a vmap rule made by torch: the
-    # torch.func transforms (grad, vmap, per-sample gradients) take only such
-    # functions, and refused every adapted layer
-    generate_vmap_rule = True
-
     @staticmethod
-    def forward(V):
-        """The factors (U, -T), then what the gradient needs (not differentiable)."""
+    def forward(ctx, V):
         xp = array_namespace(V)
         wide = V.to(core_dtype(xp, V.dtype, V.device))
         U, minus_T, scale, power = wy_core(xp, wide)
@@ -56,18 +50,12 @@ class _WYFactors(torch.autograd.Function):
         # themselves. Copies of O(n j) entries.
         if wide.dtype == V.dtype:
             U, minus_T = U.clone(), minus_T.clone()
-        return (*outputs, U, minus_T, scale, power.clone())
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        (V,) = inputs
-        saved = output[2:]
-        ctx.mark_non_differentiable(*saved)
-        ctx.save_for_backward(*saved, V)
+        ctx.save_for_backward(U, minus_T, scale, power.clone(), V)
         ctx.dtype = V.dtype
+        return outputs
 
     @staticmethod
-    def backward(ctx, grad_U, grad_minus_T, *_):
+    def backward(ctx, grad_U, grad_minus_T):
         U, M, s, power, V = ctx.saved_tensors
         g_U = torch.zeros_like(U) if grad_U is None else grad_U.to(U.dtype)
         if grad_minus_T is not None:
@@ -95,15 +83,9 @@ class _NotDifferentiable(torch.autograd.Function):
     second derivative through V alone (``torch.autograd.functional.hessian``
     of an adapted layer's output) came back as zeros, without a word."""
 
-    generate_vmap_rule = True
-
     @staticmethod
-    def forward(gradient, V):
+    def forward(ctx, gradient, V):
         return gradient.view_as(gradient)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
 
     @staticmethod
     def backward(ctx, grad):
@@ -115,5 +97,4 @@ class _NotDifferentiable(torch.autograd.Function):
 
 def wy_factors(xp, V):
     """``householder.wy_factors(xp, V)`` with the hand-written gradient."""
-    U, minus_T, *_ = _WYFactors.apply(V)
-    return U, minus_T
+    return _WYFactors.apply(V)
