@@ -17,7 +17,7 @@ from ..optim import DEFAULT_VARIANT, step_drift, step_rank
 from ..options import ProjUNNOptions
 from ..steps import STEP_OVERSAMPLE, STEP_POWER_ITERS, projunn_step
 from ._mark import is_unitary
-from .optimizer import drawn_seed
+from .optimizer import _PRECISIONS, drawn_seed
 
 __all__ = ["ProjUNNRetraction", "projunn_retraction"]
 
@@ -316,7 +316,7 @@ class ProjUNNRetraction:
             state["steps"] += 1
             xp = array_api_compat.torch
             # a first step, or the first in this precision (a float32 run resumed in float64)
-            precision = str(p.dtype).split(".")[-1]
+            precision = _PRECISIONS[p.dtype]
             new, reprojected = step_drift(xp, new, step=state["steps"], rng=state["rng"], seed=self.seed,
                                           first=state["precision"] != precision, **self.drift)
             state["reprojections"] += int(reprojected)
