@@ -285,6 +285,36 @@ def test_compiled_hta_model_matches_eager(base, x):
 
 
 @needs_peft
+# PyTorch lazily scripts its forward-mode decompositions at the first jvp
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_hta_model_per_sample_gradients_and_forward_mode(base, x):
+    """Per-sample gradients of an HTA model's trainable parameters
+    (``torch.func.vmap`` of ``grad``, as differential-privacy training takes
+    them) equal a loop over the samples, and forward mode (``jvp``) equals
+    the gradient's directional derivative; both failed in the WY factors."""
+    from torch.func import functional_call, grad, jvp, vmap
+
+    model = _adapted(base.double(), r=2, init_weights=False)
+    trainable = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    assert len(trainable) == 18
+    x = x.double()
+
+    def loss(params, xi):
+        return functional_call(model, params, (xi,)).square().sum()
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(trainable, x)
+    loop = [grad(loss)(trainable, xi) for xi in x]
+    for name in trainable:
+        torch.testing.assert_close(per_sample[name], torch.stack([g[name] for g in loop]), rtol=1e-10, atol=1e-12)
+    generator = torch.Generator().manual_seed(3)
+    tangents = {name: torch.randn(p.shape, dtype=p.dtype, generator=generator) for name, p in trainable.items()}
+    _, directional = jvp(lambda params: loss(params, x), (trainable,), (tangents,))
+    gradient = grad(loss)(trainable, x)
+    torch.testing.assert_close(directional, sum(torch.sum(gradient[k] * tangents[k]) for k in trainable),
+                               rtol=1e-10, atol=1e-12)
+
+
+@needs_peft
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_hta_model(base, x, dtype):
     """After ``.to(dtype)`` the HTA layers' forward failed with "attribute name

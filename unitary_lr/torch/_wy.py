@@ -21,9 +21,9 @@ factors returned are U and M), with torch's convention ``dL = Re tr(g^H dX)``:
 
 the last term zero for a zero column (whose v is zero). It is the gradient of
 the generic code (``tests/test_torch_adapters.py`` checks the two against
-each other in float64, real and complex, with zero columns). The backward
-pass is not itself differentiable: second derivatives raise (see
-``_NotDifferentiable``).
+each other in float64, real and complex, with zero columns). Forward mode
+(``jvp``) is the same linear map read forwards. Neither is itself
+differentiable: second derivatives raise (see ``_NotDifferentiable``).
 """
 
 from __future__ import annotations
@@ -36,8 +36,14 @@ from ..householder import wy_core
 
 
 class _WYFactors(torch.autograd.Function):
+    # forward and setup_context apart, and a vmap rule made by torch: the
+    # torch.func transforms (grad, vmap, per-sample gradients) take only such
+    # functions, and refused every adapted layer
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, V):
+    def forward(V):
+        """The factors (U, -T), then what the gradient needs (not differentiable)."""
         xp = array_namespace(V)
         wide = V.to(core_dtype(xp, V.dtype, V.device))
         U, minus_T, scale, power = wy_core(xp, wide)
@@ -50,12 +56,22 @@ class _WYFactors(torch.autograd.Function):
         # themselves. Copies of O(n j) entries.
         if wide.dtype == V.dtype:
             U, minus_T = U.clone(), minus_T.clone()
-        ctx.save_for_backward(U, minus_T, scale, power.clone(), V)
-        ctx.dtype = V.dtype
-        return outputs
+        return (*outputs, U, minus_T, scale, power.clone())
 
     @staticmethod
-    def backward(ctx, grad_U, grad_minus_T):
+    def setup_context(ctx, inputs, output):
+        (V,) = inputs
+        saved = output[2:]
+        ctx.mark_non_differentiable(*saved)
+        # no zeros made for the gradients of outputs that have none (the
+        # saved ones, and U or -T when the loss does not use it)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*saved, V)
+        ctx.save_for_forward(*saved, V)
+        ctx.dtype = V.dtype
+
+    @staticmethod
+    def backward(ctx, grad_U, grad_minus_T, *_):
         U, M, s, power, V = ctx.saved_tensors
         g_U = torch.zeros_like(U) if grad_U is None else grad_U.to(U.dtype)
         if grad_minus_T is not None:
@@ -76,6 +92,35 @@ class _WYFactors(torch.autograd.Function):
         return g_V
 
 
+class _WYFactorsForwardMode(_WYFactors):
+    """``_WYFactors`` with forward mode, for eager calls: Dynamo refuses an
+    ``autograd.Function`` that defines ``jvp`` ("Unsupported custom jvp"),
+    and ``torch.compile`` takes ``_WYFactors`` itself."""
+
+    @staticmethod
+    def jvp(ctx, tangent_V):
+        """Forward mode (``torch.func.jvp``, ``jacfwd``): the same linear map
+        as ``backward``, read forwards: dU = (dV - U Re(diag(U^H dV))) diag(1 / |v|),
+        dK = dU^H U + U^H dU, dM = M triu(dK, 1) M."""
+        U, M, s, power, V = ctx.saved_tensors
+        dV = tangent_V.to(U.dtype)
+        along = (U.conj() * dV).sum(dim=-2)
+        if along.is_complex():
+            along = along.real
+        # 1 / |v| applied as its two factors s and power, as in backward
+        dU = (dV - U * along[..., None, :].to(U.dtype)) * s[..., None, :].to(U.dtype)
+        dU = dU * power[..., None, :].to(U.dtype)
+        dK = U.mH @ dU
+        dM = M @ torch.triu(dK + dK.mH, diagonal=1) @ M
+        # dU in U's layout: forward AD requires a view's tangent to have it.
+        # Both tied to V, as the gradient is: a derivative of these (forward
+        # over forward, reverse over forward) raises where it would take U
+        # and M as constants and be wrong without a word
+        dU = column_layout(array_namespace(dU), dU.to(ctx.dtype))
+        dU, dM = (_NotDifferentiable.apply(d, V) for d in (dU, dM.to(ctx.dtype)))
+        return dU, dM, None, None, None, None
+
+
 class _NotDifferentiable(torch.autograd.Function):
     """The hand-written gradient as it is, tied to V, whose derivative it
     does not have: a derivative of the gradient raises. torch's
@@ -83,18 +128,33 @@ class _NotDifferentiable(torch.autograd.Function):
     second derivative through V alone (``torch.autograd.functional.hessian``
     of an adapted layer's output) came back as zeros, without a word."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, gradient, V):
+    def forward(gradient, V):
         return gradient.view_as(gradient)
 
     @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
     def backward(ctx, grad):
-        raise RuntimeError(
-            "unitary_lr: the Householder factors' hand-written gradient is not differentiable: a second "
-            "derivative through householder_apply, householder_product or a HouseholderAdapter of PyTorch "
-            "tensors is not supported")
+        raise RuntimeError(_SECOND_DERIVATIVE)
+
+    @staticmethod
+    def jvp(ctx, *tangents):  # forward over reverse: torch.func.hessian, jacfwd(jacrev(...))
+        raise RuntimeError(_SECOND_DERIVATIVE)
+
+
+_SECOND_DERIVATIVE = (
+    "unitary_lr: the Householder factors' hand-written gradient is not differentiable: a second "
+    "derivative through householder_apply, householder_product or a HouseholderAdapter of PyTorch "
+    "tensors is not supported")
 
 
 def wy_factors(xp, V):
     """``householder.wy_factors(xp, V)`` with the hand-written gradient."""
-    return _WYFactors.apply(V)
+    factors = _WYFactors if torch.compiler.is_compiling() else _WYFactorsForwardMode
+    U, minus_T, *_ = factors.apply(V)
+    return U, minus_T
