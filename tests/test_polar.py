@@ -269,3 +269,149 @@ def test_newton_schulz_takes_a_matrix_at_the_ends_of_its_dtype(dtype, scale):
     eps = np.finfo(Q.real.dtype).eps
     assert np.linalg.norm(np.conj(P).T @ P - np.eye(6)) < 64 * eps
     assert np.max(np.abs(P - reference)) < 1e3 * eps
+
+
+# ------------------------------------------------- project_unitary's derivative
+
+
+def reference_polar_tangent(A, dA):
+    """dQ of the polar factor Q H = A (tall or square, full column rank) along
+    dA, from SciPy's polar factors and a Sylvester equation, in complex128:
+    Q^H dA - dA^H Q = O H + H O for the skew-Hermitian O, and dQ = Q O +
+    (I - Q Q^H) dA H^-1. A wide A is the adjoint of a tall one."""
+    if A.shape[-2] < A.shape[-1]:
+        return mH(reference_polar_tangent(mH(A), mH(dA)))
+    A, dA = A.astype(np.complex128), dA.astype(np.complex128)
+    Q, H = scipy.linalg.polar(A)
+    skew = scipy.linalg.solve_sylvester(H, H, mH(Q) @ dA - mH(dA) @ Q)
+    return Q @ skew + (dA - Q @ (mH(Q) @ dA)) @ np.linalg.inv(H)
+
+
+def _polar_derivatives(name, A, dA, G):
+    """(jvp along dA, gradient of Re tr(G^H Q)) of project_unitary, in
+    PyTorch's autograd or JAX, as NumPy arrays."""
+    if name == "torch":
+        import torch
+
+        a = torch.tensor(A, requires_grad=True)
+        _, tangent = torch.func.jvp(ul.project_unitary, (a.detach(),), (torch.tensor(dA),))
+        (torch.tensor(G).conj() * ul.project_unitary(a)).real.sum().backward()
+        return tangent.numpy(), a.grad.numpy()
+    import jax
+    import jax.numpy as jnp
+
+    _, tangent = jax.jvp(ul.project_unitary, (jnp.asarray(A),), (jnp.asarray(dA),))
+    gradient = jax.grad(lambda a: jnp.sum(jnp.conj(jnp.asarray(G)) * ul.project_unitary(a)).real)(jnp.asarray(A))
+    # JAX's gradient of a real function of complex A is the conjugate of PyTorch's
+    return np.asarray(tangent), np.conj(np.asarray(gradient))
+
+
+# PyTorch lazily scripts its forward-mode decompositions at the first jvp
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("library", ["torch", "jax"])
+@pytest.mark.parametrize("dtype", ["float64", "complex128"])
+@pytest.mark.parametrize("shape", [(5, 5), (7, 4), (4, 7), (2, 6, 3)])
+@pytest.mark.parametrize("at", ["unitary", "general"])
+def test_project_unitary_derivatives_match_a_sylvester_reference(rng, library, dtype, shape, at):
+    """The derivatives of the SVD method are those of the polar factor: they
+    went through the SVD's, NaN at every unitary A (repeated singular values,
+    the case of a re-projection) and wrong for complex A (by 1.5-2.3 near a
+    unitary one). Forward mode against an independent reference (SciPy's
+    polar factors and a Sylvester equation); the gradient by the adjoint
+    identity <G, J dA> = <J^H G, dA>."""
+    pytest.importorskip(library)
+    if library == "jax":
+        import jax
+
+        if not jax.config.jax_enable_x64:
+            pytest.skip("JAX without float64 (jax_enable_x64 is off)")
+    tall = (*shape[:-2], max(shape[-2:]), min(shape[-2:]))
+    A = haar(rng, tall[-2], dtype, batch=tall[:-2])[..., : tall[-1]]
+    if at == "general":
+        A = A @ (np.eye(tall[-1]) + 0.3 * random_matrix(rng, tall[-1:] * 2, dtype))
+    if shape[-2] < shape[-1]:
+        A = mH(A)
+    dA, G = (random_matrix(rng, shape, dtype) for _ in range(2))
+    expected = np.stack([reference_polar_tangent(a, d) for a, d in zip(A.reshape(-1, *shape[-2:]),
+                                                                         dA.reshape(-1, *shape[-2:]))]).reshape(shape)
+    tangent, gradient = _polar_derivatives(library, A, dA, G)
+    assert np.isfinite(tangent).all() and np.isfinite(gradient).all()
+    np.testing.assert_allclose(tangent, expected, atol=1e-12)
+    np.testing.assert_allclose(np.sum(np.conj(gradient) * dA).real, np.sum(np.conj(G) * expected).real, rtol=1e-11)
+
+
+def test_project_unitary_second_derivative_on_torch_is_refused(rng):
+    """The hand-written derivative has no derivative of its own: a second
+    derivative raises, where one through it would take the SVD's factors as
+    constants and be wrong without a word."""
+    torch = pytest.importorskip("torch")
+    A = torch.tensor(haar(rng, 4, "float64"))
+    G = torch.tensor(random_matrix(rng, (4, 4), "float64"))
+
+    def loss(a):
+        return (G * ul.project_unitary(a)).sum()
+
+    refused = "project_unitary's derivative is written by hand and is not differentiable"
+    for second in (torch.func.hessian, lambda f: torch.func.jacrev(torch.func.jacrev(f)),
+                   lambda f: torch.func.jacfwd(torch.func.jacfwd(f))):
+        with pytest.raises(RuntimeError, match=refused):
+            second(loss)(A)
+    a = A.clone().requires_grad_()
+    (first,) = torch.autograd.grad(loss(a), a, create_graph=True)
+    with pytest.raises(RuntimeError, match=refused):
+        first.sum().backward()
+
+
+# PyTorch's own note on a complex conjugate it batches by a loop
+@pytest.mark.filterwarnings("ignore:There is a performance drop because we have not yet implemented the batching rule")
+def test_project_unitary_per_sample_gradients(rng):
+    """vmap of grad (PyTorch and JAX) equals a loop over the matrices."""
+    torch = pytest.importorskip("torch")
+    A = np.stack([haar(rng, 5, "complex128") for _ in range(3)])
+    G = random_matrix(rng, (5, 5), "complex128")
+
+    def loss(a):
+        return (torch.tensor(G).conj() * ul.project_unitary(a)).real.sum()
+
+    batched = torch.func.vmap(torch.func.grad(loss))(torch.tensor(A))
+    loop = torch.stack([torch.func.grad(loss)(torch.tensor(a)) for a in A])
+    torch.testing.assert_close(batched, loop, rtol=0, atol=1e-13)
+    assert torch.isfinite(batched).all()
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("dtype", ["float64", "complex128"])
+def test_newton_schulz_derivative_matches_the_reference(rng, dtype):
+    """Differentiated through its iterations (PyTorch), the Newton-Schulz
+    polar factor has the polar factor's derivative, at a unitary A too."""
+    torch = pytest.importorskip("torch")
+    for A in (haar(rng, 5, dtype), haar(rng, 5, dtype) @ (np.eye(5) + 0.3 * random_matrix(rng, (5, 5), dtype))):
+        dA = random_matrix(rng, (5, 5), dtype)
+        _, tangent = torch.func.jvp(lambda a: ul.project_unitary(a, method="newton_schulz"),
+                                    (torch.tensor(A),), (torch.tensor(dA),))
+        np.testing.assert_allclose(tangent.numpy(), reference_polar_tangent(A, dA), atol=1e-12)
+
+
+def test_project_unitary_gradient_under_torch_compile(rng):
+    """The written-out derivative compiles with fullgraph=True (the
+    autograd.Function without forward mode, which Dynamo refuses) and gives
+    the eager gradient, finite at a unitary A."""
+    import warnings
+
+    torch = pytest.importorskip("torch")
+    A = torch.tensor(haar(rng, 6, "complex128"))
+    G = torch.tensor(random_matrix(rng, (6, 6), "complex128"))
+
+    def loss(a):
+        return (G.conj() * ul.project_unitary(a)).real.sum()
+
+    torch.compiler.reset()
+    gradients = []
+    for run in (torch.compile(loss, fullgraph=True, backend="aot_eager"), loss):
+        a = A.clone().requires_grad_()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.compile's own notes
+            run(a).backward()
+        gradients.append(a.grad)
+    assert torch.isfinite(gradients[1]).all()
+    torch.testing.assert_close(gradients[0], gradients[1], rtol=0, atol=1e-14)

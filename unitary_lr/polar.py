@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+from ._autodiff import polar_rule
 from ._cores import add_lowrank, make_cores
 from ._flow import checked, lowrank_update
 from ._host import is_traced, outside_torch_graph, staged
@@ -62,12 +63,14 @@ def project_unitary(A, /, *, method="svd", max_iter=60):
     -------
     array, shape (..., n, m)
         The polar factor, same namespace, dtype and device as A. With
-        ``"svd"``, ``jax.grad`` and torch's autograd differentiate it through
-        the SVD, whose derivative needs distinct singular values: at a matrix
-        with repeated ones (every unitary A, the case of a re-projection) the
-        gradient is NaN, and near one it loses digits, or for complex A it is
-        wrong without a word. The polar factor itself is smooth there; its
-        derivative is not computed.
+        ``"svd"`` its derivative is written out for PyTorch's autograd
+        (reverse and forward mode, the ``torch.func`` transforms) and JAX
+        (``jax.grad``, ``jax.jvp``): the polar factor's own, right at repeated
+        singular values (a unitary A) where the SVD's is not; Inf or NaN at a
+        singular A, where the polar factor has none. A second derivative
+        raises on PyTorch, and on JAX goes through the SVD's (NaN at repeated
+        singular values). ``"newton_schulz"`` is differentiated through its
+        iterations.
 
     Raises
     ------
@@ -116,7 +119,7 @@ def project_unitary(A, /, *, method="svd", max_iter=60):
                          "Under jit use method='svd'")
     check_finite(xp, "A", A)
     if method == "svd":
-        return polar_unchecked(xp, A)
+        return differentiable_polar(xp, A)
     if A.shape[-2] < A.shape[-1]:
         return mH(xp, _newton_schulz(xp, mH(xp, A), max_iter))
     return _newton_schulz(xp, A, max_iter)
@@ -126,6 +129,43 @@ def polar_unchecked(xp, A):
     """The polar factor ``U V^H`` from ``svd(A)``; traceable."""
     U, _, Vh = thin_svd(xp, A)
     return U @ Vh
+
+
+def differentiable_polar(xp, A):
+    """``polar_unchecked`` whose derivative, where autograd or JAX takes one,
+    is :func:`polar_tangent` (``_autodiff.polar_rule``), not that of the SVD:
+    the SVD's derivative has terms 1 / (s_i^2 - s_j^2) that cancel in U V^H,
+    and gave NaN at every unitary A (repeated singular values) and wrong
+    complex gradients (the SVD's phases). A wide A is the adjoint of a tall
+    one."""
+    if A.shape[-2] < A.shape[-1]:
+        return mH(xp, differentiable_polar(xp, mH(xp, A)))
+    rule = polar_rule(A)
+    return polar_unchecked(xp, A) if rule is None else rule(A)
+
+
+def polar_tangent(xp, P, s, Vh, dA):
+    """The derivative of the polar factor of a tall or square ``A = P diag(s) Vh``
+    (thin SVD, s > 0) along dA:
+
+        dQ = P X Vh + (I - P P^H) dA V diag(1 / s) Vh,
+        X = (C - C^H) / (s_i + s_j),   C = P^H dA V,
+
+    the solution of ``X S + S X = C - C^H`` (Higham, *Functions of Matrices*,
+    ch. 8). Smooth wherever A has full column rank, repeated singular values
+    included. The map is self-adjoint under ``Re tr(G^H dQ)``, so it is also
+    the gradient's (the adjoint) map: ``polar_tangent(..., G)`` is the
+    gradient of ``Re tr(G^H Q)``. At a singular A, where the polar factor has
+    no derivative, its entries are Inf or NaN."""
+    V = mH(xp, Vh)
+    dA_V = dA @ V
+    C = mH(xp, P) @ dA_V
+    dtype = C.dtype
+    sums = xp.astype(s[..., :, None] + s[..., None, :], dtype, copy=False)
+    dQ_V = P @ ((C - mH(xp, C)) / sums)
+    if P.shape[-2] > P.shape[-1]:  # (for square A, P P^H = I)
+        dQ_V = dQ_V + (dA_V - P @ C) / xp.astype(s[..., None, :], dtype, copy=False)
+    return dQ_V @ Vh
 
 
 @outside_torch_graph("it reads each iteration's error on the host to decide when to stop; in a graph use method='svd'",

@@ -23,7 +23,7 @@ the last term zero for a zero column (whose v is zero). It is the gradient of
 the generic code (``tests/test_torch_adapters.py`` checks the two against
 each other in float64, real and complex, with zero columns). Forward mode
 (``jvp``) is the same linear map read forwards. Neither is itself
-differentiable: second derivatives raise (see ``_NotDifferentiable``).
+differentiable: second derivatives raise (see ``_autodiff.NotDifferentiable``).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from array_api_compat import array_namespace
 
 from .._xp import column_layout, core_dtype
 from ..householder import wy_core
+from ._autodiff import NotDifferentiable
 
 
 class _WYFactors(torch.autograd.Function):
@@ -88,7 +89,7 @@ class _WYFactors(torch.autograd.Function):
         g_V = (g_U - U * g_s[..., None, :].to(U.dtype)) * s[..., None, :].to(U.dtype)
         g_V = (g_V * power[..., None, :].to(U.dtype)).to(ctx.dtype)
         if torch.is_grad_enabled():  # create_graph=True: the gradient is tied to V, to refuse its derivative
-            g_V = _NotDifferentiable.apply(g_V, V)
+            g_V = NotDifferentiable.apply(g_V, V, _SECOND_DERIVATIVE)
         return g_V
 
 
@@ -117,34 +118,8 @@ class _WYFactorsForwardMode(_WYFactors):
         # over forward, reverse over forward) raises where it would take U
         # and M as constants and be wrong without a word
         dU = column_layout(array_namespace(dU), dU.to(ctx.dtype))
-        dU, dM = (_NotDifferentiable.apply(d, V) for d in (dU, dM.to(ctx.dtype)))
+        dU, dM = (NotDifferentiable.apply(d, V, _SECOND_DERIVATIVE) for d in (dU, dM.to(ctx.dtype)))
         return dU, dM, None, None, None, None
-
-
-class _NotDifferentiable(torch.autograd.Function):
-    """The hand-written gradient as it is, tied to V, whose derivative it
-    does not have: a derivative of the gradient raises. torch's
-    ``once_differentiable`` ties it only to the incoming gradients, and a
-    second derivative through V alone (``torch.autograd.functional.hessian``
-    of an adapted layer's output) came back as zeros, without a word."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(gradient, V):
-        return gradient.view_as(gradient)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, grad):
-        raise RuntimeError(_SECOND_DERIVATIVE)
-
-    @staticmethod
-    def jvp(ctx, *tangents):  # forward over reverse: torch.func.hessian, jacfwd(jacrev(...))
-        raise RuntimeError(_SECOND_DERIVATIVE)
 
 
 _SECOND_DERIVATIVE = (
