@@ -201,6 +201,56 @@ def test_torch_optimizer_step_lifts_reduced_precision_and_restores_it(torch_redu
     assert float(ul.unitarity_error(W.detach())) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_public_functions_and_steps_ignore_autocast(dtype):
+    """Inside ``torch.autocast`` the kernels ran their float32 products in
+    bfloat16 and returned bfloat16, 3e-3 to 5e-3 from unitary; the torch
+    optimizer and the retraction's steps left W 4e-3 from unitary after 60
+    steps, or failed with an internal message. Now autocast is off for each
+    call, and back on after it (float64 W: autocast leaves it alone anyway)."""
+    torch = pytest.importorskip("torch")
+    from unitary_lr.torch import ProjUNN, projunn_retraction, unitary_parameter
+
+    rng = np.random.default_rng(0)
+    n = 24
+    W = torch.as_tensor(ul.random_unitary(n, dtype=dtype, rng=rng))
+    G = torch.as_tensor(rng.standard_normal((n, n)).astype(dtype))
+    a, b = (torch.as_tensor(rng.standard_normal((n, 2)).astype(dtype)) for _ in range(2))
+    V = torch.as_tensor(rng.standard_normal((n, 3)).astype(dtype))
+    calls = {
+        "projunn_step": lambda: ul.projunn_step(W, G, lr=0.1, rank=2, rng=1),
+        "project_unitary": lambda: ul.project_unitary(W + 0.1 * G),
+        "exp_transport": lambda: ul.exp_transport(W, a, b),
+        "cayley_transport": lambda: ul.cayley_transport(W, a, b),
+        "householder_product": lambda: ul.householder_product(V),
+    }
+    bound = 50 * float(np.finfo(dtype).eps) * n
+    for name, call in calls.items():
+        expected = call()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = call()
+            assert torch.is_autocast_enabled("cpu")
+            assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+        assert got.dtype == expected.dtype == W.dtype, name
+        assert float(ul.unitarity_error(got)) < bound, name
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    generator = torch.Generator().manual_seed(0)
+    stepped = unitary_parameter(n, dtype=getattr(torch, dtype), generator=generator)
+    retracted = unitary_parameter(n, dtype=getattr(torch, dtype), generator=generator)
+    optimizer = ProjUNN([stepped], lr=0.05, base="rmsprop", rank=2, seed=0)
+    sgd = torch.optim.SGD([retracted], lr=0.05)
+    projunn_retraction(sgd, params=[retracted], rank=2, seed=0)
+    for _ in range(30):
+        stepped.grad = torch.randn(n, n, dtype=stepped.dtype, generator=generator)
+        retracted.grad = torch.randn(n, n, dtype=retracted.dtype, generator=generator)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            optimizer.step()
+            sgd.step()
+    for p in (stepped, retracted):
+        assert p.dtype == getattr(torch, dtype)
+        assert float(ul.unitarity_error(p.detach())) < bound
+
+
 @pytest.mark.usefixtures("torch_operations")  # products by PyTorch, as on a GPU
 def test_nested_entry_points_set_the_precision_once(torch_reduced_precision, monkeypatch):
     """An entry point called by another (an optimizer's step calls

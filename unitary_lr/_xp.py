@@ -7,6 +7,7 @@ and JAX onto the standard.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import sys
@@ -1133,6 +1134,26 @@ def _restore_torch_products():
             _lifted["changed"] = []
 
 
+# The device types whose autocast ``exact_products`` switches off for a call.
+_AUTOCAST_DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "ipu", "privateuseone")
+
+
+def _autocast_off(torch, stack):
+    """Enter ``torch.autocast(device_type, enabled=False)`` on ``stack`` for
+    each device type whose autocast is on in this thread (autocast would run
+    the call's float32 products in bfloat16 or float16, and return them so)."""
+    any_on = getattr(torch._C, "_is_any_autocast_enabled", None)  # one call, where the build has it
+    if any_on is not None and not any_on():
+        return
+    for device_type in _AUTOCAST_DEVICE_TYPES:
+        try:
+            on = torch.is_autocast_enabled(device_type)
+        except RuntimeError:  # a device type this build does not know
+            continue
+        if on:
+            stack.enter_context(torch.autocast(device_type, enabled=False))
+
+
 def exact_products(function):
     """Decorate a public entry point so that its matrix products are true
     float32 products whatever the caller's precision settings: the one place
@@ -1141,8 +1162,10 @@ def exact_products(function):
     JAX: ``jax.default_matmul_precision("highest")``, which also applies while
     ``jax.jit`` traces the call (every ``dot_general`` it records says
     ``Precision.HIGHEST``). PyTorch: a CUDA (or oneDNN) matmul precision set
-    to TF32 or bfloat16 is set to "ieee" and restored afterwards, outside
-    ``torch.compile`` only (inside a compiled region no setting is changed).
+    to TF32 or bfloat16 is set to "ieee" and restored afterwards, and
+    ``torch.autocast`` is switched off for the call (in the caller's thread,
+    where autocast applies), outside ``torch.compile`` only (inside a
+    compiled region no setting is changed).
     The setting is global while the call runs, so a thread
     running products beside it gets them in float32 too; calls in several
     threads lift it once, and the last to return restores it. Costs a few
@@ -1160,10 +1183,12 @@ def exact_products(function):
             _lift_torch_products(torch)
         _exact_calls.active = True
         try:
-            jax = sys.modules.get("jax")
-            if jax is None:
-                return function(*args, **kwargs)
-            with jax.default_matmul_precision("highest"):
+            with contextlib.ExitStack() as stack:
+                if torch is not None:
+                    _autocast_off(torch, stack)
+                jax = sys.modules.get("jax")
+                if jax is not None:
+                    stack.enter_context(jax.default_matmul_precision("highest"))
                 return function(*args, **kwargs)
         finally:
             _exact_calls.active = False
