@@ -520,3 +520,177 @@ def test_a_state_of_another_device_or_library_is_named_with_its_key():
     for _ in range(2):
         W = opt.step(W, torch.as_tensor(G))
     assert opt.steps == 2
+
+
+def _half_arrays():
+    """Makers of arrays of the dtypes unitary_lr does not take, on each library
+    installed: (name, make(x, dtype name), dtype names)."""
+    makers = [("numpy", lambda x, d: np.asarray(x).astype(d), ("float16", "bool", "int32"))]
+    try:
+        import torch
+        makers.append(("torch", lambda x, d: torch.asarray(np.asarray(x, np.float32)).to(getattr(torch, d)),
+                       ("float16", "bfloat16", "bool", "int32")))
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        import jax.numpy as jnp
+        makers.append(("jax", lambda x, d: jnp.asarray(np.asarray(x, np.float32)).astype(d),
+                       ("float16", "bfloat16", "bool", "int32")))
+    except ImportError:  # pragma: no cover
+        pass
+    return makers
+
+
+@pytest.mark.parametrize("unitary", [True, False])
+@pytest.mark.parametrize(("base", "hyper"), [("sgd", {}), ("sgd", {"momentum": 0.9}), ("rmsprop", {}), ("adam", {})],
+                         ids=["sgd", "sgd-momentum", "rmsprop", "adam"])
+def test_unsupported_gradient_and_matrix_dtypes_are_refused_before_the_rule(rng, base, hyper, unitary):
+    """A float16 (or bool, integer) G for a float32 W: rmsprop and adam took
+    it, squared it in float16, where the squares of entries below 1e-3
+    underflow, and stepped 0.17 away from the step of the same numbers in
+    float32; sgd refused it. Every rule refuses it now with a TypeError that
+    names the argument and shows the dtype, for G, a factor of G and W, on
+    every path, and nothing changes."""
+    W32 = haar(rng, 8, "float32")
+    G32 = (1e-4 * rng.standard_normal((8, 8))).astype(np.float32)
+    a32, b32 = rng.standard_normal((2, 8, 2)).astype(np.float32)
+    expected = "; expected one of float32, float64, complex64, complex128"
+    for library, make, dtypes in _half_arrays():
+        to = (lambda x: make(x, "float32")) if library != "numpy" else (lambda x: x)
+        for dtype in dtypes:
+            opt = ProjUNN(1e-2, base=base, rank=2, unitary=unitary, seed=0, **hyper)
+            W = opt.step(to(W32), to(G32), key="w")  # a state to keep
+            before = (opt.state_dict()["rng"], opt.steps, {key: dict(slot) for key, slot in opt._slots.items()})
+            shown = rf"(torch\.)?{dtype}"
+            for call, name in ((lambda: opt.step(W, make(G32, dtype), key="w"), "G"),
+                               (lambda: opt.step(W, make(G32, dtype), key="new"), "G"),
+                               (lambda: opt.step(W, (make(a32, dtype), to(b32)), key="w"), r"G\[0\]"),
+                               (lambda: opt.step(W, (to(a32), make(b32, dtype)), key="w"), r"G\[1\]"),
+                               (lambda: opt.step(make(W32, dtype), make(G32, dtype), key="new"), "W"),
+                               (lambda: opt.step(make(W32, dtype), to(G32), key="new"), "W")):
+                with pytest.raises(TypeError, match=rf"^{name} has dtype {shown}{expected}$"):
+                    call()
+            with pytest.raises(TypeError, match=rf"^steps\['b'\]: G has dtype {shown}{expected}$"):
+                opt.step_many({"w": (W, to(G32)), "b": (W, make(G32, dtype))})
+            assert (opt.state_dict()["rng"], opt.steps) == before[:2] and set(opt._slots) == {"w"}
+            assert opt._slots["w"]["signature"] == ((8, 8), "float32") and opt._slots["w"]["steps"] == 1
+
+
+def test_a_half_precision_matrix_records_no_key_and_is_refused():
+    """The key's signature recorded dtype None for float16 and bfloat16, so
+    the check of a key's dtype was skipped: a bfloat16 W under the state of
+    a float16 one was stepped with its moments and came back float32."""
+    torch = pytest.importorskip("torch")
+    opt = ProjUNN(0.01, unitary=False, seed=0)
+    for dtype in (torch.float16, torch.bfloat16):
+        with pytest.raises(TypeError, match=rf"^W has dtype {dtype}; expected one of float32, float64"):
+            opt.step(torch.ones(4, 4, dtype=dtype), torch.ones(4, 4, dtype=dtype))
+    assert opt.state_dict()["matrices"] == {} and opt.steps == 0
+    opt.step(torch.ones(4, 4), torch.ones(4, 4))
+    assert opt.state_dict()["matrices"][None]["signature"] == ((4, 4), "float32")
+
+
+@pytest.mark.parametrize(("base", "hyper"), BASES, ids=[b for b, _ in BASES])
+def test_a_wider_gradient_keeps_the_dtype_of_a_plain_matrix(rng, base, hyper):
+    """unitary=False: a float64 G for a float32 W (what NumPy code makes
+    easily) returned a float64 W, whose next step was refused as another
+    matrix's ("give each matrix its own key"). The step keeps W's dtype, as
+    the unitary step does: it is torch.optim's step of a float32 parameter
+    whose gradient is G rounded to float32, and the moments are float32."""
+    torch = pytest.importorskip("torch")
+    W = rng.standard_normal((5, 7)).astype(np.float32)
+    reference = torch.nn.Parameter(torch.asarray(W.copy()))
+    torch_opt = {"sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop, "adam": torch.optim.Adam}[base](
+        [reference], lr=0.01, **hyper)
+    opt = ProjUNN(0.01, base=base, unitary=False, **hyper)
+    for G in rng.standard_normal((6, 5, 7)):
+        W = opt.step(W, G)
+        assert W.dtype == np.float32
+        assert all(v.dtype == np.float32 for v in opt.state.values() if hasattr(v, "dtype"))
+        reference.grad = torch.asarray(G.astype(np.float32))
+        torch_opt.step()
+    np.testing.assert_allclose(W, reference.detach().numpy(), rtol=1e-5, atol=1e-6)
+    assert opt.steps == 6 and opt.state_dict()["matrices"][None]["signature"] == ((5, 7), "float32")
+    # a narrower G promotes nothing: a float64 W stays float64, a complex64 W complex64
+    assert ProjUNN(0.01, base=base, unitary=False, **hyper).step(W.astype(np.float64), G.astype(np.float32)).dtype \
+        == np.float64
+    assert ProjUNN(0.01, base=base, unitary=False, **hyper).step(W + 0j * W, G).dtype == np.complex64
+
+
+@pytest.mark.parametrize("unitary", [False, True])
+def test_a_wider_gradient_keeps_the_dtypes_on_every_backend(backend, rng, unitary):
+    """float64 G, float32 W (complex128 G, complex64 W): the new W and the
+    moments are in W's dtype on every library, as from G rounded to W's
+    dtype; a finite G beyond W's range is a ValueError, and nothing changes."""
+    if not backend.has_float64:
+        pytest.skip("no float64 on this device")
+    for narrow, wide in (("float32", "float64"), ("complex64", "complex128")):
+        W = backend.asarray(haar(rng, N, narrow))
+        G = random_matrix(rng, (N, N), wide)
+        opt, rounded = (ProjUNN(1e-2, base="adam", rank=2, unitary=unitary, seed=0) for _ in range(2))
+        V = opt.step(W, backend.asarray(G))
+        V_rounded = rounded.step(W, backend.asarray(G.astype(narrow)))
+        assert V.dtype == backend.dtype(narrow) and opt.steps == 1
+        assert all(v.dtype == backend.dtype("float32" if key == "exp_avg_sq" else narrow)
+                   for key, v in opt.state.items() if hasattr(v, "dtype"))
+        np.testing.assert_array_equal(backend.to_numpy(V), backend.to_numpy(V_rounded))
+        V = opt.step(V, backend.asarray(G))  # the same matrix: its key's state takes it
+        too_large = G * 1e39
+        with pytest.raises(ValueError, match=rf"^G is too large for W's dtype {narrow} \(G has dtype {wide}, "
+                                             r"largest \|entry\| [0-9.e+]+\); scale the gradient"):
+            opt.step(V, backend.asarray(too_large))
+        assert opt.steps == 2
+
+
+@pytest.mark.parametrize("unitary", [False, True])
+@pytest.mark.parametrize("base", ["rmsprop", "adam"])
+def test_eps_zero_at_a_zero_gradient_entry_is_named_as_0_over_0(backend, base, unitary):
+    """eps=0 and an entry of G that is 0: the rule divides 0 by sqrt(0) + 0.
+    On torch, JAX and array_api_strict (NumPy warns of it instead) this was
+    reported as "G is too large for the rule's moments ... its square
+    overflows"; with float16 arrays (refused now) the dtype read "None"."""
+    W = backend.asarray(haar(np.random.default_rng(0), 4, "float32"))
+    G = np.ones((4, 4), np.float32)
+    G[1, 2] = 0.0
+    opt = ProjUNN(1e-2, base=base, unitary=unitary, eps=0.0, seed=0, foreach=True)
+    message = (rf"G makes the {base} rule's step non-finite in float32 \((.*; )?eps=0.0 is 0 in float32, so an entry "
+               r"of G that is 0 divides 0 by 0, and one whose square underflows divides by 0\); use eps > 0, at "
+               r"least 1.18e-38 in float32")
+    for call in (lambda: opt.step(W, backend.asarray(G)),
+                 lambda: opt.step_many({"a": (W, backend.asarray(G)), "b": (W, backend.asarray(G))})):
+        with pytest.raises(ValueError, match=message) as error:
+            call()
+        assert "None" not in str(error.value) and "too large" not in str(error.value)
+    assert opt.steps == 0 and opt.state is None and not opt._slots
+    # a positive eps steps the same G
+    assert ProjUNN(1e-2, base=base, unitary=unitary, seed=0).step(W, backend.asarray(G)).dtype == W.dtype
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_capturable_adam_steps_a_half_precision_plain_parameter(dtype):
+    """unitary_lr.torch.ProjUNN(capturable=True, base="adam") failed on a
+    float16 or bfloat16 plain parameter in step_count ("attribute name must
+    be string, not 'NoneType'"); torch.optim.Adam steps it. Compared with
+    torch.optim.Adam in the parameter's dtype, and with the optimizer that
+    is not capturable."""
+    torch = pytest.importorskip("torch")
+    import unitary_lr.torch as ut
+
+    dtype = getattr(torch, dtype)
+    generator = torch.Generator().manual_seed(0)
+    start = torch.randn(6, 3, generator=generator).to(dtype)
+    grads = [torch.randn(6, 3, generator=generator).to(dtype) for _ in range(4)]
+    params = [torch.nn.Parameter(start.clone()) for _ in range(3)]
+    optimizers = [ut.ProjUNN([params[0]], lr=0.01, base="adam", unitary=False, capturable=True),
+                  ut.ProjUNN([params[1]], lr=0.01, base="adam", unitary=False),
+                  torch.optim.Adam([params[2]], lr=0.01)]
+    for g in grads:
+        for p, opt in zip(params, optimizers):
+            p.grad = g.clone()
+            opt.step()
+    captured, plain, reference = (p.detach() for p in params)
+    assert captured.dtype == dtype
+    ulp = float(torch.finfo(dtype).eps)
+    assert float((captured.float() - start.float()).abs().max()) > 0.02  # moved: 4 steps of up to lr each
+    torch.testing.assert_close(captured.float(), reference.float(), rtol=4 * ulp, atol=4 * ulp)
+    torch.testing.assert_close(captured.float(), plain.float(), rtol=4 * ulp, atol=4 * ulp)

@@ -33,12 +33,12 @@ from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 from ._cores import add_lowrank
-from ._host import from_host, outside_torch_graph, own_transfers, stack_pays, staged
+from ._host import from_host, is_traced, outside_torch_graph, own_transfers, stack_pays, staged
 from ._random import as_generator, generator_from_state, generator_state, host_normal
-from ._validation import (check_choice, check_factor_pair, check_finite, check_matrix, check_real_gradient,
-                          check_real_scalar, finite_flag, namespace_of, nonempty_factors)
-from ._xp import (complex_dtype, device, device_key, dtype_name, exact_products, is_complex, mH, namespace,
-                  real_dtype)
+from ._validation import (check_choice, check_factor_pair, check_finite, check_float_dtype, check_matrix,
+                          check_real_gradient, check_real_scalar, finite_flag, namespace_of, nonempty_factors)
+from ._xp import (complex_dtype, device, device_key, dtype_name, dtype_name_of, exact_products, is_complex, mH,
+                  namespace, real_dtype)
 from .options import (  # the defaults live with the options; re-exported here
     DEFAULT_BASE,
     DEFAULT_LR,
@@ -374,8 +374,14 @@ def step_count(xp, step, param):
     capturable Adam keeps it) in the precision of ``param``: ``1 - beta^t``
     cancels, and from a float32 t it is wrong by about 1e-5 relative in the
     first steps (beta = 0.999), far above a 64-bit parameter's rounding. The
-    count itself is exact in float32 up to 2^24."""
+    count itself is exact in float32 up to 2^24. For a parameter of another
+    dtype (float16, bfloat16: plain parameters of a torch optimizer) the
+    count is kept as it is, as torch.optim's capturable Adam keeps it: in
+    float16 the count itself would be exact only up to 2^11, and
+    ``1 - beta^t`` is 0 at t = 1 for beta = 0.9999."""
     if isinstance(step, numbers.Real):
+        return step
+    if dtype_name(xp, param.dtype) is None:
         return step
     real = real_dtype(xp, param.dtype)
     return step if step.dtype == real else xp.astype(step, real)
@@ -656,6 +662,49 @@ def _check_state_place(xp, key, state, W):
     )
 
 
+def _dtype_label(xp, dtype):
+    """The name of ``dtype`` for an error message: "float32", or the
+    library's own name of a dtype unitary_lr does not take ("float16")."""
+    return dtype_name(xp, dtype) or dtype_name_of(dtype)
+
+
+def _eps_vanishes(eps, dtype):
+    """(why, smallest normal number of ``dtype``) where ``eps`` (a number,
+    or None for a rule without one) is 0 in the arithmetic of the floating
+    dtype named ``dtype``: 0 itself or rounded to 0, or subnormal (flushed
+    to 0 where subnormals are, as by JAX on the CPU); None where it is not."""
+    if eps is None:
+        return None
+    try:
+        info = np.finfo(np.dtype(dtype))
+    except TypeError:  # a dtype NumPy does not know
+        return None
+    if float(np.asarray(eps, dtype=info.dtype)) == 0:
+        return f"is 0 in {dtype}", float(info.tiny)
+    if eps < info.tiny:
+        return f"is subnormal in {dtype}, 0 where subnormals are flushed to zero", float(info.tiny)
+    return None
+
+
+def _in_dtype_of(xp, G, W):
+    """G in W's dtype where G's would promote W's (a float64 G of a float32
+    W): the rule's moments and the plain update ``W - lr * D`` then keep W's
+    dtype, as the unitary step's result does and as torch.optim keeps a
+    parameter's state. (A plain update came back float64, and its next
+    step was refused as another matrix's.) A finite G that overflows W's
+    dtype is a ValueError."""
+    if G.dtype == W.dtype or xp.result_type(W.dtype, G.dtype) == W.dtype:
+        return G
+    with np.errstate(over="ignore"):  # (NumPy warns of the overflow checked here)
+        cast = xp.astype(G, W.dtype)
+    if not is_traced(G) and not bool(finite_flag(xp, cast)) and bool(finite_flag(xp, G)):
+        raise ValueError(
+            f"G is too large for W's dtype {_dtype_label(xp, W.dtype)} (G has dtype {_dtype_label(xp, G.dtype)}, "
+            f"largest |entry| {float(xp.max(xp.abs(G))):.3g}); scale the gradient (or the loss) down"
+        )
+    return cast
+
+
 class _Prepared(NamedTuple):
     """A checked step of :class:`ProjUNN`, its direction computed, not yet taken."""
 
@@ -743,18 +792,26 @@ class ProjUNN:
         hyper-parameters (e.g. ``betas`` outside [0, 1)); at a step: G not of
         W's shape, NaN/Inf in G (or in W with ``unitary=False``), a W that is
         not unitary (``unitary=True``), a W of another shape or dtype than
-        the one its ``key``'s state was made for. On any error at a step the
-        optimizer is unchanged: moments, step counts and the random stream.
+        the one its ``key``'s state was made for, a finite G too large for
+        W's dtype; a G whose rule step is not finite: squares that overflow
+        the moments, or an ``eps`` that is 0 in the dtype (0/0 at a zero
+        entry of G). On any error at a step the optimizer is unchanged:
+        moments, step counts and the random stream.
     TypeError
-        Hyper-parameters the base rule does not take; non-array W or G; an
-        unhashable ``key``.
+        Hyper-parameters the base rule does not take; non-array W or G; a W
+        or G (or a factor of G) of a dtype other than float32, float64,
+        complex64 or complex128 (float16, bfloat16, bool, integers), with
+        either rule and ``unitary``; an unhashable ``key``.
 
     Notes
     -----
     ``G`` may be a pair ``(a, b)`` meaning ``a @ b^H``. With a stateless rule
     (SGD without momentum) the pair goes to the step as it is and no n x n
     gradient is formed; a rule with state needs the dense gradient and forms it.
-    The second moment of a complex gradient is ``|g|^2`` per entry.
+    The second moment of a complex gradient is ``|g|^2`` per entry. The new W
+    has W's dtype, with ``unitary=False`` too: a G of a wider dtype (float64
+    for a float32 W) is rounded to W's before the rule, whose moments keep
+    W's dtype, as ``torch.optim``'s keep a parameter's.
 
     One optimizer can train several matrices: ``opt.step(W, G, key=name)``
     keeps moments and a step count per key. The optimizer cannot tell two
@@ -978,6 +1035,12 @@ class ProjUNN:
         factored = isinstance(G, tuple)
         arrays = {"W": W, "G[0]": G[0], "G[1]": G[1]} if factored and len(G) == 2 else {"W": W, "G": G}
         xp = namespace_of(**arrays)
+        # Before the rule sees them: a float16, bool or integer G went into
+        # the moments (in float16 the squares of small entries underflow, and
+        # the step was far off), and only the kernels refused such dtypes,
+        # after the rule's arithmetic; a float16 W's key recorded no dtype.
+        for name, x in arrays.items():
+            check_float_dtype(xp, name, x)
         # (for a plain update too, which made the real W complex, and the
         # next step failed on its state)
         for name, x in arrays.items():
@@ -1000,6 +1063,8 @@ class ProjUNN:
             factored = False
         if not factored and tuple(G.shape) != tuple(W.shape):
             raise ValueError(f"G must have the shape of W {tuple(W.shape)}, got {tuple(G.shape)}")
+        if not factored:
+            G = _in_dtype_of(xp, G, W)
         slot = self._slots.get(key)
         signature = (tuple(W.shape), dtype_name(xp, W.dtype))
         if slot is not None and not self.rule.stateless and slot["signature"] not in (None, signature):
@@ -1021,14 +1086,15 @@ class ProjUNN:
             if (not self.unitary or self.lr == 0) and not self.rule.stateless \
                     and not bool(finite_flag(xp, direction)):
                 # no kernel sees this direction: its moments are read here (G is finite)
-                raise self._moments_overflow(xp, G)
+                raise self._nonfinite_step(xp, G, state)
         return _Prepared(xp, W, G, direction, state, slot, signature)
 
     @contextmanager
     def _overflow_named(self, prepared):
         """A step's error, or, where the kernel refused a non-finite direction
-        of a finite gradient, the rule's moments whose squares overflowed
-        (NumPy warns of that in the rule; other libraries do not, and the
+        of a finite gradient, its cause in the rule (:meth:`_nonfinite_step`:
+        moments whose squares overflowed, or an eps too small for the dtype;
+        NumPy warns of these in the rule, other libraries do not, and the
         rule's direction is then NaN). Read on the error path only."""
         try:
             yield
@@ -1037,14 +1103,42 @@ class ProjUNN:
             if self.rule.stateless or isinstance(direction, tuple) or not bool(finite_flag(xp, G)) \
                     or bool(finite_flag(xp, direction)):
                 raise
-            raise self._moments_overflow(xp, G) from None
+            raise self._nonfinite_step(xp, G, prepared.state) from None
+
+    def _nonfinite_step(self, xp, G, state, cause=None):
+        """The error of a finite G whose direction is not finite, by its
+        cause: the rule's moments overflowed (Inf in ``state``, the new
+        state; None: ``cause``, NumPy's warning, says whether), or an ``eps``
+        that is 0 in G's dtype divided by a zero denominator (0/0 at an entry
+        of G that is 0). Those were both reported as an overflow."""
+        # the moments made from G alone: RMSprop's momentum buffer holds
+        # directions, non-finite with them whatever the cause
+        moments = [state[key] for key in self.rule._moments if key in state and not (
+            key == "momentum_buffer" and isinstance(self.rule, RMSprop))] if state is not None else ()
+        overflowed = ("overflow" in str(cause)) if state is None else any(
+            not bool(finite_flag(xp, moment)) for moment in moments)
+        if overflowed:
+            return self._moments_overflow(xp, G, cause)
+        dtype = _dtype_label(xp, G.dtype)
+        cause = f"{cause}; " if cause is not None else ""
+        eps = getattr(self.rule, "eps", None)
+        vanishes = _eps_vanishes(eps, dtype)
+        if vanishes is not None:
+            why, tiny = vanishes
+            return ValueError(
+                f"G makes the {self.base} rule's step non-finite in {dtype} ({cause}eps={eps!r} {why}, so an entry "
+                f"of G that is 0 divides 0 by 0, and one whose square underflows divides by 0); use eps > 0, at "
+                f"least {tiny:.3g} in {dtype} (the default is 1e-8)"
+            )
+        return ValueError(f"G makes the {self.base} rule's step non-finite in {dtype} ({cause}largest |entry| "
+                          f"{float(xp.max(xp.abs(G))):.3g})")
 
     def _moments_overflow(self, xp, G, cause=None):
         """The error of a finite G too large for the rule's moments."""
         cause = f"{cause}; " if cause is not None else ""
         return ValueError(
-            f"G is too large for the {self.base} rule's moments in {dtype_name(xp, G.dtype)} ({cause}largest |entry| "
-            f"{float(xp.max(xp.abs(G))):.3g}: its square overflows); scale the gradient (or the loss) down"
+            f"G is too large for the {self.base} rule's moments in {_dtype_label(xp, G.dtype)} ({cause}largest "
+            f"|entry| {float(xp.max(xp.abs(G))):.3g}: its square overflows); scale the gradient (or the loss) down"
         )
 
     def _finish(self, prepared, key):
@@ -1082,11 +1176,7 @@ class ProjUNN:
             except RuntimeWarning as warning:
                 cause = warning
         check_finite(xp, "G", G)
-        dtype = dtype_name(xp, G.dtype)
-        if "overflow" in str(cause):
-            raise self._moments_overflow(xp, G, cause)
-        hint = "; with eps=0 an entry of G that is 0 divides 0 by 0: use eps > 0" if getattr(self.rule, "eps", 1) == 0 else ""
-        raise ValueError(f"G makes the {self.base} rule's step non-finite in {dtype} ({cause}){hint}")
+        raise self._nonfinite_step(xp, G, None, cause)
 
     @property
     def state(self):
