@@ -8,6 +8,7 @@ import copy
 import io
 import math
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -431,7 +432,8 @@ def test_a_group_added_later_that_the_retraction_refuses_changes_nothing():
     W.grad = torch.randn(6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     V.grad = torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     before = [p.detach().clone() for p in (W, V)]
-    with pytest.raises(ValueError, match=r"rank 4 exceeds the size of a retracted parameter \(shape \(3, 3\)\)"):
+    with pytest.raises(ValueError, match=r"rank 4 exceeds the size of retracted parameter "
+                                         r"param_groups\[1\]\['params'\]\[0\] \(shape \(3, 3\)\); no parameter"):
         opt.step()
     assert all(torch.equal(p.detach(), b) for p, b in zip((W, V), before)) and not opt.state
 
@@ -486,7 +488,8 @@ def test_retraction_warns_about_weight_decay_and_refuses_bad_options():
     for option, value, error, message in (
             ("rank", 0, ValueError, "rank must be >= 1, got 0"),
             ("rank", 2.0, TypeError, "rank must be an integer, got float: 2.0"),
-            ("rank", 9, ValueError, r"rank 9 exceeds the size of a retracted parameter \(shape \(8, 8\)\)"),
+            ("rank", 9, ValueError, r"rank 9 exceeds the size of retracted parameter "
+                                    r"param_groups\[0\]\['params'\]\[0\] \(shape \(8, 8\)\)"),
             ("variant", "exact", ValueError, "variant must be one of 'tangent', 'direct', 'cayley', got 'exact'"),
             ("drift_tol", math.inf, ValueError, r"drift_tol must be a number in \(0, 0.01\] or None, got inf"),
             ("reproject", "qr", ValueError, "reproject must be one of 'svd', 'newton_schulz', got 'qr'")):
@@ -504,9 +507,101 @@ def test_retraction_restores_every_parameter_on_a_non_finite_update():
     A, B = a.weight.detach().clone(), b.weight.detach().clone()
     a.weight.grad = torch.ones(8, 8, dtype=torch.float64)
     b.weight.grad = torch.full((8, 8), float("nan"), dtype=torch.float64)
-    with pytest.raises(ValueError, match=r"retracted parameter 1 \(shape \(8, 8\)\) by the SGD: .*restored"):
+    with pytest.raises(ValueError, match=r"retracted parameter 1 \(param_groups\[0\]\['params'\]\[1\], shape "
+                                         r"\(8, 8\)\) by the SGD: .*restored"):
         opt.step()
     assert torch.equal(a.weight.detach(), A) and torch.equal(b.weight.detach(), B)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_retracted_parameter_made_half_since_is_refused_before_the_step(dtype):
+    """One layer of two made float16 after the first step (``b.half()``):
+    only parameters not yet stepped were checked before the optimizer moved,
+    so SGD stepped both, projunn_step refused "W" and nothing was restored:
+    the float32 layer kept the raw update, 4 from orthogonal. The step is
+    refused first, naming the parameter and its dtype; nothing moves,
+    neither the parameters nor the optimizer's momentum."""
+    a, b = (orthogonal(torch.nn.Linear(8, 8, bias=False), init="haar", generator=seeded(s)) for s in (0, 1))
+    opt = torch.optim.SGD([*a.parameters(), *b.parameters()], lr=0.1, momentum=0.9)
+    projunn_retraction(opt, rank=2, seed=0)
+    named = torch.optim.SGD([*a.named_parameters(prefix="a"), *b.named_parameters(prefix="b")], lr=0.1)
+    projunn_retraction(named, rank=2, seed=0)
+    x = torch.randn(4, 8, generator=seeded(2))
+    b(a(x)).square().sum().backward()
+    opt.step()
+    opt.zero_grad()
+    b.to(dtype)
+    b(a(x).to(dtype)).float().square().sum().backward()
+    before = [p.detach().clone() for p in (a.weight, b.weight)]
+    momenta = [opt.state[p]["momentum_buffer"].clone() for p in (a.weight, b.weight)]
+    with pytest.raises(TypeError, match=rf"retracted parameter param_groups\[0\]\['params'\]\[1\] has dtype "
+                                        rf"{dtype} \(shape \(8, 8\)\); expected float32, .*no parameter was changed"):
+        opt.step()
+    assert all(torch.equal(p.detach(), w) for p, w in zip((a.weight, b.weight), before))
+    assert all(torch.equal(opt.state[p]["momentum_buffer"], m) for p, m in zip((a.weight, b.weight), momenta))
+    assert error(a.weight) < 1e-5
+    with pytest.raises(TypeError, match=rf"retracted parameter b.weight has dtype {dtype}"):
+        named.step()
+    assert torch.equal(a.weight.detach(), before[0])
+
+
+def test_an_error_of_the_drift_check_restores_every_parameter_and_stream(monkeypatch):
+    """The drift check of the second parameter fails (as it did inside
+    torch.autocast): it ran after the first parameter was written, and the
+    error restored nothing (the second kept the optimizer's raw update). Every
+    parameter and sketch stream is put back, and the error, of its own type,
+    names the parameter."""
+    import unitary_lr.torch.retraction as retraction_module
+
+    a, b = _model(torch.float64, 0), _model(torch.float64, 1)
+    opt = torch.optim.SGD([*a.parameters(), *b.parameters()], lr=0.1)
+    retraction = projunn_retraction(opt, rank=2, seed=0, drift_check_every=1)
+    x = torch.randn(3, 8, dtype=torch.float64, generator=seeded(2))
+    b(a(x)).sum().backward()
+    opt.step()
+    state = retraction.state_dict()
+    before = [p.detach().clone() for p in (a.weight, b.weight)]
+    calls = []
+    real_step_drift = retraction_module.step_drift
+
+    def failing_step_drift(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("a drift check that failed")
+        return real_step_drift(*args, **kwargs)
+
+    monkeypatch.setattr(retraction_module, "step_drift", failing_step_drift)
+    opt.zero_grad()
+    b(a(x)).sum().backward()
+    with pytest.raises(RuntimeError, match=r"retracted parameter 1 \(param_groups\[0\]\['params'\]\[1\], shape "
+                                           r"\(8, 8\)\) by the SGD: a drift check that failed; the retracted "
+                                           r"parameters were restored"):
+        opt.step()
+    assert len(calls) == 2
+    assert all(torch.equal(p.detach(), w) for p, w in zip((a.weight, b.weight), before))
+    assert retraction.state_dict() == state
+
+
+def test_a_retracted_step_inside_autocast_is_taken_whole_or_not_at_all():
+    """SGD with the retraction, its step inside torch.autocast(bfloat16): the
+    drift check failed on an internal message and the weight kept SGD's raw
+    update, 1e-2 from orthogonal. Either the step is retracted (W stays
+    orthogonal, moved) or it is refused with the parameter named, W as it was."""
+    layer = orthogonal(torch.nn.Linear(16, 16, bias=False), init="haar", generator=seeded(0))
+    opt = torch.optim.SGD(layer.parameters(), lr=0.05)
+    projunn_retraction(opt, rank=4, seed=0)
+    x = torch.randn(8, 16, generator=seeded(1))
+    W = layer.weight.detach().clone()
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        (layer(x).float() - 1).square().mean().backward()
+        try:
+            opt.step()
+        except (TypeError, ValueError, RuntimeError) as failure:
+            assert re.search(r"retracted parameter 0 \(param_groups\[0\]\['params'\]\[0\], shape \(16, 16\)\) "
+                             r"by the SGD: .*torch.autocast.*restored", str(failure)), str(failure)
+            assert torch.equal(layer.weight.detach(), W)
+            return
+    assert not torch.equal(layer.weight.detach(), W) and error(layer.weight) < 1e-5
 
 
 def _two_layer_run(seed):

@@ -17,7 +17,7 @@ from ..optim import DEFAULT_VARIANT, step_drift, step_rank
 from ..options import ProjUNNOptions
 from ..steps import STEP_OVERSAMPLE, STEP_POWER_ITERS, projunn_step
 from ._mark import is_unitary
-from .optimizer import _PRECISIONS, drawn_seed
+from .optimizer import _PRECISIONS, _name, drawn_seed
 
 __all__ = ["ProjUNNRetraction", "projunn_retraction"]
 
@@ -74,12 +74,17 @@ def projunn_retraction(optimizer, *, rank=None, variant=DEFAULT_VARIANT, params=
     ------
     TypeError
         ``optimizer`` not a ``torch.optim.Optimizer``; a parameter of another
-        dtype than float32/64, complex64/128.
+        dtype than float32/64, complex64/128. At ``step()`` too, before the
+        optimizer moves anything: a parameter made float16 or bfloat16 since
+        (``module.half()``) is named, with its dtype, and no parameter changes.
     ValueError
         A bad option (named, with its value); a parameter that is not a
-        matrix, or smaller than ``rank``. At ``step()``, NaN or Inf in an
-        update: every retracted parameter gets its value from before the step
-        back (the optimizer's own state has moved) and the error names it.
+        matrix, or smaller than ``rank`` (at ``step()`` too, before the
+        optimizer moves anything). At ``step()``, NaN or Inf in an update:
+        every retracted parameter gets its value from before the step back
+        (the optimizer's own state has moved) and the error names it. So does
+        any other error of the projUNN step or of its drift check, which is
+        raised with its own type.
 
     Warns
     -----
@@ -126,6 +131,8 @@ def projunn_retraction(optimizer, *, rank=None, variant=DEFAULT_VARIANT, params=
                              power_iters=power_iters, drift_tol=drift_tol, drift_check_every=drift_check_every,
                              reproject=reproject, seed=seed)
 
+
+_RETRACTED_DTYPES = (torch.float32, torch.float64, torch.complex64, torch.complex128)
 
 # Traced by Dynamo (a compiled optimizer.step), the hooks lost the retraction:
 # W came out of three compiled SGD steps 0.1 away from unitary, without a word.
@@ -249,15 +256,27 @@ class ProjUNNRetraction:
         return [(p, group) for group in self.optimizer.param_groups for p in group["params"]
                 if (is_unitary(p) if chosen is None else id(p) in chosen)]
 
-    def _check(self, p):
-        if p.dtype not in (torch.float32, torch.float64, torch.complex64, torch.complex128):
-            raise TypeError(f"a retracted parameter has dtype {p.dtype} (shape {tuple(p.shape)}); "
-                            "expected float32, float64, complex64 or complex128")
+    def _name(self, p):
+        """The parameter's name in the optimizer's errors: its name in its
+        group's ``param_names``, or ``param_groups[g]['params'][i]``."""
+        for index, group in enumerate(self.optimizer.param_groups):
+            for i, q in enumerate(group["params"]):
+                if q is p:
+                    return _name(group, index, i)
+        return "(not in the optimizer's param groups)"
+
+    def _check(self, p, changed=""):
+        """A TypeError or ValueError naming ``p`` where it cannot be retracted;
+        ``changed`` ends the message."""
+        if p.dtype not in _RETRACTED_DTYPES:
+            raise TypeError(f"retracted parameter {self._name(p)} has dtype {p.dtype} (shape {tuple(p.shape)}); "
+                            f"expected float32, float64, complex64 or complex128{changed}")
         if p.dim() < 2:
-            raise ValueError(f"a retracted parameter must be a matrix or a batch of them, got shape {tuple(p.shape)}")
+            raise ValueError(f"retracted parameter {self._name(p)} must be a matrix or a batch of them, got shape "
+                             f"{tuple(p.shape)}{changed}")
         if self.options["rank"] is not None and self.options["rank"] > min(p.shape[-2:]):
-            raise ValueError(f"rank {self.options['rank']} exceeds the size of a retracted parameter "
-                             f"(shape {tuple(p.shape)})")
+            raise ValueError(f"rank {self.options['rank']} exceeds the size of retracted parameter {self._name(p)} "
+                             f"(shape {tuple(p.shape)}){changed}")
 
     def _warn_weight_decay(self):
         decayed = {id(group): group for p, group in self._targets() if group.get("weight_decay", 0)}
@@ -276,11 +295,11 @@ class ProjUNNRetraction:
         # step() computes the gradients after this hook
         targets = self._targets()
         for p, _ in targets:
-            if p not in self.state:
-                # a parameter of a group added since (or marked since) is checked
-                # before the optimizer moves anything: checked after its step, it
-                # left every retracted parameter with the optimizer's raw update
-                self._check(p)
+            # every one, at every step, before the optimizer moves anything: a
+            # parameter of a group added (or marked) since, or one made float16
+            # since (module.half()), checked after the step left every retracted
+            # parameter with the optimizer's raw update
+            self._check(p, changed="; no parameter was changed")
         self._saved = [(p, p.detach().clone()) for p, _ in targets]
 
     @outside_torch_graph(_OUTSIDE_GRAPH, name="projunn_retraction's hook after the step")
@@ -289,36 +308,55 @@ class ProjUNNRetraction:
     def _after(self, optimizer, args, kwargs):
         saved, self._saved = self._saved, []
         pending, fresh, streams = [], {}, []
-        for index, (p, W) in enumerate(saved):
-            delta = p.detach() - W
-            if not bool(torch.any(delta != 0)):
-                continue
-            state = self.state.get(p)
-            if state is None:  # (checked before the step); its stream joins the state once every step succeeded
-                state = fresh[p] = {"rng": np.random.default_rng([self.seed, self._streams + len(fresh)]),
-                                    "steps": 0, "reprojections": 0, "precision": None}
-            streams.append((state["rng"], state["rng"].bit_generator.state))
-            try:
+        xp = array_api_compat.torch
+        # Every new value is made before any is written, and any error (NaN in
+        # an update, a drift check that failed inside torch.autocast) puts back
+        # every parameter and stream: a TypeError, or an error of the drift
+        # check after the first parameter was written, left the optimizer's raw
+        # update, off the unitary group.
+        try:
+            for index, (p, W) in enumerate(saved):
+                delta = p.detach() - W
+                if not bool(torch.any(delta != 0)):
+                    continue
+                state = self.state.get(p)
+                if state is None:  # (checked before the step); its stream joins the state once every step succeeded
+                    state = fresh[p] = {"rng": np.random.default_rng([self.seed, self._streams + len(fresh)]),
+                                        "steps": 0, "reprojections": 0, "precision": None}
+                streams.append((state["rng"], state["rng"].bit_generator.state))
                 new = projunn_step(W, -delta, lr=1.0, rng=state["rng"],
                                    **{**self.options, "rank": step_rank(self.options["rank"], W.shape)})
-            except ValueError as error:
-                for q, old in saved:  # every retracted parameter as before the step
-                    q.copy_(old)
-                for rng, before in streams:  # and every stream: a resumed run draws the same sketches
-                    rng.bit_generator.state = before
-                raise ValueError(f"the update of retracted parameter {index} (shape {tuple(p.shape)}) by the "
-                                 f"{type(optimizer).__name__}: {error}; the retracted parameters were "
-                                 "restored (the optimizer's state has moved)") from None
-            pending.append((p, new, state))
+                # a first step, or the first in this precision (a float32 run resumed in float64)
+                precision = _PRECISIONS[p.dtype]
+                new, reprojected = step_drift(xp, new, step=state["steps"] + 1, rng=state["rng"], seed=self.seed,
+                                              first=state["precision"] != precision, **self.drift)
+                pending.append((p, new, state, int(reprojected), precision))
+        except Exception as error:
+            for q, old in saved:  # every retracted parameter as before the step
+                q.copy_(old)
+            for rng, before in streams:  # and every stream: a resumed run draws the same sketches
+                rng.bit_generator.state = before
+            if type(error) not in (TypeError, ValueError, RuntimeError):
+                raise  # (another kind, whose arguments may not be a message: as it came, the parameters restored)
+            raise type(error)(f"the update of retracted parameter {index} ({self._name(p)}, shape "
+                              f"{tuple(p.shape)}) by the {type(optimizer).__name__}: {error}{_in_autocast(p)}; "
+                              "the retracted parameters were restored (the optimizer's state has moved)"
+                              ) from (error if type(error) is RuntimeError else None)  # (an internal failure's trace)
         self.state.update(fresh)
         self._streams += len(fresh)
-        for p, new, state in pending:
+        for p, new, state, reprojected, precision in pending:
             state["steps"] += 1
-            xp = array_api_compat.torch
-            # a first step, or the first in this precision (a float32 run resumed in float64)
-            precision = _PRECISIONS[p.dtype]
-            new, reprojected = step_drift(xp, new, step=state["steps"], rng=state["rng"], seed=self.seed,
-                                          first=state["precision"] != precision, **self.drift)
-            state["reprojections"] += int(reprojected)
+            state["reprojections"] += reprojected
             state["precision"] = precision
             p.copy_(new)
+
+
+def _in_autocast(p):
+    """A note for an error of a step taken inside ``torch.autocast`` (on
+    ``p``'s device type), which can change the dtype of the step's products."""
+    try:
+        active = torch.is_autocast_enabled(p.device.type)
+    except (TypeError, RuntimeError):  # (torch < 2.4: no device type argument; a device type without autocast)
+        active = p.device.type == "cpu" and torch.is_autocast_cpu_enabled()
+    return (" (optimizer.step() ran inside torch.autocast: call it after the autocast region)" if active
+            else "")
