@@ -194,6 +194,45 @@ def test_gradients_of_the_wrong_shape_dtype_or_structure_are_named(base, jit):
     assert updates["W"].dtype == jnp.float32 and np.all(np.isfinite(np.asarray(updates["W"])))
 
 
+@pytest.mark.parametrize("base", ["rmsprop", "adam"])
+@pytest.mark.parametrize("jit", [False, True])
+def test_a_narrow_gradient_of_a_unitary_leaf_is_refused_and_a_plain_leaf_keeps_optax(base, jit):
+    """A float16 gradient of a float32 unitary leaf was taken: it promotes
+    nothing, but the base formed its moments in float16 (adam's W was 0.48
+    from the step of the same numbers in float32, for a step of 0.012). Now a
+    unitary leaf's gradient must be float32/float64/complex64/complex128, and
+    the error names the leaf and the dtype, eagerly and under jit; a plain
+    leaf's narrow gradient is stepped as optax steps it."""
+    params = {"W": ul.random_unitary(6, dtype="float32", xp=jnp, rng=0), "b": jnp.zeros(3, jnp.float32),
+              "V": ul.random_unitary(4, dtype="complex64", xp=jnp, rng=1)}
+    opt = projunn(1e-2, unitary={"W": True, "b": False, "V": True}, base=base, rank=2)
+    update = jax.jit(opt.update) if jit else opt.update
+    state = opt.init(params)
+    rng = np.random.default_rng(3)
+    grads = {"W": jnp.asarray(rng.standard_normal((6, 6)), jnp.float32), "b": jnp.ones(3, jnp.float32),
+             "V": jnp.asarray(rng.standard_normal((4, 4)), jnp.complex64)}
+    for leaf in ("W", "V"):
+        for dtype in (jnp.float16, jnp.bfloat16, jnp.int32, jnp.int8, jnp.bool_):
+            bad = {**grads, leaf: grads[leaf].real.astype(dtype)}
+            with pytest.raises(TypeError, match=rf"^the gradient of unitary leaf \['{leaf}'\] has dtype "
+                                                rf"{jnp.dtype(dtype).name}; expected float32, float64, complex64 "
+                                                r"or complex128"):
+                update(bad, state, params)
+    # a supported dtype that does not promote the leaf passes (float32 for the complex64 leaf), and a plain
+    # leaf's float16 gradient is stepped as optax steps it
+    narrow = {**grads, "V": grads["V"].real, "b": jnp.asarray([1e-4, -3e-3, 0.5], jnp.float16)}
+    updates, _ = update(narrow, state, params)
+    new_V = optax.apply_updates(params, updates)["V"]
+    assert new_V.dtype == jnp.complex64 and unitarity(new_V) < 1e-5
+    assert float(jnp.max(jnp.abs(new_V - params["V"]))) > 1e-4
+    reference = getattr(optax, base)(1e-2)
+    ref_updates, _ = reference.update(narrow["b"], reference.init(params["b"]), params["b"])
+    assert updates["b"].dtype == ref_updates.dtype
+    np.testing.assert_allclose(np.asarray(updates["b"], np.float64), np.asarray(ref_updates, np.float64),
+                               rtol=1e-6, atol=0)
+    assert float(jnp.max(jnp.abs(updates["b"]))) > 1e-3  # (and b moved)
+
+
 @pytest.mark.parametrize("bad_leaf", ["W", "bias"])
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_nonfinite_gradient_is_skipped_under_jit(bad_leaf, bad):

@@ -339,7 +339,12 @@ def projunn(learning_rate=DEFAULT_LR, *, unitary, base=DEFAULT_BASE, rank=None, 
         an integer option given as an array (``optax.inject_hyperparams``
         without ``static_args=STATIC_ARGS``); a gradient whose dtype would
         promote its leaf's (a float64 gradient of a float32 leaf: the base's
-        moments keep the leaf's dtype).
+        moments keep the leaf's dtype); a gradient of a unitary leaf that is
+        not float32, float64, complex64 or complex128 (float16, bfloat16, an
+        integer or bool; the base would form the moments of a float16 one in
+        float16, where ``g**2`` is zero for ``|g|`` below about 2e-4). The
+        gradients of the other leaves go to optax as they are, in any dtype
+        that does not promote the leaf's.
 
     Notes
     -----
@@ -410,7 +415,7 @@ def projunn(learning_rate=DEFAULT_LR, *, unitary, base=DEFAULT_BASE, rank=None, 
     def update(grads, state, params=None):
         if params is None:
             raise ValueError("projunn needs the parameters: opt.update(grads, state, params)")
-        _check_gradients(grads, params)
+        _check_gradients(grads, params, _mask_of(unitary, params))
         leaves = jax.tree.leaves(grads)
         finite = jnp.all(jnp.asarray([_all_finite(g) for g in leaves])) if leaves else jnp.asarray(True)
         state = state._replace(notfinite_count=jnp.asarray(state.notfinite_count, jnp.int32))
@@ -427,23 +432,32 @@ def projunn(learning_rate=DEFAULT_LR, *, unitary, base=DEFAULT_BASE, rank=None, 
     return optax.GradientTransformation(init, update)
 
 
-def _check_gradients(grads, params):
+def _check_gradients(grads, params, mask):
     """Each gradient of the parameter's shape, in a dtype that does not
     promote the parameter's, named where it is not: the base's moments (and
     the skip of a non-finite step, which keeps them as they were) would
     otherwise fail in JAX's words ("add got incompatible shapes", "cond
-    branches must have equal output types"), naming no leaf. Shapes and
+    branches must have equal output types"), naming no leaf. A unitary leaf's
+    gradient (``mask``: one bool per leaf) must also be float32, float64,
+    complex64 or complex128: a float16 or bfloat16 one does not promote a
+    float32 leaf, but the base would form its moments in it (``g**2`` in
+    float16 is zero below about 2e-4), far from the step of the same numbers
+    in float32. The other leaves' gradients are optax's business. Shapes and
     dtypes are static under jit: no cost there."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     try:
         flat_grads = treedef.flatten_up_to(grads)
     except (ValueError, TypeError) as error:
         raise ValueError(f"grads must have the tree structure of the parameters: {error}") from None
-    for (path, p), g in zip(flat, flat_grads):
+    for (path, p), g, flag in zip(flat, flat_grads, treedef.flatten_up_to(mask)):
         name = jax.tree_util.keystr(path)
         if tuple(jnp.shape(g)) != tuple(jnp.shape(p)):
             raise ValueError(f"the gradient of leaf {name} has shape {tuple(jnp.shape(g))}, the leaf "
                              f"{tuple(jnp.shape(p))}")
+        dtype = jnp.result_type(g).name
+        if flag and dtype not in ("float32", "float64", "complex64", "complex128"):
+            raise TypeError(f"the gradient of unitary leaf {name} has dtype {dtype}; expected float32, float64, "
+                            f"complex64 or complex128 (pass gradients in the leaves' dtypes)")
         if jnp.result_type(g, p) != jnp.result_type(p):
             raise TypeError(f"the gradient of leaf {name} has dtype {jnp.result_type(g).name}, which would "
                             f"promote the leaf's {jnp.result_type(p).name}; pass gradients in the leaves' dtypes")
