@@ -4,12 +4,23 @@ whichever init is asked for, and nothing is changed."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="PyTorch is not installed")
 
-from unitary_lr.torch import ModReLU, OrthogonalLinear, UnitaryRNN, is_unitary, orthogonal, unitary_parameter  # noqa: E402
+from unitary_lr import random_unitary  # noqa: E402
+from unitary_lr.torch import (  # noqa: E402
+    FourierConv2d,
+    ModReLU,
+    OrthogonalLinear,
+    UnitaryRNN,
+    is_unitary,
+    orthogonal,
+    unitary_parameter,
+)
 
 INITS = ("haar", "identity", "henaff")
 
@@ -137,3 +148,251 @@ def test_layers_refuse_a_generator_that_is_not_a_torch_generator(make):
     with pytest.raises(TypeError, match=r"^generator must be a torch.Generator or None, got int: 5$"):
         make(5)
     assert make(torch.Generator().manual_seed(0)) is not None
+
+
+def seeded(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+# each layer built from sizes, with a generator seeded the same way: (sizes, build(*sizes))
+SIZED = {
+    "unitary_parameter": ((4, 3), lambda n, m: unitary_parameter(n, m, dtype=torch.float64, generator=seeded())),
+    "unitary_parameter_batch": ((3,), lambda n: unitary_parameter(n, batch_shape=(n,), generator=seeded())),
+    "ModReLU": ((5,), lambda n: ModReLU(n, generator=seeded())),
+    "OrthogonalLinear": ((4, 6), lambda n, m: OrthogonalLinear(n, m, generator=seeded())),
+    "UnitaryRNN": ((3, 4, 2), lambda i, h, layers: UnitaryRNN(i, h, layers, init="haar", generator=seeded())),
+    "FourierConv2d": ((2, 4, 3, 5), lambda c, h, w, d: FourierConv2d(c, (h, w), out_channels=d, init="haar",
+                                                                    generator=seeded())),
+}
+
+
+def _values(made):
+    return {"": made} if isinstance(made, torch.Tensor) else dict(made.named_parameters())
+
+
+@pytest.mark.parametrize("integer", [np.int64, np.int32, np.uint16], ids=lambda t: t.__name__)
+@pytest.mark.parametrize("layer", list(SIZED))
+def test_numpy_integer_sizes_build_the_same_layer_as_python_ints(layer, integer):
+    # "in_features must be an integer >= 1, got np.int64(4)" (a ValueError), while torch.nn.Linear,
+    # random_unitary and the optimizers take them (np.prod of a shape is one)
+    sizes, build = SIZED[layer]
+    made, reference = build(*map(integer, sizes)), build(*sizes)
+    own, expected = _values(made), _values(reference)
+    assert own.keys() == expected.keys()
+    for name, value in expected.items():
+        assert own[name].dtype == value.dtype and torch.equal(own[name], value), name
+        assert is_unitary(own[name]) == is_unitary(value), name
+    for attribute in ("in_features", "out_features", "hidden_size", "num_layers", "channels", "out_channels"):
+        if hasattr(made, attribute):  # stored as Python ints (their repr is the layer's repr)
+            assert type(getattr(made, attribute)) is int and getattr(made, attribute) == getattr(reference, attribute)
+    if isinstance(made, FourierConv2d):
+        assert made.size == (4, 3) and all(type(s) is int for s in made.size)
+    if isinstance(made, torch.nn.Module):
+        assert repr(made) == repr(reference)
+
+
+def test_compile_recurrence_takes_a_numpy_integer_steps():
+    rnn = UnitaryRNN(2, 3)
+    assert rnn.compile_recurrence(np.int64(7)) is rnn and rnn._recurrence_steps == 7
+    assert type(rnn._recurrence_steps) is int
+    with pytest.raises(ValueError, match=r"^steps must be an integer >= 1 or None, got True$"):
+        rnn.compile_recurrence(True)
+
+
+@pytest.mark.parametrize("make", [
+    lambda n: ModReLU(n),
+    lambda n: OrthogonalLinear(n, 3),
+    lambda n: OrthogonalLinear(3, n),
+    lambda n: UnitaryRNN(n, 3),
+    lambda n: UnitaryRNN(2, 3, n),
+    lambda n: FourierConv2d(n, (4, 4)),
+    lambda n: FourierConv2d(2, (4, 4), out_channels=n),
+    lambda n: unitary_parameter(3, n),
+])
+@pytest.mark.parametrize("bad", [True, np.True_, 2.0, np.float64(2.0), np.int64(0), np.int64(-2), "3"], ids=repr)
+def test_sizes_that_are_not_integers_at_least_one_are_still_refused(make, bad):
+    with pytest.raises(ValueError, match=r" must be an integer >= 1, got " + re.escape(repr(bad)) + "$"):
+        make(bad)
+
+
+@pytest.mark.parametrize("size", [(np.int64(4), 3), np.array([4, 3]).tolist(), tuple(np.array([4, 3]))])
+def test_fourier_conv_size_of_numpy_integers(size):
+    conv = FourierConv2d(2, size, init="haar", dtype=torch.float64, generator=seeded())
+    reference = FourierConv2d(2, (4, 3), init="haar", dtype=torch.float64, generator=seeded())
+    assert conv.size == (4, 3) and torch.equal(conv.weight, reference.weight)
+    x = torch.randn(1, 2, 4, 3, dtype=torch.float64)
+    assert torch.isclose(conv(x).norm(), x.norm())
+
+
+@pytest.mark.parametrize("size", [(4, True), (4, 3.0), (4, np.float32(3)), np.array([4, 3]), (4, 0), (4,)], ids=repr)
+def test_fourier_conv_size_that_is_not_two_integers_is_refused(size):
+    with pytest.raises(ValueError, match=r"^size must be two integers \(h, w\) >= 1, got "):
+        FourierConv2d(2, size)
+
+
+COMPLEX_LAYERS = {
+    "OrthogonalLinear": lambda complex_: OrthogonalLinear(3, 3, complex=complex_),
+    "FourierConv2d": lambda complex_: FourierConv2d(2, (4, 4), complex=complex_),
+    "UnitaryRNN": lambda complex_: UnitaryRNN(2, 3, complex=complex_),
+}
+
+
+@pytest.mark.parametrize("complex_", ["False", "no", 1, 0, None, np.bool_(True), np.bool_(False)], ids=repr)
+@pytest.mark.parametrize("layer", list(COMPLEX_LAYERS))
+def test_layers_refuse_a_complex_that_is_not_a_bool(layer, complex_):
+    # OrthogonalLinear(complex="False") and FourierConv2d(complex="False") built complex layers
+    with pytest.raises(TypeError, match=rf"^complex must be True or False, got {re.escape(repr(complex_))}$"):
+        COMPLEX_LAYERS[layer](complex_)
+
+
+@pytest.mark.parametrize("complex_", [False, True])
+@pytest.mark.parametrize("layer", list(COMPLEX_LAYERS))
+def test_layers_with_a_bool_complex_still_build(layer, complex_):
+    made = COMPLEX_LAYERS[layer](complex_)
+    assert made.complex is complex_
+    weight = made.weight_hh if isinstance(made, UnitaryRNN) else made.weight
+    if isinstance(made, FourierConv2d):  # the real layer's weight_real is real, its weight complex either way
+        assert (made.weight_real is None) == complex_
+    else:
+        assert weight.is_complex() == complex_
+
+
+@pytest.mark.parametrize("dtype", [[torch.float32], {"dtype": torch.float64}, "torch.float64"], ids=repr)
+@pytest.mark.parametrize("make", [
+    lambda dtype: ModReLU(3, dtype=dtype),
+    lambda dtype: OrthogonalLinear(3, 3, dtype=dtype),
+    lambda dtype: UnitaryRNN(2, 3, dtype=dtype),
+    lambda dtype: FourierConv2d(2, (4, 4), dtype=dtype),
+], ids=["ModReLU", "OrthogonalLinear", "UnitaryRNN", "FourierConv2d"])
+def test_layers_refuse_an_unhashable_dtype_naming_it(make, dtype):
+    # a list gave "unhashable type: 'list'"
+    with pytest.raises(TypeError, match=r"^dtype must be torch.float32 or torch.float64 \(the real precision\), "
+                                        r"got " + re.escape(str(dtype)) + "$"):
+        make(dtype)
+
+
+def test_unitary_parameter_refuses_an_unhashable_dtype_naming_it():
+    with pytest.raises(TypeError, match=r"^dtype must be float32, float64, complex64 or complex128, got \[torch"):
+        unitary_parameter(3, dtype=[torch.float32])
+    with pytest.raises(TypeError, match=r"^dtype must be float32, float64, complex64 or complex128, got \[torch"):
+        unitary_parameter(torch.eye(3), dtype=[torch.float32])
+
+
+def _orthogonal(n, seed=0):
+    return torch.from_numpy(random_unitary(n, dtype="float64", rng=seed))
+
+
+@pytest.mark.parametrize("option", [
+    {"init": "no-such-init"}, {"init": "haar"}, {"init": "identity"},
+    {"batch_shape": (2,)}, {"batch_shape": [2]}, {"batch_shape": []}, {"batch_shape": "2"},
+    {"generator": torch.Generator().manual_seed(0)},
+], ids=lambda option: "=".join(map(str, next(iter(option.items())))).split(" object at")[0])
+def test_unitary_parameter_of_a_tensor_refuses_the_options_of_a_new_parameter(option):
+    # they were ignored without a word (even an unknown init), while m was refused
+    Q = _orthogonal(4)
+    kept = Q.clone()
+    (name, value), = option.items()
+    with pytest.raises(ValueError, match=rf"^{name} .* new parameter; with a tensor \(shape \(4, 4\)\).* must be "
+                                         rf"omitted, got {name}="):
+        unitary_parameter(Q, **option)
+    assert torch.equal(Q, kept)
+
+
+@pytest.mark.parametrize("generator", [5, "seed", np.random.default_rng(0)], ids=lambda g: type(g).__name__)
+def test_unitary_parameter_of_a_tensor_refuses_a_generator_that_is_not_a_torch_generator(generator):
+    with pytest.raises(TypeError, match=rf"^generator must be a torch.Generator or None, got "
+                                        rf"{type(generator).__name__}: "):
+        unitary_parameter(_orthogonal(3), generator=generator)
+
+
+@pytest.mark.parametrize("project", ["yes", 1, None, np.bool_(True)], ids=repr)
+@pytest.mark.parametrize("value", [3, "tensor"])
+def test_unitary_parameter_refuses_a_project_that_is_not_a_bool(value, project):
+    # with a size, any project was accepted
+    with pytest.raises(TypeError, match=rf"^project must be True or False, got {re.escape(repr(project))}$"):
+        unitary_parameter(_orthogonal(3) if value == "tensor" else value, project=project)
+
+
+@pytest.mark.parametrize(("source", "dtype"), [
+    ("float64", torch.float32), ("float64", torch.complex128), ("float64", torch.complex64),
+    ("complex128", torch.complex64), ("float32", torch.complex64),
+])
+def test_unitary_parameter_of_a_tensor_is_made_in_the_dtype_asked_for(source, dtype):
+    # unitary_parameter(float64 Q, dtype=torch.float32) was a float64 parameter
+    Q = torch.from_numpy(random_unitary(5, dtype=source, rng=1))
+    kept = Q.clone()
+    W = unitary_parameter(Q, dtype=dtype)
+    assert W.dtype == dtype and is_unitary(W) and W.requires_grad and tuple(W.shape) == (5, 5)
+    assert torch.equal(W.detach(), Q.to(dtype)) and torch.equal(Q, kept)
+    assert W.data_ptr() != Q.data_ptr()
+    A = W.detach().to(torch.complex128).numpy()
+    tolerance = 1e-6 if dtype in (torch.float32, torch.complex64) else 1e-13
+    assert np.abs(A.conj().T @ A - np.eye(5)).max() < tolerance
+
+
+def test_unitary_parameter_of_a_tensor_keeps_its_dtype_and_device_when_omitted():
+    Q = _orthogonal(3)
+    W = unitary_parameter(Q)
+    assert W.dtype == torch.float64 and W.device == Q.device and torch.equal(W.detach(), Q)
+
+
+def test_unitary_parameter_of_a_complex_tensor_refuses_a_real_dtype():
+    Q = torch.from_numpy(random_unitary(3, dtype="complex128", rng=2))
+    with pytest.raises(TypeError, match=r"^dtype torch.float64 is real but n_or_tensor is complex \(torch.complex128\)"
+                                        r": its imaginary part would be dropped$"):
+        unitary_parameter(Q, dtype=torch.float64)
+
+
+def test_unitary_parameter_of_a_tensor_checks_in_the_dtype_asked_for():
+    # unitary to float32's tolerance, not to float64's: accepted as float32, refused as float64
+    Q = _orthogonal(4) + 1e-7
+    W = unitary_parameter(Q, dtype=torch.float32)
+    assert W.dtype == torch.float32 and is_unitary(W)
+    with pytest.raises(ValueError, match=r"is not unitary"):
+        unitary_parameter(Q, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"is not unitary"):  # a float32 draw is not float64-unitary
+        unitary_parameter(torch.from_numpy(random_unitary(4, dtype="float32", rng=3)), dtype=torch.float64)
+    P = unitary_parameter(Q, dtype=torch.float64, project=True)
+    assert is_unitary(P) and float((P.detach().T @ P.detach() - torch.eye(4, dtype=torch.float64)).abs().max()) < 1e-13
+
+
+def test_unitary_parameter_of_a_tensor_goes_to_the_device_asked_for():
+    # device="meta" gave a CPU parameter; the check runs where the tensor is (a meta copy has no values)
+    Q = _orthogonal(3)
+    W = unitary_parameter(Q, device="meta")
+    assert W.device.type == "meta" and tuple(W.shape) == (3, 3) and W.dtype == Q.dtype
+    assert is_unitary(W) and W.requires_grad and isinstance(W, torch.nn.Parameter)
+    with pytest.raises(ValueError, match=r"is not unitary"):  # checked before it moves
+        unitary_parameter(2 * Q, device="meta")
+    assert unitary_parameter(Q, device="cpu").device.type == "cpu"
+
+
+@pytest.mark.parametrize("array", [np.eye(3), np.eye(3, dtype=np.float32)[None], np.array([3.0])], ids=repr)
+def test_unitary_parameter_refuses_a_numpy_array_naming_the_argument(array):
+    # "n must be an integer >= 1, got array(...)", a ValueError
+    with pytest.raises(TypeError, match=rf"^n_or_tensor must be an integer \(the size n of a new parameter\) or a "
+                                        rf"torch.Tensor \(its value\), got a NumPy array of shape "
+                                        rf"{re.escape(str(array.shape))} and dtype {array.dtype}; pass "
+                                        r"torch.from_numpy\(array\)$"):
+        unitary_parameter(array)
+
+
+@pytest.mark.parametrize("n", [3.0, True, "3", None], ids=repr)
+def test_unitary_parameter_refuses_a_size_that_is_not_an_integer(n):
+    with pytest.raises(TypeError, match=rf"^n_or_tensor must be an integer .* got {type(n).__name__}: "):
+        unitary_parameter(n)
+
+
+@pytest.mark.parametrize("n", [0, -1, np.int64(0)], ids=repr)
+def test_unitary_parameter_refuses_a_size_below_one(n):
+    with pytest.raises(ValueError, match=rf"^n must be an integer >= 1, got {re.escape(repr(n))}$"):
+        unitary_parameter(n)
+
+
+def test_unitary_parameter_init_omitted_is_haar():
+    a = unitary_parameter(4, dtype=torch.float64, generator=seeded(5))
+    b = unitary_parameter(4, init="haar", dtype=torch.float64, generator=seeded(5))
+    assert torch.equal(a, b) and not torch.equal(a.detach(), torch.eye(4, dtype=torch.float64))
+    # UnitaryRNN's own init (default "henaff") does not take None
+    with pytest.raises(ValueError, match=r"^init must be one of 'haar', 'identity', 'henaff', got None$"):
+        UnitaryRNN(2, 3, init=None)

@@ -10,8 +10,10 @@ from torch import nn  # noqa: E402
 
 from unitary_lr.torch import (  # noqa: E402
     HouseholderAdapter,
+    SVDAdapter,
     adapter_state_dict,
     add_householder_adapters,
+    add_svd_adapters,
     load_adapter_state_dict,
     trainable_parameters,
 )
@@ -318,6 +320,69 @@ def test_load_adapter_state_dict_errors_change_nothing():
 def test_generator_makes_initialisation_reproducible():
     a, b = (HouseholderAdapter(linear(7, 5), reflectors=3, generator=generator(12)) for _ in range(2))
     assert torch.equal(a.reflectors_out, b.reflectors_out) and torch.equal(a.reflectors_in, b.reflectors_in)
+
+
+NOT_TORCH_GENERATORS = [np.random.default_rng(0), 0, 5, "seed"]
+
+
+@pytest.mark.parametrize("bad", NOT_TORCH_GENERATORS, ids=lambda g: type(g).__name__)
+@pytest.mark.parametrize(("add", "size"), [(add_householder_adapters, {}), (add_svd_adapters, {"rank": 1})],
+                         ids=["householder", "svd"])
+def test_add_adapters_refuse_a_generator_that_is_not_a_torch_generator(add, size, bad):
+    # torch.randn()/randint()'s argument-combination error, which did not name generator, after the first
+    # nn.Linear had been frozen
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2))
+    before = snapshot(model)
+    with pytest.raises(TypeError, match=rf"^generator must be a torch.Generator or None, got "
+                                        rf"{type(bad).__name__}: "):
+        add(model, generator=bad, **size)
+    assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear]
+    assert_unchanged(model, before)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("bad", NOT_TORCH_GENERATORS, ids=lambda g: type(g).__name__)
+@pytest.mark.parametrize(("adapter", "size"), [(HouseholderAdapter, {}), (SVDAdapter, {"rank": 1})],
+                         ids=["householder", "svd"])
+def test_adapters_refuse_a_generator_that_is_not_a_torch_generator(adapter, size, bad):
+    layer = linear(4, 3)
+    before = snapshot(layer)
+    with pytest.raises(TypeError, match=rf"^generator must be a torch.Generator or None, got "
+                                        rf"{type(bad).__name__}: "):
+        adapter(layer, generator=bad, **size)
+    assert_unchanged(layer, before)
+    assert layer.weight.requires_grad and layer.bias.requires_grad  # not frozen
+
+
+@pytest.mark.parametrize("make", [
+    lambda size, g: HouseholderAdapter(linear(6, 5), reflectors=size, generator=g),
+    lambda size, g: SVDAdapter(linear(6, 5), rank=size, generator=g),
+    lambda size, g: add_householder_adapters(nn.Sequential(linear(6, 5)), reflectors=size, generator=g)[0],
+    lambda size, g: add_svd_adapters(nn.Sequential(linear(6, 5)), rank=size, generator=g)[0],
+], ids=["HouseholderAdapter", "SVDAdapter", "add_householder_adapters", "add_svd_adapters"])
+@pytest.mark.parametrize("size", [np.int64(2), np.int32(2), np.uint8(2)], ids=lambda n: type(n).__name__)
+def test_numpy_integer_sizes_are_sizes(make, size):
+    # np.prod of a shape is a NumPy integer: "reflectors must be an integer, got int64: np.int64(2)"
+    # (torch.nn.Linear, random_unitary and the optimizers take them)
+    adapted, reference = make(size, generator(3)), make(2, generator(3))
+    own = dict(adapted.named_parameters())
+    expected = dict(reference.named_parameters())
+    assert own.keys() == expected.keys()
+    for name, parameter in expected.items():
+        assert own[name].shape == parameter.shape and torch.equal(own[name], parameter), name
+    width = (adapted.reflectors_out if isinstance(adapted, HouseholderAdapter) else adapted.U).shape[-1]
+    assert width == 2 and type(width) is int
+    assert "=2," in adapted.extra_repr()  # shown as the integer 2, not np.int64(2)
+
+
+@pytest.mark.parametrize(("adapter", "name"), [(HouseholderAdapter, "reflectors"), (SVDAdapter, "rank")])
+@pytest.mark.parametrize("bad", [True, np.True_, 2.0, np.float64(2.0), "2"], ids=repr)
+def test_sizes_that_are_not_integers_are_still_refused(adapter, name, bad):
+    layer = linear(6, 5)
+    before = snapshot(layer)
+    with pytest.raises(TypeError, match=rf"^{name} must be an integer, got {type(bad).__name__}: "):
+        adapter(layer, **{name: bad})
+    assert_unchanged(layer, before)
 
 
 @pytest.mark.parametrize("used", [(0, 1), (0,), (1,)])

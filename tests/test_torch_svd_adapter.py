@@ -340,6 +340,28 @@ def test_load_refuses_factors_that_are_not_orthonormal():
         load_adapter_state_dict(model, state)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_load_into_a_half_precision_model_names_the_entry_and_changes_nothing(dtype):
+    """A model made bfloat16 after its adapters were added (its forward pass
+    runs): the orthonormality check of the loaded U refused it as "W has dtype
+    torch.bfloat16", naming neither the entry nor the function. The error
+    names the entry and the dtype, and the model is unchanged; loaded before
+    the conversion, the same state loads."""
+    state = adapter_state_dict(add_svd_adapters(model_of_blocks(), target_modules=["q"], rank=2,
+                                                generator=generator(12)))
+    model = add_svd_adapters(model_of_blocks(), target_modules=["q"], rank=2, generator=generator(13)).to(dtype)
+    assert model(torch.randn(2, 8, dtype=dtype)).dtype == dtype
+    before = snapshot(model)
+    with pytest.raises(TypeError, match=re.escape(f"adapter state dict entry '0.q.U' is for an orthonormal factor "
+                                                  f"of dtype {dtype}, whose orthonormality cannot be checked")):
+        load_adapter_state_dict(model, state)
+    assert_unchanged(model, before)
+    model = add_svd_adapters(model_of_blocks(), target_modules=["q"], rank=2, generator=generator(13))
+    load_adapter_state_dict(model, state)
+    model.to(dtype)
+    assert torch.equal(model[1].q.V.detach(), state["1.q.V"].to(dtype))
+
+
 def test_generator_makes_initialisation_reproducible_across_precisions():
     a, b = (SVDAdapter(linear(7, 5), rank=3, generator=generator(12)) for _ in range(2))
     assert torch.equal(a.U, b.U) and torch.equal(a.V, b.V)

@@ -13,11 +13,13 @@ import torch
 from array_api_compat import array_namespace
 from torch import nn
 
+from .._validation import check_int
 from ..diagnostics import unitarity_error
 from ..haar import random_unitary
 from ..householder import apply_unchecked, householder_apply
 from ._mark import is_unitary, mark_unitary, unitary_tolerance
 from ._wy import wy_factors
+from .layers import check_generator
 
 __all__ = [
     "HouseholderAdapter",
@@ -36,15 +38,16 @@ _SINGLE_OF_HALF = {torch.float16: torch.float32, torch.bfloat16: torch.float32, 
 
 def _check_size(name, value, linear):
     """``reflectors`` of a HouseholderAdapter, ``rank`` of an SVDAdapter: an
-    integer in [1, min(n_out, n_in)]."""
+    integer (a NumPy integer too, not a bool) in [1, min(n_out, n_in)];
+    returns it as an int."""
     limit = min(linear.out_features, linear.in_features)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}: {value!r}")
-    if not 1 <= value <= limit:
+    number = check_int(name, value)
+    if not 1 <= number <= limit:
         raise ValueError(
             f"{name} must be between 1 and {limit} = min(out_features, in_features) of {linear}, "
             f"got {value!r}"
         )
+    return number
 
 
 def _check_linear(linear):
@@ -227,7 +230,8 @@ class HouseholderAdapter(_LinearAdapter):
     ------
     TypeError
         ``linear`` is not an ``nn.Linear`` (or has an unsupported dtype);
-        ``reflectors`` is not an integer.
+        ``reflectors`` is not an integer; ``generator`` is not a
+        torch.Generator or None. ``linear`` is unchanged then.
     ValueError
         ``reflectors`` outside ``[1, min(n_out, n_in)]``.
 
@@ -279,12 +283,16 @@ class HouseholderAdapter(_LinearAdapter):
 
     def __init__(self, linear, *, reflectors=1, generator=None):
         _check_linear(linear)
-        _check_size("reflectors", reflectors, linear)
-        super().__init__(linear)
+        reflectors = _check_size("reflectors", reflectors, linear)
+        check_generator(generator)
         weight = linear.weight
         options = {"dtype": weight.dtype, "device": weight.device, "generator": generator}
-        self.reflectors_out = nn.Parameter(_unit_columns(linear.out_features, reflectors, **options))
-        self.reflectors_in = nn.Parameter(_unit_columns(linear.in_features, reflectors, **options))
+        # drawn before super().__init__ freezes the layer: an error leaves it as it was
+        reflectors_out = _unit_columns(linear.out_features, reflectors, **options)
+        reflectors_in = _unit_columns(linear.in_features, reflectors, **options)
+        super().__init__(linear)
+        self.reflectors_out = nn.Parameter(reflectors_out)
+        self.reflectors_in = nn.Parameter(reflectors_in)
         p = min(linear.out_features, linear.in_features)
         self.sigma = nn.Parameter(torch.zeros(p, dtype=weight.dtype, device=weight.device))
 
@@ -350,7 +358,8 @@ class SVDAdapter(_LinearAdapter):
     ------
     TypeError
         ``linear`` is not an ``nn.Linear`` (or has an unsupported dtype);
-        ``rank`` is not an integer.
+        ``rank`` is not an integer; ``generator`` is not a torch.Generator or
+        None. ``linear`` is unchanged then.
     ValueError
         ``rank`` outside ``[1, min(n_out, n_in)]``.
 
@@ -416,11 +425,13 @@ class SVDAdapter(_LinearAdapter):
 
     def __init__(self, linear, *, rank, generator=None):
         _check_linear(linear)
-        _check_size("rank", rank, linear)
-        super().__init__(linear)
+        rank = _check_size("rank", rank, linear)
+        check_generator(generator)
         weight = linear.weight
+        # drawn before super().__init__ freezes the layer: an error leaves it as it was
         U, V = _haar_columns((linear.out_features, linear.in_features), rank, dtype=weight.dtype,
                              device=weight.device, generator=generator)
+        super().__init__(linear)
         self.U = mark_unitary(nn.Parameter(U))
         self.V = mark_unitary(nn.Parameter(V))
         self.s = nn.Parameter(torch.zeros(rank, dtype=weight.dtype, device=weight.device))
@@ -503,7 +514,9 @@ def add_householder_adapters(model, *, target_modules=None, reflectors=1, freeze
         No ``nn.Linear`` matches; ``reflectors`` too large for a matched layer;
         a malformed ``target_modules``. Nothing is changed then.
     TypeError
-        ``model`` is not an ``nn.Module``; ``reflectors`` is not an integer.
+        ``model`` is not an ``nn.Module``; ``reflectors`` is not an integer;
+        ``generator`` is not a torch.Generator or None. Nothing is changed
+        then.
 
     Examples
     --------
@@ -551,7 +564,9 @@ def add_svd_adapters(model, *, target_modules=None, rank, freeze_base=True, gene
         No ``nn.Linear`` matches; ``rank`` too large for a matched layer;
         a malformed ``target_modules``. Nothing is changed then.
     TypeError
-        ``model`` is not an ``nn.Module``; ``rank`` is not an integer.
+        ``model`` is not an ``nn.Module``; ``rank`` is not an integer;
+        ``generator`` is not a torch.Generator or None. Nothing is changed
+        then.
 
     Examples
     --------
@@ -574,6 +589,7 @@ def _add_adapters(model, adapter, *, target_modules, freeze_base, generator, **s
     ``size`` is the one size argument of the adapter (``reflectors=j``, ``rank=r``)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_generator(generator)  # (a NumPy Generator failed in torch.randn, after the first layer was frozen)
     matches = _matcher(target_modules)
     inside = _adapter_bases(model)
     targets = []  # (parent, attribute, linear): every reference, shared layers included
@@ -671,7 +687,11 @@ def load_adapter_state_dict(model, state_dict):
         the model is unchanged.
     TypeError
         A complex entry for a real parameter (its imaginary part would be
-        dropped).
+        dropped); an orthonormal factor (an :class:`SVDAdapter`'s U or V) of
+        the model in another dtype than float32/64, complex64/128 (a model
+        made bfloat16 or float16: load the adapters before converting it),
+        whose orthonormality cannot be checked. The error names the entry and
+        the dtype; the model is unchanged.
     """
     own = _adapter_parameters(model)
     missing, unexpected = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
@@ -687,6 +707,11 @@ def load_adapter_state_dict(model, state_dict):
         if value.is_complex() and not parameter.is_complex():
             raise TypeError(f"adapter state dict entry {name!r} is complex ({value.dtype}), the model's parameter "
                             f"real ({parameter.dtype}): its imaginary part would be dropped")
+        if is_unitary(parameter) and parameter.dtype not in _FLOAT_DTYPES:
+            # (the check of its orthonormality below refused it as "W has dtype torch.bfloat16")
+            raise TypeError(f"adapter state dict entry {name!r} is for an orthonormal factor of dtype "
+                            f"{parameter.dtype}, whose orthonormality cannot be checked; expected float32, float64, "
+                            "complex64 or complex128: load the adapters before converting the model")
         if not bool(torch.isfinite(value).all()):
             # (a NaN sigma loaded silently, and every output after it was NaN)
             raise ValueError(f"adapter state dict entry {name!r} (shape {tuple(value.shape)}) contains NaN or Inf")

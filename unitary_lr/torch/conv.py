@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import COMPLEX_OF, real_precision, unitary_parameter
+from .._validation import check_int
+from .layers import COMPLEX_OF, _check_size, check_complex_flag, real_precision, unitary_parameter
 
 __all__ = ["FourierConv2d"]
 
@@ -85,10 +86,12 @@ class FourierConv2d(nn.Module):
     Raises
     ------
     ValueError
-        channels or out_channels < 1, a size that is not two integers >= 1,
-        an unknown init; at ``forward``, an input that is not (B, c, h, w).
+        channels or out_channels not an integer >= 1, a size that is not two
+        integers >= 1, an unknown init; at ``forward``, an input that is not
+        (B, c, h, w).
     TypeError
-        A dtype other than torch.float32 or torch.float64.
+        A dtype other than torch.float32 or torch.float64; ``complex`` not
+        True or False.
 
     Notes
     -----
@@ -121,19 +124,19 @@ class FourierConv2d(nn.Module):
     def __init__(self, channels, size, *, out_channels=None, complex=False, init="identity", dtype=None,
                  device=None, generator=None):
         super().__init__()
-        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
-            raise ValueError(f"channels must be an integer >= 1, got {channels!r}")
-        if out_channels is None:
-            out_channels = channels
-        elif isinstance(out_channels, bool) or not isinstance(out_channels, int) or out_channels < 1:
-            raise ValueError(f"out_channels must be an integer >= 1, got {out_channels!r}")
-        if (not isinstance(size, (tuple, list)) or len(size) != 2
-                or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in size)):
+        channels = _check_size("channels", channels)
+        out_channels = channels if out_channels is None else _check_size("out_channels", out_channels)
+        try:  # (NumPy integers too: the entries of an array's shape)
+            sizes = tuple(check_int("size", s, minimum=1) for s in size) if isinstance(size, (tuple, list)) else ()
+        except (TypeError, ValueError):
+            sizes = ()
+        if len(sizes) != 2:
             raise ValueError(f"size must be two integers (h, w) >= 1, got {size!r}")
+        check_complex_flag(complex)
         if init not in ("identity", "haar"):
             raise ValueError(f"init must be 'identity' or 'haar', got {init!r}")
         real_dtype = real_precision(dtype)
-        self.channels, self.size, self.complex = channels, tuple(size), complex
+        self.channels, self.size, self.complex = channels, sizes, complex
         self.in_channels, self.out_channels = channels, out_channels
         h, w = self.size
         shape = (out_channels, channels)  # U_f maps the c input channels to the d output ones

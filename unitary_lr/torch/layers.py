@@ -9,10 +9,11 @@ import math
 import types
 import warnings
 
+import numpy as np
 import torch
 from torch import nn
 
-from .._validation import describe
+from .._validation import check_int, describe
 from ..haar import check_batch_shape, random_unitary
 from ._mark import _check_and_mark, _set_mark
 
@@ -32,9 +33,21 @@ def _on_generator(generator):
 
 
 def _check_size(name, value):
-    """A size argument (features, hidden_size, ...): an integer >= 1."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    """A size argument (features, hidden_size, ...): an integer >= 1, a NumPy
+    integer too (``np.prod`` of a shape; torch.nn.Linear takes them), not a
+    bool; returns it as an int. Anything else is a ValueError, as the layers'
+    documentation says."""
+    try:
+        return check_int(name, value, minimum=1)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}") from None
+
+
+def check_complex_flag(complex):
+    """A layer's ``complex`` argument: True or False ("False" is truthy: it
+    built a complex layer)."""
+    if not isinstance(complex, bool):
+        raise TypeError(f"complex must be True or False, got {complex!r}")
 
 
 def real_precision(dtype):
@@ -42,7 +55,8 @@ def real_precision(dtype):
     torch.float32 or torch.float64 (None: torch's default dtype); else a
     TypeError showing it."""
     real_dtype = torch.get_default_dtype() if dtype is None else dtype
-    if real_dtype not in COMPLEX_OF:
+    # (an unhashable dtype, a list, gave "unhashable type: 'list'")
+    if not isinstance(real_dtype, torch.dtype) or real_dtype not in COMPLEX_OF:
         raise TypeError(f"dtype must be torch.float32 or torch.float64 (the real precision), got {real_dtype}")
     return real_dtype
 
@@ -74,7 +88,7 @@ def _henaff(n, *, dtype, device, generator):
     return W.to(dtype=dtype, device=device)
 
 
-def unitary_parameter(n_or_tensor, m=None, /, *, init="haar", batch_shape=(), dtype=None, device=None,
+def unitary_parameter(n_or_tensor, m=None, /, *, init=None, batch_shape=(), dtype=None, device=None,
                       generator=None, project=False):
     r"""A ``torch.nn.Parameter`` marked unitary, so that :class:`ProjUNN` puts it
     in a unitary group by itself.
@@ -82,9 +96,11 @@ def unitary_parameter(n_or_tensor, m=None, /, *, init="haar", batch_shape=(), dt
     Parameters
     ----------
     n_or_tensor : int or torch.Tensor
-        The number of rows n of a new (..., n, m) parameter, or a tensor
-        holding the initial value (matrices of any shape (..., n, m), unitary
-        to within :func:`unitary_tolerance` of its dtype; copied).
+        The number of rows n of a new (..., n, m) parameter (a Python or
+        NumPy integer), or a tensor holding the initial value (matrices of
+        any shape (..., n, m), unitary to within :func:`unitary_tolerance` of
+        its dtype; copied). A NumPy array is refused: pass
+        ``torch.from_numpy(array)``.
     m : int, optional
         The number of columns of a new parameter; n when omitted (square).
         For m < n the columns are orthonormal (``W^H W = I_m``), for m > n the
@@ -94,15 +110,22 @@ def unitary_parameter(n_or_tensor, m=None, /, *, init="haar", batch_shape=(), dt
         real; for m != n the first m columns, or n rows, of a Haar unitary),
         the identity (the first m columns, or n rows, of I), or Henaff's block
         rotations with random angles (square only: they are a recurrent
-        matrix's init).
+        matrix's init). "haar" when omitted. Only with a size, not with a
+        tensor.
     batch_shape : tuple of int, optional
-        Leading axes of a new parameter (independent matrices).
+        Leading axes of a new parameter (independent matrices). Only with a
+        size: a tensor brings its own.
     dtype : torch.dtype, optional
         float32/float64 (orthogonal) or complex64/complex128 (unitary);
-        torch's default dtype when omitted.
+        torch's default dtype when omitted. With a tensor: the dtype of the
+        copy (the tensor's own when omitted), a real one only for a real
+        tensor; the copy is checked (or projected) in it.
     device : optional
+        Where the parameter lives; the CPU when omitted. With a tensor: where
+        the copy goes, after the check (the tensor's device when omitted).
     generator : torch.Generator, optional
-        Source of the random initial values.
+        Source of the random initial values. Only with a size, not with a
+        tensor.
     project : bool, optional
         Where a tensor is given: use its closest unitary matrix (its polar
         factor, :func:`unitary_lr.project_unitary`; orthonormal columns or
@@ -117,13 +140,18 @@ def unitary_parameter(n_or_tensor, m=None, /, *, init="haar", batch_shape=(), dt
     Raises
     ------
     ValueError
-        Unknown ``init``, ``"henaff"`` with m != n, n < 1 or m < 1, a tensor
-        that is not a matrix, one whose unitarity error is above the tolerance
-        of its dtype (without ``project=True``; the message gives the error),
-        or a tensor given together with m; a negative size in ``batch_shape``.
+        Unknown ``init``, ``"henaff"`` with m != n, n < 1, m not an integer
+        >= 1, a tensor that is not a matrix, one whose unitarity error is
+        above the tolerance of its dtype (without ``project=True``; the
+        message gives the error), or a tensor given together with m,
+        ``init``, a ``batch_shape`` or a ``generator`` (they make a new
+        parameter); a negative size in ``batch_shape``.
     TypeError
-        A dtype other than the four supported ones; a ``batch_shape`` that is
-        not a sequence of integers.
+        ``n_or_tensor`` neither an integer nor a torch.Tensor; a dtype other
+        than the four supported ones, or a real one for a complex tensor (its
+        imaginary part would be dropped); a ``batch_shape`` that is not a
+        sequence of integers; a ``generator`` that is not a torch.Generator;
+        ``project`` not True or False.
 
     Notes
     -----
@@ -145,32 +173,33 @@ def unitary_parameter(n_or_tensor, m=None, /, *, init="haar", batch_shape=(), dt
     >>> tuple(V.shape), bool(torch.allclose(V.T @ V, torch.eye(2, dtype=torch.float64)))
     ((5, 2), True)
     """
+    if not isinstance(project, bool):  # (ignored with a size, whatever it was)
+        raise TypeError(f"project must be True or False, got {project!r}")
+    check_generator(generator)
+    if dtype is not None:
+        _check_parameter_dtype(dtype)
     if isinstance(n_or_tensor, torch.Tensor):
-        if m is not None:
-            raise ValueError(f"m is the number of columns of a new parameter; with a tensor (shape "
-                             f"{tuple(n_or_tensor.shape)}) it must be omitted, got m={m!r}")
-        value = n_or_tensor.detach().clone()
-        # an integer tensor cannot require gradients: checked as a tensor first,
-        # where the Parameter raised PyTorch's error, naming nothing
-        param = nn.Parameter(value, requires_grad=value.is_floating_point() or value.is_complex())
-        _check_and_mark(param, project=project, what="n_or_tensor")
-        return param
-    n = n_or_tensor
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be an integer >= 1, got {n!r}")
-    if m is None:
-        m = n
-    elif isinstance(m, bool) or not isinstance(m, int) or m < 1:
-        raise ValueError(f"m must be an integer >= 1, got {m!r}")
+        return _parameter_of_tensor(n_or_tensor, m, init=init, batch_shape=batch_shape, dtype=dtype, device=device,
+                                    generator=generator, project=project)
+    try:
+        n = check_int("n_or_tensor", n_or_tensor)
+    except TypeError:
+        # (a NumPy array was "n must be an integer >= 1, got array(...)", a ValueError)
+        got = (f"a NumPy array of shape {n_or_tensor.shape} and dtype {n_or_tensor.dtype}; pass "
+               "torch.from_numpy(array)" if isinstance(n_or_tensor, np.ndarray)
+               else f"{type(n_or_tensor).__name__}: {describe(n_or_tensor)}")
+        raise TypeError(f"n_or_tensor must be an integer (the size n of a new parameter) or a torch.Tensor (its "
+                        f"value), got {got}") from None
+    if n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n_or_tensor!r}")
+    m = n if m is None else _check_size("m", m)
+    init = "haar" if init is None else init
     if init not in INITS:
         raise ValueError(f"init must be one of {', '.join(map(repr, INITS))}, got {init!r}")
     if init == "henaff" and m != n:
         raise ValueError(f"init 'henaff' (block rotations of a recurrent matrix) needs a square matrix, got "
                          f"n={n}, m={m}; use 'haar' or 'identity' for a rectangular one")
     dtype = torch.get_default_dtype() if dtype is None else dtype
-    if dtype not in (torch.float32, torch.float64, torch.complex64, torch.complex128):
-        raise TypeError(f"dtype must be float32, float64, complex64 or complex128, got {dtype}")
-    check_generator(generator)
     # checked once for every init (random_unitary checked "haar" only: "identity"
     # gave torch's error and "henaff" an empty batch for (-1,))
     batch_shape = check_batch_shape(batch_shape)
@@ -192,6 +221,48 @@ def unitary_parameter(n_or_tensor, m=None, /, *, init="haar", batch_shape=(), dt
     param = nn.Parameter(value.contiguous())
     _set_mark(param)  # unitary by construction: no O(n^3) check
     return param
+
+
+def _check_parameter_dtype(dtype):
+    """The ``dtype`` of :func:`unitary_parameter`: one of the four supported."""
+    # a tuple's membership test compares, it does not hash (a list is refused here too)
+    if dtype not in (torch.float32, torch.float64, torch.complex64, torch.complex128):
+        raise TypeError(f"dtype must be float32, float64, complex64 or complex128, got {dtype}")
+
+
+def _parameter_of_tensor(tensor, m, *, init, batch_shape, dtype, device, generator, project):
+    """:func:`unitary_parameter` of a tensor: a checked (or projected) copy in
+    ``dtype`` (the tensor's when None), then moved to ``device`` (its own
+    when None). The options of a new parameter are refused (they were
+    ignored without a word)."""
+    shape = tuple(tensor.shape)
+    if m is not None:
+        raise ValueError(f"m is the number of columns of a new parameter; with a tensor (shape "
+                         f"{shape}) it must be omitted, got m={m!r}")
+    if init is not None:
+        raise ValueError(f"init is the initial value of a new parameter; with a tensor (shape {shape}), which is the "
+                         f"initial value, it must be omitted, got init={init!r}")
+    if not (isinstance(batch_shape, tuple) and batch_shape == ()):
+        raise ValueError(f"batch_shape gives the leading axes of a new parameter; with a tensor (shape {shape}), "
+                         f"which has its own, it must be omitted, got batch_shape={describe(batch_shape)}")
+    if generator is not None:
+        raise ValueError(f"generator draws the initial value of a new parameter; with a tensor (shape {shape}) "
+                         f"nothing is drawn, and it must be omitted, got generator={describe(generator)}")
+    if dtype is not None and tensor.is_complex() and not dtype.is_complex:
+        raise TypeError(f"dtype {dtype} is real but n_or_tensor is complex ({tensor.dtype}): its imaginary part "
+                        "would be dropped")
+    target = None if device is None else torch.device(device)
+    value = tensor.detach().to(dtype=tensor.dtype if dtype is None else dtype, copy=True)
+    # an integer tensor cannot require gradients: checked as a tensor first,
+    # where the Parameter raised PyTorch's error, naming nothing
+    param = nn.Parameter(value, requires_grad=value.is_floating_point() or value.is_complex())
+    _check_and_mark(param, project=project, what="n_or_tensor")
+    if target is None or param.device == target:
+        return param
+    # checked where the tensor is (a copy on the meta device has no values to check)
+    moved = nn.Parameter(param.detach().to(target), requires_grad=param.requires_grad)
+    _set_mark(moved)
+    return moved
 
 
 class ModReLU(nn.Module):
@@ -229,7 +300,7 @@ class ModReLU(nn.Module):
 
     def __init__(self, features, *, dtype=None, device=None, generator=None):
         super().__init__()
-        _check_size("features", features)
+        features = _check_size("features", features)
         check_generator(generator)
         real_dtype = real_precision(dtype)
         bias = torch.empty(features, dtype=real_dtype, device=device).uniform_(-0.01, 0.01, generator=generator)
@@ -336,13 +407,14 @@ class UnitaryRNN(nn.Module):
     def __init__(self, input_size, hidden_size, num_layers=1, *, complex=False, nonlinearity="modrelu",
                  init="henaff", batch_first=False, bias=True, dtype=None, device=None, generator=None):
         super().__init__()
-        for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
-            _check_size(name, value)
-        if not isinstance(complex, bool):  # ("no" is truthy: it built a complex layer)
-            raise TypeError(f"complex must be True or False, got {complex!r}")
+        input_size, hidden_size, num_layers = (_check_size(name, value) for name, value in (
+            ("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)))
+        check_complex_flag(complex)
         check_generator(generator)
         if nonlinearity not in ("modrelu", "relu", "tanh"):
             raise ValueError(f"nonlinearity must be 'modrelu', 'relu' or 'tanh', got {nonlinearity!r}")
+        if init not in INITS:  # (unitary_parameter takes None for "haar"; here the default is "henaff")
+            raise ValueError(f"init must be one of {', '.join(map(repr, INITS))}, got {init!r}")
         real_dtype = real_precision(dtype)
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.complex, self.nonlinearity, self.batch_first = complex, nonlinearity, batch_first
@@ -499,8 +571,11 @@ class UnitaryRNN(nn.Module):
         >>> rnn = UnitaryRNN(3, 16, generator=torch.Generator().manual_seed(0))
         >>> rnn = rnn.compile_recurrence(steps=25, mode="reduce-overhead")  # doctest: +SKIP
         """
-        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-            raise ValueError(f"steps must be an integer >= 1 or None, got {steps!r}")
+        if steps is not None:
+            try:
+                steps = check_int("steps", steps, minimum=1)
+            except (TypeError, ValueError):
+                raise ValueError(f"steps must be an integer >= 1 or None, got {steps!r}") from None
         if steps is None:
             self._recurrence_steps, self._recurrence_options, self._recurrence_loop = None, {}, None
             return self

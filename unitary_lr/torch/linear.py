@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn import functional
 
 from ._mark import _set_mark
-from .layers import COMPLEX_OF, real_precision, unitary_parameter
+from .layers import COMPLEX_OF, _check_size, check_complex_flag, check_generator, real_precision, unitary_parameter
 
 __all__ = ["OrthogonalLinear"]
 
@@ -48,7 +48,8 @@ class OrthogonalLinear(nn.Module):
     ValueError
         A size that is not an integer >= 1, an unknown init.
     TypeError
-        A ``dtype`` other than torch.float32 or torch.float64.
+        A ``dtype`` other than torch.float32 or torch.float64; ``complex`` not
+        True or False; a ``generator`` that is not a torch.Generator.
 
     Notes
     -----
@@ -85,9 +86,9 @@ class OrthogonalLinear(nn.Module):
     def __init__(self, in_features, out_features, bias=True, *, complex=False, init="haar", dtype=None,
                  device=None, generator=None):
         super().__init__()
-        for name, value in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        in_features, out_features = _check_size("in_features", in_features), _check_size("out_features", out_features)
+        check_complex_flag(complex)
+        check_generator(generator)
         if init not in _INITS:
             raise ValueError(f"init must be one of {', '.join(map(repr, _INITS))}, got {init!r}")
         real_dtype = real_precision(dtype)
