@@ -791,3 +791,247 @@ def test_gpu_script_dry_run_on_the_cpu(tmp_path):
     with tarfile.open(tmp_path / "bench-json.tar.gz") as archive:
         names = {Path(name).name for name in archive.getnames()}
     assert {"torch-float32.json", "torch-complex64.json", "jax-float32.json", "peers.json"} <= names
+
+
+# --- the accuracy column, the plot and the scripts in docs/scripts ------------------------------
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "docs" / "scripts"
+
+
+def exact_factors(n, k, complex_, rng):
+    """A = H1 diag(1/j) H2 (Householder reflections, built in O(n^2)) and its
+    exact rank-k truncated SVD (U, S, Vh), all float64/complex128 NumPy."""
+    from unitary_lr import _benchdata as data
+
+    u, v = (data.gaussian(rng, (n,), complex_) for _ in range(2))
+    u, v = u / np.linalg.norm(u), v / np.linalg.norm(v)
+    s = data.spectrum(n)
+    left = np.diag(s) - 2.0 * np.outer(u, np.conj(u) * s)  # H1 D
+    A = left - 2.0 * np.outer(left @ v, np.conj(v))  # H1 D H2
+    eye = np.eye(n)[:k]
+    U = (eye - 2.0 * np.outer(np.conj(u[:k]), u)).T  # the first k columns of H1
+    Vh = eye - 2.0 * np.outer(v[:k], np.conj(v))  # the first k rows of H2
+    return A, U, s[:k], Vh
+
+
+@pytest.mark.parametrize("dtype", ["float32", "complex64", "float64"])
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+def test_bench_rsvd_error_of_exact_factors_is_one_to_rounding(library, dtype):
+    """The error / optimal column of the exact rank-k factors of a matrix with
+    singular values 1/j, rounded to the working precision: what a float64
+    NumPy evaluation of the same factors gives, and never below the optimum
+    (torch's float32 norm of the 2048 x 2048 residual read 0.9999)."""
+    from unitary_lr import _benchdata as data
+
+    n, k = 2048, 2
+    A, U, S, Vh = exact_factors(n, k, dtype.startswith("complex"), np.random.default_rng([5, n]))
+    A, U, Vh = (x.astype(dtype) for x in (A, U, Vh))
+    S = S.astype("float32" if dtype in ("float32", "complex64") else "float64")
+    wide = np.complex128 if dtype.startswith("complex") else np.float64
+    reference = np.linalg.norm(A.astype(wide) - (U.astype(wide) * S.astype(np.float64)) @ Vh.astype(wide))
+    optimal = data.optimal_error(n, k)
+    assert reference / optimal == pytest.approx(1.0, abs=1e-6)  # the factors are exact to rounding
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        A, U, S, Vh = (torch.from_numpy(x) for x in (A, U, S, Vh))
+    measured = bench_module._rsvd_error(U, S, Vh, A, optimal)
+    assert measured >= 1 - 1e-6
+    assert measured == pytest.approx(reference / optimal, rel=1e-12)
+
+
+def test_asv_rsvd_relative_error_is_measured_in_float64(suite):
+    """asv's track_relative_error on torch float32 at n = 2048: the float64
+    NumPy figure of the same factors, at or above the optimum to rounding."""
+    torch = pytest.importorskip("torch")
+    from unitary_lr import randomized_svd
+
+    kernels = next(module for module in suite if module.__name__.endswith(".kernels"))
+    case = kernels.RandomizedSVD()
+    n, k = 2048, 1
+    case.setup(n, k, "float32", "torch")
+    if case.backend.device.type != "cpu":
+        pytest.skip("the imprecise float32 norm is torch's on a CPU")
+    value = case.track_relative_error(n, k, "float32", "torch")
+    U, S, Vh = (x.double().numpy() for x in randomized_svd(case.A, k, oversample=kernels.OVERSAMPLE,
+                                                            power_iters=kernels.POWER_ITERS, rng=2))
+    reference = np.linalg.norm(case.A.double().numpy() - (U * S) @ Vh) / kernels.optimal_error(n, k)
+    assert value >= 1 - 1e-6 and value == pytest.approx(reference, rel=1e-9)
+    assert torch.is_tensor(case.A) and case.A.dtype == torch.float32
+
+
+def test_bench_plot_path_is_a_png_checked_before_the_run(tmp_path, capsys, monkeypatch):
+    """--plot writes a PNG: a path with another extension is a one-line error
+    before any work (it was a matplotlib traceback after the run, or an SVG);
+    a path without one gets .png, and the last line names the file written."""
+    def work(*args, **kwargs):
+        raise AssertionError("the run started before --plot was checked")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(bench_module, "load_backend", work)
+        for name in ("out.xyz", "out.svg", "out.png.pdf"):
+            path = tmp_path / "new" / name
+            assert main([*SMALL, "--plot", str(path)]) == 2
+            err = capsys.readouterr().err
+            assert err == ("unitary-lr bench: error: --plot writes a PNG image: PATH must end in .png (or have no "
+                           f"extension), got {str(path)!r}\n")
+        assert not (tmp_path / "new").exists()  # nothing made on the way to the error
+    for name, written in (("out", "out.png"), ("upper.PNG", "upper.PNG")):
+        assert main(["bench", "--sizes", "8", "--repeat", "1", "--no-progress", "--dense-max", "0",
+                     "--plot", str(tmp_path / name)]) == 0
+        assert capsys.readouterr().out.splitlines()[-1] == f"wrote {tmp_path / written}"
+        assert (tmp_path / written).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png", "upper.PNG"]  # no temporary files left
+
+
+def many_series_rows():
+    """Rows of every kind of method, square and at two column counts: more
+    series (32) than any palette has colours, four of them floors."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for method, kind in bench_module.KINDS.items():
+        for m in (None, 16, 48) if kind in ("floor", "step") else (None,):
+            k = 1 if kind in bench_module.RANKED else None
+            for n in (32, 64):
+                rows.append({"method": method, "kind": kind, "n": n, "m": n if m is None else m, "k": k,
+                             "median_s": float(rng.uniform(1e-5, 1e-1))})
+    return rows
+
+
+def test_bench_plot_legend_fits_and_tells_every_series_apart(tmp_path, monkeypatch):
+    """With 32 series the whole legend lies inside the figure and off the axes
+    (5 of 30 entries fell below the figure), and no two series are drawn
+    alike (every floor was solid, thick and black)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import to_rgba
+    from matplotlib.figure import Figure
+
+    saved, savefig = [], Figure.savefig
+
+    def recording(figure, *args, **kwargs):
+        saved.append(figure)
+        return savefig(figure, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", recording)
+    rows = many_series_rows()
+    slopes = bench_module._slopes(rows)
+    bench_module._plot(tmp_path / "many.png", rows, slopes, title="many")
+    assert (tmp_path / "many.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (figure,) = saved
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    (axes,) = figure.axes
+    legends = [*figure.legends, *[a.get_legend() for a in figure.axes if a.get_legend() is not None]]
+    (legend,) = legends
+    lines = axes.get_lines()
+    assert len(lines) == len(slopes) == 32 and len(legend.get_texts()) == 32
+    assert sum(bench_module.KINDS[s["method"]] in ("floor", "jitted floor") for s in slopes) == 4
+    width, height = figure.bbox.width, figure.bbox.height
+    for text in legend.get_texts():
+        box = text.get_window_extent(renderer)
+        assert 0 <= box.x0 and box.x1 <= width and 0 <= box.y0 and box.y1 <= height, text.get_text()
+    assert not legend.get_window_extent(renderer).overlaps(axes.get_window_extent(renderer))
+    looks = [(to_rgba(line.get_color()), str(line.get_linestyle()), line.get_marker(), line.get_linewidth())
+             for line in lines]
+    assert len(set(looks)) == len(looks)
+
+
+def test_bench_help_names_every_timed_variant(capsys):
+    """``bench --help`` (the module docstring's first paragraph) names the
+    step of every registered variant the bench times, projUNN-C included."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--help"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    described = " ".join(printed.split("options:")[0].split())
+    assert "(PATH ends in .png; a name without extension gets it)" in " ".join(printed.split())
+    assert set(bench_module.STEPS) == {"projUNN-T", "projUNN-D", "projUNN-C"}
+    for label in bench_module.STEPS:
+        assert label in described, label
+
+
+def test_projunn_rmsprop_runs_at_the_rank_given_and_says_so():
+    """The ProjUNN(base='rmsprop') rows run at the bench's --ranks, not at
+    ProjUNN's default rank 8: a rank-1 step moves W by a matrix of rank <= 2,
+    and the docstrings say which rank they run at."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    n = 16
+    W = torch.linalg.qr(torch.as_tensor(rng.standard_normal((n, n))))[0]
+    G = torch.as_tensor(rng.standard_normal((n, n)))  # full rank: a rank-8 step would move W in rank 16
+    stepper = _peers.projunn_rmsprop(W, G, 0.1, rank=1, seed=0)
+    stepper.step()
+    moved = torch.linalg.svdvals(stepper.point() - W)
+    assert int(torch.sum(moved > 1e-10 * moved[0])) <= 2 and float(moved[0]) > 1e-6
+    for function in (_peers.projunn_rmsprop, _peers.projunn_rmsprop_graph, _peers.optax_projunn):
+        doc = " ".join(inspect.getdoc(function).split())
+        assert "rank=rank" in doc and "--ranks" in doc and "defaults otherwise" in doc, function.__name__
+    assert "(8)" in " ".join(inspect.getdoc(_peers.projunn_rmsprop).split())
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(f"unitary_lr_docs_{name}", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(not have("threadpoolctl"), reason="threadpoolctl is not installed")
+def test_ab_step_runs_numpy_on_one_blas_thread(tmp_path, monkeypatch):
+    """docs/scripts/ab_step.py says "One thread": NumPy's BLAS pool has one
+    thread while the trees' steps run (only torch's pool was limited)."""
+    import runpy
+
+    from threadpoolctl import threadpool_limits
+
+    old = tmp_path / "unitary_lr_old"
+    old.mkdir()
+    # a stand-in for the old tree: it records the BLAS pools at each of its steps
+    (old / "__init__.py").write_text(
+        "from threadpoolctl import threadpool_info\n"
+        "seen = []\n"
+        "def projunn_step(W, G, **options):\n"
+        "    seen.append([p['num_threads'] for p in threadpool_info() if p['user_api'] == 'blas'])\n"
+        "    return W\n")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setattr(sys, "argv", ["ab_step.py", str(tmp_path), "numpy", "float64", "16", "--ranks", "1",
+                                      "--rounds", "2"])
+    monkeypatch.delitem(sys.modules, "unitary_lr_old", raising=False)
+    try:
+        with threadpool_limits(limits=2), contextlib.redirect_stdout(io.StringIO()) as printed:
+            runpy.run_path(str(SCRIPTS / "ab_step.py"), run_name="__main__")  # the limits are restored after
+        seen = sys.modules["unitary_lr_old"].seen
+    finally:
+        sys.modules.pop("unitary_lr_old", None)
+    assert "numpy float64 n = 16, rank 1: old" in printed.getvalue()
+    assert len(seen) == 10 + 2 and all(pools and set(pools) == {1} for pools in seen), seen
+
+
+def test_update_forms_prints_what_its_header_says(monkeypatch, capsys):
+    """docs/scripts/update_forms.py prints per form the smallest of its three
+    batches' 20th percentiles, and its header and docstring say so."""
+    torch = pytest.importorskip("torch")
+    script = load_script("update_forms")
+    monkeypatch.setattr(torch, "set_num_threads", lambda threads: None)  # the test process keeps its pool
+    batches = iter(itertools.cycle([30.0, 10.0, 40.0, 20.0, 50.0, 60.0]))  # addmm, blocks, addmm, ...
+    monkeypatch.setattr(script, "_timed", lambda device, run, rounds: next(batches))
+    monkeypatch.setattr(sys, "argv", ["update_forms.py", "--max-entries", str(512 * 512), "--rounds", "3"])
+    script.main()
+    header, columns, first, *_ = capsys.readouterr().out.splitlines()
+    assert header.endswith("times in us (the smallest of 3 batches' 20th percentiles)")
+    assert first.split()[4:7] == ["30.0", "10.0", "3.00"]  # min(30, 40, 50), min(10, 20, 60)
+    assert "the smallest of its three batches' 20th percentiles" in " ".join(script.__doc__.split())
+
+
+def test_orthogonal_regression_refuses_complex_geotorch_in_one_line(capsys):
+    """geotorch takes real matrices only: --complex --geotorch is a one-line
+    error before any training (it was a traceback from inside geotorch)."""
+    pytest.importorskip("torch")
+    script = load_script("orthogonal_regression")
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--n", "8", "--steps", "2", "--complex", "--geotorch", "--no-peers"])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.endswith(": error: --geotorch takes real matrices only: drop --complex or --geotorch\n")
+    assert captured.err.count("\n") == 1

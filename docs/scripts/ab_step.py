@@ -10,7 +10,10 @@ two trees' steps puts them under the same load (see ab_optimizer.py).
     python docs/scripts/ab_step.py /tmp/oldpkg torch float32 128 --ranks 1 2 8
 
 (the old package under another name, so that both import side by side; its
-imports are relative). One thread; a Haar-random W and a Gaussian G; each
+imports are relative). One thread: torch's pool (``torch.set_num_threads``)
+and NumPy's BLAS pool, through threadpoolctl (in the ``cli``, ``bench`` and
+``test`` extras; the script stops with a message without it), for the rest
+of the process. A Haar-random W and a Gaussian G; each
 tree steps the same W along the same G with a generator of its own, seeded
 alike. Prints the median of each tree's calls, in microseconds, and their
 ratio.
@@ -36,6 +39,12 @@ def main():
     parser.add_argument("--variant", default="tangent", choices=("tangent", "cayley", "direct"))
     parser.add_argument("--rounds", type=int, default=300)
     args = parser.parse_args()
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        parser.error("threadpoolctl limits NumPy's BLAS to one thread: pip install threadpoolctl")
+    # not a `with` block: one thread for the whole process, as torch.set_num_threads below
+    threadpool_limits(limits=1)
 
     sys.path.insert(0, args.old)
     import unitary_lr as new

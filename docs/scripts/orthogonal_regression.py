@@ -10,7 +10,8 @@ last step, ``(||W - Q||_F^2 + ||bias||^2) / n``: about 2 at the start, free
 of the noise of one batch.
 
 Peers: ``torch.nn.utils.parametrizations.orthogonal`` (and geotorch, when
-installed) with ``torch.optim.Adam`` at its defaults. Run with one thread and a
+installed; real matrices only, so not with ``--complex``) with
+``torch.optim.Adam`` at its defaults. Run with one thread and a
 fixed seed, every figure repeats exactly::
 
     python docs/scripts/orthogonal_regression.py                # the defaults against the peers
@@ -128,6 +129,8 @@ def main(argv=None):
     parser.add_argument("--no-peers", action="store_true", help="skip torch's parametrization")
     parser.add_argument("--geotorch", action="store_true", help="also geotorch.orthogonal + Adam()")
     args = parser.parse_args(argv)
+    if args.complex and args.geotorch:  # geotorch's orthogonal fails deep inside on a complex weight
+        parser.exit(2, f"{parser.prog}: error: --geotorch takes real matrices only: drop --complex or --geotorch\n")
     torch.set_num_threads(1)
     common = {"n": args.n, "complex_": args.complex, "seed": args.seed, "batch": args.batch, "steps": args.steps}
     base = {} if args.base is None else {"base": args.base}

@@ -7,9 +7,11 @@ against one ``baddbmm_`` over blocks of 8 rows, and which form
 On the CPU, MKL runs a float32 (and complex128) update of rank 2 to 8 several
 times slower than a pass over W when W's rows lie a multiple of 2 KiB apart;
 the blocked form runs at memory speed there, and ``unitary_lr`` uses it only
-on the CPU. On a GPU the script shows whether cuBLAS has a like case. Prints
-the 20th percentile of each form per shape, dtype and rank, in microseconds,
-each form run alternately with the other (device-synchronised).
+on the CPU. On a GPU the script shows whether cuBLAS has a like case. Times
+each form in three batches of ``--rounds / 3`` runs, alternating with the
+other form from batch to batch (device-synchronised), and prints per shape,
+dtype and rank the smallest of its three batches' 20th percentiles, in
+microseconds.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ def main():
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     limit = args.max_entries or (1 << 24 if device.type == "cpu" else 1 << 30)
-    print(f"torch {torch.__version__}, {device}, {args.threads} CPU thread(s); times in us (20th percentile)")
+    print(f"torch {torch.__version__}, {device}, {args.threads} CPU thread(s); times in us "
+          "(the smallest of 3 batches' 20th percentiles)")
     print(f"{'dtype':>10} {'n':>6} {'m':>6} {'r':>3} {'addmm_':>10} {'8-row blocks':>13} {'ratio':>6} {'used':>8}")
     for dtype in (torch.float32, torch.float64, torch.complex64, torch.complex128):
         for n, m in SHAPES:

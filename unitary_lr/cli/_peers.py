@@ -16,11 +16,12 @@ library's users pay it, built on torch tensors of the bench's own W and G:
 geoopt's ``EuclideanStiefel`` steps take an n x m matrix with orthonormal
 columns as it is (a QR of the n x m point, O(n m^2)); the other peers work on
 an n x n matrix whatever m is. So ``bench --columns`` times the SGD one on n x m
-matrices (``STIEFEL_PEERS``), the peer the issue's rectangular targets name.
+matrices (``STIEFEL_PEERS``): the peer for the rectangular shapes.
 
 Next to them, on every torch device, a plain ``torch.optim.RMSprop`` step on
 an n x n parameter and ``unitary_lr.torch.ProjUNN(base="rmsprop")`` on the same
-matrix marked unitary: the price of keeping W unitary inside a training loop.
+matrix marked unitary, at the bench's ``--ranks``: the price of keeping W
+unitary inside a training loop.
 On a CUDA device also the same pair as a GPU training loop runs it at its
 fastest: ``capturable=True`` (``torch.optim.RMSprop``'s and ProjUNN's), one
 step captured in a CUDA graph and replayed, so that neither pays its Python
@@ -200,8 +201,9 @@ def rmsprop(W, G, lr):
 
 
 def projunn_rmsprop(W, G, lr, *, rank, seed):
-    """``ProjUNN(base="rmsprop")`` with its defaults (drift checks included) on
-    W as a parameter marked unitary."""
+    """``ProjUNN(base="rmsprop", rank=rank)`` on W as a parameter marked
+    unitary: at the bench's ``--ranks`` (default 1), not at ProjUNN's own
+    default rank (8); its defaults otherwise, drift checks included."""
     from ..torch import ProjUNN, unitary_parameter
 
     param = unitary_parameter(W)  # a copy, marked unitary
@@ -224,8 +226,9 @@ def rmsprop_graph(W, G, lr):
 
 
 def projunn_rmsprop_graph(W, G, lr, *, rank, seed):
-    """``ProjUNN(base="rmsprop", capturable=True)`` (its defaults otherwise,
-    drift checks included) on W marked unitary, one step captured in a CUDA
+    """``ProjUNN(base="rmsprop", rank=rank, capturable=True)`` on W marked
+    unitary, at the bench's ``--ranks`` as :func:`projunn_rmsprop` (its
+    defaults otherwise, drift checks included), one step captured in a CUDA
     graph (see :func:`_captured`)."""
     from ..torch import ProjUNN, unitary_parameter
 
@@ -279,8 +282,9 @@ def optax_rmsprop(W, G, lr):
 
 
 def optax_projunn(W, G, lr, *, rank, seed):
-    """A jitted ``unitary_lr.optax.projunn(base="rmsprop")`` update, its
-    defaults otherwise (drift checks included), of W marked unitary."""
+    """A jitted ``unitary_lr.optax.projunn(base="rmsprop", rank=rank)`` update
+    of W marked unitary, at the bench's ``--ranks`` as :func:`projunn_rmsprop`;
+    its defaults otherwise (drift checks included)."""
     from ..optax import projunn
 
     return _optax_stepper(projunn(lr, unitary={"W": True}, base="rmsprop", rank=rank, seed=seed), W, G)

@@ -1,11 +1,12 @@
 """``unitary-lr bench``: projUNN steps side by side with the floor and the dense steps.
 
-Times, in one run on this machine and backend, a projUNN-T and a projUNN-D
-step on a dense n x n gradient against: the floor, one pass over G (``G @ x``)
-plus one rank-2 update ``W + u v^H``, which is what any O(n^2) step must at
-least cost; the dense O(n^3) steps people use today, the SVD polar step
-``polar(W - lr G)`` and the Riemannian step ``W expm(-lr/2 (W^H G - G^H W))``;
-the dense Cayley step of full-capacity unitary RNNs, an n x n solve
+Times, in one run on this machine and backend, a step of every projUNN
+variant (projUNN-T, projUNN-D and projUNN-C) on a dense n x n gradient
+against: the floor, one pass over G (``G @ x``) plus one rank-2 update
+``W + u v^H``, which is what any O(n^2) step must at least cost; the dense
+O(n^3) steps people use today, the SVD polar step ``polar(W - lr G)`` and
+the Riemannian step ``W expm(-lr/2 (W^H G - G^H W))``; the dense Cayley
+step of full-capacity unitary RNNs, an n x n solve
 ``(I + lr/2 A)^-1 (I - lr/2 A) W`` with ``A = G W^H - W G^H``; and, for the
 randomized SVD, scikit-learn's and PyTorch's at the same oversampling and power
 iterations, with their error next to the time.
@@ -42,8 +43,8 @@ take today with other libraries (geoopt, geotorch, torch's orthogonal
 parametrization; see ``_peers``), each where it is installed, with its time
 over the projUNN-T step's. On the torch backend, the bench always times a plain
 ``torch.optim.RMSprop`` step and ``unitary_lr.torch.ProjUNN(base="rmsprop")``
-on the same n x n matrix, and prints their ratio. These optimizers change
-their parameter in place: each timed step starts where the previous one ended,
+at each of ``--ranks`` on the same n x n matrix, and prints their ratio. These
+optimizers change their parameter in place: each timed step starts where the previous one ended,
 as in training, and the unitarity error is checked once, after the timed steps.
 On a CUDA device it also times both with ``capturable=True``, one step
 captured in a CUDA graph and replayed (the fastest way a GPU training loop
@@ -73,11 +74,12 @@ import numpy as np
 from .. import _benchdata as data
 from .. import projunn_step, random_unitary, randomized_svd, unitarity_error
 from .._backends import load_backend
+from .._host import to_host
 from .._xp import add_product, array_namespace, mH
 from ..steps import STEP_OVERSAMPLE, STEP_POWER_ITERS
 from . import _options, _peers
 from ._options import variant_label, variant_names
-from ._output import CommandError, format_table, output_path, run_record, write_json
+from ._output import CommandError, format_table, output_path, run_record, save_figure, write_json
 from ._session import execute
 
 LEARNING_RATE = 0.1
@@ -150,7 +152,8 @@ def add_parser(commands):
                              "parametrization, where installed, up to --dense-max (needs --backend torch)")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the results, settings and machine as JSON")
     parser.add_argument("--plot", default=None, metavar="PATH",
-                        help="write a log-log PNG plot of time against n with the fitted slopes")
+                        help="write a log-log PNG plot of time against n with the fitted slopes (PATH ends in "
+                             ".png; a name without extension gets it)")
     parser.set_defaults(run=run)
 
 
@@ -175,10 +178,22 @@ def _validate(args):
     if args.peers and args.backend != "torch":
         raise CommandError(f"--peers times torch optimizers: add --backend torch (got --backend {args.backend})")
     args.threads_given = args.threads is not None  # unless given, the libraries' own pools
-    for flag, path in (("--json", args.json), ("--plot", args.plot)):
-        if path is not None:
-            output_path(flag, path)  # the shared check: before the run, one line, exit 2
+    # the shared checks: before the run, one line, exit 2
+    if args.json is not None:
+        output_path("--json", args.json)
+    args.plot_path = None if args.plot is None else _plot_path(args.plot)
     return sizes, sorted(set(args.ranks))
+
+
+def _plot_path(text):
+    """The file ``--plot`` writes: a PNG (``_output.save_figure``), so ``text``
+    itself when it ends in .png, ``text`` + ".png" when it has no extension
+    (the name matplotlib would have given it), and a CommandError for any
+    other extension, which would name a file that is not what it holds."""
+    suffix = Path(text).suffix
+    if suffix and suffix.lower() != ".png":
+        raise CommandError(f"--plot writes a PNG image: PATH must end in .png (or have no extension), got {text!r}")
+    return output_path("--plot", text, suffix="" if suffix else ".png")
 
 
 # --- the methods ------------------------------------------------------------------------------
@@ -256,10 +271,20 @@ def _wait(backend, result):
 
 
 def _rsvd_error(U, S, Vh, A, optimal):
-    """||A - U diag(S) Vh||_F over the optimal rank-k error."""
+    """||A - U diag(S) Vh||_F over the optimal rank-k error, of every library's
+    factors alike: on the host, in float64 (complex128).
+
+    In the working precision the figure is not worth its digits: torch's
+    float32 Frobenius norm of a 2048 x 2048 residual on a CPU is off by some
+    1e-4 relative, and read 0.9999 where the optimum is 1. The cast is exact,
+    so this is the error of the factors as computed, measured without rounding
+    of its own worth counting."""
     xp = array_namespace(A)
-    residual = A - (U * xp.astype(S, U.dtype)[None, :]) @ Vh
-    return float(xp.linalg.matrix_norm(residual)) / optimal
+    A, U, S, Vh = (to_host(xp, x) for x in (A, U, S, Vh))
+    wide = np.complex128 if any(np.iscomplexobj(x) for x in (A, U, Vh)) else np.float64
+    A, U, Vh = (x.astype(wide) for x in (A, U, Vh))
+    residual = A - (U * S.astype(np.float64)[None, :]) @ Vh
+    return float(np.linalg.norm(residual)) / optimal
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -614,10 +639,10 @@ def _report(args, setup, state, interrupted):
     if args.json is not None:
         write_json(Path(args.json), record)
         written.append(args.json)
-    if args.plot is not None and rows:
-        _plot(Path(args.plot), rows, slopes,
+    if args.plot_path is not None and rows:
+        _plot(args.plot_path, rows, slopes,
               title=f"unitary-lr bench: {args.dtype}, {args.backend} ({setup.device})")
-        written.append(args.plot)
+        written.append(args.plot_path)
     return written
 
 
@@ -761,25 +786,56 @@ def _versions(backend_name, expm, others):
     return versions
 
 
-def _plot(path, rows, slopes, *, title):
-    """Log-log time against n, one line per method and k, slope in the legend."""
+# Floors are drawn in black or grey, each with a grey and a marker of its own;
+# every other series in colour, and once the colours run out, in the same
+# colours with the next marker: no two series look alike (see _styles).
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+FLOOR_COLORS = ("black", "0.45", "0.7")
+FLOOR_KINDS = ("floor", "jitted floor")
+LINESTYLES = {"floor": "-", "step": "-", "dense": "--", "rsvd": ":", "peer": "-.",
+              "optimizer": (0, (5, 1, 1, 1, 1, 1)), "jitted floor": "--"}
+# legend entries per column below the axes, and the height one row of them takes
+LEGEND_COLUMNS = 2
+LEGEND_ROW_INCHES = 0.2
+
+
+def _styles(keys):
+    """(method, k, m) -> plot keywords: colour, marker, line style and width,
+    distinct for every series (see MARKERS)."""
     import matplotlib
+
+    colors = matplotlib.colormaps["tab20" if len(keys) > 10 else "tab10"].colors
+    styles, counts = {}, {True: 0, False: 0}
+    for key in keys:
+        kind = KINDS[key[0]]
+        floor = kind in FLOOR_KINDS
+        palette = FLOOR_COLORS if floor else colors
+        index = counts[floor]
+        counts[floor] += 1
+        # floors: a grey and a marker of their own each (3 x 8 pairs); the
+        # others: the colours first, then the same colours with the next marker
+        marker = index if floor else index // len(palette)
+        styles[key] = {"color": palette[index % len(palette)], "marker": MARKERS[marker % len(MARKERS)],
+                       "linestyle": LINESTYLES[kind], "linewidth": 2 if kind == "floor" else 1.5}
+    return styles
+
+
+def _figure(rows, slopes, *, title):
+    """Log-log time against n, one line per method and k (and m), slope in the
+    legend; the legend below the axes, in columns, the figure as tall as it needs."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no display
     from matplotlib.ticker import NullLocator
 
     slope_of = {(s["method"], s["k"], s["m"]): s["slope"] for s in slopes}
-    styles = {"floor": {"color": "black", "linestyle": "-", "linewidth": 2}, "step": {"linestyle": "-"},
-              "dense": {"linestyle": "--"}, "rsvd": {"linestyle": ":"}, "peer": {"linestyle": "-."},
-              "optimizer": {"linestyle": (0, (5, 1, 1, 1, 1, 1))},
-              "jitted floor": {"color": "black", "linestyle": "--", "linewidth": 1}}
-    figure = Figure(figsize=(9.6, 4.8), layout="constrained")
+    series = _series(rows)
+    styles = _styles(list(series))
+    legend_rows = math.ceil(len(series) / LEGEND_COLUMNS)
+    figure = Figure(figsize=(9.6, 4.8 + LEGEND_ROW_INCHES * legend_rows), layout="constrained")
     axes = figure.subplots()
-    if len(_series(rows)) > 10:  # with the peers: more lines than the default cycle has colours
-        axes.set_prop_cycle(color=matplotlib.colormaps["tab20"].colors)
-    for (method, k, m), (sizes, times) in _series(rows).items():
-        slope = slope_of[(method, k, m)]
-        label = _label(method, k, m) + ("" if slope is None else f": slope {slope:.2f}")
-        axes.plot(sizes, 1e3 * np.asarray(times), marker="o", label=label, **styles[KINDS[method]])
+    for key, (sizes, times) in series.items():
+        slope = slope_of[key]
+        label = _label(*key) + ("" if slope is None else f": slope {slope:.2f}")
+        axes.plot(sizes, 1e3 * np.asarray(times), label=label, **styles[key])
     axes.set_xscale("log")
     axes.set_yscale("log")
     sizes = sorted({r["n"] for r in rows})
@@ -787,6 +843,11 @@ def _plot(path, rows, slopes, *, title):
     axes.xaxis.set_minor_locator(NullLocator())
     axes.set(title=title, xlabel="n", ylabel="median time [ms]")
     axes.grid(True, which="both", alpha=0.3)
-    axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    # "outside": constrained layout keeps the room the legend needs below the axes
+    figure.legend(loc="outside lower center", ncols=LEGEND_COLUMNS, fontsize="small")
+    return figure
+
+
+def _plot(path, rows, slopes, *, title):
+    """The plot of :func:`_figure`, written as a PNG to ``path`` (atomically)."""
+    save_figure(_figure(rows, slopes, title=title), path, dpi=120)
