@@ -289,23 +289,24 @@ def test_a_large_update_compiles_in_one_graph():
 
 @pytest.mark.parametrize("dtype", ["float32", "complex64"])
 @pytest.mark.parametrize("power_iters", [0, 1, 3])
-def test_a_rank_one_sketch_makes_one_reduction(dtype, power_iters):
-    """A one-column sketch rescales all its panels by the first one's largest
-    entry: one reduction and one division per panel, whatever the number of
-    power iterations (it made a reduction, an addition and a division per
-    panel), and 2 q + 2 products; a float32 T-step is 19 operations at q = 1."""
+def test_a_rank_one_sketch_makes_one_reduction_per_panel(dtype, power_iters):
+    """A one-column sketch rescales each panel by its own largest entry: one
+    reduction per panel, and 2 q + 2 products; a float32 T-step is 21
+    operations at q = 1. (By the first panel's entry alone, one reduction in
+    all, each panel grew by (sigma_1 / s)^2, and 25 power iterations of a
+    rank-1 float32 gradient gave a zero step without a word.)"""
     n = 64
     rng = np.random.default_rng(5)
     W = torch.as_tensor(ul.random_unitary(n, dtype=dtype, rng=rng))
     G = torch.as_tensor(rng.standard_normal((n, n)).astype(dtype))
     V, counter, transfers = counted(lambda: ul.projunn_step(W, G, lr=0.1, rng=2, power_iters=power_iters))
-    assert counter.launching.count("aten.linalg_vector_norm.default") == 1, counter.launching
+    assert counter.launching.count("aten.linalg_vector_norm.default") == 1 + power_iters, counter.launching
     on_g = [op.name for op in counter.ops if not op.view and any(entries == n * n for entries, _ in op.inputs)
             and op.name == "aten.mm.default" and all(entries >= n for entries, _ in op.outputs)]
     assert len(on_g) >= 2 * power_iters + 2
     assert transfers == 1
     if dtype == "float32" and power_iters == 1:
-        assert len(counter.launching) <= 19, counter.launching
+        assert len(counter.launching) <= 21, counter.launching
     assert float(ul.unitarity_error(V)) < 1e-5
 
 

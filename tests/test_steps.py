@@ -565,3 +565,23 @@ def test_tangent_project_promotes_mixed_dtypes(backend, rng):
             S = mH(W64) @ G64
             np.testing.assert_allclose(backend.to_numpy(got), G64 - W64 @ (S + mH(S)) / 2,
                                        atol=tol(str(expected_dtype), 8))
+
+
+@pytest.mark.parametrize("power_iters", [2, 25, 40])
+def test_a_one_column_sketch_takes_any_number_of_power_iterations(backend, dtype, rng, power_iters):
+    """A one-column sketch (rank 1, no oversampling) of a rank-1 gradient is
+    exact for every number of power iterations. Its panels were rescaled by
+    the first one's largest entry s alone and grew by (sigma_1 / s)^2 each:
+    a float32 step with 24 iterations raised "W is not unitary", with 25 it
+    was 0 without a word, and randomized_svd raised a false overflow."""
+    n = 64
+    W = haar(rng, n, dtype)
+    a, b = random_matrix(rng, (n, 1), dtype), random_matrix(rng, (n, 1), dtype)
+    b = b / (np.abs(a @ mH(b)).max() * 2)  # |G| about 0.5, sigma_1 up to n times its largest entry
+    G = (a @ mH(b)).astype(dtype)
+    V = ul.projunn_step(backend.asarray(W), backend.asarray(G), lr=0.1, rank=1, oversample=0,
+                        power_iters=power_iters, rng=3)
+    np.testing.assert_allclose(backend.to_numpy(V), reference_tangent(W, G, 0.1), atol=tol(dtype, 50))
+    S = ul.randomized_svd(backend.asarray(G), 1, oversample=0, power_iters=power_iters, rng=0).S
+    sigma = np.linalg.norm(a) * np.linalg.norm(b)
+    np.testing.assert_allclose(backend.to_numpy(S), [sigma], rtol=tol(dtype, 50))

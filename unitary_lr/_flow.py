@@ -124,10 +124,12 @@ def sketch_panels(xp, G, omega, power_iters):
     else:
         matmul, rmatmul = (lambda X: matmul_panel(xp, G, X)), (lambda Y: adjoint_matmul(xp, G, Y))
     if omega.shape[-1] == 1:
-        # One column: every panel is rescaled by the first one's largest entry
-        # s, whose orders of magnitude are the gradient's (two products make
-        # about |G|^2 |Y|, and dividing by s twice keeps them near |Y|): one
-        # reduction per step instead of one per panel, and the same direction.
+        # One column: Z = G^H Y is divided by the first panel's largest entry
+        # s, whose orders of magnitude are the gradient's, before the next
+        # product (which then makes about |G| |Y|, not |G|^2 |Y|, and does not
+        # overflow), and each panel is rescaled by its own largest entry. (By s
+        # alone, each panel grew by (sigma_1 / s)^2: a rank-1 float32 step with
+        # power_iters=25 was 0 without a word, with 24 "W is not unitary".)
         # Each panel Y comes with G^H Y, from one pass over a NumPy G beyond
         # the cache (_xp.blocked_normal).
         if rows_beyond_cache(G, omega):
@@ -136,7 +138,7 @@ def sketch_panels(xp, G, omega, power_iters):
             normal = functools.partial(_normal_pair, xp, matmul, rmatmul)
         Y, Z, s = normal(omega)
         for _ in range(power_iters):
-            Y, Z, _ = normal(Z / s, s)
+            Y, Z, _ = normal(Z / s)
         return Y, Z
     Y = matmul(omega)
     for _ in range(power_iters):

@@ -128,8 +128,9 @@ def _factors(W, G, host_draw, *, lr, variant, power_iters):
     s = np.abs(Y).max(axis=(-2, -1), keepdims=True) + tiny
     Y = Y / s
     Z = _left(G, Y)
-    for _ in range(power_iters):
-        Y = G @ (Z / s) / s
+    for _ in range(power_iters):  # each panel by its own largest entry (see _flow.sketch_panels)
+        Y = G @ (Z / s)
+        Y = Y / (np.abs(Y).max(axis=(-2, -1), keepdims=True) + tiny)
         Z = _left(G, Y)
     gram = _panel_gram(W, Y, Z, core, tiny)
     if gram is None:

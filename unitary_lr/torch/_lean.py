@@ -107,8 +107,9 @@ def lean_factors(W, G, host_draw, *, lr, variant, power_iters):
     s = torch.linalg.vector_norm(Y, ord=math.inf, dim=(-2, -1), keepdim=True) + _tiny(tiny)
     Y = Y / s
     Z = adjoint(G, Y)
-    for _ in range(power_iters):
-        Y = G @ (Z / s) / s
+    for _ in range(power_iters):  # each panel by its own largest entry (see _flow.sketch_panels)
+        Y = G @ (Z / s)
+        Y = Y / (torch.linalg.vector_norm(Y, ord=math.inf, dim=(-2, -1), keepdim=True) + _tiny(tiny))
         Z = adjoint(G, Y)
     # the panels [Y, Z, W^H Y] and their Gram in the cores' dtype, on the host
     F = torch.cat([Y, Z, adjoint(W, Y)], -1)
