@@ -431,3 +431,34 @@ def test_a_seed_takes_the_same_sketches_with_and_without_x64_and_at_any_size():
         np.testing.assert_allclose(x64[seed], default[seed], atol=1e-5, err_msg=seed)
     updates = [np.asarray(u) for u in default.values()]
     assert np.abs(updates[0] - updates[1]).max() > 1e-3 and np.abs(updates[1] - updates[2]).max() > 1e-3
+
+
+@pytest.mark.parametrize("base", ["rmsprop", "adam"])
+@pytest.mark.parametrize("jit", [False, True])
+def test_a_gradient_whose_square_overflows_the_moments_is_skipped_and_counted(base, jit):
+    """A finite float32 gradient of 1e20 made the base's second moments Inf
+    for good: every later direction of those entries was 0 and the unitary
+    leaf stopped moving, with notfinite_count 0. The update is now skipped
+    and counted, the state kept, and training goes on as without it."""
+    rng = np.random.default_rng(0)
+    grads = [jnp.asarray(rng.standard_normal((8, 8)).astype("float32")) for _ in range(6)]
+    spike = jnp.asarray(1e20 * rng.standard_normal((8, 8)).astype("float32"))
+    W0 = ul.random_unitary(8, dtype="float32", xp=jnp, rng=0)
+    runs = []
+    for with_spike in (True, False):
+        opt = projunn(1e-2, unitary=True, base=base, rank=2, seed=0)
+        update = jax.jit(opt.update) if jit else opt.update
+        W, state = W0, opt.init(W0)
+        for t, g in enumerate(grads):
+            if with_spike and t == 3:
+                before = state
+                updates, state = update(spike, state, W)
+                assert float(jnp.abs(updates).max()) == 0.0 and int(state.notfinite_count) == 1
+                for kept, old in zip(jax.tree.leaves(state.base), jax.tree.leaves(before.base)):
+                    assert bool(jnp.array_equal(kept, old))
+            updates, state = update(g, state, W)
+            W = optax.apply_updates(W, updates)
+        assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(state.base))
+        runs.append(W)
+    np.testing.assert_allclose(np.asarray(runs[0]), np.asarray(runs[1]), rtol=0, atol=1e-6)
+    assert float(ul.unitarity_error(runs[0])) < 1e-5

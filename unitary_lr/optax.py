@@ -354,9 +354,12 @@ def projunn(learning_rate=DEFAULT_LR, *, unitary, base=DEFAULT_BASE, rank=None, 
     second moment of a complex gradient is ``|g|^2`` in both, so conjugating
     the preconditioner's output equals preconditioning the conjugated gradient.
     A NaN/Inf in any gradient skips the whole update (zero updates, state
-    unchanged but for ``notfinite_count``), as ``optax.apply_if_finite`` does.
-    That test, one read of each gradient, is the update's only one: the step
-    runs on the base's direction without testing it again (a finite gradient
+    unchanged but for ``notfinite_count``), as ``optax.apply_if_finite`` does;
+    so does a finite gradient that makes the base's new state non-finite (a
+    square that overflows: 1e20 in float32 for rmsprop or adam, whose Inf
+    moments stopped those entries for good). These tests, one read of each
+    gradient and of each moment, are the update's only ones: the step runs
+    on the base's direction without testing it again (a finite gradient
     makes a finite direction, unless the base overflows: sgd's ``lr * g``
     for g near the dtype's largest number, which makes W NaN).
     Drift control costs two passes over W every ``drift_check_every`` steps and
@@ -419,7 +422,20 @@ def projunn(learning_rate=DEFAULT_LR, *, unitary, base=DEFAULT_BASE, rank=None, 
         leaves = jax.tree.leaves(grads)
         finite = jnp.all(jnp.asarray([_all_finite(g) for g in leaves])) if leaves else jnp.asarray(True)
         state = state._replace(notfinite_count=jnp.asarray(state.notfinite_count, jnp.int32))
-        return jax.lax.cond(finite, step, skip, grads, state, params)
+        return jax.lax.cond(finite, step_if_moments_finite, skip, grads, state, params)
+
+    def step_if_moments_finite(grads, state, params):
+        """The step, or the skip where the base's new state is not finite: a
+        finite gradient whose square overflows (1e20 in float32) made
+        rmsprop's second moments Inf for good, and every later direction of
+        those entries 0, so that W never moved again, uncounted. As the other
+        front ends refuse such a gradient, this update skips it and counts it
+        (``notfinite_count``), and the moments stay as they were. One fused
+        read of each moment decides (``_all_finite``)."""
+        new_updates, new_state = step(grads, state, params)
+        moments = [x for x in jax.tree.leaves(new_state.base) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+        finite = jnp.all(jnp.asarray([_all_finite(x) for x in moments])) if moments else jnp.asarray(True)
+        return jax.lax.cond(finite, _taken, lambda taken: skip(grads, state, params), (new_updates, new_state))
 
     def skip(grads, state, params):
         """apply_if_finite's semantics: zero updates, the state as it was but
@@ -473,6 +489,10 @@ def _all_finite(x):
 
 # The branches of lax.cond are module-level functions: JAX caches their traces
 # by identity, so an eager (un-jitted) update does not re-trace them every step.
+def _taken(step):
+    return step
+
+
 def _finite_sum(x):
     return jnp.asarray(True)
 
