@@ -768,3 +768,29 @@ def test_retraction_of_a_compiled_step_is_the_eager_retraction(dtype):
             assert torch.equal(models[0].weight.detach(), models[1].weight.detach())
             assert error(models[1].weight) < 1e-13
     assert retractions[1].state[models[1].weight]["steps"] == 3
+
+
+@pytest.mark.parametrize("seed", [np.array(2), np.int64(2), torch.tensor(2)])
+def test_a_seed_given_as_a_0_d_array_steps_as_the_int_it_holds(seed):
+    """ProjUNN and projunn_retraction took a 0-d NumPy array or tensor as the
+    seed and failed at the first step ("len() of unsized object", inside
+    NumPy's default_rng); the seed is kept as the Python int it holds, and
+    the steps are those of seed=2."""
+    from unitary_lr.torch import ProjUNN, projunn_retraction, unitary_parameter
+
+    results = []
+    for given in (seed, 2):
+        generator = torch.Generator().manual_seed(0)
+        stepped = unitary_parameter(6, dtype=torch.float64, generator=generator)
+        retracted = unitary_parameter(6, dtype=torch.float64, generator=generator)
+        optimizer = ProjUNN([stepped], lr=0.1, rank=1, seed=given)
+        sgd = torch.optim.SGD([retracted], lr=0.1)
+        projunn_retraction(sgd, params=[retracted], rank=1, seed=given)
+        assert type(optimizer.param_groups[0]["seed"]) is int
+        stepped.grad = torch.randn(6, 6, dtype=torch.float64, generator=generator)
+        retracted.grad = torch.randn(6, 6, dtype=torch.float64, generator=generator)
+        optimizer.step()
+        sgd.step()
+        results.append((stepped.detach().clone(), retracted.detach().clone()))
+    for got, expected in zip(*results):
+        assert torch.equal(got, expected)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import operator
 import numbers
 import warnings
 from typing import NamedTuple
@@ -1157,6 +1158,9 @@ def _check_options(group, *, where):
         ProjUNNOptions.from_kwargs(group)
     except (TypeError, ValueError) as error:
         raise type(error)(f"{where}: {error}") from None
+    # the seed as the Python int it holds (a 0-d array or tensor passed the
+    # check and failed at the first step, in NumPy's default_rng)
+    group["seed"] = operator.index(group["seed"])
     if group["unitary"] not in (None, True, False):
         raise ValueError(f"{where}: unitary must be True, False or None, got {group['unitary']!r}")
     scale = group.get("unitary_lr_scale", 1.0)

@@ -4,6 +4,7 @@ the result back on the unitary group."""
 
 from __future__ import annotations
 
+import operator
 import warnings
 
 import array_api_compat.torch
@@ -170,7 +171,8 @@ class ProjUNNRetraction:
                        drift_tol=drift_tol, drift_check_every=drift_check_every, reproject=reproject, seed=seed)
         self.options = {"rank": rank, "variant": variant, "oversample": oversample, "power_iters": power_iters}
         self.drift = {"drift_tol": drift_tol, "drift_check_every": drift_check_every, "reproject": reproject}
-        self.seed = drawn_seed("projunn_retraction", stacklevel=4) if seed is None else seed
+        # (the seed as the Python int it holds: a 0-d array failed at the first step)
+        self.seed = drawn_seed("projunn_retraction", stacklevel=4) if seed is None else operator.index(seed)
         self.params = None if params is None else list(params)
         self.optimizer = optimizer
         self.state = {}  # parameter -> {"rng", "steps", "reprojections"}
