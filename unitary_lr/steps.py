@@ -191,7 +191,8 @@ def projunn_update(
     """:func:`projunn_step` as thin factors: ``projunn_step(W, G) == W + L @ Rh``.
 
     Same parameters, checks and random draws as :func:`projunn_step`; returns
-    ``(L, Rh)`` of shapes (..., n, r) and (..., r, n), r <= 2 * rank. For code
+    ``(L, Rh)`` of shapes (..., n, r) and (..., r, m) for W of shape
+    (..., n, m), r <= 2 * rank. For code
     that owns W's memory and applies the update in place (the torch adapter
     adds ``L @ Rh`` to the parameter in one fused pass), which saves the new
     n x n array and a pass.

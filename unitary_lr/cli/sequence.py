@@ -56,7 +56,7 @@ def add_parser(commands):
             _compile.compile_options(recurrence=True),
             _options.experiment_run_options(task),
         ]
-        parser = commands.add_parser(task, help=doc.split(":")[0] + " task from the projUNN paper", description=doc,
+        parser = commands.add_parser(task, help=doc.split(":")[0] + ", from the projUNN paper", description=doc,
                                      parents=parents)
         parser.add_argument("--T", type=int, default=None,
                             help=f"sequence length / delay (default: {settings['T']}; --quick: {quick['T']})")
