@@ -419,8 +419,7 @@ def projunn(learning_rate=DEFAULT_LR, *, unitary, base=DEFAULT_BASE, rank=None, 
         if params is None:
             raise ValueError("projunn needs the parameters: opt.update(grads, state, params)")
         _check_gradients(grads, params, _mask_of(unitary, params))
-        leaves = jax.tree.leaves(grads)
-        finite = jnp.all(jnp.asarray([_all_finite(g) for g in leaves])) if leaves else jnp.asarray(True)
+        finite = _all_leaves_finite(jax.tree.leaves(grads))
         state = state._replace(notfinite_count=jnp.asarray(state.notfinite_count, jnp.int32))
         return jax.lax.cond(finite, step_if_moments_finite, skip, grads, state, params)
 
@@ -434,7 +433,7 @@ def projunn(learning_rate=DEFAULT_LR, *, unitary, base=DEFAULT_BASE, rank=None, 
         read of each moment decides (``_all_finite``)."""
         new_updates, new_state = step(grads, state, params)
         moments = [x for x in jax.tree.leaves(new_state.base) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-        finite = jnp.all(jnp.asarray([_all_finite(x) for x in moments])) if moments else jnp.asarray(True)
+        finite = _all_leaves_finite(moments)
         return jax.lax.cond(finite, _taken, lambda taken: skip(grads, state, params), (new_updates, new_state))
 
     def skip(grads, state, params):
@@ -477,6 +476,12 @@ def _check_gradients(grads, params, mask):
         if jnp.result_type(g, p) != jnp.result_type(p):
             raise TypeError(f"the gradient of leaf {name} has dtype {jnp.result_type(g).name}, which would "
                             f"promote the leaf's {jnp.result_type(p).name}; pass gradients in the leaves' dtypes")
+
+
+def _all_leaves_finite(leaves):
+    """Whether no array of ``leaves`` holds NaN or Inf (:func:`_all_finite`
+    of each), as a traced bool; True for none."""
+    return jnp.all(jnp.asarray([_all_finite(x) for x in leaves])) if leaves else jnp.asarray(True)
 
 
 def _all_finite(x):

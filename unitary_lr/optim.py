@@ -662,12 +662,6 @@ def _check_state_place(xp, key, state, W):
     )
 
 
-def _dtype_label(xp, dtype):
-    """The name of ``dtype`` for an error message: "float32", or the
-    library's own name of a dtype unitary_lr does not take ("float16")."""
-    return dtype_name(xp, dtype) or dtype_name_of(dtype)
-
-
 def _eps_vanishes(eps, dtype):
     """(why, smallest normal number of ``dtype``) where ``eps`` (a number,
     or None for a rule without one) is 0 in the arithmetic of the floating
@@ -699,7 +693,7 @@ def _in_dtype_of(xp, G, W):
         cast = xp.astype(G, W.dtype)
     if not is_traced(G) and not bool(finite_flag(xp, cast)) and bool(finite_flag(xp, G)):
         raise ValueError(
-            f"G is too large for W's dtype {_dtype_label(xp, W.dtype)} (G has dtype {_dtype_label(xp, G.dtype)}, "
+            f"G is too large for W's dtype {dtype_name_of(W.dtype)} (G has dtype {dtype_name_of(G.dtype)}, "
             f"largest |entry| {float(xp.max(xp.abs(G))):.3g}); scale the gradient (or the loss) down"
         )
     return cast
@@ -1119,7 +1113,7 @@ class ProjUNN:
             not bool(finite_flag(xp, moment)) for moment in moments)
         if overflowed:
             return self._moments_overflow(xp, G, cause)
-        dtype = _dtype_label(xp, G.dtype)
+        dtype = dtype_name_of(G.dtype)
         cause = f"{cause}; " if cause is not None else ""
         eps = getattr(self.rule, "eps", None)
         vanishes = _eps_vanishes(eps, dtype)
@@ -1137,7 +1131,7 @@ class ProjUNN:
         """The error of a finite G too large for the rule's moments."""
         cause = f"{cause}; " if cause is not None else ""
         return ValueError(
-            f"G is too large for the {self.base} rule's moments in {_dtype_label(xp, G.dtype)} ({cause}largest "
+            f"G is too large for the {self.base} rule's moments in {dtype_name_of(G.dtype)} ({cause}largest "
             f"|entry| {float(xp.max(xp.abs(G))):.3g}: its square overflows); scale the gradient (or the loss) down"
         )
 

@@ -312,7 +312,7 @@ class ProjUNNRetraction:
         pending, fresh, streams = [], {}, []
         xp = array_api_compat.torch
         # Every new value is made before any is written, and any error (NaN in
-        # an update, a drift check that failed inside torch.autocast) puts back
+        # an update, a drift check that failed) puts back
         # every parameter and stream: a TypeError, or an error of the drift
         # check after the first parameter was written, left the optimizer's raw
         # update, off the unitary group.
@@ -341,7 +341,7 @@ class ProjUNNRetraction:
             if type(error) not in (TypeError, ValueError, RuntimeError):
                 raise  # (another kind, whose arguments may not be a message: as it came, the parameters restored)
             raise type(error)(f"the update of retracted parameter {index} ({self._name(p)}, shape "
-                              f"{tuple(p.shape)}) by the {type(optimizer).__name__}: {error}{_in_autocast(p)}; "
+                              f"{tuple(p.shape)}) by the {type(optimizer).__name__}: {error}; "
                               "the retracted parameters were restored (the optimizer's state has moved)"
                               ) from (error if type(error) is RuntimeError else None)  # (an internal failure's trace)
         self.state.update(fresh)
@@ -352,13 +352,3 @@ class ProjUNNRetraction:
             state["precision"] = precision
             p.copy_(new)
 
-
-def _in_autocast(p):
-    """A note for an error of a step taken inside ``torch.autocast`` (on
-    ``p``'s device type), which can change the dtype of the step's products."""
-    try:
-        active = torch.is_autocast_enabled(p.device.type)
-    except (TypeError, RuntimeError):  # (torch < 2.4: no device type argument; a device type without autocast)
-        active = p.device.type == "cpu" and torch.is_autocast_cpu_enabled()
-    return (" (optimizer.step() ran inside torch.autocast: call it after the autocast region)" if active
-            else "")
