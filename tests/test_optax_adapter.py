@@ -1,5 +1,6 @@
 """unitary_lr.optax: the projUNN optax transformation."""
 
+import itertools
 import numpy as np
 import pytest
 
@@ -433,7 +434,7 @@ def test_a_seed_takes_the_same_sketches_with_and_without_x64_and_at_any_size():
     assert np.abs(updates[0] - updates[1]).max() > 1e-3 and np.abs(updates[1] - updates[2]).max() > 1e-3
 
 
-@pytest.mark.parametrize("base", ["rmsprop", "adam"])
+@pytest.mark.parametrize("base", ["rmsprop", "adam", "adamw", "amsgrad"])
 @pytest.mark.parametrize("jit", [False, True])
 def test_a_gradient_whose_square_overflows_the_moments_is_skipped_and_counted(base, jit):
     """A finite float32 gradient of 1e20 made the base's second moments Inf
@@ -462,3 +463,37 @@ def test_a_gradient_whose_square_overflows_the_moments_is_skipped_and_counted(ba
         runs.append(W)
     np.testing.assert_allclose(np.asarray(runs[0]), np.asarray(runs[1]), rtol=0, atol=1e-6)
     assert float(ul.unitarity_error(runs[0])) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", ["float32", "complex64"])
+def test_the_square_test_is_exact_entry_by_entry(dtype):
+    """The bases that square the gradient skip it when one entry's |g|^2
+    passes a quarter of the largest float32 (its sum of squares decides in
+    one read; above the bound each entry is tested): an entry of 1e20 (or
+    an imaginary part of 1e20) is skipped, in a unitary or a plain leaf; a
+    gradient of 64 entries of 3e18, whose sum of squares is above the bound
+    while each square is below it, is taken and leaves the moments finite;
+    sgd, which squares nothing, takes the entry of 1e20."""
+    rng = np.random.default_rng(3)
+    W = ul.random_unitary(8, dtype=dtype, xp=jnp, rng=0)
+    params = {"W": W, "b": jnp.zeros(3, jnp.float32)}
+
+    def grads(big, where):
+        g = {"W": jnp.asarray(rng.standard_normal((8, 8)), W.dtype), "b": jnp.ones(3, jnp.float32)}
+        if where == "plain":
+            return {**g, "b": g["b"].at[1].set(big)}
+        return {**g, "W": g["W"].at[2, 5].set(1j * big if dtype == "complex64" else big)}
+
+    spread = {"W": jnp.full((8, 8), 3e18, W.dtype), "b": jnp.ones(3, jnp.float32)}
+    assert float(jnp.real(jnp.vdot(spread["W"].ravel(), spread["W"].ravel()))) > np.finfo("float32").max / 4
+    cases = {"rmsprop": [(1e20, True), (1e19, True), (9e18, False)], "adam": [(1e20, True)], "sgd": [(1e20, False)]}
+    for base, sizes in cases.items():
+        opt = projunn(1e-30, unitary={"W": True, "b": False}, base=base, rank=1)
+        update = jax.jit(opt.update)
+        for (big, skipped), where in itertools.product(sizes, ("unitary", "plain")):
+            updates, state = update(grads(big, where), opt.init(params), params)
+            assert int(state.notfinite_count) == int(skipped), (base, big, where)
+            assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(state.base)), (base, big, where)
+        updates, state = update(spread, opt.init(params), params)
+        assert int(state.notfinite_count) == 0, base
+        assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(state.base)), base

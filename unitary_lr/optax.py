@@ -355,10 +355,10 @@ def projunn(learning_rate=DEFAULT_LR, *, unitary, base=DEFAULT_BASE, rank=None, 
     the preconditioner's output equals preconditioning the conjugated gradient.
     A NaN/Inf in any gradient skips the whole update (zero updates, state
     unchanged but for ``notfinite_count``), as ``optax.apply_if_finite`` does;
-    so does a finite gradient that makes the base's new state non-finite (a
-    square that overflows: 1e20 in float32 for rmsprop or adam, whose Inf
-    moments stopped those entries for good). These tests, one read of each
-    gradient and of each moment, are the update's only ones: the step runs
+    with a base that squares the gradient (all but sgd), so does a finite
+    gradient whose square overflows (1e20 in float32, which made the second
+    moments Inf and stopped those entries for good). That test, one read of
+    each gradient, is the update's only one: the step runs
     on the base's direction without testing it again (a finite gradient
     makes a finite direction, unless the base overflows: sgd's ``lr * g``
     for g near the dtype's largest number, which makes W NaN).
@@ -419,22 +419,9 @@ def projunn(learning_rate=DEFAULT_LR, *, unitary, base=DEFAULT_BASE, rank=None, 
         if params is None:
             raise ValueError("projunn needs the parameters: opt.update(grads, state, params)")
         _check_gradients(grads, params, _mask_of(unitary, params))
-        finite = _all_leaves_finite(jax.tree.leaves(grads))
+        finite = _all_leaves_finite(jax.tree.leaves(grads), squares=base != "sgd")
         state = state._replace(notfinite_count=jnp.asarray(state.notfinite_count, jnp.int32))
-        return jax.lax.cond(finite, step_if_moments_finite, skip, grads, state, params)
-
-    def step_if_moments_finite(grads, state, params):
-        """The step, or the skip where the base's new state is not finite: a
-        finite gradient whose square overflows (1e20 in float32) made
-        rmsprop's second moments Inf for good, and every later direction of
-        those entries 0, so that W never moved again, uncounted. As the other
-        front ends refuse such a gradient, this update skips it and counts it
-        (``notfinite_count``), and the moments stay as they were. One fused
-        read of each moment decides (``_all_finite``)."""
-        new_updates, new_state = step(grads, state, params)
-        moments = [x for x in jax.tree.leaves(new_state.base) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-        finite = _all_leaves_finite(moments)
-        return jax.lax.cond(finite, _taken, lambda taken: skip(grads, state, params), (new_updates, new_state))
+        return jax.lax.cond(finite, step, skip, grads, state, params)
 
     def skip(grads, state, params):
         """apply_if_finite's semantics: zero updates, the state as it was but
@@ -478,10 +465,13 @@ def _check_gradients(grads, params, mask):
                             f"promote the leaf's {jnp.result_type(p).name}; pass gradients in the leaves' dtypes")
 
 
-def _all_leaves_finite(leaves):
+def _all_leaves_finite(leaves, squares=False):
     """Whether no array of ``leaves`` holds NaN or Inf (:func:`_all_finite`
-    of each), as a traced bool; True for none."""
-    return jnp.all(jnp.asarray([_all_finite(x) for x in leaves])) if leaves else jnp.asarray(True)
+    of each), as a traced bool; True for none. With ``squares``, whether
+    every entry's ``|x|^2`` is at most a quarter of the largest number too
+    (:func:`_all_squares_finite`)."""
+    test = _all_squares_finite if squares else _all_finite
+    return jnp.all(jnp.asarray([test(x) for x in leaves])) if leaves else jnp.asarray(True)
 
 
 def _all_finite(x):
@@ -494,16 +484,42 @@ def _all_finite(x):
 
 # The branches of lax.cond are module-level functions: JAX caches their traces
 # by identity, so an eager (un-jitted) update does not re-trace them every step.
-def _taken(step):
-    return step
-
-
 def _finite_sum(x):
     return jnp.asarray(True)
 
 
 def _finite_entries(x):
     return jnp.all(jnp.isfinite(x))
+
+
+def _all_squares_finite(x):
+    """Whether every entry of x has a finite ``|x|^2`` of at most a quarter
+    of the dtype's largest number (so none is NaN or Inf), as a traced bool.
+    One read decides, the sum of squares as one dot product; only a sum
+    above the bound pays for the exact elementwise test (``lax.cond``).
+
+    This is the test of a gradient for the bases that square it (rmsprop,
+    adam, adamw, amsgrad): their moments are convex combinations of the old
+    ones and of g or ``|g|^2`` (amsgrad's maximum of two such), so that a
+    finite state stays finite when every ``|g|^2`` is finite, and the
+    quarter covers the combination's rounding at the top of the range. A
+    finite float32 gradient of 1e20 would otherwise make a second moment
+    Inf for good, and every later direction of that entry 0."""
+    dtype = jnp.result_type(x)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+        return jnp.asarray(True)
+    flat = jnp.ravel(x)  # half precision summed in float32: its bound is far below a sum of many entries
+    squares = jnp.real(jnp.vdot(flat, flat, preferred_element_type=jnp.promote_types(dtype, jnp.float32)))
+    return jax.lax.cond(squares <= _square_bound(x), _finite_sum, _small_squares, x)
+
+
+def _square_bound(x):
+    return jnp.finfo(jnp.result_type(x)).max / 4
+
+
+def _small_squares(x):
+    squares = jnp.real(x) ** 2 + jnp.imag(x) ** 2 if jnp.iscomplexobj(x) else x * x
+    return jnp.all(squares <= _square_bound(x))
 
 
 def _checked_learning_rate(learning_rate):
