@@ -124,13 +124,16 @@ def _factors(W, G, host_draw, *, lr, variant, power_iters):
     eps, tiny = _finfo(dtype)
     # the sketch (_host.sketch_from_host, _flow.sketch_panels: one column)
     omega = np.asarray(host_draw, dtype=dtype).mT
+    def largest(Y):  # a panel's largest entry, + tiny: a zero panel stays zero
+        return np.abs(Y).max(axis=(-2, -1), keepdims=True) + tiny
+
     Y = G @ omega
-    s = np.abs(Y).max(axis=(-2, -1), keepdims=True) + tiny
+    s = largest(Y)
     Y = Y / s
     Z = _left(G, Y)
     for _ in range(power_iters):  # each panel by its own largest entry (see _flow.sketch_panels)
         Y = G @ (Z / s)
-        Y = Y / (np.abs(Y).max(axis=(-2, -1), keepdims=True) + tiny)
+        Y = Y / largest(Y)
         Z = _left(G, Y)
     gram = _panel_gram(W, Y, Z, core, tiny)
     if gram is None:

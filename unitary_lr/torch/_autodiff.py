@@ -75,16 +75,24 @@ class _PolarFactor(torch.autograd.Function):
 
 
 class _PolarFactorForwardMode(_PolarFactor):
-    """``_PolarFactor`` with forward mode, for eager calls: Dynamo refuses an
-    ``autograd.Function`` that defines ``jvp``."""
+    """``_PolarFactor`` with forward mode, for eager calls
+    (:func:`apply_with_forward_mode`)."""
 
     @staticmethod
     def jvp(ctx, tangent_A):
         return _polar_derivative(ctx, tangent_A, tie=True), None, None, None
 
 
+def apply_with_forward_mode(function, forward_mode, *args):
+    """``function.apply(*args)``, or, in eager calls, ``forward_mode``'s: a
+    subclass of ``function`` that adds ``jvp`` (forward-mode AD,
+    ``torch.func.jvp``, ``jacfwd``), which Dynamo refuses in an
+    ``autograd.Function`` ("Unsupported custom jvp"), so that
+    ``torch.compile`` traces ``function`` itself."""
+    return (function if torch.compiler.is_compiling() else forward_mode).apply(*args)
+
+
 def polar_factor(A):
     """The polar factor of a tall or square tensor A, with autograd's
     derivative ``polar_tangent``."""
-    function = _PolarFactor if torch.compiler.is_compiling() else _PolarFactorForwardMode
-    return function.apply(A)[0]
+    return apply_with_forward_mode(_PolarFactor, _PolarFactorForwardMode, A)[0]

@@ -103,13 +103,16 @@ def lean_factors(W, G, host_draw, *, lr, variant, power_iters):
             return (B.mT @ A).mT
     # the sketch, as _host.sketch_from_host and _flow.sketch_panels make it
     omega = from_host(_XP, host_draw, dtype=dtype, device=device).mT
+    def largest(Y):  # a panel's largest entry, + tiny: a zero panel stays zero
+        return torch.linalg.vector_norm(Y, ord=math.inf, dim=(-2, -1), keepdim=True) + _tiny(tiny)
+
     Y = G @ omega  # _xp.matmul_panel of one column
-    s = torch.linalg.vector_norm(Y, ord=math.inf, dim=(-2, -1), keepdim=True) + _tiny(tiny)
+    s = largest(Y)
     Y = Y / s
     Z = adjoint(G, Y)
     for _ in range(power_iters):  # each panel by its own largest entry (see _flow.sketch_panels)
         Y = G @ (Z / s)
-        Y = Y / (torch.linalg.vector_norm(Y, ord=math.inf, dim=(-2, -1), keepdim=True) + _tiny(tiny))
+        Y = Y / largest(Y)
         Z = adjoint(G, Y)
     # the panels [Y, Z, W^H Y] and their Gram in the cores' dtype, on the host
     F = torch.cat([Y, Z, adjoint(W, Y)], -1)

@@ -33,7 +33,7 @@ from array_api_compat import array_namespace
 
 from .._xp import column_layout, core_dtype
 from ..householder import wy_core
-from ._autodiff import NotDifferentiable
+from ._autodiff import NotDifferentiable, apply_with_forward_mode
 
 
 class _WYFactors(torch.autograd.Function):
@@ -94,9 +94,8 @@ class _WYFactors(torch.autograd.Function):
 
 
 class _WYFactorsForwardMode(_WYFactors):
-    """``_WYFactors`` with forward mode, for eager calls: Dynamo refuses an
-    ``autograd.Function`` that defines ``jvp`` ("Unsupported custom jvp"),
-    and ``torch.compile`` takes ``_WYFactors`` itself."""
+    """``_WYFactors`` with forward mode, for eager calls
+    (:func:`._autodiff.apply_with_forward_mode`)."""
 
     @staticmethod
     def jvp(ctx, tangent_V):
@@ -130,6 +129,5 @@ _SECOND_DERIVATIVE = (
 
 def wy_factors(xp, V):
     """``householder.wy_factors(xp, V)`` with the hand-written gradient."""
-    factors = _WYFactors if torch.compiler.is_compiling() else _WYFactorsForwardMode
-    U, minus_T, *_ = factors.apply(V)
+    U, minus_T, *_ = apply_with_forward_mode(_WYFactors, _WYFactorsForwardMode, V)
     return U, minus_T
