@@ -95,6 +95,33 @@ def test_random_unitary_errors():
             ul.random_unitary(3, dtype=dtype, xp=np, device="nowhere")
 
 
+def test_random_unitary_refuses_an_array_as_its_dtype():
+    """An array in place of a dtype (``dtype=x`` for ``dtype=x.dtype``): NumPy's
+    raised "descriptor '__array_wrap__' for 'numpy.generic' objects doesn't
+    apply to a 'numpy.ndarray' object", array_api_strict's "Expected Array or
+    Python scalar", naming neither the argument nor its value. The dtypes
+    themselves, and NumPy's scalar types, are still dtypes."""
+    import array_api_strict as xs
+
+    arrays = [(np.array([1.0]), np, r"ndarray array\(\[1\.\]\)"), (np.array(1.0), np, r"ndarray array\(1\.\)"),
+              (np.zeros(500), np, r"ndarray array\(\[0\., 0\., .*\.\.\.;"),  # (shortened)
+              (xs.asarray([1.0]), xs, r"Array Array\(\[1\.\]")]
+    try:
+        import torch
+
+        arrays.append((torch.ones(2), torch, r"Tensor tensor\(\[1\., 1\.\]\)"))
+    except ImportError:  # pragma: no cover - torch is in the test extra
+        pass
+    for value, xp, shown in arrays:
+        with pytest.raises(TypeError, match=rf"(?s)^dtype must be a dtype or its name, not an array: got {shown}.*"
+                                            r"pass x\.dtype$"):
+            ul.random_unitary(3, dtype=value, xp=xp)
+    for dtype, expected in [(np.float32, np.float32), (np.dtype("complex64"), np.complex64), ("float64", np.float64)]:
+        W = ul.random_unitary(3, dtype=dtype, rng=0)
+        assert W.dtype == expected and unitarity(W) < tol(expected)
+    assert ul.random_unitary(3, dtype=xs.float32, xp=xs).dtype == xs.float32
+
+
 # ---------------------------------------------------------- unitarity_error
 
 

@@ -111,6 +111,45 @@ def test_stacked_update_refuses_bad_input_with_the_argument_named():
         projunn_update_stacked([W, W], [G, G], lr=-1.0, rngs=streams)
 
 
+def test_stacked_update_takes_rngs_as_projunn_update_takes_rng():
+    """``rngs=None`` (or left out) draws every sketch from fresh entropy, as
+    ``rng=None`` does (it raised "object of type 'NoneType' has no len()");
+    one generator shared as ``[g] * P`` is drawn from in order, as separate
+    calls draw from it; a value that is no sequence, or an entry that is no
+    rng, is a TypeError naming ``rngs`` or ``rngs[p]``."""
+    scipy_linalg = pytest.importorskip("scipy.linalg")
+    rng = np.random.default_rng(4)
+    P, n, lr = 3, 8, 0.3
+    Ws = [_unitary(rng, (n, n), "float64") for _ in range(P)]
+    # rank-1 gradients: the sketch is exact whatever its draw, so the unseeded
+    # steps have the dense reference W expm(-lr/2 (W^T G - G^T W))
+    Gs = [np.outer(rng.standard_normal(n), rng.standard_normal(n)) for _ in range(P)]
+    expected = [W @ scipy_linalg.expm(-lr / 2 * (W.T @ G - G.T @ W)) for W, G in zip(Ws, Gs)]
+    for options in ({"rngs": None}, {}):
+        stacked = projunn_update_stacked(Ws, Gs, lr=lr, **options)
+        for W, (L, Rh), want in zip(Ws, stacked, expected):
+            np.testing.assert_allclose(W + L @ Rh, want, atol=1e-13)
+    # rank 2 of full-rank gradients: the draws matter; unseeded stacks differ
+    Gs = [rng.standard_normal((n, n)) for _ in range(P)]
+    first, second = (projunn_update_stacked(Ws, Gs, lr=lr, rank=2) for _ in range(2))
+    assert not np.allclose(first[0][0] @ first[0][1], second[0][0] @ second[0][1])
+    shared, again = np.random.default_rng(9), np.random.default_rng(9)
+    stacked = projunn_update_stacked(Ws, Gs, lr=lr, rank=2, rngs=[shared] * P)
+    for W, G, (L, Rh) in zip(Ws, Gs, stacked):
+        L_ref, Rh_ref = projunn_update(W, G, lr=lr, rank=2, rng=again)
+        np.testing.assert_allclose(W + L @ Rh, W + L_ref @ Rh_ref, atol=1e-13)
+    assert shared.bit_generator.state == again.bit_generator.state
+    for bad, shown in [(0, "int: 0"), (np.random.default_rng(0), "Generator: Generator"), ("abc", "str: 'abc'")]:
+        with pytest.raises(TypeError, match=rf"^rngs must be None or a sequence of one None, int seed or "
+                                            rf"numpy.random.Generator per matrix, got {shown}.*\[g\] \* len\(Ws\)$"):
+            projunn_update_stacked(Ws, Gs, lr=lr, rngs=bad)
+    with pytest.raises(TypeError, match=r"^rngs\[1\]: rng must be None, an int seed or a numpy.random.Generator, "
+                                        r"got str: 'x'"):
+        projunn_update_stacked(Ws, Gs, lr=lr, rngs=[0, "x", 2])
+    with pytest.raises(ValueError, match=r"^rngs\[2\]: rng seed must be >= 0, got -1"):
+        projunn_update_stacked(Ws, Gs, lr=lr, rngs=[0, 1, -1])
+
+
 # --- the framework-free optimizer's step_many -------------------------------
 
 MANY = {"a": (10, 10), "b": (9, 4), "c": (10, 10), "d": (2, 6, 6), "e": (9, 4), "f": (10, 10), "g": (4, 9)}

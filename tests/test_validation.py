@@ -149,3 +149,27 @@ def test_a_numpy_masked_array_is_refused_by_name(call):
     for got, want in zip(*(r if isinstance(r, tuple) else (r,) for r in (result, expected))):
         assert type(got) is np.ndarray
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("function", ["tangent_project", "projunn_step"])
+def test_a_complex_gradient_of_a_real_w_is_refused_naming_both_dtypes(function):
+    """A real (orthogonal) W takes a real gradient: projunn_step refused a
+    complex G, tangent_project returned a complex "projection", which is no
+    tangent vector of the real group. A real G for a complex W, or a G of
+    another precision, is still projected (to ``result_type(W, G)``)."""
+    W = ul.random_unitary(5, dtype="float64", rng=0)
+    G = np.random.default_rng(1).standard_normal((5, 5))
+    calls = {"tangent_project": lambda W, G: ul.tangent_project(W, G),
+             "projunn_step": lambda W, G: ul.projunn_step(W, G, lr=0.1, rng=0)}
+    before = W.copy()
+    for complex_dtype in (np.complex128, np.complex64):
+        with pytest.raises(TypeError, match=rf"^G has complex dtype {np.dtype(complex_dtype).name} but W is real "
+                                            r"\(float64\); a real \(orthogonal\) W takes a real gradient"):
+            calls[function](W, (G + 0.5j).astype(complex_dtype))
+    np.testing.assert_array_equal(W, before)
+    if function == "tangent_project":
+        Wc = W.astype(np.complex128)
+        Z = ul.tangent_project(Wc, G)
+        assert Z.dtype == np.complex128
+        np.testing.assert_allclose(Z, G - Wc @ (Wc.conj().T @ G + G.T @ Wc) / 2, atol=1e-14)
+        assert ul.tangent_project(W.astype(np.float32), G).dtype == np.float64

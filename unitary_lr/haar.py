@@ -8,9 +8,9 @@ import numpy as np
 
 from ._host import from_host, own_transfers, staged
 from ._random import as_generator, host_normal
-from ._validation import check_int
-from ._xp import (FLOAT_DTYPE_NAMES, _is_jax, array_namespace, dtype_name, exact_products, mH, row_layout,
-                  supports_float64)
+from ._validation import check_int, describe
+from ._xp import (FLOAT_DTYPE_NAMES, _is_jax, array_namespace, dtype_name, exact_products, is_array_api_obj, mH,
+                  row_layout, supports_float64)
 
 __all__ = ["random_unitary"]
 
@@ -54,8 +54,9 @@ def random_unitary(n, m=None, /, *, dtype, batch_shape=(), rng=None, xp=None, de
     Raises
     ------
     TypeError
-        dtype is not one of the four supported floating dtypes of ``xp``, or
-        is 64-bit on a device without float64.
+        dtype is not one of the four supported floating dtypes of ``xp`` (an
+        array in its place among them), or is 64-bit on a device without
+        float64.
     ValueError
         n < 1, m < 1, a negative batch size, or a device that ``xp`` cannot
         make arrays on (named, with the namespace's reason).
@@ -89,12 +90,7 @@ def random_unitary(n, m=None, /, *, dtype, batch_shape=(), rng=None, xp=None, de
             xp = array_namespace((np if xp is None else xp).empty(0))
     except Exception:
         raise TypeError(f"xp must be an array namespace such as numpy or torch, got {xp!r}") from None
-    dtype = getattr(xp, dtype, None) if isinstance(dtype, str) and dtype in FLOAT_DTYPE_NAMES else dtype
-    if dtype is None or dtype_name(xp, dtype) is None:
-        raise TypeError(
-            f"dtype must be one of {', '.join(FLOAT_DTYPE_NAMES)} (a dtype of {xp.__name__} "
-            f"or its name), got {dtype!r}"
-        )
+    dtype = _float_dtype(xp, dtype)
     placed = device is not None
     if device is None:
         device = xp.__array_namespace_info__().default_device()
@@ -111,6 +107,30 @@ def random_unitary(n, m=None, /, *, dtype, batch_shape=(), rng=None, xp=None, de
     Z = from_host(xp, host_normal(xp, (*batch_shape, rows, columns), dtype=dtype, rng=as_generator(rng)),
                   dtype=dtype, device=device, staged=not placed)
     return _haar_factor(xp, Z, wide=n < m)
+
+
+def _float_dtype(xp, dtype):
+    """``dtype`` (a dtype of ``xp`` or its name) as the dtype of ``xp``; a
+    TypeError naming it and showing it where it is not one of the four
+    supported floating dtypes. An array is refused before any comparison:
+    ``array == xp.float32`` compares the array's entries (NumPy's raised an
+    error about ``__array_wrap__`` that named neither dtype nor its value)."""
+    if isinstance(dtype, str):
+        found = getattr(xp, dtype, None) if dtype in FLOAT_DTYPE_NAMES else None
+    elif is_array_api_obj(dtype) and not isinstance(dtype, type):  # (NumPy's scalar types pass as arrays)
+        raise TypeError(f"dtype must be a dtype or its name, not an array: got {type(dtype).__name__} "
+                        f"{describe(dtype)}; for the dtype of an array x pass x.dtype")
+    else:
+        try:
+            found = dtype if dtype_name(xp, dtype) is not None else None
+        except Exception:  # an object whose == does not compare with a dtype
+            found = None
+    if found is None:
+        raise TypeError(
+            f"dtype must be one of {', '.join(FLOAT_DTYPE_NAMES)} (a dtype of {xp.__name__} "
+            f"or its name), got {describe(dtype)}"
+        )
+    return found
 
 
 def _check_device(xp, device):

@@ -27,6 +27,7 @@ from ._validation import (
     check_matrix,
     check_real_gradient,
     check_real_scalar,
+    describe,
     namespace_of,
     nonempty_factors,
     refuse_jax_trace,
@@ -54,7 +55,12 @@ __all__ = ["STEP_OVERSAMPLE", "STEP_POWER_ITERS", "projunn_step", "projunn_updat
 # One power iteration nearly doubles the progress per step for a few percent
 # of time; oversampling turns NumPy's matrix-vector products into slower
 # matrix-matrix ones and is not worth it for a step.
+
+#: Oversampling p of a step's sketch when none is given: the sketch has
+#: ``rank + p`` columns (at most ``min(n, m)``).
 STEP_OVERSAMPLE = 0
+#: Power iterations q of a step's sketch when none is given: the sketch makes
+#: ``2 + 2 q`` passes over a dense gradient.
 STEP_POWER_ITERS = 1
 
 # The step variants (the registry the adapters, the CLI and the benchmarks
@@ -188,14 +194,15 @@ def projunn_update(
     power_iters=STEP_POWER_ITERS,
     rng=None,
 ):
-    """:func:`projunn_step` as thin factors: ``projunn_step(W, G) == W + L @ Rh``.
+    """:func:`~unitary_lr.projunn_step` as thin factors:
+    ``projunn_step(W, G) == W + L @ Rh``.
 
-    Same parameters, checks and random draws as :func:`projunn_step`; returns
-    ``(L, Rh)`` of shapes (..., n, r) and (..., r, m) for W of shape
-    (..., n, m), r <= 2 * rank. For code
-    that owns W's memory and applies the update in place (the torch adapter
-    adds ``L @ Rh`` to the parameter in one fused pass), which saves the new
-    n x n array and a pass.
+    Same parameters, checks and random draws as
+    :func:`~unitary_lr.projunn_step`; returns ``(L, Rh)`` of shapes
+    (..., n, r) and (..., r, m) for W of shape (..., n, m), r <= 2 * rank.
+    For code that owns W's memory and applies the update in place (the torch
+    adapter adds ``L @ Rh`` to the parameter in one fused pass), which saves
+    the new n x n array and a pass.
     """
     return update_seeded(W, G, rng, lr=lr, rank=rank, variant=variant, oversample=oversample,
                          power_iters=power_iters)
@@ -212,7 +219,7 @@ def update_seeded(W, G, rng, /, *, lr, rank, variant, oversample, power_iters, a
 
 @exact_products
 def projunn_update_stacked(Ws, Gs, /, *, lr, rank=1, variant="tangent", oversample=STEP_OVERSAMPLE,
-                           power_iters=STEP_POWER_ITERS, rngs):
+                           power_iters=STEP_POWER_ITERS, rngs=None):
     """:func:`projunn_update` of several matrices of one shape, dtype and
     device, as one batched step: one pass of each batched product and one
     host round trip for all of them, where separate calls make one each.
@@ -225,12 +232,14 @@ def projunn_update_stacked(Ws, Gs, /, *, lr, rank=1, variant="tangent", oversamp
     Gs : sequence of P arrays, each of the shape and dtype of ``Ws``
         Their dense Euclidean gradients.
     lr, rank, variant, oversample, power_iters
-        As in :func:`projunn_step`, shared by all P steps.
-    rngs : sequence of P None, int seeds or numpy.random.Generator
+        As in :func:`~unitary_lr.projunn_step`, shared by all P steps.
+    rngs : None or sequence of P None, int seeds or numpy.random.Generator, optional
         The p-th matrix's sketch is drawn from ``rngs[p]`` exactly as
         ``projunn_update(Ws[p], Gs[p], rng=rngs[p])`` draws it, so the factors
         agree with those of P separate calls to rounding and every generator
-        advances as it would there.
+        advances as it would there. None: every sketch from fresh entropy, as
+        ``rng=None`` in :func:`projunn_update`. One generator ``g`` shared by
+        all, drawn from in order: ``[g] * P``.
 
     Returns
     -------
@@ -240,18 +249,32 @@ def projunn_update_stacked(Ws, Gs, /, *, lr, rank=1, variant="tangent", oversamp
     Raises
     ------
     TypeError
-        As :func:`projunn_step`, naming ``Ws[p]`` or ``Gs[p]`` for a non-array.
+        As :func:`~unitary_lr.projunn_step`, naming ``Ws[p]`` or ``Gs[p]``
+        for a non-array; ``rngs`` neither None nor a sequence, or an entry
+        ``rngs[p]`` that is not None, an int seed or a generator (named).
     ValueError
         Empty sequences or sequences of different lengths, arrays of more
-        than one shape or dtype, and the errors of :func:`projunn_step` for
-        the stacked arrays (NaN/Inf, a W that is not unitary, a bad ``lr``):
-        a caller that must name the failing matrix steps them one by one on
-        that error path, as ``unitary_lr.torch.ProjUNN`` does.
+        than one shape or dtype, and the errors of
+        :func:`~unitary_lr.projunn_step` for the stacked arrays (NaN/Inf, a W
+        that is not unitary, a bad ``lr``): a caller that must name the
+        failing matrix steps them one by one on that error path, as
+        ``unitary_lr.torch.ProjUNN`` does.
     """
+    if rngs is None:  # as rng=None in projunn_update: every sketch from fresh entropy
+        rngs = [None] * len(Ws)
+    elif isinstance(rngs, (str, bytes)) or not hasattr(rngs, "__len__") or not hasattr(rngs, "__iter__"):
+        raise TypeError(f"rngs must be None or a sequence of one None, int seed or numpy.random.Generator per "
+                        f"matrix, got {type(rngs).__name__}: {describe(rngs)}; for one generator g shared by all, "
+                        "drawn from in order, pass [g] * len(Ws)")
     if not Ws or len(Ws) != len(Gs) or len(Ws) != len(rngs):
         raise ValueError(f"Ws, Gs and rngs must be non-empty and of one length, got {len(Ws)}, {len(Gs)}, "
                          f"{len(rngs)}")
-    generators = [as_generator(g) for g in rngs]
+    generators = []
+    for p, rng in enumerate(rngs):
+        try:
+            generators.append(as_generator(rng))
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"rngs[{p}]: {error}") from None
     return update_stacked_drawn(
         Ws, Gs, lambda xp, shape, dtype: [sketch_draw(xp, shape, dtype=dtype, rng=g) for g in generators],
         lr=lr, rank=rank, variant=variant, oversample=oversample, power_iters=power_iters)
@@ -521,7 +544,8 @@ def tangent_project(W, G, /):
     Raises
     ------
     TypeError
-        Non-array arguments, mixed libraries, unsupported dtypes.
+        Non-array arguments, mixed libraries, unsupported dtypes, a complex G
+        for a real W (as :func:`projunn_step`).
     ValueError
         G of another shape than W, NaN or Inf in W or G (not checked under
         ``jax.jit``, ``torch.compile`` or a CUDA-graph capture, where the
@@ -555,6 +579,7 @@ def tangent_project(W, G, /):
     xp = namespace_of(W=W, G=G)
     check_float_dtype(xp, "W", W)
     check_float_dtype(xp, "G", G)
+    check_real_gradient(xp, W, "G", G)  # (a complex result is no tangent vector of the real group)
     check_matrix("W", W)
     check_matrix("G", G)
     if tuple(G.shape[-2:]) != tuple(W.shape[-2:]):
