@@ -23,6 +23,7 @@ The torch and optax adapters are thin shells over these.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import numbers
 import warnings
@@ -35,10 +36,11 @@ from typing import NamedTuple
 from ._cores import add_lowrank
 from ._host import from_host, is_traced, outside_torch_graph, own_transfers, stack_pays, staged
 from ._random import as_generator, generator_from_state, generator_state, host_normal
-from ._validation import (check_choice, check_factor_pair, check_finite, check_float_dtype, check_matrix,
-                          check_real_gradient, check_real_scalar, finite_flag, namespace_of, nonempty_factors)
-from ._xp import (complex_dtype, device, device_key, dtype_name, dtype_name_of, exact_products, is_complex, mH,
-                  namespace, real_dtype)
+from ._validation import (check_choice, check_factor_pair, check_finite, check_float_dtype, check_int, check_matrix,
+                          check_real_gradient, check_real_scalar, describe, finite_flag, namespace_of,
+                          nonempty_factors)
+from ._xp import (complex_dtype, device, device_key, dtype_name, dtype_name_of, exact_products, is_complex,
+                  known_namespace, mH, namespace, real_dtype)
 from .options import (  # the defaults live with the options; re-exported here
     DEFAULT_BASE,
     DEFAULT_LR,
@@ -432,8 +434,28 @@ def _as_python_numbers(rule, *names):
         object.__setattr__(rule, name, number)  # (a frozen dataclass)
 
 
+def option_number(value):
+    """A hyper-parameter that must be a number, as the number it holds: a
+    NumPy scalar or 0-d array (:func:`python_number`), or a real 0-d array of
+    another library (``torch.tensor(1e-8)``, which torch.optim takes as an
+    eps and which was refused here as "not a finite number >= 0"), as
+    ``check_real_scalar`` takes an lr; any other value as it is (for the
+    checks to name it)."""
+    value = python_number(value)
+    if isinstance(value, numbers.Number) or getattr(value, "shape", None) != ():
+        return value
+    kind = str(getattr(value, "dtype", ""))
+    if "bool" in kind or "complex" in kind:
+        return value
+    try:
+        return value.item()
+    except Exception:  # (a traced value, which holds no number yet)
+        return value
+
+
 def _non_negative(rule, *names):
-    _as_python_numbers(rule, *names)
+    for name in names:
+        object.__setattr__(rule, name, option_number(getattr(rule, name)))  # (a frozen dataclass)
     for name in names:
         value = getattr(rule, name)
         # (comparisons, not math.isfinite: a compiled step traces the rule's
@@ -481,8 +503,18 @@ def make_rule(base, **hyperparameters):
             f"base={base!r} takes the hyper-parameters {', '.join(sorted(valid))}; got {', '.join(map(repr, unknown))}"
         )
     if "betas" in hyperparameters:
-        hyperparameters["betas"] = tuple(hyperparameters["betas"])
+        hyperparameters["betas"] = _betas_pair(hyperparameters["betas"])
     return rule(**hyperparameters)
+
+
+def _betas_pair(betas):
+    """``betas`` as a tuple where it is an ordered sequence of them (a list,
+    or a 1-d array); anything else as it is, for :class:`Adam` to refuse
+    with its value shown (a float was Python's bare "'float' object is not
+    iterable", and a set was taken in its own order)."""
+    if isinstance(betas, (tuple, list)) or getattr(betas, "ndim", None) == 1:
+        return tuple(betas)
+    return betas
 
 
 def rule_state_keys(rule):
@@ -554,17 +586,61 @@ def unitary_update(
     to W in place (an optimizer that owns W's memory): the step then writes no
     new n x n array. Returns ``(new W, re-projected?)``; the new W is W itself
     when it was updated in place and not re-projected.
+
+    ``xp`` is W's array namespace (``array_api_compat.array_namespace(W)``,
+    or the namespace W's own ``__array_namespace__()`` gives), and ``step``
+    the matrix's step number, an integer >= 1 (1 for its first step); else a
+    TypeError or ValueError naming them, before anything is drawn. ``lr = 0``
+    leaves W where it is, but the step counts: its drift checks run as at any
+    other step (after the first step, then every ``drift_check_every``), as
+    in the torch optimizer, so a W given in another precision is re-projected
+    after its first step whatever the lr (a schedule that starts at 0 skipped
+    that check).
     """
-    if lr == 0:
-        return W, False
-    factors = unitary_factors(W, direction, lr=lr, rank=rank, variant=variant, rng=rng, oversample=oversample,
-                              power_iters=power_iters)
-    if add_in_place is None:
-        W = add_lowrank(xp, W, *factors)
-    else:
-        add_in_place(*factors)
+    step = _check_step(step)
+    _check_namespace(xp, W)
+    if lr != 0:
+        factors = unitary_factors(W, direction, lr=lr, rank=rank, variant=variant, rng=rng, oversample=oversample,
+                                  power_iters=power_iters)
+        if add_in_place is None:
+            W = add_lowrank(xp, W, *factors)
+        else:
+            add_in_place(*factors)
     return step_drift(xp, W, step=step, rng=rng, seed=seed, drift_tol=drift_tol,
                       drift_check_every=drift_check_every, reproject=reproject)
+
+
+def _check_step(step):
+    """A matrix's step number, an integer >= 1, as a Python int (a string
+    failed in the drift schedule's ``step % every``, "not all arguments
+    converted during string formatting")."""
+    if type(step) is int and step >= 1:  # (the common case, at no cost)
+        return step
+    return check_int("step", step, minimum=1)
+
+
+def _check_namespace(xp, W):
+    """A TypeError naming ``xp`` where it is not W's array namespace: a
+    string (``xp="numpy"``) failed deep in the step ("'str' object has no
+    attribute 'float32'"), and another library's namespace on its arrays
+    ("'numpy.ndarray' object has no attribute 'is_cpu'"). W's own
+    ``__array_namespace__()`` (``numpy`` for a NumPy array) is W's namespace
+    too. A W that is not an array is a TypeError naming W."""
+    if xp is not None and xp is known_namespace(W):  # (the common case, a lookup)
+        return
+    expected = namespace_of(W=W)
+    if xp is expected:
+        return
+    try:
+        own = W.__array_namespace__()
+    except Exception:  # (none, or one that refuses)
+        own = None
+    if own is not None and xp is own:
+        return
+    given = f"module {xp.__name__}" if inspect.ismodule(xp) else f"{type(xp).__name__}: {describe(xp)}"
+    name = getattr(expected, "__name__", expected)
+    raise TypeError(f"xp must be the array namespace of W, {name} for a {type(W).__module__}.{type(W).__name__} "
+                    f"(array_api_compat.array_namespace(W)), got {given}")
 
 
 @exact_products
@@ -603,6 +679,7 @@ def control_drift(xp, W, *, step, rng, drift_tol=None, drift_check_every=50, rep
     its drift from the group is above ``drift_tol``. Returns (W, re-projected?).
     The probe vectors are drawn from ``rng``, or given as ``probes``, the host
     draw ``drift_probes`` made beforehand."""
+    step = _check_step(step)
     # decided before the policy is made: most steps check nothing
     if not drift_check_due(step, drift_check_every):
         return W, False
@@ -625,6 +702,7 @@ def step_drift(xp, W, *, step, rng, seed, drift_tol=None, drift_check_every=50, 
     matrix's precision changed says so). The first step's extra check draws
     its probes from a stream of its own, seeded by ``seed`` (an int, or None
     for 0), so the sketches' stream ``rng`` is left as it is."""
+    step = _check_step(step)
     first = step == 1 if first is None else first
     if first and drift_check_every and not drift_check_due(step, drift_check_every):
         rng, probes, drift_check_every = np.random.default_rng([seed or 0, 2**32]), None, 1
@@ -737,7 +815,15 @@ class ProjUNN:
         :data:`unitary_lr.options.DEFAULT_LR`). The step of a unitary W is
         ``-lr`` times the base rule's direction, sketched to rank ``rank``:
         with rmsprop or adam each entry of that direction is about 1 in size,
-        whatever n. See "Choosing lr and rank" in the documentation.
+        whatever n. See "Choosing lr and rank" in the documentation. At
+        ``lr = 0`` (the start of a warm-up schedule) W stays where it is, but
+        the step counts, as in :class:`unitary_lr.torch.ProjUNN`: the rule's
+        moments advance, NaN/Inf in G is refused, and the drift checks run
+        on their schedule (after a matrix's first step, then every
+        ``drift_check_every``), so a W given in another precision is
+        re-projected after its first step at any lr.
+        (:func:`unitary_lr.projunn_step` and :func:`unitary_lr.optax.projunn`
+        take an lr > 0 only.)
     base : {"rmsprop", "adam", "sgd"}, optional
         The rule that turns gradients into a Euclidean step (preconditioned, as
         in the projUNN paper), with ``torch.optim``'s definitions, except that
@@ -745,7 +831,10 @@ class ProjUNN:
         ``unitary=False`` (as optax's; torch.optim keeps one per real and
         imaginary part).
     rank : int or None, optional
-        Rank k of the unitary updates, >= 1 (capped at min(n, m) of W). None:
+        Rank k of the unitary updates, >= 1, capped at min(n, m) of each W:
+        one optimizer serves matrices of every size (the torch optimizer and
+        the optax transformation, whose parameters are known when they are
+        made, refuse a rank above min(n, m) instead). None:
         :data:`unitary_lr.options.DEFAULT_RANK` (8), capped at min(n, m).
     unitary : bool, optional
         True: W is kept unitary (orthogonal if real) with projUNN steps.
@@ -783,7 +872,7 @@ class ProjUNN:
     ------
     ValueError
         A negative lr, an unknown base, variant or reproject, out-of-range
-        hyper-parameters (e.g. ``betas`` outside [0, 1)); at a step: G not of
+        hyper-parameters (e.g. ``betas`` not a pair of numbers in [0, 1)); at a step: G not of
         W's shape, NaN/Inf in G (or in W with ``unitary=False``), a W that is
         not unitary (``unitary=True``), a W of another shape or dtype than
         the one its ``key``'s state was made for, a finite G too large for

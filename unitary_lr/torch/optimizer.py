@@ -32,6 +32,7 @@ from ..optim import (
     check_base,
     control_drift,
     make_rule,
+    option_number,
     python_number,
     rule_hyperparameters,
     rule_options,
@@ -77,16 +78,28 @@ class ProjUNN(torch.optim.Optimizer):
         (:data:`unitary_lr.options.DEFAULT_LR`), is ``torch.optim.RMSprop``'s,
         and with ``rank=None`` it trains an orthogonal feed-forward layer;
         recurrent weights want a smaller one (``unitary_lr_scale``). See
-        "Choosing lr and rank" in the documentation.
+        "Choosing lr and rank" in the documentation. At ``lr = 0`` (the
+        start of a warm-up schedule) a unitary parameter stays where it is,
+        but the step counts, as in :class:`unitary_lr.optim.ProjUNN`: the
+        rule's moments advance (a gradient with NaN or Inf is refused, or
+        skipped where ``capturable``), and an eager group's drift checks run
+        on their schedule (after its first step, then every
+        ``drift_check_every``), re-projecting a weight marked in another
+        precision. (:func:`unitary_lr.projunn_step` and
+        :func:`unitary_lr.optax.projunn` take an lr > 0 only.)
     base : {"rmsprop", "adam", "sgd"}, optional
         The rule that forms the Euclidean step: ``torch.optim.RMSprop``,
         ``Adam`` or ``SGD``, with their hyper-parameters below (per group). For
         a unitary parameter the step (preconditioned, as in the paper) is
         sketched to rank ``rank`` and applied with projUNN-T or projUNN-D.
     rank : int or None, optional
-        Rank k of the unitary updates (per group), ``1 <= rank <= min(n, m)``.
-        None: 8 (:data:`unitary_lr.options.DEFAULT_RANK`), capped at
-        ``min(n, m)`` of each parameter.
+        Rank k of the unitary updates (per group), ``1 <= rank <= min(n, m)``:
+        a larger one is a ValueError naming the parameter, when the group is
+        added and at ``step()`` (as in :func:`unitary_lr.optax.projunn`; the
+        framework-free :class:`unitary_lr.optim.ProjUNN`, one optimizer for
+        matrices of every size, caps it instead). None: 8
+        (:data:`unitary_lr.options.DEFAULT_RANK`), capped at ``min(n, m)`` of
+        each parameter.
     variant : {"tangent", "direct", "cayley"}, optional
         projUNN-T, projUNN-D or the Cayley step (per group; see
         :func:`unitary_lr.projunn_step`).
@@ -106,7 +119,10 @@ class ProjUNN(torch.optim.Optimizer):
         ``lr`` gives the group a new tensor: update both, or use 1 and set the
         groups' lr yourself).
     momentum, dampening, nesterov, weight_decay, alpha, eps, centered, betas
-        Base-rule hyper-parameters, as in ``torch.optim`` (per group).
+        Base-rule hyper-parameters, as in ``torch.optim`` (per group);
+        ``betas`` a pair. NumPy numbers (and 0-d arrays) are kept as the
+        Python numbers they hold, as ``lr``; so is a real 0-d tensor
+        ``momentum``, ``dampening``, ``weight_decay`` or ``eps``.
         ``OneCycleLR`` and ``CyclicLR`` with ``cycle_momentum`` cycle
         ``betas[0]`` where the constructor's base is adam and ``momentum``
         where it is sgd or rmsprop, as they do for ``torch.optim``'s (they look
@@ -186,7 +202,9 @@ class ProjUNN(torch.optim.Optimizer):
     Raises
     ------
     ValueError
-        A negative or non-finite lr, an unknown base, variant or reproject, a
+        A negative or non-finite lr, an unknown base, variant or reproject,
+        out-of-range hyper-parameters (``betas`` not a pair of numbers in
+        [0, 1), a negative or non-number ``eps``), a
         unitary parameter that is not a matrix (..., n, m) with
         ``min(n, m) >= rank``, a
         group mixing marked and unmarked parameters, a unitary parameter
@@ -255,6 +273,10 @@ class ProjUNN(torch.optim.Optimizer):
             seed = drawn_seed("ProjUNN")
         # NumPy scalars as the Python numbers they hold (as the rules keep them)
         lr, unitary_lr_scale = python_number(lr), python_number(unitary_lr_scale)
+        given = _option_numbers(dict(momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                                     alpha=alpha, eps=eps, betas=betas))
+        momentum, dampening, weight_decay, alpha, eps, betas = (given[name] for name in (
+            "momentum", "dampening", "weight_decay", "alpha", "eps", "betas"))
         defaults = dict(
             lr=lr, base=base, rank=rank, variant=variant, unitary=unitary, momentum=momentum, dampening=dampening,
             nesterov=nesterov, weight_decay=weight_decay, alpha=alpha, eps=eps, centered=centered, betas=betas,
@@ -263,7 +285,7 @@ class ProjUNN(torch.optim.Optimizer):
             foreach=foreach, maximize=maximize, amsgrad=amsgrad, decoupled_weight_decay=decoupled_weight_decay,
         )
         _check_options(defaults, where="ProjUNN")
-        if base != "adam" and betas == _signature_defaults()["betas"]:
+        if base != "adam" and not _differs(betas, _signature_defaults()["betas"]):
             # torch's OneCycleLR and CyclicLR cycle betas[0] wherever the
             # defaults hold betas, momentum elsewhere: an SGD or RMSprop step
             # had its momentum left as it was. A group whose base is adam
@@ -376,7 +398,7 @@ class ProjUNN(torch.optim.Optimizer):
 
     def add_param_group(self, param_group):
         param_group = {**param_group, **{key: python_number(param_group[key]) for key in ("lr", "unitary_lr_scale")
-                                         if key in param_group}}
+                                         if key in param_group}, **_option_numbers(param_group)}
         group = {**self.defaults, **param_group}
         index = len(self.param_groups)
         given = group["params"]
@@ -1100,18 +1122,53 @@ def _signature_defaults():
     return {name: parameters[name].default for name in names if name in parameters}
 
 
+def _differs(value, default):
+    """Whether an option's value differs from a default: arrays that do not
+    compare to one bool (``betas=np.array([0.9, 0.999])``, whose comparison
+    was NumPy's "truth value of an array ... is ambiguous") differ."""
+    try:
+        return bool(value != default)
+    except (TypeError, RuntimeError, ValueError):  # tensors that do not compare to one bool
+        return True
+
+
 def _set_hyperparameters(options, signature, *others):
     """The base-rule hyper-parameters in ``options`` (the names in
     ``signature``) whose values differ from their defaults there and in each
     of the ``others`` (dicts): those a caller set."""
-    def differs(value, default):
-        try:
-            return bool(value != default)
-        except (TypeError, RuntimeError, ValueError):  # tensors that do not compare to one bool
-            return True
-
     return {name: value for name, value in options.items() if name in signature
-            and all(differs(value, d[name]) for d in (signature, *others) if name in d)}
+            and all(_differs(value, d[name]) for d in (signature, *others) if name in d)}
+
+
+# The hyper-parameters the rules take as numbers only; a NumPy number or a
+# real 0-d tensor there is the number it holds (as lr takes them).
+_NUMBER_OPTIONS = ("momentum", "dampening", "weight_decay", "eps")
+
+
+def _option_numbers(options):
+    """The base-rule hyper-parameters of ``options`` as the group keeps
+    them: NumPy scalars and 0-d arrays (in ``betas`` too) as the Python
+    numbers they hold, as ``lr``; a real 0-d tensor eps, momentum, dampening
+    or weight_decay (which torch.optim takes) as its number, since the rules
+    take numbers there. A 0-d NumPy eps was kept, and torch.optim's step of a
+    plain group failed on it ("add_(): argument 'other' must be Tensor, not
+    numpy.ndarray"); a tensor eps was refused as "not a finite number >= 0".
+    Tensors of ``alpha`` and ``betas`` stay tensors, as in torch.optim.
+    Anything else is as given, for the checks to name."""
+    converted = {}
+    for name in (*_NUMBER_OPTIONS, "alpha", "betas"):
+        if name not in options:
+            continue
+        value = options[name]
+        if name in _NUMBER_OPTIONS:
+            converted[name] = option_number(value)
+        elif name == "alpha":
+            converted[name] = python_number(value)
+        elif isinstance(value, (tuple, list)):
+            converted[name] = type(value)(python_number(beta) for beta in value)
+        else:
+            converted[name] = value
+    return converted
 
 
 def _not_taken(where, base, name, value):
