@@ -117,6 +117,7 @@ def test_class_pages_list_only_their_own_members():
 
 # The modules the API reference documents, with the optional libraries each needs.
 DOCUMENTED_MODULES = {"unitary_lr": (), "unitary_lr.optim": (), "unitary_lr.options": (),
+                      "unitary_lr.steps": (), "unitary_lr.diagnostics": (),
                       "unitary_lr.torch": ("torch",), "unitary_lr.optax": ("jax", "optax"),
                       "unitary_lr.peft": ("torch", "peft")}
 
