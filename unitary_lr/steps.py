@@ -209,7 +209,7 @@ def projunn_update(
 
 
 def update_seeded(W, G, rng, /, *, lr, rank, variant, oversample, power_iters, arrays_checked=False):
-    """:func:`projunn_update` with the sketch drawn from ``rng`` (None, a seed
+    """:func:`~unitary_lr.steps.projunn_update` with the sketch drawn from ``rng`` (None, a seed
     or a NumPy generator); ``arrays_checked`` as in :func:`update_drawn`."""
     gen = as_generator(rng)
     return update_drawn(W, G, lambda xp, shape, dtype: sketch_draw(xp, shape, dtype=dtype, rng=gen), lr=lr,
@@ -220,7 +220,7 @@ def update_seeded(W, G, rng, /, *, lr, rank, variant, oversample, power_iters, a
 @exact_products
 def projunn_update_stacked(Ws, Gs, /, *, lr, rank=1, variant="tangent", oversample=STEP_OVERSAMPLE,
                            power_iters=STEP_POWER_ITERS, rngs=None):
-    """:func:`projunn_update` of several matrices of one shape, dtype and
+    """:func:`~unitary_lr.steps.projunn_update` of several matrices of one shape, dtype and
     device, as one batched step: one pass of each batched product and one
     host round trip for all of them, where separate calls make one each.
 
@@ -238,7 +238,7 @@ def projunn_update_stacked(Ws, Gs, /, *, lr, rank=1, variant="tangent", oversamp
         ``projunn_update(Ws[p], Gs[p], rng=rngs[p])`` draws it, so the factors
         agree with those of P separate calls to rounding and every generator
         advances as it would there. None: every sketch from fresh entropy, as
-        ``rng=None`` in :func:`projunn_update`. One generator ``g`` shared by
+        ``rng=None`` in :func:`~unitary_lr.steps.projunn_update`. One generator ``g`` shared by
         all, drawn from in order: ``[g] * P``.
 
     Returns
@@ -302,7 +302,7 @@ def update_stacked_drawn(Ws, Gs, draw, /, *, lr, rank, variant, oversample, powe
 
 
 def update_drawn(W, G, draw, /, *, lr, rank, variant, oversample, power_iters, arrays_checked=False):
-    """:func:`projunn_update` with its sketch's host draw made by ``draw(xp,
+    """:func:`~unitary_lr.steps.projunn_update` with its sketch's host draw made by ``draw(xp,
     shape, dtype)`` (a NumPy array as :func:`sketch_draw` makes it for
     ``shape``; not called for factors used as they are); see
     :func:`update_stacked_drawn`.
@@ -359,7 +359,7 @@ def _sketch_and_run(xp, W, G, gradients, host, shape, **options):
 
 
 def _validated(W, G, *, lr, rank, variant, oversample, power_iters):
-    """The checks of :func:`projunn_update`; (xp, W, G, gradients by name,
+    """The checks of :func:`~unitary_lr.steps.projunn_update`; (xp, W, G, gradients by name,
     lr, rank, oversample, power_iters), the arrays without autograd history
     and factors promoted to one dtype."""
     factored = isinstance(G, tuple)
@@ -398,7 +398,7 @@ def _validated(W, G, *, lr, rank, variant, oversample, power_iters):
 
 
 def _checked_options(W, *, lr, rank, variant, oversample, power_iters):
-    """The checks of :func:`projunn_update`'s options for a W of W's shape:
+    """The checks of :func:`~unitary_lr.steps.projunn_update`'s options for a W of W's shape:
     (lr, rank, oversample, power_iters) as a float and ints."""
     n, m = W.shape[-2], W.shape[-1]
     lr = check_real_scalar("lr", lr, positive=True)
