@@ -55,10 +55,18 @@ def test_integer_batch_shapes_still_give_independent_unitary_matrices(init):
         assert np.array_equal(W, np.broadcast_to(np.eye(3), (2, 1, 3, 3)))
 
 
-@pytest.mark.parametrize("features", [-1, 0, 2.5, True, "3", None])
-def test_modrelu_refuses_a_features_that_is_not_a_size(features):
-    # -1 gave torch's negative-dimension error, 2.5 empty()'s TypeError, 0 was accepted
-    with pytest.raises(ValueError, match=rf"^features must be an integer >= 1, got {features!r}$"):
+@pytest.mark.parametrize("features", [-1, 0, np.int64(0)], ids=repr)
+def test_modrelu_refuses_a_features_below_one(features):
+    # -1 gave torch's negative-dimension error, 0 was accepted
+    with pytest.raises(ValueError, match=rf"^features must be an integer >= 1, got {re.escape(repr(features))}$"):
+        ModReLU(features)
+
+
+@pytest.mark.parametrize("features", [2.5, True, "3", None], ids=repr)
+def test_modrelu_refuses_a_features_that_is_not_an_integer_with_a_type_error(features):
+    # a ValueError, where the adapters' sizes of a wrong type are TypeErrors
+    with pytest.raises(TypeError, match=rf"^features must be an integer, got {type(features).__name__}: "
+                                        rf"{re.escape(repr(features))}$"):
         ModReLU(features)
 
 
@@ -195,24 +203,50 @@ def test_compile_recurrence_takes_a_numpy_integer_steps():
     rnn = UnitaryRNN(2, 3)
     assert rnn.compile_recurrence(np.int64(7)) is rnn and rnn._recurrence_steps == 7
     assert type(rnn._recurrence_steps) is int
-    with pytest.raises(ValueError, match=r"^steps must be an integer >= 1 or None, got True$"):
-        rnn.compile_recurrence(True)
+    with pytest.raises(ValueError, match=r"^steps must be an integer >= 1 or None, got 0$"):
+        rnn.compile_recurrence(0)
+    assert rnn._recurrence_steps == 7  # nothing changed
 
 
-@pytest.mark.parametrize("make", [
-    lambda n: ModReLU(n),
-    lambda n: OrthogonalLinear(n, 3),
-    lambda n: OrthogonalLinear(3, n),
-    lambda n: UnitaryRNN(n, 3),
-    lambda n: UnitaryRNN(2, 3, n),
-    lambda n: FourierConv2d(n, (4, 4)),
-    lambda n: FourierConv2d(2, (4, 4), out_channels=n),
-    lambda n: unitary_parameter(3, n),
-])
-@pytest.mark.parametrize("bad", [True, np.True_, 2.0, np.float64(2.0), np.int64(0), np.int64(-2), "3"], ids=repr)
-def test_sizes_that_are_not_integers_at_least_one_are_still_refused(make, bad):
-    with pytest.raises(ValueError, match=r" must be an integer >= 1, got " + re.escape(repr(bad)) + "$"):
-        make(bad)
+@pytest.mark.parametrize("steps", [True, 2.0, np.float64(3.0), "5"], ids=repr)
+def test_compile_recurrence_refuses_steps_of_a_wrong_type_with_a_type_error(steps):
+    # a ValueError
+    rnn = UnitaryRNN(2, 3)
+    with pytest.raises(TypeError, match=rf"^steps must be an integer >= 1 or None, got {type(steps).__name__}: "
+                                        rf"{re.escape(repr(steps))}$"):
+        rnn.compile_recurrence(steps)
+    assert rnn._recurrence_steps is None
+
+
+SIZE_ARGUMENTS = {
+    "ModReLU.features": lambda n: ModReLU(n),
+    "OrthogonalLinear.in_features": lambda n: OrthogonalLinear(n, 3),
+    "OrthogonalLinear.out_features": lambda n: OrthogonalLinear(3, n),
+    "UnitaryRNN.input_size": lambda n: UnitaryRNN(n, 3),
+    "UnitaryRNN.hidden_size": lambda n: UnitaryRNN(2, n),
+    "UnitaryRNN.num_layers": lambda n: UnitaryRNN(2, 3, n),
+    "FourierConv2d.channels": lambda n: FourierConv2d(n, (4, 4)),
+    "FourierConv2d.out_channels": lambda n: FourierConv2d(2, (4, 4), out_channels=n),
+    "unitary_parameter.m": lambda n: unitary_parameter(3, n),
+}
+
+
+@pytest.mark.parametrize("argument", list(SIZE_ARGUMENTS))
+@pytest.mark.parametrize("bad", [0, -1, np.int64(0), np.int64(-2)], ids=repr)
+def test_sizes_below_one_are_value_errors(argument, bad):
+    name = argument.split(".")[1]
+    with pytest.raises(ValueError, match=rf"^{name} must be an integer >= 1, got {re.escape(repr(bad))}$"):
+        SIZE_ARGUMENTS[argument](bad)
+
+
+@pytest.mark.parametrize("argument", list(SIZE_ARGUMENTS))
+@pytest.mark.parametrize("bad", [True, np.True_, 2.0, 4.0, np.float64(2.0), "3", [3], torch.tensor(2.0)], ids=repr)
+def test_sizes_of_a_wrong_type_are_type_errors_naming_the_argument(argument, bad):
+    # they were ValueErrors, where the adapters' sizes (and n of unitary_parameter) of a wrong type are TypeErrors
+    name = argument.split(".")[1]
+    with pytest.raises(TypeError, match=rf"^{name} must be an integer, got {type(bad).__name__}: "
+                                        rf"{re.escape(repr(bad))}$"):
+        SIZE_ARGUMENTS[argument](bad)
 
 
 @pytest.mark.parametrize("size", [(np.int64(4), 3), np.array([4, 3]).tolist(), tuple(np.array([4, 3]))])
@@ -224,9 +258,17 @@ def test_fourier_conv_size_of_numpy_integers(size):
     assert torch.isclose(conv(x).norm(), x.norm())
 
 
-@pytest.mark.parametrize("size", [(4, True), (4, 3.0), (4, np.float32(3)), np.array([4, 3]), (4, 0), (4,)], ids=repr)
-def test_fourier_conv_size_that_is_not_two_integers_is_refused(size):
-    with pytest.raises(ValueError, match=r"^size must be two integers \(h, w\) >= 1, got "):
+@pytest.mark.parametrize("size", [(4, 0), (0, 3), (4, -1), (4,), (4, 3, 2), (), [np.int64(0), 3]], ids=repr)
+def test_fourier_conv_size_of_integers_but_not_two_at_least_one_is_a_value_error(size):
+    with pytest.raises(ValueError, match=rf"^size must be two integers \(h, w\) >= 1, got {re.escape(repr(size))}$"):
+        FourierConv2d(2, size)
+
+
+@pytest.mark.parametrize("size", [(4, True), (4, 3.0), (4, np.float32(3)), (2.5, 3), np.array([4, 3]), 4, "43",
+                                  None, (4, "3"), (4.0, 3, 2)], ids=repr)
+def test_fourier_conv_size_of_a_wrong_type_is_a_type_error(size):
+    # a ValueError
+    with pytest.raises(TypeError, match=rf"^size must be two integers \(h, w\) >= 1, got {re.escape(repr(size))}$"):
         FourierConv2d(2, size)
 
 

@@ -1,7 +1,9 @@
 """``unitary_lr.peft``: HTA as a PEFT method, on tiny models (nothing is downloaded)."""
 
 import copy
+import json
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="PyTorch is not installed")
@@ -183,12 +185,77 @@ def test_exclude_modules_layers_to_transform_and_modules_to_save(base, x, tmp_pa
         ({"r": True}, TypeError, "HTAConfig.r must be an integer, got bool: True"),
         ({"init_weights": "yes"}, TypeError, "HTAConfig.init_weights must be a bool, got str: 'yes'"),
         ({"target_modules": "q", "layers_to_transform": [1]}, ValueError, "layers_to_transform and layers_pattern"),
+        ({"r": np.float64(2.0)}, TypeError, "HTAConfig.r must be an integer, got float64: np.float64(2.0)"),
+        ({"r": np.True_}, TypeError, "HTAConfig.r must be an integer, got bool: np.True_"),
+        ({"r": "2"}, TypeError, "HTAConfig.r must be an integer, got str: '2'"),
+        ({"r": np.int64(0)}, ValueError, "HTAConfig.r must be >= 1 (reflections per side), got np.int64(0)"),
+        ({"layers_to_transform": 1.0}, TypeError,
+         "HTAConfig.layers_to_transform must be an integer or a list of integers, got float: 1.0"),
+        ({"layers_to_transform": True}, TypeError,
+         "HTAConfig.layers_to_transform must be an integer or a list of integers, got bool: True"),
+        ({"layers_to_transform": "2"}, TypeError,
+         "HTAConfig.layers_to_transform must be an integer or a list of integers, got str: '2'"),
+        ({"layers_to_transform": [1, 2.0]}, TypeError,
+         "HTAConfig.layers_to_transform must be an integer, got float: 2.0"),
+        ({"layers_to_transform": [np.False_]}, TypeError,
+         "HTAConfig.layers_to_transform must be an integer, got bool: np.False_"),
+        ({"layers_to_transform": -1}, ValueError, "HTAConfig.layers_to_transform must be >= 0, got -1"),
+        ({"layers_to_transform": [0, np.int64(-2)]}, ValueError,
+         "HTAConfig.layers_to_transform must be >= 0, got np.int64(-2)"),
     ],
 )
 def test_bad_config(options, error, message):
     with pytest.raises(error, match=None) as info:
         HTAConfig(**{"target_modules": ["q"], **options})
     assert message in str(info.value)
+
+
+@needs_peft
+@pytest.mark.parametrize("integer", [np.int64, np.int32, np.uint8], ids=lambda t: t.__name__)
+def test_numpy_integer_config_fields_are_plain_ints_that_save_and_load(base, x, tmp_path, integer):
+    """``r`` (and ``layers_to_transform``) of NumPy integers, as the layers
+    and adapters take them: HTAConfig(r=np.int64(4)) was a TypeError, and a
+    NumPy integer kept as it is would not save (JSON has no int64)."""
+    config = HTAConfig(r=integer(2), target_modules=["q", "v"], layers_to_transform=[integer(0), integer(2)],
+                       layers_pattern="layers", init_weights=False)
+    assert type(config.r) is int and config.r == 2
+    assert config.layers_to_transform == [0, 2] and all(type(i) is int for i in config.layers_to_transform)
+    assert type(HTAConfig(r=3, target_modules=["q"], layers_to_transform=integer(1)).layers_to_transform) is int
+    torch.manual_seed(3)
+    model = peft.get_peft_model(copy.deepcopy(base), config)
+    adapted = sorted(n for n, m in model.named_modules() if isinstance(m, HTALinear))
+    assert adapted == [f"base_model.model.layers.{i}.{p}" for i in (0, 2) for p in ("q", "v")]
+    torch.manual_seed(3)
+    plain = peft.get_peft_model(copy.deepcopy(base), HTAConfig(r=2, target_modules=["q", "v"],
+                                                               layers_to_transform=[0, 2], layers_pattern="layers",
+                                                               init_weights=False))
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in model.state_dict().items())
+    assert all(type(m.hta_r["default"]) is int for m in model.modules() if isinstance(m, HTALinear))
+    model.eval()
+    expected = model(x)
+    assert not torch.equal(expected, base(x))  # init_weights=False: the adapters act
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["r"] == 2 and saved["layers_to_transform"] == [0, 2] and saved["peft_type"] == "HTA"
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    assert torch.equal(loaded(x), expected)
+    assert loaded.peft_config["default"].r == 2 and type(loaded.peft_config["default"].r) is int
+
+
+@needs_peft
+def test_hta_linear_made_directly_checks_r(base):
+    """An HTALinear made without an HTAConfig: r of a wrong type is a
+    TypeError (2.5 passed the range check and failed in torch), a NumPy
+    integer is taken and stored as an int."""
+    with pytest.raises(TypeError, match=r"^r must be an integer, got float: 2.5$"):
+        HTALinear(copy.deepcopy(base.head), "default", r=2.5)
+    with pytest.raises(TypeError, match=r"^r must be an integer, got bool: True$"):
+        HTALinear(copy.deepcopy(base.head), "default", r=True)
+    with pytest.raises(ValueError, match=r"^HTAConfig.r must be between 1 and 3 .* got 0$"):
+        HTALinear(copy.deepcopy(base.head), "default", r=np.int64(0))
+    layer = HTALinear(copy.deepcopy(base.head), "default", r=np.int64(3))
+    assert type(layer.hta_r["default"]) is int and layer.hta_reflectors_in["default"].shape == (12, 3)
 
 
 @needs_peft

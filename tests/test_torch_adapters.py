@@ -385,6 +385,34 @@ def test_sizes_that_are_not_integers_are_still_refused(adapter, name, bad):
     assert_unchanged(layer, before)
 
 
+@pytest.mark.parametrize(("add", "name"), [(add_householder_adapters, "reflectors"), (add_svd_adapters, "rank")],
+                         ids=["householder", "svd"])
+@pytest.mark.parametrize("bad", [True, 2.0, np.float64(2.0), "2"], ids=repr)
+@pytest.mark.parametrize("target_modules", [None, ["nothing"]], ids=["matched", "unmatched"])
+def test_add_adapters_refuse_a_size_of_a_wrong_type_with_a_type_error(add, name, bad, target_modules):
+    # with no layer matched it was the ValueError of no match, naming neither the size nor its type
+    model = nn.Sequential(linear(6, 5), nn.ReLU())
+    before = snapshot(model)
+    with pytest.raises(TypeError, match=rf"^{name} must be an integer, got {type(bad).__name__}: "
+                                        rf"{re.escape(repr(bad))}$"):
+        add(model, target_modules=target_modules, **{name: bad})
+    assert [type(m) for m in model] == [nn.Linear, nn.ReLU]
+    assert_unchanged(model, before)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize(("add", "name"), [(add_householder_adapters, "reflectors"), (add_svd_adapters, "rank")],
+                         ids=["householder", "svd"])
+@pytest.mark.parametrize("bad", [0, -1, np.int64(6)], ids=repr)
+def test_add_adapters_refuse_a_size_out_of_range_with_a_value_error(add, name, bad):
+    model = nn.Sequential(linear(6, 5), nn.ReLU())
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=rf"^{name} must be between 1 and 5 = min\(out_features, in_features\) "
+                                         rf"of .* got {re.escape(repr(bad))}$"):
+        add(model, **{name: bad})
+    assert_unchanged(model, before)
+
+
 @pytest.mark.parametrize("used", [(0, 1), (0,), (1,)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
 @pytest.mark.parametrize("shape", [(7, 1), (7, 3), (2, 9, 8), (12, 12)])

@@ -27,6 +27,7 @@ from torch import nn
 
 from . import _peft_support
 from ._peft_support import check_peft_version
+from ._validation import check_int
 from .torch.adapters import _unit_columns, householder_delta, householder_delta_weight
 
 #: The ``peft_type`` of :class:`~unitary_lr.peft.HTAConfig`, under which PEFT's tables know the method.
@@ -71,7 +72,8 @@ class HTAConfig(PeftConfig):
         Householder reflections j on each side of every adapted layer,
         ``1 <= r <= min(out_features, in_features)``; each layer gets
         ``(out_features + in_features) r + min(out_features, in_features)``
-        parameters.
+        parameters. A NumPy integer is taken too (and stored as an int, so
+        that the config saves as JSON).
     target_modules : list of str or str
         The ``nn.Linear`` layers to adapt: names matched against the qualified
         name or its last dotted parts (``["q", "v"]``), or a regular
@@ -83,8 +85,9 @@ class HTAConfig(PeftConfig):
         True: sigma = 0, so the adapted model starts as the base model. False:
         a small random sigma (for tests of merging and saving).
     layers_to_transform : int or list of int, optional
-        Only the layers of these indices in the model's layer list (with
-        ``layers_pattern``, as in PEFT).
+        Only the layers of these indices (>= 0; NumPy integers too, stored
+        as ints) in the model's layer list (with ``layers_pattern``, as in
+        PEFT).
     layers_pattern : str or list of str, optional
         The name of the layer list (``"layers"``, ``"h"``).
     modules_to_save : list of str, optional
@@ -94,10 +97,12 @@ class HTAConfig(PeftConfig):
     Raises
     ------
     TypeError
-        ``r`` is not an integer, ``init_weights`` not a bool.
+        ``r`` is not an integer (a bool or a float), ``layers_to_transform``
+        not an integer or a list of integers, ``init_weights`` not a bool.
     ValueError
-        ``r < 1``; a regular expression ``target_modules`` together with
-        ``layers_to_transform`` or ``layers_pattern``.
+        ``r < 1``, a negative index in ``layers_to_transform``; a regular
+        expression ``target_modules`` together with ``layers_to_transform``
+        or ``layers_pattern``.
 
     Examples
     --------
@@ -125,10 +130,20 @@ class HTAConfig(PeftConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PEFT_TYPE
-        if isinstance(self.r, bool) or not isinstance(self.r, int):
-            raise TypeError(f"HTAConfig.r must be an integer, got {type(self.r).__name__}: {self.r!r}")
-        if self.r < 1:
-            raise ValueError(f"HTAConfig.r must be >= 1 (reflections per side), got {self.r}")
+        # (NumPy integers too, stored as Python ints: the config is saved as JSON)
+        r = check_int("HTAConfig.r", self.r)
+        if r < 1:
+            raise ValueError(f"HTAConfig.r must be >= 1 (reflections per side), got {self.r!r}")
+        layers = self.layers_to_transform
+        if layers is not None:
+            if isinstance(layers, (list, tuple)):
+                layers = [check_int("HTAConfig.layers_to_transform", i, minimum=0) for i in layers]
+            else:
+                try:
+                    layers = check_int("HTAConfig.layers_to_transform", layers, minimum=0)
+                except TypeError:
+                    raise TypeError(f"HTAConfig.layers_to_transform must be an integer or a list of integers, got "
+                                    f"{type(layers).__name__}: {layers!r}") from None
         if not isinstance(self.init_weights, bool):
             raise TypeError(f"HTAConfig.init_weights must be a bool, got {type(self.init_weights).__name__}: "
                             f"{self.init_weights!r}")
@@ -142,6 +157,7 @@ class HTAConfig(PeftConfig):
                              f"names, not the regular expression {self.target_modules!r}")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError(f"HTAConfig: layers_pattern={self.layers_pattern!r} needs layers_to_transform")
+        self.r, self.layers_to_transform = r, layers
 
 
 class HTALayer(BaseTunerLayer):
@@ -169,7 +185,7 @@ class HTALayer(BaseTunerLayer):
 
     def update_layer(self, adapter_name, r, *, init_weights=True, inference_mode=False, name=None):
         """Add the adapter ``adapter_name`` with ``r`` reflections a side."""
-        _check_r(r, self.get_base_layer(), name)
+        r = _check_r(r, self.get_base_layer(), name)
         limit = min(self.in_features, self.out_features)
         weight = self.get_base_layer().weight
         options = {"dtype": weight.dtype, "device": weight.device, "generator": None}  # torch's global generator
@@ -322,12 +338,16 @@ def _check_linear(layer, key):
 
 
 def _check_r(r, layer, name):
-    """``r`` reflections a side fit the Linear ``layer`` (named ``name``)."""
+    """``r`` reflections a side fit the Linear ``layer`` (named ``name``);
+    returns it as an int (an HTALinear made directly, without an HTAConfig,
+    is checked here only)."""
     limit = min(layer.in_features, layer.out_features)
+    r = check_int("r", r)
     if not 1 <= r <= limit:
         where = f"layer {name!r}" if name else "the layer"
         raise ValueError(f"HTAConfig.r must be between 1 and {limit} = min(out_features, in_features) of {where} "
                          f"({layer.out_features} x {layer.in_features}), got {r}")
+    return r
 
 
 def _register():

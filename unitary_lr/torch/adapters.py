@@ -590,6 +590,9 @@ def _add_adapters(model, adapter, *, target_modules, freeze_base, generator, **s
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_generator(generator)  # (a NumPy Generator failed in torch.randn, after the first layer was frozen)
+    # a size of the wrong type is a TypeError whatever the model (it was the ValueError of no match)
+    for name, value in size.items():
+        check_int(name, value)
     matches = _matcher(target_modules)
     inside = _adapter_bases(model)
     targets = []  # (parent, attribute, linear): every reference, shared layers included

@@ -86,12 +86,13 @@ class FourierConv2d(nn.Module):
     Raises
     ------
     ValueError
-        channels or out_channels not an integer >= 1, a size that is not two
-        integers >= 1, an unknown init; at ``forward``, an input that is not
-        (B, c, h, w).
+        channels or out_channels below 1, a size of other than two integers
+        or with one below 1, an unknown init; at ``forward``, an input that
+        is not (B, c, h, w).
     TypeError
-        A dtype other than torch.float32 or torch.float64; ``complex`` not
-        True or False.
+        channels or out_channels not an integer (a bool, a float), a size
+        that is not a tuple or list of integers; a dtype other than
+        torch.float32 or torch.float64; ``complex`` not True or False.
 
     Notes
     -----
@@ -126,12 +127,15 @@ class FourierConv2d(nn.Module):
         super().__init__()
         channels = _check_size("channels", channels)
         out_channels = channels if out_channels is None else _check_size("out_channels", out_channels)
+        wanted = f"size must be two integers (h, w) >= 1, got {size!r}"
         try:  # (NumPy integers too: the entries of an array's shape)
-            sizes = tuple(check_int("size", s, minimum=1) for s in size) if isinstance(size, (tuple, list)) else ()
-        except (TypeError, ValueError):
-            sizes = ()
-        if len(sizes) != 2:
-            raise ValueError(f"size must be two integers (h, w) >= 1, got {size!r}")
+            sizes = tuple(check_int("size", s) for s in size) if isinstance(size, (tuple, list)) else None
+        except TypeError:
+            sizes = None
+        if sizes is None:  # not a tuple or list, or an entry that is not an integer (a bool, a float)
+            raise TypeError(wanted)
+        if len(sizes) != 2 or min(sizes) < 1:
+            raise ValueError(wanted)
         check_complex_flag(complex)
         if init not in ("identity", "haar"):
             raise ValueError(f"init must be 'identity' or 'haar', got {init!r}")

@@ -34,13 +34,14 @@ def _on_generator(generator):
 
 def _check_size(name, value):
     """A size argument (features, hidden_size, ...): an integer >= 1, a NumPy
-    integer too (``np.prod`` of a shape; torch.nn.Linear takes them), not a
-    bool; returns it as an int. Anything else is a ValueError, as the layers'
-    documentation says."""
-    try:
-        return check_int(name, value, minimum=1)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}") from None
+    integer too (``np.prod`` of a shape; torch.nn.Linear takes them); returns
+    it as an int. A TypeError for anything that is not an integer (a bool, a
+    float, a string), a ValueError for an integer below 1, as the adapters'
+    sizes."""
+    number = check_int(name, value)
+    if number < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return number
 
 
 def check_complex_flag(complex):
@@ -140,18 +141,19 @@ def unitary_parameter(n_or_tensor, m=None, /, *, init=None, batch_shape=(), dtyp
     Raises
     ------
     ValueError
-        Unknown ``init``, ``"henaff"`` with m != n, n < 1, m not an integer
-        >= 1, a tensor that is not a matrix, one whose unitarity error is
-        above the tolerance of its dtype (without ``project=True``; the
-        message gives the error), or a tensor given together with m,
-        ``init``, a ``batch_shape`` or a ``generator`` (they make a new
-        parameter); a negative size in ``batch_shape``.
+        Unknown ``init``, ``"henaff"`` with m != n, n < 1, m < 1, a tensor
+        that is not a matrix, one whose unitarity error is above the
+        tolerance of its dtype (without ``project=True``; the message gives
+        the error), or a tensor given together with m, ``init``, a
+        ``batch_shape`` or a ``generator`` (they make a new parameter); a
+        negative size in ``batch_shape``.
     TypeError
-        ``n_or_tensor`` neither an integer nor a torch.Tensor; a dtype other
-        than the four supported ones, or a real one for a complex tensor (its
-        imaginary part would be dropped); a ``batch_shape`` that is not a
-        sequence of integers; a ``generator`` that is not a torch.Generator;
-        ``project`` not True or False.
+        ``n_or_tensor`` neither an integer nor a torch.Tensor, ``m`` not an
+        integer (a bool, a float); a dtype other than the four supported
+        ones, or a real one for a complex tensor (its imaginary part would be
+        dropped); a ``batch_shape`` that is not a sequence of integers; a
+        ``generator`` that is not a torch.Generator; ``project`` not True or
+        False.
 
     Notes
     -----
@@ -282,10 +284,11 @@ class ModReLU(nn.Module):
     Raises
     ------
     ValueError
-        ``features`` not an integer >= 1.
+        ``features`` below 1.
     TypeError
-        A ``dtype`` other than torch.float32 or torch.float64: the bias is real,
-        also for complex inputs.
+        ``features`` not an integer (a bool, a float); a ``dtype`` other than
+        torch.float32 or torch.float64: the bias is real, also for complex
+        inputs.
 
     Examples
     --------
@@ -367,11 +370,11 @@ class UnitaryRNN(nn.Module):
     Raises
     ------
     ValueError
-        Sizes that are not integers >= 1, an unknown nonlinearity or init; at
-        ``forward``, an input or ``h0`` of the wrong shape.
+        Sizes below 1, an unknown nonlinearity or init; at ``forward``, an
+        input or ``h0`` of the wrong shape.
     TypeError
-        A ``dtype`` other than torch.float32 or torch.float64; ``complex``
-        not True or False.
+        Sizes that are not integers (a bool, a float); a ``dtype`` other than
+        torch.float32 or torch.float64; ``complex`` not True or False.
 
     Notes
     -----
@@ -562,7 +565,9 @@ class UnitaryRNN(nn.Module):
         Raises
         ------
         ValueError
-            ``steps`` not an integer >= 1 or None.
+            ``steps`` below 1.
+        TypeError
+            ``steps`` neither an integer nor None (a bool, a float).
 
         Examples
         --------
@@ -573,9 +578,13 @@ class UnitaryRNN(nn.Module):
         """
         if steps is not None:
             try:
-                steps = check_int("steps", steps, minimum=1)
-            except (TypeError, ValueError):
-                raise ValueError(f"steps must be an integer >= 1 or None, got {steps!r}") from None
+                number = check_int("steps", steps)
+            except TypeError:
+                raise TypeError(f"steps must be an integer >= 1 or None, got {type(steps).__name__}: "
+                                f"{steps!r}") from None
+            if number < 1:
+                raise ValueError(f"steps must be an integer >= 1 or None, got {steps!r}")
+            steps = number
         if steps is None:
             self._recurrence_steps, self._recurrence_options, self._recurrence_loop = None, {}, None
             return self

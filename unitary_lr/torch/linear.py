@@ -46,9 +46,10 @@ class OrthogonalLinear(nn.Module):
     Raises
     ------
     ValueError
-        A size that is not an integer >= 1, an unknown init.
+        A size below 1, an unknown init.
     TypeError
-        A ``dtype`` other than torch.float32 or torch.float64; ``complex`` not
+        A size that is not an integer (a bool, a float, a string); a
+        ``dtype`` other than torch.float32 or torch.float64; ``complex`` not
         True or False; a ``generator`` that is not a torch.Generator.
 
     Notes
