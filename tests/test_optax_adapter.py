@@ -497,3 +497,72 @@ def test_the_square_test_is_exact_entry_by_entry(dtype):
         updates, state = update(spread, opt.init(params), params)
         assert int(state.notfinite_count) == 0, base
         assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(state.base)), base
+
+
+def _in_precision(tree, dtypes):
+    """The floating arrays of a pytree cast to ``dtypes`` (a real, a complex
+    dtype), the rest (counts, keys) as they are."""
+    def cast(x):
+        if jnp.issubdtype(x.dtype, jnp.inexact):
+            return x.astype(dtypes[1] if jnp.iscomplexobj(x) else dtypes[0])
+        return x
+    return jax.tree.map(cast, tree)
+
+
+def params_in_two_precisions():
+    """A complex64 unitary leaf ['W'] and a float32 one ['rnn']['W'] of the same
+    shape, their gradients, and projunn (adam) for both."""
+    rng = np.random.default_rng(5)
+    params = {"W": ul.random_unitary(N, dtype="complex64", xp=jnp, rng=0),
+              "rnn": {"W": ul.random_unitary(N, dtype="float32", xp=jnp, rng=1)}}
+    grads = {"W": jnp.asarray(rng.standard_normal((N, N)) + 1j * rng.standard_normal((N, N)), jnp.complex64),
+             "rnn": {"W": jnp.asarray(rng.standard_normal((N, N)), jnp.float32)}}
+    return params, grads, projunn(1e-2, unitary=True, base="adam", rank=2)
+
+
+def test_a_run_resumed_in_float64_checks_the_drift_at_its_next_update():
+    """A float32 run of projunn (adam) cast to float64, parameters and
+    state, left W float32-accurate (2.4e-7 from unitary) until count 50: now
+    the state records each unitary leaf's dtype (an int32 array, which the
+    cast keeps), and the first update in float64 re-projects, as a fresh
+    float64 run's first does."""
+    params, grads, opt = params_in_two_precisions()
+    update = jax.jit(opt.update)
+    state = opt.init(params)
+    for _ in range(2):
+        updates, state = update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    wide = (jnp.float64, jnp.complex128)
+    wide_params, wide_grads = _in_precision(params, wide), _in_precision(grads, wide)
+    assert all(1e-8 < unitarity(W) < 1e-5 for W in jax.tree.leaves(wide_params))
+    updates, wide_state = update(wide_grads, _in_precision(state, wide), wide_params)
+    resumed = optax.apply_updates(wide_params, updates)
+    fresh = optax.apply_updates(wide_params, update(wide_grads, opt.init(wide_params), wide_params)[0])
+    for name in ("W", "rnn"):
+        W, first = jax.tree.leaves(resumed[name])[0], jax.tree.leaves(fresh[name])[0]
+        assert W.dtype == first.dtype and unitarity(first) < 1e-13
+        assert unitarity(W) < 1e-13, (name, unitarity(W))
+    assert int(wide_state.count) == 3 and int(wide_state.notfinite_count) == 0
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_a_state_in_another_precision_than_the_parameters_is_named(jit):
+    """The float32 state of a float32 run kept with float64 parameters failed
+    in JAX's words ("cond branches must have equal output types", from the
+    skip of non-finite gradients, which keeps the state the step promotes);
+    now a TypeError names the state's array, its dtype and the parameter's
+    (the longest path the array's ends with: ['rnn']['W'], not ['W'])."""
+    params, grads, opt = params_in_two_precisions()
+    state = opt.init(params)
+    # only ['rnn']['W'] in float64: ['W'] stays complex64, its state fits, and
+    # the first array of another dtype is adam's mu['rnn']['W']
+    mixed = {"W": params["W"], "rnn": {"W": params["rnn"]["W"].astype(jnp.float64)}}
+    mixed_grads = {"W": grads["W"], "rnn": {"W": grads["rnn"]["W"].astype(jnp.float64)}}
+    update = jax.jit(opt.update) if jit else opt.update
+    with pytest.raises(TypeError, match=r"^the state's array \.base\[0\]\.mu\['rnn'\]\['W'\] is float32 but "
+                                        r"parameter \['rnn'\]\['W'\] is float64 .*cast the state's arrays"):
+        update(mixed_grads, state, mixed)
+    if jit:  # cast, the state is taken, and the leaf now in float64 is re-projected
+        updates, _ = update(mixed_grads, _in_precision(state, (jnp.float64, jnp.complex64)), mixed)
+        new = optax.apply_updates(mixed, updates)["rnn"]["W"]
+        assert new.dtype == jnp.float64 and unitarity(new) < 1e-13

@@ -410,3 +410,51 @@ def test_a_prefix_mask_over_a_bias_or_of_another_structure_is_refused():
     state = opt.init(params)
     with pytest.raises(ValueError, match=r"unitary must have the tree structure of the parameters or a prefix of it"):
         jax.jit(opt.update)(params, state, {"rnn": params["rnn"]})  # params of another structure at update
+
+
+def _in_float64(tree):
+    """The floating arrays of a pytree cast to float64 (complex ones to
+    complex128), the rest (counts, keys) as they are: a run resumed in float64."""
+    def cast(x):
+        if jnp.issubdtype(x.dtype, jnp.inexact):
+            return x.astype(jnp.complex128 if jnp.iscomplexobj(x) else jnp.float64)
+        return x
+    return jax.tree.map(cast, tree)
+
+
+def test_a_run_resumed_in_float64_checks_the_drift_at_its_next_update():
+    """A float32 run cast to float64 (parameters and state) at count 3 left W
+    float32-accurate (2.4e-7 from unitary) until count 50, the next check.
+    The state now records each unitary leaf's dtype (an int32 array, which
+    the cast keeps): the first update in float64 checks the drift and
+    re-projects, as a fresh float64 run's first update does; the next one
+    does not check again. A state without the record (an older version's) is
+    checked too."""
+    rng = np.random.default_rng(4)
+    params = {"W": ul.random_unitary(N, dtype="float32", xp=jnp, rng=0), "b": jnp.zeros(3, jnp.float32)}
+    opt = optax.chain(optax.scale_by_learning_rate(1e-2), projunn_retraction(unitary={"W": True, "b": False}, rank=2))
+    update = jax.jit(opt.update)
+    G = rng.standard_normal((N, N))
+    grads = {"W": jnp.asarray(G, jnp.float32), "b": jnp.ones(3, jnp.float32)}
+    state = opt.init(params)
+    for _ in range(3):
+        updates, state = update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    assert 1e-8 < unitarity(params["W"]) < 1e-5  # float32-accurate
+    params, state, grads = _in_float64(params), _in_float64(state), _in_float64(grads)
+    assert int(state[-1].count) == 3 and unitarity(params["W"]) > 1e-8
+    updates, resumed_state = update(grads, state, params)
+    resumed = optax.apply_updates(params, updates)
+    fresh = optax.apply_updates(params, update(grads, opt.init(params), params)[0])  # a float64 run's first
+    assert unitarity(fresh["W"]) < 1e-13
+    assert unitarity(resumed["W"]) < 1e-13, unitarity(resumed["W"])
+    assert int(resumed_state[-1].count) == 4
+    # the next update in float64 is not checked: a drift of 1e-9 stays
+    drifted = {**resumed, "W": resumed["W"] + 1e-9 * rng.standard_normal((N, N))}
+    updates, _ = update(grads, resumed_state, drifted)
+    assert 1e-10 < unitarity(optax.apply_updates(drifted, updates)["W"]) < 1e-7
+    # a state that records no dtypes (saved by an older version) is checked at its next update
+    old_state = (resumed_state[0], resumed_state[1]._replace(precision=None))
+    updates, new_state = update(grads, old_state, drifted)
+    assert unitarity(optax.apply_updates(drifted, updates)["W"]) < 1e-13
+    np.testing.assert_array_equal(new_state[-1].precision, [2])  # float64

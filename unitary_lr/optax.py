@@ -66,23 +66,32 @@ STATIC_ARGS = ("unitary", "base", "rank", "variant", "oversample", "power_iters"
 
 
 class RetractionState(NamedTuple):
-    """State of :func:`projunn_retraction`: the number of updates it made and
-    the seed's ``jax.random`` key."""
+    """State of :func:`projunn_retraction`: the number of updates it made, the
+    seed's ``jax.random`` key and ``precision``, an int32 array with the dtype
+    of each unitary leaf (in the parameters' flattening order) at the last
+    update, as a code (1: float32, 2: float64, 3: complex64, 4: complex128;
+    0 or a state without it: not known, as after a state of an older version
+    was restored). An integer array, so that a state cast to another precision
+    with its parameters keeps it: the next update after a leaf changed dtype
+    checks its drift, as the first does."""
 
     count: Any
     key: Any
+    precision: Any = None
 
 
 class ProjUNNState(NamedTuple):
     """State of :func:`projunn`: the step count and the seed's key (the
-    retraction's state), the state of the optax base optimizer and the number
+    retraction's state), the state of the optax base optimizer, the number
     of updates skipped for NaN/Inf gradients (as ``notfinite_count`` of
-    ``optax.apply_if_finite``)."""
+    ``optax.apply_if_finite``) and the unitary leaves' dtypes at the last
+    update (the retraction's ``precision``, see :class:`RetractionState`)."""
 
     count: Any
     key: Any
     base: Any
     notfinite_count: Any = 0
+    precision: Any = None
 
 
 
@@ -132,8 +141,9 @@ def projunn_retraction(*, unitary, rank=None, variant=DEFAULT_VARIANT, oversampl
         Sketch settings, as in :func:`unitary_lr.projunn_step`.
     drift_tol, drift_check_every
         Drift control, as in :class:`unitary_lr.optim.ProjUNN`: every
-        ``drift_check_every`` updates and after the first (0: never) a probe
-        estimate of
+        ``drift_check_every`` updates, after the first and after the first
+        since a leaf changed dtype (a float32 run resumed in float64: the
+        state records each leaf's dtype; 0: never) a probe estimate of
         ``||W^H W - I||_F / sqrt(n)`` for the new W above ``drift_tol`` (None:
         1e-5 for 32-bit, 1e-12 for 64-bit leaves) re-projects it, inside a
         ``jax.lax.cond`` so that it costs nothing when it is not needed.
@@ -158,7 +168,8 @@ def projunn_retraction(*, unitary, rank=None, variant=DEFAULT_VARIANT, oversampl
         Unknown variant, bad integer options, a unitary leaf that is not
         a matrix (..., n, m) with ``min(n, m) >= rank``, an update whose shape is not its
         leaf's, update without params, a mask whose structure is neither the
-        parameters' nor a prefix of it.
+        parameters' nor a prefix of it, a state made for other parameters (its
+        ``precision`` not one entry per unitary leaf).
     TypeError
         Unsupported dtypes; a complex update for a real leaf.
 
@@ -214,10 +225,12 @@ def _retraction(unitary, options, *, checks_updates):
     drift = DriftControl(options, jnp, cond=jax.lax.cond)
 
     def init(params):
-        for path, flag, leaf in _masked_leaves(unitary, params):
+        masked = _masked_leaves(unitary, params)
+        for path, flag, leaf in masked:
             if flag:
                 _check_leaf(path, leaf, rank)
-        return RetractionState(count=jnp.zeros([], jnp.int32), key=_seed_key(0 if options.seed is None else options.seed))
+        key = _seed_key(0 if options.seed is None else options.seed)
+        return RetractionState(count=jnp.zeros([], jnp.int32), key=key, precision=_precision_codes(masked))
 
     @exact_products
     def update(updates, state, params=None):
@@ -231,14 +244,21 @@ def _retraction(unitary, options, *, checks_updates):
             raise ValueError(f"updates must have the tree structure of the parameters: {error}") from None
         step_key = jax.random.fold_in(state.key, state.count)
         step = state.count + 1
-        new_updates = []
+        precision = _precision_codes(masked)
+        recorded = _recorded_precision(state.precision, precision)
+        new_updates, position = [], 0
         for index, ((path, flag, W), U) in enumerate(zip(masked, flat_updates)):
             if not flag:
                 new_updates.append(U)
                 continue
             _check_update(path, W, U)
-            new_updates.append(_unitary_update(W, U, jax.random.fold_in(step_key, index), step))
-        return treedef.unflatten(new_updates), RetractionState(count=step, key=state.key)
+            # the first update in this dtype (a float32 run resumed in float64,
+            # whose W is float32-accurate) checks the drift: one scalar test
+            due = drift.due(step) | (recorded[position] != precision[position]) if options.drift_check_every \
+                else False
+            position += 1
+            new_updates.append(_unitary_update(W, U, jax.random.fold_in(step_key, index), due))
+        return treedef.unflatten(new_updates), RetractionState(count=step, key=state.key, precision=precision)
 
     # The branches of lax.cond are defined once, here: JAX caches their traces
     # by identity, so an eager (un-jitted) update does not re-trace every step.
@@ -249,17 +269,17 @@ def _retraction(unitary, options, *, checks_updates):
         probes = jax.random.normal(probe_key, (*W.shape[:-2], min(W.shape[-2:]), _PROBES), dtype=W.dtype)
         return drift.apply_to_update(W, update, probes)
 
-    def _unitary_update(W, U, key, step):
+    def _unitary_update(W, U, key, due):
         """``W_new - W`` as the thin product the step makes (no new W formed
         and subtracted again: two passes saved). A non-finite U is handed
         back as it is, and the step is not run on it (``lax.cond``: no NaN
         in the small cores, and no pass over U to select between the two)."""
         U = U.astype(W.dtype)
         if not checks_updates:
-            return retract(U, W, key, step)
-        return jax.lax.cond(_all_finite(U), retract, keep, U, W, key, step)
+            return retract(U, W, key, due)
+        return jax.lax.cond(_all_finite(U), retract, keep, U, W, key, due)
 
-    def retract(U, W, key, step):
+    def retract(U, W, key, due):
         sketch_key, probe_key = jax.random.split(key)
         leaf_rank = step_rank(rank, W.shape)
         omega = jax.random.normal(sketch_key, sketch_shape(U, leaf_rank, oversample), dtype=U.dtype)
@@ -271,7 +291,7 @@ def _retraction(unitary, options, *, checks_updates):
                                        power_iters=power_iters, traced=True)
         update = lowrank_product(jnp, L, Rh)
         if options.drift_check_every:
-            update = jax.lax.cond(drift.due(step), check, keep, update, W, probe_key)
+            update = jax.lax.cond(due, check, keep, update, W, probe_key)
         return update
 
     return optax.GradientTransformation(init, update)
@@ -333,7 +353,8 @@ def projunn(learning_rate=DEFAULT_LR, *, unitary, base=DEFAULT_BASE, rank=None, 
     ValueError
         Unknown base or variant, a non-positive learning rate, a unitary leaf
         that is not a matrix (..., n, m) with ``min(n, m) >= rank``, update without params;
-        gradients not of the parameters' tree structure or shapes (naming the leaf).
+        gradients not of the parameters' tree structure or shapes (naming the leaf); a
+        state made for other parameters (its ``precision`` not one entry per unitary leaf).
     TypeError
         Hyper-parameters the base optimizer does not take; unsupported dtypes;
         an integer option given as an array (``optax.inject_hyperparams``
@@ -344,7 +365,11 @@ def projunn(learning_rate=DEFAULT_LR, *, unitary, base=DEFAULT_BASE, rank=None, 
         integer or bool; the base would form the moments of a float16 one in
         float16, where ``g**2`` is zero for ``|g|`` below about 2e-4). The
         gradients of the other leaves go to optax as they are, in any dtype
-        that does not promote the leaf's.
+        that does not promote the leaf's. A state in another precision than
+        the parameters (the float32 moments of a float32 run given with float64
+        parameters), naming the state's array, its dtype and the parameter's:
+        cast the state with the parameters (the next update then checks the
+        unitary leaves' drift, as the first does).
 
     Notes
     -----
@@ -362,8 +387,8 @@ def projunn(learning_rate=DEFAULT_LR, *, unitary, base=DEFAULT_BASE, rank=None, 
     on the base's direction without testing it again (a finite gradient
     makes a finite direction, unless the base overflows: sgd's ``lr * g``
     for g near the dtype's largest number, which makes W NaN).
-    Drift control costs two passes over W every ``drift_check_every`` steps and
-    at the first.
+    Drift control costs two passes over W every ``drift_check_every`` steps,
+    at the first, and at the first after the leaf changed dtype.
 
     Examples
     --------
@@ -401,7 +426,8 @@ def projunn(learning_rate=DEFAULT_LR, *, unitary, base=DEFAULT_BASE, rank=None, 
     def init(params):
         retraction_state = retraction.init(params)
         return ProjUNNState(count=retraction_state.count, key=retraction_state.key,
-                            base=preconditioner.init(params), notfinite_count=jnp.zeros([], jnp.int32))
+                            base=preconditioner.init(params), notfinite_count=jnp.zeros([], jnp.int32),
+                            precision=retraction_state.precision)
 
     def step(grads, state, params):
         directions, base_state = preconditioner.update(grads, state.base, params)
@@ -409,10 +435,10 @@ def projunn(learning_rate=DEFAULT_LR, *, unitary, base=DEFAULT_BASE, rank=None, 
         # torch's convention is conj(JAX's); the preconditioner commutes with conj
         directions = jax.tree.map(lambda flag, u: jnp.conj(u) if flag and jnp.iscomplexobj(u) else u,
                                   mask, directions)
-        new_updates, retraction_state = retraction.update(directions, RetractionState(state.count, state.key),
-                                                          params)
+        new_updates, retraction_state = retraction.update(
+            directions, RetractionState(state.count, state.key, state.precision), params)
         return new_updates, ProjUNNState(count=retraction_state.count, key=state.key, base=base_state,
-                                         notfinite_count=state.notfinite_count)
+                                         notfinite_count=state.notfinite_count, precision=retraction_state.precision)
 
     @exact_products
     def update(grads, state, params=None):
@@ -420,18 +446,45 @@ def projunn(learning_rate=DEFAULT_LR, *, unitary, base=DEFAULT_BASE, rank=None, 
             raise ValueError("projunn needs the parameters: opt.update(grads, state, params)")
         _check_gradients(grads, params, _mask_of(unitary, params))
         finite = _all_leaves_finite(jax.tree.leaves(grads), squares=base != "sgd")
-        state = state._replace(notfinite_count=jnp.asarray(state.notfinite_count, jnp.int32))
+        # (a state without precision: not known, 0, so that both branches return the same structure)
+        state = state._replace(notfinite_count=jnp.asarray(state.notfinite_count, jnp.int32),
+                               precision=_recorded_precision(state.precision,
+                                                             _precision_codes(_masked_leaves(unitary, params))))
         return jax.lax.cond(finite, step, skip, grads, state, params)
 
     def skip(grads, state, params):
         """apply_if_finite's semantics: zero updates, the state as it was but
         for the count of skipped updates. The step is not run at all
         (``lax.cond``), so no NaN reaches the moments or the small cores."""
-        shapes = jax.eval_shape(step, grads, state, params)[0]
+        shapes, new_state = jax.eval_shape(step, grads, state, params)
+        _check_state_dtypes(state, new_state, params)
         zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
         return zeros, state._replace(notfinite_count=state.notfinite_count + 1)
 
     return optax.GradientTransformation(init, update)
+
+
+def _check_state_dtypes(state, new_state, params):
+    """A TypeError naming the first array of ``state`` whose dtype the step
+    changes (``new_state``: the step's, as ``jax.eval_shape`` gives it) and
+    the parameter it belongs to: the base's float32 moments of a float32 run
+    given with float64 parameters, which the step promotes and the skip of a
+    non-finite step keeps, failed in JAX's words ("cond branches must have
+    equal output types"). Shapes and dtypes are static: no cost under jit."""
+    flat_params = jax.tree_util.tree_flatten_with_path(params)[0]
+    for (path, old), new in zip(jax.tree_util.tree_flatten_with_path(state)[0], jax.tree.leaves(new_state)):
+        if jnp.result_type(old) == jnp.result_type(new):
+            continue
+        name = jax.tree_util.keystr(path)
+        # the parameter whose path ends the state array's (the longest: ['a']['W'] before ['W'])
+        owners = sorted(((jax.tree_util.keystr(p), leaf) for p, leaf in flat_params
+                         if name.endswith(jax.tree_util.keystr(p)) and jnp.shape(leaf) == jnp.shape(old)),
+                        key=lambda owner: -len(owner[0]))
+        owner = (f"parameter {owners[0][0]} is {jnp.result_type(owners[0][1]).name}" if owners else
+                 f"the step makes it {jnp.result_type(new).name}")
+        raise TypeError(f"the state's array {name} is {jnp.result_type(old).name} but {owner} (a state saved in "
+                        f"another precision): cast the state's arrays to the parameters' precision (the next update "
+                        f"then checks the unitary leaves' drift), or start from opt.init(params)")
 
 
 def _check_gradients(grads, params, mask):
@@ -463,6 +516,30 @@ def _check_gradients(grads, params, mask):
         if jnp.result_type(g, p) != jnp.result_type(p):
             raise TypeError(f"the gradient of leaf {name} has dtype {jnp.result_type(g).name}, which would "
                             f"promote the leaf's {jnp.result_type(p).name}; pass gradients in the leaves' dtypes")
+
+
+_PRECISION_CODES = {"float32": 1, "float64": 2, "complex64": 3, "complex128": 4}
+
+
+def _precision_codes(masked):
+    """The dtype codes of the unitary leaves of ``masked`` (as
+    :func:`_masked_leaves` returns them), in their order, as an int32 array:
+    the ``precision`` of :class:`RetractionState`."""
+    return jnp.asarray([_PRECISION_CODES.get(jnp.result_type(leaf).name, 0) for _, flag, leaf in masked if flag],
+                       dtype=jnp.int32)
+
+
+def _recorded_precision(recorded, precision):
+    """The state's ``precision``: zeros (not known) for None, a ValueError
+    for one that is not of the parameters' unitary leaves (``precision``, the
+    codes of their dtypes now), whose count is static."""
+    if recorded is None:
+        return jnp.zeros_like(precision)
+    if tuple(jnp.shape(recorded)) != tuple(precision.shape):
+        raise ValueError(f"the state's precision has shape {tuple(jnp.shape(recorded))}, one entry per unitary "
+                         f"leaf: the state was made for other parameters than these, with {precision.shape[0]} "
+                         "unitary leaves")
+    return jnp.asarray(recorded, jnp.int32)
 
 
 def _all_leaves_finite(leaves, squares=False):
