@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import unitary_lr as ul
+from unitary_lr._validation import check_int
 
 N = 6
 W = np.eye(N)
@@ -173,3 +174,20 @@ def test_a_complex_gradient_of_a_real_w_is_refused_naming_both_dtypes(function):
         assert Z.dtype == np.complex128
         np.testing.assert_allclose(Z, G - Wc @ (Wc.conj().T @ G + G.T @ Wc) / 2, atol=1e-14)
         assert ul.tangent_project(W.astype(np.float32), G).dtype == np.float64
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch", "jax"])
+def test_an_integer_argument_refuses_a_bool_array_of_any_library(library):
+    """Sizes and ranks are integers: a 0-d bool array is none (torch's
+    ``operator.index(tensor(True))`` is 1, and ModReLU(torch.tensor(True))
+    built a layer of size 1), while a 0-d integer array of each library is
+    taken as the number it holds."""
+    xp = pytest.importorskip(library if library != "jax" else "jax.numpy")
+    with pytest.raises(TypeError, match="rank must be an integer, got bool"):
+        check_int("rank", xp.asarray(True))
+    assert check_int("rank", xp.asarray(3), minimum=1) == 3
+    if library == "torch":
+        from unitary_lr.torch import ModReLU
+
+        with pytest.raises(TypeError, match="features must be an integer, got bool"):
+            ModReLU(xp.asarray(True))

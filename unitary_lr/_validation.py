@@ -244,8 +244,10 @@ def check_real_scalar(name, value, *, positive=False):
 
 
 def check_int(name, value, *, minimum=None, maximum=None, maximum_reason=""):
-    """An integer in [minimum, maximum]; returns it as int."""
-    if isinstance(value, bool):
+    """An integer in [minimum, maximum]; returns it as int. A bool is none,
+    nor a 0-d bool array (``operator.index(torch.tensor(True))`` is 1, so
+    ``ModReLU(torch.tensor(True))`` built a layer of size 1)."""
+    if isinstance(value, bool) or "bool" in str(getattr(value, "dtype", "")):
         raise TypeError(f"{name} must be an integer, got bool: {value!r}")
     try:
         number = operator.index(value)
