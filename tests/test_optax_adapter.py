@@ -156,6 +156,8 @@ def test_errors():
         projunn(1e-2, unitary={"W": True}, rank=4).init({"W": params["W"]})
     with pytest.raises(ValueError, match=r"base must be one of 'sgd', 'rmsprop', 'adam', 'adamw', 'amsgrad', got 'lamb'"):
         projunn(1e-2, unitary={}, base="lamb")
+    with pytest.raises(ValueError, match=r"base must be one of .*, got array\(\[1, 2\]\)"):
+        projunn(1e-2, unitary={}, base=np.array([1, 2]))  # (was "unhashable type")
     with pytest.raises(ValueError, match=r"learning_rate must be a finite number > 0 or a schedule, got -0.1"):
         projunn(-0.1, unitary={})
     with pytest.raises(TypeError, match=r"optax.adam does not take these hyper-parameters"):

@@ -405,7 +405,7 @@ def projunn(learning_rate=DEFAULT_LR, *, unitary, base=DEFAULT_BASE, rank=None, 
     >>> bool(unitarity_error(params["W"]) < 1e-5)
     True
     """
-    if base not in _BASES:
+    if not isinstance(base, str) or base not in _BASES:  # (an array is unhashable: "in" would raise)
         raise ValueError(f"base must be one of {', '.join(map(repr, _BASES))}, got {base!r}")
     learning_rate = _checked_learning_rate(learning_rate)
     if set(hyperparameters) == {"hyperparameters"} and isinstance(hyperparameters["hyperparameters"], dict):
