@@ -49,7 +49,7 @@ from .steps import (
     step_factors_unchecked,
 )
 from ._validation import describe
-from ._xp import exact_products, lowrank_product
+from ._xp import FLOAT_DTYPE_NAMES, exact_products, lowrank_product
 
 __all__ = ["STATIC_ARGS", "ProjUNNState", "RetractionState", "projunn", "projunn_retraction"]
 
@@ -518,7 +518,8 @@ def _check_gradients(grads, params, mask):
                             f"promote the leaf's {jnp.result_type(p).name}; pass gradients in the leaves' dtypes")
 
 
-_PRECISION_CODES = {"float32": 1, "float64": 2, "complex64": 3, "complex128": 4}
+# a unitary leaf's dtype as its code in the state (0: not known)
+_PRECISION_CODES = {name: code for code, name in enumerate(FLOAT_DTYPE_NAMES, start=1)}
 
 
 def _precision_codes(masked):
