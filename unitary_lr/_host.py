@@ -96,7 +96,11 @@ def to_host_pieces(xp, arrays) -> tuple[np.ndarray, ...]:
     if _is_jax(xp):
         transfers.count += 1
         return tuple(np.asarray(x) for x in sys.modules["jax"].device_get(list(arrays)))
-    flat = to_host(xp, xp.concat([xp.reshape(a, (-1,)) for a in arrays]))
+    # (an empty stack holds nothing to move, and Dask cannot flatten one)
+    nonempty = [xp.reshape(a, (-1,)) for a in arrays if math.prod(a.shape)]
+    if not nonempty:
+        return tuple(to_host(xp, a) for a in arrays)
+    flat = to_host(xp, xp.concat(nonempty))
     return _cut(flat, [tuple(a.shape) for a in arrays], lambda part, shape: part.reshape(shape))
 
 

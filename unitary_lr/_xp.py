@@ -960,13 +960,61 @@ def times_inverse_cholesky_factor(xp, P, M):
     return panel_times_small(xp, P, linalg.inv(mH(xp, lower)))
 
 
+def _dask_matrix_by_matrix(A, function, signature, output_dtypes, output_sizes):
+    """``function`` (a batched NumPy factorisation) applied lazily to each
+    matrix of the Dask stack A (..., m, n), one task per chunk of the batch
+    axes. Dask's own ``linalg.qr`` and ``linalg.svd`` take a 2-D array only.
+    (Dask guesses a real output's dtype from a complex input's: a
+    ComplexWarning at the graph's construction, not the caller's concern.)"""
+    dask_array = sys.modules["dask.array"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", numpy.exceptions.ComplexWarning)
+        return dask_array.apply_gufunc(function, signature, A, output_dtypes=output_dtypes,
+                                       output_sizes=output_sizes, allow_rechunk=True)
+
+
+def upper_triangle(xp, A, k=0):
+    """``xp.triu(A, k=k)``. Dask builds the mask of a complex A as a complex
+    array cast from integers, and warns that the imaginary part is dropped
+    (there is none)."""
+    if _is_dask(xp) and is_complex(xp, A.dtype):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", numpy.exceptions.ComplexWarning)
+            return xp.triu(A, k=k)
+    return xp.triu(A, k=k)
+
+
+def _reduced_qr_numpy(A):
+    return tuple(numpy.linalg.qr(A, mode="reduced"))
+
+
+def _thin_svd_numpy(A):
+    return tuple(numpy.linalg.svd(A, full_matrices=False))
+
+
+def reduced_qr(xp, A):
+    """``xp.linalg.qr(A, mode="reduced")``: (Q, R) of each matrix of A
+    (..., m, n). Dask factors a stack matrix by matrix (its own QR is 2-D
+    only); a matrix goes to its tall-and-skinny QR as before."""
+    if _is_dask(xp) and A.ndim > 2:
+        k = min(A.shape[-2:])
+        return _dask_matrix_by_matrix(A, _reduced_qr_numpy, "(m,n)->(m,k),(k,n)", (A.dtype, A.dtype), {"k": k})
+    return xp.linalg.qr(A, mode="reduced")
+
+
 def thin_svd(xp, A):
     """``xp.linalg.svd(A, full_matrices=False)``. Dask's SVD takes a matrix
     chunked along one axis only: a W chunked along both (the sum of a
     row-chunked W and a low-rank update is) gets one chunk across its shorter
     axis first. Its graph of a complex matrix warns that a complex value is
     cast to real (Dask 2025-2026, in the guess of a block's dtype; the
-    factors are right, to 5e-16 of NumPy's): not the caller's concern."""
+    factors are right, to 5e-16 of NumPy's): not the caller's concern. A
+    Dask stack (..., m, n) is factored matrix by matrix (Dask's SVD is 2-D
+    only)."""
+    if _is_dask(xp) and A.ndim > 2:
+        k = min(A.shape[-2:])
+        dtypes = (A.dtype, real_dtype(xp, A.dtype), A.dtype)
+        return _dask_matrix_by_matrix(A, _thin_svd_numpy, "(m,n)->(m,k),(k),(k,n)", dtypes, {"k": k})
     if _is_dask(xp) and A.ndim == 2:
         A = A.rechunk({1: -1} if A.shape[0] >= A.shape[1] else {0: -1})
         with warnings.catch_warnings():
@@ -975,15 +1023,19 @@ def thin_svd(xp, A):
     return xp.linalg.svd(A, full_matrices=False)
 
 
-def max_abs(xp, Y):
-    """The largest |entry| of each matrix of Y, shape (..., 1, 1).
+def max_abs(xp, Y, axis=(-2, -1)):
+    """The largest |entry| of each matrix of Y, shape (..., 1, 1); with
+    ``axis=-2`` that of each column, shape (..., 1, k).
 
     One reduction in every library; NumPy's ``vector_norm(ord=inf)`` over two
     axes costs four times as much Python as its ``abs().max()``, and a step
-    makes four of them (the sketch's rescalings)."""
+    makes four of them (the sketch's rescalings). Dask's ``max`` of a stack
+    with an empty batch computes an array of another shape ((1, 1, 0) for a
+    (0, 6, 4) stack's columns, where (0, 1, 4) was announced); its
+    ``vector_norm`` does not."""
     if getattr(xp, "__name__", "") in ("numpy", "array_api_compat.numpy"):
-        return xp.abs(Y).max(axis=(-2, -1), keepdims=True)
-    return xp.linalg.vector_norm(Y, axis=(-2, -1), keepdims=True, ord=float("inf"))
+        return xp.abs(Y).max(axis=axis, keepdims=True)
+    return xp.linalg.vector_norm(Y, axis=axis, keepdims=True, ord=float("inf"))
 
 
 def _exponent_of(xp, magnitude):

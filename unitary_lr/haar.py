@@ -10,7 +10,7 @@ from ._host import from_host, own_transfers, staged
 from ._random import as_generator, host_normal
 from ._validation import check_int, describe
 from ._xp import (FLOAT_DTYPE_NAMES, _is_jax, array_namespace, dtype_name, exact_products, is_array_api_obj, mH,
-                  row_layout, supports_float64)
+                  reduced_qr, row_layout, supports_float64)
 
 __all__ = ["random_unitary"]
 
@@ -146,7 +146,7 @@ def _haar_factor(xp, Z, *, wide):
     """The Haar-distributed Q of the Gaussian Z (tall): QR with R's diagonal
     made positive (Mezzadri's correction), conjugate-transposed for a wide
     result, stored row by row."""
-    Q, R = xp.linalg.qr(Z, mode="reduced")
+    Q, R = reduced_qr(xp, Z)
     d = xp.linalg.diagonal(R)
     magnitude = xp.astype(xp.abs(d), d.dtype)
     nonzero = magnitude != 0

@@ -15,7 +15,9 @@ from ._xp import (
     inverse_power_of_two_halves,
     is_complex,
     matmul_panel,
+    max_abs,
     mH,
+    upper_triangle,
     upper_triangular_inverse,
 )
 
@@ -228,7 +230,7 @@ def wy_core(xp, V):
     is applied as two halves (``_xp.times_inverse_power_of_two``): that of
     a subnormal float64 column (2**1026 for 1e-309) is beyond float64, and as
     one factor it gave an all-NaN product, without a word."""
-    first, second = inverse_power_of_two_halves(xp, xp.max(xp.abs(V), axis=-2, keepdims=True))
+    first, second = inverse_power_of_two_halves(xp, max_abs(xp, V, axis=-2))
     V = V * xp.astype(first, V.dtype, copy=False) * xp.astype(second, V.dtype, copy=False)
     gram = mH(xp, V) @ V
     squares = xp.linalg.diagonal(gram)
@@ -246,7 +248,7 @@ def wy_core(xp, V):
     # column of U. Constants: the gradient needs no path through them.
     pivots = xp.astype(xp.where(zero, -ones, ones) / 2, V.dtype, copy=False)
     D = xp.eye(gram.shape[-1], dtype=V.dtype, device=device(V)) * pivots[..., None, :]
-    minus_T = _minus_inverse_triangular(xp, xp.triu(gram * outer, k=1) + D)
+    minus_T = _minus_inverse_triangular(xp, upper_triangle(xp, gram * outer, k=1) + D)
     return V * xp.astype(scale[..., None, :], V.dtype, copy=False), minus_T, scale * first[..., 0, :], second[..., 0, :]
 
 
@@ -269,7 +271,7 @@ def _minus_inverse_triangular(xp, A):
     identity = xp.eye(j, dtype=A.dtype, device=device(A))
     inverse_pivots = 1 / xp.linalg.diagonal(A)
     minus_D_inv = identity * -inverse_pivots[..., None, :]
-    strict = xp.triu(A, k=1)
+    strict = upper_triangle(xp, A, k=1)
     S = minus_D_inv
     if j <= _SUBSTITUTION_MAX:
         # Row-oriented back substitution for all rows at once: row i of

@@ -41,8 +41,11 @@ from ._xp import (
     exact_products,
     is_complex,
     mH,
+    max_abs,
     namespace,
     real_finfo,
+    reduced_qr,
+    thin_svd,
 )
 
 __all__ = ["SVDResult", "randomized_svd"]
@@ -291,7 +294,7 @@ def _factors(xp, Y, Z, Fu, Fv, S, scale_u=None, scale_v=None, *, steps_u, steps_
 def _range_basis(xp, A, Y):
     """(Q, Bh, whether Bh is finite): Q = qr(Y) and ``Bh = A^H Q``, the QR
     route of :func:`randomized_svd`."""
-    Q, _ = xp.linalg.qr(Y, mode="reduced")
+    Q, _ = reduced_qr(xp, Y)
     Bh = adjoint_matmul(xp, A, Q)
     return Q, Bh, xp.all(xp.isfinite(Bh))
 
@@ -301,7 +304,7 @@ def _small_svd(xp, Q, Bh, *, rank):
     """(U, S, Vh) truncated to ``rank``, phases canonical, from Q and
     ``Bh = A^H Q``: B = Q^H A is (l, n); the SVD of its transpose
     ``B^H = U_b S V_b^H`` gives ``A ~ Q B = (Q V_b) S U_b^H``."""
-    Ub, S, Vbh = xp.linalg.svd(Bh, full_matrices=False)
+    Ub, S, Vbh = thin_svd(xp, Bh)
     U, Vh = canonical_phases(xp, Q @ mH(xp, Vbh[..., :rank, :]), mH(xp, Ub[..., :, :rank]))
     return U, S[..., :rank], Vh
 
@@ -336,7 +339,7 @@ def canonical_phases(xp, U, Vh):
     """
     m = U.shape[-2]
     magnitude = xp.abs(U)
-    largest = xp.max(magnitude, axis=-2, keepdims=True)
+    largest = max_abs(xp, U, axis=-2)
     near = magnitude >= largest * (1 - _phase_tolerance(xp, U.dtype))
     # (..., 1, k): the first entry near the largest (argmax takes the first of equal values)
     top = xp.argmax(xp.astype(near, largest.dtype), axis=-2, keepdims=True)
