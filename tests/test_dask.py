@@ -50,7 +50,8 @@ CALLS = {
     "randomized_svd, QR route": lambda W, G, A: _svd_product(ul.randomized_svd(G[..., :1] * G[..., :1, :], 3, rng=1)),
     "unitarity_error": lambda W, G, A: ul.unitarity_error(W),
     "project_unitary": lambda W, G, A: ul.project_unitary(W + 0.1 * G),
-    "project_unitary_lowrank": lambda W, G, A: ul.project_unitary_lowrank(W, G[..., :2], 0.1 * np.swapaxes(W[..., :2, :], -1, -2).conj()),
+    "project_unitary_lowrank": lambda W, G, A: ul.project_unitary_lowrank(
+        W, G[..., :2], 0.1 * np.swapaxes(W[..., :2, :], -1, -2).conj()),
     "householder_apply": lambda W, G, A: ul.householder_apply(G[..., :3], W),
 }
 
