@@ -313,7 +313,7 @@ def test_eager_jax_calls_pass_a_callers_transfer_guard(monkeypatch):
     layer's probe for the namespace, a state's zeros) are its own. (On the
     CPU, where JAX does not guard reads back to the host; on a GPU the
     library's reads of its small results and flags are not yet wrapped.)"""
-    from unitary_lr import _xp
+    from unitary_lr import _xp, steps
     from unitary_lr.optim import ProjUNN
     from unitary_lr.transport import cayley_transport
 
@@ -324,6 +324,7 @@ def test_eager_jax_calls_pass_a_callers_transfer_guard(monkeypatch):
     G, Gt = (jnp.asarray(rng.standard_normal(shape).astype("float32")) for shape in ((9, 9), (9, 4)))
     a, b = (jnp.asarray(rng.standard_normal((9, 1)).astype("float32")) for _ in range(2))
     small = jnp.asarray(1e-2 * rng.standard_normal((9, 1)).astype("float32"))
+    G2 = jnp.asarray(rng.standard_normal((9, 9)).astype("float32"))
     calls = {
         "projunn_step": lambda: ul.projunn_step(W, G, lr=0.1, rng=1),
         "projunn_step, tall, direct, rank 2": lambda: ul.projunn_step(Wt, Gt, lr=0.1, rank=2, variant="direct", rng=1),
@@ -337,6 +338,9 @@ def test_eager_jax_calls_pass_a_callers_transfer_guard(monkeypatch):
         "project_unitary": lambda: ul.project_unitary(W, method="newton_schulz"),
         "project_unitary_lowrank": lambda: ul.project_unitary_lowrank(W, small, b),
         "ProjUNN.step": lambda: ProjUNN(lr=0.01, base="adam", rank=1).step(W, G),
+        # the stacked update split its factors by a Python index, a transfer of its own
+        "projunn_update_stacked": lambda: steps.projunn_update_stacked([W, W], [G, G2], lr=0.1, rngs=[1, 2]),
+        "ProjUNN.step_many": lambda: ProjUNN(lr=0.01, rank=1).step_many({"a": (W, G), "b": (W, G2)}),
         "random_unitary": lambda: ul.random_unitary(9, dtype="float32", xp=jnp, rng=0),
     }
     with jax.transfer_guard("disallow"):

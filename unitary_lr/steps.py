@@ -298,7 +298,8 @@ def update_stacked_drawn(Ws, Gs, draw, /, *, lr, rank, variant, oversample, powe
     host = np.stack(draw(xp, shape[1:], G.dtype))  # the P test matrices' host draws, (P, ..., l, n)
     L, Rh = _drawn_factors(xp, W, G, gradients, host, shape, lr=lr, rank=rank, variant=variant,
                            power_iters=power_iters)
-    return [(L[p, ...], Rh[p, ...]) for p in range(len(Ws))]
+    # (unstack, not L[p]: a Python index is a host-to-device transfer on JAX, refused under a transfer guard)
+    return list(zip(xp.unstack(L), xp.unstack(Rh)))
 
 
 def update_drawn(W, G, draw, /, *, lr, rank, variant, oversample, power_iters, arrays_checked=False):
