@@ -960,27 +960,27 @@ def times_inverse_cholesky_factor(xp, P, M):
     return panel_times_small(xp, P, linalg.inv(mH(xp, lower)))
 
 
-def _dask_matrix_by_matrix(A, function, signature, output_dtypes, output_sizes):
+def _dask_matrix_by_matrix(A, function, signature, outputs, output_sizes):
     """``function`` (a batched NumPy factorisation) applied lazily to each
     matrix of the Dask stack A (..., m, n), one task per chunk of the batch
-    axes. Dask's own ``linalg.qr`` and ``linalg.svd`` take a 2-D array only.
-    (Dask guesses a real output's dtype from a complex input's: a
-    ComplexWarning at the graph's construction, not the caller's concern.)"""
-    dask_array = sys.modules["dask.array"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", numpy.exceptions.ComplexWarning)
-        return dask_array.apply_gufunc(function, signature, A, output_dtypes=output_dtypes,
-                                       output_sizes=output_sizes, allow_rechunk=True)
+    axes; ``outputs``: the (dtype, number of core axes) of each result.
+    Dask's own ``linalg.qr`` and ``linalg.svd`` take a 2-D array only. (The
+    results' empty NumPy arrays are given as ``meta``: from ``output_dtypes``
+    Dask makes them by casting A's, a ComplexWarning for a real S.)"""
+    batch = A.ndim - 2
+    meta = tuple(numpy.empty((0,) * (batch + core), dtype=dtype) for dtype, core in outputs)
+    return sys.modules["dask.array"].apply_gufunc(function, signature, A, meta=meta, output_sizes=output_sizes,
+                                                  allow_rechunk=True)
 
 
 def upper_triangle(xp, A, k=0):
     """``xp.triu(A, k=k)``. Dask builds the mask of a complex A as a complex
     array cast from integers, and warns that the imaginary part is dropped
-    (there is none)."""
+    (there is none): there the entries are selected by a boolean mask."""
     if _is_dask(xp) and is_complex(xp, A.dtype):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", numpy.exceptions.ComplexWarning)
-            return xp.triu(A, k=k)
+        rows, columns = A.shape[-2:]
+        above = (xp.arange(columns)[None, :] - xp.arange(rows)[:, None]) >= k
+        return xp.where(above, A, xp.zeros_like(A))
     return xp.triu(A, k=k)
 
 
@@ -998,7 +998,8 @@ def reduced_qr(xp, A):
     only); a matrix goes to its tall-and-skinny QR as before."""
     if _is_dask(xp) and A.ndim > 2:
         k = min(A.shape[-2:])
-        return _dask_matrix_by_matrix(A, _reduced_qr_numpy, "(m,n)->(m,k),(k,n)", (A.dtype, A.dtype), {"k": k})
+        return _dask_matrix_by_matrix(A, _reduced_qr_numpy, "(m,n)->(m,k),(k,n)", [(A.dtype, 2), (A.dtype, 2)],
+                                      {"k": k})
     return xp.linalg.qr(A, mode="reduced")
 
 
@@ -1013,8 +1014,8 @@ def thin_svd(xp, A):
     only)."""
     if _is_dask(xp) and A.ndim > 2:
         k = min(A.shape[-2:])
-        dtypes = (A.dtype, real_dtype(xp, A.dtype), A.dtype)
-        return _dask_matrix_by_matrix(A, _thin_svd_numpy, "(m,n)->(m,k),(k),(k,n)", dtypes, {"k": k})
+        outputs = [(A.dtype, 2), (real_dtype(xp, A.dtype), 1), (A.dtype, 2)]
+        return _dask_matrix_by_matrix(A, _thin_svd_numpy, "(m,n)->(m,k),(k),(k,n)", outputs, {"k": k})
     if _is_dask(xp) and A.ndim == 2:
         A = A.rechunk({1: -1} if A.shape[0] >= A.shape[1] else {0: -1})
         with warnings.catch_warnings():
