@@ -26,7 +26,8 @@ import contextlib
 import contextvars
 import functools
 import math
-import warnings
+
+import numpy as np
 
 from ._cores import (cholesky_columns, drop_tolerance, expm_skew_minus_identity, gram_basis, hermitian_eigh, host_fast,
                      largest, polar_minus_identity, scatter_present)
@@ -247,10 +248,11 @@ def checked(run, xp, arrays, *, sketched=()):
     if any(is_traced(x) for x in arrays.values()):
         return run()
     try:
-        with warnings.catch_warnings():
-            # NaN/Inf and overflow are reported below as a ValueError naming the
-            # argument; NumPy's "invalid value" warnings would only repeat it.
-            warnings.simplefilter("ignore", RuntimeWarning)
+        # NaN/Inf and overflow are reported below as a ValueError naming the
+        # argument; NumPy's "invalid value" warnings would only repeat it. (Its
+        # error state, not the warning filters: those are global to the process,
+        # and threads that swap them in and out of order left a filter behind.)
+        with np.errstate(all="ignore"):
             return run()
     except StepInputError as error:
         from ._validation import report_nonfinite

@@ -26,7 +26,6 @@ import functools
 import inspect
 import math
 import numbers
-import warnings
 
 import numpy as np
 from contextlib import contextmanager
@@ -1248,16 +1247,17 @@ class ProjUNN:
         return new_W
 
     def _direction(self, xp, G, W, state):
-        """The rule's (direction, new state). NumPy warns when a NaN/Inf or an
-        overflow meets the rule's arithmetic: turned into the error naming G
-        (otherwise the kernel names a NaN/Inf G from its sketch, for free)."""
-        # (an underflow, which np.errstate(under="warn") reports, is not an error of G)
-        with warnings.catch_warnings(), np.errstate(under="ignore"):
-            warnings.simplefilter("error", RuntimeWarning)
+        """The rule's (direction, new state). NumPy's arithmetic raises where a
+        NaN/Inf or an overflow meets the rule's: turned into the error naming G
+        (otherwise the kernel names a NaN/Inf G from its sketch, for free). An
+        underflow is not an error of G. (NumPy's error state, which is the
+        thread's own, not a warning filter, which is the process's: threads
+        that swapped filters in and out of order left one behind.)"""
+        with np.errstate(over="raise", invalid="raise", divide="raise", under="ignore"):
             try:
                 return self.rule.direction(xp, G, W, state, weight_decay=not self.unitary)
-            except RuntimeWarning as warning:
-                cause = warning
+            except FloatingPointError as error:
+                cause = error
         check_finite(xp, "G", G)
         raise self._nonfinite_step(xp, G, None, cause)
 

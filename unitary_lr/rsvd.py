@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, NamedTuple
+
+import numpy
 
 from . import _lean_numpy
 from ._cores import (
@@ -232,10 +233,9 @@ def _sketch(xp, A, omega, *, power_iters):
     """(Y, Z, Cy, Cz, scales): the sketch's panels (``_flow.sketch_panels``),
     Z rescaled where the Grams are formed in A's own precision, their Grams
     in the cores' dtype and the scales to gather."""
-    with warnings.catch_warnings():
-        # NaN/Inf in A is reported by the caller as a ValueError naming the argument;
-        # the library's own "invalid value in matmul" warning would only repeat it.
-        warnings.simplefilter("ignore", RuntimeWarning)
+    # NaN/Inf in A is reported by the caller as a ValueError naming the argument;
+    # NumPy's own "invalid value in matmul" warning would only repeat it.
+    with numpy.errstate(all="ignore"):
         Y, Z = sketch_panels(xp, A, omega, power_iters)
         Y, Z, core, scales = prepare_panels(xp, A, Y, Z, sketched=True)
         Cy, Cz = (panel_gram(xp, [P], core)[1] for P in (Y, Z))
