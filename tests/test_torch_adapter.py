@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="PyTorch is not installed")
 
 import unitary_lr as ul  # noqa: E402
-from unitary_lr.torch import ModReLU, ProjUNN, UnitaryRNN, is_unitary, unitary_parameter  # noqa: E402
+from unitary_lr.torch import ModReLU, ProjUNN, UnitaryRNN, is_unitary, mark_unitary, unitary_parameter  # noqa: E402
 
 REFERENCE = {"sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop, "adam": torch.optim.Adam}
 SETTINGS = [
@@ -1164,3 +1164,35 @@ def test_a_plain_group_formed_by_the_marks_is_checked_after_groups_are_deleted_o
         with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[0\] was marked unitary after the "
                                              r"optimizer was built, and param group 1 steps it"):
             optimizer.step()
+
+
+@pytest.mark.parametrize("capturable", [False, True])
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize(("dtype", "shape", "rank"), [
+    (torch.complex64, (12, 12), 2), (torch.complex128, (12, 12), 1), (torch.complex128, (12, 12), 2),
+    (torch.complex128, (16, 6), 2), (torch.complex64, (12, 12), 1),
+])
+def test_a_parameter_with_the_lazy_conjugation_bit_steps_as_its_resolved_copy(dtype, shape, rank, foreach, capturable):
+    """``nn.Parameter(U.conj())`` keeps PyTorch's conjugation bit (conj(U) is
+    unitary as U is). The in-place update of a complex parameter on its real
+    view raised "view_as_real doesn't work on unresolved conjugated tensors"
+    (rank 2 in complex64, ranks 1 to 4 in complex128), after the parameters
+    before it in the step were already updated."""
+    U = torch.as_tensor(ul.random_unitary(*shape, dtype=str(dtype).split(".")[-1], rng=4))
+    grads = [torch.randn(*shape, dtype=dtype, generator=seeded(s)) for s in range(3)]
+    results = []
+    for flagged in (True, False):
+        first = mark_unitary(torch.nn.Parameter(U.clone()))
+        W = mark_unitary(torch.nn.Parameter(U.clone().conj() if flagged else U.conj().resolve_conj()))
+        assert W.is_conj() == flagged
+        opt = ProjUNN([first, W], lr=0.05, base="adam", rank=rank, seed=0, foreach=foreach, capturable=capturable)
+        torch.manual_seed(5)  # a capturable step draws from torch's generator
+        for G in grads:
+            first.grad, W.grad = G.clone(), G.clone()
+            opt.step()
+        results.append((first.detach().clone(), W.detach().resolve_conj()))
+    # (the same values to rounding: PyTorch's products of a conjugate view round their own way)
+    eps = torch.finfo(dtype).eps
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=50 * eps, rtol=0)
+    assert error(results[0][1]) < 50 * eps

@@ -804,8 +804,9 @@ def real_view_factors(W, L, Rh):
     complex PyTorch CPU tensor W as ``Wr += Lr @ Rr`` on real views (Wr is a view of
     W, n x 2m; Lr n x 2r and Rr 2r x 2m are O(r (n + m)) copies), where
     ``_REAL_VIEW_RANKS`` says it is faster; None elsewhere (other dtypes,
-    ranks, layouts and devices, and while torch.compile traces)."""
-    if W.ndim != 2 or not W.is_complex() or not W.is_cpu or W.stride(-1) != 1 or \
+    ranks, layouts and devices, a W with PyTorch's lazy conjugation bit,
+    which has no real view, and while torch.compile traces)."""
+    if W.ndim != 2 or not W.is_complex() or not W.is_cpu or W.stride(-1) != 1 or W.is_conj() or \
             L.shape[-1] not in _REAL_VIEW_RANKS.get(dtype_name_of(W.dtype), ()):
         return None
     torch = sys.modules["torch"]
