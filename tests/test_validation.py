@@ -1,6 +1,8 @@
 """The checks every public array function shares: argument types, dtypes,
 namespaces and devices, with messages that name the argument."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -46,6 +48,24 @@ def test_unsupported_dtypes_are_type_errors(function, arrays, options, names, dt
         bad[i] = bad[i].astype(dtype)
         with pytest.raises(TypeError, match=rf"^{name} has dtype {np.dtype(dtype).name}; expected one of float32, float64, complex64, complex128"):
             function(*bad, **options)
+
+
+@pytest.mark.parametrize(("function", "arrays", "options", "names"), CALLS, ids=IDS)
+@pytest.mark.parametrize("dtype", ["float64", "complex64"])
+def test_another_machines_byte_order_is_named_with_the_conversion(function, arrays, options, names, dtype):
+    """An array read from a big-endian file (``>f8`` on this machine) is the
+    dtype's values in another byte order: the error said only "has dtype
+    >f8; expected one of float32, float64, ...". It now says which dtype it
+    holds and how to convert it, and the converted array is taken."""
+    other = np.dtype(dtype).newbyteorder("S")
+    for i, name in enumerate(names):
+        bad = [x.astype(dtype) for x in arrays]
+        bad[i] = bad[i].astype(other)
+        with pytest.raises(TypeError, match=rf"^{name} has dtype {re.escape(str(other))}: {dtype} in the byte order "
+                                            rf"of another machine.*{name}\.astype\({name}\.dtype\.newbyteorder"):
+            function(*bad, **options)
+        bad[i] = bad[i].astype(bad[i].dtype.newbyteorder("="))
+        function(*bad, **options)
 
 
 @pytest.mark.parametrize(("function", "arrays", "options", "names"), MULTI, ids=MULTI_IDS)

@@ -81,10 +81,23 @@ def check_float_dtype(xp, name, x):
     """x must have one of the four supported floating dtypes; returns its name."""
     found = dtype_name(xp, x.dtype)
     if found is None:
+        native = _native_byte_order(x.dtype)
+        if native is not None and dtype_name(xp, native) is not None:
+            # (an array read from a file of another machine's byte order)
+            raise TypeError(f"{name} has dtype {x.dtype}: {native} in the byte order of another machine, which the "
+                            f"kernels do not take; convert it with {name}.astype({name}.dtype.newbyteorder('='))")
         raise TypeError(
             f"{name} has dtype {x.dtype}; expected one of {', '.join(FLOAT_DTYPE_NAMES)}"
         )
     return found
+
+
+def _native_byte_order(dtype):
+    """A NumPy dtype of non-native byte order (``>f8`` on a little-endian
+    machine) in the machine's own; None for any other dtype."""
+    if getattr(dtype, "byteorder", "=") in ("=", "|") or not hasattr(dtype, "newbyteorder"):
+        return None
+    return dtype.newbyteorder("=")
 
 
 def check_real_gradient(xp, W, name, x):
