@@ -243,8 +243,8 @@ def checked(run, xp, arrays, *, sketched=()):
     ``sketched``: names whose NaN/Inf was seen through their sketch.
 
     In a traced program (:func:`._host.is_traced`) ``run`` checks nothing
-    and is called as it is: ``torch.compile`` cannot trace a change of the
-    warning filters."""
+    and is called as it is (no NumPy arithmetic there to quieten, and Dynamo
+    need not trace a context manager)."""
     if any(is_traced(x) for x in arrays.values()):
         return run()
     try:
