@@ -2,6 +2,7 @@
 
 import copy
 import json
+import re
 
 import numpy as np
 import pytest
@@ -144,6 +145,59 @@ def test_merge_unmerge_and_disable_adapter(base, x):
     torch.testing.assert_close(model(x), adapted, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(model.base_model.model.layers[0]["q"].base_layer.weight, base.layers[0]["q"].weight,
                                rtol=0, atol=1e-6)
+
+
+class TiedNet(torch.nn.Module):
+    """``a`` and ``b`` share one weight Parameter (weight tying); ``c`` has its own."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.a, self.b, self.c = (torch.nn.Linear(6, 6, dtype=torch.float64) for _ in range(3))
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+def _untie(layer):
+    """Give ``layer`` (a wrapped layer or a plain Linear) a weight of its own, equal to the shared one."""
+    base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+    base.weight = torch.nn.Parameter(base.weight.detach().clone(), requires_grad=False)
+
+
+@needs_peft
+@pytest.mark.parametrize(("targets", "tied_to_a"), [(["a", "b", "c"], "b.base_layer.weight"), (["a", "c"], "b.weight")])
+def test_merging_into_tied_weights_is_refused_and_changes_nothing(targets, tied_to_a):
+    model = peft.get_peft_model(TiedNet(), HTAConfig(r=2, target_modules=targets, init_weights=False))
+    inner = model.base_model.model
+    assert inner.a.get_base_layer().weight is inner.b.weight  # PEFT keeps the tie
+    x = torch.randn(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    adapted = model(x).detach()
+    # the reference: the same adapters on a copy whose layers have weights of their own
+    untied = copy.deepcopy(model)
+    _untie(untied.base_model.model.a)
+    assert untied.base_model.model.a.get_base_layer().weight is not untied.base_model.model.b.weight
+    torch.testing.assert_close(untied(x), adapted, rtol=0, atol=1e-12)  # unmerged, the tied model is right
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    layers = {name: type(module) for name, module in inner.named_children()}
+    message = rf"cannot merge the HTA adapters: the weight of 'a' is also '{re.escape(tied_to_a)}'.*Nothing was merged"
+    for merge, refusal in ((model.merge_and_unload, message), (model.merge_adapter, message),
+                           (inner.a.merge, rf"the weight of the layer Linear\(.*\) is also '{re.escape(tied_to_a)}'")):
+        with pytest.raises(ValueError, match=refusal):
+            merge()
+        assert {name: type(module) for name, module in inner.named_children()} == layers  # nothing unloaded
+        assert not any(module.merged for module in inner.modules() if isinstance(module, HTALinear))
+        for name, p in model.named_parameters():
+            assert torch.equal(p, before[name]), name  # bitwise
+        assert torch.equal(model(x), adapted)
+    # untied, the adapters merge, to the adapted model's output
+    merged = untied.merge_and_unload()
+    assert all(type(m) is torch.nn.Linear for m in merged.children())
+    torch.testing.assert_close(merged(x), adapted, rtol=0, atol=1e-12)
+    _untie(inner.a)
+    model.merge_adapter()
+    torch.testing.assert_close(model(x), adapted, rtol=0, atol=1e-12)
 
 
 @needs_peft

@@ -267,6 +267,152 @@ def test_shared_layer_gets_one_adapter():
     assert trainable_parameters(model) == (4 + 4 + 4, 20 + 12)
 
 
+class Tied(nn.Module):
+    """``a`` and ``b`` share one weight Parameter (weight tying, as language
+    models tie embeddings and output layers); ``c`` has its own."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.a, self.b, self.c = (nn.Linear(6, 6, dtype=torch.float64) for _ in range(3))
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+ADD_TWO = [(add_householder_adapters, {"reflectors": 2}), (add_svd_adapters, {"rank": 2})]
+
+
+def as_if_trained(model, seed=5):
+    """Random diagonals (sigma, s) for every adapter of ``model``, as after training."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (HouseholderAdapter, SVDAdapter)):
+                diagonal = module.sigma if isinstance(module, HouseholderAdapter) else module.s
+                diagonal.copy_(torch.randn(diagonal.shape, dtype=diagonal.dtype, generator=generator(seed)))
+                seed += 1
+
+
+def dense_layer(module):
+    """(W, b) of a Linear or an unmerged adapter in NumPy float64: its frozen W0 plus its own Delta W."""
+    linear_ = module.base if isinstance(module, (HouseholderAdapter, SVDAdapter)) else module
+    W = linear_.weight.detach().numpy().copy()
+    if isinstance(module, HouseholderAdapter):
+        W += reference_delta(module).real
+    elif isinstance(module, SVDAdapter):
+        U, V, s = (p.detach().numpy() for p in (module.U, module.V, module.s))
+        W += U @ np.diag(s) @ V.T
+    return W, linear_.bias.detach().numpy()
+
+
+def tied_reference(model, x):
+    """What ``Tied`` with adapters computes, from dense matrices: every layer its own W0 + Delta W."""
+    h = x.numpy()
+    for name, activation in (("a", np.tanh), ("b", np.tanh), ("c", lambda v: v)):
+        W, b = dense_layer(getattr(model, name))
+        h = activation(h @ W.T + b)
+    return h
+
+
+@pytest.mark.parametrize(("add", "size"), ADD_TWO)
+def test_merge_refuses_adapters_on_tied_weights_and_changes_nothing(add, size):
+    model = add(Tied(), **size, generator=generator(0))
+    as_if_trained(model)
+    assert model.a.base.weight is model.b.base.weight  # the adapters keep the tie
+    x = torch.randn(4, 6, dtype=torch.float64, generator=generator(2))
+    adapted = model(x).detach()
+    # unmerged, each layer adds its own update to the one shared W0: right
+    np.testing.assert_allclose(adapted.numpy(), tied_reference(model, x), rtol=0, atol=1e-12)
+    before = snapshot(model)
+    copied = copy.deepcopy(model)  # a copy keeps the tie, and knows it
+    for adapter, other in ((model.a, "b.base.weight"), (model.b, "a.base.weight"), (copied.a, "b.base.weight")):
+        with pytest.raises(ValueError, match=rf"is tied to '{re.escape(other)}' of the model .* Nothing was merged\. "
+                                             r"The unmerged adapter's outputs are right"):
+            adapter.merge()
+    assert_unchanged(model, before)  # bitwise
+    assert not model.a.merged and not model.b.merged and not copied.a.merged
+    assert torch.equal(model(x), adapted)
+    model.c.merge()  # a weight of its own merges
+    torch.testing.assert_close(model(x), adapted, rtol=0, atol=1e-12)
+    # untied as the error says, both merge, to the adapted model's output
+    base = model.a.base
+    base.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)
+    model.a.merge()
+    model.b.merge()
+    torch.testing.assert_close(model(x), adapted, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match=r"tied to 'b\.base\.weight'"):  # the copy is not untied by that
+        copied.a.merge()
+
+
+def test_merge_refuses_an_adapter_tied_to_a_layer_left_plain():
+    model = add_householder_adapters(Tied(), target_modules=["a", "c"], reflectors=2, generator=generator(0))
+    as_if_trained(model)
+    assert type(model.b) is nn.Linear and model.b.weight is model.a.base.weight
+    x = torch.randn(4, 6, dtype=torch.float64, generator=generator(2))
+    adapted = model(x).detach()
+    np.testing.assert_allclose(adapted.numpy(), tied_reference(model, x), rtol=0, atol=1e-12)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"is tied to 'b\.weight' of the model"):
+        model.a.merge()
+    assert_unchanged(model, before)
+    assert not model.a.merged
+    assert torch.equal(model(x), adapted)
+    # a language model's tied input embedding and output layer: only the output layer is a Linear
+    torch.manual_seed(4)
+    lm = nn.Sequential(nn.Embedding(10, 6, dtype=torch.float64), nn.Linear(6, 10, bias=False, dtype=torch.float64))
+    lm[1].weight = lm[0].weight
+    add_householder_adapters(lm, reflectors=2, generator=generator(1))
+    as_if_trained(lm)
+    tokens = torch.tensor([[1, 4, 9]])
+    adapted, before = lm(tokens).detach(), snapshot(lm)
+    with pytest.raises(ValueError, match=r"is tied to '0\.weight' of the model"):
+        lm[1].merge()
+    assert_unchanged(lm, before)
+    assert not lm[1].merged
+    assert torch.equal(lm(tokens), adapted)
+    # a later call that wraps the plain layer too: the first adapter's error names its new place
+    add_householder_adapters(model, target_modules=["b"], reflectors=1, generator=generator(3))
+    with pytest.raises(ValueError, match=r"is tied to 'b\.base\.weight' of the model"):
+        model.a.merge()
+    with pytest.raises(ValueError, match=r"is tied to 'a\.base\.weight' of the model"):
+        model.b.merge()
+
+
+def test_merge_refuses_a_weight_sharing_memory_with_another_parameter():
+    model = Tied()
+    model.b.weight = nn.Parameter(model.a.weight.detach())  # another Parameter, the same memory: still tied
+    add_householder_adapters(model, reflectors=2, generator=generator(0))
+    as_if_trained(model)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"is tied to 'b\.base\.weight' of the model"):
+        model.a.merge()
+    assert_unchanged(model, before)
+    assert not model.a.merged
+
+
+@pytest.mark.parametrize(("add", "size"), ADD_TWO)
+@pytest.mark.parametrize("layout", ["copied", "disjoint halves of one tensor", "one layer in two places"])
+def test_untied_weights_merge_to_the_adapted_output(add, size, layout):
+    model = Tied()
+    if layout == "copied":
+        model.b.weight = nn.Parameter(model.a.weight.detach().clone())
+    elif layout == "disjoint halves of one tensor":  # one storage, no entry in common: not tied
+        both = torch.randn(12, 6, dtype=torch.float64, generator=generator(6))
+        model.a.weight, model.b.weight = nn.Parameter(both[:6]), nn.Parameter(both[6:])
+    else:
+        model.b = model.a  # one layer, one adapter: its merge is right
+    add(model, **size, generator=generator(0))
+    as_if_trained(model)
+    x = torch.randn(4, 6, dtype=torch.float64, generator=generator(2))
+    adapted = model(x).detach()
+    np.testing.assert_allclose(adapted.numpy(), tied_reference(model, x), rtol=0, atol=1e-12)
+    for name in ("a", "b", "c"):
+        if not getattr(model, name).merged:
+            getattr(model, name).merge()
+    torch.testing.assert_close(model(x), adapted, rtol=0, atol=1e-12)
+
+
 def test_freeze_base_false_leaves_other_parameters_trainable():
     model = model_of_blocks()
     add_householder_adapters(model, target_modules=["q"], freeze_base=False)

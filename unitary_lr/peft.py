@@ -28,7 +28,7 @@ from torch import nn
 from . import _peft_support
 from ._peft_support import check_peft_version
 from ._validation import check_int
-from .torch.adapters import _unit_columns, householder_delta, householder_delta_weight
+from .torch.adapters import _find_tied, _still_tied, _unit_columns, householder_delta, householder_delta_weight
 
 #: The ``peft_type`` of :class:`~unitary_lr.peft.HTAConfig`, under which PEFT's tables know the method.
 PEFT_TYPE = "HTA"
@@ -168,6 +168,9 @@ class HTALayer(BaseTunerLayer):
 
     adapter_layer_names = ("hta_reflectors_out", "hta_reflectors_in", "hta_sigma")
     other_param_names = ("hta_r",)
+    # the other places of the model that hold the base weight (the same Parameter), found by
+    # HTAModel.inject_adapter: merging would change them too, so merge() refuses while one still does
+    _hta_tied = ()
 
     def __init__(self, base_layer, **kwargs) -> None:
         self.base_layer = base_layer
@@ -223,11 +226,19 @@ class HTALinear(nn.Module, HTALayer):
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Fold the active adapters (or ``adapter_names``) into the base weight;
-        ``safe_merge`` checks the merged weight for NaN/Inf before changing it."""
+        ``safe_merge`` checks the merged weight for NaN/Inf before changing it.
+
+        Raises ValueError, changing nothing, when the base weight is tied to
+        other places of the model (the same Parameter, as tied input and
+        output embeddings share theirs), as ``get_peft_model`` found them:
+        merging would change those places too. A layer made directly, outside
+        a PEFT model, knows of no ties."""
         base = self.get_base_layer()
-        for name in check_adapters_to_merge(self, adapter_names):
-            if name not in self.hta_sigma:
-                continue
+        names = [name for name in check_adapters_to_merge(self, adapter_names) if name in self.hta_sigma]
+        tied = _still_tied(self._hta_tied, base.weight, memory=False)
+        if names and tied:
+            raise ValueError(_tied_message([f"the weight of the layer {base} is also {', '.join(map(repr, tied))}"]))
+        for name in names:
             merged = base.weight.data + self.get_delta_weight(name)
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"merging the HTA adapter {name!r} gives NaN or Inf weights; nothing was merged")
@@ -292,6 +303,43 @@ class HTAModel(BaseTuner):
         self._check_targets(model, self.peft_config[adapter_name], state_dict)
         super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                                low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+        # Each wrapped layer learns the other places of the model that hold its
+        # weight (weight tying), which merging would change too (PEFT's merge
+        # replaces the Parameter's .data, so only the same Parameter is tied).
+        layers = [module for module in model.modules() if isinstance(module, HTALayer)]
+        found = _find_tied(model, [layer.get_base_layer() for layer in layers], memory=False)
+        for layer in layers:
+            layer._hta_tied = tuple(found[id(layer.get_base_layer())])
+
+    def merge_adapter(self, adapter_names=None, safe_merge=False):
+        """PEFT's ``merge_adapter``, refused with a ValueError, changing
+        nothing, when a layer it would merge has its weight tied to other
+        places of the model (see :meth:`HTALinear.merge`)."""
+        self._check_not_tied(adapter_names)
+        return super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def merge_and_unload(self, progressbar=False, safe_merge=False, adapter_names=None):
+        """PEFT's ``merge_and_unload``, refused with a ValueError, changing
+        nothing (no layer merged or unloaded), when a layer it would merge has
+        its weight tied to other places of the model (see :meth:`HTALinear.merge`)."""
+        self._check_not_tied(adapter_names)
+        return super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def _check_not_tied(self, adapter_names):
+        """Refuse, before any layer is merged, to merge an adapter into a tied weight."""
+        if isinstance(adapter_names, str):
+            adapter_names = [adapter_names]  # (refused by PEFT's merge with a TypeError)
+        tied = []
+        for key, module in self.model.named_modules():
+            if isinstance(module, HTALayer):
+                names = module.active_adapters if adapter_names is None else adapter_names
+                if not any(name in module.hta_sigma and name not in module.merged_adapters for name in names):
+                    continue
+                places = _still_tied(module._hta_tied, module.get_base_layer().weight, memory=False)
+                if places:
+                    tied.append(f"the weight of {key!r} is also {', '.join(map(repr, places))}")
+        if tied:
+            raise ValueError(_tied_message(tied))
 
     def _check_targets(self, model, config, state_dict):
         """The layers ``inject_adapter`` targets, matched as it matches them
@@ -329,6 +377,15 @@ class HTAModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # a second adapter is not trainable until set_adapter selects it
         self._replace_module(parent, target_name, new_module, target)
+
+
+def _tied_message(layers):
+    """The error of a merge into tied weights; ``layers`` names each layer and its ties."""
+    return (f"cannot merge the HTA adapters: {'; '.join(layers)}, the same Parameter (weight tying), and merging "
+            "would add Delta W there too, changing the outputs of the layers that use it. Nothing was merged. The "
+            "unmerged adapters' outputs are right: keep them unmerged, or untie the weights first (base = "
+            "layer.get_base_layer(); base.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)) "
+            "and then merge")
 
 
 def _check_linear(layer, key):

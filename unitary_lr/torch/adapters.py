@@ -132,10 +132,76 @@ def householder_delta_weight(reflectors_out, reflectors_in, sigma, in_features):
     return householder_apply(reflectors_out.to(wide), padded, check_finite=False)
 
 
+def _shares_memory(a, b):
+    """Whether writing into the tensor ``a`` in place changes ``b``: the same
+    tensor, or overlapping bytes on one device (``nn.Parameter(w.detach())``
+    ties as ``l2.weight = l1.weight`` does). Pointers only, no pass over the
+    entries."""
+    if a is b:
+        return True
+    if a.device != b.device or a.device.type == "meta" or not a.numel() or not b.numel():
+        return False
+    try:
+        spans = [(t.data_ptr(), t.data_ptr() + t.element_size() * (1 + sum((n - 1) * step for n, step
+                                                                         in zip(t.shape, t.stride()))))
+                 for t in (a, b)]
+    except (RuntimeError, NotImplementedError):  # a tensor without storage: only the same tensor is the same
+        return False
+    (a_start, a_end), (b_start, b_end) = spans
+    return a_start < b_end and b_start < a_end
+
+
+def _memory_key(tensor):
+    """Equal for tensors that may share memory (one storage), for grouping them."""
+    try:
+        return tensor.device, tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return id(tensor)
+
+
+def _find_tied(model, layers, *, memory=True):
+    """``{id(layer): [(module, attribute, qualified name), ...]}``: for each
+    ``nn.Linear`` of ``layers``, the other places of ``model`` that hold its
+    weight (every name of every module, ``named_modules(remove_duplicate=False)``,
+    other than the layer itself, with a parameter that is the weight or, with
+    ``memory``, shares its memory). One pass over the model's parameters, by
+    ids and pointers."""
+    key = _memory_key if memory else id
+    groups = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for attribute, parameter in module._parameters.items():
+            if parameter is not None:
+                name = f"{prefix}.{attribute}" if prefix else attribute
+                groups.setdefault(key(parameter), []).append((module, attribute, name))
+    return {id(layer): [(module, attribute, name) for module, attribute, name in groups.get(key(layer.weight), ())
+                        if module is not layer and _still_tied(((module, attribute, name),), layer.weight,
+                                                               memory=memory)]
+            for layer in layers}
+
+
+def _still_tied(places, weight, *, memory=True):
+    """The names of ``places`` (as :func:`_find_tied` gives them) that hold
+    ``weight`` still (or, with ``memory``, a parameter sharing its memory):
+    the weights may have been untied since."""
+    names = []
+    for module, attribute, name in places:
+        parameter = module._parameters.get(attribute)
+        if parameter is not None and (parameter is weight or memory and _shares_memory(parameter, weight)):
+            names.append(name)
+    return names
+
+
 class _LinearAdapter(nn.Module):
     """What the adapters share: the frozen ``nn.Linear`` kept as ``base``, the
     forward pass ``base(x) + delta(x)``, and merging ``delta_weight()`` into the
-    frozen weight. Each adapter defines ``delta`` and ``delta_weight``."""
+    frozen weight. Each adapter defines ``delta`` and ``delta_weight``.
+
+    ``_tied`` holds the other places of the model that held the base weight
+    when :func:`_add_adapters` made or met the adapter, as :func:`_find_tied`
+    gives them (none for an adapter made directly): ``merge`` refuses while
+    one of them still does."""
+
+    _tied = ()
 
     def __init__(self, linear):
         super().__init__()
@@ -175,11 +241,32 @@ class _LinearAdapter(nn.Module):
     def merge(self):
         """Fold Delta W into ``base.weight`` (for inference); returns self.
 
-        Raises ValueError, changing nothing, when the adapter is already merged.
+        Raises ValueError, changing nothing, when the adapter is already
+        merged, or when its layer's weight is tied to other places of the
+        model (the same Parameter, as ``l2.weight = l1.weight`` or tied input
+        and output embeddings make it, or one sharing its memory) that
+        :func:`add_householder_adapters` or :func:`add_svd_adapters` found
+        when they made the adapter: merging would add Delta W to those places
+        too and change their outputs. The unmerged adapter computes the right
+        outputs (and trains right); keep it unmerged, or untie the weight
+        first (``base = adapter.base;
+        base.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)``).
+        An adapter made directly (``HouseholderAdapter(linear)``) knows of no
+        model and does not check.
         """
         if self._merged:
             raise ValueError("the adapter is already merged (merged=True); unmerge() it first")
         weight = self.base.weight
+        tied = _still_tied(self._tied, weight)
+        if tied:
+            raise ValueError(
+                f"cannot merge: the weight of this adapter's layer ({self.base}) is tied to "
+                f"{', '.join(map(repr, tied))} of the model (the same Parameter, or one sharing its memory), and "
+                "merging would add Delta W there too, changing the outputs of the layers that use it. Nothing was "
+                "merged. The unmerged adapter's outputs are right: keep it unmerged, or untie the weight first (base = "
+                "adapter.base; base.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)) and "
+                "then merge"
+            )
         weight.add_(self.delta_weight().to(weight.dtype))
         self._merged = True
         return self
@@ -262,6 +349,12 @@ class HouseholderAdapter(_LinearAdapter):
     reaches the adapter); :meth:`unmerge` takes it out again. The merged state
     is not part of ``state_dict()``: save unmerged models, or the adapters
     alone with :func:`adapter_state_dict`.
+
+    An adapter made directly, as here, knows only ``linear``, not the model
+    around it: if ``linear``'s weight is tied to another layer's (the same
+    Parameter), :meth:`merge` changes that layer too, without a word. The
+    adapters made by :func:`add_householder_adapters` know the model's ties,
+    and their :meth:`merge` refuses a tied weight.
 
     Examples
     --------
@@ -396,7 +489,10 @@ class SVDAdapter(_LinearAdapter):
     of B rows, with ``(n_out + n_in) r + r`` parameters, and never an
     n_out x n_in matrix. :meth:`merge` folds Delta W into the frozen weight
     for inference and :meth:`unmerge` takes it out again, as for
-    :class:`HouseholderAdapter`.
+    :class:`HouseholderAdapter`. As there, an adapter made directly knows
+    nothing of the model around ``linear``, so its :meth:`merge` does not
+    refuse a weight tied to another layer's; those made by
+    :func:`add_svd_adapters` do.
 
     Examples
     --------
@@ -506,7 +602,12 @@ def add_householder_adapters(model, *, target_modules=None, reflectors=1, freeze
     Returns
     -------
     torch.nn.Module
-        ``model`` itself, modified.
+        ``model`` itself, modified. A layer whose weight is tied to other
+        places of ``model`` (the same Parameter, as ``l2.weight = l1.weight``
+        or tied input and output embeddings make it) is adapted too, and
+        trains and computes right unmerged; its adapter's ``merge()`` raises
+        a ValueError naming those places, since merging would change them
+        too. Ties with parameters outside ``model`` are not seen.
 
     Raises
     ------
@@ -556,7 +657,12 @@ def add_svd_adapters(model, *, target_modules=None, rank, freeze_base=True, gene
     Returns
     -------
     torch.nn.Module
-        ``model`` itself, modified.
+        ``model`` itself, modified. A layer whose weight is tied to other
+        places of ``model`` (the same Parameter, as ``l2.weight = l1.weight``
+        or tied input and output embeddings make it) is adapted too, and
+        trains and computes right unmerged; its adapter's ``merge()`` raises
+        a ValueError naming those places, since merging would change them
+        too. Ties with parameters outside ``model`` are not seen.
 
     Raises
     ------
@@ -624,6 +730,15 @@ def _add_adapters(model, adapter, *, target_modules, freeze_base, generator, **s
         if id(linear) not in adapters:
             adapters[id(linear)] = adapter(linear, **size, generator=generator)
         setattr(parent, child_name, adapters[id(linear)])
+    # Each adapter learns the other places of the model that hold its weight
+    # (weight tying), which its merge() would change too; the adapters of an
+    # earlier call are brought up to date (their places may have been wrapped since).
+    every = [module for module in model.modules() if isinstance(module, _LinearAdapter)]
+    found = _find_tied(model, [module.base for module in every])
+    for module in every:
+        places = found[id(module.base)]
+        module._tied = (*places, *(kept for kept in module._tied
+                                   if not any(kept[0] is place[0] and kept[1] == place[1] for place in places)))
     if freeze_base:
         own = {id(p) for p in _adapter_parameters(model).values()}
         for parameter in model.parameters():
