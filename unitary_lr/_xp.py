@@ -806,11 +806,11 @@ def real_view_factors(W, L, Rh):
     ``_REAL_VIEW_RANKS`` says it is faster; None elsewhere (other dtypes,
     ranks, layouts and devices, a W with PyTorch's lazy conjugation bit,
     which has no real view, and while torch.compile traces)."""
-    if W.ndim != 2 or not W.is_complex() or not W.is_cpu or W.stride(-1) != 1 or W.is_conj() or \
+    if W.ndim != 2 or not W.is_complex() or not W.is_cpu or W.stride(-1) != 1 or \
             L.shape[-1] not in _REAL_VIEW_RANKS.get(dtype_name_of(W.dtype), ()):
         return None
     torch = sys.modules["torch"]
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or W.is_conj():  # (Dynamo does not trace is_conj, a bool)
         return None
     (n, m), r = W.shape, L.shape[-1]
     Lr = torch.view_as_real(L.resolve_conj().resolve_neg()).reshape(n, 2 * r)
@@ -1038,6 +1038,19 @@ def max_abs(xp, Y, axis=(-2, -1)):
     if getattr(xp, "__name__", "") in ("numpy", "array_api_compat.numpy"):
         return xp.abs(Y).max(axis=axis, keepdims=True)
     return xp.linalg.vector_norm(Y, axis=axis, keepdims=True, ord=float("inf"))
+
+
+def frobenius_norm(xp, X):
+    """``xp.linalg.matrix_norm(X)`` of each matrix of X, with the derivative 0
+    where X is 0, as PyTorch's: JAX differentiates sqrt(sum |x|^2) at 0 as
+    NaN, and a penalty ``unitarity_error(W)`` took a NaN gradient at every
+    exactly unitary W (the identity, a permutation). Where X is 0 the norm is
+    taken of ones and replaced by 0: no gradient reaches X there, and the
+    comparison that selects it has none (two elementwise selections more, on
+    the small matrices of the diagnostics)."""
+    zero = max_abs(xp, X) == 0
+    norm = xp.linalg.matrix_norm(xp.where(zero, xp.ones_like(X), X))
+    return xp.where(zero[..., 0, 0], xp.zeros_like(norm), norm)
 
 
 def _exponent_of(xp, magnitude):

@@ -7,7 +7,7 @@ import math
 from ._host import from_host, outside_torch_graph, staged
 from ._random import as_generator, host_normal
 from ._validation import check_float_dtype, check_int, check_matrix, namespace_of
-from ._xp import adjoint_matmul, core_dtype, device, exact_products, eye, mH
+from ._xp import adjoint_matmul, core_dtype, device, exact_products, eye, frobenius_norm, mH
 
 __all__ = ["default_drift_tolerance", "unitarity_error", "unitarity_estimate"]
 
@@ -89,7 +89,7 @@ def _error(xp, W):
     if W.shape[-2] < W.shape[-1]:
         Wc = mH(xp, Wc)
     m = Wc.shape[-1]
-    return xp.linalg.matrix_norm(mH(xp, Wc) @ Wc - eye(xp, m, like=Wc)) / math.sqrt(m)
+    return frobenius_norm(xp, mH(xp, Wc) @ Wc - eye(xp, m, like=Wc)) / math.sqrt(m)
 
 
 @outside_torch_graph(
@@ -163,4 +163,4 @@ def estimate_unchecked(xp, W, Z):
         residual = W @ adjoint_matmul(xp, W, Z) - Z
     else:
         residual = adjoint_matmul(xp, W, W @ Z) - Z
-    return xp.linalg.matrix_norm(residual) / math.sqrt(Z.shape[-1] * Z.shape[-2])
+    return frobenius_norm(xp, residual) / math.sqrt(Z.shape[-1] * Z.shape[-2])

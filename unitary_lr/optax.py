@@ -687,7 +687,9 @@ def _masked_leaves(unitary, params):
     mask = _mask_of(unitary, params)
     flat_mask, _ = jax.tree_util.tree_flatten_with_path(mask)
     flat_params = jax.tree.structure(mask).flatten_up_to(params)
-    return [(jax.tree_util.keystr(path), flag, leaf) for (path, flag), leaf in zip(flat_mask, flat_params)]
+    # (parameters that are one array: a path of no keys, which the messages would show as nothing)
+    return [(jax.tree_util.keystr(path) or "(the parameters: one array)", flag, leaf)
+            for (path, flag), leaf in zip(flat_mask, flat_params)]
 
 
 def _check_leaf(path, leaf, rank):
@@ -698,6 +700,8 @@ def _check_leaf(path, leaf, rank):
     # n x m with orthonormal columns (n > m) or rows (n < m), or square
     if len(shape) < 2:
         raise ValueError(f"unitary leaf {path} must be a matrix or a batch of them, (..., n, m), got shape {shape}")
+    if min(shape[-2:]) < 1:  # (an empty batch of matrices is stepped as such; a matrix of no rows is none)
+        raise ValueError(f"unitary leaf {path} must not be an empty matrix, got shape {shape}")
     if rank is not None and rank > min(shape[-2:]):
         raise ValueError(f"rank {rank} exceeds min(n, m) = {min(shape[-2:])} of unitary leaf {path} (shape {shape})")
 
