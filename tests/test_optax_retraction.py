@@ -171,6 +171,40 @@ def test_inject_hyperparams_injects_the_learning_rate():
     assert unitarity(params["W"]) < 1e-13
 
 
+@pytest.mark.parametrize("jitted", [False, True])
+def test_a_schedule_through_zero_is_injected(jitted):
+    """A schedule that is 0 somewhere (a warm-up from 0, a decay to 0) goes
+    through optax.inject_hyperparams, which passes its value at init and at
+    each eager update as a number: the updates are those of projunn given
+    the schedule itself. At 0 the unitary leaf's update is exactly 0 and
+    the base's moments advance; the next updates move W on the group."""
+    params, loss, mask = chain_problem("float64")
+    options = {"unitary": mask, "base": "adam", "rank": 2, "seed": 3}
+    schedule = optax.join_schedules([optax.linear_schedule(0.0, 2e-2, 2), optax.linear_schedule(2e-2, 0.0, 2)], [2])
+    assert [float(schedule(count)) for count in range(5)] == [0.0, 1e-2, 2e-2, 1e-2, 0.0]
+    injected = optax.inject_hyperparams(projunn, static_args=STATIC_ARGS)(learning_rate=schedule, **options)
+    scheduled = projunn(schedule, **options)
+    state, scheduled_state = injected.init(params), scheduled.init(params)
+    update = jax.jit(injected.update) if jitted else injected.update
+    for count in range(5):
+        grads = jax.grad(loss)(params)
+        updates, state = update(grads, state, params)
+        expected, scheduled_state = scheduled.update(grads, scheduled_state, params)
+        for leaf, ref in zip(jax.tree.leaves(updates), jax.tree.leaves(expected)):
+            np.testing.assert_allclose(leaf, ref, rtol=1e-10, atol=1e-14)
+        moved = float(jnp.max(jnp.abs(updates["W"])))
+        assert (moved == 0.0) == (count in (0, 4)), (count, moved)
+        params = optax.apply_updates(params, updates)
+    first_moments = [leaf for leaf in jax.tree.leaves(state.inner_state.base) if leaf.shape == params["W"].shape]
+    assert first_moments and all(float(jnp.max(jnp.abs(leaf))) > 0 for leaf in first_moments)
+    assert unitarity(params["W"]) < 1e-13
+    # a constant 0, as the other front ends take it: nothing moves, the update counts
+    still = projunn(0.0, **options)
+    updates, still_state = still.update(jax.grad(loss)(params), still.init(params), params)
+    assert all(float(jnp.max(jnp.abs(leaf))) == 0.0 for leaf in jax.tree.leaves(updates))
+    assert int(still_state.count) == 1
+
+
 def test_inject_hyperparams_without_static_args_names_the_fix():
     inject = optax.inject_hyperparams(projunn)
     # the default rank is None, which inject_hyperparams leaves alone: the
@@ -192,8 +226,8 @@ def test_array_learning_rate_of_projunn():
     traced = jax.jit(lambda lr, p, g: projunn(lr, unitary={"W": True}, base="sgd").update(
         g, projunn(1e-2, unitary={"W": True}, base="sgd").init(p), p)[0])(jnp.asarray(1e-2), params, grads)
     np.testing.assert_allclose(traced["W"], first, atol=1e-15)
-    for bad, error, match in [(jnp.asarray(-1e-2), ValueError, r"finite number > 0 or a schedule, got Array\(-0.01"),
-                              (np.float64("nan"), ValueError, r"finite number > 0 or a schedule, got np.float64\(nan"),
+    for bad, error, match in [(jnp.asarray(-1e-2), ValueError, r"finite number >= 0 or a schedule, got Array\(-0.01"),
+                              (np.float64("nan"), ValueError, r"finite number >= 0 or a schedule, got np.float64\(nan"),
                               (jnp.ones(2), TypeError, r"learning_rate as an array must be a real scalar, got Array"),
                               ("0.1", TypeError, r"learning_rate must be a number, .* got '0.1'"),
                               (True, TypeError, r"learning_rate must be a number, .* got True")]:

@@ -311,10 +311,13 @@ def projunn(learning_rate=DEFAULT_LR, *, unitary, base=DEFAULT_BASE, rank=None, 
     Parameters
     ----------
     learning_rate : float, scalar array or optax schedule, optional
-        Learning rate (> 0), or a function of the step count (default 1e-2,
+        Learning rate (>= 0), or a function of the step count (default 1e-2,
         :data:`unitary_lr.options.DEFAULT_LR`, the same in every front end). An
         array may be traced: ``optax.inject_hyperparams(projunn, static_args=STATIC_ARGS)``
-        injects it (see ``unitary_lr.optax.STATIC_ARGS``).
+        injects it (see ``unitary_lr.optax.STATIC_ARGS``). At 0 (the start of
+        a warm-up schedule) the unitary leaves stay where they are, but the
+        update counts, as in the other front ends: the base's moments advance
+        and the drift checks run on their schedule.
     unitary : pytree of bool, or callable
         Which leaves are unitary: a pytree of booleans with the structure of
         the parameters or a prefix of it (as ``optax.masked`` takes a mask: a
@@ -351,7 +354,7 @@ def projunn(learning_rate=DEFAULT_LR, *, unitary, base=DEFAULT_BASE, rank=None, 
     Raises
     ------
     ValueError
-        Unknown base or variant, a non-positive learning rate, a unitary leaf
+        Unknown base or variant, a negative learning rate, a unitary leaf
         that is not a matrix (..., n, m) with ``min(n, m) >= rank``, update without params;
         gradients not of the parameters' tree structure or shapes (naming the leaf); a
         state made for other parameters (its ``precision`` not one entry per unitary leaf).
@@ -381,8 +384,9 @@ def projunn(learning_rate=DEFAULT_LR, *, unitary, base=DEFAULT_BASE, rank=None, 
     A NaN/Inf in any gradient skips the whole update (zero updates, state
     unchanged but for ``notfinite_count``), as ``optax.apply_if_finite`` does;
     with a base that squares the gradient (all but sgd), so does a finite
-    gradient whose square overflows (1e20 in float32, which made the second
-    moments Inf and stopped those entries for good). That test, one read of
+    gradient with an entry whose ``|g|^2`` passes half the dtype's largest
+    number (``|g|`` above 1.3e19 in float32, 181 in float16: 1e20 in float32
+    made the second moments Inf and stopped those entries for good). That test, one read of
     each gradient, is the update's only one: the step runs
     on the base's direction without testing it again (a finite gradient
     makes a finite direction, unless the base overflows: sgd's ``lr * g``
@@ -546,7 +550,7 @@ def _recorded_precision(recorded, precision):
 def _all_leaves_finite(leaves, squares=False):
     """Whether no array of ``leaves`` holds NaN or Inf (:func:`_all_finite`
     of each), as a traced bool; True for none. With ``squares``, whether
-    every entry's ``|x|^2`` is at most a quarter of the largest number too
+    every entry's ``|x|^2`` is at most half the largest number too
     (:func:`_all_squares_finite`)."""
     test = _all_squares_finite if squares else _all_finite
     return jnp.all(jnp.asarray([test(x) for x in leaves])) if leaves else jnp.asarray(True)
@@ -571,16 +575,16 @@ def _finite_entries(x):
 
 
 def _all_squares_finite(x):
-    """Whether every entry of x has a finite ``|x|^2`` of at most a quarter
-    of the dtype's largest number (so none is NaN or Inf), as a traced bool.
+    """Whether every entry of x has a finite ``|x|^2`` of at most half the
+    dtype's largest number (so none is NaN or Inf), as a traced bool.
     One read decides, the sum of squares as one dot product; only a sum
     above the bound pays for the exact elementwise test (``lax.cond``).
 
     This is the test of a gradient for the bases that square it (rmsprop,
     adam, adamw, amsgrad): their moments are convex combinations of the old
     ones and of g or ``|g|^2`` (amsgrad's maximum of two such), so that a
-    finite state stays finite when every ``|g|^2`` is finite, and the
-    quarter covers the combination's rounding at the top of the range. A
+    finite state stays finite when every ``|g|^2`` is finite, and the other
+    half covers the combination's rounding at the top of the range. A
     finite float32 gradient of 1e20 would otherwise make a second moment
     Inf for good, and every later direction of that entry 0."""
     dtype = jnp.result_type(x)
@@ -592,7 +596,7 @@ def _all_squares_finite(x):
 
 
 def _square_bound(x):
-    return jnp.finfo(jnp.result_type(x)).max / 4
+    return jnp.finfo(jnp.result_type(x)).max / 2
 
 
 def _small_squares(x):
@@ -601,8 +605,10 @@ def _small_squares(x):
 
 
 def _checked_learning_rate(learning_rate):
-    """A schedule, a finite number > 0, or a real scalar array (a traced one
-    is taken as it is: its value is not known before the step runs).
+    """A schedule, a finite number >= 0, or a real scalar array (a traced one
+    is taken as it is: its value is not known before the step runs). 0 is
+    taken, as a schedule's value at a warm-up's start, which
+    ``optax.inject_hyperparams`` passes as a number at ``init``.
 
     ``optax.inject_hyperparams`` casts every number to the parameters'
     widest dtype, which is complex when a leaf is: a complex scalar array with
@@ -623,8 +629,8 @@ def _checked_learning_rate(learning_rate):
         raise TypeError(f"learning_rate must be a number, a real scalar array or a schedule, got {learning_rate!r}")
     else:
         value = learning_rate
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"learning_rate must be a finite number > 0 or a schedule, got {learning_rate!r}")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"learning_rate must be a finite number >= 0 or a schedule, got {learning_rate!r}")
     return jnp.real(learning_rate) if jnp.iscomplexobj(learning_rate) else learning_rate
 
 

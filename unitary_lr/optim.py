@@ -820,9 +820,9 @@ class ProjUNN:
         moments advance, NaN/Inf in G is refused, and the drift checks run
         on their schedule (after a matrix's first step, then every
         ``drift_check_every``), so a W given in another precision is
-        re-projected after its first step at any lr.
-        (:func:`unitary_lr.projunn_step` and :func:`unitary_lr.optax.projunn`
-        take an lr > 0 only.)
+        re-projected after its first step at any lr, as in
+        :func:`unitary_lr.optax.projunn`. (:func:`unitary_lr.projunn_step`
+        takes an lr > 0 only.)
     base : {"rmsprop", "adam", "sgd"}, optional
         The rule that turns gradients into a Euclidean step (preconditioned, as
         in the projUNN paper), with ``torch.optim``'s definitions, except that

@@ -85,8 +85,8 @@ class ProjUNN(torch.optim.Optimizer):
         skipped where ``capturable``), and an eager group's drift checks run
         on their schedule (after its first step, then every
         ``drift_check_every``), re-projecting a weight marked in another
-        precision. (:func:`unitary_lr.projunn_step` and
-        :func:`unitary_lr.optax.projunn` take an lr > 0 only.)
+        precision. The same holds in :func:`unitary_lr.optax.projunn`.
+        (:func:`unitary_lr.projunn_step` takes an lr > 0 only.)
     base : {"rmsprop", "adam", "sgd"}, optional
         The rule that forms the Euclidean step: ``torch.optim.RMSprop``,
         ``Adam`` or ``SGD``, with their hyper-parameters below (per group). For
