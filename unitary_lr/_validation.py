@@ -233,10 +233,19 @@ def finite_flag(xp, x):
     return xp.all(xp.isfinite(x))
 
 
-def check_real_scalar(name, value, *, positive=False):
+def check_real_scalar(name, value, *, positive=False, traced=False):
     """A finite real number (Python, NumPy or 0-d array scalar), > 0 when
-    ``positive``; returns it as a float."""
+    ``positive``; returns it as a float. With ``traced``, a traced value
+    (``jax.jit``, ``vmap`` or ``grad`` over it) is returned as it is once its
+    kind is checked (a real 0-d array): its value cannot be read."""
     kind = str(getattr(value, "dtype", ""))
+    # (a Python number is never traced, and Dynamo cannot trace is_traced's
+    # look at its type)
+    if traced and not isinstance(value, (int, float)) and is_traced(value):
+        if tuple(getattr(value, "shape", ())) != () or "bool" in kind or "complex" in kind:
+            raise TypeError(f"{name} must be a real number, got a traced array of shape {tuple(value.shape)} "
+                            f"and dtype {kind}")
+        return value
     # (a NumPy, PyTorch or JAX bool or complex scalar passed as lr = 1, or
     # without its imaginary part)
     if isinstance(value, (bool, complex)) or "bool" in kind or "complex" in kind or not (

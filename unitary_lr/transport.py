@@ -151,17 +151,8 @@ def _transport(W, a, b, t, *, cayley):
     """The transports' checks and call (NaN and Inf in W, a and b are found
     by the step, see ``_flow.transport_update``)."""
     xp, W, a, b = unitary_and_factors(W, a, b, check_values=False)
-    # t traced over (jax.jit, vmap or grad in t): its kind is checked, its value
-    # cannot be. (A Python number is not traced, and Dynamo cannot trace
-    # is_traced's look at its type.)
-    traced_t = not isinstance(t, (int, float)) and is_traced(t)
-    if traced_t:
-        kind = str(getattr(t, "dtype", ""))
-        if tuple(getattr(t, "shape", ())) != () or "bool" in kind or "complex" in kind:
-            raise TypeError(f"t must be a real number, got a traced array of shape {tuple(t.shape)} and dtype {kind}")
-    else:
-        t = check_real_scalar("t", t)
-    traced = traced_t or any(is_traced(x) for x in (W, a, b))
+    t = check_real_scalar("t", t, traced=True)  # (a traced t: jax.jit, vmap or grad over the time)
+    traced = not isinstance(t, float) or any(is_traced(x) for x in (W, a, b))
     return checked(lambda: transport_unchecked(xp, W, a, b, t, traced=traced, cayley=cayley), xp,
                    {"W": W, "a": a, "b": b})
 
