@@ -358,6 +358,47 @@ def test_a_base_edited_after_construction_and_a_tensor_lr_of_many_entries_are_na
     _same_state(opt.state[W], saved_state)
 
 
+@pytest.mark.parametrize(("base", "key", "value", "message"), [
+    ("adam", "eps", None, r"eps must be a finite number >= 0, got None"),
+    ("adam", "betas", (0.9,), r"betas must be two numbers in \[0, 1\), got \(0.9,\)"),
+    ("adam", "weight_decay", "0.1", r"weight_decay must be a finite number >= 0, got '0.1'"),
+    ("rmsprop", "alpha", None, r"alpha must be in \[0, 1\), got None"),
+    ("sgd", "momentum", -0.5, r"momentum must be a finite number >= 0, got -0.5"),
+    ("adam", "lr", "tensor", r"foreach=True needs a number lr or capturable=True, got lr=tensor\(0.0100\)"),
+    ("adam", "lr", "tensors", r"lr must be a number or a real 0-d tensor \(torch.tensor\(0.01\)\), got tensor"),
+])
+@pytest.mark.parametrize("where", [0, 1, 2])
+def test_an_option_edited_into_a_plain_group_changes_no_group(base, key, value, message, where):
+    """torch.optim's code steps the plain groups one after another, in place,
+    after the unitary ones are computed: an option edited into one of them
+    that it refuses (eps=None, a single beta, a tensor lr in a foreach group)
+    failed there with torch's own words, after the plain groups before it
+    had stepped, their step counts advanced. Now the step refuses it before
+    anything changes, naming the group, wherever the group stands."""
+    gen = seeded(5)
+    W = unitary_parameter(5, dtype=torch.float64, generator=gen)
+    a, b = (torch.nn.Parameter(torch.randn(3, dtype=torch.float64, generator=gen)) for _ in range(2))
+    groups = [{"params": [a]}, {"params": [b], "foreach": True}]
+    groups.insert(where, {"params": [W]})
+    opt = ProjUNN(groups, lr=0.05, base=base, rank=2, seed=0)
+    edited = next(i for i, group in enumerate(opt.param_groups) if group["params"][0] is b)
+
+    def step():
+        for p in (W, a, b):
+            p.grad = torch.randn(p.shape, dtype=p.dtype, generator=gen)
+        opt.step()
+
+    step()
+    saved = [(p.detach().clone(), _state_copy(opt.state[p])) for p in (W, a, b)]
+    lrs = {"tensor": torch.tensor(0.01), "tensors": torch.tensor([0.01, 0.02])}
+    opt.param_groups[edited][key] = lrs[value] if key == "lr" else value
+    with pytest.raises((TypeError, ValueError), match=rf"^param group {edited}: {message}.*; no parameter was changed$"):
+        step()
+    for p, (values, state) in zip((W, a, b), saved):
+        assert torch.equal(p.detach(), values)
+        _same_state(opt.state[p], state)
+
+
 def test_a_step_checks_the_options_but_not_its_own_arrays_again(monkeypatch):
     """The eager step of a unitary parameter checks the group's options once
     and skips the public entry point's array checks (the parameter and the

@@ -507,6 +507,12 @@ class ProjUNN(torch.optim.Optimizer):
             for index, group in enumerate(self.param_groups):
                 group.update(_missing_hyperparameters(group))  # a base edited into a group takes its defaults
                 _check_edited_lr(group, index)
+                if _torch_optim_group(group) and any(p.grad is not None for p in group["params"]):
+                    # torch.optim's code steps these groups one after another,
+                    # in place, once nothing else can fail: an option edited
+                    # into one that it refuses would leave the groups before it
+                    # stepped (the other groups' rules are made before any write)
+                    self._rule(index, group)
         if self._eager_groups:
             self._refuse_capture()
             return self._step_outside_graph(closure)
@@ -694,16 +700,16 @@ class ProjUNN(torch.optim.Optimizer):
             # traced once, made afresh: a float option changed between compiled
             # calls is symbolic once Dynamo recompiles, and the key's sort
             # broke the graph ("sort with non-constant keys")
-            return make_rule(group["base"], **options)
+            return _group_rule(index, group["base"], options)
         try:
             key = (group["base"], *sorted(options.items()))
             hash(key)
         except TypeError:  # an option of a type that has no hash: made afresh
-            return make_rule(group["base"], **options)
+            return _group_rule(index, group["base"], options)
         rules = self.__dict__.setdefault("_rules", {})
         kept = rules.get(index)
         if kept is None or key not in kept:
-            kept = rules[index] = {key: make_rule(group["base"], **options)}
+            kept = rules[index] = {key: _group_rule(index, group["base"], options)}
         return kept[key]
 
     def _sketch_generator(self, p, saved):
@@ -827,6 +833,16 @@ def _check_stepped_unitary(group, index, i, p):
         _check_unitary_parameter(_name(group, index, i), p, rank)
     except (TypeError, ValueError) as error:
         raise type(error)(f"{error}; no parameter was changed") from None
+
+
+def _group_rule(index, base, options):
+    """The base rule of param group ``index``; an option it refuses (edited
+    into the group since: ``eps=None``, a single beta) is named with the
+    group."""
+    try:
+        return make_rule(base, **options)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"param group {index}: {error}; no parameter was changed") from None
 
 
 def _torch_optim_group(group):
@@ -1181,9 +1197,19 @@ def _check_edited_lr(group, index):
     each step on the host, where it costs nothing: a capturable group's step
     checks nothing there, and a NaN lr reached its small cores (a bare
     LinAlgError from eigh), a negative one stepped uphill. A tensor lr is not
-    read (a synchronisation on a GPU)."""
+    read (a synchronisation on a GPU): its shape and dtype are checked, and a
+    foreach group that is not capturable refuses it, as at construction
+    (torch.optim's foreach code refused it after the groups before had
+    stepped)."""
     lr = group["lr"]
     if isinstance(lr, torch.Tensor):
+        # its shape, dtype and the group's flags are known without a read
+        if lr.dim() != 0 or lr.is_complex():
+            raise ValueError(f"param group {index}: lr must be a number or a real 0-d tensor (torch.tensor(0.01)), "
+                             f"got {lr!r}; no parameter was changed")
+        if group.get("foreach") and not group["capturable"]:
+            raise ValueError(f"param group {index}: foreach=True needs a number lr or capturable=True, got "
+                             f"lr={lr!r}; no parameter was changed")
         return
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0 <= lr < math.inf:
         raise ValueError(f"param group {index}: lr must be a finite number >= 0, got {lr!r}; no parameter was "
