@@ -114,10 +114,13 @@ class ProjUNN(torch.optim.Optimizer):
         ``lr * unitary_lr_scale`` (> 0; per group, read when the group is
         added). The paper's recurrent recipe, a unitary matrix trained 32
         times slower than the rest, is ``ProjUNN(model.parameters(), lr=1e-3,
-        unitary_lr_scale=1 / 32)``. The group then holds that ``lr``, so an
-        ``lr_scheduler`` scales both groups and keeps their ratio (a tensor
+        unitary_lr_scale=1 / 32)``. The group then holds that ``lr``, so a
+        scheduler that multiplies each group's lr (``StepLR``, ``LambdaLR``)
+        keeps their ratio; one that sets lrs from numbers of its own
+        (``OneCycleLR``'s ``max_lr``, ``CyclicLR``, ``SWALR``) needs one value
+        per group, a list, or it gives every group the same lr. (A tensor
         ``lr`` gives the group a new tensor: update both, or use 1 and set the
-        groups' lr yourself).
+        groups' lr yourself.)
     momentum, dampening, nesterov, weight_decay, alpha, eps, centered, betas
         Base-rule hyper-parameters, as in ``torch.optim`` (per group);
         ``betas`` a pair. NumPy numbers (and 0-d arrays) are kept as the
