@@ -5,6 +5,7 @@ the result back on the unitary group."""
 from __future__ import annotations
 
 import operator
+import sys
 import warnings
 
 import array_api_compat.torch
@@ -46,7 +47,8 @@ def projunn_retraction(optimizer, *, rank=None, variant=DEFAULT_VARIANT, params=
         The parameters to keep unitary; by default every parameter of the
         optimizer's groups marked unitary (:func:`mark_unitary`,
         :func:`orthogonal`, :func:`unitary_parameter`), looked up at each step,
-        so groups added later are covered.
+        so groups added later are covered. A parameter once chosen stays
+        retracted if it loses its mark (see Notes).
     oversample, power_iters : int, optional
         Sketch settings (see :func:`unitary_lr.projunn_step`).
     drift_tol : float or None, optional
@@ -95,7 +97,11 @@ def projunn_retraction(optimizer, *, rank=None, variant=DEFAULT_VARIANT, params=
         shrink, and the decay term ``-lr wd W`` is a full-rank part of the
         update that the rank-k sketch then has to approximate along with the
         gradient's. Put the unitary parameters in a group with
-        ``weight_decay=0`` (``torch.optim.AdamW`` defaults to 0.01).
+        ``weight_decay=0`` (``torch.optim.AdamW`` defaults to 0.01). Once
+        per group (by its index in ``param_groups``): at construction, or,
+        for a group added since (``add_param_group``) or given decay since,
+        at the first ``step()`` that sees it, before the optimizer moves
+        anything.
 
     Notes
     -----
@@ -112,6 +118,16 @@ def projunn_retraction(optimizer, *, rank=None, variant=DEFAULT_VARIANT, params=
     ``Adam``/``RMSprop`` up to the sketch. Under ``torch.compile`` of the
     optimizer's step the hooks run outside the graph, as they run without it
     (``fullgraph=True`` refuses them, naming them).
+
+    A parameter chosen by its mark (``params=None``) stays retracted when it
+    loses the mark, as it stays in :class:`ProjUNN`'s unitary group: with
+    ``torch.__future__.set_swap_module_params_on_conversion(True)``,
+    ``module.double()`` swaps a plain Parameter's contents into the same
+    object (see :func:`mark_unitary`). Its first step in the new precision
+    checks the drift and re-projects, as for a marked parameter. A retraction
+    built after such a conversion does not see the parameter: mark it again
+    (``mark_unitary(p)``; ``project=True`` for a float32 weight made float64)
+    or pass it in ``params``.
 
     Examples
     --------
@@ -139,6 +155,19 @@ _RETRACTED_DTYPES = (torch.float32, torch.float64, torch.complex64, torch.comple
 # W came out of three compiled SGD steps 0.1 away from unitary, without a word.
 _OUTSIDE_GRAPH = ("it reads the update on the host, draws its sketches from NumPy generators and checks drift "
                   "there; in a graph use unitary_lr.torch.ProjUNN(..., capturable=True)")
+
+
+def _caller_stacklevel():
+    """The ``stacklevel`` that points a warning raised by the caller of this
+    function at the first frame outside torch and unitary_lr: the line that
+    built the retraction or called ``optimizer.step()`` (the hooks run under
+    torch's step wrapper, ``no_grad``, ``torch.compiler.disable``, maybe a
+    scheduler's or a GradScaler's wrapper)."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").partition(".")[0] in ("torch",
+                                                                                                 "unitary_lr"):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class ProjUNNRetraction:
@@ -178,9 +207,20 @@ class ProjUNNRetraction:
         self.state = {}  # parameter -> {"rng", "steps", "reprojections"}
         self._streams = 0  # sketch streams made: the next one is seeded [seed, _streams]
         self._saved = []
-        for p, _ in self._targets():
+        # every parameter picked for retraction so far (the keys; a dict keyed
+        # by the tensor, as the state, which copy.deepcopy maps to the copies):
+        # with params=None one that loses its mark since (a swap conversion)
+        # stays retracted; it was dropped, and the weight left with the
+        # optimizer's raw updates (0.8 from unitary after three steps).
+        self._chosen = {}
+        # indices of the param groups whose weight decay was warned about: once
+        # each, the optimizer's load_state_dict (new group dicts) included
+        self._decay_warned = set()
+        targets = self._targets()
+        for p, _ in targets:
             self._check(p)
-        self._warn_weight_decay()
+        self._warn_weight_decay(targets)
+        self._chosen = dict.fromkeys(p for p, _ in targets)
         self._handles = [optimizer.register_step_pre_hook(self._before),
                          optimizer.register_step_post_hook(self._after)]
 
@@ -230,8 +270,9 @@ class ProjUNNRetraction:
                                  "parameters")
             p = params[index]
             if id(p) not in targets:
+                hint = "" if self.params is not None else ": it is not marked unitary (mark_unitary marks it)"
                 raise ValueError(f"{where}: the optimizer's parameter {index} (shape {tuple(p.shape)}) is not "
-                                 "retracted")
+                                 f"retracted{hint}")
             # ("precision", the dtype of its last step, since 2026-12: absent from older state_dicts)
             if not isinstance(entry, dict) or set(entry) - {"precision"} != {"rng", "steps", "reprojections"}:
                 raise ValueError(f"{where} must be a dict with keys 'rng', 'steps', 'reprojections' and "
@@ -247,16 +288,21 @@ class ProjUNNRetraction:
             state[p] = {"rng": rng, "steps": entry["steps"], "reprojections": entry["reprojections"],
                         "precision": entry.get("precision")}
         self.seed, self._streams, self.state = seed, max(streams, len(state)), state
+        self._chosen.update(dict.fromkeys(state))
 
     def _all_parameters(self):
         """The optimizer's parameters in the order of its ``state_dict()``."""
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def _targets(self):
-        """(parameter, group) of every retracted parameter, in group order."""
-        chosen = None if self.params is None else {id(p) for p in self.params}
-        return [(p, group) for group in self.optimizer.param_groups for p in group["params"]
-                if (is_unitary(p) if chosen is None else id(p) in chosen)]
+        """(parameter, group) of every retracted parameter, in group order:
+        those of ``params``; by default those marked unitary and those
+        retracted before (which a swap conversion may have unmarked since)."""
+        if self.params is None:
+            return [(p, group) for group in self.optimizer.param_groups for p in group["params"]
+                    if is_unitary(p) or p in self._chosen]
+        chosen = {id(p) for p in self.params}
+        return [(p, group) for group in self.optimizer.param_groups for p in group["params"] if id(p) in chosen]
 
     def _name(self, p):
         """The parameter's name in the optimizer's errors: its name in its
@@ -280,15 +326,20 @@ class ProjUNNRetraction:
             raise ValueError(f"rank {self.options['rank']} exceeds the size of retracted parameter {self._name(p)} "
                              f"(shape {tuple(p.shape)}){changed}")
 
-    def _warn_weight_decay(self):
-        decayed = {id(group): group for p, group in self._targets() if group.get("weight_decay", 0)}
-        for group in decayed.values():
-            index = self.optimizer.param_groups.index(group)
+    def _warn_weight_decay(self, targets):
+        """Warn once per param group (by index) that holds one of ``targets``
+        and has weight decay: O(number of parameters and groups), no array
+        work."""
+        holding = {id(group) for _, group in targets}
+        for index, group in enumerate(self.optimizer.param_groups):
+            if index in self._decay_warned or id(group) not in holding or not group.get("weight_decay", 0):
+                continue
             warnings.warn(
                 f"param group {index} of the {type(self.optimizer).__name__} holds unitary parameters and has "
                 f"weight_decay={group['weight_decay']!r}: decay is meaningless on a unitary matrix and pollutes "
                 "the rank-k update; put the unitary parameters in a group with weight_decay=0",
-                UserWarning, stacklevel=4)
+                UserWarning, stacklevel=_caller_stacklevel())
+            self._decay_warned.add(index)
 
     @outside_torch_graph(_OUTSIDE_GRAPH, name="projunn_retraction's hook before the step")
     @torch.no_grad()
@@ -302,6 +353,9 @@ class ProjUNNRetraction:
             # since (module.half()), checked after the step left every retracted
             # parameter with the optimizer's raw update
             self._check(p, changed="; no parameter was changed")
+        # a group added since (add_param_group: AdamW's weight_decay=0.01)
+        self._warn_weight_decay(targets)
+        self._chosen.update(dict.fromkeys(p for p, _ in targets))
         self._saved = [(p, p.detach().clone()) for p, _ in targets]
 
     @outside_torch_graph(_OUTSIDE_GRAPH, name="projunn_retraction's hook after the step")
