@@ -209,11 +209,25 @@ def mH(xp, x):
 
 
 def untracked(x):
-    """x without autograd history (a torch ``nn.Parameter`` or a tensor that
-    requires grad: its ``detach()``, a view); other arrays as they are. A
-    step's result is new values for W, not a function of W to differentiate,
-    and a tracked result would grow the autograd graph step after step."""
-    return x.detach() if getattr(x, "requires_grad", False) else x
+    """x without autograd history (a torch ``nn.Parameter``, a tensor that
+    requires grad, or a forward-mode dual tensor: its ``detach()``, a view);
+    other arrays as they are. A step's result is new values for W, not a
+    function of W to differentiate, and a tracked result would grow the
+    autograd graph step after step. (A dual W's tangent went through the
+    kernels' device products but not through their small factorizations on
+    the host: a tangent of ``exp_transport`` came back 1.5 off, without a
+    word.)"""
+    if getattr(x, "requires_grad", False) or _is_dual(x):
+        return x.detach()
+    return x
+
+
+def _is_dual(x):
+    """Whether x is a PyTorch tensor with a forward-mode tangent (only looked
+    for inside a ``dual_level``, where one can be)."""
+    torch = sys.modules.get("torch")
+    return (torch is not None and torch.autograd.forward_ad._current_level >= 0 and isinstance(x, torch.Tensor)
+            and torch.autograd.forward_ad.unpack_dual(x).tangent is not None)
 
 
 class Adjoint:

@@ -254,8 +254,8 @@ def project_unitary_lowrank(W, a, b, /):
         ``W + a b^H`` (one of them if it is rank-deficient), in the namespace
         and on the device of W, with dtype ``result_type(W, a, b)``.
         A new value, as an optimizer step makes it: on PyTorch it carries no autograd
-        history (W, a and b are detached; ``torch.func.grad`` fails), where ``jax.grad``
-        runs through it, but its gradient is NaN or wrong, without a word, at
+        history and no forward-mode tangent (W, a and b are detached; ``torch.func.grad``
+        fails), where ``jax.grad`` runs through it, but its gradient is NaN or wrong, without a word, at
         degenerate factors (a zero factor, k = 0, 2k > min(n, m), dependent
         columns): see "Gradients through the kernels" on the backends page.
 

@@ -34,8 +34,8 @@ def exp_transport(W, a, b, /, *, t=1.0):
         ``result_type(W, a, b)``. Unitary (orthonormal columns or rows) to
         rounding for every t when W is.
         A new value, as an optimizer step makes it: on PyTorch it carries no autograd
-        history (W, a and b are detached; ``torch.func.grad`` fails), where ``jax.grad``
-        runs through it, but its gradient is NaN or wrong, without a word, at
+        history and no forward-mode tangent (W, a and b are detached; ``torch.func.grad``
+        fails), where ``jax.grad`` runs through it, but its gradient is NaN or wrong, without a word, at
         degenerate factors (a zero factor, k = 0, 2k > min(n, m), dependent
         columns): see "Gradients through the kernels" on the backends page.
 
@@ -101,8 +101,8 @@ def cayley_transport(W, a, b, /, *, t=1.0):
         ``(I - t/2 X)^(-1) (I + t/2 X) @ W`` in the namespace and on the device
         of W, with dtype ``result_type(W, a, b)``; unitary to rounding when W is.
         A new value, as an optimizer step makes it: on PyTorch it carries no autograd
-        history (W, a and b are detached; ``torch.func.grad`` fails), where ``jax.grad``
-        runs through it, but its gradient is NaN or wrong, without a word, at
+        history and no forward-mode tangent (W, a and b are detached; ``torch.func.grad``
+        fails), where ``jax.grad`` runs through it, but its gradient is NaN or wrong, without a word, at
         degenerate factors (a zero factor, k = 0, 2k > min(n, m), dependent
         columns): see "Gradients through the kernels" on the backends page.
 
