@@ -155,6 +155,21 @@ def test_public_function_compiles_on_rectangular_float32(name, shape, rng):
     _check(name, rng, shape, "float32", "aot_eager")
 
 
+@pytest.mark.parametrize("transport", ["exp_transport", "cayley_transport"])
+def test_a_transport_compiles_for_every_number_t(transport, rng):
+    """A Python number t given to a compiled function: Dynamo makes it a
+    symbolic float from its second value on, which stopped the transports'
+    check ("Unsupported hasattr call") and their step size's frexp. Every
+    value gives the eager result, in one graph."""
+    W, _, a, b, _ = (torch.as_tensor(x) for x in _inputs(rng, (6, 6), "float64"))
+    call = getattr(ul, transport)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.compile's own notes and deprecations
+        compiled = _compiled(lambda t: call(W, a, b, t=t), "aot_eager")
+        for t in (0.3, 0.5, -0.7, 2):
+            torch.testing.assert_close(compiled(t), call(W, a, b, t=t), rtol=0, atol=1e-13)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "complex64"])
 @pytest.mark.parametrize("name", sorted(CASES))

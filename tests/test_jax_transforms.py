@@ -93,6 +93,9 @@ def test_a_traced_time_of_another_kind_is_named():
         jax.jit(lambda t: ul.exp_transport(W, a, a, t=t))(jnp.ones(2))
     with pytest.raises(TypeError, match=r"^t must be a real number, got a traced array of shape \(\) and dtype complex"):
         jax.jit(lambda t: ul.exp_transport(W, a, a, t=t))(jnp.asarray(1j))
+    # a traced t with NumPy arrays (it failed inside the step with JAX's TracerArrayConversionError)
+    with pytest.raises(TypeError, match=r"^W is a numpy.ndarray but t is a jax\..*; pass arrays from one library"):
+        jax.jit(lambda t: ul.cayley_transport(np.eye(4), np.ones((4, 1)), np.ones((4, 1)), t=t))(0.3)
 
 
 @pytest.mark.parametrize("shape", [(4, 0), (3, 0, 0), (0, 5)])

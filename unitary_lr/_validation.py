@@ -13,7 +13,7 @@ import operator
 
 import numpy as np
 
-from ._host import is_jax_tracer, is_traced, staged
+from ._host import is_jax_tracer, is_traced, staged, torch_graph_tracing
 from ._xp import (
     untracked,
     FLOAT_DTYPE_NAMES,
@@ -237,7 +237,11 @@ def check_real_scalar(name, value, *, positive=False, traced=False):
     """A finite real number (Python, NumPy or 0-d array scalar), > 0 when
     ``positive``; returns it as a float. With ``traced``, a traced value
     (``jax.jit``, ``vmap`` or ``grad`` over it) is returned as it is once its
-    kind is checked (a real 0-d array): its value cannot be read."""
+    kind is checked (a real 0-d array): its value cannot be read. So is a
+    number that ``torch.compile`` made symbolic (from its second value on:
+    Dynamo's ``SymFloat``, which has no dtype to look at)."""
+    if traced and isinstance(value, (int, float)) and not isinstance(value, bool) and torch_graph_tracing():
+        return value  # (Dynamo shows its SymFloat as a float, whose value it cannot give)
     kind = str(getattr(value, "dtype", ""))
     # (a Python number is never traced, and Dynamo cannot trace is_traced's
     # look at its type)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from ._cores import add_lowrank, make_cores
 from ._flow import checked, transport_update
-from ._host import is_traced
-from ._validation import check_real_scalar, unitary_and_factors
-from ._xp import exact_products
+from ._host import is_traced, torch_graph_tracing
+from ._validation import check_real_scalar, namespace_of, unitary_and_factors
+from ._xp import device, exact_products, real_dtype
 
 __all__ = ["cayley_transport", "exp_transport"]
 
@@ -152,6 +152,15 @@ def _transport(W, a, b, t, *, cayley):
     by the step, see ``_flow.transport_update``)."""
     xp, W, a, b = unitary_and_factors(W, a, b, check_values=False)
     t = check_real_scalar("t", t, traced=True)  # (a traced t: jax.jit, vmap or grad over the time)
+    if isinstance(t, (int, float)) and torch_graph_tracing():
+        # a number Dynamo may have made symbolic (from a compiled function's
+        # second t on), which the step size's exact scaling by frexp cannot
+        # take: a 0-d tensor, scaled as an array is (both exact)
+        t = xp.asarray(t, dtype=real_dtype(xp, W.dtype), device=device(W))
+    elif not isinstance(t, float):
+        # a traced t of another library than W's (jax.jit over t, with NumPy
+        # W, a and b) failed deep inside the step, in JAX's words
+        namespace_of(W=W, t=t)
     traced = not isinstance(t, float) or any(is_traced(x) for x in (W, a, b))
     return checked(lambda: transport_unchecked(xp, W, a, b, t, traced=traced, cayley=cayley), xp,
                    {"W": W, "a": a, "b": b})
