@@ -5,6 +5,7 @@ whichever init is asked for, and nothing is changed."""
 from __future__ import annotations
 
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -438,3 +439,66 @@ def test_unitary_parameter_init_omitted_is_haar():
     # UnitaryRNN's own init (default "henaff") does not take None
     with pytest.raises(ValueError, match=r"^init must be one of 'haar', 'identity', 'henaff', got None$"):
         UnitaryRNN(2, 3, init=None)
+
+
+@pytest.mark.parametrize("init", ["haar", "identity", "henaff"])
+def test_unitary_parameter_follows_the_default_device(init):
+    """device omitted: torch's default device, as every other parameter (it
+    was the CPU: under ``with torch.device("meta")`` a model came out split
+    across devices, and "henaff" failed with "Cannot copy out of meta
+    tensor"). On "meta": no values, marked without a check. The host draw
+    is pinned to the CPU: a device named under another default device gives
+    the same values as without it."""
+    with torch.device("meta"):
+        W = unitary_parameter(4, init=init, batch_shape=(2,), dtype=torch.complex128, generator=seeded(1))
+        on_cpu = unitary_parameter(4, init=init, dtype=torch.float64, device="cpu", generator=seeded(2))
+    assert W.device.type == "meta" and tuple(W.shape) == (2, 4, 4) and W.dtype == torch.complex128
+    assert is_unitary(W) and isinstance(W, torch.nn.Parameter) and W.requires_grad
+    expected = unitary_parameter(4, init=init, dtype=torch.float64, generator=seeded(2))
+    assert on_cpu.device.type == "cpu" and torch.equal(on_cpu, expected)
+    A = on_cpu.detach().numpy()
+    np.testing.assert_allclose(A.T @ A, np.eye(4), rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("init", ["henaff", "haar"])
+@pytest.mark.parametrize("complex_", [False, True])
+def test_unitary_rnn_built_on_the_meta_device_loads_a_checkpoint(init, complex_):
+    """UnitaryRNN under ``with torch.device("meta")``: every parameter on
+    "meta" (weight_hh was on the CPU, and the default "henaff" init failed),
+    then to_empty and load_state_dict give the checkpoint's outputs."""
+    make = dict(num_layers=2, complex=complex_, init=init, nonlinearity="tanh", dtype=torch.float64)
+    source = UnitaryRNN(3, 4, generator=seeded(4), **make)
+    with torch.device("meta"):
+        rnn = UnitaryRNN(3, 4, **make)
+    assert {p.device.type for p in rnn.parameters()} == {"meta"}
+    assert is_unitary(rnn.weight_hh) and is_unitary(rnn.weight_hh_l1)
+    rnn = rnn.to_empty(device="cpu")
+    rnn.load_state_dict(source.state_dict())
+    x = torch.randn(5, 2, 3, dtype=torch.float64, generator=seeded(5))
+    # float64 NumPy reference of h_t = tanh(W h_{t-1} + V x_t + c), layer after layer
+    inputs = x.numpy().astype(np.complex128 if complex_ else np.float64)
+    for layer in range(2):
+        suffix = "" if layer == 0 else f"_l{layer}"
+        W, V, c = (getattr(source, name + suffix).detach().numpy() for name in ("weight_hh", "weight_ih", "bias"))
+        h = np.zeros((2, 4), dtype=inputs.dtype)
+        states = []
+        for u in inputs:
+            z = h @ W.T + u @ V.T + c
+            h = np.tanh(z.real) + 1j * np.tanh(z.imag) if complex_ else np.tanh(z)
+            states.append(h)
+        inputs = np.stack(states)
+    np.testing.assert_allclose(rnn(x)[0].detach().numpy(), inputs, rtol=0, atol=1e-13)
+
+
+def test_complex_unitary_rnn_cast_to_a_real_dtype_is_refused():
+    """module.to(torch.float64) discards the imaginary part of the complex
+    recurrent matrices (torch warns once per process): the layer went on with
+    matrices that are no longer unitary."""
+    rnn = UnitaryRNN(3, 4, num_layers=2, complex=True, generator=seeded(6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rnn.to(torch.float64)
+    with pytest.raises(TypeError, match=r"^UnitaryRNN: the layer is complex, but weight_hh has dtype torch.float64: "
+                                        r"a cast to a real dtype \(module.to\(torch.float64\)\) discarded its "
+                                        r"imaginary part, and it is no longer unitary. .*module.double\(\)"):
+        rnn(torch.randn(5, 2, 3, dtype=torch.float64))

@@ -1,5 +1,7 @@
 """unitary_lr.torch.FourierConv2d: exactly orthogonal (unitary) after training."""
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -252,3 +254,89 @@ def test_rectangular_layer_trained_with_projunn_stays_an_isometry():
                                  generator=torch.Generator().manual_seed(6)))
     M = rectangular_operator(conv)
     assert float((M.mH @ M - torch.eye(M.shape[1], dtype=M.dtype)).abs().max()) < 1e-13
+
+
+def numpy_reference(matrices, x, size):
+    """float64 NumPy of the documented real layer: irfft2(U_f rfft2(x)_f), orthonormal scaling."""
+    U = matrices.detach().to(torch.complex128).numpy()
+    X = np.fft.rfft2(np.asarray(x, dtype=np.float64), norm="ortho")
+    return np.fft.irfft2(np.einsum("ijab,nbij->naij", U, X), s=size, norm="ortho")
+
+
+@pytest.mark.parametrize("how", ["assign", "to_empty", "default device, to_empty"])
+def test_layer_built_on_the_meta_device_loads_a_checkpoint(how):
+    """Built on the meta device and then given its values (load_state_dict
+    with assign=True, or to_empty and load_state_dict): the frequency map,
+    not in the state dict, stayed on "meta" or uninitialised, and the layer
+    returned garbage (1e17, NaN) or an IndexError."""
+    size = (6, 5)
+    source = FourierConv2d(3, size, init="haar", dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    state = source.state_dict()
+    if how == "default device, to_empty":
+        with torch.device("meta"):
+            conv = FourierConv2d(3, size, init="haar", dtype=torch.float64)
+    else:
+        conv = FourierConv2d(3, size, init="haar", dtype=torch.float64, device="meta")
+    assert conv.weight.is_meta and conv.weight_real.is_meta
+    if how == "assign":
+        conv.load_state_dict(state, assign=True)
+    else:
+        conv.to_empty(device="cpu").load_state_dict(state)
+    x = torch.randn(2, 3, *size, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    expected = numpy_reference(source.matrices(), x.numpy(), size)
+    np.testing.assert_allclose(conv(x).detach().numpy(), expected, rtol=0, atol=1e-13)
+    torch.testing.assert_close(conv(x).norm(), x.norm(), rtol=1e-13, atol=0)
+    assert conv._gather.device.type == "cpu"
+
+
+@pytest.mark.parametrize("complex_", [False, True])
+def test_cast_to_a_real_dtype_is_refused_and_double_works(complex_):
+    """module.to(torch.float64) casts the complex weight to real and discards
+    its imaginary part (torch warns once per process): the layer went on,
+    2.0 off the float64 reference. It now refuses to run; module.double()
+    keeps the weight complex and matches the reference."""
+    size = (4, 6)
+    make = dict(init="haar", complex=complex_, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(2, 2, *size, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's "Casting complex values to real discards the imaginary part"
+        cast = FourierConv2d(2, size, **make).to(torch.float64)
+    assert not cast.weight.is_complex()
+    hint = r"module.double\(\) \(or .float\(\)\), which keep complex parameters complex"
+    hint += r", or module.to\(torch.complex128\)$" if complex_ else "$"
+    with pytest.raises(TypeError, match=r"^FourierConv2d: weight \(the matrices of the frequencies\) is complex, but "
+                                        r"has dtype torch.float64: a cast to a real dtype "
+                                        r"\(module.to\(torch.float64\)\) discarded its imaginary part: it is no "
+                                        r"longer unitary. .*" + hint):
+        cast(x.to(torch.complex128) if complex_ else x)
+    with pytest.raises(TypeError, match=r"discarded its imaginary part"):
+        cast.matrices()
+    doubled = FourierConv2d(2, size, **make).double()
+    assert doubled.weight.is_complex()
+    if complex_:
+        U = doubled.matrices().detach().to(torch.complex128).numpy()
+        X = np.fft.fft2(x.numpy(), norm="ortho")
+        expected = np.fft.ifft2(np.einsum("ijab,nbij->naij", U, X), norm="ortho")
+        np.testing.assert_allclose(doubled(x.to(torch.complex128)).detach().numpy(), expected, rtol=0, atol=1e-6)
+    else:
+        expected = numpy_reference(doubled.matrices(), x.numpy(), size)
+        np.testing.assert_allclose(doubled(x).detach().numpy(), expected, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("cast", ["half", "bfloat16", "complex128"])
+def test_unsupported_precision_is_a_clear_type_error(cast):
+    """module.half() / .bfloat16() on the real layer gave a bare KeyError
+    (torch.float16) from the layer's dtype table, in forward and matrices();
+    module.to(a complex dtype) too."""
+    conv = FourierConv2d(3, (4, 4), init="haar", generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's warning on complex modules
+        conv = conv.to(torch.complex128) if cast == "complex128" else getattr(conv, cast)()
+    dtype = conv.weight_real.dtype
+    why = "a complex dtype made the real orthogonal matrices" if cast == "complex128" else "half precision"
+    message = (rf"^FourierConv2d: weight_real has dtype {dtype}; the real layer supports float32 and float64 "
+               rf"\({why}.*\): use module.float\(\) or module.double\(\)$")
+    with pytest.raises(TypeError, match=message):
+        conv(torch.randn(2, 3, 4, 4).to(dtype))
+    with pytest.raises(TypeError, match=message):
+        conv.matrices()

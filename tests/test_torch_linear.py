@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -266,3 +267,44 @@ def test_bad_orthogonal_linear_arguments():
         OrthogonalLinear(3, 3, init="henaff")
     with pytest.raises(TypeError, match=r"dtype must be torch.float32 or torch.float64 .* got torch.complex64"):
         OrthogonalLinear(3, 3, dtype=torch.complex64)
+
+
+def test_complex_layer_cast_to_a_real_dtype_is_refused():
+    """module.to(torch.float64) casts the complex weight to real, discarding
+    its imaginary part (torch warns once per process): the layer went on with
+    a weight 0.64 off unitary. It now refuses to run; module.double() keeps
+    the weight complex and matches a float64 NumPy reference."""
+    layer = OrthogonalLinear(4, 4, complex=True, generator=seeded(0))
+    x = torch.randn(3, 4, dtype=torch.float64, generator=seeded(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's "Casting complex values to real discards the imaginary part"
+        cast = copy.deepcopy(layer).to(torch.float64)
+    assert cast.weight.dtype == torch.float64
+    with pytest.raises(TypeError, match=r"^OrthogonalLinear: the layer is complex, but its weight has dtype "
+                                        r"torch.float64: a cast to a real dtype \(module.to\(torch.float64\)\) "
+                                        r"discarded its imaginary part, and it is no longer unitary. .*"
+                                        r"module.double\(\) .*, or module.to\(torch.complex128\)$"):
+        cast(x)
+    W = layer.weight.detach().numpy().astype(np.complex128)
+    b = layer.bias.detach().numpy().astype(np.complex128)
+    y = layer.double()(x)
+    assert y.dtype == torch.complex64  # double() leaves complex parameters as they are
+    np.testing.assert_allclose(y.detach().numpy(), x.numpy() @ W.T + b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("complex_", [False, True])
+def test_layer_built_under_a_default_device_puts_every_parameter_there(complex_):
+    """Under ``with torch.device("meta")`` the weight was drawn on the CPU
+    while the bias followed the default device: a model split across devices.
+    On "meta" both have no values; load_state_dict(assign=True) gives them
+    those of a checkpoint, and the weight stays marked."""
+    source = OrthogonalLinear(3, 5, complex=complex_, dtype=torch.float64, generator=seeded(2))
+    with torch.device("meta"):
+        layer = OrthogonalLinear(3, 5, complex=complex_, dtype=torch.float64)
+    assert {name: p.device.type for name, p in layer.named_parameters()} == {"weight": "meta", "bias": "meta"}
+    assert is_unitary(layer.weight) and layer.weight.dtype == source.weight.dtype
+    layer.load_state_dict(source.state_dict(), assign=True)
+    assert is_unitary(layer.weight) and layer.weight.device.type == "cpu"
+    x = torch.randn(2, 3, dtype=torch.float64, generator=seeded(3))
+    W, b = (p.detach().numpy() for p in (source.weight, source.bias))
+    np.testing.assert_allclose(layer(x).detach().numpy(), x.numpy() @ W.T + b, rtol=0, atol=1e-14)

@@ -20,6 +20,8 @@ orthogonal matrices, a second batched parameter.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -53,6 +55,16 @@ def _half_spectrum_sources(h, w):
             if (i, j) not in sources:
                 sources[i, j] = ("mirror", sources[(-i) % h, j][1])
     return free, real, sources
+
+
+@functools.lru_cache(maxsize=8)
+def _gather_index(h, w):
+    """The index of every frequency of the rfft2 grid (h x (w//2 + 1)), in
+    row-major order, into the bank [weight, conj(weight), weight_real]: a
+    tuple of ints (built once per size)."""
+    free, real, sources = _half_spectrum_sources(h, w)
+    offsets = {"free": 0, "mirror": len(free), "real": 2 * len(free)}
+    return tuple(offsets[kind] + k for kind, k in (sources[i, j] for i in range(h) for j in range(w // 2 + 1)))
 
 
 class FourierConv2d(nn.Module):
@@ -92,7 +104,12 @@ class FourierConv2d(nn.Module):
     TypeError
         channels or out_channels not an integer (a bool, a float), a size
         that is not a tuple or list of integers; a dtype other than
-        torch.float32 or torch.float64; ``complex`` not True or False.
+        torch.float32 or torch.float64; ``complex`` not True or False; at
+        ``forward`` and ``matrices``, parameters that a cast of the module
+        left in a dtype the layer cannot use: a real ``weight``
+        (``module.to(torch.float64)`` discards the imaginary part of complex
+        parameters; ``module.double()`` keeps them complex), half precision
+        (``module.half()``), a complex ``weight_real``.
 
     Notes
     -----
@@ -150,18 +167,43 @@ class FourierConv2d(nn.Module):
             self.weight_real = None
             self.register_buffer("_gather", None, persistent=False)
             return
-        free, real, sources = _half_spectrum_sources(h, w)
+        free, real, _ = _half_spectrum_sources(h, w)
         self.weight = unitary_parameter(*shape, batch_shape=(len(free),), dtype=COMPLEX_OF[real_dtype], **options)
         self.weight_real = unitary_parameter(*shape, batch_shape=(len(real),), dtype=real_dtype, **options)
         # Index into the bank [weight, conj(weight), weight_real] for every
-        # frequency of the rfft2 grid, in row-major order.
-        offsets = {"free": 0, "mirror": len(free), "real": 2 * len(free)}
-        index = [offsets[kind] + k for kind, k in (sources[i, j] for i in range(h) for j in range(w // 2 + 1))]
-        self.register_buffer("_gather", torch.tensor(index, device=device), persistent=False)
+        # frequency of the rfft2 grid, in row-major order. Not in the state
+        # dict (it is a function of the size): rebuilt by _apply and wherever
+        # it is not where the weight is (see _frequency_map).
+        self.register_buffer("_gather", self._new_gather(self.weight.device), persistent=False)
+
+    def _new_gather(self, device):
+        return torch.tensor(_gather_index(*self.size), dtype=torch.int64, device=device)
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .cuda(), .to_empty(), ...: the frequency map is rebuilt where
+        # the weight now is. (to_empty left it uninitialised, and the layer
+        # indexed with garbage: a wrong result or an IndexError.)
+        module = super()._apply(fn, recurse)
+        if self._gather is not None:
+            self._gather = self._new_gather(self.weight.device)
+        return module
+
+    def _frequency_map(self):
+        """``_gather``, on the device of the weight. A layer built on the meta
+        device, whose weights ``load_state_dict(..., assign=True)`` then
+        replaced, still had it on "meta", and the CPU's index_select read it
+        without an error: the result was garbage. One device comparison per
+        call where nothing changed."""
+        gather = self._gather
+        if gather.device != self.weight.device:
+            gather = self._gather = self._new_gather(self.weight.device)
+        return gather
 
     def matrices(self):
         """The d x c matrix of every frequency of the transform's grid: (h, w, d, c)
-        for the complex layer, (h, w // 2 + 1, d, c) for the real one."""
+        for the complex layer, (h, w // 2 + 1, d, c) for the real one; a
+        TypeError for parameters of a dtype the layer cannot use (see the
+        class)."""
         h, w = self.size
         d, c = self.out_channels, self.in_channels
         dtype = self._complex_dtype()
@@ -169,16 +211,42 @@ class FourierConv2d(nn.Module):
             return self.weight.to(dtype).reshape(h, w, d, c)
         weight = self.weight.to(dtype)
         bank = torch.cat([weight, weight.conj(), self.weight_real.to(dtype)])
-        return bank.index_select(0, self._gather).reshape(h, w // 2 + 1, d, c)
+        return bank.index_select(0, self._frequency_map()).reshape(h, w // 2 + 1, d, c)
 
     def _complex_dtype(self):
         """The precision of the layer's work, as a complex dtype: that of its
         parameters, the wider one where they differ (``module.double()``
         casts the real ``weight_real`` and leaves the complex ``weight`` as it
-        is: the layer then failed with a dtype error)."""
+        is: the layer then failed with a dtype error).
+
+        A TypeError where a cast of the module left parameters the layer
+        cannot use: a real ``weight`` (``module.to(torch.float64)``, a real
+        dtype, casts complex parameters to real and discards their imaginary
+        part, with at most one warning per process: the layer went on, no
+        longer orthogonal), or a precision other than single and double
+        (``module.half()``: a bare KeyError)."""
+        weight = self.weight.dtype
+        if not weight.is_complex:
+            cast = "module.double() (or .float()), which keep complex parameters complex"
+            if self.complex:
+                cast += ", or module.to(torch.complex128)"
+            raise TypeError(
+                f"FourierConv2d: weight (the matrices of the frequencies) is complex, but has dtype {weight}: "
+                f"a cast to a real dtype (module.to({weight})) discarded its imaginary part: it is no longer "
+                f"unitary. "
+                f"Load the weights again and use {cast}")
+        if weight not in COMPLEX_OF.values():
+            raise TypeError(f"FourierConv2d: weight has dtype {weight}; the layer supports complex64 and complex128 "
+                            f"(module.float() or module.double())")
         if self.complex:
-            return self.weight.dtype
-        return torch.promote_types(self.weight.dtype, COMPLEX_OF[self.weight_real.dtype])
+            return weight
+        real = self.weight_real.dtype
+        if real not in COMPLEX_OF:
+            why = ("a complex dtype made the real orthogonal matrices of the self-conjugate frequencies complex"
+                   if real.is_complex else "half precision is not supported")
+            raise TypeError(f"FourierConv2d: weight_real has dtype {real}; the real layer supports float32 and "
+                            f"float64 ({why}): use module.float() or module.double()")
+        return torch.promote_types(weight, COMPLEX_OF[real])
 
     def forward(self, x):
         """Convolve a batch of images.
@@ -200,6 +268,8 @@ class FourierConv2d(nn.Module):
         ------
         ValueError
             ``x`` of the wrong shape.
+        TypeError
+            Parameters of a dtype the layer cannot use (see the class).
         """
         h, w = self.size
         if x.dim() != 4 or tuple(x.shape[1:]) != (self.channels, h, w):

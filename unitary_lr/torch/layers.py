@@ -80,8 +80,10 @@ def _henaff(n, *, dtype, device, generator):
     Szlam and LeCun, 2016); a trailing 1 for odd n."""
     drawn = torch.rand(n // 2, dtype=torch.float64, generator=generator, device=_on_generator(generator))
     angles = (drawn.cpu() * 2 - 1) * math.pi
-    W = torch.eye(n, dtype=torch.float64)
-    index = torch.arange(0, 2 * (n // 2), 2)
+    # built on the host whatever torch's default device (under a default
+    # "meta" device the copy from it failed), then moved to ``device``
+    W = torch.eye(n, dtype=torch.float64, device="cpu")
+    index = torch.arange(0, 2 * (n // 2), 2, device="cpu")
     W[index, index] = torch.cos(angles)
     W[index + 1, index + 1] = torch.cos(angles)
     W[index, index + 1] = -torch.sin(angles)
@@ -122,8 +124,14 @@ def unitary_parameter(n_or_tensor, m=None, /, *, init=None, batch_shape=(), dtyp
         copy (the tensor's own when omitted), a real one only for a real
         tensor; the copy is checked (or projected) in it.
     device : optional
-        Where the parameter lives; the CPU when omitted. With a tensor: where
-        the copy goes, after the check (the tensor's device when omitted).
+        Where the parameter lives; torch's default device when omitted
+        (``torch.get_default_device()``: the CPU unless
+        ``torch.set_default_device`` or a ``with torch.device(...)`` block
+        says otherwise), as for the other parameters of a module. On the
+        "meta" device the new parameter has a shape and a dtype but no
+        values, and is marked all the same (a module built there gets its
+        values from ``load_state_dict``). With a tensor: where the copy goes,
+        after the check (the tensor's device when omitted).
     generator : torch.Generator, optional
         Source of the random initial values. Only with a size, not with a
         tensor.
@@ -205,8 +213,13 @@ def unitary_parameter(n_or_tensor, m=None, /, *, init=None, batch_shape=(), dtyp
     # checked once for every init (random_unitary checked "haar" only: "identity"
     # gave torch's error and "henaff" an empty batch for (-1,))
     batch_shape = check_batch_shape(batch_shape)
-    device = torch.device("cpu") if device is None else torch.device(device)
-    if init == "haar":
+    # torch's default device, as every other parameter of a module (the CPU
+    # here left a module built under ``with torch.device(...)`` split across
+    # devices); random values are drawn on the host and sent there
+    device = torch.get_default_device() if device is None else torch.device(device)
+    if device.type == "meta":  # no values to draw: the shape and dtype only
+        value = torch.empty(*batch_shape, n, m, dtype=dtype, device=device)
+    elif init == "haar":
         name = str(dtype).removeprefix("torch.")
         value = random_unitary(n, m, dtype=name, batch_shape=batch_shape, rng=_seed(generator), xp=torch,
                                device=device)
@@ -374,7 +387,10 @@ class UnitaryRNN(nn.Module):
         input or ``h0`` of the wrong shape.
     TypeError
         Sizes that are not integers (a bool, a float); a ``dtype`` other than
-        torch.float32 or torch.float64; ``complex`` not True or False.
+        torch.float32 or torch.float64; ``complex`` not True or False. At
+        ``forward``, a complex layer whose recurrent matrix is real:
+        ``module.to(torch.float64)`` (a real dtype) discards the imaginary
+        part of complex parameters, ``module.double()`` keeps them complex.
 
     Notes
     -----
@@ -486,6 +502,9 @@ class UnitaryRNN(nn.Module):
         ValueError
             ``input`` or ``h0`` of the wrong shape, or an ``input`` of no
             time steps (as ``torch.nn.RNN``).
+        TypeError
+            A complex layer whose recurrent matrix a cast of the module made
+            real (see the class).
 
         Notes
         -----
@@ -515,6 +534,13 @@ class UnitaryRNN(nn.Module):
         last = []
         for layer in range(self.num_layers):
             weight_hh, weight_ih, bias, activation = self._layer(layer)
+            if self.complex and not weight_hh.is_complex():
+                name = "weight_hh" if layer == 0 else f"weight_hh_l{layer}"
+                raise TypeError(
+                    f"UnitaryRNN: the layer is complex, but {name} has dtype {weight_hh.dtype}: a cast to a real "
+                    f"dtype (module.to({weight_hh.dtype})) discarded its imaginary part, and it is no longer "
+                    "unitary. Load the weights again and use module.double() (or .float()), which keep complex "
+                    "parameters complex, or module.to(torch.complex128)")
             projected = x.to(weight_ih.dtype) @ weight_ih.T  # every step's input projection in one product
             if bias is not None:
                 projected = projected + bias

@@ -50,7 +50,10 @@ class OrthogonalLinear(nn.Module):
     TypeError
         A size that is not an integer (a bool, a float, a string); a
         ``dtype`` other than torch.float32 or torch.float64; ``complex`` not
-        True or False; a ``generator`` that is not a torch.Generator.
+        True or False; a ``generator`` that is not a torch.Generator. At
+        ``forward``, a complex layer whose weight is real:
+        ``module.to(torch.float64)`` (a real dtype) discards the imaginary
+        part of complex parameters, ``module.double()`` keeps them complex.
 
     Notes
     -----
@@ -140,7 +143,23 @@ class OrthogonalLinear(nn.Module):
         Returns
         -------
         torch.Tensor, shape (..., out_features)
+
+        Raises
+        ------
+        TypeError
+            A complex layer whose weight a cast of the module made real (see
+            the class).
         """
+        if self.complex and not self.weight.is_complex():
+            # module.to(torch.float64), a real dtype, casts complex parameters
+            # to real, discarding their imaginary part, with at most one
+            # warning per process: the layer went on with a weight that is no
+            # longer unitary
+            raise TypeError(
+                f"OrthogonalLinear: the layer is complex, but its weight has dtype {self.weight.dtype}: a cast to "
+                f"a real dtype (module.to({self.weight.dtype})) discarded its imaginary part, and it is no longer "
+                "unitary. Load the weights again and use module.double() (or .float()), which keep complex "
+                "parameters complex, or module.to(torch.complex128)")
         if self.complex and not x.is_complex():
             x = x.to(self.weight.dtype)
         return functional.linear(x, self.weight, self.bias)
