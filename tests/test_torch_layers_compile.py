@@ -229,3 +229,31 @@ def test_an_outer_compile_traces_the_whole_loop_as_before():
     torch.compiler.reset()
     explanation = torch._dynamo.explain(rnn)(torch.randn(9, 3, 2))
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_householder_adapter_exports_and_traces_with_any_batch(dtype):
+    """The update's blocked path was chosen from the row count (a multiple of
+    8): torch.export with a dynamic batch failed on its guard, and a
+    jit.trace made at 8 rows failed at 5 ('unflatten'). A traced program
+    takes the plain product, the same values at every batch."""
+    from torch import nn
+    from torch.export import Dim
+
+    from unitary_lr.torch import HouseholderAdapter
+
+    generator = torch.Generator().manual_seed(3)
+    adapter = HouseholderAdapter(nn.Linear(512, 16, dtype=dtype), reflectors=2, generator=generator)
+    with torch.no_grad():
+        adapter.sigma.copy_(torch.randn(adapter.sigma.shape, dtype=dtype, generator=generator))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracers' own notes (a TracerWarning raised inside torch's C code)
+        exported = torch.export.export(adapter, (torch.randn(8, 512, dtype=dtype),),
+                                       dynamic_shapes=({0: Dim("batch", min=2, max=64)},)).module()
+        traced = torch.jit.trace(adapter, (torch.randn(8, 512, dtype=dtype),), check_trace=False)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-12
+    for batch in (16, 5, 3):
+        x = torch.randn(batch, 512, dtype=dtype, generator=generator)
+        expected = adapter(x)
+        torch.testing.assert_close(exported(x), expected, rtol=0, atol=tolerance)
+        torch.testing.assert_close(traced(x), expected, rtol=0, atol=tolerance)

@@ -748,15 +748,29 @@ def update_chunk_rows(W, r):
     """Rows per block of the update ``W + L @ Rh`` (rank r) of the 2-D PyTorch
     CPU tensor W where its gemm runs slowly (see ``_CHUNKED_RANKS``): the
     update then runs as one batched product over blocks of rows; 0 where the
-    plain ``addmm`` is as fast. W must be stored row by row."""
+    plain ``addmm`` is as fast. W must be stored row by row. 0 in a program
+    that PyTorch traces (``torch.compile``, ``torch.export``,
+    ``torch.jit.trace``): the choice reads the row count, which a traced
+    dynamic batch does not give (``torch.export`` with a dynamic batch of a
+    Householder adapter failed on the guard ``rows % 8 != 0``, and a
+    ``jit.trace`` made at a multiple of 8 rows failed at any other count)."""
     # is_cpu, where ``device.type`` makes a torch.device first (1.1 against 0.2 us)
-    if W.ndim != 2 or not W.is_cpu or W.shape[0] % _CHUNK_ROWS or W.stride(-1) != 1 or W.shape[1] < 2:
+    if W.ndim != 2 or not W.is_cpu or W.stride(-1) != 1 or W.shape[1] < 2 or _torch_traced():
+        return 0
+    if W.shape[0] % _CHUNK_ROWS:
         return 0
     row_bytes = W.stride(0) * W.element_size()
     for low, high, multiple in _CHUNKED_RANKS.get(dtype_name_of(W.dtype), ()):
         if low <= r <= high and row_bytes % multiple == 0:
             return _CHUNK_ROWS
     return 0
+
+
+def _torch_traced():
+    """Whether PyTorch is tracing the caller: Dynamo (``torch.compile``,
+    ``torch.export``) or ``torch.jit.trace``."""
+    torch = sys.modules["torch"]
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
 def row_blocks(X, L, Rh, rows):
