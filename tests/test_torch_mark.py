@@ -794,3 +794,85 @@ def test_a_seed_given_as_a_0_d_array_steps_as_the_int_it_holds(seed):
         results.append((stepped.detach().clone(), retracted.detach().clone()))
     for got, expected in zip(*results):
         assert torch.equal(got, expected)
+
+
+def _swap_flag(value):
+    """Set torch's global swap flag; returns the value it had, to restore in a ``finally``."""
+    before = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(value)
+    return before
+
+
+@pytest.mark.parametrize("assign", [False, True])
+@pytest.mark.parametrize("requires_grad", [True, False])
+def test_load_state_dict_under_the_swap_flag_keeps_the_mark_and_trains_as_unitary(assign, requires_grad):
+    """Under ``set_swap_module_params_on_conversion(True)`` ``load_state_dict``
+    swapped a plain nn.Parameter (class included) into the marked parameter:
+    the mark was lost without a word and ProjUNN trained it as a plain weight
+    (0.8 to 2.6 from unitary after 5 steps). The loaded parameter is marked,
+    holds the checkpoint's values and keeps its requires_grad."""
+    source = UnitaryRNN(3, 8, dtype=torch.float64, generator=seeded())
+    state = copy.deepcopy(source.state_dict())  # plain tensors, no mark
+    target = UnitaryRNN(3, 8, dtype=torch.float64, generator=seeded(1))
+    target.weight_hh.requires_grad_(requires_grad)
+    before = _swap_flag(True)
+    try:
+        target.load_state_dict(state, assign=assign)
+    finally:
+        _swap_flag(before)
+    W = target.weight_hh
+    assert type(W) is UnitaryParameter and is_unitary(W) and W.requires_grad is requires_grad
+    assert torch.equal(W.detach(), source.weight_hh.detach())
+    if not requires_grad:
+        return
+    optimizer = ProjUNN(target.parameters(), lr=0.05)
+    assert [group["params"] for group in optimizer.param_groups if group["unitary"]] == [[W]]
+    x = torch.randn(10, 4, 3, dtype=torch.float64, generator=seeded(2))
+    for _ in range(5):
+        optimizer.zero_grad()
+        target(x)[0].pow(2).sum().backward()
+        optimizer.step()
+    assert not torch.equal(W.detach(), source.weight_hh.detach())  # it was trained (assign shares state's storage)
+    assert error(W) < rounding(torch.float64)
+
+
+def test_load_state_dict_assign_under_the_swap_flag_refuses_a_matrix_that_is_not_unitary():
+    """With ``assign=True`` the swapped-in value is checked, as a Parameter
+    assigned in the marked one's place is; nothing is changed on refusal."""
+    target = UnitaryRNN(3, 5, dtype=torch.float64, generator=seeded())
+    kept = target.weight_hh.detach().clone()
+    state = copy.deepcopy(target.state_dict())
+    state["weight_hh"] = torch.nn.Linear(5, 5, dtype=torch.float64).weight.detach()  # ~0.75 from orthogonal
+    before = _swap_flag(True)
+    try:
+        with pytest.raises(RuntimeError, match=r"is not unitary.*delete it first \(del module\.<name>\)"):
+            target.load_state_dict(state, assign=True)
+    finally:
+        _swap_flag(before)
+    assert type(target.weight_hh) is UnitaryParameter and torch.equal(target.weight_hh.detach(), kept)
+
+
+@pytest.mark.parametrize("swap", [False, True])
+def test_a_half_checkpoint_loads_with_assign_into_a_half_model_and_stays_marked(swap):
+    """``.half()`` keeps the mark, but the checkpoint of a ``.half()`` model could
+    not be loaded with ``assign=True`` into a ``.half()`` model (the check's
+    TypeError on float16). A replacement in the marked parameter's own dtype,
+    which the check does not cover, is marked unchecked; in another dtype it is
+    refused with the hint to delete the parameter first."""
+    state = UnitaryRNN(3, 4, generator=seeded()).half().state_dict()
+    assert state["weight_hh"].dtype == torch.float16
+    with torch.device("meta"):
+        target = UnitaryRNN(3, 4)
+    target = target.half()  # before the flag: .half() under it swaps in a plain Parameter
+    single = UnitaryRNN(3, 4)  # float32
+    before = _swap_flag(swap)
+    try:
+        target.load_state_dict(state, assign=True)
+        with pytest.raises(RuntimeError, match=r"has dtype torch.float16.*delete it first \(del module\."):
+            single.load_state_dict(state, assign=True)
+    finally:
+        _swap_flag(before)
+    W = target.weight_hh
+    assert is_unitary(W) and W.dtype == torch.float16 and not W.is_meta and W.requires_grad
+    assert torch.equal(W.detach(), state["weight_hh"])
+    assert is_unitary(single.weight_hh) and single.weight_hh.dtype == torch.float32

@@ -66,6 +66,21 @@ class UnitaryParameter(nn.Parameter):
     def __repr__(self):
         return "Parameter containing (marked unitary):\n" + repr(self.data)
 
+    def module_load(self, other, assign=False):
+        """What ``load_state_dict`` swaps into this parameter under
+        ``torch.__future__.set_swap_module_params_on_conversion(True)`` (the
+        class included; torch would wrap a plain tensor in a plain, unmarked
+        Parameter): a marked parameter. Without ``assign`` it holds ``other``'s
+        values, copied unchecked as without the flag; with ``assign`` it is
+        ``other``, checked as a Parameter assigned in this one's place is."""
+        value = super().module_load(other, assign=assign)
+        if not assign or is_unitary(other):
+            return UnitaryParameter(value, self.requires_grad)
+        replacement = nn.Parameter(value, self.requires_grad)
+        _mark_replacement(replacement, old_dtype=self.dtype, name="<name>",
+                          what="the value loaded into a parameter marked unitary")
+        return replacement
+
 
 def _rebuild_unitary_parameter(data, requires_grad, state):
     param = UnitaryParameter(data, requires_grad)
@@ -151,10 +166,15 @@ def mark_unitary(param: torch.Tensor, /, *, project: bool = False) -> torch.Tens
     The mark survives ``copy.deepcopy``, pickling, ``torch.save``/``torch.load``
     of a whole module, ``module.to(...)``/``.double()``, and
     ``load_state_dict(..., assign=True)``: a Parameter that replaces a marked
-    one in a module is checked and marked in turn. (With
-    ``torch.__future__.set_swap_module_params_on_conversion(True)``, ``.to()``
-    swaps in a new plain Parameter: mark it again.) ``load_state_dict`` without
-    ``assign`` copies values into the marked parameter without checking them.
+    one in a module is checked and marked in turn (a replacement in float16 or
+    bfloat16, which the check does not cover, is marked unchecked when the
+    marked parameter has that dtype too, as after ``.half()``; in another dtype
+    it is refused). ``load_state_dict`` without ``assign`` copies values into
+    the marked parameter without checking them. Both hold with
+    ``torch.__future__.set_swap_module_params_on_conversion(True)`` too, where
+    ``load_state_dict`` swaps in the object that
+    :meth:`UnitaryParameter.module_load` returns, a marked parameter; ``.to()``
+    under that flag swaps in a new plain Parameter: mark it again.
     The check costs one dense product, O(n^3), once.
 
     Examples
@@ -242,11 +262,24 @@ def _inherit_mark(module, name, param):
     if old is None or old is param or not is_unitary(old) or is_unitary(param):
         return
     what = f"{type(module).__name__}.{name} (marked unitary; its replacement)"
+    _mark_replacement(param, old_dtype=old.dtype, name=name, what=what)
+
+
+def _mark_replacement(param, *, old_dtype, name, what):
+    """Check and mark ``param``, a Parameter that replaces a marked one of dtype
+    ``old_dtype``. A replacement in the marked parameter's own dtype that the
+    check does not cover (float16, bfloat16: a model converted with ``.half()``
+    keeps its mark) is marked without a check, as ``load_state_dict`` without
+    ``assign`` copies values in unchecked."""
+    if param.dtype == old_dtype and param.dtype not in _TOLERANCE and (param.is_floating_point()
+                                                                       or param.is_complex()):
+        _set_mark(param)
+        return
     try:
         _check_and_mark(param, project=False, what=what)
-    except ValueError as error:
-        raise ValueError(f"{error}. To put a plain parameter in its place, delete it first "
-                         f"(del module.{name})") from None
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"{error}. To put a plain parameter in its place, delete it first "
+                          f"(del module.{name})") from None
 
 
 _HOOK = nn.modules.module.register_module_parameter_registration_hook(_inherit_mark)
