@@ -471,3 +471,37 @@ def test_missing_or_untested_peft_is_named(monkeypatch):
     assert peft_problem() == "PEFT is not installed: pip install 'unitary-lr[peft]'"
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.30.0")
     assert "the installed PEFT is '0.30.0'" in peft_problem()
+
+
+@needs_peft
+@pytest.mark.parametrize("targets", [["0", "2"], ["0"]])
+def test_merging_a_linear_used_at_two_places_is_refused_and_changes_nothing(targets):
+    # one nn.Linear at '0' and '2': PEFT wraps it at its first name only, '2' keeps the plain layer
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 4, dtype=torch.float64)
+    model = peft.get_peft_model(torch.nn.Sequential(lin, torch.nn.Tanh(), lin),
+                                HTAConfig(r=2, target_modules=targets, init_weights=False))
+    inner = model.base_model.model
+    assert isinstance(inner[0], HTALinear) and inner[2] is lin and inner[0].get_base_layer() is lin
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        adapted = model(x)
+        # the reference, by hand: the adapter at '0' (its Delta W, dense), the plain layer at '2'
+        delta = inner[0].get_delta_weight("default")
+        reference = lin(torch.tanh(lin(x) + x @ delta.T))
+    assert float(delta.abs().max()) > 1e-3
+    torch.testing.assert_close(adapted, reference, rtol=0, atol=1e-12)
+    weight = lin.weight.detach().clone()
+    for merge in (model.merge_and_unload, model.merge_adapter, inner[0].merge):
+        with pytest.raises(ValueError, match=r"the weight of .* is also '2\.weight'.*Nothing was merged.*"
+                                             r"layer\.base_layer = copy\.deepcopy\(layer\.base_layer\)"):
+            merge()
+        assert isinstance(inner[0], HTALinear) and not inner[0].merged and torch.equal(lin.weight, weight)
+        with torch.no_grad():
+            assert torch.equal(model(x), adapted)
+    # as the error says: the HTA layer's own copy of the layer merges, to the adapted model's outputs
+    inner[0].base_layer = copy.deepcopy(inner[0].base_layer)
+    merged = model.merge_and_unload()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), adapted, rtol=0, atol=1e-12)
+    assert torch.equal(lin.weight, weight)

@@ -795,3 +795,125 @@ def test_householder_adapter_under_torch_func_transforms(dtype):
     h = 1e-6
     moved = [loss({k: params[k] + sign * h * tangents[k] for k in params}, x) for sign in (1, -1)]
     torch.testing.assert_close(directional, (moved[0] - moved[1]) / (2 * h), rtol=1e-6, atol=1e-6)
+
+
+def _shared_linear_model(add, size, targets):
+    """One float64 nn.Linear used at two places, ``Sequential(lin, Tanh(), lin)``, adapted at ``targets``."""
+    lin = linear(4, 4)
+    model = add(nn.Sequential(lin, nn.Tanh(), lin), target_modules=targets, generator=generator(3), **size)
+    return model, lin
+
+
+@pytest.mark.parametrize(("add", "size", "diagonal"), [(add_householder_adapters, {"reflectors": 2}, "sigma"),
+                                                       (add_svd_adapters, {"rank": 2}, "s")])
+def test_merge_refuses_a_shared_linear_adapted_at_one_of_its_places(add, size, diagonal):
+    # the same nn.Linear at '0' and '2', adapted at '0' only: '2' keeps the plain layer, whose weight merging changes
+    model, lin = _shared_linear_model(add, size, ["0"])
+    assert type(model[0]) is not nn.Linear and model[2] is lin and model[0].base is lin
+    with torch.no_grad():
+        getattr(model[0], diagonal).copy_(torch.linspace(0.3, 0.7, 2 if diagonal == "s" else 4, dtype=torch.float64))
+    x = torch.randn(3, 4, dtype=torch.float64, generator=generator(1))
+    with torch.no_grad():
+        adapted = model(x)
+        # the reference, by hand: the adapted layer at '0', the plain layer at '2'
+        reference = lin(torch.tanh(lin(x) + model[0].delta(x)))
+    torch.testing.assert_close(adapted, reference, rtol=0, atol=1e-12)
+    weight = lin.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"is tied to '2\.weight' of the model .* Nothing was merged\. .*the layer "
+                                         r"itself is used at '2\.weight' too: adapter\.base = copy\.deepcopy"):
+        model[0].merge()
+    assert not model[0].merged and torch.equal(lin.weight, weight)
+    with torch.no_grad():
+        assert torch.equal(model(x), adapted)
+    # as the error says: the adapter's own copy of the layer merges, to the adapted model's outputs
+    model[0].base = copy.deepcopy(model[0].base)
+    with torch.no_grad():
+        model[0].merge()
+        torch.testing.assert_close(model(x), adapted, rtol=0, atol=1e-12)
+    assert torch.equal(lin.weight, weight)  # the plain place keeps its weight
+    # adapted at both places (target_modules=None): one adapter, nothing outside it, and merge keeps the outputs
+    model, lin = _shared_linear_model(add, size, None)
+    assert model[0] is model[2] and model[0]._tied == ()
+    with torch.no_grad():
+        getattr(model[0], diagonal).add_(0.5)
+        adapted = model(x)
+        model[0].merge()
+        torch.testing.assert_close(model(x), adapted, rtol=0, atol=1e-12)
+
+
+class _WithSnapshot(nn.Module):
+    """A Linear and a buffer that shares its weight's memory (``register_buffer(..., weight.detach())``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = linear(4, 4)
+        self.register_buffer("snap", self.a.weight.detach())
+
+    def forward(self, x):
+        return self.a(x) + x @ self.snap.T
+
+
+@pytest.mark.parametrize(("add", "size"), [(add_householder_adapters, {"reflectors": 2}),
+                                         (add_svd_adapters, {"rank": 2})])
+def test_merge_refuses_a_weight_sharing_memory_with_a_buffer(add, size):
+    model = add(_WithSnapshot(), target_modules=["a"], generator=generator(3), **size)
+    with torch.no_grad():
+        for p in model.a.parameters():
+            if p.requires_grad and p.dim() == 1:
+                p.add_(0.5)  # a trained diagonal
+    x = torch.randn(3, 4, dtype=torch.float64, generator=generator(1))
+    with torch.no_grad():
+        adapted = model(x)
+        reference = model.a.base(x) + model.a.delta(x) + x @ model.a.base.weight.T  # the snapshot: the frozen weight
+    torch.testing.assert_close(adapted, reference, rtol=0, atol=1e-12)
+    snap = model.snap.clone()
+    with pytest.raises(ValueError, match=r"is tied to 'snap' \(a buffer\) of the model .* Nothing was merged"):
+        model.a.merge()
+    assert not model.a.merged and torch.equal(model.snap, snap)
+    with torch.no_grad():
+        assert torch.equal(model(x), adapted)
+    # untied as the error says, it merges and keeps the outputs
+    base = model.a.base
+    base.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)
+    with torch.no_grad():
+        model.a.merge()
+        torch.testing.assert_close(model(x), adapted, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("pair", [(torch.float32, torch.float64), (torch.complex64, torch.complex128)])
+def test_load_adapter_state_dict_takes_single_precision_factors_into_a_double_model(pair):
+    single, double = pair
+    torch.manual_seed(0)
+    source = nn.Sequential(SVDAdapter(nn.Linear(6, 8, dtype=single), rank=2))
+    with torch.no_grad():
+        source[0].s.copy_(torch.tensor([0.7, -0.4], dtype=single))
+    saved = adapter_state_dict(source)
+    U = saved["0.U"].to(double)
+    eye = torch.eye(2, dtype=double)
+    assert torch.linalg.matrix_norm(U.mH @ U - eye) > 1e-10  # orthonormal to float32's rounding only
+    target = nn.Sequential(SVDAdapter(nn.Linear(6, 8, dtype=double), rank=2))
+    with torch.no_grad():
+        target[0].base.weight.copy_(source[0].base.weight)
+        target[0].base.bias.copy_(source[0].base.bias)
+    load_adapter_state_dict(target, saved)
+    for name in ("U", "V"):
+        factor, entry = getattr(target[0], name).detach(), saved[f"0.{name}"].to(double)
+        assert factor.dtype == double
+        assert torch.linalg.matrix_norm(factor.mH @ factor - eye) < 1e-14  # orthonormal to float64's rounding
+        torch.testing.assert_close(factor, entry, rtol=0, atol=1e-6)  # moved by float32's rounding only
+    assert torch.equal(target[0].s.detach(), saved["0.s"].to(double))
+    x = torch.randn(5, 6, dtype=single, generator=generator(1))
+    with torch.no_grad():
+        torch.testing.assert_close(target(x.to(double)), source(x).to(double), rtol=0, atol=1e-5)
+    # a single-precision entry that is not orthonormal to its own rounding is refused, naming its dtype
+    bad = dict(saved, **{"0.U": saved["0.U"] + 1e-3})
+    kept = target[0].U.detach().clone()
+    name = str(single).removeprefix("torch.")
+    with pytest.raises(ValueError, match=rf"entry '0\.U' must have orthonormal columns: .* above the tolerance 1e-10 "
+                                         rf"of {str(double).removeprefix('torch.')} \({name}, the tolerance of its "
+                                         rf"own dtype 0\.0001\)"):
+        load_adapter_state_dict(target, bad)
+    assert torch.equal(target[0].U.detach(), kept)
+    # and the other way, double-precision factors into a single-precision model, as before
+    load_adapter_state_dict(source, adapter_state_dict(target))
+    torch.testing.assert_close(source[0].U.detach(), kept.to(single), rtol=0, atol=1e-7)

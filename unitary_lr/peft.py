@@ -230,14 +230,17 @@ class HTALinear(nn.Module, HTALayer):
 
         Raises ValueError, changing nothing, when the base weight is tied to
         other places of the model (the same Parameter, as tied input and
-        output embeddings share theirs), as ``get_peft_model`` found them:
+        output embeddings share theirs, or as one ``nn.Linear`` used at two
+        places has it: PEFT wraps such a layer at its first name only), as
+        ``get_peft_model`` found them:
         merging would change those places too. A layer made directly, outside
         a PEFT model, knows of no ties."""
         base = self.get_base_layer()
         names = [name for name in check_adapters_to_merge(self, adapter_names) if name in self.hta_sigma]
         tied = _still_tied(self._hta_tied, base.weight, memory=False)
         if names and tied:
-            raise ValueError(_tied_message([f"the weight of the layer {base} is also {', '.join(map(repr, tied))}"]))
+            raise ValueError(_tied_message([f"the weight of the layer {base} is also {', '.join(tied)}"],
+                                           shared=_shared(self)))
         for name in names:
             merged = base.weight.data + self.get_delta_weight(name)
             if safe_merge and not torch.isfinite(merged).all():
@@ -306,10 +309,13 @@ class HTAModel(BaseTuner):
         # Each wrapped layer learns the other places of the model that hold its
         # weight (weight tying), which merging would change too (PEFT's merge
         # replaces the Parameter's .data, so only the same Parameter is tied).
+        # A layer used at two places of the model is wrapped at its first name
+        # only (PEFT's named_modules() drops repeats): the other place keeps
+        # the plain layer, its weight the same Parameter, and is such a place.
         layers = [module for module in model.modules() if isinstance(module, HTALayer)]
-        found = _find_tied(model, [layer.get_base_layer() for layer in layers], memory=False)
+        found = _find_tied(model, [(layer, layer.get_base_layer()) for layer in layers], memory=False)
         for layer in layers:
-            layer._hta_tied = tuple(found[id(layer.get_base_layer())])
+            layer._hta_tied = tuple(found[id(layer)])
 
     def merge_adapter(self, adapter_names=None, safe_merge=False):
         """PEFT's ``merge_adapter``, refused with a ValueError, changing
@@ -329,7 +335,7 @@ class HTAModel(BaseTuner):
         """Refuse, before any layer is merged, to merge an adapter into a tied weight."""
         if isinstance(adapter_names, str):
             adapter_names = [adapter_names]  # (refused by PEFT's merge with a TypeError)
-        tied = []
+        tied, shared = [], False
         for key, module in self.model.named_modules():
             if isinstance(module, HTALayer):
                 names = module.active_adapters if adapter_names is None else adapter_names
@@ -337,9 +343,10 @@ class HTAModel(BaseTuner):
                     continue
                 places = _still_tied(module._hta_tied, module.get_base_layer().weight, memory=False)
                 if places:
-                    tied.append(f"the weight of {key!r} is also {', '.join(map(repr, places))}")
+                    tied.append(f"the weight of {key!r} is also {', '.join(places)}")
+                    shared = shared or _shared(module)
         if tied:
-            raise ValueError(_tied_message(tied))
+            raise ValueError(_tied_message(tied, shared=shared))
 
     def _check_targets(self, model, config, state_dict):
         """The layers ``inject_adapter`` targets, matched as it matches them
@@ -379,13 +386,24 @@ class HTAModel(BaseTuner):
         self._replace_module(parent, target_name, new_module, target)
 
 
-def _tied_message(layers):
-    """The error of a merge into tied weights; ``layers`` names each layer and its ties."""
+def _shared(layer):
+    """Whether the base layer of the HTA ``layer`` is itself used at one of its
+    tied places (one ``nn.Linear`` at two places of the model), where a new
+    weight of it would be that place's too."""
+    base = layer.get_base_layer()
+    return bool(_still_tied([place for place in layer._hta_tied if place[0] is base], base.weight, memory=False))
+
+
+def _tied_message(layers, *, shared=False):
+    """The error of a merge into tied weights; ``layers`` names each layer and
+    its ties, ``shared`` says that a base layer itself is used at a tied place."""
+    copy_it = (" (a base layer that is itself used at another place of the model, as here: give the HTA layer its "
+               "own copy of it first, layer.base_layer = copy.deepcopy(layer.base_layer))" if shared else "")
     return (f"cannot merge the HTA adapters: {'; '.join(layers)}, the same Parameter (weight tying), and merging "
             "would add Delta W there too, changing the outputs of the layers that use it. Nothing was merged. The "
             "unmerged adapters' outputs are right: keep them unmerged, or untie the weights first (base = "
-            "layer.get_base_layer(); base.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)) "
-            "and then merge")
+            "layer.get_base_layer(); base.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False))"
+            f"{copy_it} and then merge")
 
 
 def _check_linear(layer, key):

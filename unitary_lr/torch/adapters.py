@@ -17,6 +17,7 @@ from .._validation import check_int
 from ..diagnostics import unitarity_error
 from ..haar import random_unitary
 from ..householder import apply_unchecked, householder_apply
+from ..polar import project_unitary
 from ._mark import is_unitary, mark_unitary, unitary_tolerance
 from ._wy import wy_factors
 from .layers import check_generator
@@ -159,35 +160,55 @@ def _memory_key(tensor):
         return id(tensor)
 
 
-def _find_tied(model, layers, *, memory=True):
-    """``{id(layer): [(module, attribute, qualified name), ...]}``: for each
-    ``nn.Linear`` of ``layers``, the other places of ``model`` that hold its
-    weight (every name of every module, ``named_modules(remove_duplicate=False)``,
-    other than the layer itself, with a parameter that is the weight or, with
-    ``memory``, shares its memory). One pass over the model's parameters, by
-    ids and pointers."""
+def _find_tied(model, wrappers, *, memory=True):
+    """``{id(wrapper): [(module, attribute, qualified name), ...]}``: for each
+    ``(wrapper, layer)`` of ``wrappers`` (an adapter and the ``nn.Linear`` it
+    wraps), the other places of ``model`` that hold the layer's weight: every
+    name of every module (``named_modules(remove_duplicate=False)``) with a
+    parameter or a buffer that is the weight or, with ``memory``, shares its
+    memory, other than the layer's own places inside the wrapper (the layer as
+    the wrapper's ``base``, at each name of the wrapper). The layer itself at a
+    name outside the wrapper (one ``nn.Linear`` used at two places of the
+    model, adapted at one) is such another place. One pass over the model's
+    parameters and buffers, by ids and pointers."""
     key = _memory_key if memory else id
-    groups = {}
+    groups, paths = {}, {}
     for prefix, module in model.named_modules(remove_duplicate=False):
-        for attribute, parameter in module._parameters.items():
-            if parameter is not None:
-                name = f"{prefix}.{attribute}" if prefix else attribute
-                groups.setdefault(key(parameter), []).append((module, attribute, name))
-    return {id(layer): [(module, attribute, name) for module, attribute, name in groups.get(key(layer.weight), ())
-                        if module is not layer and _still_tied(((module, attribute, name),), layer.weight,
-                                                               memory=memory)]
-            for layer in layers}
+        paths.setdefault(id(module), []).append(prefix)
+        for table in (module._parameters, module._buffers):
+            for attribute, tensor in table.items():
+                if tensor is not None:
+                    name = f"{prefix}.{attribute}" if prefix else attribute
+                    groups.setdefault(key(tensor), []).append((module, attribute, name))
+    found = {}
+    for wrapper, layer in wrappers:
+        inside = tuple(f"{path}." if path else "" for path in paths.get(id(wrapper), ()))
+        found[id(wrapper)] = [
+            (module, attribute, name) for module, attribute, name in groups.get(key(layer.weight), ())
+            if not (module is layer and name.startswith(inside))  # (an empty tuple: no name starts with it)
+            and _still_tied(((module, attribute, name),), layer.weight, memory=memory)]
+    return found
+
+
+def _held(module, attribute):
+    """The parameter or buffer ``attribute`` of ``module`` (None if neither),
+    and whether it is a buffer."""
+    parameter = module._parameters.get(attribute)
+    if parameter is not None:
+        return parameter, False
+    return module._buffers.get(attribute), True
 
 
 def _still_tied(places, weight, *, memory=True):
     """The names of ``places`` (as :func:`_find_tied` gives them) that hold
-    ``weight`` still (or, with ``memory``, a parameter sharing its memory):
-    the weights may have been untied since."""
+    ``weight`` still (or, with ``memory``, a tensor sharing its memory), for
+    messages: each name quoted, a buffer's followed by ``(a buffer)``. The
+    weights may have been untied since."""
     names = []
     for module, attribute, name in places:
-        parameter = module._parameters.get(attribute)
-        if parameter is not None and (parameter is weight or memory and _shares_memory(parameter, weight)):
-            names.append(name)
+        tensor, buffer = _held(module, attribute)
+        if tensor is not None and (tensor is weight or memory and _shares_memory(tensor, weight)):
+            names.append(f"{name!r} (a buffer)" if buffer else repr(name))
     return names
 
 
@@ -244,13 +265,15 @@ class _LinearAdapter(nn.Module):
         Raises ValueError, changing nothing, when the adapter is already
         merged, or when its layer's weight is tied to other places of the
         model (the same Parameter, as ``l2.weight = l1.weight`` or tied input
-        and output embeddings make it, or one sharing its memory) that
-        :func:`add_householder_adapters` or :func:`add_svd_adapters` found
-        when they made the adapter: merging would add Delta W to those places
-        too and change their outputs. The unmerged adapter computes the right
-        outputs (and trains right); keep it unmerged, or untie the weight
-        first (``base = adapter.base;
-        base.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)``).
+        and output embeddings make it, a parameter or buffer sharing its
+        memory, or the layer itself used at another place of the model and
+        adapted at this one only) that :func:`add_householder_adapters` or
+        :func:`add_svd_adapters` found when they made the adapter: merging
+        would add Delta W to those places too and change their outputs. The
+        unmerged adapter computes the right outputs (and trains right); keep
+        it unmerged, or untie the weight first (``base = adapter.base;
+        base.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)``;
+        for a layer used at another place, ``adapter.base = copy.deepcopy(adapter.base)``).
         An adapter made directly (``HouseholderAdapter(linear)``) knows of no
         model and does not check.
         """
@@ -259,13 +282,17 @@ class _LinearAdapter(nn.Module):
         weight = self.base.weight
         tied = _still_tied(self._tied, weight)
         if tied:
+            # the layer itself used at another place too: a new weight of it would be that place's too
+            shared = _still_tied([place for place in self._tied if place[0] is self.base], weight)
+            untie = ("give the adapter its own copy of the layer first (the layer itself is used at "
+                     f"{', '.join(shared)} too: adapter.base = copy.deepcopy(adapter.base))" if shared else
+                     "untie the weight first (base = adapter.base; base.weight = "
+                     "nn.Parameter(base.weight.detach().clone(), requires_grad=False))")
             raise ValueError(
                 f"cannot merge: the weight of this adapter's layer ({self.base}) is tied to "
-                f"{', '.join(map(repr, tied))} of the model (the same Parameter, or one sharing its memory), and "
-                "merging would add Delta W there too, changing the outputs of the layers that use it. Nothing was "
-                "merged. The unmerged adapter's outputs are right: keep it unmerged, or untie the weight first (base = "
-                "adapter.base; base.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)) and "
-                "then merge"
+                f"{', '.join(tied)} of the model (the same Parameter, or a parameter or buffer sharing its memory), "
+                "and merging would add Delta W there too, changing the outputs of the layers that use it. Nothing "
+                f"was merged. The unmerged adapter's outputs are right: keep it unmerged, or {untie} and then merge"
             )
         weight.add_(self.delta_weight().to(weight.dtype))
         self._merged = True
@@ -734,9 +761,9 @@ def _add_adapters(model, adapter, *, target_modules, freeze_base, generator, **s
     # (weight tying), which its merge() would change too; the adapters of an
     # earlier call are brought up to date (their places may have been wrapped since).
     every = [module for module in model.modules() if isinstance(module, _LinearAdapter)]
-    found = _find_tied(model, [module.base for module in every])
+    found = _find_tied(model, [(module, module.base) for module in every])
     for module in every:
-        places = found[id(module.base)]
+        places = found[id(module)]
         module._tied = (*places, *(kept for kept in module._tied
                                    if not any(kept[0] is place[0] and kept[1] == place[1] for place in places)))
     if freeze_base:
@@ -794,7 +821,15 @@ def load_adapter_state_dict(model, state_dict):
     """Load adapter parameters saved by :func:`adapter_state_dict` into ``model``.
 
     The keys must be exactly the model's adapter parameters, with their
-    shapes; nothing is loaded unless all match.
+    shapes; nothing is loaded unless all match. An entry is cast to its
+    parameter's dtype. An orthonormal factor (an :class:`SVDAdapter`'s U or
+    V) saved in a coarser dtype than the model's (float32 or complex64 into
+    a float64 or complex128 model) is orthonormal to its own rounding only:
+    it is checked against the tolerance of its own dtype
+    (:func:`unitary_tolerance`) and then replaced by its polar factor
+    (:func:`unitary_lr.project_unitary`), the nearest matrix with columns
+    orthonormal to the model's rounding, which differs from the saved entry
+    by about the entry's own rounding error.
 
     Raises
     ------
@@ -833,18 +868,31 @@ def load_adapter_state_dict(model, state_dict):
         if not bool(torch.isfinite(value).all()):
             # (a NaN sigma loaded silently, and every output after it was NaN)
             raise ValueError(f"adapter state dict entry {name!r} (shape {tuple(value.shape)}) contains NaN or Inf")
+    values = {}
     for name, parameter in own.items():
         # An SVDAdapter's U and V must stay orthonormal: the optimizer keeps them
         # so but never checks them.
         if is_unitary(parameter):
-            value = state_dict[name].detach().to(parameter.dtype)
+            entry = state_dict[name].detach()
+            value = entry.to(parameter.dtype)
             error, tolerance = float(unitarity_error(value)), unitary_tolerance(parameter.dtype)
+            # An entry saved in a coarser dtype (float32 into a float64 model) is
+            # orthonormal to its own rounding only: checked at its dtype's
+            # tolerance, then made orthonormal to the model's (its polar factor,
+            # which moves it by about its error), as ProjUNN would at its first step.
+            coarser = entry.dtype in _FLOAT_DTYPES and unitary_tolerance(entry.dtype) > tolerance
+            if coarser and error <= unitary_tolerance(entry.dtype):
+                value = project_unitary(value)
+                error = float(unitarity_error(value))
             if not error <= tolerance:  # NaN fails too
+                saved = (f" ({str(entry.dtype).removeprefix('torch.')}, the tolerance of its own dtype "
+                         f"{unitary_tolerance(entry.dtype):g})" if coarser else "")
                 raise ValueError(f"adapter state dict entry {name!r} must have orthonormal columns: its unitarity "
                                  f"error ||W^H W - I||_F / sqrt(m) is {error:.3g}, above the tolerance "
-                                 f"{tolerance:g} of {str(parameter.dtype).removeprefix('torch.')}")
+                                 f"{tolerance:g} of {str(parameter.dtype).removeprefix('torch.')}{saved}")
+            values[name] = value
     merged = [name for name, m in model.named_modules() if isinstance(m, _LinearAdapter) and m.merged]
     if merged:
         raise ValueError(f"unmerge() the adapters {merged} before loading adapter parameters (merged=True)")
     for name, parameter in own.items():
-        parameter.copy_(state_dict[name])
+        parameter.copy_(values.get(name, state_dict[name]))
