@@ -184,3 +184,37 @@ def test_projunn_keeps_a_parameter_unmarked_by_a_swap_conversion_in_its_unitary_
         step(opt, (m,), i)
     assert unitarity_error(m.weight) < 1e-12
 
+
+
+def test_a_wrapper_without_step_hooks_is_named_with_the_optimizer_it_wraps():
+    """accelerate's AcceleratedOptimizer (what Accelerator.prepare and the
+    Trainer's callbacks hand over) is an Optimizer by class but never runs
+    Optimizer.__init__: registering the hooks failed with a bare
+    AttributeError. A TypeError names the wrapper and its .optimizer, and the
+    wrapped optimizer is retracted as any."""
+    from unitary_lr.torch import OrthogonalLinear
+
+    class Wrapper(torch.optim.Optimizer):  # accelerate's pattern: no super().__init__
+        def __init__(self, optimizer):
+            self.optimizer = optimizer
+
+        def step(self, closure=None):
+            return self.optimizer.step(closure)
+
+    layer = OrthogonalLinear(6, 6, dtype=torch.float64)
+    wrapped = Wrapper(torch.optim.SGD(layer.parameters(), lr=0.1))
+    with pytest.raises(TypeError, match=r"^optimizer \(Wrapper\) is a wrapper without the step hooks of a "
+                                        r"torch.optim.Optimizer, which the retraction uses: pass the optimizer "
+                                        r"it wraps, its .optimizer \(SGD\)$"):
+        projunn_retraction(wrapped, rank=2, seed=0)
+    projunn_retraction(wrapped.optimizer, rank=2, seed=0)
+    for _ in range(3):
+        layer(torch.ones(2, 6, dtype=torch.float64)).pow(2).sum().backward()
+        wrapped.step()
+        wrapped.optimizer.zero_grad()
+    weight = layer.weight.detach().numpy()
+    assert np.abs(weight.T @ weight - np.eye(6)).max() < 1e-12
+    accelerate = pytest.importorskip("accelerate")
+    prepared = accelerate.Accelerator(cpu=True).prepare(torch.optim.SGD(layer.parameters(), lr=0.1))
+    with pytest.raises(TypeError, match=r"^optimizer \(AcceleratedOptimizer\) is a wrapper .* its .optimizer \(SGD\)$"):
+        projunn_retraction(prepared, rank=2, seed=0)

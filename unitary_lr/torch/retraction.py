@@ -117,7 +117,11 @@ def projunn_retraction(optimizer, *, rank=None, variant=DEFAULT_VARIANT, params=
     :class:`ProjUNN`, whose preconditioned steps it reproduces for
     ``Adam``/``RMSprop`` up to the sketch. Under ``torch.compile`` of the
     optimizer's step the hooks run outside the graph, as they run without it
-    (``fullgraph=True`` refuses them, naming them).
+    (``fullgraph=True`` refuses them, naming them). The retraction is one of
+    the optimizer's step post-hooks, which PyTorch runs in the order they were
+    registered: a post-hook of yours registered before the retraction sees
+    the optimizer's raw result, not yet unitary; register it after (or as a
+    global optimizer hook, which runs after the optimizer's own hooks).
 
     A parameter chosen by its mark (``params=None``) stays retracted when it
     loses the mark, as it stays in :class:`ProjUNN`'s unitary group: with
@@ -195,6 +199,15 @@ class ProjUNNRetraction:
                  reproject, seed):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if not hasattr(optimizer, "_optimizer_step_pre_hooks"):
+            # a wrapper that is an Optimizer by class but never ran its
+            # __init__ (accelerate's AcceleratedOptimizer): no step hooks, and
+            # a bare AttributeError at their registration
+            inner = getattr(optimizer, "optimizer", None)
+            remedy = (f"pass the optimizer it wraps, its .optimizer ({type(inner).__name__})"
+                      if isinstance(inner, torch.optim.Optimizer) else "pass the optimizer it wraps")
+            raise TypeError(f"optimizer ({type(optimizer).__name__}) is a wrapper without the step hooks of a "
+                            f"torch.optim.Optimizer, which the retraction uses: {remedy}")
         # validated as every front end validates them (the same errors)
         ProjUNNOptions(rank=rank, variant=variant, oversample=oversample, power_iters=power_iters,
                        drift_tol=drift_tol, drift_check_every=drift_check_every, reproject=reproject, seed=seed)
