@@ -150,8 +150,10 @@ def projunn_retraction(*, unitary, rank=None, variant=DEFAULT_VARIANT, oversampl
     reproject : {"svd", "newton_schulz"}, optional
         The dense re-projection: the SVD's polar factor, or five Newton-Schulz
         steps (matmuls only; enough for any drift below ``drift_tol``).
-    seed : int, optional
-        Seed of the sketches' ``jax.random`` keys.
+    seed : int or None, optional
+        Seed of the sketches' ``jax.random`` keys (default 0). None is 0
+        here: the keys of a traced program are explicit, and the state
+        carries them (the other front ends draw fresh entropy for None).
 
     Returns
     -------
