@@ -178,6 +178,22 @@ def torch_operations():
         yield
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_jax_programs():
+    """After each test module, JAX forgets the programs it compiled.
+
+    Each XLA:CPU executable keeps about three memory mappings for as long as
+    a cache holds it (the eager operations' caches, and the caches of the
+    jitted functions a test keeps alive), and the suite compiles thousands
+    of them in its one process (the README's command). Past the kernel's
+    ``vm.max_map_count`` (65530 by default) the next compilation dies with a
+    segmentation fault, which is how a full run ended at about 80 % of
+    the way through."""
+    yield
+    if jax is not None:
+        jax.clear_caches()
+
+
 @pytest.fixture
 def rng(request) -> np.random.Generator:
     return np.random.default_rng([BASE_SEED, zlib.crc32(request.node.nodeid.encode())])
