@@ -1087,6 +1087,80 @@ def test_a_parameter_made_double_in_the_middle_of_a_run_is_reprojected_and_steps
     assert error(W) < 1e-14 and opt.state[W]["reprojections"] == 1 and opt.state[W]["precision"] == "float64"
 
 
+def _first_checks(monkeypatch):
+    """The ``first`` flags of the torch optimizer's drift checks, step by step."""
+    from unitary_lr.torch import optimizer
+
+    seen = []
+
+    def spy(*args, first=None, **kwargs):
+        seen.append(first)
+        return ul.optim.step_drift(*args, first=first, **kwargs)
+
+    monkeypatch.setattr(optimizer, "step_drift", spy)
+    return seen
+
+
+@pytest.mark.parametrize("write", ["half round trip", "load_state_dict", "in-place edit", "to and back"])
+def test_a_weight_written_by_something_else_between_steps_is_checked_at_the_next_step(write, monkeypatch):
+    """A weight that something other than the optimizer wrote between two
+    steps has its drift checked at the next step, and is re-projected when
+    it is off the group. ``layer.half().float()`` leaves an orthogonal
+    weight 3e-4 from orthogonal in the float32 the state records (the new
+    float32 copy even lands at the old address), and it stayed so, without
+    a word, until the scheduled check 50 steps later."""
+    from unitary_lr.torch import OrthogonalLinear
+
+    checks = _first_checks(monkeypatch)
+    torch.manual_seed(0)
+    dtype = torch.float32 if write == "half round trip" else torch.float64
+    layer = OrthogonalLinear(24, 24, bias=False).to(dtype)
+    opt = ProjUNN(layer.parameters(), lr=1e-2, rank=2, seed=0)
+    x = torch.randn(5, 24, dtype=dtype, generator=seeded(1))
+
+    def step():
+        opt.zero_grad()
+        layer(x).square().sum().backward()
+        opt.step()
+
+    step(), step()  # (a float64 layer made from float32 is re-projected at its first step)
+    assert checks == [True, False]
+    before = opt.state[layer.weight]["reprojections"]
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-12
+    noise = 1e-6 * torch.randn(24, 24, dtype=dtype, generator=seeded(2))
+    if write == "half round trip":
+        layer.half().float()
+    elif write == "load_state_dict":
+        layer.load_state_dict({"weight": layer.weight.detach() + noise})
+    elif write == "in-place edit":
+        with torch.no_grad():
+            layer.weight.add_(noise)
+    else:  # float64 through float32: another storage, rounded, its version counter unmoved
+        layer.to(torch.float32).to(dtype)
+    assert error(layer.weight) > 10 * tolerance
+    step()
+    assert checks[2] is True and opt.state[layer.weight]["reprojections"] == before + 1
+    assert error(layer.weight) < tolerance
+    step()  # and then the schedule again: nothing more is checked
+    assert checks[3] is False and opt.state[layer.weight]["reprojections"] == before + 1
+
+
+def test_parameters_that_share_a_tensor_are_not_checked_at_every_step(monkeypatch):
+    """Views of one tensor share its version counter: each one's write moves
+    the others', which must not read as a write by someone else (a check at
+    every step, two passes over each weight)."""
+    checks = _first_checks(monkeypatch)
+    whole = torch.stack([ul.random_unitary(8, dtype="float64", xp=torch, rng=k) for k in range(2)])
+    A, B = torch.nn.Parameter(whole[0]), torch.nn.Parameter(whole[1])
+    assert A.untyped_storage().data_ptr() == B.untyped_storage().data_ptr()
+    opt = ProjUNN([mark_unitary(A), mark_unitary(B)], lr=1e-2, rank=2, seed=0)
+    for k in range(3):
+        A.grad, B.grad = (torch.randn(8, 8, dtype=torch.float64, generator=seeded(10 * k + j)) for j in range(2))
+        opt.step()
+    assert checks == [True, True, False, False, False, False]
+    assert error(A) < 1e-14 and error(B) < 1e-14
+
+
 def test_load_state_dict_hooks_run_as_in_torch_optim():
     """The pre-hooks run before the checks (a hook that upgrades an old
     checkpoint was never reached: "lacks variant"), the checks see what they

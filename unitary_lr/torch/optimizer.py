@@ -161,7 +161,10 @@ class ProjUNN(torch.optim.Optimizer):
     drift_check_every : int, optional
         Estimate the drift every this many steps of a parameter, and after
         its first step (which re-projects a weight marked in another
-        precision, such as a float32 layer made float64); 0: never.
+        precision, such as a float32 layer made float64), and after a step
+        whose weight something else wrote since this optimizer's last step
+        (``model.load_state_dict``, ``model.half().float()``, ``.to()``, an
+        in-place edit; not a write through ``p.data``); 0: never.
     reproject : {"svd", "newton_schulz"}, optional
         Dense polar factor used to re-project.
     seed : int or None, optional
@@ -494,6 +497,7 @@ class ProjUNN(torch.optim.Optimizer):
                     p.copy_(new_p)
                     self.state[p]["reprojections"] = self.state[p].get("reprojections", 0) + 1
                     count += 1
+                self._note_written([p])  # (its drift was just checked)
         return count
 
     @torch.no_grad()
@@ -597,7 +601,7 @@ class ProjUNN(torch.optim.Optimizer):
                 if not group["unitary"]:
                     plain_grads.append((p, group, index, i))
         _check_plain_gradients([entry for entry in plain_grads if not entry[1]["capturable"]])
-        pending, steps = [], []
+        pending, steps, rewritten = [], [], set()
         for index, group in enumerate(self.param_groups):
             if _torch_optim_group(group):
                 continue  # stepped by torch.optim's own code below, once nothing can fail
@@ -638,6 +642,8 @@ class ProjUNN(torch.optim.Optimizer):
                     checked_factors, new_state = _capturable_step(xp, p, direction, state, new_state, group)
                     pending.append((p, group, new_state, (checked_factors, state), _CAPTURED))
                     continue
+                if _written_elsewhere(self.__dict__.get("_written", {}).get(p), p):
+                    rewritten.add(id(p))  # (read before this step's own writes, which move views' counters)
                 rng = self._sketch_generator(p, new_state["sketch_rng"])
                 update = [None, commit]  # the factors are filled in below, all parameters' at once
                 if group["lr"] != 0:
@@ -674,12 +680,14 @@ class ProjUNN(torch.optim.Optimizer):
             steps = new_state["projunn_steps"] + 1
             precision = _PRECISIONS[p.dtype]
             # a first step, or the first in this precision (a float32 run
-            # resumed in float64: 7e-8 from unitary, 1e5 times the tolerance)
+            # resumed in float64: 7e-8 from unitary, 1e5 times the tolerance),
+            # or the first since something else wrote W (a round trip through
+            # float16 leaves it 3e-4 from unitary, in the precision recorded)
             new_p, reprojected = step_drift(array_api_compat.torch, p.detach(), step=steps, rng=rng,
                                             seed=group["seed"], drift_tol=group["drift_tol"],
                                             drift_check_every=group["drift_check_every"],
                                             reproject=group["reproject"],
-                                            first=new_state.get("precision") != precision)
+                                            first=new_state.get("precision") != precision or id(p) in rewritten)
             if reprojected:
                 p.copy_(new_p)
             saved = generator_state(rng)
@@ -687,7 +695,17 @@ class ProjUNN(torch.optim.Optimizer):
                              reprojections=new_state.get("reprojections", 0) + reprojected)
             self.state[p].update(new_state)
             self.__dict__.setdefault("_generators", {})[p] = (dict(saved), rng)
+        self._note_written(p for p, _, _, _, rng in pending if rng is not None and rng is not _CAPTURED)
         return loss
+
+    def _note_written(self, params):
+        """Records what this optimizer left in ``params`` (once all of a
+        step's writes are done: parameters that are views of one tensor share
+        its version counter), so that its next step sees a W that something
+        else wrote and checks its drift (see ``_written_elsewhere``)."""
+        written = self.__dict__.setdefault("_written", {})
+        for p in params:
+            written[p] = (p.untyped_storage(), p._version)
 
     def _rule(self, index, group):
         """Group ``index``'s base rule, made again only when its options
@@ -1092,6 +1110,22 @@ def _all_finite(tensor):
     is, or when it overflows: one cheap pass decides, and only a non-finite sum
     pays for the exact elementwise test (10x slower: it writes a mask)."""
     return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
+def _written_elsewhere(mark, p):
+    """Whether ``p`` holds other values than the step that left ``mark``
+    wrote into it (``mark`` None: no step of this optimizer yet, which
+    checks nothing more: a resumed run takes the steps of one never
+    stopped, where its weight is the saved one). Its storage is
+    held, so that no new tensor takes its place at the same address (as the
+    float32 copy of ``module.half().float()`` does); every in-place write
+    (``load_state_dict``'s copy, an edit under ``torch.no_grad()``) moves
+    its version counter. A write through
+    ``p.data`` moves neither, and is not seen."""
+    if mark is None:
+        return False
+    storage, version = mark
+    return version != p._version or storage.data_ptr() != p.untyped_storage().data_ptr()
 
 
 def _add_in_place(p, L, Rh):
