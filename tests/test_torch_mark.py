@@ -397,6 +397,58 @@ def test_retraction_reprojects_a_weight_marked_in_another_precision_at_its_first
     assert retraction.state[W]["reprojections"] == 0
 
 
+@pytest.mark.parametrize("write", ["half round trip", "load_state_dict", "in-place edit"])
+def test_retraction_checks_a_weight_written_by_something_else_at_the_next_step(write, monkeypatch):
+    """As the torch optimizer: a weight written between two steps by
+    something other than the optimizer and its retraction (a round trip
+    through float16 leaves it 3e-4 from orthogonal, in the float32 the
+    state records) has its drift checked at the next step and is
+    re-projected; the optimizer's own writes between the hooks are not such
+    a write."""
+    from unitary_lr.torch import retraction as module
+
+    checks = []
+
+    def spy(*args, first=None, **kwargs):
+        checks.append(first)
+        return ul.optim.step_drift(*args, first=first, **kwargs)
+
+    monkeypatch.setattr(module, "step_drift", spy)
+    torch.manual_seed(0)
+    dtype = torch.float32 if write == "half round trip" else torch.float64
+    model = torch.nn.Sequential(torch.nn.Linear(20, 20, bias=False), torch.nn.Linear(20, 20, bias=False)).to(dtype)
+    for layer in model:
+        orthogonal(layer)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+    retraction = projunn_retraction(opt, rank=2, seed=0)
+    x = torch.randn(4, 20, dtype=dtype, generator=seeded(1))
+
+    def step():
+        opt.zero_grad()
+        model(x).square().sum().backward()
+        opt.step()
+
+    step(), step()
+    assert checks == [True, True, False, False]
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-12
+    noise = 1e-6 * torch.randn(20, 20, dtype=dtype, generator=seeded(2))
+    if write == "half round trip":
+        model.half().float()
+    elif write == "load_state_dict":
+        model[1].load_state_dict({"weight": model[1].weight.detach() + noise})
+    else:
+        with torch.no_grad():
+            model[1].weight.add_(noise)
+    assert error(model[1].weight) > 10 * tolerance
+    step()
+    rewritten = [True, True] if write == "half round trip" else [False, True]
+    assert checks[4:] == rewritten
+    assert [retraction.state[layer.weight]["reprojections"] for layer in model] == [int(r) for r in rewritten]
+    assert all(error(layer.weight) < tolerance for layer in model)
+    step()
+    assert checks[6:] == [False, False]
+
+
 def test_retraction_trains_an_orthogonal_regression_with_sgd_momentum_and_adamw():
     generator = seeded(4)
     n = 16

@@ -19,7 +19,7 @@ from ..optim import DEFAULT_VARIANT, step_drift, step_rank
 from ..options import ProjUNNOptions
 from ..steps import STEP_OVERSAMPLE, STEP_POWER_ITERS, projunn_step
 from ._mark import is_unitary
-from .optimizer import _PRECISIONS, _name, drawn_seed
+from .optimizer import _PRECISIONS, _name, _written_elsewhere, drawn_seed
 
 __all__ = ["ProjUNNRetraction", "projunn_retraction"]
 
@@ -57,7 +57,11 @@ def projunn_retraction(optimizer, *, rank=None, variant=DEFAULT_VARIANT, params=
     drift_check_every : int, optional
         Estimate the drift every this many steps of a parameter, and after
         its first step (which re-projects a weight marked in another
-        precision, such as a float32 layer made float64); 0: never.
+        precision, such as a float32 layer made float64), and after a step
+        whose weight something else than the optimizer wrote since the
+        retraction's last step (``model.load_state_dict``,
+        ``model.half().float()``, ``.to()``, an in-place edit; not a write
+        through ``p.data``); 0: never.
     reproject : {"svd", "newton_schulz"}, optional
         Dense polar factor used to re-project.
     seed : int or None, optional
@@ -220,6 +224,9 @@ class ProjUNNRetraction:
         self.state = {}  # parameter -> {"rng", "steps", "reprojections"}
         self._streams = 0  # sketch streams made: the next one is seeded [seed, _streams]
         self._saved = []
+        # what the last step left in each parameter (see _written_elsewhere),
+        # and which ones something else wrote since, seen before a step
+        self._written, self._rewritten = {}, set()
         # every parameter picked for retraction so far (the keys; a dict keyed
         # by the tensor, as the state, which copy.deepcopy maps to the copies):
         # with params=None one that loses its mark since (a swap conversion)
@@ -370,6 +377,8 @@ class ProjUNNRetraction:
         self._warn_weight_decay(targets)
         self._chosen.update(dict.fromkeys(p for p, _ in targets))
         self._saved = [(p, p.detach().clone()) for p, _ in targets]
+        written = self.__dict__.get("_written", {})  # (a retraction pickled by an earlier release has none)
+        self._rewritten = {id(p) for p, _ in targets if _written_elsewhere(written.get(p), p)}
 
     @outside_torch_graph(_OUTSIDE_GRAPH, name="projunn_retraction's hook after the step")
     @torch.no_grad()
@@ -395,10 +404,12 @@ class ProjUNNRetraction:
                 streams.append((state["rng"], state["rng"].bit_generator.state))
                 new = projunn_step(W, -delta, lr=1.0, rng=state["rng"],
                                    **{**self.options, "rank": step_rank(self.options["rank"], W.shape)})
-                # a first step, or the first in this precision (a float32 run resumed in float64)
+                # a first step, the first in this precision (a float32 run resumed
+                # in float64), or the first since something else wrote W
                 precision = _PRECISIONS[p.dtype]
+                first = state["precision"] != precision or id(p) in self._rewritten
                 new, reprojected = step_drift(xp, new, step=state["steps"] + 1, rng=state["rng"], seed=self.seed,
-                                              first=state["precision"] != precision, **self.drift)
+                                              first=first, **self.drift)
                 pending.append((p, new, state, int(reprojected), precision))
         except Exception as error:
             for q, old in saved:  # every retracted parameter as before the step
@@ -418,4 +429,9 @@ class ProjUNNRetraction:
             state["reprojections"] += reprojected
             state["precision"] = precision
             p.copy_(new)
+        # once every write is done (views of one tensor share its version
+        # counter); one the step left as it was keeps its mark until a step
+        written = self.__dict__.setdefault("_written", {})
+        for p, *_ in pending:
+            written[p] = (p.untyped_storage(), p._version)
 
