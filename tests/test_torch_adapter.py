@@ -307,6 +307,45 @@ def test_bad_parameters_and_settings():
         ProjUNN([{"params": [torch.nn.Parameter(torch.eye(3, dtype=torch.float16))], "unitary": True}])
 
 
+def test_transformers_trainer_trains_with_projunn(tmp_path):
+    """``Trainer(optimizers=(ProjUNN(model.parameters(), ...), None))``: the
+    Trainer's loop (accelerate's optimizer wrapper, its linear schedule, its
+    gradient clipping) keeps the orthogonal weight orthogonal while the
+    other weights move. ``optimizer_cls_and_kwargs=(ProjUNN, ...)`` gets
+    the Trainer's groups by weight decay, each mixing the marked weight with
+    others, and is refused with the error that names the group."""
+    transformers = pytest.importorskip("transformers")
+    from unitary_lr.torch import OrthogonalLinear
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rotate = OrthogonalLinear(8, 8)  # orthogonal weight, plain bias
+            self.head = torch.nn.Linear(8, 1)
+
+        def forward(self, x, labels=None):
+            out = self.head(torch.tanh(self.rotate(x))).squeeze(-1)
+            return {"loss": torch.nn.functional.mse_loss(out, labels), "logits": out}
+
+    torch.manual_seed(0)
+    model = Model()
+    data = [{"x": torch.randn(8), "labels": torch.randn(())} for _ in range(16)]
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4,
+                                          learning_rate=1e-2, weight_decay=0.01, use_cpu=True, report_to=[],
+                                          save_strategy="no", logging_strategy="no", disable_tqdm=True)
+    opt = ProjUNN(model.parameters(), lr=1e-2, base="adam", rank=2, seed=0)
+    transformers.Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, None)).train()
+    assert error(model.rotate.weight) < 1e-5 and opt.state[model.rotate.weight]["projunn_steps"] == 4
+    moved = [name for name, p in model.named_parameters() if not torch.equal(p.detach(), before[name])]
+    assert sorted(moved) == sorted(before)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data,
+                                   optimizer_cls_and_kwargs=(ProjUNN, {"base": "adam", "rank": 2, "seed": 0}))
+    with pytest.raises(ValueError, match=r"param group 0 mixes unitary parameters .* with others; .* "
+                                         r"transformers.Trainer .* optimizers=\(ProjUNN\(model.parameters\(\), "):
+        trainer.train()
+
+
 @pytest.mark.parametrize(("option", "value", "message"), [
     ("lr", -1e-3, r"lr must be a finite number >= 0, got -0.001"),
     ("lr", float("nan"), r"lr must be a finite number >= 0, got nan"),

@@ -432,7 +432,10 @@ class ProjUNN(torch.optim.Optimizer):
                 mixed = [n for n, m in zip(names, marked) if m]
                 raise ValueError(
                     f"param group {index} mixes unitary parameters ({', '.join(mixed)}) with others; "
-                    "put them in separate groups or set 'unitary' for the group"
+                    "put them in separate groups, set 'unitary' for the group, or give ProjUNN the parameters "
+                    "without groups (model.parameters(): the marked ones get a group of their own); "
+                    "transformers.Trainer forms such groups by weight decay: give it "
+                    "optimizers=(ProjUNN(model.parameters(), ...), None) instead of optimizer_cls_and_kwargs"
                 )
             unitary = bool(params) and all(marked)
             if not unitary:  # checked at each step: a parameter marked since would get plain steps
