@@ -244,6 +244,12 @@ class ProjUNNRetraction:
         self._handles = [optimizer.register_step_pre_hook(self._before),
                          optimizer.register_step_post_hook(self._after)]
 
+    def __getstate__(self):
+        # what the last step left in each parameter holds its storage: a
+        # pickle or deep copy would carry a second copy of every weight, for
+        # a record that does not describe the copies (checked as new ones)
+        return {key: value for key, value in self.__dict__.items() if key != "_written"}
+
     def remove(self):
         """Detach the hooks: later steps are the optimizer's own."""
         for handle in self._handles:
