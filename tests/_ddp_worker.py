@@ -119,3 +119,40 @@ def seed_worker(rank, world_size, init_file, out_dir):
         torch.save({"warnings": [str(w.message) for w in caught], "W": W.detach()}, f"{out_dir}/seed{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def broadcast_worker(rank, world_size, init_file, out_dir):
+    """Rank 0 loads a checkpoint written in half precision and broadcasts it
+    (a collective's write moves no version counter on the other ranks): the
+    drift checks of ProjUNN and of projunn_retraction must not depend on
+    what one rank saw, or the replicas re-project apart."""
+    import torch.distributed as dist
+
+    from unitary_lr.torch import ProjUNN, orthogonal, projunn_retraction
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        result = {}
+        for how in ("ProjUNN", "retraction"):
+            torch.manual_seed(0)
+            layer = orthogonal(torch.nn.Linear(16, 16, bias=False))
+            if how == "ProjUNN":
+                opt = ProjUNN(layer.parameters(), lr=1e-2, rank=2, seed=0)
+            else:
+                opt = torch.optim.SGD(layer.parameters(), lr=1e-2)
+                retraction = projunn_retraction(opt, rank=2, seed=0)
+            x = torch.randn(4, 16, generator=torch.Generator().manual_seed(1))
+            for step in range(4):
+                if step == 2:
+                    if rank == 0:
+                        layer.load_state_dict({"weight": layer.weight.detach().half().float()})
+                    with torch.no_grad():
+                        dist.broadcast(layer.weight, 0)
+                opt.zero_grad()
+                layer(x).square().sum().backward()
+                opt.step()
+            state = opt.state[layer.weight] if how == "ProjUNN" else retraction.state[layer.weight]
+            result[how] = (layer.weight.detach().clone(), state["reprojections"])
+        torch.save(result, f"{out_dir}/broadcast{rank}.pt")
+    finally:
+        dist.destroy_process_group()

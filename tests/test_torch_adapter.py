@@ -1126,6 +1126,9 @@ def test_a_parameter_made_double_in_the_middle_of_a_run_is_reprojected_and_steps
     assert error(W) < 1e-14 and opt.state[W]["reprojections"] == 1 and opt.state[W]["precision"] == "float64"
 
 
+_PRECISION_NAMES = {torch.float32: "float32", torch.complex128: "complex128"}
+
+
 def _first_checks(monkeypatch):
     """The ``first`` flags of the torch optimizer's drift checks, step by step."""
     from unitary_lr.torch import optimizer
@@ -1182,6 +1185,24 @@ def test_a_weight_written_by_something_else_between_steps_is_checked_at_the_next
     assert error(layer.weight) < tolerance
     step()  # and then the schedule again: nothing more is checked
     assert checks[3] is False and opt.state[layer.weight]["reprojections"] == before + 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex128])
+def test_a_resumed_optimizer_keeps_the_precision_and_checks_on_schedule(dtype, monkeypatch):
+    """torch.optim's load_state_dict rebuilds every iterable of a state as
+    ``type(value)(generator)``: the recorded precision became the string
+    "<generator object ...>", and every resumed run's next step counted as
+    a first step in a new precision (an extra check, and with a tight
+    drift_tol a re-projection that the run never stopped did not make)."""
+    checks = _first_checks(monkeypatch)
+    W, opt = _trained_run(dtype, "adam")
+    again = ProjUNN([W], lr=1e-2, base="adam", rank=2, seed=0)
+    again.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert again.state[W]["precision"] == opt.state[W]["precision"] == _PRECISION_NAMES[dtype]
+    del checks[:]
+    W.grad = torch.randn(12, 12, dtype=dtype, generator=seeded(40))
+    again.step()
+    assert checks == [False]
 
 
 def test_parameters_that_share_a_tensor_are_not_checked_at_every_step(monkeypatch):

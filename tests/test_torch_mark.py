@@ -449,6 +449,47 @@ def test_retraction_checks_a_weight_written_by_something_else_at_the_next_step(w
     assert checks[6:] == [False, False]
 
 
+def test_retraction_counts_the_optimizers_write_of_a_zero_update_as_its_own(monkeypatch):
+    """A zero gradient kept in ``.grad`` (``zero_grad(set_to_none=False)``):
+    the optimizer's write of a zero update moves the version counter and
+    leaves W as it was, so the retraction has nothing to retract; that
+    write is not something else's, and the next steps are not checked. A
+    weight written by something else before such a step is checked at the
+    next step that moves it."""
+    from unitary_lr.torch import retraction as module
+
+    checks = []
+
+    def spy(*args, first=None, **kwargs):
+        checks.append(first)
+        return ul.optim.step_drift(*args, first=first, **kwargs)
+
+    monkeypatch.setattr(module, "step_drift", spy)
+    torch.manual_seed(0)
+    layer = orthogonal(torch.nn.Linear(12, 12, bias=False).double())
+    opt = torch.optim.SGD(layer.parameters(), lr=1e-2)
+    retraction = projunn_retraction(opt, rank=2, seed=0)
+    x = torch.randn(3, 12, dtype=torch.float64, generator=seeded(1))
+
+    def step(zero):
+        opt.zero_grad(set_to_none=False)
+        if not zero:
+            layer(x).square().sum().backward()
+        opt.step()
+
+    for zero in (False, True, False, True, False):
+        step(zero)
+    assert checks == [True, False, False]
+    with torch.no_grad():
+        layer.weight.add_(1e-6 * torch.randn(12, 12, dtype=torch.float64, generator=seeded(2)))
+    step(True)  # nothing to retract: the check waits for a step that moves W
+    step(False)
+    assert checks[3:] == [True] and retraction.state[layer.weight]["reprojections"] == 1
+    assert error(layer.weight) < 1e-12
+    step(False)
+    assert checks[4:] == [False]
+
+
 def test_retraction_trains_an_orthogonal_regression_with_sgd_momentum_and_adamw():
     generator = seeded(4)
     n = 16

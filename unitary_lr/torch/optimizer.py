@@ -164,7 +164,8 @@ class ProjUNN(torch.optim.Optimizer):
         precision, such as a float32 layer made float64), and after a step
         whose weight something else wrote since this optimizer's last step
         (``model.load_state_dict``, ``model.half().float()``, ``.to()``, an
-        in-place edit; not a write through ``p.data``); 0: never.
+        in-place edit; not a write through ``p.data``; not in a job of several
+        processes, whose ranks must check alike); 0: never.
     reproject : {"svd", "newton_schulz"}, optional
         Dense polar factor used to re-project.
     seed : int or None, optional
@@ -352,6 +353,15 @@ class ProjUNN(torch.optim.Optimizer):
         finally:
             self.__dict__.update(hooks)
         self.__dict__["_plain_by_mark"] = [self.param_groups[index] for index in plain]
+        saved_state = state_dict.get("state") or {}
+        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
+            for key, p in zip(saved_group["params"], group["params"]):
+                precision = saved_state.get(key, {}).get("precision") if isinstance(saved_state, dict) else None
+                if isinstance(precision, str) and p in self.state:
+                    # torch.optim's load rebuilds an iterable as type(value)(generator):
+                    # the str became "<generator object ...>", and every resumed
+                    # run's next step counted as a first one in a new precision
+                    self.state[p]["precision"] = precision
         for p, state in self.state.items():
             # torch.optim casts every saved tensor but "step" to its parameter's
             # dtype: a float64 count, whose in-place writes torch.compile drops
@@ -605,6 +615,7 @@ class ProjUNN(torch.optim.Optimizer):
                     plain_grads.append((p, group, index, i))
         _check_plain_gradients([entry for entry in plain_grads if not entry[1]["capturable"]])
         pending, steps, rewritten = [], [], set()
+        local_checks = not _distributed()  # (replicas decide their checks alike: by the step count only)
         for index, group in enumerate(self.param_groups):
             if _torch_optim_group(group):
                 continue  # stepped by torch.optim's own code below, once nothing can fail
@@ -645,7 +656,7 @@ class ProjUNN(torch.optim.Optimizer):
                     checked_factors, new_state = _capturable_step(xp, p, direction, state, new_state, group)
                     pending.append((p, group, new_state, (checked_factors, state), _CAPTURED))
                     continue
-                if _written_elsewhere(self.__dict__.get("_written", {}).get(p), p):
+                if local_checks and _written_elsewhere(self.__dict__.get("_written", {}).get(p), p):
                     rewritten.add(id(p))  # (read before this step's own writes, which move views' counters)
                 rng = self._sketch_generator(p, new_state["sketch_rng"])
                 update = [None, commit]  # the factors are filled in below, all parameters' at once
@@ -884,8 +895,7 @@ def drawn_seed(what, stacklevel=3):
     alike, which DistributedDataParallel does not do for them (ranks seeded
     ``base + rank`` drew other sketches, and the replicas drifted apart
     without a word, 7e-3 after 5 steps)."""
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if distributed and torch.distributed.get_world_size() > 1:
+    if _distributed():
         warnings.warn(f"{what}(seed=None) in a torch.distributed job draws its sketch seed from torch's global "
                       "generator: the replicas stay identical only if every rank called torch.manual_seed alike. "
                       "Pass the same seed=<int> on every rank", UserWarning, stacklevel=stacklevel)
@@ -1115,6 +1125,12 @@ def _all_finite(tensor):
     return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
+def _distributed():
+    """Whether this process is one of several of a torch.distributed job."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return distributed and torch.distributed.get_world_size() > 1
+
+
 def _written_elsewhere(mark, p):
     """Whether ``p`` holds other values than the step that left ``mark``
     wrote into it (``mark`` None: no step of this optimizer yet, which
@@ -1123,8 +1139,10 @@ def _written_elsewhere(mark, p):
     held, so that no new tensor takes its place at the same address (as the
     float32 copy of ``module.half().float()`` does); every in-place write
     (``load_state_dict``'s copy, an edit under ``torch.no_grad()``) moves
-    its version counter. A write through
-    ``p.data`` moves neither, and is not seen."""
+    its version counter. A write through ``p.data`` moves neither, and is
+    not seen; nor is a collective's (``torch.distributed.broadcast``), so
+    in a job of several processes the step does not ask (a check on one
+    rank only would re-project the replicas apart)."""
     if mark is None:
         return False
     storage, version = mark

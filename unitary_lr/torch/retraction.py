@@ -19,7 +19,7 @@ from ..optim import DEFAULT_VARIANT, step_drift, step_rank
 from ..options import ProjUNNOptions
 from ..steps import STEP_OVERSAMPLE, STEP_POWER_ITERS, projunn_step
 from ._mark import is_unitary
-from .optimizer import _PRECISIONS, _name, _written_elsewhere, drawn_seed
+from .optimizer import _PRECISIONS, _distributed, _name, _written_elsewhere, drawn_seed
 
 __all__ = ["ProjUNNRetraction", "projunn_retraction"]
 
@@ -61,7 +61,8 @@ def projunn_retraction(optimizer, *, rank=None, variant=DEFAULT_VARIANT, params=
         whose weight something else than the optimizer wrote since the
         retraction's last step (``model.load_state_dict``,
         ``model.half().float()``, ``.to()``, an in-place edit; not a write
-        through ``p.data``); 0: never.
+        through ``p.data``; not in a job of several
+        processes, whose ranks must check alike); 0: never.
     reproject : {"svd", "newton_schulz"}, optional
         Dense polar factor used to re-project.
     seed : int or None, optional
@@ -383,8 +384,14 @@ class ProjUNNRetraction:
         self._warn_weight_decay(targets)
         self._chosen.update(dict.fromkeys(p for p, _ in targets))
         self._saved = [(p, p.detach().clone()) for p, _ in targets]
-        written = self.__dict__.get("_written", {})  # (a retraction pickled by an earlier release has none)
-        self._rewritten = {id(p) for p, _ in targets if _written_elsewhere(written.get(p), p)}
+        # (a retraction pickled by an earlier release has no record; in a job
+        # of several processes the ranks decide their checks alike, by the
+        # step count only: a collective's write is not seen)
+        written = {} if _distributed() else self.__dict__.get("_written", {})
+        # one seen before a step that left it as it was (a zero update) is
+        # checked at its next step that moves it
+        self._rewritten = {id(p) for p, _ in targets if _written_elsewhere(written.get(p), p)
+                           or id(p) in self.__dict__.get("_rewritten", ())}
 
     @outside_torch_graph(_OUTSIDE_GRAPH, name="projunn_retraction's hook after the step")
     @torch.no_grad()
@@ -436,8 +443,10 @@ class ProjUNNRetraction:
             state["precision"] = precision
             p.copy_(new)
         # once every write is done (views of one tensor share its version
-        # counter); one the step left as it was keeps its mark until a step
+        # counter), of every target: the optimizer's own write of a zero
+        # update moves the counter too
         written = self.__dict__.setdefault("_written", {})
-        for p, *_ in pending:
+        for p, _ in saved:
             written[p] = (p.untyped_storage(), p._version)
+        self._rewritten -= {id(p) for p, *_ in pending}
 
