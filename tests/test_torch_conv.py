@@ -305,9 +305,9 @@ def test_cast_to_a_real_dtype_is_refused_and_double_works(complex_):
     hint = r"module.double\(\) \(or .float\(\)\), which keep complex parameters complex"
     hint += r", or module.to\(torch.complex128\)$" if complex_ else "$"
     with pytest.raises(TypeError, match=r"^FourierConv2d: weight \(the matrices of the frequencies\) is complex, but "
-                                        r"has dtype torch.float64: a cast to a real dtype "
-                                        r"\(module.to\(torch.float64\)\) discarded its imaginary part: it is no "
-                                        r"longer unitary. .*" + hint):
+                                        r"it has dtype torch.float64: a cast to a real dtype "
+                                        r"\(module.to\(torch.float64\)\) discarded its imaginary part, and it is "
+                                        r"no longer unitary. .*" + hint):
         cast(x.to(torch.complex128) if complex_ else x)
     with pytest.raises(TypeError, match=r"discarded its imaginary part"):
         cast.matrices()

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .._validation import check_int
-from .layers import COMPLEX_OF, _check_size, check_complex_flag, real_precision, unitary_parameter
+from .layers import COMPLEX_OF, _check_size, check_complex_flag, real_cast_error, real_precision, unitary_parameter
 
 __all__ = ["FourierConv2d"]
 
@@ -227,14 +227,9 @@ class FourierConv2d(nn.Module):
         (``module.half()``: a bare KeyError)."""
         weight = self.weight.dtype
         if not weight.is_complex:
-            cast = "module.double() (or .float()), which keep complex parameters complex"
-            if self.complex:
-                cast += ", or module.to(torch.complex128)"
-            raise TypeError(
-                f"FourierConv2d: weight (the matrices of the frequencies) is complex, but has dtype {weight}: "
-                f"a cast to a real dtype (module.to({weight})) discarded its imaginary part: it is no longer "
-                f"unitary. "
-                f"Load the weights again and use {cast}")
+            # (the real layer's weight_real is real: module.to(complex128) is no way out there)
+            raise real_cast_error("FourierConv2d: weight (the matrices of the frequencies) is complex, but it",
+                                  weight, complex_cast=self.complex)
         if weight not in COMPLEX_OF.values():
             raise TypeError(f"FourierConv2d: weight has dtype {weight}; the layer supports complex64 and complex128 "
                             f"(module.float() or module.double())")

@@ -51,6 +51,20 @@ def check_complex_flag(complex):
         raise TypeError(f"complex must be True or False, got {complex!r}")
 
 
+def real_cast_error(subject, dtype, *, complex_cast=True):
+    """The TypeError of a complex parameter that a cast of its module made
+    real: ``module.to(torch.float64)``, a real dtype, casts complex
+    parameters to real and discards their imaginary part, with at most one
+    warning per process, and the layer went on with a weight no longer
+    unitary. ``subject`` names the layer and the parameter; ``complex_cast``
+    also offers ``module.to(torch.complex128)`` (a layer whose every
+    parameter may be complex)."""
+    cast = ", or module.to(torch.complex128)" if complex_cast else ""
+    return TypeError(f"{subject} has dtype {dtype}: a cast to a real dtype (module.to({dtype})) discarded its "
+                     "imaginary part, and it is no longer unitary. Load the weights again and use module.double() "
+                     f"(or .float()), which keep complex parameters complex{cast}")
+
+
 def real_precision(dtype):
     """A layer's ``dtype`` argument, the real precision of its parameters:
     torch.float32 or torch.float64 (None: torch's default dtype); else a
@@ -536,11 +550,7 @@ class UnitaryRNN(nn.Module):
             weight_hh, weight_ih, bias, activation = self._layer(layer)
             if self.complex and not weight_hh.is_complex():
                 name = "weight_hh" if layer == 0 else f"weight_hh_l{layer}"
-                raise TypeError(
-                    f"UnitaryRNN: the layer is complex, but {name} has dtype {weight_hh.dtype}: a cast to a real "
-                    f"dtype (module.to({weight_hh.dtype})) discarded its imaginary part, and it is no longer "
-                    "unitary. Load the weights again and use module.double() (or .float()), which keep complex "
-                    "parameters complex, or module.to(torch.complex128)")
+                raise real_cast_error(f"UnitaryRNN: the layer is complex, but {name}", weight_hh.dtype)
             projected = x.to(weight_ih.dtype) @ weight_ih.T  # every step's input projection in one product
             if bias is not None:
                 projected = projected + bias

@@ -10,7 +10,8 @@ from torch import nn
 from torch.nn import functional
 
 from ._mark import _set_mark
-from .layers import COMPLEX_OF, _check_size, check_complex_flag, check_generator, real_precision, unitary_parameter
+from .layers import (COMPLEX_OF, _check_size, check_complex_flag, check_generator, real_cast_error, real_precision,
+                     unitary_parameter)
 
 __all__ = ["OrthogonalLinear"]
 
@@ -151,15 +152,7 @@ class OrthogonalLinear(nn.Module):
             the class).
         """
         if self.complex and not self.weight.is_complex():
-            # module.to(torch.float64), a real dtype, casts complex parameters
-            # to real, discarding their imaginary part, with at most one
-            # warning per process: the layer went on with a weight that is no
-            # longer unitary
-            raise TypeError(
-                f"OrthogonalLinear: the layer is complex, but its weight has dtype {self.weight.dtype}: a cast to "
-                f"a real dtype (module.to({self.weight.dtype})) discarded its imaginary part, and it is no longer "
-                "unitary. Load the weights again and use module.double() (or .float()), which keep complex "
-                "parameters complex, or module.to(torch.complex128)")
+            raise real_cast_error("OrthogonalLinear: the layer is complex, but its weight", self.weight.dtype)
         if self.complex and not x.is_complex():
             x = x.to(self.weight.dtype)
         return functional.linear(x, self.weight, self.bias)
