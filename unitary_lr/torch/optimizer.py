@@ -719,7 +719,7 @@ class ProjUNN(torch.optim.Optimizer):
         else wrote and checks its drift (see ``_written_elsewhere``)."""
         written = self.__dict__.setdefault("_written", {})
         for p in params:
-            written[p] = (p.untyped_storage(), p._version)
+            written[p] = _write_mark(p)
 
     def _rule(self, index, group):
         """Group ``index``'s base rule, made again only when its options
@@ -1129,6 +1129,12 @@ def _distributed():
     """Whether this process is one of several of a torch.distributed job."""
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     return distributed and torch.distributed.get_world_size() > 1
+
+
+def _write_mark(p):
+    """What a step leaves in ``p``, for :func:`_written_elsewhere`: its
+    storage (held) and its version counter."""
+    return p.untyped_storage(), p._version
 
 
 def _written_elsewhere(mark, p):

@@ -19,7 +19,7 @@ from ..optim import DEFAULT_VARIANT, step_drift, step_rank
 from ..options import ProjUNNOptions
 from ..steps import STEP_OVERSAMPLE, STEP_POWER_ITERS, projunn_step
 from ._mark import is_unitary
-from .optimizer import _PRECISIONS, _distributed, _name, _written_elsewhere, drawn_seed
+from .optimizer import _PRECISIONS, _distributed, _name, _write_mark, _written_elsewhere, drawn_seed
 
 __all__ = ["ProjUNNRetraction", "projunn_retraction"]
 
@@ -447,6 +447,6 @@ class ProjUNNRetraction:
         # update moves the counter too
         written = self.__dict__.setdefault("_written", {})
         for p, _ in saved:
-            written[p] = (p.untyped_storage(), p._version)
+            written[p] = _write_mark(p)
         self._rewritten -= {id(p) for p, *_ in pending}
 
