@@ -28,7 +28,8 @@ from torch import nn
 from . import _peft_support
 from ._peft_support import check_peft_version
 from ._validation import check_int
-from .torch.adapters import _find_tied, _still_tied, _unit_columns, householder_delta, householder_delta_weight
+from .torch.adapters import (_find_tied, _still_tied, _unit_columns, _used_elsewhere, householder_delta,
+                             householder_delta_weight)
 
 #: The ``peft_type`` of :class:`~unitary_lr.peft.HTAConfig`, under which PEFT's tables know the method.
 PEFT_TYPE = "HTA"
@@ -390,8 +391,7 @@ def _shared(layer):
     """Whether the base layer of the HTA ``layer`` is itself used at one of its
     tied places (one ``nn.Linear`` at two places of the model), where a new
     weight of it would be that place's too."""
-    base = layer.get_base_layer()
-    return bool(_still_tied([place for place in layer._hta_tied if place[0] is base], base.weight, memory=False))
+    return bool(_used_elsewhere(layer._hta_tied, layer.get_base_layer(), memory=False))
 
 
 def _tied_message(layers, *, shared=False):

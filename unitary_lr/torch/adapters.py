@@ -190,6 +190,14 @@ def _find_tied(model, wrappers, *, memory=True):
     return found
 
 
+def _used_elsewhere(places, layer, *, memory=True):
+    """The names of ``places`` (a wrapper's ties, as :func:`_find_tied` gives
+    them) where ``layer`` itself, the wrapped ``nn.Linear``, is used with its
+    weight still: one layer at two places of the model, where a new weight
+    of the layer would be the other place's too."""
+    return _still_tied([place for place in places if place[0] is layer], layer.weight, memory=memory)
+
+
 def _held(module, attribute):
     """The parameter or buffer ``attribute`` of ``module`` (None if neither),
     and whether it is a buffer."""
@@ -283,7 +291,7 @@ class _LinearAdapter(nn.Module):
         tied = _still_tied(self._tied, weight)
         if tied:
             # the layer itself used at another place too: a new weight of it would be that place's too
-            shared = _still_tied([place for place in self._tied if place[0] is self.base], weight)
+            shared = _used_elsewhere(self._tied, self.base)
             untie = ("give the adapter its own copy of the layer first (the layer itself is used at "
                      f"{', '.join(shared)} too: adapter.base = copy.deepcopy(adapter.base))" if shared else
                      "untie the weight first (base = adapter.base; base.weight = "
