@@ -195,6 +195,27 @@ def _release_compiled_jax_programs():
 
 
 @pytest.fixture
+def first_drift_checks(monkeypatch):
+    """``watch(module)`` records, in the list it returns, the ``first`` flag
+    of every drift check that ``module`` (``unitary_lr.torch.optimizer`` or
+    ``unitary_lr.torch.retraction``) makes from then on: which steps counted
+    as a first one."""
+    def watch(module):
+        from unitary_lr.optim import step_drift
+
+        seen = []
+
+        def spy(*args, first=None, **kwargs):
+            seen.append(first)
+            return step_drift(*args, first=first, **kwargs)
+
+        monkeypatch.setattr(module, "step_drift", spy)
+        return seen
+
+    return watch
+
+
+@pytest.fixture
 def rng(request) -> np.random.Generator:
     return np.random.default_rng([BASE_SEED, zlib.crc32(request.node.nodeid.encode())])
 

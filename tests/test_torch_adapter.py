@@ -1129,22 +1129,8 @@ def test_a_parameter_made_double_in_the_middle_of_a_run_is_reprojected_and_steps
 _PRECISION_NAMES = {torch.float32: "float32", torch.complex128: "complex128"}
 
 
-def _first_checks(monkeypatch):
-    """The ``first`` flags of the torch optimizer's drift checks, step by step."""
-    from unitary_lr.torch import optimizer
-
-    seen = []
-
-    def spy(*args, first=None, **kwargs):
-        seen.append(first)
-        return ul.optim.step_drift(*args, first=first, **kwargs)
-
-    monkeypatch.setattr(optimizer, "step_drift", spy)
-    return seen
-
-
 @pytest.mark.parametrize("write", ["half round trip", "load_state_dict", "in-place edit", "to and back"])
-def test_a_weight_written_by_something_else_between_steps_is_checked_at_the_next_step(write, monkeypatch):
+def test_a_weight_written_by_something_else_between_steps_is_checked_at_the_next_step(write, first_drift_checks):
     """A weight that something other than the optimizer wrote between two
     steps has its drift checked at the next step, and is re-projected when
     it is off the group. ``layer.half().float()`` leaves an orthogonal
@@ -1153,7 +1139,7 @@ def test_a_weight_written_by_something_else_between_steps_is_checked_at_the_next
     a word, until the scheduled check 50 steps later."""
     from unitary_lr.torch import OrthogonalLinear
 
-    checks = _first_checks(monkeypatch)
+    checks = first_drift_checks(ul.torch.optimizer)
     torch.manual_seed(0)
     dtype = torch.float32 if write == "half round trip" else torch.float64
     layer = OrthogonalLinear(24, 24, bias=False).to(dtype)
@@ -1188,13 +1174,13 @@ def test_a_weight_written_by_something_else_between_steps_is_checked_at_the_next
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.complex128])
-def test_a_resumed_optimizer_keeps_the_precision_and_checks_on_schedule(dtype, monkeypatch):
+def test_a_resumed_optimizer_keeps_the_precision_and_checks_on_schedule(dtype, first_drift_checks):
     """torch.optim's load_state_dict rebuilds every iterable of a state as
     ``type(value)(generator)``: the recorded precision became the string
     "<generator object ...>", and every resumed run's next step counted as
     a first step in a new precision (an extra check, and with a tight
     drift_tol a re-projection that the run never stopped did not make)."""
-    checks = _first_checks(monkeypatch)
+    checks = first_drift_checks(ul.torch.optimizer)
     W, opt = _trained_run(dtype, "adam")
     again = ProjUNN([W], lr=1e-2, base="adam", rank=2, seed=0)
     again.load_state_dict(copy.deepcopy(opt.state_dict()))
@@ -1205,11 +1191,11 @@ def test_a_resumed_optimizer_keeps_the_precision_and_checks_on_schedule(dtype, m
     assert checks == [False]
 
 
-def test_parameters_that_share_a_tensor_are_not_checked_at_every_step(monkeypatch):
+def test_parameters_that_share_a_tensor_are_not_checked_at_every_step(first_drift_checks):
     """Views of one tensor share its version counter: each one's write moves
     the others', which must not read as a write by someone else (a check at
     every step, two passes over each weight)."""
-    checks = _first_checks(monkeypatch)
+    checks = first_drift_checks(ul.torch.optimizer)
     whole = torch.stack([ul.random_unitary(8, dtype="float64", xp=torch, rng=k) for k in range(2)])
     A, B = torch.nn.Parameter(whole[0]), torch.nn.Parameter(whole[1])
     assert A.untyped_storage().data_ptr() == B.untyped_storage().data_ptr()

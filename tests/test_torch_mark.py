@@ -398,22 +398,14 @@ def test_retraction_reprojects_a_weight_marked_in_another_precision_at_its_first
 
 
 @pytest.mark.parametrize("write", ["half round trip", "load_state_dict", "in-place edit"])
-def test_retraction_checks_a_weight_written_by_something_else_at_the_next_step(write, monkeypatch):
+def test_retraction_checks_a_weight_written_by_something_else_at_the_next_step(write, first_drift_checks):
     """As the torch optimizer: a weight written between two steps by
     something other than the optimizer and its retraction (a round trip
     through float16 leaves it 3e-4 from orthogonal, in the float32 the
     state records) has its drift checked at the next step and is
     re-projected; the optimizer's own writes between the hooks are not such
     a write."""
-    from unitary_lr.torch import retraction as module
-
-    checks = []
-
-    def spy(*args, first=None, **kwargs):
-        checks.append(first)
-        return ul.optim.step_drift(*args, first=first, **kwargs)
-
-    monkeypatch.setattr(module, "step_drift", spy)
+    checks = first_drift_checks(ul.torch.retraction)
     torch.manual_seed(0)
     dtype = torch.float32 if write == "half round trip" else torch.float64
     model = torch.nn.Sequential(torch.nn.Linear(20, 20, bias=False), torch.nn.Linear(20, 20, bias=False)).to(dtype)
@@ -449,22 +441,14 @@ def test_retraction_checks_a_weight_written_by_something_else_at_the_next_step(w
     assert checks[6:] == [False, False]
 
 
-def test_retraction_counts_the_optimizers_write_of_a_zero_update_as_its_own(monkeypatch):
+def test_retraction_counts_the_optimizers_write_of_a_zero_update_as_its_own(first_drift_checks):
     """A zero gradient kept in ``.grad`` (``zero_grad(set_to_none=False)``):
     the optimizer's write of a zero update moves the version counter and
     leaves W as it was, so the retraction has nothing to retract; that
     write is not something else's, and the next steps are not checked. A
     weight written by something else before such a step is checked at the
     next step that moves it."""
-    from unitary_lr.torch import retraction as module
-
-    checks = []
-
-    def spy(*args, first=None, **kwargs):
-        checks.append(first)
-        return ul.optim.step_drift(*args, first=first, **kwargs)
-
-    monkeypatch.setattr(module, "step_drift", spy)
+    checks = first_drift_checks(ul.torch.retraction)
     torch.manual_seed(0)
     layer = orthogonal(torch.nn.Linear(12, 12, bias=False).double())
     opt = torch.optim.SGD(layer.parameters(), lr=1e-2)
